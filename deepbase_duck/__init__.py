@@ -1,0 +1,103 @@
+"""deepbase_duck: Deep Neural Inspection inside DuckDB.
+
+    import deepbase_duck as dbd
+    con = dbd.connect("study.duckdb")
+    dbd.register_model(con, "charlstm", "deepbase_duck.models.zoo:charlstm")
+    dbd.add_dataset(con, "snippets", ["def f(x):\\n    return 'a' + x\\n"])
+    con.sql("SELECT * FROM inspect('charlstm', ['lstm1'], ['in_string'], 'snippets') "
+            "ORDER BY abs(score) DESC LIMIT 5").show()
+
+Every function here takes the connection returned by ``connect`` and mirrors one SQL entry
+point registered on it (see sql/90_surface.sql).
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import weakref
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from . import store  # noqa: E402
+from .catalog import Session, _SESSIONS, session_of  # noqa: E402
+from .errors import (ActivationError, DeepBaseError, EmptyDatasetError, HypothesisError,  # noqa: E402
+                     UnknownNameError)
+from .extraction import CharAdapter, Encoded, ModelAdapter, Retain  # noqa: E402
+from .hypotheses import Hypothesis, get_hypothesis, hypothesis, register as register_hypothesis  # noqa: E402
+from .hypotheses import library as hypothesis_library  # noqa: E402
+
+__version__ = "0.1.0"
+
+_OPEN: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def connect(path: str | None = None, threads: int | None = None, progress: bool = True):
+    """Open (or create) the store at ``path`` (None: in memory) and return its DuckDB connection,
+    with the catalog created, the macros of sql/ loaded and deepbase_duck's UDFs registered.
+
+    Use ``con.cursor()`` for other threads (DuckDB 2.0 refuses concurrent calls on one
+    connection); the Python API functions need the connection returned here.
+    """
+    from .engine.extract import refresh_views
+    from .surface.udfs import register_udfs
+
+    con = store.open_database(path, threads)
+    session = Session(con, path, store.activation_root(path), progress=progress)
+    _SESSIONS[con] = session
+    register_udfs(session)
+    store.apply_sql(con, "python")
+    refresh_views(session)
+    _OPEN.add(session)
+    return con
+
+
+def close(con) -> None:
+    """Close the connection (and delete the temporary activation folder of an in-memory store)."""
+    session_of(con).close()
+
+
+@atexit.register
+def _close_all():  # close connections before the interpreter tears DuckDB down
+    for s in list(_OPEN):
+        try:
+            s.close()
+        except Exception:
+            pass
+
+
+def register_model(con, name: str, adapter, params: dict | None = None) -> dict:
+    """Register a model: a ModelAdapter, or a loader spec 'pkg.module:function' (+ params)."""
+    return session_of(con).register_model(name, adapter, params)
+
+
+def add_dataset(con, name: str, records, description: str = "", replace: bool = False) -> int:
+    """Store records (strings or dicts with 'text' and 'source') as a dataset."""
+    return session_of(con).add_dataset(name, records, description, replace)
+
+
+def annotate(con, hypotheses, dataset: str, record_ids=None) -> list[dict]:
+    """Compute and store labels of hypotheses (names or Hypothesis objects) for a dataset."""
+    from .hypotheses.store import annotate as _annotate
+    return _annotate(session_of(con), hypotheses, dataset, record_ids)
+
+
+def extract(con, model: str, layers, dataset: str, dtype: str = "float32", record_ids=None,
+            batch_size: int = 16) -> list[dict]:
+    """Store the activations of layers of a registered model over a dataset (cached, resumable)."""
+    from .engine.extract import extract as _extract
+    return _extract(session_of(con), model, layers, dataset, dtype, record_ids, batch_size)
+
+
+def inspect(con, model: str, layers, hypotheses, dataset: str, measures=("corr",), **kwargs):
+    """Score every unit of ``layers`` against ``hypotheses``; returns a pyarrow.Table of scores
+    (also stored in the ``scores`` table)."""
+    from .engine.inspect import inspect as _inspect
+    return _inspect(session_of(con), model, layers, hypotheses, dataset, measures, **kwargs)
+
+
+__all__ = [
+    "connect", "close", "register_model", "add_dataset", "annotate", "extract", "inspect",
+    "Hypothesis", "hypothesis", "register_hypothesis", "get_hypothesis", "ModelAdapter", "CharAdapter",
+    "Encoded", "Retain", "DeepBaseError", "UnknownNameError", "HypothesisError", "ActivationError",
+    "EmptyDatasetError",
+]

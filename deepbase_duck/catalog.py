@@ -1,0 +1,227 @@
+"""The session: one DuckDB connection, its activation folder and the live model adapters, plus
+the catalog operations (register a model, add a dataset, look names up).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from . import store
+from .errors import DeepBaseError, EmptyDatasetError, UnknownNameError
+from .extraction.adapters import ModelAdapter
+from .extraction.hooks import Retain
+
+_SESSIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class Session:
+    """Everything deepbase_duck keeps beside one DuckDB connection."""
+
+    def __init__(self, con, db_path: str | None, act_root: Path, progress: bool = True):
+        self.con = con
+        self.db_path = db_path
+        self.act_root = Path(act_root)
+        self.adapters: dict[str, ModelAdapter] = {}
+        self.progress = progress
+        self.temporary_acts = db_path in (None, ":memory:")
+        self.udf_tracebacks: list[str] = []
+
+    # -- models ----------------------------------------------------------------------------
+    def register_model(self, name: str, adapter: ModelAdapter | str, params: dict | None = None,
+                       replace: bool = True) -> dict:
+        """Register ``adapter`` (or a loader spec 'pkg.module:function' called with ``params``)
+        under ``name``; records its checksum, tokenisation and every named module with its width.
+        """
+        loader = None
+        if isinstance(adapter, str):
+            loader = adapter
+            adapter = load_adapter(loader, params or {})
+        if not isinstance(adapter, ModelAdapter):
+            raise DeepBaseError(
+                f"register_model({name!r}): expected a ModelAdapter or a loader spec string, got "
+                f"{type(adapter).__name__}")
+        existing = store.q_one(self.con, "SELECT checksum FROM models WHERE name = ?", [name])
+        if existing and not replace and existing[0] != adapter.checksum:
+            raise DeepBaseError(f"a different model is already registered as {name!r}")
+        widths = layer_widths(adapter)
+        n_params = sum(p.numel() for p in adapter.module.parameters())
+        rows = [(name, lname, type(m).__name__, widths.get(lname))
+                for lname, m in adapter.module.named_modules() if lname]
+        with store.Transaction(self.con) as con:
+            con.execute("DELETE FROM layers WHERE model = ?", [name])
+            con.execute("DELETE FROM models WHERE name = ?", [name])
+            con.execute(
+                "INSERT INTO models (name, loader, params, checksum, tokenization, architecture, n_params) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [name, loader, json.dumps(params or {}), adapter.checksum, adapter.tokenization,
+                 adapter.architecture, n_params])
+            if rows:
+                store.insert_arrow(con, "layers", pa.table({
+                    "model": [r[0] for r in rows], "layer": [r[1] for r in rows],
+                    "module_type": [r[2] for r in rows],
+                    "width": pa.array([r[3] for r in rows], pa.int32())}))
+        self.adapters[name] = adapter
+        return {"name": name, "checksum": adapter.checksum, "tokenization": adapter.tokenization,
+                "layers": len(rows)}
+
+    def adapter(self, name: str) -> ModelAdapter:
+        if name in self.adapters:
+            return self.adapters[name]
+        row = store.q_one(self.con, "SELECT loader, params, checksum FROM models WHERE name = ?", [name])
+        if row is None:
+            raise UnknownNameError("model", name, self.model_names())
+        loader, params, checksum = row
+        if not loader:
+            raise DeepBaseError(
+                f"model {name!r} was registered from a live Python object in another session; "
+                "register it again in this session (or register it with a loader spec)")
+        adapter = load_adapter(loader, json.loads(params or "{}"))
+        if adapter.checksum != checksum:
+            raise DeepBaseError(
+                f"model {name!r}: the loader {loader!r} now yields weights with checksum "
+                f"{adapter.checksum[:12]}..., not the registered {checksum[:12]}...; register it again")
+        self.adapters[name] = adapter
+        return adapter
+
+    def model_names(self) -> list[str]:
+        return [r[0] for r in store.q_all(self.con, "SELECT name FROM models ORDER BY name")]
+
+    def model_row(self, name: str) -> dict:
+        row = store.q_one(self.con, "SELECT name, checksum, tokenization FROM models WHERE name = ?", [name])
+        if row is None:
+            raise UnknownNameError("model", name, self.model_names())
+        return {"name": row[0], "checksum": row[1], "tokenization": row[2]}
+
+    def check_layers(self, model: str, layers) -> list[str]:
+        valid = {r[0]: r[1] for r in store.q_all(
+            self.con, "SELECT layer, width FROM layers WHERE model = ?", [model])}
+        if layers is None or len(layers) == 0:
+            raise DeepBaseError(f"no layers given for model {model!r}; its layers with tensor outputs: "
+                                + ", ".join(k for k, w in valid.items() if w))
+        for layer in layers:
+            if layer not in valid:
+                raise UnknownNameError("layer", layer, [k for k, w in valid.items() if w] or valid)
+        return list(layers)
+
+    # -- datasets --------------------------------------------------------------------------
+    def add_dataset(self, name: str, records, description: str = "", replace: bool = False) -> int:
+        """Store ``records`` (strings, or dicts with 'text' and optional 'source') as dataset
+        ``name``; record ids are 0..n-1 in the given order. Returns the number of records."""
+        texts, sources = [], []
+        for i, r in enumerate(records):
+            if isinstance(r, str):
+                texts.append(r); sources.append(None)
+            elif isinstance(r, dict) and isinstance(r.get("text"), str):
+                texts.append(r["text"])
+                src = r.get("source")
+                if src is not None and "offset" in r:
+                    src = f"{src}:{r['offset']}"
+                sources.append(None if src is None else str(src))
+            else:
+                raise DeepBaseError(
+                    f"dataset {name!r}: record {i} is {type(r).__name__}; give strings or dicts with a 'text' string")
+        if not texts:
+            raise EmptyDatasetError(f"dataset {name!r}: no records given")
+        exists = store.q_scalar(self.con, "SELECT count(*) FROM datasets WHERE name = ?", [name])
+        if exists and not replace:
+            n_old = store.q_scalar(self.con, "SELECT count(*) FROM records WHERE dataset = ?", [name])
+            same = store.q_scalar(
+                self.con, "SELECT count(*) FROM records WHERE dataset = ? AND record_id < ?", [name, len(texts)])
+            if n_old == len(texts) and same == len(texts) and self._same_texts(name, texts):
+                return len(texts)
+            raise DeepBaseError(
+                f"dataset {name!r} already exists with different records; pass replace=True to replace it "
+                "(its labels, symbols and stored activations are then dropped)")
+        with store.Transaction(self.con) as con:
+            if exists:
+                self._drop_dataset(con, name)
+            con.execute("INSERT INTO datasets (name, description) VALUES (?, ?)", [name, description])
+            store.insert_arrow(con, "records", pa.table({
+                "dataset": pa.array([name] * len(texts)),
+                "record_id": pa.array(np.arange(len(texts), dtype=np.int32)),
+                "source": pa.array(sources, pa.string()),
+                "text": pa.array(texts, pa.string())}))
+        return len(texts)
+
+    def _same_texts(self, name, texts) -> bool:
+        stored = store.q_all(self.con, "SELECT text FROM records WHERE dataset = ? ORDER BY record_id", [name])
+        return [r[0] for r in stored] == list(texts)
+
+    def _drop_dataset(self, con, name):
+        for table in ("records", "symbols", "tokenized_records", "labels", "labeled_records"):
+            con.execute(f"DELETE FROM {table} WHERE dataset = ?", [name])
+        con.execute("DELETE FROM datasets WHERE name = ?", [name])
+
+    def dataset_names(self) -> list[str]:
+        return [r[0] for r in store.q_all(self.con, "SELECT name FROM datasets ORDER BY name")]
+
+    def check_dataset(self, name: str) -> int:
+        if name not in self.dataset_names():
+            raise UnknownNameError("dataset", name, self.dataset_names())
+        n = store.q_scalar(self.con, "SELECT count(*) FROM records WHERE dataset = ?", [name])
+        if not n:
+            raise EmptyDatasetError(f"dataset {name!r} has no records")
+        return n
+
+    def record_ids(self, dataset: str) -> np.ndarray:
+        t = store.q_arrow(self.con, "SELECT record_id FROM records WHERE dataset = ? ORDER BY record_id", [dataset])
+        return t.column(0).to_numpy()
+
+    def texts(self, dataset: str, record_ids) -> dict[int, str]:
+        ids = pa.table({"record_id": pa.array(np.asarray(record_ids, dtype=np.int32))})
+        self.con.register("__dbd_ids", ids)
+        try:
+            rows = store.q_all(self.con, "SELECT r.record_id, r.text FROM records r JOIN __dbd_ids USING (record_id) "
+                                         "WHERE r.dataset = ?", [dataset])
+        finally:
+            self.con.unregister("__dbd_ids")
+        return {int(k): v for k, v in rows}
+
+    def close(self):
+        try:
+            self.con.close()
+        finally:
+            if self.temporary_acts:
+                store.remove_tree(self.act_root)
+
+
+def load_adapter(spec: str, params: dict) -> ModelAdapter:
+    """Import 'package.module:function' and call it with ``params``."""
+    if ":" not in spec:
+        raise DeepBaseError(f"loader {spec!r} is not of the form 'package.module:function'")
+    mod_name, fn_name = spec.split(":", 1)
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as exc:
+        raise DeepBaseError(f"loader {spec!r} cannot be imported: {exc}") from exc
+    adapter = fn(**params)
+    if not isinstance(adapter, ModelAdapter):
+        raise DeepBaseError(f"loader {spec!r} returned {type(adapter).__name__}, not a ModelAdapter")
+    return adapter
+
+
+def layer_widths(adapter: ModelAdapter) -> dict[str, int]:
+    """Width of every named module's output, from one forward pass over the adapter's example."""
+    names = [n for n, _ in adapter.module.named_modules() if n]
+    enc = adapter.encode([adapter.example_text])
+    widths = {}
+    with Retain(adapter.module, names) as ret:
+        adapter.forward(enc)
+        for n in names:
+            t = ret.outputs.get(n)
+            if t is not None and t.dim() >= 2:
+                # (batch, sequence, width) and (batch, width): the last axis; (batch, channels, ...): channels
+                widths[n] = int(t.shape[-1]) if t.dim() <= 3 else int(t.shape[1])
+    return widths
+
+
+def session_of(con) -> Session:
+    s = _SESSIONS.get(con)
+    if s is None:
+        raise DeepBaseError("this connection was not opened by deepbase_duck.connect()")
+    return s

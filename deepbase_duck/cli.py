@@ -1,0 +1,227 @@
+"""The ``deepbase-duck`` command line: each command is a thin mirror of one library call.
+
+    deepbase-duck demo                          # the bundled char-LSTM on held-out stdlib code
+    deepbase-duck register-model STORE NAME LOADER [--params JSON]
+    deepbase-duck add-stdlib STORE NAME [--split heldout] [--chars N]
+    deepbase-duck annotate STORE DATASET HYPOTHESIS...
+    deepbase-duck extract STORE MODEL DATASET LAYER... [--dtype float16]
+    deepbase-duck inspect STORE MODEL DATASET --layers L... --hypotheses H... [--measures corr]
+    deepbase-duck hypotheses                    # the hypotheses this installation can compute
+
+Bad input exits with status 2 and one line naming the problem.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EXAMPLES = {
+    "demo": "deepbase-duck demo --store out/demo.duckdb --chars 150000",
+    "register-model": "deepbase-duck register-model study.duckdb charlstm deepbase_duck.models.zoo:charlstm "
+                      "--params '{\"checkpoint\": \"final\"}'",
+    "add-stdlib": "deepbase-duck add-stdlib study.duckdb heldout --split heldout --chars 100000",
+    "annotate": "deepbase-duck annotate study.duckdb heldout in_string in_comment",
+    "extract": "deepbase-duck extract study.duckdb charlstm heldout lstm0 lstm1 --dtype float16",
+    "inspect": "deepbase-duck inspect study.duckdb charlstm heldout --layers lstm0 lstm1 "
+               "--hypotheses in_string in_comment --top 5",
+    "hypotheses": "deepbase-duck hypotheses",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deepbase-duck", description="Deep Neural Inspection inside DuckDB.")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name, help_text):
+        return sub.add_parser(name, help=help_text, description=help_text,
+                              epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    d = add("demo", "Inspect the bundled char-LSTM on held-out standard-library code and print its top units.")
+    d.add_argument("--store", default="deepbase_demo/demo.duckdb", help="store to write (default: %(default)s)")
+    d.add_argument("--chars", type=int, default=150_000, help="characters of held-out code (default: %(default)s)")
+    d.add_argument("--checkpoint", default="final", help="char-LSTM checkpoint (default: %(default)s)")
+    d.add_argument("--top", type=int, default=3, help="units shown per hypothesis (default: %(default)s)")
+    d.add_argument("--no-keep", action="store_true", help="do not store activations (faster, smaller)")
+
+    r = add("register-model", "Register a model by loader spec 'package.module:function'.")
+    r.add_argument("store"); r.add_argument("name"); r.add_argument("loader")
+    r.add_argument("--params", default="{}", help="JSON keyword arguments of the loader")
+
+    a = add("add-stdlib", "Add Python standard-library source as a dataset.")
+    a.add_argument("store"); a.add_argument("name")
+    a.add_argument("--split", default="heldout", choices=["heldout", "train"])
+    a.add_argument("--chars", type=int, default=None, help="stop after this many characters")
+    a.add_argument("--max-chars", type=int, default=2000, help="record length limit")
+
+    n = add("annotate", "Compute and store hypothesis labels for a dataset.")
+    n.add_argument("store"); n.add_argument("dataset"); n.add_argument("hypotheses", nargs="+")
+
+    e = add("extract", "Store the activations of layers of a model over a dataset (cached, resumable).")
+    e.add_argument("store"); e.add_argument("model"); e.add_argument("dataset"); e.add_argument("layers", nargs="+")
+    e.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    e.add_argument("--batch-size", type=int, default=16)
+
+    i = add("inspect", "Score every unit of layers against hypotheses; prints the top units.")
+    i.add_argument("store"); i.add_argument("model"); i.add_argument("dataset")
+    i.add_argument("--layers", nargs="+", required=True)
+    i.add_argument("--hypotheses", nargs="+", required=True)
+    i.add_argument("--measures", nargs="+", default=["corr"])
+    i.add_argument("--max-records", type=int, default=None)
+    i.add_argument("--batch-size", type=int, default=16)
+    i.add_argument("--keep-activations", action="store_true")
+    i.add_argument("--top", type=int, default=5, help="units shown per hypothesis")
+
+    add("hypotheses", "List the hypotheses this installation can compute.")
+    return p
+
+
+def top_units_table(con, query_id: int, k: int) -> str:
+    rows = con.sql(f"""
+        SELECT hypothesis, layer, unit, score, ci_low, ci_high, n
+        FROM scores WHERE query_id = {int(query_id)} AND score IS NOT NULL
+        QUALIFY row_number() OVER (PARTITION BY hypothesis, measure ORDER BY abs(score) DESC, layer, unit) <= {int(k)}
+        ORDER BY hypothesis, abs(score) DESC, layer, unit""").fetchall()
+    head = f"{'hypothesis':<18} {'layer':<8} {'unit':>5} {'r':>8}  {'95% CI':<17} {'n':>8}"
+    lines = [head, "-" * len(head)]
+    last = None
+    for h, layer, unit, score, lo, hi, n in rows:
+        lines.append(f"{(h if h != last else ''):<18} {layer:<8} {unit:>5} {score:>8.3f}  "
+                     f"[{lo:6.3f}, {hi:6.3f}] {n:>8}")
+        last = h
+    return "\n".join(lines)
+
+
+def cmd_demo(args) -> int:
+    import deepbase_duck as dbd
+    from deepbase_duck.corpora.code import code_records
+    from deepbase_duck.hypotheses.library import CODE_HYPOTHESES
+
+    t0 = time.time()
+    store_path = Path(args.store)
+    con = dbd.connect(str(store_path), progress=not args.quiet)
+    try:
+        dbd.register_model(con, "charlstm", "deepbase_duck.models.zoo:charlstm", {"checkpoint": args.checkpoint})
+        records = code_records("heldout", max_chars=2000, limit_chars=args.chars)
+        dataset = f"stdlib_heldout_{args.chars}"
+        n = dbd.add_dataset(con, dataset, records, "held-out Python standard-library files (not seen in training)",
+                            replace=True)
+        hyps = CODE_HYPOTHESES + ["python_keyword"]
+        print(f"deepbase_duck demo: char-LSTM ({args.checkpoint}) over {n} records, "
+              f"{sum(len(r['text']) for r in records):,} characters of held-out stdlib code "
+              f"from {len({r['source'] for r in records})} files")
+        scores = dbd.inspect(con, "charlstm", ["lstm0", "lstm1"], hyps, dataset,
+                             keep_activations=not args.no_keep)
+        qid = scores.column("query_id")[0].as_py()
+        print(f"\nTop units per hypothesis (Pearson r over every character; query {qid}):\n")
+        print(top_units_table(con, qid, args.top))
+        out_dir = store_path.parent / "scores_parquet"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        con.sql(f"COPY (SELECT * FROM scores WHERE query_id = {qid}) TO '{out_dir.as_posix()}' "
+                "(FORMAT parquet, PARTITION_BY (model, layer), OVERWRITE_OR_IGNORE)")
+        con.execute("CHECKPOINT")
+        print(f"\nstore: {store_path}  (activations: {store_path}.acts)\nscores as Parquet: {out_dir}/"
+              f"\nfinished in {time.time() - t0:.1f} s")
+        print("\nNext: SELECT * FROM scores ... in that store, or `deepbase-duck inspect --help`. "
+              "Affinity is not causation: verify a unit by ablating it.")
+    finally:
+        dbd.close(con)
+    return 0
+
+
+def _open(store, quiet):
+    import deepbase_duck as dbd
+    return dbd.connect(store, progress=not quiet)
+
+
+def cmd_register(args):
+    import deepbase_duck as dbd
+    con = _open(args.store, args.quiet)
+    try:
+        info = dbd.register_model(con, args.name, args.loader, json.loads(args.params))
+        print(json.dumps(info))
+    finally:
+        dbd.close(con)
+    return 0
+
+
+def cmd_add_stdlib(args):
+    import deepbase_duck as dbd
+    from deepbase_duck.corpora.code import code_records
+    con = _open(args.store, args.quiet)
+    try:
+        n = dbd.add_dataset(con, args.name, code_records(args.split, args.max_chars, args.chars),
+                            f"Python standard library, {args.split} split")
+        print(f"{args.name}: {n} records")
+    finally:
+        dbd.close(con)
+    return 0
+
+
+def cmd_annotate(args):
+    import deepbase_duck as dbd
+    con = _open(args.store, args.quiet)
+    try:
+        for s in dbd.annotate(con, args.hypotheses, args.dataset):
+            print(f"{s['hypothesis']}: {s['labeled']} records labelled, {s['reused']} reused")
+    finally:
+        dbd.close(con)
+    return 0
+
+
+def cmd_extract(args):
+    import deepbase_duck as dbd
+    con = _open(args.store, args.quiet)
+    try:
+        for r in dbd.extract(con, args.model, args.layers, args.dataset, args.dtype, batch_size=args.batch_size):
+            print(f"{r['layer']}: view {r['view']} ({r['dtype']}, width {r['width']}): "
+                  f"{r['extracted']} records extracted, {r['reused']} reused")
+    finally:
+        dbd.close(con)
+    return 0
+
+
+def cmd_inspect(args):
+    import deepbase_duck as dbd
+    con = _open(args.store, args.quiet)
+    try:
+        t = dbd.inspect(con, args.model, args.layers, args.hypotheses, args.dataset, args.measures,
+                        limit=args.max_records, batch_size=args.batch_size, keep_activations=args.keep_activations)
+        print(top_units_table(con, t.column("query_id")[0].as_py(), args.top))
+    finally:
+        dbd.close(con)
+    return 0
+
+
+def cmd_hypotheses(args):
+    from deepbase_duck.hypotheses import registry
+    for h in sorted(registry().values(), key=lambda h: h.name):
+        print(f"{h.name:<18} {h.kind:<12} {h.description}")
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "register-model": cmd_register, "add-stdlib": cmd_add_stdlib,
+            "annotate": cmd_annotate, "extract": cmd_extract, "inspect": cmd_inspect,
+            "hypotheses": cmd_hypotheses}
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from deepbase_duck.errors import DeepBaseError
+    import duckdb
+    try:
+        return COMMANDS[args.command](args)
+    except (DeepBaseError, duckdb.Error) as exc:
+        print(f"deepbase-duck {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"deepbase-duck {args.command}: interrupted; stored work is kept and a re-run resumes",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Python source cut into records at logical-line boundaries.
+
+A record that starts inside a triple-quoted string or a bracketed expression cannot be
+tokenized on its own, and the code hypotheses (in_string, in_comment) would mislabel it.
+``statement_chunks`` therefore cuts only before lines that start a new logical line
+(tokenize's view: no open bracket, no open string), packing whole logical lines into chunks of
+at most ``max_chars``; a single logical line longer than that is cut at line boundaries (as
+``chunk_text`` does) and may then tokenize only in part.
+"""
+from __future__ import annotations
+
+import io
+import tokenize
+
+from .stdlib import _split_files, chunk_text, read_source
+
+
+def _boundaries(text: str) -> list[int]:
+    """Character offsets where a logical line starts (after each tokenize NEWLINE)."""
+    starts = [0]
+    for line in text.splitlines(keepends=True):
+        starts.append(starts[-1] + len(line))
+    out = {0}
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+            if tok.type == tokenize.NEWLINE and tok.end[0] < len(starts):
+                out.add(starts[tok.end[0]])
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        pass
+    return sorted(b for b in out if b < len(text))
+
+
+def statement_chunks(text: str, max_chars: int = 2000) -> list[tuple[int, str]]:
+    """(offset, chunk) pieces of ``text`` cut at logical-line starts; they concatenate back to
+    ``text``."""
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be >= 1, got {max_chars!r}")
+    bounds = _boundaries(text) + [len(text)]
+    chunks, start = [], 0
+    i = 1
+    while start < len(text):
+        # the furthest boundary within max_chars
+        end = start
+        while i < len(bounds) and bounds[i] - start <= max_chars:
+            end = bounds[i]
+            i += 1
+        if end == start:                         # one statement longer than max_chars
+            nxt = bounds[i] if i < len(bounds) else len(text)
+            for off, piece in chunk_text(text[start:nxt], max_chars):
+                chunks.append((start + off, piece))
+            start = nxt
+            i += 1
+            continue
+        chunks.append((start, text[start:end]))
+        start = end
+    return chunks
+
+
+def code_records(split: str = "heldout", max_chars: int = 2000, limit_chars: int | None = None) -> list[dict]:
+    """Like ``stdlib_records`` but cut with ``statement_chunks``."""
+    records, total = [], 0
+    for rel in _split_files(split):
+        if limit_chars is not None and total >= limit_chars:
+            break
+        for offset, chunk in statement_chunks(read_source(rel), max_chars):
+            if limit_chars is not None and total >= limit_chars:
+                break
+            records.append({"source": rel, "offset": offset, "text": chunk})
+            total += len(chunk)
+    return records

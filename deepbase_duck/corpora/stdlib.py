@@ -1,0 +1,144 @@
+"""Python standard-library source as a text corpus.
+
+The corpus is the set of non-test ``.py`` files of the running interpreter's
+standard library (``sysconfig.get_paths()["stdlib"]``).
+
+Train / held-out split
+----------------------
+The split is a pure function of a file's *relative POSIX path* (e.g.
+``"json/decoder.py"``), so it is deterministic across runs and machines and
+does not depend on which other files exist: a file is **held out** when the
+first byte of ``sha256(relpath.encode("utf-8"))`` is below 26, i.e. with
+probability 26/256 (about 10%). All other files are training files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+import sysconfig
+
+__all__ = [
+    "EXCLUDED_PREFIXES",
+    "HELDOUT_THRESHOLD",
+    "stdlib_root",
+    "stdlib_files",
+    "is_heldout",
+    "read_source",
+    "chunk_text",
+    "stdlib_records",
+]
+
+#: A path is excluded when any of its components starts with one of these.
+EXCLUDED_PREFIXES = (
+    "test",  # also covers "tests"
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "site-packages",
+    "__pycache__",
+    "ensurepip",
+    "turtledemo",
+)
+
+#: A file is held out when the first byte of sha256(relpath) is below this.
+HELDOUT_THRESHOLD = 26
+
+SPLITS = ("train", "heldout")
+
+
+def stdlib_root() -> pathlib.Path:
+    """Directory holding the running interpreter's standard library."""
+    return pathlib.Path(sysconfig.get_paths()["stdlib"])
+
+
+def _excluded(parts: tuple[str, ...]) -> bool:
+    return any(part.startswith(EXCLUDED_PREFIXES) for part in parts)
+
+
+def stdlib_files() -> list[str]:
+    """Sorted relative POSIX paths of the non-test ``.py`` files of the stdlib."""
+    root = stdlib_root()
+    out = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        if _excluded(rel.parts):
+            continue
+        if not path.is_file():
+            continue
+        out.append(rel.as_posix())
+    out.sort()
+    return out
+
+
+def is_heldout(relpath: str) -> bool:
+    """True when ``relpath`` belongs to the held-out split (about 10% of files).
+
+    Deterministic: held out iff ``sha256(relpath.encode("utf-8")).digest()[0] < 26``.
+    """
+    return hashlib.sha256(relpath.encode("utf-8")).digest()[0] < HELDOUT_THRESHOLD
+
+
+def read_source(relpath: str) -> str:
+    """Read a stdlib file as UTF-8 (undecodable bytes replaced), with "\\n" newlines."""
+    data = (stdlib_root() / relpath).read_bytes()
+    return data.decode("utf-8", errors="replace").replace("\r\n", "\n")
+
+
+def chunk_text(text: str, max_chars: int = 2000) -> list[tuple[int, str]]:
+    """Split ``text`` into chunks of at most ``max_chars`` characters.
+
+    Chunks end at line boundaries (after a "\\n") whenever possible; a single
+    line longer than ``max_chars`` is split hard. Returns a list of
+    ``(char_offset_in_text, chunk)``; ``"".join(c for _, c in result) == text``.
+    """
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be >= 1, got {max_chars!r}")
+    chunks: list[tuple[int, str]] = []
+    n = len(text)
+    start = 0
+    while start < n:
+        end = start + max_chars
+        if end >= n:
+            end = n
+        else:
+            # Last newline inside the window text[start:end]; cut just after it.
+            nl = text.rfind("\n", start, end)
+            if nl != -1:
+                end = nl + 1
+            # else: one line longer than max_chars -> hard split at `end`.
+        chunks.append((start, text[start:end]))
+        start = end
+    return chunks
+
+
+def _split_files(split: str) -> list[str]:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    want_heldout = split == "heldout"
+    return [f for f in stdlib_files() if is_heldout(f) == want_heldout]
+
+
+def stdlib_records(
+    split: str = "heldout",
+    max_chars: int = 2000,
+    limit_chars: int | None = None,
+) -> list[dict]:
+    """Chunked records ``{"source", "offset", "text"}`` of one split.
+
+    Files are visited in sorted order and each is cut with :func:`chunk_text`.
+    When ``limit_chars`` is given, records are emitted (whole chunks only) until
+    their total length reaches ``limit_chars``.
+    """
+    files = _split_files(split)
+    records: list[dict] = []
+    total = 0
+    for rel in files:
+        if limit_chars is not None and total >= limit_chars:
+            break
+        for offset, chunk in chunk_text(read_source(rel), max_chars):
+            if limit_chars is not None and total >= limit_chars:
+                break
+            records.append({"source": rel, "offset": offset, "text": chunk})
+            total += len(chunk)
+    return records

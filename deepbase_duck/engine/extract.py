@@ -1,0 +1,289 @@
+"""Extraction: run a model over a dataset and store the activations of named layers.
+
+Activations ("behaviors") are stored per (model checksum, layer, dataset, tokenisation, dtype)
+as Parquet parts ``part-NNNNNN.parquet`` with columns (record_id INT32, pos INT32,
+act FIXED_SIZE_LIST<float32|float16>[width]) in a folder beside the DuckDB file; the catalog
+(behaviors, behavior_parts, behavior_records) says which parts and records are committed and a
+view per behavior reads them as (record_id, pos, act FLOAT[width]).
+
+One forward pass per batch of records feeds every requested layer. A part is written under a
+temporary name, renamed, and only then committed to the catalog in one transaction with the
+records it holds; a part file that the catalog does not list (the run was killed between rename
+and commit) is deleted before the next run, so an interrupted extraction resumes after its last
+committed batch with no duplicate or missing rows. Peak memory is one batch.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from .. import store
+from ..errors import ActivationError, DeepBaseError, EmptyDatasetError
+from ..extraction.hooks import Retain
+from ..progress import progress_bar
+
+DTYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
+SYMBOL_CHUNK = 256
+
+
+# -- symbols -------------------------------------------------------------------------------
+def ensure_symbols(session, adapter, dataset: str, record_ids) -> dict[int, int]:
+    """Store the symbols of ``record_ids`` under the adapter's tokenisation (once); return
+    {record_id: n_symbols}."""
+    con = session.con
+    tok = adapter.tokenization
+    ids = np.asarray(record_ids, dtype=np.int64)
+    done = store.q_arrow(con, "SELECT record_id, n_symbols FROM tokenized_records WHERE dataset = ? AND "
+                              "tokenization = ?", [dataset, tok])
+    counts = dict(zip(done.column(0).to_pylist(), done.column(1).to_pylist()))
+    todo = np.array([i for i in ids if int(i) not in counts], dtype=np.int64)
+    for lo in range(0, len(todo), SYMBOL_CHUNK):
+        chunk = todo[lo:lo + SYMBOL_CHUNK]
+        texts = session.texts(dataset, chunk)
+        enc = adapter.encode([texts[int(r)] for r in chunk])
+        rid, pos, st, en, tk, n_sym = [], [], [], [], [], []
+        for b, r in enumerate(chunk):
+            s, e = np.asarray(enc.starts[b], np.int32), np.asarray(enc.ends[b], np.int32)
+            rid.append(np.full(len(s), r, np.int32)); pos.append(np.arange(len(s), dtype=np.int32))
+            st.append(s); en.append(e)
+            tk.extend(enc.tokens[b] if enc.tokens is not None else [None] * len(s))
+            n_sym.append(len(s))
+            counts[int(r)] = len(s)
+        n = int(sum(n_sym))
+        symbols = pa.table({
+            "dataset": pa.array([dataset] * n, pa.string()),
+            "tokenization": pa.array([tok] * n, pa.string()),
+            "record_id": pa.array(np.concatenate(rid) if n else np.zeros(0, np.int32)),
+            "pos": pa.array(np.concatenate(pos) if n else np.zeros(0, np.int32)),
+            "start_char": pa.array(np.concatenate(st) if n else np.zeros(0, np.int32)),
+            "end_char": pa.array(np.concatenate(en) if n else np.zeros(0, np.int32)),
+            "token": pa.array(tk, pa.string()),
+        })
+        marks = pa.table({
+            "dataset": pa.array([dataset] * len(chunk), pa.string()),
+            "tokenization": pa.array([tok] * len(chunk), pa.string()),
+            "record_id": pa.array(chunk.astype(np.int32)),
+            "n_symbols": pa.array(np.asarray(n_sym, np.int32)),
+        })
+        with store.Transaction(con):
+            if n:
+                store.insert_arrow(con, "symbols", symbols)
+            store.insert_arrow(con, "tokenized_records", marks)
+    return {int(i): counts[int(i)] for i in ids}
+
+
+# -- behaviors -------------------------------------------------------------------------------
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60]
+
+
+def view_sql(session, b: dict) -> str:
+    path = (session.act_root / b["directory"]).as_posix()
+    return (f"CREATE OR REPLACE VIEW {b['view_name']} AS SELECT record_id, pos, "
+            f"CAST(act AS FLOAT[{int(b['width'])}]) AS act FROM read_parquet('{path}/part-*.parquet')")
+
+
+def refresh_views(session) -> None:
+    """(Re)create the view of every behavior that has parts, with this store's folder."""
+    for row in store.q_all(session.con, "SELECT b.behavior_id, b.directory, b.view_name, b.width FROM behaviors b "
+                                        "WHERE EXISTS (SELECT 1 FROM behavior_parts p WHERE p.behavior_id = b.behavior_id)"):
+        b = {"behavior_id": row[0], "directory": row[1], "view_name": row[2], "width": row[3]}
+        if (session.act_root / b["directory"]).is_dir():
+            session.con.execute(view_sql(session, b))
+
+
+def find_behavior(con, checksum, layer, dataset, tokenization, dtype) -> dict | None:
+    row = store.q_one(con, "SELECT behavior_id, directory, view_name, width, model FROM behaviors WHERE model_checksum = ? "
+                           "AND layer = ? AND dataset = ? AND tokenization = ? AND dtype = ?",
+                      [checksum, layer, dataset, tokenization, dtype])
+    if row is None:
+        return None
+    return {"behavior_id": row[0], "directory": row[1], "view_name": row[2], "width": row[3], "model": row[4],
+            "layer": layer, "dtype": dtype}
+
+
+def get_or_create_behavior(session, model: str, checksum: str, layer: str, dataset: str, tokenization: str,
+                           dtype: str, width: int) -> dict:
+    con = session.con
+    b = find_behavior(con, checksum, layer, dataset, tokenization, dtype)
+    if b is not None:
+        return b
+    bid = int(store.q_scalar(con, "SELECT coalesce(max(behavior_id), 0) + 1 FROM behaviors"))
+    directory = f"b{bid:05d}-{_safe(model)}-{_safe(layer)}-{_safe(dataset)}-{dtype}"
+    view = f"behavior_{bid}"
+    con.execute("INSERT INTO behaviors VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [bid, model, checksum, layer, dataset, tokenization, dtype, width, directory, view])
+    return {"behavior_id": bid, "directory": directory, "view_name": view, "width": width, "model": model,
+            "layer": layer, "dtype": dtype}
+
+
+def cleanup_orphans(session, b: dict) -> int:
+    """Delete part files of ``b`` that the catalog does not list (a run killed before commit)."""
+    folder = session.act_root / b["directory"]
+    if not folder.is_dir():
+        return 0
+    listed = {r[0] for r in store.q_all(session.con, "SELECT file FROM behavior_parts WHERE behavior_id = ?",
+                                        [b["behavior_id"]])}
+    removed = 0
+    for f in folder.iterdir():
+        if f.name not in listed:
+            f.unlink()
+            removed += 1
+    return removed
+
+
+def done_records(con, behavior_id: int) -> np.ndarray:
+    return store.q_arrow(con, "SELECT record_id FROM behavior_records WHERE behavior_id = ?",
+                         [behavior_id]).column(0).to_numpy().astype(np.int64)
+
+
+# -- the forward loop (shared by extract and inspect) -----------------------------------------
+@dataclass
+class Batch:
+    record_ids: np.ndarray            # records in row order
+    n_symbols: np.ndarray             # symbols per record
+    acts: dict                        # layer -> tensor (sum(n_symbols), width), rows in (record, pos) order
+
+
+def batches_of(session, adapter, dataset, record_ids, batch_size: int):
+    """Split records into forward batches of similar length (sorted by the adapter's key)."""
+    texts = session.texts(dataset, record_ids)
+    order = sorted((int(r) for r in record_ids), key=lambda r: (adapter.sort_key(texts[r]), r))
+    for lo in range(0, len(order), batch_size):
+        ids = order[lo:lo + batch_size]
+        yield ids, [texts[r] for r in ids]
+
+
+def forward_batches(session, adapter, model: str, layers, dataset, record_ids, batch_size, symbol_counts):
+    """Yield a Batch per forward pass: the activations of ``layers`` for each symbol."""
+    with Retain(adapter.module, layers) as ret:
+        for ids, texts in batches_of(session, adapter, dataset, record_ids, batch_size):
+            enc = adapter.encode(texts)
+            ret.clear()
+            adapter.forward(enc)
+            acts = {}
+            for layer in layers:
+                out = ret.outputs.get(layer)
+                per_record = adapter.symbol_activations(layer, out, enc)
+                for r, a in zip(ids, per_record):
+                    if a.shape[0] != symbol_counts[r]:
+                        raise ActivationError(
+                            f"model {model!r} layer {layer!r}: record {r} gave {a.shape[0]} activation rows "
+                            f"for {symbol_counts[r]} symbols")
+                x = torch.cat(per_record, 0) if per_record else torch.zeros(0, 1)
+                if x.dim() != 2:
+                    raise ActivationError(f"model {model!r} layer {layer!r}: activations of shape {tuple(x.shape)}")
+                # float64 column sums of float32 values overflow only through NaN or inf, so one
+                # reduction decides; the elementwise search runs only to name the record
+                if not bool(torch.isfinite(x.sum(0, dtype=torch.float64)).all()):
+                    finite = torch.isfinite(x)
+                    row = int((~finite).any(1).nonzero()[0])
+                    counts = np.cumsum([symbol_counts[r] for r in ids])
+                    rec = ids[int(np.searchsorted(counts, row, side="right"))]
+                    raise ActivationError(
+                        f"model {model!r} layer {layer!r} produced NaN or infinite activations on record "
+                        f"{rec} of dataset {dataset!r}; nothing of this batch was stored")
+                acts[layer] = x
+            yield Batch(np.asarray(ids, np.int64), np.asarray([symbol_counts[r] for r in ids]), acts)
+
+
+def write_part(session, b: dict, batch: Batch, x: torch.Tensor, rows_mask: np.ndarray | None) -> tuple[str, int]:
+    """Write the rows of ``batch`` for behavior ``b`` as the next Parquet part; return (file, rows)."""
+    np_dtype, pa_dtype = DTYPES[b["dtype"]]
+    rec = np.repeat(batch.record_ids.astype(np.int32), batch.n_symbols)
+    pos = np.concatenate([np.arange(n, dtype=np.int32) for n in batch.n_symbols]) if len(rec) else np.zeros(0, np.int32)
+    values = x.detach().to("cpu").numpy().astype(np_dtype, copy=False)
+    if rows_mask is not None:
+        rec, pos, values = rec[rows_mask], pos[rows_mask], values[rows_mask]
+    width = values.shape[1]
+    act = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), pa_dtype), width)
+    table = pa.table({"record_id": pa.array(rec), "pos": pa.array(pos), "act": act})
+    folder = session.act_root / b["directory"]
+    folder.mkdir(parents=True, exist_ok=True)
+    part = int(store.q_scalar(session.con, "SELECT coalesce(max(part), 0) + 1 FROM behavior_parts WHERE behavior_id = ?",
+                              [b["behavior_id"]]))
+    name = f"part-{part:06d}.parquet"
+    tmp = folder / f".{name}.tmp"
+    pq.write_table(table, tmp, compression="zstd" if b["dtype"] == "float16" else "none",
+                   use_dictionary=False, write_statistics=["record_id", "pos"])
+    os.replace(tmp, folder / name)
+    return name, part, len(rec)
+
+
+def commit_parts(session, written: list[tuple[dict, str, int, int, np.ndarray]]) -> None:
+    """One transaction: the parts just written and the records they hold."""
+    con = session.con
+    with store.Transaction(con):
+        for b, name, part, n_rows, recs in written:
+            con.execute("INSERT INTO behavior_parts VALUES (?, ?, ?, ?)", [b["behavior_id"], part, name, n_rows])
+            store.insert_arrow(con, "behavior_records", pa.table({
+                "behavior_id": pa.array(np.full(len(recs), b["behavior_id"], np.int32)),
+                "record_id": pa.array(recs.astype(np.int32)),
+                "part": pa.array(np.full(len(recs), part, np.int32))}))
+    for b, *_ in written:
+        if part_count(con, b["behavior_id"]) == 1:
+            con.execute(view_sql(session, b))
+
+
+def part_count(con, behavior_id):
+    return store.q_scalar(con, "SELECT count(*) FROM behavior_parts WHERE behavior_id = ?", [behavior_id])
+
+
+def extract(session, model: str, layers, dataset: str, dtype: str = "float32", record_ids=None,
+            batch_size: int = 16, progress: bool | None = None) -> list[dict]:
+    """Store the activations of ``layers`` of ``model`` over ``dataset`` (all records, or
+    ``record_ids``). Returns one dict per layer: behavior id, view name, records extracted and
+    records reused from the cache."""
+    if dtype not in DTYPES:
+        raise DeepBaseError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if batch_size < 1:
+        raise DeepBaseError(f"batch_size must be at least 1, got {batch_size}")
+    session.check_dataset(dataset)
+    adapter = session.adapter(model)
+    layers = session.check_layers(model, layers)
+    mrow = session.model_row(model)
+    ids = session.record_ids(dataset) if record_ids is None else np.asarray(record_ids, np.int64)
+    if len(ids) == 0:
+        raise EmptyDatasetError(f"no records selected from dataset {dataset!r}")
+    widths = dict(store.q_all(session.con, "SELECT layer, width FROM layers WHERE model = ?", [model]))
+    behaviors = {}
+    for layer in layers:
+        if not widths.get(layer):
+            raise ActivationError(f"layer {layer!r} of model {model!r} yields no tensor output to store")
+        behaviors[layer] = get_or_create_behavior(session, model, mrow["checksum"], layer, dataset,
+                                                  adapter.tokenization, dtype, widths[layer])
+        cleanup_orphans(session, behaviors[layer])
+    missing = {l: np.setdiff1d(ids, done_records(session.con, b["behavior_id"])) for l, b in behaviors.items()}
+    todo = np.unique(np.concatenate(list(missing.values())))
+    results = []
+    t0 = time.time()
+    if len(todo):
+        counts = ensure_symbols(session, adapter, dataset, todo)
+        run_layers = [l for l in layers if len(missing[l])]
+        bar = progress_bar(len(todo), f"extract {model}", "rec", session.progress if progress is None else progress)
+        for batch in forward_batches(session, adapter, model, run_layers, dataset, todo, batch_size, counts):
+            written = []
+            for layer in run_layers:
+                need = np.isin(batch.record_ids, missing[layer])
+                if not need.any():
+                    continue
+                rows_mask = None if need.all() else np.repeat(need, batch.n_symbols)
+                name, part, n_rows = write_part(session, behaviors[layer], batch, batch.acts[layer], rows_mask)
+                written.append((behaviors[layer], name, part, n_rows, batch.record_ids[need]))
+            commit_parts(session, written)
+            bar.update(len(batch.record_ids))
+        bar.close()
+    for layer in layers:
+        b = behaviors[layer]
+        results.append({"model": model, "layer": layer, "behavior_id": b["behavior_id"], "view": b["view_name"],
+                        "dtype": dtype, "width": b["width"], "extracted": int(len(missing[layer])),
+                        "reused": int(len(ids) - len(missing[layer])), "seconds": round(time.time() - t0, 3)})
+    return results

@@ -1,0 +1,303 @@
+"""inspect(): score every unit of every requested layer against every hypothesis, streaming.
+
+The plan: validate every name first (nothing runs on a bad argument); materialise the labels
+of the hypotheses (cached per dataset); then stream blocks of records. A block's activations
+come from stored behaviors when every requested layer is stored for the selected records
+(the model does not run), otherwise from one forward pass per batch that feeds all layers
+(and, with ``keep_activations``, is stored on the way). A block's labels come from the
+``symbol_labels`` macro (sql/10_alignment.sql), DuckDB joining symbols and label spans. Each
+(layer, measure) has one inspector state; states are updated per block and finalised once.
+Memory is bounded by one block; no tokens x units matrix is ever built.
+
+Results are written to ``scores`` (with a ``queries`` row) in one transaction after the scan,
+so a failed query leaves the stored tables as they were.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from .. import store
+from ..errors import DeepBaseError, EmptyDatasetError
+from ..hypotheses.store import annotate, resolve
+from ..inspectors.base import SCORE_SCHEMA, measure_class
+from ..progress import progress_bar
+from .extract import (Batch, commit_parts, cleanup_orphans, done_records, ensure_symbols, find_behavior,
+                      forward_batches, get_or_create_behavior, write_part)
+
+RESULT_SCHEMA = pa.schema([
+    ("query_id", pa.int32()), ("model", pa.string()), ("layer", pa.string()), ("unit", pa.int32()),
+    ("hypothesis", pa.string()), ("measure", pa.string()), ("score", pa.float64()), ("n", pa.int64()),
+    ("ci_low", pa.float64()), ("ci_high", pa.float64()), ("p_value", pa.float64()), ("detail", pa.string()),
+])
+
+
+@dataclass
+class Plan:
+    model: str
+    layers: list[str]
+    dataset: str
+    record_ids: np.ndarray
+    hypotheses: list[dict]                 # resolved catalog descriptions
+    measures: list[str]
+    columns: dict                          # measure -> list of label column descriptions
+    label_columns: list[dict]              # every label column the block loader builds
+    source: str = "model"                  # 'model' or 'stored'
+    behaviors: dict = field(default_factory=dict)
+    batch_size: int = 16
+    keep_activations: bool = False
+    dtype: str = "float32"
+    device: str = "cpu"
+    measure_params: dict = field(default_factory=dict)
+
+
+def _label_columns(hyps: list[dict], measures: list[str]):
+    """Per measure, the label columns it scores: categorical hypotheses are expanded into one
+    binary indicator column per category ('pos=NOUN') for measures that do not take categorical
+    hypotheses directly."""
+    all_cols, per_measure = {}, {}
+    for m in measures:
+        cls = measure_class(m)
+        cols = []
+        for h in hyps:
+            if h["kind"] == "categorical" and "categorical" not in cls.accepts:
+                for code, cat in enumerate(h["categories"]):
+                    cols.append({"name": f"{h['name']}={cat}", "kind": "binary", "source": h["name"], "code": code})
+            else:
+                cols.append({"name": h["name"], "kind": h["kind"], "source": h["name"], "code": None,
+                             "categories": h.get("categories")})
+        per_measure[m] = cols
+        for c in cols:
+            all_cols.setdefault(c["name"], c)
+    return per_measure, list(all_cols.values())
+
+
+def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",), record_ids=None, limit=None,
+                 batch_size=16, keep_activations=False, dtype="float32", device=None, **measure_params) -> Plan:
+    if isinstance(layers, str):
+        layers = [layers]
+    if isinstance(hypotheses, str):
+        hypotheses = [hypotheses]
+    if isinstance(measures, str):
+        measures = [measures]
+    measures = list(measures or ["corr"])
+    for m in measures:
+        measure_class(m)
+    if not hypotheses:
+        raise DeepBaseError("no hypotheses given")
+    session.check_dataset(dataset)
+    session.model_row(model)
+    layers = session.check_layers(model, list(layers or []))
+    hyps = resolve(session.con, list(hypotheses))
+    per_measure, cols = _label_columns(hyps, measures)
+    for m in measures:
+        cls = measure_class(m)
+        for c in per_measure[m]:
+            if c["kind"] not in cls.accepts:
+                raise DeepBaseError(f"measure {m!r} does not take {c['kind']} hypotheses (hypothesis "
+                                    f"{c['source']!r}); it takes: {', '.join(cls.accepts)}")
+    ids = session.record_ids(dataset) if record_ids is None else np.asarray(record_ids, np.int64)
+    if limit is not None:
+        ids = ids[: int(limit)]
+    if len(ids) == 0:
+        raise EmptyDatasetError(f"no records selected from dataset {dataset!r}")
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return Plan(model, layers, dataset, ids, hyps, measures, per_measure, cols, batch_size=int(batch_size),
+                keep_activations=bool(keep_activations), dtype=dtype, device=str(dev), measure_params=measure_params)
+
+
+# -- blocks of labels ----------------------------------------------------------------------------
+def block_labels(session, plan: Plan, tokenization: str, record_ids: np.ndarray, n_symbols: np.ndarray) -> torch.Tensor:
+    """(rows, label columns) float64, rows in (record order of the block, pos) order; NaN = no label."""
+    offsets = np.concatenate([[0], np.cumsum(n_symbols)])
+    n = int(offsets[-1])
+    y = np.full((n, len(plan.label_columns)), np.nan)
+    hyp_names = [h["name"] for h in plan.hypotheses]
+    ids = pa.table({"record_id": pa.array(record_ids.astype(np.int32)),
+                    "block_row": pa.array(np.arange(len(record_ids), dtype=np.int32))})
+    session.con.register("__dbd_block", ids)
+    try:
+        t = store.q_arrow(
+            session.con,
+            "SELECT l.hypothesis, b.block_row, l.pos, l.value FROM symbol_labels(?, ?, ?) AS l "
+            "JOIN __dbd_block AS b USING (record_id)",
+            [plan.dataset, tokenization, hyp_names])
+    finally:
+        session.con.unregister("__dbd_block")
+    hyp = t.column(0).to_numpy(zero_copy_only=False)
+    row = offsets[t.column(1).to_numpy()] + t.column(2).to_numpy()
+    val = t.column(3).to_numpy(zero_copy_only=False).astype(np.float64)
+    for j, c in enumerate(plan.label_columns):
+        sel = hyp == c["source"]
+        v = val[sel]
+        if c["code"] is not None:
+            v = np.where(np.isnan(v), np.nan, (v == c["code"]).astype(np.float64))
+        y[row[sel], j] = v
+    return torch.from_numpy(y)
+
+
+# -- blocks of activations -----------------------------------------------------------------------
+def stored_behaviors(session, plan: Plan, checksum, tokenization):
+    """{layer: behavior} when every layer is stored (any dtype) for all selected records, else None."""
+    out = {}
+    for layer in plan.layers:
+        found = None
+        for dtype in ("float32", "float16"):
+            b = find_behavior(session.con, checksum, layer, plan.dataset, tokenization, dtype)
+            if b is not None and np.isin(plan.record_ids, done_records(session.con, b["behavior_id"])).all():
+                found = b
+                break
+        if found is None:
+            return None
+        out[layer] = found
+    return out
+
+
+def stored_blocks(session, plan: Plan, layer: str, b: dict):
+    """Read the stored parts of one behavior, keeping the selected records."""
+    wanted = set(int(r) for r in plan.record_ids)
+    parts = store.q_all(session.con, "SELECT part, file FROM behavior_parts WHERE behavior_id = ? ORDER BY part",
+                        [b["behavior_id"]])
+    folder = session.act_root / b["directory"]
+    for part, fname in parts:
+        t = pq.read_table(folder / fname)
+        rec = t.column("record_id").to_numpy()
+        keep = np.fromiter((int(r) in wanted for r in rec), bool, len(rec)) if len(rec) else np.zeros(0, bool)
+        if not keep.any():
+            continue
+        act = t.column("act").combine_chunks()
+        width = act.type.list_size
+        x = act.values.to_numpy(zero_copy_only=False).reshape(-1, width)
+        rec, x = rec[keep], x[keep]
+        # parts hold whole records in (record, pos) order
+        change = np.flatnonzero(np.diff(rec)) + 1
+        starts = np.concatenate([[0], change])
+        ids = rec[starts].astype(np.int64)
+        counts = np.diff(np.concatenate([starts, [len(rec)]]))
+        yield Batch(ids, counts, {layer: torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))})
+
+
+# -- the local engine ----------------------------------------------------------------------------
+class LocalEngine:
+    """Runs a plan in this process: one loop over blocks, updating every state."""
+
+    name = "local"
+
+    def run(self, session, plan: Plan, progress=None) -> dict:
+        adapter_needed = True
+        mrow = session.model_row(plan.model)
+        tokenization = mrow["tokenization"]
+        stored = None if plan.keep_activations else stored_behaviors(session, plan, mrow["checksum"], tokenization)
+        plan.source = "stored" if stored else "model"
+        widths = dict(store.q_all(session.con, "SELECT layer, width FROM layers WHERE model = ?", [plan.model]))
+        states = {(layer, m): measure_class(m)(widths[layer], plan.columns[m], device=plan.device,
+                                              **plan.measure_params.get(m, {}))
+                  for layer in plan.layers for m in plan.measures}
+        annotate(session, [h["live"] or h["name"] for h in plan.hypotheses], plan.dataset, plan.record_ids,
+                 progress=progress)
+        col_index = {c["name"]: j for j, c in enumerate(plan.label_columns)}
+        take = {m: torch.as_tensor([col_index[c["name"]] for c in plan.columns[m]]) for m in plan.measures}
+        show = session.progress if progress is None else progress
+        n_symbols = 0
+
+        def feed(batch: Batch):
+            nonlocal n_symbols
+            y = block_labels(session, plan, tokenization, batch.record_ids, batch.n_symbols)
+            rec = torch.from_numpy(np.repeat(batch.record_ids, batch.n_symbols))
+            for layer, x in batch.acts.items():
+                for m in plan.measures:
+                    states[(layer, m)].update(x, y[:, take[m]], rec)
+            n_symbols += int(batch.n_symbols.sum())
+
+        if stored:
+            for layer, b in stored.items():
+                bar = progress_bar(len(plan.record_ids), f"inspect {layer} (stored)", "rec", show)
+                for batch in stored_blocks(session, plan, layer, b):
+                    feed(batch)
+                    bar.update(len(batch.record_ids))
+                bar.close()
+            n_symbols //= max(len(plan.layers), 1)
+        else:
+            adapter = session.adapter(plan.model)
+            counts = ensure_symbols(session, adapter, plan.dataset, plan.record_ids)
+            behaviors = {}
+            if plan.keep_activations:
+                for layer in plan.layers:
+                    behaviors[layer] = get_or_create_behavior(session, plan.model, mrow["checksum"], layer,
+                                                              plan.dataset, tokenization, plan.dtype, widths[layer])
+                    cleanup_orphans(session, behaviors[layer])
+            done = {l: set(done_records(session.con, b["behavior_id"]).tolist()) for l, b in behaviors.items()}
+            bar = progress_bar(len(plan.record_ids), f"inspect {plan.model}", "rec", show)
+            for batch in forward_batches(session, adapter, plan.model, plan.layers, plan.dataset, plan.record_ids,
+                                         plan.batch_size, counts):
+                if behaviors:
+                    written = []
+                    for layer, b in behaviors.items():
+                        need = np.array([int(r) not in done[layer] for r in batch.record_ids])
+                        if need.any():
+                            mask = None if need.all() else np.repeat(need, batch.n_symbols)
+                            name, part, n_rows = write_part(session, b, batch, batch.acts[layer], mask)
+                            written.append((b, name, part, n_rows, batch.record_ids[need]))
+                    commit_parts(session, written)
+                feed(batch)
+                bar.update(len(batch.record_ids))
+            bar.close()
+        if n_symbols == 0:
+            raise EmptyDatasetError(f"the selected records of dataset {plan.dataset!r} hold no symbols")
+        return {"states": states, "n_symbols": n_symbols}
+
+
+def detail_column(t: pa.Table) -> pa.Array:
+    """The measure's own columns (beyond SCORE_SCHEMA) as one JSON object per row."""
+    extra = [c for c in t.column_names if c not in SCORE_SCHEMA.names]
+    if not extra:
+        return pa.nulls(t.num_rows, pa.string())
+    cols = {c: t.column(c).to_pylist() for c in extra}
+    return pa.array([json.dumps({c: _plain(cols[c][i]) for c in extra}) for i in range(t.num_rows)], pa.string())
+
+
+def _plain(v):
+    if isinstance(v, float) and v != v:
+        return None
+    return v
+
+
+def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), record_ids=None, limit=None,
+            batch_size=16, keep_activations=False, dtype="float32", device=None, store_scores=True,
+            progress=None, engine=None, **measure_params) -> pa.Table:
+    """Score ``layers`` of ``model`` against ``hypotheses`` over ``dataset``; returns (and stores)
+    rows of (query_id, model, layer, unit, hypothesis, measure, score, n, ci_low, ci_high, p_value)."""
+    t0 = time.time()
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    plan = plan_inspect(session, model, layers, hypotheses, dataset, measures, record_ids, limit, batch_size,
+                        keep_activations, dtype, device, **measure_params)
+    result = (engine or LocalEngine()).run(session, plan, progress)
+    tables = []
+    for (layer, m), state in result["states"].items():
+        t = state.finalize()
+        n = t.num_rows
+        tables.append(pa.table({
+            "model": pa.array([plan.model] * n, pa.string()), "layer": pa.array([layer] * n, pa.string()),
+            **{name: t.column(name).cast(SCORE_SCHEMA.field(name).type) for name in SCORE_SCHEMA.names},
+            "detail": detail_column(t)}))
+    scores = pa.concat_tables(tables)
+    con = session.con
+    params = {"record_count": int(len(plan.record_ids)), "batch_size": plan.batch_size,
+              "keep_activations": plan.keep_activations, "measure_params": plan.measure_params}
+    with store.Transaction(con):
+        qid = int(store.q_scalar(con, "SELECT coalesce(max(query_id), 0) + 1 FROM queries"))
+        con.execute("INSERT INTO queries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [qid, plan.model, plan.dataset, plan.layers, [h["name"] for h in plan.hypotheses],
+                     plan.measures, json.dumps(params, default=str), int(len(plan.record_ids)),
+                     int(result["n_symbols"]), plan.source, started, round(time.time() - t0, 4)])
+        scores = pa.table({"query_id": pa.array(np.full(scores.num_rows, qid, np.int32)),
+                           **{c: scores.column(c) for c in scores.column_names}}).cast(RESULT_SCHEMA)
+        if store_scores:
+            store.insert_arrow(con, "scores", scores)
+    return scores

@@ -1,0 +1,140 @@
+"""Model adapters: a torch module together with the encoder that turns records into inputs.
+
+An adapter answers three questions for the engine:
+- ``encode(texts)``: the model inputs for a batch of records and, per record, the symbols: the
+  character span [start, end) of each symbol, its token text, and the index of the symbol along
+  the sequence axis of layer outputs;
+- ``forward(encoded)``: run the module (hooks see every layer);
+- ``symbol_activations(output, encoded)``: one (n_symbols, width) matrix per record from a layer
+  output (default: outputs shaped (batch, sequence, width), indexed by the symbols' indices).
+
+``tokenization`` names the encoder; symbols and cached activations are keyed by it, so change it
+whenever the encoder changes.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import ActivationError
+
+
+@dataclass
+class Encoded:
+    inputs: object                      # a tensor, a tuple of tensors or a dict of tensors
+    starts: list[np.ndarray]            # per record: int32 character starts of its symbols
+    ends: list[np.ndarray]              # per record: int32 character ends (exclusive)
+    tokens: list[list[str]] | None      # per record: token text of each symbol (optional)
+    index: list[np.ndarray] = field(default_factory=list)  # per record: sequence index of each symbol
+
+    def __post_init__(self):
+        if not self.index:
+            self.index = [np.arange(len(s), dtype=np.int64) for s in self.starts]
+
+
+def to_device(inputs, device):
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, dict):
+        return {k: to_device(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(to_device(v, device) for v in inputs)
+    return inputs
+
+
+def model_checksum(module: torch.nn.Module) -> str:
+    """sha256 over the state_dict: every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    state = module.state_dict()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.int16)
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+class ModelAdapter:
+    """Base adapter. Subclass and implement ``encode``; override the rest when needed."""
+
+    tokenization: str = "undefined"
+    example_text: str = "def f(x):\n    return x  # 'hi'\n"
+
+    def __init__(self, module: torch.nn.Module, device: str | torch.device | None = None):
+        self.module = module.eval()
+        self.device = torch.device(device) if device else (
+            torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        self.module.to(self.device)
+        self._checksum = None
+
+    # -- identity ---------------------------------------------------------------------------
+    @property
+    def checksum(self) -> str:
+        if self._checksum is None:
+            self._checksum = model_checksum(self.module)
+        return self._checksum
+
+    @property
+    def architecture(self) -> str:
+        return type(self.module).__name__
+
+    # -- the three questions ----------------------------------------------------------------
+    def encode(self, texts: list[str]) -> Encoded:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, encoded: Encoded):
+        inputs = to_device(encoded.inputs, self.device)
+        with torch.inference_mode():
+            if isinstance(inputs, dict):
+                return self.module(**inputs)
+            if isinstance(inputs, tuple):
+                return self.module(*inputs)
+            return self.module(inputs)
+
+    def symbol_activations(self, layer: str, output: torch.Tensor, encoded: Encoded) -> list[torch.Tensor]:
+        if output is None or output.dim() != 3:
+            shape = None if output is None else tuple(output.shape)
+            raise ActivationError(
+                f"layer {layer!r} produced an output of shape {shape}; the default adapter expects "
+                "(batch, sequence, width). Override symbol_activations() in the adapter for this layer.")
+        out = []
+        for b, idx in enumerate(encoded.index):
+            n = len(idx)
+            if n and idx[0] == 0 and idx[-1] == n - 1 and (n < 3 or bool((np.diff(idx) == 1).all())):
+                out.append(output[b, :n])                     # contiguous symbols: a view, no copy
+            else:
+                out.append(output[b, torch.as_tensor(idx, device=output.device)])
+        return out
+
+    def sort_key(self, text: str) -> int:
+        """Records are batched in order of this key (length) to reduce padding."""
+        return len(text)
+
+
+class CharAdapter(ModelAdapter):
+    """Character-level sequence models: one symbol per character, ids from ``encode_chars``."""
+
+    def __init__(self, module, encode_chars, tokenization: str, device=None, pad_id: int = 0):
+        super().__init__(module, device)
+        self.encode_chars = encode_chars
+        self.tokenization = tokenization
+        self.pad_id = pad_id
+
+    def encode(self, texts: list[str]) -> Encoded:
+        longest = max((len(t) for t in texts), default=0)
+        ids = torch.full((len(texts), max(longest, 1)), self.pad_id, dtype=torch.long)
+        starts, ends, tokens = [], [], []
+        for b, text in enumerate(texts):
+            if text:
+                ids[b, : len(text)] = torch.as_tensor(self.encode_chars(text), dtype=torch.long)
+            s = np.arange(len(text), dtype=np.int32)
+            starts.append(s)
+            ends.append(s + 1)
+            tokens.append(list(text))
+        return Encoded(inputs=ids, starts=starts, ends=ends, tokens=tokens)

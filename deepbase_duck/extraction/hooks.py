@@ -1,0 +1,74 @@
+"""A small context manager that retains the outputs of named modules during forward passes.
+
+    with Retain(model, ["lstm0", "encoder.layer.3"]) as ret:
+        model(x)
+    ret["lstm0"]          # the module's output tensor (the first element when it returns a tuple)
+
+Layers are addressed by the dotted paths of ``model.named_modules()``, as in PyTorch itself.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import UnknownNameError
+
+
+def resolve_modules(model: torch.nn.Module, names) -> dict[str, torch.nn.Module]:
+    table = dict(model.named_modules())
+    out = {}
+    for name in names:
+        if name not in table or name == "":
+            raise UnknownNameError("layer", name, [n for n in table if n])
+        out[name] = table[name]
+    return out
+
+
+def first_tensor(output):
+    """The activation tensor of a module output: the tensor itself, or the first tensor of a
+    tuple/list (nn.LSTM returns (output, (h, c)); HF layers may return tuples)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        for item in output:
+            t = first_tensor(item)
+            if t is not None:
+                return t
+    if hasattr(output, "last_hidden_state"):
+        return output.last_hidden_state
+    return None
+
+
+class Retain:
+    """Keep the latest output of each named module; ``detach`` by default."""
+
+    def __init__(self, model: torch.nn.Module, layers, detach: bool = True):
+        self.modules = resolve_modules(model, layers)
+        self.detach = detach
+        self.outputs: dict[str, torch.Tensor | None] = {}
+        self._handles = []
+
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            t = first_tensor(output)
+            self.outputs[name] = t.detach() if (t is not None and self.detach) else t
+        return hook
+
+    def __enter__(self):
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def close(self):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __getitem__(self, name):
+        return self.outputs[name]
+
+    def clear(self):
+        self.outputs.clear()

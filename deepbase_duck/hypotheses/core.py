@@ -1,0 +1,254 @@
+"""The Hypothesis type, the registry, and the normalisation of what a hypothesis returns.
+
+A hypothesis function takes the text of one record and returns either
+
+* one value per character (a sequence or array as long as the text), or
+* spans: an iterable of ``(start, end)`` (binary hypotheses: those characters hold 1) or
+  ``(start, end, value)`` tuples over character offsets, end exclusive.
+
+Kinds: ``binary`` (values 0/1 or bools; characters outside spans hold 0), ``categorical``
+(values from the declared ``categories``; stored as codes 0..K-1; outside spans: no label) and
+``continuous`` (finite floats; NaN or outside spans: no label).
+
+Labels are normalised to sorted, non-overlapping spans (numpy arrays ``starts, ends, values``);
+runs of equal per-character values become one span. Anything else raises HypothesisError naming
+the hypothesis and the record.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..errors import HypothesisError, UnknownNameError
+
+KINDS = ("binary", "categorical", "continuous")
+
+
+@dataclass
+class Hypothesis:
+    name: str
+    fn: Callable[[str], object]
+    kind: str = "binary"
+    description: str = ""
+    version: str | None = None
+    categories: tuple[str, ...] | None = None
+    _code: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if not self.name or not isinstance(self.name, str):
+            raise HypothesisError(f"a hypothesis needs a non-empty string name, got {self.name!r}")
+        if self.kind not in KINDS:
+            raise HypothesisError(
+                f"hypothesis {self.name!r}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.kind == "categorical":
+            if not self.categories:
+                raise HypothesisError(
+                    f"categorical hypothesis {self.name!r} must declare its categories")
+            self.categories = tuple(str(c) for c in self.categories)
+            if len(set(self.categories)) != len(self.categories):
+                raise HypothesisError(f"hypothesis {self.name!r}: categories repeat")
+            self._code = {c: i for i, c in enumerate(self.categories)}
+        elif self.categories:
+            raise HypothesisError(f"hypothesis {self.name!r}: only categorical hypotheses take categories")
+        if self.version is None:
+            self.version = default_version(self)
+
+    @property
+    def source(self) -> str:
+        fn = getattr(self.fn, "func", self.fn)
+        return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+    # ------------------------------------------------------------------------------------
+    def spans(self, text: str, record: object = "?") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Run the function on ``text`` and return validated (starts, ends, values)."""
+        try:
+            out = self.fn(text)
+        except HypothesisError:
+            raise
+        except Exception as exc:
+            raise HypothesisError(
+                f"hypothesis {self.name!r} raised {type(exc).__name__} on record {record}: {exc}") from exc
+        return self.normalise(out, text, record)
+
+    def normalise(self, out, text: str, record) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n = len(text)
+        where = f"hypothesis {self.name!r} on record {record}"
+        if out is None:
+            raise HypothesisError(f"{where} returned None; return spans or one value per character")
+        if isinstance(out, (str, bytes)):
+            raise HypothesisError(f"{where} returned a {type(out).__name__}; return spans or one value per character")
+        if isinstance(out, np.ndarray):
+            if out.ndim != 1:
+                raise HypothesisError(f"{where} returned an array of shape {out.shape}; expected ({n},)")
+            return self._from_per_char(out, n, where)
+        try:
+            items = list(out)
+        except TypeError:
+            raise HypothesisError(
+                f"{where} returned {type(out).__name__}; return spans or one value per character") from None
+        if items and all(isinstance(x, (tuple, list)) for x in items):
+            return self._from_spans(items, n, where)
+        if items and any(isinstance(x, (tuple, list)) for x in items):
+            raise HypothesisError(f"{where} mixed spans (tuples) with per-character values")
+        if not items and n > 0:
+            # an empty list is "no spans", the natural answer of a span finder that found nothing
+            return _empty()
+        return self._from_per_char(items, n, where)
+
+    # -- per-character values --------------------------------------------------------------
+    def _from_per_char(self, values, n: int, where: str):
+        if len(values) != n:
+            raise HypothesisError(
+                f"{where} returned {len(values)} per-character values for a text of {n} characters")
+        if n == 0:
+            return _empty()
+        codes = self._encode_values(values, where)
+        # run-length encode
+        change = np.flatnonzero(~_equal_nan(codes[1:], codes[:-1])) + 1
+        starts = np.concatenate([[0], change]).astype(np.int32)
+        ends = np.concatenate([change, [n]]).astype(np.int32)
+        vals = codes[starts]
+        keep = ~np.isnan(vals)
+        if self.kind == "binary":
+            keep &= vals != 0
+        return starts[keep], ends[keep], vals[keep]
+
+    def _encode_values(self, values, where) -> np.ndarray:
+        if self.kind == "categorical":
+            arr = np.full(len(values), np.nan)
+            for i, v in enumerate(values):
+                if v is None:
+                    continue
+                code = self._code.get(str(v))
+                if code is None:
+                    raise HypothesisError(
+                        f"{where}: value {v!r} at character {i} is not one of the declared "
+                        f"categories {list(self.categories)}")
+                arr[i] = code
+            return arr
+        try:
+            arr = np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise HypothesisError(f"{where}: values are not numbers ({exc})") from None
+        if self.kind == "binary":
+            bad = ~np.isin(arr, (0.0, 1.0))
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise HypothesisError(f"{where}: binary value {values[i]!r} at character {i} is not 0/1")
+        else:
+            if np.isinf(arr).any():
+                i = int(np.flatnonzero(np.isinf(arr))[0])
+                raise HypothesisError(f"{where}: infinite value at character {i}")
+        return arr
+
+    # -- spans -----------------------------------------------------------------------------
+    def _from_spans(self, items, n: int, where: str):
+        starts, ends, raw = [], [], []
+        for item in items:
+            if len(item) == 2:
+                if self.kind != "binary":
+                    raise HypothesisError(
+                        f"{where}: span {tuple(item)} has no value; {self.kind} hypotheses return "
+                        "(start, end, value)")
+                s, e, v = item[0], item[1], 1
+            elif len(item) == 3:
+                s, e, v = item
+            else:
+                raise HypothesisError(f"{where}: span {tuple(item)!r} is not (start, end) or (start, end, value)")
+            if not (isinstance(s, (int, np.integer)) and isinstance(e, (int, np.integer))):
+                raise HypothesisError(f"{where}: span bounds must be integers, got {(s, e)!r}")
+            if not (0 <= s <= e <= n):
+                raise HypothesisError(f"{where}: span ({s}, {e}) is outside the text [0, {n})")
+            if s == e:
+                continue
+            starts.append(int(s)); ends.append(int(e)); raw.append(v)
+        if not starts:
+            return _empty()
+        vals = self._encode_values(raw, where)
+        order = np.lexsort((np.asarray(ends), np.asarray(starts)))
+        s = np.asarray(starts, dtype=np.int32)[order]
+        e = np.asarray(ends, dtype=np.int32)[order]
+        v = vals[order]
+        keep = ~np.isnan(v)
+        if self.kind == "binary":
+            keep &= v != 0
+        s, e, v = s[keep], e[keep], v[keep]
+        if len(s) > 1 and (s[1:] < e[:-1]).any():
+            if self.kind != "binary":
+                i = int(np.flatnonzero(s[1:] < e[:-1])[0])
+                raise HypothesisError(
+                    f"{where}: spans ({s[i]}, {e[i]}) and ({s[i + 1]}, {e[i + 1]}) overlap; "
+                    f"{self.kind} hypotheses need disjoint spans")
+            s, e = _union(s, e)
+            v = np.ones(len(s))
+        return s, e, v
+
+
+def _empty():
+    return np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float64)
+
+
+def _equal_nan(a, b):
+    return (a == b) | (np.isnan(a) & np.isnan(b))
+
+
+def _union(s, e):
+    out_s, out_e = [int(s[0])], [int(e[0])]
+    for a, b in zip(s[1:], e[1:]):
+        if a <= out_e[-1]:
+            out_e[-1] = max(out_e[-1], int(b))
+        else:
+            out_s.append(int(a)); out_e.append(int(b))
+    return np.asarray(out_s, np.int32), np.asarray(out_e, np.int32)
+
+
+def default_version(h: Hypothesis) -> str:
+    """A version derived from the function's source code and the hypothesis' settings, so that
+    editing the function invalidates stored labels."""
+    fn = getattr(h.fn, "func", h.fn)
+    try:
+        src = inspect.getsource(fn)
+    except (OSError, TypeError):
+        src = getattr(fn, "__qualname__", repr(fn))
+    extra = repr(getattr(h.fn, "keywords", None)) + repr(getattr(h.fn, "args", None))
+    payload = "\n".join([src, extra, h.kind, repr(h.categories), repr(getattr(h.fn, "__dbd_params__", None))])
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+# -- registry -------------------------------------------------------------------------------
+_REGISTRY: dict[str, Hypothesis] = {}
+
+
+def register(h: Hypothesis, replace: bool = True) -> Hypothesis:
+    if not replace and h.name in _REGISTRY:
+        raise HypothesisError(f"a hypothesis named {h.name!r} is already registered")
+    _REGISTRY[h.name] = h
+    return h
+
+
+def registry() -> dict[str, Hypothesis]:
+    return dict(_REGISTRY)
+
+
+def get_hypothesis(name: str) -> Hypothesis:
+    if isinstance(name, Hypothesis):
+        return name
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownNameError("hypothesis", name, _REGISTRY) from None
+
+
+def hypothesis(name: str | None = None, kind: str = "binary", description: str = "",
+               version: str | None = None, categories=None):
+    """Decorator: ``@hypothesis('has_digit')`` registers ``fn(text) -> labels``."""
+    def wrap(fn):
+        h = Hypothesis(name or fn.__name__, fn, kind, description or (fn.__doc__ or "").strip(),
+                       version, tuple(categories) if categories else None)
+        register(h)
+        return fn
+    return wrap

@@ -1,0 +1,238 @@
+"""Built-in hypotheses.
+
+Factories (make a hypothesis with your parameters, registered under the name you give):
+``regex_span``, ``keyword_set``, ``char_class``, ``bracket_depth``.
+
+Registered at import, ready to use by name:
+
+=================  ==========  ===============================================================
+name               kind        labels
+=================  ==========  ===============================================================
+in_string          binary      characters of a Python string literal, quotes and prefix included
+in_comment         binary      characters of a ``#`` comment
+indent_level       continuous  indentation of the character's logical line, in levels of 4 columns
+position_in_line   continuous  0-based column of the character
+bracket_depth      continuous  nesting depth of (), [] and {} (an opening bracket holds the new
+                               depth, a closing one the depth it closes)
+python_keyword     binary      Python keywords as whole words
+digit              binary      decimal digits
+whitespace         binary      spaces, tabs and newlines
+uppercase          binary      upper-case letters
+=================  ==========  ===============================================================
+
+The code hypotheses use Python's own ``tokenize``. A record that is a fragment of a file may not
+tokenize to its end (for example when it starts inside a triple-quoted string): labels are then
+those of the tokens read before the error; characters after it hold the default.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import keyword as _keyword
+import re
+import tokenize
+
+import numpy as np
+
+from .core import Hypothesis, register
+
+CHAR_CLASSES = {
+    "digit": str.isdigit,
+    "alpha": str.isalpha,
+    "alnum": str.isalnum,
+    "upper": str.isupper,
+    "lower": str.islower,
+    "space": str.isspace,
+    "punct": lambda c: (not c.isalnum()) and (not c.isspace()),
+}
+
+
+# -- factories ------------------------------------------------------------------------------
+def _regex_fn(text, pattern, flags, group):
+    rx = re.compile(pattern, flags)
+    return [(m.start(group), m.end(group)) for m in rx.finditer(text) if m.end(group) > m.start(group)]
+
+
+def regex_span(name: str, pattern: str, flags: int = 0, group: int | str = 0,
+               description: str = "") -> Hypothesis:
+    """Binary: the characters of every match of ``pattern`` (or of its ``group``)."""
+    re.compile(pattern, flags)  # fail now on a bad pattern
+    fn = functools.partial(_regex_fn, pattern=pattern, flags=flags, group=group)
+    return register(Hypothesis(name, fn, "binary", description or f"matches of /{pattern}/"))
+
+
+def keyword_set(name: str, words, case_sensitive: bool = True, whole_word: bool = True,
+                description: str = "") -> Hypothesis:
+    """Binary: occurrences of any of ``words`` (whole words by default)."""
+    words = sorted({str(w) for w in words}, key=lambda w: (-len(w), w))
+    if not words:
+        raise ValueError(f"keyword_set {name!r}: no words given")
+    alt = "|".join(re.escape(w) for w in words)
+    pattern = rf"(?<!\w)(?:{alt})(?!\w)" if whole_word else f"(?:{alt})"
+    flags = 0 if case_sensitive else re.IGNORECASE
+    return regex_span(name, pattern, flags, 0,
+                      description or f"whole-word occurrences of {len(words)} keywords")
+
+
+def _char_class_fn(text, cls, chars):
+    if chars is not None:
+        return np.fromiter((c in chars for c in text), dtype=np.float64, count=len(text))
+    test = CHAR_CLASSES[cls]
+    return np.fromiter((test(c) for c in text), dtype=np.float64, count=len(text))
+
+
+def char_class(name: str, cls: str | None = None, chars: str | None = None,
+               description: str = "") -> Hypothesis:
+    """Binary: characters of a class (digit, alpha, alnum, upper, lower, space, punct) or of a
+    given set of characters."""
+    if (cls is None) == (chars is None):
+        raise ValueError(f"char_class {name!r}: give exactly one of cls= or chars=")
+    if cls is not None and cls not in CHAR_CLASSES:
+        raise ValueError(f"char_class {name!r}: unknown class {cls!r}; valid: {', '.join(CHAR_CLASSES)}")
+    fn = functools.partial(_char_class_fn, cls=cls, chars=frozenset(chars) if chars else None)
+    return register(Hypothesis(name, fn, "binary", description or f"characters of class {cls or chars!r}"))
+
+
+def _bracket_fn(text, opening, closing):
+    depth = 0
+    out = np.zeros(len(text))
+    for i, c in enumerate(text):
+        if c in opening:
+            depth += 1
+            out[i] = depth
+        elif c in closing:
+            out[i] = depth
+            depth = max(depth - 1, 0)
+        else:
+            out[i] = depth
+    return out
+
+
+def bracket_depth(name: str = "bracket_depth", pairs: str = "()[]{}", description: str = "") -> Hypothesis:
+    """Continuous: bracket nesting depth (brackets of any kind count alike)."""
+    if len(pairs) % 2:
+        raise ValueError(f"bracket_depth {name!r}: pairs must hold opening/closing pairs, got {pairs!r}")
+    fn = functools.partial(_bracket_fn, opening=frozenset(pairs[0::2]), closing=frozenset(pairs[1::2]))
+    return register(Hypothesis(name, fn, "continuous", description or f"nesting depth of {pairs}"))
+
+
+# -- Python source code, through tokenize ---------------------------------------------------
+def _line_starts(text):
+    starts = [0]
+    for line in text.splitlines(keepends=True):
+        starts.append(starts[-1] + len(line))
+    return starts
+
+
+def _ladder(text):
+    """Virtual lines that open the indentation levels a fragment starts inside of.
+
+    A record cut from the middle of a file may start indented and later dedent to a level it
+    never opened, which tokenize refuses ("unindent does not match any outer indentation
+    level"). Prefixing one ``if 1:`` line per indentation width below the first line's makes
+    those levels known; the prefix's tokens are dropped and positions shifted back."""
+    lines = text.splitlines()
+    widths = sorted({len(l) - len(l.lstrip(" ")) for l in lines if l.strip() and not l.lstrip().startswith("#")})
+    first = next((len(l) - len(l.lstrip(" ")) for l in lines if l.strip() and not l.lstrip().startswith("#")), 0)
+    return [" " * w + "if 1:\n" for w in widths if w < first]
+
+
+def _tokens(text):
+    """The tokens of ``text`` that tokenize yields before any error, positions in ``text``."""
+    ladder = _ladder(text) if text[:1] in (" ", "\t") or "\n " in text[:200] else []
+    k = len(ladder)
+    out = []
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO("".join(ladder) + text).readline):
+            if tok.start[0] <= k:
+                continue
+            out.append(tok._replace(start=(tok.start[0] - k, tok.start[1]), end=(tok.end[0] - k, tok.end[1])))
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        pass
+    return out
+
+
+def _offset(starts, pos):
+    row, col = pos
+    return min(starts[row - 1] + col, starts[-1]) if row - 1 < len(starts) else starts[-1]
+
+
+STRING_TYPES = {tokenize.STRING}
+FSTRING_START = getattr(tokenize, "FSTRING_START", None)
+FSTRING_END = getattr(tokenize, "FSTRING_END", None)
+
+
+def in_string_fn(text):
+    starts = _line_starts(text)
+    spans, open_f = [], []
+    for tok in _tokens(text):
+        if tok.type in STRING_TYPES:
+            spans.append((_offset(starts, tok.start), _offset(starts, tok.end)))
+        elif FSTRING_START is not None and tok.type == FSTRING_START:
+            open_f.append(_offset(starts, tok.start))
+        elif FSTRING_END is not None and tok.type == FSTRING_END and open_f:
+            s = open_f.pop()
+            if not open_f:
+                spans.append((s, _offset(starts, tok.end)))
+    return spans
+
+
+def in_comment_fn(text):
+    starts = _line_starts(text)
+    return [(_offset(starts, t.start), _offset(starts, t.end)) for t in _tokens(text)
+            if t.type == tokenize.COMMENT]
+
+
+def indent_level_fn(text):
+    """Indentation of each character's logical line, in levels of 4 columns (tabs advance to the
+    next multiple of 8, as in tokenize). Continuation lines of a statement hold the statement's
+    level; blank and comment-only lines hold their own leading whitespace. Context-free, so a
+    record that starts inside an indented block is labelled as in its file."""
+    starts = _line_starts(text)
+    n_lines = len(starts) - 1
+    level = [None] * n_lines
+    at_start, current = True, 0.0
+    for tok in _tokens(text):
+        if tok.type in (tokenize.INDENT, tokenize.DEDENT, tokenize.NL, tokenize.ENDMARKER, tokenize.COMMENT):
+            continue
+        if at_start and tok.type != tokenize.NEWLINE:
+            lead = text[starts[tok.start[0] - 1]:starts[tok.start[0] - 1] + tok.start[1]]
+            current = len(lead.expandtabs(8)) / 4
+            at_start = False
+        for r in range(tok.start[0], min(tok.end[0], n_lines) + 1):
+            if level[r - 1] is None:
+                level[r - 1] = current
+        if tok.type == tokenize.NEWLINE:
+            at_start = True
+    out = np.zeros(len(text))
+    for i in range(n_lines):
+        if level[i] is None:
+            line = text[starts[i]:starts[i + 1]]
+            lead = line[: len(line) - len(line.lstrip(" \t"))]
+            level[i] = len(lead.expandtabs(8)) / 4
+        out[starts[i]:starts[i + 1]] = level[i]
+    return out
+
+
+def position_in_line_fn(text):
+    out = np.empty(len(text))
+    col = 0
+    for i, c in enumerate(text):
+        out[i] = col
+        col = 0 if c == "\n" else col + 1
+    return out
+
+
+register(Hypothesis("in_string", in_string_fn, "binary",
+                    "inside a Python string literal (tokenize STRING), quotes and prefix included"))
+register(Hypothesis("in_comment", in_comment_fn, "binary", "inside a # comment (tokenize COMMENT)"))
+register(Hypothesis("indent_level", indent_level_fn, "continuous",
+                    "indentation of the logical line, in levels of 4 columns (tokenize)"))
+register(Hypothesis("position_in_line", position_in_line_fn, "continuous", "0-based column of the character"))
+bracket_depth("bracket_depth")
+keyword_set("python_keyword", _keyword.kwlist, description="Python keywords as whole words")
+char_class("digit", "digit")
+char_class("whitespace", "space")
+char_class("uppercase", "upper")
+
+CODE_HYPOTHESES = ["in_string", "in_comment", "indent_level", "position_in_line", "bracket_depth"]

@@ -1,0 +1,77 @@
+"""The inspector protocol and the registry of measures."""
+from __future__ import annotations
+
+import pyarrow as pa
+import torch
+
+from ..errors import DeepBaseError, UnknownNameError
+
+# Every finalize() returns at least these columns, in this order (extra columns may follow).
+SCORE_SCHEMA = pa.schema([
+    ("unit", pa.int32()),          # NULL for a score of the whole unit group
+    ("hypothesis", pa.string()),
+    ("measure", pa.string()),
+    ("score", pa.float64()),
+    ("n", pa.int64()),
+    ("ci_low", pa.float64()),
+    ("ci_high", pa.float64()),
+    ("p_value", pa.float64()),
+])
+
+MEASURES: dict[str, type] = {}
+
+
+def register_measure(cls):
+    MEASURES[cls.measure] = cls
+    return cls
+
+
+def measure_class(name: str):
+    try:
+        return MEASURES[name]
+    except KeyError:
+        raise UnknownNameError("measure", name, MEASURES) from None
+
+
+class InspectorState:
+    """Base class. Subclasses set ``measure`` and ``accepts`` (hypothesis kinds they score) and
+    implement update / combine / finalize. ``hypotheses`` is a list of dicts with at least
+    'name' and 'kind' (and 'categories' for categorical ones)."""
+
+    measure: str = "?"
+    accepts: tuple[str, ...] = ("binary", "continuous")
+
+    def __init__(self, width: int, hypotheses: list[dict], device: str | torch.device = "cpu", **params):
+        if width <= 0:
+            raise DeepBaseError(f"{self.measure}: a unit group needs at least one unit, got width {width}")
+        for h in hypotheses:
+            if h["kind"] not in self.accepts:
+                raise DeepBaseError(
+                    f"measure {self.measure!r} does not take {h['kind']} hypotheses (hypothesis "
+                    f"{h['name']!r}); it takes: {', '.join(self.accepts)}")
+        self.width = int(width)
+        self.hypotheses = list(hypotheses)
+        self.names = [h["name"] for h in hypotheses]
+        self.device = torch.device(device)
+        self.params = params
+
+    def update(self, acts: torch.Tensor, labels: torch.Tensor, record_ids: torch.Tensor | None = None) -> None:
+        """Fold in a batch: ``acts`` (n, width) float, ``labels`` (n, H) float64 with NaN where a
+        symbol has no label (categorical labels are codes 0..K-1), ``record_ids`` (n,) int64, the
+        record of each row (measures that split train/test by record use it)."""
+        raise NotImplementedError  # pragma: no cover
+
+    def combine(self, other: "InspectorState") -> "InspectorState":  # pragma: no cover
+        raise NotImplementedError
+
+    def finalize(self) -> pa.Table:  # pragma: no cover
+        raise NotImplementedError
+
+    def max_error(self) -> float:
+        """Largest half-width of the confidence intervals so far (inf when unknown)."""
+        return float("inf")
+
+    def _check_combine(self, other):
+        if type(other) is not type(self) or other.width != self.width or other.names != self.names:
+            raise DeepBaseError(f"cannot combine {type(other).__name__} over {other.names} with "
+                                f"{type(self).__name__} over {self.names}")

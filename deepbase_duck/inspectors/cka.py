@@ -1,0 +1,105 @@
+"""Linear CKA between two unit groups (Kornblith et al. 2019), streamed.
+
+For activation matrices X (n, p) and Y (n, q) over the same symbols, with column-centred Xc, Yc:
+
+    CKA(X, Y) = ||Xc^T Yc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)
+
+which equals HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)) for the linear kernels K = XX^T, L = YY^T.
+
+State: n, the column means of X and Y and the centred cross-product matrices Sxx = Xc^T Xc,
+Syy = Yc^T Yc, Sxy = Xc^T Yc, in float64 (the same information as X^T X, Y^T Y, X^T Y and the
+column sums, kept centred so that large activation means do not cancel catastrophically). A
+batch is reduced with three matrix products about its own means and merged with Chan et al.'s
+pairwise update S = Sa + Sb + (na nb / n) da db^T, which is exact up to float64 rounding in any
+batch order, so streamed, merged and one-shot results agree. Not a per-hypothesis measure, so
+not registered: it compares two groups.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..errors import DeepBaseError
+
+F64 = torch.float64
+
+
+class LinearCKAState:
+    def __init__(self, width_x: int, width_y: int, device: str | torch.device = "cpu"):
+        if width_x <= 0 or width_y <= 0:
+            raise DeepBaseError(f"cka: unit groups need at least one unit, got widths {width_x}, {width_y}")
+        self.width_x, self.width_y = int(width_x), int(width_y)
+        self.device = torch.device(device)
+        dev = self.device
+        self.n = 0
+        self.mx = torch.zeros(self.width_x, dtype=F64, device=dev)
+        self.my = torch.zeros(self.width_y, dtype=F64, device=dev)
+        self.sxx = torch.zeros(self.width_x, self.width_x, dtype=F64, device=dev)
+        self.syy = torch.zeros(self.width_y, self.width_y, dtype=F64, device=dev)
+        self.sxy = torch.zeros(self.width_x, self.width_y, dtype=F64, device=dev)
+
+    def update(self, x, y) -> None:
+        """Fold in a batch: ``x`` (n, width_x) and ``y`` (n, width_y), row i of both the same symbol."""
+        x = torch.as_tensor(x).to(self.device, F64)
+        y = torch.as_tensor(y).to(self.device, F64)
+        if x.ndim != 2 or x.shape[1] != self.width_x or y.ndim != 2 or y.shape[1] != self.width_y:
+            raise DeepBaseError(f"cka: got shapes {tuple(x.shape)} and {tuple(y.shape)}, expected "
+                                f"(n, {self.width_x}) and (n, {self.width_y})")
+        if x.shape[0] != y.shape[0]:
+            raise DeepBaseError(f"cka: {x.shape[0]} rows of x but {y.shape[0]} rows of y; both "
+                                "groups must cover the same symbols")
+        nb = x.shape[0]
+        if nb == 0:
+            return
+        mxb, myb = x.mean(0), y.mean(0)
+        xc, yc = x - mxb, y - myb
+        self._merge(nb, mxb, myb, xc.T @ xc, yc.T @ yc, xc.T @ yc)
+
+    def _merge(self, nb, mxb, myb, sxxb, syyb, sxyb):
+        na = self.n
+        n = na + nb
+        dx, dy = mxb - self.mx, myb - self.my
+        w = na * nb / n
+        self.sxx = self.sxx + sxxb + w * torch.outer(dx, dx)
+        self.syy = self.syy + syyb + w * torch.outer(dy, dy)
+        self.sxy = self.sxy + sxyb + w * torch.outer(dx, dy)
+        self.mx = self.mx + dx * (nb / n)
+        self.my = self.my + dy * (nb / n)
+        self.n = n
+
+    def combine(self, other: "LinearCKAState") -> "LinearCKAState":
+        if not isinstance(other, LinearCKAState) or (other.width_x, other.width_y) != (self.width_x, self.width_y):
+            raise DeepBaseError("cka: cannot combine states over unit groups of different widths")
+        if other.n:
+            d = self.device
+            self._merge(other.n, other.mx.to(d), other.my.to(d), other.sxx.to(d), other.syy.to(d),
+                        other.sxy.to(d))
+        return self
+
+    def finalize(self) -> float:
+        """Linear CKA in [0, 1]; NaN with fewer than 2 symbols or a constant group."""
+        if self.n < 2:
+            return math.nan
+        num = float((self.sxy * self.sxy).sum())
+        den = float(torch.linalg.matrix_norm(self.sxx) * torch.linalg.matrix_norm(self.syy))
+        if not den > 0:
+            return math.nan
+        return min(1.0, max(0.0, num / den))
+
+
+def linear_cka(x, y) -> float:
+    """Linear CKA of two in-memory activation matrices (n, p) and (n, q) (numpy or torch)."""
+    x = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
+    y = np.asarray(y.detach().cpu() if isinstance(y, torch.Tensor) else y, dtype=np.float64)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise DeepBaseError(f"cka: need two matrices over the same rows, got {x.shape} and {y.shape}")
+    if x.shape[0] < 2:
+        return math.nan
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    num = float(np.sum((xc.T @ yc) ** 2))
+    den = float(np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc))
+    if not den > 0:
+        return math.nan
+    return min(1.0, max(0.0, num / den))

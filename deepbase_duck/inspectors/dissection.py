@@ -1,0 +1,538 @@
+"""Network Dissection (Bau et al. 2017) measures for binary hypotheses: ``iou``, ``precision``,
+``recall``, ``f1`` at a per-unit top-quantile threshold, and the threshold-free ``ap``.
+
+Threshold
+---------
+A unit's threshold T is the activation exceeded by a fraction ``quantile`` (default 0.005) of
+all symbols: numpy.quantile(acts[:, unit], 1 - quantile) with numpy's default 'linear'
+interpolation, over every row of the stream (labelled for some hypothesis or not). A symbol
+"fires" when its activation is strictly above T.
+
+Streaming state: exact top values with their label bits
+-------------------------------------------------------
+T depends on the whole stream, and so do the counts of firing symbols, so the state keeps, for
+every unit, its ``m`` largest activations together with the row's label bits (positive /
+negative / no label, per hypothesis) and the row's key; m = 2 ceil(quantile * max_rows) + 4
+(default ``max_rows`` = 1_000_000). Candidates are appended to a buffer of 1.5 m entries per unit
+(a batch only contributes values above the unit's smallest kept value once m are kept) and the
+buffer is compacted to the m largest by a partial sort when full: memory about
+width * 1.5 m * (12 + H) bytes. The largest value ever dropped is remembered (the "floor"): every
+row above the floor is kept. Batches and states merge by the m largest of the union, which does
+not depend on batch order. The rows above T are all among the top ceil(quantile (N - 1)) + 1
+rows, so from the kept values finalize computes T exactly as numpy.quantile does, and the exact
+counts per (unit, hypothesis): intersection I = #(fires and label = 1), firing labelled symbols
+A = #(fires and labelled), positives L = #(label = 1) (counted for the whole stream, not only
+the kept rows), union U = A + L - I.
+
+Error
+-----
+* Exact (threshold equal to numpy.quantile, counts equal to the direct numpy formula; merge
+  and one-shot equal) for streams of up to ``max_rows`` rows.
+* Longer streams: to stay within m values per unit, the state keeps only the rows whose 63-bit
+  content-hash key (spearman.row_keys: the same row always gets the same key, so merging is
+  order-independent) is below 2^(63 - j), a Bernoulli row sample of rate 2^-j, with exact row
+  counts per key level; j grows by one (and the kept values are thinned) whenever the sample's
+  top quantile would need more than m / 2 values. T and the counts are then exact for that
+  sample: T's exceedance fraction in the full stream has standard error about
+  sqrt(quantile / N_sample), and the ratios are estimated from the sample's counts (their Wilson
+  intervals use the sample counts, so they include this sampling error). Reported counts
+  (intersection, union, n_above, n_label) are scaled by 2^j and rounded; ``sample_rate`` = 2^-j.
+  finalize checks that the kept values still reach the threshold (the needed value is kept and
+  not below the floor); this fails only if, after the rate dropped, the rows seen earlier held
+  most of the unit's largest values (e.g. a stream sorted by activation), and such a unit gets
+  NULL scores and threshold, never a wrong value.
+
+Scores: iou = I / U; precision = I / A; recall = I / L; f1 = 2 I / (A + L). NULL for a unit that
+is constant over the stream and where the denominator is 0. CI: Wilson score interval of I out
+of U (iou), A (precision), L (recall); for f1 the IoU interval mapped by f1 = 2 t / (1 + t).
+p_value: one-sided hypergeometric (Fisher exact) test of enrichment, P(X >= I) for X ~
+Hypergeom(labelled symbols, L, A). max_error(): largest Wilson half-width.
+Labels: 0 is negative, any other non-NaN value positive, NaN no label.
+
+``ap``: average precision of the unit's activation as a detector of the label, computed on the
+bounded, mergeable, uniform row sample of spearman.RowSample (``max_rows`` default 200_000, the
+rows of smallest content-hash key): exactly sklearn.metrics.average_precision_score on the
+sample's labelled rows (ties between activations handled as sklearn does, one threshold per
+distinct value), hence exact whenever the stream has at most ``max_rows`` rows, otherwise the AP
+of a uniform sample of rows. CI: the binomial interval of Boyd, Eng & Page (2013), AP treated
+as a proportion over the n_pos positives of the sample, in its Wilson form (so that it stays
+inside [0, 1] and is not degenerate at AP = 1); it covers the sampling error of the row sample
+too; max_error() is the largest half-width it can take at the current sample sizes (AP = 1/2,
+no sorting needed). p_value NULL (use significance.permutation_p_values). Extra columns
+n_sample, prevalence (the AP of a random detector). NULL for a unit constant over the sample or
+a hypothesis without positives.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import torch
+from scipy import stats
+
+from .base import InspectorState, register_measure
+from .spearman import (KEY_SENTINEL, RowSample, _unit_blocks, argsort_rows, row_keys, score_table,
+                       sort_rows, top_rows)
+from ..errors import DeepBaseError
+
+F64 = torch.float64
+I64 = torch.int64
+
+
+def quantile_positions(n: int, level: float):
+    """numpy.quantile's 'linear' method on n sorted values: (previous index, next index, gamma)
+    in ascending order."""
+    virt = (n - 1) * level
+    if virt >= n - 1:
+        return n - 1, n - 1, virt - math.floor(virt)
+    prev = max(int(math.floor(virt)), 0)
+    return prev, prev + 1, virt - math.floor(virt)
+
+
+def _lerp(a, b, g):
+    diff = b - a
+    return b - diff * (1 - g) if g >= 0.5 else a + diff * g
+
+
+def wilson(k: np.ndarray, n: np.ndarray, confidence: float):
+    z = stats.norm.ppf(0.5 + confidence / 2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        den = n + z * z
+        center = (k + z * z / 2) / den
+        half = z / den * np.sqrt(k * (n - k) / n + z * z / 4)
+    bad = ~(n > 0)
+    return np.where(bad, np.nan, center - half), np.where(bad, np.nan, center + half)
+
+
+def label_codes(labels: torch.Tensor) -> torch.Tensor:
+    """int8 label bits: -1 no label, 0 negative, 1 positive (any non-zero label)."""
+    nan = torch.isnan(labels)
+    code = (labels != 0).to(torch.int8)
+    return torch.where(nan, torch.full_like(code, -1), code)
+
+
+class DissectionState(InspectorState):
+    """Shared state of iou / precision / recall / f1 (see the module docstring)."""
+
+    accepts = ("binary",)
+
+    def __init__(self, width, hypotheses, device="cpu", quantile: float = 0.005, max_rows: int = 1_000_000,
+                 seed: int = 0, confidence: float = 0.95, **params):
+        super().__init__(width, hypotheses, device, **params)
+        if not 0 < quantile < 0.5:
+            raise DeepBaseError(f"{self.measure}: quantile must be in (0, 0.5), got {quantile}")
+        if int(max_rows) < 1:
+            raise DeepBaseError(f"{self.measure}: max_rows must be positive, got {max_rows}")
+        if not 0 < confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+        self.quantile = float(quantile)
+        self.max_rows = int(max_rows)
+        self.seed = int(seed)
+        self.confidence = confidence
+        self.m = 2 * math.ceil(self.quantile * self.max_rows) + 4
+        self.capacity = self.m + self.m // 2                    # compact beyond this many entries
+        W, H, dev = self.width, len(self.names), self.device
+        self.j = 0                                              # sampling rate 2^-j
+        # candidate entries per unit, unordered, in buffers of `capacity` columns of which the
+        # first `size` are in use; padding: value -inf, key KEY_SENTINEL, labels -1
+        self.size = 0
+        self._set(torch.empty(W, 0, dtype=torch.float32, device=dev),
+                  torch.empty(W, 0, dtype=I64, device=dev),
+                  torch.empty(W, 0, H, dtype=torch.int8, device=dev))
+        self.floor = torch.full((W,), -math.inf, dtype=F64, device=dev)   # max evicted value
+        self.cutoff = torch.full((W,), -math.inf, dtype=F64, device=dev)  # >= m kept values are >= it
+        self.rows_level = torch.zeros(64, dtype=I64, device=dev)         # rows by key level
+        self.lab_level = torch.zeros(64, H, dtype=I64, device=dev)       # labelled rows
+        self.pos_level = torch.zeros(64, H, dtype=I64, device=dev)       # positive rows
+        self.xmin = torch.full((W,), math.inf, dtype=F64, device=dev)
+        self.xmax = torch.full((W,), -math.inf, dtype=F64, device=dev)
+        self._pow2 = torch.tensor([1 << i for i in range(63)], dtype=I64, device=dev)
+
+    # -- bookkeeping ----------------------------------------------------------------------
+    def _levels(self, keys):
+        """Key level: the largest j with key < 2^(63 - j) (0..63)."""
+        return 63 - torch.searchsorted(self._pow2, keys, right=True)
+
+    def _sampled_rows(self, j=None):
+        j = self.j if j is None else j
+        return int(self.rows_level[j:].sum())
+
+    def _needed_index(self, n):
+        """Largest descending index of the kept values that the threshold needs."""
+        prev, _, _ = quantile_positions(n, 1 - self.quantile)
+        return n - 1 - prev
+
+    @property
+    def vals(self):
+        return self._vals[:, :self.size]
+
+    @property
+    def keys(self):
+        return self._keys[:, :self.size]
+
+    @property
+    def labs(self):
+        return self._labs[:, :self.size]
+
+    def _set(self, v, k, lab):
+        """Make (W, s) entries the content (reusing the buffers when they are large enough)."""
+        W, s = v.shape
+        cur = getattr(self, "_vals", None)
+        if cur is None or cur.shape[1] < s or cur.dtype != v.dtype:
+            cap = max(self.capacity, s)
+            self._vals = torch.empty((W, cap), dtype=v.dtype, device=self.device)
+            self._keys = torch.empty((W, cap), dtype=I64, device=self.device)
+            self._labs = torch.empty((W, cap, lab.shape[2]), dtype=torch.int8, device=self.device)
+        self._vals[:, :s] = v
+        self._keys[:, :s] = k
+        self._labs[:, :s] = lab
+        self.size = s
+
+    def _promote(self, dtype):
+        store = F64 if (dtype == F64 or self._vals.dtype == F64) else torch.float32
+        if self._vals.dtype != store:
+            self._vals = self._vals.to(store)
+        return store
+
+    def _append(self, v, k, lab):
+        """Add (W, P) candidate values / keys / (W, P, H) label bits; compact when over capacity."""
+        s, P = self.size, v.shape[1]
+        if s + P <= self._vals.shape[1]:
+            self._vals[:, s:s + P] = v
+            self._keys[:, s:s + P] = k
+            self._labs[:, s:s + P] = lab
+            self.size = s + P
+        else:
+            self._set(torch.cat([self.vals, v.to(self._vals.dtype)], 1), torch.cat([self.keys, k], 1),
+                      torch.cat([self.labs, lab], 1))
+            self._compact()
+            if self._vals.shape[1] > self.capacity:        # shrink an oversized buffer
+                vals, keys, labs = self.vals.clone(), self.keys.clone(), self.labs.clone()
+                del self._vals
+                self._set(vals, keys, labs)
+
+    def _compact(self):
+        """Keep each unit's m largest entries; the largest dropped value raises the floor."""
+        if self.size <= self.m:
+            return
+        vals, keys, labs = self.vals, self.keys, self.labs
+        idx = top_rows(vals, self.m)
+        dropped = torch.gather(vals, 1, idx[:, self.m:])[:, 0].to(F64)
+        self.floor = torch.maximum(self.floor, dropped)
+        idx = idx[:, :self.m]
+        v = torch.gather(vals, 1, idx)
+        self._set(v, torch.gather(keys, 1, idx),
+                  torch.gather(labs, 1, idx[:, :, None].expand(-1, -1, labs.shape[2])))
+        # at least m kept values are >= the smallest kept one (-inf if padding was kept)
+        self.cutoff = v.min(1).values.to(F64)
+
+    def _drop_above(self, j, v, k, lab):
+        """Invalidate entries whose key is not in the rate-2^-j sample."""
+        if j == 0:
+            return v, k, lab
+        gone = k >= (1 << (63 - j))
+        v = torch.where(gone, torch.full_like(v, -math.inf), v)
+        k = torch.where(gone, torch.full_like(k, KEY_SENTINEL), k)
+        lab = torch.where(gone[:, :, None], torch.full_like(lab, -1), lab)
+        return v, k, lab
+
+    def _thin_to(self, j):
+        if j <= self.j:
+            return
+        self.j = j
+        v, k, lab = self._drop_above(j, self.vals, self.keys, self.labs)
+        self._set(v, k, lab)
+        self.cutoff = torch.full_like(self.cutoff, -math.inf)   # fewer than m entries may remain
+        self._compact()
+
+    def _thin_if_needed(self):
+        j = self.j
+        while j < 62:
+            n = self._sampled_rows(j)
+            if n == 0 or self._needed_index(n) + 1 <= self.m // 2:
+                break
+            j += 1
+        self._thin_to(j)
+
+    # -- update / combine -------------------------------------------------------------------
+    def update(self, acts, labels, record_ids=None) -> None:
+        n = acts.shape[0]
+        if n == 0:
+            return
+        x = acts.to(self.device)
+        y = labels.to(self.device, F64)
+        keys = row_keys(x, y, None if record_ids is None else record_ids.to(self.device), self.seed)
+        lev = self._levels(keys)
+        lab = label_codes(y)
+        self.rows_level += torch.bincount(lev, minlength=64)
+        self.lab_level.index_add_(0, lev, (lab >= 0).to(I64))
+        self.pos_level.index_add_(0, lev, (lab == 1).to(I64))
+        xf = x.to(F64)
+        self.xmin = torch.minimum(self.xmin, xf.min(0).values)
+        self.xmax = torch.maximum(self.xmax, xf.max(0).values)
+        store = self._promote(x.dtype)
+        self._thin_if_needed()            # the counts include this batch: fix the rate first
+        sel = lev >= self.j
+        if not bool(sel.any()):
+            return
+        xs = x[sel].to(store).T.contiguous()                           # (W, P)
+        ks, ls = keys[sel], lab[sel]
+        P = xs.shape[1]
+        # only values above a unit's cutoff can be among its m largest
+        kb = int((xs.to(F64) > self.cutoff[:, None]).sum(1).max())
+        if kb == 0:
+            self.floor = torch.maximum(self.floor, xs.max(1).values.to(F64))
+            return
+        if kb >= P:
+            self._append(xs, ks[None, :].expand(self.width, P), ls[None].expand(self.width, P, ls.shape[1]))
+            return
+        idx = top_rows(xs, kb)
+        self.floor = torch.maximum(self.floor, torch.gather(xs, 1, idx[:, kb:])[:, 0].to(F64))
+        idx = idx[:, :kb]
+        self._append(torch.gather(xs, 1, idx), ks[idx], ls[idx])
+
+    def combine(self, other: "DissectionState") -> "DissectionState":
+        self._check_combine(other)
+        if (other.quantile, other.m, other.seed) != (self.quantile, self.m, self.seed):
+            raise DeepBaseError(f"{self.measure}: cannot combine states with different quantile, "
+                                f"max_rows or seed")
+        dev = self.device
+        self.rows_level += other.rows_level.to(dev)
+        self.lab_level += other.lab_level.to(dev)
+        self.pos_level += other.pos_level.to(dev)
+        self.floor = torch.maximum(self.floor, other.floor.to(dev))
+        self.xmin = torch.minimum(self.xmin, other.xmin.to(dev))
+        self.xmax = torch.maximum(self.xmax, other.xmax.to(dev))
+        self._thin_to(other.j)
+        self._thin_if_needed()            # the rate of the merged counts
+        self._promote(other.vals.dtype)
+        v, k, lab = self._drop_above(self.j, other.vals.to(dev), other.keys.to(dev), other.labs.to(dev))
+        self._append(v, k, lab)
+        return self
+
+    # -- results ----------------------------------------------------------------------------
+    def counts(self):
+        """dict of numpy arrays: threshold (W,), ok (W,), I, A (W, H), L, N_lab (H,) in sample
+        units, the scale 2^j, and n (H,) labelled rows of the whole stream."""
+        W, H = self.width, len(self.names)
+        j = self.j
+        n_s = self._sampled_rows()
+        out = {"scale": float(2 ** j), "n": self.lab_level.sum(0).cpu().numpy().astype(np.int64),
+               "L": self.pos_level[j:].sum(0).cpu().numpy().astype(np.float64),
+               "N_lab": self.lab_level[j:].sum(0).cpu().numpy().astype(np.float64)}
+        none = dict(threshold=np.full(W, np.nan), ok=np.zeros(W, bool),
+                    I=np.zeros((W, H)), A=np.zeros((W, H)))
+        if n_s == 0:
+            out.update(none)
+            return out
+        prev, nxt, g = quantile_positions(n_s, 1 - self.quantile)
+        d_prev, d_next = n_s - 1 - prev, n_s - 1 - nxt
+        k = d_prev + 1                                   # only the k largest can exceed T
+        if k > self.vals.shape[1]:
+            out.update(none)
+            return out
+        part = top_rows(self.vals, k - 1)[:, :k] if k < self.size else \
+            torch.arange(self.size, device=self.device)[None, :].expand(W, -1)
+        pv = torch.gather(self.vals, 1, part)
+        order = torch.gather(part, 1, argsort_rows(pv, descending=True))
+        vals = torch.gather(self.vals, 1, order).to(F64)                            # (W, k) sorted
+        valid = torch.gather(self.keys, 1, order) != KEY_SENTINEL
+        a, b = vals[:, d_prev], vals[:, d_next]
+        T = _lerp(a, b, g)
+        ok = valid[:, d_prev] & (a >= self.floor)
+        fires = (vals > T[:, None]) & valid                                          # (W, k)
+        A = torch.zeros(W, H, dtype=I64, device=self.device)
+        I = torch.zeros(W, H, dtype=I64, device=self.device)
+        for a0, b0 in _unit_blocks(k * max(H, 1), W):
+            f = fires[a0:b0, :, None]
+            lab = torch.gather(self.labs[a0:b0], 1, order[a0:b0, :, None].expand(-1, -1, H))
+            A[a0:b0] = (f & (lab >= 0)).sum(1)
+            I[a0:b0] = (f & (lab == 1)).sum(1)
+        A, I = A.to(F64), I.to(F64)
+        out.update(threshold=T.cpu().numpy(), ok=ok.cpu().numpy(), I=I.cpu().numpy(), A=A.cpu().numpy())
+        return out
+
+    def _score_ci(self, I, A, L, U):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _compute(self):
+        c = self.counts()
+        I, A = c["I"], c["A"]
+        L = np.broadcast_to(c["L"][None, :], I.shape)
+        U = A + L - I
+        score, lo, hi = self._score_ci(I, A, L, U)
+        constant = (self.xmax <= self.xmin).cpu().numpy()
+        bad = (constant | ~c["ok"])[:, None] | np.isnan(score)
+        N = np.broadcast_to(c["N_lab"][None, :], I.shape)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            p = stats.hypergeom.sf(I - 1, N, L, A)
+        nan = np.full(I.shape, np.nan)
+        return c, np.where(bad, nan, score), np.where(bad, nan, lo), np.where(bad, nan, hi), \
+            np.where(bad | ~(N > 0), nan, p), U
+
+    def max_error(self) -> float:
+        _, score, lo, hi, _, _ = self._compute()
+        half = ((hi - lo) / 2)[~np.isnan(score)]
+        return float(np.nanmax(half)) if half.size and not np.isnan(half).all() else float("inf")
+
+    def finalize(self) -> pa.Table:
+        c, score, lo, hi, p, U = self._compute()
+        W, H = score.shape
+        s = c["scale"]
+        T = np.where(c["ok"], c["threshold"], np.nan)
+        L = np.broadcast_to(c["L"][None, :], (W, H))
+        i64 = pa.int64()
+        return score_table(self.measure, self.names, score, c["n"][None, :], lo, hi, p, {
+            "threshold": (np.broadcast_to(T[:, None], (W, H)), pa.float64()),
+            "intersection": (np.round(c["I"] * s), i64),
+            "union": (np.round(U * s), i64),
+            "n_above": (np.round(c["A"] * s), i64),
+            "n_label": (np.round(L * s), i64),
+            "sample_rate": (np.full((W, H), 1.0 / s), pa.float64()),
+        })
+
+
+def _ratio(k, n):
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, k / np.where(n > 0, n, 1), np.nan)
+
+
+@register_measure
+class IoUState(DissectionState):
+    measure = "iou"
+
+    def _score_ci(self, I, A, L, U):
+        lo, hi = wilson(I, U, self.confidence)
+        return _ratio(I, U), lo, hi
+
+
+@register_measure
+class PrecisionState(DissectionState):
+    measure = "precision"
+
+    def _score_ci(self, I, A, L, U):
+        lo, hi = wilson(I, A, self.confidence)
+        return _ratio(I, A), lo, hi
+
+
+@register_measure
+class RecallState(DissectionState):
+    measure = "recall"
+
+    def _score_ci(self, I, A, L, U):
+        lo, hi = wilson(I, L, self.confidence)
+        return _ratio(I, L), lo, hi
+
+
+@register_measure
+class F1State(DissectionState):
+    measure = "f1"
+
+    def _score_ci(self, I, A, L, U):
+        lo, hi = wilson(I, U, self.confidence)
+        return _ratio(2 * I, A + L), 2 * lo / (1 + lo), 2 * hi / (1 + hi)
+
+
+@register_measure
+class AveragePrecisionState(InspectorState):
+    measure = "ap"
+    accepts = ("binary",)
+
+    def __init__(self, width, hypotheses, device="cpu", max_rows: int = 200_000, seed: int = 0,
+                 confidence: float = 0.95, **params):
+        super().__init__(width, hypotheses, device, **params)
+        if not 0 < confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+        self.confidence = confidence
+        self.seed = int(seed)
+        self.sample = RowSample(self.width, len(self.names), max_rows, self.device)
+        self.n = torch.zeros(len(self.names), dtype=I64, device=self.device)
+        self.rows = 0
+
+    def update(self, acts, labels, record_ids=None) -> None:
+        if acts.shape[0] == 0:
+            return
+        acts = acts.to(self.device)
+        labels = labels.to(self.device, F64)
+        keys = row_keys(acts, labels, None if record_ids is None else record_ids.to(self.device), self.seed)
+        self.n += (~torch.isnan(labels)).sum(0)
+        self.rows += int(acts.shape[0])
+        self.sample.add(keys, acts, labels)
+
+    def combine(self, other: "AveragePrecisionState") -> "AveragePrecisionState":
+        self._check_combine(other)
+        if other.seed != self.seed:
+            raise DeepBaseError(f"ap: cannot combine states of seeds {other.seed} and {self.seed}")
+        self.n += other.n.to(self.device)
+        self.rows += other.rows
+        self.sample.merge(other.sample)
+        return self
+
+    def _compute(self):
+        """AP per (unit, hypothesis) on the sample. For the positives j of a hypothesis (over its
+        labelled rows), precision at threshold v_j is #(positives >= v_j) / #(rows >= v_j), and
+        AP = mean over positives of that precision (each positive adds 1/n_pos of recall at its
+        own threshold, ties sharing one threshold): both counts come from searchsorted in the
+        sorted values, so the work per hypothesis is O(n_pos log m) per unit."""
+        acts = self.sample.acts
+        labels = self.sample.labels
+        m, W = acts.shape
+        H = labels.shape[1]
+        ap = np.full((W, H), np.nan)
+        valid = ~torch.isnan(labels)
+        pos = valid & (labels != 0)
+        npos = pos.sum(0).cpu().numpy().astype(np.float64)
+        nval = valid.sum(0).cpu().numpy().astype(np.float64)
+        if m == 0 or H == 0:
+            return ap, npos, nval
+        patterns, inverse = torch.unique(valid.T, dim=0, return_inverse=True)
+        for g in range(patterns.shape[0]):
+            rows = patterns[g]
+            mg = int(rows.sum())
+            hs = [h for h in torch.nonzero(inverse == g).flatten().tolist() if npos[h] > 0]
+            if mg == 0 or not hs:
+                continue
+            pos_g = pos[rows]                                            # (mg, H)
+            for a, b in _unit_blocks(mg, W):
+                xt = acts[rows, a:b].T.contiguous()                      # (blk, mg)
+                s_all = sort_rows(xt)
+                constant = (s_all[:, 0] == s_all[:, -1]).cpu().numpy()
+                for h in hs:
+                    u = sort_rows(xt[:, pos_g[:, h]].contiguous())      # (blk, npos), sorted
+                    k = u.shape[1]
+                    less_pos = torch.searchsorted(u, u, right=False)
+                    less_all = torch.searchsorted(s_all, u, right=False)
+                    prec = (k - less_pos).to(F64) / (mg - less_all).to(F64)
+                    ap[a:b, h] = np.where(constant, np.nan, prec.mean(1).cpu().numpy())
+        return ap, npos, nval
+
+    def _interval(self, ap, npos):
+        n = np.broadcast_to(npos[None, :], ap.shape)
+        lo, hi = wilson(ap * n, n, self.confidence)
+        return np.where(np.isnan(ap), np.nan, lo), np.where(np.isnan(ap), np.nan, hi)
+
+    def max_error(self) -> float:
+        """The largest half-width the interval can take at the current sample sizes (the Wilson
+        half-width at AP = 1/2, for the hypothesis with fewest positives): no sorting needed."""
+        labels = self.sample.labels
+        npos = ((~torch.isnan(labels)) & (labels != 0)).sum(0).cpu().numpy().astype(np.float64)
+        npos = npos[npos > 0]
+        if npos.size == 0:
+            return float("inf")
+        n = np.array([npos.min()])
+        lo, hi = wilson(n / 2, n, self.confidence)
+        return float((hi[0] - lo[0]) / 2)
+
+    def finalize(self) -> pa.Table:
+        ap, npos, nval = self._compute()
+        W, H = ap.shape
+        lo, hi = self._interval(ap, npos)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            prev = np.where(nval > 0, npos / np.maximum(nval, 1), np.nan)
+        return score_table(self.measure, self.names, ap, self.n.cpu().numpy()[None, :], lo, hi,
+                           np.full((W, H), np.nan), {
+                               "n_sample": (np.broadcast_to(nval[None, :], (W, H)).astype(np.int64),
+                                            pa.int64()),
+                               "prevalence": (np.broadcast_to(prev[None, :], (W, H)), pa.float64()),
+                           })

@@ -1,0 +1,323 @@
+"""Mutual information (nats) between each unit, discretised into quantile bins, and each discrete
+hypothesis (measure ``mi``; binary and categorical hypotheses).
+
+Bins
+----
+Counts need bin edges fixed before counting. Unless ``edges`` (a (width, bins - 1) array) is
+given, the state *buffers* the first ``calibration_rows`` rows of its stream (default 10_000, in
+arrival order: deterministic, no randomness involved), then sets each unit's edges to the
+j / bins quantiles (j = 1..bins-1, numpy's default 'linear' interpolation) of those rows, counts
+the buffered rows and from then on counts every batch directly. A stream shorter than
+``calibration_rows`` is calibrated on all its rows at finalize (without changing the state).
+Bin b of a unit holds edges[b-1] <= x < edges[b] (``searchsorted(edges, x, side='right')``), so
+tied edges (a unit with a point mass, e.g. a dead ReLU) leave empty bins. The column ``bins``
+gives the number of distinct bins of the unit (distinct edges + 1), ``bin_rule`` how the edges
+were made; ``bin_edges()`` returns them.
+
+Counts
+------
+Exact contingency counts per (unit, bin, class) (a binary hypothesis has classes 0 = label 0 and
+1 = other labels; a categorical one its codes 0..K-1), made with one matrix product of one-hot
+matrices per batch chunk, so merging two states with the same edges is exact (counts add) and
+agrees with a one-shot run.
+Merging rules: a calibrated and an uncalibrated state -> the buffered rows are counted with the
+calibrated edges (exact); two uncalibrated states -> buffers concatenated (self's rows first)
+and calibrated when long enough (this equals the one-shot result when self's rows precede
+other's in the stream); two states calibrated on *different* edges (e.g. parallel workers that
+each saw more than ``calibration_rows`` rows) -> other's counts are redistributed onto self's
+bins in proportion to the overlap of the bins, taking the mass uniform inside each of other's
+bins (its outer bins bounded by the unit's observed min / max): an approximation, flagged in
+``bin_rule`` ("...; approximate merge of N rows") and the attribute ``approx_rows``. Use ``empty_like()``
+(an empty state sharing the calibrated edges) or pass ``edges=`` to workers to keep merges exact.
+
+Score and error
+---------------
+score = plug-in MI of the counts over the rows labelled for the hypothesis,
+sum_{b,c} p(b,c) log(p(b,c) / (p(b) p(c))): equal to sklearn.metrics.mutual_info_score on the
+same bins. NULL when the unit falls in fewer than two bins, or the label takes fewer than two
+classes, over those rows. Extra column ``mi_miller_madow``: the score minus the Miller-Madow
+bias bias_mm = (m_bc - B' - K' + 1) / (2n), from the Miller-Madow corrections of the three
+entropies in MI = H(bin) + H(class) - H(bin, class), where B', K' and m_bc count the non-empty
+bins, classes and cells (it is (B' - 1)(K' - 1) / (2n) when every cell is occupied).
+Error bound: the plug-in estimate has bias ~ bias_mm and, for MI > 0,
+standard deviation sd = sqrt((sum p(b,c) log^2(p(b,c)/(p(b)p(c))) - MI^2) / n) (delta method). The
+interval is [max(0, MI - bias_mm - z sd), MI + z sd], and max_error() is the largest
+bias_mm + z sd over the scores (z the normal quantile of ``confidence``). p_value: the G-test of
+independence, 2 n MI ~ chi-square with (B' - 1)(K' - 1) degrees of freedom.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import torch
+from scipy import stats
+
+from .base import InspectorState, register_measure
+from .pointbiserial import class_codes, class_layout
+from .spearman import score_table, sort_rows
+from ..errors import DeepBaseError
+
+F64 = torch.float64
+_CHUNK = 1 << 23          # elements of the (rows, units x bins) one-hot matrix per product
+
+
+def quantile_edges(x: torch.Tensor, bins: int) -> torch.Tensor:
+    """(W, bins - 1) float64 edges: the j / bins quantiles (j = 1..bins-1) of each column of an
+    (n, W) tensor, with numpy's 'linear' interpolation."""
+    n, W = x.shape
+    s = sort_rows(x.to(F64).T.contiguous())                         # (W, n)
+    q = np.arange(1, bins) / bins
+    virt = (n - 1) * q                                              # numpy's 'linear' virtual index
+    prev = np.floor(virt).astype(np.int64)
+    nxt = np.minimum(prev + 1, n - 1)
+    above = virt >= n - 1
+    prev = np.where(above, n - 1, prev)
+    nxt = np.where(above, n - 1, nxt)
+    g = torch.as_tensor(virt - np.floor(virt), dtype=F64, device=x.device)[None, :]
+    a = s[:, torch.as_tensor(prev, device=x.device)]                # (W, bins-1)
+    b = s[:, torch.as_tensor(nxt, device=x.device)]
+    diff = b - a
+    return torch.where(g >= 0.5, b - diff * (1 - g), a + diff * g).contiguous()   # numpy _lerp
+
+
+@register_measure
+class MutualInformationState(InspectorState):
+    measure = "mi"
+    accepts = ("binary", "categorical")
+
+    def __init__(self, width, hypotheses, device="cpu", bins: int = 10, calibration_rows: int = 10_000,
+                 edges=None, confidence: float = 0.95, **params):
+        super().__init__(width, hypotheses, device, **params)
+        if int(bins) < 2:
+            raise DeepBaseError(f"mi: bins must be at least 2, got {bins}")
+        if int(calibration_rows) < 1:
+            raise DeepBaseError(f"mi: calibration_rows must be positive, got {calibration_rows}")
+        if not 0 < confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+        self.bins = int(bins)
+        self.calibration_rows = int(calibration_rows)
+        self.confidence = confidence
+        self.ks, self.offsets, self.C = class_layout(self.hypotheses)
+        W = self.width
+        self.xmin = torch.full((W,), math.inf, dtype=F64, device=self.device)
+        self.xmax = torch.full((W,), -math.inf, dtype=F64, device=self.device)
+        self.buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.buffered = 0
+        self.approx_rows = 0
+        self.rows = 0
+        self.edges = None
+        self.counts = None
+        self.rule = None
+        if edges is not None:
+            e = torch.as_tensor(np.asarray(edges, dtype=np.float64), device=self.device)
+            if e.shape != (W, self.bins - 1):
+                raise DeepBaseError(f"mi: edges must have shape ({W}, {self.bins - 1}), got {tuple(e.shape)}")
+            if bool((e[:, 1:] < e[:, :-1]).any()):
+                raise DeepBaseError("mi: the edges of each unit must be non-decreasing")
+            self._set_edges(e, f"fixed edges ({self.bins} bins)")
+
+    # -- calibration and counting ----------------------------------------------------------
+    def _set_edges(self, e: torch.Tensor, rule: str):
+        self.edges = e.to(self.device, F64).contiguous()
+        self.rule = rule
+        self.counts = torch.zeros(self.width, self.bins, self.C, dtype=F64, device=self.device)
+
+    def _calibration_rule(self, n):
+        return f"quantile ({self.bins} bins) of the first {n} rows"
+
+    def _count(self, counts: torch.Tensor, edges: torch.Tensor, x: torch.Tensor, labels: torch.Tensor):
+        """counts[unit, bin, class] += rows: one-hot(bins) (rows x units*bins) transposed times
+        one-hot(classes) (rows x C), a float32 matrix product (exact: integer sums < 2^24)."""
+        n = x.shape[0]
+        if n == 0:
+            return
+        W, B, C = self.width, self.bins, self.C
+        dev = x.device
+        g = class_codes(labels, self.hypotheses, self.ks, self.offsets, self.measure)    # (n, H)
+        xb = torch.searchsorted(edges, x.to(F64).T.contiguous(), right=True).T           # (n, W)
+        xb = xb + (torch.arange(W, device=dev, dtype=torch.int64) * B)[None, :]
+        oh = torch.zeros(n, C, dtype=torch.float32, device=dev)
+        ok = g >= 0
+        rows = torch.arange(n, device=dev)[:, None].expand_as(g)
+        oh.index_put_((rows[ok], g[ok]), torch.ones((), dtype=torch.float32, device=dev), accumulate=True)
+        step = max(1, min(_CHUNK // max(W * B, 1), 1 << 23))
+        flat = counts.view(W * B, C)
+        for s in range(0, n, step):
+            e = min(s + step, n)
+            bh = torch.zeros(e - s, W * B, dtype=torch.float32, device=dev)
+            bh.scatter_(1, xb[s:e], 1.0)
+            flat += (bh.T @ oh[s:e]).to(F64)
+
+    def _calibrate_from_buffer(self):
+        x = torch.cat([a for a, _ in self.buffer])
+        y = torch.cat([b for _, b in self.buffer])
+        k = min(self.calibration_rows, x.shape[0])
+        self._set_edges(quantile_edges(x[:k], self.bins), self._calibration_rule(k))
+        self._count(self.counts, self.edges, x, y)
+        self.buffer, self.buffered = [], 0
+
+    def update(self, acts, labels, record_ids=None) -> None:
+        if acts.shape[0] == 0:
+            return
+        x = acts.to(self.device, F64)
+        y = labels.to(self.device, F64)
+        self.xmin = torch.minimum(self.xmin, x.min(0).values)
+        self.xmax = torch.maximum(self.xmax, x.max(0).values)
+        self.rows += int(x.shape[0])
+        if self.edges is not None:
+            self._count(self.counts, self.edges, x, y)
+            return
+        self.buffer.append((x, y))
+        self.buffered += x.shape[0]
+        if self.buffered >= self.calibration_rows:
+            self._calibrate_from_buffer()
+
+    def empty_like(self) -> "MutualInformationState":
+        """An empty state sharing this state's calibrated edges: states built from it merge
+        exactly (give one to each parallel worker)."""
+        if self.edges is None:
+            raise DeepBaseError("mi: empty_like() needs a calibrated state (edges fixed)")
+        new = type(self)(self.width, self.hypotheses, self.device, bins=self.bins,
+                         calibration_rows=self.calibration_rows, confidence=self.confidence, **self.params)
+        new._set_edges(self.edges.clone(), self.rule)
+        return new
+
+    def combine(self, other: "MutualInformationState") -> "MutualInformationState":
+        self._check_combine(other)
+        if other.bins != self.bins:
+            raise DeepBaseError(f"mi: cannot combine states of {other.bins} and {self.bins} bins")
+        self.xmin = torch.minimum(self.xmin, other.xmin.to(self.device))
+        self.xmax = torch.maximum(self.xmax, other.xmax.to(self.device))
+        self.rows += other.rows
+        o_buffer = [(a.to(self.device), b.to(self.device)) for a, b in other.buffer]
+        if self.edges is None and other.edges is None:
+            self.buffer = self.buffer + o_buffer
+            self.buffered += other.buffered
+            if self.buffered >= self.calibration_rows:
+                self._calibrate_from_buffer()
+            return self
+        if self.edges is None:                      # adopt other's edges and counts
+            mine = self.buffer
+            self._set_edges(other.edges.clone(), other.rule)
+            self.counts = other.counts.to(self.device).clone()
+            self.approx_rows = other.approx_rows
+            for a, b in mine:
+                self._count(self.counts, self.edges, a, b)
+            self.buffer, self.buffered = [], 0
+        elif other.edges is None:
+            pass
+        elif torch.equal(other.edges.to(self.device), self.edges):
+            self.counts += other.counts.to(self.device)
+            self.approx_rows += other.approx_rows
+        else:
+            self.counts += self._redistribute(other)
+            self.approx_rows += other.rows
+        for a, b in o_buffer:
+            self._count(self.counts, self.edges, a, b)
+        return self
+
+    def _redistribute(self, other) -> torch.Tensor:
+        """other's counts moved onto self's bins, mass uniform inside each of other's bins."""
+        dev = self.device
+        eo = other.edges.to(dev)
+        lo_o = other.xmin.to(dev)[:, None]
+        hi_o = other.xmax.to(dev)[:, None]
+        L = torch.cat([lo_o, eo], 1).clamp(min=lo_o, max=hi_o)                   # (W, B)
+        U = torch.cat([eo, hi_o], 1).clamp(min=lo_o, max=hi_o)
+        inf = torch.full((self.width, 1), math.inf, dtype=F64, device=dev)
+        Ls = torch.cat([-inf, self.edges], 1)                                        # (W, B)
+        Us = torch.cat([self.edges, inf], 1)
+        width = (U - L)[:, :, None]
+        ov = (torch.minimum(U[:, :, None], Us[:, None, :])
+              - torch.maximum(L[:, :, None], Ls[:, None, :])).clamp(min=0)
+        frac = ov / torch.where(width > 0, width, torch.ones_like(width))
+        # zero-width bins of other (a point mass): all their mass to self's bin holding the point
+        point = torch.searchsorted(self.edges, L.contiguous(), right=True)          # (W, B)
+        onehot = torch.nn.functional.one_hot(point, self.bins).to(F64)
+        M = torch.where(width > 0, frac, onehot)
+        M = M / M.sum(2, keepdim=True).clamp(min=1e-300)
+        return torch.einsum("wjk,wjc->wkc", M, other.counts.to(dev))
+
+    def _current(self):
+        """(edges, counts, rule), calibrating on the buffer (without storing) if needed."""
+        if self.edges is not None:
+            return self.edges, self.counts, self.rule
+        if self.buffered == 0:
+            return None, None, None
+        x = torch.cat([a for a, _ in self.buffer])
+        y = torch.cat([b for _, b in self.buffer])
+        edges = quantile_edges(x, self.bins)
+        counts = torch.zeros(self.width, self.bins, self.C, dtype=F64, device=self.device)
+        self._count(counts, edges, x, y)
+        return edges, counts, self._calibration_rule(x.shape[0])
+
+    def bin_edges(self) -> np.ndarray | None:
+        """(width, bins - 1) edges in use (or that finalize would use now)."""
+        e, _, _ = self._current()
+        return None if e is None else e.cpu().numpy()
+
+    # -- results -------------------------------------------------------------------------
+    def _compute(self):
+        W, H = self.width, len(self.names)
+        out = {k: np.full((W, H), np.nan) for k in ("score", "mm", "lo", "hi", "p", "half")}
+        out["n"] = np.zeros((W, H))
+        edges, counts, rule = self._current()
+        out["rule"] = rule
+        if edges is None:
+            out["bins"] = np.full((W,), np.nan)
+            return out
+        e = edges.cpu().numpy()
+        out["bins"] = 2 + (np.diff(e, axis=1) > 0).sum(1)            # distinct edges + 1
+        z = stats.norm.ppf(0.5 + self.confidence / 2)
+        cnt = counts.cpu().numpy()
+        for h in range(H):
+            c = cnt[:, :, int(self.offsets[h]):int(self.offsets[h]) + self.ks[h]]      # (W, B, K)
+            n = c.sum((1, 2))                                                           # (W,)
+            pb = c.sum(2)                                                               # (W, B)
+            pc = c.sum(1)                                                               # (W, K)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ratio = c * n[:, None, None] / (pb[:, :, None] * pc[:, None, :])
+                lg = np.where(c > 0, np.log(np.where(c > 0, ratio, 1.0)), 0.0)
+                p = c / n[:, None, None]
+                mi = (p * lg).sum((1, 2))
+                m2 = (p * lg * lg).sum((1, 2))
+                sd = np.sqrt(np.maximum(m2 - mi * mi, 0.0) / n)
+            Bn = (pb > 0).sum(1)
+            Kn = (pc > 0).sum(1)
+            cells = (c > 0).sum((1, 2))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                bias = (cells - Bn - Kn + 1) / (2 * n)
+            bad = (Bn < 2) | (Kn < 2) | (n <= 0)
+            mi = np.maximum(mi, 0.0)
+            df = (Bn - 1) * (Kn - 1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                pv = stats.chi2.sf(2 * n * mi, np.maximum(df, 1))
+            out["n"][:, h] = n
+            out["score"][:, h] = np.where(bad, np.nan, mi)
+            out["mm"][:, h] = np.where(bad, np.nan, mi - bias)
+            out["lo"][:, h] = np.where(bad, np.nan, np.maximum(mi - bias - z * sd, 0.0))
+            out["hi"][:, h] = np.where(bad, np.nan, mi + z * sd)
+            out["half"][:, h] = np.where(bad, np.nan, bias + z * sd)
+            out["p"][:, h] = np.where(bad, np.nan, pv)
+        return out
+
+    def max_error(self) -> float:
+        if self.edges is None:
+            return float("inf")
+        half = self._compute()["half"]
+        half = half[~np.isnan(half)]
+        return float(half.max()) if half.size else float("inf")
+
+    def finalize(self) -> pa.Table:
+        o = self._compute()
+        W, H = o["score"].shape
+        rule = o["rule"] or "no rows"
+        if self.approx_rows:
+            rule += f"; approximate merge of {self.approx_rows} rows"
+        return score_table(self.measure, self.names, o["score"], o["n"], o["lo"], o["hi"], o["p"], {
+            "bins": (np.broadcast_to(o["bins"][:, None], (W, H)), pa.int32()),
+            "bin_rule": ([rule] * (W * H), pa.string()),
+            "mi_miller_madow": (o["mm"], pa.float64()),
+        })

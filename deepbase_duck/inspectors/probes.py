@@ -1,0 +1,731 @@
+"""Linear probes for a unit group: held-out accuracy / R2, probe-weight neuron rankings, top-k
+re-training and control-task selectivity.
+
+Split. A record is in the test split when ``u(record_id) < test_fraction``, where
+``u = (mix(record_id, seed ^ SPLIT_SALT) >> 11) * 2**-53`` and ``mix(a, b) =
+splitmix64(a ^ splitmix64(b))`` on uint64 (splitmix64: Steele, Lea & Flood 2014, the finaliser
+of Vigna's reference code; see :func:`splitmix64`). All rows of a record land in the same split,
+whatever the batching. :func:`test_split_mask` reproduces the split outside the state.
+
+Sample. Per split the state keeps a bounded, mergeable sample of at most ``max_rows`` rows
+(activations as float32, labels as float64): the rows with the smallest 64-bit keys, where
+``key = splitmix64(mix(record_id, seed) ^ content)`` and ``content`` is a 62-bit hash of the row
+itself (the float32 bit patterns of its activations and the float64 bit patterns of its labels,
+NaN and -0.0 canonicalised, two modular polynomial hashes mod 2**31-1 with seeded coefficients
+computed in exact int64 arithmetic on the state's device). The key identifies a row within its
+record without needing a global row position, so it does not depend on how the rows were
+batched: ``update`` over k batches + ``combine`` keeps the smallest keys of the union, which is
+exactly the one-shot sample (kept sorted by key, so the training data are identical too).
+Identical rows of the same record share a key and are kept or dropped together.
+
+Model ("model merging", DeepBase). At finalize all hypotheses of the group are trained together:
+features are standardised with the train-split mean and (population) standard deviation, one
+weight matrix holds every head -- a softmax head (multinomial logistic regression) per binary or
+categorical hypothesis, over the classes that occur in its labels -- and every head's loss is
+the mean over the rows where that hypothesis has a label (masked loss), so a NaN label removes a
+row from that head only. The objective is
+
+    sum_h [ mean_rows_h CE_h ] + l2/2 ||W||_2^2 + l1 ||W||_1       (intercepts not penalised)
+
+i.e. sklearn's multinomial ``LogisticRegression(C=1/(n_h l2))`` per head (for a binary head,
+whose two softmax weight vectors are opposite at the optimum, the binomial one with C=2/(n_h l2)).
+Gradients are analytic (no autograd graph). Without ``l1`` it is minimised by
+torch L-BFGS (strong Wolfe line search, full batch, at most ``max_epochs`` iterations, stopping
+when the loss or the step stalls); with ``l1`` by FISTA (proximal gradient with backtracking,
+soft-thresholding of W, adaptive restart), stopping when the objective changes by less than
+``tol`` (relative) for ``patience`` consecutive epochs or after ``max_epochs`` epochs. Continuous
+hypotheses get a ridge head solved in closed form (float64 normal equations on the standardised
+features, centred over the head's rows: exactly sklearn's ``Ridge(alpha)``, with ``alpha =
+ridge_alpha`` or ``l2 * n_h``); with ``l1 > 0`` they join the FISTA loop as elastic-net heads
+(loss ``mean (y - xw - b)^2 / 2``). Training runs in float64 unless the train sample has more
+than 2**23 cells, then in float32 (the ridge heads always solve float64 normal equations).
+
+Scores. ``probe`` rows (unit NULL): held-out accuracy with a Wilson interval and the one-sided
+binomial p-value of beating the test-split majority-class rate (conservative, as that rate is at
+least the accuracy of any constant predictor), or held-out R2 (sklearn's ``r2_score``; interval
+and p-value NULL). Extra columns: metric, macro_f1, majority, n_train, n_test.
+``probe_weight`` rows (one per unit): NeuroX-style weight mass -- for each class, |w| of each
+unit normalised over the units; the unit's score is its mass averaged over the classes (a ridge
+head has one "class"), so the scores sum to 1; ``rank`` 1 is the heaviest unit.
+``probe_topk`` rows (unit NULL, column ``k``): the held-out score of the group's probes re-trained
+(same penalties, warm-started from the full probe, so k = width reproduces it) on each
+hypothesis' top-k units.
+``selectivity`` rows (unit NULL): for ``control_of = {control: real}``, accuracy(real) -
+accuracy(control) (Hewitt & Liang 2019); :func:`control_labels` makes the control labels.
+
+Exact: the split, the sample, the merge, the ridge heads. Approximate: the logistic and
+elastic-net optima (iterative, up to the stopping rule), hence accuracies may differ from
+another solver by a few borderline test rows.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import pyarrow as pa
+import torch
+from scipy import stats
+
+from ..errors import DeepBaseError
+from .base import InspectorState, SCORE_SCHEMA, register_measure
+
+F64 = torch.float64
+
+_SPLIT_SALT = 0x5EED_0F_7E57_5EED
+_CONTROL_SALT = 0xC0_47_20_1C_0A_B5_E1_ED
+_HASH_P = (1 << 31) - 1                 # Mersenne prime for the content hash
+_NAN_LABEL = -7.777e300                 # stands for NaN in the content hash
+_FLOAT64_CELLS = 1 << 23                # train in float64 up to this many sample cells
+
+EXTRA_SCHEMA = pa.schema([
+    ("metric", pa.string()),
+    ("macro_f1", pa.float64()),
+    ("majority", pa.float64()),
+    ("n_train", pa.int64()),
+    ("n_test", pa.int64()),
+    ("rank", pa.int32()),
+    ("k", pa.int32()),
+])
+PROBE_SCHEMA = pa.schema(list(SCORE_SCHEMA) + list(EXTRA_SCHEMA))
+
+
+# ------------------------------------------------------------------------------- hashing
+def _as_u64(x) -> np.ndarray:
+    a = np.asarray(x)
+    if a.dtype == np.uint64:
+        return a.copy()
+    if a.dtype.kind not in "iub":
+        raise DeepBaseError(f"expected integer ids, got dtype {a.dtype}")
+    return np.ascontiguousarray(a, dtype=np.int64).view(np.uint64).copy()
+
+
+def splitmix64(x) -> np.ndarray:
+    """splitmix64 of every element (uint64, wrapping arithmetic)::
+
+        z = x + 0x9E3779B97F4A7C15
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+        return z ^ (z >> 31)
+    """
+    z = _as_u64(np.atleast_1d(x))
+    with np.errstate(over="ignore"):
+        z += np.uint64(0x9E3779B97F4A7C15)
+        z ^= z >> np.uint64(30)
+        z *= np.uint64(0xBF58476D1CE4E5B9)
+        z ^= z >> np.uint64(27)
+        z *= np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return z
+
+
+def _mix(a, b) -> np.ndarray:
+    """splitmix64(a ^ splitmix64(b)), b a scalar or an array broadcastable to a."""
+    return splitmix64(_as_u64(np.atleast_1d(a)) ^ splitmix64(_u64(b) if np.isscalar(b) else b))
+
+
+def _u64(v: int) -> np.ndarray:
+    return np.array([int(v) & ((1 << 64) - 1)], dtype=np.uint64)
+
+
+def _unit_float(h: np.ndarray) -> np.ndarray:
+    """uint64 -> float64 uniform in [0, 1) (top 53 bits)."""
+    return (h >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+def test_split_mask(record_ids, seed: int = 0, test_fraction: float = 0.2) -> np.ndarray:
+    """Boolean array: True where the record is in the test split."""
+    rid = np.asarray(record_ids, dtype=np.int64)
+    if rid.size == 0:
+        return np.zeros(0, dtype=bool)
+    return _unit_float(_mix(rid, int(seed) ^ _SPLIT_SALT)) < test_fraction
+
+
+test_split_mask.__test__ = False  # not a pytest test
+
+
+# ------------------------------------------------------------------------- control tasks
+def control_labels(word_type_ids: np.ndarray, n_classes: int, class_frequencies, seed: int = 0) -> np.ndarray:
+    """Control-task labels (Hewitt & Liang 2019): every word type gets one class, drawn from the
+    empirical class distribution ``class_frequencies`` (counts or rates, one per class), and each
+    symbol gets its type's class. The draw for a type is ``u = mix(type_id, seed)`` mapped through
+    the cumulative distribution, so it depends only on the type and the seed (not on which or how
+    many other types are seen, nor on batching). Integer type ids are hashed directly; other ids
+    (strings) through the first 8 bytes of their BLAKE2b digest. Returns int64 codes."""
+    n_classes = int(n_classes)
+    freq = np.asarray(class_frequencies, dtype=np.float64).reshape(-1)
+    if freq.size != n_classes:
+        raise DeepBaseError(f"control_labels: {freq.size} class frequencies for {n_classes} classes")
+    if n_classes < 1 or np.any(freq < 0) or not np.isfinite(freq).all() or freq.sum() <= 0:
+        raise DeepBaseError("control_labels: class frequencies must be finite, >= 0 and not all 0")
+    cdf = np.cumsum(freq / freq.sum())
+    cdf[-1] = 1.0
+    ids = np.asarray(word_type_ids)
+    if ids.size == 0:
+        return np.zeros(ids.shape, dtype=np.int64)
+    salt = int(seed) ^ _CONTROL_SALT
+    if ids.dtype.kind in "iub":
+        h = _mix(ids.reshape(-1), salt)
+    else:
+        uniq, inv = np.unique(ids.reshape(-1).astype(str), return_inverse=True)
+        hu = np.array([int.from_bytes(hashlib.blake2b(s.encode("utf-8"), digest_size=8).digest(), "little")
+                       for s in uniq], dtype=np.uint64)
+        h = _mix(hu, salt)[inv.reshape(-1)]
+    lab = np.searchsorted(cdf, _unit_float(h), side="right")
+    return np.minimum(lab, n_classes - 1).astype(np.int64).reshape(ids.shape)
+
+
+def selectivity(acc, control_acc):
+    """Selectivity = accuracy on the real task - accuracy on its control task (NaN if either is
+    missing). Works on scalars and arrays."""
+    a = np.asarray(np.nan if acc is None else acc, dtype=np.float64)
+    c = np.asarray(np.nan if control_acc is None else control_acc, dtype=np.float64)
+    out = a - c
+    return float(out) if out.ndim == 0 else out
+
+
+def wilson_interval(k, n, confidence: float = 0.95):
+    """Wilson score interval for k successes in n trials (NaN when n == 0)."""
+    if n <= 0:
+        return math.nan, math.nan
+    z = float(stats.norm.ppf(0.5 + confidence / 2))
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+# ----------------------------------------------------------------------------- the state
+@register_measure
+class ProbeState(InspectorState):
+    measure = "probe"
+    accepts = ("binary", "categorical", "continuous")
+
+    def __init__(self, width, hypotheses, device="cpu", *, test_fraction: float = 0.2,
+                 max_rows: int = 200_000, seed: int = 0, l1: float = 0.0, l2: float = 1e-3,
+                 ridge_alpha: float | None = None, min_per_class: int = 5,
+                 topk=(1, 5, 10, 50), control_of: dict | None = None, max_epochs: int = 500,
+                 tol: float = 1e-7, patience: int = 10, confidence: float = 0.95, **params):
+        super().__init__(width, hypotheses, device, **params)
+        if not 0 < test_fraction < 1:
+            raise DeepBaseError(f"probe: test_fraction must be in (0, 1), got {test_fraction}")
+        if max_rows < 1:
+            raise DeepBaseError(f"probe: max_rows must be >= 1, got {max_rows}")
+        if l1 < 0 or l2 < 0:
+            raise DeepBaseError(f"probe: penalties must be >= 0, got l1={l1}, l2={l2}")
+        if not 0 < confidence < 1:
+            raise DeepBaseError(f"probe: confidence must be in (0, 1), got {confidence}")
+        self.test_fraction = float(test_fraction)
+        self.max_rows = int(max_rows)
+        self.seed = int(seed)
+        self.l1, self.l2 = float(l1), float(l2)
+        self.ridge_alpha = None if ridge_alpha is None else float(ridge_alpha)
+        self.min_per_class = int(min_per_class)
+        self.topk = tuple(int(k) for k in (topk or ()))
+        if any(k < 1 for k in self.topk):
+            raise DeepBaseError(f"probe: topk values must be >= 1, got {self.topk}")
+        self.control_of = dict(control_of or {})
+        for c, r in self.control_of.items():
+            for nm in (c, r):
+                if nm not in self.names:
+                    raise DeepBaseError(f"probe: control_of names hypothesis {nm!r}, which is not in "
+                                        f"this group ({', '.join(self.names)})")
+            for nm in (c, r):
+                if self.hypotheses[self.names.index(nm)]["kind"] == "continuous":
+                    raise DeepBaseError(f"probe: control task {c!r} -> {r!r}: hypothesis {nm!r} is "
+                                        "continuous; selectivity needs classification hypotheses")
+        self.max_epochs, self.tol, self.patience = int(max_epochs), float(tol), int(patience)
+        self.confidence = float(confidence)
+        H = len(self.names)
+        rng = np.random.default_rng(int(splitmix64(self.seed ^ 0xC0FFEE)[0]))
+        ncols = self.width + 2 * H
+        self._c1 = torch.as_tensor(rng.integers(1, _HASH_P, ncols), dtype=torch.int64, device=self.device)
+        self._c2 = torch.as_tensor(rng.integers(1, _HASH_P, ncols), dtype=torch.int64, device=self.device)
+        self._buf = {"train": [], "test": []}
+        self._pending = {"train": 0, "test": 0}
+        self._auto_id = 0
+        self._fitted = None
+
+    # -- sampling ------------------------------------------------------------------------
+    def _content_hash(self, acts32: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+        a = (acts32 + 0.0).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        lab = torch.nan_to_num(labels, nan=_NAN_LABEL) + 0.0
+        lb = lab.contiguous().view(torch.int64)
+        v = torch.cat([a, lb & 0xFFFFFFFF, (lb >> 32) & 0xFFFFFFFF], 1) % _HASH_P
+        h1 = ((v * self._c1) % _HASH_P).sum(1) % _HASH_P
+        h2 = ((v * self._c2) % _HASH_P).sum(1) % _HASH_P
+        return (h1 * (1 << 31) + h2).cpu().numpy().view(np.uint64)
+
+    def row_keys(self, acts: torch.Tensor, labels: torch.Tensor, record_ids) -> torch.Tensor:
+        """The sample keys of a batch, as order-preserving signed int64 (on the state's device)."""
+        acts32 = acts.to(self.device, torch.float32)
+        lab = labels.to(self.device, F64)
+        rid = np.asarray(torch.as_tensor(record_ids).cpu().numpy(), dtype=np.int64)
+        key = splitmix64(_mix(rid, self.seed) ^ self._content_hash(acts32, lab))
+        signed = (key ^ np.uint64(1 << 63)).view(np.int64)
+        return torch.as_tensor(signed, device=self.device)
+
+    def update(self, acts: torch.Tensor, labels: torch.Tensor, record_ids: torch.Tensor | None = None) -> None:
+        n = acts.shape[0]
+        if acts.ndim != 2 or acts.shape[1] != self.width:
+            raise DeepBaseError(f"probe: activations of shape {tuple(acts.shape)}, expected (n, {self.width})")
+        if labels.ndim != 2 or labels.shape != (n, len(self.names)):
+            raise DeepBaseError(f"probe: labels of shape {tuple(labels.shape)}, expected ({n}, {len(self.names)})")
+        if n == 0:
+            return
+        if record_ids is None:   # every row its own record (not batching-invariant across states)
+            record_ids = torch.arange(self._auto_id, self._auto_id + n, dtype=torch.int64)
+            self._auto_id += n
+        rid = np.asarray(torch.as_tensor(record_ids).cpu().numpy(), dtype=np.int64).reshape(-1)
+        if rid.shape[0] != n:
+            raise DeepBaseError(f"probe: {rid.shape[0]} record ids for {n} rows")
+        acts32 = acts.detach().to(self.device, torch.float32)
+        lab = labels.detach().to(self.device, F64)
+        keys = self.row_keys(acts32, lab, rid)
+        is_test = torch.as_tensor(test_split_mask(rid, self.seed, self.test_fraction), device=self.device)
+        for split, sel in (("test", is_test), ("train", ~is_test)):
+            idx = torch.nonzero(sel).reshape(-1)
+            if idx.numel() == 0:
+                continue
+            self._buf[split].append((keys[idx], acts32[idx], lab[idx]))
+            self._pending[split] += int(idx.numel())
+            if self._pending[split] > 2 * self.max_rows:
+                self._compact(split)
+        self._fitted = None
+
+    def _compact(self, split: str) -> None:
+        chunks = self._buf[split]
+        if not chunks:
+            return
+        keys = torch.cat([c[0] for c in chunks])
+        acts = torch.cat([c[1] for c in chunks])
+        lab = torch.cat([c[2] for c in chunks])
+        order = torch.sort(keys, stable=True).indices[: self.max_rows]
+        self._buf[split] = [(keys[order], acts[order], lab[order])]
+        self._pending[split] = int(order.numel())
+
+    def sample(self, split: str):
+        """(keys, acts float32, labels float64) of the kept rows of ``split`` ('train' | 'test'),
+        sorted by key."""
+        self._compact(split)
+        if not self._buf[split]:
+            H = len(self.names)
+            return (torch.zeros(0, dtype=torch.int64, device=self.device),
+                    torch.zeros(0, self.width, dtype=torch.float32, device=self.device),
+                    torch.zeros(0, H, dtype=F64, device=self.device))
+        return self._buf[split][0]
+
+    def combine(self, other: "ProbeState") -> "ProbeState":
+        self._check_combine(other)
+        for attr in ("seed", "test_fraction", "max_rows"):
+            if getattr(other, attr) != getattr(self, attr):
+                raise DeepBaseError(f"probe: cannot combine states with different {attr} "
+                                    f"({getattr(other, attr)} vs {getattr(self, attr)})")
+        for split in ("train", "test"):
+            for k, a, l in other._buf[split]:
+                self._buf[split].append((k.to(self.device), a.to(self.device), l.to(self.device)))
+                self._pending[split] += int(k.numel())
+            if self._pending[split] > 2 * self.max_rows:
+                self._compact(split)
+        self._fitted = None
+        return self
+
+    def max_error(self) -> float:
+        """Half-width of the Wilson interval at p = 1/2 (the widest) for the classification
+        hypothesis with the fewest labelled test rows; inf if the group has a continuous one."""
+        if any(h["kind"] == "continuous" for h in self.hypotheses):
+            return float("inf")
+        _, _, lab = self.sample("test")
+        worst = 0.0
+        for j in range(len(self.names)):
+            n = int((~torch.isnan(lab[:, j])).sum())
+            if n == 0:
+                return float("inf")
+            lo, hi = wilson_interval(n / 2, n, self.confidence)
+            worst = max(worst, (hi - lo) / 2)
+        return worst
+
+    # -- training ------------------------------------------------------------------------
+    def _heads(self, ytr: torch.Tensor, yte: torch.Tensor) -> list[dict]:
+        heads = []
+        for j, h in enumerate(self.hypotheses):
+            name, kind = h["name"], h["kind"]
+            tr_rows = torch.nonzero(~torch.isnan(ytr[:, j])).reshape(-1)
+            te_rows = torch.nonzero(~torch.isnan(yte[:, j])).reshape(-1)
+            head = {"name": name, "kind": kind, "col": j, "tr_rows": tr_rows, "te_rows": te_rows,
+                    "ytr": ytr[tr_rows, j], "yte": yte[te_rows, j]}
+            if kind == "continuous":
+                head["type"] = "ridge"
+                heads.append(head)
+                continue
+            both = torch.cat([head["ytr"], head["yte"]])
+            if kind == "binary":
+                bad = (both != 0) & (both != 1)
+                ncat, catnames = 2, [0, 1]
+            else:
+                cats = h.get("categories")
+                if not cats:
+                    raise DeepBaseError(f"probe: categorical hypothesis {name!r} has no categories")
+                ncat, catnames = len(cats), list(cats)
+                bad = (both != torch.round(both)) | (both < 0) | (both >= ncat)
+            if bool(bad.any()):
+                v = float(both[bad][0])
+                raise DeepBaseError(f"probe: hypothesis {name!r} has label {v!r}, expected "
+                                    f"{'0 or 1' if kind == 'binary' else f'a code in 0..{ncat - 1}'}")
+            present = list(range(ncat)) if kind == "binary" else \
+                sorted(int(c) for c in torch.unique(both).cpu().tolist())
+            counts = torch.bincount(head["ytr"].to(torch.int64), minlength=ncat).cpu().numpy()
+            for c in present:
+                if counts[c] < self.min_per_class:
+                    raise DeepBaseError(
+                        f"probe: hypothesis {name!r}: class {catnames[c]!r} (code {c}) has "
+                        f"{int(counts[c])} training examples, fewer than min_per_class="
+                        f"{self.min_per_class}")
+            if len(present) < 2:
+                raise DeepBaseError(f"probe: hypothesis {name!r} has a single class "
+                                    f"{catnames[present[0]]!r} in its labels; a probe needs two")
+            classes = torch.as_tensor(present, dtype=torch.int64, device=self.device)
+            head.update(type="softmax", classes=classes,
+                        ttr=torch.searchsorted(classes, head["ytr"].to(torch.int64)),
+                        tte=torch.searchsorted(classes, head["yte"].to(torch.int64)),
+                        prior=torch.as_tensor(counts[present], dtype=F64, device=self.device))
+            heads.append(head)
+        return heads
+
+    def _standardise(self, xtr: torch.Tensor, xte: torch.Tensor):
+        n = xtr.shape[0]
+        dtype = F64 if n * self.width <= _FLOAT64_CELLS else torch.float32
+        mu = torch.zeros(self.width, dtype=F64, device=self.device)
+        m2 = torch.zeros(self.width, dtype=F64, device=self.device)
+        step = 1 << 16
+        if n:
+            shift = xtr[0].to(F64)
+            s = torch.zeros_like(mu)
+            for i in range(0, n, step):
+                c = xtr[i:i + step].to(F64) - shift
+                s += c.sum(0)
+                m2 += (c * c).sum(0)
+            mu = s / n
+            m2 = (m2 / n - mu * mu).clamp(min=0)
+            mu = mu + shift
+        sd = m2.sqrt()
+        spread = mu.abs().clamp(min=1e-30)
+        sd = torch.where(sd <= 1e-12 * spread, torch.ones_like(sd), sd)
+
+        def z(x):
+            out = torch.empty(x.shape, dtype=dtype, device=self.device)
+            for i in range(0, x.shape[0], step):
+                out[i:i + step] = ((x[i:i + step].to(F64) - mu) / sd).to(dtype)
+            return out
+        return z(xtr), z(xte)
+
+    def _fit(self, ztr: torch.Tensor, heads: list[dict], l1: float, l2: float, subsets=None,
+             init: list[dict] | None = None) -> list[dict]:
+        """Fit every head; ``subsets[i]`` (optional) the feature indices head i may use, ``init``
+        (optional) fitted heads to start from (restricted to the subsets). Returns per head
+        {'W': (F, C) float64, 'b': (C,) float64} (zeros outside its subset)."""
+        Fdim, dtype, dev = ztr.shape[1], ztr.dtype, self.device
+        fits: list[dict | None] = [None] * len(heads)
+        loop = []
+        for i, h in enumerate(heads):
+            if h["type"] == "ridge" and l1 == 0:
+                fits[i] = self._ridge(ztr, h, l2, None if subsets is None else subsets[i])
+            else:
+                loop.append(i)
+        if not loop:
+            return fits
+        offs, O = [], 0
+        for i in loop:
+            h = heads[i]
+            width_i = int(h["classes"].numel()) if h["type"] == "softmax" else 1
+            offs.append((O, O + width_i))
+            O += width_i
+        W = torch.zeros(Fdim, O, dtype=dtype, device=dev)
+        b = torch.zeros(O, dtype=dtype, device=dev)
+        mask = None
+        if subsets is not None:
+            mask = torch.zeros(Fdim, O, dtype=dtype, device=dev)
+        for (s, e), i in zip(offs, loop):
+            h = heads[i]
+            if init is not None:
+                W[:, s:e] = init[i]["W"].to(dtype)
+                b[s:e] = init[i]["b"].to(dtype)
+            elif h["type"] == "softmax":
+                p = h["prior"] / h["prior"].sum()
+                b[s:e] = torch.log(p.clamp(min=1e-12)).to(dtype)
+            elif h["ytr"].numel():
+                b[s] = h["ytr"].mean().to(dtype)
+            if mask is not None:
+                mask[subsets[i], s:e] = 1
+        if mask is not None:
+            W = W * mask
+        n = ztr.shape[0]
+        parts = []
+        for k, i in enumerate(loop):
+            h = heads[i]
+            rows = h["tr_rows"]
+            full = rows.numel() == n
+            tgt = h["ttr"] if h["type"] == "softmax" else h["ytr"].to(dtype)
+            parts.append((offs[k], None if full else rows, tgt, h["type"] == "softmax", int(rows.numel())))
+
+        def data_loss(out, grad):
+            """Sum over heads of the masked mean losses at logits ``out`` (n, O), and the gradient
+            with respect to ``out`` when asked."""
+            f = torch.zeros((), dtype=dtype, device=dev)
+            G = torch.zeros_like(out) if grad else None
+            for (s, e), rows, tgt, softmax, nh in parts:
+                if nh == 0:
+                    continue
+                o = out[:, s:e] if rows is None else out[rows, s:e]
+                if softmax:
+                    lse = torch.logsumexp(o, 1, keepdim=True)
+                    f = f + (lse[:, 0] - o.gather(1, tgt[:, None])[:, 0]).mean()
+                    if grad:
+                        g = torch.exp(o - lse)
+                        g[torch.arange(nh, device=dev), tgt] -= 1
+                        g /= nh
+                else:
+                    r = o[:, 0] - tgt
+                    f = f + 0.5 * (r * r).mean()
+                    if grad:
+                        g = (r / nh)[:, None]
+                if grad:
+                    if rows is None:
+                        G[:, s:e] = g
+                    else:
+                        G[rows, s:e] = g
+            return f, G
+
+        def objective(Wp, bp, out=None, grad=True):
+            """Smooth part (data + l2) at (Wp, bp), its gradient, and the logits."""
+            if out is None:
+                out = torch.addmm(bp, ztr, Wp)
+            f, G = data_loss(out, grad)
+            f = f + 0.5 * l2 * (Wp * Wp).sum()
+            if not grad:
+                return f, None, None, out
+            gW = ztr.T @ G + l2 * Wp
+            if mask is not None:
+                gW *= mask
+            return f, gW, G.sum(0), out
+
+        with torch.no_grad():
+            if l1 == 0:
+                W, b = self._lbfgs(objective, W, b)
+            else:
+                W, b = self._fista(objective, W, b, l1, mask)
+        for k, i in enumerate(loop):
+            s, e = offs[k]
+            fits[i] = {"W": W[:, s:e].to(F64), "b": b[s:e].to(F64)}
+        return fits
+
+    def _ridge(self, ztr, h, l2, subset):
+        Fdim = ztr.shape[1]
+        W = torch.zeros(Fdim, 1, dtype=F64, device=self.device)
+        y = h["ytr"].to(F64)
+        n = y.numel()
+        if n == 0:
+            return {"W": W, "b": torch.zeros(1, dtype=F64, device=self.device)}
+        cols = torch.arange(Fdim, device=self.device) if subset is None else subset
+        alpha = self.ridge_alpha if self.ridge_alpha is not None else l2 * n
+        rows = h["tr_rows"]
+        k = cols.numel()
+        # float64 normal equations about a shift, in chunks: exact centring for the intercept
+        shift = ztr[rows[0], cols].to(F64)
+        sx = torch.zeros(k, dtype=F64, device=self.device)
+        sxx = torch.zeros(k, k, dtype=F64, device=self.device)
+        sxy = torch.zeros(k, dtype=F64, device=self.device)
+        ym = y.mean()
+        yc = y - ym
+        step = 1 << 16
+        for i in range(0, n, step):
+            X = ztr[rows[i:i + step]][:, cols].to(F64) - shift
+            sx += X.sum(0)
+            sxx += X.T @ X
+            sxy += X.T @ yc[i:i + step]
+        xm = sx / n
+        G = sxx - n * torch.outer(xm, xm)
+        G.diagonal().add_(alpha)
+        rhs = sxy                       # sum (x - shift) yc = sum (x - xm) yc as yc sums to 0
+        try:
+            w = torch.linalg.solve(G, rhs)
+        except RuntimeError:            # singular (alpha = 0 and collinear units)
+            w = torch.linalg.lstsq(G, rhs[:, None]).solution[:, 0]
+        W[cols, 0] = w
+        return {"W": W, "b": (ym - (xm + shift) @ w).reshape(1)}
+
+    def _lbfgs(self, objective, W, b):
+        W = W.clone().requires_grad_(True)
+        b = b.clone().requires_grad_(True)
+        f32 = W.dtype == torch.float32
+        opt = torch.optim.LBFGS([W, b], lr=1, max_iter=self.max_epochs, max_eval=2 * self.max_epochs,
+                                tolerance_grad=1e-5 if f32 else 1e-8,
+                                tolerance_change=1e-7 if f32 else 1e-11, history_size=20,
+                                line_search_fn="strong_wolfe")
+
+        def closure():
+            with torch.no_grad():
+                f, gW, gb, _ = objective(W, b)
+            W.grad, b.grad = gW, gb
+            return f
+        with torch.enable_grad():
+            opt.step(closure)
+        return W.detach(), b.detach()
+
+    def _fista(self, objective, W, b, l1, mask):
+        """FISTA with backtracking and function-value restart. Logits are linear in (W, b), so
+        the logits of the extrapolated point are combined from the cached ones: one matrix
+        product for each trial step and one for each gradient."""
+        def prox(Wp, t):
+            out = torch.sign(Wp) * (Wp.abs() - t * l1).clamp(min=0)
+            return out if mask is None else out * mask
+
+        tol = self.tol if W.dtype == F64 else max(self.tol, 1e-6)
+        xW, xb = prox(W, 0.0), b.clone()
+        f_x, _, _, out_x = objective(xW, xb, grad=False)
+        F_old = float(f_x) + l1 * float(xW.abs().sum())
+        yW, yb, out_y = xW, xb, out_x
+        t, mom, stall = 1.0, 1.0, 0
+        for _ in range(self.max_epochs):
+            fy, gW, gb, _ = objective(yW, yb, out=out_y)
+            fy = float(fy)
+            t *= 1.25
+            while True:
+                zW, zb = prox(yW - t * gW, t), yb - t * gb
+                fz, _, _, out_z = objective(zW, zb, grad=False)
+                fz = float(fz)
+                dW, db = zW - yW, zb - yb
+                quad = fy + float((gW * dW).sum() + (gb * db).sum()) \
+                    + float((dW * dW).sum() + (db * db).sum()) / (2 * t)
+                if fz <= quad + 1e-12 * abs(fy) or t < 1e-12:
+                    break
+                t *= 0.5
+            F_new = fz + l1 * float(zW.abs().sum())
+            pW, pb, out_p = xW, xb, out_x
+            xW, xb, out_x = zW, zb, out_z
+            if F_new > F_old:                      # adaptive restart
+                mom, yW, yb, out_y = 1.0, xW, xb, out_x
+            else:
+                mom_new = (1 + math.sqrt(1 + 4 * mom * mom)) / 2
+                beta = (mom - 1) / mom_new
+                yW, yb = xW + beta * (xW - pW), xb + beta * (xb - pb)
+                out_y = out_x + beta * (out_x - out_p)
+                mom = mom_new
+            if abs(F_old - F_new) <= tol * max(1.0, abs(F_new)):
+                stall += 1
+                if stall >= self.patience:
+                    break
+            else:
+                stall = 0
+            F_old = F_new
+        return xW, xb
+
+    # -- evaluation ----------------------------------------------------------------------
+    def _evaluate(self, zte: torch.Tensor, heads: list[dict], fits: list[dict]) -> list[dict]:
+        res = []
+        for h, fit in zip(heads, fits):
+            n_train, n_test = int(h["tr_rows"].numel()), int(h["te_rows"].numel())
+            r = {"n_train": n_train, "n_test": n_test, "score": math.nan, "macro_f1": math.nan,
+                 "majority": math.nan, "correct": 0}
+            X = zte[h["te_rows"]].to(F64) if n_test else None
+            if h["type"] == "softmax":
+                r["metric"] = "accuracy"
+                if n_test:
+                    pred = torch.argmax(X @ fit["W"] + fit["b"], 1)
+                    t = h["tte"]
+                    correct = int((pred == t).sum())
+                    r.update(score=correct / n_test, correct=correct)
+                    C = int(h["classes"].numel())
+                    cm = torch.bincount(t * C + pred, minlength=C * C).reshape(C, C).to(F64)
+                    tp = cm.diagonal()
+                    fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
+                    seen = (cm.sum(0) + cm.sum(1)) > 0
+                    f1 = 2 * tp / (2 * tp + fp + fn).clamp(min=1)
+                    r["macro_f1"] = float(f1[seen].mean())
+                    r["majority"] = float(cm.sum(1).max() / n_test)
+            else:
+                r["metric"] = "r2"
+                if n_test >= 2 and n_train >= 1:
+                    pred = (X @ fit["W"] + fit["b"])[:, 0]
+                    y = h["yte"].to(F64)
+                    ss_tot = float(((y - y.mean()) ** 2).sum())
+                    ss_res = float(((y - pred) ** 2).sum())
+                    if ss_tot > 0:
+                        r["score"] = 1.0 - ss_res / ss_tot
+            res.append(r)
+        return res
+
+    @staticmethod
+    def weight_mass(W: torch.Tensor):
+        """NeuroX-style weight mass of a (units, classes) weight matrix: (per-class mass
+        (units, classes), each column summing to 1 (0 for an all-zero column), global mass (units,)
+        = the per-class masses averaged over the classes)."""
+        A = W.abs().to(F64)
+        tot = A.sum(0, keepdim=True)
+        per_class = torch.where(tot > 0, A / tot.clamp(min=1e-300), torch.zeros_like(A))
+        return per_class, per_class.mean(1)
+
+    def fit(self) -> dict:
+        """Train (once; cached until the next update/combine) and return the fitted model:
+        heads, weights, standardisation and held-out results."""
+        if self._fitted is not None:
+            return self._fitted
+        _, xtr, ytr = self.sample("train")
+        _, xte, yte = self.sample("test")
+        heads = self._heads(ytr, yte)
+        ztr, zte = self._standardise(xtr, xte)
+        fits = self._fit(ztr, heads, self.l1, self.l2)
+        results = self._evaluate(zte, heads, fits)
+        masses = [self.weight_mass(f["W"]) for f in fits]
+        orders = [torch.sort(-g.cpu(), stable=True).indices for _, g in masses]
+        topk = {}
+        ks = sorted({min(k, self.width) for k in self.topk})
+        for k in ks:
+            subsets = [o[:k].to(self.device) for o in orders]
+            fk = self._fit(ztr, heads, self.l1, self.l2, subsets, init=fits)
+            topk[k] = self._evaluate(zte, heads, fk)
+        self._fitted = {"heads": heads, "fits": fits, "results": results, "masses": masses,
+                        "orders": orders, "topk": topk}
+        return self._fitted
+
+    def finalize(self) -> pa.Table:
+        m = self.fit()
+        cols = {f.name: [] for f in PROBE_SCHEMA}
+
+        def row(unit, hyp, measure, score, n, lo=None, hi=None, p=None, metric=None, f1=None,
+                maj=None, ntr=None, nte=None, rank=None, k=None):
+            for key, v in (("unit", unit), ("hypothesis", hyp), ("measure", measure), ("score", score),
+                           ("n", n), ("ci_low", lo), ("ci_high", hi), ("p_value", p),
+                           ("metric", metric), ("macro_f1", f1), ("majority", maj),
+                           ("n_train", ntr), ("n_test", nte), ("rank", rank), ("k", k)):
+                if isinstance(v, float) and math.isnan(v):
+                    v = None
+                cols[key].append(v)
+
+        def score_row(h, r, measure, k=None):
+            lo = hi = p = None
+            if r["metric"] == "accuracy" and r["n_test"]:
+                lo, hi = wilson_interval(r["correct"], r["n_test"], self.confidence)
+                p = float(stats.binom.sf(r["correct"] - 1, r["n_test"], r["majority"]))
+            row(None, h["name"], measure, r["score"], r["n_test"], lo, hi, p, r["metric"],
+                r["macro_f1"], r["majority"], r["n_train"], r["n_test"], None, k)
+
+        for h, r in zip(m["heads"], m["results"]):
+            score_row(h, r, "probe")
+        for h, r, (_, g), order in zip(m["heads"], m["results"], m["masses"], m["orders"]):
+            rank = np.empty(self.width, dtype=np.int64)
+            rank[order.numpy()] = np.arange(1, self.width + 1)
+            gv = g.cpu().numpy()
+            for u in range(self.width):
+                row(u, h["name"], "probe_weight", float(gv[u]), r["n_train"], ntr=r["n_train"],
+                    nte=r["n_test"], rank=int(rank[u]), metric=r["metric"])
+        for k, res in m["topk"].items():
+            for h, r in zip(m["heads"], res):
+                score_row(h, r, "probe_topk", k)
+        by_name = {h["name"]: r for h, r in zip(m["heads"], m["results"])}
+        for ctrl, real in self.control_of.items():
+            rr, rc = by_name[real], by_name[ctrl]
+            row(None, real, "selectivity", selectivity(rr["score"], rc["score"]), rr["n_test"],
+                metric="accuracy", ntr=rr["n_train"], nte=rr["n_test"])
+        return pa.table({f.name: pa.array(cols[f.name], f.type) for f in PROBE_SCHEMA}, schema=PROBE_SCHEMA)

@@ -1,0 +1,114 @@
+"""Multiple-testing correction and permutation tests for unit x hypothesis scores.
+
+``benjamini_hochberg(p_values)``
+    Benjamini-Hochberg (1995) adjusted p-values ("q-values") controlling the false discovery
+    rate: with the m non-NaN p-values sorted increasingly, q_(i) = min_{k >= i} p_(k) m / k,
+    capped at 1, returned in the input's order and shape. NaN p-values (undefined scores) are
+    left out of m and stay NaN. On input without NaN this is
+    scipy.stats.false_discovery_control(p, method='bh').
+
+``permutation_p_values(acts, labels, measure_fn, n_permutations, seed)``
+    Monte-Carlo permutation test for in-memory samples (the engine calls it on a sample of
+    rows). The null hypothesis is that the labels are exchangeable across rows, independent of
+    the activations: the label rows (all hypotheses together, NaNs travelling with their row)
+    are shuffled ``n_permutations`` times with a seeded numpy Generator and ``measure_fn`` is
+    recomputed each time. p = (1 + #{permuted scores at least as extreme}) / (1 + #{defined
+    permuted scores}) (Phipson & Smyth 2010: never 0, valid at any number of permutations), per
+    score; 'two-sided' compares |score|, 'greater' / 'less' the signed score; a relative
+    tolerance of 1e-12 counts ties as extreme. Undefined (NaN) observed scores give NaN.
+    ``measure_fn(acts, labels) -> array`` of scores (any shape, e.g. (units, hypotheses)), or a
+    registered measure name together with ``hypotheses`` (its scores laid out as (units, H)).
+    The smallest attainable p-value is 1 / (n_permutations + 1); rows are assumed exchangeable
+    (symbols of one record are not independent, so treat the p-values as approximate there).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import DeepBaseError
+
+
+def benjamini_hochberg(p_values) -> np.ndarray:
+    p = np.asarray(p_values, dtype=np.float64)
+    shape = p.shape
+    flat = p.reshape(-1)
+    ok = ~np.isnan(flat)
+    ps = flat[ok]
+    if ((ps < 0) | (ps > 1)).any():
+        raise DeepBaseError("benjamini_hochberg: p-values must lie in [0, 1]")
+    out = np.full(flat.shape, np.nan)
+    m = ps.size
+    if m:
+        order = np.argsort(ps, kind="stable")
+        scaled = ps[order] * m / np.arange(1, m + 1)
+        q = np.minimum.accumulate(scaled[::-1])[::-1]
+        q = np.minimum(q, 1.0)
+        res = np.empty(m)
+        res[order] = q
+        out[ok] = res
+    return out.reshape(shape)
+
+
+def measure_score_fn(measure: str, hypotheses: list[dict], device="cpu", **params) -> Callable:
+    """A ``measure_fn`` for permutation_p_values computing the registered ``measure``'s scores
+    as a (units, H) array (one state per call: update with all rows, finalize)."""
+    from .base import measure_class
+
+    cls = measure_class(measure)
+
+    def fn(acts, labels):
+        a = torch.as_tensor(np.asarray(acts))
+        y = torch.as_tensor(np.asarray(labels, dtype=np.float64))
+        if y.ndim == 1:
+            y = y[:, None]
+        st = cls(a.shape[1], hypotheses, device, **params)
+        st.update(a, y)
+        t = st.finalize()
+        units = np.asarray(t.column("unit").to_numpy(zero_copy_only=False))
+        score = t.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+        out = np.full((a.shape[1], len(hypotheses)), np.nan)
+        name_idx = {h["name"]: i for i, h in enumerate(hypotheses)}
+        hyp = [name_idx[h] for h in t.column("hypothesis").to_pylist()]
+        out[units, hyp] = score
+        return out
+
+    return fn
+
+
+def permutation_p_values(acts, labels, measure_fn, n_permutations: int = 1000, seed: int = 0,
+                         alternative: str = "two-sided", hypotheses: list[dict] | None = None,
+                         **params) -> np.ndarray:
+    if alternative not in ("two-sided", "greater", "less"):
+        raise DeepBaseError(f"alternative must be 'two-sided', 'greater' or 'less', got {alternative!r}")
+    if int(n_permutations) < 1:
+        raise DeepBaseError(f"n_permutations must be positive, got {n_permutations}")
+    if isinstance(measure_fn, str):
+        if hypotheses is None:
+            raise DeepBaseError("permutation_p_values: a measure name needs hypotheses=[...]")
+        measure_fn = measure_score_fn(measure_fn, hypotheses, **params)
+    a = acts.cpu().numpy() if isinstance(acts, torch.Tensor) else np.asarray(acts)
+    y = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if a.shape[0] != y.shape[0]:
+        raise DeepBaseError(f"acts have {a.shape[0]} rows but labels {y.shape[0]}")
+    obs = np.asarray(measure_fn(a, y), dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    extreme = np.zeros(obs.shape)
+    defined = np.zeros(obs.shape)
+    tol = 1e-12 * np.maximum(np.abs(obs), 1.0)
+    for _ in range(int(n_permutations)):
+        perm = rng.permutation(y.shape[0])
+        s = np.asarray(measure_fn(a, y[perm]), dtype=np.float64)
+        ok = ~np.isnan(s)
+        if alternative == "two-sided":
+            hit = np.abs(s) >= np.abs(obs) - tol
+        elif alternative == "greater":
+            hit = s >= obs - tol
+        else:
+            hit = s <= obs + tol
+        extreme += hit & ok
+        defined += ok
+    p = (1 + extreme) / (1 + defined)
+    return np.where(np.isnan(obs), np.nan, p)

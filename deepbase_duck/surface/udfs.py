@@ -1,0 +1,125 @@
+"""Python UDFs behind the SQL table macros of sql/90_surface.sql.
+
+DuckDB 2.0 has no Python table functions, so each entry point is a scalar Arrow UDF that takes
+constant arguments and returns a LIST of STRUCT rows; the table macros UNNEST them. Inside a
+UDF the connection that runs the outer query is busy, so the work runs on a cursor (a second
+connection to the same database). Each UDF is a thin call of the same library function the
+Python API calls, with the same arguments.
+
+Errors: DuckDB shows only "Python exception occurred while executing the UDF: <Type>: <msg>";
+our messages name the culprit, and the full traceback is kept in ``session.udf_tracebacks``
+(``SELECT * FROM dbd_last_error()``).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import traceback
+
+import pyarrow as pa
+
+from ..catalog import Session
+
+RESULT_STRUCT = ("STRUCT(query_id INTEGER, model VARCHAR, layer VARCHAR, unit INTEGER, hypothesis VARCHAR, "
+                 "measure VARCHAR, score DOUBLE, n BIGINT, ci_low DOUBLE, ci_high DOUBLE, p_value DOUBLE)[]")
+EXTRACT_STRUCT = ("STRUCT(model VARCHAR, layer VARCHAR, behavior_id INTEGER, view VARCHAR, dtype VARCHAR, "
+                  "width INTEGER, extracted BIGINT, reused BIGINT, seconds DOUBLE)[]")
+ANNOTATE_STRUCT = "STRUCT(hypothesis VARCHAR, labeled BIGINT, reused BIGINT)[]"
+HYP_STRUCT = "STRUCT(name VARCHAR, kind VARCHAR, description VARCHAR, version VARCHAR)[]"
+
+
+def _cursor_session(session: Session) -> Session:
+    sub = Session(session.con.cursor(), session.db_path, session.act_root, progress=session.progress)
+    sub.adapters = session.adapters           # share loaded models
+    sub.temporary_acts = False                # the parent owns the folder
+    return sub
+
+
+def _rows(arrays):
+    """Turn the UDF's ChunkedArray arguments into per-row Python tuples."""
+    cols = [a.to_pylist() for a in arrays]
+    return list(zip(*cols)) if cols else []
+
+
+def _udf(session: Session, fn):
+    """Run ``fn(sub_session, *row)`` for each input row; keep tracebacks; re-raise plainly."""
+    @functools.wraps(fn)
+    def wrapper(*arrays):
+        out = []
+        sub = _cursor_session(session)
+        try:
+            for row in _rows(arrays):
+                out.append(fn(sub, *row))
+        except Exception:
+            session.udf_tracebacks.append(traceback.format_exc())
+            del session.udf_tracebacks[:-20]
+            raise
+        finally:
+            sub.con.close()
+        return out
+    return wrapper
+
+
+def _list(v):
+    if v is None:
+        return None
+    return [v] if isinstance(v, str) else list(v)
+
+
+def register_udfs(session: Session) -> None:
+    con = session.con
+    from ..engine.extract import extract
+    from ..engine.inspect import inspect
+    from ..hypotheses.core import registry
+    from ..hypotheses.store import annotate
+
+    def do_inspect(sub, model, layers, hypotheses, dataset, measures, max_records, batch_size, keep):
+        t = inspect(sub, model, _list(layers), _list(hypotheses), dataset, _list(measures) or ["corr"],
+                    limit=max_records, batch_size=batch_size or 16, keep_activations=bool(keep), progress=False)
+        return t.to_pylist()
+
+    def do_extract(sub, model, layers, dataset, dtype, batch_size):
+        return extract(sub, model, _list(layers), dataset, dtype or "float32", None, batch_size or 16, progress=False)
+
+    def do_annotate(sub, hypotheses, dataset):
+        return annotate(sub, _list(hypotheses), dataset, progress=False)
+
+    def do_register(sub, name, loader, params):
+        info = sub.register_model(name, loader, json.loads(params) if params else {})
+        session.adapters[name] = sub.adapters[name]
+        return info["checksum"]
+
+    def do_hypotheses(sub, _dummy):
+        return [{"name": h.name, "kind": h.kind, "description": h.description, "version": h.version}
+                for h in sorted(registry().values(), key=lambda h: h.name)]
+
+    def do_last_error(sub, _dummy):
+        return session.udf_tracebacks[-1] if session.udf_tracebacks else None
+
+    def do_add_stdlib(sub, name, split, limit_chars, max_chars):
+        from ..corpora.stdlib import stdlib_records
+        recs = stdlib_records(split or "heldout", max_chars=max_chars or 2000, limit_chars=limit_chars)
+        return sub.add_dataset(name, recs, f"Python standard library, {split or 'heldout'} split")
+
+    specs = [
+        ("dbd_inspect", do_inspect, ["VARCHAR", "VARCHAR[]", "VARCHAR[]", "VARCHAR", "VARCHAR[]", "BIGINT",
+                                     "BIGINT", "BOOLEAN"], RESULT_STRUCT),
+        ("dbd_extract", do_extract, ["VARCHAR", "VARCHAR[]", "VARCHAR", "VARCHAR", "BIGINT"], EXTRACT_STRUCT),
+        ("dbd_annotate", do_annotate, ["VARCHAR[]", "VARCHAR"], ANNOTATE_STRUCT),
+        ("dbd_register_model", do_register, ["VARCHAR", "VARCHAR", "VARCHAR"], "VARCHAR"),
+        ("dbd_hypotheses", do_hypotheses, ["INTEGER"], HYP_STRUCT),
+        ("dbd_last_error", do_last_error, ["INTEGER"], "VARCHAR"),
+        ("dbd_add_stdlib_dataset", do_add_stdlib, ["VARCHAR", "VARCHAR", "BIGINT", "BIGINT"], "BIGINT"),
+    ]
+    for name, fn, params, ret in specs:
+        con.create_function(name, _fixed_arity(_udf(session, fn), len(params)), params, ret, type="arrow",
+                            null_handling="special", side_effects=True)
+
+
+def _fixed_arity(wrapped, n: int):
+    """DuckDB matches declared parameter types against the Python signature, so the UDF needs
+    exactly ``n`` positional parameters (a *args function is refused)."""
+    names = ", ".join(f"a{i}" for i in range(n))
+    fn = eval(f"lambda {names}: _pa.array(_w({names}))", {"_pa": pa, "_w": wrapped})  # noqa: S307
+    fn.__name__ = wrapped.__name__
+    return fn

@@ -1,0 +1,37 @@
+-- symbol_labels(ds, tok, hyps): the label of every symbol of dataset `ds` under tokenisation
+-- `tok`, for each hypothesis named in the list `hyps` (labels of its current version).
+--
+-- The alignment rule (labels live on character spans, symbols cover character spans too):
+--   a symbol takes the value held by the majority of its characters, where a character outside
+--   every span holds the hypothesis' default (0 for binary, NULL = unlabelled otherwise);
+--   a tie goes to the value of the earliest of the tied characters.
+-- So a word piece "##ing" inside a verb span is a verb; a symbol "(x" whose "x" starts a string
+-- literal is split 1:1 and takes the value of "(" (outside: 0); a symbol with no characters
+-- (a [CLS] token) has no row in `symbols` and so no label.
+--
+-- Returns (hypothesis, record_id, pos, value); value NULL means "no label" and such symbols are
+-- left out of every score of that hypothesis. Pure SQL: runs in the DuckDB CLI too.
+CREATE OR REPLACE MACRO symbol_labels(ds, tok, hyps) AS TABLE
+WITH sym AS (
+    SELECT record_id, pos, unnest(range(start_char, end_char)) AS c
+    FROM symbols
+    WHERE dataset = ds AND tokenization = tok
+), hyp AS (
+    SELECT name, kind, version FROM hypotheses WHERE list_contains(hyps, name)
+), spans AS (
+    SELECT l.hypothesis, l.record_id, unnest(range(l.start_char, l.end_char)) AS c, l.value
+    FROM labels AS l JOIN hyp ON l.hypothesis = hyp.name AND l.version = hyp.version
+    WHERE l.dataset = ds
+), votes AS (
+    SELECT hyp.name AS hypothesis, sym.record_id, sym.pos,
+           coalesce(spans.value, CASE WHEN hyp.kind = 'binary' THEN 0.0 END) AS value,
+           count(*) AS n_chars, min(sym.c) AS first_char
+    FROM sym CROSS JOIN hyp
+    LEFT JOIN spans ON spans.hypothesis = hyp.name AND spans.record_id = sym.record_id
+                   AND spans.c = sym.c
+    GROUP BY ALL
+)
+SELECT hypothesis, record_id, pos,
+       arg_max_null(value, (n_chars, -first_char)) AS value
+FROM votes
+GROUP BY hypothesis, record_id, pos;

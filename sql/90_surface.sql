@@ -1,0 +1,44 @@
+-- The Python surface: table macros over deepbase_duck's Python UDFs.
+--
+-- TEMP macros: they exist only in a connection opened by deepbase_duck.connect() (or the
+-- `deepbase-duck shell`), never in the database file, since the DuckDB CLI has no Python.
+-- Each mirrors one Python function with the same arguments.
+
+-- inspect(model, layers, hypotheses, dataset, measures := ['corr'], max_records := NULL,
+--         batch_size := 16, keep_activations := false)
+-- Scores every unit of each layer against each hypothesis; one row per
+-- (model, layer, unit, hypothesis, measure), also appended to the `scores` table.
+CREATE OR REPLACE TEMP MACRO inspect(model, layers, hypotheses, dataset, measures := ['corr'],
+                                     max_records := NULL, batch_size := 16,
+                                     keep_activations := false) AS TABLE
+SELECT unnest(r, recursive := true)
+FROM (SELECT unnest(dbd_inspect(model, layers, hypotheses, dataset, measures,
+                                CAST(max_records AS BIGINT), CAST(batch_size AS BIGINT),
+                                CAST(keep_activations AS BOOLEAN))) AS r);
+
+-- extract_activations(model, layers, dataset, dtype := 'float32', batch_size := 16)
+-- (not `extract`: EXTRACT is an SQL keyword)
+-- Stores activations (cached: a second call reuses them); one row per layer.
+CREATE OR REPLACE TEMP MACRO extract_activations(model, layers, dataset, dtype := 'float32', batch_size := 16) AS TABLE
+SELECT unnest(r, recursive := true)
+FROM (SELECT unnest(dbd_extract(model, layers, dataset, dtype, CAST(batch_size AS BIGINT))) AS r);
+
+-- annotate(hypotheses, dataset): computes and stores the labels of the hypotheses.
+CREATE OR REPLACE TEMP MACRO annotate(hypotheses, dataset) AS TABLE
+SELECT unnest(r, recursive := true) FROM (SELECT unnest(dbd_annotate(hypotheses, dataset)) AS r);
+
+-- register_model(name, loader, params := '{}'): loader is 'package.module:function'.
+CREATE OR REPLACE TEMP MACRO register_model(name, loader, params := '{}') AS
+dbd_register_model(name, loader, params);
+
+-- available_hypotheses(): the hypotheses this Python process can compute.
+CREATE OR REPLACE TEMP MACRO available_hypotheses() AS TABLE
+SELECT unnest(r, recursive := true) FROM (SELECT unnest(dbd_hypotheses(0)) AS r);
+
+-- add_stdlib_dataset(name, split := 'heldout', limit_chars := NULL, max_chars := 2000)
+CREATE OR REPLACE TEMP MACRO add_stdlib_dataset(name, split := 'heldout', limit_chars := NULL,
+                                                max_chars := 2000) AS
+dbd_add_stdlib_dataset(name, split, CAST(limit_chars AS BIGINT), CAST(max_chars AS BIGINT));
+
+-- dbd_last_error(): the Python traceback of the last failed deepbase_duck UDF call.
+CREATE OR REPLACE TEMP MACRO last_error() AS dbd_last_error(0);

@@ -1,0 +1,1 @@
+"""The SQL files of deepbase_duck, shipped inside the package as deepbase_duck.sql."""

@@ -1,0 +1,94 @@
+"""Shared fixtures: a tiny character model with planted units, and stores."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import deepbase_duck as dbd
+from deepbase_duck.extraction.adapters import CharAdapter
+from deepbase_duck.models.charlstm import encode_chars, VOCAB
+
+DIGIT_IDS = torch.tensor([c.isdigit() for c in VOCAB], dtype=torch.float32)
+OPEN_IDS = torch.tensor([c in "([{" for c in VOCAB], dtype=torch.float32)
+CLOSE_IDS = torch.tensor([c in ")]}" for c in VOCAB], dtype=torch.float32)
+TILDE = VOCAB.index("~")
+
+
+class Planted(torch.nn.Module):
+    """Units with known behaviour, computed from the character ids:
+    0: 1 on digits (copies the `digit` hypothesis), 1: -digit + small noise (anti-correlated),
+    2: constant 0.5, 3: a fixed random function of the character, 4: running bracket depth."""
+
+    def __init__(self, nan_on_tilde: bool = False):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("rand", torch.randn(len(VOCAB), generator=g))
+        self.nan_on_tilde = nan_on_tilde
+
+    def forward(self, ids):
+        digit = DIGIT_IDS[ids]
+        depth = torch.cumsum(OPEN_IDS[ids] - torch.roll(CLOSE_IDS[ids], 1, dims=1) * (torch.arange(ids.shape[1]) > 0),
+                             dim=1)
+        out = torch.stack([digit, -digit + 0.05 * torch.sin(ids.float()), torch.full_like(digit, 0.5),
+                           self.rand[ids], depth], -1)
+        if self.nan_on_tilde:
+            out = torch.where((ids == TILDE)[..., None], torch.full_like(out, float("nan")), out)
+        return out
+
+
+class PlantedModel(torch.nn.Module):
+    def __init__(self, nan_on_tilde=False, fail_after=None):
+        super().__init__()
+        self.planted = Planted(nan_on_tilde)
+        self.embed = torch.nn.Embedding(len(VOCAB), 3)
+        self.mix = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Tanh())
+        self.calls = 0
+        self.fail_after = fail_after
+
+    def forward(self, ids):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise RuntimeError("simulated crash")
+        p = self.planted(ids)
+        return self.mix(torch.cat([p, self.embed(ids)], -1))
+
+
+def planted_adapter(**kw):
+    torch.manual_seed(0)
+    return CharAdapter(PlantedModel(**kw), encode_chars, "chars-test", device="cpu")
+
+
+TEXTS = [
+    "x = 12 + (3 * 4)\n",
+    "def f(a, b):\n    return [a, (b, 7)]  # 99 bottles\n",
+    "s = 'hello 42'\nprint(s)\n",
+    "for i in range(10):\n    total += i * 2\n",
+    "y = {'k': [1, 2, (3)]}\n",
+    "no digits here\n",
+    "z = ((((5))))\n",
+    "# only a comment 2024\n",
+] * 3
+
+
+@pytest.fixture
+def con():
+    c = dbd.connect(None, progress=False)
+    yield c
+    dbd.close(c)
+
+
+@pytest.fixture
+def planted(con):
+    dbd.register_model(con, "planted", planted_adapter())
+    dbd.add_dataset(con, "snippets", TEXTS)
+    return con
+
+
+def per_char_labels(h, text) -> np.ndarray:
+    """Independent per-character labels from a hypothesis' spans (binary default 0, else NaN)."""
+    s, e, v = h.spans(text)
+    out = np.zeros(len(text)) if h.kind == "binary" else np.full(len(text), np.nan)
+    for a, b, x in zip(s, e, v):
+        out[a:b] = x
+    return out

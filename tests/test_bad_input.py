@@ -1,0 +1,153 @@
+"""Bad input: one clear error naming the culprit, and the stored tables left as they were."""
+from __future__ import annotations
+
+import duckdb
+import numpy as np
+import pytest
+
+import deepbase_duck as dbd
+from deepbase_duck.errors import (ActivationError, DeepBaseError, EmptyDatasetError, HypothesisError,
+                                  UnknownNameError)
+from deepbase_duck.hypotheses.core import Hypothesis, register
+
+from conftest import TEXTS, planted_adapter
+
+TABLES = ["models", "layers", "datasets", "records", "symbols", "hypotheses", "labels", "labeled_records",
+          "behaviors", "behavior_parts", "behavior_records", "queries", "scores"]
+
+
+def snapshot(con):
+    return {t: con.sql(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in TABLES}
+
+
+@pytest.fixture
+def primed(planted):
+    dbd.extract(planted, "planted", ["planted"], "snippets")
+    dbd.inspect(planted, "planted", ["planted"], ["digit"], "snippets")
+    return planted
+
+
+def test_unknown_model_lists_valid_ones(primed):
+    before = snapshot(primed)
+    with pytest.raises(UnknownNameError, match=r"unknown model 'nope'; valid models: planted"):
+        dbd.inspect(primed, "nope", ["planted"], ["digit"], "snippets")
+    assert snapshot(primed) == before
+
+
+def test_unknown_layer_lists_valid_ones(primed):
+    before = snapshot(primed)
+    with pytest.raises(UnknownNameError) as e:
+        dbd.inspect(primed, "planted", ["plantd"], ["digit"], "snippets")
+    assert "unknown layer 'plantd'" in str(e.value) and "planted" in str(e.value) and "mix.0" in str(e.value)
+    with pytest.raises(UnknownNameError, match="unknown layer 'nope'"):
+        dbd.extract(primed, "planted", ["nope"], "snippets")
+    assert snapshot(primed) == before
+
+
+def test_unknown_hypothesis_dataset_and_measure(primed):
+    before = snapshot(primed)
+    with pytest.raises(UnknownNameError, match="unknown hypothesis 'no_such_hyp'.*in_string"):
+        dbd.inspect(primed, "planted", ["planted"], ["no_such_hyp"], "snippets")
+    with pytest.raises(UnknownNameError, match="unknown dataset 'nodata'; valid datasets: snippets"):
+        dbd.inspect(primed, "planted", ["planted"], ["digit"], "nodata")
+    with pytest.raises(UnknownNameError, match="unknown measure 'corrr'; valid measures: .*corr"):
+        dbd.inspect(primed, "planted", ["planted"], ["digit"], "snippets", measures=["corrr"])
+    assert snapshot(primed) == before
+
+
+def test_hypothesis_of_wrong_length(primed):
+    register(Hypothesis("too_short", lambda text: [0] * (len(text) - 1), "binary"))
+    before = snapshot(primed)
+    with pytest.raises(HypothesisError, match=r"hypothesis 'too_short' on record snippets:0 returned \d+ "
+                                              r"per-character values for a text of \d+ characters"):
+        dbd.inspect(primed, "planted", ["planted"], ["too_short"], "snippets")
+    after = snapshot(primed)
+    assert {k: v for k, v in after.items() if k != "hypotheses"} == {k: v for k, v in before.items() if k != "hypotheses"}
+
+
+@pytest.mark.parametrize("fn,kind,message", [
+    (lambda text: "abc", "binary", "returned a str"),
+    (lambda text: None, "binary", "returned None"),
+    (lambda text: [2] * len(text), "binary", "binary value 2 at character 0 is not 0/1"),
+    (lambda text: ["x"] * len(text), "continuous", "values are not numbers"),
+    (lambda text: [float("inf")] * len(text), "continuous", "infinite value at character 0"),
+    (lambda text: [(0, len(text) + 5)], "binary", r"span \(0, \d+\) is outside the text"),
+    (lambda text: [(0, 3, 1.0), (2, 5, 2.0)], "continuous", r"spans \(0, 3\) and \(2, 5\) overlap"),
+    (lambda text: 42, "binary", "returned int"),
+    (lambda text: 1 / 0, "binary", "raised ZeroDivisionError on record snippets:0"),
+])
+def test_hypothesis_of_wrong_type(primed, fn, kind, message):
+    register(Hypothesis("bad_hyp", fn, kind))
+    before = snapshot(primed)
+    with pytest.raises(HypothesisError, match=message):
+        dbd.annotate(primed, ["bad_hyp"], "snippets")
+    assert snapshot(primed)["labels"] == before["labels"]
+
+
+def test_categorical_value_outside_categories(primed):
+    register(Hypothesis("cat_bad", lambda t: ["a"] * len(t), "categorical", categories=("b", "c")))
+    with pytest.raises(HypothesisError, match=r"value 'a' at character 0 is not one of the declared categories"):
+        dbd.annotate(primed, ["cat_bad"], "snippets")
+
+
+def test_empty_dataset(con):
+    with pytest.raises(EmptyDatasetError, match="dataset 'empty': no records given"):
+        dbd.add_dataset(con, "empty", [])
+    dbd.register_model(con, "planted", planted_adapter())
+    dbd.add_dataset(con, "blank", ["", ""])
+    with pytest.raises(EmptyDatasetError, match="hold no symbols"):
+        dbd.inspect(con, "planted", ["planted"], ["digit"], "blank")
+    assert con.sql("SELECT count(*) FROM scores").fetchall() == [(0,)]
+
+
+def test_nan_activations_name_the_record(con):
+    dbd.register_model(con, "nanny", planted_adapter(nan_on_tilde=True))
+    dbd.add_dataset(con, "tilde", ["abc 1\n", "x = 2\n", "ok ~ bad\n", "fine 3\n"])
+    with pytest.raises(ActivationError, match=r"model 'nanny' layer 'planted' produced NaN or infinite "
+                                              r"activations on record 2 of dataset 'tilde'"):
+        dbd.extract(con, "nanny", ["planted"], "tilde", batch_size=1)
+    # batches before the bad record are committed and intact; nothing of the bad batch is stored
+    rows = con.sql("SELECT record_id FROM behavior_records ORDER BY record_id").fetchall()
+    assert (2,) not in rows and len(rows) >= 1
+    with pytest.raises(ActivationError):
+        dbd.inspect(con, "nanny", ["planted"], ["digit"], "tilde")
+    assert con.sql("SELECT count(*) FROM scores").fetchall() == [(0,)]
+
+
+def test_sql_errors_name_the_culprit(primed):
+    before = snapshot(primed)
+    with pytest.raises(duckdb.Error, match="unknown dataset 'missing_table'"):
+        primed.sql("SELECT * FROM inspect('planted', ['planted'], ['digit'], 'missing_table')").fetchall()
+    with pytest.raises(duckdb.Error, match="unknown layer 'nolayer'"):
+        primed.sql("SELECT * FROM inspect('planted', ['nolayer'], ['digit'], 'snippets')").fetchall()
+    with pytest.raises(duckdb.Error, match="unknown model 'ghost'"):
+        primed.sql("SELECT * FROM extract_activations('ghost', ['x'], 'snippets')").fetchall()
+    # the traceback of the last failed UDF is kept for the user
+    tb = primed.sql("SELECT last_error()").fetchall()[0][0]
+    assert "Traceback" in tb and "ghost" in tb
+    assert snapshot(primed) == before
+
+
+def test_measure_that_does_not_take_the_kind(primed):
+    register(Hypothesis("cat_ok", lambda t: ["b"] * len(t), "categorical", categories=("b", "c")))
+    # corr expands categorical hypotheses into indicators; a measure restricted to binary refuses
+    from deepbase_duck.inspectors.base import InspectorState, MEASURES, register_measure
+
+    @register_measure
+    class BinaryOnly(InspectorState):
+        measure = "binary_only_test"
+        accepts = ("binary",)
+
+    try:
+        with pytest.raises(DeepBaseError, match="measure 'binary_only_test' does not take continuous hypotheses "
+                                                "\\(hypothesis 'bracket_depth'\\)"):
+            dbd.inspect(primed, "planted", ["planted"], ["bracket_depth"], "snippets", measures=["binary_only_test"])
+    finally:
+        MEASURES.pop("binary_only_test")
+
+
+def test_failed_query_keeps_the_connection_usable(primed):
+    with pytest.raises(UnknownNameError):
+        dbd.inspect(primed, "planted", ["planted"], ["digit"], "nodata")
+    assert primed.sql("SELECT count(*) FROM records").fetchall()[0][0] == len(TEXTS)
+    assert np.isfinite(dbd.inspect(primed, "planted", ["planted"], ["digit"], "snippets").column("n").to_numpy()).all()

@@ -1,0 +1,132 @@
+"""The core query: correlations of every unit with every hypothesis, against numpy."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import deepbase_duck as dbd
+from deepbase_duck.hypotheses import get_hypothesis
+
+from conftest import TEXTS, per_char_labels, planted_adapter
+
+HYPS = ["digit", "bracket_depth", "in_string", "in_comment", "position_in_line"]
+
+
+def reference_scores(layer_fn):
+    """{(unit, hypothesis): r} from a direct per-record forward pass and numpy corrcoef."""
+    adapter = planted_adapter()
+    acts, labels = [], {h: [] for h in HYPS}
+    for text in TEXTS:
+        enc = adapter.encode([text])
+        with torch.no_grad():
+            acts.append(layer_fn(adapter.module, enc.inputs)[0].double().numpy())
+        for h in HYPS:
+            labels[h].append(per_char_labels(get_hypothesis(h), text))
+    x = np.concatenate(acts)
+    out = {}
+    for h in HYPS:
+        y = np.concatenate(labels[h])
+        m = ~np.isnan(y)
+        for u in range(x.shape[1]):
+            xu, yu = x[m, u], y[m]
+            if xu.std() == 0 or yu.std() == 0:
+                out[(u, h)] = None
+            else:
+                out[(u, h)] = float(np.corrcoef(xu, yu)[0, 1])
+    return out, x.shape[0]
+
+
+@pytest.mark.parametrize("layer,fn", [
+    ("planted", lambda m, ids: m.planted(ids)),
+    ("mix", lambda m, ids: m.mix(torch.cat([m.planted(ids), m.embed(ids)], -1))),
+])
+def test_scores_equal_numpy_reference(planted, layer, fn):
+    ref, n = reference_scores(fn)
+    t = dbd.inspect(planted, "planted", [layer], HYPS, "snippets", batch_size=3)
+    rows = t.to_pylist()
+    assert len(rows) == len(ref)
+    for r in rows:
+        want = ref[(r["unit"], r["hypothesis"])]
+        if want is None:
+            assert r["score"] is None, r
+        else:
+            assert r["score"] == pytest.approx(want, abs=1e-5), r
+            assert r["ci_low"] <= r["score"] <= r["ci_high"]
+            assert 0.0 <= r["p_value"] <= 1.0
+    assert {r["n"] for r in rows if r["hypothesis"] == "digit"} == {n}
+
+
+def test_planted_units_are_found(planted):
+    t = dbd.inspect(planted, "planted", ["planted"], ["digit", "bracket_depth"], "snippets")
+    planted.register("t", t)
+    best = dict(planted.sql("SELECT hypothesis, arg_max(unit, abs(score)) FROM t WHERE score IS NOT NULL "
+                            "GROUP BY hypothesis").fetchall())
+    assert best["digit"] in (0, 1)
+    assert best["bracket_depth"] == 4
+    by_unit = {r["unit"]: r for r in t.to_pylist() if r["hypothesis"] == "digit"}
+    assert by_unit[0]["score"] == pytest.approx(1.0, abs=1e-9)
+    assert by_unit[1]["score"] < -0.99                      # the anti-correlated unit
+    assert by_unit[2]["score"] is None                      # the constant unit: NULL, not an error
+    assert by_unit[2]["p_value"] is None and by_unit[2]["ci_low"] is None
+    assert by_unit[0]["p_value"] < 1e-10
+
+
+def test_scores_table_and_catalog_join(planted):
+    dbd.inspect(planted, "planted", ["planted"], ["digit"], "snippets")
+    rows = planted.sql("""
+        SELECT s.layer, l.width, count(*) FROM scores s JOIN layers l ON s.model = l.model AND s.layer = l.layer
+        GROUP BY ALL""").fetchall()
+    assert rows == [("planted", 5, 5)]
+    q = planted.sql("SELECT source, n_records, n_symbols FROM queries").fetchall()
+    assert q == [("model", len(TEXTS), sum(len(t) for t in TEXTS))]
+
+
+def test_sql_surface_matches_python(planted):
+    py = dbd.inspect(planted, "planted", ["planted", "mix"], ["digit", "in_string"], "snippets").to_pylist()
+    sql = planted.sql("SELECT * FROM inspect('planted', ['planted', 'mix'], ['digit', 'in_string'], 'snippets') "
+                      "ORDER BY layer, unit, hypothesis").fetchall()
+    cols = [d[0] for d in planted.sql("SELECT * FROM inspect('planted', ['planted'], ['digit'], 'snippets')").description]
+    assert cols[:11] == ["query_id", "model", "layer", "unit", "hypothesis", "measure", "score", "n", "ci_low",
+                         "ci_high", "p_value"]
+    key = lambda r: (r["layer"], r["unit"], r["hypothesis"])
+    py_sorted = sorted(py, key=key)
+    assert len(sql) == len(py_sorted)
+    for a, b in zip(sql, py_sorted):
+        assert a[2:6] == (b["layer"], b["unit"], b["hypothesis"], b["measure"])
+        if b["score"] is None:
+            assert a[6] is None
+        else:
+            assert a[6] == pytest.approx(b["score"], abs=1e-12)
+
+
+def test_categorical_hypothesis_expands_to_indicators(planted):
+    from deepbase_duck.hypotheses.core import Hypothesis, register
+
+    def kind_of_char(text):
+        return ["digit" if c.isdigit() else "alpha" if c.isalpha() else "other" for c in text]
+
+    register(Hypothesis("char_kind", kind_of_char, "categorical", categories=("digit", "alpha", "other")))
+    t = dbd.inspect(planted, "planted", ["planted"], ["char_kind"], "snippets")
+    names = sorted({r["hypothesis"] for r in t.to_pylist()})
+    assert names == ["char_kind=alpha", "char_kind=digit", "char_kind=other"]
+    r = [x for x in t.to_pylist() if x["hypothesis"] == "char_kind=digit" and x["unit"] == 0][0]
+    assert r["score"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_inspect_streams_blocks_in_bounded_memory(planted):
+    """The engine never holds more than one block: states see batches of at most batch_size records."""
+    from deepbase_duck.inspectors.correlation import PearsonState
+    seen = []
+    orig = PearsonState.update
+
+    def spy(self, acts, labels, record_ids=None):
+        seen.append(len(torch.unique(record_ids)))
+        return orig(self, acts, labels, record_ids)
+
+    PearsonState.update = spy
+    try:
+        dbd.inspect(planted, "planted", ["planted"], ["digit"], "snippets", batch_size=4)
+    finally:
+        PearsonState.update = orig
+    assert max(seen) <= 4 and len(seen) == int(np.ceil(len(TEXTS) / 4))

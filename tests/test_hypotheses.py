@@ -1,0 +1,160 @@
+"""Built-in hypotheses, label normalisation, materialisation and the span alignment rule."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import deepbase_duck as dbd
+from deepbase_duck.engine.extract import ensure_symbols
+from deepbase_duck.extraction.adapters import Encoded, ModelAdapter
+from deepbase_duck.hypotheses import get_hypothesis
+from deepbase_duck.hypotheses.core import Hypothesis, register
+from deepbase_duck.hypotheses.library import bracket_depth, char_class, keyword_set, regex_span
+
+from conftest import per_char_labels
+
+CODE = 'def f(x):\n    s = "a(b)"  # note\n    if x:\n        return [x, {1: 2}]\n    return s\n'
+
+
+def chars_where(h, text):
+    lab = per_char_labels(get_hypothesis(h) if isinstance(h, str) else h, text)
+    return "".join(c for c, v in zip(text, lab) if v == 1)
+
+
+def test_in_string_and_in_comment():
+    assert chars_where("in_string", CODE) == '"a(b)"'
+    assert chars_where("in_comment", CODE) == "# note"
+    assert chars_where("in_string", "x = f'hi {y}' + b'z'\n") == "f'hi {y}'b'z'"
+
+
+def test_indent_level_and_position_in_line():
+    lab = per_char_labels(get_hypothesis("indent_level"), CODE)
+    lines = CODE.splitlines(keepends=True)
+    starts = np.cumsum([0] + [len(l) for l in lines])
+    assert [lab[s] for s in starts[:-1]] == [0, 1, 1, 2, 1]
+    pos = per_char_labels(get_hypothesis("position_in_line"), "ab\ncde")
+    assert pos.tolist() == [0, 1, 2, 0, 1, 2]
+
+
+def test_bracket_depth():
+    lab = per_char_labels(get_hypothesis("bracket_depth"), "a(b[c]d)e")
+    assert lab.tolist() == [0, 1, 1, 2, 2, 2, 1, 1, 0]
+    curly = bracket_depth("curly_depth", "{}")
+    assert per_char_labels(curly, "{a(}").tolist() == [1, 1, 1, 1]
+
+
+def test_regex_keyword_and_char_class():
+    h = regex_span("numbers", r"\d+")
+    assert chars_where(h, "a 12 b 345") == "12345"
+    k = keyword_set("kw_test", ["if", "return"])
+    assert chars_where(k, "if iffy: return x") == "ifreturn"
+    assert chars_where(get_hypothesis("python_keyword"), "for x in y: pass") == "forinpass"
+    c = char_class("vowels", chars="aeiou")
+    assert chars_where(c, "banana split") == "aaai"
+    assert chars_where(get_hypothesis("digit"), "a1b22") == "122"
+    with pytest.raises(ValueError, match="unknown class 'nope'"):
+        char_class("bad", "nope")
+
+
+def test_normalisation_run_length_and_union():
+    h = Hypothesis("t_rle", lambda t: [1, 1, 0, 1, 0, 0], "binary")
+    s, e, v = h.spans("abcdef")
+    assert list(zip(s.tolist(), e.tolist(), v.tolist())) == [(0, 2, 1.0), (3, 4, 1.0)]
+    u = Hypothesis("t_union", lambda t: [(0, 3), (2, 5), (7, 8)], "binary")
+    s, e, _ = u.spans("abcdefghij")
+    assert list(zip(s.tolist(), e.tolist())) == [(0, 5), (7, 8)]
+    c = Hypothesis("t_cont", lambda t: [1.5, 1.5, float("nan"), 2.0], "continuous")
+    s, e, v = c.spans("abcd")
+    assert list(zip(s.tolist(), e.tolist(), v.tolist())) == [(0, 2, 1.5), (3, 4, 2.0)]
+
+
+def test_version_follows_the_code():
+    a = Hypothesis("v1", lambda t: [0] * len(t))
+    b = Hypothesis("v1", lambda t: [1] * len(t))
+    assert a.version != b.version
+
+
+def test_labels_materialised_once_and_reused(planted):
+    first = dbd.annotate(planted, ["digit", "in_string"], "snippets")
+    assert all(s["labeled"] > 0 and s["reused"] == 0 for s in first)
+    n = planted.sql("SELECT count(*) FROM labels").fetchall()[0][0]
+    second = dbd.annotate(planted, ["digit", "in_string"], "snippets")
+    assert all(s["labeled"] == 0 for s in second)
+    assert planted.sql("SELECT count(*) FROM labels").fetchall()[0][0] == n
+
+
+class PieceAdapter(ModelAdapter):
+    """Symbols = pieces of at most 3 characters of each whitespace-separated word."""
+    tokenization = "pieces3"
+
+    def __init__(self):
+        import torch
+        super().__init__(torch.nn.Identity(), "cpu")
+
+    def encode(self, texts):
+        import re
+        starts, ends, toks = [], [], []
+        for t in texts:
+            s, e = [], []
+            for m in re.finditer(r"\S+", t):
+                for a in range(m.start(), m.end(), 3):
+                    s.append(a); e.append(min(a + 3, m.end()))
+            starts.append(np.asarray(s, np.int32)); ends.append(np.asarray(e, np.int32))
+            toks.append([t[a:b] for a, b in zip(s, e)])
+        return Encoded(inputs=None, starts=starts, ends=ends, tokens=toks)
+
+
+def majority(chars: np.ndarray):
+    """The documented rule, written independently: majority value, ties to the earliest char."""
+    vals, first = {}, {}
+    for i, v in enumerate(chars):
+        key = None if np.isnan(v) else float(v)
+        vals[key] = vals.get(key, 0) + 1
+        first.setdefault(key, i)
+    best = max(vals.items(), key=lambda kv: (kv[1], -first[kv[0]]))[0]
+    return best
+
+
+def test_span_alignment_rule_against_python(con):
+    texts = ["alpha 'quoted text' beta12 (x+y)", "ab'cd ef' 123456 zz", "no labels here"]
+    dbd.add_dataset(con, "pieces", texts)
+    hyps = [regex_span("quote_rx", r"'[^']*'"), get_hypothesis("digit"), get_hypothesis("bracket_depth"),
+            register(Hypothesis("vowel_cat", lambda t: ["v" if c in "aeiou" else ("c" if c.isalpha() else None)
+                                                         for c in t], "categorical", categories=("v", "c")))]
+    dbd.annotate(con, hyps, "pieces")
+    ad = PieceAdapter()
+    ensure_symbols(dbd.catalog.session_of(con), ad, "pieces", [0, 1, 2])
+    got = {(h, r, p): v for h, r, p, v in con.sql(
+        "SELECT * FROM symbol_labels('pieces', 'pieces3', ['quote_rx', 'digit', 'bracket_depth', 'vowel_cat'])"
+    ).fetchall()}
+    enc = ad.encode(texts)
+    n_checked = 0
+    for h in hyps:
+        for r, text in enumerate(texts):
+            lab = per_char_labels(h, text)
+            for p, (a, b) in enumerate(zip(enc.starts[r], enc.ends[r])):
+                want = majority(lab[a:b])
+                assert got[(h.name, r, p)] == want, (h.name, text[a:b], got[(h.name, r, p)], want)
+                n_checked += 1
+    assert n_checked == 4 * sum(len(s) for s in enc.starts)
+    # straddling pieces: "'qu" has 3 chars in the quote span -> 1; "ab'" has 1 of 3 -> 0;
+    # "d e"... and a 2:1 split "12," does not occur; tie case "(x" is not a piece here
+    pieces = {(r, t): p for r, toks in enumerate(enc.tokens) for p, t in enumerate(toks)}
+    assert got[("quote_rx", 0, pieces[(0, "'qu")])] == 1.0
+    assert got[("quote_rx", 1, pieces[(1, "ab'")])] == 0.0
+    assert got[("quote_rx", 1, pieces[(1, "ef'")])] == 1.0
+
+
+def test_span_alignment_tie_goes_to_the_earliest_character(con):
+    dbd.add_dataset(con, "ties", ["ab12"])
+    dbd.annotate(con, ["digit"], "ties")
+
+    class Pairs(PieceAdapter):
+        tokenization = "pairs"
+
+        def encode(self, texts):
+            return Encoded(None, [np.array([0, 1, 2], np.int32)], [np.array([1, 3, 4], np.int32)], [["a", "b1", "2"]])
+
+    ensure_symbols(dbd.catalog.session_of(con), Pairs(), "ties", [0])
+    got = con.sql("SELECT pos, value FROM symbol_labels('ties', 'pairs', ['digit']) ORDER BY pos").fetchall()
+    assert got == [(0, 0.0), (1, 0.0), (2, 1.0)]     # "b1": 1:1 tie -> the value of "b"

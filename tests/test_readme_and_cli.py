@@ -1,0 +1,69 @@
+"""The README's SQL session and the command line, run for real (small sizes)."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import deepbase_duck as dbd
+from deepbase_duck.corpora.code import statement_chunks
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_sql_session_runs(tmp_path, monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"## A query in SQL\s+```python\n(.*?)```", text, re.S).group(1)
+    block = block.replace('"study.duckdb"', repr(str(tmp_path / "study.duckdb")))
+    block = block.replace("limit_chars := 50000", "limit_chars := 3000")
+    out = {}
+    exec(compile(block, "README", "exec"), out)
+    con = out["con"]
+    assert con.sql("SELECT count(*) FROM scores").fetchall()[0][0] > 0
+    dbd.close(con)
+
+
+def test_statement_chunks_concatenate_and_tokenize():
+    import io
+    import tokenize
+    src = ("import os\n\n\nclass A:\n    '''doc\n    string'''\n\n    def f(self):\n        return (1,\n"
+           "                2)\n\n    def g(self):\n        # c\n        return 3\n\n\nx = [\n    1,\n]\n") * 20
+    chunks = statement_chunks(src, 120)
+    assert "".join(c for _, c in chunks) == src
+    assert all(len(c) <= 120 for _, c in chunks)
+    assert [o for o, _ in chunks] == sorted(o for o, _ in chunks)
+    # no chunk starts inside the docstring or the bracketed expressions
+    for _, c in chunks:
+        assert not c.lstrip(" ").startswith(("string'''", "2)", "1,\n]"))
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "deepbase_duck", "--quiet", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+
+
+def test_cli_commands_mirror_the_library(tmp_path):
+    db = str(tmp_path / "cli.duckdb")
+    r = run_cli("register-model", db, "lm", "deepbase_duck.models.zoo:charlstm", "--params", '{"checkpoint": "step0"}')
+    assert r.returncode == 0, r.stderr
+    assert run_cli("add-stdlib", db, "code", "--chars", "4000").returncode == 0
+    r = run_cli("annotate", db, "code", "in_string", "in_comment")
+    assert r.returncode == 0 and "in_string:" in r.stdout
+    r = run_cli("extract", db, "lm", "code", "lstm0", "--dtype", "float16")
+    assert r.returncode == 0 and "records extracted" in r.stdout, r.stderr
+    r = run_cli("inspect", db, "lm", "code", "--layers", "lstm0", "--hypotheses", "in_string", "--top", "2")
+    assert r.returncode == 0, r.stderr
+    assert "in_string" in r.stdout and "lstm0" in r.stdout
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
+    db = str(tmp_path / "bad.duckdb")
+    r = run_cli("inspect", db, "nomodel", "nodata", "--layers", "x", "--hypotheses", "in_string")
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0
+    assert "unknown dataset 'nodata'" in r.stderr or "unknown model 'nomodel'" in r.stderr
+    r = run_cli("hypotheses")
+    assert r.returncode == 0 and "in_comment" in r.stdout
