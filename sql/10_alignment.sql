@@ -1,5 +1,7 @@
--- symbol_labels(ds, tok, hyps): the label of every symbol of dataset `ds` under tokenisation
--- `tok`, for each hypothesis named in the list `hyps` (labels of its current version).
+-- symbol_labels(ds, tok, hyps, recs := NULL): the label of every symbol of dataset `ds` under
+-- tokenisation `tok`, for each hypothesis named in the list `hyps` (labels of its current
+-- version); `recs`, a list of record ids, restricts it to those records (the engine asks for
+-- one block of records at a time).
 --
 -- The alignment rule (labels live on character spans, symbols cover character spans too):
 --   a symbol takes the value held by the majority of its characters, where a character outside
@@ -9,29 +11,42 @@
 -- literal is split 1:1 and takes the value of "(" (outside: 0); a symbol with no characters
 -- (a [CLS] token) has no row in `symbols` and so no label.
 --
+-- Single-character symbols (character-level models) take the value of the span holding their
+-- character directly; only longer symbols go through the vote.
+--
 -- Returns (hypothesis, record_id, pos, value); value NULL means "no label" and such symbols are
 -- left out of every score of that hypothesis. Pure SQL: runs in the DuckDB CLI too.
-CREATE OR REPLACE MACRO symbol_labels(ds, tok, hyps) AS TABLE
+CREATE OR REPLACE MACRO symbol_labels(ds, tok, hyps, recs := NULL) AS TABLE
 WITH sym AS (
-    SELECT record_id, pos, unnest(range(start_char, end_char)) AS c
+    SELECT record_id, pos, start_char, end_char
     FROM symbols
-    WHERE dataset = ds AND tokenization = tok
+    WHERE dataset = ds AND tokenization = tok AND (recs IS NULL OR list_contains(recs, record_id))
 ), hyp AS (
     SELECT name, kind, version FROM hypotheses WHERE list_contains(hyps, name)
 ), spans AS (
     SELECT l.hypothesis, l.record_id, unnest(range(l.start_char, l.end_char)) AS c, l.value
     FROM labels AS l JOIN hyp ON l.hypothesis = hyp.name AND l.version = hyp.version
-    WHERE l.dataset = ds
-), votes AS (
+    WHERE l.dataset = ds AND (recs IS NULL OR list_contains(recs, l.record_id))
+), single AS (
     SELECT hyp.name AS hypothesis, sym.record_id, sym.pos,
-           coalesce(spans.value, CASE WHEN hyp.kind = 'binary' THEN 0.0 END) AS value,
-           count(*) AS n_chars, min(sym.c) AS first_char
+           coalesce(spans.value, CASE WHEN hyp.kind = 'binary' THEN 0.0 END) AS value
     FROM sym CROSS JOIN hyp
     LEFT JOIN spans ON spans.hypothesis = hyp.name AND spans.record_id = sym.record_id
-                   AND spans.c = sym.c
+                   AND spans.c = sym.start_char
+    WHERE sym.end_char - sym.start_char = 1
+), votes AS (
+    SELECT hyp.name AS hypothesis, chars.record_id, chars.pos,
+           coalesce(spans.value, CASE WHEN hyp.kind = 'binary' THEN 0.0 END) AS value,
+           count(*) AS n_chars, min(chars.c) AS first_char
+    FROM (SELECT record_id, pos, unnest(range(start_char, end_char)) AS c
+          FROM sym WHERE end_char - start_char > 1) AS chars
+    CROSS JOIN hyp
+    LEFT JOIN spans ON spans.hypothesis = hyp.name AND spans.record_id = chars.record_id
+                   AND spans.c = chars.c
     GROUP BY ALL
 )
-SELECT hypothesis, record_id, pos,
-       arg_max_null(value, (n_chars, -first_char)) AS value
+SELECT * FROM single
+UNION ALL
+SELECT hypothesis, record_id, pos, arg_max_null(value, (n_chars, -first_char)) AS value
 FROM votes
 GROUP BY hypothesis, record_id, pos;

@@ -153,19 +153,27 @@ class Batch:
     acts: dict                        # layer -> tensor (sum(n_symbols), width), rows in (record, pos) order
 
 
-def batches_of(session, adapter, dataset, record_ids, batch_size: int):
-    """Split records into forward batches of similar length (sorted by the adapter's key)."""
-    texts = session.texts(dataset, record_ids)
-    order = sorted((int(r) for r in record_ids), key=lambda r: (adapter.sort_key(texts[r]), r))
-    for lo in range(0, len(order), batch_size):
-        ids = order[lo:lo + batch_size]
-        yield ids, [texts[r] for r in ids]
+def plan_batches(session, dataset: str, record_ids, batch_size: int) -> list[list[int]]:
+    """Forward batches of records of similar length (fewer padded positions): record ids sorted
+    by text length, then id, cut into runs of ``batch_size``. Only ids and lengths are read."""
+    ids = pa.table({"record_id": pa.array(np.asarray(record_ids, dtype=np.int32))})
+    session.con.register("__dbd_ids", ids)
+    try:
+        order = store.q_arrow(session.con, "SELECT r.record_id FROM records r JOIN __dbd_ids USING (record_id) "
+                                           "WHERE r.dataset = ? ORDER BY length(r.text), r.record_id",
+                              [dataset]).column(0).to_pylist()
+    finally:
+        session.con.unregister("__dbd_ids")
+    # within a batch, records go in id order: stored parts and label blocks then agree on row order
+    return [sorted(order[lo:lo + batch_size]) for lo in range(0, len(order), batch_size)]
 
 
-def forward_batches(session, adapter, model: str, layers, dataset, record_ids, batch_size, symbol_counts):
+def forward_batches(session, adapter, model: str, layers, dataset, batches, symbol_counts):
     """Yield a Batch per forward pass: the activations of ``layers`` for each symbol."""
     with Retain(adapter.module, layers) as ret:
-        for ids, texts in batches_of(session, adapter, dataset, record_ids, batch_size):
+        for ids in batches:
+            texts = session.texts(dataset, ids)
+            texts = [texts[r] for r in ids]
             enc = adapter.encode(texts)
             ret.clear()
             adapter.forward(enc)
@@ -181,9 +189,9 @@ def forward_batches(session, adapter, model: str, layers, dataset, record_ids, b
                 x = torch.cat(per_record, 0) if per_record else torch.zeros(0, 1)
                 if x.dim() != 2:
                     raise ActivationError(f"model {model!r} layer {layer!r}: activations of shape {tuple(x.shape)}")
-                # float64 column sums of float32 values overflow only through NaN or inf, so one
-                # reduction decides; the elementwise search runs only to name the record
-                if not bool(torch.isfinite(x.sum(0, dtype=torch.float64)).all()):
+                # the max and min are finite exactly when no NaN or inf is present (NaN propagates);
+                # the elementwise search runs only to name the record
+                if x.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
                     finite = torch.isfinite(x)
                     row = int((~finite).any(1).nonzero()[0])
                     counts = np.cumsum([symbol_counts[r] for r in ids])
@@ -269,7 +277,8 @@ def extract(session, model: str, layers, dataset: str, dtype: str = "float32", r
         counts = ensure_symbols(session, adapter, dataset, todo)
         run_layers = [l for l in layers if len(missing[l])]
         bar = progress_bar(len(todo), f"extract {model}", "rec", session.progress if progress is None else progress)
-        for batch in forward_batches(session, adapter, model, run_layers, dataset, todo, batch_size, counts):
+        batches = plan_batches(session, dataset, todo, batch_size)
+        for batch in forward_batches(session, adapter, model, run_layers, dataset, batches, counts):
             written = []
             for layer in run_layers:
                 need = np.isin(batch.record_ids, missing[layer])

@@ -29,7 +29,7 @@ from ..hypotheses.store import annotate, resolve
 from ..inspectors.base import SCORE_SCHEMA, measure_class
 from ..progress import progress_bar
 from .extract import (Batch, commit_parts, cleanup_orphans, done_records, ensure_symbols, find_behavior,
-                      forward_batches, get_or_create_behavior, write_part)
+                      forward_batches, get_or_create_behavior, plan_batches, write_part)
 
 RESULT_SCHEMA = pa.schema([
     ("query_id", pa.int32()), ("model", pa.string()), ("layer", pa.string()), ("unit", pa.int32()),
@@ -119,26 +119,30 @@ def block_labels(session, plan: Plan, tokenization: str, record_ids: np.ndarray,
     n = int(offsets[-1])
     y = np.full((n, len(plan.label_columns)), np.nan)
     hyp_names = [h["name"] for h in plan.hypotheses]
-    ids = pa.table({"record_id": pa.array(record_ids.astype(np.int32)),
-                    "block_row": pa.array(np.arange(len(record_ids), dtype=np.int32))})
-    session.con.register("__dbd_block", ids)
-    try:
-        t = store.q_arrow(
-            session.con,
-            "SELECT l.hypothesis, b.block_row, l.pos, l.value FROM symbol_labels(?, ?, ?) AS l "
-            "JOIN __dbd_block AS b USING (record_id)",
-            [plan.dataset, tokenization, hyp_names])
-    finally:
-        session.con.unregister("__dbd_block")
-    hyp = t.column(0).to_numpy(zero_copy_only=False)
-    row = offsets[t.column(1).to_numpy()] + t.column(2).to_numpy()
+    t = store.q_arrow(
+        session.con,
+        "SELECT list_position(?, l.hypothesis)::INTEGER - 1 AS h, l.record_id, l.pos, l.value "
+        "FROM symbol_labels(?, ?, ?, recs := ?) AS l",
+        [hyp_names, plan.dataset, tokenization, hyp_names, [int(r) for r in record_ids]])
+    order = np.argsort(record_ids, kind="stable")
+    hyp = t.column(0).to_numpy()
+    rec = t.column(1).to_numpy()
+    row = offsets[order[np.searchsorted(record_ids[order], rec)]] + t.column(2).to_numpy()
     val = t.column(3).to_numpy(zero_copy_only=False).astype(np.float64)
+    direct = [j for j, c in enumerate(plan.label_columns) if c["code"] is None]
+    if direct:
+        # columns that carry a hypothesis' values as they are: one scatter for all of them
+        col_of_hyp = np.full(len(hyp_names), -1)
+        for j in direct:
+            col_of_hyp[hyp_names.index(plan.label_columns[j]["source"])] = j
+        col = col_of_hyp[hyp]
+        ok = col >= 0
+        y[row[ok], col[ok]] = val[ok]
     for j, c in enumerate(plan.label_columns):
-        sel = hyp == c["source"]
-        v = val[sel]
-        if c["code"] is not None:
-            v = np.where(np.isnan(v), np.nan, (v == c["code"]).astype(np.float64))
-        y[row[sel], j] = v
+        if c["code"] is not None:                     # one indicator column per category
+            sel = hyp == hyp_names.index(c["source"])
+            v = val[sel]
+            y[row[sel], j] = np.where(np.isnan(v), np.nan, (v == c["code"]).astype(np.float64))
     return torch.from_numpy(y)
 
 
@@ -159,38 +163,150 @@ def stored_behaviors(session, plan: Plan, checksum, tokenization):
     return out
 
 
-def stored_blocks(session, plan: Plan, layer: str, b: dict):
-    """Read the stored parts of one behavior, keeping the selected records."""
+def stored_part_blocks(session, plan: Plan, behaviors: dict) -> list[tuple[list[int], dict]]:
+    """Blocks for reading stored behaviors: (record ids, {layer: part file}) per part, keeping the
+    selected records. Layers whose parts hold different records are read one layer at a time."""
     wanted = set(int(r) for r in plan.record_ids)
-    parts = store.q_all(session.con, "SELECT part, file FROM behavior_parts WHERE behavior_id = ? ORDER BY part",
-                        [b["behavior_id"]])
-    folder = session.act_root / b["directory"]
-    for part, fname in parts:
-        t = pq.read_table(folder / fname)
-        rec = t.column("record_id").to_numpy()
-        keep = np.fromiter((int(r) in wanted for r in rec), bool, len(rec)) if len(rec) else np.zeros(0, bool)
-        if not keep.any():
-            continue
+    per_layer = {}
+    for layer, b in behaviors.items():
+        rows = store.q_all(session.con, "SELECT p.part, p.file, list(r.record_id ORDER BY r.record_id) "
+                                        "FROM behavior_parts p JOIN behavior_records r USING (behavior_id, part) "
+                                        "WHERE p.behavior_id = ? GROUP BY p.part, p.file ORDER BY p.part",
+                           [b["behavior_id"]])
+        folder = session.act_root / b["directory"]
+        per_layer[layer] = [(ids, folder / f) for _, f, ids in rows]
+    layers = list(behaviors)
+    shapes = {tuple(tuple(ids) for ids, _ in per_layer[l]) for l in layers}
+    blocks = []
+    if len(shapes) == 1:
+        for i, (ids, _) in enumerate(per_layer[layers[0]]):
+            keep = [r for r in ids if r in wanted]
+            if keep:
+                blocks.append((keep, {l: per_layer[l][i][1] for l in layers}))
+    else:
+        for l in layers:
+            for ids, f in per_layer[l]:
+                keep = [r for r in ids if r in wanted]
+                if keep:
+                    blocks.append((keep, {l: f}))
+    return blocks
+
+
+def read_part_block(ids: list[int], files: dict, counts: dict) -> Batch:
+    """The rows of records ``ids`` (ascending, as parts store them) from each layer's part."""
+    acts = {}
+    want = np.asarray(ids, np.int64)
+    for layer, f in files.items():
+        t = pq.read_table(f)
+        rec = t.column("record_id").to_numpy().astype(np.int64)
         act = t.column("act").combine_chunks()
-        width = act.type.list_size
-        x = act.values.to_numpy(zero_copy_only=False).reshape(-1, width)
-        rec, x = rec[keep], x[keep]
-        # parts hold whole records in (record, pos) order
-        change = np.flatnonzero(np.diff(rec)) + 1
-        starts = np.concatenate([[0], change])
-        ids = rec[starts].astype(np.int64)
-        counts = np.diff(np.concatenate([starts, [len(rec)]]))
-        yield Batch(ids, counts, {layer: torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))})
+        x = act.values.to_numpy(zero_copy_only=False).reshape(-1, act.type.list_size)
+        if len(want) != len(np.unique(rec)):
+            keep = np.isin(rec, want)
+            x = x[keep]
+        acts[layer] = torch.from_numpy(np.array(x, dtype=np.float32))   # Arrow buffers are read-only
+    n = np.asarray([counts[r] for r in ids])
+    return Batch(want, n, acts)
 
 
-# -- the local engine ----------------------------------------------------------------------------
+class LabelStream:
+    """The labels of each block, in block order: hypotheses evaluated for the block's records
+    (stored once) and joined to the block's symbols by DuckDB (``symbol_labels``).
+
+    With ``threaded=True`` the next blocks are prepared in a background thread on its own
+    cursor, overlapping the forward passes; that pays only where the model leaves cores idle
+    (on a 2-core CPU the forward pass uses both, and the thread slows it down), so it is off by
+    default."""
+
+    def __init__(self, session, plan: Plan, tokenization: str, blocks: list[list[int]], counts: dict,
+                 threaded: bool = False, ahead: int = 2):
+        self.session, self.plan, self.tokenization, self.counts = session, plan, tokenization, counts
+        self.hyps = [h["live"] or h["name"] for h in plan.hypotheses]
+        self.thread = None
+        if not threaded:
+            return
+        import queue
+        import threading
+        from ..catalog import Session
+        self.queue = queue.Queue(maxsize=ahead)
+        self.stop = threading.Event()
+        self.sub = Session(session.con.cursor(), session.db_path, session.act_root, progress=False)
+        self.sub.temporary_acts = False
+
+        def work():
+            try:
+                for ids in blocks:
+                    if self.stop.is_set():
+                        return
+                    self._put((ids, self._labels(self.sub, ids)))
+            except BaseException as exc:  # handed to the consumer
+                self._put(exc)
+
+        self.thread = threading.Thread(target=work, name="deepbase-labels", daemon=True)
+        self.thread.start()
+
+    def _labels(self, session, ids) -> torch.Tensor:
+        annotate(session, self.hyps, self.plan.dataset, ids, progress=False)
+        n = np.asarray([self.counts[r] for r in ids])
+        return block_labels(session, self.plan, self.tokenization, np.asarray(ids, np.int64), n)
+
+    def _put(self, item):
+        import queue
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def next(self, ids) -> torch.Tensor:
+        if self.thread is None:
+            return self._labels(self.session, [int(r) for r in ids])
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        got, y = item
+        if list(got) != [int(r) for r in ids]:
+            raise RuntimeError("label blocks out of step with activation blocks")
+        return y
+
+    def close(self):
+        if self.thread is not None:
+            self.stop.set()
+            self.thread.join()
+            self.sub.con.close()
+
+
+class KeepActivations:
+    """Stores the activations an inspect run computes anyway (``keep_activations=True``)."""
+
+    def __init__(self, session, plan: Plan, checksum: str, tokenization: str, widths: dict):
+        self.session = session
+        self.behaviors = {}
+        for layer in plan.layers:
+            b = get_or_create_behavior(session, plan.model, checksum, layer, plan.dataset, tokenization, plan.dtype,
+                                       widths[layer])
+            cleanup_orphans(session, b)
+            self.behaviors[layer] = b
+        self.done = {l: set(done_records(session.con, b["behavior_id"]).tolist()) for l, b in self.behaviors.items()}
+
+    def write(self, batch: Batch) -> None:
+        written = []
+        for layer, b in self.behaviors.items():
+            need = np.array([int(r) not in self.done[layer] for r in batch.record_ids])
+            if need.any():
+                mask = None if need.all() else np.repeat(need, batch.n_symbols)
+                name, part, n_rows = write_part(self.session, b, batch, batch.acts[layer], mask)
+                written.append((b, name, part, n_rows, batch.record_ids[need]))
+        commit_parts(self.session, written)
+
+
 class LocalEngine:
     """Runs a plan in this process: one loop over blocks, updating every state."""
 
     name = "local"
 
     def run(self, session, plan: Plan, progress=None) -> dict:
-        adapter_needed = True
         mrow = session.model_row(plan.model)
         tokenization = mrow["tokenization"]
         stored = None if plan.keep_activations else stored_behaviors(session, plan, mrow["checksum"], tokenization)
@@ -199,55 +315,37 @@ class LocalEngine:
         states = {(layer, m): measure_class(m)(widths[layer], plan.columns[m], device=plan.device,
                                               **plan.measure_params.get(m, {}))
                   for layer in plan.layers for m in plan.measures}
-        annotate(session, [h["live"] or h["name"] for h in plan.hypotheses], plan.dataset, plan.record_ids,
-                 progress=progress)
         col_index = {c["name"]: j for j, c in enumerate(plan.label_columns)}
         take = {m: torch.as_tensor([col_index[c["name"]] for c in plan.columns[m]]) for m in plan.measures}
         show = session.progress if progress is None else progress
-        n_symbols = 0
-
-        def feed(batch: Batch):
-            nonlocal n_symbols
-            y = block_labels(session, plan, tokenization, batch.record_ids, batch.n_symbols)
-            rec = torch.from_numpy(np.repeat(batch.record_ids, batch.n_symbols))
-            for layer, x in batch.acts.items():
-                for m in plan.measures:
-                    states[(layer, m)].update(x, y[:, take[m]], rec)
-            n_symbols += int(batch.n_symbols.sum())
-
         if stored:
-            for layer, b in stored.items():
-                bar = progress_bar(len(plan.record_ids), f"inspect {layer} (stored)", "rec", show)
-                for batch in stored_blocks(session, plan, layer, b):
-                    feed(batch)
-                    bar.update(len(batch.record_ids))
-                bar.close()
-            n_symbols //= max(len(plan.layers), 1)
+            counts = dict(store.q_all(session.con, "SELECT record_id, n_symbols FROM tokenized_records WHERE dataset = ? "
+                                                   "AND tokenization = ?", [plan.dataset, tokenization]))
+            blocks = stored_part_blocks(session, plan, stored)
+            source = (read_part_block(ids, files, counts) for ids, files in blocks)
+            block_ids = [ids for ids, _ in blocks]
         else:
             adapter = session.adapter(plan.model)
             counts = ensure_symbols(session, adapter, plan.dataset, plan.record_ids)
-            behaviors = {}
-            if plan.keep_activations:
-                for layer in plan.layers:
-                    behaviors[layer] = get_or_create_behavior(session, plan.model, mrow["checksum"], layer,
-                                                              plan.dataset, tokenization, plan.dtype, widths[layer])
-                    cleanup_orphans(session, behaviors[layer])
-            done = {l: set(done_records(session.con, b["behavior_id"]).tolist()) for l, b in behaviors.items()}
-            bar = progress_bar(len(plan.record_ids), f"inspect {plan.model}", "rec", show)
-            for batch in forward_batches(session, adapter, plan.model, plan.layers, plan.dataset, plan.record_ids,
-                                         plan.batch_size, counts):
-                if behaviors:
-                    written = []
-                    for layer, b in behaviors.items():
-                        need = np.array([int(r) not in done[layer] for r in batch.record_ids])
-                        if need.any():
-                            mask = None if need.all() else np.repeat(need, batch.n_symbols)
-                            name, part, n_rows = write_part(session, b, batch, batch.acts[layer], mask)
-                            written.append((b, name, part, n_rows, batch.record_ids[need]))
-                    commit_parts(session, written)
-                feed(batch)
-                bar.update(len(batch.record_ids))
+            block_ids = plan_batches(session, plan.dataset, plan.record_ids, plan.batch_size)
+            source = forward_batches(session, adapter, plan.model, plan.layers, plan.dataset, block_ids, counts)
+            keep = KeepActivations(session, plan, mrow["checksum"], tokenization, widths) if plan.keep_activations else None
+        labels = LabelStream(session, plan, tokenization, block_ids, counts)
+        bar = progress_bar(len(plan.record_ids), f"inspect {plan.model} ({plan.source})", "rec", show)
+        try:
+            for batch in source:
+                if not stored and keep is not None:
+                    keep.write(batch)
+                y = labels.next(batch.record_ids)
+                rec = torch.from_numpy(np.repeat(batch.record_ids, batch.n_symbols))
+                for layer, x in batch.acts.items():
+                    for m in plan.measures:
+                        states[(layer, m)].update(x, y[:, take[m]], rec)
+                bar.update(len(batch.record_ids) * len(batch.acts) / len(plan.layers))
+        finally:
+            labels.close()
             bar.close()
+        n_symbols = int(sum(counts[int(r)] for r in plan.record_ids))
         if n_symbols == 0:
             raise EmptyDatasetError(f"the selected records of dataset {plan.dataset!r} hold no symbols")
         return {"states": states, "n_symbols": n_symbols}

@@ -112,10 +112,6 @@ class ModelAdapter:
                 out.append(output[b, torch.as_tensor(idx, device=output.device)])
         return out
 
-    def sort_key(self, text: str) -> int:
-        """Records are batched in order of this key (length) to reduce padding."""
-        return len(text)
-
 
 class CharAdapter(ModelAdapter):
     """Character-level sequence models: one symbol per character, ids from ``encode_chars``."""

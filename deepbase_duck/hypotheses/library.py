@@ -74,11 +74,22 @@ def keyword_set(name: str, words, case_sensitive: bool = True, whole_word: bool 
                       description or f"whole-word occurrences of {len(words)} keywords")
 
 
+def _codepoints(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+
 def _char_class_fn(text, cls, chars):
+    cp = _codepoints(text)
     if chars is not None:
-        return np.fromiter((c in chars for c in text), dtype=np.float64, count=len(text))
+        return np.isin(cp, np.fromiter((ord(c) for c in chars), np.uint32)).astype(np.float64)
     test = CHAR_CLASSES[cls]
-    return np.fromiter((test(c) for c in text), dtype=np.float64, count=len(text))
+    table = np.fromiter((bool(test(chr(i))) for i in range(128)), bool, 128)
+    out = np.zeros(len(cp))
+    ascii_ = cp < 128
+    out[ascii_] = table[cp[ascii_]]
+    for i in np.flatnonzero(~ascii_):                    # the rare non-ASCII characters
+        out[i] = bool(test(text[i]))
+    return out
 
 
 def char_class(name: str, cls: str | None = None, chars: str | None = None,
@@ -94,18 +105,14 @@ def char_class(name: str, cls: str | None = None, chars: str | None = None,
 
 
 def _bracket_fn(text, opening, closing):
-    depth = 0
-    out = np.zeros(len(text))
-    for i, c in enumerate(text):
-        if c in opening:
-            depth += 1
-            out[i] = depth
-        elif c in closing:
-            out[i] = depth
-            depth = max(depth - 1, 0)
-        else:
-            out[i] = depth
-    return out
+    cp = _codepoints(text)
+    opens = np.isin(cp, np.fromiter((ord(c) for c in opening), np.uint32))
+    closes = np.isin(cp, np.fromiter((ord(c) for c in closing), np.uint32))
+    walk = np.cumsum(opens.astype(np.int64) - closes)
+    # depth never goes below 0 (an unmatched closing bracket is ignored): the walk reflected at 0
+    depth = walk - np.minimum(np.minimum.accumulate(walk), 0) if len(walk) else walk
+    before = np.concatenate([[0], depth[:-1]]) if len(depth) else depth
+    return np.where(closes, before, depth).astype(np.float64)
 
 
 def bracket_depth(name: str = "bracket_depth", pairs: str = "()[]{}", description: str = "") -> Hypothesis:
@@ -137,8 +144,10 @@ def _ladder(text):
     return [" " * w + "if 1:\n" for w in widths if w < first]
 
 
+@functools.lru_cache(maxsize=64)
 def _tokens(text):
-    """The tokens of ``text`` that tokenize yields before any error, positions in ``text``."""
+    """The tokens of ``text`` that tokenize yields before any error, positions in ``text``.
+    Cached for the last few texts: several code hypotheses tokenize the same record."""
     ladder = _ladder(text) if text[:1] in (" ", "\t") or "\n " in text[:200] else []
     k = len(ladder)
     out = []
@@ -146,10 +155,11 @@ def _tokens(text):
         for tok in tokenize.generate_tokens(io.StringIO("".join(ladder) + text).readline):
             if tok.start[0] <= k:
                 continue
-            out.append(tok._replace(start=(tok.start[0] - k, tok.start[1]), end=(tok.end[0] - k, tok.end[1])))
+            out.append(tok._replace(start=(tok.start[0] - k, tok.start[1]), end=(tok.end[0] - k, tok.end[1]))
+                       if k else tok)
     except (tokenize.TokenError, IndentationError, SyntaxError):
         pass
-    return out
+    return tuple(out)
 
 
 def _offset(starts, pos):
@@ -215,12 +225,11 @@ def indent_level_fn(text):
 
 
 def position_in_line_fn(text):
-    out = np.empty(len(text))
-    col = 0
-    for i, c in enumerate(text):
-        out[i] = col
-        col = 0 if c == "\n" else col + 1
-    return out
+    cp = _codepoints(text)
+    i = np.arange(len(cp))
+    after_newline = np.concatenate([[False], cp[:-1] == 10]) if len(cp) else np.zeros(0, bool)
+    line_start = np.maximum.accumulate(np.where(after_newline, i, 0)) if len(cp) else i
+    return (i - line_start).astype(np.float64)
 
 
 register(Hypothesis("in_string", in_string_fn, "binary",

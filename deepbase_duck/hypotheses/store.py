@@ -59,64 +59,90 @@ def upsert_catalog(con, h: Hypothesis) -> None:
                     [h.name, h.kind, h.description, h.version, cats, h.source])
 
 
-def missing_records(con, h: dict, dataset: str, record_ids: np.ndarray) -> np.ndarray:
-    done = store.q_arrow(con, "SELECT record_id FROM labeled_records WHERE hypothesis = ? AND version = ? "
-                              "AND dataset = ?", [h["name"], h["version"], dataset]).column(0).to_numpy()
-    return np.setdiff1d(np.asarray(record_ids, dtype=np.int64), done.astype(np.int64))
+def missing_records(con, hyps: list[dict], dataset: str, record_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """For each hypothesis, the ids among ``record_ids`` whose labels (of its version) are not
+    stored yet; one query for all of them."""
+    ids = np.asarray(record_ids, dtype=np.int64)
+    wanted = pa.table({"hypothesis": pa.array([h["name"] for h in hyps], pa.string()),
+                       "version": pa.array([h["version"] for h in hyps], pa.string())})
+    con.register("__dbd_label_ids", pa.table({"record_id": pa.array(ids.astype(np.int32))}))
+    con.register("__dbd_label_hyps", wanted)
+    try:
+        done = store.q_arrow(con, "SELECT l.hypothesis, l.record_id FROM labeled_records l "
+                                  "JOIN __dbd_label_hyps w USING (hypothesis, version) "
+                                  "SEMI JOIN __dbd_label_ids i ON i.record_id = l.record_id "
+                                  "WHERE l.dataset = ?", [dataset])
+    finally:
+        con.unregister("__dbd_label_ids")
+        con.unregister("__dbd_label_hyps")
+    names = done.column(0).to_numpy(zero_copy_only=False)
+    recs = done.column(1).to_numpy().astype(np.int64)
+    return {h["name"]: np.setdiff1d(ids, recs[names == h["name"]]) for h in hyps}
 
 
 def annotate(session, hypotheses, dataset: str, record_ids=None, progress: bool | None = None) -> list[dict]:
     """Compute and store the labels of ``hypotheses`` for the records of ``dataset`` (all, or
-    ``record_ids``). Returns one summary dict per hypothesis."""
+    ``record_ids``). Returns one summary dict per hypothesis.
+
+    Records are processed in chunks; each chunk's labels of every hypothesis and the rows of
+    ``labeled_records`` that mark them done are appended in one transaction, so an interrupted
+    run keeps its finished chunks and resumes after them."""
     con = session.con
     session.check_dataset(dataset)
-    all_ids = session.record_ids(dataset)
-    ids = all_ids if record_ids is None else np.asarray(record_ids, dtype=np.int64)
-    summaries = []
-    for h in resolve(con, hypotheses):
-        live = h["live"]
-        todo = missing_records(con, h, dataset, ids)
-        if live is None:
-            if len(todo):
-                raise UnknownNameError("hypothesis", h["name"], registry())
-            summaries.append({"hypothesis": h["name"], "labeled": 0, "reused": len(ids)})
-            continue
-        upsert_catalog(con, live)
-        todo = missing_records(con, h, dataset, ids)
-        bar = progress_bar(len(todo), f"labels {h['name']}", "rec",
-                           session.progress if progress is None else progress)
-        for lo in range(0, len(todo), CHUNK):
-            chunk = todo[lo:lo + CHUNK]
-            texts = session.texts(dataset, chunk)
-            cols = {"rid": [], "s": [], "e": [], "v": []}
-            counts = []
+    ids = session.record_ids(dataset) if record_ids is None else np.asarray(record_ids, dtype=np.int64)
+    hyps = resolve(con, hypotheses)
+    missing = missing_records(con, hyps, dataset, ids)
+    for h in hyps:
+        if len(missing[h["name"]]) and h["live"] is None:
+            raise UnknownNameError("hypothesis", h["name"], registry())
+    for h in hyps:
+        if len(missing[h["name"]]):
+            upsert_catalog(con, h["live"])
+    todo = np.unique(np.concatenate([m for m in missing.values()])) if hyps else np.zeros(0, np.int64)
+    need = {h["name"]: set(missing[h["name"]].tolist()) for h in hyps}
+    bar = progress_bar(len(todo), f"labels {dataset}", "rec", session.progress if progress is None else progress)
+    for lo in range(0, len(todo), CHUNK):
+        chunk = todo[lo:lo + CHUNK]
+        texts = session.texts(dataset, chunk)
+        cols = {k: [] for k in ("hyp", "ver", "rid", "s", "e", "v")}
+        marks = {k: [] for k in ("hyp", "ver", "rid", "n")}
+        for h in hyps:
+            live = h["live"]
             for rid in chunk:
+                if int(rid) not in need[h["name"]]:
+                    continue
                 s, e, v = live.spans(texts[int(rid)], record=f"{dataset}:{int(rid)}")
-                cols["rid"].append(np.full(len(s), rid, np.int32))
+                n = len(s)
+                cols["hyp"].append([live.name] * n); cols["ver"].append([live.version] * n)
+                cols["rid"].append(np.full(n, rid, np.int32))
                 cols["s"].append(s); cols["e"].append(e); cols["v"].append(v)
-                counts.append(len(s))
-            n = sum(counts)
-            labels = pa.table({
-                "hypothesis": pa.array([live.name] * n, pa.string()),
-                "version": pa.array([live.version] * n, pa.string()),
-                "dataset": pa.array([dataset] * n, pa.string()),
-                "record_id": pa.array(np.concatenate(cols["rid"]) if n else np.zeros(0, np.int32)),
-                "start_char": pa.array(np.concatenate(cols["s"]).astype(np.int32) if n else np.zeros(0, np.int32)),
-                "end_char": pa.array(np.concatenate(cols["e"]).astype(np.int32) if n else np.zeros(0, np.int32)),
-                "value": pa.array(np.concatenate(cols["v"]).astype(np.float64) if n else np.zeros(0)),
-            })
-            done = pa.table({
-                "hypothesis": pa.array([live.name] * len(chunk), pa.string()),
-                "version": pa.array([live.version] * len(chunk), pa.string()),
-                "dataset": pa.array([dataset] * len(chunk), pa.string()),
-                "record_id": pa.array(np.asarray(chunk, np.int32)),
-                "n_spans": pa.array(np.asarray(counts, np.int32)),
-            })
-            with store.Transaction(con):
-                if n:
-                    store.insert_arrow(con, "labels", labels)
-                store.insert_arrow(con, "labeled_records", done)
-            bar.update(len(chunk))
-        bar.close()
-        summaries.append({"hypothesis": live.name, "labeled": int(len(todo)), "reused": int(len(ids) - len(todo))})
-    return summaries
+                marks["hyp"].append(live.name); marks["ver"].append(live.version)
+                marks["rid"].append(int(rid)); marks["n"].append(n)
+        labels = pa.table({
+            "hypothesis": pa.array([x for part in cols["hyp"] for x in part], pa.string()),
+            "version": pa.array([x for part in cols["ver"] for x in part], pa.string()),
+            "dataset": pa.array([dataset] * sum(marks["n"]), pa.string()),
+            "record_id": pa.array(_cat(cols["rid"], np.int32)),
+            "start_char": pa.array(_cat(cols["s"], np.int32)),
+            "end_char": pa.array(_cat(cols["e"], np.int32)),
+            "value": pa.array(_cat(cols["v"], np.float64)),
+        })
+        done = pa.table({
+            "hypothesis": pa.array(marks["hyp"], pa.string()),
+            "version": pa.array(marks["ver"], pa.string()),
+            "dataset": pa.array([dataset] * len(marks["rid"]), pa.string()),
+            "record_id": pa.array(np.asarray(marks["rid"], np.int32)),
+            "n_spans": pa.array(np.asarray(marks["n"], np.int32)),
+        })
+        with store.Transaction(con):
+            if labels.num_rows:
+                store.insert_arrow(con, "labels", labels)
+            store.insert_arrow(con, "labeled_records", done)
+        bar.update(len(chunk))
+    bar.close()
+    return [{"hypothesis": h["name"], "labeled": int(len(missing[h["name"]])),
+             "reused": int(len(ids) - len(missing[h["name"]]))} for h in hyps]
+
+
+def _cat(parts, dtype):
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)

@@ -1,6 +1,8 @@
 """The inspector protocol and the registry of measures."""
 from __future__ import annotations
 
+import threading
+
 import pyarrow as pa
 import torch
 
@@ -19,6 +21,25 @@ SCORE_SCHEMA = pa.schema([
 ])
 
 MEASURES: dict[str, type] = {}
+
+_SCRATCH = threading.local()
+
+
+def scratch(rows: int, cols: int, dtype=torch.float64, device="cpu") -> torch.Tensor:
+    """A (rows, cols) work buffer reused across calls in this thread (grow-only).
+
+    Fresh multi-megabyte float64 tensors cost page faults on every batch; states that need a
+    temporary copy of a batch write into this buffer instead. The contents are garbage on entry
+    and must not be kept across calls."""
+    key = (str(torch.device(device)), dtype)
+    cache = getattr(_SCRATCH, "buffers", None)
+    if cache is None:
+        cache = _SCRATCH.buffers = {}
+    buf = cache.get(key)
+    need = rows * cols
+    if buf is None or buf.numel() < need:
+        buf = cache[key] = torch.empty(max(need, 1), dtype=dtype, device=device)
+    return buf[:need].view(rows, cols)
 
 
 def register_measure(cls):

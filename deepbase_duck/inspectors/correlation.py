@@ -20,7 +20,7 @@ import pyarrow as pa
 import torch
 from scipy import stats
 
-from .base import InspectorState, SCORE_SCHEMA, register_measure
+from .base import InspectorState, SCORE_SCHEMA, register_measure, scratch
 
 F64 = torch.float64
 
@@ -49,30 +49,37 @@ class PearsonState(InspectorState):
     def update(self, acts: torch.Tensor, labels: torch.Tensor, record_ids=None) -> None:
         if acts.shape[0] == 0:
             return
-        x = acts.to(self.device, F64)
+        x = acts.to(self.device)
         y = labels.to(self.device, F64)
         mask = ~torch.isnan(y)
-        m = mask.to(F64)
-        nb = m.sum(0)                                            # (H,)
-        y0 = torch.where(mask, y, torch.zeros((), dtype=F64, device=self.device))
-        safe = nb.clamp(min=1)
-        myb = y0.sum(0) / safe                                   # masked label means (H,)
-        yc = (y0 - myb) * m                                      # centred, 0 where no label
-        shift = x.mean(0)                                        # (W,)
-        xc = x - shift
-        if bool(mask.all()):
-            sx = xc.sum(0)[:, None].expand(-1, nb.numel())
-            sxx = (xc * xc).sum(0)[:, None].expand(-1, nb.numel())
+        self.xmin = torch.minimum(self.xmin, x.amin(0).to(F64))
+        self.xmax = torch.maximum(self.xmax, x.amax(0).to(F64))
+        xc = scratch(x.shape[0], x.shape[1], F64, self.device)
+        xc.copy_(x)                                              # float64 copy, no allocation
+        shift = xc.mean(0)
+        xc.sub_(shift)                                           # centred on the batch mean
+        H = y.shape[1]
+        if bool(mask.all()):                                     # every symbol labelled: the usual case
+            nb = torch.full((H,), float(x.shape[0]), dtype=F64, device=self.device)
+            myb = y.mean(0)
+            yc = y - myb
+            cb = xc.T @ yc
+            mxb = shift[:, None].expand(-1, H)                   # the sum of xc is 0 up to rounding
+            m2xb = xc.square_().sum(0)[:, None].expand(-1, H)    # (xc is spent after this)
         else:
+            m = mask.to(F64)
+            nb = m.sum(0)
+            safe = nb.clamp(min=1)
+            y0 = torch.where(mask, y, torch.zeros((), dtype=F64, device=self.device))
+            myb = y0.sum(0) / safe
+            yc = (y0 - myb) * m                                  # 0 where no label
+            cb = xc.T @ yc
             sx = xc.T @ m
-            sxx = (xc * xc).T @ m
-        mxb = sx / safe + shift[:, None]
-        m2xb = (sxx - sx * sx / safe).clamp(min=0)
+            sxx = xc.square_().T @ m
+            mxb = sx / safe + shift[:, None]
+            m2xb = (sxx - sx * sx / safe).clamp(min=0)
+            cb = cb - sx * (yc.sum(0) / safe)                   # centre x on its masked mean
         m2yb = (yc * yc).sum(0)
-        cb = xc.T @ yc
-        lo, hi = torch.aminmax(x, dim=0)
-        self.xmin = torch.minimum(self.xmin, lo)
-        self.xmax = torch.maximum(self.xmax, hi)
         self._merge(nb, mxb, myb, m2xb, m2yb, cb)
 
     def _merge(self, nb, mxb, myb, m2xb, m2yb, cb):
