@@ -114,7 +114,7 @@ def cmd_demo(args) -> int:
               f"{sum(len(r['text']) for r in records):,} characters of held-out stdlib code "
               f"from {len({r['source'] for r in records})} files")
         scores = dbd.inspect(con, "charlstm", ["lstm0", "lstm1"], hyps, dataset,
-                             keep_activations=not args.no_keep)
+                             keep_activations=not args.no_keep, dtype="float16")
         qid = scores.column("query_id")[0].as_py()
         print(f"\nTop units per hypothesis (Pearson r over every character; query {qid}):\n")
         print(top_units_table(con, qid, args.top))
