@@ -158,3 +158,38 @@ def test_span_alignment_tie_goes_to_the_earliest_character(con):
     ensure_symbols(dbd.catalog.session_of(con), Pairs(), "ties", [0])
     got = con.sql("SELECT pos, value FROM symbol_labels('ties', 'pairs', ['digit']) ORDER BY pos").fetchall()
     assert got == [(0, 0.0), (1, 0.0), (2, 1.0)]     # "b1": 1:1 tie -> the value of "b"
+
+
+def test_vectorised_builtins_equal_the_plain_definitions():
+    """bracket_depth, position_in_line and char classes are vectorised; check them against
+    the character-by-character definitions on random texts (non-ASCII included)."""
+    from deepbase_duck.hypotheses.library import _bracket_fn, _char_class_fn, position_in_line_fn
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        t = "".join(rng.choice(list("()[]{}ab\n éZ7\t"), size=int(rng.integers(0, 50))))
+        d, ref = 0, []
+        for ch in t:
+            if ch in "([{":
+                d += 1; ref.append(d)
+            elif ch in ")]}":
+                ref.append(d); d = max(d - 1, 0)
+            else:
+                ref.append(d)
+        assert _bracket_fn(t, frozenset("([{"), frozenset(")]}")).tolist() == ref
+        col, cols = 0, []
+        for ch in t:
+            cols.append(col); col = 0 if ch == "\n" else col + 1
+        assert position_in_line_fn(t).tolist() == cols
+        for cls, test in (("space", str.isspace), ("alpha", str.isalpha), ("upper", str.isupper),
+                          ("digit", str.isdigit)):
+            assert _char_class_fn(t, cls, None).tolist() == [float(test(c)) for c in t]
+
+
+def test_code_hypotheses_on_a_fragment_that_starts_indented():
+    """A record cut from the middle of a class starts indented and dedents below its first
+    line; tokenize alone refuses it, the ladder of virtual lines makes it readable."""
+    frag = "        return self.x  # done\n\n    @property\n    def y(self):\n        'doc'\n\nz = 1\n"
+    assert chars_where("in_comment", frag) == "# done"
+    assert chars_where("in_string", frag) == "'doc'"
+    lab = per_char_labels(get_hypothesis("indent_level"), frag)
+    assert [lab[frag.index(s)] for s in ("return", "@property", "def y", "'doc'", "z = 1")] == [2, 1, 1, 2, 0]
