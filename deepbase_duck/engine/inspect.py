@@ -89,6 +89,12 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
     measures = list(measures or ["corr"])
     for m in measures:
         measure_class(m)
+    for m, value in measure_params.items():
+        if m not in measures:
+            raise DeepBaseError(f"parameters given for measure {m!r}, which the query does not compute "
+                                f"(measures: {', '.join(measures)})")
+        if not isinstance(value, dict):
+            raise DeepBaseError(f"parameters of measure {m!r} must be a dict, got {type(value).__name__}")
     if not hypotheses:
         raise DeepBaseError("no hypotheses given")
     session.check_dataset(dataset)

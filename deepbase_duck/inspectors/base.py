@@ -70,11 +70,17 @@ class InspectorState:
                 raise DeepBaseError(
                     f"measure {self.measure!r} does not take {h['kind']} hypotheses (hypothesis "
                     f"{h['name']!r}); it takes: {', '.join(self.accepts)}")
+        if params:
+            import inspect as _inspect
+            valid = [p for c in type(self).__mro__ if "__init__" in vars(c)
+                     for p in _inspect.signature(c.__init__).parameters
+                     if p not in ("self", "width", "hypotheses", "device", "params")]
+            raise DeepBaseError(f"measure {self.measure!r}: unknown parameter(s) {', '.join(sorted(params))}; "
+                                f"valid: {', '.join(sorted(set(valid))) or '(none)'}")
         self.width = int(width)
         self.hypotheses = list(hypotheses)
         self.names = [h["name"] for h in hypotheses]
         self.device = torch.device(device)
-        self.params = params
 
     def update(self, acts: torch.Tensor, labels: torch.Tensor, record_ids: torch.Tensor | None = None) -> None:
         """Fold in a batch: ``acts`` (n, width) float, ``labels`` (n, H) float64 with NaN where a

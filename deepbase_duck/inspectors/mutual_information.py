@@ -180,7 +180,7 @@ class MutualInformationState(InspectorState):
         if self.edges is None:
             raise DeepBaseError("mi: empty_like() needs a calibrated state (edges fixed)")
         new = type(self)(self.width, self.hypotheses, self.device, bins=self.bins,
-                         calibration_rows=self.calibration_rows, confidence=self.confidence, **self.params)
+                         calibration_rows=self.calibration_rows, confidence=self.confidence)
         new._set_edges(self.edges.clone(), self.rule)
         return new
 

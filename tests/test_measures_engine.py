@@ -1,0 +1,136 @@
+"""Every measure through the engine and the SQL surface, on the planted-unit model."""
+from __future__ import annotations
+
+import json
+
+import duckdb
+import numpy as np
+import pytest
+import torch
+
+import deepbase_duck as dbd
+from deepbase_duck.errors import DeepBaseError
+from deepbase_duck.hypotheses.core import Hypothesis, register
+from deepbase_duck.inspectors import MEASURES
+
+from deepbase_duck.extraction.adapters import CharAdapter
+from deepbase_duck.models.charlstm import encode_chars
+
+from conftest import DIGIT_IDS, TEXTS, planted_adapter
+
+# unit 0 copies `digit` exactly; unit 1 is -digit + small noise; unit 2 is constant
+SIGNED = {"corr", "spearman", "pointbiserial"}
+
+
+@pytest.fixture
+def many(con):
+    dbd.register_model(con, "planted", planted_adapter())
+    dbd.add_dataset(con, "snippets", TEXTS * 4)
+    return con
+
+
+@pytest.mark.parametrize("measure", ["corr", "spearman", "pointbiserial", "probeless", "mi", "ap"])
+def test_planted_digit_unit_ranks_first(many, measure):
+    t = dbd.inspect(many, "planted", ["planted"], ["digit"], "snippets", measures=[measure]).to_pylist()
+    rows = [r for r in t if r["measure"] == measure and r["unit"] is not None and r["score"] is not None]
+    best = max(rows, key=lambda r: abs(r["score"]))
+    assert best["unit"] in (0, 1), (measure, best)
+    assert all(r["unit"] != 2 for r in rows), "the constant unit has no score"
+
+
+class Detector(torch.nn.Module):
+    """unit 0: a detector that fires on digits with a varying strength (continuous, no ties),
+    and is small noise elsewhere; units 1-3: noise."""
+
+    def forward(self, ids):
+        pos = torch.arange(ids.shape[1], dtype=torch.float64)[None, :].expand(ids.shape)
+        k = torch.arange(1, 5, dtype=torch.float64)
+        # a deterministic pseudo-random value per (position, unit): independent of batching
+        noise = (torch.frac(torch.sin(pos[..., None] * 12.9898 * k + 78.233 * k) * 43758.5453).abs() * 0.5).float()
+        digit = DIGIT_IDS[ids]
+        pos = pos.float()
+        fire = digit * (2.0 + torch.sin(pos))
+        return torch.cat([(fire + noise[..., 0] * (1 - digit))[..., None], noise[..., 1:]], -1)
+
+
+def test_dissection_finds_a_thresholded_detector(con):
+    """IoU at the top quantile: the unit that fires on digits is the detector; its IoU equals the
+    direct numpy formula (numpy.quantile threshold, intersection over union)."""
+    dbd.register_model(con, "detector", CharAdapter(torch.nn.Sequential(Detector()), encode_chars, "chars-test"))
+    texts = ["".join("7" if i % 150 == 0 else "a" for i in range(600)) + "\n"] * 6
+    dbd.add_dataset(con, "sparse_digits", texts)
+    t = dbd.inspect(con, "detector", ["0"], ["digit"], "sparse_digits",
+                    measures=["iou", "precision", "recall", "f1"], iou={"quantile": 0.005}).to_pylist()
+    iou = {r["unit"]: r for r in t if r["measure"] == "iou"}
+    best = max(iou.values(), key=lambda r: r["score"] or 0)
+    assert best["unit"] == 0
+    assert all((r["score"] or 0) < 0.2 for u, r in iou.items() if u != 0)
+    with torch.no_grad():
+        x = torch.cat([Detector()(torch.tensor([encode_chars(t)]))[0] for t in texts]).numpy().astype(np.float64)
+    digit = np.array([c.isdigit() for t in texts for c in t])
+    for u in range(4):
+        thr = np.quantile(x[:, u], 1 - 0.005)
+        hit = x[:, u] > thr
+        want = (hit & digit).sum() / (hit | digit).sum()
+        assert iou[u]["score"] == pytest.approx(want, abs=1e-12)
+        assert json.loads(iou[u]["detail"])["threshold"] == pytest.approx(thr, abs=1e-6)
+    assert best["score"] == pytest.approx(18 / 24)          # 0.5% of 3606 symbols = 18 above threshold
+    prec = {r["unit"]: r["score"] for r in t if r["measure"] == "precision"}
+    assert prec[0] == pytest.approx(1.0)
+
+
+def test_probe_through_engine_beats_majority(many):
+    t = dbd.inspect(many, "planted", ["planted"], ["digit", "in_string"], "snippets", measures=["probe"]).to_pylist()
+    probe = {r["hypothesis"]: r for r in t if r["measure"] == "probe"}
+    for h, r in probe.items():
+        d = json.loads(r["detail"])
+        assert r["unit"] is None and r["score"] >= d["majority"], (h, r, d)
+    assert probe["digit"]["score"] > 0.99
+    weights = sorted((r for r in t if r["measure"] == "probe_weight" and r["hypothesis"] == "digit"),
+                     key=lambda r: -r["score"])
+    assert weights[0]["unit"] in (0, 1)
+
+
+def test_categorical_hypothesis_goes_to_the_probe_whole(many):
+    register(Hypothesis("kind3", lambda t: ["d" if c.isdigit() else "a" if c.isalpha() else "o" for c in t],
+                        "categorical", categories=("d", "a", "o")))
+    t = dbd.inspect(many, "planted", ["planted"], ["kind3"], "snippets", measures=["probe", "corr"]).to_pylist()
+    assert {r["hypothesis"] for r in t if r["measure"] == "probe"} == {"kind3"}
+    assert {r["hypothesis"] for r in t if r["measure"] == "corr"} == {"kind3=d", "kind3=a", "kind3=o"}
+
+
+def test_sql_measures_and_params(many):
+    rows = many.sql("""
+        SELECT measure, count(*) FROM inspect('planted', ['planted'], ['digit'], 'snippets',
+                                               measures := ['corr', 'mi', 'iou', 'probe'],
+                                               params := '{"mi": {"bins": 4}, "probe": {"l2": 0.01}}')
+        GROUP BY measure ORDER BY measure""").fetchall()
+    got = dict(rows)
+    assert set(got) >= {"corr", "mi", "iou", "probe", "probe_weight"}
+    assert got["corr"] == 5 and got["mi"] == 5
+    # bins: the effective number per unit (tied quantile edges merge), at most the 4 asked for
+    bins = many.sql("SELECT max((detail->>'bins')::INT) FROM scores WHERE measure = 'mi'").fetchall()
+    assert bins == [(4,)]
+
+
+def test_measure_parameter_errors(many):
+    with pytest.raises(DeepBaseError, match=r"measure 'mi': unknown parameter\(s\) binz; valid: .*bins"):
+        dbd.inspect(many, "planted", ["planted"], ["digit"], "snippets", measures=["mi"], mi={"binz": 3})
+    with pytest.raises(DeepBaseError, match="parameters given for measure 'probe', which the query does not compute"):
+        dbd.inspect(many, "planted", ["planted"], ["digit"], "snippets", measures=["corr"], probe={"l1": 1})
+    with pytest.raises(duckdb.Error, match="params is not valid JSON"):
+        many.sql("SELECT * FROM inspect('planted', ['planted'], ['digit'], 'snippets', params := '{oops')").fetchall()
+
+
+def test_continuous_hypothesis_to_iou_is_refused(many):
+    with pytest.raises(DeepBaseError, match=r"measure 'iou' does not take continuous hypotheses \(hypothesis "
+                                            r"'bracket_depth'\)"):
+        dbd.inspect(many, "planted", ["planted"], ["bracket_depth"], "snippets", measures=["iou"])
+
+
+def test_every_registered_measure_runs_through_the_engine(many):
+    for m in sorted(MEASURES):
+        t = dbd.inspect(many, "planted", ["planted"], ["digit"], "snippets", measures=[m])
+        assert t.num_rows > 0, m
+        scores = np.array([s for s in t.column("score").to_pylist() if s is not None])
+        assert np.isfinite(scores).all(), m
