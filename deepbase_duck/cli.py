@@ -32,12 +32,14 @@ EXAMPLES = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deepbase-duck", description="Deep Neural Inspection inside DuckDB.")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    p = argparse.ArgumentParser(prog="deepbase-duck", description="Deep Neural Inspection inside DuckDB.",
+                                parents=[common])
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name, help_text):
-        return sub.add_parser(name, help=help_text, description=help_text,
+        return sub.add_parser(name, help=help_text, description=help_text, parents=[common],
                               epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=argparse.RawDescriptionHelpFormatter)
 
     d = add("demo", "Inspect the bundled char-LSTM on held-out standard-library code and print its top units.")
@@ -210,6 +212,7 @@ COMMANDS = {"demo": cmd_demo, "register-model": cmd_register, "add-stdlib": cmd_
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    args.quiet = getattr(args, "quiet", False)
     from deepbase_duck.errors import DeepBaseError
     import duckdb
     try:
@@ -217,6 +220,9 @@ def main(argv=None) -> int:
     except (DeepBaseError, duckdb.Error) as exc:
         print(f"deepbase-duck {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:                      # `deepbase-duck ... | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"deepbase-duck {args.command}: interrupted; stored work is kept and a re-run resumes",
               file=sys.stderr)

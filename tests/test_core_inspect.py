@@ -130,3 +130,45 @@ def test_inspect_streams_blocks_in_bounded_memory(planted):
     finally:
         PearsonState.update = orig
     assert max(seen) <= 4 and len(seen) == int(np.ceil(len(TEXTS) / 4))
+
+
+def test_correlation_state_on_random_data_against_scipy():
+    """Streaming over uneven batches plus combine equals scipy.stats.pearsonr (r, p, CI) to 1e-9,
+    with NaN labels excluded per hypothesis, a constant unit and a constant label giving NULL."""
+    from scipy import stats
+    from deepbase_duck.inspectors.correlation import PearsonState
+    rng = np.random.default_rng(7)
+    n, w = 3000, 6
+    x = rng.normal(size=(n, w)).astype(np.float32) * 3 + 40        # a large mean: cancellation risk
+    y = np.stack([rng.integers(0, 2, n), rng.normal(size=n) * 50 + 1e3, np.zeros(n)], 1).astype(np.float64)
+    x[:, 0] = y[:, 0] + rng.normal(size=n).astype(np.float32) * 0.1
+    x[:, 2] = 5.0                                                   # constant unit
+    y[::5, 1] = np.nan                                              # missing labels
+    hyps = [{"name": "b", "kind": "binary"}, {"name": "c", "kind": "continuous"}, {"name": "z", "kind": "binary"}]
+    state = PearsonState(w, hyps)
+    cuts = [0, 1, 17, 600, 601, 2000, n]
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        part = PearsonState(w, hyps)
+        part.update(torch.from_numpy(x[a:b]), torch.from_numpy(y[a:b]))
+        state.combine(part)
+    rows = {(r["unit"], r["hypothesis"]): r for r in state.finalize().to_pylist()}
+    for u in range(w):
+        for j, h in enumerate("bcz"):
+            r = rows[(u, h)]
+            if u == 2 or h == "z":
+                assert r["score"] is None and r["p_value"] is None
+                continue
+            m = ~np.isnan(y[:, j])
+            ref = stats.pearsonr(x[m, u].astype(np.float64), y[m, j])
+            ci = ref.confidence_interval(0.95)
+            assert r["n"] == m.sum()
+            assert r["score"] == pytest.approx(ref.statistic, abs=1e-9)
+            assert r["p_value"] == pytest.approx(ref.pvalue, abs=1e-9)
+            assert (r["ci_low"], r["ci_high"]) == pytest.approx((ci.low, ci.high), abs=1e-9)
+
+
+def test_constant_label_gives_null(planted):
+    from deepbase_duck.hypotheses.core import Hypothesis, register
+    register(Hypothesis("never", lambda t: [], "binary"))
+    rows = dbd.inspect(planted, "planted", ["planted"], ["never"], "snippets").to_pylist()
+    assert len(rows) == 5 and all(r["score"] is None and r["p_value"] is None for r in rows)
