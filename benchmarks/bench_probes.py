@@ -152,7 +152,7 @@ def run_sklearn(data, hyps, max_iter: int, tol: float):
     from sklearn.preprocessing import StandardScaler
     from deepbase_duck.inspectors.probes import test_split_mask
 
-    out, notes = {}, {"convergence_warnings": 0, "max_n_iter": 0, "fits": 0}
+    out, notes = {}, {"convergence_warnings": 0, "max_n_iter": 0, "sum_n_iter": 0, "fits": 0}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         t0 = time.perf_counter()
@@ -175,6 +175,7 @@ def run_sklearn(data, hyps, max_iter: int, tol: float):
                     clf = LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, tol=tol).fit(Xf, ytr_h)
                     notes["fits"] += 1
                     notes["max_n_iter"] = max(notes["max_n_iter"], int(np.max(clf.n_iter_)))
+                    notes["sum_n_iter"] += int(np.max(clf.n_iter_))
                     return clf
 
                 clf = fit(Xh)
@@ -254,7 +255,8 @@ def main():
     print()
     print(f"probe accuracy: max |ours - sklearn| = {100 * max_diff:.2f} points (limit 1); "
           f"top-k accuracy: max |diff| = {100 * max_topk_diff:.2f} points")
-    print(f"sklearn: {notes['fits']} fits per run, max n_iter {notes['max_n_iter']} (max_iter "
+    print(f"sklearn: {notes['fits']} fits per run, {notes['sum_n_iter']} L-BFGS iterations in all, max "
+          f"n_iter {notes['max_n_iter']} (max_iter "
           f"{args.sk_max_iter}, tol {args.sk_tol:g}), {notes['convergence_warnings']} ConvergenceWarning(s) in the last run")
     print(f"time (best of {args.repeat}): ours {bo:.2f} s (median {statistics.median(t_ours):.2f}), "
           f"sklearn {bs:.2f} s (median {statistics.median(t_sk):.2f})")

@@ -75,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--max-records", type=int, default=None)
     i.add_argument("--batch-size", type=int, default=16)
     i.add_argument("--keep-activations", action="store_true")
+    i.add_argument("--baseline", action="store_true", help="also score an untrained (re-initialised) copy")
     i.add_argument("--top", type=int, default=5, help="units shown per hypothesis")
 
     add("hypotheses", "List the hypotheses this installation can compute.")
@@ -83,16 +84,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def top_units_table(con, query_id: int, k: int) -> str:
     rows = con.sql(f"""
-        SELECT hypothesis, layer, unit, score, ci_low, ci_high, n
-        FROM scores WHERE query_id = {int(query_id)} AND score IS NOT NULL
-        QUALIFY row_number() OVER (PARTITION BY hypothesis, measure ORDER BY abs(score) DESC, layer, unit) <= {int(k)}
-        ORDER BY hypothesis, abs(score) DESC, layer, unit""").fetchall()
-    head = f"{'hypothesis':<18} {'layer':<8} {'unit':>5} {'r':>8}  {'95% CI':<17} {'n':>8}"
+        SELECT hypothesis || CASE WHEN measure <> 'corr' THEN ' [' || measure || ']' ELSE '' END,
+               CASE WHEN model LIKE '%~untrained' THEN layer || '~u' ELSE layer END, unit, score, ci_low, ci_high, n
+        FROM scores WHERE query_id = {int(query_id)} AND score IS NOT NULL AND unit IS NOT NULL
+        QUALIFY row_number() OVER (PARTITION BY model, hypothesis, measure ORDER BY abs(score) DESC, layer, unit) <= {int(k)}
+        ORDER BY 1, model, abs(score) DESC, layer, unit""").fetchall()
+    head = f"{'hypothesis':<18} {'layer':<8} {'unit':>5} {'score':>8}  {'95% CI':<17} {'n':>8}"
     lines = [head, "-" * len(head)]
     last = None
     for h, layer, unit, score, lo, hi, n in rows:
-        lines.append(f"{(h if h != last else ''):<18} {layer:<8} {unit:>5} {score:>8.3f}  "
-                     f"[{lo:6.3f}, {hi:6.3f}] {n:>8}")
+        ci = f"[{lo:6.3f}, {hi:6.3f}]" if lo is not None and hi is not None else " " * 16
+        lines.append(f"{(h if h != last else ''):<18} {layer:<8} {unit:>5} {score:>8.3f}  {ci} {n:>8}")
         last = h
     return "\n".join(lines)
 
@@ -118,7 +120,7 @@ def cmd_demo(args) -> int:
         scores = dbd.inspect(con, "charlstm", ["lstm0", "lstm1"], hyps, dataset,
                              keep_activations=not args.no_keep, dtype="float16")
         qid = scores.column("query_id")[0].as_py()
-        print(f"\nTop units per hypothesis (Pearson r over every character; query {qid}):\n")
+        print(f"\nTop units per hypothesis (score = Pearson r over every character; query {qid}):\n")
         print(top_units_table(con, qid, args.top))
         out_dir = store_path.parent / "scores_parquet"
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -191,7 +193,8 @@ def cmd_inspect(args):
     con = _open(args.store, args.quiet)
     try:
         t = dbd.inspect(con, args.model, args.layers, args.hypotheses, args.dataset, args.measures,
-                        limit=args.max_records, batch_size=args.batch_size, keep_activations=args.keep_activations)
+                        limit=args.max_records, batch_size=args.batch_size, keep_activations=args.keep_activations,
+                        baseline=args.baseline)
         print(top_units_table(con, t.column("query_id")[0].as_py(), args.top))
     finally:
         dbd.close(con)

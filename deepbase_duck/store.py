@@ -103,7 +103,10 @@ def insert_arrow(con, table: str, data: pa.Table, columns: list[str] | None = No
         col_sql = ", ".join(f'"{c}"' for c in cols)
         con.execute(f"INSERT INTO {table} ({col_sql}) SELECT {col_sql} FROM {name}")
     finally:
-        con.unregister(name)
+        try:
+            con.unregister(name)
+        except duckdb.Error:   # an aborted transaction refuses it; the INSERT's own error matters
+            pass
 
 
 class Transaction:

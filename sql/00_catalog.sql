@@ -139,7 +139,9 @@ CREATE TABLE IF NOT EXISTS queries (
 );
 
 -- One row per (query, model, layer, unit, hypothesis, measure). unit is NULL for scores of a
--- whole unit group (probes, CKA). detail holds the measure's own columns as JSON (a threshold,
+-- whole unit group (probes, CKA). q_value: Benjamini-Hochberg adjusted p-value over the query's
+-- family of tests of the same measure (every model, layer, unit and hypothesis of the query).
+-- detail holds the measure's own columns as JSON (a threshold,
 -- the bins, the train/test sizes...): detail->>'threshold'.
 CREATE TABLE IF NOT EXISTS scores (
     query_id   INTEGER,
@@ -153,5 +155,6 @@ CREATE TABLE IF NOT EXISTS scores (
     ci_low     DOUBLE,
     ci_high    DOUBLE,
     p_value    DOUBLE,
+    q_value    DOUBLE,
     detail     VARCHAR
 );

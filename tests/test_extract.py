@@ -177,3 +177,26 @@ def test_store_reopens_with_views_and_cache(tmp_path):
         assert n == sum(len(t) for t in TEXTS[:4])
     finally:
         dbd.close(con)
+
+
+def test_store_from_an_earlier_version_is_migrated(tmp_path):
+    """A store whose scores table predates q_value and detail opens, gains them, keeps its rows."""
+    import duckdb
+    db = str(tmp_path / "old.duckdb")
+    old = duckdb.connect(db, config={"storage_compatibility_version": "v1.5.0"})
+    old.execute("CREATE TABLE scores (query_id INTEGER, model VARCHAR, layer VARCHAR, unit INTEGER, "
+                "hypothesis VARCHAR, measure VARCHAR, score DOUBLE, n BIGINT, ci_low DOUBLE, ci_high DOUBLE, "
+                "p_value DOUBLE)")
+    old.execute("INSERT INTO scores VALUES (1, 'm', 'l', 0, 'h', 'corr', 0.5, 10, 0.1, 0.8, 0.01)")
+    old.close()
+    con = dbd.connect(db, progress=False)
+    try:
+        cols = [r[0] for r in con.sql("DESCRIBE scores").fetchall()]
+        assert {"q_value", "detail"} <= set(cols)
+        assert con.sql("SELECT score FROM scores").fetchall() == [(0.5,)]
+        dbd.register_model(con, "planted", planted_adapter())
+        dbd.add_dataset(con, "snippets", TEXTS[:3])
+        dbd.inspect(con, "planted", ["planted"], ["digit"], "snippets")
+        assert con.sql("SELECT count(*) FROM scores").fetchall() == [(6,)]
+    finally:
+        dbd.close(con)

@@ -134,3 +134,36 @@ def test_every_registered_measure_runs_through_the_engine(many):
         assert t.num_rows > 0, m
         scores = np.array([s for s in t.column("score").to_pylist() if s is not None])
         assert np.isfinite(scores).all(), m
+
+
+def test_q_values_are_benjamini_hochberg_over_the_query(many):
+    from scipy.stats import false_discovery_control
+    t = dbd.inspect(many, "planted", ["planted", "mix"], ["digit", "in_string", "bracket_depth"], "snippets",
+                    measures=["corr", "spearman"]).to_pylist()
+    for m in ("corr", "spearman"):
+        rows = [r for r in t if r["measure"] == m and r["p_value"] is not None]
+        want = false_discovery_control(np.array([r["p_value"] for r in rows]))
+        np.testing.assert_allclose([r["q_value"] for r in rows], want, rtol=1e-12, atol=1e-15)
+        assert all(r["q_value"] is None for r in t if r["measure"] == m and r["p_value"] is None)
+    stored = many.sql("SELECT count(*) FROM scores WHERE q_value IS NOT NULL").fetchall()[0][0]
+    assert stored == sum(r["q_value"] is not None for r in t)
+
+
+def test_untrained_baseline_in_the_same_result(many):
+    # the planted fixture itself is built under torch.manual_seed(0): seed 0 would rebuild it exactly
+    t = dbd.inspect(many, "planted", ["planted", "mix"], ["digit"], "snippets", baseline=True,
+                    baseline_seed=1).to_pylist()
+    models = {r["model"] for r in t}
+    assert models == {"planted", "planted~untrained"}
+    by = {(r["model"], r["layer"], r["unit"]): r["score"] for r in t}
+    # the `planted` layer has no trainable weights: identical scores; `mix` is re-initialised
+    for u in range(5):
+        assert by[("planted", "planted", u)] == by[("planted~untrained", "planted", u)]
+    assert any(by[("planted", "mix", u)] != pytest.approx(by[("planted~untrained", "mix", u)]) for u in range(4))
+    # seeded: the same baseline twice
+    t2 = dbd.inspect(many, "planted", ["mix"], ["digit"], "snippets", baseline=True, baseline_seed=1).to_pylist()
+    again = {r["unit"]: r["score"] for r in t2 if r["model"] == "planted~untrained"}
+    assert all(again[u] == pytest.approx(by[("planted~untrained", "mix", u)], abs=1e-12) for u in range(4))
+    sql = many.sql("SELECT DISTINCT model FROM inspect('planted', ['mix'], ['digit'], 'snippets', baseline := true) "
+                   "ORDER BY model").fetchall()
+    assert sql == [("planted",), ("planted~untrained",)]

@@ -34,7 +34,8 @@ from .extract import (Batch, commit_parts, cleanup_orphans, done_records, ensure
 RESULT_SCHEMA = pa.schema([
     ("query_id", pa.int32()), ("model", pa.string()), ("layer", pa.string()), ("unit", pa.int32()),
     ("hypothesis", pa.string()), ("measure", pa.string()), ("score", pa.float64()), ("n", pa.int64()),
-    ("ci_low", pa.float64()), ("ci_high", pa.float64()), ("p_value", pa.float64()), ("detail", pa.string()),
+    ("ci_low", pa.float64()), ("ci_high", pa.float64()), ("p_value", pa.float64()), ("q_value", pa.float64()),
+    ("detail", pa.string()),
 ])
 
 
@@ -372,34 +373,73 @@ def _plain(v):
     return v
 
 
+def untrained_copy(adapter, seed: int = 0):
+    """The same architecture with freshly initialised weights (torch.manual_seed(seed), then every
+    submodule's reset_parameters()): what the architecture alone produces."""
+    import copy
+    module = copy.deepcopy(adapter.module)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in module.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+    twin = copy.copy(adapter)
+    twin.module = module.eval()
+    twin._checksum = None
+    return twin
+
+
+def with_q_values(scores: pa.Table) -> pa.Table:
+    """Benjamini-Hochberg q-values per measure over every row of the table."""
+    from ..inspectors.significance import benjamini_hochberg
+    p = np.array(scores.column("p_value").to_pylist(), dtype=np.float64)
+    measures = np.array(scores.column("measure").to_pylist(), dtype=object)
+    q = np.full(len(p), np.nan)
+    for m in set(measures.tolist()):
+        sel = measures == m
+        q[sel] = benjamini_hochberg(p[sel])
+    i = scores.column_names.index("p_value") + 1
+    return scores.add_column(i, "q_value", pa.array(q, pa.float64(), from_pandas=True))
+
+
 def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), record_ids=None, limit=None,
             batch_size=16, keep_activations=False, dtype="float32", device=None, store_scores=True,
-            progress=None, engine=None, **measure_params) -> pa.Table:
+            progress=None, engine=None, baseline=False, baseline_seed=0, **measure_params) -> pa.Table:
     """Score ``layers`` of ``model`` against ``hypotheses`` over ``dataset``; returns (and stores)
-    rows of (query_id, model, layer, unit, hypothesis, measure, score, n, ci_low, ci_high, p_value)."""
+    rows of (query_id, model, layer, unit, hypothesis, measure, score, n, ci_low, ci_high, p_value,
+    q_value, detail). With ``baseline=True`` an untrained copy of the model ('<model>~untrained',
+    seeded by ``baseline_seed``) is scored by the same query, in the same result."""
     t0 = time.time()
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     plan = plan_inspect(session, model, layers, hypotheses, dataset, measures, record_ids, limit, batch_size,
                         keep_activations, dtype, device, **measure_params)
-    result = (engine or LocalEngine()).run(session, plan, progress)
+    runs = [(plan, (engine or LocalEngine()).run(session, plan, progress))]
+    if baseline:
+        twin_name = f"{model}~untrained"
+        session.register_model(twin_name, untrained_copy(session.adapter(model), baseline_seed))
+        twin = plan_inspect(session, twin_name, layers, hypotheses, dataset, measures, record_ids, limit,
+                            batch_size, False, dtype, device, **measure_params)
+        runs.append((twin, (engine or LocalEngine()).run(session, twin, progress)))
     tables = []
-    for (layer, m), state in result["states"].items():
-        t = state.finalize()
-        n = t.num_rows
-        tables.append(pa.table({
-            "model": pa.array([plan.model] * n, pa.string()), "layer": pa.array([layer] * n, pa.string()),
-            **{name: t.column(name).cast(SCORE_SCHEMA.field(name).type) for name in SCORE_SCHEMA.names},
-            "detail": detail_column(t)}))
-    scores = pa.concat_tables(tables)
+    for p, result in runs:
+        for (layer, m), state in result["states"].items():
+            t = state.finalize()
+            n = t.num_rows
+            tables.append(pa.table({
+                "model": pa.array([p.model] * n, pa.string()), "layer": pa.array([layer] * n, pa.string()),
+                **{name: t.column(name).cast(SCORE_SCHEMA.field(name).type) for name in SCORE_SCHEMA.names},
+                "detail": detail_column(t)}))
+    scores = with_q_values(pa.concat_tables(tables))
     con = session.con
     params = {"record_count": int(len(plan.record_ids)), "batch_size": plan.batch_size,
-              "keep_activations": plan.keep_activations, "measure_params": plan.measure_params}
+              "keep_activations": plan.keep_activations, "measure_params": plan.measure_params,
+              "baseline": bool(baseline), "baseline_seed": baseline_seed}
     with store.Transaction(con):
         qid = int(store.q_scalar(con, "SELECT coalesce(max(query_id), 0) + 1 FROM queries"))
         con.execute("INSERT INTO queries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [qid, plan.model, plan.dataset, plan.layers, [h["name"] for h in plan.hypotheses],
                      plan.measures, json.dumps(params, default=str), int(len(plan.record_ids)),
-                     int(result["n_symbols"]), plan.source, started, round(time.time() - t0, 4)])
+                     int(runs[0][1]["n_symbols"]), plan.source, started, round(time.time() - t0, 4)])
         scores = pa.table({"query_id": pa.array(np.full(scores.num_rows, qid, np.int32)),
                            **{c: scores.column(c) for c in scores.column_names}}).cast(RESULT_SCHEMA)
         if store_scores:

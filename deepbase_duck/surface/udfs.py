@@ -23,7 +23,7 @@ from ..errors import DeepBaseError
 
 RESULT_STRUCT = ("STRUCT(query_id INTEGER, model VARCHAR, layer VARCHAR, unit INTEGER, hypothesis VARCHAR, "
                  "measure VARCHAR, score DOUBLE, n BIGINT, ci_low DOUBLE, ci_high DOUBLE, p_value DOUBLE, "
-                 "detail VARCHAR)[]")
+                 "q_value DOUBLE, detail VARCHAR)[]")
 EXTRACT_STRUCT = ("STRUCT(model VARCHAR, layer VARCHAR, behavior_id INTEGER, view VARCHAR, dtype VARCHAR, "
                   "width INTEGER, extracted BIGINT, reused BIGINT, seconds DOUBLE)[]")
 ANNOTATE_STRUCT = "STRUCT(hypothesis VARCHAR, labeled BIGINT, reused BIGINT)[]"
@@ -75,7 +75,8 @@ def register_udfs(session: Session) -> None:
     from ..hypotheses.core import registry
     from ..hypotheses.store import annotate
 
-    def do_inspect(sub, model, layers, hypotheses, dataset, measures, max_records, batch_size, keep, params):
+    def do_inspect(sub, model, layers, hypotheses, dataset, measures, max_records, batch_size, keep, params,
+                   baseline):
         try:
             measure_params = json.loads(params) if params else {}
         except json.JSONDecodeError as exc:
@@ -85,7 +86,7 @@ def register_udfs(session: Session) -> None:
                                 "'{\"probe\": {\"l1\": 0.001}}'")
         t = inspect(sub, model, _list(layers), _list(hypotheses), dataset, _list(measures) or ["corr"],
                     limit=max_records, batch_size=batch_size or 16, keep_activations=bool(keep), progress=False,
-                    **measure_params)
+                    baseline=bool(baseline), **measure_params)
         return t.to_pylist()
 
     def do_extract(sub, model, layers, dataset, dtype, batch_size):
@@ -113,7 +114,7 @@ def register_udfs(session: Session) -> None:
 
     specs = [
         ("dbd_inspect", do_inspect, ["VARCHAR", "VARCHAR[]", "VARCHAR[]", "VARCHAR", "VARCHAR[]", "BIGINT",
-                                     "BIGINT", "BOOLEAN", "VARCHAR"], RESULT_STRUCT),
+                                     "BIGINT", "BOOLEAN", "VARCHAR", "BOOLEAN"], RESULT_STRUCT),
         ("dbd_extract", do_extract, ["VARCHAR", "VARCHAR[]", "VARCHAR", "VARCHAR", "BIGINT"], EXTRACT_STRUCT),
         ("dbd_annotate", do_annotate, ["VARCHAR[]", "VARCHAR"], ANNOTATE_STRUCT),
         ("dbd_register_model", do_register, ["VARCHAR", "VARCHAR", "VARCHAR"], "VARCHAR"),

@@ -1,0 +1,7 @@
+-- Migrations: bring a store written by an earlier deepbase_duck up to the current catalog.
+-- Each statement is idempotent (a new store already has everything), so the file runs on
+-- every open. Pure SQL: runs in the DuckDB CLI too.
+
+-- 0.1: scores gained the Benjamini-Hochberg q-value and the measure's own columns as JSON.
+ALTER TABLE scores ADD COLUMN IF NOT EXISTS q_value DOUBLE;
+ALTER TABLE scores ADD COLUMN IF NOT EXISTS detail VARCHAR;
