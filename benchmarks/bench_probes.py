@@ -21,17 +21,22 @@ and char_kind (categorical: letter / digit / space / punct, registered here). Ac
 labels are read from the store once (not timed); both sides start from the same in-memory
 float32 activations and float64 labels (NaN = no label).
 
-Fairness: both sides run on the same number of threads (``--threads``, default 2: torch intra-op
-threads, and BLAS + OpenMP through threadpoolctl for numpy/scipy/scikit-learn); scikit-learn is
-given the standardised features in the dtype ProbeState trains in (float64 up to 2**23 train
-cells, float32 above); its tol is its default (1e-4), its max_iter ProbeState's max_epochs (500);
-ProbeState runs with its defaults (l2 = 1e-3, topk = (1, 5, 10, 50)) except max_rows, raised to
-the number of rows when needed so that the "sample" is the whole split and both sides train on
-the same rows. The two sides alternate (ours first on even repeats, sklearn first on odd ones);
-the best time of each side is reported, with every repeat's.
+Fairness: both sides run on the same number of threads (``--threads``: torch intra-op threads,
+and BLAS + OpenMP through threadpoolctl for numpy/scipy/scikit-learn). The default is 1: on the
+project's shared 2-core machine anything else running (a CI job) leaves 2-thread OpenMP/BLAS
+code waiting on a descheduled thread, which slowed ours 2.6x and sklearn 12x in a trial run; pass
+``--threads 2`` on an idle machine. scikit-learn is given the standardised features in the dtype
+ProbeState trains in (float64 up to 2**23 train cells, float32 above); its tol is its default
+(1e-4), its max_iter ProbeState's max_epochs (500). ProbeState runs with its defaults (l2 = 1e-3,
+topk = (1, 5, 10, 50), L-BFGS tolerances as built in) except max_rows, raised to the number of
+rows when needed so that the "sample" is the whole split and both sides train on the same rows.
+Both timings start from the in-memory arrays: ours includes the updates (row hashing, split,
+sample) and finalize (rows out); sklearn's the split, the scaler, the fits, the rankings. The two
+sides alternate (ours first on even repeats, sklearn first on odd ones); the best time of each
+side is reported, with every repeat's.
 
-    .venv/bin/python benchmarks/bench_probes.py                       # 60k characters, 2 repeats
-    .venv/bin/python benchmarks/bench_probes.py --chars 20000 --repeat 1
+    .venv/bin/python benchmarks/bench_probes.py                       # 60k characters, 2 repeats, 1 thread
+    .venv/bin/python benchmarks/bench_probes.py --chars 20000 --repeat 1 --threads 2
 
 The held-out probe accuracies of the two sides must agree within 1 point (asserted).
 """
@@ -136,7 +141,7 @@ def run_ours(data, hyps):
             r = out.setdefault(key, {"topk": {}, "rank": {}})
             m = d["measure"][i]
             if m == "probe":
-                r.update(acc=d["score"][i], n_train=d["n_train"][i], n_test=d["n_test"][i])
+                r.update(acc=d["score"][i], n_train=d["n_train"][i], n_test=d["n_test"][i], majority=d["majority"][i])
             elif m == "probe_topk":
                 r["topk"][d["k"][i]] = d["score"][i]
             elif m == "probe_weight":
@@ -201,7 +206,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--chars", type=int, default=60_000, help="characters of held-out code")
     ap.add_argument("--repeat", type=int, default=2, help="runs of each side (interleaved); best kept")
-    ap.add_argument("--threads", type=int, default=2, help="threads for torch and for BLAS/OpenMP")
+    ap.add_argument("--threads", type=int, default=1, help="threads for torch and for BLAS/OpenMP (both sides)")
     ap.add_argument("--sk-max-iter", type=int, default=MAX_EPOCHS)
     ap.add_argument("--sk-tol", type=float, default=1e-4)
     args = ap.parse_args()
@@ -234,7 +239,7 @@ def main():
                   f"(order: {' then '.join(order)})")
 
     ks = sorted({min(k, next(iter(data.values()))[0].shape[1]) for k in TOPK})
-    head = (f"{'layer':6} {'hypothesis':15} {'n_train':>7} {'n_test':>6} {'ours':>6} {'sklearn':>7} "
+    head = (f"{'layer':6} {'hypothesis':15} {'n_train':>7} {'n_test':>6} {'major.':>6} {'ours':>6} {'sklearn':>7} "
             f"{'diff':>6} {'top10 shared':>12}  " + "  ".join(f"{'top' + str(k) + ' ours/sk':>15}" for k in ks))
     print()
     print(head)
@@ -249,7 +254,7 @@ def main():
         for k in ks:
             max_topk_diff = max(max_topk_diff, abs(a["topk"][k] - b["topk"][k]))
             cells.append(f"{a['topk'][k]:>7.4f}/{b['topk'][k]:<7.4f}")
-        print(f"{key[0]:6} {key[1]:15} {a['n_train']:>7} {a['n_test']:>6} {a['acc']:>6.4f} {b['acc']:>7.4f} "
+        print(f"{key[0]:6} {key[1]:15} {a['n_train']:>7} {a['n_test']:>6} {a['majority']:>6.4f} {a['acc']:>6.4f} {b['acc']:>7.4f} "
               f"{100 * d:>+6.2f} {shared:>9}/10  " + "  ".join(cells))
     bo, bs = min(t_ours), min(t_sk)
     print()

@@ -76,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--batch-size", type=int, default=16)
     i.add_argument("--keep-activations", action="store_true")
     i.add_argument("--baseline", action="store_true", help="also score an untrained (re-initialised) copy")
+    i.add_argument("--control", action="store_true", help="with --measures probe: control tasks and selectivity")
     i.add_argument("--top", type=int, default=5, help="units shown per hypothesis")
 
     add("hypotheses", "List the hypotheses this installation can compute.")
@@ -194,7 +195,7 @@ def cmd_inspect(args):
     try:
         t = dbd.inspect(con, args.model, args.layers, args.hypotheses, args.dataset, args.measures,
                         limit=args.max_records, batch_size=args.batch_size, keep_activations=args.keep_activations,
-                        baseline=args.baseline)
+                        baseline=args.baseline, control=args.control)
         print(top_units_table(con, t.column("query_id")[0].as_py(), args.top))
     finally:
         dbd.close(con)

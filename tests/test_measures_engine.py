@@ -167,3 +167,31 @@ def test_untrained_baseline_in_the_same_result(many):
     sql = many.sql("SELECT DISTINCT model FROM inspect('planted', ['mix'], ['digit'], 'snippets', baseline := true) "
                    "ORDER BY model").fetchall()
     assert sql == [("planted",), ("planted~untrained",)]
+
+
+def test_control_tasks_and_selectivity(many):
+    from deepbase_duck.engine.inspect import block_labels, plan_inspect
+    t = dbd.inspect(many, "planted", ["planted"], ["digit", "in_string"], "snippets", measures=["probe"],
+                    control=True).to_pylist()
+    acc = {r["hypothesis"]: r["score"] for r in t if r["measure"] == "probe"}
+    sel = {r["hypothesis"]: r["score"] for r in t if r["measure"] == "selectivity"}
+    assert set(acc) == {"digit", "in_string", "digit~control", "in_string~control"}
+    for h in ("digit", "in_string"):
+        assert sel[h] == pytest.approx(acc[h] - acc[f"{h}~control"], abs=1e-12)
+    assert sel["digit"] > 0
+    # a control label is a function of the word type (here: the character) alone
+    session = dbd.catalog.session_of(many)
+    plan = plan_inspect(session, "planted", ["planted"], ["digit"], "snippets", ["probe"], control=True)
+    from deepbase_duck.engine.inspect import class_frequencies
+    plan.control_freq = class_frequencies(session, plan, "chars-test")
+    ids = np.arange(8, dtype=np.int64)
+    counts = np.array([len(TEXTS[i]) for i in ids])
+    y = block_labels(session, plan, "chars-test", ids, counts).numpy()
+    j = [c["name"] for c in plan.label_columns].index("digit~control")
+    chars = "".join(TEXTS[i] for i in ids)
+    seen = {}
+    for ch, v in zip(chars, y[:, j]):
+        assert seen.setdefault(ch, v) == v
+    assert len(set(seen.values())) == 2          # both classes occur across types
+    with pytest.raises(DeepBaseError, match="control=True needs the 'probe' measure"):
+        dbd.inspect(many, "planted", ["planted"], ["digit"], "snippets", measures=["corr"], control=True)

@@ -56,12 +56,16 @@ class Plan:
     dtype: str = "float32"
     device: str = "cpu"
     measure_params: dict = field(default_factory=dict)
+    control: bool = False
+    control_freq: dict = field(default_factory=dict)   # real hypothesis -> class frequencies
 
 
-def _label_columns(hyps: list[dict], measures: list[str]):
+def _label_columns(hyps: list[dict], measures: list[str], control: bool = False):
     """Per measure, the label columns it scores: categorical hypotheses are expanded into one
     binary indicator column per category ('pos=NOUN') for measures that do not take categorical
-    hypotheses directly."""
+    hypotheses directly. With ``control``, the probe also gets a control task per binary or
+    categorical hypothesis ('pos~control', Hewitt & Liang 2019): each word type (a symbol's token
+    text) holds one class drawn from the hypothesis' class distribution."""
     all_cols, per_measure = {}, {}
     for m in measures:
         cls = measure_class(m)
@@ -73,6 +77,11 @@ def _label_columns(hyps: list[dict], measures: list[str]):
             else:
                 cols.append({"name": h["name"], "kind": h["kind"], "source": h["name"], "code": None,
                              "categories": h.get("categories")})
+        if control and m == "probe":
+            for h in hyps:
+                if h["kind"] in ("binary", "categorical"):
+                    cols.append({"name": f"{h['name']}~control", "kind": h["kind"], "source": h["name"],
+                                 "code": None, "categories": h.get("categories"), "control_of": h["name"]})
         per_measure[m] = cols
         for c in cols:
             all_cols.setdefault(c["name"], c)
@@ -80,7 +89,8 @@ def _label_columns(hyps: list[dict], measures: list[str]):
 
 
 def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",), record_ids=None, limit=None,
-                 batch_size=16, keep_activations=False, dtype="float32", device=None, **measure_params) -> Plan:
+                 batch_size=16, keep_activations=False, dtype="float32", device=None, control=False,
+                 **measure_params) -> Plan:
     if isinstance(layers, str):
         layers = [layers]
     if isinstance(hypotheses, str):
@@ -102,7 +112,16 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
     session.model_row(model)
     layers = session.check_layers(model, list(layers or []))
     hyps = resolve(session.con, list(hypotheses))
-    per_measure, cols = _label_columns(hyps, measures)
+    if control and "probe" not in measures:
+        raise DeepBaseError("control=True needs the 'probe' measure (control tasks score probe selectivity)")
+    per_measure, cols = _label_columns(hyps, measures, control)
+    if control:
+        controls = {c["name"]: c["control_of"] for c in per_measure["probe"] if c.get("control_of")}
+        if not controls:
+            raise DeepBaseError("control=True needs a binary or categorical hypothesis")
+        measure_params = dict(measure_params)
+        measure_params["probe"] = {**measure_params.get("probe", {}),
+                                   "control_of": {**measure_params.get("probe", {}).get("control_of", {}), **controls}}
     for m in measures:
         cls = measure_class(m)
         for c in per_measure[m]:
@@ -116,7 +135,8 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
         raise EmptyDatasetError(f"no records selected from dataset {dataset!r}")
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return Plan(model, layers, dataset, ids, hyps, measures, per_measure, cols, batch_size=int(batch_size),
-                keep_activations=bool(keep_activations), dtype=dtype, device=str(dev), measure_params=measure_params)
+                keep_activations=bool(keep_activations), dtype=dtype, device=str(dev), measure_params=measure_params,
+                control=bool(control))
 
 
 # -- blocks of labels ----------------------------------------------------------------------------
@@ -136,7 +156,7 @@ def block_labels(session, plan: Plan, tokenization: str, record_ids: np.ndarray,
     rec = t.column(1).to_numpy()
     row = offsets[order[np.searchsorted(record_ids[order], rec)]] + t.column(2).to_numpy()
     val = t.column(3).to_numpy(zero_copy_only=False).astype(np.float64)
-    direct = [j for j, c in enumerate(plan.label_columns) if c["code"] is None]
+    direct = [j for j, c in enumerate(plan.label_columns) if c["code"] is None and not c.get("control_of")]
     if direct:
         # columns that carry a hypothesis' values as they are: one scatter for all of them
         col_of_hyp = np.full(len(hyp_names), -1)
@@ -145,6 +165,21 @@ def block_labels(session, plan: Plan, tokenization: str, record_ids: np.ndarray,
         col = col_of_hyp[hyp]
         ok = col >= 0
         y[row[ok], col[ok]] = val[ok]
+    controls = [(j, c) for j, c in enumerate(plan.label_columns) if c.get("control_of")]
+    if controls:
+        from ..inspectors.probes import control_labels
+        sym = store.q_arrow(session.con, "SELECT record_id, pos, token FROM symbols WHERE dataset = ? AND "
+                                         "tokenization = ? AND list_contains(?, record_id)",
+                            [plan.dataset, tokenization, [int(r) for r in record_ids]])
+        srow = offsets[order[np.searchsorted(record_ids[order], sym.column(0).to_numpy())]] + sym.column(1).to_numpy()
+        types = np.array(sym.column(2).to_pylist(), dtype=object)
+        types[types == None] = ""  # noqa: E711  (a symbol without token text is one type)
+        for j, c in controls:
+            real = y[:, [i for i, x in enumerate(plan.label_columns) if x["name"] == c["control_of"]][0]]
+            freq = plan.control_freq[c["control_of"]]
+            lab = np.full(n, np.nan)
+            lab[srow] = control_labels(types, len(freq), freq, seed=0)
+            y[:, j] = np.where(np.isnan(real), np.nan, lab)     # the same symbols as the real task
     for j, c in enumerate(plan.label_columns):
         if c["code"] is not None:                     # one indicator column per category
             sel = hyp == hyp_names.index(c["source"])
@@ -214,6 +249,26 @@ def read_part_block(ids: list[int], files: dict, counts: dict) -> Batch:
         acts[layer] = torch.from_numpy(np.array(x, dtype=np.float32))   # Arrow buffers are read-only
     n = np.asarray([counts[r] for r in ids])
     return Batch(want, n, acts)
+
+
+def class_frequencies(session, plan: Plan, tokenization: str) -> dict:
+    """Class counts of each hypothesis that has a control task, over the selected records (their
+    labels are materialised first)."""
+    reals = sorted({c["control_of"] for c in plan.label_columns if c.get("control_of")})
+    annotate(session, [h["live"] or h["name"] for h in plan.hypotheses if h["name"] in reals], plan.dataset,
+             plan.record_ids, progress=False)
+    out = {}
+    for name in reals:
+        h = next(x for x in plan.hypotheses if x["name"] == name)
+        k = 2 if h["kind"] == "binary" else len(h["categories"])
+        rows = store.q_all(session.con, "SELECT value::INTEGER, count(*) FROM symbol_labels(?, ?, [?], recs := ?) "
+                                        "WHERE value IS NOT NULL GROUP BY ALL",
+                           [plan.dataset, tokenization, name, [int(r) for r in plan.record_ids]])
+        freq = np.zeros(k)
+        for code, cnt in rows:
+            freq[int(code)] = cnt
+        out[name] = freq
+    return out
 
 
 class LabelStream:
@@ -337,6 +392,8 @@ class LocalEngine:
             block_ids = plan_batches(session, plan.dataset, plan.record_ids, plan.batch_size)
             source = forward_batches(session, adapter, plan.model, plan.layers, plan.dataset, block_ids, counts)
             keep = KeepActivations(session, plan, mrow["checksum"], tokenization, widths) if plan.keep_activations else None
+        if plan.control:
+            plan.control_freq = class_frequencies(session, plan, tokenization)
         labels = LabelStream(session, plan, tokenization, block_ids, counts)
         bar = progress_bar(len(plan.record_ids), f"inspect {plan.model} ({plan.source})", "rec", show)
         try:
@@ -404,21 +461,23 @@ def with_q_values(scores: pa.Table) -> pa.Table:
 
 def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), record_ids=None, limit=None,
             batch_size=16, keep_activations=False, dtype="float32", device=None, store_scores=True,
-            progress=None, engine=None, baseline=False, baseline_seed=0, **measure_params) -> pa.Table:
+            progress=None, engine=None, baseline=False, baseline_seed=0, control=False, **measure_params) -> pa.Table:
     """Score ``layers`` of ``model`` against ``hypotheses`` over ``dataset``; returns (and stores)
     rows of (query_id, model, layer, unit, hypothesis, measure, score, n, ci_low, ci_high, p_value,
     q_value, detail). With ``baseline=True`` an untrained copy of the model ('<model>~untrained',
-    seeded by ``baseline_seed``) is scored by the same query, in the same result."""
+    seeded by ``baseline_seed``) is scored by the same query, in the same result. With
+    ``control=True`` (probe measure) every binary or categorical hypothesis gets a control task
+    and the result holds 'selectivity' rows (probe accuracy minus control accuracy)."""
     t0 = time.time()
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     plan = plan_inspect(session, model, layers, hypotheses, dataset, measures, record_ids, limit, batch_size,
-                        keep_activations, dtype, device, **measure_params)
+                        keep_activations, dtype, device, control, **measure_params)
     runs = [(plan, (engine or LocalEngine()).run(session, plan, progress))]
     if baseline:
         twin_name = f"{model}~untrained"
         session.register_model(twin_name, untrained_copy(session.adapter(model), baseline_seed))
         twin = plan_inspect(session, twin_name, layers, hypotheses, dataset, measures, record_ids, limit,
-                            batch_size, False, dtype, device, **measure_params)
+                            batch_size, False, dtype, device, control, **measure_params)
         runs.append((twin, (engine or LocalEngine()).run(session, twin, progress)))
     tables = []
     for p, result in runs:
