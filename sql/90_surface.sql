@@ -6,7 +6,7 @@
 
 -- inspect(model, layers, hypotheses, dataset, measures := ['corr'], max_records := NULL,
 --         batch_size := 16, keep_activations := false, params := '{}', baseline := false,
---         control := false)
+--         control := false, permutations := 0)
 -- Scores every unit of each layer against each hypothesis with each measure (corr, spearman,
 -- pointbiserial, probeless, mi, iou, precision, recall, f1, ap, probe); one row per
 -- (model, layer, unit, hypothesis, measure), also appended to the `scores` table.
@@ -15,15 +15,17 @@
 -- '<model>~untrained', to show what the architecture alone produces.
 -- control: with the probe measure, a control task per binary/categorical hypothesis
 -- ('<hyp>~control': one random class per word type) and 'selectivity' rows.
+-- permutations: N > 0 adds a permutation-test p-value to unit scores (detail->>'perm_p_value').
 CREATE OR REPLACE TEMP MACRO inspect(model, layers, hypotheses, dataset, measures := ['corr'],
                                      max_records := NULL, batch_size := 16,
                                      keep_activations := false, params := '{}',
-                                     baseline := false, control := false) AS TABLE
+                                     baseline := false, control := false, permutations := 0) AS TABLE
 SELECT unnest(r, recursive := true)
 FROM (SELECT unnest(dbd_inspect(model, layers, hypotheses, dataset, measures,
                                 CAST(max_records AS BIGINT), CAST(batch_size AS BIGINT),
                                 CAST(keep_activations AS BOOLEAN), CAST(params AS VARCHAR),
-                                CAST(baseline AS BOOLEAN), CAST(control AS BOOLEAN))) AS r);
+                                CAST(baseline AS BOOLEAN), CAST(control AS BOOLEAN),
+                                CAST(permutations AS BIGINT))) AS r);
 
 -- extract_activations(model, layers, dataset, dtype := 'float32', batch_size := 16)
 -- (not `extract`: EXTRACT is an SQL keyword)

@@ -195,3 +195,13 @@ def test_control_tasks_and_selectivity(many):
     assert len(set(seen.values())) == 2          # both classes occur across types
     with pytest.raises(DeepBaseError, match="control=True needs the 'probe' measure"):
         dbd.inspect(many, "planted", ["planted"], ["digit"], "snippets", measures=["corr"], control=True)
+
+
+def test_permutation_p_values_on_request(many):
+    t = dbd.inspect(many, "planted", ["planted"], ["digit"], "snippets", measures=["corr"],
+                    permutations=99, permutation_rows=2000).to_pylist()
+    d = {r["unit"]: json.loads(r["detail"]) for r in t}
+    assert d[0]["perm_p_value"] == pytest.approx(1 / 100)        # nothing beats the copying unit
+    assert d[2]["perm_p_value"] is None                          # the constant unit: undefined
+    assert d[0]["perm_rows"] == 2000
+    assert all(0 < x["perm_p_value"] <= 1 for u, x in d.items() if u != 2)

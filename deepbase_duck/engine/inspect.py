@@ -58,6 +58,8 @@ class Plan:
     measure_params: dict = field(default_factory=dict)
     control: bool = False
     control_freq: dict = field(default_factory=dict)   # real hypothesis -> class frequencies
+    permutations: int = 0                              # permutation-test p-values on request
+    permutation_rows: int = 20_000
 
 
 def _label_columns(hyps: list[dict], measures: list[str], control: bool = False):
@@ -90,7 +92,7 @@ def _label_columns(hyps: list[dict], measures: list[str], control: bool = False)
 
 def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",), record_ids=None, limit=None,
                  batch_size=16, keep_activations=False, dtype="float32", device=None, control=False,
-                 **measure_params) -> Plan:
+                 permutations=0, permutation_rows=20_000, **measure_params) -> Plan:
     if isinstance(layers, str):
         layers = [layers]
     if isinstance(hypotheses, str):
@@ -136,7 +138,8 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return Plan(model, layers, dataset, ids, hyps, measures, per_measure, cols, batch_size=int(batch_size),
                 keep_activations=bool(keep_activations), dtype=dtype, device=str(dev), measure_params=measure_params,
-                control=bool(control))
+                control=bool(control), permutations=int(permutations or 0),
+                permutation_rows=int(permutation_rows))
 
 
 # -- blocks of labels ----------------------------------------------------------------------------
@@ -395,6 +398,11 @@ class LocalEngine:
         if plan.control:
             plan.control_freq = class_frequencies(session, plan, tokenization)
         labels = LabelStream(session, plan, tokenization, block_ids, counts)
+        samples = {}
+        if plan.permutations:
+            from ..inspectors.spearman import RowSample, row_keys
+            samples = {l: RowSample(widths[l], len(plan.label_columns), plan.permutation_rows, plan.device)
+                       for l in plan.layers}
         bar = progress_bar(len(plan.record_ids), f"inspect {plan.model} ({plan.source})", "rec", show)
         try:
             for batch in source:
@@ -405,6 +413,8 @@ class LocalEngine:
                 for layer, x in batch.acts.items():
                     for m in plan.measures:
                         states[(layer, m)].update(x, y[:, take[m]], rec)
+                    if samples:
+                        samples[layer].add(row_keys(x, y, rec), x, y)
                 bar.update(len(batch.record_ids) * len(batch.acts) / len(plan.layers))
         finally:
             labels.close()
@@ -412,7 +422,7 @@ class LocalEngine:
         n_symbols = int(sum(counts[int(r)] for r in plan.record_ids))
         if n_symbols == 0:
             raise EmptyDatasetError(f"the selected records of dataset {plan.dataset!r} hold no symbols")
-        return {"states": states, "n_symbols": n_symbols}
+        return {"states": states, "n_symbols": n_symbols, "samples": samples, "take": take}
 
 
 def detail_column(t: pa.Table) -> pa.Array:
@@ -446,6 +456,25 @@ def untrained_copy(adapter, seed: int = 0):
     return twin
 
 
+def with_permutation_p_values(t: pa.Table, plan: Plan, measure: str, sample, cols) -> pa.Table:
+    """Add perm_p_value (and perm_rows) to a unit-level score table: the measure recomputed on a
+    seeded uniform sample of the scanned rows (at most plan.permutation_rows) with the labels
+    permuted plan.permutations times; p = (1 + #|s| >= |obs|) / (1 + #permutations). Symbols are
+    treated as exchangeable, which neighbouring symbols of a sequence are not: read it as a
+    check of the parametric p-value, not as a stricter test."""
+    from ..inspectors.significance import measure_score_fn, permutation_p_values
+    columns = plan.columns[measure]
+    fn = measure_score_fn(measure, columns, plan.device, **plan.measure_params.get(measure, {}))
+    perm = permutation_p_values(sample.acts, sample.labels[:, cols], fn, plan.permutations, seed=0)
+    name_idx = {c["name"]: i for i, c in enumerate(columns)}
+    units = t.column("unit").to_pylist()
+    hyps = t.column("hypothesis").to_pylist()
+    vals = [None if u is None or h not in name_idx else float(perm[u, name_idx[h]]) for u, h in zip(units, hyps)]
+    vals = [None if v is not None and v != v else v for v in vals]
+    t = t.append_column("perm_p_value", pa.array(vals, pa.float64()))
+    return t.append_column("perm_rows", pa.array([len(sample)] * t.num_rows, pa.int64()))
+
+
 def with_q_values(scores: pa.Table) -> pa.Table:
     """Benjamini-Hochberg q-values per measure over every row of the table."""
     from ..inspectors.significance import benjamini_hochberg
@@ -461,28 +490,34 @@ def with_q_values(scores: pa.Table) -> pa.Table:
 
 def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), record_ids=None, limit=None,
             batch_size=16, keep_activations=False, dtype="float32", device=None, store_scores=True,
-            progress=None, engine=None, baseline=False, baseline_seed=0, control=False, **measure_params) -> pa.Table:
+            progress=None, engine=None, baseline=False, baseline_seed=0, control=False, permutations=0,
+            permutation_rows=20_000, **measure_params) -> pa.Table:
     """Score ``layers`` of ``model`` against ``hypotheses`` over ``dataset``; returns (and stores)
     rows of (query_id, model, layer, unit, hypothesis, measure, score, n, ci_low, ci_high, p_value,
     q_value, detail). With ``baseline=True`` an untrained copy of the model ('<model>~untrained',
     seeded by ``baseline_seed``) is scored by the same query, in the same result. With
     ``control=True`` (probe measure) every binary or categorical hypothesis gets a control task
-    and the result holds 'selectivity' rows (probe accuracy minus control accuracy)."""
+    and the result holds 'selectivity' rows (probe accuracy minus control accuracy). With
+    ``permutations=N`` unit-level scores also carry a permutation-test p-value in
+    ``detail->>'perm_p_value'`` (on a sample of ``permutation_rows`` rows)."""
     t0 = time.time()
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     plan = plan_inspect(session, model, layers, hypotheses, dataset, measures, record_ids, limit, batch_size,
-                        keep_activations, dtype, device, control, **measure_params)
+                        keep_activations, dtype, device, control, permutations, permutation_rows, **measure_params)
     runs = [(plan, (engine or LocalEngine()).run(session, plan, progress))]
     if baseline:
         twin_name = f"{model}~untrained"
         session.register_model(twin_name, untrained_copy(session.adapter(model), baseline_seed))
         twin = plan_inspect(session, twin_name, layers, hypotheses, dataset, measures, record_ids, limit,
-                            batch_size, False, dtype, device, control, **measure_params)
+                            batch_size, False, dtype, device, control, permutations, permutation_rows,
+                            **measure_params)
         runs.append((twin, (engine or LocalEngine()).run(session, twin, progress)))
     tables = []
     for p, result in runs:
         for (layer, m), state in result["states"].items():
             t = state.finalize()
+            if p.permutations and result["samples"] and m != "probe":
+                t = with_permutation_p_values(t, p, m, result["samples"][layer], result["take"][m])
             n = t.num_rows
             tables.append(pa.table({
                 "model": pa.array([p.model] * n, pa.string()), "layer": pa.array([layer] * n, pa.string()),

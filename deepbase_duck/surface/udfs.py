@@ -76,7 +76,7 @@ def register_udfs(session: Session) -> None:
     from ..hypotheses.store import annotate
 
     def do_inspect(sub, model, layers, hypotheses, dataset, measures, max_records, batch_size, keep, params,
-                   baseline, control):
+                   baseline, control, permutations):
         try:
             measure_params = json.loads(params) if params else {}
         except json.JSONDecodeError as exc:
@@ -86,7 +86,8 @@ def register_udfs(session: Session) -> None:
                                 "'{\"probe\": {\"l1\": 0.001}}'")
         t = inspect(sub, model, _list(layers), _list(hypotheses), dataset, _list(measures) or ["corr"],
                     limit=max_records, batch_size=batch_size or 16, keep_activations=bool(keep), progress=False,
-                    baseline=bool(baseline), control=bool(control), **measure_params)
+                    baseline=bool(baseline), control=bool(control), permutations=permutations or 0,
+                    **measure_params)
         return t.to_pylist()
 
     def do_extract(sub, model, layers, dataset, dtype, batch_size):
@@ -114,7 +115,7 @@ def register_udfs(session: Session) -> None:
 
     specs = [
         ("dbd_inspect", do_inspect, ["VARCHAR", "VARCHAR[]", "VARCHAR[]", "VARCHAR", "VARCHAR[]", "BIGINT",
-                                     "BIGINT", "BOOLEAN", "VARCHAR", "BOOLEAN", "BOOLEAN"], RESULT_STRUCT),
+                                     "BIGINT", "BOOLEAN", "VARCHAR", "BOOLEAN", "BOOLEAN", "BIGINT"], RESULT_STRUCT),
         ("dbd_extract", do_extract, ["VARCHAR", "VARCHAR[]", "VARCHAR", "VARCHAR", "BIGINT"], EXTRACT_STRUCT),
         ("dbd_annotate", do_annotate, ["VARCHAR[]", "VARCHAR"], ANNOTATE_STRUCT),
         ("dbd_register_model", do_register, ["VARCHAR", "VARCHAR", "VARCHAR"], "VARCHAR"),
