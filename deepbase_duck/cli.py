@@ -13,6 +13,7 @@ Bad input exits with status 2 and one line naming the problem.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -137,68 +138,58 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _open(store, quiet):
+@contextlib.contextmanager
+def _store(args):
+    """The store named on the command line, closed however the command ends."""
     import deepbase_duck as dbd
-    return dbd.connect(store, progress=not quiet)
+    con = dbd.connect(args.store, progress=not args.quiet)
+    try:
+        yield con
+    finally:
+        dbd.close(con)
 
 
 def cmd_register(args):
     import deepbase_duck as dbd
-    con = _open(args.store, args.quiet)
-    try:
-        info = dbd.register_model(con, args.name, args.loader, json.loads(args.params))
-        print(json.dumps(info))
-    finally:
-        dbd.close(con)
+    with _store(args) as con:
+        print(json.dumps(dbd.register_model(con, args.name, args.loader, json.loads(args.params))))
     return 0
 
 
 def cmd_add_stdlib(args):
     import deepbase_duck as dbd
     from deepbase_duck.corpora.code import code_records
-    con = _open(args.store, args.quiet)
-    try:
+    with _store(args) as con:
         n = dbd.add_dataset(con, args.name, code_records(args.split, args.max_chars, args.chars),
                             f"Python standard library, {args.split} split")
         print(f"{args.name}: {n} records")
-    finally:
-        dbd.close(con)
     return 0
 
 
 def cmd_annotate(args):
     import deepbase_duck as dbd
-    con = _open(args.store, args.quiet)
-    try:
+    with _store(args) as con:
         for s in dbd.annotate(con, args.hypotheses, args.dataset):
             print(f"{s['hypothesis']}: {s['labeled']} records labelled, {s['reused']} reused")
-    finally:
-        dbd.close(con)
     return 0
 
 
 def cmd_extract(args):
     import deepbase_duck as dbd
-    con = _open(args.store, args.quiet)
-    try:
+    with _store(args) as con:
         for r in dbd.extract(con, args.model, args.layers, args.dataset, args.dtype, batch_size=args.batch_size):
             print(f"{r['layer']}: view {r['view']} ({r['dtype']}, width {r['width']}): "
                   f"{r['extracted']} records extracted, {r['reused']} reused")
-    finally:
-        dbd.close(con)
     return 0
 
 
 def cmd_inspect(args):
     import deepbase_duck as dbd
-    con = _open(args.store, args.quiet)
-    try:
+    with _store(args) as con:
         t = dbd.inspect(con, args.model, args.layers, args.hypotheses, args.dataset, args.measures,
                         limit=args.max_records, batch_size=args.batch_size, keep_activations=args.keep_activations,
                         baseline=args.baseline, control=args.control)
         print(top_units_table(con, t.column("query_id")[0].as_py(), args.top))
-    finally:
-        dbd.close(con)
     return 0
 
 

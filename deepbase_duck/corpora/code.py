@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import tokenize
 
-from .stdlib import _split_files, chunk_text, read_source
+from .stdlib import chunk_text, stdlib_records
 
 
 def _boundaries(text: str) -> list[int]:
@@ -58,13 +58,4 @@ def statement_chunks(text: str, max_chars: int = 2000) -> list[tuple[int, str]]:
 
 def code_records(split: str = "heldout", max_chars: int = 2000, limit_chars: int | None = None) -> list[dict]:
     """Like ``stdlib_records`` but cut with ``statement_chunks``."""
-    records, total = [], 0
-    for rel in _split_files(split):
-        if limit_chars is not None and total >= limit_chars:
-            break
-        for offset, chunk in statement_chunks(read_source(rel), max_chars):
-            if limit_chars is not None and total >= limit_chars:
-                break
-            records.append({"source": rel, "offset": offset, "text": chunk})
-            total += len(chunk)
-    return records
+    return stdlib_records(split, max_chars, limit_chars, chunker=statement_chunks)

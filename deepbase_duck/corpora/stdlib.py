@@ -123,10 +123,12 @@ def stdlib_records(
     split: str = "heldout",
     max_chars: int = 2000,
     limit_chars: int | None = None,
+    chunker=None,
 ) -> list[dict]:
     """Chunked records ``{"source", "offset", "text"}`` of one split.
 
-    Files are visited in sorted order and each is cut with :func:`chunk_text`.
+    Files are visited in sorted order and each is cut with ``chunker(text, max_chars)``
+    (default :func:`chunk_text`).
     When ``limit_chars`` is given, records are emitted (whole chunks only) until
     their total length reaches ``limit_chars``.
     """
@@ -136,7 +138,7 @@ def stdlib_records(
     for rel in files:
         if limit_chars is not None and total >= limit_chars:
             break
-        for offset, chunk in chunk_text(read_source(rel), max_chars):
+        for offset, chunk in (chunker or chunk_text)(read_source(rel), max_chars):
             if limit_chars is not None and total >= limit_chars:
                 break
             records.append({"source": rel, "offset": offset, "text": chunk})

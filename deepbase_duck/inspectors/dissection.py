@@ -72,7 +72,7 @@ import torch
 from scipy import stats
 
 from .base import InspectorState, register_measure
-from .spearman import (KEY_SENTINEL, RowSample, _unit_blocks, argsort_rows, row_keys, score_table,
+from .spearman import (KEY_SENTINEL, RowSample, SampledState, _unit_blocks, argsort_rows, row_keys, score_table,
                        sort_rows, top_rows)
 from ..errors import DeepBaseError
 
@@ -435,39 +435,9 @@ class F1State(DissectionState):
 
 
 @register_measure
-class AveragePrecisionState(InspectorState):
+class AveragePrecisionState(SampledState):
     measure = "ap"
     accepts = ("binary",)
-
-    def __init__(self, width, hypotheses, device="cpu", max_rows: int = 200_000, seed: int = 0,
-                 confidence: float = 0.95, **params):
-        super().__init__(width, hypotheses, device, **params)
-        if not 0 < confidence < 1:
-            raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-        self.confidence = confidence
-        self.seed = int(seed)
-        self.sample = RowSample(self.width, len(self.names), max_rows, self.device)
-        self.n = torch.zeros(len(self.names), dtype=I64, device=self.device)
-        self.rows = 0
-
-    def update(self, acts, labels, record_ids=None) -> None:
-        if acts.shape[0] == 0:
-            return
-        acts = acts.to(self.device)
-        labels = labels.to(self.device, F64)
-        keys = row_keys(acts, labels, None if record_ids is None else record_ids.to(self.device), self.seed)
-        self.n += (~torch.isnan(labels)).sum(0)
-        self.rows += int(acts.shape[0])
-        self.sample.add(keys, acts, labels)
-
-    def combine(self, other: "AveragePrecisionState") -> "AveragePrecisionState":
-        self._check_combine(other)
-        if other.seed != self.seed:
-            raise DeepBaseError(f"ap: cannot combine states of seeds {other.seed} and {self.seed}")
-        self.n += other.n.to(self.device)
-        self.rows += other.rows
-        self.sample.merge(other.sample)
-        return self
 
     def _compute(self):
         """AP per (unit, hypothesis) on the sample. For the positives j of a hypothesis (over its

@@ -45,6 +45,7 @@ import torch
 from scipy import stats
 
 from .base import InspectorState, SCORE_SCHEMA, register_measure
+from .correlation import pearson_p_value
 from ..errors import DeepBaseError
 
 F64 = torch.float64
@@ -264,15 +265,6 @@ def worst_half_width(n: int, confidence: float) -> float:
     return float(((hi - lo) / 2).max())
 
 
-def t_p_value(r: np.ndarray, n: np.ndarray) -> np.ndarray:
-    df = n - 2
-    with np.errstate(invalid="ignore", divide="ignore"):
-        t = r * np.sqrt(df / np.maximum(1.0 - r * r, 1e-300))
-        p = 2 * stats.t.sf(np.abs(t), df)
-    p = np.where(np.abs(r) >= 1.0, 0.0, p)
-    return np.where(np.isnan(r) | (df <= 0), np.nan, p)
-
-
 def score_table(measure: str, names: list[str], score: np.ndarray, n: np.ndarray, lo: np.ndarray,
                 hi: np.ndarray, p: np.ndarray, extra: dict | None = None) -> pa.Table:
     """Lay out (W, H) arrays as a SCORE_SCHEMA table (unit-major), plus extra (W, H) columns
@@ -306,10 +298,9 @@ def score_table(measure: str, names: list[str], score: np.ndarray, n: np.ndarray
     return pa.table(cols, schema=pa.schema(fields))
 
 
-@register_measure
-class SpearmanState(InspectorState):
-    measure = "spearman"
-    accepts = ("binary", "continuous")
+class SampledState(InspectorState):
+    """Base of measures computed at finalize on a RowSample of the stream (exact when the stream
+    fits in ``max_rows``): keeps the sample, the labelled-row counts and the rows seen."""
 
     def __init__(self, width, hypotheses, device="cpu", max_rows: int = 200_000, seed: int = 0,
                  confidence: float = 0.95, **params):
@@ -332,14 +323,20 @@ class SpearmanState(InspectorState):
         self.rows += int(acts.shape[0])
         self.sample.add(keys, acts, labels)
 
-    def combine(self, other: "SpearmanState") -> "SpearmanState":
+    def combine(self, other: "SampledState") -> "SampledState":
         self._check_combine(other)
         if other.seed != self.seed:
-            raise DeepBaseError(f"spearman: cannot combine states of seeds {other.seed} and {self.seed}")
+            raise DeepBaseError(f"{self.measure}: cannot combine states of seeds {other.seed} and {self.seed}")
         self.n += other.n.to(self.device)
         self.rows += other.rows
         self.sample.merge(other.sample)
         return self
+
+
+@register_measure
+class SpearmanState(SampledState):
+    measure = "spearman"
+    accepts = ("binary", "continuous")
 
     @property
     def exact(self) -> bool:
@@ -360,7 +357,7 @@ class SpearmanState(InspectorState):
         W, H = r.shape
         ms = np.broadcast_to(m[None, :], (W, H))
         lo, hi = fisher_interval_bw(r, ms, self.confidence)
-        p = t_p_value(r, ms)
+        p = pearson_p_value(r, ms)      # the t approximation, as scipy.stats.spearmanr
         n = np.broadcast_to(self.n.cpu().numpy()[None, :], (W, H))
         return score_table(self.measure, self.names, r, n, lo, hi, p,
                            {"n_sample": (ms.astype(np.int64), pa.int64())})
