@@ -95,8 +95,15 @@ def inspect(con, model: str, layers, hypotheses, dataset: str, measures=("corr",
     return _inspect(session_of(con), model, layers, hypotheses, dataset, measures, **kwargs)
 
 
+def compare_layers(con, groups, dataset: str, **kwargs):
+    """Linear CKA between every pair of unit groups ('model:layer' or (model, layer)) over the
+    same symbols of a dataset; returns a pyarrow.Table (also stored in ``similarities``)."""
+    from .engine.compare import compare_layers as _compare
+    return _compare(session_of(con), groups, dataset, **kwargs)
+
+
 __all__ = [
-    "connect", "close", "register_model", "add_dataset", "annotate", "extract", "inspect",
+    "connect", "close", "register_model", "add_dataset", "annotate", "extract", "inspect", "compare_layers",
     "Hypothesis", "hypothesis", "register_hypothesis", "get_hypothesis", "ModelAdapter", "CharAdapter",
     "Encoded", "Retain", "DeepBaseError", "UnknownNameError", "HypothesisError", "ActivationError",
     "EmptyDatasetError",

@@ -158,3 +158,17 @@ CREATE TABLE IF NOT EXISTS scores (
     q_value    DOUBLE,
     detail     VARCHAR
 );
+
+-- Similarity of unit groups over the same symbols (linear CKA): one row per pair of
+-- (model, layer) groups compared by a query of `compare_layers`.
+CREATE TABLE IF NOT EXISTS similarities (
+    query_id INTEGER,
+    dataset  VARCHAR,
+    model_a  VARCHAR,
+    layer_a  VARCHAR,
+    model_b  VARCHAR,
+    layer_b  VARCHAR,
+    measure  VARCHAR,
+    score    DOUBLE,
+    n        BIGINT
+);

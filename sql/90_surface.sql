@@ -27,6 +27,13 @@ FROM (SELECT unnest(dbd_inspect(model, layers, hypotheses, dataset, measures,
                                 CAST(baseline AS BOOLEAN), CAST(control AS BOOLEAN),
                                 CAST(permutations AS BIGINT))) AS r);
 
+-- compare_layers(groups, dataset, max_records := NULL, batch_size := 16)
+-- Linear CKA between every pair of unit groups named 'model:layer' over the same symbols;
+-- also appended to the `similarities` table.
+CREATE OR REPLACE TEMP MACRO compare_layers(groups, dataset, max_records := NULL, batch_size := 16) AS TABLE
+SELECT unnest(r, recursive := true)
+FROM (SELECT unnest(dbd_compare(groups, dataset, CAST(max_records AS BIGINT), CAST(batch_size AS BIGINT))) AS r);
+
 -- extract_activations(model, layers, dataset, dtype := 'float32', batch_size := 16)
 -- (not `extract`: EXTRACT is an SQL keyword)
 -- Stores activations (cached: a second call reuses them); one row per layer.

@@ -205,3 +205,31 @@ def test_permutation_p_values_on_request(many):
     assert d[2]["perm_p_value"] is None                          # the constant unit: undefined
     assert d[0]["perm_rows"] == 2000
     assert all(0 < x["perm_p_value"] <= 1 for u, x in d.items() if u != 2)
+
+
+def test_compare_layers_linear_cka(many):
+    from deepbase_duck.inspectors.cka import linear_cka
+    t = dbd.compare_layers(many, ["planted:planted", "planted:mix", ("planted", "embed")], "snippets").to_pylist()
+    assert len(t) == 3
+    adapter = planted_adapter()
+    with torch.no_grad():
+        xs = {"planted": [], "mix": [], "embed": []}
+        for text in TEXTS * 4:
+            ids = adapter.encode([text]).inputs
+            p = adapter.module.planted(ids)[0]
+            e = adapter.module.embed(ids)[0]
+            xs["planted"].append(p); xs["embed"].append(e)
+            xs["mix"].append(adapter.module.mix(torch.cat([p, e], -1)))
+    xs = {k: torch.cat(v).double().numpy() for k, v in xs.items()}
+    for r in t:
+        assert r["score"] == pytest.approx(linear_cka(xs[r["layer_a"]], xs[r["layer_b"]]), abs=1e-9)
+        assert r["n"] == sum(len(x) for x in TEXTS * 4)
+    # the same from SQL, and the results are stored
+    sql = many.sql("SELECT layer_a, layer_b, score FROM compare_layers(['planted:planted', 'planted:mix'], "
+                   "'snippets')").fetchall()
+    assert sql[0][2] == pytest.approx(next(r["score"] for r in t if r["layer_b"] == "mix"), abs=1e-12)
+    assert many.sql("SELECT count(*) FROM similarities").fetchall() == [(4,)]
+    with pytest.raises(DeepBaseError, match="needs at least two unit groups"):
+        dbd.compare_layers(many, ["planted:planted"], "snippets")
+    with pytest.raises(DeepBaseError, match="is not 'model:layer'"):
+        dbd.compare_layers(many, ["planted", "planted:mix"], "snippets")

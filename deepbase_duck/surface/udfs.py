@@ -27,6 +27,8 @@ RESULT_STRUCT = ("STRUCT(query_id INTEGER, model VARCHAR, layer VARCHAR, unit IN
 EXTRACT_STRUCT = ("STRUCT(model VARCHAR, layer VARCHAR, behavior_id INTEGER, view VARCHAR, dtype VARCHAR, "
                   "width INTEGER, extracted BIGINT, reused BIGINT, seconds DOUBLE)[]")
 ANNOTATE_STRUCT = "STRUCT(hypothesis VARCHAR, labeled BIGINT, reused BIGINT)[]"
+COMPARE_STRUCT = ("STRUCT(query_id INTEGER, dataset VARCHAR, model_a VARCHAR, layer_a VARCHAR, model_b VARCHAR, "
+                  "layer_b VARCHAR, measure VARCHAR, score DOUBLE, n BIGINT)[]")
 HYP_STRUCT = "STRUCT(name VARCHAR, kind VARCHAR, description VARCHAR, version VARCHAR)[]"
 
 
@@ -90,6 +92,11 @@ def register_udfs(session: Session) -> None:
                     **measure_params)
         return t.to_pylist()
 
+    def do_compare(sub, groups, dataset, max_records, batch_size):
+        from ..engine.compare import compare_layers
+        return compare_layers(sub, _list(groups), dataset, limit=max_records, batch_size=batch_size or 16,
+                              progress=False).to_pylist()
+
     def do_extract(sub, model, layers, dataset, dtype, batch_size):
         return extract(sub, model, _list(layers), dataset, dtype or "float32", None, batch_size or 16, progress=False)
 
@@ -116,6 +123,7 @@ def register_udfs(session: Session) -> None:
     specs = [
         ("dbd_inspect", do_inspect, ["VARCHAR", "VARCHAR[]", "VARCHAR[]", "VARCHAR", "VARCHAR[]", "BIGINT",
                                      "BIGINT", "BOOLEAN", "VARCHAR", "BOOLEAN", "BOOLEAN", "BIGINT"], RESULT_STRUCT),
+        ("dbd_compare", do_compare, ["VARCHAR[]", "VARCHAR", "BIGINT", "BIGINT"], COMPARE_STRUCT),
         ("dbd_extract", do_extract, ["VARCHAR", "VARCHAR[]", "VARCHAR", "VARCHAR", "BIGINT"], EXTRACT_STRUCT),
         ("dbd_annotate", do_annotate, ["VARCHAR[]", "VARCHAR"], ANNOTATE_STRUCT),
         ("dbd_register_model", do_register, ["VARCHAR", "VARCHAR", "VARCHAR"], "VARCHAR"),

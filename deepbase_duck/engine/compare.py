@@ -1,0 +1,90 @@
+"""compare_layers(): linear CKA between every pair of unit groups (model, layer) over the same
+symbols of a dataset, streamed block by block (one forward pass per model and block; a model's
+layers share it). Groups of different models must share a tokenisation, so that their symbols
+are the same. Results go to the ``similarities`` table (one query id per call).
+"""
+from __future__ import annotations
+
+import itertools
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from .. import store
+from ..errors import DeepBaseError, EmptyDatasetError
+from ..inspectors.cka import LinearCKAState
+from ..progress import progress_bar
+from .extract import ensure_symbols, forward_batches, plan_batches
+
+
+def parse_group(g) -> tuple[str, str]:
+    if isinstance(g, (tuple, list)) and len(g) == 2:
+        return str(g[0]), str(g[1])
+    if isinstance(g, str) and ":" in g:
+        model, layer = g.split(":", 1)
+        return model, layer
+    raise DeepBaseError(f"unit group {g!r} is not 'model:layer' or (model, layer)")
+
+
+def compare_layers(session, groups, dataset: str, record_ids=None, limit=None, batch_size: int = 16,
+                   device=None, progress=None) -> pa.Table:
+    groups = [parse_group(g) for g in groups]
+    if len(groups) < 2:
+        raise DeepBaseError(f"compare_layers needs at least two unit groups, got {len(groups)}")
+    session.check_dataset(dataset)
+    by_model: dict[str, list[str]] = {}
+    for model, layer in groups:
+        session.model_row(model)
+        session.check_layers(model, [layer])
+        by_model.setdefault(model, [])
+        if layer not in by_model[model]:
+            by_model[model].append(layer)
+    toks = {m: session.model_row(m)["tokenization"] for m in by_model}
+    if len(set(toks.values())) > 1:
+        raise DeepBaseError("compare_layers: the models' tokenisations differ, so their symbols do not line up: "
+                            + ", ".join(f"{m}: {t}" for m, t in toks.items()))
+    ids = session.record_ids(dataset) if record_ids is None else np.asarray(record_ids, np.int64)
+    if limit is not None:
+        ids = ids[: int(limit)]
+    if len(ids) == 0:
+        raise EmptyDatasetError(f"no records selected from dataset {dataset!r}")
+    widths = {(m, l): w for m in by_model for l, w in store.q_all(
+        session.con, "SELECT layer, width FROM layers WHERE model = ?", [m])}
+    dev = device or "cpu"
+    pairs = list(itertools.combinations(groups, 2))
+    states = {(a, b): LinearCKAState(widths[a], widths[b], dev) for a, b in pairs}
+    t0 = time.time()
+    adapters = {m: session.adapter(m) for m in by_model}
+    counts = ensure_symbols(session, next(iter(adapters.values())), dataset, ids)
+    blocks = plan_batches(session, dataset, ids, batch_size)
+    streams = {m: forward_batches(session, adapters[m], m, by_model[m], dataset, blocks, counts) for m in by_model}
+    bar = progress_bar(len(ids), f"compare {len(groups)} groups", "rec",
+                       session.progress if progress is None else progress)
+    for batches in zip(*streams.values()):
+        acts = {(m, l): b.acts[l] for m, b in zip(streams, batches) for l in by_model[m]}
+        for (a, b), st in states.items():
+            st.update(acts[a], acts[b])
+        bar.update(len(batches[0].record_ids))
+    bar.close()
+    n = int(sum(counts[int(r)] for r in ids))
+    if n == 0:
+        raise EmptyDatasetError(f"the selected records of dataset {dataset!r} hold no symbols")
+    con = session.con
+    with store.Transaction(con):
+        qid = int(store.q_scalar(con, "SELECT coalesce(max(query_id), 0) + 1 FROM queries"))
+        con.execute("INSERT INTO queries (query_id, model, dataset, layers, measures, n_records, n_symbols, source, "
+                    "started_at, seconds) VALUES (?, ?, ?, ?, ['cka'], ?, ?, 'model', ?, ?)",
+                    [qid, ",".join(by_model), dataset, [f"{m}:{l}" for m, l in groups], int(len(ids)), n,
+                     time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)), round(time.time() - t0, 4)])
+        table = pa.table({
+            "query_id": pa.array([qid] * len(pairs), pa.int32()),
+            "dataset": pa.array([dataset] * len(pairs), pa.string()),
+            "model_a": [a[0] for a, _ in pairs], "layer_a": [a[1] for a, _ in pairs],
+            "model_b": [b[0] for _, b in pairs], "layer_b": [b[1] for _, b in pairs],
+            "measure": pa.array(["cka"] * len(pairs), pa.string()),
+            "score": pa.array([states[p].finalize() for p in pairs], pa.float64()),
+            "n": pa.array([n] * len(pairs), pa.int64()),
+        })
+        store.insert_arrow(con, "similarities", table)
+    return table
