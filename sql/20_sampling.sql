@@ -1,0 +1,150 @@
+-- Sampling: seeded, reproducible subsets and orders of a dataset's records, for probes on a
+-- sample, train/test splits, class-balanced probe sets and progressive (early-stopping) scans.
+--
+-- Always at the record level: a record is kept or dropped whole, with all its symbols, so no
+-- record is ever split between a sample and its complement, or between train and test.
+--
+-- Randomness is a hash, not USING SAMPLE (whose size and seed must be literals, so a macro
+-- cannot pass them on). Every record gets a key that depends only on (dataset, record_id,
+-- seed), so a result depends only on those and the arguments: the same seed gives the same
+-- records in every run, in the Python package and in the DuckDB CLI alike, and adding records
+-- to a dataset does not move the others.
+--
+-- The key is taken from md5(), not hash(): hash() happens to give the same values in DuckDB 2.0
+-- (Python) and the DuckDB 1.5 CLI, but it is an internal function with no promise to stay the
+-- same across versions, and its multi-argument form XORs the last argument's hash in, so keys of
+-- two seeds (or of two streams) differ by a constant XOR: a fraction-1/2 sample of seed 1 is then
+-- exactly the sample of seed 0 or its complement. md5 is the same function in every version and
+-- mixes every input bit; it costs about 0.3 s per million records (2 CPU cores).
+--
+-- Pure SQL: this file runs in the DuckDB CLI too. Unknown datasets give no rows.
+
+-- sample_key(ds, record_id, seed := 0, stream := 'order'): the record's seeded key, an integer
+-- uniform on [0, 2^52): the first 13 hex digits of md5('<stream>:<seed>:<record_id>:<ds>'),
+-- with seed and record_id written as integers; key / 2^52 is an exact uniform number in [0, 1).
+-- Every macro below orders and thresholds by it. `stream` gives independent keys for independent
+-- decisions (a plain word, no ':'): 'order' (sample_records, sample_fraction, seeded_order,
+-- stratified_records) and 'split' (train_test_split), so with one seed a split is not correlated
+-- with a sample (a sample's records fall in the test split at the test fraction).
+CREATE OR REPLACE MACRO sample_key(ds, record_id, seed := 0, stream := 'order') AS
+CAST('0x' || md5(CAST(stream AS VARCHAR) || ':' || CAST(CAST(seed AS BIGINT) AS VARCHAR) || ':'
+                 || CAST(CAST(record_id AS BIGINT) AS VARCHAR) || ':' || CAST(ds AS VARCHAR))[1:13]
+     AS UBIGINT);
+
+-- seeded_order(ds, seed := 0): every record of dataset `ds` with its position in a seeded
+-- uniform random order: (record_id, rank), rank = 1, 2, ... n_records (ordered by the key, ties
+-- by record_id), rows sorted by rank. For progressive scans that stop early: the records of
+-- rank <= n are exactly sample_records(ds, n, seed), and every sample_fraction(ds, f, seed) is a
+-- prefix of this order.
+CREATE OR REPLACE MACRO seeded_order(ds, seed := 0) AS TABLE
+SELECT record_id,
+       row_number() OVER (ORDER BY sample_key(ds, record_id, seed), record_id) AS rank
+FROM records
+WHERE dataset = ds
+ORDER BY rank;
+
+-- sample_records(ds, n, seed := 0): n records of dataset `ds` drawn uniformly without
+-- replacement (all of them when the dataset has at most n; n NULL: all): (record_id), in the
+-- seeded order, i.e. the first n records of seeded_order(ds, seed). Samples are nested: for one
+-- seed, the sample of size n is contained in the sample of every larger size.
+CREATE OR REPLACE MACRO sample_records(ds, n, seed := 0) AS TABLE
+SELECT record_id
+FROM records
+WHERE dataset = ds
+ORDER BY sample_key(ds, record_id, seed), record_id
+LIMIT n;
+
+-- sample_fraction(ds, fraction, seed := 0): each record of dataset `ds` kept independently with
+-- probability `fraction` (0 <= fraction <= 1; Bernoulli sampling, so the count is binomial,
+-- not exact): kept when key / 2^52 < fraction. Returns (record_id), in the seeded order.
+-- Nested: with one seed, a record kept at fraction f is kept at every fraction f' > f, and
+-- fraction 1 keeps every record.
+CREATE OR REPLACE MACRO sample_fraction(ds, fraction, seed := 0) AS TABLE
+SELECT record_id
+FROM records
+WHERE dataset = ds
+  AND sample_key(ds, record_id, seed)
+      < CASE WHEN fraction IS NULL OR fraction < 0 OR fraction > 1
+             THEN error('sample_fraction: fraction must be between 0 and 1, got '
+                        || coalesce(CAST(fraction AS VARCHAR), 'NULL'))
+             ELSE CAST(fraction AS DOUBLE) * 4503599627370496.0 END
+ORDER BY sample_key(ds, record_id, seed), record_id;
+
+-- train_test_split(ds, test_fraction := 0.2, seed := 0): every record of dataset `ds` with its
+-- split, 'train' or 'test': (record_id, split), rows sorted by record_id. A record is in 'test'
+-- when its 'split'-stream key / 2^52 < test_fraction, so each record lands in test with
+-- probability test_fraction, independently (the test share is binomial, not exact), and the
+-- split is independent of the samples above for the same seed. Test sets are nested: with one
+-- seed, the test set of fraction f is inside the test set of every larger fraction.
+CREATE OR REPLACE MACRO train_test_split(ds, test_fraction := 0.2, seed := 0) AS TABLE
+SELECT record_id,
+       CASE WHEN sample_key(ds, record_id, seed, 'split')
+                 < CASE WHEN test_fraction IS NULL OR test_fraction < 0 OR test_fraction > 1
+                        THEN error('train_test_split: test_fraction must be between 0 and 1, got '
+                                   || coalesce(CAST(test_fraction AS VARCHAR), 'NULL'))
+                        ELSE CAST(test_fraction AS DOUBLE) * 4503599627370496.0 END
+            THEN 'test' ELSE 'train' END AS split
+FROM records
+WHERE dataset = ds
+ORDER BY record_id;
+
+-- stratified_records(ds, tok, hyp, n_per_class, seed := 0): a class-balanced set of records of
+-- dataset `ds` for a binary or categorical hypothesis `hyp` (a balanced probe set), with symbols
+-- of tokenisation `tok`. Returns (record_id, class), rows sorted by class then seeded order;
+-- class is the label code, as in `labels.value` and symbol_labels (binary: 0 or 1; categorical:
+-- the category hypotheses.categories[class + 1]).
+--
+-- Class of a record (records are never split, and each is assigned to exactly one class):
+--   1. the classes a record holds are the values of its symbols under symbol_labels (the
+--      alignment rule; unlabelled symbols hold none);
+--   2. the support of a class is the number of records of `ds` that hold it;
+--   3. a record's class is the one of lowest support among the classes it holds (tie: the lower
+--      class code) - the rarest class wins, so a record with a rare class is spent on that class
+--      and not on a common one (binary: a record holding any symbol of the rarer value, usually
+--      1, is of that class; the others, holding only the commoner value, are of the other).
+-- Only records with stored labels of the hypothesis' current version and stored symbols of `tok`
+-- count; a record with no labelled symbol has no class and is never returned.
+--
+-- Balance, at the record level: each class gets exactly min(n_per_class, records of that class)
+-- records, the first ones of the class in the seeded order (the order of seeded_order(ds, seed)),
+-- so every class with at least n_per_class records gets exactly n_per_class, and a class with
+-- fewer gets all of its records. No record appears twice. Every returned record holds at least
+-- one symbol of its class; its other symbols keep their own labels, so symbol counts per class
+-- are not balanced (weight symbols in the probe if that matters). Balance needs records that
+-- differ: when every record holds both values of a binary hypothesis, all of them go to one
+-- class (the tie rule) and the other class is empty. A continuous or unknown hypothesis is an
+-- error.
+CREATE OR REPLACE MACRO stratified_records(ds, tok, hyp, n_per_class, seed := 0) AS TABLE
+WITH guard AS (   -- no row when `hyp` is a binary or categorical hypothesis, else an error
+    SELECT CAST(error(CASE WHEN n = 0 THEN 'stratified_records: unknown hypothesis ' || hyp
+                           ELSE 'stratified_records: hypothesis ' || hyp || ' is ' || kind
+                                || '; only binary and categorical hypotheses have classes' END)
+                AS INTEGER) AS record_id,
+           CAST(NULL AS INTEGER) AS class
+    FROM (SELECT count(*) AS n, any_value(kind) AS kind FROM hypotheses WHERE name = hyp)
+    WHERE n = 0 OR kind NOT IN ('binary', 'categorical')
+), labeled AS (
+    SELECT lr.record_id
+    FROM labeled_records AS lr
+    JOIN hypotheses AS h ON lr.hypothesis = h.name AND lr.version = h.version
+    WHERE h.name = hyp AND lr.dataset = ds
+), held AS (
+    SELECT DISTINCT sl.record_id, CAST(sl.value AS INTEGER) AS class
+    FROM symbol_labels(ds, tok, [hyp]) AS sl
+    SEMI JOIN labeled ON labeled.record_id = sl.record_id
+    WHERE sl.value IS NOT NULL
+), support AS (
+    SELECT class, count(*) AS n_records FROM held GROUP BY class
+), assigned AS (
+    SELECT held.record_id, arg_min(held.class, (support.n_records, held.class)) AS class
+    FROM held JOIN support USING (class)
+    GROUP BY held.record_id
+), chosen AS (
+    SELECT record_id, class
+    FROM assigned
+    QUALIFY row_number() OVER (PARTITION BY class
+                               ORDER BY sample_key(ds, record_id, seed), record_id) <= n_per_class
+)
+SELECT record_id, class
+FROM (SELECT * FROM chosen UNION ALL SELECT * FROM guard)
+ORDER BY class, sample_key(ds, record_id, seed), record_id;
