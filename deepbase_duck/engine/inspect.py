@@ -276,70 +276,19 @@ def class_frequencies(session, plan: Plan, tokenization: str) -> dict:
 
 class LabelStream:
     """The labels of each block, in block order: hypotheses evaluated for the block's records
-    (stored once) and joined to the block's symbols by DuckDB (``symbol_labels``).
+    (stored once) and joined to the block's symbols by DuckDB (``symbol_labels``). Computed on
+    demand: a background thread preparing the next blocks was measured slower on 2 cores, where
+    the forward pass already uses both (benchmarks/RESULTS.md)."""
 
-    With ``threaded=True`` the next blocks are prepared in a background thread on its own
-    cursor, overlapping the forward passes; that pays only where the model leaves cores idle
-    (on a 2-core CPU the forward pass uses both, and the thread slows it down), so it is off by
-    default."""
-
-    def __init__(self, session, plan: Plan, tokenization: str, blocks: list[list[int]], counts: dict,
-                 threaded: bool = False, ahead: int = 2):
+    def __init__(self, session, plan: Plan, tokenization: str, counts: dict):
         self.session, self.plan, self.tokenization, self.counts = session, plan, tokenization, counts
         self.hyps = [h["live"] or h["name"] for h in plan.hypotheses]
-        self.thread = None
-        if not threaded:
-            return
-        import queue
-        import threading
-        from ..catalog import Session
-        self.queue = queue.Queue(maxsize=ahead)
-        self.stop = threading.Event()
-        self.sub = Session(session.con.cursor(), session.db_path, session.act_root, progress=False)
-        self.sub.temporary_acts = False
-
-        def work():
-            try:
-                for ids in blocks:
-                    if self.stop.is_set():
-                        return
-                    self._put((ids, self._labels(self.sub, ids)))
-            except BaseException as exc:  # handed to the consumer
-                self._put(exc)
-
-        self.thread = threading.Thread(target=work, name="deepbase-labels", daemon=True)
-        self.thread.start()
-
-    def _labels(self, session, ids) -> torch.Tensor:
-        annotate(session, self.hyps, self.plan.dataset, ids, progress=False)
-        n = np.asarray([self.counts[r] for r in ids])
-        return block_labels(session, self.plan, self.tokenization, np.asarray(ids, np.int64), n)
-
-    def _put(self, item):
-        import queue
-        while not self.stop.is_set():
-            try:
-                self.queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
 
     def next(self, ids) -> torch.Tensor:
-        if self.thread is None:
-            return self._labels(self.session, [int(r) for r in ids])
-        item = self.queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        got, y = item
-        if list(got) != [int(r) for r in ids]:
-            raise RuntimeError("label blocks out of step with activation blocks")
-        return y
-
-    def close(self):
-        if self.thread is not None:
-            self.stop.set()
-            self.thread.join()
-            self.sub.con.close()
+        ids = [int(r) for r in ids]
+        annotate(self.session, self.hyps, self.plan.dataset, ids, progress=False)
+        n = np.asarray([self.counts[r] for r in ids])
+        return block_labels(self.session, self.plan, self.tokenization, np.asarray(ids, np.int64), n)
 
 
 class KeepActivations:
@@ -388,7 +337,7 @@ class LocalEngine:
                                                    "AND tokenization = ?", [plan.dataset, tokenization]))
             blocks = stored_part_blocks(session, plan, stored)
             source = (read_part_block(ids, files, counts) for ids, files in blocks)
-            block_ids = [ids for ids, _ in blocks]
+            keep = None
         else:
             adapter = session.adapter(plan.model)
             counts = ensure_symbols(session, adapter, plan.dataset, plan.record_ids)
@@ -397,7 +346,7 @@ class LocalEngine:
             keep = KeepActivations(session, plan, mrow["checksum"], tokenization, widths) if plan.keep_activations else None
         if plan.control:
             plan.control_freq = class_frequencies(session, plan, tokenization)
-        labels = LabelStream(session, plan, tokenization, block_ids, counts)
+        labels = LabelStream(session, plan, tokenization, counts)
         samples = {}
         if plan.permutations:
             from ..inspectors.spearman import RowSample, row_keys
@@ -406,7 +355,7 @@ class LocalEngine:
         bar = progress_bar(len(plan.record_ids), f"inspect {plan.model} ({plan.source})", "rec", show)
         try:
             for batch in source:
-                if not stored and keep is not None:
+                if keep is not None:
                     keep.write(batch)
                 y = labels.next(batch.record_ids)
                 rec = torch.from_numpy(np.repeat(batch.record_ids, batch.n_symbols))
@@ -417,7 +366,6 @@ class LocalEngine:
                         samples[layer].add(row_keys(x, y, rec), x, y)
                 bar.update(len(batch.record_ids) * len(batch.acts) / len(plan.layers))
         finally:
-            labels.close()
             bar.close()
         n_symbols = int(sum(counts[int(r)] for r in plan.record_ids))
         if n_symbols == 0:

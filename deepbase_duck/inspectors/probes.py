@@ -77,6 +77,8 @@ _CONTROL_SALT = 0xC0_47_20_1C_0A_B5_E1_ED
 _HASH_P = (1 << 31) - 1                 # Mersenne prime for the content hash
 _NAN_LABEL = -7.777e300                 # stands for NaN in the content hash
 _FLOAT64_CELLS = 1 << 23                # train in float64 up to this many sample cells
+_LBFGS_TOL_GRAD = 1e-5                  # L-BFGS stops when max |gradient| <= this
+_LBFGS_TOL_CHANGE = 1e-7                # ... or when the loss or max |step| changes by <= this
 
 EXTRA_SCHEMA = pa.schema([
     ("metric", pa.string()),
@@ -435,89 +437,142 @@ class ProbeState(InspectorState):
                 loop.append(i)
         if not loop:
             return fits
-        offs, O = [], 0
+        # column layout: two-class heads (one logit each) first, then softmax heads, then
+        # elastic-net heads
+        def kind(i):
+            h = heads[i]
+            if h["type"] != "softmax":
+                return 2
+            return 0 if int(h["classes"].numel()) == 2 else 1
+        loop.sort(key=lambda i: (kind(i), i))
+        offs, O = {}, 0
         for i in loop:
-            h = heads[i]
-            width_i = int(h["classes"].numel()) if h["type"] == "softmax" else 1
-            offs.append((O, O + width_i))
-            O += width_i
-        W = torch.zeros(Fdim, O, dtype=dtype, device=dev)
+            w_i = int(heads[i]["classes"].numel()) if kind(i) == 1 else 1
+            offs[i] = (O, O + w_i)
+            O += w_i
+        # features: all, or the union of the heads' subsets (each head masked to its own)
+        if subsets is None:
+            U, Z = None, ztr
+        else:
+            U = torch.unique(torch.cat([subsets[i].reshape(-1) for i in loop]))
+            Z = ztr[:, U].contiguous()
+        Fz = Z.shape[1]
+        # parameters and logits are kept transposed -- W (O, F), logits (O, n) = W Z^T + b --
+        # the faster layout for these very wide and very narrow matrix products
+        W = torch.zeros(O, Fz, dtype=dtype, device=dev)
         b = torch.zeros(O, dtype=dtype, device=dev)
-        mask = None
-        if subsets is not None:
-            mask = torch.zeros(Fdim, O, dtype=dtype, device=dev)
-        for (s, e), i in zip(offs, loop):
-            h = heads[i]
+        lam = torch.full((O, 1), l2, dtype=dtype, device=dev)
+        mask = None if U is None else torch.zeros(O, Fz, dtype=dtype, device=dev)
+        for i in loop:
+            h, (s, e), kd = heads[i], offs[i], kind(i)
+            if kd == 0:
+                lam[s] = l2 / 2        # w = v1 - v0 of the two-class softmax, v1 = -v0 = w/2
             if init is not None:
-                W[:, s:e] = init[i]["W"].to(dtype)
-                b[s:e] = init[i]["b"].to(dtype)
-            elif h["type"] == "softmax":
+                Wi, bi = init[i]["W"], init[i]["b"]
+                if U is not None:
+                    Wi = Wi[U]
+                if kd == 0:
+                    Wi, bi = Wi[:, 1:2] - Wi[:, 0:1], bi[1:2] - bi[0:1]
+                W[s:e] = Wi.T.to(dtype)
+                b[s:e] = bi.to(dtype)
+            elif kd == 0:
+                p = h["prior"].clamp(min=1e-12)
+                b[s] = torch.log(p[1] / p[0]).to(dtype)
+            elif kd == 1:
                 p = h["prior"] / h["prior"].sum()
                 b[s:e] = torch.log(p.clamp(min=1e-12)).to(dtype)
             elif h["ytr"].numel():
                 b[s] = h["ytr"].mean().to(dtype)
             if mask is not None:
-                mask[subsets[i], s:e] = 1
+                mask[s:e, torch.searchsorted(U, subsets[i].reshape(-1))] = 1
         if mask is not None:
             W = W * mask
         n = ztr.shape[0]
-        parts = []
-        for k, i in enumerate(loop):
-            h = heads[i]
-            rows = h["tr_rows"]
-            full = rows.numel() == n
-            tgt = h["ttr"] if h["type"] == "softmax" else h["ytr"].to(dtype)
-            parts.append((offs[k], None if full else rows, tgt, h["type"] == "softmax", int(rows.numel())))
+
+        def row_weights(h):
+            wt = torch.zeros(n, dtype=dtype, device=dev)
+            nh = int(h["tr_rows"].numel())
+            if nh:
+                wt[h["tr_rows"]] = 1.0 / nh
+            return wt
+        # one-logit heads: targets and row weights (1/n_h on the head's rows, 0 elsewhere)
+        bin_heads = [i for i in loop if kind(i) == 0]
+        nB = len(bin_heads)
+        if nB:
+            wB = torch.stack([row_weights(heads[i]) for i in bin_heads])
+            tB = torch.zeros(nB, n, dtype=dtype, device=dev)
+            for c, i in enumerate(bin_heads):
+                tB[c, heads[i]["tr_rows"]] = heads[i]["ttr"].to(dtype)
+            twB = tB * wB
+        soft = []
+        for i in loop:
+            if kind(i) == 1:
+                h, (s, e) = heads[i], offs[i]
+                wt = row_weights(h)
+                yw = torch.zeros(e - s, n, dtype=dtype, device=dev)
+                yw[h["ttr"], h["tr_rows"]] = wt[h["tr_rows"]]
+                soft.append((s, e, wt[None, :], yw))
+        enet = [i for i in loop if kind(i) == 2]
+        if enet:
+            e0 = offs[enet[0]][0]
+            wE = torch.stack([row_weights(heads[i]) for i in enet])
+            tE = torch.zeros(len(enet), n, dtype=dtype, device=dev)
+            for c, i in enumerate(enet):
+                tE[c, heads[i]["tr_rows"]] = heads[i]["ytr"].to(dtype)
 
         def data_loss(out, grad):
-            """Sum over heads of the masked mean losses at logits ``out`` (n, O), and the gradient
-            with respect to ``out`` when asked."""
+            """Sum over heads of the masked mean losses at logits ``out`` (O, n), and the gradient
+            with respect to ``out`` when asked (vectorised: row weights 1/n_h, 0 off the head's
+            rows)."""
             f = torch.zeros((), dtype=dtype, device=dev)
-            G = torch.zeros_like(out) if grad else None
-            for (s, e), rows, tgt, softmax, nh in parts:
-                if nh == 0:
-                    continue
-                o = out[:, s:e] if rows is None else out[rows, s:e]
-                if softmax:
-                    lse = torch.logsumexp(o, 1, keepdim=True)
-                    f = f + (lse[:, 0] - o.gather(1, tgt[:, None])[:, 0]).mean()
-                    if grad:
-                        g = torch.exp(o - lse)
-                        g[torch.arange(nh, device=dev), tgt] -= 1
-                        g /= nh
-                else:
-                    r = o[:, 0] - tgt
-                    f = f + 0.5 * (r * r).mean()
-                    if grad:
-                        g = (r / nh)[:, None]
+            G = torch.empty_like(out) if grad else None
+            if nB:
+                o = out[:nB]
+                # log(1 + e^o) - t o, stably
+                f = f + (wB * (o.clamp(min=0) + torch.log1p(torch.exp(-o.abs())))).sum() - (twB * o).sum()
                 if grad:
-                    if rows is None:
-                        G[:, s:e] = g
-                    else:
-                        G[rows, s:e] = g
+                    G[:nB] = wB * torch.sigmoid(o) - twB
+            for s, e, wt, yw in soft:
+                o = out[s:e]
+                lse = torch.logsumexp(o, 0, keepdim=True)
+                f = f + (wt * lse).sum() - (yw * o).sum()
+                if grad:
+                    G[s:e] = torch.exp(o - lse) * wt - yw
+            if enet:
+                r = out[e0:] - tE
+                f = f + 0.5 * (wE * r * r).sum()
+                if grad:
+                    G[e0:] = wE * r
             return f, G
 
         def objective(Wp, bp, out=None, grad=True):
             """Smooth part (data + l2) at (Wp, bp), its gradient, and the logits."""
             if out is None:
-                out = torch.addmm(bp, ztr, Wp)
+                out = torch.addmm(bp[:, None], Wp, Z.T)
             f, G = data_loss(out, grad)
-            f = f + 0.5 * l2 * (Wp * Wp).sum()
+            f = f + 0.5 * (lam * Wp * Wp).sum()
             if not grad:
                 return f, None, None, out
-            gW = ztr.T @ G + l2 * Wp
+            gW = torch.addmm(lam * Wp, G, Z)
             if mask is not None:
                 gW *= mask
-            return f, gW, G.sum(0), out
+            return f, gW, G.sum(1), out
 
         with torch.no_grad():
             if l1 == 0:
                 W, b = self._lbfgs(objective, W, b)
             else:
                 W, b = self._fista(objective, W, b, l1, mask)
-        for k, i in enumerate(loop):
-            s, e = offs[k]
-            fits[i] = {"W": W[:, s:e].to(F64), "b": b[s:e].to(F64)}
+        rows = slice(None) if U is None else U
+        for i in loop:
+            (s, e), kd = offs[i], kind(i)
+            Wi = W[s:e].T.to(F64)
+            bi = b[s:e].to(F64)
+            if kd == 0:              # back to the two-class softmax parametrisation
+                Wi, bi = torch.cat([-Wi / 2, Wi / 2], 1), torch.cat([-bi / 2, bi / 2])
+            Wf = torch.zeros(Fdim, e - s + (1 if kd == 0 else 0), dtype=F64, device=dev)
+            Wf[rows] = Wi
+            fits[i] = {"W": Wf, "b": bi}
         return fits
 
     def _ridge(self, ztr, h, l2, subset):
@@ -558,10 +613,9 @@ class ProbeState(InspectorState):
     def _lbfgs(self, objective, W, b):
         W = W.clone().requires_grad_(True)
         b = b.clone().requires_grad_(True)
-        f32 = W.dtype == torch.float32
         opt = torch.optim.LBFGS([W, b], lr=1, max_iter=self.max_epochs, max_eval=2 * self.max_epochs,
-                                tolerance_grad=1e-5 if f32 else 1e-8,
-                                tolerance_change=1e-7 if f32 else 1e-11, history_size=20,
+                                tolerance_grad=_LBFGS_TOL_GRAD, tolerance_change=_LBFGS_TOL_CHANGE,
+                                history_size=20,
                                 line_search_fn="strong_wolfe")
 
         def closure():
