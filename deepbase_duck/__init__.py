@@ -24,7 +24,7 @@ from .errors import (ActivationError, DeepBaseError, EmptyDatasetError, Hypothes
                      UnknownNameError)
 from .extraction import CharAdapter, Encoded, ModelAdapter, Retain  # noqa: E402
 from .hypotheses import Hypothesis, get_hypothesis, hypothesis, register as register_hypothesis  # noqa: E402
-from .hypotheses import library as hypothesis_library  # noqa: E402
+from .hypotheses import library as hypothesis_library  # noqa: E402,F401  (registers the built-ins)
 
 __version__ = "0.1.0"
 

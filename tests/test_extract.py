@@ -1,7 +1,6 @@
 """Extraction: stored activations, the cache, resuming after a crash or a kill, dtypes."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

@@ -4,7 +4,6 @@ and linear CKA."""
 import math
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 from scipy import stats

@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 import deepbase_duck as dbd
 from deepbase_duck.corpora.code import statement_chunks
@@ -27,8 +26,6 @@ def test_readme_sql_session_runs(tmp_path, monkeypatch):
 
 
 def test_statement_chunks_concatenate_and_tokenize():
-    import io
-    import tokenize
     src = ("import os\n\n\nclass A:\n    '''doc\n    string'''\n\n    def f(self):\n        return (1,\n"
            "                2)\n\n    def g(self):\n        # c\n        return 3\n\n\nx = [\n    1,\n]\n") * 20
     chunks = statement_chunks(src, 120)

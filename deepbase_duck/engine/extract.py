@@ -18,7 +18,6 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -203,8 +202,8 @@ def forward_batches(session, adapter, model: str, layers, dataset, batches, symb
             yield Batch(np.asarray(ids, np.int64), np.asarray([symbol_counts[r] for r in ids]), acts)
 
 
-def write_part(session, b: dict, batch: Batch, x: torch.Tensor, rows_mask: np.ndarray | None) -> tuple[str, int]:
-    """Write the rows of ``batch`` for behavior ``b`` as the next Parquet part; return (file, rows)."""
+def write_part(session, b: dict, batch: Batch, x: torch.Tensor, rows_mask: np.ndarray | None) -> tuple[str, int, int]:
+    """Write the rows of ``batch`` for behavior ``b`` as the next Parquet part; return (file, part, rows)."""
     np_dtype, pa_dtype = DTYPES[b["dtype"]]
     rec = np.repeat(batch.record_ids.astype(np.int32), batch.n_symbols)
     pos = np.concatenate([np.arange(n, dtype=np.int32) for n in batch.n_symbols]) if len(rec) else np.zeros(0, np.int32)

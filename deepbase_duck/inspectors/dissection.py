@@ -72,7 +72,7 @@ import torch
 from scipy import stats
 
 from .base import InspectorState, register_measure
-from .spearman import (KEY_SENTINEL, RowSample, SampledState, _unit_blocks, argsort_rows, row_keys, score_table,
+from .spearman import (KEY_SENTINEL, SampledState, _unit_blocks, argsort_rows, row_keys, score_table,
                        sort_rows, top_rows)
 from ..errors import DeepBaseError
 
