@@ -1,0 +1,62 @@
+"""The store in the real DuckDB CLI (duckdb-cli 1.5.6): catalog tables, behavior views over
+Parquet, and the pure-SQL macros (alignment, results) give the rows Python gives."""
+from __future__ import annotations
+
+import csv
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import deepbase_duck as dbd
+
+from conftest import TEXTS, planted_adapter
+
+CLI = Path(sys.executable).parent / "duckdb"
+
+
+def cli_rows(db: str, sql: str) -> list[tuple]:
+    out = subprocess.run([str(CLI), "-readonly", "-csv", "-noheader", db, "-c", sql], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [tuple(r) for r in csv.reader(io.StringIO(out.stdout))]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    if not CLI.exists():
+        pytest.skip("duckdb-cli is not installed (pip install duckdb-cli==1.5.6, part of the test extra)")
+    db = str(tmp_path_factory.mktemp("cli") / "study.duckdb")
+    con = dbd.connect(db, progress=False)
+    dbd.register_model(con, "planted", planted_adapter())
+    dbd.add_dataset(con, "snippets", TEXTS)
+    view = dbd.extract(con, "planted", ["planted"], "snippets")[0]["view"]
+    dbd.inspect(con, "planted", ["planted", "mix"], ["digit", "bracket_depth"], "snippets", baseline=True,
+                baseline_seed=1)
+    queries = {
+        "top": "SELECT model, hypothesis, rank, layer, unit, round(score, 9) FROM top_units(2)",
+        "compare": "SELECT layer, unit, hypothesis, round(delta, 9) FROM compare_scores('planted', "
+                   "'planted~untrained') LIMIT 5",
+        "view": f"SELECT count(*), sum(act[1])::DECIMAL(18, 4) FROM {view}",
+        "labels": "SELECT hypothesis, count(*), sum(value) FROM symbol_labels('snippets', 'chars-test', "
+                  "['digit', 'bracket_depth']) GROUP BY ALL ORDER BY ALL",
+        "catalog": "SELECT name, kind FROM hypotheses ORDER BY name",
+    }
+    want = {k: con.sql(q).fetchall() for k, q in queries.items()}
+    dbd.close(con)
+    return db, queries, want
+
+
+@pytest.mark.parametrize("name", ["top", "compare", "view", "labels", "catalog"])
+def test_cli_gives_the_rows_python_gives(store, name):
+    db, queries, want = store
+    got = cli_rows(db, queries[name])
+    assert len(got) == len(want[name]) > 0
+    for g, w in zip(got, want[name]):
+        for a, b in zip(g, w):
+            if isinstance(b, float):
+                assert float(a) == pytest.approx(b, abs=1e-9)
+            else:
+                assert a == ("" if b is None else str(b))
