@@ -102,8 +102,15 @@ def compare_layers(con, groups, dataset: str, **kwargs):
     return _compare(session_of(con), groups, dataset, **kwargs)
 
 
+def export(con, out_dir: str, activations: bool = False, text: bool = False, overwrite: bool = False) -> dict:
+    """Export scores (hive-partitioned by model and layer), the catalog and optionally the
+    activations as Parquet, plus a DuckDB 1.5-readable ``study.duckdb`` of views over them."""
+    from .exports import export_store
+    return export_store(session_of(con), out_dir, activations, text, overwrite)
+
+
 __all__ = [
-    "connect", "close", "register_model", "add_dataset", "annotate", "extract", "inspect", "compare_layers",
+    "connect", "close", "register_model", "add_dataset", "annotate", "extract", "inspect", "compare_layers", "export",
     "Hypothesis", "hypothesis", "register_hypothesis", "get_hypothesis", "ModelAdapter", "CharAdapter",
     "Encoded", "Retain", "DeepBaseError", "UnknownNameError", "HypothesisError", "ActivationError",
     "EmptyDatasetError",

@@ -29,6 +29,7 @@ EXAMPLES = {
     "inspect": "deepbase-duck inspect study.duckdb charlstm heldout --layers lstm0 lstm1 "
                "--hypotheses in_string in_comment --top 5",
     "hypotheses": "deepbase-duck hypotheses",
+    "export": "deepbase-duck export study.duckdb out/bi --activations",
 }
 
 
@@ -81,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--top", type=int, default=5, help="units shown per hypothesis")
 
     add("hypotheses", "List the hypotheses this installation can compute.")
+
+    x = add("export", "Export scores, catalog and optionally activations as Parquet plus a DuckDB 1.5 file of views.")
+    x.add_argument("store"); x.add_argument("out_dir")
+    x.add_argument("--activations", action="store_true", help="also export stored activations")
+    x.add_argument("--text", action="store_true", help="also export records, symbols and labels")
+    x.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     return p
 
 
@@ -193,6 +200,14 @@ def cmd_inspect(args):
     return 0
 
 
+def cmd_export(args):
+    import deepbase_duck as dbd
+    with _store(args) as con:
+        for name, path in dbd.export(con, args.out_dir, args.activations, args.text, args.overwrite).items():
+            print(f"{name:<14} {path}")
+    return 0
+
+
 def cmd_hypotheses(args):
     from deepbase_duck.hypotheses import registry
     for h in sorted(registry().values(), key=lambda h: h.name):
@@ -202,7 +217,7 @@ def cmd_hypotheses(args):
 
 COMMANDS = {"demo": cmd_demo, "register-model": cmd_register, "add-stdlib": cmd_add_stdlib,
             "annotate": cmd_annotate, "extract": cmd_extract, "inspect": cmd_inspect,
-            "hypotheses": cmd_hypotheses}
+            "hypotheses": cmd_hypotheses, "export": cmd_export}
 
 
 def main(argv=None) -> int:
@@ -212,7 +227,7 @@ def main(argv=None) -> int:
     import duckdb
     try:
         return COMMANDS[args.command](args)
-    except (DeepBaseError, duckdb.Error) as exc:
+    except (DeepBaseError, duckdb.Error, FileExistsError) as exc:
         print(f"deepbase-duck {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:                      # `deepbase-duck ... | head`

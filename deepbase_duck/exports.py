@@ -1,0 +1,77 @@
+"""Export a store for BI tools and other readers: Parquet files plus a small DuckDB file.
+
+    out/
+      scores/model=<m>/layer=<l>/*.parquet        hive-partitioned by model and layer
+      similarities.parquet, queries.parquet, models.parquet, layers.parquet, datasets.parquet,
+      hypotheses.parquet, behaviors.parquet        the catalog, one file each
+      activations/model=<m>/layer=<l>/dataset=<d>/*.parquet   (with activations=True)
+      study.duckdb                                 DuckDB 1.5-readable: one view per file set above
+
+The .duckdb file holds only views (absolute paths to the Parquet files) and the pure-SQL macros
+over them (top_units, compare_scores; with ``text=True`` also symbol_labels and sampling),
+so any DuckDB 1.5+ client (the CLI, duckdb-engine / SQLAlchemy, ADBC) reads it, and tools that
+read Parquet use the files directly (pyarrow.dataset, polars, Spark...). Nothing in it needs
+Python UDFs. Records, symbols and labels are left out unless ``text=True`` (they can be large).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import duckdb
+
+from . import store
+
+CATALOG = ["models", "layers", "datasets", "hypotheses", "queries", "behaviors", "similarities"]
+TEXT_TABLES = ["records", "symbols", "labels"]
+
+
+def export_store(session, out_dir: str, activations: bool = False, text: bool = False,
+                 overwrite: bool = False) -> dict:
+    """Write the export to ``out_dir``; returns {name: path} of what was written."""
+    out = Path(out_dir).resolve()
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"export folder {out} is not empty; pass overwrite=True to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    con = session.con
+    written = {}
+    scores_dir = out / "scores"
+    n_scores = store.q_scalar(con, "SELECT count(*) FROM scores")
+    if n_scores:
+        con.execute(f"COPY scores TO '{scores_dir.as_posix()}' (FORMAT parquet, PARTITION_BY (model, layer))")
+        written["scores"] = f"{scores_dir.as_posix()}/**/*.parquet"
+    else:                                   # no partitions to write: one empty file keeps the schema
+        con.execute(f"COPY scores TO '{(out / 'scores.parquet').as_posix()}' (FORMAT parquet)")
+        written["scores"] = (out / "scores.parquet").as_posix()
+    for table in CATALOG + (TEXT_TABLES if text else []):
+        path = out / f"{table}.parquet"
+        con.execute(f"COPY {table} TO '{path.as_posix()}' (FORMAT parquet)")
+        written[table] = path.as_posix()
+    if activations:
+        act_dir = out / "activations"
+        rows = store.q_all(con, "SELECT b.view_name, b.model, b.layer, b.dataset FROM behaviors b WHERE EXISTS "
+                                "(SELECT 1 FROM behavior_parts p WHERE p.behavior_id = b.behavior_id)")
+        for view, model, layer, dataset in rows:
+            con.execute(f"COPY (SELECT ? AS model, ? AS layer, ? AS dataset, record_id, pos, act FROM {view}) "
+                        f"TO '{act_dir.as_posix()}' (FORMAT parquet, PARTITION_BY (model, layer, dataset), "
+                        "APPEND)", [model, layer, dataset])
+        if rows:
+            written["activations"] = f"{act_dir.as_posix()}/**/*.parquet"
+    db = out / "study.duckdb"
+    side = duckdb.connect(str(db), config={"storage_compatibility_version": "v1.5.0"})
+    try:
+        for name, path in written.items():
+            hive = ", hive_partitioning = true" if "**" in path else ""
+            side.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet('{path}'{hive})")
+        # the macros over what was exported: results always; alignment and sampling with the text
+        wanted = ("10_", "20_", "30_") if text else ("30_",)
+        for name, text_sql in store.sql_files("pure"):
+            if name.startswith(wanted):
+                side.execute(text_sql)
+        side.execute("CHECKPOINT")
+    finally:
+        side.close()
+    written["duckdb"] = db.as_posix()
+    return written
