@@ -20,20 +20,30 @@ Identical rows of the same record share a key and are kept or dropped together.
 
 Model ("model merging", DeepBase). At finalize all hypotheses of the group are trained together:
 features are standardised with the train-split mean and (population) standard deviation, one
-weight matrix holds every head -- a softmax head (multinomial logistic regression) per binary or
-categorical hypothesis, over the classes that occur in its labels -- and every head's loss is
-the mean over the rows where that hypothesis has a label (masked loss), so a NaN label removes a
-row from that head only. The objective is
+weight matrix holds every head -- a softmax head (multinomial logistic regression) per categorical
+hypothesis, over the classes that occur in its labels, and a single-logit head (binomial logistic
+regression) per hypothesis with exactly two classes (every binary one) -- and every head's loss is
+the mean over the rows where that hypothesis has a label (masked loss, computed for all heads at
+once with per-row weights 1/n_h, 0 off the head's rows), so a NaN label removes a row from that
+head only. The objective is
 
-    sum_h [ mean_rows_h CE_h ] + l2/2 ||W||_2^2 + l1 ||W||_1       (intercepts not penalised)
+    sum_h [ mean_rows_h CE_h ] + sum_h l2_h/2 ||W_h||_2^2 + l1 ||W||_1   (intercepts not penalised)
 
-i.e. sklearn's multinomial ``LogisticRegression(C=1/(n_h l2))`` per head (for a binary head,
-whose two softmax weight vectors are opposite at the optimum, the binomial one with C=2/(n_h l2)).
-Gradients are analytic (no autograd graph). Without ``l1`` it is minimised by
-torch L-BFGS (strong Wolfe line search, full batch, at most ``max_epochs`` iterations, stopping
-when the loss or the step stalls); with ``l1`` by FISTA (proximal gradient with backtracking,
-soft-thresholding of W, adaptive restart), stopping when the objective changes by less than
-``tol`` (relative) for ``patience`` consecutive epochs or after ``max_epochs`` epochs. Continuous
+with l2_h = l2 for a softmax head, i.e. sklearn's multinomial ``LogisticRegression(C=1/(n_h
+l2))``, and l2_h = l2/2 for a single-logit head, i.e. sklearn's binomial ``LogisticRegression(C=
+2/(n_h l2))``: this is exactly the two-class softmax with penalty l2 at its optimum, whose two
+weight vectors are opposite, v1 = -v0 = w/2 (so l2/2 (|v0|^2 + |v1|^2) = l2/4 |w|^2 and l1 (|v0|_1
++ |v1|_1) = l1 |w|_1); a two-class head is reported in that two-column form, (-w/2, w/2) and
+(-b/2, b/2). Gradients are analytic (no autograd graph); weights and logits are kept transposed
+(heads x units, heads x rows), the faster layout for these products. Without ``l1`` the objective,
+a sum of per-head terms, is minimised by L-BFGS run per head in lockstep (see ``_lbfgs``: own
+curvature memory, Armijo backtracking line search and stopping rule per head, one shared pair of
+matrix products per evaluation for all heads; at most ``max_epochs`` iterations), stopping a
+head when its max |gradient| <= 1e-4 or its loss or max |step| changes by <= 1e-7 (in float64 and
+float32 alike: the gradient tolerance of scikit-learn's lbfgs, tol = 1e-4); with ``l1``
+by FISTA (proximal gradient with backtracking, soft-thresholding of W, adaptive restart), stopping
+when the objective changes by less than ``tol`` (relative) for ``patience`` consecutive epochs or
+after ``max_epochs`` epochs. Continuous
 hypotheses get a ridge head solved in closed form (float64 normal equations on the standardised
 features, centred over the head's rows: exactly sklearn's ``Ridge(alpha)``, with ``alpha =
 ridge_alpha`` or ``l2 * n_h``); with ``l1 > 0`` they join the FISTA loop as elastic-net heads
@@ -48,8 +58,9 @@ and p-value NULL). Extra columns: metric, macro_f1, majority, n_train, n_test.
 unit normalised over the units; the unit's score is its mass averaged over the classes (a ridge
 head has one "class"), so the scores sum to 1; ``rank`` 1 is the heaviest unit.
 ``probe_topk`` rows (unit NULL, column ``k``): the held-out score of the group's probes re-trained
-(same penalties, warm-started from the full probe, so k = width reproduces it) on each
-hypothesis' top-k units.
+(same penalties, warm-started from the full probe restricted to the units, so k = width
+reproduces it) on each hypothesis' top-k units; the re-fit multiplies only the union of the
+heads' top-k columns of the features, each head masked to its own k.
 ``selectivity`` rows (unit NULL): for ``control_of = {control: real}``, accuracy(real) -
 accuracy(control) (Hewitt & Liang 2019); :func:`control_labels` makes the control labels.
 
@@ -77,7 +88,7 @@ _CONTROL_SALT = 0xC0_47_20_1C_0A_B5_E1_ED
 _HASH_P = (1 << 31) - 1                 # Mersenne prime for the content hash
 _NAN_LABEL = -7.777e300                 # stands for NaN in the content hash
 _FLOAT64_CELLS = 1 << 23                # train in float64 up to this many sample cells
-_LBFGS_TOL_GRAD = 1e-5                  # L-BFGS stops when max |gradient| <= this
+_LBFGS_TOL_GRAD = 1e-4                  # L-BFGS stops when max |gradient| <= this
 _LBFGS_TOL_CHANGE = 1e-7                # ... or when the loss or max |step| changes by <= this
 
 EXTRA_SCHEMA = pa.schema([
@@ -524,33 +535,34 @@ class ProbeState(InspectorState):
             """Sum over heads of the masked mean losses at logits ``out`` (O, n), and the gradient
             with respect to ``out`` when asked (vectorised: row weights 1/n_h, 0 off the head's
             rows)."""
-            f = torch.zeros((), dtype=dtype, device=dev)
+            f = torch.zeros(O, dtype=dtype, device=dev)     # per column (a head's: its first)
             G = torch.empty_like(out) if grad else None
             if nB:
                 o = out[:nB]
                 # log(1 + e^o) - t o, stably
-                f = f + (wB * (o.clamp(min=0) + torch.log1p(torch.exp(-o.abs())))).sum() - (twB * o).sum()
+                f[:nB] = (wB * (o.clamp(min=0) + torch.log1p(torch.exp(-o.abs()))) - twB * o).sum(1)
                 if grad:
                     G[:nB] = wB * torch.sigmoid(o) - twB
             for s, e, wt, yw in soft:
                 o = out[s:e]
                 lse = torch.logsumexp(o, 0, keepdim=True)
-                f = f + (wt * lse).sum() - (yw * o).sum()
+                f[s] = (wt * lse).sum() - (yw * o).sum()
                 if grad:
                     G[s:e] = torch.exp(o - lse) * wt - yw
             if enet:
                 r = out[e0:] - tE
-                f = f + 0.5 * (wE * r * r).sum()
+                f[e0:] = 0.5 * (wE * r * r).sum(1)
                 if grad:
                     G[e0:] = wE * r
             return f, G
 
         def objective(Wp, bp, out=None, grad=True):
-            """Smooth part (data + l2) at (Wp, bp), its gradient, and the logits."""
+            """Smooth part (data + l2) at (Wp, bp) per column of W, its gradient, and the
+            logits."""
             if out is None:
                 out = torch.addmm(bp[:, None], Wp, Z.T)
             f, G = data_loss(out, grad)
-            f = f + 0.5 * (lam * Wp * Wp).sum()
+            f = f + 0.5 * (lam * Wp * Wp).sum(1)
             if not grad:
                 return f, None, None, out
             gW = torch.addmm(lam * Wp, G, Z)
@@ -560,9 +572,12 @@ class ProbeState(InspectorState):
 
         with torch.no_grad():
             if l1 == 0:
-                W, b = self._lbfgs(objective, W, b)
+                W, b = self._lbfgs(objective, W, b, [offs[i] for i in loop])
             else:
-                W, b = self._fista(objective, W, b, l1, mask)
+                def total(*a, **k):
+                    f, *rest = objective(*a, **k)
+                    return (f.sum(), *rest)
+                W, b = self._fista(total, W, b, l1, mask)
         rows = slice(None) if U is None else U
         for i in loop:
             (s, e), kd = offs[i], kind(i)
@@ -610,22 +625,94 @@ class ProbeState(InspectorState):
         W[cols, 0] = w
         return {"W": W, "b": (ym - (xm + shift) @ w).reshape(1)}
 
-    def _lbfgs(self, objective, W, b):
-        W = W.clone().requires_grad_(True)
-        b = b.clone().requires_grad_(True)
-        opt = torch.optim.LBFGS([W, b], lr=1, max_iter=self.max_epochs, max_eval=2 * self.max_epochs,
-                                tolerance_grad=_LBFGS_TOL_GRAD, tolerance_change=_LBFGS_TOL_CHANGE,
-                                history_size=20,
-                                line_search_fn="strong_wolfe")
+    def _lbfgs(self, objective, W, b, blocks):
+        """L-BFGS run separately for every head (``blocks``: its rows of W and entries of b) --
+        the objective is a sum of per-head terms -- but in lockstep, so that one evaluation (one
+        pair of matrix products) serves every head: each head has its own curvature memory (20
+        pairs), its own backtracking line search (Armijo, c1 = 1e-4, first step 1 or
+        min(1, 1/|g|_1) on the first iteration) and its own stopping rule (max |gradient| <=
+        _LBFGS_TOL_GRAD, or the loss or max |step| changes by <= _LBFGS_TOL_CHANGE); a stopped
+        head is frozen. At most ``max_epochs`` iterations and 2 ``max_epochs`` evaluations."""
+        tol_g, tol_c, mem_size = _LBFGS_TOL_GRAD, _LBFGS_TOL_CHANGE, 20
+        W, b = W.clone(), b.clone()
+        fc, gW, gb, _ = objective(W, b)
+        n_eval, max_eval = 1, 2 * self.max_epochs
 
-        def closure():
-            with torch.no_grad():
-                f, gW, gb, _ = objective(W, b)
-            W.grad, b.grad = gW, gb
-            return f
-        with torch.enable_grad():
-            opt.step(closure)
-        return W.detach(), b.detach()
+        def part(fc, gW, gb, k):
+            s, e = blocks[k]
+            return float(fc[s:e].sum()), torch.cat([gW[s:e].reshape(-1), gb[s:e]])
+
+        def put(Wt, bt, k, x):
+            s, e = blocks[k]
+            Wt[s:e] = x[: (e - s) * W.shape[1]].reshape(e - s, W.shape[1])
+            bt[s:e] = x[(e - s) * W.shape[1]:]
+
+        def flat(k):
+            s, e = blocks[k]
+            return torch.cat([W[s:e].reshape(-1), b[s:e]])
+
+        H = len(blocks)
+        f, g = zip(*(part(fc, gW, gb, k) for k in range(H)))
+        f, g = list(f), list(g)
+        mem = [[] for _ in range(H)]
+        active = [float(g[k].abs().max()) > tol_g for k in range(H)]
+        for _ in range(self.max_epochs):
+            if not any(active) or n_eval >= max_eval:
+                break
+            d, t, gd, x0 = {}, {}, {}, {}
+            for k in range(H):
+                if not active[k]:
+                    continue
+                q = -g[k]
+                if mem[k]:               # two-loop recursion
+                    alphas = []
+                    for s_, y_, rho in reversed(mem[k]):
+                        a = rho * float(s_ @ q)
+                        q = q - a * y_
+                        alphas.append(a)
+                    s_, y_, _ = mem[k][-1]
+                    q = q * (float(s_ @ y_) / float(y_ @ y_))
+                    for (s_, y_, rho), a in zip(mem[k], reversed(alphas)):
+                        q = q + (a - rho * float(y_ @ q)) * s_
+                    t[k] = 1.0
+                else:
+                    t[k] = min(1.0, 1.0 / float(g[k].abs().sum()))
+                gd[k] = float(g[k] @ q)
+                if gd[k] > -tol_c:       # no descent left
+                    active[k] = False
+                    continue
+                d[k], x0[k] = q, flat(k)
+            pending = set(d)
+            while pending and n_eval < max_eval:
+                Wt, bt = W.clone(), b.clone()
+                for k in pending:
+                    put(Wt, bt, k, x0[k] + t[k] * d[k])
+                fc, gW, gb, _ = objective(Wt, bt)
+                n_eval += 1
+                for k in sorted(pending):
+                    fk, gk = part(fc, gW, gb, k)
+                    if fk <= f[k] + 1e-4 * t[k] * gd[k]:
+                        step = t[k] * d[k]
+                        put(W, b, k, x0[k] + step)
+                        y_ = gk - g[k]
+                        ys = float(y_ @ step)
+                        if ys > 1e-10:
+                            mem[k].append((step, y_, 1.0 / ys))
+                            if len(mem[k]) > mem_size:
+                                mem[k].pop(0)
+                        if (float(gk.abs().max()) <= tol_g or abs(fk - f[k]) < tol_c
+                                or float(step.abs().max()) <= tol_c):
+                            active[k] = False
+                        f[k], g[k] = fk, gk
+                        pending.discard(k)
+                    else:                # backtrack (safeguarded quadratic interpolation)
+                        den = 2 * (fk - f[k] - gd[k] * t[k])
+                        tn = -gd[k] * t[k] * t[k] / den if den > 0 else 0.5 * t[k]
+                        t[k] = min(max(tn, 0.1 * t[k]), 0.5 * t[k])
+                        if t[k] * float(d[k].abs().max()) <= tol_c:
+                            active[k] = False
+                            pending.discard(k)
+        return W, b
 
     def _fista(self, objective, W, b, l1, mask):
         """FISTA with backtracking and function-value restart. Logits are linear in (W, b), so
@@ -678,11 +765,12 @@ class ProbeState(InspectorState):
     # -- evaluation ----------------------------------------------------------------------
     def _evaluate(self, zte: torch.Tensor, heads: list[dict], fits: list[dict]) -> list[dict]:
         res = []
+        zte = zte.to(F64)
         for h, fit in zip(heads, fits):
             n_train, n_test = int(h["tr_rows"].numel()), int(h["te_rows"].numel())
             r = {"n_train": n_train, "n_test": n_test, "score": math.nan, "macro_f1": math.nan,
                  "majority": math.nan, "correct": 0}
-            X = zte[h["te_rows"]].to(F64) if n_test else None
+            X = (zte if n_test == zte.shape[0] else zte[h["te_rows"]]) if n_test else None
             if h["type"] == "softmax":
                 r["metric"] = "accuracy"
                 if n_test:
@@ -730,6 +818,7 @@ class ProbeState(InspectorState):
         heads = self._heads(ytr, yte)
         ztr, zte = self._standardise(xtr, xte)
         fits = self._fit(ztr, heads, self.l1, self.l2)
+        zte = zte.to(F64)
         results = self._evaluate(zte, heads, fits)
         masses = [self.weight_mass(f["W"]) for f in fits]
         orders = [torch.sort(-g.cpu(), stable=True).indices for _, g in masses]
