@@ -30,6 +30,7 @@ EXAMPLES = {
                "--hypotheses in_string in_comment --top 5",
     "hypotheses": "deepbase-duck hypotheses",
     "export": "deepbase-duck export study.duckdb out/bi --activations",
+    "shell": "deepbase-duck shell study.duckdb -c \"SELECT * FROM top_units(3);\"",
 }
 
 
@@ -82,6 +83,11 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--top", type=int, default=5, help="units shown per hypothesis")
 
     add("hypotheses", "List the hypotheses this installation can compute.")
+
+    sh = add("shell", "Interactive SQL shell on a store, with deepbase_duck's Python UDFs and macros live.")
+    sh.add_argument("store", nargs="?", default=None, help="the .duckdb store (default: in memory)")
+    sh.add_argument("script", nargs="?", default=None, help="a SQL file to run instead of the prompt")
+    sh.add_argument("-c", dest="sql", default=None, help="run these statements and exit")
 
     x = add("export", "Export scores, catalog and optionally activations as Parquet plus a DuckDB 1.5 file of views.")
     x.add_argument("store"); x.add_argument("out_dir")
@@ -208,6 +214,11 @@ def cmd_export(args):
     return 0
 
 
+def cmd_shell(args):
+    from deepbase_duck.shell import main as shell_main
+    return shell_main(args.store, args.sql, args.script, args.quiet)
+
+
 def cmd_hypotheses(args):
     from deepbase_duck.hypotheses import registry
     for h in sorted(registry().values(), key=lambda h: h.name):
@@ -217,7 +228,7 @@ def cmd_hypotheses(args):
 
 COMMANDS = {"demo": cmd_demo, "register-model": cmd_register, "add-stdlib": cmd_add_stdlib,
             "annotate": cmd_annotate, "extract": cmd_extract, "inspect": cmd_inspect,
-            "hypotheses": cmd_hypotheses, "export": cmd_export}
+            "hypotheses": cmd_hypotheses, "export": cmd_export, "shell": cmd_shell}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,171 @@
+"""``deepbase-duck shell``: an interactive SQL shell with deepbase_duck's Python UDFs live.
+
+The DuckDB CLI cannot run Python UDFs (inspect, extract_activations, ...); this shell opens the
+store through ``deepbase_duck.connect()`` so every macro works, and offers what the DuckDB CLI
+users expect: readline history (~/.deepbase_duck_history), statements over several lines ending
+with ';', aligned table output, and dot-commands:
+
+    .tables            tables and views of the store
+    .schema [NAME]     CREATE statements (of one table or view, or all)
+    .read FILE         run the statements of a SQL file
+    .timer on|off      print each statement's wall time
+    .help              this list
+    .quit / .exit      leave
+
+Modes: interactive (a terminal), ``-c 'SQL'`` (run and exit), a script file argument, or SQL on
+standard input. In the non-interactive modes the first error ends the shell with status 1.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+
+HISTORY = Path(os.path.expanduser("~")) / ".deepbase_duck_history"
+HELP = __doc__.split("dot-commands:\n\n", 1)[1].split("\n\nModes:", 1)[0]
+
+
+class Shell:
+    def __init__(self, con, out=sys.stdout, err=sys.stderr):
+        self.con, self.out, self.err = con, out, err
+        self.timer = False
+
+    # -- statements --------------------------------------------------------------------------
+    def run_sql(self, sql: str) -> None:
+        t0 = time.perf_counter()
+        for stmt in duckdb.extract_statements(sql):
+            text = stmt.query.strip()
+            if not text:
+                continue
+            rel = self.con.sql(text)
+            if rel is not None:
+                self.out.write(_render(rel) + "\n")
+        if self.timer:
+            self.out.write(f"Run Time: {time.perf_counter() - t0:.3f} s\n")
+
+    def dot(self, line: str) -> bool:
+        """Run a dot-command; False means quit."""
+        parts = line.split()
+        cmd, args = parts[0], parts[1:]
+        if cmd in (".quit", ".exit"):
+            return False
+        if cmd == ".help":
+            self.out.write(HELP + "\n")
+        elif cmd == ".tables":
+            rows = self.con.sql("SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' "
+                                "ORDER BY table_name").fetchall()
+            self.out.write("  ".join(r[0] for r in rows) + "\n")
+        elif cmd == ".schema":
+            where = "AND table_name = ?" if args else ""
+            rows = self.con.sql(f"SELECT sql FROM duckdb_tables() WHERE schema_name = 'main' {where} "
+                                f"UNION ALL SELECT sql FROM duckdb_views() WHERE NOT internal AND schema_name = 'main' "
+                                f"{'AND view_name = ?' if args else ''}",
+                                params=(args[:1] * 2) if args else None).fetchall()
+            if args and not rows:
+                raise ValueError(f"no table or view named {args[0]!r}")
+            self.out.write("\n".join(r[0] for r in rows) + "\n")
+        elif cmd == ".read":
+            if not args:
+                raise ValueError(".read needs a file name")
+            self.run_sql(Path(args[0]).read_text())
+        elif cmd == ".timer":
+            if not args or args[0] not in ("on", "off"):
+                raise ValueError(".timer takes on or off")
+            self.timer = args[0] == "on"
+        else:
+            raise ValueError(f"unknown command {cmd}; .help lists them")
+        return True
+
+    # -- loops -------------------------------------------------------------------------------
+    def feed(self, lines, interactive: bool) -> int:
+        """Run statements from an iterable of lines; returns the exit status."""
+        buf = []
+        for line in lines:
+            if not buf and line.strip().startswith("."):
+                try:
+                    if not self.dot(line.strip()):
+                        return 0
+                except Exception as exc:
+                    self.err.write(f"Error: {exc}\n")
+                    if not interactive:
+                        return 1
+                continue
+            buf.append(line)
+            text = "\n".join(buf)
+            if text.rstrip().endswith(";") and duckdb.extract_statements(text) is not None:
+                buf = []
+                try:
+                    self.run_sql(text)
+                except Exception as exc:
+                    self.err.write(f"Error: {_one_line(exc)}\n")
+                    if not interactive:
+                        return 1
+        if buf and "\n".join(buf).strip():
+            try:
+                self.run_sql("\n".join(buf))
+            except Exception as exc:
+                self.err.write(f"Error: {_one_line(exc)}\n")
+                return 1
+        return 0
+
+    def interactive(self) -> int:
+        try:
+            import readline
+            try:
+                readline.read_history_file(HISTORY)
+            except OSError:
+                pass
+        except ImportError:  # pragma: no cover - platforms without readline
+            readline = None
+        self.out.write("deepbase_duck shell: SQL ending with ';', .help for commands, .quit to leave\n")
+
+        def lines():
+            prompt = "D "
+            while True:
+                try:
+                    line = input(prompt)
+                except EOFError:
+                    self.out.write("\n")
+                    return
+                except KeyboardInterrupt:
+                    self.out.write("^C\n")
+                    continue
+                yield line
+                prompt = "D " if line.rstrip().endswith(";") or line.strip().startswith(".") else "· "
+
+        try:
+            return self.feed(lines(), interactive=True)
+        finally:
+            if readline is not None:
+                try:
+                    readline.write_history_file(HISTORY)
+                except OSError:
+                    pass
+
+
+def _render(rel) -> str:
+    """An aligned text table of a result (DuckDB's own box rendering)."""
+    return str(rel)
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
+def main(store: str | None, command: str | None, script: str | None, quiet: bool) -> int:
+    import deepbase_duck as dbd
+    con = dbd.connect(store, progress=not quiet)
+    try:
+        sh = Shell(con)
+        if command is not None:
+            return sh.feed(command.splitlines(), interactive=False)
+        if script is not None:
+            return sh.feed(Path(script).read_text().splitlines(), interactive=False)
+        if sys.stdin.isatty():
+            return sh.interactive()
+        return sh.feed(sys.stdin.read().splitlines(), interactive=False)
+    finally:
+        dbd.close(con)

@@ -1,0 +1,97 @@
+"""deepbase-duck shell: -c, script and stdin modes, dot-commands, errors, and a real terminal."""
+from __future__ import annotations
+
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+
+import deepbase_duck as dbd
+
+from conftest import TEXTS, planted_adapter
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("shell") / "s.duckdb")
+    con = dbd.connect(path, progress=False)
+    dbd.register_model(con, "planted", planted_adapter())
+    dbd.add_dataset(con, "snippets", TEXTS[:4])
+    dbd.inspect(con, "planted", ["planted"], ["digit"], "snippets")
+    dbd.close(con)
+    return path
+
+
+def shell(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "deepbase_duck", "shell", "--quiet", *args], input=stdin,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_command_mode_runs_python_macros(db):
+    r = shell(db, "-c", "SELECT unit, round(score, 3) AS r FROM top_units(1) WHERE hypothesis = 'digit';")
+    assert r.returncode == 0, r.stderr
+    assert "│" in r.stdout and "1.0" in r.stdout
+    # a Python UDF macro works here (it does not in the DuckDB CLI)
+    r = shell(db, "-c", "SELECT count(*) AS n FROM available_hypotheses();")
+    assert r.returncode == 0 and "n" in r.stdout
+
+
+def test_script_and_dot_commands(db, tmp_path):
+    script = tmp_path / "q.sql"
+    script.write_text("SELECT 41 + 1 AS answer;\n")
+    driver = tmp_path / "drive.sql"
+    driver.write_text(f".tables\n.schema models\n.read {script}\n.timer on\nSELECT\n  2 AS two;\n")
+    r = shell(db, str(driver))
+    assert r.returncode == 0, r.stderr
+    assert "scores" in r.stdout and "CREATE TABLE models" in r.stdout
+    assert "42" in r.stdout and "two" in r.stdout and "Run Time:" in r.stdout
+
+
+def test_errors_are_one_line_and_end_scripts(db):
+    r = shell(db, stdin="SELECT 1 AS first;\nSELECT * FROM no_such_table;\nSELECT 3 AS third;\n")
+    assert r.returncode == 1
+    assert r.stderr.startswith("Error: ") and r.stderr.strip().count("\n") == 0
+    assert "no_such_table" in r.stderr
+    assert "first" in r.stdout and "third" not in r.stdout       # the script stopped at the error
+    r = shell(db, "-c", ".nope")
+    assert r.returncode == 1 and "unknown command .nope" in r.stderr
+
+
+def test_interactive_terminal_session(db, tmp_path):
+    """A real pseudo-terminal: the prompt, a statement over two lines, a dot-command, .quit."""
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.environ["HOME"] = str(tmp_path)
+        os.execv(sys.executable, [sys.executable, "-m", "deepbase_duck", "shell", "--quiet", db])
+    out = b""
+
+    def read_until(token: bytes, timeout=120):
+        nonlocal out
+        end = time.time() + timeout
+        while token not in out and time.time() < end:
+            r, _, _ = select.select([fd], [], [], 0.5)
+            if r:
+                try:
+                    out += os.read(fd, 4096)
+                except OSError:
+                    break
+        return token in out
+
+    try:
+        assert read_until(b"D "), out
+        os.write(fd, b"SELECT 6 *\n")
+        assert read_until("· ".encode()), out
+        os.write(fd, b"7 AS product;\n")
+        assert read_until(b"42"), out
+        os.write(fd, b".tables\n")
+        assert read_until(b"scores"), out
+        os.write(fd, b".quit\n")
+        _, status = os.waitpid(pid, 0)
+        assert os.WEXITSTATUS(status) == 0
+    finally:
+        os.close(fd)
+    assert (tmp_path / ".deepbase_duck_history").exists()
