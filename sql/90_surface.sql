@@ -6,7 +6,7 @@
 
 -- inspect(model, layers, hypotheses, dataset, measures := ['corr'], max_records := NULL,
 --         batch_size := 16, keep_activations := false, params := '{}', baseline := false,
---         control := false, permutations := 0)
+--         control := false, permutations := 0, max_error := NULL, seed := 0)
 -- Scores every unit of each layer against each hypothesis with each measure (corr, spearman,
 -- pointbiserial, probeless, mi, iou, precision, recall, f1, ap, probe); one row per
 -- (model, layer, unit, hypothesis, measure), also appended to the `scores` table.
@@ -16,16 +16,21 @@
 -- control: with the probe measure, a control task per binary/categorical hypothesis
 -- ('<hyp>~control': one random class per word type) and 'selectivity' rows.
 -- permutations: N > 0 adds a permutation-test p-value to unit scores (detail->>'perm_p_value').
+-- max_error: progressive scan in the seeded record order of `seed`, stopping once every score's
+-- batch-means confidence half-width is at most max_error (corr, pointbiserial); the records used
+-- and the bound reached are in the queries table.
 CREATE OR REPLACE TEMP MACRO inspect(model, layers, hypotheses, dataset, measures := ['corr'],
                                      max_records := NULL, batch_size := 16,
                                      keep_activations := false, params := '{}',
-                                     baseline := false, control := false, permutations := 0) AS TABLE
+                                     baseline := false, control := false, permutations := 0,
+                                     max_error := NULL, seed := 0) AS TABLE
 SELECT unnest(r, recursive := true)
 FROM (SELECT unnest(dbd_inspect(model, layers, hypotheses, dataset, measures,
                                 CAST(max_records AS BIGINT), CAST(batch_size AS BIGINT),
                                 CAST(keep_activations AS BOOLEAN), CAST(params AS VARCHAR),
                                 CAST(baseline AS BOOLEAN), CAST(control AS BOOLEAN),
-                                CAST(permutations AS BIGINT))) AS r);
+                                CAST(permutations AS BIGINT), CAST(max_error AS DOUBLE),
+                                CAST(seed AS BIGINT))) AS r);
 
 -- compare_layers(groups, dataset, max_records := NULL, batch_size := 16)
 -- Linear CKA between every pair of unit groups named 'model:layer' over the same symbols;

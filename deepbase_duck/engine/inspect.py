@@ -39,6 +39,11 @@ RESULT_SCHEMA = pa.schema([
 ])
 
 
+# Measures whose early-stopping bound is implemented: batch means over windows of records.
+BOUNDED_MEASURES = ("corr", "pointbiserial")
+MIN_WINDOWS = 5
+
+
 @dataclass
 class Plan:
     model: str
@@ -60,6 +65,8 @@ class Plan:
     control_freq: dict = field(default_factory=dict)   # real hypothesis -> class frequencies
     permutations: int = 0                              # permutation-test p-values on request
     permutation_rows: int = 20_000
+    max_error: float | None = None                     # early stopping: stop once every bound is below
+    seed: int = 0                                      # the seeded record order of progressive scans
 
 
 def _label_columns(hyps: list[dict], measures: list[str], control: bool = False):
@@ -92,7 +99,7 @@ def _label_columns(hyps: list[dict], measures: list[str], control: bool = False)
 
 def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",), record_ids=None, limit=None,
                  batch_size=16, keep_activations=False, dtype="float32", device=None, control=False,
-                 permutations=0, permutation_rows=20_000, **measure_params) -> Plan:
+                 permutations=0, permutation_rows=20_000, max_error=None, seed=0, **measure_params) -> Plan:
     if isinstance(layers, str):
         layers = [layers]
     if isinstance(hypotheses, str):
@@ -114,6 +121,13 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
     session.model_row(model)
     layers = session.check_layers(model, list(layers or []))
     hyps = resolve(session.con, list(hypotheses))
+    if max_error is not None and not (0 < float(max_error) < 1):
+        raise DeepBaseError(f"max_error must be in (0, 1), got {max_error}")
+    if max_error is not None:
+        unbounded = [m for m in measures if m not in BOUNDED_MEASURES]
+        if unbounded:
+            raise DeepBaseError(f"early stopping (max_error) has error bounds for {', '.join(BOUNDED_MEASURES)}; "
+                                f"not for: {', '.join(unbounded)}")
     if control and "probe" not in measures:
         raise DeepBaseError("control=True needs the 'probe' measure (control tasks score probe selectivity)")
     per_measure, cols = _label_columns(hyps, measures, control)
@@ -139,7 +153,8 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
     return Plan(model, layers, dataset, ids, hyps, measures, per_measure, cols, batch_size=int(batch_size),
                 keep_activations=bool(keep_activations), dtype=dtype, device=str(dev), measure_params=measure_params,
                 control=bool(control), permutations=int(permutations or 0),
-                permutation_rows=int(permutation_rows))
+                permutation_rows=int(permutation_rows),
+                max_error=None if max_error is None else float(max_error), seed=int(seed))
 
 
 # -- blocks of labels ----------------------------------------------------------------------------
@@ -254,6 +269,50 @@ def read_part_block(ids: list[int], files: dict, counts: dict) -> Batch:
     return Batch(want, n, acts)
 
 
+def _score_matrix(state) -> np.ndarray:
+    """A state's scores as a flat float array in finalize() row order (NaN for NULL)."""
+    return np.array(state.finalize().column("score").to_pylist(), dtype=np.float64)
+
+
+def batch_means_half_width(window_scores: list, plan: Plan) -> np.ndarray:
+    """Half-width of the batch-means confidence interval of each score: t_{k-1} * sd / sqrt(k)
+    over the k windows' own scores. Symbols of one record (and of neighbouring records) are
+    dependent, so an interval that treats symbols as independent (Fisher z with n symbols) is far
+    too narrow; windows of whole records in the seeded order are close to independent."""
+    from scipy import stats
+    k = len(window_scores)
+    if k < 2:
+        return np.full(len(window_scores[0]) if window_scores else 0, np.inf)
+    w = np.vstack(window_scores)
+    conf = plan.measure_params.get("corr", {}).get("confidence", 0.95)
+    import warnings
+    with warnings.catch_warnings():                  # undefined scores (constant units) are all NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sd = np.nanstd(w, axis=0, ddof=1)
+    half = stats.t.ppf(0.5 + conf / 2, k - 1) * sd / np.sqrt(k)
+    return np.where(np.isnan(half), 0.0, half)
+
+
+def seeded_windows(session, plan: Plan, window_batches: int = 1) -> tuple[list[list[int]], list[int]]:
+    """Forward batches for a progressive scan: the selected records in the seeded order of the
+    ``seeded_order`` macro (sql/20_sampling.sql), cut into windows of ``window_batches`` batches;
+    within a window records are batched by length (less padding). The stop rule is checked at
+    window ends, so the records used are always a prefix of the seeded order: a uniform sample."""
+    wanted = set(int(r) for r in plan.record_ids)
+    order = [r for (r,) in store.q_all(session.con, "SELECT record_id FROM seeded_order(?, seed := ?)",
+                                       [plan.dataset, plan.seed]) if r in wanted]
+    lengths = dict(store.q_all(session.con, "SELECT record_id, length(text) FROM records WHERE dataset = ?",
+                               [plan.dataset]))
+    size = plan.batch_size * window_batches
+    batches, windows = [], []
+    for lo in range(0, len(order), size):
+        window = sorted(order[lo:lo + size], key=lambda r: (lengths[r], r))
+        cut = [sorted(window[j:j + plan.batch_size]) for j in range(0, len(window), plan.batch_size)]
+        batches.extend(cut)
+        windows.append(len(cut))
+    return batches, windows
+
+
 def class_frequencies(session, plan: Plan, tokenization: str) -> dict:
     """Class counts of each hypothesis that has a control task, over the selected records (their
     labels are materialised first)."""
@@ -336,12 +395,19 @@ class LocalEngine:
             counts = dict(store.q_all(session.con, "SELECT record_id, n_symbols FROM tokenized_records WHERE dataset = ? "
                                                    "AND tokenization = ?", [plan.dataset, tokenization]))
             blocks = stored_part_blocks(session, plan, stored)
+            if plan.max_error is not None:        # stored parts in a seeded order (a cluster sample)
+                blocks = [blocks[i] for i in np.random.default_rng(plan.seed).permutation(len(blocks))]
+            windows = [len(blocks)] if plan.max_error is None else [1] * len(blocks)
             source = (read_part_block(ids, files, counts) for ids, files in blocks)
             keep = None
         else:
             adapter = session.adapter(plan.model)
             counts = ensure_symbols(session, adapter, plan.dataset, plan.record_ids)
-            block_ids = plan_batches(session, plan.dataset, plan.record_ids, plan.batch_size)
+            if plan.max_error is None:
+                block_ids = plan_batches(session, plan.dataset, plan.record_ids, plan.batch_size)
+                windows = [len(block_ids)]
+            else:
+                block_ids, windows = seeded_windows(session, plan)
             source = forward_batches(session, adapter, plan.model, plan.layers, plan.dataset, block_ids, counts)
             keep = KeepActivations(session, plan, mrow["checksum"], tokenization, widths) if plan.keep_activations else None
         if plan.control:
@@ -353,24 +419,46 @@ class LocalEngine:
             samples = {l: RowSample(widths[l], len(plan.label_columns), plan.permutation_rows, plan.device)
                        for l in plan.layers}
         bar = progress_bar(len(plan.record_ids), f"inspect {plan.model} ({plan.source})", "rec", show)
+        checkpoints = set(np.cumsum(windows).tolist())   # the stop rule is checked at window ends
+        used, bound, stopped = [], float("inf"), False
+        progressive = plan.max_error is not None
+        make = lambda layer, m: measure_class(m)(widths[layer], plan.columns[m], device=plan.device,  # noqa: E731
+                                                 **plan.measure_params.get(m, {}))
+        # progressive scans feed a per-window state, finalised at the window's end (its scores
+        # give the batch-means error bound) and then merged into the total
+        feeding = {k: make(*k) for k in states} if progressive else states
+        window_scores = {k: [] for k in states}
         try:
-            for batch in source:
+            for i, batch in enumerate(source, 1):
                 if keep is not None:
                     keep.write(batch)
                 y = labels.next(batch.record_ids)
                 rec = torch.from_numpy(np.repeat(batch.record_ids, batch.n_symbols))
                 for layer, x in batch.acts.items():
                     for m in plan.measures:
-                        states[(layer, m)].update(x, y[:, take[m]], rec)
+                        feeding[(layer, m)].update(x, y[:, take[m]], rec)
                     if samples:
                         samples[layer].add(row_keys(x, y, rec), x, y)
                 bar.update(len(batch.record_ids) * len(batch.acts) / len(plan.layers))
+                used.extend(int(r) for r in batch.record_ids)
+                if progressive and i in checkpoints:
+                    for k, st in feeding.items():
+                        window_scores[k].append(_score_matrix(st))
+                        states[k].combine(st)
+                        feeding[k] = make(*k)
+                    bound = max(batch_means_half_width(w, plan).max(initial=0.0) for w in window_scores.values())
+                    if len(next(iter(window_scores.values()))) >= MIN_WINDOWS and bound <= plan.max_error:
+                        stopped = True
+                        break
         finally:
             bar.close()
-        n_symbols = int(sum(counts[int(r)] for r in plan.record_ids))
+        used = sorted(set(used))
+        n_symbols = int(sum(counts[r] for r in used))
         if n_symbols == 0:
             raise EmptyDatasetError(f"the selected records of dataset {plan.dataset!r} hold no symbols")
-        return {"states": states, "n_symbols": n_symbols, "samples": samples, "take": take}
+        return {"states": states, "n_symbols": n_symbols, "samples": samples, "take": take, "records_used": len(used),
+                "stopped_early": stopped, "bound": bound if progressive else None,
+                "window_scores": window_scores if progressive else None}
 
 
 def detail_column(t: pa.Table) -> pa.Array:
@@ -423,6 +511,18 @@ def with_permutation_p_values(t: pa.Table, plan: Plan, measure: str, sample, col
     return t.append_column("perm_rows", pa.array([len(sample)] * t.num_rows, pa.int64()))
 
 
+def with_batch_means_interval(t: pa.Table, window_scores: list, plan: Plan) -> pa.Table:
+    """For a progressive scan: the interval of each score becomes score +- the batch-means half
+    width (clipped to [-1, 1]); detail gets the number of windows."""
+    half = batch_means_half_width(window_scores, plan)
+    score = np.array(t.column("score").to_pylist(), dtype=np.float64)
+    lo = np.clip(score - half, -1, 1)
+    hi = np.clip(score + half, -1, 1)
+    t = t.set_column(t.column_names.index("ci_low"), "ci_low", pa.array(lo, pa.float64(), from_pandas=True))
+    t = t.set_column(t.column_names.index("ci_high"), "ci_high", pa.array(hi, pa.float64(), from_pandas=True))
+    return t.append_column("interval", pa.array([f"batch means over {len(window_scores)} windows"] * t.num_rows))
+
+
 def with_q_values(scores: pa.Table) -> pa.Table:
     """Benjamini-Hochberg q-values per measure over every row of the table."""
     from ..inspectors.significance import benjamini_hochberg
@@ -439,7 +539,7 @@ def with_q_values(scores: pa.Table) -> pa.Table:
 def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), record_ids=None, limit=None,
             batch_size=16, keep_activations=False, dtype="float32", device=None, store_scores=True,
             progress=None, engine=None, baseline=False, baseline_seed=0, control=False, permutations=0,
-            permutation_rows=20_000, **measure_params) -> pa.Table:
+            permutation_rows=20_000, max_error=None, seed=0, **measure_params) -> pa.Table:
     """Score ``layers`` of ``model`` against ``hypotheses`` over ``dataset``; returns (and stores)
     rows of (query_id, model, layer, unit, hypothesis, measure, score, n, ci_low, ci_high, p_value,
     q_value, detail). With ``baseline=True`` an untrained copy of the model ('<model>~untrained',
@@ -447,23 +547,30 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
     ``control=True`` (probe measure) every binary or categorical hypothesis gets a control task
     and the result holds 'selectivity' rows (probe accuracy minus control accuracy). With
     ``permutations=N`` unit-level scores also carry a permutation-test p-value in
-    ``detail->>'perm_p_value'`` (on a sample of ``permutation_rows`` rows)."""
+    ``detail->>'perm_p_value'`` (on a sample of ``permutation_rows`` rows). With ``max_error``
+    the scan is progressive: records in the seeded order of ``seed``, stopping once every state's
+    error bound (the largest confidence half-width: Fisher z for correlations) is at most
+    ``max_error``; ``queries.params`` reports the records used and the bound reached, and each
+    score's n and interval are those of the records used."""
     t0 = time.time()
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     plan = plan_inspect(session, model, layers, hypotheses, dataset, measures, record_ids, limit, batch_size,
-                        keep_activations, dtype, device, control, permutations, permutation_rows, **measure_params)
+                        keep_activations, dtype, device, control, permutations, permutation_rows, max_error, seed,
+                        **measure_params)
     runs = [(plan, (engine or LocalEngine()).run(session, plan, progress))]
     if baseline:
         twin_name = f"{model}~untrained"
         session.register_model(twin_name, untrained_copy(session.adapter(model), baseline_seed))
         twin = plan_inspect(session, twin_name, layers, hypotheses, dataset, measures, record_ids, limit,
                             batch_size, False, dtype, device, control, permutations, permutation_rows,
-                            **measure_params)
+                            max_error, seed, **measure_params)
         runs.append((twin, (engine or LocalEngine()).run(session, twin, progress)))
     tables = []
     for p, result in runs:
         for (layer, m), state in result["states"].items():
             t = state.finalize()
+            if result.get("window_scores") is not None:
+                t = with_batch_means_interval(t, result["window_scores"][(layer, m)], p)
             if p.permutations and result["samples"] and m != "probe":
                 t = with_permutation_p_values(t, p, m, result["samples"][layer], result["take"][m])
             n = t.num_rows
@@ -475,12 +582,14 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
     con = session.con
     params = {"record_count": int(len(plan.record_ids)), "batch_size": plan.batch_size,
               "keep_activations": plan.keep_activations, "measure_params": plan.measure_params,
-              "baseline": bool(baseline), "baseline_seed": baseline_seed}
+              "baseline": bool(baseline), "baseline_seed": baseline_seed,
+              "max_error": plan.max_error, "seed": plan.seed, "records_used": runs[0][1]["records_used"],
+              "stopped_early": runs[0][1]["stopped_early"], "bound_reached": runs[0][1]["bound"]}
     with store.Transaction(con):
         qid = int(store.q_scalar(con, "SELECT coalesce(max(query_id), 0) + 1 FROM queries"))
         con.execute("INSERT INTO queries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [qid, plan.model, plan.dataset, plan.layers, [h["name"] for h in plan.hypotheses],
-                     plan.measures, json.dumps(params, default=str), int(len(plan.record_ids)),
+                     plan.measures, json.dumps(params, default=str), int(runs[0][1]["records_used"]),
                      int(runs[0][1]["n_symbols"]), plan.source, started, round(time.time() - t0, 4)])
         scores = pa.table({"query_id": pa.array(np.full(scores.num_rows, qid, np.int32)),
                            **{c: scores.column(c) for c in scores.column_names}}).cast(RESULT_SCHEMA)
