@@ -240,6 +240,20 @@ def commit_parts(session, written: list[tuple[dict, str, int, int, np.ndarray]])
             con.execute(view_sql(session, b))
 
 
+def store_batch(session, behaviors: dict, missing: dict, batch: Batch) -> None:
+    """Write, per layer, the rows of the batch's records that ``missing[layer]`` (ids not yet
+    stored) holds, then commit every part of the batch in one transaction."""
+    written = []
+    for layer, b in behaviors.items():
+        need = np.isin(batch.record_ids, missing[layer])
+        if not need.any():
+            continue
+        rows_mask = None if need.all() else np.repeat(need, batch.n_symbols)
+        name, part, n_rows = write_part(session, b, batch, batch.acts[layer], rows_mask)
+        written.append((b, name, part, n_rows, batch.record_ids[need]))
+    commit_parts(session, written)
+
+
 def part_count(con, behavior_id):
     return store.q_scalar(con, "SELECT count(*) FROM behavior_parts WHERE behavior_id = ?", [behavior_id])
 
@@ -278,15 +292,7 @@ def extract(session, model: str, layers, dataset: str, dtype: str = "float32", r
         bar = progress_bar(len(todo), f"extract {model}", "rec", session.progress if progress is None else progress)
         batches = plan_batches(session, dataset, todo, batch_size)
         for batch in forward_batches(session, adapter, model, run_layers, dataset, batches, counts):
-            written = []
-            for layer in run_layers:
-                need = np.isin(batch.record_ids, missing[layer])
-                if not need.any():
-                    continue
-                rows_mask = None if need.all() else np.repeat(need, batch.n_symbols)
-                name, part, n_rows = write_part(session, behaviors[layer], batch, batch.acts[layer], rows_mask)
-                written.append((behaviors[layer], name, part, n_rows, batch.record_ids[need]))
-            commit_parts(session, written)
+            store_batch(session, {l: behaviors[l] for l in run_layers}, missing, batch)
             bar.update(len(batch.record_ids))
         bar.close()
     for layer in layers:

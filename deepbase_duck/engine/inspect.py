@@ -28,8 +28,8 @@ from ..errors import DeepBaseError, EmptyDatasetError
 from ..hypotheses.store import annotate, resolve
 from ..inspectors.base import SCORE_SCHEMA, measure_class
 from ..progress import progress_bar
-from .extract import (Batch, commit_parts, cleanup_orphans, done_records, ensure_symbols, find_behavior,
-                      forward_batches, get_or_create_behavior, plan_batches, write_part)
+from .extract import (Batch, cleanup_orphans, done_records, ensure_symbols, find_behavior, forward_batches,
+                      get_or_create_behavior, plan_batches, store_batch)
 
 RESULT_SCHEMA = pa.schema([
     ("query_id", pa.int32()), ("model", pa.string()), ("layer", pa.string()), ("unit", pa.int32()),
@@ -274,7 +274,7 @@ def _score_matrix(state) -> np.ndarray:
     return np.array(state.finalize().column("score").to_pylist(), dtype=np.float64)
 
 
-def batch_means_half_width(window_scores: list, plan: Plan) -> np.ndarray:
+def batch_means_half_width(window_scores: list, confidence: float) -> np.ndarray:
     """Half-width of the batch-means confidence interval of each score: t_{k-1} * sd / sqrt(k)
     over the k windows' own scores. Symbols of one record (and of neighbouring records) are
     dependent, so an interval that treats symbols as independent (Fisher z with n symbols) is far
@@ -284,12 +284,11 @@ def batch_means_half_width(window_scores: list, plan: Plan) -> np.ndarray:
     if k < 2:
         return np.full(len(window_scores[0]) if window_scores else 0, np.inf)
     w = np.vstack(window_scores)
-    conf = plan.measure_params.get("corr", {}).get("confidence", 0.95)
     import warnings
     with warnings.catch_warnings():                  # undefined scores (constant units) are all NaN
         warnings.simplefilter("ignore", RuntimeWarning)
         sd = np.nanstd(w, axis=0, ddof=1)
-    half = stats.t.ppf(0.5 + conf / 2, k - 1) * sd / np.sqrt(k)
+    half = stats.t.ppf(0.5 + confidence / 2, k - 1) * sd / np.sqrt(k)
     return np.where(np.isnan(half), 0.0, half)
 
 
@@ -361,17 +360,11 @@ class KeepActivations:
                                        widths[layer])
             cleanup_orphans(session, b)
             self.behaviors[layer] = b
-        self.done = {l: set(done_records(session.con, b["behavior_id"]).tolist()) for l, b in self.behaviors.items()}
+        self.missing = {l: np.setdiff1d(plan.record_ids, done_records(session.con, b["behavior_id"]))
+                        for l, b in self.behaviors.items()}
 
     def write(self, batch: Batch) -> None:
-        written = []
-        for layer, b in self.behaviors.items():
-            need = np.array([int(r) not in self.done[layer] for r in batch.record_ids])
-            if need.any():
-                mask = None if need.all() else np.repeat(need, batch.n_symbols)
-                name, part, n_rows = write_part(self.session, b, batch, batch.acts[layer], mask)
-                written.append((b, name, part, n_rows, batch.record_ids[need]))
-        commit_parts(self.session, written)
+        store_batch(self.session, self.behaviors, self.missing, batch)
 
 
 class LocalEngine:
@@ -446,7 +439,8 @@ class LocalEngine:
                         window_scores[k].append(_score_matrix(st))
                         states[k].combine(st)
                         feeding[k] = make(*k)
-                    bound = max(batch_means_half_width(w, plan).max(initial=0.0) for w in window_scores.values())
+                    bound = max(batch_means_half_width(w, states[k].confidence).max(initial=0.0)
+                                for k, w in window_scores.items())
                     if len(next(iter(window_scores.values()))) >= MIN_WINDOWS and bound <= plan.max_error:
                         stopped = True
                         break
@@ -511,10 +505,10 @@ def with_permutation_p_values(t: pa.Table, plan: Plan, measure: str, sample, col
     return t.append_column("perm_rows", pa.array([len(sample)] * t.num_rows, pa.int64()))
 
 
-def with_batch_means_interval(t: pa.Table, window_scores: list, plan: Plan) -> pa.Table:
+def with_batch_means_interval(t: pa.Table, window_scores: list, confidence: float) -> pa.Table:
     """For a progressive scan: the interval of each score becomes score +- the batch-means half
     width (clipped to [-1, 1]); detail gets the number of windows."""
-    half = batch_means_half_width(window_scores, plan)
+    half = batch_means_half_width(window_scores, confidence)
     score = np.array(t.column("score").to_pylist(), dtype=np.float64)
     lo = np.clip(score - half, -1, 1)
     hi = np.clip(score + half, -1, 1)
@@ -570,7 +564,7 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
         for (layer, m), state in result["states"].items():
             t = state.finalize()
             if result.get("window_scores") is not None:
-                t = with_batch_means_interval(t, result["window_scores"][(layer, m)], p)
+                t = with_batch_means_interval(t, result["window_scores"][(layer, m)], state.confidence)
             if p.permutations and result["samples"] and m != "probe":
                 t = with_permutation_p_values(t, p, m, result["samples"][layer], result["take"][m])
             n = t.num_rows
