@@ -49,7 +49,8 @@ def test_stops_early_on_a_seeded_prefix_with_honest_bounds(big):
 
 def test_same_seed_same_records_and_a_tight_bound_scans_everything(big):
     a = dbd.inspect(big, "planted", ["planted"], ["digit"], "many", batch_size=8, max_error=0.3, seed=2)
-    b = dbd.inspect(big, "planted", ["planted"], ["digit"], "many", batch_size=8, max_error=0.3, seed=2)
+    b = dbd.inspect(big, "planted", ["planted"], ["digit"], "many", batch_size=8, max_error=0.3, seed=2, reuse=False)
+    assert big.sql("SELECT source FROM queries ORDER BY query_id DESC LIMIT 1").fetchall() == [("model",)]
     assert a.column("score").to_pylist() == b.column("score").to_pylist()
     dbd.inspect(big, "planted", ["planted"], ["digit"], "many", batch_size=8, max_error=1e-6)
     n, params = big.sql("SELECT n_records, params FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0]
@@ -69,3 +70,33 @@ def test_early_stopping_from_sql(big):
     assert rows == [(5,)]
     n = big.sql("SELECT n_records FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0]
     assert n < 240
+
+
+def test_top_k_stops_once_the_ranking_is_stable_and_agrees_with_the_full_scan(big):
+    hyps = ["digit", "bracket_depth", "in_string"]
+    full = dbd.inspect(big, "planted", ["planted", "mix"], hyps, "many", batch_size=8).to_pylist()
+    early = dbd.inspect(big, "planted", ["planted", "mix"], hyps, "many", batch_size=8, top_k=2,
+                        stable_windows=3, seed=4).to_pylist()
+    n_records, params = big.sql("SELECT n_records, params FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0]
+    params = json.loads(params)
+    assert params["stopped_early"] and params["stop_rule"] == "top_k" and params["top_k"] == 2
+    assert 5 * 8 <= n_records < 240                      # at least MIN_WINDOWS windows of 8 records
+
+    def top(rows, layer, h):
+        ok = [r for r in rows if r["layer"] == layer and r["hypothesis"] == h and r["score"] is not None]
+        return {r["unit"] for r in sorted(ok, key=lambda r: (-abs(r["score"]), r["unit"]))[:2]}
+    for layer in ("planted", "mix"):
+        for h in hyps:
+            assert top(early, layer, h) == top(full, layer, h), (layer, h)
+    assert top(early, "planted", "digit") == {0, 1}      # the planted digit units
+
+
+def test_bad_top_k_arguments(big):
+    for bad in (0, -3, 2.5, "10", True):
+        with pytest.raises(DeepBaseError, match="top_k must be a positive integer"):
+            dbd.inspect(big, "planted", ["planted"], ["digit"], "many", top_k=bad)
+    with pytest.raises(DeepBaseError, match="stable_windows must be a positive integer"):
+        dbd.inspect(big, "planted", ["planted"], ["digit"], "many", top_k=3, stable_windows=0)
+    with pytest.raises(DeepBaseError, match="probe measures .* do not take it: probe"):
+        dbd.inspect(big, "planted", ["planted"], ["digit"], "many", measures=["probe"], top_k=3)
+    assert big.sql("SELECT count(*) FROM queries").fetchall() == [(0,)]

@@ -49,8 +49,13 @@ def test_second_extraction_does_not_run_the_model(planted):
     a = dbd.inspect(planted, "planted", ["planted"], ["digit", "bracket_depth"], "snippets")
     assert module.calls == calls
     assert planted.sql("SELECT source FROM queries ORDER BY query_id DESC LIMIT 1").fetchall() == [("stored",)]
+    # keep_activations scans again (no score cache) but still reads what is stored
     b = dbd.inspect(planted, "planted", ["planted"], ["digit", "bracket_depth"], "snippets", keep_activations=True)
-    assert module.calls > calls
+    assert module.calls == calls
+    assert planted.sql("SELECT source FROM queries ORDER BY query_id DESC LIMIT 1").fetchall() == [("stored",)]
+    # without stored activations the model runs
+    c = dbd.inspect(planted, "planted", ["mix"], ["digit"], "snippets")
+    assert module.calls > calls and c.num_rows > 0
     for x, y in zip(a.to_pylist(), b.to_pylist()):
         assert (x["score"] is None and y["score"] is None) or x["score"] == pytest.approx(y["score"], abs=1e-12)
 

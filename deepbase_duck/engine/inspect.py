@@ -14,6 +14,8 @@ so a failed query leaves the stored tables as they were.
 """
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import time
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ import torch
 
 from .. import store
 from ..errors import DeepBaseError, EmptyDatasetError
-from ..hypotheses.store import annotate, resolve
+from ..hypotheses.store import annotate, missing_records, resolve
 from ..inspectors.base import SCORE_SCHEMA, measure_class
 from ..progress import progress_bar
 from .extract import (Batch, cleanup_orphans, done_records, ensure_symbols, find_behavior, forward_batches,
@@ -67,6 +69,12 @@ class Plan:
     permutation_rows: int = 20_000
     max_error: float | None = None                     # early stopping: stop once every bound is below
     seed: int = 0                                      # the seeded record order of progressive scans
+    top_k: int | None = None                           # ranking queries: stop once each top-k set is stable
+    stable_windows: int = 3                            # ... over this many consecutive windows
+
+    @property
+    def progressive(self) -> bool:
+        return self.max_error is not None or self.top_k is not None
 
 
 def _label_columns(hyps: list[dict], measures: list[str], control: bool = False):
@@ -99,7 +107,8 @@ def _label_columns(hyps: list[dict], measures: list[str], control: bool = False)
 
 def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",), record_ids=None, limit=None,
                  batch_size=16, keep_activations=False, dtype="float32", device=None, control=False,
-                 permutations=0, permutation_rows=20_000, max_error=None, seed=0, **measure_params) -> Plan:
+                 permutations=0, permutation_rows=20_000, max_error=None, seed=0, top_k=None, stable_windows=3,
+                 **measure_params) -> Plan:
     if isinstance(layers, str):
         layers = [layers]
     if isinstance(hypotheses, str):
@@ -128,6 +137,15 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
         if unbounded:
             raise DeepBaseError(f"early stopping (max_error) has error bounds for {', '.join(BOUNDED_MEASURES)}; "
                                 f"not for: {', '.join(unbounded)}")
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+            raise DeepBaseError(f"top_k must be a positive integer, got {top_k!r}")
+        if isinstance(stable_windows, bool) or not isinstance(stable_windows, (int, np.integer)) or stable_windows < 1:
+            raise DeepBaseError(f"stable_windows must be a positive integer, got {stable_windows!r}")
+        slow = [m for m in measures if m in ("probe", "probe_weight", "probe_topk", "selectivity")]
+        if slow:
+            raise DeepBaseError(f"top_k (a ranking stop rule) re-scores after every window; the probe measures "
+                                f"train a model per scoring and do not take it: {', '.join(slow)}")
     if control and "probe" not in measures:
         raise DeepBaseError("control=True needs the 'probe' measure (control tasks score probe selectivity)")
     per_measure, cols = _label_columns(hyps, measures, control)
@@ -154,7 +172,8 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
                 keep_activations=bool(keep_activations), dtype=dtype, device=str(dev), measure_params=measure_params,
                 control=bool(control), permutations=int(permutations or 0),
                 permutation_rows=int(permutation_rows),
-                max_error=None if max_error is None else float(max_error), seed=int(seed))
+                max_error=None if max_error is None else float(max_error), seed=int(seed),
+                top_k=None if top_k is None else int(top_k), stable_windows=int(stable_windows))
 
 
 # -- blocks of labels ----------------------------------------------------------------------------
@@ -209,24 +228,36 @@ def block_labels(session, plan: Plan, tokenization: str, record_ids: np.ndarray,
 # -- blocks of activations -----------------------------------------------------------------------
 def stored_behaviors(session, plan: Plan, checksum, tokenization):
     """{layer: behavior} when every layer is stored (any dtype) for all selected records, else None."""
-    out = {}
+    behaviors, covered = stored_coverage(session, plan, checksum, tokenization)
+    return behaviors if behaviors and len(covered) == len(np.unique(plan.record_ids)) else None
+
+
+def stored_coverage(session, plan: Plan, checksum, tokenization) -> tuple[dict, np.ndarray]:
+    """The stored behaviors to read and the selected records they cover: per layer the behavior
+    (float32 preferred, then float16) holding most of the selected records; covered = the
+    selected records stored for every layer. ({}, empty) when some layer has none stored."""
+    out, covered = {}, np.unique(plan.record_ids)
     for layer in plan.layers:
-        found = None
+        best, best_done = None, np.empty(0, np.int64)
         for dtype in ("float32", "float16"):
             b = find_behavior(session.con, checksum, layer, plan.dataset, tokenization, dtype)
-            if b is not None and np.isin(plan.record_ids, done_records(session.con, b["behavior_id"])).all():
-                found = b
-                break
-        if found is None:
-            return None
-        out[layer] = found
-    return out
+            if b is None:
+                continue
+            done = np.intersect1d(covered, done_records(session.con, b["behavior_id"]))
+            if len(done) > len(best_done):
+                best, best_done = b, done
+        if best is None:
+            return {}, np.empty(0, np.int64)
+        out[layer] = best
+        covered = best_done
+    return (out, covered) if len(covered) else ({}, covered)
 
 
-def stored_part_blocks(session, plan: Plan, behaviors: dict) -> list[tuple[list[int], dict]]:
+def stored_part_blocks(session, plan: Plan, behaviors: dict, record_ids=None) -> list[tuple[list[int], dict]]:
     """Blocks for reading stored behaviors: (record ids, {layer: part file}) per part, keeping the
-    selected records. Layers whose parts hold different records are read one layer at a time."""
-    wanted = set(int(r) for r in plan.record_ids)
+    selected records (``record_ids``, default the plan's). Layers whose parts hold different
+    records are read one layer at a time."""
+    wanted = set(int(r) for r in (plan.record_ids if record_ids is None else record_ids))
     per_layer = {}
     for layer, b in behaviors.items():
         rows = store.q_all(session.con, "SELECT p.part, p.file, list(r.record_id ORDER BY r.record_id) "
@@ -375,8 +406,13 @@ class LocalEngine:
     def run(self, session, plan: Plan, progress=None) -> dict:
         mrow = session.model_row(plan.model)
         tokenization = mrow["tokenization"]
-        stored = None if plan.keep_activations else stored_behaviors(session, plan, mrow["checksum"], tokenization)
-        plan.source = "stored" if stored else "model"
+        progressive = plan.progressive
+        selected = np.unique(plan.record_ids)
+        behaviors, covered = stored_coverage(session, plan, mrow["checksum"], tokenization)
+        if progressive and len(covered) < len(selected):
+            behaviors, covered = {}, np.empty(0, np.int64)   # progressive scans read all stored or run all
+        missing = np.setdiff1d(selected, covered)
+        plan.source = "stored" if not len(missing) else ("stored+model" if len(covered) else "model")
         widths = dict(store.q_all(session.con, "SELECT layer, width FROM layers WHERE model = ?", [plan.model]))
         states = {(layer, m): measure_class(m)(widths[layer], plan.columns[m], device=plan.device,
                                               **plan.measure_params.get(m, {}))
@@ -384,25 +420,27 @@ class LocalEngine:
         col_index = {c["name"]: j for j, c in enumerate(plan.label_columns)}
         take = {m: torch.as_tensor([col_index[c["name"]] for c in plan.columns[m]]) for m in plan.measures}
         show = session.progress if progress is None else progress
-        if stored:
-            counts = dict(store.q_all(session.con, "SELECT record_id, n_symbols FROM tokenized_records WHERE dataset = ? "
-                                                   "AND tokenization = ?", [plan.dataset, tokenization]))
-            blocks = stored_part_blocks(session, plan, stored)
-            if plan.max_error is not None:        # stored parts in a seeded order (a cluster sample)
+        counts = dict(store.q_all(session.con, "SELECT record_id, n_symbols FROM tokenized_records WHERE dataset = ? "
+                                               "AND tokenization = ?", [plan.dataset, tokenization])) if len(covered) else {}
+        sources, windows, keep = [], [], None
+        if len(covered):                          # stored activations: the model does not run for them
+            blocks = stored_part_blocks(session, plan, behaviors, covered)
+            if progressive:                       # stored parts in a seeded order (a cluster sample)
                 blocks = [blocks[i] for i in np.random.default_rng(plan.seed).permutation(len(blocks))]
-            windows = [len(blocks)] if plan.max_error is None else [1] * len(blocks)
-            source = (read_part_block(ids, files, counts) for ids, files in blocks)
-            keep = None
-        else:
+            windows += [len(blocks)] if not progressive else [1] * len(blocks)
+            sources.append(read_part_block(ids, files, counts) for ids, files in blocks)
+        if len(missing):                          # the rest: one forward pass per batch, all layers
             adapter = session.adapter(plan.model)
-            counts = ensure_symbols(session, adapter, plan.dataset, plan.record_ids)
-            if plan.max_error is None:
-                block_ids = plan_batches(session, plan.dataset, plan.record_ids, plan.batch_size)
-                windows = [len(block_ids)]
+            counts.update(ensure_symbols(session, adapter, plan.dataset, missing))
+            if not progressive:
+                block_ids = plan_batches(session, plan.dataset, missing, plan.batch_size)
+                windows.append(len(block_ids))
             else:
-                block_ids, windows = seeded_windows(session, plan)
-            source = forward_batches(session, adapter, plan.model, plan.layers, plan.dataset, block_ids, counts)
+                block_ids, w = seeded_windows(session, plan)
+                windows += w
+            sources.append(forward_batches(session, adapter, plan.model, plan.layers, plan.dataset, block_ids, counts))
             keep = KeepActivations(session, plan, mrow["checksum"], tokenization, widths) if plan.keep_activations else None
+        source = itertools.chain(*sources)
         if plan.control:
             plan.control_freq = class_frequencies(session, plan, tokenization)
         labels = LabelStream(session, plan, tokenization, counts)
@@ -413,8 +451,8 @@ class LocalEngine:
                        for l in plan.layers}
         bar = progress_bar(len(plan.record_ids), f"inspect {plan.model} ({plan.source})", "rec", show)
         checkpoints = set(np.cumsum(windows).tolist())   # the stop rule is checked at window ends
-        used, bound, stopped = [], float("inf"), False
-        progressive = plan.max_error is not None
+        used, bound, stopped, rule = [], float("inf"), False, None
+        history = []                                     # top-k sets after each window (top_k queries)
         make = lambda layer, m: measure_class(m)(widths[layer], plan.columns[m], device=plan.device,  # noqa: E731
                                                  **plan.measure_params.get(m, {}))
         # progressive scans feed a per-window state, finalised at the window's end (its scores
@@ -441,9 +479,16 @@ class LocalEngine:
                         feeding[k] = make(*k)
                     bound = max(batch_means_half_width(w, states[k].confidence).max(initial=0.0)
                                 for k, w in window_scores.items())
-                    if len(next(iter(window_scores.values()))) >= MIN_WINDOWS and bound <= plan.max_error:
-                        stopped = True
+                    enough = len(next(iter(window_scores.values()))) >= MIN_WINDOWS
+                    if plan.max_error is not None and enough and bound <= plan.max_error:
+                        stopped, rule = True, "max_error"
                         break
+                    if plan.top_k is not None:
+                        history.append({k: top_sets(st.finalize(), plan.top_k) for k, st in states.items()})
+                        recent = history[-(plan.stable_windows + 1):]
+                        if enough and len(recent) == plan.stable_windows + 1 and all(h == recent[-1] for h in recent):
+                            stopped, rule = True, "top_k"
+                            break
         finally:
             bar.close()
         used = sorted(set(used))
@@ -451,8 +496,24 @@ class LocalEngine:
         if n_symbols == 0:
             raise EmptyDatasetError(f"the selected records of dataset {plan.dataset!r} hold no symbols")
         return {"states": states, "n_symbols": n_symbols, "samples": samples, "take": take, "records_used": len(used),
-                "stopped_early": stopped, "bound": bound if progressive else None,
-                "window_scores": window_scores if progressive else None}
+                "stopped_early": stopped, "stop_rule": rule, "bound": bound if progressive else None,
+                "window_scores": window_scores if progressive else None, "used_ids": used,
+                "reused": {"activation_records_read": int(len(covered)),
+                           "activation_records_computed": int(len(np.intersect1d(missing, used)))}}
+
+
+def top_sets(t: pa.Table, k: int) -> dict:
+    """{hypothesis column: frozenset of its k units of largest |score|} of a finalised unit-level
+    score table (NULL scores rank last; ties broken by unit number)."""
+    units = t.column("unit").to_pylist()
+    hyps = t.column("hypothesis").to_pylist()
+    score = np.abs(np.nan_to_num(np.array(t.column("score").to_pylist(), dtype=np.float64), nan=-1.0))
+    out = {}
+    for h in set(hyps):
+        rows = [i for i, x in enumerate(hyps) if x == h and units[i] is not None]
+        rows.sort(key=lambda i: (-score[i], units[i]))
+        out[h] = frozenset(units[i] for i in rows[:k])
+    return out
 
 
 def detail_column(t: pa.Table) -> pa.Array:
@@ -530,10 +591,72 @@ def with_q_values(scores: pa.Table) -> pa.Table:
     return scores.add_column(i, "q_value", pa.array(q, pa.float64(), from_pandas=True))
 
 
+# -- caching with provenance -----------------------------------------------------------------------
+def query_fingerprint(session, plan: Plan, baseline: bool, baseline_seed: int) -> str:
+    """sha256 of everything a query's scores depend on: the model's checksum, the layers, each
+    hypothesis' name and version, the dataset, the selected records and a hash of their text, the
+    measures with their parameters, and every option that changes a score."""
+    ids = [int(r) for r in np.unique(plan.record_ids)]
+    text_hash = store.q_scalar(session.con, "SELECT md5(string_agg(md5(text), ',' ORDER BY record_id)) FROM records "
+                                            "WHERE dataset = ? AND list_contains(?, record_id)", [plan.dataset, ids])
+    key = {"checksum": session.model_row(plan.model)["checksum"], "layers": list(plan.layers),
+           "hypotheses": [[h["name"], h["version"]] for h in plan.hypotheses], "dataset": plan.dataset,
+           "records": hashlib.sha256(np.asarray(ids, np.int64).tobytes()).hexdigest(), "texts": text_hash,
+           "measures": list(plan.measures), "measure_params": plan.measure_params, "control": plan.control,
+           "permutations": plan.permutations, "permutation_rows": plan.permutation_rows,
+           "max_error": plan.max_error, "seed": plan.seed if plan.progressive else None,
+           "top_k": plan.top_k, "stable_windows": plan.stable_windows if plan.top_k else None,
+           "batch_size": plan.batch_size if plan.progressive else None, "dtype": plan.dtype,
+           "baseline": bool(baseline), "baseline_seed": baseline_seed if baseline else None}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cached_scores(session, plan: Plan, fingerprint: str, started: str, t0: float) -> pa.Table | None:
+    """The scores of the latest stored query with this fingerprint, copied under a new query id
+    (a ``queries`` row with source 'cache' and params->'reused'->'scores_of_query'); None when
+    there is none."""
+    con = session.con
+    row = store.q_one(con, "SELECT q.query_id, q.params, q.n_records, q.n_symbols FROM queries q "
+                           "WHERE json_extract_string(q.params, '$.fingerprint') = ? "
+                           "AND EXISTS (SELECT 1 FROM scores s WHERE s.query_id = q.query_id) "
+                           "ORDER BY q.query_id DESC LIMIT 1", [fingerprint])
+    if row is None:
+        return None
+    old, params, n_records, n_symbols = row
+    params = json.loads(params)
+    params["reused"] = {"scores_of_query": int(old), "activation_records_read": 0, "activation_records_computed": 0,
+                        "label_pairs_found": 0, "label_pairs_computed": 0}
+    with store.Transaction(con):
+        qid = int(store.q_scalar(con, "SELECT coalesce(max(query_id), 0) + 1 FROM queries"))
+        con.execute("INSERT INTO queries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [qid, plan.model, plan.dataset, plan.layers, [h["name"] for h in plan.hypotheses],
+                     plan.measures, json.dumps(params, default=str), n_records, n_symbols, "cache", started,
+                     round(time.time() - t0, 4)])
+        cols = ", ".join(c for c in RESULT_SCHEMA.names if c != "query_id")
+        con.execute(f"INSERT INTO scores (query_id, {cols}) SELECT ?, {cols} FROM scores WHERE query_id = ?", [qid, old])
+    return store.q_arrow(con, f"SELECT query_id, {cols} FROM scores WHERE query_id = ?", [qid]).cast(RESULT_SCHEMA)
+
+
+def reuse_report(plan: Plan, runs: list, labels_missing: dict) -> dict:
+    """What a scan reused: activation records read from storage vs computed by the model (summed
+    over the runs: the model and, with a baseline, its untrained copy), and label pairs
+    (hypothesis, record) of the records used that were stored before the query vs computed."""
+    out = {"scores_of_query": None, "activation_records_read": 0, "activation_records_computed": 0}
+    for _, r in runs:
+        for k in ("activation_records_read", "activation_records_computed"):
+            out[k] += r["reused"][k]
+    used = np.asarray(runs[0][1]["used_ids"], np.int64)
+    computed = sum(int(len(np.intersect1d(v, used))) for v in labels_missing.values())
+    out["label_pairs_found"] = int(len(used) * len(labels_missing) - computed)
+    out["label_pairs_computed"] = computed
+    return out
+
+
 def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), record_ids=None, limit=None,
             batch_size=16, keep_activations=False, dtype="float32", device=None, store_scores=True,
             progress=None, engine=None, baseline=False, baseline_seed=0, control=False, permutations=0,
-            permutation_rows=20_000, max_error=None, seed=0, **measure_params) -> pa.Table:
+            permutation_rows=20_000, max_error=None, seed=0, top_k=None, stable_windows=3, reuse=True,
+            **measure_params) -> pa.Table:
     """Score ``layers`` of ``model`` against ``hypotheses`` over ``dataset``; returns (and stores)
     rows of (query_id, model, layer, unit, hypothesis, measure, score, n, ci_low, ci_high, p_value,
     q_value, detail). With ``baseline=True`` an untrained copy of the model ('<model>~untrained',
@@ -545,19 +668,38 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
     the scan is progressive: records in the seeded order of ``seed``, stopping once every state's
     error bound (the largest confidence half-width: Fisher z for correlations) is at most
     ``max_error``; ``queries.params`` reports the records used and the bound reached, and each
-    score's n and interval are those of the records used."""
+    score's n and interval are those of the records used. With ``top_k`` (a ranking query) the
+    scan is progressive too and also stops once, for every (layer, measure, hypothesis), the set of
+    its ``top_k`` units by |score| has stayed the same over ``stable_windows`` consecutive windows
+    (after at least MIN_WINDOWS windows); ``stop_rule`` in ``queries.params`` says which rule
+    stopped it. This rule is a heuristic, not a bound: the batch-means intervals are still
+    reported for every score.
+
+    Caching: stored activations are read instead of running the model (for the records they
+    cover; the model runs only for the rest), stored labels are not recomputed, and a query equal
+    to an earlier one (same model checksum, layers, hypothesis versions, records and their text,
+    measures and options: ``query_fingerprint``) returns that query's scores under a new query id
+    without scanning anything (``reuse=False`` recomputes). ``queries.params->'reused'`` says
+    what was reused: the cached query, activation records read vs computed, label pairs
+    (hypothesis, record) found vs computed."""
     t0 = time.time()
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     plan = plan_inspect(session, model, layers, hypotheses, dataset, measures, record_ids, limit, batch_size,
                         keep_activations, dtype, device, control, permutations, permutation_rows, max_error, seed,
-                        **measure_params)
+                        top_k, stable_windows, **measure_params)
+    fingerprint = query_fingerprint(session, plan, baseline, baseline_seed)
+    if reuse and store_scores and not keep_activations:      # keep_activations asks for a scan
+        hit = cached_scores(session, plan, fingerprint, started, t0)
+        if hit is not None:
+            return hit
+    labels_missing = missing_records(session.con, plan.hypotheses, plan.dataset, np.unique(plan.record_ids))
     runs = [(plan, (engine or LocalEngine()).run(session, plan, progress))]
     if baseline:
         twin_name = f"{model}~untrained"
         session.register_model(twin_name, untrained_copy(session.adapter(model), baseline_seed))
         twin = plan_inspect(session, twin_name, layers, hypotheses, dataset, measures, record_ids, limit,
                             batch_size, False, dtype, device, control, permutations, permutation_rows,
-                            max_error, seed, **measure_params)
+                            max_error, seed, top_k, stable_windows, **measure_params)
         runs.append((twin, (engine or LocalEngine()).run(session, twin, progress)))
     tables = []
     for p, result in runs:
@@ -578,7 +720,10 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
               "keep_activations": plan.keep_activations, "measure_params": plan.measure_params,
               "baseline": bool(baseline), "baseline_seed": baseline_seed,
               "max_error": plan.max_error, "seed": plan.seed, "records_used": runs[0][1]["records_used"],
-              "stopped_early": runs[0][1]["stopped_early"], "bound_reached": runs[0][1]["bound"]}
+              "top_k": plan.top_k, "stable_windows": plan.stable_windows if plan.top_k else None,
+              "stopped_early": runs[0][1]["stopped_early"], "stop_rule": runs[0][1]["stop_rule"],
+              "bound_reached": runs[0][1]["bound"],
+              "fingerprint": fingerprint, "reused": reuse_report(plan, runs, labels_missing)}
     with store.Transaction(con):
         qid = int(store.q_scalar(con, "SELECT coalesce(max(query_id), 0) + 1 FROM queries"))
         con.execute("INSERT INTO queries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
