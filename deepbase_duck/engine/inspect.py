@@ -501,6 +501,55 @@ class LocalEngine:
                 "reused": {"activation_records_read": int(len(covered)),
                            "activation_records_computed": int(len(np.intersect1d(missing, used)))}}
 
+    def run_stacked(self, session, plans: list, progress=None, fuse: bool = True) -> list[dict]:
+        """Several models of one architecture over the same records in one scan (engine/stacking.py):
+        each batch is encoded once, its labels built once, and every model's states updated;
+        the forward passes are fused with torch.vmap where the modules allow it."""
+        from .stacking import StackedForward, stacked_batches
+        p0 = plans[0]
+        tokenization = session.model_row(p0.model)["tokenization"]
+        adapters = {p.model: session.adapter(p.model) for p in plans}
+        counts = ensure_symbols(session, adapters[p0.model], p0.dataset, p0.record_ids)
+        widths = {p.model: dict(store.q_all(session.con, "SELECT layer, width FROM layers WHERE model = ?", [p.model]))
+                  for p in plans}
+        states = {(p.model, layer, m): measure_class(m)(widths[p.model][layer], p.columns[m], device=p.device,
+                                                        **p.measure_params.get(m, {}))
+                  for p in plans for layer in p.layers for m in p.measures}
+        col_index = {c["name"]: j for j, c in enumerate(p0.label_columns)}
+        take = {m: torch.as_tensor([col_index[c["name"]] for c in p0.columns[m]]) for m in p0.measures}
+        if p0.control:
+            p0.control_freq = class_frequencies(session, p0, tokenization)
+        for p in plans:
+            p.source, p.control_freq = "model", p0.control_freq
+        labels = LabelStream(session, p0, tokenization, counts)
+        stacked = StackedForward(adapters, p0.layers, fuse=fuse)
+        block_ids = plan_batches(session, p0.dataset, p0.record_ids, p0.batch_size)
+        show = session.progress if progress is None else progress
+        bar = progress_bar(len(p0.record_ids), f"inspect {len(plans)} models ({p0.model}, ...)", "rec", show)
+        used = []
+        try:
+            for batches in stacked_batches(session, stacked, p0.layers, p0.dataset, block_ids, counts):
+                first = next(iter(batches.values()))
+                y = labels.next(first.record_ids)
+                rec = torch.from_numpy(np.repeat(first.record_ids, first.n_symbols))
+                for name, batch in batches.items():
+                    for layer, x in batch.acts.items():
+                        for m in p0.measures:
+                            states[(name, layer, m)].update(x, y[:, take[m]], rec)
+                used.extend(int(r) for r in first.record_ids)
+                bar.update(len(first.record_ids))
+        finally:
+            bar.close()
+        n_symbols = int(sum(counts[r] for r in used))
+        if n_symbols == 0:
+            raise EmptyDatasetError(f"the selected records of dataset {p0.dataset!r} hold no symbols")
+        return [{"states": {(layer, m): states[(p.model, layer, m)] for layer in p.layers for m in p.measures},
+                 "n_symbols": n_symbols, "samples": {}, "take": take, "records_used": len(used),
+                 "stopped_early": False, "stop_rule": None, "bound": None, "window_scores": None, "used_ids": used,
+                 "stacked": stacked.mode, "stacked_reason": stacked.reason,
+                 "reused": {"activation_records_read": 0, "activation_records_computed": len(used)}}
+                for p in plans]
+
 
 def top_sets(t: pa.Table, k: int) -> dict:
     """{hypothesis column: frozenset of its k units of largest |score|} of a finalised unit-level
@@ -514,6 +563,24 @@ def top_sets(t: pa.Table, k: int) -> dict:
         rows.sort(key=lambda i: (-score[i], units[i]))
         out[h] = frozenset(units[i] for i in rows[:k])
     return out
+
+
+def stack_obstacle(session, plans: list, local: bool) -> str | None:
+    """Why several models are scanned one at a time instead of together (None: together)."""
+    if not local:
+        return "the scan runs on another engine"
+    p = plans[0]
+    if p.progressive or p.keep_activations or p.permutations:
+        return "progressive scans, keep_activations and permutations run one model at a time"
+    for q in plans:
+        mrow = session.model_row(q.model)
+        _, covered = stored_coverage(session, q, mrow["checksum"], mrow["tokenization"])
+        if len(covered):
+            return f"model {q.model!r} has stored activations for these records (read, not recomputed)"
+    toks = {session.model_row(q.model)["tokenization"] for q in plans}
+    if len(toks) > 1:
+        return f"the models use different tokenizations ({', '.join(sorted(toks))})"
+    return None
 
 
 def detail_column(t: pa.Table) -> pa.Array:
@@ -592,14 +659,15 @@ def with_q_values(scores: pa.Table) -> pa.Table:
 
 
 # -- caching with provenance -----------------------------------------------------------------------
-def query_fingerprint(session, plan: Plan, baseline: bool, baseline_seed: int) -> str:
-    """sha256 of everything a query's scores depend on: the model's checksum, the layers, each
+def query_fingerprint(session, plans: list, baseline: bool, baseline_seed: int) -> str:
+    """sha256 of everything a query's scores depend on: the models' checksums, the layers, each
     hypothesis' name and version, the dataset, the selected records and a hash of their text, the
     measures with their parameters, and every option that changes a score."""
+    plan = plans[0]
     ids = [int(r) for r in np.unique(plan.record_ids)]
     text_hash = store.q_scalar(session.con, "SELECT md5(string_agg(md5(text), ',' ORDER BY record_id)) FROM records "
                                             "WHERE dataset = ? AND list_contains(?, record_id)", [plan.dataset, ids])
-    key = {"checksum": session.model_row(plan.model)["checksum"], "layers": list(plan.layers),
+    key = {"checksums": [session.model_row(p.model)["checksum"] for p in plans], "layers": list(plan.layers),
            "hypotheses": [[h["name"], h["version"]] for h in plan.hypotheses], "dataset": plan.dataset,
            "records": hashlib.sha256(np.asarray(ids, np.int64).tobytes()).hexdigest(), "texts": text_hash,
            "measures": list(plan.measures), "measure_params": plan.measure_params, "control": plan.control,
@@ -611,7 +679,7 @@ def query_fingerprint(session, plan: Plan, baseline: bool, baseline_seed: int) -
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def cached_scores(session, plan: Plan, fingerprint: str, started: str, t0: float) -> pa.Table | None:
+def cached_scores(session, plan: Plan, fingerprint: str, started: str, t0: float, model_label: str) -> pa.Table | None:
     """The scores of the latest stored query with this fingerprint, copied under a new query id
     (a ``queries`` row with source 'cache' and params->'reused'->'scores_of_query'); None when
     there is none."""
@@ -629,7 +697,7 @@ def cached_scores(session, plan: Plan, fingerprint: str, started: str, t0: float
     with store.Transaction(con):
         qid = int(store.q_scalar(con, "SELECT coalesce(max(query_id), 0) + 1 FROM queries"))
         con.execute("INSERT INTO queries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [qid, plan.model, plan.dataset, plan.layers, [h["name"] for h in plan.hypotheses],
+                    [qid, model_label, plan.dataset, plan.layers, [h["name"] for h in plan.hypotheses],
                      plan.measures, json.dumps(params, default=str), n_records, n_symbols, "cache", started,
                      round(time.time() - t0, 4)])
         cols = ", ".join(c for c in RESULT_SCHEMA.names if c != "query_id")
@@ -684,19 +752,33 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
     (hypothesis, record) found vs computed."""
     t0 = time.time()
     started = time.strftime("%Y-%m-%d %H:%M:%S")
-    plan = plan_inspect(session, model, layers, hypotheses, dataset, measures, record_ids, limit, batch_size,
-                        keep_activations, dtype, device, control, permutations, permutation_rows, max_error, seed,
-                        top_k, stable_windows, **measure_params)
-    fingerprint = query_fingerprint(session, plan, baseline, baseline_seed)
+    models = [model] if isinstance(model, str) else list(model or [])
+    if not models or not all(isinstance(m, str) and m for m in models):
+        raise DeepBaseError(f"model must be a model name or a non-empty list of names, got {model!r}")
+    if len(set(models)) != len(models):
+        raise DeepBaseError(f"model names repeat in {models}")
+    plans = [plan_inspect(session, m, layers, hypotheses, dataset, measures, record_ids, limit, batch_size,
+                          keep_activations, dtype, device, control, permutations, permutation_rows, max_error, seed,
+                          top_k, stable_windows, **measure_params) for m in models]
+    plan = plans[0]
+    model_label = ", ".join(models)
+    fingerprint = query_fingerprint(session, plans, baseline, baseline_seed)
     if reuse and store_scores and not keep_activations:      # keep_activations asks for a scan
-        hit = cached_scores(session, plan, fingerprint, started, t0)
+        hit = cached_scores(session, plan, fingerprint, started, t0, model_label)
         if hit is not None:
             return hit
     labels_missing = missing_records(session.con, plan.hypotheses, plan.dataset, np.unique(plan.record_ids))
-    runs = [(plan, (engine or LocalEngine()).run(session, plan, progress))]
+    local = engine is None or isinstance(engine, LocalEngine)
+    why_not = None if len(plans) > 1 else "one model"
+    if why_not is None:
+        why_not = stack_obstacle(session, plans, local)
+    if why_not is None:
+        runs = list(zip(plans, LocalEngine().run_stacked(session, plans, progress)))
+    else:
+        runs = [(p, (engine or LocalEngine()).run(session, p, progress)) for p in plans]
     if baseline:
-        twin_name = f"{model}~untrained"
-        session.register_model(twin_name, untrained_copy(session.adapter(model), baseline_seed))
+        twin_name = f"{models[0]}~untrained"
+        session.register_model(twin_name, untrained_copy(session.adapter(models[0]), baseline_seed))
         twin = plan_inspect(session, twin_name, layers, hypotheses, dataset, measures, record_ids, limit,
                             batch_size, False, dtype, device, control, permutations, permutation_rows,
                             max_error, seed, top_k, stable_windows, **measure_params)
@@ -716,7 +798,13 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
                 "detail": detail_column(t)}))
     scores = with_q_values(pa.concat_tables(tables))
     con = session.con
-    params = {"record_count": int(len(plan.record_ids)), "batch_size": plan.batch_size,
+    together = len(models) > 1 and why_not is None
+    params = {"models": models,
+              "scan": None if len(models) == 1 else ("together" if together else "one model at a time"),
+              "why_one_at_a_time": why_not if len(models) > 1 and not together else None,
+              "forward": runs[0][1].get("stacked") if together else None,
+              "why_sequential": runs[0][1].get("stacked_reason") if together else None,
+              "record_count": int(len(plan.record_ids)), "batch_size": plan.batch_size,
               "keep_activations": plan.keep_activations, "measure_params": plan.measure_params,
               "baseline": bool(baseline), "baseline_seed": baseline_seed,
               "max_error": plan.max_error, "seed": plan.seed, "records_used": runs[0][1]["records_used"],
@@ -727,7 +815,7 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
     with store.Transaction(con):
         qid = int(store.q_scalar(con, "SELECT coalesce(max(query_id), 0) + 1 FROM queries"))
         con.execute("INSERT INTO queries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [qid, plan.model, plan.dataset, plan.layers, [h["name"] for h in plan.hypotheses],
+                    [qid, model_label, plan.dataset, plan.layers, [h["name"] for h in plan.hypotheses],
                      plan.measures, json.dumps(params, default=str), int(runs[0][1]["records_used"]),
                      int(runs[0][1]["n_symbols"]), plan.source, started, round(time.time() - t0, 4)])
         scores = pa.table({"query_id": pa.array(np.full(scores.num_rows, qid, np.int32)),

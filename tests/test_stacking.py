@@ -1,0 +1,109 @@
+"""Several models of one architecture in one scan: equal scores to one model at a time, fused
+forward passes where torch.vmap can, and a clear record of what ran."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import deepbase_duck as dbd
+from deepbase_duck.errors import DeepBaseError
+from deepbase_duck.extraction.adapters import CharAdapter
+from deepbase_duck.models.charlstm import encode_chars
+
+from conftest import TEXTS, planted_adapter
+
+HYPS = ["digit", "in_string", "bracket_depth"]
+
+
+def variant(k: int):
+    """The planted model with its learned part (embed, mix) moved by k: same architecture."""
+    a = planted_adapter()
+    with torch.no_grad():
+        a.module.embed.weight.add_(0.3 * k)
+        a.module.mix[0].weight.mul_(1 + 0.5 * k)
+    a._checksum = None
+    return a
+
+
+def by_key(table):
+    return {(r["model"], r["layer"], r["unit"], r["hypothesis"], r["measure"]): r["score"] for r in table.to_pylist()}
+
+
+def params_of_last(con):
+    return json.loads(con.sql("SELECT params FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0])
+
+
+@pytest.fixture
+def three(con):
+    for k in range(3):
+        dbd.register_model(con, f"v{k}", variant(k))
+    dbd.add_dataset(con, "snippets", TEXTS)
+    return con
+
+
+def test_stacked_scan_equals_one_model_at_a_time_with_fused_forward(three):
+    names = ["v0", "v1", "v2"]
+    calls = {n: dbd.catalog.session_of(three).adapters[n].module.calls for n in names}
+    together = dbd.inspect(three, names, ["planted", "mix"], HYPS, "snippets", measures=["corr"])
+    p = params_of_last(three)
+    assert p["scan"] == "together" and p["forward"] == "vmap" and p["models"] == names
+    # the fused pass ran the stacked weights, not the models one by one
+    assert all(dbd.catalog.session_of(three).adapters[n].module.calls == calls[n] for n in names[1:])
+    assert three.sql("SELECT model FROM queries ORDER BY query_id DESC LIMIT 1").fetchall() == [("v0, v1, v2",)]
+    apart = {}
+    for n in names:
+        apart.update(by_key(dbd.inspect(three, n, ["planted", "mix"], HYPS, "snippets",
+                                        measures=["corr"])))
+    got = by_key(together)
+    assert got.keys() == apart.keys() and len(got) == 3 * (5 + 4) * len(HYPS)
+    for k, v in got.items():
+        assert (v is None) == (apart[k] is None), k
+        if v is not None:
+            assert v == pytest.approx(apart[k], abs=1e-9), k
+    # the models differ (their mix layers score differently), and the planted units are found in each
+    mix = [got[(n, "mix", 0, "digit", "corr")] for n in names]
+    assert len({round(m, 6) for m in mix}) == 3
+    for n in names:
+        assert got[(n, "planted", 0, "digit", "corr")] == pytest.approx(1.0)
+
+
+def test_lstm_checkpoints_scan_together_with_sequential_forward(con):
+    from deepbase_duck.models.zoo import charlstm
+    names = ["step0", "final"]
+    for n in names:
+        dbd.register_model(con, n, charlstm(n, device="cpu"))
+    dbd.add_dataset(con, "snippets", TEXTS[:8])
+    together = by_key(dbd.inspect(con, names, ["lstm1"], ["in_string"], "snippets"))
+    p = params_of_last(con)
+    assert p["scan"] == "together" and p["forward"] == "sequential" and "lstm" in p["why_sequential"]
+    for n in names:
+        apart = by_key(dbd.inspect(con, n, ["lstm1"], ["in_string"], "snippets"))
+        for k, v in apart.items():
+            assert (v is None and together[k] is None) or together[k] == pytest.approx(v, abs=1e-12)
+
+
+def test_when_models_cannot_share_a_scan_they_run_one_at_a_time(three):
+    other = CharAdapter(variant(5).module, encode_chars, "chars-other", device="cpu")
+    dbd.register_model(three, "other", other)
+    t = dbd.inspect(three, ["v0", "other"], ["planted"], ["digit"], "snippets")
+    p = params_of_last(three)
+    assert p["scan"] == "one model at a time" and "different tokenizations" in p["why_one_at_a_time"]
+    assert set(t.column("model").to_pylist()) == {"v0", "other"}
+    # stored activations are read rather than recomputed
+    dbd.extract(three, "v1", ["planted"], "snippets")
+    dbd.inspect(three, ["v1", "v2"], ["planted"], ["digit"], "snippets")
+    p = params_of_last(three)
+    assert p["scan"] == "one model at a time" and "stored activations" in p["why_one_at_a_time"]
+
+
+def test_bad_model_lists(three):
+    before = three.sql("SELECT count(*) FROM queries").fetchall()
+    with pytest.raises(DeepBaseError, match="model names repeat"):
+        dbd.inspect(three, ["v0", "v0"], ["planted"], ["digit"], "snippets")
+    with pytest.raises(DeepBaseError, match="non-empty list"):
+        dbd.inspect(three, [], ["planted"], ["digit"], "snippets")
+    with pytest.raises(DeepBaseError, match="nope"):
+        dbd.inspect(three, ["v0", "nope"], ["planted"], ["digit"], "snippets")
+    assert three.sql("SELECT count(*) FROM queries").fetchall() == before
