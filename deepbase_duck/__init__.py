@@ -25,6 +25,7 @@ from .errors import (ActivationError, DeepBaseError, EmptyDatasetError, Hypothes
 from .extraction import CharAdapter, Encoded, ModelAdapter, Retain  # noqa: E402
 from .hypotheses import Hypothesis, get_hypothesis, hypothesis, register as register_hypothesis  # noqa: E402
 from .hypotheses import library as hypothesis_library  # noqa: E402,F401  (registers the built-ins)
+from .report import report  # noqa: E402  (the function; the package stays importable as deepbase_duck.report.*)
 
 __version__ = "0.1.0"
 
@@ -111,6 +112,7 @@ def export(con, out_dir: str, activations: bool = False, text: bool = False, ove
 
 __all__ = [
     "connect", "close", "register_model", "add_dataset", "annotate", "extract", "inspect", "compare_layers", "export",
+    "report",
     "Hypothesis", "hypothesis", "register_hypothesis", "get_hypothesis", "ModelAdapter", "CharAdapter",
     "Encoded", "Retain", "DeepBaseError", "UnknownNameError", "HypothesisError", "ActivationError",
     "EmptyDatasetError",

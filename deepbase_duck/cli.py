@@ -6,6 +6,7 @@
     deepbase-duck annotate STORE DATASET HYPOTHESIS...
     deepbase-duck extract STORE MODEL DATASET LAYER... [--dtype float16]
     deepbase-duck inspect STORE MODEL DATASET --layers L... --hypotheses H... [--measures corr]
+    deepbase-duck report STORE [--out report.html] [--query N] [--model M] [--top K]
     deepbase-duck hypotheses                    # the hypotheses this installation can compute
 
 Bad input exits with status 2 and one line naming the problem.
@@ -31,6 +32,7 @@ EXAMPLES = {
     "hypotheses": "deepbase-duck hypotheses",
     "export": "deepbase-duck export study.duckdb out/bi --activations",
     "shell": "deepbase-duck shell study.duckdb -c \"SELECT * FROM top_units(3);\"",
+    "report": "deepbase-duck report deepbase_demo/demo.duckdb --out report.html --top 8 --records 4",
 }
 
 
@@ -94,6 +96,20 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--activations", action="store_true", help="also export stored activations")
     x.add_argument("--text", action="store_true", help="also export records, symbols and labels")
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
+    rp = add("report", "Write a self-contained HTML report (figures embedded as PNG) of an inspection query.")
+    rp.add_argument("store", help="the .duckdb store")
+    rp.add_argument("--out", default="report.html", help="HTML file to write (default: %(default)s)")
+    rp.add_argument("--query", type=int, default=None, help="query id (default: the latest matching query)")
+    rp.add_argument("--model", default=None, help="the latest query of this model")
+    rp.add_argument("--dataset", default=None, help="the latest query over this dataset")
+    rp.add_argument("--measure", default=None, help="measure that ranks units (default: corr if scored)")
+    rp.add_argument("--top", type=int, default=5, help="units per hypothesis (default: %(default)s)")
+    rp.add_argument("--text-units", type=int, default=1,
+                    help="units per hypothesis shown with coloured records (default: %(default)s)")
+    rp.add_argument("--records", type=int, default=3, help="top-activating records per unit (default: %(default)s)")
+    rp.add_argument("--context", type=int, default=240,
+                    help="characters shown either side of a record's peak (default: %(default)s)")
     return p
 
 
@@ -214,6 +230,22 @@ def cmd_export(args):
     return 0
 
 
+def cmd_report(args):
+    import deepbase_duck as dbd
+    from deepbase_duck.errors import DeepBaseError
+    if not Path(args.store).is_file():
+        raise DeepBaseError(f"no store at {args.store!r} (run `deepbase-duck demo` or `deepbase-duck inspect` first)")
+    with _store(args) as con:
+        r = dbd.report(con, args.out, query_id=args.query, model=args.model, dataset=args.dataset,
+                       top_units=args.top, text_units=args.text_units, records_per_unit=args.records,
+                       context_chars=args.context, measure=args.measure)
+    print(f"{r['path']}: report of query {r['query_id']} ({r['bytes'] / 1e3:.0f} kB, {r['figures']} figures, "
+          f"{r['units_with_text']} units with coloured records; units ranked by {r['measure']})")
+    if r["missing_activations"]:
+        print(f"activations not stored for {', '.join(r['missing_activations'])}: the report says how to store them")
+    return 0
+
+
 def cmd_shell(args):
     from deepbase_duck.shell import main as shell_main
     return shell_main(args.store, args.sql, args.script, args.quiet)
@@ -228,7 +260,7 @@ def cmd_hypotheses(args):
 
 COMMANDS = {"demo": cmd_demo, "register-model": cmd_register, "add-stdlib": cmd_add_stdlib,
             "annotate": cmd_annotate, "extract": cmd_extract, "inspect": cmd_inspect,
-            "hypotheses": cmd_hypotheses, "export": cmd_export, "shell": cmd_shell}
+            "hypotheses": cmd_hypotheses, "export": cmd_export, "shell": cmd_shell, "report": cmd_report}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,225 @@
+"""Assemble the report of one query: read the store (data.py), draw (figures.py), write one
+self-contained HTML file (html.py)."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from .. import __version__
+from ..catalog import session_of
+from ..errors import DeepBaseError
+from ..progress import progress_bar
+from . import data
+from . import html as H
+from .vision import top_images_section
+
+SECTIONS = ("summary", "heatmap", "hypotheses", "probes", "activations")
+
+
+def _check_int(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise DeepBaseError(f"report: {name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _label(model: str, layer: str, q: data.Query) -> str:
+    return layer if len(q.models) == 1 else f"{model}:{layer}"
+
+
+def _summary(con, q: data.Query, pm: str | None, tops: list[dict], store_path: str) -> str:
+    params = {k: v for k, v in q.params.items() if v not in (None, {}, [], False)}
+    rows = [["store", store_path], ["query", q.query_id], ["model", ", ".join(q.models) or q.model],
+            ["dataset", q.dataset], ["layers", ", ".join(q.scored_layers)],
+            ["hypotheses", ", ".join(q.scored_hypotheses)], ["measures", ", ".join(q.measures)],
+            ["records / symbols", f"{q.n_records} / {q.n_symbols}"],
+            ["read from", {"model": "forward passes of the model", "stored": "stored activations"}.get(q.source, q.source)],
+            ["started", q.started_at], ["seconds", None if q.seconds is None else round(q.seconds, 2)]]
+    if params:
+        rows.append(["settings", json.dumps(params, sort_keys=True, default=str)[:400]])
+    body = H.table(None, rows, pairs=True)
+    if pm is not None and tops:
+        hi = {h: i for i, h in enumerate(q.scored_hypotheses)}
+        best = sorted((u for u in tops if u["rank"] == 1), key=lambda u: (q.models.index(u["model"]),
+                                                                         hi.get(u["hypothesis"], 10**6)))
+        body = body + (
+                f"<h3>Best unit per hypothesis (by |{H.esc(pm)}|)</h3>" +
+                 H.table(["hypothesis", "layer", "unit", pm, "ci low", "ci high", "q-value", "n"],
+                         [[u["hypothesis"], _label(u["model"], u["layer"], q), u["unit"], u["score"],
+                           u["ci_low"], u["ci_high"], u["q_value"], u["n"]] for u in best], {2, 3, 4, 5, 6, 7})
+                )
+    return H.section("summary", f"Query {q.query_id}", body)
+
+
+def _heatmap(con, q: data.Query) -> tuple[str, int]:
+    from . import figures
+    measures = [m for m in q.unit_measures if m not in data.NOT_AFFINITY]
+    if not measures:
+        return H.section("heatmap", "Best score per layer and hypothesis", H.note(
+            "This query scored no unit-level affinity measure (for example <code>corr</code>); "
+            "only the probe section applies.")), 0
+    cells = [(m, *row[:4]) for m in measures for row in data.best_per_cell(con, q, m)]
+    present = {(c[1], c[2]) for c in cells}
+    rows = [(mo, la) for mo in q.models for la in q.scored_layers if (mo, la) in present]
+    hyps = [h for h in q.scored_hypotheses if any(c[3] == h for c in cells)]
+    png = figures.heatmap(cells, measures, rows, hyps, q.models)
+    body = (H.img(png, "heatmap of the best score per layer and hypothesis") +
+            '<p class="meta">Each cell: the score of the layer\'s unit with the largest |score| for that hypothesis '
+            "(colour: |score|).</p>")
+    return H.section("heatmap", "Best score per layer and hypothesis", body), 1
+
+
+def _hypotheses(q: data.Query, pm: str | None, tops: list[dict]) -> tuple[str, int]:
+    from . import figures
+    if pm is None or not tops:
+        return H.section("hypotheses", "Top units per hypothesis", H.note(
+            "No unit-level scores in this query.")), 0
+    by_h = defaultdict(list)
+    for u in tops:
+        by_h[u["hypothesis"]].append(u)
+    figs = []
+    for h in q.scored_hypotheses:
+        if h in by_h:
+            units = sorted(by_h[h], key=lambda u: (q.models.index(u["model"]), u["rank"]))
+            png = figures.ranked_units(units, pm, h, q.models)
+            figs.append(f"<figure>{H.img(png, f'top units of {h}')}<figcaption>{H.esc(h)}: the {len(units)} "
+                        f"best units by |{H.esc(pm)}|, with their confidence interval</figcaption></figure>")
+    return H.section("hypotheses", "Top units per hypothesis", f'<div class="grid">{"".join(figs)}</div>'), len(figs)
+
+
+def _probes(con, q: data.Query, store_arg: str) -> tuple[str, int]:
+    from . import figures
+    rows = data.probe_rows(con, q)
+    if not rows:
+        return H.section("probes", "Probe accuracy per layer", H.note(
+            f"Query {q.query_id} trained no probes. Add them with <code>deepbase-duck inspect {H.esc(store_arg)} "
+            f"{H.esc(q.model)} {H.esc(q.dataset)} --layers ... --hypotheses ... --measures corr probe</code>.")), 0
+    hyps = [h for h in q.scored_hypotheses if any(r["hypothesis"] == h for r in rows)]
+    png = figures.probe_accuracy(rows, q.scored_layers, hyps, q.models)
+    order = {(m, la): i for i, (m, la) in enumerate((m, la) for m in q.models for la in q.scored_layers)}
+    rows = sorted(rows, key=lambda r: (hyps.index(r["hypothesis"]) if r["hypothesis"] in hyps else 99,
+                                       order.get((r["model"], r["layer"]), 99)))
+    tab = H.table(["hypothesis", "layer", "metric", "score", "ci low", "ci high", "majority", "macro F1", "n test"],
+                  [[r["hypothesis"], _label(r["model"], r["layer"], q), r["metric"], r["score"], r["ci_low"],
+                    r["ci_high"], r["majority"], r["macro_f1"], r["n"]] for r in rows], {3, 4, 5, 6, 7, 8})
+    return H.section("probes", "Probe accuracy per layer", H.img(png, "probe accuracy per layer") + tab), 1
+
+
+def _activations(con, q: data.Query, pm: str | None, tops: list[dict], text_units: int, records_per_unit: int,
+                 context_chars: int, store_arg: str, progress: bool) -> tuple[str, int, list[tuple[str, str]]]:
+    title = "Top-activating records"
+    if pm is None or not tops or text_units == 0 or records_per_unit == 0:
+        return H.section("activations", title, H.note("No units selected for this section.")), 0, []
+    main = [m for m in q.models if not m.endswith("~untrained")] or q.models
+    hi = {h: i for i, h in enumerate(q.scored_hypotheses)}
+    chosen, seen = [], {}
+    for u in sorted(tops, key=lambda u: (hi.get(u["hypothesis"], 10**6), u["rank"])):
+        if u["model"] in main and u["rank"] <= text_units:
+            key = (u["model"], u["layer"], u["unit"])
+            if key in seen:
+                seen[key]["also"].append(u["hypothesis"])
+            else:
+                seen[key] = dict(u, also=[])
+                chosen.append(seen[key])
+    behaviors, missing, parts = {}, [], [H.legend()]
+    for u in chosen:
+        key = (u["model"], u["layer"])
+        if key not in behaviors:
+            behaviors[key] = data.find_behavior(con, u["model"], u["layer"], q.dataset)
+            if behaviors[key] is None:
+                missing.append(key)
+    peaks = {}                                           # one scan of each behavior for all its units
+    for key, b in behaviors.items():
+        if b is not None:
+            wanted = sorted({(int(u["unit"]), u["score"] < 0) for u in chosen if (u["model"], u["layer"]) == key})
+            for k, v in data.top_records(con, b, wanted, records_per_unit).items():
+                peaks[(*key, *k)] = v
+    shown = 0
+    bar = progress_bar(len(chosen), "report: top-activating records", "unit", progress)
+    try:
+        for u in chosen:
+            b = behaviors[(u["model"], u["layer"])]
+            bar.update(1)
+            if b is None:
+                continue
+            negative = u["score"] < 0
+            recs, scale = peaks[(u["model"], u["layer"], int(u["unit"]), negative)]
+            also = f" (also the best unit of {', '.join(map(H.esc, u['also']))})" if u["also"] else ""
+            parts.append(f"<h3>{H.esc(u['hypothesis'])}: {H.esc(_label(u['model'], u['layer'], q))} unit "
+                         f"{u['unit']} &mdash; {H.esc(pm)} {u['score']:.3f}{also}</h3>"
+                         f'<p class="meta">the {len(recs)} records with the {"lowest" if negative else "highest"} '
+                         f"peak activation ({'the unit is anti-correlated: it fires by going down' if negative else 'it fires by going up'}); "
+                         f"largest |activation| of the unit: {scale:.3f}</p>")
+            for r in recs:
+                text, syms = data.record_activations(con, b, q.dataset, r["record_id"], int(u["unit"]))
+                peak = next((st for pos, st, _, _ in syms if pos == r["peak_pos"]), 0)
+                start, end = H.window(text, peak, context_chars)
+                spans = data.true_chars(con, u["hypothesis"], q.dataset, r["record_id"])
+                parts.append(f'<div class="meta">record {r["record_id"]}, peak {r["peak"]:.3f} at character {peak}'
+                             f' (characters {start}&ndash;{end} of {len(text)})</div>' +
+                             H.coloured_text(text, [x[1:] for x in syms], scale, start, end, spans))
+            shown += 1
+    finally:
+        bar.close()
+    if missing:
+        cmds = "<br>".join(f"<code>deepbase-duck extract {H.esc(store_arg)} {H.esc(shlex.quote(m))} "
+                           f"{H.esc(shlex.quote(q.dataset))} {H.esc(shlex.quote(la))} --dtype float16</code>"
+                           for m, la in missing)
+        parts.insert(0, H.note(
+            "Activations of " + ", ".join(H.esc(f"{m}:{la}") for m, la in missing) +
+            f" over {H.esc(q.dataset)} are not stored, so their units' records cannot be coloured here. "
+            f"Store them (or inspect with <code>--keep-activations</code>) and re-run the report:<br>{cmds}"))
+    return H.section("activations", title, "\n".join(parts)), shown, missing
+
+
+def write_report(con, path, query_id=None, model: str | None = None, dataset: str | None = None,
+                 top_units: int = 5, text_units: int = 1, records_per_unit: int = 3, context_chars: int = 240,
+                 measure: str | None = None) -> dict:
+    """Write the HTML report of one query to ``path``; see :func:`deepbase_duck.report`."""
+    session = session_of(con)
+    top_units = _check_int("top_units", top_units, 1)
+    text_units = _check_int("text_units", text_units, 0)
+    records_per_unit = _check_int("records_per_unit", records_per_unit, 0)
+    context_chars = _check_int("context_chars", context_chars, 10)
+    out = Path(path)
+    if out.is_dir():
+        raise DeepBaseError(f"report: {str(out)!r} is a folder; give the path of an .html file")
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise DeepBaseError(f"report: {str(out)!r} should end in .html")
+    t0 = time.time()
+    q = data.select_query(con, query_id, model, dataset)
+    pm = data.primary_measure(q, measure)
+    tops = data.top_units(con, q, pm, top_units) if pm else []
+    store_path = session.db_path or ":memory:"
+    store_arg = shlex.quote(session.db_path) if session.db_path not in (None, ":memory:") else "STORE"
+    parts, n_fig = [_summary(con, q, pm, tops, store_path)], 0
+    s, k = _heatmap(con, q)
+    parts.append(s); n_fig += k
+    s, k = _hypotheses(q, pm, tops)
+    parts.append(s); n_fig += k
+    s, k = _probes(con, q, store_arg)
+    parts.append(s); n_fig += k
+    s, shown, missing = _activations(con, q, pm, tops, text_units, records_per_unit, context_chars, store_arg,
+                                     session.progress)
+    parts.append(s)
+    sections = list(SECTIONS)
+    images = top_images_section(con, q, tops, records_per_unit)
+    if images is not None:
+        parts.append(H.section("images", "Top-activating images", images))
+        sections.append("images")
+    title = f"deepbase_duck report: {q.model} on {q.dataset} (query {q.query_id})"
+    sub = (f"{len(q.scored_layers)} layers &times; {len(q.scored_hypotheses)} hypotheses, measures "
+           f"{H.esc(', '.join(q.measures))}; units ranked by |{H.esc(pm or '-')}|. Affinity is not causation: "
+           "verify a unit by ablating it.")
+    footer = f"deepbase_duck {__version__}, written {time.strftime('%Y-%m-%d %H:%M:%S')} from {H.esc(store_path)}"
+    doc = H.page(title, sub, parts, footer)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(doc, encoding="utf-8")
+    os.replace(tmp, out)
+    return {"path": str(out), "query_id": q.query_id, "measure": pm, "sections": sections, "figures": n_fig,
+            "units_with_text": shown, "missing_activations": [f"{m}:{la}" for m, la in missing],
+            "bytes": len(doc.encode("utf-8")), "seconds": round(time.time() - t0, 3)}

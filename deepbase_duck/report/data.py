@@ -1,0 +1,236 @@
+"""What a report shows, read from the store: the query, its scores, its best units, and the
+top-activating records of a unit from stored behaviors.
+
+Everything here is SQL over the catalog tables (``queries``, ``scores``, ``models``, ``layers``,
+``hypotheses``, ``labels``, ``symbols``, ``behaviors``) and the behavior views; nothing runs a
+model. A unit's top-activating records come from the behavior stored for the model's *current*
+checksum and tokenisation over the query's dataset (any dtype); when none is stored the report
+says so and names the command that stores it.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+from .. import store
+from ..errors import DeepBaseError, EmptyDatasetError, UnknownNameError
+
+# Measures with one row per unit that rank units by affinity (probe_weight is a share of weight
+# mass, not an affinity: it is shown with the probes, not in the heatmap).
+NOT_AFFINITY = {"probe_weight"}
+PREFERRED = ("corr", "pointbiserial", "spearman", "iou", "f1", "ap", "mi", "probeless", "precision", "recall")
+
+
+@dataclass
+class Query:
+    """One row of ``queries`` plus what the report derives from its scores."""
+    query_id: int
+    model: str
+    dataset: str
+    layers: list[str]
+    hypotheses: list[str]
+    measures: list[str]
+    params: dict
+    n_records: int | None
+    n_symbols: int | None
+    source: str | None
+    started_at: object
+    seconds: float | None
+    models: list[str] = field(default_factory=list)           # models with scores (a baseline adds one)
+    unit_measures: list[str] = field(default_factory=list)    # measures with per-unit scores
+    group_measures: list[str] = field(default_factory=list)   # measures scored per unit group (probe, ...)
+    scored_layers: list[str] = field(default_factory=list)    # layers in the query's order
+    scored_hypotheses: list[str] = field(default_factory=list)
+
+
+def _names(con, sql: str) -> list[str]:
+    return [r[0] for r in store.q_all(con, sql)]
+
+
+def select_query(con, query_id: int | None = None, model: str | None = None, dataset: str | None = None) -> Query:
+    """The query a report is about: ``query_id``, or the latest query of ``model`` over
+    ``dataset`` (either may be None). Raises a DeepBaseError naming what is missing."""
+    if query_id is not None:
+        try:
+            query_id = int(query_id)
+        except (TypeError, ValueError):
+            raise DeepBaseError(f"report: query id must be an integer, got {query_id!r}") from None
+    if model is not None and store.q_one(con, "SELECT 1 FROM models WHERE name = ?", [model]) is None:
+        raise UnknownNameError("model", model, _names(con, "SELECT name FROM models"))
+    if dataset is not None and store.q_one(con, "SELECT 1 FROM datasets WHERE name = ?", [dataset]) is None:
+        raise UnknownNameError("dataset", dataset, _names(con, "SELECT name FROM datasets"))
+    have = _names(con, "SELECT DISTINCT query_id FROM scores ORDER BY 1")
+    if not have:
+        raise EmptyDatasetError("report: the store holds no scores yet; run an inspection first, e.g. "
+                                "`deepbase-duck inspect STORE MODEL DATASET --layers L --hypotheses H "
+                                "--measures corr probe --keep-activations`")
+    if query_id is not None:
+        if query_id not in have:
+            raise UnknownNameError("query id", query_id, have)
+    else:
+        where, args = ["query_id IN (SELECT DISTINCT query_id FROM scores)"], []
+        if model is not None:
+            where.append("model = ?"); args.append(model)
+        if dataset is not None:
+            where.append("dataset = ?"); args.append(dataset)
+        query_id = store.q_scalar(con, f"SELECT max(query_id) FROM queries WHERE {' AND '.join(where)}", args)
+        if query_id is None:
+            what = " and ".join(f"{k} {v!r}" for k, v in (("model", model), ("dataset", dataset)) if v is not None)
+            raise DeepBaseError(f"report: no inspection of {what} has scores in this store")
+    row = store.q_one(con, "SELECT query_id, model, dataset, layers, hypotheses, measures, params, n_records, "
+                           "n_symbols, source, started_at, seconds FROM queries WHERE query_id = ?", [query_id])
+    if row is None:
+        raise DeepBaseError(f"report: scores of query {query_id} have no row in the queries table")
+    try:
+        params = json.loads(row[6]) if row[6] else {}
+    except ValueError:
+        params = {"raw": row[6]}
+    q = Query(row[0], row[1], row[2], list(row[3] or []), list(row[4] or []), list(row[5] or []), params,
+              row[7], row[8], row[9], row[10], row[11])
+    q.models = _names(con, f"SELECT model FROM scores WHERE query_id = {q.query_id} GROUP BY model "
+                           "ORDER BY min(model LIKE '%~untrained'), model")
+    per = store.q_all(con, f"SELECT measure, bool_or(unit IS NOT NULL), bool_or(unit IS NULL) FROM scores "
+                           f"WHERE query_id = {q.query_id} GROUP BY measure")
+    unit_ms = {m for m, u, _ in per if u}
+    group_ms = {m for m, _, g in per if g}
+    order = {m: i for i, m in enumerate(q.measures)}
+    q.unit_measures = sorted(unit_ms, key=lambda m: (order.get(m, 99), m))
+    q.group_measures = sorted(group_ms, key=lambda m: (order.get(m, 99), m))
+    lorder = {name: i for i, name in enumerate(q.layers)}
+    q.scored_layers = sorted(_names(con, f"SELECT DISTINCT layer FROM scores WHERE query_id = {q.query_id}"),
+                             key=lambda x: (lorder.get(x, 10**6), x))
+    horder = {name: i for i, name in enumerate(q.hypotheses)}
+    q.scored_hypotheses = sorted(_names(con, f"SELECT DISTINCT hypothesis FROM scores WHERE query_id = {q.query_id}"),
+                                 key=lambda h: (horder.get(h.split("=", 1)[0], 10**6), h))
+    return q
+
+
+def primary_measure(q: Query, measure: str | None = None) -> str | None:
+    """The measure that ranks units: ``measure`` if given (it must have unit scores in the query),
+    else corr, else the first affinity measure the query scored per unit."""
+    affinity = [m for m in q.unit_measures if m not in NOT_AFFINITY]
+    if measure is not None:
+        if measure not in q.unit_measures:
+            raise UnknownNameError("unit-level measure of this query", measure, q.unit_measures)
+        return measure
+    for m in PREFERRED:
+        if m in affinity:
+            return m
+    return affinity[0] if affinity else (q.unit_measures[0] if q.unit_measures else None)
+
+
+def best_per_cell(con, q: Query, measure: str) -> list[tuple]:
+    """(model, layer, hypothesis, best signed score, unit): the unit with the largest |score| of
+    each (model, layer, hypothesis) for ``measure``."""
+    return store.q_all(con, """
+        SELECT model, layer, hypothesis, arg_max(score, abs(score)), arg_max(unit, abs(score))
+        FROM scores WHERE query_id = ? AND measure = ? AND unit IS NOT NULL AND score IS NOT NULL
+        GROUP BY ALL""", [q.query_id, measure])
+
+
+def top_units(con, q: Query, measure: str, k: int) -> list[dict]:
+    """The ``k`` units with the largest |score| per (model, hypothesis), best first."""
+    rows = store.q_all(con, """
+        SELECT model, hypothesis, layer, unit, score, ci_low, ci_high, q_value, n,
+               row_number() OVER (PARTITION BY model, hypothesis ORDER BY abs(score) DESC, layer, unit) AS rank
+        FROM scores WHERE query_id = ? AND measure = ? AND unit IS NOT NULL AND score IS NOT NULL
+        QUALIFY rank <= ? ORDER BY model, hypothesis, rank""", [q.query_id, measure, int(k)])
+    keys = ("model", "hypothesis", "layer", "unit", "score", "ci_low", "ci_high", "q_value", "n", "rank")
+    return [dict(zip(keys, r)) for r in rows]
+
+
+def probe_rows(con, q: Query) -> list[dict]:
+    """Held-out probe scores per (model, layer, hypothesis), with their interval and majority rate."""
+    rows = store.q_all(con, """
+        SELECT model, layer, hypothesis, score, ci_low, ci_high, n,
+               detail->>'metric', TRY_CAST(detail->>'majority' AS DOUBLE), TRY_CAST(detail->>'macro_f1' AS DOUBLE)
+        FROM scores WHERE query_id = ? AND measure = 'probe' AND unit IS NULL""", [q.query_id])
+    keys = ("model", "layer", "hypothesis", "score", "ci_low", "ci_high", "n", "metric", "majority", "macro_f1")
+    return [dict(zip(keys, r)) for r in rows]
+
+
+# -- stored activations ----------------------------------------------------------------------
+def find_behavior(con, model: str, layer: str, dataset: str) -> dict | None:
+    """The stored behavior of (model's current checksum, layer, dataset, tokenisation) whose view
+    exists, float32 preferred; None when the model is unknown or nothing is stored."""
+    row = store.q_one(con, "SELECT checksum, tokenization FROM models WHERE name = ?", [model])
+    if row is None:
+        return None
+    checksum, tok = row
+    views = {r[0] for r in store.q_all(con, "SELECT view_name FROM duckdb_views() WHERE NOT internal")}
+    for bid, view, width, dtype in store.q_all(con, """
+            SELECT behavior_id, view_name, width, dtype FROM behaviors
+            WHERE model_checksum = ? AND layer = ? AND dataset = ? AND tokenization = ?
+            ORDER BY dtype = 'float32' DESC, behavior_id DESC""", [checksum, layer, dataset, tok]):
+        if view in views:
+            return {"behavior_id": bid, "view": view, "width": width, "dtype": dtype, "tokenization": tok}
+    return None
+
+
+def _finite(x) -> float:
+    return float(x) if x is not None and math.isfinite(float(x)) else 0.0
+
+
+def top_records(con, behavior: dict, units: list[tuple[int, bool]], n: int) -> dict[tuple[int, bool], tuple]:
+    """For each (unit, negative) of one behavior, in one scan of its view: the ``n`` records whose
+    peak activation of the unit is highest (lowest when ``negative``: a unit anti-correlated with
+    its hypothesis fires by going down), with the position of each peak, and the unit's largest
+    |activation| over every stored record (the colour scale). Returns {(unit, negative):
+    ([{record_id, peak, peak_pos}], scale)}."""
+    import numpy as np
+    width = int(behavior["width"])
+    for u, _ in units:
+        if not 0 <= u < width:
+            raise DeepBaseError(f"report: unit {u} is outside the layer's width {width}")
+    cols = []
+    for i, (u, neg) in enumerate(units):
+        a = f"act[{int(u) + 1}]"
+        agg, pick = ("min", "arg_min") if neg else ("max", "arg_max")
+        cols.append(f"{agg}({a}) AS peak{i}, {pick}(pos, {a}) AS pos{i}, max(abs({a})) AS amax{i}")
+    t = store.q_arrow(con, f"SELECT record_id, {', '.join(cols)} FROM {behavior['view']} GROUP BY record_id "
+                           "ORDER BY record_id")
+    rid = t.column("record_id").to_numpy()
+    out = {}
+    for i, (u, neg) in enumerate(units):
+        peak = t.column(f"peak{i}").to_numpy(zero_copy_only=False).astype(np.float64)
+        pos = t.column(f"pos{i}").to_pylist()
+        amax = t.column(f"amax{i}").to_numpy(zero_copy_only=False).astype(np.float64)
+        key = np.where(np.isfinite(peak), peak if neg else -peak, np.inf)
+        order = np.lexsort((rid, key))[: int(n)]           # best peak first, ties by record id
+        scale = float(np.nanmax(amax)) if amax.size and np.isfinite(amax).any() else 0.0
+        out[(u, neg)] = ([{"record_id": int(rid[j]), "peak": _finite(peak[j]), "peak_pos": pos[j]} for j in order],
+                         scale)
+    return out
+
+
+def record_activations(con, behavior: dict, dataset: str, record_id: int, unit: int) -> tuple[str, list[tuple]]:
+    """The record's text and, for each of its symbols, (pos, start_char, end_char, activation)."""
+    text = store.q_scalar(con, "SELECT text FROM records WHERE dataset = ? AND record_id = ?", [dataset, record_id])
+    if text is None:
+        raise DeepBaseError(f"report: record {record_id} of dataset {dataset!r} is missing from the records table")
+    rows = store.q_all(con, f"""
+        SELECT b.pos, s.start_char, s.end_char, b.act[{int(unit) + 1}]
+        FROM {behavior['view']} AS b JOIN symbols AS s
+          ON s.record_id = b.record_id AND s.pos = b.pos AND s.dataset = ? AND s.tokenization = ?
+        WHERE b.record_id = ? ORDER BY b.pos""", [dataset, behavior["tokenization"], record_id])
+    return text, [(int(p), int(s), int(e), _finite(v)) for p, s, e, v in rows]
+
+
+def true_chars(con, hypothesis: str, dataset: str, record_id: int) -> list[tuple[int, int]]:
+    """Character spans of a record where a binary hypothesis (or one category of an expanded
+    categorical one, 'name=category') holds, from its current labels; [] when there are none."""
+    name, _, category = hypothesis.partition("=")
+    row = store.q_one(con, "SELECT kind, version, categories FROM hypotheses WHERE name = ?", [name])
+    if row is None:
+        return []
+    kind, version, cats = row
+    if kind == "binary" and not category:
+        cond, args = "value <> 0", []
+    elif kind == "categorical" and category and cats and category in cats:
+        cond, args = "value = ?", [float(list(cats).index(category))]
+    else:
+        return []
+    return [(int(s), int(e)) for s, e in store.q_all(
+        con, f"SELECT start_char, end_char FROM labels WHERE hypothesis = ? AND version = ? AND dataset = ? "
+             f"AND record_id = ? AND {cond} ORDER BY start_char", [name, version, dataset, record_id, *args])]
