@@ -64,3 +64,29 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     assert "unknown dataset 'nodata'" in r.stderr or "unknown model 'nomodel'" in r.stderr
     r = run_cli("hypotheses")
     assert r.returncode == 0 and "in_comment" in r.stdout
+
+
+def test_readme_report_session_runs(tmp_path, monkeypatch):
+    """The five lines of README's Reports section, run as written in a folder holding a small
+    stand-in for the demo's store (same model, dataset name and stored activations, 3k chars)."""
+    import torch
+    from deepbase_duck.corpora.code import code_records
+    torch.set_num_threads(1)
+    block = re.search(r"## Reports.*?```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    assert len(block.strip().splitlines()) == 5
+    monkeypatch.chdir(tmp_path)
+    con = dbd.connect("deepbase_demo/demo.duckdb", progress=False)
+    dbd.register_model(con, "charlstm", "deepbase_duck.models.zoo:charlstm", {"checkpoint": "final"})
+    dbd.add_dataset(con, "stdlib_heldout_150000", code_records("heldout", max_chars=2000, limit_chars=3000))
+    dbd.inspect(con, "charlstm", ["lstm0", "lstm1"], ["in_string", "in_comment"], "stdlib_heldout_150000",
+                keep_activations=True, dtype="float16")
+    dbd.close(con)
+    out = {}
+    exec(compile(block, "README", "exec"), out)
+    con = out["con"]
+    assert con.sql("SELECT count(*) FROM scores WHERE measure = 'probe' AND query_id = 2").fetchall() == [(6,)]
+    doc = (tmp_path / "report.html").read_text()
+    for sid in ("summary", "heatmap", "hypotheses", "probes", "activations"):
+        assert f'<section id="{sid}">' in doc
+    assert "query 2" in doc and '<pre class="acts">' in doc and "are not stored" not in doc
+    dbd.close(con)

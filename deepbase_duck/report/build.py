@@ -105,7 +105,8 @@ def _probes(con, q: data.Query, store_arg: str) -> tuple[str, int]:
     tab = H.table(["hypothesis", "layer", "metric", "score", "ci low", "ci high", "majority", "macro F1", "n test"],
                   [[r["hypothesis"], _label(r["model"], r["layer"], q), r["metric"], r["score"], r["ci_low"],
                     r["ci_high"], r["majority"], r["macro_f1"], r["n"]] for r in rows], {3, 4, 5, 6, 7, 8})
-    return H.section("probes", "Probe accuracy per layer", H.img(png, "probe accuracy per layer") + tab), 1
+    body = f'<div class="grid"><div>{H.img(png, "probe accuracy per layer")}</div><div>{tab}</div></div>'
+    return H.section("probes", "Probe accuracy per layer", body), 1
 
 
 def _activations(con, q: data.Query, pm: str | None, tops: list[dict], text_units: int, records_per_unit: int,
@@ -131,15 +132,15 @@ def _activations(con, q: data.Query, pm: str | None, tops: list[dict], text_unit
             behaviors[key] = data.find_behavior(con, u["model"], u["layer"], q.dataset)
             if behaviors[key] is None:
                 missing.append(key)
-    peaks = {}                                           # one scan of each behavior for all its units
-    for key, b in behaviors.items():
-        if b is not None:
+    peaks, shown = {}, 0
+    stored = {k: b for k, b in behaviors.items() if b is not None}
+    bar = progress_bar(len(stored) + len(chosen), "report: top-activating records", "step", progress)
+    try:
+        for key, b in stored.items():                    # one scan of each behavior for all its units
             wanted = sorted({(int(u["unit"]), u["score"] < 0) for u in chosen if (u["model"], u["layer"]) == key})
             for k, v in data.top_records(con, b, wanted, records_per_unit).items():
                 peaks[(*key, *k)] = v
-    shown = 0
-    bar = progress_bar(len(chosen), "report: top-activating records", "unit", progress)
-    try:
+            bar.update(1)
         for u in chosen:
             b = behaviors[(u["model"], u["layer"])]
             bar.update(1)

@@ -72,7 +72,7 @@ def ranked_units(units: list[dict], measure: str, title: str, models: list[str])
     confidence interval when known; red positive, blue negative."""
     units = list(units)
     n = len(units)
-    fig, axes = _figure((5.6, 0.32 * n + 1.0))
+    fig, axes = _figure((4.6, 0.32 * n + 1.0))
     ax = axes[0, 0]
     y = np.arange(n)[::-1]
     scores = np.array([u["score"] for u in units], dtype=float)
