@@ -25,7 +25,7 @@ from .errors import (ActivationError, DeepBaseError, EmptyDatasetError, Hypothes
 from .extraction import CharAdapter, Encoded, ModelAdapter, Retain  # noqa: E402
 from .hypotheses import Hypothesis, get_hypothesis, hypothesis, register as register_hypothesis  # noqa: E402
 from .hypotheses import library as hypothesis_library  # noqa: E402,F401  (registers the built-ins)
-from .report import report  # noqa: E402  (the function; the package stays importable as deepbase_duck.report.*)
+from .reports import report  # noqa: E402
 
 __version__ = "0.1.0"
 

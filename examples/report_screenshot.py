@@ -47,7 +47,7 @@ def main() -> None:
     store = Path(args.store).resolve()
     if store.name != "demo.duckdb" or store.parent.name != "deepbase_demo" or not store.is_file():
         raise SystemExit(f"expected the demo's deepbase_demo/demo.duckdb, got {args.store}")
-    block = re.search(r"## Reports.*?```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    block = re.search(r"## Reports.*?```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL).group(1)
     os.chdir(store.parent.parent)
     exec(compile(block, "README", "exec"), {})
     shot = Path(tempfile.mkdtemp()) / "shot.png"

@@ -21,7 +21,7 @@ from conftest import TEXTS, planted_adapter
 
 import deepbase_duck as dbd
 from deepbase_duck.errors import DeepBaseError, EmptyDatasetError, UnknownNameError
-from deepbase_duck.report import vision
+from deepbase_duck.reports import vision
 
 ROOT = Path(__file__).resolve().parent.parent
 HYPS = ["digit", "in_string", "bracket_depth"]
@@ -164,7 +164,7 @@ def test_probe_section_matches_the_scores_table(study, written):
 
 def test_heatmap_cells_are_the_best_unit_per_layer(study):
     """data.best_per_cell (SQL) against a Python pass over the same scores."""
-    from deepbase_duck.report import data
+    from deepbase_duck.reports import data
     con, _ = study
     q = data.select_query(con)
     got = {(m, la, h): (s, u) for m, la, h, s, u in data.best_per_cell(con, q, "corr")}

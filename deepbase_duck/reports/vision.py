@@ -45,4 +45,4 @@ def top_images_section(con, query, units: list[dict], records_per_unit: int) -> 
         return None
     from .html import esc, note
     return note(f"Dataset {esc(query.dataset)} holds images; rendering their top-activating images is not "
-                "built yet (hook: <code>deepbase_duck.report.vision.top_images_section</code>).")
+                "built yet (hook: <code>deepbase_duck.reports.vision.top_images_section</code>).")

@@ -12,7 +12,13 @@ ranked units with score bars and intervals), ``probes`` (held-out probe accuracy
 activation, from stored behaviors) and, for image datasets, ``images`` (see vision.py).
 
 This package's ``__init__`` stays light (matplotlib is imported when a report is written), as
-``deepbase_duck/__init__.py`` imports :func:`report` from it.
+``deepbase_duck/__init__.py`` imports :func:`report` from it. (The package is ``reports``, not
+``report``: a subpackage named like the function would make ``import deepbase_duck.report.x``
+resolve ``report`` to the function and fail.)
+
+Modules: data.py (what the report reads from the store), figures.py (matplotlib figures as PNG
+bytes), html.py (the page, tables, coloured text), build.py (the assembly), vision.py (the hook
+for image datasets).
 """
 from __future__ import annotations
 
