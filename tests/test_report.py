@@ -310,3 +310,23 @@ def test_vision_hook_adds_an_images_section_only_for_image_datasets(study, tmp_p
         assert "top_images_section" in doc
     finally:
         con.execute("DROP TABLE images")
+
+
+def test_multi_model_and_cached_queries(tmp_path, con):
+    """A query over two checkpoints labels rows model:layer and is found by either model; a
+    repeated query (answered from stored scores) is reported like any other."""
+    dbd.register_model(con, "a", planted_adapter())
+    other = planted_adapter()
+    with torch.no_grad():
+        other.module.mix[0].weight.mul_(-1)
+    dbd.register_model(con, "b", other)
+    dbd.add_dataset(con, "snippets", TEXTS[:8])
+    dbd.inspect(con, ["a", "b"], ["planted", "mix"], ["digit"], "snippets", keep_activations=True)
+    dbd.inspect(con, ["a", "b"], ["planted", "mix"], ["digit"], "snippets")
+    res = dbd.report(con, str(tmp_path / "m.html"), model="b")
+    doc = (tmp_path / "m.html").read_text()
+    assert res["query_id"] == con.sql("SELECT max(query_id) FROM queries").fetchall()[0][0]
+    assert "<h3>digit: a:planted unit 0 " in doc and "<h3>digit: b:planted unit 0 " in doc
+    assert res["units_with_text"] == 2 and res["missing_activations"] == []
+    assert con.sql(f"SELECT source FROM queries WHERE query_id = {res['query_id']}").fetchall() == [("cache",)]
+    assert "the stored scores of an identical earlier query" in doc

@@ -36,7 +36,8 @@ def _summary(con, q: data.Query, pm: str | None, tops: list[dict], store_path: s
             ["dataset", q.dataset], ["layers", ", ".join(q.scored_layers)],
             ["hypotheses", ", ".join(q.scored_hypotheses)], ["measures", ", ".join(q.measures)],
             ["records / symbols", f"{q.n_records} / {q.n_symbols}"],
-            ["read from", {"model": "forward passes of the model", "stored": "stored activations"}.get(q.source, q.source)],
+            ["read from", {"model": "forward passes of the model", "stored": "stored activations",
+                           "cache": "the stored scores of an identical earlier query"}.get(q.source, q.source)],
             ["started", q.started_at], ["seconds", None if q.seconds is None else round(q.seconds, 2)]]
     if params:
         rows.append(["settings", json.dumps(params, sort_keys=True, default=str)[:400]])
@@ -96,7 +97,7 @@ def _probes(con, q: data.Query, store_arg: str) -> tuple[str, int]:
     if not rows:
         return H.section("probes", "Probe accuracy per layer", H.note(
             f"Query {q.query_id} trained no probes. Add them with <code>deepbase-duck inspect {H.esc(store_arg)} "
-            f"{H.esc(q.model)} {H.esc(q.dataset)} --layers ... --hypotheses ... --measures corr probe</code>.")), 0
+            f"{H.esc(q.models[0])} {H.esc(q.dataset)} --layers ... --hypotheses ... --measures corr probe</code>.")), 0
     hyps = [h for h in q.scored_hypotheses if any(r["hypothesis"] == h for r in rows)]
     png = figures.probe_accuracy(rows, q.scored_layers, hyps, q.models)
     order = {(m, la): i for i, (m, la) in enumerate((m, la) for m in q.models for la in q.scored_layers)}

@@ -70,8 +70,8 @@ def select_query(con, query_id: int | None = None, model: str | None = None, dat
             raise UnknownNameError("query id", query_id, have)
     else:
         where, args = ["query_id IN (SELECT DISTINCT query_id FROM scores)"], []
-        if model is not None:
-            where.append("model = ?"); args.append(model)
+        if model is not None:                      # queries.model lists every model of a multi-model query
+            where.append("query_id IN (SELECT DISTINCT query_id FROM scores WHERE model = ?)"); args.append(model)
         if dataset is not None:
             where.append("dataset = ?"); args.append(dataset)
         query_id = store.q_scalar(con, f"SELECT max(query_id) FROM queries WHERE {' AND '.join(where)}", args)
