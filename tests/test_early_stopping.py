@@ -58,7 +58,7 @@ def test_same_seed_same_records_and_a_tight_bound_scans_everything(big):
 
 
 def test_bad_early_stopping_arguments(big):
-    with pytest.raises(DeepBaseError, match="has error bounds for corr, pointbiserial; not for: probe"):
+    with pytest.raises(DeepBaseError, match="has error bounds for corr, pointbiserial, .*; not for: probe"):
         dbd.inspect(big, "planted", ["planted"], ["digit"], "many", measures=["probe"], max_error=0.1)
     with pytest.raises(DeepBaseError, match=r"max_error must be in \(0, 1\), got 2"):
         dbd.inspect(big, "planted", ["planted"], ["digit"], "many", max_error=2)
@@ -100,3 +100,22 @@ def test_bad_top_k_arguments(big):
     with pytest.raises(DeepBaseError, match="probe measures .* do not take it: probe"):
         dbd.inspect(big, "planted", ["planted"], ["digit"], "many", measures=["probe"], top_k=3)
     assert big.sql("SELECT count(*) FROM queries").fetchall() == [(0,)]
+
+
+@pytest.mark.parametrize("measure", ["iou", "mi"])
+def test_batch_means_bounds_cover_other_measures(big, measure):
+    hyps = ["digit", "in_string"]
+    full = dbd.inspect(big, "planted", ["planted", "mix"], hyps, "many", measures=[measure], batch_size=8).to_pylist()
+    f = {(r["layer"], r["unit"], r["hypothesis"]): r["score"] for r in full}
+    cover = []
+    for seed in (1, 2, 3):
+        early = dbd.inspect(big, "planted", ["planted", "mix"], hyps, "many", measures=[measure], batch_size=8,
+                            max_error=0.1, seed=seed).to_pylist()
+        n, params = big.sql("SELECT n_records, params FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0]
+        assert n < 240 and json.loads(params)["stop_rule"] == "max_error"
+        for e in early:
+            want = f[(e["layer"], e["unit"], e["hypothesis"])]
+            if e["score"] is not None and want is not None:
+                assert 0.0 <= e["ci_low"] <= e["score"] <= e["ci_high"]      # clipped to the measure's range
+                cover.append(e["ci_low"] - 1e-12 <= want <= e["ci_high"] + 1e-12)
+    assert len(cover) >= 30 and np.mean(cover) >= 0.9

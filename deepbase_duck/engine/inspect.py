@@ -41,8 +41,12 @@ RESULT_SCHEMA = pa.schema([
 ])
 
 
-# Measures whose early-stopping bound is implemented: batch means over windows of records.
-BOUNDED_MEASURES = ("corr", "pointbiserial")
+# Measures whose early-stopping bound is implemented: batch means over windows of records (any
+# measure whose per-window score estimates the same quantity; probes are left out: each window's
+# score would train a model). Scores are clipped to their measure's range.
+BOUNDED_MEASURES = ("corr", "pointbiserial", "spearman", "probeless", "mi", "iou", "precision", "recall", "f1", "ap")
+SCORE_RANGE = {"corr": (-1.0, 1.0), "pointbiserial": (-1.0, 1.0), "spearman": (-1.0, 1.0), "mi": (0.0, np.inf),
+               "iou": (0.0, 1.0), "precision": (0.0, 1.0), "recall": (0.0, 1.0), "f1": (0.0, 1.0), "ap": (0.0, 1.0)}
 MIN_WINDOWS = 5
 
 
@@ -477,7 +481,7 @@ class LocalEngine:
                         window_scores[k].append(_score_matrix(st))
                         states[k].combine(st)
                         feeding[k] = make(*k)
-                    bound = max(batch_means_half_width(w, states[k].confidence).max(initial=0.0)
+                    bound = max(batch_means_half_width(w, getattr(states[k], "confidence", 0.95)).max(initial=0.0)
                                 for k, w in window_scores.items())
                     enough = len(next(iter(window_scores.values()))) >= MIN_WINDOWS
                     if plan.max_error is not None and enough and bound <= plan.max_error:
@@ -633,13 +637,14 @@ def with_permutation_p_values(t: pa.Table, plan: Plan, measure: str, sample, col
     return t.append_column("perm_rows", pa.array([len(sample)] * t.num_rows, pa.int64()))
 
 
-def with_batch_means_interval(t: pa.Table, window_scores: list, confidence: float) -> pa.Table:
+def with_batch_means_interval(t: pa.Table, window_scores: list, confidence: float,
+                              score_range=(-np.inf, np.inf)) -> pa.Table:
     """For a progressive scan: the interval of each score becomes score +- the batch-means half
-    width (clipped to [-1, 1]); detail gets the number of windows."""
+    width (clipped to the measure's range); detail gets the number of windows."""
     half = batch_means_half_width(window_scores, confidence)
     score = np.array(t.column("score").to_pylist(), dtype=np.float64)
-    lo = np.clip(score - half, -1, 1)
-    hi = np.clip(score + half, -1, 1)
+    lo = np.clip(score - half, *score_range)
+    hi = np.clip(score + half, *score_range)
     t = t.set_column(t.column_names.index("ci_low"), "ci_low", pa.array(lo, pa.float64(), from_pandas=True))
     t = t.set_column(t.column_names.index("ci_high"), "ci_high", pa.array(hi, pa.float64(), from_pandas=True))
     return t.append_column("interval", pa.array([f"batch means over {len(window_scores)} windows"] * t.num_rows))
@@ -788,7 +793,9 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
         for (layer, m), state in result["states"].items():
             t = state.finalize()
             if result.get("window_scores") is not None:
-                t = with_batch_means_interval(t, result["window_scores"][(layer, m)], state.confidence)
+                t = with_batch_means_interval(t, result["window_scores"][(layer, m)],
+                                              getattr(state, "confidence", 0.95),
+                                              SCORE_RANGE.get(m, (-np.inf, np.inf)))
             if p.permutations and result["samples"] and m != "probe":
                 t = with_permutation_p_values(t, p, m, result["samples"][layer], result["take"][m])
             n = t.num_rows
