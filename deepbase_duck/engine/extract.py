@@ -172,34 +172,41 @@ def forward_batches(session, adapter, model: str, layers, dataset, batches, symb
     with Retain(adapter.module, layers) as ret:
         for ids in batches:
             texts = session.texts(dataset, ids)
-            texts = [texts[r] for r in ids]
-            enc = adapter.encode(texts)
-            ret.clear()
-            adapter.forward(enc)
-            acts = {}
-            for layer in layers:
-                out = ret.outputs.get(layer)
-                per_record = adapter.symbol_activations(layer, out, enc)
-                for r, a in zip(ids, per_record):
-                    if a.shape[0] != symbol_counts[r]:
-                        raise ActivationError(
-                            f"model {model!r} layer {layer!r}: record {r} gave {a.shape[0]} activation rows "
-                            f"for {symbol_counts[r]} symbols")
-                x = torch.cat(per_record, 0) if per_record else torch.zeros(0, 1)
-                if x.dim() != 2:
-                    raise ActivationError(f"model {model!r} layer {layer!r}: activations of shape {tuple(x.shape)}")
-                # the max and min are finite exactly when no NaN or inf is present (NaN propagates);
-                # the elementwise search runs only to name the record
-                if x.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
-                    finite = torch.isfinite(x)
-                    row = int((~finite).any(1).nonzero()[0])
-                    counts = np.cumsum([symbol_counts[r] for r in ids])
-                    rec = ids[int(np.searchsorted(counts, row, side="right"))]
-                    raise ActivationError(
-                        f"model {model!r} layer {layer!r} produced NaN or infinite activations on record "
-                        f"{rec} of dataset {dataset!r}; nothing of this batch was stored")
-                acts[layer] = x
-            yield Batch(np.asarray(ids, np.int64), np.asarray([symbol_counts[r] for r in ids]), acts)
+            yield forward_batch(adapter, ret, model, layers, dataset, ids, [texts[r] for r in ids], symbol_counts)
+
+
+def forward_batch(adapter, ret: Retain, model: str, layers, dataset: str, ids, texts: list[str],
+                  symbol_counts) -> Batch:
+    """One forward pass over the records ``ids`` (texts in the same order) with ``ret`` retaining
+    ``layers``: their activations per symbol, checked (row counts against ``symbol_counts``, all
+    finite). Shared by the local loop above and the Ray workers (engine/ray_engine.py)."""
+    enc = adapter.encode(texts)
+    ret.clear()
+    adapter.forward(enc)
+    acts = {}
+    for layer in layers:
+        out = ret.outputs.get(layer)
+        per_record = adapter.symbol_activations(layer, out, enc)
+        for r, a in zip(ids, per_record):
+            if a.shape[0] != symbol_counts[r]:
+                raise ActivationError(
+                    f"model {model!r} layer {layer!r}: record {r} gave {a.shape[0]} activation rows "
+                    f"for {symbol_counts[r]} symbols")
+        x = torch.cat(per_record, 0) if per_record else torch.zeros(0, 1)
+        if x.dim() != 2:
+            raise ActivationError(f"model {model!r} layer {layer!r}: activations of shape {tuple(x.shape)}")
+        # the max and min are finite exactly when no NaN or inf is present (NaN propagates);
+        # the elementwise search runs only to name the record
+        if x.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
+            finite = torch.isfinite(x)
+            row = int((~finite).any(1).nonzero()[0])
+            counts = np.cumsum([symbol_counts[r] for r in ids])
+            rec = ids[int(np.searchsorted(counts, row, side="right"))]
+            raise ActivationError(
+                f"model {model!r} layer {layer!r} produced NaN or infinite activations on record "
+                f"{rec} of dataset {dataset!r}; nothing of this batch was stored")
+        acts[layer] = x
+    return Batch(np.asarray(ids, np.int64), np.asarray([symbol_counts[r] for r in ids]), acts)
 
 
 def write_part(session, b: dict, batch: Batch, x: torch.Tensor, rows_mask: np.ndarray | None) -> tuple[str, int, int]:

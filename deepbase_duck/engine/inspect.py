@@ -367,6 +367,45 @@ class KeepActivations:
         store_batch(self.session, self.behaviors, self.missing, batch)
 
 
+def new_samples(plan: Plan, widths: dict, device) -> dict:
+    """Per layer, the row sample of the permutation test (empty dict without ``permutations``)."""
+    if not plan.permutations:
+        return {}
+    from ..inspectors.spearman import RowSample
+    return {l: RowSample(widths[l], len(plan.label_columns), plan.permutation_rows, device) for l in plan.layers}
+
+
+def update_states(states: dict, samples: dict, batch: Batch, y: torch.Tensor, take: dict) -> None:
+    """Fold one block of activations and its labels into every (layer, measure) state (and the
+    permutation samples): the step both engines run per block (the Ray engine on its workers)."""
+    rec = torch.from_numpy(np.repeat(batch.record_ids, batch.n_symbols))
+    for layer, x in batch.acts.items():
+        for (lay, m), st in states.items():
+            if lay == layer:
+                st.update(x, y[:, take[m]], rec)
+        if samples:
+            from ..inspectors.spearman import row_keys
+            samples[layer].add(row_keys(x, y, rec), x, y)
+
+
+def make_engine(engine=None, ray_address=None, **ray_options):
+    """The engine of a query: None or 'local' (this process), 'ray' (a Ray cluster at
+    ``ray_address``: None starts or reuses a local Ray, 'auto' the running cluster, 'ray://host:port'
+    a remote one), or an engine object with ``run(session, plan, progress)``."""
+    if engine is None or engine == "local":
+        if ray_address is not None or ray_options:
+            raise DeepBaseError("ray_address and Ray options need engine='ray'")
+        return LocalEngine()
+    if engine == "ray":
+        from .ray_engine import RayEngine      # imports ray only here
+        return RayEngine(address=ray_address, **ray_options)
+    if isinstance(engine, str):
+        raise DeepBaseError(f"unknown engine {engine!r}; engines: local, ray")
+    if not callable(getattr(engine, "run", None)):
+        raise DeepBaseError(f"engine {engine!r} has no run(session, plan, progress) method")
+    return engine
+
+
 class LocalEngine:
     """Runs a plan in this process: one loop over blocks, updating every state."""
 
@@ -406,11 +445,7 @@ class LocalEngine:
         if plan.control:
             plan.control_freq = class_frequencies(session, plan, tokenization)
         labels = LabelStream(session, plan, tokenization, counts)
-        samples = {}
-        if plan.permutations:
-            from ..inspectors.spearman import RowSample, row_keys
-            samples = {l: RowSample(widths[l], len(plan.label_columns), plan.permutation_rows, plan.device)
-                       for l in plan.layers}
+        samples = new_samples(plan, widths, plan.device)
         bar = progress_bar(len(plan.record_ids), f"inspect {plan.model} ({plan.source})", "rec", show)
         checkpoints = set(np.cumsum(windows).tolist())   # the stop rule is checked at window ends
         used, bound, stopped = [], float("inf"), False
@@ -425,13 +460,7 @@ class LocalEngine:
             for i, batch in enumerate(source, 1):
                 if keep is not None:
                     keep.write(batch)
-                y = labels.next(batch.record_ids)
-                rec = torch.from_numpy(np.repeat(batch.record_ids, batch.n_symbols))
-                for layer, x in batch.acts.items():
-                    for m in plan.measures:
-                        feeding[(layer, m)].update(x, y[:, take[m]], rec)
-                    if samples:
-                        samples[layer].add(row_keys(x, y, rec), x, y)
+                update_states(feeding, samples, batch, labels.next(batch.record_ids), take)
                 bar.update(len(batch.record_ids) * len(batch.acts) / len(plan.layers))
                 used.extend(int(r) for r in batch.record_ids)
                 if progressive and i in checkpoints:
@@ -533,7 +562,8 @@ def with_q_values(scores: pa.Table) -> pa.Table:
 def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), record_ids=None, limit=None,
             batch_size=16, keep_activations=False, dtype="float32", device=None, store_scores=True,
             progress=None, engine=None, baseline=False, baseline_seed=0, control=False, permutations=0,
-            permutation_rows=20_000, max_error=None, seed=0, **measure_params) -> pa.Table:
+            permutation_rows=20_000, max_error=None, seed=0, ray_address=None, ray_options=None,
+            **measure_params) -> pa.Table:
     """Score ``layers`` of ``model`` against ``hypotheses`` over ``dataset``; returns (and stores)
     rows of (query_id, model, layer, unit, hypothesis, measure, score, n, ci_low, ci_high, p_value,
     q_value, detail). With ``baseline=True`` an untrained copy of the model ('<model>~untrained',
@@ -545,20 +575,23 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
     the scan is progressive: records in the seeded order of ``seed``, stopping once every state's
     error bound (the largest confidence half-width: Fisher z for correlations) is at most
     ``max_error``; ``queries.params`` reports the records used and the bound reached, and each
-    score's n and interval are those of the records used."""
+    score's n and interval are those of the records used. ``engine``: 'local' (default) or 'ray'
+    (workers of a Ray cluster at ``ray_address`` run the model; ``ray_options``: RayEngine's
+    keyword arguments), see engine/ray_engine.py."""
     t0 = time.time()
+    engine = make_engine(engine, ray_address, **(ray_options or {}))
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     plan = plan_inspect(session, model, layers, hypotheses, dataset, measures, record_ids, limit, batch_size,
                         keep_activations, dtype, device, control, permutations, permutation_rows, max_error, seed,
                         **measure_params)
-    runs = [(plan, (engine or LocalEngine()).run(session, plan, progress))]
+    runs = [(plan, engine.run(session, plan, progress))]
     if baseline:
         twin_name = f"{model}~untrained"
         session.register_model(twin_name, untrained_copy(session.adapter(model), baseline_seed))
         twin = plan_inspect(session, twin_name, layers, hypotheses, dataset, measures, record_ids, limit,
                             batch_size, False, dtype, device, control, permutations, permutation_rows,
                             max_error, seed, **measure_params)
-        runs.append((twin, (engine or LocalEngine()).run(session, twin, progress)))
+        runs.append((twin, engine.run(session, twin, progress)))
     tables = []
     for p, result in runs:
         for (layer, m), state in result["states"].items():
@@ -578,7 +611,9 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
               "keep_activations": plan.keep_activations, "measure_params": plan.measure_params,
               "baseline": bool(baseline), "baseline_seed": baseline_seed,
               "max_error": plan.max_error, "seed": plan.seed, "records_used": runs[0][1]["records_used"],
-              "stopped_early": runs[0][1]["stopped_early"], "bound_reached": runs[0][1]["bound"]}
+              "stopped_early": runs[0][1]["stopped_early"], "bound_reached": runs[0][1]["bound"],
+              "engine": runs[0][1].get("engine", getattr(engine, "name", type(engine).__name__))}
+    params.update(runs[0][1].get("engine_info") or {})
     with store.Transaction(con):
         qid = int(store.q_scalar(con, "SELECT coalesce(max(query_id), 0) + 1 FROM queries"))
         con.execute("INSERT INTO queries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
