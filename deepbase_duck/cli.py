@@ -81,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--baseline", action="store_true", help="also score an untrained (re-initialised) copy")
     i.add_argument("--control", action="store_true", help="with --measures probe: control tasks and selectivity")
     i.add_argument("--top", type=int, default=5, help="units shown per hypothesis")
+    i.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="ray: run the model on the workers of a Ray cluster (see README, Scaling out)")
+    i.add_argument("--ray-address", default=None,
+                   help="with --engine ray: 'auto', 'host:port' or 'ray://host:port' (default: a local Ray)")
 
     add("hypotheses", "List the hypotheses this installation can compute.")
 
@@ -201,7 +205,8 @@ def cmd_inspect(args):
     with _store(args) as con:
         t = dbd.inspect(con, args.model, args.layers, args.hypotheses, args.dataset, args.measures,
                         limit=args.max_records, batch_size=args.batch_size, keep_activations=args.keep_activations,
-                        baseline=args.baseline, control=args.control)
+                        baseline=args.baseline, control=args.control, engine=args.engine,
+                        ray_address=args.ray_address)
         print(top_units_table(con, t.column("query_id")[0].as_py(), args.top))
     return 0
 

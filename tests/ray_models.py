@@ -9,7 +9,24 @@ def planted(device=None):
     return planted_adapter()
 
 
-def broken(path: str = "/nonexistent/weights.safetensors"):
-    """A loader whose weights cannot be read."""
+def slow_planted(delay: float = 0.2):
+    """The planted model, sleeping ``delay`` seconds per forward pass (same weights and
+    checksum): slow enough to lose a worker node in the middle of a query."""
+    import time
+    adapter = planted_adapter()
+    forward = adapter.forward
+
+    def slow(encoded):
+        time.sleep(delay)
+        return forward(encoded)
+    adapter.forward = slow
+    return adapter
+
+
+def from_file(path: str):
+    """The planted model with its weights read from ``path`` (torch.save of its state_dict)."""
     import torch
-    torch.load(path)
+    adapter = planted_adapter()
+    adapter.module.load_state_dict(torch.load(path, weights_only=True))
+    adapter._checksum = None
+    return adapter

@@ -515,6 +515,13 @@ def untrained_copy(adapter, seed: int = 0):
     return twin
 
 
+def untrained_model(loader: str, params: dict | None = None, seed: int = 0):
+    """Loader spec of an untrained twin ('deepbase_duck.engine.inspect:untrained_model'): the
+    model of ``loader`` (+ ``params``) through ``untrained_copy(adapter, seed)``."""
+    from ..catalog import load_adapter
+    return untrained_copy(load_adapter(loader, params or {}), seed)
+
+
 def with_permutation_p_values(t: pa.Table, plan: Plan, measure: str, sample, cols) -> pa.Table:
     """Add perm_p_value (and perm_rows) to a unit-level score table: the measure recomputed on a
     seeded uniform sample of the scanned rows (at most plan.permutation_rows) with the labels
@@ -587,7 +594,13 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
     runs = [(plan, engine.run(session, plan, progress))]
     if baseline:
         twin_name = f"{model}~untrained"
-        session.register_model(twin_name, untrained_copy(session.adapter(model), baseline_seed))
+        base = store.q_one(session.con, "SELECT loader, params FROM models WHERE name = ?", [model])
+        if getattr(engine, "name", "") == "ray" and base[0]:
+            # workers rebuild the twin from a loader spec, never from a pickled module
+            session.register_model(twin_name, "deepbase_duck.engine.inspect:untrained_model",
+                                   {"loader": base[0], "params": json.loads(base[1] or "{}"), "seed": baseline_seed})
+        else:
+            session.register_model(twin_name, untrained_copy(session.adapter(model), baseline_seed))
         twin = plan_inspect(session, twin_name, layers, hypotheses, dataset, measures, record_ids, limit,
                             batch_size, False, dtype, device, control, permutations, permutation_rows,
                             max_error, seed, **measure_params)

@@ -232,9 +232,10 @@ class RayEngine:
                 current = None
             if addr in (None, "auto") or _same_address(addr, current):
                 return
-            ray.shutdown()
         if addr not in (None, "auto", "local"):
-            _probe_address(addr, self.connect_timeout)
+            _probe_address(addr, self.connect_timeout)     # before leaving a working connection
+        if ray.is_initialized():
+            ray.shutdown()
         try:
             ray.init(address=addr, logging_level="WARNING", log_to_driver=False,
                      ignore_reinit_error=True, include_dashboard=False)
