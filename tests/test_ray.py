@@ -120,10 +120,14 @@ def test_ray_scores_equal_local_on_the_bundled_charlstm(db):
     remote = dbd.inspect(db, "charlstm", ["lstm1"], ["in_string", "digit"], "snippets", engine="ray", **kw)
     _assert_equal_scores(local, remote)
     assert _last_params(db)["records_used"] == 12
+    # a second query of the same model reuses the workers (the model stays loaded)
+    again = dbd.inspect(db, "charlstm", ["lstm0"], ["digit"], "snippets", engine="ray", **kw)
+    assert _last_params(db)["ray_workers_reused"] is True
+    _assert_equal_scores(dbd.inspect(db, "charlstm", ["lstm0"], ["digit"], "snippets", **kw), again)
 
 
 def test_a_worker_node_lost_mid_query_changes_nothing(db, cluster):
-    dbd.register_model(db, "planted_slow", "ray_models:slow_planted", {"delay": 0.2})
+    dbd.register_model(db, "planted_slow", "ray_models:slow_planted", {"delay": 0.1})
     kw = dict(measures=["corr"], batch_size=8)
     local = dbd.inspect(db, "planted_slow", ["planted", "mix"], HYPS, "many", **kw)
     extra = cluster.add_node(num_cpus=1)
@@ -181,6 +185,11 @@ def test_sql_macro_runs_on_ray(db):
 
 
 def test_cli_runs_on_ray(cluster, tmp_path):
+    from deepbase_duck.engine.ray_engine import release_workers
+    release_workers()                     # this process keeps its workers: free the CPUs for the CLI's
+    deadline = time.time() + 15
+    while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+        time.sleep(0.05)
     path = str(tmp_path / "s.duckdb")
     c = dbd.connect(path, progress=False)
     dbd.register_model(c, "charlstm", "deepbase_duck.models.zoo:charlstm")
@@ -189,13 +198,13 @@ def test_cli_runs_on_ray(cluster, tmp_path):
     dbd.close(c)
     r = subprocess.run([sys.executable, "-m", "deepbase_duck", "inspect", path, "charlstm", "snippets",
                         "--layers", "lstm0", "--hypotheses", "digit", "--engine", "ray", "--ray-address",
-                        cluster.address], capture_output=True, text=True, timeout=300,
+                        cluster.address], capture_output=True, text=True, timeout=150,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "digit" in r.stdout
     c = dbd.connect(path, progress=False)
     try:
-        got = c.sql("SELECT * FROM scores WHERE query_id = (SELECT max(query_id) FROM scores)").arrow()
+        got = c.sql("SELECT * FROM scores WHERE query_id = (SELECT max(query_id) FROM scores)").arrow().read_all()
         assert json.loads(c.execute("SELECT params FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0])[
             "engine"] == "ray"
     finally:

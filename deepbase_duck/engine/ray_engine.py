@@ -85,14 +85,13 @@ def _to_cpu(obj, seen=None):
 
 
 class BlockWorker:
-    """One Ray actor: the model loaded once from its loader spec, checked against the catalog's
-    checksum, with hooks on the plan's layers. ``run_block`` turns a block of records (texts and
-    labels) into inspector states."""
+    """One Ray actor: the model loaded once from its loader spec and checked against the catalog's
+    checksum. ``configure`` sets a query's plan (hooks on its layers); ``run_block`` turns a block
+    of records (texts and labels) into inspector states. An actor serves query after query of the
+    same model (see RayEngine.keep_workers)."""
 
-    def __init__(self, model: str, loader: str, params: dict, checksum: str, plan: Plan, widths: dict,
-                 threads: int = 1):
+    def __init__(self, model: str, loader: str, params: dict, checksum: str, threads: int = 1):
         from ..catalog import load_adapter
-        from ..extraction.hooks import Retain
         torch.set_num_threads(max(1, int(threads)))
         where = f"Ray worker on {socket.gethostname()} (pid {os.getpid()})"
         try:
@@ -104,11 +103,20 @@ class BlockWorker:
             raise DeepBaseError(f"model {model!r}: the loader {loader!r} yields weights with checksum "
                                 f"{adapter.checksum[:12]}... on the {where}, not the registered "
                                 f"{checksum[:12]}...; the workers must load the same weights")
-        self.adapter, self.plan, self.widths, self.model = adapter, plan, widths, model
-        self.ret = Retain(adapter.module, plan.layers).__enter__()
+        self.adapter, self.model = adapter, model
         self.device = adapter.device           # chosen at run time: a GPU when Ray assigned one
+        self.ret = None
+
+    def configure(self, plan: Plan, widths: dict) -> dict:
+        """Take the plan of the next query: hooks on its layers, its label columns."""
+        from ..extraction.hooks import Retain
+        if self.ret is not None:
+            self.ret.__exit__(None, None, None)
+        self.plan, self.widths = plan, widths
+        self.ret = Retain(self.adapter.module, plan.layers).__enter__()
         col_index = {c["name"]: j for j, c in enumerate(plan.label_columns)}
         self.take = {m: torch.as_tensor([col_index[c["name"]] for c in plan.columns[m]]) for m in plan.measures}
+        return self.ready()
 
     def ready(self) -> dict:
         return {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.device),
@@ -204,13 +212,17 @@ class RayEngine:
     num_cpus: CPUs per actor (its torch threads); block_batches: forward batches per block of a
         full scan (a progressive scan's block is one window); inflight: blocks queued per actor.
     runtime_env: Ray runtime_env of the actors (e.g. env_vars PYTHONPATH for a loader module).
+    keep_workers: keep the actors (model loaded) for the next query of the same model in this
+        process, as a Spark session keeps its executors; one pool is kept at a time, and a query
+        of another model releases it. ``release_workers()`` frees them at once.
     """
 
     name = "ray"
 
     def __init__(self, address: str | None = None, num_workers: int | None = None, num_gpus: float | None = None,
                  num_cpus: float = 1, block_batches: int = 4, inflight: int = 2, runtime_env: dict | None = None,
-                 connect_timeout: float = 10.0, startup_timeout: float = 300.0, max_redispatch: int = 3):
+                 connect_timeout: float = 10.0, startup_timeout: float = 120.0, max_redispatch: int = 3,
+                 keep_workers: bool = True):
         if ray is None:
             raise DeepBaseError("engine='ray' needs the ray package: pip install 'deepbase-duck[ray]'")
         if block_batches < 1 or inflight < 1:
@@ -220,6 +232,7 @@ class RayEngine:
         self.address, self.num_workers, self.num_gpus, self.num_cpus = address, num_workers, num_gpus, num_cpus
         self.block_batches, self.inflight, self.runtime_env = int(block_batches), int(inflight), runtime_env
         self.connect_timeout, self.startup_timeout, self.max_redispatch = connect_timeout, startup_timeout, max_redispatch
+        self.keep_workers = bool(keep_workers)
         self.stats: dict = {}
 
     # -- connecting and starting workers ----------------------------------------------------
@@ -242,43 +255,68 @@ class RayEngine:
         except (ConnectionError, RuntimeError, TimeoutError) as exc:
             raise DeepBaseError(f"cannot connect to the Ray cluster at {addr!r}: {exc}") from None
 
-    def _actor_class(self, gpus: float, runtime_env: dict):
-        return ray.remote(BlockWorker).options(
-            num_cpus=self.num_cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0,
-            scheduling_strategy="SPREAD", runtime_env=runtime_env)
-
     def _start(self, model, loader, params, checksum, plan, widths):
-        free = ray.available_resources()
-        gpus = self.num_gpus if self.num_gpus is not None else (1 if free.get("GPU", 0) >= 1 else 0)
-        if self.num_workers is not None:
-            n = int(self.num_workers)
-        elif gpus:
-            n = max(1, int(free.get("GPU", 0) // gpus))
-        else:
-            n = max(1, int(free.get("CPU", 0) // self.num_cpus))
+        """Live actors configured for ``plan``: the kept pool of this model when there is one, else
+        new ones (a kept pool of another model is released first, freeing its CPUs/GPUs)."""
+        global _POOL
         env = dict(self.runtime_env or {})
         env["env_vars"] = {"OMP_NUM_THREADS": str(max(1, int(self.num_cpus))), **env.get("env_vars", {})}
-        cls = self._actor_class(gpus, env)
+        free = ray.available_resources()
+        key = (_cluster_id(), model, loader, json.dumps(params, sort_keys=True), checksum, self.num_cpus,
+               self.num_gpus, self.num_workers, json.dumps(env, sort_keys=True, default=str))
         worker_plan = dataclasses.replace(plan, record_ids=np.zeros(0, np.int64), hypotheses=[], device="cpu")
-        args = (model, loader, params, checksum, worker_plan, widths, max(1, int(self.num_cpus)))
-        self._spawn = lambda: cls.remote(*args)
-        actors = [self._spawn() for _ in range(n)]
-        ready = {a.ready.remote(): a for a in actors}
+        self._configure = lambda a: a.configure.remote(worker_plan, widths)
+        self._reused = _POOL is not None and _POOL[0] == key
+        if self._reused:
+            actors, gpus, self._spawn = _POOL[1], _POOL[2], _POOL[3]
+            _POOL = None
+        else:
+            if _POOL is not None:                 # free the kept pool's CPUs/GPUs (ray.kill is asynchronous)
+                held = {"CPU": len(_POOL[1]) * self.num_cpus, "GPU": len(_POOL[1]) * (_POOL[2] or 0)}
+                release_workers()
+                deadline = time.time() + 15
+                while time.time() < deadline and any(
+                        ray.available_resources().get(r, 0) < free.get(r, 0) + v - 1e-6 for r, v in held.items()):
+                    time.sleep(0.05)
+            free = ray.available_resources()
+            gpus = self.num_gpus if self.num_gpus is not None else (1 if free.get("GPU", 0) >= 1 else 0)
+            if self.num_workers is not None:
+                n = int(self.num_workers)
+            else:
+                what, per = ("GPU", gpus) if gpus else ("CPU", self.num_cpus)
+                n = int(free.get(what, 0) // per)
+                if n < 1:
+                    total = ray.cluster_resources().get(what, 0)
+                    raise DeepBaseError(
+                        f"the Ray cluster has no free {what} for a worker ({free.get(what, 0):g} of {total:g} "
+                        f"free, {per:g} needed): other drivers hold them (deepbase-duck keeps its workers between "
+                        f"queries until release_workers() or exit); free some, add nodes, or pass num_workers")
+            cls = ray.remote(BlockWorker).options(
+                num_cpus=self.num_cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0,
+                scheduling_strategy="SPREAD", runtime_env=env)
+            args = (model, loader, params, checksum, max(1, int(self.num_cpus)))
+            self._spawn = lambda: cls.remote(*args)
+            actors = [self._spawn() for _ in range(n)]
+        ready = {self._configure(a): a for a in actors}
         done, waiting = ray.wait(list(ready), num_returns=len(ready), timeout=self.startup_timeout)
         live = []
         for ref in done:
             try:
                 ray.get(ref)
                 live.append(ready[ref])
+            except _DIED as exc:
+                if "DeepBaseError" in str(exc) or "ModuleNotFoundError" in str(exc):
+                    _kill(actors)
+                    raise _unwrap(exc) from None
+                ray.kill(ready[ref])              # a kept actor that died meanwhile
             except Exception as exc:
-                for a in actors:
-                    ray.kill(a)
+                _kill(actors)
                 raise _unwrap(exc) from None
-        for ref in waiting:                       # never started (no room): not used
-            ray.kill(ready[ref])
+        _kill([ready[ref] for ref in waiting])    # never started (no room): not used
         if not live:
             raise DeepBaseError(f"no Ray worker started within {self.startup_timeout:.0f} s (free resources: "
                                 f"{free}); lower num_cpus/num_gpus or add nodes")
+        self._key = key
         return live, gpus
 
     # -- the run ------------------------------------------------------------------------------
@@ -303,21 +341,25 @@ class RayEngine:
         widths = dict(store.q_all(session.con, "SELECT layer, width FROM layers WHERE model = ?", [plan.model]))
         t0 = time.perf_counter()
         actors, gpus = self._start(plan.model, loader, json.loads(params or "{}"), checksum, plan, widths)
+        self._gpus = gpus
         startup = time.perf_counter() - t0
-        self._extra = []
+        self._extra, self._live = [], list(actors)
+        ok = False
         try:
             result = self._scan(session, plan, progress, actors, tokenization, widths)
+            ok = True
         finally:
-            for a in actors + self._extra:
-                try:
-                    ray.kill(a)
-                except Exception:
-                    pass
+            global _POOL
+            if ok and self.keep_workers and self._live:
+                _kill([a for a in actors + self._extra if a not in self._live])
+                _POOL = (self._key, self._live, self._gpus, self._spawn)
+            else:
+                _kill(actors + self._extra)
         result["engine"] = "ray"
         result["engine_info"] = {"ray_workers": len(actors), "ray_gpus_per_worker": gpus,
                                  "ray_blocks": self.stats["blocks"], "ray_blocks_merged": self.stats["merged"],
                                  "ray_redispatched": self.stats["redispatched"],
-                                 "ray_startup_s": round(startup, 3),
+                                 "ray_startup_s": round(startup, 3), "ray_workers_reused": self._reused,
                                  "ray_total_s": round(time.perf_counter() - t_start, 3)}
         return result
 
@@ -363,7 +405,7 @@ class RayEngine:
         show = session.progress if progress is None else progress
         bar = progress_bar(len(plan.record_ids), f"inspect {plan.model} (ray)", "rec", show)
         pending = collections.deque(range(len(blocks)))
-        live = list(actors)
+        live = self._live                          # the actors alive now (kept for the next query)
         load = {a: 0 for a in live}
         starting = {}                              # ready ref -> replacement actor
         in_flight = {}                             # ref -> (block, actor, submitted at)
@@ -407,7 +449,7 @@ class RayEngine:
                             live.remove(a)
                             new = self._spawn()
                             self._extra.append(new)
-                            starting[new.ready.remote()] = new
+                            starting[self._configure(new)] = new
                         continue
                     except Exception as exc:
                         raise _unwrap(exc) from None
@@ -454,6 +496,32 @@ class RayEngine:
         return {"states": states, "n_symbols": n_symbols, "samples": samples, "take": take,
                 "records_used": len(used), "stopped_early": stopped, "bound": bound if progressive else None,
                 "window_scores": window_scores if progressive else None}
+
+
+_POOL = None      # (key, actors, gpus per actor, spawn): the workers kept for the next query
+
+
+def release_workers() -> None:
+    """Kill the Ray workers kept for the next query (their CPUs/GPUs return to the cluster)."""
+    global _POOL
+    if _POOL is not None:
+        _kill(_POOL[1])
+        _POOL = None
+
+
+def _kill(actors) -> None:
+    for a in actors:
+        try:
+            ray.kill(a)
+        except Exception:
+            pass
+
+
+def _cluster_id() -> str:
+    try:
+        return ray.get_runtime_context().gcs_address
+    except Exception:
+        return str(ray.get_runtime_context().get_job_id())
 
 
 def _pickled(obj) -> bytes:
