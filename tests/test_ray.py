@@ -15,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TEXTS, planted_adapter
 
 import deepbase_duck as dbd
 from deepbase_duck.errors import DeepBaseError
-
-from conftest import TEXTS, planted_adapter
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -82,7 +81,7 @@ def _counts(con):
 
 
 def test_ray_scores_equal_local_on_planted_units(db):
-    kw = dict(measures=["corr", "probe"], batch_size=4)
+    kw = {"measures": ["corr", "probe"], "batch_size": 4}
     local = dbd.inspect(db, "planted", ["planted", "mix"], HYPS, "snippets", **kw)
     remote = dbd.inspect(db, "planted", ["planted", "mix"], HYPS, "snippets", engine="ray",
                          ray_options={"block_batches": 1}, **kw)
@@ -103,9 +102,10 @@ def test_ray_scores_equal_local_on_planted_units(db):
 def _depth(text, planted=False):
     """Bracket depth per character, as the planted unit computes it (closing bracket counted
     after the character) and as the `bracket_depth` hypothesis labels it."""
+    from conftest import per_char_labels
+
     import deepbase_duck.hypotheses.library  # noqa: F401
     from deepbase_duck.hypotheses import get_hypothesis
-    from conftest import per_char_labels
     if not planted:
         return per_char_labels(get_hypothesis("bracket_depth"), text)
     out = planted_adapter().module.planted(
@@ -115,7 +115,7 @@ def _depth(text, planted=False):
 
 def test_ray_scores_equal_local_on_the_bundled_charlstm(db):
     dbd.register_model(db, "charlstm", "deepbase_duck.models.zoo:charlstm")
-    kw = dict(measures=["corr"], batch_size=4, limit=12)
+    kw = {"measures": ["corr"], "batch_size": 4, "limit": 12}
     local = dbd.inspect(db, "charlstm", ["lstm1"], ["in_string", "digit"], "snippets", **kw)
     remote = dbd.inspect(db, "charlstm", ["lstm1"], ["in_string", "digit"], "snippets", engine="ray", **kw)
     _assert_equal_scores(local, remote)
@@ -124,11 +124,16 @@ def test_ray_scores_equal_local_on_the_bundled_charlstm(db):
     again = dbd.inspect(db, "charlstm", ["lstm0"], ["digit"], "snippets", engine="ray", **kw)
     assert _last_params(db)["ray_workers_reused"] is True
     _assert_equal_scores(dbd.inspect(db, "charlstm", ["lstm0"], ["digit"], "snippets", **kw), again)
+    # the untrained baseline: on Ray the twin is rebuilt on the workers from a loader spec
+    local = dbd.inspect(db, "charlstm", ["lstm0"], ["digit"], "snippets", baseline=True, **kw)
+    remote = dbd.inspect(db, "charlstm", ["lstm0"], ["digit"], "snippets", baseline=True, engine="ray", **kw)
+    assert {r["model"] for r in remote.to_pylist()} == {"charlstm", "charlstm~untrained"}
+    _assert_equal_scores(local, remote)
 
 
 def test_a_worker_node_lost_mid_query_changes_nothing(db, cluster):
     dbd.register_model(db, "planted_slow", "ray_models:slow_planted", {"delay": 0.1})
-    kw = dict(measures=["corr"], batch_size=8)
+    kw = {"measures": ["corr"], "batch_size": 8}
     local = dbd.inspect(db, "planted_slow", ["planted", "mix"], HYPS, "many", **kw)
     extra = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
@@ -155,7 +160,7 @@ def test_a_worker_node_lost_mid_query_changes_nothing(db, cluster):
 
 
 def test_early_stopping_on_ray_stops_early_and_keeps_the_top_units(db):
-    kw = dict(measures=["corr"], batch_size=8)
+    kw = {"measures": ["corr"], "batch_size": 8}
     full = dbd.inspect(db, "planted", ["planted", "mix"], HYPS, "many", **kw)
     local_early = dbd.inspect(db, "planted", ["planted", "mix"], HYPS, "many", max_error=0.2, seed=5, **kw)
     local_p = _last_params(db)
@@ -174,6 +179,32 @@ def test_early_stopping_on_ray_stops_early_and_keeps_the_top_units(db):
         return [(r["layer"], r["unit"], r["hypothesis"]) for r in rows[:10]]
     a, b = top(full), top(early)
     assert len(set(a) & set(b)) >= 9, (a, b)
+
+
+def test_keep_activations_on_ray_stores_each_row_once(db):
+    from deepbase_duck.engine.ray_engine import RayEngine
+    dbd.add_dataset(db, "kept", TEXTS[:12], replace=True)
+    kw = {"measures": ["corr"], "batch_size": 4}
+    remote = dbd.inspect(db, "planted", ["planted", "mix"], ["digit"], "kept", keep_activations=True,
+                         engine=RayEngine(block_batches=2), **kw)
+    assert _last_params(db)["engine"] == "ray"
+    n_symbols = sum(len(t) for t in TEXTS[:12])
+    for layer, width in (("planted", 5), ("mix", 4)):
+        view, = db.execute("SELECT view_name FROM behaviors WHERE model = 'planted' AND layer = ? AND dataset = 'kept'",
+                           [layer]).fetchall()[0]
+        n, distinct, w = db.execute(f"SELECT count(*), count(DISTINCT (record_id, pos)), max(len(act)) FROM {view}"
+                                    ).fetchall()[0]
+        assert n == distinct == n_symbols and w == width
+        # the catalog lists exactly the files in the folder: no orphan or temporary file is read
+        files = {f for (f,) in db.execute("SELECT file FROM behavior_parts p JOIN behaviors b USING (behavior_id) "
+                                          "WHERE b.view_name = ?", [view]).fetchall()}
+        folder = db.execute("SELECT directory FROM behaviors WHERE view_name = ?", [view]).fetchall()[0][0]
+        from deepbase_duck.catalog import session_of
+        assert {p.name for p in (session_of(db).act_root / folder).iterdir()} == files
+    # a local query now reads the stored parts (the model does not run) and scores the same
+    local = dbd.inspect(db, "planted", ["planted", "mix"], ["digit"], "kept", **kw)
+    assert db.execute("SELECT source FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0] == "stored"
+    _assert_equal_scores(local, remote)
 
 
 def test_sql_macro_runs_on_ray(db):

@@ -211,7 +211,19 @@ def forward_batch(adapter, ret: Retain, model: str, layers, dataset: str, ids, t
 
 def write_part(session, b: dict, batch: Batch, x: torch.Tensor, rows_mask: np.ndarray | None) -> tuple[str, int, int]:
     """Write the rows of ``batch`` for behavior ``b`` as the next Parquet part; return (file, part, rows)."""
-    np_dtype, pa_dtype = DTYPES[b["dtype"]]
+    folder = session.act_root / b["directory"]
+    part = int(store.q_scalar(session.con, "SELECT coalesce(max(part), 0) + 1 FROM behavior_parts WHERE behavior_id = ?",
+                              [b["behavior_id"]]))
+    name = f"part-{part:06d}.parquet"
+    return name, part, write_part_file(folder, name, b["dtype"], batch, x, rows_mask)
+
+
+def write_part_file(folder, name: str, dtype: str, batch: Batch, x: torch.Tensor, rows_mask: np.ndarray | None) -> int:
+    """Write (record_id, pos, act) rows of ``batch`` to ``folder/name`` under a temporary name,
+    then rename (a rewrite of the same part replaces it whole); return the rows written. Used by
+    write_part and by Ray workers (engine/ray_engine.py), which write to a shared folder."""
+    from pathlib import Path
+    np_dtype, pa_dtype = DTYPES[dtype]
     rec = np.repeat(batch.record_ids.astype(np.int32), batch.n_symbols)
     pos = np.concatenate([np.arange(n, dtype=np.int32) for n in batch.n_symbols]) if len(rec) else np.zeros(0, np.int32)
     values = x.detach().to("cpu").numpy().astype(np_dtype, copy=False)
@@ -220,16 +232,13 @@ def write_part(session, b: dict, batch: Batch, x: torch.Tensor, rows_mask: np.nd
     width = values.shape[1]
     act = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), pa_dtype), width)
     table = pa.table({"record_id": pa.array(rec), "pos": pa.array(pos), "act": act})
-    folder = session.act_root / b["directory"]
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    part = int(store.q_scalar(session.con, "SELECT coalesce(max(part), 0) + 1 FROM behavior_parts WHERE behavior_id = ?",
-                              [b["behavior_id"]]))
-    name = f"part-{part:06d}.parquet"
-    tmp = folder / f".{name}.tmp"
-    pq.write_table(table, tmp, compression="zstd" if b["dtype"] == "float16" else "none",
+    tmp = folder / f".{name}.{os.getpid()}.tmp"
+    pq.write_table(table, tmp, compression="zstd" if dtype == "float16" else "none",
                    use_dictionary=False, write_statistics=["record_id", "pos"])
     os.replace(tmp, folder / name)
-    return name, part, len(rec)
+    return len(rec)
 
 
 def commit_parts(session, written: list[tuple[dict, str, int, int, np.ndarray]]) -> None:
@@ -242,8 +251,11 @@ def commit_parts(session, written: list[tuple[dict, str, int, int, np.ndarray]])
                 "behavior_id": pa.array(np.full(len(recs), b["behavior_id"], np.int32)),
                 "record_id": pa.array(recs.astype(np.int32)),
                 "part": pa.array(np.full(len(recs), part, np.int32))}))
+    new = {}
     for b, *_ in written:
-        if part_count(con, b["behavior_id"]) == 1:
+        new.setdefault(b["behavior_id"], [b, 0])[1] += 1
+    for b, n in new.values():                 # the behavior's first parts: its view
+        if part_count(con, b["behavior_id"]) == n:
             con.execute(view_sql(session, b))
 
 

@@ -28,8 +28,10 @@ What moves where:
   activations) fails the query with that error.
 
 Activations already stored for every requested layer are scanned where they are, by the local
-engine (no model runs, so there is nothing to distribute). ``keep_activations`` is not supported
-here (use ``extract`` or the local engine).
+engine (no model runs, so there is nothing to distribute). With ``keep_activations`` the workers
+write each batch's Parquet part into the behavior's folder under the store's activation folder,
+which must be a path every node sees (a shared file system); the driver commits a part to the
+catalog when it merges its block, so DuckDB reads them in place through the behavior's view.
 """
 from __future__ import annotations
 
@@ -45,12 +47,24 @@ import torch
 
 from .. import store
 from ..errors import DeepBaseError, EmptyDatasetError
+from ..extraction.adapters import Encoded
 from ..inspectors.base import measure_class
 from ..progress import progress_bar
-from ..extraction.adapters import Encoded
-from .extract import ensure_symbols, forward_batch, plan_batches
-from .inspect import (MIN_WINDOWS, LabelStream, LocalEngine, Plan, _score_matrix, batch_means_half_width,
-                      class_frequencies, new_samples, seeded_windows, stored_behaviors, update_states)
+from .extract import cleanup_orphans, commit_parts, ensure_symbols, forward_batch, plan_batches, write_part_file
+from .inspect import (
+    MIN_WINDOWS,
+    KeepActivations,
+    LabelStream,
+    LocalEngine,
+    Plan,
+    _score_matrix,
+    batch_means_half_width,
+    class_frequencies,
+    new_samples,
+    seeded_windows,
+    stored_behaviors,
+    update_states,
+)
 
 try:                                     # the engine is optional: pip install 'deepbase-duck[ray]'
     import ray
@@ -136,16 +150,22 @@ class BlockWorker:
                                                **plan.measure_params.get(m, {}))
                   for layer in plan.layers for m in plan.measures}
         samples = new_samples(plan, self.widths, self.device)
-        act_bytes = 0
-        for (ids, texts, n_symbols), y in zip(block["batches"], block["labels"]):
+        act_bytes, parts = 0, []
+        stores = block.get("store") or [[] for _ in block["batches"]]
+        for (ids, texts, n_symbols), y, store_to in zip(block["batches"], block["labels"], stores):
             counts = dict(zip(ids, n_symbols))
             batch = forward_batch(self.adapter, self.ret, self.model, plan.layers, plan.dataset, ids, texts, counts)
             act_bytes += sum(x.numel() * x.element_size() for x in batch.acts.values())
-            update_states(states, samples, batch, torch.from_numpy(np.array(y)), self.take)  # writable copy
+            update_states(states, samples, batch, torch.from_numpy(np.array(y)), self.take)  # (a writable copy)
+            for layer, folder, name, part, need in store_to:     # keep_activations: a part per batch
+                need = np.asarray(need, bool)
+                mask = None if need.all() else np.repeat(need, batch.n_symbols)
+                rows = write_part_file(folder, name, plan.dtype, batch, batch.acts[layer], mask)
+                parts.append((layer, name, part, rows, [r for r, k in zip(ids, need) if k]))
         if self.device.type != "cpu":
             states, samples = _to_cpu(states), _to_cpu(samples)
         return {"states": states, "samples": samples, "seconds": time.perf_counter() - t0,
-                "activation_bytes": act_bytes}
+                "activation_bytes": act_bytes, "parts": parts}
 
 
 # -- the driver ------------------------------------------------------------------------------
@@ -326,9 +346,6 @@ class RayEngine:
                           [plan.model])
         session.model_row(plan.model)                       # unknown model: the usual error
         loader, params, checksum, tokenization = row
-        if plan.keep_activations:
-            raise DeepBaseError("keep_activations is not supported by the Ray engine; store activations with "
-                                "extract() first, or run this query with the local engine")
         if not plan.keep_activations and stored_behaviors(session, plan, checksum, tokenization):
             out = LocalEngine().run(session, plan, progress)   # nothing to run: scan the stored parts here
             out["engine"] = "local (stored activations)"
@@ -346,7 +363,7 @@ class RayEngine:
         self._extra, self._live = [], list(actors)
         ok = False
         try:
-            result = self._scan(session, plan, progress, actors, tokenization, widths)
+            result = self._scan(session, plan, progress, actors, tokenization, checksum, widths)
             ok = True
         finally:
             global _POOL
@@ -363,7 +380,7 @@ class RayEngine:
                                  "ray_total_s": round(time.perf_counter() - t_start, 3)}
         return result
 
-    def _scan(self, session, plan: Plan, progress, actors, tokenization, widths) -> dict:
+    def _scan(self, session, plan: Plan, progress, actors, tokenization, checksum, widths) -> dict:
         progressive = plan.max_error is not None
         counts = ensure_symbols(session, _RemoteEncoder(actors[0], tokenization), plan.dataset, plan.record_ids)
         if plan.control:
@@ -378,6 +395,28 @@ class RayEngine:
             batches = plan_batches(session, plan.dataset, plan.record_ids, plan.batch_size)
             blocks = [batches[i:i + self.block_batches] for i in range(0, len(batches), self.block_batches)]
         labels = LabelStream(session, plan, tokenization, counts)
+        keep = parts_of = None
+        if plan.keep_activations:
+            # workers write each batch's part to the shared activation folder (temporary name, then
+            # rename: a re-run block rewrites the same file); the driver commits it when it merges
+            # the block, so the catalog never lists a part twice or one of an unmerged block
+            keep = KeepActivations(session, plan, checksum, tokenization, widths)
+            base = {l: int(store.q_scalar(session.con, "SELECT coalesce(max(part), 0) + 1 FROM behavior_parts "
+                                                       "WHERE behavior_id = ?", [b["behavior_id"]]))
+                    for l, b in keep.behaviors.items()}
+            parts_of, j = [], 0
+            for blk in blocks:
+                per = []
+                for ids in blk:
+                    todo = []
+                    for layer, b in keep.behaviors.items():
+                        need = np.isin(np.asarray(ids), keep.missing[layer])
+                        if need.any():
+                            todo.append((layer, str(session.act_root / b["directory"]),
+                                         f"part-{base[layer] + j:06d}.parquet", base[layer] + j, need.tolist()))
+                    per.append(todo)
+                    j += 1
+                parts_of.append(per)
         make = lambda layer, m: measure_class(m)(widths[layer], plan.columns[m], device="cpu",  # noqa: E731
                                                  **plan.measure_params.get(m, {}))
         states = {(layer, m): make(layer, m) for layer in plan.layers for m in plan.measures}
@@ -398,7 +437,8 @@ class RayEngine:
                     texts = session.texts(plan.dataset, ids)
                     part.append(([int(r) for r in ids], [texts[r] for r in ids], [int(counts[r]) for r in ids]))
                     ys.append(labels.next(ids).numpy())
-                payloads[i] = ray.put({"batches": part, "labels": ys})
+                payloads[i] = ray.put({"batches": part, "labels": ys,
+                                       "store": parts_of[i] if parts_of is not None else None})
                 stats["label_seconds"] += time.perf_counter() - t
             return payloads[i]
 
@@ -469,6 +509,9 @@ class RayEngine:
                         states[k].combine(st)
                     for layer, smp in res["samples"].items():
                         samples[layer].merge(smp)
+                    if keep is not None and res["parts"]:
+                        commit_parts(session, [(keep.behaviors[layer], name, part, rows, np.asarray(recs, np.int64))
+                                               for layer, name, part, rows, recs in res["parts"]])
                     stats["combine_seconds"] += time.perf_counter() - t
                     ids = [r for ids in blocks[next_merge] for r in ids]
                     used.extend(ids)
@@ -487,6 +530,13 @@ class RayEngine:
                     ray.cancel(ref, force=False)
                 except Exception:
                     pass
+            if keep is not None:
+                # parts of blocks that were not merged are not in the catalog: once no worker can
+                # still write one, delete them (they would otherwise show in the behavior's view)
+                if in_flight:
+                    ray.wait(list(in_flight), num_returns=len(in_flight), timeout=60)
+                for b in keep.behaviors.values():
+                    cleanup_orphans(session, b)
         used = sorted(set(used))
         n_symbols = int(sum(counts[r] for r in used))
         if n_symbols == 0:
