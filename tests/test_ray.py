@@ -133,7 +133,7 @@ def test_ray_scores_equal_local_on_the_bundled_charlstm(db):
 
 def test_a_worker_node_lost_mid_query_changes_nothing(db, cluster):
     dbd.register_model(db, "planted_slow", "ray_models:slow_planted", {"delay": 0.1})
-    kw = {"measures": ["corr"], "batch_size": 8}
+    kw = {"measures": ["corr"], "batch_size": 8, "limit": 120}
     local = dbd.inspect(db, "planted_slow", ["planted", "mix"], HYPS, "many", **kw)
     extra = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
