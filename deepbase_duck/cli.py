@@ -73,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=16)
 
     i = add("inspect", "Score every unit of layers against hypotheses; prints the top units.")
-    i.add_argument("store"); i.add_argument("model"); i.add_argument("dataset")
+    i.add_argument("store"); i.add_argument("model", help="a model, or checkpoints scanned together: early,mid,final")
+    i.add_argument("dataset")
     i.add_argument("--layers", nargs="+", required=True)
     i.add_argument("--hypotheses", nargs="+", required=True)
     i.add_argument("--measures", nargs="+", default=["corr"])
@@ -83,6 +84,16 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--baseline", action="store_true", help="also score an untrained (re-initialised) copy")
     i.add_argument("--control", action="store_true", help="with --measures probe: control tasks and selectivity")
     i.add_argument("--top", type=int, default=5, help="units shown per hypothesis")
+    i.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="ray: run the model on the workers of a Ray cluster (see README, Scaling out)")
+    i.add_argument("--ray-address", default=None,
+                   help="with --engine ray: 'auto', 'host:port' or 'ray://host:port' (default: a local Ray)")
+    i.add_argument("--max-error", type=float, default=None,
+                   help="early stopping: stop once every score's error bound is at most this")
+    i.add_argument("--top-k", type=int, default=None,
+                   help="early stopping for a ranking: stop once each hypothesis' top-k units are stable")
+    i.add_argument("--seed", type=int, default=0, help="the seeded record order of an early-stopping scan")
+    i.add_argument("--no-reuse", action="store_true", help="scan again even if an identical query is stored")
 
     add("hypotheses", "List the hypotheses this installation can compute.")
 
@@ -215,9 +226,12 @@ def cmd_extract(args):
 def cmd_inspect(args):
     import deepbase_duck as dbd
     with _store(args) as con:
-        t = dbd.inspect(con, args.model, args.layers, args.hypotheses, args.dataset, args.measures,
+        model = [m.strip() for m in args.model.split(",")] if "," in args.model else args.model
+        t = dbd.inspect(con, model, args.layers, args.hypotheses, args.dataset, args.measures,
                         limit=args.max_records, batch_size=args.batch_size, keep_activations=args.keep_activations,
-                        baseline=args.baseline, control=args.control)
+                        baseline=args.baseline, control=args.control, engine=args.engine,
+                        ray_address=args.ray_address, max_error=args.max_error, top_k=args.top_k, seed=args.seed,
+                        reuse=not args.no_reuse)
         print(top_units_table(con, t.column("query_id")[0].as_py(), args.top))
     return 0
 

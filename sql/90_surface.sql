@@ -6,7 +6,8 @@
 
 -- inspect(model, layers, hypotheses, dataset, measures := ['corr'], max_records := NULL,
 --         batch_size := 16, keep_activations := false, params := '{}', baseline := false,
---         control := false, permutations := 0, max_error := NULL, seed := 0)
+--         control := false, permutations := 0, max_error := NULL, seed := 0,
+--         engine := 'local', ray_address := NULL, top_k := NULL, reuse := true)
 -- Scores every unit of each layer against each hypothesis with each measure (corr, spearman,
 -- pointbiserial, probeless, mi, iou, precision, recall, f1, ap, probe); one row per
 -- (model, layer, unit, hypothesis, measure), also appended to the `scores` table.
@@ -17,20 +18,30 @@
 -- ('<hyp>~control': one random class per word type) and 'selectivity' rows.
 -- permutations: N > 0 adds a permutation-test p-value to unit scores (detail->>'perm_p_value').
 -- max_error: progressive scan in the seeded record order of `seed`, stopping once every score's
--- batch-means confidence half-width is at most max_error (corr, pointbiserial); the records used
--- and the bound reached are in the queries table.
+-- batch-means confidence half-width is at most max_error (every measure but the probes); the
+-- records used and the bound reached are in the queries table.
+-- top_k: a ranking query: progressive too, stopping once every hypothesis' top_k units (by |score|)
+-- stayed the same for 3 windows.
+-- reuse: false scans again even when an identical query's scores are stored.
+-- model: one model, or a list of checkpoints of one architecture (['early', 'final']) scanned
+-- together: one pass over the records, forward passes fused where torch.vmap can.
+-- engine: 'local' (this process) or 'ray' (the workers of the Ray cluster at ray_address: NULL for
+-- a local Ray, 'auto', 'host:port' or 'ray://host:port'; the model needs a loader spec).
 CREATE OR REPLACE TEMP MACRO inspect(model, layers, hypotheses, dataset, measures := ['corr'],
                                      max_records := NULL, batch_size := 16,
                                      keep_activations := false, params := '{}',
                                      baseline := false, control := false, permutations := 0,
-                                     max_error := NULL, seed := 0) AS TABLE
+                                     max_error := NULL, seed := 0, engine := 'local',
+                                     ray_address := NULL, top_k := NULL, reuse := true) AS TABLE
 SELECT unnest(r, recursive := true)
-FROM (SELECT unnest(dbd_inspect(model, layers, hypotheses, dataset, measures,
+FROM (SELECT unnest(dbd_inspect(CAST(model AS VARCHAR), layers, hypotheses, dataset, measures,
                                 CAST(max_records AS BIGINT), CAST(batch_size AS BIGINT),
                                 CAST(keep_activations AS BOOLEAN), CAST(params AS VARCHAR),
                                 CAST(baseline AS BOOLEAN), CAST(control AS BOOLEAN),
                                 CAST(permutations AS BIGINT), CAST(max_error AS DOUBLE),
-                                CAST(seed AS BIGINT))) AS r);
+                                CAST(seed AS BIGINT), CAST(engine AS VARCHAR),
+                                CAST(ray_address AS VARCHAR), CAST(top_k AS BIGINT),
+                                CAST(reuse AS BOOLEAN))) AS r);
 
 -- compare_layers(groups, dataset, max_records := NULL, batch_size := 16)
 -- Linear CKA between every pair of unit groups named 'model:layer' over the same symbols;

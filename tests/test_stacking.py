@@ -107,3 +107,14 @@ def test_bad_model_lists(three):
     with pytest.raises(DeepBaseError, match="nope"):
         dbd.inspect(three, ["v0", "nope"], ["planted"], ["digit"], "snippets")
     assert three.sql("SELECT count(*) FROM queries").fetchall() == before
+
+
+def test_sql_takes_a_list_of_models_and_top_k(three):
+    rows = three.sql("SELECT model, count(*) FROM inspect(['v0', 'v2'], ['planted'], ['digit'], 'snippets') "
+                     "GROUP BY model ORDER BY model").fetchall()
+    assert rows == [("v0", 5), ("v2", 5)]
+    p = params_of_last(three)
+    assert p["models"] == ["v0", "v2"] and p["scan"] == "together"
+    three.sql("SELECT * FROM inspect('v1', ['planted'], ['digit'], 'snippets', top_k := 2, batch_size := 4)").fetchall()
+    p = params_of_last(three)
+    assert p["top_k"] == 2 and p["seed"] == 0

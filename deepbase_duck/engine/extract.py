@@ -172,16 +172,24 @@ def forward_batches(session, adapter, model: str, layers, dataset, batches, symb
     with Retain(adapter.module, layers) as ret:
         for ids in batches:
             texts = session.texts(dataset, ids)
-            enc = adapter.encode([texts[r] for r in ids])
-            ret.clear()
-            adapter.forward(enc)
-            yield batch_from_outputs(adapter, ret.outputs, enc, model, layers, dataset, ids, symbol_counts)
+            yield forward_batch(adapter, ret, model, layers, dataset, ids, [texts[r] for r in ids], symbol_counts)
+
+
+def forward_batch(adapter, ret: Retain, model: str, layers, dataset: str, ids, texts: list[str],
+                  symbol_counts) -> Batch:
+    """One forward pass over the records ``ids`` (texts in the same order) with ``ret`` retaining
+    ``layers``: their activations per symbol, checked. Shared by the local loop above and the Ray
+    workers (engine/ray_engine.py)."""
+    enc = adapter.encode(texts)
+    ret.clear()
+    adapter.forward(enc)
+    return batch_from_outputs(adapter, ret.outputs, enc, model, layers, dataset, ids, symbol_counts)
 
 
 def batch_from_outputs(adapter, outputs: dict, enc, model: str, layers, dataset: str, ids, symbol_counts) -> Batch:
     """The Batch of one forward pass over records ``ids``: each layer's output (``outputs``)
     cut into per-symbol rows by the adapter, checked (row counts against ``symbol_counts``, all
-    finite). Shared by the single-model loop above and the stacked loop (engine/stacking.py)."""
+    finite). Shared by forward_batch and the stacked loop (engine/stacking.py)."""
     acts = {}
     for layer in layers:
         out = outputs.get(layer)
@@ -210,7 +218,19 @@ def batch_from_outputs(adapter, outputs: dict, enc, model: str, layers, dataset:
 
 def write_part(session, b: dict, batch: Batch, x: torch.Tensor, rows_mask: np.ndarray | None) -> tuple[str, int, int]:
     """Write the rows of ``batch`` for behavior ``b`` as the next Parquet part; return (file, part, rows)."""
-    np_dtype, pa_dtype = DTYPES[b["dtype"]]
+    folder = session.act_root / b["directory"]
+    part = int(store.q_scalar(session.con, "SELECT coalesce(max(part), 0) + 1 FROM behavior_parts WHERE behavior_id = ?",
+                              [b["behavior_id"]]))
+    name = f"part-{part:06d}.parquet"
+    return name, part, write_part_file(folder, name, b["dtype"], batch, x, rows_mask)
+
+
+def write_part_file(folder, name: str, dtype: str, batch: Batch, x: torch.Tensor, rows_mask: np.ndarray | None) -> int:
+    """Write (record_id, pos, act) rows of ``batch`` to ``folder/name`` under a temporary name,
+    then rename (a rewrite of the same part replaces it whole); return the rows written. Used by
+    write_part and by Ray workers (engine/ray_engine.py), which write to a shared folder."""
+    from pathlib import Path
+    np_dtype, pa_dtype = DTYPES[dtype]
     rec = np.repeat(batch.record_ids.astype(np.int32), batch.n_symbols)
     pos = np.concatenate([np.arange(n, dtype=np.int32) for n in batch.n_symbols]) if len(rec) else np.zeros(0, np.int32)
     values = x.detach().to("cpu").numpy().astype(np_dtype, copy=False)
@@ -219,16 +239,13 @@ def write_part(session, b: dict, batch: Batch, x: torch.Tensor, rows_mask: np.nd
     width = values.shape[1]
     act = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), pa_dtype), width)
     table = pa.table({"record_id": pa.array(rec), "pos": pa.array(pos), "act": act})
-    folder = session.act_root / b["directory"]
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    part = int(store.q_scalar(session.con, "SELECT coalesce(max(part), 0) + 1 FROM behavior_parts WHERE behavior_id = ?",
-                              [b["behavior_id"]]))
-    name = f"part-{part:06d}.parquet"
-    tmp = folder / f".{name}.tmp"
-    pq.write_table(table, tmp, compression="zstd" if b["dtype"] == "float16" else "none",
+    tmp = folder / f".{name}.{os.getpid()}.tmp"
+    pq.write_table(table, tmp, compression="zstd" if dtype == "float16" else "none",
                    use_dictionary=False, write_statistics=["record_id", "pos"])
     os.replace(tmp, folder / name)
-    return name, part, len(rec)
+    return len(rec)
 
 
 def commit_parts(session, written: list[tuple[dict, str, int, int, np.ndarray]]) -> None:
@@ -241,8 +258,11 @@ def commit_parts(session, written: list[tuple[dict, str, int, int, np.ndarray]])
                 "behavior_id": pa.array(np.full(len(recs), b["behavior_id"], np.int32)),
                 "record_id": pa.array(recs.astype(np.int32)),
                 "part": pa.array(np.full(len(recs), part, np.int32))}))
+    new = {}
     for b, *_ in written:
-        if part_count(con, b["behavior_id"]) == 1:
+        new.setdefault(b["behavior_id"], [b, 0])[1] += 1
+    for b, n in new.values():                 # the behavior's first parts: its view
+        if part_count(con, b["behavior_id"]) == n:
             con.execute(view_sql(session, b))
 
 

@@ -402,6 +402,45 @@ class KeepActivations:
         store_batch(self.session, self.behaviors, self.missing, batch)
 
 
+def new_samples(plan: Plan, widths: dict, device) -> dict:
+    """Per layer, the row sample of the permutation test (empty dict without ``permutations``)."""
+    if not plan.permutations:
+        return {}
+    from ..inspectors.spearman import RowSample
+    return {l: RowSample(widths[l], len(plan.label_columns), plan.permutation_rows, device) for l in plan.layers}
+
+
+def update_states(states: dict, samples: dict, batch: Batch, y: torch.Tensor, take: dict) -> None:
+    """Fold one block of activations and its labels into every (layer, measure) state (and the
+    permutation samples): the step both engines run per block (the Ray engine on its workers)."""
+    rec = torch.from_numpy(np.repeat(batch.record_ids, batch.n_symbols))
+    for layer, x in batch.acts.items():
+        for (lay, m), st in states.items():
+            if lay == layer:
+                st.update(x, y[:, take[m]], rec)
+        if samples:
+            from ..inspectors.spearman import row_keys
+            samples[layer].add(row_keys(x, y, rec), x, y)
+
+
+def make_engine(engine=None, ray_address=None, **ray_options):
+    """The engine of a query: None or 'local' (this process), 'ray' (a Ray cluster at
+    ``ray_address``: None starts or reuses a local Ray, 'auto' the running cluster, 'ray://host:port'
+    a remote one), or an engine object with ``run(session, plan, progress)``."""
+    if engine is None or engine == "local":
+        if ray_address is not None or ray_options:
+            raise DeepBaseError("ray_address and Ray options need engine='ray'")
+        return LocalEngine()
+    if engine == "ray":
+        from .ray_engine import RayEngine      # imports ray only here
+        return RayEngine(address=ray_address, **ray_options)
+    if isinstance(engine, str):
+        raise DeepBaseError(f"unknown engine {engine!r}; engines: local, ray")
+    if not callable(getattr(engine, "run", None)):
+        raise DeepBaseError(f"engine {engine!r} has no run(session, plan, progress) method")
+    return engine
+
+
 class LocalEngine:
     """Runs a plan in this process: one loop over blocks, updating every state."""
 
@@ -448,11 +487,7 @@ class LocalEngine:
         if plan.control:
             plan.control_freq = class_frequencies(session, plan, tokenization)
         labels = LabelStream(session, plan, tokenization, counts)
-        samples = {}
-        if plan.permutations:
-            from ..inspectors.spearman import RowSample, row_keys
-            samples = {l: RowSample(widths[l], len(plan.label_columns), plan.permutation_rows, plan.device)
-                       for l in plan.layers}
+        samples = new_samples(plan, widths, plan.device)
         bar = progress_bar(len(plan.record_ids), f"inspect {plan.model} ({plan.source})", "rec", show)
         checkpoints = set(np.cumsum(windows).tolist())   # the stop rule is checked at window ends
         used, bound, stopped, rule = [], float("inf"), False, None
@@ -467,13 +502,7 @@ class LocalEngine:
             for i, batch in enumerate(source, 1):
                 if keep is not None:
                     keep.write(batch)
-                y = labels.next(batch.record_ids)
-                rec = torch.from_numpy(np.repeat(batch.record_ids, batch.n_symbols))
-                for layer, x in batch.acts.items():
-                    for m in plan.measures:
-                        feeding[(layer, m)].update(x, y[:, take[m]], rec)
-                    if samples:
-                        samples[layer].add(row_keys(x, y, rec), x, y)
+                update_states(feeding, samples, batch, labels.next(batch.record_ids), take)
                 bar.update(len(batch.record_ids) * len(batch.acts) / len(plan.layers))
                 used.extend(int(r) for r in batch.record_ids)
                 if progressive and i in checkpoints:
@@ -618,6 +647,13 @@ def untrained_copy(adapter, seed: int = 0):
     return twin
 
 
+def untrained_model(loader: str, params: dict | None = None, seed: int = 0):
+    """Loader spec of an untrained twin ('deepbase_duck.engine.inspect:untrained_model'): the
+    model of ``loader`` (+ ``params``) through ``untrained_copy(adapter, seed)``."""
+    from ..catalog import load_adapter
+    return untrained_copy(load_adapter(loader, params or {}), seed)
+
+
 def with_permutation_p_values(t: pa.Table, plan: Plan, measure: str, sample, cols) -> pa.Table:
     """Add perm_p_value (and perm_rows) to a unit-level score table: the measure recomputed on a
     seeded uniform sample of the scanned rows (at most plan.permutation_rows) with the labels
@@ -729,6 +765,7 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
             batch_size=16, keep_activations=False, dtype="float32", device=None, store_scores=True,
             progress=None, engine=None, baseline=False, baseline_seed=0, control=False, permutations=0,
             permutation_rows=20_000, max_error=None, seed=0, top_k=None, stable_windows=3, reuse=True,
+            ray_address=None, ray_options=None,
             **measure_params) -> pa.Table:
     """Score ``layers`` of ``model`` against ``hypotheses`` over ``dataset``; returns (and stores)
     rows of (query_id, model, layer, unit, hypothesis, measure, score, n, ci_low, ci_high, p_value,
@@ -754,8 +791,14 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
     measures and options: ``query_fingerprint``) returns that query's scores under a new query id
     without scanning anything (``reuse=False`` recomputes). ``queries.params->'reused'`` says
     what was reused: the cached query, activation records read vs computed, label pairs
-    (hypothesis, record) found vs computed."""
+    (hypothesis, record) found vs computed.
+
+    ``model`` may be a list of models of one architecture (checkpoints): they are scanned
+    together (engine/stacking.py). ``engine``: 'local' (default) or 'ray' (workers of a Ray
+    cluster at ``ray_address`` run the model; ``ray_options``: RayEngine's keyword arguments),
+    see engine/ray_engine.py."""
     t0 = time.time()
+    engine = make_engine(engine, ray_address, **(ray_options or {}))
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     models = [model] if isinstance(model, str) else list(model or [])
     if not models or not all(isinstance(m, str) and m for m in models):
@@ -773,21 +816,27 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
         if hit is not None:
             return hit
     labels_missing = missing_records(session.con, plan.hypotheses, plan.dataset, np.unique(plan.record_ids))
-    local = engine is None or isinstance(engine, LocalEngine)
+    local = isinstance(engine, LocalEngine)
     why_not = None if len(plans) > 1 else "one model"
     if why_not is None:
         why_not = stack_obstacle(session, plans, local)
     if why_not is None:
         runs = list(zip(plans, LocalEngine().run_stacked(session, plans, progress)))
     else:
-        runs = [(p, (engine or LocalEngine()).run(session, p, progress)) for p in plans]
+        runs = [(p, engine.run(session, p, progress)) for p in plans]
     if baseline:
         twin_name = f"{models[0]}~untrained"
-        session.register_model(twin_name, untrained_copy(session.adapter(models[0]), baseline_seed))
+        base = store.q_one(session.con, "SELECT loader, params FROM models WHERE name = ?", [models[0]])
+        if getattr(engine, "name", "") == "ray" and base[0]:
+            # workers rebuild the twin from a loader spec, never from a pickled module
+            session.register_model(twin_name, "deepbase_duck.engine.inspect:untrained_model",
+                                   {"loader": base[0], "params": json.loads(base[1] or "{}"), "seed": baseline_seed})
+        else:
+            session.register_model(twin_name, untrained_copy(session.adapter(models[0]), baseline_seed))
         twin = plan_inspect(session, twin_name, layers, hypotheses, dataset, measures, record_ids, limit,
                             batch_size, False, dtype, device, control, permutations, permutation_rows,
                             max_error, seed, top_k, stable_windows, **measure_params)
-        runs.append((twin, (engine or LocalEngine()).run(session, twin, progress)))
+        runs.append((twin, engine.run(session, twin, progress)))
     tables = []
     for p, result in runs:
         for (layer, m), state in result["states"].items():
@@ -818,7 +867,9 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
               "top_k": plan.top_k, "stable_windows": plan.stable_windows if plan.top_k else None,
               "stopped_early": runs[0][1]["stopped_early"], "stop_rule": runs[0][1]["stop_rule"],
               "bound_reached": runs[0][1]["bound"],
-              "fingerprint": fingerprint, "reused": reuse_report(plan, runs, labels_missing)}
+              "fingerprint": fingerprint, "reused": reuse_report(plan, runs, labels_missing),
+              "engine": runs[0][1].get("engine", getattr(engine, "name", type(engine).__name__))}
+    params.update(runs[0][1].get("engine_info") or {})
     with store.Transaction(con):
         qid = int(store.q_scalar(con, "SELECT coalesce(max(query_id), 0) + 1 FROM queries"))
         con.execute("INSERT INTO queries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

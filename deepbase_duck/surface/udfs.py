@@ -70,6 +70,13 @@ def _list(v):
     return [v] if isinstance(v, str) else list(v)
 
 
+def _models(model: str):
+    """A model name, or several as the macro passes a list cast to text: '[early, mid, final]'."""
+    if isinstance(model, str) and model.startswith("[") and model.endswith("]"):
+        return [m.strip() for m in model[1:-1].split(",") if m.strip()]
+    return model
+
+
 def register_udfs(session: Session) -> None:
     con = session.con
     from ..engine.extract import extract
@@ -78,7 +85,8 @@ def register_udfs(session: Session) -> None:
     from ..hypotheses.store import annotate
 
     def do_inspect(sub, model, layers, hypotheses, dataset, measures, max_records, batch_size, keep, params,
-                   baseline, control, permutations, max_error, seed):
+                   baseline, control, permutations, max_error, seed, engine=None, ray_address=None, top_k=None,
+                   reuse=True):
         try:
             measure_params = json.loads(params) if params else {}
         except json.JSONDecodeError as exc:
@@ -86,10 +94,11 @@ def register_udfs(session: Session) -> None:
         if not isinstance(measure_params, dict) or not all(isinstance(v, dict) for v in measure_params.values()):
             raise DeepBaseError("inspect: params must be a JSON object of per-measure objects, e.g. "
                                 "'{\"probe\": {\"l1\": 0.001}}'")
-        t = inspect(sub, model, _list(layers), _list(hypotheses), dataset, _list(measures) or ["corr"],
+        t = inspect(sub, _models(model), _list(layers), _list(hypotheses), dataset, _list(measures) or ["corr"],
                     limit=max_records, batch_size=batch_size or 16, keep_activations=bool(keep), progress=False,
                     baseline=bool(baseline), control=bool(control), permutations=permutations or 0,
-                    max_error=max_error, seed=seed or 0, **measure_params)
+                    max_error=max_error, seed=seed or 0, engine=engine or "local", ray_address=ray_address,
+                    top_k=top_k, reuse=reuse is not False, **measure_params)
         return t.to_pylist()
 
     def do_compare(sub, groups, dataset, max_records, batch_size):
@@ -123,7 +132,7 @@ def register_udfs(session: Session) -> None:
     specs = [
         ("dbd_inspect", do_inspect, ["VARCHAR", "VARCHAR[]", "VARCHAR[]", "VARCHAR", "VARCHAR[]", "BIGINT",
                                      "BIGINT", "BOOLEAN", "VARCHAR", "BOOLEAN", "BOOLEAN", "BIGINT", "DOUBLE",
-                                     "BIGINT"], RESULT_STRUCT),
+                                     "BIGINT", "VARCHAR", "VARCHAR", "BIGINT", "BOOLEAN"], RESULT_STRUCT),
         ("dbd_compare", do_compare, ["VARCHAR[]", "VARCHAR", "BIGINT", "BIGINT"], COMPARE_STRUCT),
         ("dbd_extract", do_extract, ["VARCHAR", "VARCHAR[]", "VARCHAR", "VARCHAR", "BIGINT"], EXTRACT_STRUCT),
         ("dbd_annotate", do_annotate, ["VARCHAR[]", "VARCHAR"], ANNOTATE_STRUCT),

@@ -1,0 +1,595 @@
+"""The Ray engine: ``inspect(..., engine="ray")`` runs the forward passes on the workers of a Ray
+cluster, in blocks of records, and merges the inspector states they return.
+
+What moves where:
+
+- Each worker is a Ray actor (one per CPU, or per GPU share when the cluster has GPUs) that loads
+  the model ONCE from the catalog's loader spec ('pkg.mod:fn' + params, as register_model stored
+  it) and checks the weights' checksum against the store's ``models`` row; a live model object is
+  never pickled. A model registered from a live object has no loader spec: refused.
+- The driver (this process, beside the DuckDB store) plans the blocks, computes each block's
+  labels in DuckDB (``LabelStream``: cheap joins) and sends the records' texts and the label
+  matrix with the block. Symbols of records not yet tokenised are encoded by a worker too, so the
+  driver never loads the model.
+- A worker runs the forward passes of its block, folds them into fresh inspector states (the
+  step the local engine runs, ``update_states``) and returns the states: a few KB for corr
+  (moments per unit x hypothesis), not the activations.
+- The driver combines the block states in BLOCK order (not completion order) with the
+  inspectors' own ``combine()``, so the result does not depend on which worker finished first: it
+  equals the local engine's up to float64 rounding (the forward batches are the same). It then
+  finalises and writes exactly as the local engine does (``inspect()``), in one transaction at
+  the end: an interrupted driver leaves the store unchanged.
+- Early stopping (``max_error``): a block is one window of the seeded order; blocks are merged as
+  they finish (``ray.wait``) in order, the bound is checked after each merge with the local
+  engine's rule, and once within bound no block is dispatched any more and those in flight are
+  cancelled (``ray.cancel``): the records used are the same prefix the local engine uses.
+- Faults: a block whose worker died (node lost, process killed) is dispatched again to a live
+  worker, and a replacement actor is requested from Ray; a block whose forward pass raised (bad
+  activations) fails the query with that error.
+
+Activations already stored for every requested layer are scanned where they are, by the local
+engine (no model runs, so there is nothing to distribute). With ``keep_activations`` the workers
+write each batch's Parquet part into the behavior's folder under the store's activation folder,
+which must be a path every node sees (a shared file system); the driver commits a part to the
+catalog when it merges its block, so DuckDB reads them in place through the behavior's view.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import socket
+import time
+
+import numpy as np
+import torch
+
+from .. import store
+from ..errors import DeepBaseError, EmptyDatasetError
+from ..extraction.adapters import Encoded
+from ..inspectors.base import measure_class
+from ..progress import progress_bar
+from .extract import cleanup_orphans, commit_parts, ensure_symbols, forward_batch, plan_batches, write_part_file
+from .inspect import (
+    MIN_WINDOWS,
+    KeepActivations,
+    LabelStream,
+    LocalEngine,
+    Plan,
+    _score_matrix,
+    batch_means_half_width,
+    class_frequencies,
+    new_samples,
+    seeded_windows,
+    stored_behaviors,
+    top_sets,
+    update_states,
+)
+
+try:                                     # the engine is optional: pip install 'deepbase-duck[ray]'
+    import ray
+    from ray import exceptions as rex
+except ImportError:                      # pragma: no cover - exercised where ray is absent
+    ray = None
+
+
+# -- the worker ------------------------------------------------------------------------------
+def _to_cpu(obj, seen=None):
+    """Move every tensor held by an inspector state (or sample) to the CPU, in place, so the
+    driver can unpickle it without a GPU."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return obj
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, list):
+        return [_to_cpu(v, seen) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to_cpu(v, seen) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v, seen) for k, v in obj.items()}
+    if hasattr(obj, "__dict__") and not isinstance(obj, type):
+        for k, v in list(vars(obj).items()):
+            if isinstance(v, torch.device):
+                setattr(obj, k, torch.device("cpu"))
+            elif isinstance(v, (torch.Tensor, list, tuple, dict)):
+                setattr(obj, k, _to_cpu(v, seen))
+    return obj
+
+
+class BlockWorker:
+    """One Ray actor: the model loaded once from its loader spec and checked against the catalog's
+    checksum. ``configure`` sets a query's plan (hooks on its layers); ``run_block`` turns a block
+    of records (texts and labels) into inspector states. An actor serves query after query of the
+    same model (see RayEngine.keep_workers)."""
+
+    def __init__(self, model: str, loader: str, params: dict, checksum: str, threads: int = 1):
+        from ..catalog import load_adapter
+        torch.set_num_threads(max(1, int(threads)))
+        where = f"Ray worker on {socket.gethostname()} (pid {os.getpid()})"
+        try:
+            adapter = load_adapter(loader, params)
+        except Exception as exc:
+            raise DeepBaseError(f"model {model!r}: the loader {loader!r} failed on the {where}: "
+                                f"{type(exc).__name__}: {exc}") from None
+        if adapter.checksum != checksum:
+            raise DeepBaseError(f"model {model!r}: the loader {loader!r} yields weights with checksum "
+                                f"{adapter.checksum[:12]}... on the {where}, not the registered "
+                                f"{checksum[:12]}...; the workers must load the same weights")
+        self.adapter, self.model = adapter, model
+        self.device = adapter.device           # chosen at run time: a GPU when Ray assigned one
+        self.ret = None
+
+    def configure(self, plan: Plan, widths: dict) -> dict:
+        """Take the plan of the next query: hooks on its layers, its label columns."""
+        from ..extraction.hooks import Retain
+        if self.ret is not None:
+            self.ret.__exit__(None, None, None)
+        self.plan, self.widths = plan, widths
+        self.ret = Retain(self.adapter.module, plan.layers).__enter__()
+        col_index = {c["name"]: j for j, c in enumerate(plan.label_columns)}
+        self.take = {m: torch.as_tensor([col_index[c["name"]] for c in plan.columns[m]]) for m in plan.measures}
+        return self.ready()
+
+    def ready(self) -> dict:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.device),
+                "node": ray.get_runtime_context().get_node_id()}
+
+    def encode(self, texts: list[str]) -> Encoded:
+        """The symbols of ``texts`` (the model inputs dropped): tokenisation for the driver."""
+        enc = self.adapter.encode(texts)
+        return Encoded(None, enc.starts, enc.ends, enc.tokens, enc.index)
+
+    def run_block(self, block: dict) -> dict:
+        """``block``: {'batches': [(record ids, texts, symbol counts)], 'labels': [float64 arrays]}.
+        Returns the block's states {(layer, measure): state}, permutation samples and timings."""
+        t0 = time.perf_counter()
+        plan = self.plan
+        states = {(layer, m): measure_class(m)(self.widths[layer], plan.columns[m], device=self.device,
+                                               **plan.measure_params.get(m, {}))
+                  for layer in plan.layers for m in plan.measures}
+        samples = new_samples(plan, self.widths, self.device)
+        act_bytes, parts = 0, []
+        stores = block.get("store") or [[] for _ in block["batches"]]
+        for (ids, texts, n_symbols), y, store_to in zip(block["batches"], block["labels"], stores):
+            counts = dict(zip(ids, n_symbols))
+            batch = forward_batch(self.adapter, self.ret, self.model, plan.layers, plan.dataset, ids, texts, counts)
+            act_bytes += sum(x.numel() * x.element_size() for x in batch.acts.values())
+            update_states(states, samples, batch, torch.from_numpy(np.array(y)), self.take)  # (a writable copy)
+            for layer, folder, name, part, need in store_to:     # keep_activations: a part per batch
+                need = np.asarray(need, bool)
+                mask = None if need.all() else np.repeat(need, batch.n_symbols)
+                rows = write_part_file(folder, name, plan.dtype, batch, batch.acts[layer], mask)
+                parts.append((layer, name, part, rows, [r for r, k in zip(ids, need) if k]))
+        if self.device.type != "cpu":
+            states, samples = _to_cpu(states), _to_cpu(samples)
+        return {"states": states, "samples": samples, "seconds": time.perf_counter() - t0,
+                "activation_bytes": act_bytes, "parts": parts}
+
+
+# -- the driver ------------------------------------------------------------------------------
+class _RemoteEncoder:
+    """What ensure_symbols needs of an adapter (tokenization, encode), answered by a worker."""
+
+    def __init__(self, actor, tokenization: str):
+        self.actor, self.tokenization = actor, tokenization
+
+    def encode(self, texts):
+        return ray.get(self.actor.encode.remote(list(texts)))
+
+
+def _probe_address(address: str, timeout: float) -> None:
+    """Fail fast (and clearly) when nothing listens at a 'host:port' or 'ray://host:port'
+    address; ray.init itself retries for a minute or more."""
+    hostport = address.split("://", 1)[1] if "://" in address else address
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise DeepBaseError(f"Ray address {address!r} is not of the form 'host:port', 'ray://host:port' or 'auto'")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise DeepBaseError(f"Ray cluster at {address!r} is unreachable ({exc}); start one with "
+                            f"`ray start --head` and pass its address, or leave ray_address unset "
+                            f"for a local Ray") from None
+
+
+_DIED = ()  # filled below when ray is importable: errors after which a block is dispatched again
+if ray is not None:
+    _DIED = tuple(e for e in (getattr(rex, n, None) for n in (
+        "RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError", "NodeDiedError",
+        "ObjectLostError", "OwnerDiedError", "ObjectReconstructionFailedError")) if e is not None)
+
+
+def _unwrap(exc: Exception) -> Exception:
+    """The deepbase_duck error a worker raised, out of Ray's wrappers."""
+    cause = exc
+    for _ in range(4):
+        inner = getattr(cause, "cause", None)
+        if inner is None or inner is cause:
+            break
+        cause = inner
+    if isinstance(cause, DeepBaseError):
+        return cause
+    text = str(exc)
+    if "ModuleNotFoundError" in text and "deepbase_duck" in text:
+        return DeepBaseError("Ray workers cannot import deepbase_duck: install deepbase-duck (with the same "
+                             "version) in every node's Python environment, or pass a runtime_env")
+    for line in text.splitlines()[::-1]:        # Ray's text of an error in a worker ends with it
+        if "DeepBaseError:" in line or "Error: model " in line:
+            return DeepBaseError(line.split("Error: ", 1)[-1].strip())
+    return DeepBaseError(f"Ray worker failed: {type(cause).__name__}: {str(cause)[-2000:]}")
+
+
+class RayEngine:
+    """Runs a plan on a Ray cluster (see the module docstring).
+
+    address: None (RAY_ADDRESS, or else a new local Ray; an initialised ray is reused), 'auto'
+        (the cluster `ray start` runs on this machine) or 'host:port' / 'ray://host:port'.
+    num_workers: actors to start (default: as many as the cluster's free CPUs, or GPUs, allow).
+    num_gpus: GPU share per actor (default 1 when the cluster has GPUs, else 0); fractional values
+        put several actors on one GPU.
+    num_cpus: CPUs per actor (its torch threads); block_batches: forward batches per block of a
+        full scan (a progressive scan's block is one window); inflight: blocks queued per actor.
+    runtime_env: Ray runtime_env of the actors (e.g. env_vars PYTHONPATH for a loader module).
+    keep_workers: keep the actors (model loaded) for the next query of the same model in this
+        process, as a Spark session keeps its executors; one pool is kept at a time, and a query
+        of another model releases it. ``release_workers()`` frees them at once.
+    """
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, num_workers: int | None = None, num_gpus: float | None = None,
+                 num_cpus: float = 1, block_batches: int = 4, inflight: int = 2, runtime_env: dict | None = None,
+                 connect_timeout: float = 10.0, startup_timeout: float = 120.0, max_redispatch: int = 3,
+                 keep_workers: bool = True):
+        if ray is None:
+            raise DeepBaseError("engine='ray' needs the ray package: pip install 'deepbase-duck[ray]'")
+        if block_batches < 1 or inflight < 1:
+            raise DeepBaseError(f"block_batches and inflight must be >= 1, got {block_batches}, {inflight}")
+        if num_workers is not None and int(num_workers) < 1:
+            raise DeepBaseError(f"num_workers must be >= 1, got {num_workers}")
+        self.address, self.num_workers, self.num_gpus, self.num_cpus = address, num_workers, num_gpus, num_cpus
+        self.block_batches, self.inflight, self.runtime_env = int(block_batches), int(inflight), runtime_env
+        self.connect_timeout, self.startup_timeout, self.max_redispatch = connect_timeout, startup_timeout, max_redispatch
+        self.keep_workers = bool(keep_workers)
+        self.stats: dict = {}
+
+    # -- connecting and starting workers ----------------------------------------------------
+    def connect(self) -> None:
+        addr = self.address
+        if ray.is_initialized():
+            try:
+                current = ray.get_runtime_context().gcs_address
+            except Exception:                    # client mode
+                current = None
+            if addr in (None, "auto") or _same_address(addr, current):
+                return
+        if addr not in (None, "auto", "local"):
+            _probe_address(addr, self.connect_timeout)     # before leaving a working connection
+        if ray.is_initialized():
+            ray.shutdown()
+        try:
+            ray.init(address=addr, logging_level="WARNING", log_to_driver=False,
+                     ignore_reinit_error=True, include_dashboard=False)
+        except (ConnectionError, RuntimeError, TimeoutError) as exc:
+            raise DeepBaseError(f"cannot connect to the Ray cluster at {addr!r}: {exc}") from None
+
+    def _start(self, model, loader, params, checksum, plan, widths):
+        """Live actors configured for ``plan``: the kept pool of this model when there is one, else
+        new ones (a kept pool of another model is released first, freeing its CPUs/GPUs)."""
+        global _POOL
+        env = dict(self.runtime_env or {})
+        env["env_vars"] = {"OMP_NUM_THREADS": str(max(1, int(self.num_cpus))), **env.get("env_vars", {})}
+        free = ray.available_resources()
+        key = (_cluster_id(), model, loader, json.dumps(params, sort_keys=True), checksum, self.num_cpus,
+               self.num_gpus, self.num_workers, json.dumps(env, sort_keys=True, default=str))
+        worker_plan = dataclasses.replace(plan, record_ids=np.zeros(0, np.int64), hypotheses=[], device="cpu")
+        self._configure = lambda a: a.configure.remote(worker_plan, widths)
+        self._reused = _POOL is not None and _POOL[0] == key
+        if self._reused:
+            actors, gpus, self._spawn = _POOL[1], _POOL[2], _POOL[3]
+            _POOL = None
+        else:
+            if _POOL is not None:                 # free the kept pool's CPUs/GPUs (ray.kill is asynchronous)
+                held = {"CPU": len(_POOL[1]) * self.num_cpus, "GPU": len(_POOL[1]) * (_POOL[2] or 0)}
+                release_workers()
+                deadline = time.time() + 15
+                while time.time() < deadline and any(
+                        ray.available_resources().get(r, 0) < free.get(r, 0) + v - 1e-6 for r, v in held.items()):
+                    time.sleep(0.05)
+            free = ray.available_resources()
+            gpus = self.num_gpus if self.num_gpus is not None else (1 if free.get("GPU", 0) >= 1 else 0)
+            if self.num_workers is not None:
+                n = int(self.num_workers)
+            else:
+                what, per = ("GPU", gpus) if gpus else ("CPU", self.num_cpus)
+                n = int(free.get(what, 0) // per)
+                if n < 1:
+                    total = ray.cluster_resources().get(what, 0)
+                    raise DeepBaseError(
+                        f"the Ray cluster has no free {what} for a worker ({free.get(what, 0):g} of {total:g} "
+                        f"free, {per:g} needed): other drivers hold them (deepbase-duck keeps its workers between "
+                        f"queries until release_workers() or exit); free some, add nodes, or pass num_workers")
+            cls = ray.remote(BlockWorker).options(
+                num_cpus=self.num_cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0,
+                scheduling_strategy="SPREAD", runtime_env=env)
+            args = (model, loader, params, checksum, max(1, int(self.num_cpus)))
+            self._spawn = lambda: cls.remote(*args)
+            actors = [self._spawn() for _ in range(n)]
+        ready = {self._configure(a): a for a in actors}
+        done, waiting = ray.wait(list(ready), num_returns=len(ready), timeout=self.startup_timeout)
+        live = []
+        for ref in done:
+            try:
+                ray.get(ref)
+                live.append(ready[ref])
+            except _DIED as exc:
+                if "DeepBaseError" in str(exc) or "ModuleNotFoundError" in str(exc):
+                    _kill(actors)
+                    raise _unwrap(exc) from None
+                ray.kill(ready[ref])              # a kept actor that died meanwhile
+            except Exception as exc:
+                _kill(actors)
+                raise _unwrap(exc) from None
+        _kill([ready[ref] for ref in waiting])    # never started (no room): not used
+        if not live:
+            raise DeepBaseError(f"no Ray worker started within {self.startup_timeout:.0f} s (free resources: "
+                                f"{free}); lower num_cpus/num_gpus or add nodes")
+        self._key = key
+        return live, gpus
+
+    # -- the run ------------------------------------------------------------------------------
+    def run(self, session, plan: Plan, progress=None) -> dict:
+        t_start = time.perf_counter()
+        row = store.q_one(session.con, "SELECT loader, params, checksum, tokenization FROM models WHERE name = ?",
+                          [plan.model])
+        session.model_row(plan.model)                       # unknown model: the usual error
+        loader, params, checksum, tokenization = row
+        if not plan.keep_activations and stored_behaviors(session, plan, checksum, tokenization):
+            out = LocalEngine().run(session, plan, progress)   # nothing to run: scan the stored parts here
+            out["engine"] = "local (stored activations)"
+            return out
+        if not loader:
+            raise DeepBaseError(f"model {plan.model!r} was registered from a live Python object, which the Ray "
+                                "engine does not ship to workers; register it with a loader spec "
+                                "('package.module:function' + params) to run it on Ray")
+        self.connect()
+        widths = dict(store.q_all(session.con, "SELECT layer, width FROM layers WHERE model = ?", [plan.model]))
+        t0 = time.perf_counter()
+        actors, gpus = self._start(plan.model, loader, json.loads(params or "{}"), checksum, plan, widths)
+        self._gpus = gpus
+        startup = time.perf_counter() - t0
+        self._extra, self._live = [], list(actors)
+        ok = False
+        try:
+            result = self._scan(session, plan, progress, actors, tokenization, checksum, widths)
+            ok = True
+        finally:
+            global _POOL
+            if ok and self.keep_workers and self._live:
+                _kill([a for a in actors + self._extra if a not in self._live])
+                _POOL = (self._key, self._live, self._gpus, self._spawn)
+            else:
+                _kill(actors + self._extra)
+        result["engine"] = "ray"
+        result["engine_info"] = {"ray_workers": len(actors), "ray_gpus_per_worker": gpus,
+                                 "ray_blocks": self.stats["blocks"], "ray_blocks_merged": self.stats["merged"],
+                                 "ray_redispatched": self.stats["redispatched"],
+                                 "ray_startup_s": round(startup, 3), "ray_workers_reused": self._reused,
+                                 "ray_total_s": round(time.perf_counter() - t_start, 3)}
+        return result
+
+    def _scan(self, session, plan: Plan, progress, actors, tokenization, checksum, widths) -> dict:
+        progressive = plan.progressive
+        counts = ensure_symbols(session, _RemoteEncoder(actors[0], tokenization), plan.dataset, plan.record_ids)
+        if plan.control:
+            plan.control_freq = class_frequencies(session, plan, tokenization)
+        if progressive:
+            batches, windows = seeded_windows(session, plan)
+            blocks, lo = [], 0
+            for w in windows:                      # one block per window
+                blocks.append(batches[lo:lo + w])
+                lo += w
+        else:
+            batches = plan_batches(session, plan.dataset, plan.record_ids, plan.batch_size)
+            blocks = [batches[i:i + self.block_batches] for i in range(0, len(batches), self.block_batches)]
+        labels = LabelStream(session, plan, tokenization, counts)
+        keep = parts_of = None
+        if plan.keep_activations:
+            # workers write each batch's part to the shared activation folder (temporary name, then
+            # rename: a re-run block rewrites the same file); the driver commits it when it merges
+            # the block, so the catalog never lists a part twice or one of an unmerged block
+            keep = KeepActivations(session, plan, checksum, tokenization, widths)
+            base = {l: int(store.q_scalar(session.con, "SELECT coalesce(max(part), 0) + 1 FROM behavior_parts "
+                                                       "WHERE behavior_id = ?", [b["behavior_id"]]))
+                    for l, b in keep.behaviors.items()}
+            parts_of, j = [], 0
+            for blk in blocks:
+                per = []
+                for ids in blk:
+                    todo = []
+                    for layer, b in keep.behaviors.items():
+                        need = np.isin(np.asarray(ids), keep.missing[layer])
+                        if need.any():
+                            todo.append((layer, str(session.act_root / b["directory"]),
+                                         f"part-{base[layer] + j:06d}.parquet", base[layer] + j, need.tolist()))
+                    per.append(todo)
+                    j += 1
+                parts_of.append(per)
+        make = lambda layer, m: measure_class(m)(widths[layer], plan.columns[m], device="cpu",  # noqa: E731
+                                                 **plan.measure_params.get(m, {}))
+        states = {(layer, m): make(layer, m) for layer in plan.layers for m in plan.measures}
+        samples = new_samples(plan, widths, "cpu")
+        window_scores = {k: [] for k in states}
+        stats = self.stats = {"blocks": len(blocks), "merged": 0, "redispatched": 0, "block_seconds": [],
+                              "state_bytes": [], "activation_bytes": [], "combine_seconds": 0.0,
+                              "label_seconds": 0.0, "roundtrip_seconds": []}
+
+        payloads = {}
+
+        def payload(i):
+            if i not in payloads:
+                t = time.perf_counter()
+                part = []
+                ys = []
+                for ids in blocks[i]:
+                    texts = session.texts(plan.dataset, ids)
+                    part.append(([int(r) for r in ids], [texts[r] for r in ids], [int(counts[r]) for r in ids]))
+                    ys.append(labels.next(ids).numpy())
+                payloads[i] = ray.put({"batches": part, "labels": ys,
+                                       "store": parts_of[i] if parts_of is not None else None})
+                stats["label_seconds"] += time.perf_counter() - t
+            return payloads[i]
+
+        show = session.progress if progress is None else progress
+        bar = progress_bar(len(plan.record_ids), f"inspect {plan.model} (ray)", "rec", show)
+        pending = collections.deque(range(len(blocks)))
+        live = self._live                          # the actors alive now (kept for the next query)
+        load = {a: 0 for a in live}
+        starting = {}                              # ready ref -> replacement actor
+        in_flight = {}                             # ref -> (block, actor, submitted at)
+        tries = collections.Counter()
+        results, next_merge, used = {}, 0, []
+        bound, stopped, rule, history = float("inf"), False, None, []
+        try:
+            while next_merge < len(blocks) and not stopped:
+                for a in list(live):                # keep every live worker busy
+                    while pending and load[a] < self.inflight:
+                        i = pending.popleft()
+                        ref = a.run_block.remote(payload(i))
+                        in_flight[ref] = (i, a, time.perf_counter())
+                        load[a] += 1
+                if not in_flight and not starting:
+                    raise DeepBaseError("every Ray worker died and no replacement could start")
+                done, _ = ray.wait(list(in_flight) + list(starting), num_returns=1, timeout=self.startup_timeout)
+                if not done:
+                    raise DeepBaseError(f"no Ray block finished within {self.startup_timeout:.0f} s")
+                for ref in done:
+                    if ref in starting:             # a replacement worker is up (or failed to start)
+                        a = starting.pop(ref)
+                        try:
+                            ray.get(ref)
+                            live.append(a)
+                            load[a] = 0
+                        except _DIED:
+                            pass
+                        continue
+                    i, a, t_sub = in_flight.pop(ref)
+                    load[a] = max(0, load.get(a, 1) - 1)
+                    try:
+                        res = ray.get(ref)
+                    except _DIED:
+                        tries[i] += 1
+                        if tries[i] > self.max_redispatch:
+                            raise DeepBaseError(f"block {i} failed on {tries[i]} Ray workers; giving up") from None
+                        stats["redispatched"] += 1
+                        pending.appendleft(i)
+                        if a in live:
+                            live.remove(a)
+                            new = self._spawn()
+                            self._extra.append(new)
+                            starting[self._configure(new)] = new
+                        continue
+                    except Exception as exc:
+                        raise _unwrap(exc) from None
+                    stats["roundtrip_seconds"].append(time.perf_counter() - t_sub)
+                    stats["block_seconds"].append(res["seconds"])
+                    stats["activation_bytes"].append(res["activation_bytes"])
+                    results[i] = res
+                while next_merge in results and not stopped:   # merge in block order
+                    res = results.pop(next_merge)
+                    payloads.pop(next_merge, None)
+                    t = time.perf_counter()
+                    if len(stats["state_bytes"]) < 3:                # a sample: pickling costs time
+                        stats["state_bytes"].append(len(_pickled(res["states"])))
+                    for k, st in res["states"].items():
+                        if progressive:
+                            window_scores[k].append(_score_matrix(st))
+                        states[k].combine(st)
+                    for layer, smp in res["samples"].items():
+                        samples[layer].merge(smp)
+                    if keep is not None and res["parts"]:
+                        commit_parts(session, [(keep.behaviors[layer], name, part, rows, np.asarray(recs, np.int64))
+                                               for layer, name, part, rows, recs in res["parts"]])
+                    stats["combine_seconds"] += time.perf_counter() - t
+                    ids = [r for ids in blocks[next_merge] for r in ids]
+                    used.extend(ids)
+                    bar.update(len(ids))
+                    next_merge += 1
+                    stats["merged"] = next_merge
+                    if progressive:                  # the local engine's stop rules, per merged block
+                        bound = max(batch_means_half_width(w, getattr(states[k], "confidence", 0.95)).max(initial=0.0)
+                                    for k, w in window_scores.items())
+                        if plan.max_error is not None and next_merge >= MIN_WINDOWS and bound <= plan.max_error:
+                            stopped, rule = True, "max_error"
+                        elif plan.top_k is not None:
+                            history.append({k: top_sets(st.finalize(), plan.top_k) for k, st in states.items()})
+                            recent = history[-(plan.stable_windows + 1):]
+                            if (next_merge >= MIN_WINDOWS and len(recent) == plan.stable_windows + 1
+                                    and all(h == recent[-1] for h in recent)):
+                                stopped, rule = True, "top_k"
+        finally:
+            bar.close()
+            for ref in list(in_flight) + list(starting):     # stop what is queued or running
+                try:
+                    ray.cancel(ref, force=False)
+                except Exception:
+                    pass
+            if keep is not None:
+                # parts of blocks that were not merged are not in the catalog: once no worker can
+                # still write one, delete them (they would otherwise show in the behavior's view)
+                if in_flight:
+                    ray.wait(list(in_flight), num_returns=len(in_flight), timeout=60)
+                for b in keep.behaviors.values():
+                    cleanup_orphans(session, b)
+        used = sorted(set(used))
+        n_symbols = int(sum(counts[r] for r in used))
+        if n_symbols == 0:
+            raise EmptyDatasetError(f"the selected records of dataset {plan.dataset!r} hold no symbols")
+        take = {m: torch.as_tensor([[c["name"] for c in plan.label_columns].index(c["name"]) for c in plan.columns[m]])
+                for m in plan.measures}
+        return {"states": states, "n_symbols": n_symbols, "samples": samples, "take": take,
+                "records_used": len(used), "stopped_early": stopped, "stop_rule": rule,
+                "bound": bound if progressive else None, "window_scores": window_scores if progressive else None,
+                "used_ids": used, "reused": {"activation_records_read": 0, "activation_records_computed": len(used)}}
+
+
+_POOL = None      # (key, actors, gpus per actor, spawn): the workers kept for the next query
+
+
+def release_workers() -> None:
+    """Kill the Ray workers kept for the next query (their CPUs/GPUs return to the cluster)."""
+    global _POOL
+    if _POOL is not None:
+        _kill(_POOL[1])
+        _POOL = None
+
+
+def _kill(actors) -> None:
+    for a in actors:
+        try:
+            ray.kill(a)
+        except Exception:
+            pass
+
+
+def _cluster_id() -> str:
+    try:
+        return ray.get_runtime_context().gcs_address
+    except Exception:
+        return str(ray.get_runtime_context().get_job_id())
+
+
+def _pickled(obj) -> bytes:
+    import pickle
+    return pickle.dumps(obj, protocol=5)
+
+
+def _same_address(wanted: str, current: str | None) -> bool:
+    if current is None:
+        return False
+    w = wanted.split("://", 1)[-1]
+    return w == current or w.rsplit(":", 1)[-1] == current.rsplit(":", 1)[-1] and w.split(":")[0] in (
+        "127.0.0.1", "localhost", current.split(":")[0])

@@ -1,0 +1,299 @@
+"""The Ray engine on a real multi-node Ray cluster on this machine (ray.cluster_utils: a head with
+no CPUs and two worker nodes of one CPU each): scores equal the local engine's, a worker node
+lost mid-query changes nothing, early stopping stops early, bad input fails cleanly.
+
+Select with ``-m ray``; skipped only when ray is not installed (pip install '.[ray]')."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TEXTS, planted_adapter
+
+import deepbase_duck as dbd
+from deepbase_duck.errors import DeepBaseError
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from deepbase_duck.engine.ray_engine import RayEngine  # noqa: E402
+
+pytestmark = pytest.mark.ray
+TESTS = str(Path(__file__).resolve().parent)
+HYPS = ["digit", "bracket_depth", "in_string"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(2):
+        c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    # the workers import the loader module of the planted model (tests/ray_models.py)
+    ray.init(address=c.address, runtime_env={"env_vars": {"PYTHONPATH": TESTS, "OMP_NUM_THREADS": "1"}},
+             log_to_driver=False, logging_level="ERROR")
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def db(cluster):
+    c = dbd.connect(None, progress=False)
+    dbd.register_model(c, "planted", "ray_models:planted")
+    dbd.add_dataset(c, "snippets", TEXTS)
+    rng = np.random.default_rng(3)
+    dbd.add_dataset(c, "many", ["".join(TEXTS[int(i)] for i in rng.integers(0, len(TEXTS), 3)) for _ in range(240)])
+    yield c
+    dbd.close(c)
+
+
+def _by_key(t):
+    return {(r["model"], r["layer"], r["unit"], r["hypothesis"], r["measure"]): r for r in t.to_pylist()}
+
+
+def _last_params(con):
+    return json.loads(con.execute("SELECT params FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0])
+
+
+def _assert_equal_scores(local, remote, tol=1e-9, probe_tol=1e-3):
+    a, b = _by_key(local), _by_key(remote)
+    assert a.keys() == b.keys() and len(a) > 0
+    for k, r in a.items():
+        s = b[k]
+        assert r["n"] == s["n"], k
+        if r["score"] is None:
+            assert s["score"] is None, k
+        else:
+            assert abs(r["score"] - s["score"]) <= (probe_tol if k[4] == "probe" else tol), (k, r["score"], s["score"])
+
+
+def _counts(con):
+    return {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]
+            for t in ("queries", "scores", "symbols", "tokenized_records", "labels", "models")}
+
+
+def test_ray_scores_equal_local_on_planted_units(db):
+    kw = {"measures": ["corr", "probe"], "batch_size": 4}
+    local = dbd.inspect(db, "planted", ["planted", "mix"], HYPS, "snippets", **kw)
+    remote = dbd.inspect(db, "planted", ["planted", "mix"], HYPS, "snippets", engine="ray", reuse=False,
+                         ray_options={"block_batches": 1}, **kw)
+    _assert_equal_scores(local, remote)
+    p = _last_params(db)
+    assert p["engine"] == "ray" and p["ray_workers"] == 2 and p["ray_blocks_merged"] == p["ray_blocks"] == 6
+    # the planted units are found (unit 0 copies `digit`, unit 1 is its negation plus noise)
+    r = _by_key(remote)
+    assert r[("planted", "planted", 0, "digit", "corr")]["score"] == pytest.approx(1.0, abs=1e-9)
+    assert r[("planted", "planted", 1, "digit", "corr")]["score"] < -0.99
+    # an independent reference: numpy's Pearson r of unit 4 (bracket depth) with its label
+    labels = np.concatenate([_depth(t) for t in TEXTS])
+    acts = np.concatenate([_depth(t, planted=True) for t in TEXTS])
+    assert r[("planted", "planted", 4, "bracket_depth", "corr")]["score"] == pytest.approx(
+        np.corrcoef(acts, labels)[0, 1], abs=1e-9)
+
+
+def _depth(text, planted=False):
+    """Bracket depth per character, as the planted unit computes it (closing bracket counted
+    after the character) and as the `bracket_depth` hypothesis labels it."""
+    from conftest import per_char_labels
+
+    import deepbase_duck.hypotheses.library  # noqa: F401
+    from deepbase_duck.hypotheses import get_hypothesis
+    if not planted:
+        return per_char_labels(get_hypothesis("bracket_depth"), text)
+    out = planted_adapter().module.planted(
+        __import__("torch").as_tensor([__import__("deepbase_duck.models.charlstm", fromlist=["x"]).encode_chars(text)]))
+    return out[0, :, 4].numpy().astype(np.float64)
+
+
+def test_ray_scores_equal_local_on_the_bundled_charlstm(db):
+    dbd.register_model(db, "charlstm", "deepbase_duck.models.zoo:charlstm")
+    kw = {"measures": ["corr"], "batch_size": 4, "limit": 12}
+    local = dbd.inspect(db, "charlstm", ["lstm1"], ["in_string", "digit"], "snippets", **kw)
+    remote = dbd.inspect(db, "charlstm", ["lstm1"], ["in_string", "digit"], "snippets", engine="ray", reuse=False, **kw)
+    _assert_equal_scores(local, remote)
+    assert _last_params(db)["records_used"] == 12
+    # a second query of the same model reuses the workers (the model stays loaded)
+    again = dbd.inspect(db, "charlstm", ["lstm0"], ["digit"], "snippets", engine="ray", reuse=False, **kw)
+    assert _last_params(db)["ray_workers_reused"] is True
+    _assert_equal_scores(dbd.inspect(db, "charlstm", ["lstm0"], ["digit"], "snippets", **kw), again)
+    # the untrained baseline: on Ray the twin is rebuilt on the workers from a loader spec
+    local = dbd.inspect(db, "charlstm", ["lstm0"], ["digit"], "snippets", baseline=True, **kw)
+    remote = dbd.inspect(db, "charlstm", ["lstm0"], ["digit"], "snippets", baseline=True, engine="ray", reuse=False, **kw)
+    assert {r["model"] for r in remote.to_pylist()} == {"charlstm", "charlstm~untrained"}
+    _assert_equal_scores(local, remote)
+
+
+def test_a_worker_node_lost_mid_query_changes_nothing(db, cluster):
+    dbd.register_model(db, "planted_slow", "ray_models:slow_planted", {"delay": 0.1})
+    kw = {"measures": ["corr"], "batch_size": 8, "limit": 120}
+    local = dbd.inspect(db, "planted_slow", ["planted", "mix"], HYPS, "many", **kw)
+    extra = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    engine = RayEngine(block_batches=1)
+    out = {}
+
+    def run():
+        try:
+            out["t"] = dbd.inspect(db, "planted_slow", ["planted", "mix"], HYPS, "many", engine=engine, reuse=False, **kw)
+        except Exception as exc:  # pragma: no cover - reported below
+            out["error"] = exc
+    th = threading.Thread(target=run)
+    th.start()
+    deadline = time.time() + 120
+    while engine.stats.get("merged", 0) < 3 and th.is_alive() and time.time() < deadline:
+        time.sleep(0.05)
+    assert th.is_alive(), "the query ended before the node could be removed"
+    cluster.remove_node(extra, allow_graceful=False)          # killed, not drained
+    th.join(180)
+    assert not th.is_alive() and "error" not in out, out.get("error")
+    p = _last_params(db)
+    assert p["ray_workers"] == 3 and p["ray_redispatched"] >= 1
+    _assert_equal_scores(local, out["t"])
+
+
+def test_early_stopping_on_ray_stops_early_and_keeps_the_top_units(db):
+    kw = {"measures": ["corr"], "batch_size": 8}
+    full = dbd.inspect(db, "planted", ["planted", "mix"], HYPS, "many", **kw)
+    local_early = dbd.inspect(db, "planted", ["planted", "mix"], HYPS, "many", max_error=0.2, seed=5, **kw)
+    local_p = _last_params(db)
+    early = dbd.inspect(db, "planted", ["planted", "mix"], HYPS, "many", max_error=0.2, seed=5, engine="ray", reuse=False, **kw)
+    p = _last_params(db)
+    assert p["stopped_early"] and p["bound_reached"] <= 0.2
+    assert p["ray_blocks_merged"] < p["ray_blocks"] and p["records_used"] < 240
+    # the same seeded prefix as the local engine, the same scores and bound
+    assert p["records_used"] == local_p["records_used"]
+    assert p["bound_reached"] == pytest.approx(local_p["bound_reached"], abs=1e-9)
+    _assert_equal_scores(local_early, early)
+
+    def top(t):
+        rows = [r for r in t.to_pylist() if r["score"] is not None]
+        rows.sort(key=lambda r: (-abs(r["score"]), r["layer"], r["unit"], r["hypothesis"]))
+        return [(r["layer"], r["unit"], r["hypothesis"]) for r in rows[:10]]
+    a, b = top(full), top(early)
+    assert len(set(a) & set(b)) >= 9, (a, b)
+
+
+def test_keep_activations_on_ray_stores_each_row_once(db):
+    from deepbase_duck.engine.ray_engine import RayEngine
+    dbd.add_dataset(db, "kept", TEXTS[:12], replace=True)
+    kw = {"measures": ["corr"], "batch_size": 4}
+    remote = dbd.inspect(db, "planted", ["planted", "mix"], ["digit"], "kept", keep_activations=True,
+                         reuse=False, engine=RayEngine(block_batches=2), **kw)
+    assert _last_params(db)["engine"] == "ray"
+    n_symbols = sum(len(t) for t in TEXTS[:12])
+    for layer, width in (("planted", 5), ("mix", 4)):
+        view, = db.execute("SELECT view_name FROM behaviors WHERE model = 'planted' AND layer = ? AND dataset = 'kept'",
+                           [layer]).fetchall()[0]
+        n, distinct, w = db.execute(f"SELECT count(*), count(DISTINCT (record_id, pos)), max(len(act)) FROM {view}"
+                                    ).fetchall()[0]
+        assert n == distinct == n_symbols and w == width
+        # the catalog lists exactly the files in the folder: no orphan or temporary file is read
+        files = {f for (f,) in db.execute("SELECT file FROM behavior_parts p JOIN behaviors b USING (behavior_id) "
+                                          "WHERE b.view_name = ?", [view]).fetchall()}
+        folder = db.execute("SELECT directory FROM behaviors WHERE view_name = ?", [view]).fetchall()[0][0]
+        from deepbase_duck.catalog import session_of
+        assert {p.name for p in (session_of(db).act_root / folder).iterdir()} == files
+    # a local query now reads the stored parts (the model does not run) and scores the same
+    local = dbd.inspect(db, "planted", ["planted", "mix"], ["digit"], "kept", reuse=False, **kw)
+    assert db.execute("SELECT source FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0] == "stored"
+    _assert_equal_scores(local, remote)
+
+
+def test_sql_macro_runs_on_ray(db):
+    want = dbd.inspect(db, "planted", ["planted"], ["digit"], "snippets", batch_size=4)
+    got = db.sql("SELECT * FROM inspect('planted', ['planted'], ['digit'], 'snippets', batch_size := 4, "
+                 "engine := 'ray', reuse := false)").arrow().read_all()
+    _assert_equal_scores(want, got)
+    assert _last_params(db)["engine"] == "ray"
+
+
+def test_cli_runs_on_ray(cluster, tmp_path):
+    from deepbase_duck.engine.ray_engine import release_workers
+    release_workers()                     # this process keeps its workers: free the CPUs for the CLI's
+    deadline = time.time() + 15
+    while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    path = str(tmp_path / "s.duckdb")
+    c = dbd.connect(path, progress=False)
+    dbd.register_model(c, "charlstm", "deepbase_duck.models.zoo:charlstm")
+    dbd.add_dataset(c, "snippets", TEXTS[:8])
+    want = dbd.inspect(c, "charlstm", ["lstm0"], ["digit"], "snippets")
+    dbd.close(c)
+    r = subprocess.run([sys.executable, "-m", "deepbase_duck", "inspect", path, "charlstm", "snippets",
+                        "--layers", "lstm0", "--hypotheses", "digit", "--engine", "ray", "--no-reuse", "--ray-address",
+                        cluster.address], capture_output=True, text=True, timeout=150,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "digit" in r.stdout
+    c = dbd.connect(path, progress=False)
+    try:
+        got = c.sql("SELECT * FROM scores WHERE query_id = (SELECT max(query_id) FROM scores)").arrow().read_all()
+        assert json.loads(c.execute("SELECT params FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0])[
+            "engine"] == "ray"
+    finally:
+        dbd.close(c)
+    _assert_equal_scores(want, got)
+
+
+# -- bad input: clear errors, nothing written ------------------------------------------------------
+@pytest.mark.parametrize("address, match", [("127.0.0.1:1", "unreachable"), ("ray://127.0.0.1:1", "unreachable"),
+                                            ("no-port-here", "not of the form")])
+def test_unreachable_address_fails_fast_and_writes_nothing(db, address, match):
+    dbd.add_dataset(db, "fresh", TEXTS[:5], replace=True)
+    before = _counts(db)
+    t = time.time()
+    with pytest.raises(DeepBaseError, match=match):
+        dbd.inspect(db, "planted", ["planted"], ["digit"], "fresh", engine="ray", reuse=False, ray_address=address)
+    assert time.time() - t < 30
+    assert _counts(db) == before
+    assert ray.is_initialized()            # the working connection was not dropped
+
+
+def test_unreadable_weights_on_the_workers_fail_cleanly(db, tmp_path):
+    import torch
+    weights = tmp_path / "planted.pt"
+    torch.save(planted_adapter().module.state_dict(), weights)
+    dbd.register_model(db, "from_file", "ray_models:from_file", {"path": str(weights)})
+    dbd.add_dataset(db, "fresh", TEXTS[:5], replace=True)
+    weights.write_bytes(b"not a checkpoint")
+    before = _counts(db)
+    with pytest.raises(DeepBaseError, match=r"model 'from_file': the loader 'ray_models:from_file' failed on "
+                                            r"the Ray worker"):
+        dbd.inspect(db, "from_file", ["planted"], ["digit"], "fresh", engine="ray", reuse=False)
+    assert _counts(db) == before
+
+
+def test_weights_that_changed_fail_the_checksum(db, tmp_path):
+    import torch
+    weights = tmp_path / "planted.pt"
+    sd = planted_adapter().module.state_dict()
+    torch.save(sd, weights)
+    dbd.register_model(db, "from_file2", "ray_models:from_file", {"path": str(weights)})
+    sd["embed.weight"] = sd["embed.weight"] + 1
+    torch.save(sd, weights)
+    with pytest.raises(DeepBaseError, match="from_file2.*checksum"):
+        dbd.inspect(db, "from_file2", ["planted"], ["digit"], "snippets", engine="ray", reuse=False)
+
+
+def test_live_model_is_refused_on_ray(db):
+    dbd.register_model(db, "live", planted_adapter())
+    with pytest.raises(DeepBaseError, match="model 'live' was registered from a live Python object.*loader spec"):
+        dbd.inspect(db, "live", ["planted"], ["digit"], "snippets", engine="ray", reuse=False)
+    with pytest.raises(DeepBaseError, match="unknown engine 'spark'"):
+        dbd.inspect(db, "live", ["planted"], ["digit"], "snippets", engine="spark")
+
+
+def test_the_local_engine_does_not_import_ray():
+    code = ("import sys, deepbase_duck as d; c = d.connect(None, progress=False); "
+            "d.register_model(c, 'm', 'deepbase_duck.models.zoo:charlstm'); d.add_dataset(c, 's', ['x = 1']); "
+            "d.inspect(c, 'm', ['lstm0'], ['digit'], 's'); assert 'ray' not in sys.modules, 'ray imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
