@@ -19,32 +19,19 @@ import argparse
 import csv
 import json
 import pathlib
-import random
 import sys
 import time
 
 import torch
 
 import deepbase_duck as dbd
-from deepbase_duck.corpora.code import code_records
+from deepbase_duck.corpora.code import sampled_code_records
 from deepbase_duck.hypotheses.library import CODE_HYPOTHESES
-from deepbase_duck.models.charlstm import CHECKPOINTS, config as charlstm_config
+from deepbase_duck.models.charlstm import CHECKPOINTS
+from deepbase_duck.models.charlstm import config as charlstm_config
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _text_figures import plt, save  # noqa: E402
-
-
-def sample_records(chars: int, seed: int) -> list[dict]:
-    """A seeded sample of whole held-out records, about ``chars`` characters in all."""
-    records = code_records("heldout", max_chars=2000)
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    out, total = [], 0
-    for i in order:
-        if total >= chars:
-            break
-        out.append(records[i]); total += len(records[i]["text"])
-    return out
 
 
 def main(argv=None) -> int:
@@ -60,7 +47,7 @@ def main(argv=None) -> int:
     t0 = time.time()
 
     con = dbd.connect(None, progress=False)
-    records = sample_records(a.chars, a.seed)
+    records = sampled_code_records(a.chars, a.seed)
     n_chars = sum(len(r["text"]) for r in records)
     dbd.add_dataset(con, "code", records, "seeded sample of held-out stdlib records")
     for ckpt in CHECKPOINTS:

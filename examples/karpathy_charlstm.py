@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import csv
 import pathlib
-import random
 import sys
 import time
 
 import torch
 
 import deepbase_duck as dbd
-from deepbase_duck.corpora.code import code_records
+from deepbase_duck.corpora.code import code_records, sampled_code_records
 from deepbase_duck.hypotheses import get_hypothesis
 from deepbase_duck.hypotheses.library import CODE_HYPOTHESES
 
@@ -37,19 +36,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _text_figures import char_panel, plt, save  # noqa: E402
 
 FIGURE_HYPOTHESES = ["in_string", "in_comment", "bracket_depth", "indent_level"]
-
-
-def sample_records(chars: int, seed: int) -> list[dict]:
-    """A seeded sample of whole held-out records, about ``chars`` characters in all."""
-    records = code_records("heldout", max_chars=2000)
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    out, total = [], 0
-    for i in order:
-        if total >= chars:
-            break
-        out.append(records[i]); total += len(records[i]["text"])
-    return out
 
 
 def pick_snippet(records: list[dict], lines: int = 14) -> str:
@@ -90,7 +76,7 @@ def main(argv=None) -> int:
     t0 = time.time()
 
     con = dbd.connect(None, progress=False)
-    records = sample_records(a.chars, a.seed)
+    records = sampled_code_records(a.chars, a.seed)
     n_chars = sum(len(r["text"]) for r in records)
     n_all = len(code_records("heldout", max_chars=2000))
     dbd.add_dataset(con, "code", records, "seeded sample of held-out stdlib records")

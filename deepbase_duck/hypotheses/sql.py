@@ -42,10 +42,10 @@ from ..errors import HypothesisError
 from .core import Hypothesis, register
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=2048)
 def parse(text: str):
-    """(tree, tokens) of one query, or (None, []) when sqlglot cannot parse it. Cached: every SQL
-    hypothesis parses the same record."""
+    """(tree, tokens) of one query, or (None, []) when sqlglot cannot parse it. Cached (as many
+    queries as ``annotate`` labels per chunk): every SQL hypothesis parses the same record."""
     try:
         import sqlglot
         from sqlglot.tokens import Tokenizer

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import pathlib
 
-import torch
-
 from .charlstm import VOCAB_SIZE, CharLSTM
 
 _DIR = pathlib.Path(__file__).resolve().parent
