@@ -139,6 +139,14 @@ def print_table(cols, rows) -> None:
         print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
 
 
+def _shared(best) -> dict:
+    """Units that are the best unit of more than one hypothesis: {(layer, unit): [hypotheses]}."""
+    by = {}
+    for h, (layer, unit, _) in best.items():
+        by.setdefault((layer, unit), []).append(h)
+    return {k: v for k, v in by.items() if len(v) > 1}
+
+
 def write_markdown(path, cols, rows, n_rec, n_all, n_chars, a, elapsed, t_inspect) -> None:
     best = {}
     for h, layer, unit, r, *_ in rows:
@@ -173,6 +181,10 @@ def write_markdown(path, cols, rows, n_rec, n_all, n_chars, a, elapsed, t_inspec
         "The published studies report these cells qualitatively (figures of activations), not as "
         "correlations, so the comparison is: is there a single unit with a strong, specific affinity? "
         "Our model is trained on Python, not C, and is smaller in data (9.3 M characters).",
+        "Units are not always specific: " + "; ".join(
+            f"{layer} unit {unit} is the best unit for {', '.join(hs)}" for (layer, unit), hs in _shared(best).items())
+        + ". Python docstrings are long, prose-like strings on long lines, so a unit can track both "
+        "(a partial correlation or an ablation would separate them)." if _shared(best) else "",
         "Affinity is not causation: ablating the unit is the follow-up check.",
         "",
         "![best units](karpathy_charlstm.png)",

@@ -65,6 +65,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--queries", type=int, default=2000, help="held-out queries to inspect")
     ap.add_argument("--seed", type=int, default=7, help="generator seed of the inspected queries")
+    ap.add_argument("--probe-rows", type=int, default=40_000,
+                    help="rows per split the probes train / test on (a seeded sample of the characters)")
     ap.add_argument("--out", default="examples/results/sql_grammar_units")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
@@ -82,7 +84,8 @@ def main(argv=None) -> int:
 
     # one inspection query: every unit x hypothesis (corr) and every layer x hypothesis (probe)
     con.sql(f"""CREATE TEMP TABLE result AS
-        SELECT * FROM inspect('sqllstm', ['lstm0', 'lstm1'], [{hyps}], 'sql', measures := ['corr', 'probe'])""")
+        SELECT * FROM inspect('sqllstm', ['lstm0', 'lstm1'], [{hyps}], 'sql', measures := ['corr', 'probe'],
+                              params := '{{"probe": {{"max_rows": {a.probe_rows}}}}}')""")
     summary = con.sql("""
         WITH units AS (
             SELECT hypothesis, layer,
@@ -90,19 +93,12 @@ def main(argv=None) -> int:
                    round(arg_max(score, abs(score)), 3) AS r,
                    count(*) FILTER (WHERE abs(score) > 0.5) AS units_r_over_half
             FROM result WHERE measure = 'corr' AND unit IS NOT NULL GROUP BY ALL),
-        probes AS (
-            SELECT hypothesis, layer, round(score, 3) AS probe
-            FROM result WHERE measure = 'probe' AND unit IS NULL),
-        base AS (   -- a probe's accuracy means little beside the majority class's share
-            SELECT l.hypothesis,
-                   round(greatest(sum(l.end_char - l.start_char) / any_value(t.chars),
-                                  1 - sum(l.end_char - l.start_char) / any_value(t.chars)), 3) AS majority
-            FROM labels l JOIN hypotheses h ON h.name = l.hypothesis AND h.version = l.version,
-                 (SELECT sum(length(text)) AS chars FROM records WHERE dataset = 'sql') t
-            WHERE l.dataset = 'sql' AND h.kind = 'binary' AND l.value = 1
-            GROUP BY l.hypothesis)
-        SELECT u.hypothesis, u.layer, u.best_unit, u.r, u.units_r_over_half, p.probe, b.majority
-        FROM units u LEFT JOIN probes p USING (hypothesis, layer) LEFT JOIN base b USING (hypothesis)
+        probes AS (   -- a probe's accuracy means little beside the majority class's share
+            SELECT hypothesis, layer, round(score, 3) AS probe,
+                   round(CAST(detail->>'majority' AS DOUBLE), 3) AS majority
+            FROM result WHERE measure = 'probe' AND unit IS NULL)
+        SELECT u.hypothesis, u.layer, u.best_unit, u.r, u.units_r_over_half, p.probe, p.majority
+        FROM units u LEFT JOIN probes p USING (hypothesis, layer)
         ORDER BY u.hypothesis, u.layer""")
     cols, rows = summary.columns, summary.fetchall()
     t_inspect = time.time() - t0
@@ -120,7 +116,7 @@ def main(argv=None) -> int:
     ax = fig.add_subplot(gs[0])
     names = SQL_HYPOTHESIS_NAMES
     by = {(h, layer): (unit, r, probe) for h, layer, unit, r, _, probe, _ in rows}
-    majority = {h: m for h, _, _, _, _, _, m in rows}
+    majority = {h: m for h, layer, _, _, _, _, m in rows if layer == "lstm0"}
     x = np.arange(len(names))
     for k, layer in enumerate(["lstm0", "lstm1"]):
         ax.bar(x + (k - 0.5) * 0.38, [abs(by[(h, layer)][1]) for h in names], 0.38, label=f"{layer}: best unit |r|")
@@ -177,8 +173,9 @@ def write_markdown(path, cols, rows, n_q, n_chars, a, elapsed, t_inspect) -> Non
         f"held-out loss {ev['heldout_loss']:.3f} nats/char vs unigram entropy {ev['unigram_entropy_train']:.3f}.",
         f"Data: {n_q} generated queries not in the training corpus ({n_chars:,} characters), every character "
         "labelled from sqlglot's parse. r: Pearson correlation of the best unit; probe: held-out accuracy "
-        "(binary) or R^2 (subquery depth) of a linear probe over the layer; majority: the accuracy of always "
-        "answering the majority class (a probe must beat it).",
+        "(binary) or R^2 (subquery depth) of a linear probe over the layer (trained on a seeded sample of "
+        f"{a.probe_rows:,} characters, tested on up to as many held-out ones); majority: the test split's "
+        "majority-class rate (a probe must beat it).",
         "",
         "| " + " | ".join(cols) + " |",
         "|" + "---|" * len(cols),
@@ -188,7 +185,7 @@ def write_markdown(path, cols, rows, n_q, n_chars, a, elapsed, t_inspect) -> Non
         "|---|---|---|",
         "| units of a char-level SQL autocompletion model track grammar rules | reported: units whose "
         "behaviour matches hypotheses generated from the SQL grammar (one per rule), found with one "
-        f"declarative query | {len(strong)} of {len(best)} rules have a unit with |r| > 0.5: "
+        f"declarative query | {len(strong)} of {len(best)} rules have a unit with \\|r\\| > 0.5: "
         + ", ".join(f"{h} ({best[h][0]} u{best[h][1]}, {best[h][2]:+.2f})" for h in strong[:6]) + " |",
         "| which layer | not given in the sources we have | the best unit is in lstm1 for "
         f"{len(deeper)} of {len(best)} rules |",

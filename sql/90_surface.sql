@@ -19,6 +19,10 @@
 -- max_error: progressive scan in the seeded record order of `seed`, stopping once every score's
 -- batch-means confidence half-width is at most max_error (corr, pointbiserial); the records used
 -- and the bound reached are in the queries table.
+-- Several models in one query: inspect takes one model; a LATERAL join calls it once per row, e.g.
+--   SELECT s.* FROM (SELECT name FROM models WHERE name LIKE 'charlstm_%') AS m,
+--                   LATERAL inspect(m.name, ['lstm1'], ['in_string'], 'code') AS s
+-- (each model's scores get their own query_id; compare_scores(model_a, model_b) then diffs two).
 CREATE OR REPLACE TEMP MACRO inspect(model, layers, hypotheses, dataset, measures := ['corr'],
                                      max_records := NULL, batch_size := 16,
                                      keep_activations := false, params := '{}',

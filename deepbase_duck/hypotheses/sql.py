@@ -35,6 +35,9 @@ from __future__ import annotations
 
 import bisect
 import functools
+import hashlib
+import importlib.metadata
+import pathlib
 
 import numpy as np
 
@@ -241,8 +244,24 @@ SQL_HYPOTHESES = [
     ("sql_number", _number, "a number literal"),
     ("sql_function", _functions, "a function call, name through closing parenthesis"),
 ]
+
+
+def _labeler_version() -> dict:
+    """What the labels depend on besides a function's own source: this module (the span rules)
+    and the sqlglot release (its parse). Stored labels are recomputed when either changes."""
+    try:
+        sqlglot_version = importlib.metadata.version("sqlglot")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - depends on the environment
+        sqlglot_version = None
+    return {"module": hashlib.sha256(pathlib.Path(__file__).read_bytes()).hexdigest()[:12],
+            "sqlglot": sqlglot_version}
+
+
+_VERSION = _labeler_version()
 for _name, _fn, _desc in SQL_HYPOTHESES:
+    _fn.__dbd_params__ = {**_VERSION, "name": _name}
     register(Hypothesis(_name, _fn, "binary", _desc + " (sqlglot parse)"))
+subquery_depth_fn.__dbd_params__ = {**_VERSION, "name": "sql_subquery_depth"}
 register(Hypothesis("sql_subquery_depth", subquery_depth_fn, "continuous",
                     "number of parenthesised subqueries around the character (sqlglot parse)"))
 
