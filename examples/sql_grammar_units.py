@@ -36,7 +36,7 @@ from deepbase_duck.models.sqllstm import config as sqllstm_config
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _text_figures import char_panel, plt, save  # noqa: E402
 
-FIGURE_HYPOTHESES = ["sql_where", "sql_string", "sql_function", "sql_subquery_depth"]
+FIGURE_HYPOTHESES = ["sql_select_list", "sql_from", "sql_column", "sql_string"]
 
 
 def fresh_queries(n: int, seed: int) -> list[str]:
