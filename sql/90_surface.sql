@@ -27,6 +27,10 @@
 -- together: one pass over the records, forward passes fused where torch.vmap can.
 -- engine: 'local' (this process) or 'ray' (the workers of the Ray cluster at ray_address: NULL for
 -- a local Ray, 'auto', 'host:port' or 'ray://host:port'; the model needs a loader spec).
+-- Several models that are not checkpoints of one architecture: a LATERAL join calls inspect once
+-- per row, e.g.
+--   SELECT s.* FROM (SELECT name FROM models WHERE name LIKE 'charlstm_%') AS m,
+--                   LATERAL inspect(m.name, ['lstm1'], ['in_string'], 'code') AS s
 CREATE OR REPLACE TEMP MACRO inspect(model, layers, hypotheses, dataset, measures := ['corr'],
                                      max_records := NULL, batch_size := 16,
                                      keep_activations := false, params := '{}',

@@ -59,3 +59,21 @@ def statement_chunks(text: str, max_chars: int = 2000) -> list[tuple[int, str]]:
 def code_records(split: str = "heldout", max_chars: int = 2000, limit_chars: int | None = None) -> list[dict]:
     """Like ``stdlib_records`` but cut with ``statement_chunks``."""
     return stdlib_records(split, max_chars, limit_chars, chunker=statement_chunks)
+
+
+def sampled_code_records(chars: int, seed: int = 0, split: str = "heldout", max_chars: int = 2000) -> list[dict]:
+    """A seeded random sample of whole ``code_records`` (no record cut), about ``chars`` characters
+    in all: records are drawn in the order of ``random.Random(seed).shuffle`` until the total
+    reaches ``chars``."""
+    import random
+
+    records = code_records(split, max_chars)
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    out, total = [], 0
+    for i in order:
+        if total >= chars:
+            break
+        out.append(records[i])
+        total += len(records[i]["text"])
+    return out

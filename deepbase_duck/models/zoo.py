@@ -17,3 +17,9 @@ def charlstm(checkpoint: str = "final", device: str | None = None) -> CharAdapte
     """The bundled character-level LSTM trained on the Python standard library."""
     module = load_charlstm(checkpoint, device="cpu")
     return CharAdapter(module, encode_chars, CHAR_TOKENIZATION, device=device)
+
+
+def sqllstm(device: str | None = None) -> CharAdapter:
+    """The bundled SQL autocompletion char-LSTM, trained on generated SQL (models/train_sqllstm.py)."""
+    from .sqllstm import load_sqllstm
+    return CharAdapter(load_sqllstm(device="cpu"), encode_chars, CHAR_TOKENIZATION, device=device)

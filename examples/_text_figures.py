@@ -1,0 +1,53 @@
+"""Figure helpers shared by the text studies in examples/ (matplotlib only; not part of the library).
+
+``char_panel`` draws a text with every character's background coloured by a value, the picture
+Karpathy, Johnson & Fei-Fei (2015) used to show what one LSTM cell tracks.
+"""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def char_grid(text: str, values, width: int | None = None):
+    """(characters, values) as row x column arrays of the text's lines (tabs as one column);
+    long lines wrap at ``width``. Cells past a line's end hold '' and NaN."""
+    rows_c, rows_v, row_c, row_v = [], [], [], []
+    for ch, v in zip(text, values):
+        if ch == "\n":
+            rows_c.append(row_c); rows_v.append(row_v); row_c, row_v = [], []
+            continue
+        row_c.append(ch); row_v.append(v)
+        if width and len(row_c) >= width:
+            rows_c.append(row_c); rows_v.append(row_v); row_c, row_v = [], []
+    if row_c:
+        rows_c.append(row_c); rows_v.append(row_v)
+    ncol = max((len(r) for r in rows_c), default=1)
+    chars = np.full((len(rows_c), ncol), "", dtype=object)
+    vals = np.full((len(rows_c), ncol), np.nan)
+    for i, (rc, rv) in enumerate(zip(rows_c, rows_v)):
+        chars[i, :len(rc)] = rc
+        vals[i, :len(rv)] = rv
+    return chars, vals
+
+
+def char_panel(ax, text: str, values, title: str, width: int | None = None, vlim: float | None = None,
+               fontsize: float = 7.0):
+    """Draw ``text`` with each character's cell coloured by ``values`` (blue negative, red positive)."""
+    chars, vals = char_grid(text, values, width)
+    lim = vlim or float(np.nanmax(np.abs(vals))) or 1.0
+    ax.imshow(np.ma.masked_invalid(vals), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto",
+              interpolation="nearest")
+    for (i, j), ch in np.ndenumerate(chars):
+        if ch and not ch.isspace():
+            ax.text(j, i, ch, ha="center", va="center", fontsize=fontsize, family="monospace")
+    ax.set_title(title, fontsize=9, loc="left")
+    ax.set_xticks([]); ax.set_yticks([])
+
+
+def save(fig, path) -> None:
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
