@@ -161,7 +161,7 @@ def model(st, lat, n_blocks, label_scratch_per_symbol):
     print(f"  measured here: dispatch {1e3 * dispatch:.1f} ms/block, driver span join {1e6 * join:.2f} us/wp, "
           f"labels from scratch {1e6 * label_scratch_per_symbol:.1f} us/wp, combine {1e3 * combine_block:.2f} "
           "ms/block (scaled to MiniLM states)")
-    print(f"  T(W) = startup + max(workers: N/(W r_gpu) + blocks/W * dispatch, "
+    print("  T(W) = startup + max(workers: N/(W r_gpu) + blocks/W * dispatch, "
           "driver: N * join + blocks * combine)   [labels cached; + N * scratch once if not]")
     print(f"  {'W':>5} {'workers s':>10} {'driver s':>9} {'total s':>8} {'+labels s':>10}  bound by")
     print(f"  {'1 CPU':>5} {N / r_cpu:10.0f} {'':>9} {N / r_cpu:8.0f}")

@@ -4,9 +4,10 @@ workers' PYTHONPATH)."""
 from conftest import planted_adapter
 
 
-def planted(device=None):
-    """The planted-unit model of conftest.py (deterministic weights: seeded)."""
-    return planted_adapter()
+def planted(device=None, **kw):
+    """The planted-unit model of conftest.py (deterministic weights: seeded); ``kw`` as
+    PlantedModel's (nan_on_tilde=True: NaN activations on '~')."""
+    return planted_adapter(**kw)
 
 
 def slow_planted(delay: float = 0.2):

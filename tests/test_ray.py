@@ -283,6 +283,18 @@ def test_weights_that_changed_fail_the_checksum(db, tmp_path):
         dbd.inspect(db, "from_file2", ["planted"], ["digit"], "snippets", engine="ray", reuse=False)
 
 
+def test_a_failing_forward_pass_on_a_worker_fails_the_query_and_writes_no_scores(db):
+    from deepbase_duck.errors import ActivationError
+    dbd.register_model(db, "nan_planted", "ray_models:planted", {"nan_on_tilde": True})
+    dbd.add_dataset(db, "tilde", TEXTS[:6] + ["x = ~5\n"] + TEXTS[:6], replace=True)
+    before = db.execute("SELECT count(*) FROM queries").fetchall()[0][0], db.execute(
+        "SELECT count(*) FROM scores").fetchall()[0][0]
+    with pytest.raises(ActivationError, match="NaN or infinite activations on record 6 of dataset 'tilde'"):
+        dbd.inspect(db, "nan_planted", ["planted"], ["digit"], "tilde", batch_size=2, engine="ray")
+    assert (db.execute("SELECT count(*) FROM queries").fetchall()[0][0],
+            db.execute("SELECT count(*) FROM scores").fetchall()[0][0]) == before
+
+
 def test_live_model_is_refused_on_ray(db):
     dbd.register_model(db, "live", planted_adapter())
     with pytest.raises(DeepBaseError, match="model 'live' was registered from a live Python object.*loader spec"):

@@ -252,7 +252,8 @@ class RayEngine:
             raise DeepBaseError(f"num_workers must be >= 1, got {num_workers}")
         self.address, self.num_workers, self.num_gpus, self.num_cpus = address, num_workers, num_gpus, num_cpus
         self.block_batches, self.inflight, self.runtime_env = int(block_batches), int(inflight), runtime_env
-        self.connect_timeout, self.startup_timeout, self.max_redispatch = connect_timeout, startup_timeout, max_redispatch
+        self.connect_timeout, self.startup_timeout = connect_timeout, startup_timeout
+        self.max_redispatch = max_redispatch
         self.keep_workers = bool(keep_workers)
         self.stats: dict = {}
 
