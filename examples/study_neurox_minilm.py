@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -46,8 +47,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the sentence sample (default 0)")
     p.add_argument("--layers", default=",".join(ALL_LAYERS),
                    help="comma-separated module paths (default: embeddings and encoder.layer.0-5)")
-    p.add_argument("--out", default="examples/out/neurox_minilm", help="output folder")
+    p.add_argument("--out", default="examples/results/neurox_minilm", help="output folder")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--l1", type=float, default=0.0,
+                   help="L1 penalty of the probes (default 0: L2 only; NeuroX uses elastic net, e.g. 1e-3)")
     p.add_argument("--no-baseline", action="store_true", help="skip the untrained copy")
     return p.parse_args(argv)
 
@@ -63,12 +66,16 @@ def run(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     db = out / "study.duckdb"
-    for f in (db, Path(str(db) + ".wal")):
+    for f in (db, Path(str(db) + ".wal")):          # a fresh store on every run
         f.unlink(missing_ok=True)
+    shutil.rmtree(str(db) + ".acts", ignore_errors=True)
     con = dbd.connect(str(db))
     layers = [x.strip() for x in args.layers.split(",") if x.strip()]
     topk = sorted({max(1, round(f * WIDTH)) for f in TOPK_FRACTIONS})
-    params = json.dumps({"probe": {"topk": topk, "min_per_class": 0}})
+    probe = {"topk": topk, "min_per_class": 0}
+    if args.l1:
+        probe["l1"] = args.l1
+    params = json.dumps({"probe": probe})
 
     # 1. the store: model, data, labels -- all through SQL
     con.sql("SELECT register_model('minilm', 'deepbase_duck.models.zoo:minilm')").fetchall()
@@ -130,7 +137,7 @@ def run(args) -> dict:
     n_symbols = con.sql("SELECT n_symbols FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0]
     con.close()
     seconds = time.time() - t0
-    info = {"sentences": args.sentences, "split": args.split, "seed": args.seed, "layers": layers, "topk": topk,
+    info = {"l1": args.l1, "sentences": args.sentences, "split": args.split, "seed": args.seed, "layers": layers, "topk": topk,
             "symbols": int(n_symbols), "seconds": seconds, "setup_seconds": t_setup, "query_seconds": t_query}
     write_figure(out / "neurox_minilm.png", rows, topk)
     write_markdown(out / "neurox_minilm.md", rows, tag_rows, best, info)
