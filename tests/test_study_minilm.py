@@ -191,6 +191,7 @@ def test_probe_accuracy_matches_sklearn_on_stored_activations(minilm):
     m = LogisticRegression(C=1.0 / ((~te).sum() * 1e-3), max_iter=5000).fit(sc.transform(X[~te]), y[~te])
     sk_acc = m.score(sc.transform(X[te]), y[te])
     assert probe["n"] == te.sum()
+    print(f"engine probe {probe['score']:.4f} vs sklearn {sk_acc:.4f} on {te.sum()} test word pieces")
     assert abs(probe["score"] - sk_acc) <= 0.02, (probe["score"], sk_acc)
     majority = np.bincount(y[te]).max() / te.sum()
     assert probe["score"] > majority + 0.3
