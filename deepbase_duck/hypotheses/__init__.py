@@ -7,5 +7,6 @@ labels in the DuckDB store, once per dataset, for every model to reuse.
 from .core import Hypothesis, hypothesis, registry, get_hypothesis, register
 from . import library  # noqa: F401  (registers the built-ins)
 from . import sql  # noqa: F401  (registers the SQL grammar hypotheses; sqlglot is needed only to run them)
+from . import spacy_pos  # noqa: F401  (registers upos, ptb_tag; spaCy loads on first use)
 
 __all__ = ["Hypothesis", "hypothesis", "registry", "get_hypothesis", "register"]

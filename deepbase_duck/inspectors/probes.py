@@ -57,6 +57,9 @@ and p-value NULL). Extra columns: metric, macro_f1, majority, n_train, n_test.
 ``probe_weight`` rows (one per unit): NeuroX-style weight mass -- for each class, |w| of each
 unit normalised over the units; the unit's score is its mass averaged over the classes (a ridge
 head has one "class"), so the scores sum to 1; ``rank`` 1 is the heaviest unit.
+``probe_class_weight`` rows (one per unit and class of a categorical head with 3+ classes,
+hypothesis ``'<name>=<class>'``): the unit's weight mass for that class alone, ranked within the
+class (NeuroX's top neurons per tag); control heads get none.
 ``probe_topk`` rows (unit NULL, column ``k``): the held-out score of the group's probes re-trained
 (same penalties, warm-started from the full probe restricted to the units, so k = width
 reproduces it) on each hypothesis' top-k units; the re-fit multiplies only the union of the
@@ -863,6 +866,21 @@ class ProbeState(InspectorState):
             for u in range(self.width):
                 row(u, h["name"], "probe_weight", float(gv[u]), r["n_train"], ntr=r["n_train"],
                     nte=r["n_test"], rank=int(rank[u]), metric=r["metric"])
+        for h, r, (per_class, _) in zip(m["heads"], m["results"], m["masses"]):
+            # per-class rankings of a multi-class head (NeuroX's top neurons per tag), as
+            # 'probe_class_weight' rows named '<hyp>=<class>'; control heads are left out
+            if h.get("type") != "softmax" or h["kind"] != "categorical" or h["name"] in self.control_of \
+                    or per_class.shape[1] < 3:
+                continue
+            cats = self.hypotheses[h["col"]]["categories"]
+            pc = per_class.cpu().numpy()
+            for c, code in enumerate(h["classes"].cpu().tolist()):
+                order = np.argsort(-pc[:, c], kind="stable")
+                rank = np.empty(self.width, dtype=np.int64)
+                rank[order] = np.arange(1, self.width + 1)
+                for u in range(self.width):
+                    row(u, f"{h['name']}={cats[code]}", "probe_class_weight", float(pc[u, c]), r["n_train"],
+                        ntr=r["n_train"], nte=r["n_test"], rank=int(rank[u]), metric=r["metric"])
         for k, res in m["topk"].items():
             for h, r in zip(m["heads"], res):
                 score_row(h, r, "probe_topk", k)

@@ -129,6 +129,12 @@ def register_udfs(session: Session) -> None:
         recs = stdlib_records(split or "heldout", max_chars=max_chars or 2000, limit_chars=limit_chars)
         return sub.add_dataset(name, recs, f"Python standard library, {split or 'heldout'} split")
 
+    def do_add_ptb(sub, name, split, n, seed):
+        from ..corpora.ptb import ptb_records
+        recs = ptb_records(split or "test", n, seed or 0)
+        return sub.add_dataset(name, recs, f"Penn Treebank (Mikolov LM text), {split or 'test'} split, "
+                                           f"{len(recs)} sentences, seed {seed or 0}")
+
     specs = [
         ("dbd_inspect", do_inspect, ["VARCHAR", "VARCHAR[]", "VARCHAR[]", "VARCHAR", "VARCHAR[]", "BIGINT",
                                      "BIGINT", "BOOLEAN", "VARCHAR", "BOOLEAN", "BOOLEAN", "BIGINT", "DOUBLE",
@@ -140,6 +146,7 @@ def register_udfs(session: Session) -> None:
         ("dbd_hypotheses", do_hypotheses, ["INTEGER"], HYP_STRUCT),
         ("dbd_last_error", do_last_error, ["INTEGER"], "VARCHAR"),
         ("dbd_add_stdlib_dataset", do_add_stdlib, ["VARCHAR", "VARCHAR", "BIGINT", "BIGINT"], "BIGINT"),
+        ("dbd_add_ptb_dataset", do_add_ptb, ["VARCHAR", "VARCHAR", "BIGINT", "BIGINT"], "BIGINT"),
     ]
     for name, fn, params, ret in specs:
         con.create_function(name, _fixed_arity(_udf(session, fn), len(params)), params, ret, type="arrow",

