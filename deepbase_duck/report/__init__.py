@@ -1,0 +1,1 @@
+"""Reports on inspection results (vision: top-activating images of a unit)."""
