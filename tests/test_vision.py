@@ -270,6 +270,11 @@ def test_mobilenet_dissection_on_scenes_and_photos(con, mobilenet, tmp_path):
     assert load_image(con.sql("SELECT text FROM records WHERE dataset='photos' LIMIT 1").fetchall()[0][0]).ndim == 3
     t = dbd.inspect(con, "mobilenet_v2", ["features.2"], ["colour:red", "colour:blue"], "photos", measures=["iou"])
     assert t.num_rows == 24 * 2
+    # a unit's dissection is read per dataset: the later photos query does not relabel the scenes unit
+    from deepbase_duck.report.vision import unit_dissection
+    assert unit_dissection(con, "mobilenet_v2", layer, unit, "scenes")["concept"] == colour_best[1]
+    if layer == "features.2":
+        assert unit_dissection(con, "mobilenet_v2", layer, unit, "photos")["concept"] in ("colour:red", "colour:blue")
 
 
 def _layer_output(adapter, layer, texts):
@@ -277,3 +282,22 @@ def _layer_output(adapter, layer, texts):
     with Retain(adapter.module, [layer]) as ret:
         adapter.forward(adapter.encode(texts))
         return ret[layer]
+
+
+def test_network_dissection_example_runs_tiny(mobilenet, tmp_path, capsys):
+    """The example script end to end on a tiny sample: tables printed, figure and markdown written."""
+    pytest.importorskip("matplotlib")
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "examples" / "network_dissection.py"
+    spec = importlib.util.spec_from_file_location("network_dissection_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "nd"
+    assert mod.main(["--scenes", "6", "--grid", "8", "--layers", "features.3,features.6", "--quick",
+                     "--no-baseline", "--top", "1", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Detector units per layer" in text and "features.6" in text
+    assert (out / "network_dissection.png").stat().st_size > 1000
+    md = (out / "network_dissection.md").read_text()
+    assert "| features.3 | 24 |" in md and "Bau et al. 2017" in md

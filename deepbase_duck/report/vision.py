@@ -10,7 +10,7 @@ every unit of a layer come from one forward pass over the dataset, kept for the 
 ranking many units of one layer costs one pass. The PNG shows each image as the model saw it,
 with the unit's activation map (bilinearly upsampled to the image) as a heat overlay and, where a
 threshold is known, the cells above it outlined: by default the threshold of the unit's latest
-``iou`` score in the ``scores`` table (Network Dissection's top-quantile threshold), whose best
+``iou`` score over the same dataset in the ``scores`` table (Network Dissection's top-quantile threshold), whose best
 concept and IoU also title the figure. Needs matplotlib (``pip install -e '.[examples]'``).
 """
 from __future__ import annotations
@@ -99,14 +99,16 @@ def top_images(con, model: str, layer: str, unit: int, dataset: str, k: int = 8,
     return [{"record_id": int(ids[i]), "max_activation": float(col[i]), "text": texts[int(ids[i])]} for i in order]
 
 
-def unit_dissection(con, model: str, layer: str, unit: int) -> dict | None:
-    """The unit's latest Network Dissection result in ``scores``: best concept, IoU, threshold."""
+def unit_dissection(con, model: str, layer: str, unit: int, dataset: str | None = None) -> dict | None:
+    """The unit's latest Network Dissection result in ``scores`` (over ``dataset``, when given):
+    best concept, IoU, threshold."""
     row = store.q_one(con, """
-        SELECT hypothesis, score, detail FROM scores
-        WHERE model = ? AND layer = ? AND unit = ? AND measure = 'iou'
-          AND query_id = (SELECT max(query_id) FROM scores WHERE model = ? AND layer = ? AND unit = ?
-                          AND measure = 'iou')
-        ORDER BY score DESC NULLS LAST LIMIT 1""", [model, layer, int(unit), model, layer, int(unit)])
+        WITH mine AS (
+            SELECT s.hypothesis, s.score, s.detail, s.query_id FROM scores s JOIN queries q USING (query_id)
+            WHERE s.model = ? AND s.layer = ? AND s.unit = ? AND s.measure = 'iou'
+              AND (CAST(? AS VARCHAR) IS NULL OR q.dataset = ?))
+        SELECT hypothesis, score, detail FROM mine WHERE query_id = (SELECT max(query_id) FROM mine)
+        ORDER BY score DESC NULLS LAST LIMIT 1""", [model, layer, int(unit), dataset, dataset])
     if row is None:
         return None
     detail = json.loads(row[2]) if row[2] else {}
@@ -129,7 +131,7 @@ def top_images_png(con, model: str, layer: str, unit: int, dataset: str, path: s
     session = session_of(con)
     adapter = _image_adapter(session, model)
     top = top_images(con, model, layer, unit, dataset, k, record_ids, batch_size)
-    found = unit_dissection(con, model, layer, unit)
+    found = unit_dissection(con, model, layer, unit, dataset)
     if threshold is None and found is not None:
         threshold = found["threshold"]
     ids = [t["record_id"] for t in top]
