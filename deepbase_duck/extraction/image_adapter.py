@@ -11,7 +11,9 @@ maps to the mask resolution), so every record has G * G symbols common to all la
 ``pos`` i is cell (i // G, i % G), with the span [i, i + 1) over the positions that grid
 hypotheses label (``deepbase_duck.hypotheses.grid``), and ``symbol_activations`` returns a
 (G * G, C) matrix per record. A layer whose output has no spatial map (pooled features, logits)
-is refused with an error naming it. The tokenisation names the grid and the preprocessing
+is refused with an error naming it. One difference from Bau et al.'s code: they take a unit's
+top-quantile threshold over its feature-map values before upsampling; the ``iou`` measure takes it
+over the grid values (after resampling), where every cell counts once. The tokenisation names the grid and the preprocessing
 (``image-grid<G>:...``), so symbols, stored activations and the grid check of ``inspect`` all
 follow it.
 """

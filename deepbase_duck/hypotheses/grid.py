@@ -149,6 +149,11 @@ def _concept_cells(text: str, grid: int, coverage: float) -> dict:
 
 
 def _concept_fn(text, concept, grid, coverage):
+    from ..corpora.scenes import is_scene
+    if not is_scene(text) and not concept.startswith("colour:"):
+        from ..corpora.images import describe
+        raise HypothesisError(f"concept {concept!r} is not annotated on {describe(text)!r}; "
+                              "photos carry colour concepts only")
     cells = _concept_cells(text, grid, coverage)
     if concept not in cells:
         from ..corpora.images import describe
