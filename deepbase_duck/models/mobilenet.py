@@ -108,9 +108,12 @@ def weights_path() -> str:
     return str(path)
 
 
-def load_mobilenet_v2(pretrained: bool = True) -> MobileNetV2:
-    """MobileNetV2 in eval mode, with the ImageNet weights when ``pretrained`` (strict load)."""
-    model = MobileNetV2()
+def load_mobilenet_v2(pretrained: bool = True, seed: int = 0) -> MobileNetV2:
+    """MobileNetV2 in eval mode, with the ImageNet weights when ``pretrained`` (strict load),
+    otherwise PyTorch's default initialisation seeded by ``seed`` (the same weights every time)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MobileNetV2()
     if pretrained:
         state = torch.load(weights_path(), map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)
