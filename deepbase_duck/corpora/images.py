@@ -1,0 +1,185 @@
+"""Image records: what a record's text says, how to get its pixels, and its concept masks.
+
+An image record's text is a stable descriptor, never the pixels (records stay small, and the
+same text always means the same image):
+
+* a generated scene: the JSON spec of :mod:`deepbase_duck.corpora.scenes` (``{"scene": ...}``);
+* a bundled photo: ``{"photo": "skimage:chelsea"}`` (any function of ``skimage.data`` that
+  returns an image, or ``sklearn:china.jpg`` / ``sklearn:flower.jpg``), optionally cropped with
+  ``"crop": [top, left, height, width]`` in pixels of the original;
+* a file: ``{"path": "/some/image.png"}``, or the bare path (read with Pillow).
+
+``load_image(text)`` returns (H, W, 3) uint8 RGB (grey images are repeated over the channels,
+an alpha channel is dropped). ``photo_records`` makes a dataset of scikit-image's bundled photos
+and seeded crops of them. ``concept_masks(text)`` gives a record's concept masks at its own
+resolution: every concept of a scene (exact, from the generator), and for photos the colour
+concepts from a per-pixel colour-naming rule (``colour_names``: the nearest of Broden's 11
+colour prototypes in CIELab), since photos carry no shape or texture annotation.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import numpy as np
+
+from ..errors import DeepBaseError, HypothesisError
+from . import scenes
+
+# scikit-image's bundled photographs (loaded offline); grey ones are repeated over RGB
+SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "hubble_deep_field",
+                  "immunohistochemistry", "retina", "brick", "camera", "clock", "coins", "grass", "gravel",
+                  "moon")
+
+
+def _parse(text: str):
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DeepBaseError(f"image record {text[:60]!r} is not valid JSON: {exc}") from None
+    return {"path": text}
+
+
+def describe(text: str) -> str:
+    """A short human name of an image record ('scene 12', 'skimage:chelsea [crop]', a file name)."""
+    d = _parse(text)
+    if "scene" in d:
+        return f"scene {d['scene']}"
+    if "photo" in d:
+        return d["photo"] + (" (crop)" if d.get("crop") else "")
+    return os.path.basename(str(d.get("path", text)))
+
+
+def _rgb(img: np.ndarray) -> np.ndarray:
+    img = np.asarray(img)
+    if img.dtype == bool:
+        img = img.astype(np.uint8) * 255
+    elif img.dtype != np.uint8:
+        lo, hi = float(np.min(img)), float(np.max(img))
+        img = ((img - lo) / (hi - lo if hi > lo else 1.0) * 255).round().astype(np.uint8)
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    if img.ndim != 3 or img.shape[2] < 3:
+        raise DeepBaseError(f"an image of shape {img.shape} is not RGB or grey")
+    return np.ascontiguousarray(img[:, :, :3])
+
+
+@functools.lru_cache(maxsize=32)
+def _photo(source: str) -> np.ndarray:
+    lib, _, name = source.partition(":")
+    if lib == "skimage":
+        try:
+            import skimage.data as data
+        except ImportError:
+            raise DeepBaseError("photo records need scikit-image: pip install scikit-image pillow") from None
+        fn = getattr(data, name, None)
+        if fn is None or name.startswith("_"):
+            raise DeepBaseError(f"skimage.data has no image {name!r}")
+        img = fn()
+        if isinstance(img, tuple):            # stereo_motorcycle: (left, right, disparity)
+            img = img[0]
+    elif lib == "sklearn":
+        try:
+            from sklearn.datasets import load_sample_image
+        except ImportError:
+            raise DeepBaseError("sklearn photo records need scikit-learn: pip install scikit-learn pillow") from None
+        img = load_sample_image(name)
+    else:
+        raise DeepBaseError(f"photo source {source!r} is not 'skimage:<name>' or 'sklearn:<file>'")
+    out = _rgb(img)
+    out.setflags(write=False)
+    return out
+
+
+def load_image(text: str) -> np.ndarray:
+    """The (H, W, 3) uint8 RGB pixels of an image record (see the module docstring)."""
+    d = _parse(text)
+    if "scene" in d:
+        return scenes.render_cached(text).image
+    if "photo" in d:
+        img = _photo(d["photo"])
+        if d.get("crop"):
+            t, left, h, w = (int(v) for v in d["crop"])
+            if h <= 0 or w <= 0 or t < 0 or left < 0 or t + h > img.shape[0] or left + w > img.shape[1]:
+                raise DeepBaseError(f"crop {d['crop']} is outside {d['photo']} of shape {img.shape[:2]}")
+            img = img[t:t + h, left:left + w]
+        return img
+    path = d.get("path")
+    if not path or not os.path.isfile(path):
+        raise DeepBaseError(f"image record {text[:80]!r}: no such image file")
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DeepBaseError("image files need Pillow: pip install pillow") from None
+    with Image.open(path) as im:
+        return _rgb(np.asarray(im.convert("RGB")))
+
+
+def photo_records(crops_per_photo: int = 4, seed: int = 0, names=SKIMAGE_PHOTOS) -> list[dict]:
+    """Records of bundled photos: each whole photo, then ``crops_per_photo`` seeded square crops
+    of it (side 35-80% of its short side)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for name in names:
+        source = name if ":" in name else f"skimage:{name}"
+        out.append({"text": json.dumps({"photo": source}), "source": source})
+        h, w = _photo(source).shape[:2]
+        for _ in range(crops_per_photo):
+            side = int(rng.uniform(0.35, 0.8) * min(h, w))
+            top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+            out.append({"text": json.dumps({"photo": source, "crop": [top, left, side, side]}), "source": source})
+    return out
+
+
+# -- colour naming -----------------------------------------------------------------------------
+def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """CIELab (D65) of uint8 sRGB pixels (..., 3)."""
+    c = np.asarray(rgb, np.float64) / 255.0
+    c = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    m = np.array([[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750],
+                  [0.0193339, 0.1191920, 0.9503041]])
+    xyz = c @ m.T / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+
+
+_PROTO_LAB = rgb_to_lab(np.array([scenes.PALETTE[c] for c in scenes.COLOURS], np.uint8))
+
+
+def colour_names(image: np.ndarray) -> np.ndarray:
+    """Per pixel, the index (in scenes.COLOURS) of the nearest colour prototype in CIELab."""
+    lab = rgb_to_lab(image)
+    d = ((lab[:, :, None, :] - _PROTO_LAB[None, None]) ** 2).sum(-1)
+    return d.argmin(-1).astype(np.int8)
+
+
+NAMING_SIDE = 320
+
+
+def all_concept_masks(text: str) -> dict[str, np.ndarray]:
+    """{concept: (H, W) bool mask} of every concept annotated on the record: every concept of a
+    scene (exact, from the generator); the 11 colours of any other image, by ``colour_names``
+    on the image area-resized so that its long side is at most NAMING_SIDE pixels."""
+    if scenes.is_scene(text):
+        s = scenes.render_cached(text)
+        return {c: s.mask(c) for c in scenes.CONCEPTS}
+    img = load_image(text)
+    h, w = img.shape[:2]
+    if max(h, w) > NAMING_SIDE:
+        from ..hypotheses.grid import area_resize
+        k = NAMING_SIDE / max(h, w)
+        img = np.rint(area_resize(img, max(1, round(h * k)), max(1, round(w * k)))).astype(np.uint8)
+    names = colour_names(img)
+    return {f"colour:{c}": names == i for i, c in enumerate(scenes.COLOURS)}
+
+
+def concept_masks(text: str, concept: str) -> np.ndarray:
+    """The (H, W) bool mask of ``concept`` ('colour:red', 'shape:disc', 'texture:dots') on the
+    record (see ``all_concept_masks``)."""
+    masks = all_concept_masks(text)
+    if concept not in masks:
+        raise HypothesisError(f"concept {concept!r} is not annotated on {describe(text)!r}; annotated there: "
+                              f"{', '.join(masks)} (photos carry colour concepts only)")
+    return masks[concept]

@@ -1,0 +1,99 @@
+"""ImageAdapter: convolutional models over image records, with the cells of a fixed grid as symbols.
+
+Records are image descriptors (``deepbase_duck.corpora.images``: a scene spec, a bundled photo,
+a file); ``encode`` turns them into pixels (``load_image``), resizes each whole image to
+``size`` x ``size`` (bilinear with antialiasing, no crop, so that the grid covers exactly what
+the masks cover) and normalises it.
+
+Spatial units: a layer's output (batch, C, h, w) has its own h x w; every layer is resampled to
+one G x G grid (bilinear, ``align_corners=False``, as Network Dissection upsamples activation
+maps to the mask resolution), so every record has G * G symbols common to all layers: symbol
+``pos`` i is cell (i // G, i % G), with the span [i, i + 1) over the positions that grid
+hypotheses label (``deepbase_duck.hypotheses.grid``), and ``symbol_activations`` returns a
+(G * G, C) matrix per record. A layer whose output has no spatial map (pooled features, logits)
+is refused with an error naming it. One difference from Bau et al.'s code: they take a unit's
+top-quantile threshold over its feature-map values before upsampling; the ``iou`` measure takes it
+over the grid values (after resampling), where every cell counts once. The tokenisation names the grid and the preprocessing
+(``image-grid<G>:...``), so symbols, stored activations and the grid check of ``inspect`` all
+follow it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ActivationError
+from ..hypotheses.grid import DEFAULT_GRID, grid_tokenization
+from .adapters import Encoded, ModelAdapter
+
+
+def _default_loader(text: str) -> np.ndarray:
+    from ..corpora.images import load_image
+    return load_image(text)
+
+
+class ImageAdapter(ModelAdapter):
+    """A torch image model whose layers are read on a ``grid`` x ``grid`` grid of cells."""
+
+    def __init__(self, module: torch.nn.Module, grid: int = DEFAULT_GRID, size: int = 224,
+                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), load_image=None,
+                 name: str = "rgb", device=None):
+        super().__init__(module, device)
+        if int(grid) < 1 or int(size) < 1:
+            raise ValueError(f"grid and size must be positive, got grid={grid}, size={size}")
+        self.grid = int(grid)
+        self.size = int(size)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.load_image = load_image or _default_loader
+        detail = json.dumps({"size": self.size, "mean": list(mean), "std": list(std), "name": name},
+                            sort_keys=True)
+        self.tokenization = grid_tokenization(self.grid, f"{name}-{self.size}-"
+                                              + hashlib.sha256(detail.encode()).hexdigest()[:8])
+        from ..corpora.scenes import scene_records
+        self.example_text = scene_records(1, seed=0)[0]["text"]
+
+    @property
+    def n_cells(self) -> int:
+        return self.grid * self.grid
+
+    def pixels(self, texts: list[str]) -> torch.Tensor:
+        """(batch, 3, size, size) RGB in [0, 1], before normalisation (what the model sees)."""
+        out = torch.empty(len(texts), 3, self.size, self.size)
+        for b, text in enumerate(texts):
+            img = np.asarray(self.load_image(text))
+            if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+                raise ActivationError(f"the image loader returned {img.dtype} {img.shape} for record "
+                                      f"{text[:60]!r}; expected (H, W, 3) uint8")
+            x = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float()[None] / 255.0
+            if x.shape[-2:] != (self.size, self.size):
+                x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                                  antialias=True).clamp_(0, 1)
+            out[b] = x[0]
+        return out
+
+    def encode(self, texts: list[str]) -> Encoded:
+        x = (self.pixels(texts) - self.mean) / self.std
+        cells = np.arange(self.n_cells, dtype=np.int32)
+        return Encoded(inputs=x, starts=[cells] * len(texts), ends=[cells + 1] * len(texts), tokens=None)
+
+    def grid_maps(self, layer: str, output: torch.Tensor) -> torch.Tensor:
+        """(batch, C, G, G): a layer's (batch, C, h, w) output resampled to the grid."""
+        if output is None or output.dim() != 4:
+            shape = None if output is None else tuple(output.shape)
+            raise ActivationError(
+                f"layer {layer!r} produced an output of shape {shape}; an image adapter reads spatial maps "
+                "(batch, channels, height, width): pick a convolutional layer, not a pooled or linear one")
+        out = output.float()
+        if out.shape[-2:] != (self.grid, self.grid):
+            out = F.interpolate(out, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
+        return out
+
+    def symbol_activations(self, layer: str, output: torch.Tensor, encoded: Encoded) -> list[torch.Tensor]:
+        maps = self.grid_maps(layer, output)
+        flat = maps.flatten(2).transpose(1, 2)            # (batch, G*G, C), cells in row-major order
+        return list(flat.unbind(0))

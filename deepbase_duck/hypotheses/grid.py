@@ -1,0 +1,183 @@
+"""Hypotheses over image records: labels of the cells of a G x G grid laid on the image.
+
+How images map onto the engine (text records label characters; image records label cells):
+
+* an image record's text is a stable descriptor (a scene spec, a photo name, a path: see
+  ``deepbase_duck.corpora.images``);
+* its symbols are the G * G cells of a grid over the whole image, in row-major order: cell
+  i = (row i // G, column i % G) is the symbol at ``pos`` i with the span [i, i + 1) (the
+  ``ImageAdapter`` resamples every layer's feature map to G x G, so all layers share them);
+* a ``GridHypothesis`` labels cells the way a text hypothesis labels characters: its labels are
+  spans over cell indices, stored in the same ``labels`` table, and the unchanged alignment
+  (``symbol_labels``) gives every symbol (cell) the label of its own cell.
+
+A GridHypothesis function takes the record's text and returns one of:
+
+* a 2-D array at any resolution (typically a mask at the image's own pixels): it is resampled to
+  G x G by exact area averaging (each cell gets the mean of the pixels it covers, partial pixels
+  weighted by their overlap; ``mask_to_grid``), and a binary hypothesis holds 1 in a cell whose
+  coverage is at least ``coverage`` (default 0.5); continuous values keep the mean;
+* a (G, G) array or a flat (G * G,) array of cell values, taken as they are;
+* spans ``(start, end[, value])`` over cell indices, as for text.
+
+A grid is part of the positions' meaning, so it is part of the hypothesis' version (labels of
+two grids never mix), and ``check_fit`` refuses to score grid hypotheses against a model whose
+tokenisation lays a different grid (or none): tokenisations of image adapters read
+``image-grid<G>:...`` (``grid_tokenization``).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import DeepBaseError, HypothesisError
+from .core import Hypothesis, register
+
+DEFAULT_GRID = 28
+_GRID_TOK = re.compile(r"^image-grid(\d+):")
+
+
+def grid_tokenization(grid: int, detail: str) -> str:
+    """The tokenisation name of an image adapter laying a ``grid`` x ``grid`` grid."""
+    return f"image-grid{int(grid)}:{detail}"
+
+
+def grid_of(tokenization: str | None) -> int | None:
+    """The grid size a tokenisation lays on images, or None for a text tokenisation."""
+    m = _GRID_TOK.match(tokenization or "")
+    return int(m.group(1)) if m else None
+
+
+@functools.lru_cache(maxsize=64)
+def _overlap(n: int, g: int) -> np.ndarray:
+    """(g, n) matrix: length of pixel j inside cell i, cells being [i n/g, (i + 1) n/g)."""
+    edges = np.arange(g + 1) * (n / g)
+    lo = np.maximum(edges[:-1, None], np.arange(n)[None, :])
+    hi = np.minimum(edges[1:, None], np.arange(n)[None, :] + 1)
+    return np.clip(hi - lo, 0, None)
+
+
+def area_resize(a: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resample a 2-D array (or (H, W, C)) to (height, width) by exact area averaging: each
+    output cell is the mean of the input pixels it covers, partial pixels weighted by overlap."""
+    m = np.asarray(a, dtype=np.float64)
+    if m.ndim not in (2, 3) or m.shape[0] == 0 or m.shape[1] == 0:
+        raise HypothesisError(f"a mask must be a non-empty 2-D array, got shape {m.shape}")
+    ry, rx = _overlap(m.shape[0], height), _overlap(m.shape[1], width)
+    area = ry.sum(1)[:, None] * rx.sum(1)[None, :]
+    if m.ndim == 2:
+        return (ry @ m @ rx.T) / area
+    return np.stack([ry @ m[:, :, c] @ rx.T for c in range(m.shape[2])], -1) / area[:, :, None]
+
+
+def mask_to_grid(mask: np.ndarray, grid: int) -> np.ndarray:
+    """(grid, grid) coverage of a 2-D mask (or mean of a 2-D array) over each cell."""
+    return area_resize(mask, grid, grid)
+
+
+@dataclass(eq=False)
+class GridHypothesis(Hypothesis):
+    """A hypothesis labelling the cells of a ``grid`` x ``grid`` grid (see the module docstring)."""
+
+    grid: int = DEFAULT_GRID
+    coverage: float = 0.5
+
+    def __post_init__(self):
+        if int(self.grid) < 1:
+            raise HypothesisError(f"hypothesis {self.name!r}: grid must be positive, got {self.grid}")
+        if not 0 < float(self.coverage) <= 1:
+            raise HypothesisError(f"hypothesis {self.name!r}: coverage must be in (0, 1], got {self.coverage}")
+        self.grid = int(self.grid)
+        explicit = self.version is not None
+        super().__post_init__()
+        if not explicit:
+            self.version = hashlib.sha256(
+                f"{self.version}|grid={self.grid}|coverage={self.coverage}".encode()).hexdigest()[:12]
+
+    def extent(self, text: str) -> int:
+        return self.grid * self.grid
+
+    def normalise(self, out, text: str, record):
+        if isinstance(out, np.ndarray) and out.ndim == 2:
+            g = self.grid
+            if out.shape != (g, g):
+                if self.kind == "categorical":
+                    raise HypothesisError(
+                        f"hypothesis {self.name!r} on record {record}: a categorical map must be ({g}, {g}), "
+                        f"got {out.shape}")
+                cov = mask_to_grid(out, g)
+                out = (cov >= self.coverage).astype(np.float64) if self.kind == "binary" else cov
+            out = np.asarray(out).reshape(-1)
+        return super().normalise(out, text, record)
+
+
+def check_fit(tokenization: str, hypotheses: list[dict], model: str = "?") -> None:
+    """Refuse grid hypotheses on a model of another grid (or a text model), and text
+    hypotheses on an image model. ``hypotheses``: resolved catalog descriptions with 'live'."""
+    g_model = grid_of(tokenization)
+    for h in hypotheses:
+        live = h.get("live")
+        if live is None:
+            continue
+        g_hyp = live.grid if isinstance(live, GridHypothesis) else None
+        if g_hyp == g_model:
+            continue
+        if g_hyp is None:
+            raise DeepBaseError(
+                f"hypothesis {h['name']!r} labels characters of text, but model {model!r} reads images "
+                f"(cells of a {g_model}x{g_model} grid); use a GridHypothesis")
+        if g_model is None:
+            raise DeepBaseError(
+                f"hypothesis {h['name']!r} labels cells of a {g_hyp}x{g_hyp} image grid, but model {model!r} "
+                f"has text symbols (tokenization {tokenization!r})")
+        raise DeepBaseError(
+            f"hypothesis {h['name']!r} labels a {g_hyp}x{g_hyp} grid, model {model!r} lays a "
+            f"{g_model}x{g_model} grid; make the hypothesis with grid={g_model}")
+
+
+# -- concept hypotheses over image records -------------------------------------------------------
+@functools.lru_cache(maxsize=1024)
+def _concept_cells(text: str, grid: int, coverage: float) -> dict:
+    """Packed cell bits of every concept annotated on a record (one render for all concepts)."""
+    from ..corpora.images import all_concept_masks
+    return {c: np.packbits(mask_to_grid(m, grid).reshape(-1) >= coverage)
+            for c, m in all_concept_masks(text).items()}
+
+
+def _concept_fn(text, concept, grid, coverage):
+    from ..corpora.scenes import is_scene
+    if not is_scene(text) and not concept.startswith("colour:"):
+        from ..corpora.images import describe
+        raise HypothesisError(f"concept {concept!r} is not annotated on {describe(text)!r}; "
+                              "photos carry colour concepts only")
+    cells = _concept_cells(text, grid, coverage)
+    if concept not in cells:
+        from ..corpora.images import describe
+        raise HypothesisError(f"concept {concept!r} is not annotated on {describe(text)!r} (annotated there: "
+                              f"{', '.join(cells)}); photos carry colour concepts only")
+    return np.unpackbits(cells[concept])[:grid * grid].astype(np.float64)
+
+
+def concept_hypothesis(concept: str, grid: int = DEFAULT_GRID, coverage: float = 0.5,
+                       name: str | None = None, do_register: bool = True) -> GridHypothesis:
+    """Binary GridHypothesis of a concept of ``deepbase_duck.corpora.images.concept_masks``
+    ('colour:red', 'shape:disc', 'texture:dots'; exact on scenes, colour naming on photos),
+    named after the concept and registered unless ``do_register`` is False."""
+    from ..corpora.scenes import CONCEPTS
+    if concept not in CONCEPTS:
+        raise HypothesisError(f"unknown concept {concept!r}; concepts: {', '.join(CONCEPTS)}")
+    fn = functools.partial(_concept_fn, concept=concept, grid=int(grid), coverage=float(coverage))
+    h = GridHypothesis(name or concept, fn, "binary",
+                       f"cells at least {coverage:.0%} covered by concept {concept} ({grid}x{grid} grid)",
+                       grid=grid, coverage=coverage)
+    return register(h) if do_register else h
+
+
+def concept_hypotheses(concepts=None, grid: int = DEFAULT_GRID, coverage: float = 0.5) -> list[GridHypothesis]:
+    """Register (and return) a concept hypothesis for each concept (default: every scene concept)."""
+    from ..corpora.scenes import CONCEPTS
+    return [concept_hypothesis(c, grid, coverage) for c in (concepts or CONCEPTS)]

@@ -1,0 +1,166 @@
+"""Top-activating images of a unit of an image model, as numbers and as a PNG grid.
+
+    from deepbase_duck.reports.images import top_images, top_images_png
+    top_images(con, "mobilenet_v2", "features.6", 17, "scenes", k=8)
+    top_images_png(con, "mobilenet_v2", "features.6", 17, "scenes", "unit17.png", k=8)
+
+Images are ranked by the unit's largest activation over the image's grid cells (the maximum
+of its map resampled to the adapter's grid), as Network Dissection ranks them. The maxima of
+every unit of a layer come from one forward pass over the dataset, kept for the session, so
+ranking many units of one layer costs one pass. The PNG shows each image as the model saw it,
+with the unit's activation map (bilinearly upsampled to the image) as a heat overlay and, where a
+threshold is known, the cells above it outlined: by default the threshold of the unit's latest
+``iou`` score over the same dataset in the ``scores`` table (Network Dissection's top-quantile threshold), whose best
+concept and IoU also title the figure. Needs matplotlib (``pip install -e '.[examples]'``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import torch
+
+from .. import store
+from ..catalog import session_of
+from ..errors import DeepBaseError, EmptyDatasetError
+from ..extraction.hooks import Retain
+from ..extraction.image_adapter import ImageAdapter
+from ..progress import progress_bar
+
+
+def _image_adapter(session, model: str) -> ImageAdapter:
+    adapter = session.adapter(model)
+    if not isinstance(adapter, ImageAdapter):
+        raise DeepBaseError(f"model {model!r} is not an image model (its adapter is {type(adapter).__name__}, "
+                            "not an ImageAdapter)")
+    return adapter
+
+
+def _selected_ids(session, dataset, record_ids) -> np.ndarray:
+    session.check_dataset(dataset)
+    ids = session.record_ids(dataset) if record_ids is None else np.asarray(record_ids, np.int64)
+    if len(ids) == 0:
+        raise EmptyDatasetError(f"no records selected from dataset {dataset!r}")
+    return np.sort(ids)
+
+
+def grid_maps(con, model: str, layer: str, dataset: str, record_ids) -> np.ndarray:
+    """(n, C, G, G) float32 maps of ``layer`` on the grid, for ``record_ids`` in the given order."""
+    session = session_of(con)
+    adapter = _image_adapter(session, model)
+    session.check_layers(model, [layer])
+    ids = [int(r) for r in record_ids]
+    texts = session.texts(dataset, ids)
+    with Retain(adapter.module, [layer]) as ret:
+        enc = adapter.encode([texts[r] for r in ids])
+        adapter.forward(enc)
+        return adapter.grid_maps(layer, ret[layer]).cpu().numpy()
+
+
+def unit_maxima(con, model: str, layer: str, dataset: str, record_ids=None, batch_size: int = 16):
+    """(record ids, (n, C) maxima): each unit's largest grid activation on each image. One
+    forward pass over the records, remembered by the session (keyed by the model's checksum)."""
+    session = session_of(con)
+    adapter = _image_adapter(session, model)
+    session.check_layers(model, [layer])
+    ids = _selected_ids(session, dataset, record_ids)
+    key = (adapter.checksum, adapter.tokenization, layer, dataset, hashlib.sha256(ids.tobytes()).hexdigest())
+    cache = session.__dict__.setdefault("_unit_maxima", {})
+    if key in cache:
+        return ids, cache[key]
+    out = []
+    bar = progress_bar(len(ids), f"rank images {layer}", "img", session.progress)
+    with Retain(adapter.module, [layer]) as ret:
+        for lo in range(0, len(ids), batch_size):
+            chunk = [int(r) for r in ids[lo:lo + batch_size]]
+            texts = session.texts(dataset, chunk)
+            enc = adapter.encode([texts[r] for r in chunk])
+            adapter.forward(enc)
+            maps = adapter.grid_maps(layer, ret[layer])
+            out.append(maps.amax(dim=(2, 3)).cpu().numpy())
+            bar.update(len(chunk))
+    bar.close()
+    cache[key] = np.concatenate(out, 0)
+    return ids, cache[key]
+
+
+def top_images(con, model: str, layer: str, unit: int, dataset: str, k: int = 8, record_ids=None,
+               batch_size: int = 16) -> list[dict]:
+    """The ``k`` records on which ``unit`` reaches its largest activations: dicts with
+    record_id, max_activation and the record's text, best first (ties: smaller record id)."""
+    ids, maxima = unit_maxima(con, model, layer, dataset, record_ids, batch_size)
+    if not 0 <= int(unit) < maxima.shape[1]:
+        raise DeepBaseError(f"unit {unit} is outside layer {layer!r} of model {model!r} "
+                            f"(units 0..{maxima.shape[1] - 1})")
+    col = maxima[:, int(unit)]
+    order = np.lexsort((ids, -col))[: int(k)]
+    texts = session_of(con).texts(dataset, ids[order])
+    return [{"record_id": int(ids[i]), "max_activation": float(col[i]), "text": texts[int(ids[i])]} for i in order]
+
+
+def unit_dissection(con, model: str, layer: str, unit: int, dataset: str | None = None) -> dict | None:
+    """The unit's latest Network Dissection result in ``scores`` (over ``dataset``, when given):
+    best concept, IoU, threshold."""
+    row = store.q_one(con, """
+        WITH mine AS (
+            SELECT s.hypothesis, s.score, s.detail, s.query_id FROM scores s JOIN queries q USING (query_id)
+            WHERE s.model = ? AND s.layer = ? AND s.unit = ? AND s.measure = 'iou'
+              AND (CAST(? AS VARCHAR) IS NULL OR q.dataset = ?))
+        SELECT hypothesis, score, detail FROM mine WHERE query_id = (SELECT max(query_id) FROM mine)
+        ORDER BY score DESC NULLS LAST LIMIT 1""", [model, layer, int(unit), dataset, dataset])
+    if row is None:
+        return None
+    detail = json.loads(row[2]) if row[2] else {}
+    return {"concept": row[0], "iou": row[1], "threshold": detail.get("threshold")}
+
+
+def top_images_png(con, model: str, layer: str, unit: int, dataset: str, path: str, k: int = 8,
+                   record_ids=None, threshold: float | None = None, columns: int | None = None,
+                   batch_size: int = 16) -> dict:
+    """Write a PNG grid of the ``k`` top-activating images of ``unit`` (see the module
+    docstring) to ``path``; returns {'path', 'images': top_images(...), 'threshold', 'concept',
+    'iou'}."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise DeepBaseError("top_images_png needs matplotlib: pip install -e '.[examples]' "
+                            "(or pip install matplotlib)") from None
+    session = session_of(con)
+    adapter = _image_adapter(session, model)
+    top = top_images(con, model, layer, unit, dataset, k, record_ids, batch_size)
+    found = unit_dissection(con, model, layer, unit, dataset)
+    if threshold is None and found is not None:
+        threshold = found["threshold"]
+    ids = [t["record_id"] for t in top]
+    maps = grid_maps(con, model, layer, dataset, ids)[:, int(unit)]           # (k, G, G)
+    texts = session.texts(dataset, ids)
+    pixels = adapter.pixels([texts[r] for r in ids]).permute(0, 2, 3, 1).numpy()
+    size = adapter.size
+    heat = torch.nn.functional.interpolate(torch.from_numpy(maps)[:, None], size=(size, size), mode="bilinear",
+                                           align_corners=False)[:, 0].numpy()
+    lo, hi = float(maps.min()), float(maps.max())
+    cols = columns or min(len(top), 4)
+    rows = int(np.ceil(len(top) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows + 0.5), squeeze=False)
+    from ..corpora.images import describe
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i, t in enumerate(top):
+        ax = axes.ravel()[i]
+        ax.imshow(pixels[i])
+        ax.imshow(heat[i], cmap="inferno", alpha=0.45, vmin=lo, vmax=hi if hi > lo else lo + 1)
+        if threshold is not None and np.isfinite(threshold) and (heat[i] > threshold).any():
+            ax.contour(heat[i] > threshold, levels=[0.5], colors="cyan", linewidths=1.2)
+        ax.set_title(f"{describe(t['text'])}\nmax {t['max_activation']:.2f}", fontsize=8)
+    head = f"{model} {layer} unit {unit}"
+    if found is not None and found["iou"] is not None:
+        head += f": {found['concept']} (IoU {found['iou']:.3f})"
+    fig.suptitle(head, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return {"path": str(path), "images": top, "threshold": threshold,
+            "concept": None if found is None else found["concept"], "iou": None if found is None else found["iou"]}
