@@ -90,3 +90,12 @@ def test_readme_report_session_runs(tmp_path, monkeypatch):
         assert f'<section id="{sid}">' in doc
     assert "query 2" in doc and '<pre class="acts">' in doc and "are not stored" not in doc
     dbd.close(con)
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run runs exactly README's test command (pip's -q aside), so CI checks what users run."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    setup = [b.strip() for b in blocks if "pytest" in b]
+    assert len(setup) == 1, setup
+    ci = (ROOT / ".ci" / "run").read_text().replace(" -q -e", " -e").replace("install -q ", "install ")
+    assert setup[0] in ci
