@@ -51,3 +51,12 @@ def char_panel(ax, text: str, values, title: str, width: int | None = None, vlim
 def save(fig, path) -> None:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+def print_table(cols, rows) -> None:
+    """Print rows as an aligned text table under its column names."""
+    widths = [max(len(str(c)), *(len(str(r[i])) for r in rows)) for i, c in enumerate(cols)]
+    print("  ".join(str(c).ljust(w) for c, w in zip(cols, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))

@@ -31,7 +31,7 @@ from deepbase_duck.models.charlstm import CHECKPOINTS
 from deepbase_duck.models.charlstm import config as charlstm_config
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _text_figures import plt, save  # noqa: E402
+from _text_figures import plt, print_table, save  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -118,13 +118,6 @@ def main(argv=None) -> int:
     dbd.close(con)
     return 0
 
-
-def print_table(cols, rows) -> None:
-    widths = [max(len(str(c)), *(len(str(r[i])) for r in rows)) for i, c in enumerate(cols)]
-    print("  ".join(str(c).ljust(w) for c, w in zip(cols, widths)))
-    print("  ".join("-" * w for w in widths))
-    for r in rows:
-        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
 
 
 def write_markdown(path, cols, rows, follow, n_rec, n_chars, a, elapsed, t_inspect, steps, losses) -> None:

@@ -33,7 +33,7 @@ from deepbase_duck.hypotheses import get_hypothesis
 from deepbase_duck.hypotheses.library import CODE_HYPOTHESES
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _text_figures import char_panel, plt, save  # noqa: E402
+from _text_figures import char_panel, plt, print_table, save  # noqa: E402
 
 FIGURE_HYPOTHESES = ["in_string", "in_comment", "bracket_depth", "indent_level"]
 
@@ -130,13 +130,6 @@ def main(argv=None) -> int:
     dbd.close(con)
     return 0
 
-
-def print_table(cols, rows) -> None:
-    widths = [max(len(str(c)), *(len(str(r[i])) for r in rows)) for i, c in enumerate(cols)]
-    print("  ".join(str(c).ljust(w) for c, w in zip(cols, widths)))
-    print("  ".join("-" * w for w in widths))
-    for r in rows:
-        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
 
 
 def _shared(best) -> dict:

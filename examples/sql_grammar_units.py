@@ -34,7 +34,7 @@ from deepbase_duck.hypotheses.sql import SQL_HYPOTHESIS_NAMES
 from deepbase_duck.models.sqllstm import config as sqllstm_config
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _text_figures import char_panel, plt, save  # noqa: E402
+from _text_figures import char_panel, plt, print_table, save  # noqa: E402
 
 FIGURE_HYPOTHESES = ["sql_select_list", "sql_from", "sql_column", "sql_string"]
 
@@ -144,13 +144,6 @@ def main(argv=None) -> int:
     dbd.close(con)
     return 0
 
-
-def print_table(cols, rows) -> None:
-    widths = [max(len(str(c)), *(len(str(r[i])) for r in rows)) for i, c in enumerate(cols)]
-    print("  ".join(str(c).ljust(w) for c, w in zip(cols, widths)))
-    print("  ".join("-" * w for w in widths))
-    for r in rows:
-        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
 
 
 def write_markdown(path, cols, rows, n_q, n_chars, a, elapsed, t_inspect) -> None:
