@@ -142,7 +142,8 @@ def test_a_worker_node_lost_mid_query_changes_nothing(db, cluster):
 
     def run():
         try:
-            out["t"] = dbd.inspect(db, "planted_slow", ["planted", "mix"], HYPS, "many", engine=engine, reuse=False, **kw)
+            out["t"] = dbd.inspect(db, "planted_slow", ["planted", "mix"], HYPS, "many", engine=engine, reuse=False,
+                                   keep_activations=True, **kw)
         except Exception as exc:  # pragma: no cover - reported below
             out["error"] = exc
     th = threading.Thread(target=run)
@@ -157,6 +158,17 @@ def test_a_worker_node_lost_mid_query_changes_nothing(db, cluster):
     p = _last_params(db)
     assert p["ray_workers"] == 3 and p["ray_redispatched"] >= 1
     _assert_equal_scores(local, out["t"])
+    # the activations kept on the way: every symbol of the 120 records once, none twice
+    ids = [int(r) for r in np.sort(db.execute("SELECT record_id FROM records WHERE dataset = 'many'").fetchall(),
+                                   axis=0)[:120, 0]]
+    want = sum(n for (n,) in db.execute("SELECT length(text) FROM records WHERE dataset = 'many' AND "
+                                        "list_contains(?, record_id)", [ids]).fetchall())
+    for layer in ("planted", "mix"):
+        view = db.execute("SELECT view_name FROM behaviors WHERE model = 'planted_slow' AND layer = ? AND "
+                          "dataset = 'many'", [layer]).fetchall()[0][0]
+        n, distinct, recs = db.execute(f"SELECT count(*), count(DISTINCT (record_id, pos)), "
+                                       f"count(DISTINCT record_id) FROM {view}").fetchall()[0]
+        assert n == distinct == want and recs == 120
 
 
 def test_early_stopping_on_ray_stops_early_and_keeps_the_top_units(db):
