@@ -321,3 +321,41 @@ def test_the_local_engine_does_not_import_ray():
             "d.inspect(c, 'm', ['lstm0'], ['digit'], 's'); assert 'ray' not in sys.modules, 'ray imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_workers_without_the_package_fail_with_a_clear_error(cluster, tmp_path):
+    """Workers whose Python cannot import deepbase_duck. The driver runs in its own process from a
+    folder outside the project (Ray puts the driver's folder on the workers' path), and the
+    workers' PYTHONPATH starts with a deepbase_duck that raises ModuleNotFoundError, as a node
+    without the package does."""
+    from deepbase_duck.engine.ray_engine import release_workers
+    release_workers()
+    deadline = time.time() + 15
+    while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    shadow = tmp_path / "no_package" / "deepbase_duck"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'deepbase_duck'\", "
+                                        "name='deepbase_duck')\n")
+    store_path = tmp_path / "s.duckdb"
+    script = f"""
+import json, sys
+import deepbase_duck as dbd
+from deepbase_duck.errors import DeepBaseError
+c = dbd.connect({str(store_path)!r}, progress=False)
+dbd.register_model(c, "charlstm", "deepbase_duck.models.zoo:charlstm")
+dbd.add_dataset(c, "snippets", {TEXTS[:4]!r})
+env = {{"env_vars": {{"PYTHONPATH": {str(shadow.parent)!r}, "OMP_NUM_THREADS": "1"}}}}
+try:
+    dbd.inspect(c, "charlstm", ["lstm0"], ["digit"], "snippets", engine="ray", ray_address={cluster.address!r},
+                ray_options={{"runtime_env": env, "keep_workers": False, "startup_timeout": 90}})
+    print("NO ERROR")
+except DeepBaseError as exc:
+    print("ERROR:", exc)
+print("COUNTS", json.dumps([c.sql(f"SELECT count(*) FROM {{t}}").fetchall()[0][0] for t in ("queries", "scores")]))
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240, cwd=str(tmp_path),
+                       env={k: v for k, v in {**os.environ, "OMP_NUM_THREADS": "1"}.items() if k != "PYTHONPATH"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ERROR: Ray workers cannot import deepbase_duck: install deepbase-duck" in r.stdout, r.stdout[-2000:]
+    assert "COUNTS [0, 0]" in r.stdout
