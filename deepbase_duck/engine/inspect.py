@@ -443,6 +443,31 @@ def make_engine(engine=None, ray_address=None, **ray_options):
     return engine
 
 
+class StopRule:
+    """The stop rules of a progressive scan, checked after each window (both engines):
+    ``max_error`` once every state's batch-means half-width is at most it, ``top_k`` once every
+    (layer, measure, hypothesis) top-k set has stayed the same over ``stable_windows`` windows;
+    neither before MIN_WINDOWS windows. ``bound`` is the largest half-width at the last check."""
+
+    def __init__(self, plan: Plan):
+        self.plan, self.history, self.bound = plan, [], float("inf")
+
+    def check(self, states: dict, window_scores: dict) -> str | None:
+        """The rule that stops the scan now ('max_error', 'top_k'), or None."""
+        plan = self.plan
+        self.bound = max(batch_means_half_width(w, getattr(states[k], "confidence", 0.95)).max(initial=0.0)
+                         for k, w in window_scores.items())
+        enough = len(next(iter(window_scores.values()))) >= MIN_WINDOWS
+        if plan.max_error is not None and enough and self.bound <= plan.max_error:
+            return "max_error"
+        if plan.top_k is not None:
+            self.history.append({k: top_sets(st.finalize(), plan.top_k) for k, st in states.items()})
+            recent = self.history[-(plan.stable_windows + 1):]
+            if enough and len(recent) == plan.stable_windows + 1 and all(h == recent[-1] for h in recent):
+                return "top_k"
+        return None
+
+
 class LocalEngine:
     """Runs a plan in this process: one loop over blocks, updating every state."""
 
@@ -492,8 +517,8 @@ class LocalEngine:
         samples = new_samples(plan, widths, plan.device)
         bar = progress_bar(len(plan.record_ids), f"inspect {plan.model} ({plan.source})", "rec", show)
         checkpoints = set(np.cumsum(windows).tolist())   # the stop rule is checked at window ends
-        used, bound, stopped, rule = [], float("inf"), False, None
-        history = []                                     # top-k sets after each window (top_k queries)
+        used, stopped, rule = [], False, None
+        stop = StopRule(plan)
         make = lambda layer, m: measure_class(m)(widths[layer], plan.columns[m], device=plan.device,  # noqa: E731
                                                  **plan.measure_params.get(m, {}))
         # progressive scans feed a per-window state, finalised at the window's end (its scores
@@ -512,18 +537,10 @@ class LocalEngine:
                         window_scores[k].append(_score_matrix(st))
                         states[k].combine(st)
                         feeding[k] = make(*k)
-                    bound = max(batch_means_half_width(w, getattr(states[k], "confidence", 0.95)).max(initial=0.0)
-                                for k, w in window_scores.items())
-                    enough = len(next(iter(window_scores.values()))) >= MIN_WINDOWS
-                    if plan.max_error is not None and enough and bound <= plan.max_error:
-                        stopped, rule = True, "max_error"
+                    rule = stop.check(states, window_scores)
+                    if rule:
+                        stopped = True
                         break
-                    if plan.top_k is not None:
-                        history.append({k: top_sets(st.finalize(), plan.top_k) for k, st in states.items()})
-                        recent = history[-(plan.stable_windows + 1):]
-                        if enough and len(recent) == plan.stable_windows + 1 and all(h == recent[-1] for h in recent):
-                            stopped, rule = True, "top_k"
-                            break
         finally:
             bar.close()
         used = sorted(set(used))
@@ -531,7 +548,7 @@ class LocalEngine:
         if n_symbols == 0:
             raise EmptyDatasetError(f"the selected records of dataset {plan.dataset!r} hold no symbols")
         return {"states": states, "n_symbols": n_symbols, "samples": samples, "take": take, "records_used": len(used),
-                "stopped_early": stopped, "stop_rule": rule, "bound": bound if progressive else None,
+                "stopped_early": stopped, "stop_rule": rule, "bound": stop.bound if progressive else None,
                 "window_scores": window_scores if progressive else None, "used_ids": used,
                 "reused": {"activation_records_read": int(len(covered)),
                            "activation_records_computed": int(len(np.intersect1d(missing, used)))}}
@@ -547,9 +564,9 @@ class LocalEngine:
         counts = ensure_symbols(session, adapters[p0.model], p0.dataset, p0.record_ids)
         widths = {p.model: dict(store.q_all(session.con, "SELECT layer, width FROM layers WHERE model = ?", [p.model]))
                   for p in plans}
-        states = {(p.model, layer, m): measure_class(m)(widths[p.model][layer], p.columns[m], device=p.device,
-                                                        **p.measure_params.get(m, {}))
-                  for p in plans for layer in p.layers for m in p.measures}
+        per_model = {p.model: {(layer, m): measure_class(m)(widths[p.model][layer], p.columns[m], device=p.device,
+                                                            **p.measure_params.get(m, {}))
+                               for layer in p.layers for m in p.measures} for p in plans}
         col_index = {c["name"]: j for j, c in enumerate(p0.label_columns)}
         take = {m: torch.as_tensor([col_index[c["name"]] for c in p0.columns[m]]) for m in p0.measures}
         if p0.control:
@@ -566,11 +583,8 @@ class LocalEngine:
             for batches in stacked_batches(session, stacked, p0.layers, p0.dataset, block_ids, counts):
                 first = next(iter(batches.values()))
                 y = labels.next(first.record_ids)
-                rec = torch.from_numpy(np.repeat(first.record_ids, first.n_symbols))
                 for name, batch in batches.items():
-                    for layer, x in batch.acts.items():
-                        for m in p0.measures:
-                            states[(name, layer, m)].update(x, y[:, take[m]], rec)
+                    update_states(per_model[name], {}, batch, y, take)
                 used.extend(int(r) for r in first.record_ids)
                 bar.update(len(first.record_ids))
         finally:
@@ -578,7 +592,7 @@ class LocalEngine:
         n_symbols = int(sum(counts[r] for r in used))
         if n_symbols == 0:
             raise EmptyDatasetError(f"the selected records of dataset {p0.dataset!r} hold no symbols")
-        return [{"states": {(layer, m): states[(p.model, layer, m)] for layer in p.layers for m in p.measures},
+        return [{"states": per_model[p.model],
                  "n_symbols": n_symbols, "samples": {}, "take": take, "records_used": len(used),
                  "stopped_early": False, "stop_rule": None, "bound": None, "window_scores": None, "used_ids": used,
                  "stacked": stacked.mode, "stacked_reason": stacked.reason,

@@ -52,18 +52,16 @@ from ..inspectors.base import measure_class
 from ..progress import progress_bar
 from .extract import cleanup_orphans, commit_parts, ensure_symbols, forward_batch, plan_batches, write_part_file
 from .inspect import (
-    MIN_WINDOWS,
     KeepActivations,
     LabelStream,
     LocalEngine,
     Plan,
+    StopRule,
     _score_matrix,
-    batch_means_half_width,
     class_frequencies,
     new_samples,
     seeded_windows,
     stored_behaviors,
-    top_sets,
     update_states,
 )
 
@@ -453,7 +451,7 @@ class RayEngine:
         in_flight = {}                             # ref -> (block, actor, submitted at)
         tries = collections.Counter()
         results, next_merge, used = {}, 0, []
-        bound, stopped, rule, history = float("inf"), False, None, []
+        stopped, rule, stop = False, None, StopRule(plan)
         try:
             while next_merge < len(blocks) and not stopped:
                 for a in list(live):                # keep every live worker busy
@@ -521,16 +519,8 @@ class RayEngine:
                     next_merge += 1
                     stats["merged"] = next_merge
                     if progressive:                  # the local engine's stop rules, per merged block
-                        bound = max(batch_means_half_width(w, getattr(states[k], "confidence", 0.95)).max(initial=0.0)
-                                    for k, w in window_scores.items())
-                        if plan.max_error is not None and next_merge >= MIN_WINDOWS and bound <= plan.max_error:
-                            stopped, rule = True, "max_error"
-                        elif plan.top_k is not None:
-                            history.append({k: top_sets(st.finalize(), plan.top_k) for k, st in states.items()})
-                            recent = history[-(plan.stable_windows + 1):]
-                            if (next_merge >= MIN_WINDOWS and len(recent) == plan.stable_windows + 1
-                                    and all(h == recent[-1] for h in recent)):
-                                stopped, rule = True, "top_k"
+                        rule = stop.check(states, window_scores)
+                        stopped = rule is not None
         finally:
             bar.close()
             for ref in list(in_flight) + list(starting):     # stop what is queued or running
@@ -553,7 +543,7 @@ class RayEngine:
                 for m in plan.measures}
         return {"states": states, "n_symbols": n_symbols, "samples": samples, "take": take,
                 "records_used": len(used), "stopped_early": stopped, "stop_rule": rule,
-                "bound": bound if progressive else None, "window_scores": window_scores if progressive else None,
+                "bound": stop.bound if progressive else None, "window_scores": window_scores if progressive else None,
                 "used_ids": used, "reused": {"activation_records_read": 0, "activation_records_computed": len(used)}}
 
 
