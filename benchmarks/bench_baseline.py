@@ -22,6 +22,8 @@ against five hypotheses (in_string, in_comment, bracket_depth, indent_level, pos
   early     the same query with ``max_error`` (and ``seed``): a progressive scan in the seeded
             record order that stops once every correlation's batch-means bound is within
             ``max_error``; its own fresh store, everything included as for ``full``.
+  rank      the ranking query ``top_k`` (and ``seed``): progressive, stopping once every
+            (layer, hypothesis) top-k set is stable (see inspect's docstring).
   full/10   ``full`` on a tenth of the records, for the peak-RSS growth at 10x the records.
 
 Checks printed: max |r_full - r_scipy| (must be < 1e-5); for the early-stopped query, the share
@@ -137,8 +139,9 @@ def run_baseline(records, dissection: bool, out: str) -> dict:
     return result
 
 
-def run_engine(records, kind: str, dissection: bool, max_error: float, seed: int, out: str) -> dict:
+def run_engine(records, kind: str, dissection: bool, max_error: float, seed: int, top_k: int, out: str) -> dict:
     import deepbase_duck as dbd
+    import deepbase_duck.engine.inspect  # noqa: F401  (library imports before the clock, as the baseline's)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         con = dbd.connect(os.path.join(tmp, "bench.duckdb"), progress=False)
@@ -146,7 +149,8 @@ def run_engine(records, kind: str, dissection: bool, max_error: float, seed: int
         dbd.add_dataset(con, "held", records)
         measures = ["corr", "iou", "probe"] if dissection else ["corr"]
         hyps = HYPS if not dissection else HYPS          # iou/probe take the binary ones only
-        opts = {"max_error": max_error, "seed": seed} if kind == "early" else {}
+        opts = ({"max_error": max_error, "seed": seed} if kind == "early" else
+                {"top_k": top_k, "seed": seed} if kind == "rank" else {})
         if dissection:
             rows = []
             rows += dbd.inspect(con, "charlstm", LAYERS, HYPS, "held", measures=["corr"], **opts).to_pylist()
@@ -201,7 +205,7 @@ def child(a) -> dict:
     elif a.child == "baseline":
         r = run_baseline(records, a.dissection, a.out)
     else:
-        r = run_engine(records, a.child, a.dissection, a.max_error, a.seed, a.out)
+        r = run_engine(records, a.child, a.dissection, a.max_error, a.seed, a.top_k, a.out)
     r.update(kind=a.child, records=len(records), chars=sum(len(x["text"]) for x in records),
              peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return r
@@ -209,7 +213,8 @@ def child(a) -> dict:
 
 def run(kind, a, chars, out):
     cmd = [sys.executable, __file__, "--child", kind, "--chars", str(chars), "--record-chars", str(a.record_chars),
-           "--threads", str(a.threads), "--max-error", str(a.max_error), "--seed", str(a.seed), "--out", out]
+           "--threads", str(a.threads), "--max-error", str(a.max_error), "--seed", str(a.seed),
+           "--top-k", str(a.top_k), "--out", out]
     if a.dissection:
         cmd.append("--dissection")
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -228,6 +233,7 @@ def main():
     ap.add_argument("--record-chars", type=int, default=600)
     ap.add_argument("--max-error", type=float, default=0.15)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--top-k", type=int, default=10, help="the ranking query's k (run 'rank')")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dissection", action="store_true", help="add IoU and probes (full scans only)")
     ap.add_argument("--no-rss", action="store_true", help="skip the 1/10-size run")
@@ -239,7 +245,7 @@ def main():
         return
     tmp = tempfile.mkdtemp()
     res, arrays = {}, {}
-    kinds = ["forward", "baseline", "full"] + ([] if a.dissection else ["early"])
+    kinds = ["forward", "baseline", "full"] + ([] if a.dissection else ["early", "rank"])
     for kind in kinds:
         out = os.path.join(tmp, f"{kind}.npz")
         res[kind] = run(kind, a, a.chars, out)
@@ -268,17 +274,16 @@ def main():
         print(f"max |IoU diff| = {np.nanmax(np.abs(f['iou'] - b['iou'])):.2e}; probe accuracy "
               f"ours {np.round(f['probe_acc'], 4).tolist()} vs sklearn {np.round(b['probe_acc'], 4).tolist()}")
     else:
-        e = arrays["early"]
-        ok = ~np.isnan(e["corr"]) & ~np.isnan(f["corr"])
-        inside = (e["ci_low"][ok] <= f["corr"][ok]) & (f["corr"][ok] <= e["ci_high"][ok])
-        agree = []
-        for li, layer in enumerate(LAYERS):
-            for j, h in enumerate(HYPS):
-                agree.append(len(top10(e["corr"][li])[j] & top10(f["corr"][li])[j]))
-        print(f"early stopping (max_error {a.max_error}, seed {a.seed}): {res['early']['records_used']} of "
-              f"{n['records']} records, bound {res['early']['bound']:.3f}, time {res['early']['seconds'] / n['seconds']:.2f}"
-              f" of the full scan; coverage {inside.mean():.3f}; top-10 agreement per (layer, hypothesis) "
-              f"min {min(agree)}/10, mean {np.mean(agree):.1f}/10")
+        for kind, rule in (("early", f"max_error {a.max_error}"), ("rank", f"top_k {a.top_k}")):
+            e = arrays[kind]
+            ok = ~np.isnan(e["corr"]) & ~np.isnan(f["corr"])
+            inside = (e["ci_low"][ok] <= f["corr"][ok]) & (f["corr"][ok] <= e["ci_high"][ok])
+            agree = [len(top10(e["corr"][li])[j] & top10(f["corr"][li])[j])
+                     for li in range(len(LAYERS)) for j in range(len(HYPS))]
+            print(f"{kind} ({rule}, seed {a.seed}): {res[kind]['records_used']} of {n['records']} records, "
+                  f"bound {res[kind]['bound']:.3f}, time {res[kind]['seconds'] / n['seconds']:.2f} of the full scan; "
+                  f"coverage {inside.mean():.3f}; top-10 agreement per (layer, hypothesis) min {min(agree)}/10, "
+                  f"mean {np.mean(agree):.1f}/10")
     if not a.no_rss:
         print(f"peak RSS growth for 10x the records: deepbase_duck {n['peak_rss_mb'] / res['full/10']['peak_rss_mb']:.2f}x "
               f"({res['full/10']['peak_rss_mb']:.0f} -> {n['peak_rss_mb']:.0f} MB), baseline "

@@ -151,3 +151,21 @@ def test_failed_query_keeps_the_connection_usable(primed):
         dbd.inspect(primed, "planted", ["planted"], ["digit"], "nodata")
     assert primed.sql("SELECT count(*) FROM records").fetchall()[0][0] == len(TEXTS)
     assert np.isfinite(dbd.inspect(primed, "planted", ["planted"], ["digit"], "snippets").column("n").to_numpy()).all()
+
+
+def test_a_hypothesis_failing_mid_scan_keeps_the_labels_already_computed(primed):
+    longest = max(TEXTS, key=len)                          # its records come in the last batches
+    bad = [i for i, t in enumerate(TEXTS) if t == longest]
+    register(Hypothesis("fails_late", lambda text: 1 / 0 if text == longest else [0] * len(text), "binary"))
+    before = snapshot(primed)
+    with pytest.raises(HypothesisError, match=r"raised ZeroDivisionError on record snippets:(\d+)") as err:
+        dbd.inspect(primed, "planted", ["planted"], ["in_string", "fails_late"], "snippets", batch_size=2)
+    assert int(str(err.value).split("snippets:")[1].split(":")[0]) in bad
+    after = snapshot(primed)
+    assert (after["scores"], after["queries"]) == (before["scores"], before["queries"])
+    # the records labelled before the failure are stored (the next query reuses them), the bad ones not
+    kept = dict(primed.sql("SELECT hypothesis, count(*) FROM labeled_records WHERE hypothesis IN "
+                           "('in_string', 'fails_late') GROUP BY ALL").fetchall())
+    assert 0 < kept["fails_late"] <= len(TEXTS) - len(bad) and kept["in_string"] >= kept["fails_late"]
+    assert primed.sql("SELECT count(*) FROM labeled_records WHERE hypothesis = 'fails_late' "
+                      f"AND list_contains({bad}, record_id)").fetchall()[0][0] == 0

@@ -150,6 +150,8 @@ class Batch:
     record_ids: np.ndarray            # records in row order
     n_symbols: np.ndarray             # symbols per record
     acts: dict                        # layer -> tensor (sum(n_symbols), width), rows in (record, pos) order
+    chars: tuple | None = None        # (starts, ends): each symbol's characters, rows as acts (None: ask the store)
+    texts: list | None = None         # the records' texts, in record_ids order (None: ask the store)
 
 
 def plan_batches(session, dataset: str, record_ids, batch_size: int) -> list[list[int]]:
@@ -175,6 +177,14 @@ def forward_batches(session, adapter, model: str, layers, dataset, batches, symb
             yield forward_batch(adapter, ret, model, layers, dataset, ids, [texts[r] for r in ids], symbol_counts)
 
 
+def encoded_chars(enc, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The character ranges of the first ``n`` records' symbols of an encoding, concatenated."""
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return (np.concatenate([np.asarray(enc.starts[b], np.int64) for b in range(n)]),
+            np.concatenate([np.asarray(enc.ends[b], np.int64) for b in range(n)]))
+
+
 def forward_batch(adapter, ret: Retain, model: str, layers, dataset: str, ids, texts: list[str],
                   symbol_counts) -> Batch:
     """One forward pass over the records ``ids`` (texts in the same order) with ``ret`` retaining
@@ -183,7 +193,9 @@ def forward_batch(adapter, ret: Retain, model: str, layers, dataset: str, ids, t
     enc = adapter.encode(texts)
     ret.clear()
     adapter.forward(enc)
-    return batch_from_outputs(adapter, ret.outputs, enc, model, layers, dataset, ids, symbol_counts)
+    batch = batch_from_outputs(adapter, ret.outputs, enc, model, layers, dataset, ids, symbol_counts)
+    batch.texts = list(texts)
+    return batch
 
 
 def batch_from_outputs(adapter, outputs: dict, enc, model: str, layers, dataset: str, ids, symbol_counts) -> Batch:
@@ -213,7 +225,8 @@ def batch_from_outputs(adapter, outputs: dict, enc, model: str, layers, dataset:
                 f"model {model!r} layer {layer!r} produced NaN or infinite activations on record "
                 f"{rec} of dataset {dataset!r}; nothing of this batch was stored")
         acts[layer] = x
-    return Batch(np.asarray(ids, np.int64), np.asarray([symbol_counts[r] for r in ids]), acts)
+    return Batch(np.asarray(ids, np.int64), np.asarray([symbol_counts[r] for r in ids]), acts,
+                 chars=encoded_chars(enc, len(ids)))
 
 
 def write_part(session, b: dict, batch: Batch, x: torch.Tensor, rows_mask: np.ndarray | None) -> tuple[str, int, int]:

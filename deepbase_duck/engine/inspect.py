@@ -4,8 +4,9 @@ The plan: validate every name first (nothing runs on a bad argument); materialis
 of the hypotheses (cached per dataset); then stream blocks of records. A block's activations
 come from stored behaviors when every requested layer is stored for the selected records
 (the model does not run), otherwise from one forward pass per batch that feeds all layers
-(and, with ``keep_activations``, is stored on the way). A block's labels come from the
-``symbol_labels`` macro (sql/10_alignment.sql), DuckDB joining symbols and label spans. Each
+(and, with ``keep_activations``, is stored on the way). A block's labels come from
+engine/labels.py: hypotheses evaluated for the block's records not labelled yet (and stored),
+stored spans read for the others, aligned to the symbols by the rule of sql/10_alignment.sql. Each
 (layer, measure) has one inspector state; states are updated per block and finalised once.
 Memory is bounded by one block; no tokens x units matrix is ever built.
 
@@ -31,6 +32,7 @@ from ..hypotheses.grid import check_fit
 from ..hypotheses.store import annotate, missing_records, resolve
 from ..inspectors.base import SCORE_SCHEMA, measure_class
 from ..progress import progress_bar
+from .labels import LabelStream, block_labels  # noqa: F401  (block_labels: public here too)
 from .extract import (Batch, cleanup_orphans, done_records, ensure_symbols, find_behavior, forward_batches,
                       get_or_create_behavior, plan_batches, store_batch)
 
@@ -182,55 +184,6 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
                 top_k=None if top_k is None else int(top_k), stable_windows=int(stable_windows))
 
 
-# -- blocks of labels ----------------------------------------------------------------------------
-def block_labels(session, plan: Plan, tokenization: str, record_ids: np.ndarray, n_symbols: np.ndarray) -> torch.Tensor:
-    """(rows, label columns) float64, rows in (record order of the block, pos) order; NaN = no label."""
-    offsets = np.concatenate([[0], np.cumsum(n_symbols)])
-    n = int(offsets[-1])
-    y = np.full((n, len(plan.label_columns)), np.nan)
-    hyp_names = [h["name"] for h in plan.hypotheses]
-    t = store.q_arrow(
-        session.con,
-        "SELECT list_position(?, l.hypothesis)::INTEGER - 1 AS h, l.record_id, l.pos, l.value "
-        "FROM symbol_labels(?, ?, ?, recs := ?) AS l",
-        [hyp_names, plan.dataset, tokenization, hyp_names, [int(r) for r in record_ids]])
-    order = np.argsort(record_ids, kind="stable")
-    hyp = t.column(0).to_numpy()
-    rec = t.column(1).to_numpy()
-    row = offsets[order[np.searchsorted(record_ids[order], rec)]] + t.column(2).to_numpy()
-    val = t.column(3).to_numpy(zero_copy_only=False).astype(np.float64)
-    direct = [j for j, c in enumerate(plan.label_columns) if c["code"] is None and not c.get("control_of")]
-    if direct:
-        # columns that carry a hypothesis' values as they are: one scatter for all of them
-        col_of_hyp = np.full(len(hyp_names), -1)
-        for j in direct:
-            col_of_hyp[hyp_names.index(plan.label_columns[j]["source"])] = j
-        col = col_of_hyp[hyp]
-        ok = col >= 0
-        y[row[ok], col[ok]] = val[ok]
-    controls = [(j, c) for j, c in enumerate(plan.label_columns) if c.get("control_of")]
-    if controls:
-        from ..inspectors.probes import control_labels
-        sym = store.q_arrow(session.con, "SELECT record_id, pos, token FROM symbols WHERE dataset = ? AND "
-                                         "tokenization = ? AND list_contains(?, record_id)",
-                            [plan.dataset, tokenization, [int(r) for r in record_ids]])
-        srow = offsets[order[np.searchsorted(record_ids[order], sym.column(0).to_numpy())]] + sym.column(1).to_numpy()
-        types = np.array(sym.column(2).to_pylist(), dtype=object)
-        types[types == None] = ""  # noqa: E711  (a symbol without token text is one type)
-        for j, c in controls:
-            real = y[:, [i for i, x in enumerate(plan.label_columns) if x["name"] == c["control_of"]][0]]
-            freq = plan.control_freq[c["control_of"]]
-            lab = np.full(n, np.nan)
-            lab[srow] = control_labels(types, len(freq), freq, seed=0)
-            y[:, j] = np.where(np.isnan(real), np.nan, lab)     # the same symbols as the real task
-    for j, c in enumerate(plan.label_columns):
-        if c["code"] is not None:                     # one indicator column per category
-            sel = hyp == hyp_names.index(c["source"])
-            v = val[sel]
-            y[row[sel], j] = np.where(np.isnan(v), np.nan, (v == c["code"]).astype(np.float64))
-    return torch.from_numpy(y)
-
-
 # -- blocks of activations -----------------------------------------------------------------------
 def stored_behaviors(session, plan: Plan, checksum, tokenization):
     """{layer: behavior} when every layer is stored (any dtype) for all selected records, else None."""
@@ -349,6 +302,20 @@ def seeded_windows(session, plan: Plan, window_batches: int = 1) -> tuple[list[l
     return batches, windows
 
 
+def symbols_ahead(session, adapter, dataset: str, batches: list, counts: dict, ahead: int = 256):
+    """Yield ``batches`` (lists of record ids), storing the symbols of the records ahead just
+    before they are needed, at least ``ahead`` records at a time (``counts`` is updated in place):
+    a progressive scan tokenises only about the records it uses."""
+    for i, ids in enumerate(batches):
+        if any(int(r) not in counts for r in ids):
+            todo, j = [], i
+            while j < len(batches) and (len(todo) < ahead or j == i):
+                todo.extend(int(r) for r in batches[j] if int(r) not in counts)
+                j += 1
+            counts.update(ensure_symbols(session, adapter, dataset, todo))
+        yield ids
+
+
 def class_frequencies(session, plan: Plan, tokenization: str) -> dict:
     """Class counts of each hypothesis that has a control task, over the selected records (their
     labels are materialised first)."""
@@ -367,23 +334,6 @@ def class_frequencies(session, plan: Plan, tokenization: str) -> dict:
             freq[int(code)] = cnt
         out[name] = freq
     return out
-
-
-class LabelStream:
-    """The labels of each block, in block order: hypotheses evaluated for the block's records
-    (stored once) and joined to the block's symbols by DuckDB (``symbol_labels``). Computed on
-    demand: a background thread preparing the next blocks was measured slower on 2 cores, where
-    the forward pass already uses both (benchmarks/RESULTS.md)."""
-
-    def __init__(self, session, plan: Plan, tokenization: str, counts: dict):
-        self.session, self.plan, self.tokenization, self.counts = session, plan, tokenization, counts
-        self.hyps = [h["live"] or h["name"] for h in plan.hypotheses]
-
-    def next(self, ids) -> torch.Tensor:
-        ids = [int(r) for r in ids]
-        annotate(self.session, self.hyps, self.plan.dataset, ids, progress=False)
-        n = np.asarray([self.counts[r] for r in ids])
-        return block_labels(self.session, self.plan, self.tokenization, np.asarray(ids, np.int64), n)
 
 
 class KeepActivations:
@@ -501,12 +451,13 @@ class LocalEngine:
             sources.append(read_part_block(ids, files, counts) for ids, files in blocks)
         if len(missing):                          # the rest: one forward pass per batch, all layers
             adapter = session.adapter(plan.model)
-            counts.update(ensure_symbols(session, adapter, plan.dataset, missing))
             if not progressive:
+                counts.update(ensure_symbols(session, adapter, plan.dataset, missing))
                 block_ids = plan_batches(session, plan.dataset, missing, plan.batch_size)
                 windows.append(len(block_ids))
-            else:
+            else:                                 # tokenised as the scan reaches them: it may stop early
                 block_ids, w = seeded_windows(session, plan)
+                block_ids = symbols_ahead(session, adapter, plan.dataset, block_ids, counts)
                 windows += w
             sources.append(forward_batches(session, adapter, plan.model, plan.layers, plan.dataset, block_ids, counts))
             keep = KeepActivations(session, plan, mrow["checksum"], tokenization, widths) if plan.keep_activations else None
@@ -529,7 +480,7 @@ class LocalEngine:
             for i, batch in enumerate(source, 1):
                 if keep is not None:
                     keep.write(batch)
-                update_states(feeding, samples, batch, labels.next(batch.record_ids), take)
+                update_states(feeding, samples, batch, labels.next(batch.record_ids, batch.chars, batch.texts), take)
                 bar.update(len(batch.record_ids) * len(batch.acts) / len(plan.layers))
                 used.extend(int(r) for r in batch.record_ids)
                 if progressive and i in checkpoints:
@@ -541,8 +492,12 @@ class LocalEngine:
                     if rule:
                         stopped = True
                         break
+        except BaseException:
+            labels.close(failed=True)
+            raise
         finally:
             bar.close()
+        labels.close()
         used = sorted(set(used))
         n_symbols = int(sum(counts[r] for r in used))
         if n_symbols == 0:
@@ -582,13 +537,17 @@ class LocalEngine:
         try:
             for batches in stacked_batches(session, stacked, p0.layers, p0.dataset, block_ids, counts):
                 first = next(iter(batches.values()))
-                y = labels.next(first.record_ids)
+                y = labels.next(first.record_ids, first.chars, first.texts)
                 for name, batch in batches.items():
                     update_states(per_model[name], {}, batch, y, take)
                 used.extend(int(r) for r in first.record_ids)
                 bar.update(len(first.record_ids))
+        except BaseException:
+            labels.close(failed=True)
+            raise
         finally:
             bar.close()
+        labels.close()
         n_symbols = int(sum(counts[r] for r in used))
         if n_symbols == 0:
             raise EmptyDatasetError(f"the selected records of dataset {p0.dataset!r} hold no symbols")

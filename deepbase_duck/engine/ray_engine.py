@@ -8,7 +8,7 @@ What moves where:
   it) and checks the weights' checksum against the store's ``models`` row; a live model object is
   never pickled. A model registered from a live object has no loader spec: refused.
 - The driver (this process, beside the DuckDB store) plans the blocks, computes each block's
-  labels in DuckDB (``LabelStream``: cheap joins) and sends the records' texts and the label
+  labels (``LabelStream``, engine/labels.py) and sends the records' texts and the label
   matrix with the block. Symbols of records not yet tokenised are encoded by a worker too, so the
   driver never loads the model.
 - A worker runs the forward passes of its block, folds them into fresh inspector states (the
@@ -40,6 +40,7 @@ import dataclasses
 import json
 import os
 import socket
+import sys
 import time
 
 import numpy as np
@@ -436,7 +437,7 @@ class RayEngine:
                 for ids in blocks[i]:
                     texts = session.texts(plan.dataset, ids)
                     part.append(([int(r) for r in ids], [texts[r] for r in ids], [int(counts[r]) for r in ids]))
-                    ys.append(labels.next(ids).numpy())
+                    ys.append(labels.next(ids, texts=[texts[r] for r in ids]).numpy())
                 payloads[i] = ray.put({"batches": part, "labels": ys,
                                        "store": parts_of[i] if parts_of is not None else None})
                 stats["label_seconds"] += time.perf_counter() - t
@@ -523,6 +524,7 @@ class RayEngine:
                         stopped = rule is not None
         finally:
             bar.close()
+            labels.close(failed=sys.exc_info()[0] is not None)
             for ref in list(in_flight) + list(starting):     # stop what is queued or running
                 try:
                     ray.cancel(ref, force=False)

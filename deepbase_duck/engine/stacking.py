@@ -123,6 +123,9 @@ def stacked_batches(session, stacked: StackedForward, layers, dataset: str, batc
         texts = session.texts(dataset, ids)
         enc = first.encode([texts[r] for r in ids])
         outputs = stacked(enc)
-        yield {name: batch_from_outputs(stacked.adapters[name], outputs[name], enc, name, layers, dataset, ids,
+        out = {name: batch_from_outputs(stacked.adapters[name], outputs[name], enc, name, layers, dataset, ids,
                                         symbol_counts)
                for name in stacked.adapters}
+        for batch in out.values():
+            batch.texts = [texts[r] for r in ids]
+        yield out

@@ -104,44 +104,48 @@ def annotate(session, hypotheses, dataset: str, record_ids=None, progress: bool 
     for lo in range(0, len(todo), CHUNK):
         chunk = todo[lo:lo + CHUNK]
         texts = session.texts(dataset, chunk)
-        cols = {k: [] for k in ("hyp", "ver", "rid", "s", "e", "v")}
-        marks = {k: [] for k in ("hyp", "ver", "rid", "n")}
+        rows = []
         for h in hyps:
             live = h["live"]
             for rid in chunk:
-                if int(rid) not in need[h["name"]]:
-                    continue
-                s, e, v = live.spans(texts[int(rid)], record=f"{dataset}:{int(rid)}")
-                n = len(s)
-                cols["hyp"].append([live.name] * n); cols["ver"].append([live.version] * n)
-                cols["rid"].append(np.full(n, rid, np.int32))
-                cols["s"].append(s); cols["e"].append(e); cols["v"].append(v)
-                marks["hyp"].append(live.name); marks["ver"].append(live.version)
-                marks["rid"].append(int(rid)); marks["n"].append(n)
-        labels = pa.table({
-            "hypothesis": pa.array([x for part in cols["hyp"] for x in part], pa.string()),
-            "version": pa.array([x for part in cols["ver"] for x in part], pa.string()),
-            "dataset": pa.array([dataset] * sum(marks["n"]), pa.string()),
-            "record_id": pa.array(_cat(cols["rid"], np.int32)),
-            "start_char": pa.array(_cat(cols["s"], np.int32)),
-            "end_char": pa.array(_cat(cols["e"], np.int32)),
-            "value": pa.array(_cat(cols["v"], np.float64)),
-        })
-        done = pa.table({
-            "hypothesis": pa.array(marks["hyp"], pa.string()),
-            "version": pa.array(marks["ver"], pa.string()),
-            "dataset": pa.array([dataset] * len(marks["rid"]), pa.string()),
-            "record_id": pa.array(np.asarray(marks["rid"], np.int32)),
-            "n_spans": pa.array(np.asarray(marks["n"], np.int32)),
-        })
-        with store.Transaction(con):
-            if labels.num_rows:
-                store.insert_arrow(con, "labels", labels)
-            store.insert_arrow(con, "labeled_records", done)
+                if int(rid) in need[h["name"]]:
+                    rows.append((live.name, live.version, int(rid),
+                                 *live.spans(texts[int(rid)], record=f"{dataset}:{int(rid)}")))
+        append_labels(con, dataset, rows)
         bar.update(len(chunk))
     bar.close()
     return [{"hypothesis": h["name"], "labeled": int(len(missing[h["name"]])),
              "reused": int(len(ids) - len(missing[h["name"]]))} for h in hyps]
+
+
+def append_labels(con, dataset: str, rows: list) -> None:
+    """Append computed labels, rows of (hypothesis, version, record_id, starts, ends, values),
+    and their ``labeled_records`` marks (one per row, also for a record without spans) in one
+    transaction: a (hypothesis, record) is marked done exactly when its spans are stored."""
+    if not rows:
+        return
+    n = [len(r[3]) for r in rows]
+    total = int(sum(n))
+    labels = pa.table({
+        "hypothesis": pa.array(np.repeat([r[0] for r in rows], n).tolist() if total else [], pa.string()),
+        "version": pa.array(np.repeat([r[1] for r in rows], n).tolist() if total else [], pa.string()),
+        "dataset": pa.array([dataset] * total, pa.string()),
+        "record_id": pa.array(np.repeat([r[2] for r in rows], n).astype(np.int32)),
+        "start_char": pa.array(_cat([r[3] for r in rows], np.int32)),
+        "end_char": pa.array(_cat([r[4] for r in rows], np.int32)),
+        "value": pa.array(_cat([r[5] for r in rows], np.float64)),
+    })
+    done = pa.table({
+        "hypothesis": pa.array([r[0] for r in rows], pa.string()),
+        "version": pa.array([r[1] for r in rows], pa.string()),
+        "dataset": pa.array([dataset] * len(rows), pa.string()),
+        "record_id": pa.array(np.asarray([r[2] for r in rows], np.int32)),
+        "n_spans": pa.array(np.asarray(n, np.int32)),
+    })
+    with store.Transaction(con):
+        if labels.num_rows:
+            store.insert_arrow(con, "labels", labels)
+        store.insert_arrow(con, "labeled_records", done)
 
 
 def _cat(parts, dtype):

@@ -63,7 +63,7 @@ class PearsonState(InspectorState):
             nb = torch.full((H,), float(x.shape[0]), dtype=F64, device=self.device)
             myb = y.mean(0)
             yc = y - myb
-            cb = xc.T @ yc
+            cb = (yc.T @ xc).T                                   # (H x n) @ (n x W): the fast orientation
             mxb = shift[:, None].expand(-1, H)                   # the sum of xc is 0 up to rounding
             m2xb = xc.square_().sum(0)[:, None].expand(-1, H)    # (xc is spent after this)
         else:
@@ -73,9 +73,9 @@ class PearsonState(InspectorState):
             y0 = torch.where(mask, y, torch.zeros((), dtype=F64, device=self.device))
             myb = y0.sum(0) / safe
             yc = (y0 - myb) * m                                  # 0 where no label
-            cb = xc.T @ yc
-            sx = xc.T @ m
-            sxx = xc.square_().T @ m
+            both = (torch.cat([yc, m], 1).T @ xc).T              # one product for C and the sums of x
+            cb, sx = both[:, :H], both[:, H:]
+            sxx = (m.T @ xc.square_()).T
             mxb = sx / safe + shift[:, None]
             m2xb = (sxx - sx * sx / safe).clamp(min=0)
             cb = cb - sx * (yc.sum(0) / safe)                   # centre x on its masked mean

@@ -1,0 +1,185 @@
+"""The labels of each block of an inspect scan: one row per symbol, one column per label column.
+
+For each block of records the stream
+1. evaluates the hypotheses in Python for the records whose labels (of the hypothesis' current
+   version) are not stored yet, and reads the stored spans of the others (one query);
+2. gives each symbol its value by the alignment rule (hypotheses/align.py: numpy, equal to the
+   SQL reference ``symbol_labels`` of sql/10_alignment.sql) from the symbols' character ranges,
+   which the forward pass hands over with the activations (or one query reads them);
+3. appends the computed spans to the store every ``CHUNK`` records, with the ``labeled_records``
+   marks, in one transaction: a later query (or model) reuses them, an interrupted scan keeps the
+   chunks it wrote.
+
+A block costs its hypotheses' Python time and a few numpy passes, with no store round trip in
+the common case (labels computed in this scan). Computed on demand in the scan's thread: a
+background thread preparing the next blocks was measured slower on 2 cores, where the forward
+pass already uses both (benchmarks/RESULTS.md).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import store
+from ..errors import UnknownNameError
+from ..hypotheses.align import align
+from ..hypotheses.core import registry
+from ..hypotheses.store import append_labels, missing_records, upsert_catalog
+
+CHUNK = 256          # records per write of computed labels
+
+
+class LabelStream:
+    """``next(ids)``: the (rows, label columns) float64 tensor of a block, rows in (record order
+    of ``ids``, pos) order, NaN = no label. ``close()`` writes the labels still buffered."""
+
+    def __init__(self, session, plan, tokenization: str, counts: dict):
+        self.session, self.plan, self.tokenization, self.counts = session, plan, tokenization, counts
+        con = session.con
+        self.hyps = plan.hypotheses
+        missing = missing_records(con, self.hyps, plan.dataset, np.unique(plan.record_ids))
+        for h in self.hyps:
+            if len(missing[h["name"]]) and h["live"] is None:
+                raise UnknownNameError("hypothesis", h["name"], registry())
+        for h in self.hyps:
+            if len(missing[h["name"]]):
+                upsert_catalog(con, h["live"])
+        self.missing = {name: set(ids.tolist()) for name, ids in missing.items()}
+        self.pending, self.pending_records = [], set()
+
+    # -- one block ---------------------------------------------------------------------------
+    def next(self, ids, chars=None, texts=None) -> torch.Tensor:
+        """``chars``: (starts, ends) of the block's symbols, rows in block order (None: read from
+        the store); ``texts``: the records' texts in ``ids`` order (None: read when needed)."""
+        ids = np.asarray(ids, np.int64)
+        n_symbols = np.asarray([self.counts[int(r)] for r in ids], np.int64)
+        if chars is None:
+            chars = self._stored_chars(ids, n_symbols)
+        need = [int(r) for r in ids if any(int(r) in self.missing[h["name"]] for h in self.hyps)]
+        if need:
+            if texts is None:
+                got = self.session.texts(self.plan.dataset, need)
+                texts = [got.get(int(r)) for r in ids]
+            text_of = dict(zip(ids.tolist(), texts))
+        stored = self._stored_spans(ids, need)
+        values = {}
+        for h in self.hyps:
+            name = h["name"]
+            parts = []                       # (block index, starts, ends, values) per record
+            for i, r in enumerate(ids.tolist()):
+                if r in self.missing[name]:
+                    s, e, v = h["live"].spans(text_of[r], record=f"{self.plan.dataset}:{r}")
+                    self._buffer(h, r, s, e, v)
+                else:
+                    s, e, v = stored.get((name, r), (np.zeros(0, np.int64),) * 2 + (np.zeros(0),))
+                parts.append((np.full(len(s), i), s, e, v))
+            cat = [np.concatenate([p[k] for p in parts]) if parts else np.zeros(0) for k in range(4)]
+            values[name] = align(n_symbols, chars[0], chars[1], *cat, binary=h["kind"] == "binary")
+        for r in need:                       # computed now: stored at the next flush
+            for h in self.hyps:
+                self.missing[h["name"]].discard(r)
+            self.pending_records.add(r)
+        if len(self.pending_records) >= CHUNK:
+            self.flush()
+        return torch.from_numpy(label_matrix(self.session, self.plan, self.tokenization, ids, n_symbols, values))
+
+    def _buffer(self, h: dict, r: int, s, e, v) -> None:
+        self.pending.append((h["name"], h["version"], r, s, e, v))
+
+    def _stored_spans(self, ids: np.ndarray, need: list) -> dict:
+        """{(hypothesis, record): (starts, ends, values)} of the stored labels of the block's
+        records (only hypotheses stored for some of them)."""
+        names = [h["name"] for h in self.hyps if any(int(r) not in self.missing[h["name"]] for r in ids)]
+        if not names:
+            return {}
+        keys = [f"{h['name']}\x00{h['version']}" for h in self.hyps if h["name"] in names]
+        t = store.q_arrow(self.session.con,
+                          "SELECT hypothesis, record_id, start_char, end_char, value FROM labels "
+                          "WHERE dataset = ? AND list_contains(?, record_id) "
+                          "AND list_contains(?, hypothesis || chr(0) || version) "
+                          "ORDER BY hypothesis, record_id, start_char",
+                          [self.plan.dataset, [int(r) for r in ids], keys])
+        hyp = np.asarray(t.column(0).to_pylist(), dtype=object)
+        rec = t.column(1).to_numpy().astype(np.int64)
+        s, e = t.column(2).to_numpy().astype(np.int64), t.column(3).to_numpy().astype(np.int64)
+        v = t.column(4).to_numpy(zero_copy_only=False).astype(np.float64)
+        out = {}
+        if len(rec):
+            cut = np.flatnonzero((hyp[1:] != hyp[:-1]) | (rec[1:] != rec[:-1])) + 1
+            for lo, hi in zip(np.r_[0, cut], np.r_[cut, len(rec)]):
+                out[(hyp[lo], int(rec[lo]))] = (s[lo:hi], e[lo:hi], v[lo:hi])
+        return out
+
+    def _stored_chars(self, ids: np.ndarray, n_symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        t = store.q_arrow(self.session.con,
+                          "SELECT record_id, pos, start_char, end_char FROM symbols WHERE dataset = ? AND "
+                          "tokenization = ? AND list_contains(?, record_id)",
+                          [self.plan.dataset, self.tokenization, [int(r) for r in ids]])
+        rows = block_rows(ids, n_symbols, t.column(0).to_numpy().astype(np.int64), t.column(1).to_numpy())
+        starts, ends = np.zeros(int(n_symbols.sum()), np.int64), np.zeros(int(n_symbols.sum()), np.int64)
+        starts[rows], ends[rows] = t.column(2).to_numpy(), t.column(3).to_numpy()
+        return starts, ends
+
+    # -- writes ------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Append the buffered labels and their ``labeled_records`` marks in one transaction."""
+        append_labels(self.session.con, self.plan.dataset, self.pending)
+        self.pending, self.pending_records = [], set()
+
+    def close(self, failed: bool = False) -> None:
+        """Write what is buffered. After a failure (``failed``) a failing write is not raised
+        over the original error: those labels are simply computed again next time."""
+        try:
+            self.flush()
+        except Exception:
+            if not failed:
+                raise
+
+
+def block_rows(ids: np.ndarray, n_symbols: np.ndarray, rec: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Row of each (record, pos) in a block whose records are ``ids`` (in row order)."""
+    offsets = np.concatenate([[0], np.cumsum(n_symbols)])
+    order = np.argsort(ids, kind="stable")
+    return offsets[order[np.searchsorted(ids[order], rec)]] + np.asarray(pos, np.int64)
+
+
+def label_matrix(session, plan, tokenization: str, ids: np.ndarray, n_symbols: np.ndarray,
+                 values: dict) -> np.ndarray:
+    """The plan's label columns from each hypothesis' per-symbol values: a hypothesis' values as
+    they are, one indicator column per category (``code``), control tasks (``control_of``)."""
+    n = int(n_symbols.sum())
+    y = np.full((n, len(plan.label_columns)), np.nan)
+    for j, c in enumerate(plan.label_columns):
+        if c.get("control_of"):
+            continue
+        v = values[c["source"]]
+        y[:, j] = v if c["code"] is None else np.where(np.isnan(v), np.nan, (v == c["code"]).astype(np.float64))
+    controls = [(j, c) for j, c in enumerate(plan.label_columns) if c.get("control_of")]
+    if controls:
+        from ..inspectors.probes import control_labels
+        sym = store.q_arrow(session.con, "SELECT record_id, pos, token FROM symbols WHERE dataset = ? AND "
+                                         "tokenization = ? AND list_contains(?, record_id)",
+                            [plan.dataset, tokenization, [int(r) for r in ids]])
+        srow = block_rows(ids, n_symbols, sym.column(0).to_numpy().astype(np.int64), sym.column(1).to_numpy())
+        types = np.array(sym.column(2).to_pylist(), dtype=object)
+        types[types == None] = ""  # noqa: E711  (a symbol without token text is one type)
+        for j, c in controls:
+            real = y[:, [i for i, x in enumerate(plan.label_columns) if x["name"] == c["control_of"]][0]]
+            freq = plan.control_freq[c["control_of"]]
+            lab = np.full(n, np.nan)
+            lab[srow] = control_labels(types, len(freq), freq, seed=0)
+            y[:, j] = np.where(np.isnan(real), np.nan, lab)     # the same symbols as the real task
+    return y
+
+
+def block_labels(session, plan, tokenization: str, record_ids, n_symbols) -> torch.Tensor:
+    """The labels of one block of records, outside a scan (writes what it computes)."""
+    ids = np.asarray(record_ids, np.int64)
+    stream = LabelStream(session, plan, tokenization, dict(zip(ids.tolist(), np.asarray(n_symbols).tolist())))
+    try:
+        y = stream.next(ids)
+    except BaseException:
+        stream.close(failed=True)
+        raise
+    stream.close()
+    return y
