@@ -89,7 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--ray-address", default=None,
                    help="with --engine ray: 'auto', 'host:port' or 'ray://host:port' (default: a local Ray)")
     i.add_argument("--max-error", type=float, default=None,
-                   help="early stopping: stop once every score's error bound is at most this")
+                   help="early stopping: stop once every score's error bound is at most this (probes: a plateau)")
+    i.add_argument("--plateau-tol", type=float, default=None,
+                   help="early stopping for probes: stop once their held-out loss improves by less than this")
     i.add_argument("--top-k", type=int, default=None,
                    help="early stopping for a ranking: stop once each hypothesis' top-k units are stable")
     i.add_argument("--seed", type=int, default=0, help="the seeded record order of an early-stopping scan")
@@ -231,7 +233,7 @@ def cmd_inspect(args):
                         limit=args.max_records, batch_size=args.batch_size, keep_activations=args.keep_activations,
                         baseline=args.baseline, control=args.control, engine=args.engine,
                         ray_address=args.ray_address, max_error=args.max_error, top_k=args.top_k, seed=args.seed,
-                        reuse=not args.no_reuse)
+                        plateau_tol=args.plateau_tol, reuse=not args.no_reuse)
         print(top_units_table(con, t.column("query_id")[0].as_py(), args.top))
     return 0
 

@@ -7,7 +7,7 @@
 -- inspect(model, layers, hypotheses, dataset, measures := ['corr'], max_records := NULL,
 --         batch_size := 16, keep_activations := false, params := '{}', baseline := false,
 --         control := false, permutations := 0, max_error := NULL, seed := 0,
---         engine := 'local', ray_address := NULL, top_k := NULL, reuse := true)
+--         engine := 'local', ray_address := NULL, top_k := NULL, reuse := true, plateau_tol := NULL)
 -- Scores every unit of each layer against each hypothesis with each measure (corr, spearman,
 -- pointbiserial, probeless, mi, iou, precision, recall, f1, ap, probe); one row per
 -- (model, layer, unit, hypothesis, measure), also appended to the `scores` table.
@@ -18,8 +18,12 @@
 -- ('<hyp>~control': one random class per word type) and 'selectivity' rows.
 -- permutations: N > 0 adds a permutation-test p-value to unit scores (detail->>'perm_p_value').
 -- max_error: progressive scan in the seeded record order of `seed`, stopping once every score's
--- batch-means confidence half-width is at most max_error (every measure but the probes); the
--- records used and the bound reached are in the queries table.
+-- batch-means confidence half-width is at most max_error and the probes' held-out loss has
+-- plateaued (plateau_tol, 0.01 by default); the records used, the bound reached and the probes'
+-- loss checks are in the queries table.
+-- plateau_tol: progressive too; the probes have plateaued once every head's held-out loss,
+-- checked each time the records double, improved by less than plateau_tol (a fraction of the
+-- constant prediction's loss) twice in a row.
 -- top_k: a ranking query: progressive too, stopping once every hypothesis' top_k units (by |score|)
 -- stayed the same for 3 windows.
 -- reuse: false scans again even when an identical query's scores are stored.
@@ -36,7 +40,8 @@ CREATE OR REPLACE TEMP MACRO inspect(model, layers, hypotheses, dataset, measure
                                      keep_activations := false, params := '{}',
                                      baseline := false, control := false, permutations := 0,
                                      max_error := NULL, seed := 0, engine := 'local',
-                                     ray_address := NULL, top_k := NULL, reuse := true) AS TABLE
+                                     ray_address := NULL, top_k := NULL, reuse := true,
+                                     plateau_tol := NULL) AS TABLE
 SELECT unnest(r, recursive := true)
 FROM (SELECT unnest(dbd_inspect(CAST(model AS VARCHAR), layers, hypotheses, dataset, measures,
                                 CAST(max_records AS BIGINT), CAST(batch_size AS BIGINT),
@@ -45,7 +50,7 @@ FROM (SELECT unnest(dbd_inspect(CAST(model AS VARCHAR), layers, hypotheses, data
                                 CAST(permutations AS BIGINT), CAST(max_error AS DOUBLE),
                                 CAST(seed AS BIGINT), CAST(engine AS VARCHAR),
                                 CAST(ray_address AS VARCHAR), CAST(top_k AS BIGINT),
-                                CAST(reuse AS BOOLEAN))) AS r);
+                                CAST(reuse AS BOOLEAN), CAST(plateau_tol AS DOUBLE))) AS r);
 
 -- compare_layers(groups, dataset, max_records := NULL, batch_size := 16)
 -- Linear CKA between every pair of unit groups named 'model:layer' over the same symbols;

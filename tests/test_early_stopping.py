@@ -1,13 +1,19 @@
-"""Progressive scans: seeded record order, stop once every batch-means bound is small enough."""
+"""Progressive scans: seeded record order, stop once every batch-means bound is small enough (and
+the probes' held-out loss has plateaued)."""
 from __future__ import annotations
 
 import json
 
 import numpy as np
 import pytest
+import torch
 
 import deepbase_duck as dbd
+from deepbase_duck.cli import main as cli_main
+from deepbase_duck.engine.inspect import MIN_WINDOWS, PLATEAU_PATIENCE
 from deepbase_duck.errors import DeepBaseError
+from deepbase_duck.extraction.adapters import CharAdapter
+from deepbase_duck.models.charlstm import VOCAB, encode_chars
 
 from conftest import TEXTS, planted_adapter
 
@@ -58,8 +64,6 @@ def test_same_seed_same_records_and_a_tight_bound_scans_everything(big):
 
 
 def test_bad_early_stopping_arguments(big):
-    with pytest.raises(DeepBaseError, match="has error bounds for corr, pointbiserial, .*; not for: probe"):
-        dbd.inspect(big, "planted", ["planted"], ["digit"], "many", measures=["probe"], max_error=0.1)
     with pytest.raises(DeepBaseError, match=r"max_error must be in \(0, 1\), got 2"):
         dbd.inspect(big, "planted", ["planted"], ["digit"], "many", max_error=2)
 
@@ -119,3 +123,150 @@ def test_batch_means_bounds_cover_other_measures(big, measure):
                 assert 0.0 <= e["ci_low"] <= e["score"] <= e["ci_high"]      # clipped to the measure's range
                 cover.append(e["ci_low"] - 1e-12 <= want <= e["ci_high"] + 1e-12)
     assert len(cover) >= 30 and np.mean(cover) >= 0.9
+
+
+# -- probes: the held-out loss plateau ------------------------------------------------------------
+def last_query(con):
+    n, params = con.sql("SELECT n_records, params FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0]
+    return n, json.loads(params)
+
+
+def probe_scores(t):
+    return {(r["layer"], r["hypothesis"]): r for r in t.to_pylist() if r["measure"] == "probe"}
+
+
+def first_stop(checks):
+    """Indices of the checks at which the plateau rule holds (MIN_WINDOWS windows in, the last
+    PLATEAU_PATIENCE checks flat)."""
+    return [i for i, c in enumerate(checks) if c["windows"] >= MIN_WINDOWS and i + 1 >= PLATEAU_PATIENCE
+            and all(x["plateau"] for x in checks[i + 1 - PLATEAU_PATIENCE:i + 1])]
+
+
+def test_probe_plateau_stops_early_and_agrees_with_the_full_scan(big):
+    layers, hyps = ["planted", "mix"], ["digit", "in_string"]
+    full = probe_scores(dbd.inspect(big, "planted", layers, hyps, "many", measures=["probe"], batch_size=8))
+    early = probe_scores(dbd.inspect(big, "planted", layers, hyps, "many", measures=["probe"], batch_size=8,
+                                     plateau_tol=0.01, seed=1))
+    n, p = last_query(big)
+    assert p["stopped_early"] and p["stop_rule"] == "plateau" and p["plateau_tol"] == 0.01
+    assert p["bound_reached"] is None and p["records_used"] == n
+    checks = p["plateau_checks"]
+    assert [c["windows"] for c in checks] == [2 ** i for i in range(1, len(checks) + 1)]
+    # the scan stopped at the first check where the rule held, one window of 8 records a window
+    assert first_stop(checks) == [len(checks) - 1] and n == 8 * checks[-1]["windows"] < 240
+    for c in checks[-PLATEAU_PATIENCE:]:
+        assert all(c["improvement"][l][h] < 0.01 for l in layers for h in hyps), c
+    assert all(c["loss"][l][h] >= 0 for c in checks for l in layers for h in hyps)
+    assert [c["train_rows"]["planted"] for c in checks] == sorted({c["train_rows"]["planted"] for c in checks})
+    # the probes trained on the records used score within a small tolerance of the full scan's
+    assert early.keys() == full.keys() == {(l, h) for l in layers for h in hyps}
+    for k, e in early.items():
+        assert abs(e["score"] - full[k]["score"]) <= 0.03, (k, e["score"], full[k]["score"])
+        assert e["n"] < full[k]["n"] and "interval" not in json.loads(e["detail"])   # Wilson, not batch means
+    assert early[("planted", "digit")]["score"] == 1.0
+    # max_error alone stops the probes on the same plateau (default plateau_tol 0.01)
+    again = probe_scores(dbd.inspect(big, "planted", layers, hyps, "many", measures=["probe"], batch_size=8,
+                                     max_error=0.1, seed=1))
+    n2, p2 = last_query(big)
+    assert (n2, p2["stop_rule"], p2["plateau_tol"]) == (n, "plateau", 0.01)
+    assert {k: r["score"] for k, r in again.items()} == {k: r["score"] for k, r in early.items()}
+
+
+class WeakUnits(torch.nn.Module):
+    """``width`` units, each carrying `whitespace` weakly (+-signal) under noise of its own that
+    is pseudo-random per record, position and unit (padding does not change it): a probe needs
+    all the units and many rows, so its held-out loss keeps improving as records come in."""
+
+    def __init__(self, width=128, signal=0.06):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("freq", 10 + 50 * torch.rand(width, generator=g, dtype=torch.float64))
+        self.register_buffer("step", 10 * torch.rand(width, generator=g, dtype=torch.float64))
+        self.register_buffer("space", torch.tensor([c.isspace() for c in VOCAB], dtype=torch.float64))
+        self.signal = signal
+
+    def forward(self, ids):
+        pos = torch.arange(ids.shape[1], dtype=torch.float64)
+        record = (ids.double() * torch.cos(0.37 * pos + 1)).sum(1)[:, None, None]     # pad id 0 adds 0
+        noise = torch.sin(record * self.freq + pos[None, :, None] * self.step)
+        return (self.signal * (2 * self.space[ids] - 1)[..., None] + noise).float()
+
+
+class WeakModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weak = WeakUnits()
+
+    def forward(self, ids):
+        return self.weak(ids)
+
+
+def test_a_probe_that_keeps_improving_is_not_stopped_early(big):
+    dbd.register_model(big, "weak", CharAdapter(WeakModel(), encode_chars, "chars-test", device="cpu"))
+    dbd.inspect(big, "planted", ["planted"], ["digit"], "many", measures=["probe"], batch_size=8,
+                plateau_tol=0.01, seed=1)
+    n_easy, easy = last_query(big)
+    t = dbd.inspect(big, "weak", ["weak"], ["whitespace"], "many", measures=["probe"], batch_size=8,
+                    plateau_tol=0.01, seed=1)
+    n_hard, hard = last_query(big)
+    assert easy["stop_rule"] == "plateau" and n_easy == 8 * 8          # the first check allowed to stop
+    assert hard["stop_rule"] is None and not hard["stopped_early"] and n_hard == 240
+    checks = hard["plateau_checks"]
+    assert first_stop(checks) == []
+    # the held-out loss kept falling by more than the tolerance at the first comparisons
+    assert all(c["improvement"]["weak"]["whitespace"] >= 0.01 for c in checks[1:3]), checks
+    r = probe_scores(t)[("weak", "whitespace")]
+    assert json.loads(r["detail"])["majority"] + 0.05 < r["score"] < 0.95       # learnable, but hard
+
+
+def test_corr_and_probe_stop_when_both_rules_hold(big):
+    layers, hyps = ["planted", "mix"], ["digit", "in_string"]
+
+    def run(**kw):
+        t = dbd.inspect(big, "planted", layers, hyps, "many", batch_size=8, seed=1, **kw)
+        return t, *last_query(big)
+    _, n_probe, _ = run(measures=["probe"], plateau_tol=0.01)
+    orders = []
+    for max_error in (0.3, 0.03):
+        _, n_corr, _ = run(measures=["corr"], max_error=max_error)
+        t, n_both, p = run(measures=["corr", "probe"], max_error=max_error)
+        assert p["stop_rule"] == "max_error+plateau" and p["bound_reached"] <= max_error
+        assert p["plateau_checks"][-1]["plateau"] and p["plateau_tol"] == 0.01
+        # neither rule alone: the scan went on until both held
+        assert n_both == max(n_corr, n_probe) < 240, (max_error, n_corr, n_probe, n_both)
+        orders.append(n_corr < n_probe)
+        for r in t.to_pylist():
+            assert ("interval" in json.loads(r["detail"] or "{}")) == (r["measure"] == "corr")
+    assert orders == [True, False]       # the bound held first, then the plateau held first
+
+
+def test_bad_plateau_arguments(big):
+    for bad in (0, 1, -0.5, 1.5, "0.01", True, float("nan")):
+        with pytest.raises(DeepBaseError, match=r"plateau_tol must be a number in \(0, 1\), got"):
+            dbd.inspect(big, "planted", ["planted"], ["digit"], "many", measures=["probe"], plateau_tol=bad)
+    with pytest.raises(DeepBaseError, match="plateau_tol stops the probe measure .* computes no probe "
+                                            r"\(measures: corr\)"):
+        dbd.inspect(big, "planted", ["planted"], ["digit"], "many", plateau_tol=0.01)
+    assert big.sql("SELECT count(*) FROM queries").fetchall() == [(0,)]
+
+
+def test_plateau_from_sql_and_the_cli(big, tmp_path):
+    big.sql("SELECT count(*) FROM inspect('planted', ['planted'], ['digit'], 'many', measures := ['probe'], "
+            "batch_size := 8, plateau_tol := 0.01, seed := 1)").fetchall()
+    n, p = last_query(big)
+    assert p["stop_rule"] == "plateau" and p["plateau_tol"] == 0.01 and n == 64
+    path = str(tmp_path / "cli.duckdb")
+    con = dbd.connect(path, progress=False)
+    dbd.register_model(con, "planted", "ray_models:planted")       # a loader spec the CLI can load
+    dbd.add_dataset(con, "many", big.sql("SELECT text FROM records WHERE dataset = 'many' ORDER BY record_id")
+                    .fetchnumpy()["text"].tolist())
+    dbd.close(con)
+    assert cli_main(["inspect", path, "planted", "many", "--quiet", "--layers", "planted", "--hypotheses", "digit",
+                     "--measures", "probe", "--batch-size", "8", "--seed", "1", "--plateau-tol", "0.01"]) == 0
+    con = dbd.connect(path, progress=False)
+    try:
+        n_cli, p_cli = last_query(con)
+    finally:
+        dbd.close(con)
+    keys = ("stop_rule", "plateau_tol", "records_used", "plateau_checks")
+    assert n_cli == n and {k: p_cli[k] for k in keys} == {k: p[k] for k in keys}

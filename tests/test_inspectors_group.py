@@ -325,6 +325,34 @@ def test_max_error_shrinks():
     assert ProbeState(5, [CON]).max_error() == float("inf")
 
 
+def test_heldout_loss_is_the_test_split_cross_entropy_and_squared_error():
+    from sklearn.metrics import log_loss
+    X, rid, Y = planted(seed=1)
+    l2 = 1e-3
+    st = feed(ProbeState(20, [CAT, CON], l2=l2, topk=()), X, Y[:, [1, 2]], rid, batches=3)
+    loss = st.heldout_loss(st.probe_model())
+    Xtr, ytr, Xte, yte = split_xy(X, Y[:, [1, 2]], rid)
+    m = LogisticRegression(C=1.0 / (len(ytr) * l2), solver="lbfgs", max_iter=5000).fit(Xtr, ytr[:, 0])
+    assert loss["cat"] == pytest.approx(log_loss(yte[:, 0], m.predict_proba(Xte)), abs=1e-4)
+    ridge = Ridge(alpha=l2 * len(ytr)).fit(Xtr, ytr[:, 1])
+    assert loss["con"] == pytest.approx(np.mean((ridge.predict(Xte) - yte[:, 1]) ** 2), rel=1e-6)
+    const = st.constant_loss()           # the best constant prediction: label entropy, variance
+    freq = np.bincount(yte[:, 0].astype(int)) / len(yte)
+    assert const["cat"] == pytest.approx(-(freq * np.log(freq)).sum())
+    assert const["con"] == pytest.approx(yte[:, 1].var())
+    assert loss["cat"] < const["cat"] and loss["con"] < const["con"]
+    # a probe fit before class 3 was seen has no probability for it: infinite loss on these rows
+    unseen = Y[:, [1, 2]].copy()
+    unseen[unseen[:, 0] == 3, 0] = np.nan
+    earlier = feed(ProbeState(20, [CAT, CON], l2=l2, topk=()), X, unseen, rid).probe_model()
+    assert st.heldout_loss(earlier)["cat"] == math.inf and math.isfinite(st.heldout_loss(earlier)["con"])
+    # a head without labelled test rows has no loss
+    none = Y[:, [1, 2]].copy()
+    none[test_split_mask(rid), 1] = np.nan
+    st2 = feed(ProbeState(20, [CAT, CON], l2=l2, topk=()), X, none, rid)
+    assert math.isnan(st2.heldout_loss(st2.probe_model())["con"]) and math.isnan(st2.constant_loss()["con"])
+
+
 # ----------------------------------------------------------------------------------- CKA
 def cka_reference(X, Y):
     """Kornblith et al.'s HSIC form with explicit centring matrices."""

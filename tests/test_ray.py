@@ -193,6 +193,23 @@ def test_early_stopping_on_ray_stops_early_and_keeps_the_top_units(db):
     assert len(set(a) & set(b)) >= 9, (a, b)
 
 
+def test_probe_plateau_on_ray_stops_where_the_local_engine_does(db):
+    kw = {"measures": ["corr", "probe"], "batch_size": 8, "max_error": 0.3, "seed": 1}
+    local = dbd.inspect(db, "planted", ["planted", "mix"], ["digit", "in_string"], "many", **kw)
+    lp = _last_params(db)
+    remote = dbd.inspect(db, "planted", ["planted", "mix"], ["digit", "in_string"], "many", engine="ray",
+                         reuse=False, **kw)
+    p = _last_params(db)
+    assert p["engine"] == "ray" and p["stop_rule"] == lp["stop_rule"] == "max_error+plateau"
+    assert p["records_used"] == lp["records_used"] < 240 and p["ray_blocks_merged"] < p["ray_blocks"]
+    a, b = p["plateau_checks"], lp["plateau_checks"]
+    assert [(c["windows"], c["plateau"], c["train_rows"]) for c in a] == \
+        [(c["windows"], c["plateau"], c["train_rows"]) for c in b]
+    for x, y in zip(a, b):
+        assert x["loss"] == {l: pytest.approx(v, abs=1e-4) for l, v in y["loss"].items()}
+    _assert_equal_scores(local, remote)
+
+
 def test_keep_activations_on_ray_stores_each_row_once(db):
     from deepbase_duck.engine.ray_engine import RayEngine
     dbd.add_dataset(db, "kept", TEXTS[:12], replace=True)

@@ -51,6 +51,9 @@ BOUNDED_MEASURES = ("corr", "pointbiserial", "spearman", "probeless", "mi", "iou
 SCORE_RANGE = {"corr": (-1.0, 1.0), "pointbiserial": (-1.0, 1.0), "spearman": (-1.0, 1.0), "mi": (0.0, np.inf),
                "iou": (0.0, 1.0), "precision": (0.0, 1.0), "recall": (0.0, 1.0), "f1": (0.0, 1.0), "ap": (0.0, 1.0)}
 MIN_WINDOWS = 5
+# Probes have no error bound; a progressive scan stops them on a held-out loss plateau (StopRule)
+PLATEAU_TOL = 0.01                     # default improvement below which a probe's loss is flat
+PLATEAU_PATIENCE = 2                   # ... at this many consecutive checks (doublings of the data)
 
 
 @dataclass
@@ -78,10 +81,12 @@ class Plan:
     seed: int = 0                                      # the seeded record order of progressive scans
     top_k: int | None = None                           # ranking queries: stop once each top-k set is stable
     stable_windows: int = 3                            # ... over this many consecutive windows
+    plateau_tol: float | None = None                   # probes: stop once the held-out loss plateaus
+    probe_checks: list = field(default_factory=list)   # filled by StopRule: the probes' loss checks
 
     @property
     def progressive(self) -> bool:
-        return self.max_error is not None or self.top_k is not None
+        return self.max_error is not None or self.top_k is not None or self.plateau_tol is not None
 
 
 def _label_columns(hyps: list[dict], measures: list[str], control: bool = False):
@@ -115,7 +120,7 @@ def _label_columns(hyps: list[dict], measures: list[str], control: bool = False)
 def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",), record_ids=None, limit=None,
                  batch_size=16, keep_activations=False, dtype="float32", device=None, control=False,
                  permutations=0, permutation_rows=20_000, max_error=None, seed=0, top_k=None, stable_windows=3,
-                 **measure_params) -> Plan:
+                 plateau_tol=None, **measure_params) -> Plan:
     if isinstance(layers, str):
         layers = [layers]
     if isinstance(hypotheses, str):
@@ -141,10 +146,19 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
     if max_error is not None and not (0 < float(max_error) < 1):
         raise DeepBaseError(f"max_error must be in (0, 1), got {max_error}")
     if max_error is not None:
-        unbounded = [m for m in measures if m not in BOUNDED_MEASURES]
+        unbounded = [m for m in measures if m not in BOUNDED_MEASURES and m != "probe"]
         if unbounded:
-            raise DeepBaseError(f"early stopping (max_error) has error bounds for {', '.join(BOUNDED_MEASURES)}; "
-                                f"not for: {', '.join(unbounded)}")
+            raise DeepBaseError(f"early stopping (max_error) has error bounds for {', '.join(BOUNDED_MEASURES)} "
+                                f"and a held-out loss plateau for probe; not for: {', '.join(unbounded)}")
+    if plateau_tol is not None:
+        if isinstance(plateau_tol, bool) or not isinstance(plateau_tol, (int, float, np.number)) \
+                or not 0 < plateau_tol < 1:
+            raise DeepBaseError(f"plateau_tol must be a number in (0, 1), got {plateau_tol!r}")
+        if "probe" not in measures:
+            raise DeepBaseError(f"plateau_tol stops the probe measure on a held-out loss plateau; the query "
+                                f"computes no probe (measures: {', '.join(measures)})")
+    elif max_error is not None and "probe" in measures:
+        plateau_tol = PLATEAU_TOL
     if top_k is not None:
         if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
             raise DeepBaseError(f"top_k must be a positive integer, got {top_k!r}")
@@ -181,7 +195,8 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
                 control=bool(control), permutations=int(permutations or 0),
                 permutation_rows=int(permutation_rows),
                 max_error=None if max_error is None else float(max_error), seed=int(seed),
-                top_k=None if top_k is None else int(top_k), stable_windows=int(stable_windows))
+                top_k=None if top_k is None else int(top_k), stable_windows=int(stable_windows),
+                plateau_tol=None if plateau_tol is None else float(plateau_tol))
 
 
 # -- blocks of activations -----------------------------------------------------------------------
@@ -260,7 +275,10 @@ def read_part_block(ids: list[int], files: dict, counts: dict) -> Batch:
 
 
 def _score_matrix(state) -> np.ndarray:
-    """A state's scores as a flat float array in finalize() row order (NaN for NULL)."""
+    """A state's scores as a flat float array in finalize() row order (NaN for NULL); empty for
+    a probe (no batch-means bound: each window would train a probe; StopRule's plateau instead)."""
+    if state.measure == "probe":
+        return np.empty(0)
     return np.array(state.finalize().column("score").to_pylist(), dtype=np.float64)
 
 
@@ -394,28 +412,110 @@ def make_engine(engine=None, ray_address=None, **ray_options):
 
 
 class StopRule:
-    """The stop rules of a progressive scan, checked after each window (both engines):
-    ``max_error`` once every state's batch-means half-width is at most it, ``top_k`` once every
-    (layer, measure, hypothesis) top-k set has stayed the same over ``stable_windows`` windows;
-    neither before MIN_WINDOWS windows. ``bound`` is the largest half-width at the last check."""
+    """The stop rules of a progressive scan, checked after each window (both engines), never
+    before MIN_WINDOWS windows:
+
+    - ``max_error``: every state but the probes has a batch-means half-width of at most
+      ``max_error`` (``bound``: the largest half-width at the last check; None for probes alone);
+    - plateau (the probes, with ``plateau_tol``): at the windows 2, 4, 8, 16, ... (each check sees
+      twice the records of the one before) every probe state fits its probe on its train sample
+      (``ProbeState.probe_model``), and both this probe and the previous check's are scored on
+      the current test split (``heldout_loss``: mean cross-entropy in nats, or squared error for
+      a continuous head). A head's improvement is (previous loss - current loss) / the loss of
+      the best constant prediction on those rows (``constant_loss``: the test labels' entropy,
+      or variance), i.e. the gain in held-out pseudo-R2 (R2 for a continuous head), so a loss
+      near 0 does not inflate it. A check is flat when every head of every probe state improved
+      by less than ``plateau_tol``; the probes have plateaued when the last PLATEAU_PATIENCE
+      checks were flat, i.e. over the last PLATEAU_PATIENCE doublings of the data. A check where
+      a probe cannot be fit yet (too few rows of a class), without a previous probe, or with a
+      head without test rows or meeting a class its previous probe never saw is not flat.
+      Between checks the last check's verdict holds. The checks are recorded in
+      ``plan.probe_checks``. As the checks double, all their fits together cost about twice
+      the last one (a fit's time grows with its rows);
+    - ``top_k``: every (layer, measure, hypothesis) top-k set has stayed the same over
+      ``stable_windows`` windows.
+
+    With ``max_error`` or ``plateau_tol`` the scan stops once the bounded states meet
+    ``max_error`` (when given) and the probes have plateaued (when the query has any): the rule
+    is named 'max_error', 'plateau' or 'max_error+plateau' after what had to hold."""
 
     def __init__(self, plan: Plan):
-        self.plan, self.history, self.bound = plan, [], float("inf")
+        self.plan, self.history = plan, []
+        self.bound = float("inf") if any(m != "probe" for m in plan.measures) else None
+        self.models, self.plateaued = {}, False     # the probes fitted at the last check
+        plan.probe_checks = []
 
     def check(self, states: dict, window_scores: dict) -> str | None:
-        """The rule that stops the scan now ('max_error', 'top_k'), or None."""
+        """The rule that stops the scan now ('max_error', 'plateau', 'max_error+plateau',
+        'top_k'), or None."""
         plan = self.plan
-        self.bound = max(batch_means_half_width(w, getattr(states[k], "confidence", 0.95)).max(initial=0.0)
-                         for k, w in window_scores.items())
-        enough = len(next(iter(window_scores.values()))) >= MIN_WINDOWS
-        if plan.max_error is not None and enough and self.bound <= plan.max_error:
-            return "max_error"
+        windows = len(next(iter(window_scores.values())))
+        enough = windows >= MIN_WINDOWS
+        bounded = [k for k in window_scores if k[1] != "probe"]
+        probes = [k for k in states if k[1] == "probe"]
+        if bounded:
+            self.bound = max(batch_means_half_width(window_scores[k], getattr(states[k], "confidence", 0.95))
+                             .max(initial=0.0) for k in bounded)
+        if probes and windows >= 2 and windows & (windows - 1) == 0:
+            self.plateaued = self.probe_check(states, probes, windows)
+        rules = []                              # (rule, whether it holds now)
+        if bounded and plan.max_error is not None:
+            rules.append(("max_error", self.bound <= plan.max_error))
+        if probes:
+            rules.append(("plateau", self.plateaued))
+        if enough and rules and all(ok for _, ok in rules):
+            return "+".join(r for r, _ in rules)
         if plan.top_k is not None:
             self.history.append({k: top_sets(st.finalize(), plan.top_k) for k, st in states.items()})
             recent = self.history[-(plan.stable_windows + 1):]
             if enough and len(recent) == plan.stable_windows + 1 and all(h == recent[-1] for h in recent):
                 return "top_k"
         return None
+
+    def probe_check(self, states: dict, probes: list, windows: int) -> bool:
+        """One plateau check of the probe states (see the class docstring); records it in
+        ``plan.probe_checks`` as {windows, train_rows, test_rows, loss, improvement, unfitted}
+        keyed by layer (then hypothesis) and says whether the probes have plateaued."""
+        rec = {"windows": windows, "train_rows": {}, "test_rows": {}, "loss": {}, "improvement": {}}
+        flat = True
+        for key in probes:
+            st, layer = states[key], key[0]
+            rec["train_rows"][layer] = int(st.sample("train")[0].numel())
+            rec["test_rows"][layer] = int(st.sample("test")[0].numel())
+            previous = self.models.pop(key, None)
+            try:
+                model = st.probe_model()
+            except DeepBaseError as exc:          # too few rows of some class so far
+                rec.setdefault("unfitted", {})[layer] = str(exc)
+                flat = False
+                continue
+            self.models[key] = model
+            loss = st.heldout_loss(model)
+            rec["loss"][layer] = {h: _finite(v) for h, v in loss.items()}
+            if previous is None:
+                flat = False
+                continue
+            before, scale = st.heldout_loss(previous), st.constant_loss()
+            gain = {h: _gain(before[h], loss[h], scale[h]) for h in loss}
+            rec["improvement"][layer] = {h: _finite(v) for h, v in gain.items()}
+            flat = flat and all(v < self.plan.plateau_tol for v in gain.values())     # NaN: not flat
+        rec["plateau"] = flat
+        self.plan.probe_checks.append(rec)
+        recent = self.plan.probe_checks[-PLATEAU_PATIENCE:]
+        return len(recent) == PLATEAU_PATIENCE and all(r["plateau"] for r in recent)
+
+
+def _gain(before: float, after: float, scale: float) -> float:
+    """(before - after) / scale; NaN unless every term is finite and the scale positive (no test
+    rows, a class the earlier probe never saw, test labels of one class)."""
+    if not (np.isfinite(before) and np.isfinite(after) and np.isfinite(scale) and scale > 0):
+        return float("nan")
+    return (before - after) / scale
+
+
+def _finite(v: float) -> float | None:
+    """A number for queries.params (JSON): None for NaN and infinities."""
+    return round(float(v), 6) if np.isfinite(v) else None
 
 
 class LocalEngine:
@@ -692,6 +792,8 @@ def query_fingerprint(session, plans: list, baseline: bool, baseline_seed: int) 
            "top_k": plan.top_k, "stable_windows": plan.stable_windows if plan.top_k else None,
            "batch_size": plan.batch_size if plan.progressive else None, "dtype": plan.dtype,
            "baseline": bool(baseline), "baseline_seed": baseline_seed if baseline else None}
+    if plan.plateau_tol is not None:          # only then: the fingerprints of other queries stay as they were
+        key["plateau_tol"] = plan.plateau_tol
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -740,7 +842,7 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
             batch_size=16, keep_activations=False, dtype="float32", device=None, store_scores=True,
             progress=None, engine=None, baseline=False, baseline_seed=0, control=False, permutations=0,
             permutation_rows=20_000, max_error=None, seed=0, top_k=None, stable_windows=3, reuse=True,
-            ray_address=None, ray_options=None,
+            ray_address=None, ray_options=None, plateau_tol=None,
             **measure_params) -> pa.Table:
     """Score ``layers`` of ``model`` against ``hypotheses`` over ``dataset``; returns (and stores)
     rows of (query_id, model, layer, unit, hypothesis, measure, score, n, ci_low, ci_high, p_value,
@@ -751,9 +853,21 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
     ``permutations=N`` unit-level scores also carry a permutation-test p-value in
     ``detail->>'perm_p_value'`` (on a sample of ``permutation_rows`` rows). With ``max_error``
     the scan is progressive: records in the seeded order of ``seed``, stopping once every state's
-    error bound (the largest confidence half-width: Fisher z for correlations) is at most
-    ``max_error``; ``queries.params`` reports the records used and the bound reached, and each
-    score's n and interval are those of the records used. With ``top_k`` (a ranking query) the
+    error bound (the batch-means confidence half-width over windows of records) is at most
+    ``max_error`` and, with the probe measure, the probes' held-out loss has plateaued;
+    ``queries.params`` reports the records used and the bound reached, and each score's n and
+    interval are those of the records used. The plateau (StopRule): each time the records seen
+    double (windows 2, 4, 8, ...) the probes are fit on their train split, and the probe of the
+    previous check and the new one are scored on the same current test split (mean
+    cross-entropy; squared error for continuous hypotheses); a head's improvement is the loss
+    drop as a fraction of the constant prediction's loss (test-label entropy or variance). The
+    probes have plateaued once every head improved by less than ``plateau_tol`` (default 0.01)
+    at PLATEAU_PATIENCE (2) checks in a row, after at least MIN_WINDOWS windows. ``plateau_tol``
+    alone (no ``max_error``) makes the scan progressive too, stopping on the plateau only.
+    ``queries.params`` holds ``stop_rule`` ('max_error', 'plateau' or 'max_error+plateau': what
+    had to hold), ``plateau_tol`` and ``plateau_checks`` (per check: windows, the probes' train
+    and test rows, each head's held-out loss and improvement, per layer). This is a heuristic,
+    not a bound: the probe's accuracy keeps its Wilson interval. With ``top_k`` (a ranking query) the
     scan is progressive too and also stops once, for every (layer, measure, hypothesis), the set of
     its ``top_k`` units by |score| has stayed the same over ``stable_windows`` consecutive windows
     (after at least MIN_WINDOWS windows); ``stop_rule`` in ``queries.params`` says which rule
@@ -782,7 +896,7 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
         raise DeepBaseError(f"model names repeat in {models}")
     plans = [plan_inspect(session, m, layers, hypotheses, dataset, measures, record_ids, limit, batch_size,
                           keep_activations, dtype, device, control, permutations, permutation_rows, max_error, seed,
-                          top_k, stable_windows, **measure_params) for m in models]
+                          top_k, stable_windows, plateau_tol, **measure_params) for m in models]
     plan = plans[0]
     model_label = ", ".join(models)
     fingerprint = query_fingerprint(session, plans, baseline, baseline_seed)
@@ -810,13 +924,13 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
             session.register_model(twin_name, untrained_copy(session.adapter(models[0]), baseline_seed))
         twin = plan_inspect(session, twin_name, layers, hypotheses, dataset, measures, record_ids, limit,
                             batch_size, False, dtype, device, control, permutations, permutation_rows,
-                            max_error, seed, top_k, stable_windows, **measure_params)
+                            max_error, seed, top_k, stable_windows, plateau_tol, **measure_params)
         runs.append((twin, engine.run(session, twin, progress)))
     tables = []
     for p, result in runs:
         for (layer, m), state in result["states"].items():
             t = state.finalize()
-            if result.get("window_scores") is not None:
+            if result.get("window_scores") is not None and m != "probe":
                 t = with_batch_means_interval(t, result["window_scores"][(layer, m)],
                                               getattr(state, "confidence", 0.95),
                                               SCORE_RANGE.get(m, (-np.inf, np.inf)))
@@ -842,6 +956,7 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
               "top_k": plan.top_k, "stable_windows": plan.stable_windows if plan.top_k else None,
               "stopped_early": runs[0][1]["stopped_early"], "stop_rule": runs[0][1]["stop_rule"],
               "bound_reached": runs[0][1]["bound"],
+              "plateau_tol": plan.plateau_tol, "plateau_checks": plan.probe_checks if plan.plateau_tol else None,
               "fingerprint": fingerprint, "reused": reuse_report(plan, runs, labels_missing),
               "engine": runs[0][1].get("engine", getattr(engine, "name", type(engine).__name__))}
     params.update(runs[0][1].get("engine_info") or {})

@@ -19,10 +19,11 @@ What moves where:
   equals the local engine's up to float64 rounding (the forward batches are the same). It then
   finalises and writes exactly as the local engine does (``inspect()``), in one transaction at
   the end: an interrupted driver leaves the store unchanged.
-- Early stopping (``max_error``): a block is one window of the seeded order; blocks are merged as
-  they finish (``ray.wait``) in order, the bound is checked after each merge with the local
-  engine's rule, and once within bound no block is dispatched any more and those in flight are
-  cancelled (``ray.cancel``): the records used are the same prefix the local engine uses.
+- Early stopping (``max_error``, ``plateau_tol``): a block is one window of the seeded order;
+  blocks are merged as they finish (``ray.wait``) in order, the bound (and the probes' plateau)
+  is checked after each merge with the local engine's rule (``StopRule``), and once it holds no
+  block is dispatched any more and those in flight are cancelled (``ray.cancel``): the records
+  used are the same prefix the local engine uses.
 - Faults: a block whose worker died (node lost, process killed) is dispatched again to a live
   worker, and a replacement actor is requested from Ray; a block whose forward pass raised (bad
   activations) fails the query with that error.

@@ -67,6 +67,12 @@ heads' top-k columns of the features, each head masked to its own k.
 ``selectivity`` rows (unit NULL): for ``control_of = {control: real}``, accuracy(real) -
 accuracy(control) (Hewitt & Liang 2019); :func:`control_labels` makes the control labels.
 
+Held-out loss (the plateau rule of progressive scans, engine/inspect.py StopRule):
+``probe_model()`` is the main fit above (no top-k re-fits) with its standardisation;
+``heldout_loss(model)`` scores such a model, possibly fit earlier in the scan, on the current
+test split (mean cross-entropy in nats, or squared error for a ridge head), and
+``constant_loss()`` is the loss of the best constant prediction there (label entropy, variance).
+
 Exact: the split, the sample, the merge, the ridge heads. Approximate: the logistic and
 elastic-net optima (iterative, up to the stopping rule), hence accuracies may differ from
 another solver by a few borderline test rows.
@@ -93,6 +99,7 @@ _NAN_LABEL = -7.777e300                 # stands for NaN in the content hash
 _FLOAT64_CELLS = 1 << 23                # train in float64 up to this many sample cells
 _LBFGS_TOL_GRAD = 1e-4                  # L-BFGS stops when max |gradient| <= this
 _LBFGS_TOL_CHANGE = 1e-7                # ... or when the loss or max |step| changes by <= this
+_CHUNK = 1 << 16                        # rows per chunk of the float64 passes over a sample
 
 EXTRA_SCHEMA = pa.schema([
     ("metric", pa.string()),
@@ -409,17 +416,16 @@ class ProbeState(InspectorState):
             heads.append(head)
         return heads
 
-    def _standardise(self, xtr: torch.Tensor, xte: torch.Tensor):
+    def _scaler(self, xtr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, standard deviation) of the train features, float64 (sd 1 for a constant unit)."""
         n = xtr.shape[0]
-        dtype = F64 if n * self.width <= _FLOAT64_CELLS else torch.float32
         mu = torch.zeros(self.width, dtype=F64, device=self.device)
         m2 = torch.zeros(self.width, dtype=F64, device=self.device)
-        step = 1 << 16
         if n:
             shift = xtr[0].to(F64)
             s = torch.zeros_like(mu)
-            for i in range(0, n, step):
-                c = xtr[i:i + step].to(F64) - shift
+            for i in range(0, n, _CHUNK):
+                c = xtr[i:i + _CHUNK].to(F64) - shift
                 s += c.sum(0)
                 m2 += (c * c).sum(0)
             mu = s / n
@@ -427,14 +433,25 @@ class ProbeState(InspectorState):
             mu = mu + shift
         sd = m2.sqrt()
         spread = mu.abs().clamp(min=1e-30)
-        sd = torch.where(sd <= 1e-12 * spread, torch.ones_like(sd), sd)
+        return mu, torch.where(sd <= 1e-12 * spread, torch.ones_like(sd), sd)
 
-        def z(x):
-            out = torch.empty(x.shape, dtype=dtype, device=self.device)
-            for i in range(0, x.shape[0], step):
-                out[i:i + step] = ((x[i:i + step].to(F64) - mu) / sd).to(dtype)
-            return out
-        return z(xtr), z(xte)
+    def _scale(self, x: torch.Tensor, scaler, dtype) -> torch.Tensor:
+        mu, sd = scaler
+        out = torch.empty(x.shape, dtype=dtype, device=self.device)
+        for i in range(0, x.shape[0], _CHUNK):
+            out[i:i + _CHUNK] = ((x[i:i + _CHUNK].to(F64) - mu) / sd).to(dtype)
+        return out
+
+    def _train(self):
+        """The group's probe trained on the train sample as it is now: (heads, standardised train
+        features, scaler, per-head fits), the fit behind the ``probe`` rows."""
+        _, xtr, ytr = self.sample("train")
+        _, _, yte = self.sample("test")
+        heads = self._heads(ytr, yte)
+        scaler = self._scaler(xtr)
+        dtype = F64 if xtr.shape[0] * self.width <= _FLOAT64_CELLS else torch.float32
+        ztr = self._scale(xtr, scaler, dtype)
+        return heads, ztr, scaler, self._fit(ztr, heads, self.l1, self.l2)
 
     def _fit(self, ztr: torch.Tensor, heads: list[dict], l1: float, l2: float, subsets=None,
              init: list[dict] | None = None) -> list[dict]:
@@ -816,12 +833,8 @@ class ProbeState(InspectorState):
         heads, weights, standardisation and held-out results."""
         if self._fitted is not None:
             return self._fitted
-        _, xtr, ytr = self.sample("train")
-        _, xte, yte = self.sample("test")
-        heads = self._heads(ytr, yte)
-        ztr, zte = self._standardise(xtr, xte)
-        fits = self._fit(ztr, heads, self.l1, self.l2)
-        zte = zte.to(F64)
+        heads, ztr, scaler, fits = self._train()
+        zte = self._scale(self.sample("test")[1], scaler, ztr.dtype).to(F64)
         results = self._evaluate(zte, heads, fits)
         masses = [self.weight_mass(f["W"]) for f in fits]
         orders = [torch.sort(-g.cpu(), stable=True).indices for _, g in masses]
@@ -834,6 +847,62 @@ class ProbeState(InspectorState):
         self._fitted = {"heads": heads, "fits": fits, "results": results, "masses": masses,
                         "orders": orders, "topk": topk}
         return self._fitted
+
+    def probe_model(self) -> dict:
+        """The probe trained on the train sample as it is now (the fit behind the ``probe`` rows,
+        without the top-k re-fits): its standardisation and heads, for :meth:`heldout_loss`.
+        Raises as ``finalize`` does when a head cannot be trained yet (a class with fewer than
+        ``min_per_class`` train rows, a single class)."""
+        heads, _, scaler, fits = self._train()
+        keep = ("name", "col", "type", "classes")
+        return {"scaler": scaler, "heads": [{k: h[k] for k in keep if k in h} for h in heads], "fits": fits}
+
+    def heldout_loss(self, model: dict) -> dict[str, float]:
+        """{hypothesis: mean loss of ``model``'s head on this state's test split as it is now}:
+        cross-entropy in nats for a classification head (softmax over the head's classes; inf
+        when a test label is a class the head was not trained on), mean squared error for a
+        continuous head; NaN for a head without labelled test rows. ``model`` comes from
+        :meth:`probe_model`, of this state or of an earlier point of the same scan, so two probes
+        can be compared on the same test rows."""
+        _, xte, yte = self.sample("test")
+        z = self._scale(xte, model["scaler"], F64)
+        out = {}
+        for h, fit in zip(model["heads"], model["fits"]):
+            rows = ~torch.isnan(yte[:, h["col"]])
+            y = yte[rows, h["col"]]
+            if not y.numel():
+                out[h["name"]] = math.nan
+                continue
+            logits = z[rows] @ fit["W"] + fit["b"]
+            if h["type"] == "ridge":
+                out[h["name"]] = float(((logits[:, 0] - y) ** 2).mean())
+                continue
+            classes = h["classes"]
+            t = torch.searchsorted(classes, y.to(torch.int64)).clamp(max=classes.numel() - 1)
+            if bool((classes[t] != y).any()):
+                out[h["name"]] = math.inf
+                continue
+            ce = torch.logsumexp(logits, 1) - logits.gather(1, t[:, None])[:, 0]
+            out[h["name"]] = float(ce.mean())
+        return out
+
+    def constant_loss(self) -> dict[str, float]:
+        """{hypothesis: loss of the best constant prediction on this state's test split}, the
+        scale of :meth:`heldout_loss`: the entropy (nats) of the test labels' class frequencies,
+        or the (population) variance of a continuous hypothesis' test labels; NaN without
+        labelled test rows."""
+        _, _, yte = self.sample("test")
+        out = {}
+        for j, h in enumerate(self.hypotheses):
+            y = yte[~torch.isnan(yte[:, j]), j]
+            if not y.numel():
+                out[h["name"]] = math.nan
+            elif h["kind"] == "continuous":
+                out[h["name"]] = float(((y - y.mean()) ** 2).mean())
+            else:
+                p = torch.unique(y, return_counts=True)[1].to(F64) / y.numel()
+                out[h["name"]] = float(-(p * p.log()).sum())
+        return out
 
     def finalize(self) -> pa.Table:
         m = self.fit()
