@@ -28,6 +28,7 @@ from .. import store
 from ..errors import ActivationError, DeepBaseError, EmptyDatasetError
 from ..extraction.hooks import Retain
 from ..progress import progress_bar
+from .memory import release_freed_memory
 
 DTYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
 SYMBOL_CHUNK = 256
@@ -332,6 +333,7 @@ def extract(session, model: str, layers, dataset: str, dtype: str = "float32", r
         batches = plan_batches(session, dataset, todo, batch_size)
         for batch in forward_batches(session, adapter, model, run_layers, dataset, batches, counts):
             store_batch(session, {l: behaviors[l] for l in run_layers}, missing, batch)
+            release_freed_memory()
             bar.update(len(batch.record_ids))
         bar.close()
     for layer in layers:

@@ -32,6 +32,7 @@ from ..hypotheses.grid import check_fit
 from ..hypotheses.store import annotate, missing_records, resolve
 from ..inspectors.base import SCORE_SCHEMA, measure_class
 from ..progress import progress_bar
+from .memory import release_freed_memory
 from .labels import LabelStream, block_labels  # noqa: F401  (block_labels: public here too)
 from .extract import (Batch, cleanup_orphans, done_records, ensure_symbols, find_behavior, forward_batches,
                       get_or_create_behavior, plan_batches, store_batch)
@@ -391,6 +392,7 @@ def update_states(states: dict, samples: dict, batch: Batch, y: torch.Tensor, ta
         if samples:
             from ..inspectors.spearman import row_keys
             samples[layer].add(row_keys(x, y, rec), x, y)
+    release_freed_memory()                 # the block's temporaries: back to the OS (engine/memory.py)
 
 
 def make_engine(engine=None, ray_address=None, **ray_options):
