@@ -172,3 +172,18 @@ def test_constant_label_gives_null(planted):
     register(Hypothesis("never", lambda t: [], "binary"))
     rows = dbd.inspect(planted, "planted", ["planted"], ["never"], "snippets").to_pylist()
     assert len(rows) == 5 and all(r["score"] is None and r["p_value"] is None for r in rows)
+
+
+def test_scores_with_partly_stored_labels_read_ahead_in_chunks(planted, monkeypatch):
+    """Half the records' labels stored beforehand (read ahead, 4 records per query), the others
+    computed in the scan: the scores still equal numpy's, and every label pair is stored after."""
+    import deepbase_duck.engine.labels as labels_module
+    monkeypatch.setattr(labels_module, "CHUNK", 4)
+    ref, _ = reference_scores(lambda m, ids: m.planted(ids))
+    dbd.annotate(planted, HYPS, "snippets", record_ids=list(range(0, len(TEXTS), 2)))
+    t = dbd.inspect(planted, "planted", ["planted"], HYPS, "snippets", batch_size=3)
+    for r in t.to_pylist():
+        want = ref[(r["unit"], r["hypothesis"])]
+        assert (r["score"] is None) if want is None else r["score"] == pytest.approx(want, abs=1e-5), r
+    assert planted.sql("SELECT count(*) FROM labeled_records WHERE dataset = 'snippets'").fetchall()[0][0] \
+        == len(TEXTS) * len(HYPS)

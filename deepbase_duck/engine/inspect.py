@@ -544,12 +544,13 @@ class LocalEngine:
         show = session.progress if progress is None else progress
         counts = dict(store.q_all(session.con, "SELECT record_id, n_symbols FROM tokenized_records WHERE dataset = ? "
                                                "AND tokenization = ?", [plan.dataset, tokenization])) if len(covered) else {}
-        sources, windows, keep = [], [], None
+        sources, windows, keep, order = [], [], None, []
         if len(covered):                          # stored activations: the model does not run for them
             blocks = stored_part_blocks(session, plan, behaviors, covered)
             if progressive:                       # stored parts in a seeded order (a cluster sample)
                 blocks = [blocks[i] for i in np.random.default_rng(plan.seed).permutation(len(blocks))]
             windows += [len(blocks)] if not progressive else [1] * len(blocks)
+            order += [r for ids, _ in blocks for r in ids]
             sources.append(read_part_block(ids, files, counts) for ids, files in blocks)
         if len(missing):                          # the rest: one forward pass per batch, all layers
             adapter = session.adapter(plan.model)
@@ -559,14 +560,16 @@ class LocalEngine:
                 windows.append(len(block_ids))
             else:                                 # tokenised as the scan reaches them: it may stop early
                 block_ids, w = seeded_windows(session, plan)
-                block_ids = symbols_ahead(session, adapter, plan.dataset, block_ids, counts)
                 windows += w
+            order += [r for ids in block_ids for r in ids]
+            if progressive:
+                block_ids = symbols_ahead(session, adapter, plan.dataset, block_ids, counts)
             sources.append(forward_batches(session, adapter, plan.model, plan.layers, plan.dataset, block_ids, counts))
             keep = KeepActivations(session, plan, mrow["checksum"], tokenization, widths) if plan.keep_activations else None
         source = itertools.chain(*sources)
         if plan.control:
             plan.control_freq = class_frequencies(session, plan, tokenization)
-        labels = LabelStream(session, plan, tokenization, counts)
+        labels = LabelStream(session, plan, tokenization, counts, order)
         samples = new_samples(plan, widths, plan.device)
         bar = progress_bar(len(plan.record_ids), f"inspect {plan.model} ({plan.source})", "rec", show)
         checkpoints = set(np.cumsum(windows).tolist())   # the stop rule is checked at window ends
@@ -630,9 +633,9 @@ class LocalEngine:
             p0.control_freq = class_frequencies(session, p0, tokenization)
         for p in plans:
             p.source, p.control_freq = "model", p0.control_freq
-        labels = LabelStream(session, p0, tokenization, counts)
         stacked = StackedForward(adapters, p0.layers, fuse=fuse)
         block_ids = plan_batches(session, p0.dataset, p0.record_ids, p0.batch_size)
+        labels = LabelStream(session, p0, tokenization, counts, [r for ids in block_ids for r in ids])
         show = session.progress if progress is None else progress
         bar = progress_bar(len(p0.record_ids), f"inspect {len(plans)} models ({p0.model}, ...)", "rec", show)
         used = []

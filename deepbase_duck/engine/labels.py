@@ -33,8 +33,13 @@ class LabelStream:
     """``next(ids)``: the (rows, label columns) float64 tensor of a block, rows in (record order
     of ``ids``, pos) order, NaN = no label. ``close()`` writes the labels still buffered."""
 
-    def __init__(self, session, plan, tokenization: str, counts: dict):
+    def __init__(self, session, plan, tokenization: str, counts: dict, order=None):
+        """``order``: the scan's record ids in the order it will ask for them (optional: stored
+        labels are then read ahead in chunks)."""
         self.session, self.plan, self.tokenization, self.counts = session, plan, tokenization, counts
+        self.order = None if order is None else [int(r) for r in order]
+        self.position = {} if order is None else {r: i for i, r in enumerate(self.order)}
+        self.cache, self.fetched = {}, set()
         con = session.con
         self.hyps = plan.hypotheses
         missing = missing_records(con, self.hyps, plan.dataset, np.unique(plan.record_ids))
@@ -88,26 +93,42 @@ class LabelStream:
 
     def _stored_spans(self, ids: np.ndarray, need: list) -> dict:
         """{(hypothesis, record): (starts, ends, values)} of the stored labels of the block's
-        records (only hypotheses stored for some of them)."""
-        names = [h["name"] for h in self.hyps if any(int(r) not in self.missing[h["name"]] for r in ids)]
-        if not names:
-            return {}
-        keys = [f"{h['name']}\x00{h['version']}" for h in self.hyps if h["name"] in names]
-        t = store.q_arrow(self.session.con,
-                          "SELECT hypothesis, record_id, start_char, end_char, value FROM labels "
-                          "WHERE dataset = ? AND list_contains(?, record_id) "
-                          "AND list_contains(?, hypothesis || chr(0) || version) "
-                          "ORDER BY hypothesis, record_id, start_char",
-                          [self.plan.dataset, [int(r) for r in ids], keys])
-        hyp = np.asarray(t.column(0).to_pylist(), dtype=object)
-        rec = t.column(1).to_numpy().astype(np.int64)
-        s, e = t.column(2).to_numpy().astype(np.int64), t.column(3).to_numpy().astype(np.int64)
-        v = t.column(4).to_numpy(zero_copy_only=False).astype(np.float64)
+        records. Read ahead: one query fetches the stored spans of the next ``CHUNK`` records of
+        the scan order (``order``) that have any, so a scan over labelled data costs a query per
+        CHUNK records, not per block (each query scans the labels table)."""
+        stored_of = lambda r: [h for h in self.hyps if r not in self.missing[h["name"]]]  # noqa: E731
+        want = [int(r) for r in ids if int(r) not in self.fetched and stored_of(int(r))]
+        if want:
+            fetch = list(want)
+            if self.order is not None:
+                start = min(self.position.get(r, len(self.order)) for r in want)
+                for r in self.order[start:]:
+                    if len(fetch) >= CHUNK:
+                        break
+                    if r not in self.fetched and r not in want and stored_of(r):
+                        fetch.append(r)
+            keys = [f"{h['name']}\x00{h['version']}" for h in self.hyps]
+            t = store.q_arrow(self.session.con,
+                              "SELECT hypothesis, record_id, start_char, end_char, value FROM labels "
+                              "WHERE dataset = ? AND list_contains(?, record_id) "
+                              "AND list_contains(?, hypothesis || chr(0) || version) "
+                              "ORDER BY hypothesis, record_id, start_char",
+                              [self.plan.dataset, fetch, keys])
+            hyp = np.asarray(t.column(0).to_pylist(), dtype=object)
+            rec = t.column(1).to_numpy().astype(np.int64)
+            st, en = t.column(2).to_numpy().astype(np.int64), t.column(3).to_numpy().astype(np.int64)
+            v = t.column(4).to_numpy(zero_copy_only=False).astype(np.float64)
+            if len(rec):
+                cut = np.flatnonzero((hyp[1:] != hyp[:-1]) | (rec[1:] != rec[:-1])) + 1
+                for lo, hi in zip(np.r_[0, cut], np.r_[cut, len(rec)]):
+                    self.cache[(hyp[lo], int(rec[lo]))] = (st[lo:hi], en[lo:hi], v[lo:hi])
+            self.fetched.update(fetch)
         out = {}
-        if len(rec):
-            cut = np.flatnonzero((hyp[1:] != hyp[:-1]) | (rec[1:] != rec[:-1])) + 1
-            for lo, hi in zip(np.r_[0, cut], np.r_[cut, len(rec)]):
-                out[(hyp[lo], int(rec[lo]))] = (s[lo:hi], e[lo:hi], v[lo:hi])
+        for r in ids.tolist():
+            for h in self.hyps:
+                got = self.cache.pop((h["name"], r), None)
+                if got is not None:
+                    out[(h["name"], r)] = got
         return out
 
     def _stored_chars(self, ids: np.ndarray, n_symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -396,7 +396,7 @@ class RayEngine:
         else:
             batches = plan_batches(session, plan.dataset, plan.record_ids, plan.batch_size)
             blocks = [batches[i:i + self.block_batches] for i in range(0, len(batches), self.block_batches)]
-        labels = LabelStream(session, plan, tokenization, counts)
+        labels = LabelStream(session, plan, tokenization, counts, [r for blk in blocks for ids in blk for r in ids])
         keep = parts_of = None
         if plan.keep_activations:
             # workers write each batch's part to the shared activation folder (temporary name, then
