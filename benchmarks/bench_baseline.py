@@ -55,9 +55,15 @@ BINARY = ["in_string", "in_comment"]
 LAYERS = ["lstm0", "lstm1"]
 
 
-def records_for(chars: int, record_chars: int):
+def records_for(chars: int, record_chars: int, split: str = "heldout"):
+    """Whole records of standard-library code up to ``chars`` characters: the held-out split
+    (1.68M characters), or 'all': the held-out split, then the training split's files."""
     from deepbase_duck.corpora.code import code_records
-    return code_records("heldout", max_chars=record_chars, limit_chars=chars)
+    out = code_records("heldout", max_chars=record_chars, limit_chars=chars) if split in ("heldout", "all") else []
+    have = sum(len(r["text"]) for r in out)
+    if split in ("train", "all") and have < chars:
+        out += code_records("train", max_chars=record_chars, limit_chars=chars - have)
+    return out
 
 
 def per_char_labels(h, text: str) -> np.ndarray:
@@ -286,7 +292,7 @@ def run_forward(records) -> dict:
 
 def child(a) -> dict:
     limit_threads(a.threads)
-    records = records_for(a.chars, a.record_chars)
+    records = records_for(a.chars, a.record_chars, a.split)
     if a.child == "forward":
         r = run_forward(records)
     elif a.child == "baseline":
@@ -299,7 +305,7 @@ def child(a) -> dict:
 
 
 def run(kind, a, chars, out):
-    argv = ["--chars", str(chars), "--record-chars", str(a.record_chars), "--threads", str(a.threads),
+    argv = ["--chars", str(chars), "--record-chars", str(a.record_chars), "--split", a.split, "--threads", str(a.threads),
             "--max-error", kind_max_error(kind, a.max_error), "--seed", str(a.seed), "--top-k", str(a.top_k),
             "--out", out]
     return spawn(__file__, kind, argv + (["--dissection"] if a.dissection else []))
@@ -351,6 +357,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--chars", type=int, default=1_000_000)
     ap.add_argument("--record-chars", type=int, default=600)
+    ap.add_argument("--split", choices=["heldout", "train", "all"], default="heldout",
+                    help="the code records: held-out files (1.68M characters), training files, or both")
     ap.add_argument("--top-k", type=int, default=10, help="the ranking query's k (run 'rank')")
     ap.add_argument("--dissection", action="store_true", help="add IoU and probes (full scans only)")
     ap.add_argument("--no-rss", action="store_true", help="skip the 1/10-size run")
