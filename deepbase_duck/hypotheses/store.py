@@ -126,10 +126,11 @@ def append_labels(con, dataset: str, rows: list) -> None:
         return
     n = [len(r[3]) for r in rows]
     total = int(sum(n))
-    labels = pa.table({
-        "hypothesis": pa.array(np.repeat([r[0] for r in rows], n).tolist() if total else [], pa.string()),
-        "version": pa.array(np.repeat([r[1] for r in rows], n).tolist() if total else [], pa.string()),
-        "dataset": pa.array([dataset] * total, pa.string()),
+    row_of = pa.array(np.repeat(np.arange(len(rows), dtype=np.int32), n))   # each span's row
+    labels = pa.table({                  # string columns by Arrow's take: no Python str per span
+        "hypothesis": pa.array([r[0] for r in rows], pa.string()).take(row_of),
+        "version": pa.array([r[1] for r in rows], pa.string()).take(row_of),
+        "dataset": pa.array([dataset], pa.string()).take(pa.array(np.zeros(total, np.int32))),
         "record_id": pa.array(np.repeat([r[2] for r in rows], n).astype(np.int32)),
         "start_char": pa.array(_cat([r[3] for r in rows], np.int32)),
         "end_char": pa.array(_cat([r[4] for r in rows], np.int32)),
