@@ -270,3 +270,21 @@ def test_plateau_from_sql_and_the_cli(big, tmp_path):
         dbd.close(con)
     keys = ("stop_rule", "plateau_tol", "records_used", "plateau_checks")
     assert n_cli == n and {k: p_cli[k] for k in keys} == {k: p[k] for k in keys}
+
+
+def test_batch_means_bound_counts_only_the_windows_where_a_score_is_defined():
+    from scipy import stats
+    from deepbase_duck.engine.inspect import batch_means_half_width
+    rng = np.random.default_rng(0)
+    windows = [rng.normal(size=4) for _ in range(10)]
+    for i, w in enumerate(windows):
+        if i >= 3:
+            w[1] = np.nan                    # a rare class: scored in 3 windows only
+        if i >= 1:
+            w[2] = np.nan                    # seen in one window: no spread to estimate
+        w[3] = np.nan                        # never defined (a constant unit): NULL, not bounded
+    half = batch_means_half_width(windows, 0.95)
+    col = lambda j, m: np.array([w[j] for w in windows[:m]])  # noqa: E731
+    assert half[0] == pytest.approx(stats.t.ppf(0.975, 9) * col(0, 10).std(ddof=1) / np.sqrt(10))
+    assert half[1] == pytest.approx(stats.t.ppf(0.975, 2) * col(1, 3).std(ddof=1) / np.sqrt(3))
+    assert half[2] == np.inf and half[3] == 0.0

@@ -285,20 +285,24 @@ def _score_matrix(state) -> np.ndarray:
 
 def batch_means_half_width(window_scores: list, confidence: float) -> np.ndarray:
     """Half-width of the batch-means confidence interval of each score: t_{k-1} * sd / sqrt(k)
-    over the k windows' own scores. Symbols of one record (and of neighbouring records) are
-    dependent, so an interval that treats symbols as independent (Fisher z with n symbols) is far
-    too narrow; windows of whole records in the seeded order are close to independent."""
+    over the k windows where the score is defined (a window without a rare class, or with a
+    hypothesis constant over it, has no score of its own: it adds no evidence about the spread).
+    Symbols of one record (and of neighbouring records) are dependent, so an interval that treats
+    symbols as independent (Fisher z with n symbols) is far too narrow; windows of whole records
+    in the seeded order are close to independent. A score defined in one window only is
+    unbounded (inf); one defined in none (a constant unit, a class not met yet) is NULL and not
+    bounded (0)."""
     from scipy import stats
-    k = len(window_scores)
-    if k < 2:
+    if len(window_scores) < 2:
         return np.full(len(window_scores[0]) if window_scores else 0, np.inf)
     w = np.vstack(window_scores)
+    k = (~np.isnan(w)).sum(0)
     import warnings
-    with warnings.catch_warnings():                  # undefined scores (constant units) are all NaN
+    with warnings.catch_warnings():                  # scores undefined in (almost) every window
         warnings.simplefilter("ignore", RuntimeWarning)
         sd = np.nanstd(w, axis=0, ddof=1)
-    half = stats.t.ppf(0.5 + confidence / 2, k - 1) * sd / np.sqrt(k)
-    return np.where(np.isnan(half), 0.0, half)
+        half = stats.t.ppf(0.5 + confidence / 2, np.maximum(k - 1, 1)) * sd / np.sqrt(np.maximum(k, 1))
+    return np.where(k == 0, 0.0, np.where(k == 1, np.inf, half))
 
 
 def seeded_windows(session, plan: Plan, window_batches: int = 1) -> tuple[list[list[int]], list[int]]:
@@ -763,7 +767,9 @@ def with_batch_means_interval(t: pa.Table, window_scores: list, confidence: floa
     hi = np.clip(score + half, *score_range)
     t = t.set_column(t.column_names.index("ci_low"), "ci_low", pa.array(lo, pa.float64(), from_pandas=True))
     t = t.set_column(t.column_names.index("ci_high"), "ci_high", pa.array(hi, pa.float64(), from_pandas=True))
-    return t.append_column("interval", pa.array([f"batch means over {len(window_scores)} windows"] * t.num_rows))
+    k = (~np.isnan(np.vstack(window_scores))).sum(0) if window_scores else np.zeros(t.num_rows, int)
+    return t.append_column("interval", pa.array([f"batch means over {int(x)} of {len(window_scores)} windows"
+                                                  for x in k]))
 
 
 def with_q_values(scores: pa.Table) -> pa.Table:
