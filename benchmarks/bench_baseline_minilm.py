@@ -65,7 +65,7 @@ import time
 
 import numpy as np
 
-from bench_baseline import (corr_check, early_check, early_kinds, engine_corr, kind_max_error, limit_threads,
+from bench_baseline import (agreement_text, corr_check, early_check, early_kinds, engine_corr, kind_max_error, limit_threads,
                             measure_all, parse_with_common, peak_rss_mb, per_char_labels, print_runs, query_stats,
                             rss_growth, scipy_corr, spawn)
 
@@ -279,12 +279,12 @@ def main():
         f"{layer} {fa:.4f} vs {ba:.4f}" for layer, fa, ba in zip(layers, f["probe_acc"], b["probe_acc"]))
         + f"; max |diff| {np.max(np.abs(f['probe_acc'] - b['probe_acc'])):.4f}")
     for kind in early:
-        coverage, agree, missing = early_check(arrays[kind], f["corr"])
+        coverage, agree, missing, strong = early_check(arrays[kind], f["corr"])
         e = res[kind]
         print(f"{kind} (max_error {kind_max_error(kind, a.max_error)}, seed {a.seed}): {e['records_used']} of "
               f"{n['records']} sentences, bound {e['bound']:.3f}, time {e['seconds'] / n['seconds']:.2f} of the "
               f"full scan (corr + probes); coverage {coverage:.3f}; top-10 agreement per (layer, class) over the "
-              f"{len(agree)} pairs both scans score: min {min(agree)}/10, mean {np.mean(agree):.1f}/10")
+              f"{len(agree)} pairs both scans score: {agreement_text(agree, strong)}")
         if missing:
             print("  NULL in this scan (no word piece of the class in its sentences), scored by the full scan: "
                   + ", ".join(f"{layers[li]} {HYP}={upos_classes()[j]}" for li, j in missing))
