@@ -187,3 +187,19 @@ def test_scores_with_partly_stored_labels_read_ahead_in_chunks(planted, monkeypa
         assert (r["score"] is None) if want is None else r["score"] == pytest.approx(want, abs=1e-5), r
     assert planted.sql("SELECT count(*) FROM labeled_records WHERE dataset = 'snippets'").fetchall()[0][0] \
         == len(TEXTS) * len(HYPS)
+
+
+def test_layers_stored_in_different_parts_read_one_layer_at_a_time(planted):
+    """Layers extracted with different batch sizes have parts holding different records, so the
+    scan reads them one layer at a time and meets every record once per layer; labels computed on
+    the first meeting must serve the second (none of them stored before the scan)."""
+    ref_planted, _ = reference_scores(lambda m, ids: m.planted(ids))
+    ref_mix, _ = reference_scores(lambda m, ids: m.mix(torch.cat([m.planted(ids), m.embed(ids)], -1)))
+    dbd.extract(planted, "planted", ["planted"], "snippets", batch_size=3)
+    dbd.extract(planted, "planted", ["mix"], "snippets", batch_size=4)
+    assert planted.sql("SELECT count(*) FROM labeled_records").fetchall()[0][0] == 0
+    t = dbd.inspect(planted, "planted", ["planted", "mix"], HYPS, "snippets")
+    assert planted.sql("SELECT source FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0] == "stored"
+    for r in t.to_pylist():
+        want = (ref_planted if r["layer"] == "planted" else ref_mix)[(r["unit"], r["hypothesis"])]
+        assert (r["score"] is None) if want is None else r["score"] == pytest.approx(want, abs=1e-5), r

@@ -40,6 +40,9 @@ class LabelStream:
         self.order = None if order is None else [int(r) for r in order]
         self.position = {} if order is None else {r: i for i, r in enumerate(self.order)}
         self.cache, self.fetched = {}, set()
+        # a scan that reads stored layers one at a time meets each record once per layer: then
+        # every record's spans stay cached for its next meeting (else they go after their block)
+        self.repeats = self.order is not None and len(set(self.order)) != len(self.order)
         con = session.con
         self.hyps = plan.hypotheses
         missing = missing_records(con, self.hyps, plan.dataset, np.unique(plan.record_ids))
@@ -75,6 +78,8 @@ class LabelStream:
                 if r in self.missing[name]:
                     s, e, v = h["live"].spans(text_of[r], record=f"{self.plan.dataset}:{r}")
                     self._buffer(h, r, s, e, v)
+                    if self.repeats:
+                        self.cache[(name, r)] = (s, e, v)
                 else:
                     s, e, v = stored.get((name, r), (np.zeros(0, np.int64),) * 2 + (np.zeros(0),))
                 parts.append((np.full(len(s), i), s, e, v))
@@ -84,6 +89,7 @@ class LabelStream:
             for h in self.hyps:
                 self.missing[h["name"]].discard(r)
             self.pending_records.add(r)
+            self.fetched.add(r)              # known now: never read back from the store
         if len(self.pending_records) >= CHUNK:
             self.flush()
         return torch.from_numpy(label_matrix(self.session, self.plan, self.tokenization, ids, n_symbols, values))
@@ -126,7 +132,7 @@ class LabelStream:
         out = {}
         for r in ids.tolist():
             for h in self.hyps:
-                got = self.cache.pop((h["name"], r), None)
+                got = self.cache.get((h["name"], r)) if self.repeats else self.cache.pop((h["name"], r), None)
                 if got is not None:
                     out[(h["name"], r)] = got
         return out
