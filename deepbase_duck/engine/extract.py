@@ -194,12 +194,11 @@ def forward_batch(adapter, ret: Retain, model: str, layers, dataset: str, ids, t
     enc = adapter.encode(texts)
     ret.clear()
     adapter.forward(enc)
-    batch = batch_from_outputs(adapter, ret.outputs, enc, model, layers, dataset, ids, symbol_counts)
-    batch.texts = list(texts)
-    return batch
+    return batch_from_outputs(adapter, ret.outputs, enc, model, layers, dataset, ids, symbol_counts, texts)
 
 
-def batch_from_outputs(adapter, outputs: dict, enc, model: str, layers, dataset: str, ids, symbol_counts) -> Batch:
+def batch_from_outputs(adapter, outputs: dict, enc, model: str, layers, dataset: str, ids, symbol_counts,
+                       texts=None) -> Batch:
     """The Batch of one forward pass over records ``ids``: each layer's output (``outputs``)
     cut into per-symbol rows by the adapter, checked (row counts against ``symbol_counts``, all
     finite). Shared by forward_batch and the stacked loop (engine/stacking.py)."""
@@ -227,7 +226,7 @@ def batch_from_outputs(adapter, outputs: dict, enc, model: str, layers, dataset:
                 f"{rec} of dataset {dataset!r}; nothing of this batch was stored")
         acts[layer] = x
     return Batch(np.asarray(ids, np.int64), np.asarray([symbol_counts[r] for r in ids]), acts,
-                 chars=encoded_chars(enc, len(ids)))
+                 chars=encoded_chars(enc, len(ids)), texts=None if texts is None else list(texts))
 
 
 def write_part(session, b: dict, batch: Batch, x: torch.Tensor, rows_mask: np.ndarray | None) -> tuple[str, int, int]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -601,12 +602,9 @@ class LocalEngine:
                     if rule:
                         stopped = True
                         break
-        except BaseException:
-            labels.close(failed=True)
-            raise
         finally:
             bar.close()
-        labels.close()
+            labels.close(failed=sys.exc_info()[0] is not None)
         used = sorted(set(used))
         n_symbols = int(sum(counts[r] for r in used))
         if n_symbols == 0:
@@ -651,12 +649,9 @@ class LocalEngine:
                     update_states(per_model[name], {}, batch, y, take)
                 used.extend(int(r) for r in first.record_ids)
                 bar.update(len(first.record_ids))
-        except BaseException:
-            labels.close(failed=True)
-            raise
         finally:
             bar.close()
-        labels.close()
+            labels.close(failed=sys.exc_info()[0] is not None)
         n_symbols = int(sum(counts[r] for r in used))
         if n_symbols == 0:
             raise EmptyDatasetError(f"the selected records of dataset {p0.dataset!r} hold no symbols")

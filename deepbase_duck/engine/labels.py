@@ -2,7 +2,8 @@
 
 For each block of records the stream
 1. evaluates the hypotheses in Python for the records whose labels (of the hypothesis' current
-   version) are not stored yet, and reads the stored spans of the others (one query);
+   version) are not stored yet, and reads the stored spans of the others (read ahead: one
+   query per ``CHUNK`` records of the scan order);
 2. gives each symbol its value by the alignment rule (hypotheses/align.py: numpy, equal to the
    SQL reference ``symbol_labels`` of sql/10_alignment.sql) from the symbols' character ranges,
    which the forward pass hands over with the activations (or one query reads them);
@@ -17,16 +18,14 @@ pass already uses both (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 
 from .. import store
-from ..errors import UnknownNameError
 from ..hypotheses.align import align
-from ..hypotheses.core import registry
-from ..hypotheses.store import append_labels, missing_records, upsert_catalog
-
-CHUNK = 256          # records per write of computed labels
+from ..hypotheses.store import CHUNK, append_labels, labels_to_compute
 
 
 class LabelStream:
@@ -43,15 +42,8 @@ class LabelStream:
         # a scan that reads stored layers one at a time meets each record once per layer: then
         # every record's spans stay cached for its next meeting (else they go after their block)
         self.repeats = self.order is not None and len(set(self.order)) != len(self.order)
-        con = session.con
         self.hyps = plan.hypotheses
-        missing = missing_records(con, self.hyps, plan.dataset, np.unique(plan.record_ids))
-        for h in self.hyps:
-            if len(missing[h["name"]]) and h["live"] is None:
-                raise UnknownNameError("hypothesis", h["name"], registry())
-        for h in self.hyps:
-            if len(missing[h["name"]]):
-                upsert_catalog(con, h["live"])
+        missing = labels_to_compute(session.con, self.hyps, plan.dataset, np.unique(plan.record_ids))
         self.missing = {name: set(ids.tolist()) for name, ids in missing.items()}
         self.pending, self.pending_records = [], set()
 
@@ -69,7 +61,7 @@ class LabelStream:
                 got = self.session.texts(self.plan.dataset, need)
                 texts = [got.get(int(r)) for r in ids]
             text_of = dict(zip(ids.tolist(), texts))
-        stored = self._stored_spans(ids, need)
+        stored = self._stored_spans(ids)
         values = {}
         for h in self.hyps:
             name = h["name"]
@@ -97,7 +89,7 @@ class LabelStream:
     def _buffer(self, h: dict, r: int, s, e, v) -> None:
         self.pending.append((h["name"], h["version"], r, s, e, v))
 
-    def _stored_spans(self, ids: np.ndarray, need: list) -> dict:
+    def _stored_spans(self, ids: np.ndarray) -> dict:
         """{(hypothesis, record): (starts, ends, values)} of the stored labels of the block's
         records. Read ahead: one query fetches the stored spans of the next ``CHUNK`` records of
         the scan order (``order``) that have any, so a scan over labelled data costs a query per
@@ -138,13 +130,10 @@ class LabelStream:
         return out
 
     def _stored_chars(self, ids: np.ndarray, n_symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        t = store.q_arrow(self.session.con,
-                          "SELECT record_id, pos, start_char, end_char FROM symbols WHERE dataset = ? AND "
-                          "tokenization = ? AND list_contains(?, record_id)",
-                          [self.plan.dataset, self.tokenization, [int(r) for r in ids]])
-        rows = block_rows(ids, n_symbols, t.column(0).to_numpy().astype(np.int64), t.column(1).to_numpy())
+        rows, t = block_symbols(self.session, self.plan.dataset, self.tokenization, ids, n_symbols,
+                                "start_char, end_char")
         starts, ends = np.zeros(int(n_symbols.sum()), np.int64), np.zeros(int(n_symbols.sum()), np.int64)
-        starts[rows], ends[rows] = t.column(2).to_numpy(), t.column(3).to_numpy()
+        starts[rows], ends[rows] = t.column(0).to_numpy(), t.column(1).to_numpy()
         return starts, ends
 
     # -- writes ------------------------------------------------------------------------------
@@ -163,11 +152,18 @@ class LabelStream:
                 raise
 
 
-def block_rows(ids: np.ndarray, n_symbols: np.ndarray, rec: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """Row of each (record, pos) in a block whose records are ``ids`` (in row order)."""
+def block_symbols(session, dataset: str, tokenization: str, ids: np.ndarray, n_symbols: np.ndarray,
+                  columns: str):
+    """The stored symbols of a block's records (``ids``, in row order): each one's row in the
+    block and a table of ``columns`` (SQL, from ``symbols``) in the same order."""
+    t = store.q_arrow(session.con, f"SELECT record_id, pos, {columns} FROM symbols WHERE dataset = ? AND "
+                                   "tokenization = ? AND list_contains(?, record_id)",
+                      [dataset, tokenization, [int(r) for r in ids]])
     offsets = np.concatenate([[0], np.cumsum(n_symbols)])
     order = np.argsort(ids, kind="stable")
-    return offsets[order[np.searchsorted(ids[order], rec)]] + np.asarray(pos, np.int64)
+    rec = t.column(0).to_numpy().astype(np.int64)
+    rows = offsets[order[np.searchsorted(ids[order], rec)]] + t.column(1).to_numpy().astype(np.int64)
+    return rows, t.drop_columns(["record_id", "pos"])
 
 
 def label_matrix(session, plan, tokenization: str, ids: np.ndarray, n_symbols: np.ndarray,
@@ -184,11 +180,8 @@ def label_matrix(session, plan, tokenization: str, ids: np.ndarray, n_symbols: n
     controls = [(j, c) for j, c in enumerate(plan.label_columns) if c.get("control_of")]
     if controls:
         from ..inspectors.probes import control_labels
-        sym = store.q_arrow(session.con, "SELECT record_id, pos, token FROM symbols WHERE dataset = ? AND "
-                                         "tokenization = ? AND list_contains(?, record_id)",
-                            [plan.dataset, tokenization, [int(r) for r in ids]])
-        srow = block_rows(ids, n_symbols, sym.column(0).to_numpy().astype(np.int64), sym.column(1).to_numpy())
-        types = np.array(sym.column(2).to_pylist(), dtype=object)
+        srow, sym = block_symbols(session, plan.dataset, tokenization, ids, n_symbols, "token")
+        types = np.array(sym.column(0).to_pylist(), dtype=object)
         types[types == None] = ""  # noqa: E711  (a symbol without token text is one type)
         for j, c in controls:
             real = y[:, [i for i, x in enumerate(plan.label_columns) if x["name"] == c["control_of"]][0]]
@@ -204,9 +197,6 @@ def block_labels(session, plan, tokenization: str, record_ids, n_symbols) -> tor
     ids = np.asarray(record_ids, np.int64)
     stream = LabelStream(session, plan, tokenization, dict(zip(ids.tolist(), np.asarray(n_symbols).tolist())))
     try:
-        y = stream.next(ids)
-    except BaseException:
-        stream.close(failed=True)
-        raise
-    stream.close()
-    return y
+        return stream.next(ids)
+    finally:
+        stream.close(failed=sys.exc_info()[0] is not None)

@@ -123,9 +123,6 @@ def stacked_batches(session, stacked: StackedForward, layers, dataset: str, batc
         texts = session.texts(dataset, ids)
         enc = first.encode([texts[r] for r in ids])
         outputs = stacked(enc)
-        out = {name: batch_from_outputs(stacked.adapters[name], outputs[name], enc, name, layers, dataset, ids,
-                                        symbol_counts)
+        yield {name: batch_from_outputs(stacked.adapters[name], outputs[name], enc, name, layers, dataset, ids,
+                                        symbol_counts, [texts[r] for r in ids])
                for name in stacked.adapters}
-        for batch in out.values():
-            batch.texts = [texts[r] for r in ids]
-        yield out

@@ -80,6 +80,20 @@ def missing_records(con, hyps: list[dict], dataset: str, record_ids: np.ndarray)
     return {h["name"]: np.setdiff1d(ids, recs[names == h["name"]]) for h in hyps}
 
 
+def labels_to_compute(con, hyps: list[dict], dataset: str, record_ids) -> dict[str, np.ndarray]:
+    """For each hypothesis (``resolve``'s dicts), the records among ``record_ids`` whose labels
+    must be computed; raises when one is needed from a hypothesis known only to the store, and
+    brings the catalog row of every hypothesis with work to do to its current version."""
+    missing = missing_records(con, hyps, dataset, record_ids)
+    for h in hyps:
+        if len(missing[h["name"]]) and h["live"] is None:
+            raise UnknownNameError("hypothesis", h["name"], registry())
+    for h in hyps:
+        if len(missing[h["name"]]):
+            upsert_catalog(con, h["live"])
+    return missing
+
+
 def annotate(session, hypotheses, dataset: str, record_ids=None, progress: bool | None = None) -> list[dict]:
     """Compute and store the labels of ``hypotheses`` for the records of ``dataset`` (all, or
     ``record_ids``). Returns one summary dict per hypothesis.
@@ -91,13 +105,7 @@ def annotate(session, hypotheses, dataset: str, record_ids=None, progress: bool 
     session.check_dataset(dataset)
     ids = session.record_ids(dataset) if record_ids is None else np.asarray(record_ids, dtype=np.int64)
     hyps = resolve(con, hypotheses)
-    missing = missing_records(con, hyps, dataset, ids)
-    for h in hyps:
-        if len(missing[h["name"]]) and h["live"] is None:
-            raise UnknownNameError("hypothesis", h["name"], registry())
-    for h in hyps:
-        if len(missing[h["name"]]):
-            upsert_catalog(con, h["live"])
+    missing = labels_to_compute(con, hyps, dataset, ids)
     todo = np.unique(np.concatenate([m for m in missing.values()])) if hyps else np.zeros(0, np.int64)
     need = {h["name"]: set(missing[h["name"]].tolist()) for h in hyps}
     bar = progress_bar(len(todo), f"labels {dataset}", "rec", session.progress if progress is None else progress)
