@@ -204,3 +204,28 @@ def test_store_from_an_earlier_version_is_migrated(tmp_path):
         assert con.sql("SELECT count(*) FROM scores").fetchall() == [(6,)]
     finally:
         dbd.close(con)
+
+
+def test_full_scan_reads_texts_in_chunks_with_the_same_scores(planted, monkeypatch):
+    # 24 records in batches of 2: 12 batches. With 4 records per text query the scan makes 3
+    # queries where a query per batch made 12; the scores are those of a chunk per batch.
+    from deepbase_duck.catalog import Session
+    extract = sys.modules["deepbase_duck.engine.extract"]
+    calls = []
+    real = Session.texts
+
+    def counting(self, dataset, record_ids):
+        calls.append(len(record_ids))
+        return real(self, dataset, record_ids)
+
+    monkeypatch.setattr(Session, "texts", counting)
+    runs = {}
+    for chunk in (4, 1):
+        monkeypatch.setattr(extract, "SYMBOL_CHUNK", chunk)
+        calls.clear()
+        t = dbd.inspect(planted, "planted", ["planted"], ["in_string", "digit"], "snippets", batch_size=2, reuse=False)
+        runs[chunk] = (sorted(zip(t.column("unit").to_pylist(), t.column("hypothesis").to_pylist(),
+                                  t.column("score").to_pylist()), key=lambda x: (x[0], x[1])), list(calls))
+    assert runs[4][1][-3:] == [4, 4, 4]          # after the symbols pass (chunks of 4 records too)
+    assert runs[1][1][-12:] == [2] * 12          # a chunk smaller than a batch: one query per batch
+    assert len(runs[4][0]) == 10 and runs[4][0] == runs[1][0]

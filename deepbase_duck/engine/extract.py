@@ -171,11 +171,26 @@ def plan_batches(session, dataset: str, record_ids, batch_size: int) -> list[lis
 
 
 def forward_batches(session, adapter, model: str, layers, dataset, batches, symbol_counts):
-    """Yield a Batch per forward pass: the activations of ``layers`` for each symbol."""
+    """Yield a Batch per forward pass: the activations of ``layers`` for each symbol. When
+    ``batches`` is a list (a full scan), texts are read SYMBOL_CHUNK records per query; a
+    generator (a progressive scan, which may stop) is read a batch at a time."""
     with Retain(adapter.module, layers) as ret:
-        for ids in batches:
-            texts = session.texts(dataset, ids)
+        for ids, texts in _with_texts(session, dataset, batches):
             yield forward_batch(adapter, ret, model, layers, dataset, ids, [texts[r] for r in ids], symbol_counts)
+
+
+def _with_texts(session, dataset: str, batches):
+    """(ids, {record_id: text}) per batch of ``batches``."""
+    if not isinstance(batches, list):
+        for ids in batches:
+            yield ids, session.texts(dataset, ids)
+        return
+    per_query = max(1, SYMBOL_CHUNK // max(1, max((len(b) for b in batches), default=1)))
+    for lo in range(0, len(batches), per_query):
+        group = batches[lo:lo + per_query]
+        texts = session.texts(dataset, [r for ids in group for r in ids])
+        for ids in group:
+            yield ids, texts
 
 
 def encoded_chars(enc, n: int) -> tuple[np.ndarray, np.ndarray]:
