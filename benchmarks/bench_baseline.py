@@ -116,7 +116,9 @@ def query_stats(con) -> dict:
     """Records and symbols the (first) query used, and the bound it reached."""
     n_records, n_symbols, params = con.sql(
         "SELECT n_records, n_symbols, params FROM queries ORDER BY query_id LIMIT 1").fetchall()[0]
-    return {"records_used": n_records, "symbols_used": n_symbols, "bound": json.loads(params).get("bound_reached")}
+    params = json.loads(params)
+    return {"records_used": n_records, "symbols_used": n_symbols, "bound": params.get("bound_reached"),
+            "rare": params.get("rare")}
 
 
 def limit_threads(threads: int) -> None:

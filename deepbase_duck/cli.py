@@ -92,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="early stopping: stop once every score's error bound is at most this (probes: a plateau)")
     i.add_argument("--plateau-tol", type=float, default=None,
                    help="early stopping for probes: stop once their held-out loss improves by less than this")
+    i.add_argument("--min-support", type=int, default=0,
+                   help="with --max-error: label columns seen fewer times than this do not hold the scan")
     i.add_argument("--top-k", type=int, default=None,
                    help="early stopping for a ranking: stop once each hypothesis' top-k units are stable")
     i.add_argument("--seed", type=int, default=0, help="the seeded record order of an early-stopping scan")
@@ -233,7 +235,7 @@ def cmd_inspect(args):
                         limit=args.max_records, batch_size=args.batch_size, keep_activations=args.keep_activations,
                         baseline=args.baseline, control=args.control, engine=args.engine,
                         ray_address=args.ray_address, max_error=args.max_error, top_k=args.top_k, seed=args.seed,
-                        plateau_tol=args.plateau_tol, reuse=not args.no_reuse)
+                        plateau_tol=args.plateau_tol, min_support=args.min_support, reuse=not args.no_reuse)
         print(top_units_table(con, t.column("query_id")[0].as_py(), args.top))
     return 0
 

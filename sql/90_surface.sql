@@ -7,7 +7,8 @@
 -- inspect(model, layers, hypotheses, dataset, measures := ['corr'], max_records := NULL,
 --         batch_size := 16, keep_activations := false, params := '{}', baseline := false,
 --         control := false, permutations := 0, max_error := NULL, seed := 0,
---         engine := 'local', ray_address := NULL, top_k := NULL, reuse := true, plateau_tol := NULL)
+--         engine := 'local', ray_address := NULL, top_k := NULL, reuse := true, plateau_tol := NULL,
+--         min_support := 0)
 -- Scores every unit of each layer against each hypothesis with each measure (corr, spearman,
 -- pointbiserial, probeless, mi, iou, precision, recall, f1, ap, probe); one row per
 -- (model, layer, unit, hypothesis, measure), also appended to the `scores` table.
@@ -24,6 +25,9 @@
 -- plateau_tol: progressive too; the probes have plateaued once every head's held-out loss,
 -- checked each time the records double, improved by less than plateau_tol (a fraction of the
 -- constant prediction's loss) twice in a row.
+-- min_support: with max_error, label columns seen fewer times than this in the records read so
+-- far (a binary column's rarer value, a categorical one's rarest class) do not hold the scan;
+-- their scores come back with their wide intervals, and the queries table lists them ('rare').
 -- top_k: a ranking query: progressive too, stopping once every hypothesis' top_k units (by |score|)
 -- stayed the same for 3 windows.
 -- reuse: false scans again even when an identical query's scores are stored.
@@ -41,7 +45,7 @@ CREATE OR REPLACE TEMP MACRO inspect(model, layers, hypotheses, dataset, measure
                                      baseline := false, control := false, permutations := 0,
                                      max_error := NULL, seed := 0, engine := 'local',
                                      ray_address := NULL, top_k := NULL, reuse := true,
-                                     plateau_tol := NULL) AS TABLE
+                                     plateau_tol := NULL, min_support := 0) AS TABLE
 SELECT unnest(r, recursive := true)
 FROM (SELECT unnest(dbd_inspect(CAST(model AS VARCHAR), layers, hypotheses, dataset, measures,
                                 CAST(max_records AS BIGINT), CAST(batch_size AS BIGINT),
@@ -50,7 +54,8 @@ FROM (SELECT unnest(dbd_inspect(CAST(model AS VARCHAR), layers, hypotheses, data
                                 CAST(permutations AS BIGINT), CAST(max_error AS DOUBLE),
                                 CAST(seed AS BIGINT), CAST(engine AS VARCHAR),
                                 CAST(ray_address AS VARCHAR), CAST(top_k AS BIGINT),
-                                CAST(reuse AS BOOLEAN), CAST(plateau_tol AS DOUBLE))) AS r);
+                                CAST(reuse AS BOOLEAN), CAST(plateau_tol AS DOUBLE),
+                                CAST(min_support AS BIGINT))) AS r);
 
 -- compare_layers(groups, dataset, max_records := NULL, batch_size := 16)
 -- Linear CKA between every pair of unit groups named 'model:layer' over the same symbols;

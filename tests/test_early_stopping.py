@@ -288,3 +288,100 @@ def test_batch_means_bound_counts_only_the_windows_where_a_score_is_defined():
     assert half[0] == pytest.approx(stats.t.ppf(0.975, 9) * col(0, 10).std(ddof=1) / np.sqrt(10))
     assert half[1] == pytest.approx(stats.t.ppf(0.975, 2) * col(1, 3).std(ddof=1) / np.sqrt(3))
     assert half[2] == np.inf and half[3] == 0.0
+
+
+def _rare_dataset(con):
+    """240 records as in ``big``; two start with an '@' (the rare class of 'at_sign'): the first
+    and the last of the seeded order of seed 5, so a scan meets the second '@' only at its end."""
+    from deepbase_duck.hypotheses.core import Hypothesis, register
+    register(Hypothesis("at_sign", lambda t: [float(c == "@") for c in t], "binary"))
+    rng = np.random.default_rng(3)
+    records = ["".join(TEXTS[int(i)] for i in rng.integers(0, len(TEXTS), 3)) for _ in range(240)]
+    order = [i for (i,) in con.sql("SELECT i FROM range(240) t(i) ORDER BY sample_key('rare', i, 5), i").fetchall()]
+    for i in (order[0], order[-1]):
+        records[i] = "@" + records[i]
+    dbd.register_model(con, "planted", planted_adapter())
+    dbd.add_dataset(con, "rare", records)
+    return records
+
+
+def test_min_support_keeps_a_rare_class_from_holding_the_scan(con):
+    _rare_dataset(con)
+    hyps = ["digit", "in_string", "at_sign"]
+    kw = {"batch_size": 8, "max_error": 0.2, "seed": 5}
+    dbd.inspect(con, "planted", ["planted"], hyps, "rare", **kw)
+    held = json.loads(con.sql("SELECT params FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0])
+    # once the first '@' is read, its scores are defined in one window: unbounded until the second
+    # '@', read last, so the plain rule reads everything
+    assert held["records_used"] == 240 and held["rare"] is None
+    early = dbd.inspect(con, "planted", ["planted"], hyps, "rare", min_support=50, **kw).to_pylist()
+    p = json.loads(con.sql("SELECT params FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0])
+    assert p["stopped_early"] and p["records_used"] < 240 and p["min_support"] == 50
+    used = [int(r) for (r,) in con.sql(f"SELECT record_id FROM sample_records('rare', {p['records_used']}, "
+                                       "seed := 5)").fetchall()]
+    ids = dict(con.sql("SELECT record_id, text FROM records WHERE dataset = 'rare'").fetchall())
+    ats = sum(ids[r].count("@") for r in used)
+    assert p["rare"] == {"at_sign": ats}              # the rarer value: the '@' characters read
+    # every score of the common columns meets max_error; the rare one's rows are still returned
+    half = [(r["ci_high"] - r["ci_low"]) / 2 for r in early if r["hypothesis"] != "at_sign" and r["score"] is not None]
+    assert half and max(half) <= 0.2 + 1e-12 and p["bound_reached"] <= 0.2
+    assert sum(r["hypothesis"] == "at_sign" for r in early) == 5
+    # with a threshold every column meets (digits are common), the answer is the plain rule's
+    dbd.inspect(con, "planted", ["planted"], ["digit"], "rare", min_support=5, **kw)
+    d = json.loads(con.sql("SELECT params FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0])
+    dbd.inspect(con, "planted", ["planted"], ["digit"], "rare", reuse=False, **kw)
+    plain = json.loads(con.sql("SELECT params FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0])
+    assert d["rare"] == {} and d["records_used"] == plain["records_used"]
+
+
+def test_label_support_counts_against_numpy():
+    from deepbase_duck.engine.labels import LabelSupport
+    cols = [{"name": "b", "kind": "binary"}, {"name": "c", "kind": "categorical", "categories": ("x", "y", "z")},
+            {"name": "v", "kind": "continuous"}]
+    rng = np.random.default_rng(0)
+    sup, ys = LabelSupport(cols), []
+    for block in range(4):
+        n = rng.integers(1, 5, 3)
+        y = np.column_stack([rng.choice([0.0, 1.0, np.nan], n.sum(), p=[0.7, 0.2, 0.1]),
+                             rng.choice([0.0, 1.0, np.nan], n.sum()),          # category 'z' never occurs
+                             rng.choice([0.5, np.nan], n.sum())])
+        ids = [3 * block, 3 * block + 1, 3 * block + 2]
+        sup.add(torch.as_tensor(y), ids, n)
+        ys.append(y)
+    y = np.vstack(ys)
+    want = {"b": int(min((y[:, 0] == 0).sum(), (y[:, 0] == 1).sum())), "c": 0, "v": int((~np.isnan(y[:, 2])).sum())}
+    assert sup.support() == want
+    # a record met again (a stored layer read on its own) is not counted twice
+    sup.add(ys[1], [3, 4, 5], [len(ys[1]) - 2, 1, 1])
+    assert sup.support() == want
+    merged = LabelSupport(cols).merge(sup)
+    assert merged.support() == want
+
+
+def test_bad_min_support_arguments(big):
+    with pytest.raises(DeepBaseError, match="min_support leaves rare label columns out of the max_error rule"):
+        dbd.inspect(big, "planted", ["planted"], ["digit"], "many", min_support=10)
+    with pytest.raises(DeepBaseError, match="min_support must be a non-negative integer, got -1"):
+        dbd.inspect(big, "planted", ["planted"], ["digit"], "many", max_error=0.2, min_support=-1)
+
+
+def test_min_support_from_sql_and_the_cli(con, tmp_path):
+    records = _rare_dataset(con)
+    rows = con.sql("SELECT count(*) FROM inspect('planted', ['planted'], ['digit', 'at_sign'], 'rare', "
+                   "batch_size := 8, max_error := 0.2, seed := 5, min_support := 50)").fetchall()
+    assert rows == [(10,)]
+    n, p = last_query(con)
+    assert p["stopped_early"] and p["rare"] == {"at_sign": 1} and n < 240
+    path = str(tmp_path / "cli.duckdb")
+    c = dbd.connect(path, progress=False)
+    dbd.register_model(c, "planted", "ray_models:planted")         # a loader spec the CLI can load
+    dbd.add_dataset(c, "rare", records)
+    dbd.close(c)
+    assert cli_main(["inspect", path, "planted", "rare", "--quiet", "--layers", "planted", "--hypotheses", "digit",
+                     "at_sign", "--batch-size", "8", "--seed", "5", "--max-error", "0.2", "--min-support", "50"]) == 0
+    c = dbd.connect(path, progress=False)
+    try:
+        n_cli, p_cli = last_query(c)
+    finally:
+        dbd.close(c)
+    assert n_cli == n and p_cli["rare"] == p["rare"] and p_cli["min_support"] == 50

@@ -210,6 +210,26 @@ def test_probe_plateau_on_ray_stops_where_the_local_engine_does(db):
     _assert_equal_scores(local, remote)
 
 
+def test_min_support_on_ray_stops_where_the_local_engine_does(db):
+    from deepbase_duck.hypotheses.core import Hypothesis, register
+    register(Hypothesis("at_sign", lambda t: [float(c == "@") for c in t], "binary"))
+    rng = np.random.default_rng(3)
+    records = ["".join(TEXTS[int(i)] for i in rng.integers(0, len(TEXTS), 3)) for _ in range(240)]
+    order = [i for (i,) in db.sql("SELECT i FROM range(240) t(i) ORDER BY sample_key('rare', i, 5), i").fetchall()]
+    for i in (order[0], order[-1]):             # the rare class: first and last in the seeded order
+        records[i] = "@" + records[i]
+    dbd.add_dataset(db, "rare", records)
+    kw = {"measures": ["corr"], "batch_size": 8, "max_error": 0.2, "seed": 5, "min_support": 50}
+    local = dbd.inspect(db, "planted", ["planted"], ["digit", "at_sign"], "rare", **kw)
+    lp = _last_params(db)
+    remote = dbd.inspect(db, "planted", ["planted"], ["digit", "at_sign"], "rare", engine="ray", reuse=False, **kw)
+    p = _last_params(db)
+    assert p["engine"] == "ray" and lp["rare"] == p["rare"] == {"at_sign": 1}
+    assert p["records_used"] == lp["records_used"] < 240
+    assert p["bound_reached"] == pytest.approx(lp["bound_reached"], abs=1e-9)
+    _assert_equal_scores(local, remote)
+
+
 def test_keep_activations_on_ray_stores_each_row_once(db):
     from deepbase_duck.engine.ray_engine import RayEngine
     dbd.add_dataset(db, "kept", TEXTS[:12], replace=True)

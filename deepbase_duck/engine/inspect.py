@@ -34,7 +34,7 @@ from ..hypotheses.store import annotate, missing_records, resolve
 from ..inspectors.base import SCORE_SCHEMA, measure_class
 from ..progress import progress_bar
 from .memory import release_freed_memory
-from .labels import LabelStream, block_labels  # noqa: F401  (block_labels: public here too)
+from .labels import LabelStream, LabelSupport, block_labels  # noqa: F401  (block_labels: public here too)
 from .extract import (Batch, cleanup_orphans, done_records, ensure_symbols, find_behavior, forward_batches,
                       get_or_create_behavior, plan_batches, store_batch)
 
@@ -84,6 +84,7 @@ class Plan:
     top_k: int | None = None                           # ranking queries: stop once each top-k set is stable
     stable_windows: int = 3                            # ... over this many consecutive windows
     plateau_tol: float | None = None                   # probes: stop once the held-out loss plateaus
+    min_support: int = 0                               # max_error leaves out columns seen less often
     probe_checks: list = field(default_factory=list)   # filled by StopRule: the probes' loss checks
 
     @property
@@ -122,7 +123,7 @@ def _label_columns(hyps: list[dict], measures: list[str], control: bool = False)
 def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",), record_ids=None, limit=None,
                  batch_size=16, keep_activations=False, dtype="float32", device=None, control=False,
                  permutations=0, permutation_rows=20_000, max_error=None, seed=0, top_k=None, stable_windows=3,
-                 plateau_tol=None, **measure_params) -> Plan:
+                 plateau_tol=None, min_support=0, **measure_params) -> Plan:
     if isinstance(layers, str):
         layers = [layers]
     if isinstance(hypotheses, str):
@@ -152,6 +153,12 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
         if unbounded:
             raise DeepBaseError(f"early stopping (max_error) has error bounds for {', '.join(BOUNDED_MEASURES)} "
                                 f"and a held-out loss plateau for probe; not for: {', '.join(unbounded)}")
+    if min_support:
+        if isinstance(min_support, bool) or not isinstance(min_support, (int, np.integer)) or min_support < 0:
+            raise DeepBaseError(f"min_support must be a non-negative integer, got {min_support!r}")
+        if max_error is None:
+            raise DeepBaseError("min_support leaves rare label columns out of the max_error rule; "
+                                "the query has no max_error")
     if plateau_tol is not None:
         if isinstance(plateau_tol, bool) or not isinstance(plateau_tol, (int, float, np.number)) \
                 or not 0 < plateau_tol < 1:
@@ -198,7 +205,8 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
                 permutation_rows=int(permutation_rows),
                 max_error=None if max_error is None else float(max_error), seed=int(seed),
                 top_k=None if top_k is None else int(top_k), stable_windows=int(stable_windows),
-                plateau_tol=None if plateau_tol is None else float(plateau_tol))
+                plateau_tol=None if plateau_tol is None else float(plateau_tol),
+                min_support=int(min_support or 0))
 
 
 # -- blocks of activations -----------------------------------------------------------------------
@@ -444,25 +452,39 @@ class StopRule:
 
     With ``max_error`` or ``plateau_tol`` the scan stops once the bounded states meet
     ``max_error`` (when given) and the probes have plateaued (when the query has any): the rule
-    is named 'max_error', 'plateau' or 'max_error+plateau' after what had to hold."""
+    is named 'max_error', 'plateau' or 'max_error+plateau' after what had to hold.
+
+    With ``min_support``, the ``max_error`` rule (and ``bound``) leaves out the scores of label
+    columns whose support in the records read so far (``LabelSupport``) is below it; ``rare``
+    holds those columns and their support at the last check."""
 
     def __init__(self, plan: Plan):
         self.plan, self.history = plan, []
         self.bound = float("inf") if any(m != "probe" for m in plan.measures) else None
         self.models, self.plateaued = {}, False     # the probes fitted at the last check
+        self.row_columns, self.rare = {}, {}
         plan.probe_checks = []
 
-    def check(self, states: dict, window_scores: dict) -> str | None:
+    def check(self, states: dict, window_scores: dict, support: dict | None = None) -> str | None:
         """The rule that stops the scan now ('max_error', 'plateau', 'max_error+plateau',
-        'top_k'), or None."""
+        'top_k'), or None. ``support``: {label column: support} of the records merged so far
+        (needed with ``min_support``)."""
         plan = self.plan
         windows = len(next(iter(window_scores.values())))
         enough = windows >= MIN_WINDOWS
         bounded = [k for k in window_scores if k[1] != "probe"]
         probes = [k for k in states if k[1] == "probe"]
         if bounded:
-            self.bound = max(batch_means_half_width(window_scores[k], getattr(states[k], "confidence", 0.95))
-                             .max(initial=0.0) for k in bounded)
+            halves = {k: batch_means_half_width(window_scores[k], getattr(states[k], "confidence", 0.95))
+                      for k in bounded}
+            if plan.min_support:
+                self.rare = {c: int(n) for c, n in (support or {}).items() if n < plan.min_support}
+                for k in bounded:
+                    if k not in self.row_columns:       # the label column of each finalize() row
+                        self.row_columns[k] = np.array(states[k].finalize().column("hypothesis").to_pylist(),
+                                                       dtype=object)
+                    halves[k] = halves[k][~np.isin(self.row_columns[k], list(self.rare))]
+            self.bound = max(h.max(initial=0.0) for h in halves.values())
         if probes and windows >= 2 and windows & (windows - 1) == 0:
             self.plateaued = self.probe_check(states, probes, windows)
         rules = []                              # (rule, whether it holds now)
@@ -575,6 +597,7 @@ class LocalEngine:
         if plan.control:
             plan.control_freq = class_frequencies(session, plan, tokenization)
         labels = LabelStream(session, plan, tokenization, counts, order)
+        support = LabelSupport(plan.label_columns) if plan.min_support else None
         samples = new_samples(plan, widths, plan.device)
         bar = progress_bar(len(plan.record_ids), f"inspect {plan.model} ({plan.source})", "rec", show)
         checkpoints = set(np.cumsum(windows).tolist())   # the stop rule is checked at window ends
@@ -590,7 +613,10 @@ class LocalEngine:
             for i, batch in enumerate(source, 1):
                 if keep is not None:
                     keep.write(batch)
-                update_states(feeding, samples, batch, labels.next(batch.record_ids, batch.chars, batch.texts), take)
+                y = labels.next(batch.record_ids, batch.chars, batch.texts)
+                update_states(feeding, samples, batch, y, take)
+                if support is not None:
+                    support.add(y, batch.record_ids, batch.n_symbols)
                 bar.update(len(batch.record_ids) * len(batch.acts) / len(plan.layers))
                 used.extend(int(r) for r in batch.record_ids)
                 if progressive and i in checkpoints:
@@ -598,7 +624,7 @@ class LocalEngine:
                         window_scores[k].append(_score_matrix(st))
                         states[k].combine(st)
                         feeding[k] = make(*k)
-                    rule = stop.check(states, window_scores)
+                    rule = stop.check(states, window_scores, support and support.support())
                     if rule:
                         stopped = True
                         break
@@ -611,6 +637,7 @@ class LocalEngine:
             raise EmptyDatasetError(f"the selected records of dataset {plan.dataset!r} hold no symbols")
         return {"states": states, "n_symbols": n_symbols, "samples": samples, "take": take, "records_used": len(used),
                 "stopped_early": stopped, "stop_rule": rule, "bound": stop.bound if progressive else None,
+                "rare": stop.rare if plan.min_support else None,
                 "window_scores": window_scores if progressive else None, "used_ids": used,
                 "reused": {"activation_records_read": int(len(covered)),
                            "activation_records_computed": int(len(np.intersect1d(missing, used)))}}
@@ -800,6 +827,8 @@ def query_fingerprint(session, plans: list, baseline: bool, baseline_seed: int) 
            "baseline": bool(baseline), "baseline_seed": baseline_seed if baseline else None}
     if plan.plateau_tol is not None:          # only then: the fingerprints of other queries stay as they were
         key["plateau_tol"] = plan.plateau_tol
+    if plan.min_support:
+        key["min_support"] = plan.min_support
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -848,7 +877,7 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
             batch_size=16, keep_activations=False, dtype="float32", device=None, store_scores=True,
             progress=None, engine=None, baseline=False, baseline_seed=0, control=False, permutations=0,
             permutation_rows=20_000, max_error=None, seed=0, top_k=None, stable_windows=3, reuse=True,
-            ray_address=None, ray_options=None, plateau_tol=None,
+            ray_address=None, ray_options=None, plateau_tol=None, min_support=0,
             **measure_params) -> pa.Table:
     """Score ``layers`` of ``model`` against ``hypotheses`` over ``dataset``; returns (and stores)
     rows of (query_id, model, layer, unit, hypothesis, measure, score, n, ci_low, ci_high, p_value,
@@ -873,7 +902,13 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
     ``queries.params`` holds ``stop_rule`` ('max_error', 'plateau' or 'max_error+plateau': what
     had to hold), ``plateau_tol`` and ``plateau_checks`` (per check: windows, the probes' train
     and test rows, each head's held-out loss and improvement, per layer). This is a heuristic,
-    not a bound: the probe's accuracy keeps its Wilson interval. With ``top_k`` (a ranking query) the
+    not a bound: the probe's accuracy keeps its Wilson interval. With ``min_support=N`` (and
+    ``max_error``) the max_error rule leaves out the scores of label columns seen fewer than N
+    times in the records read so far (a binary column's rarer value, a categorical column's
+    rarest category, a continuous column's labelled symbols): a class met in a handful of
+    records cannot be bounded without reading most of the data, and would otherwise hold the
+    whole scan. Their scores are still returned, with their (wide) batch-means intervals, and
+    ``queries.params->'rare'`` lists those columns with their support. With ``top_k`` (a ranking query) the
     scan is progressive too and also stops once, for every (layer, measure, hypothesis), the set of
     its ``top_k`` units by |score| has stayed the same over ``stable_windows`` consecutive windows
     (after at least MIN_WINDOWS windows); ``stop_rule`` in ``queries.params`` says which rule
@@ -902,7 +937,7 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
         raise DeepBaseError(f"model names repeat in {models}")
     plans = [plan_inspect(session, m, layers, hypotheses, dataset, measures, record_ids, limit, batch_size,
                           keep_activations, dtype, device, control, permutations, permutation_rows, max_error, seed,
-                          top_k, stable_windows, plateau_tol, **measure_params) for m in models]
+                          top_k, stable_windows, plateau_tol, min_support, **measure_params) for m in models]
     plan = plans[0]
     model_label = ", ".join(models)
     fingerprint = query_fingerprint(session, plans, baseline, baseline_seed)
@@ -930,7 +965,7 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
             session.register_model(twin_name, untrained_copy(session.adapter(models[0]), baseline_seed))
         twin = plan_inspect(session, twin_name, layers, hypotheses, dataset, measures, record_ids, limit,
                             batch_size, False, dtype, device, control, permutations, permutation_rows,
-                            max_error, seed, top_k, stable_windows, plateau_tol, **measure_params)
+                            max_error, seed, top_k, stable_windows, plateau_tol, min_support, **measure_params)
         runs.append((twin, engine.run(session, twin, progress)))
     tables = []
     for p, result in runs:
@@ -963,6 +998,7 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
               "stopped_early": runs[0][1]["stopped_early"], "stop_rule": runs[0][1]["stop_rule"],
               "bound_reached": runs[0][1]["bound"],
               "plateau_tol": plan.plateau_tol, "plateau_checks": plan.probe_checks if plan.plateau_tol else None,
+              "min_support": plan.min_support or None, "rare": runs[0][1].get("rare"),
               "fingerprint": fingerprint, "reused": reuse_report(plan, runs, labels_missing),
               "engine": runs[0][1].get("engine", getattr(engine, "name", type(engine).__name__))}
     params.update(runs[0][1].get("engine_info") or {})

@@ -200,3 +200,48 @@ def block_labels(session, plan, tokenization: str, record_ids, n_symbols) -> tor
         return stream.next(ids)
     finally:
         stream.close(failed=sys.exc_info()[0] is not None)
+
+
+class LabelSupport:
+    """How often a scan has seen each label column, for ``min_support``: a binary column's rarer
+    value (the smaller of its counts of 1 and of 0), a categorical column's rarest category, a
+    continuous column's labelled symbols. A record is counted once, however many times a scan
+    meets it (stored layers read one at a time)."""
+
+    def __init__(self, columns: list[dict]):
+        self.columns = columns
+        self.counts = [np.zeros(len(c["categories"]) if c["kind"] == "categorical" else
+                                2 if c["kind"] == "binary" else 1, np.int64) for c in columns]
+        self.seen: set[int] = set()
+
+    def add(self, y, record_ids, n_symbols) -> None:
+        """Count the labels ``y`` (rows x columns; NaN = none) of records ``record_ids`` with
+        ``n_symbols`` rows each."""
+        ids = np.asarray(record_ids, np.int64)
+        new = np.array([int(r) not in self.seen for r in ids], bool)
+        if not new.any():
+            return
+        y = np.asarray(y)
+        if not new.all():
+            y = y[np.repeat(new, np.asarray(n_symbols, np.int64))]
+        self.seen.update(int(r) for r in ids[new])
+        for j, c in enumerate(self.columns):
+            v = y[:, j]
+            v = v[~np.isnan(v)]
+            if c["kind"] == "binary":
+                self.counts[j] += (int((v == 0).sum()), int((v == 1).sum()))
+            elif c["kind"] == "categorical":
+                k = len(self.counts[j])
+                self.counts[j] += np.bincount(v.astype(np.int64).clip(0, k - 1), minlength=k)[:k]
+            else:
+                self.counts[j][0] += v.size
+
+    def merge(self, other: "LabelSupport") -> "LabelSupport":
+        """Add the counts of another stream's records (its own, distinct records)."""
+        for j in range(len(self.columns)):
+            self.counts[j] += other.counts[j]
+        self.seen |= other.seen
+        return self
+
+    def support(self) -> dict[str, int]:
+        return {c["name"]: int(n.min()) for c, n in zip(self.columns, self.counts)}

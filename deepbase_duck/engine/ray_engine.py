@@ -56,6 +56,7 @@ from .extract import cleanup_orphans, commit_parts, ensure_symbols, forward_batc
 from .inspect import (
     KeepActivations,
     LabelStream,
+    LabelSupport,
     LocalEngine,
     Plan,
     StopRule,
@@ -429,16 +430,22 @@ class RayEngine:
                               "label_seconds": 0.0, "roundtrip_seconds": []}
 
         payloads = {}
+        support = LabelSupport(plan.label_columns) if plan.min_support else None
+        block_support = {}                         # block -> the support of its labels, merged with it
 
         def payload(i):
             if i not in payloads:
                 t = time.perf_counter()
                 part = []
                 ys = []
+                if support is not None:
+                    block_support[i] = LabelSupport(plan.label_columns)
                 for ids in blocks[i]:
                     texts = session.texts(plan.dataset, ids)
                     part.append(([int(r) for r in ids], [texts[r] for r in ids], [int(counts[r]) for r in ids]))
                     ys.append(labels.next(ids, texts=[texts[r] for r in ids]).numpy())
+                    if support is not None:
+                        block_support[i].add(ys[-1], ids, [counts[r] for r in ids])
                 payloads[i] = ray.put({"batches": part, "labels": ys,
                                        "store": parts_of[i] if parts_of is not None else None})
                 stats["label_seconds"] += time.perf_counter() - t
@@ -520,8 +527,10 @@ class RayEngine:
                     bar.update(len(ids))
                     next_merge += 1
                     stats["merged"] = next_merge
+                    if support is not None:
+                        support.merge(block_support.pop(next_merge - 1))
                     if progressive:                  # the local engine's stop rules, per merged block
-                        rule = stop.check(states, window_scores)
+                        rule = stop.check(states, window_scores, support and support.support())
                         stopped = rule is not None
         finally:
             bar.close()
@@ -547,6 +556,7 @@ class RayEngine:
         return {"states": states, "n_symbols": n_symbols, "samples": samples, "take": take,
                 "records_used": len(used), "stopped_early": stopped, "stop_rule": rule,
                 "bound": stop.bound if progressive else None, "window_scores": window_scores if progressive else None,
+                "rare": stop.rare if plan.min_support else None,
                 "used_ids": used, "reused": {"activation_records_read": 0, "activation_records_computed": len(used)}}
 
 

@@ -86,7 +86,7 @@ def register_udfs(session: Session) -> None:
 
     def do_inspect(sub, model, layers, hypotheses, dataset, measures, max_records, batch_size, keep, params,
                    baseline, control, permutations, max_error, seed, engine=None, ray_address=None, top_k=None,
-                   reuse=True, plateau_tol=None):
+                   reuse=True, plateau_tol=None, min_support=None):
         try:
             measure_params = json.loads(params) if params else {}
         except json.JSONDecodeError as exc:
@@ -98,7 +98,8 @@ def register_udfs(session: Session) -> None:
                     limit=max_records, batch_size=batch_size or 16, keep_activations=bool(keep), progress=False,
                     baseline=bool(baseline), control=bool(control), permutations=permutations or 0,
                     max_error=max_error, seed=seed or 0, engine=engine or "local", ray_address=ray_address,
-                    top_k=top_k, reuse=reuse is not False, plateau_tol=plateau_tol, **measure_params)
+                    top_k=top_k, reuse=reuse is not False, plateau_tol=plateau_tol,
+                    min_support=min_support or 0, **measure_params)
         return t.to_pylist()
 
     def do_compare(sub, groups, dataset, max_records, batch_size):
@@ -138,7 +139,8 @@ def register_udfs(session: Session) -> None:
     specs = [
         ("dbd_inspect", do_inspect, ["VARCHAR", "VARCHAR[]", "VARCHAR[]", "VARCHAR", "VARCHAR[]", "BIGINT",
                                      "BIGINT", "BOOLEAN", "VARCHAR", "BOOLEAN", "BOOLEAN", "BIGINT", "DOUBLE",
-                                     "BIGINT", "VARCHAR", "VARCHAR", "BIGINT", "BOOLEAN", "DOUBLE"], RESULT_STRUCT),
+                                     "BIGINT", "VARCHAR", "VARCHAR", "BIGINT", "BOOLEAN", "DOUBLE", "BIGINT"],
+         RESULT_STRUCT),
         ("dbd_compare", do_compare, ["VARCHAR[]", "VARCHAR", "BIGINT", "BIGINT"], COMPARE_STRUCT),
         ("dbd_extract", do_extract, ["VARCHAR", "VARCHAR[]", "VARCHAR", "VARCHAR", "BIGINT"], EXTRACT_STRUCT),
         ("dbd_annotate", do_annotate, ["VARCHAR[]", "VARCHAR"], ANNOTATE_STRUCT),
