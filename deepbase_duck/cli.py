@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--plateau-tol", type=float, default=None,
                    help="early stopping for probes: stop once their held-out loss improves by less than this")
     i.add_argument("--min-support", type=int, default=0,
-                   help="with --max-error: label columns seen fewer times than this do not hold the scan")
+                   help="with --max-error or --top-k: label columns seen fewer times than this do not hold the scan")
     i.add_argument("--top-k", type=int, default=None,
                    help="early stopping for a ranking: stop once each hypothesis' top-k units are stable")
     i.add_argument("--seed", type=int, default=0, help="the seeded record order of an early-stopping scan")

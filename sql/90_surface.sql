@@ -25,7 +25,7 @@
 -- plateau_tol: progressive too; the probes have plateaued once every head's held-out loss,
 -- checked each time the records double, improved by less than plateau_tol (a fraction of the
 -- constant prediction's loss) twice in a row.
--- min_support: with max_error, label columns seen fewer times than this in the records read so
+-- min_support: with max_error or top_k, label columns seen fewer times than this in the records read so
 -- far (a binary column's rarer value, a categorical one's rarest class) do not hold the scan;
 -- their scores come back with their wide intervals, and the queries table lists them ('rare').
 -- top_k: a ranking query: progressive too, stopping once every hypothesis' top_k units (by |score|)

@@ -290,16 +290,19 @@ def test_batch_means_bound_counts_only_the_windows_where_a_score_is_defined():
     assert half[2] == np.inf and half[3] == 0.0
 
 
-def _rare_dataset(con):
-    """240 records as in ``big``; two start with an '@' (the rare class of 'at_sign'): the first
-    and the last of the seeded order of seed 5, so a scan meets the second '@' only at its end."""
+def _rare_dataset(con, every: int | None = None):
+    """240 records as in ``big`` with a rare class, '@' (hypothesis 'at_sign'): by default two
+    records start with one, the first and the last of the seeded order of seed 5, so a scan meets
+    the second '@' only at its end; with ``every``, every ``every``-th record of that order holds
+    one at a seeded position (a class seen now and then, moving the ranking of its units)."""
     from deepbase_duck.hypotheses.core import Hypothesis, register
     register(Hypothesis("at_sign", lambda t: [float(c == "@") for c in t], "binary"))
     rng = np.random.default_rng(3)
     records = ["".join(TEXTS[int(i)] for i in rng.integers(0, len(TEXTS), 3)) for _ in range(240)]
     order = [i for (i,) in con.sql("SELECT i FROM range(240) t(i) ORDER BY sample_key('rare', i, 5), i").fetchall()]
-    for i in (order[0], order[-1]):
-        records[i] = "@" + records[i]
+    for i in ((order[0], order[-1]) if every is None else order[::every]):
+        k = 0 if every is None else int(rng.integers(0, len(records[i])))
+        records[i] = records[i][:k] + "@" + records[i][k:]
     dbd.register_model(con, "planted", planted_adapter())
     dbd.add_dataset(con, "rare", records)
     return records
@@ -334,6 +337,25 @@ def test_min_support_keeps_a_rare_class_from_holding_the_scan(con):
     assert d["rare"] == {} and d["records_used"] == plain["records_used"]
 
 
+def test_min_support_keeps_a_rare_class_from_holding_a_ranking(con):
+    records = _rare_dataset(con, every=16)
+    hyps = ["digit", "in_string", "at_sign"]
+    kw = {"batch_size": 8, "top_k": 3, "seed": 5}
+    plain = dbd.inspect(con, "planted", ["planted"], hyps, "rare", **kw)
+    n_plain, p_plain = last_query(con)
+    early = dbd.inspect(con, "planted", ["planted"], hyps, "rare", min_support=50, **kw)
+    n, p = last_query(con)
+    assert p["stop_rule"] == p_plain["stop_rule"] == "top_k" and n < n_plain < 240
+    used = [int(r) for (r,) in con.sql(f"SELECT record_id FROM sample_records('rare', {n}, seed := 5)").fetchall()]
+    assert p["rare"] == {"at_sign": sum(records[r].count("@") for r in used)} and p_plain["rare"] is None
+
+    def tops(t, h):
+        rows = [r for r in t.to_pylist() if r["hypothesis"] == h and r["score"] is not None]
+        return {r["unit"] for r in sorted(rows, key=lambda r: (-abs(r["score"]), r["unit"]))[:3]}
+    # the common columns' rankings are the ones the plain rule settled on
+    assert all(tops(early, h) == tops(plain, h) for h in ("digit", "in_string"))
+
+
 def test_label_support_counts_against_numpy():
     from deepbase_duck.engine.labels import LabelSupport
     cols = [{"name": "b", "kind": "binary"}, {"name": "c", "kind": "categorical", "categories": ("x", "y", "z")},
@@ -359,7 +381,7 @@ def test_label_support_counts_against_numpy():
 
 
 def test_bad_min_support_arguments(big):
-    with pytest.raises(DeepBaseError, match="min_support leaves rare label columns out of the max_error rule"):
+    with pytest.raises(DeepBaseError, match="min_support leaves rare label columns out of the max_error and top_k rules"):
         dbd.inspect(big, "planted", ["planted"], ["digit"], "many", min_support=10)
     with pytest.raises(DeepBaseError, match="min_support must be a non-negative integer, got -1"):
         dbd.inspect(big, "planted", ["planted"], ["digit"], "many", max_error=0.2, min_support=-1)

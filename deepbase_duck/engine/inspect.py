@@ -156,9 +156,9 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
     if min_support:
         if isinstance(min_support, bool) or not isinstance(min_support, (int, np.integer)) or min_support < 0:
             raise DeepBaseError(f"min_support must be a non-negative integer, got {min_support!r}")
-        if max_error is None:
-            raise DeepBaseError("min_support leaves rare label columns out of the max_error rule; "
-                                "the query has no max_error")
+        if max_error is None and top_k is None:
+            raise DeepBaseError("min_support leaves rare label columns out of the max_error and top_k rules; "
+                                "the query has neither")
     if plateau_tol is not None:
         if isinstance(plateau_tol, bool) or not isinstance(plateau_tol, (int, float, np.number)) \
                 or not 0 < plateau_tol < 1:
@@ -454,9 +454,9 @@ class StopRule:
     ``max_error`` (when given) and the probes have plateaued (when the query has any): the rule
     is named 'max_error', 'plateau' or 'max_error+plateau' after what had to hold.
 
-    With ``min_support``, the ``max_error`` rule (and ``bound``) leaves out the scores of label
-    columns whose support in the records read so far (``LabelSupport``) is below it; ``rare``
-    holds those columns and their support at the last check."""
+    With ``min_support``, the ``max_error`` rule (and ``bound``) and the ``top_k`` rule leave out
+    the scores of label columns whose support in the records read so far (``LabelSupport``) is
+    below it; ``rare`` holds those columns and their support at the last check."""
 
     def __init__(self, plan: Plan):
         self.plan, self.history = plan, []
@@ -474,11 +474,12 @@ class StopRule:
         enough = windows >= MIN_WINDOWS
         bounded = [k for k in window_scores if k[1] != "probe"]
         probes = [k for k in states if k[1] == "probe"]
+        if plan.min_support:
+            self.rare = {c: int(n) for c, n in (support or {}).items() if n < plan.min_support}
         if bounded:
             halves = {k: batch_means_half_width(window_scores[k], getattr(states[k], "confidence", 0.95))
                       for k in bounded}
             if plan.min_support:
-                self.rare = {c: int(n) for c, n in (support or {}).items() if n < plan.min_support}
                 for k in bounded:
                     if k not in self.row_columns:       # the label column of each finalize() row
                         self.row_columns[k] = np.array(states[k].finalize().column("hypothesis").to_pylist(),
@@ -496,7 +497,8 @@ class StopRule:
             return "+".join(r for r, _ in rules)
         if plan.top_k is not None:
             self.history.append({k: top_sets(st.finalize(), plan.top_k) for k, st in states.items()})
-            recent = self.history[-(plan.stable_windows + 1):]
+            recent = [{k: {c: top for c, top in sets.items() if c not in self.rare} for k, sets in h.items()}
+                      for h in self.history[-(plan.stable_windows + 1):]]
             if enough and len(recent) == plan.stable_windows + 1 and all(h == recent[-1] for h in recent):
                 return "top_k"
         return None
@@ -903,12 +905,13 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
     had to hold), ``plateau_tol`` and ``plateau_checks`` (per check: windows, the probes' train
     and test rows, each head's held-out loss and improvement, per layer). This is a heuristic,
     not a bound: the probe's accuracy keeps its Wilson interval. With ``min_support=N`` (and
-    ``max_error``) the max_error rule leaves out the scores of label columns seen fewer than N
-    times in the records read so far (a binary column's rarer value, a categorical column's
-    rarest category, a continuous column's labelled symbols): a class met in a handful of
-    records cannot be bounded without reading most of the data, and would otherwise hold the
-    whole scan. Their scores are still returned, with their (wide) batch-means intervals, and
-    ``queries.params->'rare'`` lists those columns with their support. With ``top_k`` (a ranking query) the
+    ``max_error`` or ``top_k``) the stop rules leave out the scores of label columns seen fewer
+    than N times in the records read so far (a binary column's rarer value, a categorical
+    column's rarest category, a continuous column's labelled symbols): a class met in a handful
+    of records cannot be bounded (nor its ranking settle) without reading most of the data, and
+    would otherwise hold the whole scan. Their scores are still returned, with their (wide)
+    batch-means intervals, and ``queries.params->'rare'`` lists those columns with their
+    support. With ``top_k`` (a ranking query) the
     scan is progressive too and also stops once, for every (layer, measure, hypothesis), the set of
     its ``top_k`` units by |score| has stayed the same over ``stable_windows`` consecutive windows
     (after at least MIN_WINDOWS windows); ``stop_rule`` in ``queries.params`` says which rule
