@@ -40,6 +40,10 @@ Two measures on the labelled word pieces:
             correlation's batch-means bound is within M. Probes are left out of it (their own
             stop rule, a held-out loss plateau, ``plateau_tol``, is not measured here), so it is
             compared with the baseline's correlation part (everything but the sklearn probes).
+            With ``--min-support N`` the classes seen fewer than N times do not hold it.
+  fullcorr  ``measures=['corr']`` without early stopping, labels computed as the scan goes: the
+            full scan the early runs are a fraction of;
+  rank      the ranking query ``top_k`` (``--top-k``, 10) with ``seed`` and ``--min-support``;
   full/10, baseline/10 (``--rss``)   the same on a tenth of the sentences, for the peak-RSS growth.
 
 spaCy is slow (a few ms per sentence). deepbase_duck caches the labels in its store per
@@ -179,7 +183,7 @@ def run_baseline(records, layers, batch_size: int, out: str) -> dict:
 
 
 def run_engine(records, kind: str, layers, batch_size: int, max_error: float, seed: int, out: str,
-               min_support: int = 0) -> dict:
+               min_support: int = 0, top_k: int = 10) -> dict:
     import deepbase_duck as dbd
     import deepbase_duck.engine.inspect  # noqa: F401  (library imports before the clock, as the baseline's)
     with tempfile.TemporaryDirectory() as tmp:
@@ -191,6 +195,9 @@ def run_engine(records, kind: str, layers, batch_size: int, max_error: float, se
         if kind == "early":           # the labels of the records the scan reaches, computed as it goes
             rows = dbd.inspect(con, "minilm", layers, [HYP], "ptb", measures=["corr"], batch_size=batch_size,
                                max_error=max_error, seed=seed, min_support=min_support).to_pylist()
+        elif kind == "rank":          # the ranking query: top_k, the same min_support
+            rows = dbd.inspect(con, "minilm", layers, [HYP], "ptb", measures=["corr"], batch_size=batch_size,
+                               top_k=top_k, seed=seed, min_support=min_support).to_pylist()
         elif kind == "fullcorr":      # the same query without early stopping: labels computed as it goes
             rows = dbd.inspect(con, "minilm", layers, [HYP], "ptb", measures=["corr"], batch_size=batch_size).to_pylist()
         else:
@@ -234,7 +241,7 @@ def child(a) -> dict:
         r = run_baseline(records, layers, a.batch_size, a.out)
     else:
         r = run_engine(records, a.child.split(":")[0], layers, a.batch_size, a.max_error[0], a.seed, a.out,
-                       a.min_support)
+                       a.min_support, a.top_k)
     r.update(kind=a.child, records=len(records), peak_rss_mb=peak_rss_mb())
     return r
 
@@ -244,7 +251,7 @@ def run(kind: str, a, sentences: int, out: str) -> dict:
                                   "--sample-seed", str(a.sample_seed), "--layers", a.layers,
                                   "--batch-size", str(a.batch_size), "--threads", str(a.threads),
                                   "--max-error", kind_max_error(kind, a.max_error), "--seed", str(a.seed),
-                                  "--min-support", str(a.min_support), "--out", out])
+                                  "--min-support", str(a.min_support), "--top-k", str(a.top_k), "--out", out])
 
 
 def main():
@@ -257,12 +264,13 @@ def main():
     ap.add_argument("--rss", action="store_true", help="also run both sides on a tenth of the sentences")
     ap.add_argument("--min-support", type=int, default=0,
                     help="the early runs' min_support: classes seen fewer times do not hold the scan")
+    ap.add_argument("--top-k", type=int, default=10, help="the ranking query's k (run 'rank')")
     a = parse_with_common(ap, max_error=[0.15, 0.1])
     if a.child:
         print(json.dumps(child(a)))
         return
     early = early_kinds(a.max_error)
-    kinds = ["forward", "baseline", "full", "fullcorr"] + early
+    kinds = ["forward", "baseline", "full", "fullcorr"] + early + ["rank"]
     res, arrays = measure_all(kinds, lambda kind, div, out: run(kind, a, a.sentences // div, out), a.rss)
     f, b = arrays["full"], arrays["baseline"]
     bl, n = res["baseline"], res["full"]
@@ -271,7 +279,7 @@ def main():
     print(f"\ndeepbase_duck vs a standard Python implementation: all-MiniLM-L6-v2, layers {', '.join(layers)} "
           f"({len(layers)} x {WIDTH} units), spaCy UPOS ({len(upos_classes())} classes), {n['records']} PTB "
           f"{a.split} sentences, {bl['symbols']} word pieces ({bl['labelled']} labelled), threads={a.threads}")
-    print_runs(res, kinds, reference={kind: corr_only for kind in early + ["fullcorr"]})
+    print_runs(res, kinds, reference={kind: corr_only for kind in early + ["fullcorr", "rank"]})
     print(f"(baseline and full: corr + probes; fullcorr and early: corr only, their speed-up is over the baseline "
           f"without its probes, {corr_only:.2f} s)")
     print(f"baseline split: model load {bl['t_load']:.1f} s, extract {bl['t_extract']:.1f} s, spaCy "
@@ -284,10 +292,11 @@ def main():
     print("probe accuracy (ours vs sklearn): " + ", ".join(
         f"{layer} {fa:.4f} vs {ba:.4f}" for layer, fa, ba in zip(layers, f["probe_acc"], b["probe_acc"]))
         + f"; max |diff| {np.max(np.abs(f['probe_acc'] - b['probe_acc'])):.4f}")
-    for kind in early:
+    for kind in early + ["rank"]:
         coverage, agree, missing, strong = early_check(arrays[kind], f["corr"])
         e = res[kind]
-        print(f"{kind} (max_error {kind_max_error(kind, a.max_error)}, min_support {a.min_support}, seed {a.seed}): "
+        rule = f"top_k {a.top_k}" if kind == "rank" else f"max_error {kind_max_error(kind, a.max_error)}"
+        print(f"{kind} ({rule}, min_support {a.min_support}, seed {a.seed}): "
               f"{e['records_used']} of {n['records']} sentences, bound {e['bound']:.3f}"
               + (f" (classes left out: {e['rare']})" if e.get("rare") else "")
               + f", time {e['seconds'] / res['fullcorr']['seconds']:.2f} of the full corr scan "
