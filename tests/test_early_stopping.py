@@ -407,3 +407,31 @@ def test_min_support_from_sql_and_the_cli(con, tmp_path):
     finally:
         dbd.close(c)
     assert n_cli == n and p_cli["rare"] == p["rare"] and p_cli["min_support"] == 50
+
+
+def test_top_sets_rank_null_scores_last_against_a_reference():
+    import pyarrow as pa
+    from deepbase_duck.engine.inspect import top_sets
+    # constant units (NULL scores) never make a top set while units with scores remain
+    t = pa.table({"unit": pa.array([0, 1, 2, 3, None], pa.int32()), "hypothesis": ["h"] * 5,
+                  "score": pa.array([None, None, None, -0.1, 0.9], pa.float64())})
+    assert top_sets(t, 1) == {"h": frozenset({3})} and top_sets(t, 2) == {"h": frozenset({0, 3})}
+
+    def reference(t, k):
+        units, hyps, sc = (t.column(c).to_pylist() for c in ("unit", "hypothesis", "score"))
+        out = {}
+        for h in set(hyps):
+            rows = sorted((i for i, x in enumerate(hyps) if x == h and units[i] is not None),
+                          key=lambda i: (-(abs(sc[i]) if sc[i] is not None else -1.0), units[i]))
+            out[h] = frozenset(units[i] for i in rows[:k])
+        return out
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        W, H = int(rng.integers(1, 30)), int(rng.integers(1, 5))
+        scores = [None if rng.random() < 0.2 else float(x) for x in np.round(rng.normal(size=W * H), 1)]  # ties
+        t = pa.table({"unit": pa.array([u for u in range(W) for _ in range(H)], pa.int32()),
+                      "hypothesis": [f"h{j}" for _ in range(W) for j in range(H)],
+                      "score": pa.array(scores, pa.float64())})
+        k = int(rng.integers(1, 12))
+        assert top_sets(t, k) == reference(t, k)

@@ -694,15 +694,25 @@ class LocalEngine:
 
 def top_sets(t: pa.Table, k: int) -> dict:
     """{hypothesis column: frozenset of its k units of largest |score|} of a finalised unit-level
-    score table (NULL scores rank last; ties broken by unit number)."""
-    units = t.column("unit").to_pylist()
-    hyps = t.column("hypothesis").to_pylist()
-    score = np.abs(np.nan_to_num(np.array(t.column("score").to_pylist(), dtype=np.float64), nan=-1.0))
-    out = {}
-    for h in set(hyps):
-        rows = [i for i, x in enumerate(hyps) if x == h and units[i] is not None]
-        rows.sort(key=lambda i: (-score[i], units[i]))
-        out[h] = frozenset(units[i] for i in rows[:k])
+    score table (NULL scores rank last; ties broken by unit number; rows without a unit, scores
+    of the whole group, are not ranked). Vectorised: the ranking rule calls it after every
+    window, on every (layer, measure) state."""
+    import pyarrow.compute as pc
+    units = pc.fill_null(t.column("unit"), -1).to_numpy().astype(np.int64)
+    score = np.abs(np.array(pc.fill_null(t.column("score"), np.nan).to_numpy(), dtype=np.float64))
+    score = np.nan_to_num(score, nan=-1.0)                    # NULL below every |score|
+    codes = pc.dictionary_encode(t.column("hypothesis")).combine_chunks()
+    hyp = codes.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    names = codes.dictionary.to_pylist()
+    keep = units >= 0
+    units, score, hyp = units[keep], score[keep], hyp[keep]
+    order = np.lexsort((units, -score, hyp))                  # by hypothesis, |score| down, unit
+    hyp_sorted = hyp[order]
+    first = np.searchsorted(hyp_sorted, hyp_sorted, side="left")
+    top = order[np.arange(len(order)) - first < k]
+    out = {name: frozenset() for j, name in enumerate(names) if np.any(hyp == j)}
+    for j in np.unique(hyp[top]):
+        out[names[j]] = frozenset(units[top][hyp[top] == j].tolist())
     return out
 
 
