@@ -84,7 +84,7 @@ class Plan:
     top_k: int | None = None                           # ranking queries: stop once each top-k set is stable
     stable_windows: int = 3                            # ... over this many consecutive windows
     plateau_tol: float | None = None                   # probes: stop once the held-out loss plateaus
-    min_support: int = 0                               # max_error leaves out columns seen less often
+    min_support: int = 0                               # max_error and top_k leave out rarer columns
     probe_checks: list = field(default_factory=list)   # filled by StopRule: the probes' loss checks
 
     @property
