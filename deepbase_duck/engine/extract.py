@@ -175,12 +175,13 @@ def forward_batches(session, adapter, model: str, layers, dataset, batches, symb
     ``batches`` is a list (a full scan), texts are read SYMBOL_CHUNK records per query; a
     generator (a progressive scan, which may stop) is read a batch at a time."""
     with Retain(adapter.module, layers) as ret:
-        for ids, texts in _with_texts(session, dataset, batches):
+        for ids, texts in batches_with_texts(session, dataset, batches):
             yield forward_batch(adapter, ret, model, layers, dataset, ids, [texts[r] for r in ids], symbol_counts)
 
 
-def _with_texts(session, dataset: str, batches):
-    """(ids, {record_id: text}) per batch of ``batches``."""
+def batches_with_texts(session, dataset: str, batches):
+    """(ids, {record_id: text}) per batch of ``batches``: a list is read SYMBOL_CHUNK records per
+    query, a generator (which may be stopped) a batch at a time."""
     if not isinstance(batches, list):
         for ids in batches:
             yield ids, session.texts(dataset, ids)

@@ -52,7 +52,8 @@ from ..errors import DeepBaseError, EmptyDatasetError
 from ..extraction.adapters import Encoded
 from ..inspectors.base import measure_class
 from ..progress import progress_bar
-from .extract import cleanup_orphans, commit_parts, ensure_symbols, forward_batch, plan_batches, write_part_file
+from .extract import (batches_with_texts, cleanup_orphans, commit_parts, ensure_symbols, forward_batch,
+                      plan_batches, write_part_file)
 from .inspect import (
     KeepActivations,
     LabelStream,
@@ -440,8 +441,7 @@ class RayEngine:
                 ys = []
                 if support is not None:
                     block_support[i] = LabelSupport(plan.label_columns)
-                for ids in blocks[i]:
-                    texts = session.texts(plan.dataset, ids)
+                for ids, texts in batches_with_texts(session, plan.dataset, blocks[i]):
                     part.append(([int(r) for r in ids], [texts[r] for r in ids], [int(counts[r]) for r in ids]))
                     ys.append(labels.next(ids, texts=[texts[r] for r in ids]).numpy())
                     if support is not None:
