@@ -18,6 +18,9 @@ import weakref
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from .engine.memory import SCAN_MEMORY_LIMIT, bound_onednn_cache, memory_bytes  # noqa: E402
+bound_onednn_cache()                       # before torch builds its first oneDNN kernel
+
 from . import store  # noqa: E402
 from .catalog import Session, _SESSIONS, session_of  # noqa: E402
 from .errors import (ActivationError, DeepBaseError, EmptyDatasetError, HypothesisError,  # noqa: E402
@@ -33,9 +36,14 @@ __version__ = "0.1.0"
 _OPEN: "weakref.WeakSet" = weakref.WeakSet()
 
 
-def connect(path: str | None = None, threads: int | None = None, progress: bool = True):
+def connect(path: str | None = None, threads: int | None = None, progress: bool = True,
+            scan_memory_limit: str | None = SCAN_MEMORY_LIMIT):
     """Open (or create) the store at ``path`` (None: in memory) and return its DuckDB connection,
     with the catalog created, the macros of sql/ loaded and deepbase_duck's UDFs registered.
+
+    ``scan_memory_limit``: DuckDB's memory limit while ``inspect``, ``extract`` or ``annotate``
+    writes to a file-backed store (default '128MB'; None leaves DuckDB's own limit), restored
+    after each; see engine/memory.py.
 
     Use ``con.cursor()`` for other threads (DuckDB 2.0 refuses concurrent calls on one
     connection); the Python API functions need the connection returned here.
@@ -45,6 +53,9 @@ def connect(path: str | None = None, threads: int | None = None, progress: bool 
 
     con = store.open_database(path, threads)
     session = Session(con, path, store.activation_root(path), progress=progress)
+    if scan_memory_limit is not None:
+        memory_bytes(scan_memory_limit)           # a bad size fails here, not mid-scan
+    session.scan_memory_limit = scan_memory_limit
     _SESSIONS[con] = session
     register_udfs(session)
     store.apply_sql(con, "python")

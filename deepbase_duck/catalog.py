@@ -30,6 +30,7 @@ class Session:
         self.progress = progress
         self.temporary_acts = db_path in (None, ":memory:")
         self.udf_tracebacks: list[str] = []
+        self.scan_memory_limit: str | None = None   # connect() sets it (engine/memory.py)
 
     # -- models ----------------------------------------------------------------------------
     def register_model(self, name: str, adapter: ModelAdapter | str, params: dict | None = None,

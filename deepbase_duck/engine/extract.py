@@ -28,7 +28,7 @@ from .. import store
 from ..errors import ActivationError, DeepBaseError, EmptyDatasetError
 from ..extraction.hooks import Retain
 from ..progress import progress_bar
-from .memory import release_freed_memory
+from .memory import caps_store_memory, release_freed_memory
 
 DTYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
 SYMBOL_CHUNK = 256
@@ -313,6 +313,7 @@ def part_count(con, behavior_id):
     return store.q_scalar(con, "SELECT count(*) FROM behavior_parts WHERE behavior_id = ?", [behavior_id])
 
 
+@caps_store_memory
 def extract(session, model: str, layers, dataset: str, dtype: str = "float32", record_ids=None,
             batch_size: int = 16, progress: bool | None = None) -> list[dict]:
     """Store the activations of ``layers`` of ``model`` over ``dataset`` (all records, or

@@ -33,7 +33,7 @@ from ..hypotheses.grid import check_fit
 from ..hypotheses.store import annotate, missing_records, resolve
 from ..inspectors.base import SCORE_SCHEMA, measure_class
 from ..progress import progress_bar
-from .memory import release_freed_memory
+from .memory import caps_store_memory, release_freed_memory
 from .labels import LabelStream, LabelSupport, block_labels  # noqa: F401  (block_labels: public here too)
 from .extract import (Batch, cleanup_orphans, done_records, ensure_symbols, find_behavior, forward_batches,
                       get_or_create_behavior, plan_batches, store_batch)
@@ -885,6 +885,7 @@ def reuse_report(plan: Plan, runs: list, labels_missing: dict) -> dict:
     return out
 
 
+@caps_store_memory
 def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), record_ids=None, limit=None,
             batch_size=16, keep_activations=False, dtype="float32", device=None, store_scores=True,
             progress=None, engine=None, baseline=False, baseline_seed=0, control=False, permutations=0,

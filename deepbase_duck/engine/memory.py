@@ -1,4 +1,11 @@
-"""Give freed heap memory back to the operating system between blocks.
+"""Keep a scan's resident memory flat as the corpus grows.
+
+Three parts: freed heap memory goes back to the operating system after every block
+(``release_freed_memory``), DuckDB's buffer pool is capped while a scan writes to a
+file-backed store (``capped_store_memory``), and torch's oneDNN kernel cache is bounded
+(``bound_onednn_cache``).
+
+Freed heap memory.
 
 A scan allocates and frees tensors of a different size at every block (records are batched by
 length, so sizes grow through a full scan). glibc's allocator raises its mmap threshold after
@@ -15,7 +22,20 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+import os
+import re
 import sys
+from contextlib import contextmanager
+
+import duckdb
+
+from ..errors import DeepBaseError
+
+#: DuckDB memory limit while a scan writes to a file-backed store (``connect(scan_memory_limit=)``).
+SCAN_MEMORY_LIMIT = "128MB"
+#: oneDNN primitive-cache entries unless ONEDNN_PRIMITIVE_CACHE_CAPACITY is set (oneDNN's default: 1024).
+ONEDNN_CACHE_CAPACITY = "64"
 
 _trim = None
 if sys.platform.startswith("linux"):
@@ -32,3 +52,98 @@ def release_freed_memory() -> bool:
         return False
     _trim(0)
     return True
+
+
+# -- DuckDB's buffer pool during a scan --------------------------------------------------------
+# A scan's own DuckDB work is small per block (record texts, label spans, appends of symbols and
+# labels), but the rows it appends are held uncompressed until DuckDB checkpoints them, and the
+# blocks a checkpoint writes stay cached in the buffer pool, which by default may grow to 80% of
+# the machine's memory. On the 4M-character char-LSTM scan that cache was the peak-RSS growth
+# with the corpus: 606 MB at 400k characters, 899 MB at 4M, the top reached when the store
+# closed and checkpointed the last labels (benchmarks/RESULTS.md, session 5). With the pool
+# capped at 128 MB for the scan and a checkpoint at its end, under the cap, the 4M scan peaks at
+# 634 MB, in the same time. The cap is the database's memory_limit, a setting of the whole
+# DuckDB instance: other cursors' queries run under it too while a scan runs (they spill to
+# DuckDB's temporary directory where they need more). It is restored afterwards, also when the
+# scan fails. In-memory stores are left alone: their tables have nowhere else to live.
+
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+def memory_bytes(text: str) -> float:
+    """Bytes in a DuckDB memory setting such as '128MB' or '18.8 GiB'."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise DeepBaseError(f"scan_memory_limit: not a memory size: {text!r} (expected a number and a unit "
+                            "such as '128MB' or '1GiB', or None)")
+    return float(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+@contextmanager
+def capped_store_memory(session):
+    """While the block runs, cap the DuckDB memory limit of ``session``'s file-backed store at
+    ``session.scan_memory_limit`` (unless it is lower already, or None); on success, CHECKPOINT
+    under the cap, so that the rows the scan appended are compressed to disk without being cached.
+    The previous limit comes back in every case."""
+    limit = getattr(session, "scan_memory_limit", None)
+    con = session.con
+    if limit is None or session.db_path in (None, ":memory:"):
+        yield
+        return
+    old = _memory_limit(con)
+    if memory_bytes(old) <= memory_bytes(limit):
+        yield
+        return
+    con.execute(f"SET memory_limit = '{limit}'")
+    try:
+        yield
+        try:
+            con.execute("CHECKPOINT")
+        except duckdb.TransactionException:
+            # another write transaction is open (a CREATE TABLE AS SELECT over the SQL inspect(),
+            # or a cursor's BEGIN): DuckDB refuses; its own checkpoint comes later, uncapped
+            pass
+    finally:
+        restore_memory_limit(con, old)
+
+
+def _memory_limit(con) -> str:
+    return con.sql("SELECT current_setting('memory_limit')").fetchall()[0][0]
+
+
+def restore_memory_limit(con, old: str) -> None:
+    """Set the memory limit back to ``old`` as DuckDB displayed it ('18.8 GiB'). DuckDB shows a
+    limit truncated to one decimal, and setting that text gives a smaller limit ('18.7 GiB'), so
+    a plain SET would shrink the limit a little at every scan: DuckDB's default comes back by
+    RESET, any other limit by the value halfway into its displayed decimal."""
+    con.execute("RESET memory_limit")
+    if _memory_limit(con) == old:
+        return
+    con.execute(f"SET memory_limit = '{old}'")
+    if _memory_limit(con) != old:
+        m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", old)
+        con.execute(f"SET memory_limit = '{float(m.group(1)) + 0.05:.2f} {m.group(2)}'")
+
+def caps_store_memory(fn):
+    """Decorator: run ``fn(session, ...)`` inside ``capped_store_memory(session)``."""
+    @functools.wraps(fn)
+    def wrapper(session, *args, **kwargs):
+        with capped_store_memory(session):
+            return fn(session, *args, **kwargs)
+    return wrapper
+
+
+# -- torch's oneDNN kernel cache ---------------------------------------------------------------
+# On CPU, torch runs LSTMs (and convolutions) through oneDNN, which keeps a compiled primitive
+# per distinct input shape, up to 1024 of them. A scan batches records by length, so every batch
+# of a text model has a new shape: a 4M-character char-LSTM scan met hundreds and kept about 70 MB
+# of kernels that were never used again (the peak RSS growth that remained once DuckDB's pool was
+# capped: 704 -> 634 MB at 4M characters, with the time unchanged: benchmarks/RESULTS.md). 64
+# entries still hold every shape of a fixed-size model (an image CNN meets a handful). oneDNN
+# reads the setting when it first builds a primitive, so it is set when deepbase_duck is imported
+# and only where the user has not set it; a process that ran oneDNN kernels before keeps its cache.
+
+def bound_onednn_cache(capacity: str = ONEDNN_CACHE_CAPACITY) -> None:
+    """Set ONEDNN_PRIMITIVE_CACHE_CAPACITY to ``capacity`` unless the environment sets it."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))

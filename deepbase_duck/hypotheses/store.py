@@ -100,7 +100,15 @@ def annotate(session, hypotheses, dataset: str, record_ids=None, progress: bool 
 
     Records are processed in chunks; each chunk's labels of every hypothesis and the rows of
     ``labeled_records`` that mark them done are appended in one transaction, so an interrupted
-    run keeps its finished chunks and resumes after them."""
+    run keeps its finished chunks and resumes after them. DuckDB's memory is capped meanwhile
+    on a file-backed store (engine/memory.py)."""
+    from ..engine.memory import capped_store_memory   # (engine imports this module)
+    with capped_store_memory(session):
+        return _annotate(session, hypotheses, dataset, record_ids, progress)
+
+
+def _annotate(session, hypotheses, dataset: str, record_ids=None, progress: bool | None = None) -> list[dict]:
+    """annotate's work; the store's DuckDB memory is capped around it (engine/memory.py)."""
     con = session.con
     session.check_dataset(dataset)
     ids = session.record_ids(dataset) if record_ids is None else np.asarray(record_ids, dtype=np.int64)

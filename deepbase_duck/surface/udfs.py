@@ -36,6 +36,7 @@ def _cursor_session(session: Session) -> Session:
     sub = Session(session.con.cursor(), session.db_path, session.act_root, progress=session.progress)
     sub.adapters = session.adapters           # share loaded models
     sub.temporary_acts = False                # the parent owns the folder
+    sub.scan_memory_limit = session.scan_memory_limit
     return sub
 
 
