@@ -191,9 +191,11 @@ def agreement_text(agree: list, strong: list) -> str:
 
 
 def rss_growth(res: dict) -> str:
-    full, small, bl, bsmall = (res[k]["peak_rss_mb"] for k in ("full", "full/10", "baseline", "baseline/10"))
-    return (f"peak RSS growth for 10x the records: deepbase_duck {full / small:.2f}x ({small:.0f} -> {full:.0f} MB), "
-            f"baseline {bl / bsmall:.2f}x ({bsmall:.0f} -> {bl:.0f} MB)")
+    """Peak-RSS growth from a tenth of the workload to all of it, for each kind run at both sizes."""
+    parts = [f"{'deepbase_duck ' if kind != 'baseline' else ''}{kind} {res[kind]['peak_rss_mb'] / res[kind + '/10']['peak_rss_mb']:.2f}x "
+             f"({res[kind + '/10']['peak_rss_mb']:.0f} -> {res[kind]['peak_rss_mb']:.0f} MB)"
+             for kind in res if kind + "/10" in res]
+    return "peak RSS growth for 10x the records: " + ", ".join(parts)
 
 
 def run_baseline(records, dissection: bool, out: str) -> dict:
@@ -347,10 +349,10 @@ def kind_max_error(kind: str, max_errors) -> str:
     return kind.split(":")[1] if kind.startswith("early:") else str(max_errors[0])
 
 
-def measure_all(kinds, run_kind, small: bool) -> tuple[dict, dict]:
+def measure_all(kinds, run_kind, small: bool, small_kinds=("full", "baseline")) -> tuple[dict, dict]:
     """Each kind in its own process, one after the other: ``run_kind(kind, div, out)`` measures
-    it on a ``div``-th of the workload and writes its arrays to ``out``. With ``small``, 'full'
-    and 'baseline' again at a tenth ('full/10', 'baseline/10'). Returns (results, arrays)."""
+    it on a ``div``-th of the workload and writes its arrays to ``out``. With ``small``, the
+    ``small_kinds`` again at a tenth ('full/10', 'baseline/10'). Returns (results, arrays)."""
     tmp = tempfile.mkdtemp()
     res, arrays = {}, {}
     for kind in kinds:
@@ -360,7 +362,7 @@ def measure_all(kinds, run_kind, small: bool) -> tuple[dict, dict]:
             arrays[kind] = np.load(out)
         print(f"  {kind:<12} {res[kind]['seconds']:8.2f} s   peak RSS {res[kind]['peak_rss_mb']:7.0f} MB", flush=True)
     if small:
-        for kind in ("full", "baseline"):
+        for kind in small_kinds:
             res[f"{kind}/10"] = run_kind(kind, 10, os.path.join(tmp, f"{kind}-small.npz"))
     return res, arrays
 

@@ -271,7 +271,8 @@ def main():
         return
     early = early_kinds(a.max_error)
     kinds = ["forward", "baseline", "full", "fullcorr"] + early + ["rank"]
-    res, arrays = measure_all(kinds, lambda kind, div, out: run(kind, a, a.sentences // div, out), a.rss)
+    res, arrays = measure_all(kinds, lambda kind, div, out: run(kind, a, a.sentences // div, out), a.rss,
+                              small_kinds=("full", "fullcorr", "baseline"))
     f, b = arrays["full"], arrays["baseline"]
     bl, n = res["baseline"], res["full"]
     layers = a.layers.split(",")
