@@ -435,3 +435,46 @@ def test_top_sets_rank_null_scores_last_against_a_reference():
                       "score": pa.array(scores, pa.float64())})
         k = int(rng.integers(1, 12))
         assert top_sets(t, k) == reference(t, k)
+        u, h, s = (np.array([-1 if x is None else x for x in t.column("unit").to_pylist()]),
+                   np.array(t.column("hypothesis").to_pylist(), dtype=object),
+                   np.array([np.nan if x is None else x for x in t.column("score").to_pylist()]))
+        assert rank_sets(u, h, s, k) == reference(t, k)     # the stop rule's path, from score_rows
+
+
+from deepbase_duck.engine.inspect import WindowMoments, batch_means_half_width, rank_sets  # noqa: E402
+
+
+def test_window_moments_equal_batch_means_over_every_prefix():
+    # the stop rule's running form of the batch-means bound, against the direct one (nanstd over
+    # all windows), with scores missing in some windows and one never defined
+    rng = np.random.default_rng(3)
+    windows = [np.where(rng.random(300) < 0.3, np.nan, rng.normal(5.0, 2.0, 300)) for _ in range(30)]
+    for w in windows:
+        w[0] = np.nan                                     # a score no window defines: 0 (not bounded)
+    windows[4][1] = 7.0                                   # a score defined in one window: unbounded
+    for w in windows[:4] + windows[5:]:
+        w[1] = np.nan
+    m = WindowMoments()
+    for i, w in enumerate(windows, 1):
+        m.add(w)
+        got, want = m.half_width(0.95), batch_means_half_width(windows[:i], 0.95)
+        assert np.array_equal(np.isinf(got), np.isinf(want))
+        np.testing.assert_allclose(got[np.isfinite(want)], want[np.isfinite(want)], rtol=1e-10, atol=1e-15)
+    assert got[0] == 0.0 and got[1] == np.inf
+
+
+def test_pearson_score_rows_are_finalize_columns():
+    from deepbase_duck.inspectors.correlation import PearsonState
+    st = PearsonState(6, [{"name": "a", "kind": "binary"}, {"name": "b", "kind": "continuous"}])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=g)
+    x[:, 2] = 1.5                                         # a constant unit: NULL score
+    y = torch.stack([(torch.rand(200, generator=g) < 0.3).double(), torch.randn(200, generator=g, dtype=torch.float64)], 1)
+    y[::7, 1] = float("nan")
+    st.update(x, y)
+    t = st.finalize()
+    unit, hyp, score = st.score_rows()
+    assert unit.tolist() == t.column("unit").to_pylist() and hyp.tolist() == t.column("hypothesis").to_pylist()
+    ref = np.array([np.nan if v is None else v for v in t.column("score").to_pylist()])
+    assert np.isnan(score[4]) and np.isnan(score[5])
+    np.testing.assert_array_equal(score, ref)

@@ -289,7 +289,7 @@ def _score_matrix(state) -> np.ndarray:
     a probe (no batch-means bound: each window would train a probe; StopRule's plateau instead)."""
     if state.measure == "probe":
         return np.empty(0)
-    return np.array(state.finalize().column("score").to_pylist(), dtype=np.float64)
+    return state.score_rows()[2]
 
 
 def batch_means_half_width(window_scores: list, confidence: float) -> np.ndarray:
@@ -312,6 +312,39 @@ def batch_means_half_width(window_scores: list, confidence: float) -> np.ndarray
         sd = np.nanstd(w, axis=0, ddof=1)
         half = stats.t.ppf(0.5 + confidence / 2, np.maximum(k - 1, 1)) * sd / np.sqrt(np.maximum(k, 1))
     return np.where(k == 0, 0.0, np.where(k == 1, np.inf, half))
+
+
+class WindowMoments:
+    """The per-score count, mean and sum of squared deviations over the windows added so far (a
+    NaN, a score undefined in its window, is skipped): ``half_width`` equals
+    ``batch_means_half_width`` of those windows, at O(scores) per window instead of O(windows x
+    scores) per check (Welford's update). The stop rule checks after every window."""
+
+    def __init__(self):
+        self.windows, self.k, self.mean, self.m2 = 0, None, None, None
+
+    def add(self, scores) -> None:
+        w = np.asarray(scores, dtype=np.float64)
+        if self.k is None:
+            self.k, self.mean, self.m2 = np.zeros(w.shape, np.int64), np.zeros(w.shape), np.zeros(w.shape)
+        ok = ~np.isnan(w)
+        x = np.where(ok, w, 0.0)
+        self.k += ok
+        d = np.where(ok, x - self.mean, 0.0)
+        self.mean += d / np.maximum(self.k, 1)
+        self.m2 += np.where(ok, d * (x - self.mean), 0.0)
+        self.windows += 1
+
+    def half_width(self, confidence: float) -> np.ndarray:
+        from scipy import stats
+        if self.windows < 2:
+            return np.full(0 if self.k is None else len(self.k), np.inf)
+        k = self.k
+        ks = np.unique(k)                                       # few distinct counts: one ppf each
+        t = stats.t.ppf(0.5 + confidence / 2, np.maximum(ks - 1, 1))[np.searchsorted(ks, k)]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            half = t * np.sqrt(self.m2 / np.maximum(k - 1, 1)) / np.sqrt(np.maximum(k, 1))
+        return np.where(k == 0, 0.0, np.where(k == 1, np.inf, half))
 
 
 def seeded_windows(session, plan: Plan, window_batches: int = 1) -> tuple[list[list[int]], list[int]]:
@@ -463,6 +496,7 @@ class StopRule:
         self.bound = float("inf") if any(m != "probe" for m in plan.measures) else None
         self.models, self.plateaued = {}, False     # the probes fitted at the last check
         self.row_columns, self.rare = {}, {}
+        self.moments = {}                           # (layer, measure): WindowMoments of its window scores
         plan.probe_checks = []
 
     def check(self, states: dict, window_scores: dict, support: dict | None = None) -> str | None:
@@ -477,13 +511,15 @@ class StopRule:
         if plan.min_support:
             self.rare = {c: int(n) for c, n in (support or {}).items() if n < plan.min_support}
         if bounded:
-            halves = {k: batch_means_half_width(window_scores[k], getattr(states[k], "confidence", 0.95))
-                      for k in bounded}
+            for k in bounded:                       # fold in the windows added since the last check
+                m = self.moments.setdefault(k, WindowMoments())
+                for w in window_scores[k][m.windows:]:
+                    m.add(w)
+            halves = {k: self.moments[k].half_width(getattr(states[k], "confidence", 0.95)) for k in bounded}
             if plan.min_support:
                 for k in bounded:
                     if k not in self.row_columns:       # the label column of each finalize() row
-                        self.row_columns[k] = np.array(states[k].finalize().column("hypothesis").to_pylist(),
-                                                       dtype=object)
+                        self.row_columns[k] = states[k].score_rows()[1]
                     halves[k] = halves[k][~np.isin(self.row_columns[k], list(self.rare))]
             self.bound = max(h.max(initial=0.0) for h in halves.values())
         if probes and windows >= 2 and windows & (windows - 1) == 0:
@@ -496,7 +532,7 @@ class StopRule:
         if enough and rules and all(ok for _, ok in rules):
             return "+".join(r for r, _ in rules)
         if plan.top_k is not None:
-            self.history.append({k: top_sets(st.finalize(), plan.top_k) for k, st in states.items()})
+            self.history.append({k: rank_sets(*st.score_rows(), plan.top_k) for k, st in states.items()})
             recent = [{k: {c: top for c, top in sets.items() if c not in self.rare} for k, sets in h.items()}
                       for h in self.history[-(plan.stable_windows + 1):]]
             if enough and len(recent) == plan.stable_windows + 1 and all(h == recent[-1] for h in recent):
@@ -695,15 +731,38 @@ class LocalEngine:
 def top_sets(t: pa.Table, k: int) -> dict:
     """{hypothesis column: frozenset of its k units of largest |score|} of a finalised unit-level
     score table (NULL scores rank last; ties broken by unit number; rows without a unit, scores
-    of the whole group, are not ranked). Vectorised: the ranking rule calls it after every
-    window, on every (layer, measure) state."""
+    of the whole group, are not ranked)."""
     import pyarrow.compute as pc
     units = pc.fill_null(t.column("unit"), -1).to_numpy().astype(np.int64)
-    score = np.abs(np.array(pc.fill_null(t.column("score"), np.nan).to_numpy(), dtype=np.float64))
-    score = np.nan_to_num(score, nan=-1.0)                    # NULL below every |score|
-    codes = pc.dictionary_encode(t.column("hypothesis")).combine_chunks()
-    hyp = codes.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    names = codes.dictionary.to_pylist()
+    score = np.array(pc.fill_null(t.column("score"), np.nan).to_numpy(), dtype=np.float64)
+    return rank_sets(units, np.array(t.column("hypothesis").to_pylist(), dtype=object), score, k)
+
+
+_CODES: dict = {}
+
+
+def _codes(hypotheses) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted names, code of each row) of a hypothesis column; remembered for the arrays a
+    state hands out again at every window (PearsonState.score_rows' layout)."""
+    hit = _CODES.get(id(hypotheses))
+    if hit is not None and hit[0] is hypotheses:
+        return hit[1], hit[2]
+    names, codes = np.unique(np.asarray(hypotheses, dtype=object), return_inverse=True)
+    codes = codes.reshape(-1).astype(np.int64)
+    if isinstance(hypotheses, np.ndarray):
+        if len(_CODES) > 256:
+            _CODES.clear()
+        _CODES[id(hypotheses)] = (hypotheses, names, codes)   # holds the array: its id stays its own
+    return names, codes
+
+
+def rank_sets(units: np.ndarray, hypotheses: np.ndarray, score: np.ndarray, k: int) -> dict:
+    """top_sets over a state's ``score_rows()`` (unit -1: a row of the whole group; score NaN:
+    NULL). Vectorised: the ranking rule calls it after every window, on every (layer, measure)
+    state."""
+    score = np.nan_to_num(np.abs(np.asarray(score, dtype=np.float64)), nan=-1.0)   # NULL below every |score|
+    names, hyp = _codes(hypotheses)
+    units = np.asarray(units, dtype=np.int64)
     keep = units >= 0
     units, score, hyp = units[keep], score[keep], hyp[keep]
     order = np.lexsort((units, -score, hyp))                  # by hypothesis, |score| down, unit

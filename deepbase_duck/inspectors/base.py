@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -97,6 +98,17 @@ class InspectorState:
     def max_error(self) -> float:
         """Largest half-width of the confidence intervals so far (inf when unknown)."""
         return float("inf")
+
+    def score_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(unit, hypothesis, score) of every finalize() row, in its order: unit int64 (-1 for a
+        row without a unit), hypothesis names (object), score float64 (NaN for NULL). What the
+        progressive scan's stop rules bound and rank after every window; a state whose finalize()
+        does more (p-values, intervals, tables) may override it with the scores alone."""
+        t = self.finalize()
+        unit = np.array([-1 if u is None else u for u in t.column("unit").to_pylist()], dtype=np.int64)
+        hyp = np.array(t.column("hypothesis").to_pylist(), dtype=object)
+        score = np.array([np.nan if v is None else v for v in t.column("score").to_pylist()], dtype=np.float64)
+        return unit, hyp, score
 
     def _check_combine(self, other):
         if type(other) is not type(self) or other.width != self.width or other.names != self.names:

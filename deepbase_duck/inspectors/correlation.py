@@ -132,6 +132,13 @@ class PearsonState(InspectorState):
         half = half[~np.isnan(r)]
         return float(np.nanmax(half)) if half.size else float("inf")
 
+    def score_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """finalize()'s (unit, hypothesis, score) columns without its intervals and p-values."""
+        W, H = self.width, len(self.names)
+        if getattr(self, "_row_layout", None) is None:
+            self._row_layout = (np.repeat(np.arange(W, dtype=np.int64), H), np.array(self.names * W, dtype=object))
+        return (*self._row_layout, self.correlations().reshape(-1))
+
     def finalize(self) -> pa.Table:
         r = self.correlations()
         W, H = r.shape
