@@ -309,6 +309,11 @@ class RayEngine:
             else:
                 what, per = ("GPU", gpus) if gpus else ("CPU", self.num_cpus)
                 n = int(free.get(what, 0) // per)
+                deadline = time.time() + 15
+                while n < 1 and time.time() - _KILLED_AT < 30 and time.time() < deadline:
+                    time.sleep(0.05)              # workers this process killed are still releasing theirs
+                    free = ray.available_resources()
+                    n = int(free.get(what, 0) // per)
                 if n < 1:
                     total = ray.cluster_resources().get(what, 0)
                     raise DeepBaseError(
@@ -571,12 +576,18 @@ def release_workers() -> None:
         _POOL = None
 
 
+_KILLED_AT = 0.0      # when this process last killed workers: ray.kill frees their CPUs/GPUs later
+
+
 def _kill(actors) -> None:
+    global _KILLED_AT
     for a in actors:
         try:
             ray.kill(a)
         except Exception:
             pass
+    if actors:
+        _KILLED_AT = time.time()
 
 
 def _cluster_id() -> str:
