@@ -738,30 +738,15 @@ def top_sets(t: pa.Table, k: int) -> dict:
     return rank_sets(units, np.array(t.column("hypothesis").to_pylist(), dtype=object), score, k)
 
 
-_CODES: dict = {}
-
-
-def _codes(hypotheses) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted names, code of each row) of a hypothesis column; remembered for the arrays a
-    state hands out again at every window (PearsonState.score_rows' layout)."""
-    hit = _CODES.get(id(hypotheses))
-    if hit is not None and hit[0] is hypotheses:
-        return hit[1], hit[2]
-    names, codes = np.unique(np.asarray(hypotheses, dtype=object), return_inverse=True)
-    codes = codes.reshape(-1).astype(np.int64)
-    if isinstance(hypotheses, np.ndarray):
-        if len(_CODES) > 256:
-            _CODES.clear()
-        _CODES[id(hypotheses)] = (hypotheses, names, codes)   # holds the array: its id stays its own
-    return names, codes
-
-
 def rank_sets(units: np.ndarray, hypotheses: np.ndarray, score: np.ndarray, k: int) -> dict:
     """top_sets over a state's ``score_rows()`` (unit -1: a row of the whole group; score NaN:
     NULL). Vectorised: the ranking rule calls it after every window, on every (layer, measure)
     state."""
     score = np.nan_to_num(np.abs(np.asarray(score, dtype=np.float64)), nan=-1.0)   # NULL below every |score|
-    names, hyp = _codes(hypotheses)
+    import pyarrow.compute as pc
+    codes = pc.dictionary_encode(pa.array(np.asarray(hypotheses, dtype=object), pa.string()))
+    names = codes.dictionary.to_pylist()
+    hyp = codes.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     units = np.asarray(units, dtype=np.int64)
     keep = units >= 0
     units, score, hyp = units[keep], score[keep], hyp[keep]

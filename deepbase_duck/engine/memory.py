@@ -67,13 +67,14 @@ def release_freed_memory() -> bool:
 # DuckDB's temporary directory where they need more). It is restored afterwards, also when the
 # scan fails. In-memory stores are left alone: their tables have nowhere else to live.
 
+_SIZE = re.compile(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*")     # DuckDB's memory sizes: '128MB', '18.8 GiB'
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
           "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
 
 
 def memory_bytes(text: str) -> float:
     """Bytes in a DuckDB memory setting such as '128MB' or '18.8 GiB'."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(text))
+    m = _SIZE.fullmatch(str(text))
     if not m or m.group(2).lower() not in _UNITS:
         raise DeepBaseError(f"scan_memory_limit: not a memory size: {text!r} (expected a number and a unit "
                             "such as '128MB' or '1GiB', or None)")
@@ -122,8 +123,9 @@ def restore_memory_limit(con, old: str) -> None:
         return
     con.execute(f"SET memory_limit = '{old}'")
     if _memory_limit(con) != old:
-        m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", old)
+        m = _SIZE.fullmatch(old)
         con.execute(f"SET memory_limit = '{float(m.group(1)) + 0.05:.2f} {m.group(2)}'")
+
 
 def caps_store_memory(fn):
     """Decorator: run ``fn(session, ...)`` inside ``capped_store_memory(session)``."""
