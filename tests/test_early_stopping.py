@@ -10,7 +10,8 @@ import torch
 
 import deepbase_duck as dbd
 from deepbase_duck.cli import main as cli_main
-from deepbase_duck.engine.inspect import MIN_WINDOWS, PLATEAU_PATIENCE
+from deepbase_duck.engine.inspect import (MIN_WINDOWS, PLATEAU_PATIENCE, WindowMoments, batch_means_half_width,
+                                          rank_sets)
 from deepbase_duck.errors import DeepBaseError
 from deepbase_duck.extraction.adapters import CharAdapter
 from deepbase_duck.models.charlstm import VOCAB, encode_chars
@@ -441,7 +442,6 @@ def test_top_sets_rank_null_scores_last_against_a_reference():
         assert rank_sets(u, h, s, k) == reference(t, k)     # the stop rule's path, from score_rows
 
 
-from deepbase_duck.engine.inspect import WindowMoments, batch_means_half_width, rank_sets  # noqa: E402
 
 
 def test_window_moments_equal_batch_means_over_every_prefix():

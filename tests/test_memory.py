@@ -1,12 +1,19 @@
-"""engine/memory.py: freed heap memory goes back to the OS between blocks (glibc)."""
+"""engine/memory.py: freed heap memory goes back to the OS between blocks (glibc), DuckDB's
+memory limit is capped while a scan writes to a file-backed store, oneDNN's cache is bounded."""
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from deepbase_duck.engine.memory import release_freed_memory
+import deepbase_duck as dbd
+from deepbase_duck import Hypothesis
+from deepbase_duck.engine.memory import memory_bytes, release_freed_memory, restore_memory_limit
+
+from conftest import TEXTS, planted_adapter
 
 
 def rss_mb() -> float:
@@ -31,14 +38,6 @@ def test_freed_heap_holes_are_returned():
 
 
 # -- DuckDB's buffer pool is capped while a scan writes to a file-backed store ------------------
-import os                                        # noqa: E402
-import subprocess                                # noqa: E402
-
-import deepbase_duck as dbd                      # noqa: E402
-from deepbase_duck import Hypothesis             # noqa: E402
-from deepbase_duck.engine.memory import memory_bytes, restore_memory_limit  # noqa: E402
-from tests.conftest import TEXTS, planted_adapter  # noqa: E402
-
 
 def limit_of(con) -> str:
     return con.sql("SELECT current_setting('memory_limit')").fetchall()[0][0]
