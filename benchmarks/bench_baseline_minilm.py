@@ -44,6 +44,9 @@ Two measures on the labelled word pieces:
   fullcorr  ``measures=['corr']`` without early stopping, labels computed as the scan goes: the
             full scan the early runs are a fraction of;
   rank      the ranking query ``top_k`` (``--top-k``, 10) with ``seed`` and ``--min-support``;
+  early:M~1, rank~1 (``--split-compare``)   the same progressive queries with the model's
+            ``window_split`` set to 1 in the catalog (each window one forward batch, as before
+            session 6) instead of the transformer adapter's 2 (two length-sorted batches);
   full/10, baseline/10 (``--rss``)   the same on a tenth of the sentences, for the peak-RSS growth.
 
 spaCy is slow (a few ms per sentence). deepbase_duck caches the labels in its store per
@@ -183,13 +186,15 @@ def run_baseline(records, layers, batch_size: int, out: str) -> dict:
 
 
 def run_engine(records, kind: str, layers, batch_size: int, max_error: float, seed: int, out: str,
-               min_support: int = 0, top_k: int = 10) -> dict:
+               min_support: int = 0, top_k: int = 10, window_split: int | None = None) -> dict:
     import deepbase_duck as dbd
     import deepbase_duck.engine.inspect  # noqa: F401  (library imports before the clock, as the baseline's)
     with tempfile.TemporaryDirectory() as tmp:
         lap = Laps()
         con = dbd.connect(os.path.join(tmp, "bench.duckdb"), progress=False)
         dbd.register_model(con, "minilm", "deepbase_duck.models.zoo:minilm")
+        if window_split is not None:  # override the adapter's choice (the catalog column the scan reads)
+            con.execute("UPDATE models SET window_split = ? WHERE name = 'minilm'", [window_split])
         dbd.add_dataset(con, "ptb", records)
         lap("t_setup")
         if kind == "early":           # the labels of the records the scan reaches, computed as it goes
@@ -240,8 +245,9 @@ def child(a) -> dict:
     elif a.child == "baseline":
         r = run_baseline(records, layers, a.batch_size, a.out)
     else:
-        r = run_engine(records, a.child.split(":")[0], layers, a.batch_size, a.max_error[0], a.seed, a.out,
-                       a.min_support, a.top_k)
+        kind, _, split = a.child.partition("~")
+        r = run_engine(records, kind.split(":")[0], layers, a.batch_size, a.max_error[0], a.seed, a.out,
+                       a.min_support, a.top_k, int(split) if split else None)
     r.update(kind=a.child, records=len(records), peak_rss_mb=peak_rss_mb())
     return r
 
@@ -250,7 +256,8 @@ def run(kind: str, a, sentences: int, out: str) -> dict:
     return spawn(__file__, kind, ["--sentences", str(sentences), "--split", a.split,
                                   "--sample-seed", str(a.sample_seed), "--layers", a.layers,
                                   "--batch-size", str(a.batch_size), "--threads", str(a.threads),
-                                  "--max-error", kind_max_error(kind, a.max_error), "--seed", str(a.seed),
+                                  "--max-error", kind_max_error(kind.partition("~")[0], a.max_error),
+                                  "--seed", str(a.seed),
                                   "--min-support", str(a.min_support), "--top-k", str(a.top_k), "--out", out])
 
 
@@ -265,12 +272,15 @@ def main():
     ap.add_argument("--min-support", type=int, default=0,
                     help="the early runs' min_support: classes seen fewer times do not hold the scan")
     ap.add_argument("--top-k", type=int, default=10, help="the ranking query's k (run 'rank')")
+    ap.add_argument("--split-compare", action="store_true",
+                    help="also run the progressive queries with window_split 1 (one forward batch per window)")
     a = parse_with_common(ap, max_error=[0.15, 0.1])
     if a.child:
         print(json.dumps(child(a)))
         return
     early = early_kinds(a.max_error)
-    kinds = ["forward", "baseline", "full", "fullcorr"] + early + ["rank"]
+    split_kinds = [f"{k}~1" for k in early] + ["rank~1"] if a.split_compare else []
+    kinds = ["forward", "baseline", "full", "fullcorr"] + early + ["rank"] + split_kinds
     res, arrays = measure_all(kinds, lambda kind, div, out: run(kind, a, a.sentences // div, out), a.rss,
                               small_kinds=("full", "fullcorr", "baseline"))
     f, b = arrays["full"], arrays["baseline"]
@@ -280,7 +290,7 @@ def main():
     print(f"\ndeepbase_duck vs a standard Python implementation: all-MiniLM-L6-v2, layers {', '.join(layers)} "
           f"({len(layers)} x {WIDTH} units), spaCy UPOS ({len(upos_classes())} classes), {n['records']} PTB "
           f"{a.split} sentences, {bl['symbols']} word pieces ({bl['labelled']} labelled), threads={a.threads}")
-    print_runs(res, kinds, reference={kind: corr_only for kind in early + ["fullcorr", "rank"]})
+    print_runs(res, kinds, reference={kind: corr_only for kind in early + ["fullcorr", "rank"] + split_kinds})
     print(f"(baseline and full: corr + probes; fullcorr and early: corr only, their speed-up is over the baseline "
           f"without its probes, {corr_only:.2f} s)")
     print(f"baseline split: model load {bl['t_load']:.1f} s, extract {bl['t_extract']:.1f} s, spaCy "
@@ -293,10 +303,11 @@ def main():
     print("probe accuracy (ours vs sklearn): " + ", ".join(
         f"{layer} {fa:.4f} vs {ba:.4f}" for layer, fa, ba in zip(layers, f["probe_acc"], b["probe_acc"]))
         + f"; max |diff| {np.max(np.abs(f['probe_acc'] - b['probe_acc'])):.4f}")
-    for kind in early + ["rank"]:
+    for kind in [k for k in kinds if k.startswith(("early", "rank"))]:
         coverage, agree, missing, strong = early_check(arrays[kind], f["corr"])
         e = res[kind]
-        rule = f"top_k {a.top_k}" if kind == "rank" else f"max_error {kind_max_error(kind, a.max_error)}"
+        base = kind.partition("~")[0]
+        rule = f"top_k {a.top_k}" if base == "rank" else f"max_error {kind_max_error(base, a.max_error)}"
         print(f"{kind} ({rule}, min_support {a.min_support}, seed {a.seed}): "
               f"{e['records_used']} of {n['records']} sentences, bound {e['bound']:.3f}"
               + (f" (classes left out: {e['rare']})" if e.get("rare") else "")

@@ -123,15 +123,37 @@ def main():
         print(f"{N:>5} {np.mean(row['lin'][0]):>12.3f} {np.mean(row['bm'][0]):>11.3f} "
               f"{np.mean(row['lin'][1]):>14.3f} / {np.min(row['lin'][1]):.3f} "
               f"{np.mean(row['bm'][1]):>13.3f} / {np.min(row['bm'][1]):.3f}", flush=True)
+    agreement_by_prefix(parts, full, a.seeds, sorted(set(a.prefixes) | {176, 700, 1072}))
     replay_ranking(parts, full, a.seeds)
+    replay_ranking(parts, full, a.seeds, layers=1)
 
 
 def top10(r: np.ndarray, layers: int) -> list[frozenset]:
-    """The top-10 units by |r| of every (layer, hypothesis), layers stacked along the units."""
+    """The top-10 units by |r| of every (layer, hypothesis), layers stacked along the units; with
+    ``layers=1``, of every hypothesis over all the model's units."""
     out = []
     for block in np.split(np.nan_to_num(np.abs(r), nan=-1.0), layers):
         out += [frozenset(np.argsort(-block[:, j], kind="stable")[:10].tolist()) for j in range(block.shape[1])]
     return out
+
+
+def agreement_by_prefix(parts, full: np.ndarray, seeds: int, prefixes: list[int]) -> None:
+    """How many of the full scan's top 10 a prefix of N records holds, per (layer, hypothesis) and
+    per hypothesis over all units of both layers (the model's top 10), over seeded orders."""
+    n_total = parts[0].shape[0]
+    want = {"layer": top10(full, len(bb.LAYERS)), "model": top10(full, 1)}
+    print(f"\ntop-10 agreement of the first N records with the full scan, {seeds} seeded orders "
+          f"(min over seeds of the worst set / mean over seeds and sets)")
+    print(f"{'N':>5} {'per (layer, hypothesis)':>24} {'per hypothesis, model-wide':>27}")
+    for N in prefixes:
+        got = {"layer": [], "model": []}
+        for seed in range(seeds):
+            order = np.random.default_rng(seed).permutation(n_total)
+            r = pearson(*(x[order[:N]].sum(0) for x in parts))[0]
+            for kind, layers in (("layer", len(bb.LAYERS)), ("model", 1)):
+                got[kind].append([len(a & b) for a, b in zip(top10(r, layers), want[kind])])
+        cells = [f"{np.min([min(g) for g in got[k]]):>2} / {np.mean(got[k]):.2f}" for k in ("layer", "model")]
+        print(f"{N:>5} {cells[0]:>24} {cells[1]:>27}", flush=True)
 
 
 def rank_rules() -> dict:
@@ -144,9 +166,12 @@ def rank_rules() -> dict:
     return rules
 
 
-def replay_ranking(parts, full: np.ndarray, seeds: int, window: int = 16, min_windows: int = 5) -> None:
+def replay_ranking(parts, full: np.ndarray, seeds: int, window: int = 16, min_windows: int = 5,
+                   layers: int | None = None) -> None:
+    """``layers=1``: the sets are each hypothesis' top 10 over all units of the model."""
     n_total = parts[0].shape[0]
-    want = top10(full, len(bb.LAYERS))
+    layers = len(bb.LAYERS) if layers is None else layers
+    want = top10(full, layers)
     rules = rank_rules()
     stops = {k: [] for k in rules}
     for seed in range(seeds):
@@ -154,7 +179,7 @@ def replay_ranking(parts, full: np.ndarray, seeds: int, window: int = 16, min_wi
         cum = [np.cumsum(x[order], 0) for x in parts]
         history, done = [], {}
         for w in range(1, n_total // window + 1):
-            history.append(top10(pearson(*(c[w * window - 1] for c in cum))[0], len(bb.LAYERS)))
+            history.append(top10(pearson(*(c[w * window - 1] for c in cum))[0], layers))
             for name, rule in rules.items():
                 if name not in done and w >= min_windows and all(rule([h[p] for h in history]) for p in range(len(want))):
                     agree = [len(a & b) for a, b in zip(history[-1], want)]
@@ -163,8 +188,9 @@ def replay_ranking(parts, full: np.ndarray, seeds: int, window: int = 16, min_wi
                 break
         for name in rules:
             stops[name].append(done.get(name, (n_total, 10, 10.0)))
+    sets = "per (layer, hypothesis)" if layers > 1 else "per hypothesis, model-wide"
     print(f"\nranking stop rules over {seeds} seeded orders ({n_total} records; a rule that never fires "
-          f"scans them all)")
+          f"scans them all), top-10 sets {sets}")
     print(f"{'rule':<30} {'records mean':>12} {'max':>6} {'seeds with min >= 9/10':>23} {'worst min':>9} {'mean':>6}")
     for name, v in stops.items():
         v = np.array(v)

@@ -49,6 +49,10 @@ class Session:
         existing = store.q_one(self.con, "SELECT checksum FROM models WHERE name = ?", [name])
         if existing and not replace and existing[0] != adapter.checksum:
             raise DeepBaseError(f"a different model is already registered as {name!r}")
+        split = getattr(adapter, "window_split", 1)
+        if isinstance(split, bool) or not isinstance(split, (int, np.integer)) or split < 1:
+            raise DeepBaseError(f"register_model({name!r}): the adapter's window_split must be a positive "
+                                f"integer, got {split!r}")
         widths = layer_widths(adapter)
         n_params = sum(p.numel() for p in adapter.module.parameters())
         rows = [(name, lname, type(m).__name__, widths.get(lname))
@@ -57,10 +61,10 @@ class Session:
             con.execute("DELETE FROM layers WHERE model = ?", [name])
             con.execute("DELETE FROM models WHERE name = ?", [name])
             con.execute(
-                "INSERT INTO models (name, loader, params, checksum, tokenization, architecture, n_params) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO models (name, loader, params, checksum, tokenization, architecture, n_params, "
+                "window_split) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [name, loader, json.dumps(params or {}), adapter.checksum, adapter.tokenization,
-                 adapter.architecture, n_params])
+                 adapter.architecture, n_params, int(split)])
             if rows:
                 store.insert_arrow(con, "layers", pa.table({
                     "model": [r[0] for r in rows], "layer": [r[1] for r in rows],

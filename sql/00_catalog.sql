@@ -18,7 +18,8 @@ CREATE TABLE IF NOT EXISTS models (
     tokenization  VARCHAR NOT NULL,   -- id of the encoder's tokenisation (symbols depend on it)
     architecture  VARCHAR,            -- class name of the torch module
     n_params      BIGINT,
-    registered_at TIMESTAMP DEFAULT current_timestamp
+    registered_at TIMESTAMP DEFAULT current_timestamp,
+    window_split  INTEGER             -- forward batches per progressive-scan window (NULL: 1)
 );
 
 CREATE TABLE IF NOT EXISTS layers (

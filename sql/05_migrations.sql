@@ -5,3 +5,6 @@
 -- 0.1: scores gained the Benjamini-Hochberg q-value and the measure's own columns as JSON.
 ALTER TABLE scores ADD COLUMN IF NOT EXISTS q_value DOUBLE;
 ALTER TABLE scores ADD COLUMN IF NOT EXISTS detail VARCHAR;
+
+-- 0.2: models record how many length-sorted forward batches a progressive scan's window runs as.
+ALTER TABLE models ADD COLUMN IF NOT EXISTS window_split INTEGER;

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import deepbase_duck as dbd
+from deepbase_duck.catalog import session_of
 from deepbase_duck.cli import main as cli_main
 from deepbase_duck.engine.inspect import (MIN_WINDOWS, PLATEAU_PATIENCE, WindowMoments, batch_means_half_width,
                                           rank_sets)
@@ -478,3 +479,51 @@ def test_pearson_score_rows_are_finalize_columns():
     ref = np.array([np.nan if v is None else v for v in t.column("score").to_pylist()])
     assert np.isnan(score[4]) and np.isnan(score[5])
     np.testing.assert_array_equal(score, ref)
+
+
+class _SplitAdapter(CharAdapter):
+    window_split = 4
+
+
+def test_window_split_runs_each_window_as_length_sorted_batches_with_the_same_result(big):
+    """A model whose adapter declares window_split = 4 (stored in its catalog row) runs each
+    progressive window as 4 length-sorted batches: the same records in the same windows, hence
+    the same records used and the same scores as the model run one batch per window."""
+    from deepbase_duck.engine.inspect import plan_inspect, seeded_windows
+    torch.manual_seed(0)
+    planted = planted_adapter()
+    dbd.register_model(big, "split4", _SplitAdapter(planted.module, encode_chars, "chars-test", device="cpu"))
+    assert big.sql("SELECT name, window_split FROM models ORDER BY name").fetchall() == [("planted", 1), ("split4", 4)]
+    session = session_of(big)
+    one, four = (plan_inspect(session, m, ["planted"], ["digit"], "many", batch_size=8, max_error=0.2, seed=5)
+                 for m in ("planted", "split4"))
+    b1, w1 = seeded_windows(session, one)
+    b4, w4 = seeded_windows(session, four)
+    assert w1 == [1] * 30 and w4 == [4] * 30 and [len(b) for b in b4] == [2] * 120
+    lengths = dict(big.sql("SELECT record_id, length(text) FROM records WHERE dataset = 'many'").fetchall())
+    for i, window in enumerate(b1):                        # the same records per window, cut by length
+        cut = b4[4 * i:4 * i + 4]
+        assert sorted(r for b in cut for r in b) == sorted(window)
+        assert all(max(lengths[r] for r in a) <= min(lengths[r] for r in b) for a, b in zip(cut, cut[1:]))
+    runs = {}
+    for m in ("planted", "split4"):
+        rows = dbd.inspect(big, m, ["planted", "mix"], ["digit", "in_string"], "many", batch_size=8,
+                           max_error=0.2, seed=5).to_pylist()
+        n, params = big.sql("SELECT n_records, params FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0]
+        runs[m] = (n, json.loads(params)["bound_reached"], rows)
+    (n1, bound1, r1), (n4, bound4, r4) = runs["planted"], runs["split4"]
+    assert n1 == n4 < 240 and bound4 == pytest.approx(bound1, abs=1e-12)
+    for a, b in zip(r1, r4):
+        assert (a["layer"], a["unit"], a["hypothesis"], a["n"]) == (b["layer"], b["unit"], b["hypothesis"], b["n"])
+        assert (a["score"] is None) == (b["score"] is None)
+        if a["score"] is not None:
+            assert b["score"] == pytest.approx(a["score"], abs=1e-12)
+            assert b["ci_low"] == pytest.approx(a["ci_low"], abs=1e-12)
+
+
+def test_bad_window_split_is_named(big):
+    class Bad(CharAdapter):
+        window_split = 0
+    with pytest.raises(DeepBaseError, match=r"window_split must be a positive integer, got 0"):
+        dbd.register_model(big, "bad", Bad(planted_adapter().module, encode_chars, "chars-test", device="cpu"))
+    assert big.sql("SELECT count(*) FROM models WHERE name = 'bad'").fetchall() == [(0,)]

@@ -184,7 +184,8 @@ def test_store_reopens_with_views_and_cache(tmp_path):
 
 
 def test_store_from_an_earlier_version_is_migrated(tmp_path):
-    """A store whose scores table predates q_value and detail opens, gains them, keeps its rows."""
+    """A store whose scores table predates q_value and detail (and models window_split) opens,
+    gains them, keeps its rows."""
     import duckdb
     db = str(tmp_path / "old.duckdb")
     old = duckdb.connect(db, config={"storage_compatibility_version": "v1.5.0"})
@@ -192,12 +193,16 @@ def test_store_from_an_earlier_version_is_migrated(tmp_path):
                 "hypothesis VARCHAR, measure VARCHAR, score DOUBLE, n BIGINT, ci_low DOUBLE, ci_high DOUBLE, "
                 "p_value DOUBLE)")
     old.execute("INSERT INTO scores VALUES (1, 'm', 'l', 0, 'h', 'corr', 0.5, 10, 0.1, 0.8, 0.01)")
+    old.execute("CREATE TABLE models (name VARCHAR PRIMARY KEY, loader VARCHAR, params VARCHAR, checksum VARCHAR "
+                "NOT NULL, tokenization VARCHAR NOT NULL, architecture VARCHAR, n_params BIGINT, registered_at "
+                "TIMESTAMP DEFAULT current_timestamp)")
     old.close()
     con = dbd.connect(db, progress=False)
     try:
         cols = [r[0] for r in con.sql("DESCRIBE scores").fetchall()]
         assert {"q_value", "detail"} <= set(cols)
         assert con.sql("SELECT score FROM scores").fetchall() == [(0.5,)]
+        assert "window_split" in [r[0] for r in con.sql("DESCRIBE models").fetchall()]
         dbd.register_model(con, "planted", planted_adapter())
         dbd.add_dataset(con, "snippets", TEXTS[:3])
         dbd.inspect(con, "planted", ["planted"], ["digit"], "snippets")

@@ -347,21 +347,25 @@ class WindowMoments:
         return np.where(k == 0, 0.0, np.where(k == 1, np.inf, half))
 
 
-def seeded_windows(session, plan: Plan, window_batches: int = 1) -> tuple[list[list[int]], list[int]]:
+def seeded_windows(session, plan: Plan) -> tuple[list[list[int]], list[int]]:
     """Forward batches for a progressive scan: the selected records in the seeded order of the
-    ``seeded_order`` macro (sql/20_sampling.sql), cut into windows of ``window_batches`` batches;
-    within a window records are batched by length (less padding). The stop rule is checked at
-    window ends, so the records used are always a prefix of the seeded order: a uniform sample."""
+    ``seeded_order`` macro (sql/20_sampling.sql), cut into windows of ``batch_size`` records; the
+    stop rule is checked at window ends, so the records used are always a prefix of the seeded
+    order: a uniform sample. A window runs as the model's ``window_split`` forward batches (its
+    catalog row; ``ModelAdapter.window_split``), its records sorted by length (less padding);
+    returns the batches and the number of batches of each window."""
     wanted = set(int(r) for r in plan.record_ids)
     order = [r for (r,) in store.q_all(session.con, "SELECT record_id FROM seeded_order(?, seed := ?)",
                                        [plan.dataset, plan.seed]) if r in wanted]
     lengths = dict(store.q_all(session.con, "SELECT record_id, length(text) FROM records WHERE dataset = ?",
                                [plan.dataset]))
-    size = plan.batch_size * window_batches
+    split = store.q_one(session.con, "SELECT window_split FROM models WHERE name = ?", [plan.model])
+    split = max(1, int(split[0])) if split and split[0] is not None else 1
     batches, windows = [], []
-    for lo in range(0, len(order), size):
-        window = sorted(order[lo:lo + size], key=lambda r: (lengths[r], r))
-        cut = [sorted(window[j:j + plan.batch_size]) for j in range(0, len(window), plan.batch_size)]
+    for lo in range(0, len(order), plan.batch_size):
+        window = sorted(order[lo:lo + plan.batch_size], key=lambda r: (lengths[r], r))
+        step = -(-len(window) // min(split, len(window)))
+        cut = [sorted(window[j:j + step]) for j in range(0, len(window), step)]
         batches.extend(cut)
         windows.append(len(cut))
     return batches, windows

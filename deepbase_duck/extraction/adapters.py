@@ -65,6 +65,13 @@ class ModelAdapter:
 
     tokenization: str = "undefined"
     example_text: str = "def f(x):\n    return x  # 'hi'\n"
+    # A progressive scan (max_error, top_k) reads records in a seeded random order, one window of
+    # ``batch_size`` records between two stop checks; the window runs as this many forward
+    # batches, its records sorted by length. Worth more than 1 where the forward's cost follows
+    # the padded length (transformers: benchmarks/study_window_split.py), not where each batch
+    # pays a per-step cost (recurrent models). Stored with the model at registration, so a Ray
+    # driver that does not load the model plans the same batches.
+    window_split: int = 1
 
     def __init__(self, module: torch.nn.Module, device: str | torch.device | None = None):
         self.module = module.eval()

@@ -44,6 +44,7 @@ class WordPieceAdapter(ModelAdapter):
     """A transformers encoder whose symbols are word pieces with character spans."""
 
     example_text = "The quick brown fox jumps over the lazy dog."
+    window_split = 2          # a transformer's cost follows the padded tokens (ModelAdapter.window_split)
 
     def __init__(self, module: torch.nn.Module, tokenizer, name: str = "hf", max_length: int = 256,
                  device=None):
