@@ -13,6 +13,9 @@ import pytest
 import torch
 
 import deepbase_duck as dbd
+from deepbase_duck.catalog import session_of
+from deepbase_duck.extraction.adapters import CharAdapter
+from deepbase_duck.models.charlstm import encode_chars
 
 from conftest import TEXTS, planted_adapter
 
@@ -98,6 +101,8 @@ def test_crash_mid_extraction_resumes_exactly(con):
         dbd.extract(con, "planted", ["planted"], "snippets", batch_size=4)
     done = con.sql("SELECT count(*) FROM behavior_records").fetchall()[0][0]
     assert done == 8                                   # two committed batches of 4 records
+    assert con.sql("SELECT count(*) FROM behavior_records WHERE record_id NOT IN "
+                   "(SELECT record_id FROM tokenized_records)").fetchall() == [(0,)]   # symbols first
     dbd.register_model(con, "planted", planted_adapter())    # same weights, no crash
     res = dbd.extract(con, "planted", ["planted"], "snippets", batch_size=4)
     assert res[0]["extracted"] == len(TEXTS) - 8 and res[0]["reused"] == 8
@@ -146,6 +151,8 @@ def test_killed_extraction_resumes_without_duplicates(tmp_path):
     try:
         committed = con.sql("SELECT count(*) FROM behavior_records").fetchall()[0][0]
         assert 0 < committed < 2 * len(TEXTS)               # killed part-way
+        assert con.sql("SELECT count(*) FROM behavior_records WHERE record_id NOT IN "
+                       "(SELECT record_id FROM tokenized_records)").fetchall() == [(0,)]
         dbd.register_model(con, "planted", planted_adapter())
         res = dbd.extract(con, "planted", ["planted", "mix"], "snippets", batch_size=2)
         for r in res:
@@ -234,3 +241,81 @@ def test_full_scan_reads_texts_in_chunks_with_the_same_scores(planted, monkeypat
     assert runs[4][1][-3:] == [4, 4, 4]          # after the symbols pass (chunks of 4 records too)
     assert runs[1][1][-12:] == [2] * 12          # a chunk smaller than a batch: one query per batch
     assert len(runs[4][0]) == 10 and runs[4][0] == runs[1][0]
+
+
+class CountingAdapter(CharAdapter):
+    """The planted model's adapter, counting the texts it tokenises."""
+    encoded = 0
+
+    def encode(self, texts):
+        CountingAdapter.encoded += len(texts)
+        return super().encode(texts)
+
+
+def symbol_rows(con):
+    return con.sql("SELECT record_id, pos, start_char, end_char, token FROM symbols ORDER BY record_id, pos").fetchall()
+
+
+def reference_symbols(records, ids=None):
+    """The symbols ensure_symbols stores on its own (a tokenisation pass before any forward)."""
+    from deepbase_duck.engine import ensure_symbols
+    ref = dbd.connect(None, progress=False)
+    dbd.register_model(ref, "planted", planted_adapter())
+    dbd.add_dataset(ref, "snippets", records)
+    s = session_of(ref)
+    ensure_symbols(s, s.adapter("planted"), "snippets", s.record_ids("snippets") if ids is None else ids)
+    rows = symbol_rows(ref)
+    dbd.close(ref)
+    return rows
+
+
+@pytest.mark.parametrize("how", ["inspect", "extract", "keep_activations"])
+def test_a_scan_tokenises_each_record_once_and_stores_the_same_symbols(con, how):
+    """The symbols table is filled from the forward passes' own encodings: every record is
+    tokenised once per scan, and the rows equal those of a separate tokenisation pass."""
+    torch.manual_seed(0)
+    module = planted_adapter().module
+    dbd.register_model(con, "planted", CountingAdapter(module, encode_chars, "chars-test", device="cpu"))
+    dbd.add_dataset(con, "snippets", TEXTS)
+    CountingAdapter.encoded = 0
+    if how == "extract":
+        dbd.extract(con, "planted", ["planted", "mix"], "snippets", batch_size=4)
+    else:
+        dbd.inspect(con, "planted", ["planted"], ["digit"], "snippets", batch_size=4,
+                    keep_activations=how == "keep_activations")
+    assert CountingAdapter.encoded == len(TEXTS)
+    assert symbol_rows(con) == reference_symbols(TEXTS)
+    assert con.sql("SELECT sum(n_symbols), count(*) FROM tokenized_records").fetchall() == [
+        (sum(len(t) for t in TEXTS), len(TEXTS))]
+    CountingAdapter.encoded = 0                   # a second scan reads the stored activations or symbols
+    dbd.inspect(con, "planted", ["planted"], ["in_string"], "snippets", batch_size=4)
+    assert CountingAdapter.encoded == (0 if how != "inspect" else len(TEXTS))
+    assert con.sql("SELECT count(*) FROM tokenized_records").fetchall() == [(len(TEXTS),)]
+
+
+def test_a_progressive_scan_stores_the_symbols_of_the_records_it_used(con):
+    rng = np.random.default_rng(3)
+    records = ["".join(TEXTS[int(i)] for i in rng.integers(0, len(TEXTS), 3)) for _ in range(240)]
+    dbd.register_model(con, "planted", planted_adapter())
+    dbd.add_dataset(con, "snippets", records)
+    dbd.inspect(con, "planted", ["planted"], ["digit"], "snippets", batch_size=8, max_error=0.3, seed=2)
+    used = con.sql("SELECT n_records FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0]
+    ids = [r for (r,) in con.sql("SELECT record_id FROM tokenized_records ORDER BY record_id").fetchall()]
+    assert len(ids) == used < 240
+    assert symbol_rows(con) == reference_symbols(records, ids)
+
+
+def test_a_crash_leaves_no_activations_without_symbols(con):
+    dbd.add_dataset(con, "snippets", TEXTS)
+    crashing = planted_adapter(fail_after=3)
+    dbd.register_model(con, "planted", crashing)
+    crashing.module.calls = 0
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        dbd.inspect(con, "planted", ["planted"], ["digit"], "snippets", batch_size=4, keep_activations=True)
+    kept = {r for (r,) in con.sql("SELECT record_id FROM behavior_records").fetchall()}
+    tokenised = {r for (r,) in con.sql("SELECT record_id FROM tokenized_records").fetchall()}
+    assert len(kept) == 12 and kept <= tokenised
+    dbd.register_model(con, "planted", planted_adapter())
+    rows = dbd.inspect(con, "planted", ["planted"], ["digit"], "snippets", batch_size=4).to_pylist()
+    assert symbol_rows(con) == reference_symbols(TEXTS)
+    assert {r["n"] for r in rows} == {sum(len(t) for t in TEXTS)}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 
@@ -35,49 +36,84 @@ SYMBOL_CHUNK = 256
 
 
 # -- symbols -------------------------------------------------------------------------------
+def stored_symbol_counts(session, dataset: str, tokenization: str) -> dict[int, int]:
+    """{record_id: n_symbols} of the records of ``dataset`` already tokenised (symbols stored)."""
+    done = store.q_arrow(session.con, "SELECT record_id, n_symbols FROM tokenized_records WHERE dataset = ? AND "
+                                      "tokenization = ?", [dataset, tokenization])
+    return dict(zip(done.column(0).to_pylist(), done.column(1).to_pylist()))
+
+
 def ensure_symbols(session, adapter, dataset: str, record_ids) -> dict[int, int]:
     """Store the symbols of ``record_ids`` under the adapter's tokenisation (once); return
-    {record_id: n_symbols}."""
-    con = session.con
-    tok = adapter.tokenization
+    {record_id: n_symbols}. Scans that run the model store them from their own forward passes'
+    encodings instead (``SymbolWriter``)."""
     ids = np.asarray(record_ids, dtype=np.int64)
-    done = store.q_arrow(con, "SELECT record_id, n_symbols FROM tokenized_records WHERE dataset = ? AND "
-                              "tokenization = ?", [dataset, tok])
-    counts = dict(zip(done.column(0).to_pylist(), done.column(1).to_pylist()))
+    counts = stored_symbol_counts(session, dataset, adapter.tokenization)
     todo = np.array([i for i in ids if int(i) not in counts], dtype=np.int64)
+    writer = SymbolWriter(session, adapter.tokenization, dataset, counts)
     for lo in range(0, len(todo), SYMBOL_CHUNK):
         chunk = todo[lo:lo + SYMBOL_CHUNK]
         texts = session.texts(dataset, chunk)
-        enc = adapter.encode([texts[int(r)] for r in chunk])
-        rid, pos, st, en, tk, n_sym = [], [], [], [], [], []
-        for b, r in enumerate(chunk):
-            s, e = np.asarray(enc.starts[b], np.int32), np.asarray(enc.ends[b], np.int32)
-            rid.append(np.full(len(s), r, np.int32)); pos.append(np.arange(len(s), dtype=np.int32))
-            st.append(s); en.append(e)
-            tk.extend(enc.tokens[b] if enc.tokens is not None else [None] * len(s))
-            n_sym.append(len(s))
-            counts[int(r)] = len(s)
-        n = int(sum(n_sym))
+        writer.add(chunk, adapter.encode([texts[int(r)] for r in chunk]))
+    writer.flush()
+    return {int(i): counts[int(i)] for i in ids}
+
+
+class SymbolWriter:
+    """Stores the symbols of records from an encoding already made: a scan that runs the model
+    hands each forward batch's encoding here, so a record is tokenised once per scan (not once
+    for the symbols table and again for its forward pass). Records already in ``counts``
+    ({record_id: n_symbols}, updated in place) are skipped; the rest are written with their
+    ``tokenized_records`` marks, SYMBOL_CHUNK records per transaction, and by ``flush``."""
+
+    def __init__(self, session, tokenization: str, dataset: str, counts: dict):
+        self.session, self.tokenization, self.dataset, self.counts = session, tokenization, dataset, counts
+        self.pending = []                      # (record_id, starts, ends, tokens)
+
+    def add(self, ids, enc) -> None:
+        for b, r in enumerate(ids):
+            if int(r) not in self.counts:
+                s, e = np.asarray(enc.starts[b], np.int32), np.asarray(enc.ends[b], np.int32)
+                self.pending.append((int(r), s, e, enc.tokens[b] if enc.tokens is not None else [None] * len(s)))
+                self.counts[int(r)] = len(s)
+        if len(self.pending) >= SYMBOL_CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        rows, self.pending = self.pending, []
+        n_sym = np.asarray([len(p[1]) for p in rows], np.int32)
+        n, m = int(n_sym.sum()), len(rows)
+        cat = lambda k: np.concatenate([p[k] for p in rows]) if n else np.zeros(0, np.int32)  # noqa: E731
         symbols = pa.table({
-            "dataset": pa.array([dataset] * n, pa.string()),
-            "tokenization": pa.array([tok] * n, pa.string()),
-            "record_id": pa.array(np.concatenate(rid) if n else np.zeros(0, np.int32)),
-            "pos": pa.array(np.concatenate(pos) if n else np.zeros(0, np.int32)),
-            "start_char": pa.array(np.concatenate(st) if n else np.zeros(0, np.int32)),
-            "end_char": pa.array(np.concatenate(en) if n else np.zeros(0, np.int32)),
-            "token": pa.array(tk, pa.string()),
+            "dataset": pa.array([self.dataset] * n, pa.string()),
+            "tokenization": pa.array([self.tokenization] * n, pa.string()),
+            "record_id": pa.array(np.repeat(np.asarray([p[0] for p in rows], np.int32), n_sym)),
+            "pos": pa.array(np.concatenate([np.arange(k, dtype=np.int32) for k in n_sym]) if n else np.zeros(0, np.int32)),
+            "start_char": pa.array(cat(1)),
+            "end_char": pa.array(cat(2)),
+            "token": pa.array([t for p in rows for t in p[3]], pa.string()),
         })
         marks = pa.table({
-            "dataset": pa.array([dataset] * len(chunk), pa.string()),
-            "tokenization": pa.array([tok] * len(chunk), pa.string()),
-            "record_id": pa.array(chunk.astype(np.int32)),
-            "n_symbols": pa.array(np.asarray(n_sym, np.int32)),
+            "dataset": pa.array([self.dataset] * m, pa.string()),
+            "tokenization": pa.array([self.tokenization] * m, pa.string()),
+            "record_id": pa.array(np.asarray([p[0] for p in rows], np.int32)),
+            "n_symbols": pa.array(n_sym),
         })
-        with store.Transaction(con):
+        with store.Transaction(self.session.con) as con:
             if n:
                 store.insert_arrow(con, "symbols", symbols)
             store.insert_arrow(con, "tokenized_records", marks)
-    return {int(i): counts[int(i)] for i in ids}
+
+    def close(self, failed: bool = False) -> None:
+        """Write what is buffered; after a failure (``failed``) a failing write is not raised over
+        the original error (those records are simply tokenised again next time)."""
+        try:
+            self.flush()
+        except Exception:
+            if not failed:
+                raise
 
 
 # -- behaviors -------------------------------------------------------------------------------
@@ -170,13 +206,16 @@ def plan_batches(session, dataset: str, record_ids, batch_size: int) -> list[lis
     return [sorted(order[lo:lo + batch_size]) for lo in range(0, len(order), batch_size)]
 
 
-def forward_batches(session, adapter, model: str, layers, dataset, batches, symbol_counts):
+def forward_batches(session, adapter, model: str, layers, dataset, batches, symbol_counts, symbols=None):
     """Yield a Batch per forward pass: the activations of ``layers`` for each symbol. When
     ``batches`` is a list (a full scan), texts are read SYMBOL_CHUNK records per query; a
-    generator (a progressive scan, which may stop) is read a batch at a time."""
+    generator (a progressive scan, which may stop) is read a batch at a time. ``symbols``: a
+    SymbolWriter that stores the symbols of records not yet tokenised from each batch's encoding
+    (``symbol_counts`` is then its counts)."""
     with Retain(adapter.module, layers) as ret:
         for ids, texts in batches_with_texts(session, dataset, batches):
-            yield forward_batch(adapter, ret, model, layers, dataset, ids, [texts[r] for r in ids], symbol_counts)
+            yield forward_batch(adapter, ret, model, layers, dataset, ids, [texts[r] for r in ids], symbol_counts,
+                                symbols)
 
 
 def batches_with_texts(session, dataset: str, batches):
@@ -203,11 +242,13 @@ def encoded_chars(enc, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def forward_batch(adapter, ret: Retain, model: str, layers, dataset: str, ids, texts: list[str],
-                  symbol_counts) -> Batch:
+                  symbol_counts, symbols=None) -> Batch:
     """One forward pass over the records ``ids`` (texts in the same order) with ``ret`` retaining
     ``layers``: their activations per symbol, checked. Shared by the local loop above and the Ray
-    workers (engine/ray_engine.py)."""
+    workers (engine/ray_engine.py). ``symbols``: see forward_batches."""
     enc = adapter.encode(texts)
+    if symbols is not None:
+        symbols.add(ids, enc)
     ret.clear()
     adapter.forward(enc)
     return batch_from_outputs(adapter, ret.outputs, enc, model, layers, dataset, ids, symbol_counts, texts)
@@ -295,9 +336,11 @@ def commit_parts(session, written: list[tuple[dict, str, int, int, np.ndarray]])
             con.execute(view_sql(session, b))
 
 
-def store_batch(session, behaviors: dict, missing: dict, batch: Batch) -> None:
+def store_batch(session, behaviors: dict, missing: dict, batch: Batch, symbols=None) -> None:
     """Write, per layer, the rows of the batch's records that ``missing[layer]`` (ids not yet
-    stored) holds, then commit every part of the batch in one transaction."""
+    stored) holds, then commit every part of the batch in one transaction. ``symbols``: the
+    scan's SymbolWriter, flushed first, so that stored activations always have their symbols
+    (an interrupted scan leaves at most symbols without activations)."""
     written = []
     for layer, b in behaviors.items():
         need = np.isin(batch.record_ids, missing[layer])
@@ -306,6 +349,8 @@ def store_batch(session, behaviors: dict, missing: dict, batch: Batch) -> None:
         rows_mask = None if need.all() else np.repeat(need, batch.n_symbols)
         name, part, n_rows = write_part(session, b, batch, batch.acts[layer], rows_mask)
         written.append((b, name, part, n_rows, batch.record_ids[need]))
+    if symbols is not None:
+        symbols.flush()
     commit_parts(session, written)
 
 
@@ -343,15 +388,19 @@ def extract(session, model: str, layers, dataset: str, dtype: str = "float32", r
     results = []
     t0 = time.time()
     if len(todo):
-        counts = ensure_symbols(session, adapter, dataset, todo)
+        counts = stored_symbol_counts(session, dataset, adapter.tokenization)
+        symbols = SymbolWriter(session, adapter.tokenization, dataset, counts)   # from the forward's encodings
         run_layers = [l for l in layers if len(missing[l])]
         bar = progress_bar(len(todo), f"extract {model}", "rec", session.progress if progress is None else progress)
         batches = plan_batches(session, dataset, todo, batch_size)
-        for batch in forward_batches(session, adapter, model, run_layers, dataset, batches, counts):
-            store_batch(session, {l: behaviors[l] for l in run_layers}, missing, batch)
-            release_freed_memory()
-            bar.update(len(batch.record_ids))
-        bar.close()
+        try:
+            for batch in forward_batches(session, adapter, model, run_layers, dataset, batches, counts, symbols):
+                store_batch(session, {l: behaviors[l] for l in run_layers}, missing, batch, symbols)
+                release_freed_memory()
+                bar.update(len(batch.record_ids))
+        finally:
+            bar.close()
+            symbols.close(failed=sys.exc_info()[0] is not None)
     for layer in layers:
         b = behaviors[layer]
         results.append({"model": model, "layer": layer, "behavior_id": b["behavior_id"], "view": b["view_name"],

@@ -35,8 +35,8 @@ from ..inspectors.base import SCORE_SCHEMA, measure_class
 from ..progress import progress_bar
 from .memory import caps_store_memory, release_freed_memory
 from .labels import LabelStream, LabelSupport, block_labels  # noqa: F401  (block_labels: public here too)
-from .extract import (Batch, cleanup_orphans, done_records, ensure_symbols, find_behavior, forward_batches,
-                      get_or_create_behavior, plan_batches, store_batch)
+from .extract import (Batch, SymbolWriter, cleanup_orphans, done_records, ensure_symbols, find_behavior,
+                      forward_batches, get_or_create_behavior, plan_batches, store_batch, stored_symbol_counts)
 
 RESULT_SCHEMA = pa.schema([
     ("query_id", pa.int32()), ("model", pa.string()), ("layer", pa.string()), ("unit", pa.int32()),
@@ -371,20 +371,6 @@ def seeded_windows(session, plan: Plan) -> tuple[list[list[int]], list[int]]:
     return batches, windows
 
 
-def symbols_ahead(session, adapter, dataset: str, batches: list, counts: dict, ahead: int = 256):
-    """Yield ``batches`` (lists of record ids), storing the symbols of the records ahead just
-    before they are needed, at least ``ahead`` records at a time (``counts`` is updated in place):
-    a progressive scan tokenises only about the records it uses."""
-    for i, ids in enumerate(batches):
-        if any(int(r) not in counts for r in ids):
-            todo, j = [], i
-            while j < len(batches) and (len(todo) < ahead or j == i):
-                todo.extend(int(r) for r in batches[j] if int(r) not in counts)
-                j += 1
-            counts.update(ensure_symbols(session, adapter, dataset, todo))
-        yield ids
-
-
 def class_frequencies(session, plan: Plan, tokenization: str) -> dict:
     """Class counts of each hypothesis that has a control task, over the selected records (their
     labels are materialised first)."""
@@ -408,8 +394,8 @@ def class_frequencies(session, plan: Plan, tokenization: str) -> dict:
 class KeepActivations:
     """Stores the activations an inspect run computes anyway (``keep_activations=True``)."""
 
-    def __init__(self, session, plan: Plan, checksum: str, tokenization: str, widths: dict):
-        self.session = session
+    def __init__(self, session, plan: Plan, checksum: str, tokenization: str, widths: dict, symbols=None):
+        self.session, self.symbols = session, symbols      # the scan's SymbolWriter: flushed before parts
         self.behaviors = {}
         for layer in plan.layers:
             b = get_or_create_behavior(session, plan.model, checksum, layer, plan.dataset, tokenization, plan.dtype,
@@ -420,7 +406,7 @@ class KeepActivations:
                         for l, b in self.behaviors.items()}
 
     def write(self, batch: Batch) -> None:
-        store_batch(self.session, self.behaviors, self.missing, batch)
+        store_batch(self.session, self.behaviors, self.missing, batch, self.symbols)
 
 
 def new_samples(plan: Plan, widths: dict, device) -> dict:
@@ -611,8 +597,9 @@ class LocalEngine:
         col_index = {c["name"]: j for j, c in enumerate(plan.label_columns)}
         take = {m: torch.as_tensor([col_index[c["name"]] for c in plan.columns[m]]) for m in plan.measures}
         show = session.progress if progress is None else progress
-        counts = dict(store.q_all(session.con, "SELECT record_id, n_symbols FROM tokenized_records WHERE dataset = ? "
-                                               "AND tokenization = ?", [plan.dataset, tokenization])) if len(covered) else {}
+        counts = stored_symbol_counts(session, plan.dataset, tokenization)
+        # records met by a forward pass for the first time: their symbols come from its encoding
+        symbols = SymbolWriter(session, tokenization, plan.dataset, counts)
         sources, windows, keep, order = [], [], None, []
         if len(covered):                          # stored activations: the model does not run for them
             blocks = stored_part_blocks(session, plan, behaviors, covered)
@@ -624,19 +611,19 @@ class LocalEngine:
         if len(missing):                          # the rest: one forward pass per batch, all layers
             adapter = session.adapter(plan.model)
             if not progressive:
-                counts.update(ensure_symbols(session, adapter, plan.dataset, missing))
                 block_ids = plan_batches(session, plan.dataset, missing, plan.batch_size)
                 windows.append(len(block_ids))
             else:                                 # tokenised as the scan reaches them: it may stop early
                 block_ids, w = seeded_windows(session, plan)
                 windows += w
             order += [r for ids in block_ids for r in ids]
-            if progressive:
-                block_ids = symbols_ahead(session, adapter, plan.dataset, block_ids, counts)
-            sources.append(forward_batches(session, adapter, plan.model, plan.layers, plan.dataset, block_ids, counts))
-            keep = KeepActivations(session, plan, mrow["checksum"], tokenization, widths) if plan.keep_activations else None
+            sources.append(forward_batches(session, adapter, plan.model, plan.layers, plan.dataset, block_ids, counts,
+                                           symbols))
+            keep = (KeepActivations(session, plan, mrow["checksum"], tokenization, widths, symbols)
+                    if plan.keep_activations else None)
         source = itertools.chain(*sources)
-        if plan.control:
+        if plan.control:                          # class counts over every selected record's symbols
+            counts.update(ensure_symbols(session, session.adapter(plan.model), plan.dataset, plan.record_ids))
             plan.control_freq = class_frequencies(session, plan, tokenization)
         labels = LabelStream(session, plan, tokenization, counts, order)
         support = LabelSupport(plan.label_columns) if plan.min_support else None
@@ -672,7 +659,9 @@ class LocalEngine:
                         break
         finally:
             bar.close()
-            labels.close(failed=sys.exc_info()[0] is not None)
+            failed = sys.exc_info()[0] is not None
+            symbols.close(failed=failed)
+            labels.close(failed=failed)
         used = sorted(set(used))
         n_symbols = int(sum(counts[r] for r in used))
         if n_symbols == 0:
