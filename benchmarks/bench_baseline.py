@@ -70,9 +70,10 @@ def records_for(chars: int, record_chars: int, split: str = "heldout"):
     return out
 
 
-def per_char_labels(h, text: str) -> np.ndarray:
-    """The hypothesis' value at every character (NaN = no label), as a study script writes it."""
-    starts, ends, values = h.spans(text)
+def per_char_labels(h, text: str, spans=None) -> np.ndarray:
+    """The hypothesis' value at every character (NaN = no label), as a study script writes it;
+    ``spans``: the hypothesis' (starts, ends, values) of ``text`` when already computed."""
+    starts, ends, values = h.spans(text) if spans is None else spans
     out = np.zeros(len(text)) if h.kind == "binary" else np.full(len(text), np.nan)
     for s, e, v in zip(starts, ends, values):
         out[s:e] = v

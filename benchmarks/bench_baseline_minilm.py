@@ -54,8 +54,9 @@ Two measures on the labelled word pieces:
 
 spaCy is slow (a few ms per sentence). deepbase_duck caches the labels in its store per
 (hypothesis version, record), but every run here starts from a fresh store, so both sides pay
-for spaCy once, on every sentence they use; both call the same ``upos`` hypothesis function
-(one ``nlp(text)`` per sentence). The split of each side (extract / labels / scoring) is printed
+for spaCy once, on every sentence they use; both call the same ``upos`` hypothesis, which tags
+many sentences with one ``nlp.pipe`` call (the baseline: all of them; deepbase_duck: a block or
+a chunk of records at a time; before session 6 both called ``nlp(text)`` per sentence). The split of each side (extract / labels / scoring) is printed
 so that the share of spaCy and of the forward passes can be read off.
 
 Checks printed: max |r_deepbase_duck - r_scipy| and NULL exactly where scipy is NaN; probe
@@ -159,9 +160,10 @@ def run_baseline(records, layers, batch_size: int, out: str) -> dict:
     del rows
     record_of = np.concatenate([np.full(len(s), i) for i, (s, _) in enumerate(spans)])
     lap("t_extract")
-    # 2. spaCy's tags for every sentence, per character; then per word piece by majority
+    # 2. spaCy's tags for every sentence (nlp.pipe, 64 at a time), per character; then per word
+    # piece by majority
     h = get_hypothesis(HYP)
-    per_char = [per_char_labels(h, t) for t in texts]
+    per_char = [per_char_labels(h, t, spans) for t, spans in zip(texts, h.spans_many(texts, range(len(texts))))]
     lap("t_spacy")
     upos = np.concatenate([wordpiece_labels(c, s, e) for c, (s, e) in zip(per_char, spans)])
     lap("t_align")

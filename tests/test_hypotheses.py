@@ -8,6 +8,7 @@ import deepbase_duck as dbd
 from deepbase_duck.engine.extract import ensure_symbols
 from deepbase_duck.extraction.adapters import Encoded, ModelAdapter
 from deepbase_duck.hypotheses import get_hypothesis
+from deepbase_duck.errors import HypothesisError
 from deepbase_duck.hypotheses.core import Hypothesis, register
 from deepbase_duck.hypotheses.library import bracket_depth, char_class, keyword_set, regex_span
 
@@ -193,3 +194,54 @@ def test_code_hypotheses_on_a_fragment_that_starts_indented():
     assert chars_where("in_string", frag) == "'doc'"
     lab = per_char_labels(get_hypothesis("indent_level"), frag)
     assert [lab[frag.index(s)] for s in ("return", "@property", "def y", "'doc'", "z = 1")] == [2, 1, 1, 2, 0]
+
+
+def _vowels(text):
+    return [(i, i + 1) for i, c in enumerate(text) if c in "aeiou"]
+
+
+def test_a_batch_function_labels_blocks_at_once_with_the_labels_of_one_call_per_text(con):
+    """annotate and a scan that labels as it goes call a hypothesis' ``batch`` once per chunk or
+    block of several records; the labels and the scores equal those of the per-text function."""
+    from conftest import TEXTS, planted_adapter
+    calls = []
+
+    def many(texts):
+        calls.append(len(texts))
+        return [_vowels(t) for t in texts]
+
+    batched = Hypothesis("vowel_b", _vowels, "binary", batch=many)
+    plain = Hypothesis("vowel_p", _vowels, "binary")
+    dbd.register_model(con, "planted", planted_adapter())
+    dbd.add_dataset(con, "a", TEXTS)
+    dbd.add_dataset(con, "b", TEXTS)
+    dbd.annotate(con, [batched, plain], "a")
+    assert calls == [len(TEXTS)]
+    spans = lambda h: con.sql("SELECT record_id, start_char, end_char, value FROM labels WHERE "  # noqa: E731
+                              f"hypothesis = '{h}' ORDER BY ALL").fetchall()
+    assert spans("vowel_b") == spans("vowel_p") and len(spans("vowel_b")) > 20
+    calls.clear()
+    rows = dbd.inspect(con, "planted", ["planted"], [batched, plain], "b", batch_size=4).to_pylist()
+    assert calls == [4] * (len(TEXTS) // 4)           # one call per forward block
+    by = {(r["unit"], r["hypothesis"]): r["score"] for r in rows}
+    for u in range(5):                                 # equal to float64 rounding (another label column)
+        a, b = by[(u, "vowel_b")], by[(u, "vowel_p")]
+        assert (a is None and b is None) or a == pytest.approx(b, abs=1e-12)
+    assert sum(by[(u, "vowel_b")] is not None for u in range(5)) >= 3
+    s, e, v = batched.spans_many(["aXe"], ["x:0"])[0]   # a single text: the per-text function
+    assert s.tolist() == [0, 2] and e.tolist() == [1, 3] and calls == [4] * (len(TEXTS) // 4)
+
+
+def test_a_failing_or_miscounting_batch_function_is_named():
+    def boom(texts):
+        raise ValueError("tagger exploded")
+    h = Hypothesis("vowel_boom", _vowels, "binary", batch=boom)
+    with pytest.raises(HypothesisError, match=r"hypothesis 'vowel_boom' raised ValueError on one of the records "
+                                              r"d:3 \.\.\. d:4: tagger exploded"):
+        h.spans_many(["ab", "cd"], ["d:3", "d:4"])
+    short = Hypothesis("vowel_short", _vowels, "binary", batch=lambda texts: [_vowels(texts[0])])
+    with pytest.raises(HypothesisError, match=r"'vowel_short': its batch function returned 1 results for 2 texts"):
+        short.spans_many(["ab", "cd"], ["d:3", "d:4"])
+    bad = Hypothesis("vowel_bad", _vowels, "binary", batch=lambda texts: [[(0, 9)] for _ in texts])
+    with pytest.raises(HypothesisError, match=r"vowel_bad.*record d:3"):
+        bad.spans_many(["ab", "cd"], ["d:3", "d:4"])

@@ -264,3 +264,15 @@ def test_study_example_tiny(tmp_path):
     assert {"NOUN", "VERB", "DET"} <= tags
     assert all(len(t["top5_units"]) == 5 and 0 < t["top5_weight_mass"] < 1 for t in res["top_neurons"])
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_upos_tags_sentences_together_as_one_by_one():
+    """``upos`` labels a block of sentences with one ``nlp.pipe`` call: the same spans as one
+    ``nlp(text)`` per sentence."""
+    h = get_hypothesis("upos")
+    texts = [r["text"] for r in ptb_records("valid", n=150, seed=5)]
+    together = h.spans_many(texts, [f"ptb:{i}" for i in range(len(texts))])
+    alone = [h.spans(t) for t in texts]
+    assert sum(len(s) for s, _, _ in alone) > 2000
+    for (s1, e1, v1), (s2, e2, v2) in zip(together, alone):
+        assert s1.tolist() == s2.tolist() and e1.tolist() == e2.tolist() and v1.tolist() == v2.tolist()

@@ -66,9 +66,12 @@ class LabelStream:
         for h in self.hyps:
             name = h["name"]
             parts = []                       # (block index, starts, ends, values) per record
+            todo = [r for r in ids.tolist() if r in self.missing[name]]
+            computed = dict(zip(todo, h["live"].spans_many([text_of[r] for r in todo],
+                                                           [f"{self.plan.dataset}:{r}" for r in todo])))
             for i, r in enumerate(ids.tolist()):
-                if r in self.missing[name]:
-                    s, e, v = h["live"].spans(text_of[r], record=f"{self.plan.dataset}:{r}")
+                if r in computed:
+                    s, e, v = computed[r]
                     self._buffer(h, r, s, e, v)
                     if self.repeats:
                         self.cache[(name, r)] = (s, e, v)

@@ -10,6 +10,10 @@ Kinds: ``binary`` (values 0/1 or bools; characters outside spans hold 0), ``cate
 (values from the declared ``categories``; stored as codes 0..K-1; outside spans: no label) and
 ``continuous`` (finite floats; NaN or outside spans: no label).
 
+A hypothesis may also carry a ``batch`` function: texts -> the same outputs, one per text, computed
+together (spaCy's ``nlp.pipe`` tags a list of sentences about 1.9x faster than one call each);
+``spans_many`` uses it where a block has several records to label.
+
 Labels are normalised to sorted, non-overlapping spans (numpy arrays ``starts, ends, values``);
 runs of equal per-character values become one span. Anything else raises HypothesisError naming
 the hypothesis and the record.
@@ -36,6 +40,7 @@ class Hypothesis:
     description: str = ""
     version: str | None = None
     categories: tuple[str, ...] | None = None
+    batch: Callable[[list[str]], list] | None = field(default=None, repr=False)   # fn over many texts at once
     _code: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -73,6 +78,24 @@ class Hypothesis:
             raise HypothesisError(
                 f"hypothesis {self.name!r} raised {type(exc).__name__} on record {record}: {exc}") from exc
         return self.normalise(out, text, record)
+
+    def spans_many(self, texts: list[str], records: list) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """``spans`` of several texts (``records`` name them in errors): one call of ``batch``
+        where the hypothesis has one, else one call of the function per text."""
+        texts = list(texts)
+        if self.batch is None or len(texts) < 2:
+            return [self.spans(t, r) for t, r in zip(texts, records)]
+        try:
+            outs = list(self.batch(texts))
+        except HypothesisError:
+            raise
+        except Exception as exc:
+            raise HypothesisError(f"hypothesis {self.name!r} raised {type(exc).__name__} on one of the records "
+                                  f"{records[0]} ... {records[-1]}: {exc}") from exc
+        if len(outs) != len(texts):
+            raise HypothesisError(f"hypothesis {self.name!r}: its batch function returned {len(outs)} results "
+                                  f"for {len(texts)} texts")
+        return [self.normalise(o, t, r) for o, t, r in zip(outs, texts, records)]
 
     def extent(self, text: str) -> int:
         """How many positions the labels of a record cover: its characters (a GridHypothesis

@@ -123,10 +123,9 @@ def _annotate(session, hypotheses, dataset: str, record_ids=None, progress: bool
         rows = []
         for h in hyps:
             live = h["live"]
-            for rid in chunk:
-                if int(rid) in need[h["name"]]:
-                    rows.append((live.name, live.version, int(rid),
-                                 *live.spans(texts[int(rid)], record=f"{dataset}:{int(rid)}")))
+            rids = [int(r) for r in chunk if int(r) in need[h["name"]]]
+            got = live.spans_many([texts[r] for r in rids], [f"{dataset}:{r}" for r in rids])
+            rows.extend((live.name, live.version, r, *spans) for r, spans in zip(rids, got))
         append_labels(con, dataset, rows)
         bar.update(len(chunk))
     bar.close()
