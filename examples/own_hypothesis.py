@@ -4,6 +4,9 @@ Run:  .venv/bin/python examples/own_hypothesis.py  [--chars 40000]
 
 1. A hypothesis is a plain Python function from a record's text to labels. Here: "inside the
    parameter list of a def" (spans), and "number of open quotes so far" is left to the built-ins.
+   A hypothesis that runs a model of its own (a tagger) can also give ``batch=``, a function
+   from a list of texts to their labels, computed together: ``@dbd.hypothesis("pos", "categorical",
+   categories=..., batch=tag_many)`` (deepbase_duck/hypotheses/spacy_pos.py uses spaCy's nlp.pipe).
 2. A model is any torch.nn.Module plus an encoder; CharAdapter covers character-level models.
    The bundled char-LSTM is registered from its loader spec so that any process can rebuild it.
 3. One inspect call scores every unit of both LSTM layers against every hypothesis, then plain

@@ -245,3 +245,21 @@ def test_a_failing_or_miscounting_batch_function_is_named():
     bad = Hypothesis("vowel_bad", _vowels, "binary", batch=lambda texts: [[(0, 9)] for _ in texts])
     with pytest.raises(HypothesisError, match=r"vowel_bad.*record d:3"):
         bad.spans_many(["ab", "cd"], ["d:3", "d:4"])
+
+
+def test_the_decorator_takes_a_batch_function():
+    from deepbase_duck.hypotheses.core import hypothesis
+    seen = []
+
+    def many(texts):
+        seen.append(list(texts))
+        return [_vowels(t) for t in texts]
+
+    @hypothesis("vowel_dec", batch=many)
+    def vowel_dec(text):
+        return _vowels(text)
+
+    h = get_hypothesis("vowel_dec")
+    got = h.spans_many(["abc", "xyz", "ele"], ["d:0", "d:1", "d:2"])
+    assert seen == [["abc", "xyz", "ele"]]
+    assert [g[0].tolist() for g in got] == [[0], [], [0, 2]] and [g[1].tolist() for g in got] == [[1], [], [1, 3]]

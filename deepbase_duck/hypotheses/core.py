@@ -272,11 +272,13 @@ def get_hypothesis(name: str) -> Hypothesis:
 
 
 def hypothesis(name: str | None = None, kind: str = "binary", description: str = "",
-               version: str | None = None, categories=None):
-    """Decorator: ``@hypothesis('has_digit')`` registers ``fn(text) -> labels``."""
+               version: str | None = None, categories=None, batch=None):
+    """Decorator: ``@hypothesis('has_digit')`` registers ``fn(text) -> labels``. ``batch``: an
+    optional ``texts -> [labels, ...]`` giving the same labels for many texts at once (a tagger's
+    batched call), used where a block of records is labelled together."""
     def wrap(fn):
         h = Hypothesis(name or fn.__name__, fn, kind, description or (fn.__doc__ or "").strip(),
-                       version, tuple(categories) if categories else None)
+                       version, tuple(categories) if categories else None, batch=batch)
         register(h)
         return fn
     return wrap

@@ -1,0 +1,108 @@
+"""Full scan over bare forward passes, measured as interleaved pairs (issue: query optimisation,
+target: a full scan costs at most 1.15x the bare forward passes).
+
+    .venv/bin/python benchmarks/bench_scan_overhead.py --model minilm --records 2000 --pairs 5
+    .venv/bin/python benchmarks/bench_scan_overhead.py --model charlstm --records 1000000 --pairs 5
+
+On a shared machine two runs of the same work can differ by 30% (benchmarks/RESULTS.md), so a
+ratio taken from two runs minutes apart says little. This script measures the two sides as
+pairs, one right after the other in the same process, alternating which goes first, and prints
+every pair's ratio with their median and range:
+
+  forward   the bare forward passes over the records, batched as the engine batches a full
+            scan (length-sorted batches of ``--batch-size``), nothing kept;
+  scan      ``dbd.inspect(..., measures=['corr'])`` over the same records and layers on a fresh
+            file-backed store whose labels were stored beforehand (``dbd.annotate``, before the
+            clock, as on labelled data); timed over ``inspect`` alone: symbols (tokenised once,
+            from the forward passes' encodings), label alignment, forward passes, the
+            correlation states, the scores written, the closing checkpoint.
+
+Workloads: ``minilm`` = bench_baseline_minilm.py's (all-MiniLM-L6-v2, three layers, spaCy UPOS,
+``--records`` PTB training sentences); ``charlstm`` = bench_baseline.py's (the bundled
+char-LSTM, both layers, five code hypotheses, ``--records`` characters of standard-library
+records). One untimed warm-up pair runs first (model weights paged in, kernels built).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def workload(model: str, records: int):
+    """(records, model name, loader spec, loader params, layers, hypotheses, adapter factory)."""
+    if model == "minilm":
+        import bench_baseline_minilm as bm
+        from deepbase_duck.models.zoo import minilm
+        return (bm.records_for(records, "train", 0), "minilm", "deepbase_duck.models.zoo:minilm", {},
+                bm.LAYERS, [bm.HYP], minilm)
+    import bench_baseline as bb
+    from deepbase_duck.models.zoo import charlstm
+    return (bb.records_for(records, 600, "all"), "charlstm", "deepbase_duck.models.zoo:charlstm",
+            {"checkpoint": "final"}, bb.LAYERS, bb.HYPS, lambda: charlstm("final", device="cpu"))
+
+
+def forward_seconds(adapter, texts: list[str], batch_size: int) -> float:
+    order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
+    t0 = time.perf_counter()
+    for lo in range(0, len(order), batch_size):
+        adapter.forward(adapter.encode([texts[i] for i in order[lo:lo + batch_size]]))
+    return time.perf_counter() - t0
+
+
+def scan_seconds(records, name, loader, params, layers, hyps, batch_size: int) -> float:
+    import deepbase_duck as dbd
+    with tempfile.TemporaryDirectory() as tmp:
+        con = dbd.connect(os.path.join(tmp, "scan.duckdb"), progress=False)
+        dbd.register_model(con, name, loader, params)
+        dbd.add_dataset(con, "d", records)
+        dbd.annotate(con, hyps, "d")
+        t0 = time.perf_counter()
+        dbd.inspect(con, name, layers, hyps, "d", measures=["corr"], batch_size=batch_size, reuse=False)
+        seconds = time.perf_counter() - t0
+        dbd.close(con)
+    return seconds
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=["minilm", "charlstm"], default="minilm")
+    ap.add_argument("--records", type=int, default=None,
+                    help="minilm: sentences (default 2000); charlstm: characters (default 1,000,000)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: 32 (minilm), 16 (charlstm)")
+    ap.add_argument("--pairs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    from bench_baseline import limit_threads
+    limit_threads(a.threads)
+    records = a.records or (2000 if a.model == "minilm" else 1_000_000)
+    batch = a.batch_size or (32 if a.model == "minilm" else 16)
+    recs, name, loader, params, layers, hyps, make = workload(a.model, records)
+    texts = [r["text"] for r in recs]
+    adapter = make()
+    print(f"{a.model}: {len(recs)} records, {sum(map(len, texts))} characters, layers {', '.join(layers)}, "
+          f"hypotheses {', '.join(hyps)}, batch {batch}, threads {a.threads}")
+    forward_seconds(adapter, texts[: max(1, len(texts) // 10)], batch)        # warm-up
+    scan_seconds(recs[: max(1, len(recs) // 10)], name, loader, params, layers, hyps, batch)
+    ratios = []
+    for p in range(a.pairs):
+        if p % 2 == 0:
+            f = forward_seconds(adapter, texts, batch)
+            s = scan_seconds(recs, name, loader, params, layers, hyps, batch)
+        else:
+            s = scan_seconds(recs, name, loader, params, layers, hyps, batch)
+            f = forward_seconds(adapter, texts, batch)
+        ratios.append(s / f)
+        print(f"  pair {p + 1} ({'forward first' if p % 2 == 0 else 'scan first'}): forward {f:.2f} s, "
+              f"scan {s:.2f} s, scan / forward {s / f:.3f}", flush=True)
+    print(f"scan / forward: median {statistics.median(ratios):.3f}, min {min(ratios):.3f}, max {max(ratios):.3f} "
+          f"over {len(ratios)} pairs")
+
+
+if __name__ == "__main__":
+    main()
