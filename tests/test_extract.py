@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import deepbase_duck as dbd
-from deepbase_duck.catalog import session_of
 from deepbase_duck.extraction.adapters import CharAdapter
 from deepbase_duck.models.charlstm import encode_chars
 
@@ -257,15 +256,14 @@ def symbol_rows(con):
 
 
 def reference_symbols(records, ids=None):
-    """The symbols ensure_symbols stores on its own (a tokenisation pass before any forward)."""
-    from deepbase_duck.engine import ensure_symbols
-    ref = dbd.connect(None, progress=False)
-    dbd.register_model(ref, "planted", planted_adapter())
-    dbd.add_dataset(ref, "snippets", records)
-    s = session_of(ref)
-    ensure_symbols(s, s.adapter("planted"), "snippets", s.record_ids("snippets") if ids is None else ids)
-    rows = symbol_rows(ref)
-    dbd.close(ref)
+    """The symbol rows written independently of the engine: each record encoded on its own by the
+    adapter, (record_id, pos, start, end, token) per symbol."""
+    adapter = planted_adapter()
+    rows = []
+    for rid in (range(len(records)) if ids is None else ids):
+        enc = adapter.encode([records[rid]])
+        rows += [(rid, pos, int(s), int(e), t) for pos, (s, e, t) in
+                 enumerate(zip(enc.starts[0], enc.ends[0], enc.tokens[0]))]
     return rows
 
 

@@ -105,6 +105,8 @@ class SymbolWriter:
             if n:
                 store.insert_arrow(con, "symbols", symbols)
             store.insert_arrow(con, "tokenized_records", marks)
+        del symbols, marks
+        pa.default_memory_pool().release_unused()   # the tables' buffers: not kept by Arrow's pool mid-scan
 
     def close(self, failed: bool = False) -> None:
         """Write what is buffered; after a failure (``failed``) a failing write is not raised over
