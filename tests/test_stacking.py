@@ -118,3 +118,17 @@ def test_sql_takes_a_list_of_models_and_top_k(three):
     three.sql("SELECT * FROM inspect('v1', ['planted'], ['digit'], 'snippets', top_k := 2, batch_size := 4)").fetchall()
     p = params_of_last(three)
     assert p["top_k"] == 2 and p["seed"] == 0
+
+
+def test_a_stacked_scan_tokenises_each_record_once(three, monkeypatch):
+    """The stacked scan stores the symbols from its batches' own encodings: one encode per record."""
+    from deepbase_duck.extraction.adapters import CharAdapter
+    seen = []
+    real = CharAdapter.encode
+    monkeypatch.setattr(CharAdapter, "encode", lambda self, texts: seen.extend(texts) or real(self, texts))
+    dbd.inspect(three, ["v0", "v1", "v2"], ["planted"], ["digit"], "snippets", measures=["corr"])
+    assert params_of_last(three)["scan"] == "together"
+    assert sorted(seen) == sorted(TEXTS)
+    assert three.sql("SELECT count(*), sum(n_symbols) FROM tokenized_records").fetchall() == [
+        (len(TEXTS), sum(len(t) for t in TEXTS))]
+    assert three.sql("SELECT count(*) FROM symbols").fetchall() == [(sum(len(t) for t in TEXTS),)]

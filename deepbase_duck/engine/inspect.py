@@ -681,7 +681,8 @@ class LocalEngine:
         p0 = plans[0]
         tokenization = session.model_row(p0.model)["tokenization"]
         adapters = {p.model: session.adapter(p.model) for p in plans}
-        counts = ensure_symbols(session, adapters[p0.model], p0.dataset, p0.record_ids)
+        counts = stored_symbol_counts(session, p0.dataset, tokenization)
+        symbols = SymbolWriter(session, tokenization, p0.dataset, counts)    # from the batches' encodings
         widths = {p.model: dict(store.q_all(session.con, "SELECT layer, width FROM layers WHERE model = ?", [p.model]))
                   for p in plans}
         per_model = {p.model: {(layer, m): measure_class(m)(widths[p.model][layer], p.columns[m], device=p.device,
@@ -689,7 +690,8 @@ class LocalEngine:
                                for layer in p.layers for m in p.measures} for p in plans}
         col_index = {c["name"]: j for j, c in enumerate(p0.label_columns)}
         take = {m: torch.as_tensor([col_index[c["name"]] for c in p0.columns[m]]) for m in p0.measures}
-        if p0.control:
+        if p0.control:                            # class counts over every selected record's symbols
+            counts.update(ensure_symbols(session, adapters[p0.model], p0.dataset, p0.record_ids))
             p0.control_freq = class_frequencies(session, p0, tokenization)
         for p in plans:
             p.source, p.control_freq = "model", p0.control_freq
@@ -700,7 +702,7 @@ class LocalEngine:
         bar = progress_bar(len(p0.record_ids), f"inspect {len(plans)} models ({p0.model}, ...)", "rec", show)
         used = []
         try:
-            for batches in stacked_batches(session, stacked, p0.layers, p0.dataset, block_ids, counts):
+            for batches in stacked_batches(session, stacked, p0.layers, p0.dataset, block_ids, counts, symbols):
                 first = next(iter(batches.values()))
                 y = labels.next(first.record_ids, first.chars, first.texts)
                 for name, batch in batches.items():
@@ -709,7 +711,9 @@ class LocalEngine:
                 bar.update(len(first.record_ids))
         finally:
             bar.close()
-            labels.close(failed=sys.exc_info()[0] is not None)
+            failed = sys.exc_info()[0] is not None
+            symbols.close(failed=failed)
+            labels.close(failed=failed)
         n_symbols = int(sum(counts[r] for r in used))
         if n_symbols == 0:
             raise EmptyDatasetError(f"the selected records of dataset {p0.dataset!r} hold no symbols")

@@ -116,12 +116,15 @@ class StackedForward:
         return out
 
 
-def stacked_batches(session, stacked: StackedForward, layers, dataset: str, batches, symbol_counts):
-    """Yield ``{model: Batch}`` per batch of records: encoded once, run through every model."""
+def stacked_batches(session, stacked: StackedForward, layers, dataset: str, batches, symbol_counts, symbols=None):
+    """Yield ``{model: Batch}`` per batch of records: encoded once, run through every model.
+    ``symbols``: a SymbolWriter storing new records' symbols from that encoding (engine/extract.py)."""
     first = next(iter(stacked.adapters.values()))
     for ids in batches:
         texts = session.texts(dataset, ids)
         enc = first.encode([texts[r] for r in ids])
+        if symbols is not None:
+            symbols.add(ids, enc)
         outputs = stacked(enc)
         yield {name: batch_from_outputs(stacked.adapters[name], outputs[name], enc, name, layers, dataset, ids,
                                         symbol_counts, [texts[r] for r in ids])
