@@ -3,6 +3,7 @@ optimisation, item 6).
 
     .venv/bin/python benchmarks/bench_baseline.py                       # 1M characters, 1 repeat
     .venv/bin/python benchmarks/bench_baseline.py --chars 200000 --max-error 0.15 0.08
+    python benchmarks/bench_baseline.py --device cuda --threads 16        # on a GPU machine
 
 Every measurement runs in its own fresh process (peak RSS is per process); all of them run in one
 invocation, one after the other, so that the ratios are taken on the same machine state.
@@ -199,13 +200,13 @@ def rss_growth(res: dict) -> str:
     return "peak RSS growth for 10x the records: " + ", ".join(parts)
 
 
-def run_baseline(records, dissection: bool, out: str) -> dict:
+def run_baseline(records, dissection: bool, out: str, device: str = "cpu") -> dict:
     import torch
     from deepbase_duck.extraction.hooks import Retain
     import deepbase_duck.hypotheses.library  # noqa: F401  (registers the built-ins)
     from deepbase_duck.hypotheses.core import get_hypothesis
     from deepbase_duck.models.zoo import charlstm
-    adapter = charlstm("final", device="cpu")
+    adapter = charlstm("final", device=device)
     t0 = time.perf_counter()
     texts = sorted((r["text"] for r in records), key=len)
     # 1. extract everything into numpy
@@ -216,9 +217,9 @@ def run_baseline(records, dissection: bool, out: str) -> dict:
             with torch.inference_mode():
                 adapter.forward(adapter.encode(batch))
             for layer in LAYERS:
-                o = ret[layer]
+                o = ret[layer].float().cpu()
                 for b, t in enumerate(batch):
-                    chunks[layer].append(o[b, :len(t)].float().numpy().copy())
+                    chunks[layer].append(o[b, :len(t)].numpy().copy())
     acts = {layer: np.concatenate(c) for layer, c in chunks.items()}
     del chunks
     t_extract = time.perf_counter() - t0
@@ -260,14 +261,15 @@ def run_baseline(records, dissection: bool, out: str) -> dict:
     return result
 
 
-def run_engine(records, kind: str, dissection: bool, max_error: float, seed: int, top_k: int, out: str) -> dict:
+def run_engine(records, kind: str, dissection: bool, max_error: float, seed: int, top_k: int, out: str,
+               device: str = "cpu") -> dict:
     import deepbase_duck as dbd
     import deepbase_duck.engine.inspect  # noqa: F401  (library imports before the clock, as the baseline's)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         con = dbd.connect(os.path.join(tmp, "bench.duckdb"), progress=False)
         t_load = time.perf_counter()      # loading the model is outside the clock, as the baseline's
-        dbd.register_model(con, "charlstm", "deepbase_duck.models.zoo:charlstm", {"checkpoint": "final"})
+        dbd.register_model(con, "charlstm", "deepbase_duck.models.zoo:charlstm", {"checkpoint": "final", "device": device})
         t0 += time.perf_counter() - t_load
         dbd.add_dataset(con, "held", records)
         measures = ["corr", "iou", "probe"] if dissection else ["corr"]
@@ -277,13 +279,15 @@ def run_engine(records, kind: str, dissection: bool, max_error: float, seed: int
             t0 = time.perf_counter()
         opts = ({"max_error": max_error, "seed": seed} if kind == "early" else
                 {"top_k": top_k, "seed": seed} if kind == "rank" else {})
+        opts["device"] = device
         if dissection:
             rows = []
             rows += dbd.inspect(con, "charlstm", LAYERS, HYPS, "held", measures=["corr"], **opts).to_pylist()
-            rows += dbd.inspect(con, "charlstm", LAYERS, BINARY, "held", measures=["iou", "probe"]).to_pylist()
+            rows += dbd.inspect(con, "charlstm", LAYERS, BINARY, "held", measures=["iou", "probe"],
+                                device=device).to_pylist()
         else:
             rows = dbd.inspect(con, "charlstm", LAYERS, hyps, "held", measures=measures, **opts).to_pylist()
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0            # scores are on the host: the device is done
         used = query_stats(con)
         dbd.close(con)
     corr, lo, hi = engine_corr(rows, LAYERS, HYPS, 256)
@@ -299,13 +303,23 @@ def run_engine(records, kind: str, dissection: bool, max_error: float, seed: int
     return {"seconds": seconds, **used}
 
 
-def run_forward(records) -> dict:
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously) before a clock is read."""
+    import torch
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_forward(records, device: str = "cpu") -> dict:
     from deepbase_duck.models.zoo import charlstm
-    adapter = charlstm("final", device="cpu")
+    adapter = charlstm("final", device=device)
     texts = sorted((r["text"] for r in records), key=len)
+    adapter.forward(adapter.encode(texts[:16]))           # CUDA context and kernels, outside the clock
+    synchronize(device)
     t0 = time.perf_counter()
     for lo in range(0, len(texts), 16):
         adapter.forward(adapter.encode(texts[lo:lo + 16]))
+    synchronize(device)
     return {"seconds": time.perf_counter() - t0}
 
 
@@ -313,11 +327,12 @@ def child(a) -> dict:
     limit_threads(a.threads)
     records = records_for(a.chars, a.record_chars, a.split)
     if a.child == "forward":
-        r = run_forward(records)
+        r = run_forward(records, a.device)
     elif a.child == "baseline":
-        r = run_baseline(records, a.dissection, a.out)
+        r = run_baseline(records, a.dissection, a.out, a.device)
     else:
-        r = run_engine(records, a.child.split(":")[0], a.dissection, a.max_error[0], a.seed, a.top_k, a.out)
+        r = run_engine(records, a.child.split(":")[0], a.dissection, a.max_error[0], a.seed, a.top_k, a.out,
+                       a.device)
     r.update(kind=a.child, records=len(records), chars=sum(len(x["text"]) for x in records),
              peak_rss_mb=peak_rss_mb())
     return r
@@ -326,7 +341,7 @@ def child(a) -> dict:
 def run(kind, a, chars, out):
     argv = ["--chars", str(chars), "--record-chars", str(a.record_chars), "--split", a.split, "--threads", str(a.threads),
             "--max-error", kind_max_error(kind, a.max_error), "--seed", str(a.seed), "--top-k", str(a.top_k),
-            "--out", out]
+            "--out", out, "--device", a.device]
     return spawn(__file__, kind, argv + (["--dissection"] if a.dissection else []))
 
 
@@ -381,6 +396,7 @@ def main():
     ap.add_argument("--top-k", type=int, default=10, help="the ranking query's k (run 'rank')")
     ap.add_argument("--dissection", action="store_true", help="add IoU and probes (full scans only)")
     ap.add_argument("--no-rss", action="store_true", help="skip the 1/10-size run")
+    ap.add_argument("--device", default="cpu", help="where the models (both sides) and the inspectors run: cpu, cuda")
     a = parse_with_common(ap, max_error=[0.15, 0.08])
     if a.child:
         print(json.dumps(child(a)))
@@ -391,7 +407,8 @@ def main():
     f, b = arrays["full"], arrays["baseline"]
     n = res["full"]
     print(f"\ndeepbase_duck vs a standard Python implementation: char-LSTM 2x256, layers {', '.join(LAYERS)}, "
-          f"{len(HYPS)} hypotheses, {n['records']} records, {n['chars']} characters, threads={a.threads}")
+          f"{len(HYPS)} hypotheses, {n['records']} records, {n['chars']} characters, threads={a.threads}, "
+          f"device={a.device}")
     print_runs(res, kinds)
     bl = res["baseline"]
     print(f"baseline split: extract {bl['t_extract']:.1f} s, hypotheses {bl['t_labels']:.1f} s, "

@@ -3,6 +3,7 @@ target: a full scan costs at most 1.15x the bare forward passes).
 
     .venv/bin/python benchmarks/bench_scan_overhead.py --model minilm --records 2000 --pairs 5
     .venv/bin/python benchmarks/bench_scan_overhead.py --model charlstm --records 1000000 --pairs 5
+    python benchmarks/bench_scan_overhead.py --model charlstm --device cuda     # on a GPU machine
 
 On a shared machine two runs of the same work can differ by 30% (benchmarks/RESULTS.md), so a
 ratio taken from two runs minutes apart says little. This script measures the two sides as
@@ -21,6 +22,9 @@ Workloads: ``minilm`` = bench_baseline_minilm.py's (all-MiniLM-L6-v2, three laye
 ``--records`` PTB training sentences); ``charlstm`` = bench_baseline.py's (the bundled
 char-LSTM, both layers, five code hypotheses, ``--records`` characters of standard-library
 records). One untimed warm-up pair runs first (model weights paged in, kernels built).
+``--device cuda`` runs the model and the inspectors on the GPU (the clocks wait for its queue);
+``--random-minilm FOLDER`` times MiniLM's architecture and tokenizer with random weights where
+the published weights cannot be installed.
 """
 from __future__ import annotations
 
@@ -34,36 +38,59 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def workload(model: str, records: int):
-    """(records, model name, loader spec, loader params, layers, hypotheses, adapter factory)."""
+def workload(model: str, records: int, device: str, config: str | None, hyps: list[str] | None):
+    """(records, model name, layers, hypotheses, adapter factory) for ``model`` on ``device``."""
     if model == "minilm":
         import bench_baseline_minilm as bm
         from deepbase_duck.models.zoo import minilm
-        return (bm.records_for(records, "train", 0), "minilm", "deepbase_duck.models.zoo:minilm", {},
-                bm.LAYERS, [bm.HYP], minilm)
+        make = (lambda: random_minilm(config, device)) if config else (lambda: minilm(device=device))
+        return bm.records_for(records, "train", 0), "minilm", bm.LAYERS, hyps or [bm.HYP], make
     import bench_baseline as bb
     from deepbase_duck.models.zoo import charlstm
-    return (bb.records_for(records, 600, "all"), "charlstm", "deepbase_duck.models.zoo:charlstm",
-            {"checkpoint": "final"}, bb.LAYERS, bb.HYPS, lambda: charlstm("final", device="cpu"))
+    return (bb.records_for(records, 600, "all"), "charlstm", bb.LAYERS, hyps or bb.HYPS,
+            lambda: charlstm("final", device=device))
+
+
+def random_minilm(folder: str, device: str):
+    """all-MiniLM-L6-v2's architecture and tokenizer (``folder``: its config.json and tokenizer
+    files, no weights) with seeded random weights: the same forward cost, for machines the
+    published weights cannot be carried to (the lent GPU's transfer limit)."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from deepbase_duck.extraction.transformers_adapter import WordPieceAdapter
+    torch.manual_seed(0)
+    module = AutoModel.from_config(AutoConfig.from_pretrained(folder, local_files_only=True))
+    return WordPieceAdapter(module, AutoTokenizer.from_pretrained(folder, local_files_only=True),
+                            "all-MiniLM-L6-v2-random", 256, device)
+
+
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously) before a clock is read."""
+    import torch
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def forward_seconds(adapter, texts: list[str], batch_size: int) -> float:
     order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
+    synchronize(adapter.device)
     t0 = time.perf_counter()
     for lo in range(0, len(order), batch_size):
         adapter.forward(adapter.encode([texts[i] for i in order[lo:lo + batch_size]]))
+    synchronize(adapter.device)
     return time.perf_counter() - t0
 
 
-def scan_seconds(records, name, loader, params, layers, hyps, batch_size: int) -> float:
+def scan_seconds(records, name, make, layers, hyps, batch_size: int, device: str) -> float:
     import deepbase_duck as dbd
     with tempfile.TemporaryDirectory() as tmp:
         con = dbd.connect(os.path.join(tmp, "scan.duckdb"), progress=False)
-        dbd.register_model(con, name, loader, params)
+        dbd.register_model(con, name, make())
         dbd.add_dataset(con, "d", records)
         dbd.annotate(con, hyps, "d")
         t0 = time.perf_counter()
-        dbd.inspect(con, name, layers, hyps, "d", measures=["corr"], batch_size=batch_size, reuse=False)
+        dbd.inspect(con, name, layers, hyps, "d", measures=["corr"], batch_size=batch_size, reuse=False,
+                    device=device)
         seconds = time.perf_counter() - t0
         dbd.close(con)
     return seconds
@@ -77,25 +104,32 @@ def main():
     ap.add_argument("--batch-size", type=int, default=None, help="default: 32 (minilm), 16 (charlstm)")
     ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="where the model and the inspectors run (cpu, cuda)")
+    ap.add_argument("--random-minilm", metavar="FOLDER", default=None,
+                    help="minilm: the architecture and tokenizer from FOLDER (config.json, tokenizer files) "
+                         "with seeded random weights instead of the published ones")
+    ap.add_argument("--hypotheses", nargs="+", default=None,
+                    help="default: upos (minilm), the five code hypotheses (charlstm)")
     a = ap.parse_args()
     from bench_baseline import limit_threads
     limit_threads(a.threads)
     records = a.records or (2000 if a.model == "minilm" else 1_000_000)
     batch = a.batch_size or (32 if a.model == "minilm" else 16)
-    recs, name, loader, params, layers, hyps, make = workload(a.model, records)
+    recs, name, layers, hyps, make = workload(a.model, records, a.device, a.random_minilm, a.hypotheses)
     texts = [r["text"] for r in recs]
     adapter = make()
     print(f"{a.model}: {len(recs)} records, {sum(map(len, texts))} characters, layers {', '.join(layers)}, "
-          f"hypotheses {', '.join(hyps)}, batch {batch}, threads {a.threads}")
+          f"hypotheses {', '.join(hyps)}, batch {batch}, threads {a.threads}, device {a.device}"
+          + (" (random weights)" if a.random_minilm else ""))
     forward_seconds(adapter, texts[: max(1, len(texts) // 10)], batch)        # warm-up
-    scan_seconds(recs[: max(1, len(recs) // 10)], name, loader, params, layers, hyps, batch)
+    scan_seconds(recs[: max(1, len(recs) // 10)], name, make, layers, hyps, batch, a.device)
     ratios = []
     for p in range(a.pairs):
         if p % 2 == 0:
             f = forward_seconds(adapter, texts, batch)
-            s = scan_seconds(recs, name, loader, params, layers, hyps, batch)
+            s = scan_seconds(recs, name, make, layers, hyps, batch, a.device)
         else:
-            s = scan_seconds(recs, name, loader, params, layers, hyps, batch)
+            s = scan_seconds(recs, name, make, layers, hyps, batch, a.device)
             f = forward_seconds(adapter, texts, batch)
         ratios.append(s / f)
         print(f"  pair {p + 1} ({'forward first' if p % 2 == 0 else 'scan first'}): forward {f:.2f} s, "

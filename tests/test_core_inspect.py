@@ -1,6 +1,8 @@
 """The core query: correlations of every unit with every hypothesis, against numpy."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -203,3 +205,28 @@ def test_layers_stored_in_different_parts_read_one_layer_at_a_time(planted):
     for r in t.to_pylist():
         want = (ref_planted if r["layer"] == "planted" else ref_mix)[(r["unit"], r["hypothesis"])]
         assert (r["score"] is None) if want is None else r["score"] == pytest.approx(want, abs=1e-5), r
+
+
+def test_query_params_say_where_it_ran(planted):
+    dbd.inspect(planted, "planted", ["planted"], ["digit"], "snippets", device="cpu")
+    params = json.loads(planted.sql("SELECT params FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0])
+    assert params["device"] == "cpu" and params["model_devices"] == {"planted": "cpu"}
+    assert "tf32" not in params                        # only reported for models on CUDA
+
+
+def test_tf32_mode_sets_and_restores_torch_switches():
+    from deepbase_duck.extraction.adapters import tf32_mode
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        with tf32_mode(False):
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        with pytest.raises(ZeroDivisionError):
+            with tf32_mode(False):
+                1 / 0
+        assert torch.backends.cudnn.allow_tf32                 # restored after a failure too
+        with tf32_mode(None):                                  # None: left alone
+            assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

@@ -56,7 +56,8 @@ class Detector(torch.nn.Module):
 def test_dissection_finds_a_thresholded_detector(con):
     """IoU at the top quantile: the unit that fires on digits is the detector; its IoU equals the
     direct numpy formula (numpy.quantile threshold, intersection over union)."""
-    dbd.register_model(con, "detector", CharAdapter(torch.nn.Sequential(Detector()), encode_chars, "chars-test"))
+    dbd.register_model(con, "detector", CharAdapter(torch.nn.Sequential(Detector()), encode_chars, "chars-test",
+                                                        device="cpu"))
     texts = ["".join("7" if i % 150 == 0 else "a" for i in range(600)) + "\n"] * 6
     dbd.add_dataset(con, "sparse_digits", texts)
     t = dbd.inspect(con, "detector", ["0"], ["digit"], "sparse_digits",

@@ -54,11 +54,11 @@ def test_charlstm_has_a_string_unit(code_sample):
         h = get_hypothesis("in_string")
         acts, labels = [], []
         for rec in code_sample:
-            ids = torch.tensor([adapter_ids(rec["text"])])
+            ids = torch.tensor([adapter_ids(rec["text"])], device=adapter.device)
             with torch.no_grad():
                 x0, _ = module.lstm0(module.embed(ids))
                 x = x0 if best[0] == "lstm0" else module.lstm1(x0)[0]
-            acts.append(x[0, :, best[1]].numpy())
+            acts.append(x[0, :, best[1]].cpu().numpy())
             lab = np.zeros(len(rec["text"]))
             for s, e, _ in zip(*h.spans(rec["text"])):
                 lab[s:e] = 1
@@ -226,9 +226,10 @@ def test_sqllstm_checkpoint_loads_and_beats_the_unigram_entropy():
     assert len(heldout) == cfg["corpus"]["n_heldout"]
     nll, n = 0.0, 0
     for q in heldout[:150]:
-        ids = torch.tensor([encode_chars(q + "\n")])
+        ids = torch.tensor([encode_chars(q + "\n")], device=adapter.device)
         with torch.no_grad():
-            logp = torch.log_softmax(model(ids[:, :-1]), -1)[0]
+            logp = torch.log_softmax(model(ids[:, :-1]), -1)[0].cpu()
+        ids = ids.cpu()
         nll -= float(logp[torch.arange(ids.shape[1] - 1), ids[0, 1:]].sum())
         n += ids.shape[1] - 1
     loss = nll / n

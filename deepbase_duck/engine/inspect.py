@@ -409,6 +409,19 @@ class KeepActivations:
         store_batch(self.session, self.behaviors, self.missing, batch, self.symbols)
 
 
+def device_report(session, models, device) -> dict:
+    """Where a query ran, for its ``queries.params``: the inspectors' device, each loaded model's
+    and, for a model on CUDA, whether its forward passes let torch round float32 to TF32
+    (``ModelAdapter.tf32``: off unless asked for; None = torch's global switches, read now)."""
+    where = {m: session.adapters[m] for m in models if m in session.adapters}
+    out = {"device": str(device), "model_devices": {m: str(a.device) for m, a in where.items()}}
+    cuda = {m: a for m, a in where.items() if a.device.type == "cuda"}
+    if cuda:
+        out["tf32"] = {m: bool(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
+                       if a.tf32 is None else bool(a.tf32) for m, a in cuda.items()}
+    return out
+
+
 def new_samples(plan: Plan, widths: dict, device) -> dict:
     """Per layer, the row sample of the permutation test (empty dict without ``permutations``)."""
     if not plan.permutations:
@@ -1055,7 +1068,8 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
               "plateau_tol": plan.plateau_tol, "plateau_checks": plan.probe_checks if plan.plateau_tol else None,
               "min_support": plan.min_support or None, "rare": runs[0][1].get("rare"),
               "fingerprint": fingerprint, "reused": reuse_report(plan, runs, labels_missing),
-              "engine": runs[0][1].get("engine", getattr(engine, "name", type(engine).__name__))}
+              "engine": runs[0][1].get("engine", getattr(engine, "name", type(engine).__name__)),
+              **device_report(session, models, plan.device)}
     params.update(runs[0][1].get("engine_info") or {})
     with store.Transaction(con):
         qid = int(store.q_scalar(con, "SELECT coalesce(max(query_id), 0) + 1 FROM queries"))

@@ -13,6 +13,7 @@ whenever the encoder changes.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 
@@ -45,6 +46,21 @@ def to_device(inputs, device):
     return inputs
 
 
+@contextlib.contextmanager
+def tf32_mode(allowed: bool | None):
+    """torch's TF32 switches for CUDA matrix products and cuDNN set to ``allowed`` inside the
+    block and restored after; None leaves them as they are."""
+    if allowed is None:
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(allowed)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 def model_checksum(module: torch.nn.Module) -> str:
     """sha256 over the state_dict: every tensor's name, dtype, shape and bytes, in name order."""
     h = hashlib.sha256()
@@ -72,6 +88,14 @@ class ModelAdapter:
     # pays a per-step cost (recurrent models). Stored with the model at registration, so a Ray
     # driver that does not load the model plans the same batches.
     window_split: int = 1
+    # On CUDA, PyTorch lets cuDNN (LSTMs, convolutions) and, where a user turns it on, matrix
+    # products round float32 inputs to TF32 (a 10-bit mantissa): activations then differ from the
+    # CPU's at about 1e-3 relative, which moves correlations by about 1e-4 and mutual information
+    # by up to 1e-2 (units cross histogram bin edges; tests/test_devices.py). Inspection wants the
+    # model's own float32 activations, so forward() runs with TF32 off unless this is True (faster
+    # matrix products on Ampere and later GPUs); None leaves torch's global switches alone. The
+    # query's ``params`` record it ("tf32").
+    tf32: bool | None = False
 
     def __init__(self, module: torch.nn.Module, device: str | torch.device | None = None):
         self.module = module.eval()
@@ -97,7 +121,7 @@ class ModelAdapter:
 
     def forward(self, encoded: Encoded):
         inputs = to_device(encoded.inputs, self.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), tf32_mode(self.tf32 if self.device.type == "cuda" else None):
             if isinstance(inputs, dict):
                 return self.module(**inputs)
             if isinstance(inputs, tuple):
