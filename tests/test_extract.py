@@ -317,3 +317,36 @@ def test_a_crash_leaves_no_activations_without_symbols(con):
     rows = dbd.inspect(con, "planted", ["planted"], ["digit"], "snippets", batch_size=4).to_pylist()
     assert symbol_rows(con) == reference_symbols(TEXTS)
     assert {r["n"] for r in rows} == {sum(len(t) for t in TEXTS)}
+
+
+def test_symbol_rows_from_a_run_of_positions_are_a_view_equal_to_the_gather():
+    """Symbols at positions 1..n (word pieces after [CLS]) are cut as a slice: the same rows as
+    indexing with the positions, without copying an index to the device."""
+    from deepbase_duck.extraction.adapters import Encoded, ModelAdapter
+    out = torch.randn(2, 9, 4)
+    index = [np.arange(1, 7), np.array([0, 2, 3])]
+    enc = Encoded(None, [np.zeros(6), np.zeros(3)], [np.ones(6), np.ones(3)], None, index)
+    adapter = ModelAdapter(torch.nn.Identity(), device="cpu")
+    rows = adapter.symbol_activations("x", out, enc)
+    assert rows[0].data_ptr() == out[0, 1].data_ptr()          # a view
+    for b, idx in enumerate(index):
+        assert torch.equal(rows[b], out[b, torch.as_tensor(idx)])
+
+
+def test_a_deferred_finite_check_runs_at_verify(con):
+    """inspect runs a batch's labels before reading its activations back (on CUDA the forward is
+    still running): the NaN check then comes at Batch.verify(), and still names the record."""
+    from deepbase_duck.engine.extract import Batch, ensure_symbols, forward_batches
+    from deepbase_duck.errors import ActivationError
+    dbd.register_model(con, "nanny", planted_adapter(nan_on_tilde=True))
+    dbd.add_dataset(con, "tilde", ["abc 1\n", "ok ~ bad\n"])
+    session = dbd.catalog.session_of(con)
+    counts = ensure_symbols(session, session.adapter("nanny"), "tilde", [0, 1])
+    batch = next(forward_batches(session, session.adapter("nanny"), "nanny", ["planted"], "tilde", [[0, 1]],
+                                 counts, defer_check=True))
+    assert isinstance(batch, Batch) and batch.pending is not None
+    with pytest.raises(ActivationError, match="record 1 of dataset 'tilde'"):
+        batch.verify()
+    ok = next(forward_batches(session, session.adapter("nanny"), "nanny", ["planted"], "tilde", [[0]], counts,
+                              defer_check=True))
+    assert ok.verify() is ok and ok.pending is None

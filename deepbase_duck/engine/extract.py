@@ -191,6 +191,14 @@ class Batch:
     acts: dict                        # layer -> tensor (sum(n_symbols), width), rows in (record, pos) order
     chars: tuple | None = None        # (starts, ends): each symbol's characters, rows as acts (None: ask the store)
     texts: list | None = None         # the records' texts, in record_ids order (None: ask the store)
+    pending: object = None            # a deferred finite check of acts (batch_from_outputs); verify() runs it
+
+    def verify(self) -> "Batch":
+        """Run the deferred check that every activation is finite (raises ActivationError)."""
+        if self.pending is not None:
+            check, self.pending = self.pending, None
+            check()
+        return self
 
 
 def plan_batches(session, dataset: str, record_ids, batch_size: int) -> list[list[int]]:
@@ -208,16 +216,17 @@ def plan_batches(session, dataset: str, record_ids, batch_size: int) -> list[lis
     return [sorted(order[lo:lo + batch_size]) for lo in range(0, len(order), batch_size)]
 
 
-def forward_batches(session, adapter, model: str, layers, dataset, batches, symbol_counts, symbols=None):
+def forward_batches(session, adapter, model: str, layers, dataset, batches, symbol_counts, symbols=None,
+                    defer_check: bool = False):
     """Yield a Batch per forward pass: the activations of ``layers`` for each symbol. When
     ``batches`` is a list (a full scan), texts are read SYMBOL_CHUNK records per query; a
     generator (a progressive scan, which may stop) is read a batch at a time. ``symbols``: a
     SymbolWriter that stores the symbols of records not yet tokenised from each batch's encoding
-    (``symbol_counts`` is then its counts)."""
+    (``symbol_counts`` is then its counts). ``defer_check``: see batch_from_outputs."""
     with Retain(adapter.module, layers) as ret:
         for ids, texts in batches_with_texts(session, dataset, batches):
             yield forward_batch(adapter, ret, model, layers, dataset, ids, [texts[r] for r in ids], symbol_counts,
-                                symbols)
+                                symbols, defer_check)
 
 
 def batches_with_texts(session, dataset: str, batches):
@@ -244,23 +253,28 @@ def encoded_chars(enc, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def forward_batch(adapter, ret: Retain, model: str, layers, dataset: str, ids, texts: list[str],
-                  symbol_counts, symbols=None) -> Batch:
+                  symbol_counts, symbols=None, defer_check: bool = False) -> Batch:
     """One forward pass over the records ``ids`` (texts in the same order) with ``ret`` retaining
     ``layers``: their activations per symbol, checked. Shared by the local loop above and the Ray
-    workers (engine/ray_engine.py). ``symbols``: see forward_batches."""
+    workers (engine/ray_engine.py). ``symbols``: see forward_batches; the symbols are handed to it
+    after the forward is launched, so that on CUDA this host work overlaps the device's."""
     enc = adapter.encode(texts)
-    if symbols is not None:
-        symbols.add(ids, enc)
     ret.clear()
     adapter.forward(enc)
-    return batch_from_outputs(adapter, ret.outputs, enc, model, layers, dataset, ids, symbol_counts, texts)
+    if symbols is not None:
+        symbols.add(ids, enc)
+    return batch_from_outputs(adapter, ret.outputs, enc, model, layers, dataset, ids, symbol_counts, texts,
+                              defer_check)
 
 
 def batch_from_outputs(adapter, outputs: dict, enc, model: str, layers, dataset: str, ids, symbol_counts,
-                       texts=None) -> Batch:
+                       texts=None, defer_check: bool = False) -> Batch:
     """The Batch of one forward pass over records ``ids``: each layer's output (``outputs``)
     cut into per-symbol rows by the adapter, checked (row counts against ``symbol_counts``, all
-    finite). Shared by forward_batch and the stacked loop (engine/stacking.py)."""
+    finite). Shared by forward_batch and the stacked loop (engine/stacking.py). With
+    ``defer_check`` the finite check, which reads a value back from the device and so waits for
+    a CUDA forward pass to finish, runs at ``Batch.verify()`` instead: the consumer does its host
+    work (the batch's labels) first, while the device computes."""
     acts = {}
     for layer in layers:
         out = outputs.get(layer)
@@ -273,19 +287,28 @@ def batch_from_outputs(adapter, outputs: dict, enc, model: str, layers, dataset:
         x = torch.cat(per_record, 0) if per_record else torch.zeros(0, 1)
         if x.dim() != 2:
             raise ActivationError(f"model {model!r} layer {layer!r}: activations of shape {tuple(x.shape)}")
-        # the max and min are finite exactly when no NaN or inf is present (NaN propagates);
-        # the elementwise search runs only to name the record
-        if x.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
-            finite = torch.isfinite(x)
-            row = int((~finite).any(1).nonzero()[0])
-            counts = np.cumsum([symbol_counts[r] for r in ids])
-            rec = ids[int(np.searchsorted(counts, row, side="right"))]
-            raise ActivationError(
-                f"model {model!r} layer {layer!r} produced NaN or infinite activations on record "
-                f"{rec} of dataset {dataset!r}; nothing of this batch was stored")
         acts[layer] = x
-    return Batch(np.asarray(ids, np.int64), np.asarray([symbol_counts[r] for r in ids]), acts,
-                 chars=encoded_chars(enc, len(ids)), texts=None if texts is None else list(texts))
+    n_symbols = np.asarray([symbol_counts[r] for r in ids])
+
+    def check():
+        for layer, x in acts.items():
+            check_finite(x, model, layer, dataset, ids, n_symbols)
+
+    batch = Batch(np.asarray(ids, np.int64), n_symbols, acts, chars=encoded_chars(enc, len(ids)),
+                  texts=None if texts is None else list(texts), pending=check)
+    return batch if defer_check else batch.verify()
+
+
+def check_finite(x: torch.Tensor, model: str, layer: str, dataset: str, ids, n_symbols) -> None:
+    """Raise ActivationError naming the first record whose activations hold NaN or inf."""
+    # the max and min are finite exactly when no NaN or inf is present (NaN propagates);
+    # the elementwise search runs only to name the record
+    if x.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
+        row = int((~torch.isfinite(x)).any(1).nonzero()[0])
+        rec = ids[int(np.searchsorted(np.cumsum(n_symbols), row, side="right"))]
+        raise ActivationError(
+            f"model {model!r} layer {layer!r} produced NaN or infinite activations on record "
+            f"{rec} of dataset {dataset!r}; nothing of this batch was stored")
 
 
 def write_part(session, b: dict, batch: Batch, x: torch.Tensor, rows_mask: np.ndarray | None) -> tuple[str, int, int]:

@@ -631,7 +631,7 @@ class LocalEngine:
                 windows += w
             order += [r for ids in block_ids for r in ids]
             sources.append(forward_batches(session, adapter, plan.model, plan.layers, plan.dataset, block_ids, counts,
-                                           symbols))
+                                           symbols, defer_check=True))
             keep = (KeepActivations(session, plan, mrow["checksum"], tokenization, widths, symbols)
                     if plan.keep_activations else None)
         source = itertools.chain(*sources)
@@ -653,9 +653,11 @@ class LocalEngine:
         window_scores = {k: [] for k in states}
         try:
             for i, batch in enumerate(source, 1):
+                # the labels first: on CUDA the batch's forward pass is still running meanwhile
+                y = labels.next(batch.record_ids, batch.chars, batch.texts)
+                batch.verify()
                 if keep is not None:
                     keep.write(batch)
-                y = labels.next(batch.record_ids, batch.chars, batch.texts)
                 update_states(feeding, samples, batch, y, take)
                 if support is not None:
                     support.add(y, batch.record_ids, batch.n_symbols)

@@ -137,8 +137,10 @@ class ModelAdapter:
         out = []
         for b, idx in enumerate(encoded.index):
             n = len(idx)
-            if n and idx[0] == 0 and idx[-1] == n - 1 and (n < 3 or bool((np.diff(idx) == 1).all())):
-                out.append(output[b, :n])                     # contiguous symbols: a view, no copy
+            if n and idx[-1] - idx[0] == n - 1 and (n < 3 or bool((np.diff(idx) == 1).all())):
+                # a run of positions (characters from 0, word pieces after [CLS]): a view, no copy,
+                # and on CUDA no index copied to the device (which would wait for the forward)
+                out.append(output[b, int(idx[0]):int(idx[0]) + n])
             else:
                 out.append(output[b, torch.as_tensor(idx, device=output.device)])
         return out
