@@ -276,3 +276,24 @@ def test_upos_tags_sentences_together_as_one_by_one():
     assert sum(len(s) for s, _, _ in alone) > 2000
     for (s1, e1, v1), (s2, e2, v2) in zip(together, alone):
         assert s1.tolist() == s2.tolist() and e1.tolist() == e2.tolist() and v1.tolist() == v2.tolist()
+
+
+def test_wordpiece_encoding_through_the_rust_tokenizer_equals_the_tokenizer_call(minilm):
+    """encode() runs a private copy of the Rust tokenizer (no per-call transformers overhead):
+    the same model inputs, symbol spans, positions and token texts as the tokenizer's __call__,
+    on PTB sentences and on edge cases (empty, truncated at max_length, unicode, odd spaces,
+    special-token text)."""
+    assert minilm._backend is not None
+    texts = ptb_sentences("train")[:96]
+    edge = ["", " ", "a " * 400, "naïve café — 東京 🙂 Ünïcödé", "Hello,world!!", "x\ny\tz",
+            "   leading and trailing   ", "[CLS] [SEP] [PAD] literal", "\u200b\u00a0odd spaces\u3000"]
+    for batch in [texts[:32], texts[32:96], edge, edge[2:3], [texts[0]]]:
+        fast, call = minilm.encode(batch), minilm._encode_call(batch)
+        assert list(fast.inputs) == list(call.inputs) == ["input_ids", "token_type_ids", "attention_mask"]
+        for k in call.inputs:
+            assert fast.inputs[k].dtype == call.inputs[k].dtype and torch.equal(fast.inputs[k], call.inputs[k]), k
+        for field in ("starts", "ends", "index"):
+            for a, b in zip(getattr(fast, field), getattr(call, field), strict=True):
+                assert a.dtype == b.dtype and np.array_equal(a, b), field
+        assert fast.tokens == call.tokens
+    assert max(len(i) for i in minilm.encode(edge).index) == minilm.max_length - 2     # truncated
