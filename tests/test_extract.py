@@ -291,6 +291,24 @@ def test_a_scan_tokenises_each_record_once_and_stores_the_same_symbols(con, how)
     assert con.sql("SELECT count(*) FROM tokenized_records").fetchall() == [(len(TEXTS),)]
 
 
+def test_compare_layers_tokenises_each_record_once_per_model(con):
+    """A layer comparison stores the symbols from its first model's forward batches: every record
+    is encoded once per model (not once more for the symbols table), with the same rows as a
+    separate tokenisation pass; a second comparison finds them stored."""
+    torch.manual_seed(0)
+    module = planted_adapter().module
+    dbd.register_model(con, "a", CountingAdapter(module, encode_chars, "chars-test", device="cpu"))
+    dbd.register_model(con, "b", CountingAdapter(module, encode_chars, "chars-test", device="cpu"))
+    dbd.add_dataset(con, "snippets", TEXTS)
+    CountingAdapter.encoded = 0
+    dbd.compare_layers(con, ["a:planted", "b:mix"], "snippets", batch_size=4)
+    assert CountingAdapter.encoded == 2 * len(TEXTS)
+    assert symbol_rows(con) == reference_symbols(TEXTS)
+    assert con.sql("SELECT count(*) FROM tokenized_records").fetchall() == [(len(TEXTS),)]
+    dbd.compare_layers(con, ["a:planted", "a:mix"], "snippets", batch_size=4)
+    assert con.sql("SELECT count(*) FROM tokenized_records").fetchall() == [(len(TEXTS),)]
+
+
 def test_a_progressive_scan_stores_the_symbols_of_the_records_it_used(con):
     rng = np.random.default_rng(3)
     records = ["".join(TEXTS[int(i)] for i in rng.integers(0, len(TEXTS), 3)) for _ in range(240)]

@@ -6,6 +6,7 @@ are the same. Results go to the ``similarities`` table (one query id per call).
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 
 import numpy as np
@@ -15,7 +16,8 @@ from .. import store
 from ..errors import DeepBaseError, EmptyDatasetError
 from ..inspectors.cka import LinearCKAState
 from ..progress import progress_bar
-from .extract import ensure_symbols, forward_batches, plan_batches
+from ..extraction.adapters import default_device
+from .extract import SymbolWriter, forward_batches, plan_batches, stored_symbol_counts
 
 
 def parse_group(g) -> tuple[str, str]:
@@ -51,22 +53,29 @@ def compare_layers(session, groups, dataset: str, record_ids=None, limit=None, b
         raise EmptyDatasetError(f"no records selected from dataset {dataset!r}")
     widths = {(m, l): w for m in by_model for l, w in store.q_all(
         session.con, "SELECT layer, width FROM layers WHERE model = ?", [m])}
-    dev = device or "cpu"
+    dev = default_device(device)
     pairs = list(itertools.combinations(groups, 2))
     states = {(a, b): LinearCKAState(widths[a], widths[b], dev) for a, b in pairs}
     t0 = time.time()
     adapters = {m: session.adapter(m) for m in by_model}
-    counts = ensure_symbols(session, next(iter(adapters.values())), dataset, ids)
+    # symbols come from the first model's forward batches (one tokenisation for all: checked above);
+    # the streams are advanced in order, so each batch's symbols are counted before the next model's
+    counts = stored_symbol_counts(session, dataset, next(iter(toks.values())))
+    symbols = SymbolWriter(session, next(iter(toks.values())), dataset, counts)
     blocks = plan_batches(session, dataset, ids, batch_size)
-    streams = {m: forward_batches(session, adapters[m], m, by_model[m], dataset, blocks, counts) for m in by_model}
+    streams = {m: forward_batches(session, adapters[m], m, by_model[m], dataset, blocks, counts,
+                                  symbols if k == 0 else None) for k, m in enumerate(by_model)}
     bar = progress_bar(len(ids), f"compare {len(groups)} groups", "rec",
                        session.progress if progress is None else progress)
-    for batches in zip(*streams.values()):
-        acts = {(m, l): b.acts[l] for m, b in zip(streams, batches) for l in by_model[m]}
-        for (a, b), st in states.items():
-            st.update(acts[a], acts[b])
-        bar.update(len(batches[0].record_ids))
-    bar.close()
+    try:
+        for batches in zip(*streams.values()):
+            acts = {(m, l): b.acts[l] for m, b in zip(streams, batches) for l in by_model[m]}
+            for (a, b), st in states.items():
+                st.update(acts[a], acts[b])
+            bar.update(len(batches[0].record_ids))
+    finally:
+        bar.close()
+        symbols.close(failed=sys.exc_info()[0] is not None)
     n = int(sum(counts[int(r)] for r in ids))
     if n == 0:
         raise EmptyDatasetError(f"the selected records of dataset {dataset!r} hold no symbols")

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .. import store
+from ..extraction.adapters import default_device
 from ..errors import DeepBaseError, EmptyDatasetError
 from ..hypotheses.grid import check_fit
 from ..hypotheses.store import annotate, missing_records, resolve
@@ -198,7 +199,7 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
         ids = ids[: int(limit)]
     if len(ids) == 0:
         raise EmptyDatasetError(f"no records selected from dataset {dataset!r}")
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = default_device(device)
     return Plan(model, layers, dataset, ids, hyps, measures, per_measure, cols, batch_size=int(batch_size),
                 keep_activations=bool(keep_activations), dtype=dtype, device=str(dev), measure_params=measure_params,
                 control=bool(control), permutations=int(permutations or 0),

@@ -61,6 +61,14 @@ def tf32_mode(allowed: bool | None):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
+def default_device(device=None) -> torch.device:
+    """``device`` as a torch.device; None: CUDA where it is available, else the CPU (chosen at run
+    time, for models, inspectors and layer comparisons alike)."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
 def model_checksum(module: torch.nn.Module) -> str:
     """sha256 over the state_dict: every tensor's name, dtype, shape and bytes, in name order."""
     h = hashlib.sha256()
@@ -99,8 +107,7 @@ class ModelAdapter:
 
     def __init__(self, module: torch.nn.Module, device: str | torch.device | None = None):
         self.module = module.eval()
-        self.device = torch.device(device) if device else (
-            torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        self.device = default_device(device)
         self.module.to(self.device)
         self._checksum = None
 
