@@ -1,4 +1,5 @@
-"""Figure helpers shared by the text studies in examples/ (matplotlib only; not part of the library).
+"""Helpers shared by the text studies in examples/ (figures with matplotlib, and ``start``: the
+options, threads and output folder every main() begins with); not part of the library.
 
 ``char_panel`` draws a text with every character's background coloured by a value, the picture
 Karpathy, Johnson & Fei-Fei (2015) used to show what one LSTM cell tracks.
@@ -10,6 +11,23 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+
+def start(ap, argv, out: str):
+    """What each text example's main() begins with: ``--out`` (default ``out``) and ``--threads``
+    added to its options, the options parsed, torch on that many threads, the output folder
+    made. Returns (options, output folder, start time)."""
+    import pathlib
+    import time
+
+    import torch
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    folder = pathlib.Path(a.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    return a, folder, time.time()
 
 
 def char_grid(text: str, values, width: int | None = None):

@@ -22,7 +22,6 @@ import pathlib
 import sys
 import time
 
-import torch
 
 import deepbase_duck as dbd
 from deepbase_duck.corpora.code import sampled_code_records
@@ -31,20 +30,14 @@ from deepbase_duck.models.charlstm import CHECKPOINTS
 from deepbase_duck.models.charlstm import config as charlstm_config
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _text_figures import plt, print_table, save  # noqa: E402
+from _text_figures import start, plt, print_table, save  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--chars", type=int, default=100_000, help="characters of held-out code to sample")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="examples/results/across_training")
-    ap.add_argument("--threads", type=int, default=2)
-    a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    out = pathlib.Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
+    a, out, t0 = start(ap, argv, "examples/results/across_training")
 
     con = dbd.connect(None, progress=False)
     records = sampled_code_records(a.chars, a.seed)

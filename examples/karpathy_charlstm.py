@@ -25,7 +25,6 @@ import pathlib
 import sys
 import time
 
-import torch
 
 import deepbase_duck as dbd
 from deepbase_duck.corpora.code import code_records, sampled_code_records
@@ -33,7 +32,7 @@ from deepbase_duck.hypotheses import get_hypothesis
 from deepbase_duck.hypotheses.library import CODE_HYPOTHESES
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _text_figures import char_panel, plt, print_table, save  # noqa: E402
+from _text_figures import start, char_panel, plt, print_table, save  # noqa: E402
 
 FIGURE_HYPOTHESES = ["in_string", "in_comment", "bracket_depth", "indent_level"]
 
@@ -67,13 +66,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--chars", type=int, default=200_000, help="characters of held-out code to sample")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="examples/results/karpathy_charlstm")
-    ap.add_argument("--threads", type=int, default=2)
-    a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    out = pathlib.Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
+    a, out, t0 = start(ap, argv, "examples/results/karpathy_charlstm")
 
     con = dbd.connect(None, progress=False)
     records = sampled_code_records(a.chars, a.seed)

@@ -25,7 +25,6 @@ import sys
 import time
 
 import numpy as np
-import torch
 
 import deepbase_duck as dbd
 from deepbase_duck.corpora.sqlgen import sql_queries
@@ -34,7 +33,7 @@ from deepbase_duck.hypotheses.sql import SQL_HYPOTHESIS_NAMES
 from deepbase_duck.models.sqllstm import config as sqllstm_config
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _text_figures import char_panel, plt, print_table, save  # noqa: E402
+from _text_figures import start, char_panel, plt, print_table, save  # noqa: E402
 
 FIGURE_HYPOTHESES = ["sql_select_list", "sql_from", "sql_column", "sql_string"]
 
@@ -67,13 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=7, help="generator seed of the inspected queries")
     ap.add_argument("--probe-rows", type=int, default=40_000,
                     help="rows per split the probes train / test on (a seeded sample of the characters)")
-    ap.add_argument("--out", default="examples/results/sql_grammar_units")
-    ap.add_argument("--threads", type=int, default=2)
-    a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    out = pathlib.Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
+    a, out, t0 = start(ap, argv, "examples/results/sql_grammar_units")
 
     con = dbd.connect(None, progress=False)
     queries = fresh_queries(a.queries, a.seed)
