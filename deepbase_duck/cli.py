@@ -98,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="early stopping for a ranking: stop once each hypothesis' top-k units are stable")
     i.add_argument("--seed", type=int, default=0, help="the seeded record order of an early-stopping scan")
     i.add_argument("--no-reuse", action="store_true", help="scan again even if an identical query is stored")
+    i.add_argument("--device", default=None,
+                   help="where the inspectors run: cpu, cuda, cuda:N (default: CUDA where available)")
 
     add("hypotheses", "List the hypotheses this installation can compute.")
 
@@ -235,7 +237,8 @@ def cmd_inspect(args):
                         limit=args.max_records, batch_size=args.batch_size, keep_activations=args.keep_activations,
                         baseline=args.baseline, control=args.control, engine=args.engine,
                         ray_address=args.ray_address, max_error=args.max_error, top_k=args.top_k, seed=args.seed,
-                        plateau_tol=args.plateau_tol, min_support=args.min_support, reuse=not args.no_reuse)
+                        plateau_tol=args.plateau_tol, min_support=args.min_support, reuse=not args.no_reuse,
+                        device=args.device)
         print(top_units_table(con, t.column("query_id")[0].as_py(), args.top))
     return 0
 

@@ -8,7 +8,7 @@
 --         batch_size := 16, keep_activations := false, params := '{}', baseline := false,
 --         control := false, permutations := 0, max_error := NULL, seed := 0,
 --         engine := 'local', ray_address := NULL, top_k := NULL, reuse := true, plateau_tol := NULL,
---         min_support := 0)
+--         min_support := 0, device := NULL)
 -- Scores every unit of each layer against each hypothesis with each measure (corr, spearman,
 -- pointbiserial, probeless, mi, iou, precision, recall, f1, ap, probe); one row per
 -- (model, layer, unit, hypothesis, measure), also appended to the `scores` table.
@@ -31,6 +31,8 @@
 -- top_k: a ranking query: progressive too, stopping once every hypothesis' top_k units (by |score|)
 -- stayed the same for 3 windows.
 -- reuse: false scans again even when an identical query's scores are stored.
+-- device: where the inspectors' states live ('cpu', 'cuda', 'cuda:1'); NULL: CUDA where available,
+-- else the CPU. A model's own device is set when it is registered (its loader's params).
 -- model: one model, or a list of checkpoints of one architecture (['early', 'final']) scanned
 -- together: one pass over the records, forward passes fused where torch.vmap can.
 -- engine: 'local' (this process) or 'ray' (the workers of the Ray cluster at ray_address: NULL for
@@ -45,7 +47,7 @@ CREATE OR REPLACE TEMP MACRO inspect(model, layers, hypotheses, dataset, measure
                                      baseline := false, control := false, permutations := 0,
                                      max_error := NULL, seed := 0, engine := 'local',
                                      ray_address := NULL, top_k := NULL, reuse := true,
-                                     plateau_tol := NULL, min_support := 0) AS TABLE
+                                     plateau_tol := NULL, min_support := 0, device := NULL) AS TABLE
 SELECT unnest(r, recursive := true)
 FROM (SELECT unnest(dbd_inspect(CAST(model AS VARCHAR), layers, hypotheses, dataset, measures,
                                 CAST(max_records AS BIGINT), CAST(batch_size AS BIGINT),
@@ -55,14 +57,16 @@ FROM (SELECT unnest(dbd_inspect(CAST(model AS VARCHAR), layers, hypotheses, data
                                 CAST(seed AS BIGINT), CAST(engine AS VARCHAR),
                                 CAST(ray_address AS VARCHAR), CAST(top_k AS BIGINT),
                                 CAST(reuse AS BOOLEAN), CAST(plateau_tol AS DOUBLE),
-                                CAST(min_support AS BIGINT))) AS r);
+                                CAST(min_support AS BIGINT), CAST(device AS VARCHAR))) AS r);
 
--- compare_layers(groups, dataset, max_records := NULL, batch_size := 16)
+-- compare_layers(groups, dataset, max_records := NULL, batch_size := 16, device := NULL)
 -- Linear CKA between every pair of unit groups named 'model:layer' over the same symbols;
 -- also appended to the `similarities` table.
-CREATE OR REPLACE TEMP MACRO compare_layers(groups, dataset, max_records := NULL, batch_size := 16) AS TABLE
+CREATE OR REPLACE TEMP MACRO compare_layers(groups, dataset, max_records := NULL, batch_size := 16,
+                                            device := NULL) AS TABLE
 SELECT unnest(r, recursive := true)
-FROM (SELECT unnest(dbd_compare(groups, dataset, CAST(max_records AS BIGINT), CAST(batch_size AS BIGINT))) AS r);
+FROM (SELECT unnest(dbd_compare(groups, dataset, CAST(max_records AS BIGINT), CAST(batch_size AS BIGINT),
+                                CAST(device AS VARCHAR))) AS r);
 
 -- extract_activations(model, layers, dataset, dtype := 'float32', batch_size := 16)
 -- (not `extract`: EXTRACT is an SQL keyword)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import duckdb
 import numpy as np
 import pytest
+import torch
 
 import deepbase_duck as dbd
 from deepbase_duck.errors import (ActivationError, DeepBaseError, EmptyDatasetError, HypothesisError,
@@ -112,6 +113,25 @@ def test_nan_activations_name_the_record(con):
     with pytest.raises(ActivationError):
         dbd.inspect(con, "nanny", ["planted"], ["digit"], "tilde")
     assert con.sql("SELECT count(*) FROM scores").fetchall() == [(0,)]
+
+
+def test_a_bad_device_is_named_and_changes_nothing(primed):
+    before = snapshot(primed)
+    with pytest.raises(DeepBaseError, match="unknown device 'gpu'"):
+        dbd.inspect(primed, "planted", ["planted"], ["digit"], "snippets", device="gpu")
+    with pytest.raises(duckdb.Error, match="unknown device 'tpu:0'"):
+        primed.sql("SELECT * FROM inspect('planted', ['planted'], ['digit'], 'snippets', device := 'tpu:0')").fetchall()
+    with pytest.raises(duckdb.Error, match="unknown device 'gpu'"):
+        primed.sql("SELECT * FROM compare_layers(['planted:planted', 'planted:mix'], 'snippets', "
+                   "device := 'gpu')").fetchall()
+    if not torch.cuda.is_available():
+        with pytest.raises(DeepBaseError, match="no CUDA device on this machine"):
+            dbd.inspect(primed, "planted", ["planted"], ["digit"], "snippets", device="cuda")
+    else:
+        with pytest.raises(DeepBaseError, match="CUDA device"):
+            dbd.inspect(primed, "planted", ["planted"], ["digit"], "snippets",
+                        device=f"cuda:{torch.cuda.device_count()}")
+    assert snapshot(primed) == before
 
 
 def test_sql_errors_name_the_culprit(primed):

@@ -212,6 +212,9 @@ def test_query_params_say_where_it_ran(planted):
     params = json.loads(planted.sql("SELECT params FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0])
     assert params["device"] == "cpu" and params["model_devices"] == {"planted": "cpu"}
     assert "tf32" not in params                        # only reported for models on CUDA
+    planted.sql("SELECT * FROM inspect('planted', ['planted'], ['in_string'], 'snippets', device := 'cpu')").fetchall()
+    params = json.loads(planted.sql("SELECT params FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0])
+    assert params["device"] == "cpu"
 
 
 def test_tf32_mode_sets_and_restores_torch_switches():

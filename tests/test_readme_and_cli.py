@@ -51,9 +51,12 @@ def test_cli_commands_mirror_the_library(tmp_path):
     assert r.returncode == 0 and "in_string:" in r.stdout
     r = run_cli("extract", db, "lm", "code", "lstm0", "--dtype", "float16")
     assert r.returncode == 0 and "records extracted" in r.stdout, r.stderr
-    r = run_cli("inspect", db, "lm", "code", "--layers", "lstm0", "--hypotheses", "in_string", "--top", "2")
+    r = run_cli("inspect", db, "lm", "code", "--layers", "lstm0", "--hypotheses", "in_string", "--top", "2",
+                "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert "in_string" in r.stdout and "lstm0" in r.stdout
+    r = run_cli("inspect", db, "lm", "code", "--layers", "lstm0", "--hypotheses", "in_string", "--device", "gpu")
+    assert r.returncode == 2 and "unknown device 'gpu'" in r.stderr
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):

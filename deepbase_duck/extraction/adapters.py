@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..errors import ActivationError
+from ..errors import ActivationError, DeepBaseError
 
 
 @dataclass
@@ -63,10 +63,22 @@ def tf32_mode(allowed: bool | None):
 
 def default_device(device=None) -> torch.device:
     """``device`` as a torch.device; None: CUDA where it is available, else the CPU (chosen at run
-    time, for models, inspectors and layer comparisons alike)."""
-    if device:
-        return torch.device(device)
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    time, for models, inspectors and layer comparisons alike). A device torch does not know, or
+    CUDA where there is none, is refused with its name."""
+    if not device:
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeepBaseError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N' (or leave it out: CUDA "
+                            f"where available, else the CPU)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeepBaseError(f"device {device!r} asked for, but torch sees no CUDA device on this machine "
+                            f"(torch {torch.__version__}); use 'cpu' or leave the device out")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeepBaseError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} "
+                            f"CUDA device(s)")
+    return dev
 
 
 def model_checksum(module: torch.nn.Module) -> str:

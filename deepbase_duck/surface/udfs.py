@@ -87,7 +87,7 @@ def register_udfs(session: Session) -> None:
 
     def do_inspect(sub, model, layers, hypotheses, dataset, measures, max_records, batch_size, keep, params,
                    baseline, control, permutations, max_error, seed, engine=None, ray_address=None, top_k=None,
-                   reuse=True, plateau_tol=None, min_support=None):
+                   reuse=True, plateau_tol=None, min_support=None, device=None):
         try:
             measure_params = json.loads(params) if params else {}
         except json.JSONDecodeError as exc:
@@ -100,13 +100,13 @@ def register_udfs(session: Session) -> None:
                     baseline=bool(baseline), control=bool(control), permutations=permutations or 0,
                     max_error=max_error, seed=seed or 0, engine=engine or "local", ray_address=ray_address,
                     top_k=top_k, reuse=reuse is not False, plateau_tol=plateau_tol,
-                    min_support=min_support or 0, **measure_params)
+                    min_support=min_support or 0, device=device or None, **measure_params)
         return t.to_pylist()
 
-    def do_compare(sub, groups, dataset, max_records, batch_size):
+    def do_compare(sub, groups, dataset, max_records, batch_size, device=None):
         from ..engine.compare import compare_layers
         return compare_layers(sub, _list(groups), dataset, limit=max_records, batch_size=batch_size or 16,
-                              progress=False).to_pylist()
+                              device=device or None, progress=False).to_pylist()
 
     def do_extract(sub, model, layers, dataset, dtype, batch_size):
         return extract(sub, model, _list(layers), dataset, dtype or "float32", None, batch_size or 16, progress=False)
@@ -140,9 +140,10 @@ def register_udfs(session: Session) -> None:
     specs = [
         ("dbd_inspect", do_inspect, ["VARCHAR", "VARCHAR[]", "VARCHAR[]", "VARCHAR", "VARCHAR[]", "BIGINT",
                                      "BIGINT", "BOOLEAN", "VARCHAR", "BOOLEAN", "BOOLEAN", "BIGINT", "DOUBLE",
-                                     "BIGINT", "VARCHAR", "VARCHAR", "BIGINT", "BOOLEAN", "DOUBLE", "BIGINT"],
+                                     "BIGINT", "VARCHAR", "VARCHAR", "BIGINT", "BOOLEAN", "DOUBLE", "BIGINT",
+                                     "VARCHAR"],
          RESULT_STRUCT),
-        ("dbd_compare", do_compare, ["VARCHAR[]", "VARCHAR", "BIGINT", "BIGINT"], COMPARE_STRUCT),
+        ("dbd_compare", do_compare, ["VARCHAR[]", "VARCHAR", "BIGINT", "BIGINT", "VARCHAR"], COMPARE_STRUCT),
         ("dbd_extract", do_extract, ["VARCHAR", "VARCHAR[]", "VARCHAR", "VARCHAR", "BIGINT"], EXTRACT_STRUCT),
         ("dbd_annotate", do_annotate, ["VARCHAR[]", "VARCHAR"], ANNOTATE_STRUCT),
         ("dbd_register_model", do_register, ["VARCHAR", "VARCHAR", "VARCHAR"], "VARCHAR"),
