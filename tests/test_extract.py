@@ -95,7 +95,8 @@ def test_crash_mid_extraction_resumes_exactly(con):
     dbd.add_dataset(con, "snippets", TEXTS)
     crashing = planted_adapter(fail_after=2)
     dbd.register_model(con, "planted", crashing)
-    crashing.module.calls = 0                            # registration ran one forward pass
+    crashing.exits_early(["planted"])                    # the early-exit check's forward pass, once
+    crashing.module.calls = 0                            # registration and that check ran forward passes
     with pytest.raises(RuntimeError, match="simulated crash"):
         dbd.extract(con, "planted", ["planted"], "snippets", batch_size=4)
     done = con.sql("SELECT count(*) FROM behavior_records").fetchall()[0][0]
@@ -247,7 +248,8 @@ class CountingAdapter(CharAdapter):
     encoded = 0
 
     def encode(self, texts):
-        CountingAdapter.encoded += len(texts)
+        # records only: the early-exit check (ModelAdapter.exits_early) encodes the example text
+        CountingAdapter.encoded += sum(t != self.example_text for t in texts)
         return super().encode(texts)
 
 
@@ -325,6 +327,7 @@ def test_a_crash_leaves_no_activations_without_symbols(con):
     dbd.add_dataset(con, "snippets", TEXTS)
     crashing = planted_adapter(fail_after=3)
     dbd.register_model(con, "planted", crashing)
+    crashing.exits_early(["planted"])                    # the early-exit check's forward pass, once
     crashing.module.calls = 0
     with pytest.raises(RuntimeError, match="simulated crash"):
         dbd.inspect(con, "planted", ["planted"], ["digit"], "snippets", batch_size=4, keep_activations=True)

@@ -27,7 +27,7 @@ import torch
 
 from .. import store
 from ..errors import ActivationError, DeepBaseError, EmptyDatasetError
-from ..extraction.hooks import Retain
+from ..extraction.hooks import Retain, run_until_retained
 from ..progress import progress_bar
 from .memory import caps_store_memory, release_freed_memory
 
@@ -224,7 +224,9 @@ def forward_batches(session, adapter, model: str, layers, dataset, batches, symb
     SymbolWriter that stores the symbols of records not yet tokenised from each batch's encoding
     (``symbol_counts`` is then its counts). ``defer_check``: see batch_from_outputs."""
     with Retain(adapter.module, layers) as ret:
-        for ids, texts in batches_with_texts(session, dataset, batches):
+        for k, (ids, texts) in enumerate(batches_with_texts(session, dataset, batches)):
+            if k == 0:          # early exit (ModelAdapter.exits_early), checked only when the model runs
+                ret.stop_when_complete = adapter.exits_early(layers)
             yield forward_batch(adapter, ret, model, layers, dataset, ids, [texts[r] for r in ids], symbol_counts,
                                 symbols, defer_check)
 
@@ -260,7 +262,7 @@ def forward_batch(adapter, ret: Retain, model: str, layers, dataset: str, ids, t
     after the forward is launched, so that on CUDA this host work overlaps the device's."""
     enc = adapter.encode(texts)
     ret.clear()
-    adapter.forward(enc)
+    run_until_retained(adapter, enc, ret)
     if symbols is not None:
         symbols.add(ids, enc)
     return batch_from_outputs(adapter, ret.outputs, enc, model, layers, dataset, ids, symbol_counts, texts,

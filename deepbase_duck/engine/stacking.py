@@ -22,7 +22,7 @@ import copy
 import torch
 
 from ..errors import DeepBaseError
-from ..extraction.hooks import Retain
+from ..extraction.hooks import Retain, run_until_retained
 from .extract import batch_from_outputs
 
 
@@ -110,8 +110,8 @@ class StackedForward:
     def _sequential(self, enc) -> dict:
         out = {}
         for name, adapter in self.adapters.items():
-            with Retain(adapter.module, self.layers) as ret:
-                adapter.forward(enc)
+            with Retain(adapter.module, self.layers, stop_when_complete=adapter.exits_early(self.layers)) as ret:
+                run_until_retained(adapter, enc, ret)
                 out[name] = dict(ret.outputs)
         return out
 

@@ -116,6 +116,12 @@ class ModelAdapter:
     # matrix products on Ampere and later GPUs); None leaves torch's global switches alone. The
     # query's ``params`` record it ("tf32").
     tf32: bool | None = False
+    # A scan needs a forward pass only up to the last layer it reads: with early exit it stops
+    # there (a char-LSTM's decoder head, a transformer's upper layers are not run). That is right
+    # when each read layer runs once per forward pass; None checks this with one forward pass over
+    # ``example_text`` per set of layers (a module shared across depths, or called per time step,
+    # runs more often and turns early exit off); False never exits early, True always does.
+    early_exit: bool | None = None
 
     def __init__(self, module: torch.nn.Module, device: str | torch.device | None = None):
         self.module = module.eval()
@@ -133,6 +139,29 @@ class ModelAdapter:
     @property
     def architecture(self) -> str:
         return type(self.module).__name__
+
+    def exits_early(self, layers) -> bool:
+        """Whether a scan reading ``layers`` may stop the forward pass once they have all given
+        their outputs (``early_exit``; None: each of them ran exactly once in a forward pass over
+        two copies of ``example_text``, cached per set of layers)."""
+        if self.early_exit is not None:
+            return bool(self.early_exit)
+        from .hooks import resolve_modules
+        key = tuple(sorted(layers))
+        cache = self.__dict__.setdefault("_exit_checks", {})
+        if key not in cache:
+            calls = dict.fromkeys(key, 0)
+            handles = [m.register_forward_hook(lambda *_, n=n: calls.__setitem__(n, calls[n] + 1))
+                       for n, m in resolve_modules(self.module, key).items()]
+            try:
+                self.forward(self.encode([self.example_text, self.example_text]))
+                cache[key] = all(c == 1 for c in calls.values())
+            except Exception:                 # the scan itself will report a failing model
+                cache[key] = False
+            finally:
+                for h in handles:
+                    h.remove()
+        return cache[key]
 
     # -- the three questions ----------------------------------------------------------------
     def encode(self, texts: list[str]) -> Encoded:  # pragma: no cover - abstract

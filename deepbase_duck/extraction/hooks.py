@@ -38,12 +38,23 @@ def first_tensor(output):
     return None
 
 
-class Retain:
-    """Keep the latest output of each named module; ``detach`` by default."""
+class StopForward(Exception):
+    """Raised by a ``Retain(..., stop_when_complete=True)`` hook once every named module has given
+    its output: the rest of the forward pass (later layers, a decoder head) is not needed.
+    ``run_until_retained`` catches it."""
 
-    def __init__(self, model: torch.nn.Module, layers, detach: bool = True):
+
+class Retain:
+    """Keep the latest output of each named module; ``detach`` by default. With
+    ``stop_when_complete`` a forward pass run through ``run_until_retained`` is cut short
+    (``StopForward``) as soon as every named module has given an output, which is right only when each of them runs once per forward pass
+    (``ModelAdapter.exits_early`` checks that)."""
+
+    def __init__(self, model: torch.nn.Module, layers, detach: bool = True, stop_when_complete: bool = False):
         self.modules = resolve_modules(model, layers)
         self.detach = detach
+        self.stop_when_complete = stop_when_complete
+        self.armed = False            # stops only the forward pass run for it (run_until_retained)
         self.outputs: dict[str, torch.Tensor | None] = {}
         self._handles = []
 
@@ -51,6 +62,8 @@ class Retain:
         def hook(module, inputs, output):
             t = first_tensor(output)
             self.outputs[name] = t.detach() if (t is not None and self.detach) else t
+            if self.armed and self.stop_when_complete and len(self.outputs) == len(self.modules):
+                raise StopForward
         return hook
 
     def __enter__(self):
@@ -72,3 +85,16 @@ class Retain:
 
     def clear(self):
         self.outputs.clear()
+
+
+def run_until_retained(adapter, encoded, ret: Retain) -> None:
+    """``adapter.forward(encoded)`` for ``ret``: with ``ret.stop_when_complete`` it ends, without
+    error, once ``ret`` holds every output. Other Retains on the same modules (another model
+    sharing them, or one whose stream is paused) record but never stop this pass."""
+    ret.armed = True
+    try:
+        adapter.forward(encoded)
+    except StopForward:
+        pass
+    finally:
+        ret.armed = False
