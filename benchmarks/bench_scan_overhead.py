@@ -110,12 +110,16 @@ def main():
                          "with seeded random weights instead of the published ones")
     ap.add_argument("--hypotheses", nargs="+", default=None,
                     help="default: upos (minilm), the five code hypotheses (charlstm)")
+    ap.add_argument("--layers", nargs="+", default=None,
+                    help="the layers the scan reads (default: the workload's); the bare forward runs the "
+                         "whole model, as a study script does")
     a = ap.parse_args()
     from bench_baseline import limit_threads
     limit_threads(a.threads)
     records = a.records or (2000 if a.model == "minilm" else 1_000_000)
     batch = a.batch_size or (32 if a.model == "minilm" else 16)
     recs, name, layers, hyps, make = workload(a.model, records, a.device, a.random_minilm, a.hypotheses)
+    layers = a.layers or layers
     texts = [r["text"] for r in recs]
     adapter = make()
     print(f"{a.model}: {len(recs)} records, {sum(map(len, texts))} characters, layers {', '.join(layers)}, "
