@@ -297,3 +297,28 @@ def test_wordpiece_encoding_through_the_rust_tokenizer_equals_the_tokenizer_call
                 assert a.dtype == b.dtype and np.array_equal(a, b), field
         assert fast.tokens == call.tokens
     assert max(len(i) for i in minilm.encode(edge).index) == minilm.max_length - 2     # truncated
+
+
+def test_minilm_exits_after_the_layer_it_reads(minilm):
+    """Reading encoder.layer.1 runs neither the upper layers nor the pooler; the stored
+    activations equal those of the whole forward pass."""
+    from deepbase_duck.models.zoo import minilm as load
+    whole = load()
+    whole.early_exit = False
+    assert minilm.exits_early(["encoder.layer.1"]) and minilm.exits_early(["encoder.layer.1", "encoder.layer.5"])
+    ran = []
+    hook = minilm.module.encoder.layer[2].register_forward_hook(lambda *_: ran.append(2))
+    con = dbd.connect(None, progress=False)
+    try:
+        dbd.register_model(con, "early", minilm)
+        dbd.register_model(con, "whole", whole)
+        dbd.add_dataset(con, "ptb", ptb_sentences("train")[:12])
+        ran.clear()
+        views = [dbd.extract(con, m, ["encoder.layer.1"], "ptb", batch_size=4)[0]["view"] for m in ("early", "whole")]
+        assert ran == []
+        a, b = (con.sql(f"SELECT record_id, pos, act FROM {v} ORDER BY record_id, pos").fetchall() for v in views)
+        assert [r[:2] for r in a] == [r[:2] for r in b] and len(a) > 100
+        np.testing.assert_allclose(np.array([r[2] for r in a]), np.array([r[2] for r in b]), rtol=0, atol=1e-6)
+    finally:
+        hook.remove()
+        dbd.close(con)
