@@ -60,8 +60,9 @@ def compare_layers(session, groups, dataset: str, record_ids=None, limit=None, b
     adapters = {m: session.adapter(m) for m in by_model}
     # symbols come from the first model's forward batches (one tokenisation for all: checked above);
     # the streams are advanced in order, so each batch's symbols are counted before the next model's
-    counts = stored_symbol_counts(session, dataset, next(iter(toks.values())))
-    symbols = SymbolWriter(session, next(iter(toks.values())), dataset, counts)
+    tokenization = next(iter(toks.values()))
+    counts = stored_symbol_counts(session, dataset, tokenization)
+    symbols = SymbolWriter(session, tokenization, dataset, counts)
     blocks = plan_batches(session, dataset, ids, batch_size)
     streams = {m: forward_batches(session, adapters[m], m, by_model[m], dataset, blocks, counts,
                                   symbols if k == 0 else None) for k, m in enumerate(by_model)}
