@@ -59,10 +59,11 @@ def adapter(shared=False, early_exit=None):
 def test_retain_stops_once_every_layer_has_given_its_output():
     ad = adapter()
     enc = ad.encode(TEXTS[:3])
+    assert ad.exits_early(["a", "b"])                    # its one checking forward pass, before counting
     with Retain(ad.module, ["a", "b"]) as full:
         ad.forward(enc)
     calls = ad.module.head.calls
-    with Retain(ad.module, ["a", "b"], stop_when_complete=True) as ret:
+    with Retain(ad.module, ["a", "b"]) as ret:
         ad.forward(enc)                                  # not run for it: not stopped
         assert ad.module.head.calls == calls + 1
         ret.clear()

@@ -224,9 +224,7 @@ def forward_batches(session, adapter, model: str, layers, dataset, batches, symb
     SymbolWriter that stores the symbols of records not yet tokenised from each batch's encoding
     (``symbol_counts`` is then its counts). ``defer_check``: see batch_from_outputs."""
     with Retain(adapter.module, layers) as ret:
-        for k, (ids, texts) in enumerate(batches_with_texts(session, dataset, batches)):
-            if k == 0:          # early exit (ModelAdapter.exits_early), checked only when the model runs
-                ret.stop_when_complete = adapter.exits_early(layers)
+        for ids, texts in batches_with_texts(session, dataset, batches):
             yield forward_batch(adapter, ret, model, layers, dataset, ids, [texts[r] for r in ids], symbol_counts,
                                 symbols, defer_check)
 
@@ -261,7 +259,6 @@ def forward_batch(adapter, ret: Retain, model: str, layers, dataset: str, ids, t
     workers (engine/ray_engine.py). ``symbols``: see forward_batches; the symbols are handed to it
     after the forward is launched, so that on CUDA this host work overlaps the device's."""
     enc = adapter.encode(texts)
-    ret.clear()
     run_until_retained(adapter, enc, ret)
     if symbols is not None:
         symbols.add(ids, enc)

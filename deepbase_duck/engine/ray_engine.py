@@ -130,8 +130,7 @@ class BlockWorker:
         if self.ret is not None:
             self.ret.__exit__(None, None, None)
         self.plan, self.widths = plan, widths
-        self.ret = Retain(self.adapter.module, plan.layers,
-                          stop_when_complete=self.adapter.exits_early(plan.layers)).__enter__()
+        self.ret = Retain(self.adapter.module, plan.layers).__enter__()
         col_index = {c["name"]: j for j, c in enumerate(plan.label_columns)}
         self.take = {m: torch.as_tensor([col_index[c["name"]] for c in plan.columns[m]]) for m in plan.measures}
         return self.ready()

@@ -110,7 +110,7 @@ class StackedForward:
     def _sequential(self, enc) -> dict:
         out = {}
         for name, adapter in self.adapters.items():
-            with Retain(adapter.module, self.layers, stop_when_complete=adapter.exits_early(self.layers)) as ret:
+            with Retain(adapter.module, self.layers) as ret:
                 run_until_retained(adapter, enc, ret)
                 out[name] = dict(ret.outputs)
         return out

@@ -39,21 +39,20 @@ def first_tensor(output):
 
 
 class StopForward(Exception):
-    """Raised by a ``Retain(..., stop_when_complete=True)`` hook once every named module has given
-    its output: the rest of the forward pass (later layers, a decoder head) is not needed.
-    ``run_until_retained`` catches it."""
+    """Raised by an armed Retain's hook once every named module has given its output: the rest of
+    the forward pass (later layers, a decoder head) is not needed. ``run_until_retained`` arms
+    the Retain and catches it."""
 
 
 class Retain:
-    """Keep the latest output of each named module; ``detach`` by default. With
-    ``stop_when_complete`` a forward pass run through ``run_until_retained`` is cut short
-    (``StopForward``) as soon as every named module has given an output, which is right only when each of them runs once per forward pass
-    (``ModelAdapter.exits_early`` checks that)."""
+    """Keep the latest output of each named module; ``detach`` by default. While ``armed`` (a
+    forward pass run through ``run_until_retained`` for a model whose named modules each run once
+    per pass) the pass is cut short (``StopForward``) as soon as every named module has given an
+    output."""
 
-    def __init__(self, model: torch.nn.Module, layers, detach: bool = True, stop_when_complete: bool = False):
+    def __init__(self, model: torch.nn.Module, layers, detach: bool = True):
         self.modules = resolve_modules(model, layers)
         self.detach = detach
-        self.stop_when_complete = stop_when_complete
         self.armed = False            # stops only the forward pass run for it (run_until_retained)
         self.outputs: dict[str, torch.Tensor | None] = {}
         self._handles = []
@@ -62,7 +61,7 @@ class Retain:
         def hook(module, inputs, output):
             t = first_tensor(output)
             self.outputs[name] = t.detach() if (t is not None and self.detach) else t
-            if self.armed and self.stop_when_complete and len(self.outputs) == len(self.modules):
+            if self.armed and len(self.outputs) == len(self.modules):
                 raise StopForward
         return hook
 
@@ -88,10 +87,14 @@ class Retain:
 
 
 def run_until_retained(adapter, encoded, ret: Retain) -> None:
-    """``adapter.forward(encoded)`` for ``ret``: with ``ret.stop_when_complete`` it ends, without
-    error, once ``ret`` holds every output. Other Retains on the same modules (another model
-    sharing them, or one whose stream is paused) record but never stop this pass."""
-    ret.armed = True
+    """``adapter.forward(encoded)`` for ``ret`` (its outputs cleared first), ended without error
+    once ``ret`` holds every output where the adapter allows early exit for those modules
+    (``ModelAdapter.exits_early``, checked once per set of layers). Other Retains on the same
+    modules (another model sharing them, or one whose stream is paused) record but never stop
+    this pass."""
+    exits = adapter.exits_early(list(ret.modules))     # (its first check runs a forward pass of its own)
+    ret.clear()
+    ret.armed = exits
     try:
         adapter.forward(encoded)
     except StopForward:
