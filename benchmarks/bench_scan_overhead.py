@@ -4,6 +4,7 @@ target: a full scan costs at most 1.15x the bare forward passes).
     .venv/bin/python benchmarks/bench_scan_overhead.py --model minilm --records 2000 --pairs 5
     .venv/bin/python benchmarks/bench_scan_overhead.py --model charlstm --records 1000000 --pairs 5
     python benchmarks/bench_scan_overhead.py --model charlstm --device cuda     # on a GPU machine
+    python benchmarks/bench_scan_overhead.py --model charlstm --device cuda --pipeline off   # serial loop
 
 On a shared machine two runs of the same work can differ by 30% (benchmarks/RESULTS.md), so a
 ratio taken from two runs minutes apart says little. This script measures the two sides as
@@ -81,8 +82,9 @@ def forward_seconds(adapter, texts: list[str], batch_size: int) -> float:
     return time.perf_counter() - t0
 
 
-def scan_seconds(records, name, make, layers, hyps, batch_size: int, device: str) -> float:
+def scan_seconds(records, name, make, layers, hyps, batch_size: int, device: str, pipeline=None) -> float:
     import deepbase_duck as dbd
+    from deepbase_duck.engine.inspect import LocalEngine
     with tempfile.TemporaryDirectory() as tmp:
         con = dbd.connect(os.path.join(tmp, "scan.duckdb"), progress=False)
         dbd.register_model(con, name, make())
@@ -90,7 +92,7 @@ def scan_seconds(records, name, make, layers, hyps, batch_size: int, device: str
         dbd.annotate(con, hyps, "d")
         t0 = time.perf_counter()
         dbd.inspect(con, name, layers, hyps, "d", measures=["corr"], batch_size=batch_size, reuse=False,
-                    device=device)
+                    device=device, engine=LocalEngine(pipeline=pipeline))
         seconds = time.perf_counter() - t0
         dbd.close(con)
     return seconds
@@ -113,7 +115,10 @@ def main():
     ap.add_argument("--layers", nargs="+", default=None,
                     help="the layers the scan reads (default: the workload's); the bare forward runs the "
                          "whole model, as a study script does")
+    ap.add_argument("--pipeline", choices=["auto", "on", "off"], default="auto",
+                    help="the scan's forward passes in a background thread (engine/prefetch.py): auto = on CUDA only")
     a = ap.parse_args()
+    pipeline = {"auto": None, "on": True, "off": False}[a.pipeline]
     from bench_baseline import limit_threads
     limit_threads(a.threads)
     records = a.records or (2000 if a.model == "minilm" else 1_000_000)
@@ -123,17 +128,18 @@ def main():
     texts = [r["text"] for r in recs]
     adapter = make()
     print(f"{a.model}: {len(recs)} records, {sum(map(len, texts))} characters, layers {', '.join(layers)}, "
-          f"hypotheses {', '.join(hyps)}, batch {batch}, threads {a.threads}, device {a.device}"
+          f"hypotheses {', '.join(hyps)}, batch {batch}, threads {a.threads}, device {a.device}, "
+          f"pipeline {a.pipeline}"
           + (" (random weights)" if a.random_minilm else ""))
     forward_seconds(adapter, texts[: max(1, len(texts) // 10)], batch)        # warm-up
-    scan_seconds(recs[: max(1, len(recs) // 10)], name, make, layers, hyps, batch, a.device)
+    scan_seconds(recs[: max(1, len(recs) // 10)], name, make, layers, hyps, batch, a.device, pipeline)
     ratios = []
     for p in range(a.pairs):
         if p % 2 == 0:
             f = forward_seconds(adapter, texts, batch)
-            s = scan_seconds(recs, name, make, layers, hyps, batch, a.device)
+            s = scan_seconds(recs, name, make, layers, hyps, batch, a.device, pipeline)
         else:
-            s = scan_seconds(recs, name, make, layers, hyps, batch, a.device)
+            s = scan_seconds(recs, name, make, layers, hyps, batch, a.device, pipeline)
             f = forward_seconds(adapter, texts, batch)
         ratios.append(s / f)
         print(f"  pair {p + 1} ({'forward first' if p % 2 == 0 else 'scan first'}): forward {f:.2f} s, "

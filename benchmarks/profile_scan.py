@@ -31,7 +31,9 @@ def main():
     ap.add_argument("--random-minilm", metavar="FOLDER", default=None)
     ap.add_argument("--hypotheses", nargs="+", default=None)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--top", type=int, default=25, help="functions to list by own time")
+    ap.add_argument("--top", type=int, default=25, help="functions to list")
+    ap.add_argument("--sort", choices=["tottime", "cumulative"], default="tottime",
+                    help="list functions by their own time (default) or with their callees'")
     a = ap.parse_args()
     from bench_baseline import limit_threads
     from bench_scan_overhead import forward_seconds, workload
@@ -55,7 +57,7 @@ def main():
         scan = time.perf_counter() - t0
         dbd.close(con)
     print(f"{a.model} on {a.device}: {len(records)} records; scan {scan:.2f} s (profiled), bare forward {fwd:.2f} s")
-    pstats.Stats(prof).sort_stats("tottime").print_stats(a.top)
+    pstats.Stats(prof).sort_stats(a.sort).print_stats(a.top)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ the catalog operations (register a model, add a dataset, look names up).
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import weakref
@@ -186,6 +187,15 @@ class Session:
         finally:
             self.con.unregister("__dbd_ids")
         return {int(k): v for k, v in rows}
+
+    def cursor_session(self) -> "Session":
+        """This session over a new cursor of its connection, for work in another thread (DuckDB
+        refuses concurrent calls on one connection): the same database, models and folders. Its
+        ``close()`` closes the cursor only."""
+        view = copy.copy(self)
+        view.con = self.con.cursor()
+        view.temporary_acts = False           # the folder stays with this session
+        return view
 
     def close(self):
         try:

@@ -11,7 +11,8 @@ import pytest
 
 import deepbase_duck as dbd
 from deepbase_duck import Hypothesis
-from deepbase_duck.engine.memory import memory_bytes, release_freed_memory, restore_memory_limit
+from deepbase_duck.engine.memory import (KEEP_FREE_HEAP, free_heap_bytes, memory_bytes, release_freed_memory,
+                                         restore_memory_limit)
 
 from conftest import TEXTS, planted_adapter
 
@@ -21,20 +22,42 @@ def rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc_trim")
-def test_freed_heap_holes_are_returned():
-    # many mid-sized blocks (below glibc's mmap threshold once it has grown), every other one
-    # kept: the freed ones stay resident as heap holes until trimmed
+def heap_holes(mb: int) -> list:
+    """Leave about ``mb`` MB of freed mid-sized blocks in the heap (below glibc's mmap
+    threshold once it has grown); returns the one block kept."""
     big = [np.ones(4 << 20, np.uint8) for _ in range(4)]       # raise the dynamic mmap threshold
     del big
-    blocks = [np.ones(2 << 20, np.uint8) for _ in range(120)]  # 240 MB from the heap
+    blocks = [np.ones(2 << 20, np.uint8) for _ in range(mb // 2)]
     keep = blocks[-1:]
     del blocks
+    return keep
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc_trim")
+def test_freed_heap_holes_are_returned():
+    keep = heap_holes(240)                                      # 240 MB of holes
     before = rss_mb()
-    assert release_freed_memory() is True
+    assert release_freed_memory(keep=0) is True                 # 0: trim whatever the heap holds
     after = rss_mb()
     assert before - after > 100, (before, after)
     assert keep[0].sum() == 2 << 20
+
+
+@pytest.mark.skipif(free_heap_bytes() is None, reason="glibc >= 2.33 (mallinfo2)")
+def test_a_block_end_keeps_a_bounded_free_heap():
+    # under the margin nothing is handed back (the next block reuses it without page faults);
+    # over it, the heap is trimmed: resident memory stays within the margin of what is used
+    keep = heap_holes(240)
+    free = free_heap_bytes()
+    assert free >= 200 << 20, free
+    before = rss_mb()
+    assert release_freed_memory(keep=free + (64 << 20)) is False
+    assert rss_mb() > before - 20
+    assert free_heap_bytes() >= 200 << 20
+    assert release_freed_memory(keep=64 << 20) is True
+    assert before - rss_mb() > 100
+    assert keep[0].sum() == 2 << 20
+    assert KEEP_FREE_HEAP == 256 << 20                          # the default margin (engine/memory.py)
 
 
 # -- DuckDB's buffer pool is capped while a scan writes to a file-backed store ------------------

@@ -59,6 +59,11 @@ def ensure_symbols(session, adapter, dataset: str, record_ids) -> dict[int, int]
     return {int(i): counts[int(i)] for i in ids}
 
 
+def _repeat(value: str, n: int) -> pa.Array:
+    """A string column of ``n`` copies of ``value``, built by Arrow (no Python list)."""
+    return pa.repeat(pa.scalar(value, pa.string()), n)
+
+
 class SymbolWriter:
     """Stores the symbols of records from an encoding already made: a scan that runs the model
     hands each forward batch's encoding here, so a record is tokenised once per scan (not once
@@ -87,8 +92,8 @@ class SymbolWriter:
         n, m = int(n_sym.sum()), len(rows)
         cat = lambda k: np.concatenate([p[k] for p in rows]) if n else np.zeros(0, np.int32)  # noqa: E731
         symbols = pa.table({
-            "dataset": pa.array([self.dataset] * n, pa.string()),
-            "tokenization": pa.array([self.tokenization] * n, pa.string()),
+            "dataset": _repeat(self.dataset, n),
+            "tokenization": _repeat(self.tokenization, n),
             "record_id": pa.array(np.repeat(np.asarray([p[0] for p in rows], np.int32), n_sym)),
             "pos": pa.array(np.concatenate([np.arange(k, dtype=np.int32) for k in n_sym]) if n else np.zeros(0, np.int32)),
             "start_char": pa.array(cat(1)),
@@ -96,8 +101,8 @@ class SymbolWriter:
             "token": pa.array([t for p in rows for t in p[3]], pa.string()),
         })
         marks = pa.table({
-            "dataset": pa.array([self.dataset] * m, pa.string()),
-            "tokenization": pa.array([self.tokenization] * m, pa.string()),
+            "dataset": _repeat(self.dataset, m),
+            "tokenization": _repeat(self.tokenization, m),
             "record_id": pa.array(np.asarray([p[0] for p in rows], np.int32)),
             "n_symbols": pa.array(n_sym),
         })
@@ -192,6 +197,7 @@ class Batch:
     chars: tuple | None = None        # (starts, ends): each symbol's characters, rows as acts (None: ask the store)
     texts: list | None = None         # the records' texts, in record_ids order (None: ask the store)
     pending: object = None            # a deferred finite check of acts (batch_from_outputs); verify() runs it
+    encoded: object = None            # the forward pass's Encoded, kept when the consumer stores the symbols
 
     def verify(self) -> "Batch":
         """Run the deferred check that every activation is finite (raises ActivationError)."""
@@ -217,16 +223,18 @@ def plan_batches(session, dataset: str, record_ids, batch_size: int) -> list[lis
 
 
 def forward_batches(session, adapter, model: str, layers, dataset, batches, symbol_counts, symbols=None,
-                    defer_check: bool = False):
+                    defer_check: bool = False, keep_encoding: bool = False):
     """Yield a Batch per forward pass: the activations of ``layers`` for each symbol. When
     ``batches`` is a list (a full scan), texts are read SYMBOL_CHUNK records per query; a
     generator (a progressive scan, which may stop) is read a batch at a time. ``symbols``: a
     SymbolWriter that stores the symbols of records not yet tokenised from each batch's encoding
-    (``symbol_counts`` is then its counts). ``defer_check``: see batch_from_outputs."""
+    (``symbol_counts`` is then its counts); or ``keep_encoding``: each Batch carries its encoding
+    (``Batch.encoded``) for the consumer to store them (the local engine, whose forward passes
+    may run in another thread). ``defer_check``: see batch_from_outputs."""
     with Retain(adapter.module, layers) as ret:
         for ids, texts in batches_with_texts(session, dataset, batches):
             yield forward_batch(adapter, ret, model, layers, dataset, ids, [texts[r] for r in ids], symbol_counts,
-                                symbols, defer_check)
+                                symbols, defer_check, keep_encoding)
 
 
 def batches_with_texts(session, dataset: str, batches):
@@ -253,7 +261,7 @@ def encoded_chars(enc, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def forward_batch(adapter, ret: Retain, model: str, layers, dataset: str, ids, texts: list[str],
-                  symbol_counts, symbols=None, defer_check: bool = False) -> Batch:
+                  symbol_counts, symbols=None, defer_check: bool = False, keep_encoding: bool = False) -> Batch:
     """One forward pass over the records ``ids`` (texts in the same order) with ``ret`` retaining
     ``layers``: their activations per symbol, checked. Shared by the local loop above and the Ray
     workers (engine/ray_engine.py). ``symbols``: see forward_batches; the symbols are handed to it
@@ -262,8 +270,11 @@ def forward_batch(adapter, ret: Retain, model: str, layers, dataset: str, ids, t
     run_until_retained(adapter, enc, ret)
     if symbols is not None:
         symbols.add(ids, enc)
-    return batch_from_outputs(adapter, ret.outputs, enc, model, layers, dataset, ids, symbol_counts, texts,
-                              defer_check)
+    batch = batch_from_outputs(adapter, ret.outputs, enc, model, layers, dataset, ids, symbol_counts, texts,
+                               defer_check)
+    if keep_encoding:
+        batch.encoded = enc
+    return batch
 
 
 def batch_from_outputs(adapter, outputs: dict, enc, model: str, layers, dataset: str, ids, symbol_counts,
@@ -275,19 +286,21 @@ def batch_from_outputs(adapter, outputs: dict, enc, model: str, layers, dataset:
     a CUDA forward pass to finish, runs at ``Batch.verify()`` instead: the consumer does its host
     work (the batch's labels) first, while the device computes."""
     acts = {}
+    # records met for the first time count the symbols of this very encoding (their symbols are
+    # stored from it, by the consumer when the forward passes run in another thread)
+    n_symbols = np.asarray([symbol_counts.get(int(r), len(enc.starts[b])) for b, r in enumerate(ids)])
     for layer in layers:
         out = outputs.get(layer)
         per_record = adapter.symbol_activations(layer, out, enc)
-        for r, a in zip(ids, per_record):
-            if a.shape[0] != symbol_counts[r]:
+        for r, a, n in zip(ids, per_record, n_symbols):
+            if a.shape[0] != n:
                 raise ActivationError(
                     f"model {model!r} layer {layer!r}: record {r} gave {a.shape[0]} activation rows "
-                    f"for {symbol_counts[r]} symbols")
+                    f"for {n} symbols")
         x = torch.cat(per_record, 0) if per_record else torch.zeros(0, 1)
         if x.dim() != 2:
             raise ActivationError(f"model {model!r} layer {layer!r}: activations of shape {tuple(x.shape)}")
         acts[layer] = x
-    n_symbols = np.asarray([symbol_counts[r] for r in ids])
 
     def check():
         for layer, x in acts.items():

@@ -35,6 +35,7 @@ from ..hypotheses.store import annotate, missing_records, resolve
 from ..inspectors.base import SCORE_SCHEMA, measure_class
 from ..progress import progress_bar
 from .memory import caps_store_memory, release_freed_memory
+from .prefetch import prefetched
 from .labels import LabelStream, LabelSupport, block_labels  # noqa: F401  (block_labels: public here too)
 from .extract import (Batch, SymbolWriter, cleanup_orphans, done_records, ensure_symbols, find_behavior,
                       forward_batches, get_or_create_behavior, plan_batches, store_batch, stored_symbol_counts)
@@ -590,9 +591,22 @@ def _finite(v: float) -> float | None:
 
 
 class LocalEngine:
-    """Runs a plan in this process: one loop over blocks, updating every state."""
+    """Runs a plan in this process: one loop over blocks, updating every state.
+
+    ``pipeline``: run the forward passes in a background thread, one batch ahead of the loop
+    (engine/prefetch.py), so that a GPU computes batch k+1 while the host labels and scores
+    batch k. None (the default) does so where the model runs on CUDA; True or False forces it.
+    The scores, records read and stored rows are the same either way (tests/test_prefetch.py)."""
 
     name = "local"
+
+    def __init__(self, pipeline: bool | None = None):
+        self.pipeline = pipeline
+
+    def pipelined(self, adapter) -> bool:
+        if self.pipeline is not None:
+            return bool(self.pipeline)
+        return torch.device(adapter.device).type == "cuda"
 
     def run(self, session, plan: Plan, progress=None) -> dict:
         mrow = session.model_row(plan.model)
@@ -614,7 +628,7 @@ class LocalEngine:
         counts = stored_symbol_counts(session, plan.dataset, tokenization)
         # records met by a forward pass for the first time: their symbols come from its encoding
         symbols = SymbolWriter(session, tokenization, plan.dataset, counts)
-        sources, windows, keep, order = [], [], None, []
+        sources, windows, keep, order, closers = [], [], None, [], []
         if len(covered):                          # stored activations: the model does not run for them
             blocks = stored_part_blocks(session, plan, behaviors, covered)
             if progressive:                       # stored parts in a seeded order (a cluster sample)
@@ -631,8 +645,16 @@ class LocalEngine:
                 block_ids, w = seeded_windows(session, plan)
                 windows += w
             order += [r for ids in block_ids for r in ids]
-            sources.append(forward_batches(session, adapter, plan.model, plan.layers, plan.dataset, block_ids, counts,
-                                           symbols, defer_check=True))
+            # the consumer stores each batch's symbols from its encoding (Batch.encoded)
+            if self.pipelined(adapter):           # forward passes in a thread, reading through a cursor
+                reader = session.cursor_session()
+                sources.append(prefetched(lambda: forward_batches(
+                    reader, adapter, plan.model, plan.layers, plan.dataset, block_ids, counts, defer_check=True,
+                    keep_encoding=True)))
+                closers.append(reader.close)
+            else:
+                sources.append(forward_batches(session, adapter, plan.model, plan.layers, plan.dataset, block_ids,
+                                               counts, defer_check=True, keep_encoding=True))
             keep = (KeepActivations(session, plan, mrow["checksum"], tokenization, widths, symbols)
                     if plan.keep_activations else None)
         source = itertools.chain(*sources)
@@ -654,7 +676,10 @@ class LocalEngine:
         window_scores = {k: [] for k in states}
         try:
             for i, batch in enumerate(source, 1):
-                # the labels first: on CUDA the batch's forward pass is still running meanwhile
+                # symbols and labels first: on CUDA the batch's forward pass is still running meanwhile
+                if batch.encoded is not None:
+                    symbols.add(batch.record_ids, batch.encoded)
+                    batch.encoded = None
                 y = labels.next(batch.record_ids, batch.chars, batch.texts)
                 batch.verify()
                 if keep is not None:
@@ -676,6 +701,10 @@ class LocalEngine:
         finally:
             bar.close()
             failed = sys.exc_info()[0] is not None
+            for src in sources:                   # a prefetching producer stops (and its thread ends) here
+                src.close()
+            for close in closers:
+                close()
             symbols.close(failed=failed)
             labels.close(failed=failed)
         used = sorted(set(used))

@@ -115,14 +115,16 @@ class LabelStream:
                               "AND list_contains(?, hypothesis || chr(0) || version) "
                               "ORDER BY hypothesis, record_id, start_char",
                               [self.plan.dataset, fetch, keys])
-            hyp = np.asarray(t.column(0).to_pylist(), dtype=object)
+            names = t.column(0).combine_chunks().dictionary_encode()     # a code per row, not a str
+            hyp = names.indices.to_numpy(zero_copy_only=False)
+            name_of = names.dictionary.to_pylist()
             rec = t.column(1).to_numpy().astype(np.int64)
             st, en = t.column(2).to_numpy().astype(np.int64), t.column(3).to_numpy().astype(np.int64)
             v = t.column(4).to_numpy(zero_copy_only=False).astype(np.float64)
             if len(rec):
                 cut = np.flatnonzero((hyp[1:] != hyp[:-1]) | (rec[1:] != rec[:-1])) + 1
                 for lo, hi in zip(np.r_[0, cut], np.r_[cut, len(rec)]):
-                    self.cache[(hyp[lo], int(rec[lo]))] = (st[lo:hi], en[lo:hi], v[lo:hi])
+                    self.cache[(name_of[hyp[lo]], int(rec[lo]))] = (st[lo:hi], en[lo:hi], v[lo:hi])
             self.fetched.update(fetch)
         out = {}
         for r in ids.tolist():

@@ -1,7 +1,7 @@
 """Keep a scan's resident memory flat as the corpus grows.
 
-Three parts: freed heap memory goes back to the operating system after every block
-(``release_freed_memory``), DuckDB's buffer pool is capped while a scan writes to a
+Three parts: freed heap memory beyond a fixed margin goes back to the operating system at block
+ends (``release_freed_memory``), DuckDB's buffer pool is capped while a scan writes to a
 file-backed store (``capped_store_memory``), and torch's oneDNN kernel cache is bounded
 (``bound_onednn_cache``).
 
@@ -11,11 +11,14 @@ A scan allocates and frees tensors of a different size at every block (records a
 length, so sizes grow through a full scan). glibc's allocator raises its mmap threshold after
 large frees and then serves such tensors from the heap, whose free holes it keeps: the process's
 resident memory creeps up with the number of blocks although every block's memory is freed.
-``malloc_trim(0)`` after each block returns those holes. Measured on the 1M-character char-LSTM
-scan: peak RSS 877 MB without, 637 MB with (benchmarks/RESULTS.md). A call walks the heap (about
-7 ms late in a 3M-character scan, 2.5% of its time); trimming at most once a second was tried
-and kept the time within noise while the peak rose to 696 MB (670 MB at 0.3 s), so every block
-trims.
+``malloc_trim(0)`` returns those holes (measured on the 1M-character char-LSTM scan: peak RSS
+877 MB without, 637 MB with; benchmarks/RESULTS.md). But memory handed back is memory the next
+block faults in again, page by page: trimming after every block cost the 300k-character
+char-LSTM scan about 280,000 extra page faults and 0.5-0.8 s of its 7-8 s. So a block end trims
+only when the heap holds more than ``KEEP_FREE_HEAP`` bytes of free memory (glibc's
+``mallinfo2``, about 1 ms): resident memory stays within a fixed margin of what the scan uses,
+whatever the corpus size, and a scan whose free heap stays under the margin faults in no
+memory twice. A call walks the heap (about 7 ms late in a 3M-character scan).
 Elsewhere than glibc (macOS, musl, Windows) this is a no-op.
 """
 from __future__ import annotations
@@ -34,22 +37,48 @@ from ..errors import DeepBaseError
 
 #: DuckDB memory limit while a scan writes to a file-backed store (``connect(scan_memory_limit=)``).
 SCAN_MEMORY_LIMIT = "128MB"
+#: Free heap bytes a block end leaves in place (``release_freed_memory``): more is trimmed.
+KEEP_FREE_HEAP = 256 << 20
 #: oneDNN primitive-cache entries unless ONEDNN_PRIMITIVE_CACHE_CAPACITY is set (oneDNN's default: 1024).
 ONEDNN_CACHE_CAPACITY = "64"
 
-_trim = None
+_trim = _mallinfo2 = None
 if sys.platform.startswith("linux"):
     try:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         _trim = getattr(_libc, "malloc_trim", None)
+        _mallinfo2 = getattr(_libc, "mallinfo2", None)       # glibc >= 2.33
     except OSError:                       # pragma: no cover - no loadable C library
         _trim = None
 
 
-def release_freed_memory() -> bool:
-    """Return the heap's free memory to the OS (glibc); True when it could try."""
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+if _mallinfo2 is not None:
+    _mallinfo2.restype = _MallInfo2
+    _mallinfo2.argtypes = []
+
+
+def free_heap_bytes() -> int | None:
+    """Bytes of free memory the heap holds (glibc's mallinfo2 ``fordblks``); None where unknown."""
+    return None if _mallinfo2 is None else int(_mallinfo2().fordblks)
+
+
+def release_freed_memory(keep: int | None = None) -> bool:
+    """Return the heap's free memory to the OS (glibc) when it holds more than ``keep`` bytes
+    (default ``KEEP_FREE_HEAP``; 0: always). Where the free amount cannot be read (glibc
+    before 2.33) it always trims. True when it trimmed."""
     if _trim is None:
         return False
+    keep = KEEP_FREE_HEAP if keep is None else keep
+    if keep > 0:
+        free = free_heap_bytes()
+        if free is not None and free <= keep:
+            return False
     _trim(0)
     return True
 
