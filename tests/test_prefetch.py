@@ -6,6 +6,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 import deepbase_duck as dbd
 from deepbase_duck.engine.inspect import LocalEngine
@@ -179,7 +180,16 @@ def test_a_model_error_in_the_thread_is_raised_and_the_store_stays_consistent(co
     assert t.num_rows > 0
 
 
-def test_the_pipeline_is_on_by_default_only_on_cuda():
+def test_the_pipeline_is_on_by_default_only_on_cuda_without_tf32():
     eng = LocalEngine()
-    assert eng.pipelined(planted_adapter()) is False              # a CPU model
-    assert LocalEngine(pipeline=True).pipelined(planted_adapter()) is True
+    cpu = planted_adapter()
+    assert eng.pipelined(cpu) is False                            # a CPU model
+    assert LocalEngine(pipeline=True).pipelined(cpu) is True
+    # the decision reads the adapter's device and TF32 choice (no CUDA needed to check it)
+    fake = type("FakeCuda", (), {"device": torch.device("cuda", 0), "tf32": False})()
+    assert eng.pipelined(fake) is True
+    fake.tf32 = True                                              # process-wide TF32 switches: serial
+    assert eng.pipelined(fake) is False
+    fake.tf32 = None                                              # torch's switches left alone
+    assert eng.pipelined(fake) is True
+    assert LocalEngine(pipeline=False).pipelined(fake) is False

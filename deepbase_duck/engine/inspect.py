@@ -595,8 +595,11 @@ class LocalEngine:
 
     ``pipeline``: run the forward passes in a background thread, one batch ahead of the loop
     (engine/prefetch.py), so that a GPU computes batch k+1 while the host labels and scores
-    batch k. None (the default) does so where the model runs on CUDA; True or False forces it.
-    The scores, records read and stored rows are the same either way (tests/test_prefetch.py)."""
+    batch k. None (the default) does so where the model runs on CUDA, unless the adapter opts in
+    to TF32 (``tf32=True``): its forward pass switches torch's process-wide TF32 flags on, and a
+    float32 product of the inspectors running meanwhile in this thread would take them too.
+    True or False forces it. The scores, records read and stored rows are the same either way
+    (tests/test_prefetch.py)."""
 
     name = "local"
 
@@ -606,7 +609,7 @@ class LocalEngine:
     def pipelined(self, adapter) -> bool:
         if self.pipeline is not None:
             return bool(self.pipeline)
-        return torch.device(adapter.device).type == "cuda"
+        return torch.device(adapter.device).type == "cuda" and getattr(adapter, "tf32", False) is not True
 
     def run(self, session, plan: Plan, progress=None) -> dict:
         mrow = session.model_row(plan.model)
