@@ -631,7 +631,7 @@ class LocalEngine:
         counts = stored_symbol_counts(session, plan.dataset, tokenization)
         # records met by a forward pass for the first time: their symbols come from its encoding
         symbols = SymbolWriter(session, tokenization, plan.dataset, counts)
-        sources, windows, keep, order, closers = [], [], None, [], []
+        sources, windows, keep, order = [], [], None, []
         if len(covered):                          # stored activations: the model does not run for them
             blocks = stored_part_blocks(session, plan, behaviors, covered)
             if progressive:                       # stored parts in a seeded order (a cluster sample)
@@ -649,12 +649,15 @@ class LocalEngine:
                 windows += w
             order += [r for ids in block_ids for r in ids]
             # the consumer stores each batch's symbols from its encoding (Batch.encoded)
-            if self.pipelined(adapter):           # forward passes in a thread, reading through a cursor
-                reader = session.cursor_session()
-                sources.append(prefetched(lambda: forward_batches(
-                    reader, adapter, plan.model, plan.layers, plan.dataset, block_ids, counts, defer_check=True,
-                    keep_encoding=True)))
-                closers.append(reader.close)
+            if self.pipelined(adapter):           # forward passes in a thread, reading through its own cursor
+                def produce():
+                    reader = session.cursor_session()
+                    try:
+                        yield from forward_batches(reader, adapter, plan.model, plan.layers, plan.dataset, block_ids,
+                                                   counts, defer_check=True, keep_encoding=True)
+                    finally:
+                        reader.close()
+                sources.append(prefetched(produce))
             else:
                 sources.append(forward_batches(session, adapter, plan.model, plan.layers, plan.dataset, block_ids,
                                                counts, defer_check=True, keep_encoding=True))
@@ -706,8 +709,6 @@ class LocalEngine:
             failed = sys.exc_info()[0] is not None
             for src in sources:                   # a prefetching producer stops (and its thread ends) here
                 src.close()
-            for close in closers:
-                close()
             symbols.close(failed=failed)
             labels.close(failed=failed)
         used = sorted(set(used))
