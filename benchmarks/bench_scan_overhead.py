@@ -5,6 +5,8 @@ target: a full scan costs at most 1.15x the bare forward passes).
     .venv/bin/python benchmarks/bench_scan_overhead.py --model charlstm --records 1000000 --pairs 5
     python benchmarks/bench_scan_overhead.py --model charlstm --device cuda     # on a GPU machine
     python benchmarks/bench_scan_overhead.py --model charlstm --device cuda --pipeline off   # serial loop
+    python benchmarks/bench_scan_overhead.py --model charlstm --device cuda --what extract --pipeline on
+    python benchmarks/bench_scan_overhead.py --model charlstm --device cuda --what checkpoints --pipeline on
 
 On a shared machine two runs of the same work can differ by 30% (benchmarks/RESULTS.md), so a
 ratio taken from two runs minutes apart says little. This script measures the two sides as
@@ -17,7 +19,11 @@ every pair's ratio with their median and range:
             file-backed store whose labels were stored beforehand (``dbd.annotate``, before the
             clock, as on labelled data); timed over ``inspect`` alone: symbols (tokenised once,
             from the forward passes' encodings), label alignment, forward passes, the
-            correlation states, the scores written, the closing checkpoint.
+            correlation states, the scores written, the closing checkpoint;
+  extract   (``--what extract``) ``dbd.extract`` of the same layers instead of the scan: the
+            symbols and the activations' Parquet parts written;
+  checkpoints (``--what checkpoints``, charlstm) the early, mid and final checkpoints scanned
+            together (``dbd.inspect`` of the three), against the three models' forward passes.
 
 Workloads: ``minilm`` = bench_baseline_minilm.py's (all-MiniLM-L6-v2, three layers, spaCy UPOS,
 ``--records`` PTB training sentences); ``charlstm`` = bench_baseline.py's (the bundled
@@ -82,17 +88,35 @@ def forward_seconds(adapter, texts: list[str], batch_size: int) -> float:
     return time.perf_counter() - t0
 
 
-def scan_seconds(records, name, make, layers, hyps, batch_size: int, device: str, pipeline=None) -> float:
+CHECKPOINTS = ("early", "mid", "final")
+
+
+def scan_seconds(records, name, make, layers, hyps, batch_size: int, device: str, pipeline=None,
+                 what: str = "scan") -> float:
+    """Seconds of the engine's work over ``records`` on a fresh file-backed store: ``scan`` (one
+    model's corr scan), ``extract`` (storing the layers' activations as Parquet), or
+    ``checkpoints`` (the char-LSTM's three checkpoints scanned together)."""
     import deepbase_duck as dbd
     from deepbase_duck.engine.inspect import LocalEngine
     with tempfile.TemporaryDirectory() as tmp:
         con = dbd.connect(os.path.join(tmp, "scan.duckdb"), progress=False)
-        dbd.register_model(con, name, make())
+        if what == "checkpoints":
+            from deepbase_duck.models.zoo import charlstm
+            names = list(CHECKPOINTS)
+            for c in names:
+                dbd.register_model(con, c, charlstm(c, device=device))
+        else:
+            names = name
+            dbd.register_model(con, name, make())
         dbd.add_dataset(con, "d", records)
         dbd.annotate(con, hyps, "d")
         t0 = time.perf_counter()
-        dbd.inspect(con, name, layers, hyps, "d", measures=["corr"], batch_size=batch_size, reuse=False,
-                    device=device, engine=LocalEngine(pipeline=pipeline))
+        if what == "extract":
+            dbd.extract(con, name, layers, "d", batch_size=batch_size, pipeline=pipeline)
+        else:
+            dbd.inspect(con, names, layers, hyps, "d", measures=["corr"], batch_size=batch_size, reuse=False,
+                        device=device, engine=LocalEngine(pipeline=pipeline))
+        synchronize(device)
         seconds = time.perf_counter() - t0
         dbd.close(con)
     return seconds
@@ -117,7 +141,13 @@ def main():
                          "whole model, as a study script does")
     ap.add_argument("--pipeline", choices=["auto", "on", "off"], default="auto",
                     help="the scan's forward passes in a background thread (engine/prefetch.py): auto = on CUDA only")
+    ap.add_argument("--what", choices=["scan", "extract", "checkpoints"], default="scan",
+                    help="the engine's work timed against the bare forward passes: a corr scan (default), an "
+                         "extraction of the layers, or (charlstm) three checkpoints scanned together, against "
+                         "three models' forward passes")
     a = ap.parse_args()
+    if a.what == "checkpoints" and a.model != "charlstm":
+        ap.error("--what checkpoints scans the char-LSTM's checkpoints: use --model charlstm")
     pipeline = {"auto": None, "on": True, "off": False}[a.pipeline]
     from bench_baseline import limit_threads
     limit_threads(a.threads)
@@ -129,23 +159,34 @@ def main():
     adapter = make()
     print(f"{a.model}: {len(recs)} records, {sum(map(len, texts))} characters, layers {', '.join(layers)}, "
           f"hypotheses {', '.join(hyps)}, batch {batch}, threads {a.threads}, device {a.device}, "
-          f"pipeline {a.pipeline}"
+          f"pipeline {a.pipeline}, timing {a.what}"
           + (" (random weights)" if a.random_minilm else ""))
-    forward_seconds(adapter, texts[: max(1, len(texts) // 10)], batch)        # warm-up
-    scan_seconds(recs[: max(1, len(recs) // 10)], name, make, layers, hyps, batch, a.device, pipeline)
+    models = [adapter]
+    if a.what == "checkpoints":                  # the forward side: each checkpoint's own passes
+        from deepbase_duck.models.zoo import charlstm
+        models = [charlstm(c, device=a.device) for c in CHECKPOINTS]
+
+    def forward(part):
+        return sum(forward_seconds(m, part, batch) for m in models)
+
+    def work(part):
+        return scan_seconds(part, name, make, layers, hyps, batch, a.device, pipeline, a.what)
+
+    forward(texts[: max(1, len(texts) // 10)])                                 # warm-up
+    work(recs[: max(1, len(recs) // 10)])
     ratios = []
     for p in range(a.pairs):
         if p % 2 == 0:
-            f = forward_seconds(adapter, texts, batch)
-            s = scan_seconds(recs, name, make, layers, hyps, batch, a.device, pipeline)
+            f = forward(texts)
+            s = work(recs)
         else:
-            s = scan_seconds(recs, name, make, layers, hyps, batch, a.device, pipeline)
-            f = forward_seconds(adapter, texts, batch)
+            s = work(recs)
+            f = forward(texts)
         ratios.append(s / f)
-        print(f"  pair {p + 1} ({'forward first' if p % 2 == 0 else 'scan first'}): forward {f:.2f} s, "
-              f"scan {s:.2f} s, scan / forward {s / f:.3f}", flush=True)
-    print(f"scan / forward: median {statistics.median(ratios):.3f}, min {min(ratios):.3f}, max {max(ratios):.3f} "
-          f"over {len(ratios)} pairs")
+        print(f"  pair {p + 1} ({'forward first' if p % 2 == 0 else a.what + ' first'}): forward {f:.2f} s, "
+              f"{a.what} {s:.2f} s, {a.what} / forward {s / f:.3f}", flush=True)
+    print(f"{a.what} / forward: median {statistics.median(ratios):.3f}, min {min(ratios):.3f}, "
+          f"max {max(ratios):.3f} over {len(ratios)} pairs")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from .extraction import CharAdapter, Encoded, ImageAdapter, ModelAdapter, Retain
 from .hypotheses import Hypothesis, get_hypothesis, hypothesis, register as register_hypothesis  # noqa: E402
 from .hypotheses import library as hypothesis_library  # noqa: E402,F401  (registers the built-ins)
 from .reports import report  # noqa: E402
+from .corpora.files import read_records  # noqa: E402
 from .hypotheses.grid import GridHypothesis  # noqa: E402
 
 __version__ = "0.1.0"
@@ -95,10 +96,11 @@ def annotate(con, hypotheses, dataset: str, record_ids=None) -> list[dict]:
 
 
 def extract(con, model: str, layers, dataset: str, dtype: str = "float32", record_ids=None,
-            batch_size: int = 16) -> list[dict]:
-    """Store the activations of layers of a registered model over a dataset (cached, resumable)."""
+            batch_size: int = 16, pipeline: bool | None = None) -> list[dict]:
+    """Store the activations of layers of a registered model over a dataset (cached, resumable).
+    ``pipeline``: forward passes one batch ahead in a thread (None: where the model runs on CUDA)."""
     from .engine.extract import extract as _extract
-    return _extract(session_of(con), model, layers, dataset, dtype, record_ids, batch_size)
+    return _extract(session_of(con), model, layers, dataset, dtype, record_ids, batch_size, pipeline=pipeline)
 
 
 def inspect(con, model: str, layers, hypotheses, dataset: str, measures=("corr",), **kwargs):
@@ -123,7 +125,7 @@ def export(con, out_dir: str, activations: bool = False, text: bool = False, ove
 
 
 __all__ = [
-    "connect", "close", "register_model", "add_dataset", "annotate", "extract", "inspect", "compare_layers", "export",
+    "connect", "close", "register_model", "add_dataset", "read_records", "annotate", "extract", "inspect", "compare_layers", "export",
     "report",
     "Hypothesis", "hypothesis", "register_hypothesis", "get_hypothesis", "ModelAdapter", "CharAdapter",
     "Encoded", "Retain", "ImageAdapter", "GridHypothesis", "DeepBaseError", "UnknownNameError", "HypothesisError", "ActivationError",

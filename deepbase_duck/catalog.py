@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import warnings
 import weakref
 from pathlib import Path
 
@@ -14,8 +15,8 @@ import pyarrow as pa
 
 from . import store
 from .errors import DeepBaseError, EmptyDatasetError, UnknownNameError
-from .extraction.adapters import ModelAdapter
-from .extraction.hooks import Retain
+from .extraction.adapters import ModelAdapter, weights_checksum
+from .extraction.hooks import Retain, user_hooks
 
 _SESSIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -47,9 +48,18 @@ class Session:
             raise DeepBaseError(
                 f"register_model({name!r}): expected a ModelAdapter or a loader spec string, got "
                 f"{type(adapter).__name__}")
+        hooked = [n or "(root)" for n in user_hooks(adapter.module)]
+        if hooked and not adapter.variant:
+            warnings.warn(f"register_model({name!r}): modules {', '.join(hooked[:3])}{' ...' if len(hooked) > 3 else ''} "
+                          f"carry forward hooks, which the model's checksum cannot see: set adapter.variant to name "
+                          f"what they do before registering, or what is stored from the same weights without them "
+                          f"(activations, scores) will be reused for this model", stacklevel=3)
         existing = store.q_one(self.con, "SELECT checksum FROM models WHERE name = ?", [name])
-        if existing and not replace and existing[0] != adapter.checksum:
-            raise DeepBaseError(f"a different model is already registered as {name!r}")
+        if existing and existing[0] != adapter.checksum:
+            if self._adopt_legacy_checksum(name, adapter, existing[0]):
+                existing = (adapter.checksum,)
+            elif not replace:
+                raise DeepBaseError(f"a different model is already registered as {name!r}")
         split = getattr(adapter, "window_split", 1)
         if isinstance(split, bool) or not isinstance(split, (int, np.integer)) or split < 1:
             raise DeepBaseError(f"register_model({name!r}): the adapter's window_split must be a positive "
@@ -63,7 +73,7 @@ class Session:
             con.execute("DELETE FROM models WHERE name = ?", [name])
             con.execute(
                 "INSERT INTO models (name, loader, params, checksum, tokenization, architecture, n_params, "
-                "window_split) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "window_split, identity) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 2)",
                 [name, loader, json.dumps(params or {}), adapter.checksum, adapter.tokenization,
                  adapter.architecture, n_params, int(split)])
             if rows:
@@ -87,20 +97,44 @@ class Session:
                 f"model {name!r} was registered from a live Python object in another session; "
                 "register it again in this session (or register it with a loader spec)")
         adapter = load_adapter(loader, json.loads(params or "{}"))
-        if adapter.checksum != checksum:
+        if adapter.checksum != checksum and not self._adopt_legacy_checksum(name, adapter, checksum):
             raise DeepBaseError(
                 f"model {name!r}: the loader {loader!r} now yields weights with checksum "
                 f"{adapter.checksum[:12]}..., not the registered {checksum[:12]}...; register it again")
         self.adapters[name] = adapter
         return adapter
 
+    def _adopt_legacy_checksum(self, name: str, adapter: ModelAdapter, stored: str) -> bool:
+        """A store written before model identities covered module classes and variants holds the
+        weights' checksum alone (``weights_checksum``). When ``stored`` is that of this adapter's
+        weights, the model row and the behaviors this model name stored move to the adapter's
+        checksum (their activations came from these weights under this name), and True is
+        returned; otherwise nothing changes (False)."""
+        if stored != weights_checksum(adapter.module):
+            return False
+        with store.Transaction(self.con) as con:
+            con.execute("UPDATE models SET checksum = ?, identity = 2 WHERE name = ?", [adapter.checksum, name])
+            con.execute("UPDATE behaviors SET model_checksum = ? WHERE model_checksum = ? AND model = ?",
+                        [adapter.checksum, stored, name])
+        return True
+
     def model_names(self) -> list[str]:
         return [r[0] for r in store.q_all(self.con, "SELECT name FROM models ORDER BY name")]
 
     def model_row(self, name: str) -> dict:
-        row = store.q_one(self.con, "SELECT name, checksum, tokenization FROM models WHERE name = ?", [name])
+        row = store.q_one(self.con, "SELECT name, checksum, tokenization, identity, loader FROM models WHERE name = ?",
+                          [name])
         if row is None:
             raise UnknownNameError("model", name, self.model_names())
+        if row[3] is None and row[4] and name not in self.adapters:
+            # a row keyed by the weights alone (an earlier store): loading the model moves it and
+            # its behaviors to the current checksum before any query keys anything by it
+            try:
+                self.adapter(name)
+            except Exception:      # it cannot load here: the store keeps its own (weights) keys,
+                pass               # which still serve stored activations; a scan that runs the model fails then
+            else:
+                return self.model_row(name)
         return {"name": row[0], "checksum": row[1], "tokenization": row[2]}
 
     def check_layers(self, model: str, layers) -> list[str]:

@@ -3,6 +3,7 @@
     deepbase-duck demo                          # the bundled char-LSTM on held-out stdlib code
     deepbase-duck register-model STORE NAME LOADER [--params JSON]
     deepbase-duck add-stdlib STORE NAME [--split heldout] [--chars N]
+    deepbase-duck add-dataset STORE NAME PATH [--format lines|jsonl|csv|tsv|parquet|files] [--column text]
     deepbase-duck annotate STORE DATASET HYPOTHESIS...
     deepbase-duck extract STORE MODEL DATASET LAYER... [--dtype float16]
     deepbase-duck inspect STORE MODEL DATASET --layers L... --hypotheses H... [--measures corr]
@@ -25,6 +26,10 @@ EXAMPLES = {
     "register-model": "deepbase-duck register-model study.duckdb charlstm deepbase_duck.models.zoo:charlstm "
                       "--params '{\"checkpoint\": \"final\"}'",
     "add-stdlib": "deepbase-duck add-stdlib study.duckdb heldout --split heldout --chars 100000",
+    "add-dataset": "deepbase-duck add-dataset study.duckdb ptb sentences.txt        # one record per line\n"
+                   "  deepbase-duck add-dataset study.duckdb reviews reviews.csv --column body --source-column id\n"
+                   "  deepbase-duck add-dataset study.duckdb mycode src/ --glob '**/*.py' --max-chars 2000\n"
+                   "  deepbase-duck add-dataset study.duckdb photos pictures/ --format paths --glob '*.jpg'",
     "annotate": "deepbase-duck annotate study.duckdb heldout in_string in_comment",
     "extract": "deepbase-duck extract study.duckdb charlstm heldout lstm0 lstm1 --dtype float16",
     "inspect": "deepbase-duck inspect study.duckdb charlstm heldout --layers lstm0 lstm1 "
@@ -64,6 +69,23 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--chars", type=int, default=None, help="stop after this many characters")
     a.add_argument("--max-chars", type=int, default=2000, help="record length limit")
 
+    ad = add("add-dataset", "Add your own texts as a dataset: a text file (one record per line), JSON Lines, "
+                            "CSV/TSV, Parquet, a folder of files, or a folder of images (format 'paths').")
+    ad.add_argument("store"); ad.add_argument("name")
+    ad.add_argument("path", help="a file, or a folder (formats 'files' and 'paths')")
+    ad.add_argument("--format", default=None, choices=["lines", "jsonl", "csv", "tsv", "parquet", "files", "paths"],
+                    help="default: by the suffix (.txt lines, .jsonl, .csv, .tsv, .parquet; a folder: files); "
+                         "paths: a folder's files as image records")
+    ad.add_argument("--column", default="text", help="the text's column or key (jsonl, csv, tsv, parquet; "
+                                                     "default: %(default)s)")
+    ad.add_argument("--source-column", default=None, help="a column or key naming each record's source")
+    ad.add_argument("--glob", default="**/*", help="with a folder: the files to read (default: %(default)s)")
+    ad.add_argument("--max-chars", type=int, default=None, help="cut longer texts at line ends into records "
+                                                                "of at most this many characters")
+    ad.add_argument("--description", default="")
+    ad.add_argument("--replace", action="store_true",
+                    help="replace a dataset of this name (its labels, symbols and stored activations are dropped)")
+
     n = add("annotate", "Compute and store hypothesis labels for a dataset.")
     n.add_argument("store"); n.add_argument("dataset"); n.add_argument("hypotheses", nargs="+")
 
@@ -96,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --max-error or --top-k: label columns seen fewer times than this do not hold the scan")
     i.add_argument("--top-k", type=int, default=None,
                    help="early stopping for a ranking: stop once each hypothesis' top-k units are stable")
+    i.add_argument("--stable-windows", type=int, default=3,
+                   help="with --top-k: windows of records over which the top-k sets must stay the same "
+                        "(default: %(default)s)")
     i.add_argument("--seed", type=int, default=0, help="the seeded record order of an early-stopping scan")
     i.add_argument("--no-reuse", action="store_true", help="scan again even if an identical query is stored")
     i.add_argument("--device", default=None,
@@ -212,6 +237,16 @@ def cmd_add_stdlib(args):
     return 0
 
 
+def cmd_add_dataset(args):
+    import deepbase_duck as dbd
+    records = dbd.read_records(args.path, args.format, args.column, args.source_column, args.glob, args.max_chars)
+    with _store(args) as con:
+        n = dbd.add_dataset(con, args.name, records, args.description or f"from {args.path}", args.replace)
+    skipped = f"; {records.skipped} empty or missing texts skipped" if records.skipped else ""
+    print(f"{args.name}: {n} records ({records.format}, {sum(len(r['text']) for r in records)} characters){skipped}")
+    return 0
+
+
 def cmd_annotate(args):
     import deepbase_duck as dbd
     with _store(args) as con:
@@ -237,10 +272,36 @@ def cmd_inspect(args):
                         limit=args.max_records, batch_size=args.batch_size, keep_activations=args.keep_activations,
                         baseline=args.baseline, control=args.control, engine=args.engine,
                         ray_address=args.ray_address, max_error=args.max_error, top_k=args.top_k, seed=args.seed,
+                        stable_windows=args.stable_windows,
                         plateau_tol=args.plateau_tol, min_support=args.min_support, reuse=not args.no_reuse,
                         device=args.device)
-        print(top_units_table(con, t.column("query_id")[0].as_py(), args.top))
+        qid = t.column("query_id")[0].as_py()
+        print(top_units_table(con, qid, args.top))
+        params = json.loads(con.execute("SELECT params FROM queries WHERE query_id = ?", [qid]).fetchall()[0][0])
+        for line in scan_summary(params):
+            print(line)
     return 0
+
+
+def scan_summary(params: dict) -> list[str]:
+    """What a query reused and, for an early-stopping query, where it stopped and the bound it
+    reached (from its ``queries.params``), as lines for the terminal."""
+    out = []
+    reused = (params.get("reused") or {}).get("scores_of_query")
+    if reused is not None:
+        out.append(f"scores of the identical query {reused} reused, nothing scanned (--no-reuse scans again)")
+    rules = [r for r, on in (("max_error", params.get("max_error") is not None), ("top_k", params.get("top_k")),
+                             ("plateau", params.get("plateau_tol") is not None)) if on]
+    if rules and reused is None:
+        used, total, bound = params.get("records_used"), params.get("record_count"), params.get("bound_reached")
+        shown = "" if bound is None else ("; error bounds unbounded: fewer than 2 windows"
+                                          if bound == float("inf") else f"; largest error bound {bound:.3f}")
+        if params.get("stopped_early"):
+            out.append(f"early stopping ({params.get('stop_rule')}): stopped after {used} of {total} records{shown}")
+        else:
+            out.append(f"early stopping ({', '.join(rules)}): not met before the last record ({used} of {total} "
+                       f"records read{shown}); the scores are the full scan's")
+    return out
 
 
 def cmd_export(args):
@@ -279,7 +340,7 @@ def cmd_hypotheses(args):
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "register-model": cmd_register, "add-stdlib": cmd_add_stdlib,
+COMMANDS = {"demo": cmd_demo, "register-model": cmd_register, "add-stdlib": cmd_add_stdlib, "add-dataset": cmd_add_dataset,
             "annotate": cmd_annotate, "extract": cmd_extract, "inspect": cmd_inspect,
             "hypotheses": cmd_hypotheses, "export": cmd_export, "shell": cmd_shell, "report": cmd_report}
 

@@ -8,3 +8,8 @@ ALTER TABLE scores ADD COLUMN IF NOT EXISTS detail VARCHAR;
 
 -- 0.2: models record how many length-sorted forward batches a progressive scan's window runs as.
 ALTER TABLE models ADD COLUMN IF NOT EXISTS window_split INTEGER;
+
+-- 0.3: a model's checksum covers its module classes and variant besides its weights; rows
+-- written before hold the weights' checksum and keep identity NULL until the model is next
+-- loaded, when deepbase_duck moves them and their behaviors to the new checksum.
+ALTER TABLE models ADD COLUMN IF NOT EXISTS identity INTEGER;

@@ -119,3 +119,134 @@ def test_only_missing_records_run_through_the_model(planted):
         hook.remove()
     assert seen == [] and last_query(planted)[1] == "stored"
     assert last_query(planted)[2]["reused"]["activation_records_read"] == n
+
+
+# -- a model's identity: weights, module classes, variant ------------------------------------------
+
+def _ablated_adapter():
+    """The planted model's weights with its `planted` submodule in a subclass whose forward
+    zeroes unit 0 (an ablation written as code): the same weights, another model."""
+    import torch
+    from conftest import Planted, PlantedModel, planted_adapter
+    from deepbase_duck.extraction.adapters import CharAdapter
+    from deepbase_duck.models.charlstm import encode_chars
+
+    class ZeroUnit0(Planted):
+        def forward(self, ids):
+            return super().forward(ids) * torch.tensor([0.0, 1, 1, 1, 1])
+
+    m = PlantedModel()
+    m.planted = ZeroUnit0()
+    m.load_state_dict(planted_adapter().module.state_dict())
+    return CharAdapter(m, encode_chars, "chars-test", device="cpu")
+
+
+def test_the_same_weights_in_another_class_or_variant_are_another_model(planted):
+    from conftest import planted_adapter
+    from deepbase_duck.extraction.adapters import weights_checksum
+    ablated, base = _ablated_adapter(), planted_adapter()
+    assert weights_checksum(ablated.module) == weights_checksum(base.module)
+    assert ablated.checksum != base.checksum
+    tagged = planted_adapter()
+    tagged.variant = "hook: zero unit 3"
+    assert tagged.checksum != base.checksum and planted_adapter().checksum == base.checksum
+    # activations stored from the base model are not read for the ablated one, nor its scores reused
+    dbd.extract(planted, "planted", ["planted", "mix"], "snippets")
+    dbd.register_model(planted, "ablated", ablated)
+    dbd.inspect(planted, "planted", ["planted"], ["digit"], "snippets")
+    assert last_query(planted)[1] == "stored"
+    t = dbd.inspect(planted, "ablated", ["planted"], ["digit"], "snippets")
+    _, source, params = last_query(planted)
+    assert source == "model" and params["reused"]["activation_records_read"] == 0
+    score = {r["unit"]: r["score"] for r in t.to_pylist()}
+    assert score[0] is None                                         # the ablated unit is constant
+    assert score[1] == pytest.approx(-1.0, abs=0.01)                # the others as in the base model
+
+
+def test_a_store_keyed_by_weights_alone_is_adopted_on_load(tmp_path):
+    """Stores written before identities covered module classes hold the weights' checksum: a
+    loader-registered model there is recognised by its weights, its row and its behaviors move to
+    the new checksum, and its stored activations are read, not recomputed."""
+    import sys
+    from pathlib import Path
+    from deepbase_duck.extraction.adapters import weights_checksum
+    sys.path.insert(0, str(Path(__file__).parent))                 # tests/ray_models.py: a loader spec
+    path = str(tmp_path / "old.duckdb")
+    con = dbd.connect(path, progress=False)
+    dbd.register_model(con, "p", "ray_models:planted")
+    dbd.add_dataset(con, "snippets", TEXTS)
+    dbd.extract(con, "p", ["planted"], "snippets")
+    new = con.sql("SELECT checksum FROM models").fetchall()[0][0]
+    old = weights_checksum(dbd.catalog.session_of(con).adapter("p").module)
+    con.execute("UPDATE models SET checksum = ?, identity = NULL", [old])     # as the earlier code wrote them
+    con.execute("UPDATE behaviors SET model_checksum = ?", [old])
+    dbd.close(con)
+    con = dbd.connect(path, progress=False)
+    try:
+        t = dbd.inspect(con, "p", ["planted"], ["digit"], "snippets")
+        _, source, params = last_query(con)
+        assert source == "stored" and params["reused"]["activation_records_read"] == len(TEXTS)
+        assert con.sql("SELECT checksum FROM models").fetchall() == [(new,)]
+        assert con.sql("SELECT DISTINCT model_checksum FROM behaviors").fetchall() == [(new,)]
+        assert {r["unit"]: r["score"] for r in t.to_pylist()}[0] == pytest.approx(1.0)
+    finally:
+        dbd.close(con)
+
+
+def test_registering_a_hooked_model_without_a_variant_warns(planted):
+    from conftest import planted_adapter
+    ad = planted_adapter()
+    ad.module.mix.register_forward_hook(lambda m, i, o: o * 0)
+    with pytest.warns(UserWarning, match=r"modules mix carry forward hooks.*set adapter.variant"):
+        dbd.register_model(planted, "hooked", ad)
+    named = planted_adapter()
+    named.module.mix.register_forward_hook(lambda m, i, o: o * 0)
+    named.variant = "mix zeroed"
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dbd.register_model(planted, "hooked_named", named)
+    rows = dict(planted.sql("SELECT name, checksum FROM models").fetchall())
+    assert rows["hooked"] == rows["planted"] != rows["hooked_named"]     # the hook alone is invisible
+
+
+def test_an_earlier_store_whose_model_cannot_load_still_reads_its_activations(tmp_path):
+    """A weights-keyed row whose loader fails here (a package missing on this machine): queries
+    that only read stored activations still run, under the store's own keys."""
+    import sys
+    from pathlib import Path
+    from deepbase_duck.extraction.adapters import weights_checksum
+    sys.path.insert(0, str(Path(__file__).parent))
+    path = str(tmp_path / "old.duckdb")
+    con = dbd.connect(path, progress=False)
+    dbd.register_model(con, "p", "ray_models:planted")
+    dbd.add_dataset(con, "snippets", TEXTS)
+    dbd.extract(con, "p", ["planted"], "snippets")
+    old = weights_checksum(dbd.catalog.session_of(con).adapter("p").module)
+    con.execute("UPDATE models SET checksum = ?, identity = NULL, loader = 'no_such_package.zoo:model'", [old])
+    con.execute("UPDATE behaviors SET model_checksum = ?", [old])
+    dbd.close(con)
+    con = dbd.connect(path, progress=False)
+    try:
+        t = dbd.inspect(con, "p", ["planted"], ["digit"], "snippets")
+        assert last_query(con)[1] == "stored"
+        assert {r["unit"]: r["score"] for r in t.to_pylist()}[0] == pytest.approx(1.0)
+        assert con.sql("SELECT checksum, identity FROM models").fetchall() == [(old, None)]
+        with pytest.raises(Exception, match="no_such_package"):
+            dbd.inspect(con, "p", ["mix"], ["digit"], "snippets")          # this one needs the model
+    finally:
+        dbd.close(con)
+
+
+def test_library_output_capturing_hooks_are_not_user_hooks():
+    """transformers keeps output-capturing hooks on a model once hidden states were asked for:
+    they change nothing, so they neither warn nor stop fusion; a user's hook does."""
+    import torch
+    from deepbase_duck.extraction.hooks import user_hooks
+    from deepbase_duck.models.zoo import minilm
+    ad = minilm()
+    with torch.inference_mode():
+        ad.module(**ad.tokenizer(["a short sentence"], return_tensors="pt"), output_hidden_states=True)
+    assert user_hooks(ad.module) == []
+    ad.module.encoder.layer[1].register_forward_hook(lambda m, i, o: o)
+    assert user_hooks(ad.module) == ["encoder.layer.1"]

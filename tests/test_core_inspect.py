@@ -169,6 +169,32 @@ def test_correlation_state_on_random_data_against_scipy():
             assert (r["ci_low"], r["ci_high"]) == pytest.approx((ci.low, ci.high), abs=1e-9)
 
 
+def test_correlation_state_one_large_block_against_scipy():
+    """A block of thousands of symbols, every one labelled (the update's fast path), then a
+    second with missing labels: r equals scipy.stats.pearsonr to 1e-9."""
+    from scipy import stats
+    from deepbase_duck.inspectors.correlation import PearsonState
+    rng = np.random.default_rng(11)
+    n, w = 6000, 40
+    y = np.stack([rng.integers(0, 2, n), rng.normal(size=n) * 5 + 20], 1).astype(np.float64)
+    x = rng.normal(size=(n, w)) + 100
+    x[:, 0] += 0.3 * y[:, 0]                                        # a planted unit
+    x = x.astype(np.float32)
+    hyps = [{"name": "b", "kind": "binary"}, {"name": "c", "kind": "continuous"}]
+    state = PearsonState(w, hyps)
+    state.update(torch.from_numpy(x[:4700]), torch.from_numpy(y[:4700]))      # all labelled
+    y2 = y.copy()
+    y2[4700::3, 1] = np.nan
+    state.update(torch.from_numpy(x[4700:]), torch.from_numpy(y2[4700:]))     # some missing
+    r = state.correlations()
+    for j in range(2):
+        m = ~np.isnan(y2[:, j])
+        for u in range(w):
+            ref = stats.pearsonr(x[m, u].astype(np.float64), y2[m, j]).statistic
+            assert r[u, j] == pytest.approx(ref, abs=1e-9)
+    assert abs(r[0, 0]) > 0.1 > np.abs(r[1:, 0]).max()              # the planted unit stands out
+
+
 def test_constant_label_gives_null(planted):
     from deepbase_duck.hypotheses.core import Hypothesis, register
     register(Hypothesis("never", lambda t: [], "binary"))

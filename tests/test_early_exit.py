@@ -121,6 +121,7 @@ def test_the_bundled_lstm_skips_its_head_and_upper_layer(con):
     seen = []
     ad.module.lstm1.register_forward_hook(lambda *_: seen.append("lstm1"))
     ad.module.head.register_forward_hook(lambda *_: seen.append("head"))
+    ad.variant = "call-counting hooks"        # they change nothing, but the checksum cannot know
     dbd.register_model(con, "lstm", ad)
     dbd.add_dataset(con, "snippets", TEXTS[:6])
     seen.clear()

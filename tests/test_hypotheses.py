@@ -263,3 +263,38 @@ def test_the_decorator_takes_a_batch_function():
     got = h.spans_many(["abc", "xyz", "ele"], ["d:0", "d:1", "d:2"])
     assert seen == [["abc", "xyz", "ele"]]
     assert [g[0].tolist() for g in got] == [[0], [], [0, 2]] and [g[1].tolist() for g in got] == [[1], [], [1, 3]]
+
+
+THRESHOLD = 2
+
+
+def _deep(t):
+    return [float(t[:i].count("(") - t[:i].count(")") > THRESHOLD) for i in range(len(t))]
+
+
+def test_version_follows_the_values_the_function_reads():
+    """Same source, other data: a closed-over value, a default argument or a module constant the
+    function reads gives another version (stored labels are not reused); the same values give the
+    same version, and an object it reads counts by its type (its repr's address does not leak)."""
+    global THRESHOLD
+
+    def make(ch):
+        return Hypothesis("is_char", lambda t: [c == ch for c in t])
+    assert make("a").version != make("b").version and make("a").version == make("a").version
+    f = lambda t, k=1: [k] * len(t)            # noqa: E731
+    g = lambda t, k=2: [k] * len(t)            # noqa: E731
+    assert Hypothesis("d", f).version != Hypothesis("d", g).version
+    before = Hypothesis("deep", _deep).version
+    THRESHOLD = 3
+    try:
+        assert Hypothesis("deep", _deep).version != before
+    finally:
+        THRESHOLD = 2
+    assert Hypothesis("deep", _deep).version == before
+
+    def with_object(obj):
+        return Hypothesis("obj", lambda t: [obj is not None] * len(t))
+    assert with_object(object()).version == with_object(object()).version
+    import numpy as np
+    arr = lambda a: Hypothesis("arr", lambda t: [float(a[0])] * len(t))   # noqa: E731
+    assert arr(np.zeros(3)).version == arr(np.zeros(3)).version != arr(np.ones(3)).version

@@ -115,6 +115,23 @@ def scores(t):
     return [r[:4] for r in rows], np.array([r[4] for r in rows], float)
 
 
+LABELS = "SELECT hypothesis, record_id, start_char, end_char, value FROM labels ORDER BY ALL"
+
+
+def assert_same_stored_rows(serial, piped):
+    """Both stores hold the same symbols, tokenised records, behavior records and activation rows
+    (every symbol of TEXTS in each behavior), and no prefetch thread is left running."""
+    for q in ("SELECT * FROM symbols ORDER BY ALL", "SELECT * FROM tokenized_records ORDER BY ALL",
+              "SELECT layer, record_id FROM behavior_records JOIN behaviors USING (behavior_id) ORDER BY ALL"):
+        assert serial.sql(q).fetchall() == piped.sql(q).fetchall(), q
+    views = "SELECT layer, view_name FROM behaviors ORDER BY layer"
+    assert serial.sql(views).fetchall() == piped.sql(views).fetchall()
+    for _, view in serial.sql(views).fetchall():
+        x = serial.sql(f"SELECT * FROM {view} ORDER BY ALL").fetchall()
+        assert len(x) == sum(map(len, TEXTS)) and x == piped.sql(f"SELECT * FROM {view} ORDER BY ALL").fetchall()
+    assert not any(t.name == "deepbase-prefetch" for t in threading.enumerate())
+
+
 def test_a_pipelined_scan_gives_the_serial_scores_and_stores_the_same_rows():
     serial, piped = two_stores()
     try:
@@ -127,17 +144,8 @@ def test_a_pipelined_scan_gives_the_serial_scores_and_stores_the_same_rows():
         kb, vb = scores(b)
         assert ka == kb
         np.testing.assert_allclose(vb, va, rtol=0, atol=1e-12, equal_nan=True)
-        for q in ("SELECT * FROM symbols ORDER BY ALL", "SELECT * FROM tokenized_records ORDER BY ALL",
-                  "SELECT hypothesis, record_id, start_char, end_char, value FROM labels ORDER BY ALL",
-                  "SELECT layer, record_id FROM behavior_records JOIN behaviors USING (behavior_id) ORDER BY ALL"):
-            assert serial.sql(q).fetchall() == piped.sql(q).fetchall(), q
-        # the stored activations themselves: the same rows
-        views = "SELECT layer, view_name FROM behaviors ORDER BY layer"
-        assert serial.sql(views).fetchall() == piped.sql(views).fetchall()
-        for _, view in serial.sql(views).fetchall():
-            x = serial.sql(f"SELECT * FROM {view} ORDER BY ALL").fetchall()
-            assert len(x) == sum(map(len, TEXTS)) and x == piped.sql(f"SELECT * FROM {view} ORDER BY ALL").fetchall()
-        assert not any(t.name == "deepbase-prefetch" for t in threading.enumerate())
+        assert serial.sql(LABELS).fetchall() == piped.sql(LABELS).fetchall()
+        assert_same_stored_rows(serial, piped)
     finally:
         dbd.close(serial)
         dbd.close(piped)
@@ -193,3 +201,77 @@ def test_the_pipeline_is_on_by_default_only_on_cuda_without_tf32():
     fake.tf32 = None                                              # torch's switches left alone
     assert eng.pipelined(fake) is True
     assert LocalEngine(pipeline=False).pipelined(fake) is False
+
+
+# -- several models in one scan (run_stacked), pipelined ----------------------------------------
+
+def test_a_pipelined_stacked_scan_gives_the_serial_scores_and_stores_the_same_rows():
+    from test_stacking import variant
+    serial, piped = two_stores()
+    try:
+        for c in (serial, piped):
+            for k in (1, 2):
+                dbd.register_model(c, f"v{k}", variant(k))
+        names = ["planted", "v1", "v2"]
+        kw = dict(measures=["corr", "iou"], batch_size=3)
+        a = dbd.inspect(serial, names, ["planted", "mix"], HYPS, "snippets", engine=LocalEngine(pipeline=False), **kw)
+        b = dbd.inspect(piped, names, ["planted", "mix"], HYPS, "snippets", engine=LocalEngine(pipeline=True), **kw)
+        q = "SELECT params->>'scan', params->>'forward', n_records, n_symbols FROM queries"
+        assert serial.sql(q).fetchall() == piped.sql(q).fetchall() == [("together", "vmap", len(TEXTS),
+                                                                         sum(map(len, TEXTS)))]
+        ka, va = scores(a)
+        kb, vb = scores(b)
+        assert ka == kb and len(ka) == 3 * (5 + 4) * len(HYPS) * 2
+        np.testing.assert_allclose(vb, va, rtol=0, atol=1e-12, equal_nan=True)
+        for q in ("SELECT * FROM symbols ORDER BY ALL", "SELECT * FROM tokenized_records ORDER BY ALL",
+                  "SELECT hypothesis, record_id, start_char, end_char, value FROM labels ORDER BY ALL"):
+            assert serial.sql(q).fetchall() == piped.sql(q).fetchall(), q
+        assert piped.sql("SELECT count(*) FROM tokenized_records").fetchall() == [(len(TEXTS),)]
+        assert not any(t.name == "deepbase-prefetch" for t in threading.enumerate())
+    finally:
+        dbd.close(serial)
+        dbd.close(piped)
+
+
+def test_a_model_error_in_a_pipelined_stacked_scan_is_raised_and_no_scores_are_written(con):
+    dbd.register_model(con, "good", planted_adapter())
+    dbd.register_model(con, "nanny", planted_adapter(nan_on_tilde=True))
+    dbd.add_dataset(con, "tilde", ["abc 1\n", "x = 2\n", "ok ~ bad\n", "fine 3\n"] * 3)
+    with pytest.raises(ActivationError, match=r"model 'nanny'.*record 2 of dataset 'tilde'"):
+        dbd.inspect(con, ["good", "nanny"], ["planted"], ["digit"], "tilde", batch_size=1,
+                    engine=LocalEngine(pipeline=True))
+    assert con.sql("SELECT count(*) FROM scores").fetchall() == [(0,)]
+    assert con.sql("SELECT count(*) FROM symbols s ANTI JOIN tokenized_records t USING (record_id)").fetchall() \
+        == [(0,)]
+    assert not any(t.name == "deepbase-prefetch" for t in threading.enumerate())
+
+
+# -- extract, pipelined -------------------------------------------------------------------------
+
+def test_a_pipelined_extraction_stores_the_serial_rows():
+    serial, piped = two_stores()
+    try:
+        a = dbd.extract(serial, "planted", ["planted", "mix"], "snippets", batch_size=3, pipeline=False)
+        b = dbd.extract(piped, "planted", ["planted", "mix"], "snippets", batch_size=3, pipeline=True)
+        assert [(r["layer"], r["extracted"], r["reused"]) for r in a] == \
+            [(r["layer"], r["extracted"], r["reused"]) for r in b] == [("planted", len(TEXTS), 0), ("mix", len(TEXTS), 0)]
+        assert_same_stored_rows(serial, piped)
+    finally:
+        dbd.close(serial)
+        dbd.close(piped)
+
+
+def test_a_model_error_in_a_pipelined_extraction_keeps_the_batches_before_it_and_resumes(con):
+    dbd.register_model(con, "nanny", planted_adapter(nan_on_tilde=True))
+    texts = ["abc 1\n", "x = 2\n", "ok ~ bad\n", "fine 3\n"]
+    dbd.add_dataset(con, "tilde", texts)
+    with pytest.raises(ActivationError, match=r"record 2 of dataset 'tilde'"):
+        dbd.extract(con, "nanny", ["planted"], "tilde", batch_size=1, pipeline=True)
+    assert not any(t.name == "deepbase-prefetch" for t in threading.enumerate())
+    done = {r for (r,) in con.sql("SELECT record_id FROM behavior_records").fetchall()}
+    assert 2 not in done                                          # the bad record's rows are not stored
+    assert con.sql("SELECT count(*) FROM behavior_records b ANTI JOIN tokenized_records t "
+                   "USING (record_id)").fetchall() == [(0,)]      # every stored row has its symbols
+    # the good records resume: what was stored is reused, the rest extracted
+    r = dbd.extract(con, "nanny", ["planted"], "tilde", record_ids=[0, 1, 3], pipeline=True)[0]
+    assert r["reused"] == len(done) and r["extracted"] == 3 - len(done)

@@ -193,6 +193,52 @@ def test_early_stopping_on_ray_stops_early_and_keeps_the_top_units(db):
     assert len(set(a) & set(b)) >= 9, (a, b)
 
 
+def test_early_stopping_on_ray_tokenises_only_the_records_it_dispatched(db):
+    """No record is tokenised before the scan: each block's new records are encoded by a worker
+    (its 'encode' thread) as the block is prepared, so a query that stops early leaves most of
+    the dataset untokenised; the symbols it stored equal the local engine's, record by record."""
+    rng = np.random.default_rng(8)
+    texts = ["".join(TEXTS[int(i)] for i in rng.integers(0, len(TEXTS), 3)) for _ in range(240)]
+    dbd.add_dataset(db, "fresh_ray", texts)
+    dbd.add_dataset(db, "fresh_local", texts)
+    kw = {"measures": ["corr"], "batch_size": 8, "max_error": 0.2, "seed": 5}
+    remote = dbd.inspect(db, "planted", ["planted", "mix"], HYPS, "fresh_ray", engine=RayEngine(block_batches=1),
+                         **kw)
+    p = _last_params(db)
+    assert p["engine"] == "ray" and p["stopped_early"]
+    tokenised = {r for (r,) in db.execute("SELECT record_id FROM tokenized_records WHERE dataset = 'fresh_ray'"
+                                          ).fetchall()}
+    used = p["records_used"]
+    # the records merged, plus those of the blocks dispatched but not merged when the scan stopped:
+    # at most `ahead` blocks (of 8 records) past the last merged one, however the blocks finished
+    assert p["ray_blocks_dispatched"] <= p["ray_blocks_merged"] + p["ray_ahead"]
+    assert used <= len(tokenised) <= 8 * p["ray_blocks_dispatched"] and len(tokenised) < 240
+    local = dbd.inspect(db, "planted", ["planted", "mix"], HYPS, "fresh_ray", reuse=False, **kw)
+    assert _last_params(db)["records_used"] == used
+    _assert_equal_scores(local, remote)
+    dbd.inspect(db, "planted", ["planted"], ["digit"], "fresh_local", measures=["corr"])    # tokenises all, locally
+    sym = lambda ds: db.execute("SELECT record_id, pos, start_char, end_char, token FROM symbols "  # noqa: E731
+                                "WHERE dataset = ? AND list_contains(?, record_id) ORDER BY ALL",
+                                [ds, sorted(tokenised)]).fetchall()
+    assert len(sym("fresh_ray")) == sum(len(texts[r]) for r in tokenised) and sym("fresh_ray") == sym("fresh_local")
+
+
+def test_dispatch_window_of_one_block_keeps_results_and_bounds_the_run_ahead(db):
+    """ahead=1: the driver dispatches a block only once every earlier block has merged; the scan
+    stops where the local engine does, having dispatched at most the block after the last merged."""
+    kw = {"measures": ["corr"], "batch_size": 8, "max_error": 0.2, "seed": 3}
+    local = dbd.inspect(db, "planted", ["planted", "mix"], HYPS, "many", **kw)
+    lp = _last_params(db)
+    remote = dbd.inspect(db, "planted", ["planted", "mix"], HYPS, "many", reuse=False,
+                         engine=RayEngine(block_batches=1, ahead=1), **kw)
+    p = _last_params(db)
+    assert p["ray_ahead"] == 1 and p["stopped_early"] and p["records_used"] == lp["records_used"]
+    assert p["ray_blocks_merged"] <= p["ray_blocks_dispatched"] <= p["ray_blocks_merged"] + 1
+    _assert_equal_scores(local, remote)
+    with pytest.raises(DeepBaseError, match="ahead must be >= 1"):
+        RayEngine(ahead=0)
+
+
 def test_probe_plateau_on_ray_stops_where_the_local_engine_does(db):
     kw = {"measures": ["corr", "probe"], "batch_size": 8, "max_error": 0.3, "seed": 1}
     local = dbd.inspect(db, "planted", ["planted", "mix"], ["digit", "in_string"], "many", **kw)

@@ -55,8 +55,34 @@ def test_cli_commands_mirror_the_library(tmp_path):
                 "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert "in_string" in r.stdout and "lstm0" in r.stdout
+    r = run_cli("inspect", db, "lm", "code", "--layers", "lstm0", "--hypotheses", "in_string", "--max-error", "0.01",
+                "--device", "cpu")                     # a few records: the bound cannot be met
+    assert r.returncode == 0, r.stderr
+    n = dbd_records(db, "code")
+    assert f"early stopping (max_error): not met before the last record ({n} of {n} records read; " in r.stdout
+    assert "the scores are the full scan's" in r.stdout
+    r = run_cli("inspect", db, "lm", "code", "--layers", "lstm0", "--hypotheses", "in_string", "--max-error", "0.01",
+                "--device", "cpu")
+    assert r.returncode == 0 and "reused, nothing scanned" in r.stdout, r.stdout
+    r = run_cli("inspect", db, "lm", "code", "--layers", "lstm0", "--hypotheses", "in_string", "--top-k", "2",
+                "--stable-windows", "7", "--batch-size", "1", "--device", "cpu")
+    assert r.returncode == 0 and "early stopping (top_k)" in r.stdout, r.stderr
+    con = dbd.connect(db, progress=False)
+    try:
+        assert con.execute("SELECT params->>'stable_windows' FROM queries ORDER BY query_id DESC LIMIT 1"
+                           ).fetchall() == [("7",)]
+    finally:
+        dbd.close(con)
     r = run_cli("inspect", db, "lm", "code", "--layers", "lstm0", "--hypotheses", "in_string", "--device", "gpu")
     assert r.returncode == 2 and "unknown device 'gpu'" in r.stderr
+
+
+def dbd_records(db: str, dataset: str) -> int:
+    con = dbd.connect(db, progress=False)
+    try:
+        return con.execute("SELECT count(*) FROM records WHERE dataset = ?", [dataset]).fetchall()[0][0]
+    finally:
+        dbd.close(con)
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
@@ -102,3 +128,17 @@ def test_ci_runs_the_readme_test_command():
     assert len(setup) == 1, setup
     ci = (ROOT / ".ci" / "run").read_text().replace(" -q -e", " -e").replace("install -q ", "install ")
     assert setup[0] in ci
+
+
+def test_scan_summary_lines():
+    from deepbase_duck.cli import scan_summary
+    assert scan_summary({"max_error": None, "top_k": None, "plateau_tol": None, "reused": {}}) == []
+    assert scan_summary({"max_error": 0.1, "stopped_early": True, "stop_rule": "max_error", "records_used": 176,
+                         "record_count": 7730, "bound_reached": 0.0987, "reused": {"scores_of_query": None}}) == \
+        ["early stopping (max_error): stopped after 176 of 7730 records; largest error bound 0.099"]
+    assert scan_summary({"top_k": 10, "plateau_tol": 0.01, "stopped_early": False, "records_used": 50,
+                         "record_count": 50, "bound_reached": None, "reused": {}}) == \
+        ["early stopping (top_k, plateau): not met before the last record (50 of 50 records read); "
+         "the scores are the full scan's"]
+    assert scan_summary({"max_error": 0.1, "reused": {"scores_of_query": 4}}) == \
+        ["scores of the identical query 4 reused, nothing scanned (--no-reuse scans again)"]

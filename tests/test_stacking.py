@@ -132,3 +132,42 @@ def test_a_stacked_scan_tokenises_each_record_once(three, monkeypatch):
     assert three.sql("SELECT count(*), sum(n_symbols) FROM tokenized_records").fetchall() == [
         (len(TEXTS), sum(len(t) for t in TEXTS))]
     assert three.sql("SELECT count(*) FROM symbols").fetchall() == [(sum(len(t) for t in TEXTS),)]
+
+
+def test_models_differing_in_a_setting_outside_their_weights_are_not_fused(con):
+    """The fused pass runs the first model's code and settings with each model's weights: a
+    model whose output depends on a plain attribute (here a flag that turns '~' into NaN) must run
+    its own forward, and the query says why."""
+    from conftest import PlantedModel
+    from deepbase_duck.engine.stacking import _same_structure
+    assert _same_structure([PlantedModel(), PlantedModel()]) is None
+    assert _same_structure([PlantedModel(), PlantedModel(nan_on_tilde=True)]) == \
+        "submodule 'planted' setting 'nan_on_tilde' differs (False vs True)"
+    dbd.register_model(con, "good", planted_adapter())
+    dbd.register_model(con, "flagged", planted_adapter(nan_on_tilde=True))
+    dbd.add_dataset(con, "plain", TEXTS)
+    dbd.inspect(con, ["good", "flagged"], ["planted"], HYPS, "plain", measures=["corr"])
+    p = params_of_last(con)
+    assert p["scan"] == "together" and p["forward"] == "sequential"
+    assert "setting 'nan_on_tilde' differs" in p["why_sequential"]
+
+
+def test_models_with_hooks_or_other_variants_run_their_own_forward(three):
+    """A forward hook (an ablation outside the weights) is honoured: that model runs on its own,
+    and its hooked layer scores as the hook makes it; differing variants also stop fusion."""
+    ad = dbd.catalog.session_of(three).adapters["v1"]
+    handle = ad.module.mix.register_forward_hook(lambda m, i, o: o * 0)
+    try:
+        t = dbd.inspect(three, ["v0", "v1"], ["mix"], HYPS, "snippets", measures=["corr"], reuse=False)
+        p = params_of_last(three)
+        assert p["forward"] == "sequential" and "model 'v1' has forward hooks" in p["why_sequential"]
+        got = by_key(t)
+        assert all(v is None for k, v in got.items() if k[0] == "v1")            # zeroed: constant
+        assert any(v is not None for k, v in got.items() if k[0] == "v0")
+    finally:
+        handle.remove()
+    for n in ("v0", "v2"):                            # the planted model counts its calls: a plain
+        dbd.catalog.session_of(three).adapters[n].module.calls = 0      # setting that must match too
+    dbd.catalog.session_of(three).adapters["v2"].variant = "patched"
+    dbd.inspect(three, ["v0", "v2"], ["mix"], HYPS, "snippets", measures=["corr"], reuse=False)
+    assert "variants differ (v0: '', v2: 'patched')" in params_of_last(three)["why_sequential"]

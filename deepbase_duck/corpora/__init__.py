@@ -1,5 +1,7 @@
-"""Text corpora used by deepbase_duck (currently: Python's standard library)."""
+"""Text corpora: Python's standard library (bundled with Python), the Penn Treebank sample, generated
+SQL, scenes, and a user's own files (``read_records``)."""
 
+from .files import FORMATS, RecordsRead, read_records
 from .stdlib import (
     chunk_text,
     is_heldout,
@@ -10,6 +12,9 @@ from .stdlib import (
 )
 
 __all__ = [
+    "FORMATS",
+    "RecordsRead",
+    "read_records",
     "chunk_text",
     "is_heldout",
     "read_source",

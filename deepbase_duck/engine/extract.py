@@ -30,6 +30,7 @@ from ..errors import ActivationError, DeepBaseError, EmptyDatasetError
 from ..extraction.hooks import Retain, run_until_retained
 from ..progress import progress_bar
 from .memory import caps_store_memory, release_freed_memory
+from .prefetch import batch_source, pipeline_by_default
 
 DTYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
 SYMBOL_CHUNK = 256
@@ -397,10 +398,12 @@ def part_count(con, behavior_id):
 
 @caps_store_memory
 def extract(session, model: str, layers, dataset: str, dtype: str = "float32", record_ids=None,
-            batch_size: int = 16, progress: bool | None = None) -> list[dict]:
+            batch_size: int = 16, progress: bool | None = None, pipeline: bool | None = None) -> list[dict]:
     """Store the activations of ``layers`` of ``model`` over ``dataset`` (all records, or
     ``record_ids``). Returns one dict per layer: behavior id, view name, records extracted and
-    records reused from the cache."""
+    records reused from the cache. ``pipeline``: run the forward passes in a background thread,
+    one batch ahead of the Parquet writes (engine/prefetch.py); None: where the model runs on
+    CUDA (``pipeline_by_default``). The stored rows are the same either way."""
     if dtype not in DTYPES:
         raise DeepBaseError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if batch_size < 1:
@@ -430,13 +433,22 @@ def extract(session, model: str, layers, dataset: str, dtype: str = "float32", r
         run_layers = [l for l in layers if len(missing[l])]
         bar = progress_bar(len(todo), f"extract {model}", "rec", session.progress if progress is None else progress)
         batches = plan_batches(session, dataset, todo, batch_size)
+        # each batch keeps its encoding: its symbols are stored below, in this thread
+        source = batch_source(
+            session, lambda reader: forward_batches(reader, adapter, model, run_layers, dataset, batches, counts,
+                                                    defer_check=True, keep_encoding=True),
+            pipeline_by_default(adapter) if pipeline is None else bool(pipeline))
         try:
-            for batch in forward_batches(session, adapter, model, run_layers, dataset, batches, counts, symbols):
-                store_batch(session, {l: behaviors[l] for l in run_layers}, missing, batch, symbols)
+            for batch in source:
+                if batch.encoded is not None:
+                    symbols.add(batch.record_ids, batch.encoded)
+                    batch.encoded = None
+                store_batch(session, {l: behaviors[l] for l in run_layers}, missing, batch.verify(), symbols)
                 release_freed_memory()
                 bar.update(len(batch.record_ids))
         finally:
             bar.close()
+            source.close()            # a prefetching producer stops (and its thread ends) here
             symbols.close(failed=sys.exc_info()[0] is not None)
     for layer in layers:
         b = behaviors[layer]

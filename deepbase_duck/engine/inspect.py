@@ -35,7 +35,7 @@ from ..hypotheses.store import annotate, missing_records, resolve
 from ..inspectors.base import SCORE_SCHEMA, measure_class
 from ..progress import progress_bar
 from .memory import caps_store_memory, release_freed_memory
-from .prefetch import prefetched
+from .prefetch import batch_source, pipeline_by_default
 from .labels import LabelStream, LabelSupport, block_labels  # noqa: F401  (block_labels: public here too)
 from .extract import (Batch, SymbolWriter, cleanup_orphans, done_records, ensure_symbols, find_behavior,
                       forward_batches, get_or_create_behavior, plan_batches, store_batch, stored_symbol_counts)
@@ -598,7 +598,8 @@ class LocalEngine:
     batch k. None (the default) does so where the model runs on CUDA, unless the adapter opts in
     to TF32 (``tf32=True``): its forward pass switches torch's process-wide TF32 flags on, and a
     float32 product of the inspectors running meanwhile in this thread would take them too.
-    True or False forces it. The scores, records read and stored rows are the same either way
+    True or False forces it. Several models scanned together (``run_stacked``) are pipelined when
+    every one of them would be. The scores, records read and stored rows are the same either way
     (tests/test_prefetch.py)."""
 
     name = "local"
@@ -607,9 +608,7 @@ class LocalEngine:
         self.pipeline = pipeline
 
     def pipelined(self, adapter) -> bool:
-        if self.pipeline is not None:
-            return bool(self.pipeline)
-        return torch.device(adapter.device).type == "cuda" and getattr(adapter, "tf32", False) is not True
+        return pipeline_by_default(adapter) if self.pipeline is None else bool(self.pipeline)
 
     def run(self, session, plan: Plan, progress=None) -> dict:
         mrow = session.model_row(plan.model)
@@ -649,18 +648,10 @@ class LocalEngine:
                 windows += w
             order += [r for ids in block_ids for r in ids]
             # the consumer stores each batch's symbols from its encoding (Batch.encoded)
-            if self.pipelined(adapter):           # forward passes in a thread, reading through its own cursor
-                def produce():
-                    reader = session.cursor_session()
-                    try:
-                        yield from forward_batches(reader, adapter, plan.model, plan.layers, plan.dataset, block_ids,
-                                                   counts, defer_check=True, keep_encoding=True)
-                    finally:
-                        reader.close()
-                sources.append(prefetched(produce))
-            else:
-                sources.append(forward_batches(session, adapter, plan.model, plan.layers, plan.dataset, block_ids,
-                                               counts, defer_check=True, keep_encoding=True))
+            sources.append(batch_source(
+                session, lambda reader: forward_batches(reader, adapter, plan.model, plan.layers, plan.dataset,
+                                                        block_ids, counts, defer_check=True, keep_encoding=True),
+                self.pipelined(adapter)))
             keep = (KeepActivations(session, plan, mrow["checksum"], tokenization, widths, symbols)
                     if plan.keep_activations else None)
         source = itertools.chain(*sources)
@@ -750,17 +741,26 @@ class LocalEngine:
         show = session.progress if progress is None else progress
         bar = progress_bar(len(p0.record_ids), f"inspect {len(plans)} models ({p0.model}, ...)", "rec", show)
         used = []
+        # the consumer stores each batch's symbols from its encoding (Batch.encoded), as in run()
+        source = batch_source(
+            session, lambda reader: stacked_batches(reader, stacked, p0.layers, p0.dataset, block_ids, counts,
+                                                    keep_encoding=True, defer_check=True),
+            all(self.pipelined(a) for a in adapters.values()))
         try:
-            for batches in stacked_batches(session, stacked, p0.layers, p0.dataset, block_ids, counts, symbols):
+            for batches in source:
                 first = next(iter(batches.values()))
+                if first.encoded is not None:
+                    symbols.add(first.record_ids, first.encoded)
+                    first.encoded = None
                 y = labels.next(first.record_ids, first.chars, first.texts)
                 for name, batch in batches.items():
-                    update_states(per_model[name], {}, batch, y, take)
+                    update_states(per_model[name], {}, batch.verify(), y, take)
                 used.extend(int(r) for r in first.record_ids)
                 bar.update(len(first.record_ids))
         finally:
             bar.close()
             failed = sys.exc_info()[0] is not None
+            source.close()                        # a prefetching producer stops (and its thread ends) here
             symbols.close(failed=failed)
             labels.close(failed=failed)
         n_symbols = int(sum(counts[r] for r in used))
@@ -1055,7 +1055,7 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
     if why_not is None:
         why_not = stack_obstacle(session, plans, local)
     if why_not is None:
-        runs = list(zip(plans, LocalEngine().run_stacked(session, plans, progress)))
+        runs = list(zip(plans, engine.run_stacked(session, plans, progress)))      # a LocalEngine (local)
     else:
         runs = [(p, engine.run(session, p, progress)) for p in plans]
     if baseline:

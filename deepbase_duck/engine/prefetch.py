@@ -13,16 +13,44 @@ interrupt). An exception in the producer is raised in the consumer, at the item 
 happened. The producer must not share a DuckDB connection with the consumer (DuckDB 2.0 refuses
 concurrent calls on one connection): it reads through a cursor (``Session.cursor_session``).
 
-Used by the local engine where the model runs on CUDA (``LocalEngine(pipeline=...)``). On a CPU
-the forward pass itself runs on every core, and a second thread only competes with it: a
-300k-character char-LSTM scan on 2 cores took 1.6-2.7x its serial time (benchmarks/RESULTS.md).
+Used by the local engine where the model runs on CUDA (``LocalEngine(pipeline=...)``), for one
+model or several scanned together (``run_stacked``). On a CPU the forward pass itself runs on
+every core, and a second thread only competes with it: a 300k-character char-LSTM scan on 2
+cores took 1.6-2.7x its serial time (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
 import queue
 import threading
 
+import torch
+
 _END = object()
+
+
+def pipeline_by_default(adapter) -> bool:
+    """Whether a scan or an extraction runs this model's forward passes in a prefetch thread when
+    not told: where the model runs on CUDA, unless its adapter opts in to TF32 (``tf32=True``):
+    its forward pass switches torch's process-wide TF32 flags on, and a float32 product of the
+    inspectors running meanwhile in the other thread would take them too."""
+    return torch.device(adapter.device).type == "cuda" and getattr(adapter, "tf32", False) is not True
+
+
+def batch_source(session, batches_from, pipelined: bool):
+    """The forward batches of ``batches_from(reader)`` (a generator reading through a Session):
+    run here over ``session``, or, when ``pipelined``, one batch ahead in a prefetch thread that
+    reads through its own cursor session, opened and closed in that thread. Either way the caller
+    closes what it gets (a prefetching producer stops and its thread ends there)."""
+    if not pipelined:
+        return batches_from(session)
+
+    def produce():
+        reader = session.cursor_session()
+        try:
+            yield from batches_from(reader)
+        finally:
+            reader.close()
+    return prefetched(produce)
 
 
 def prefetched(produce, depth: int = 1, name: str = "deepbase-prefetch"):

@@ -10,7 +10,11 @@ What moves where:
 - The driver (this process, beside the DuckDB store) plans the blocks, computes each block's
   labels (``LabelStream``, engine/labels.py) and sends the records' texts and the label
   matrix with the block. Symbols of records not yet tokenised are encoded by a worker too, so the
-  driver never loads the model.
+  driver never loads the model: block by block, as each block is prepared for dispatch (a query
+  that stops early tokenises only the records it dispatched, not the whole selection), on the
+  worker's own ``encode`` thread (a Ray concurrency group), so tokenising never waits behind a
+  block that worker is running. (A control task's class frequencies need every selected record's
+  symbols: such a query tokenises them all first.)
 - A worker runs the forward passes of its block, folds them into fresh inspector states (the
   step the local engine runs, ``update_states``) and returns the states: a few KB for corr
   (moments per unit x hypothesis), not the activations.
@@ -49,11 +53,11 @@ import torch
 
 from .. import store
 from ..errors import DeepBaseError, EmptyDatasetError
-from ..extraction.adapters import Encoded
+from ..extraction.adapters import Encoded, weights_checksum
 from ..inspectors.base import measure_class
 from ..progress import progress_bar
-from .extract import (batches_with_texts, cleanup_orphans, commit_parts, ensure_symbols, forward_batch,
-                      plan_batches, write_part_file)
+from .extract import (SymbolWriter, batches_with_texts, cleanup_orphans, commit_parts, ensure_symbols,
+                      forward_batch, plan_batches, stored_symbol_counts, write_part_file)
 from .inspect import (
     KeepActivations,
     LabelStream,
@@ -116,7 +120,8 @@ class BlockWorker:
         except Exception as exc:
             raise DeepBaseError(f"model {model!r}: the loader {loader!r} failed on the {where}: "
                                 f"{type(exc).__name__}: {exc}") from None
-        if adapter.checksum != checksum:
+        # a store written before identities covered module classes holds the weights' checksum
+        if adapter.checksum != checksum and weights_checksum(adapter.module) != checksum:
             raise DeepBaseError(f"model {model!r}: the loader {loader!r} yields weights with checksum "
                                 f"{adapter.checksum[:12]}... on the {where}, not the registered "
                                 f"{checksum[:12]}...; the workers must load the same weights")
@@ -173,13 +178,22 @@ class BlockWorker:
 
 # -- the driver ------------------------------------------------------------------------------
 class _RemoteEncoder:
-    """What ensure_symbols needs of an adapter (tokenization, encode), answered by a worker."""
+    """What ensure_symbols needs of an adapter (tokenization, encode), answered by a live worker
+    of ``engine`` on its ``encode`` thread; a worker that died meanwhile is passed over."""
 
-    def __init__(self, actor, tokenization: str):
-        self.actor, self.tokenization = actor, tokenization
+    def __init__(self, engine, tokenization: str):
+        self.engine, self.tokenization = engine, tokenization
 
     def encode(self, texts):
-        return ray.get(self.actor.encode.remote(list(texts)))
+        texts = list(texts)
+        for actor in list(self.engine._live):
+            try:
+                return ray.get(actor.encode.options(concurrency_group="encode").remote(texts))
+            except _DIED:
+                continue
+            except Exception as exc:
+                raise _unwrap(exc) from None
+        raise DeepBaseError("no live Ray worker could tokenise the records (every worker died)")
 
 
 def _probe_address(address: str, timeout: float) -> None:
@@ -234,6 +248,10 @@ class RayEngine:
         put several actors on one GPU.
     num_cpus: CPUs per actor (its torch threads); block_batches: forward batches per block of a
         full scan (a progressive scan's block is one window); inflight: blocks queued per actor.
+    ahead: how far past the next block to merge (in blocks) the driver may dispatch; default two
+        rounds of every worker's queue (2 * inflight * workers). Blocks merge in order, so a slow
+        block would otherwise let the others run on without limit: finished states waiting in the
+        driver's memory, records tokenised (and models run) beyond where an early stop lands.
     runtime_env: Ray runtime_env of the actors (e.g. env_vars PYTHONPATH for a loader module).
     keep_workers: keep the actors (model loaded) for the next query of the same model in this
         process, as a Spark session keeps its executors; one pool is kept at a time, and a query
@@ -245,11 +263,13 @@ class RayEngine:
     def __init__(self, address: str | None = None, num_workers: int | None = None, num_gpus: float | None = None,
                  num_cpus: float = 1, block_batches: int = 4, inflight: int = 2, runtime_env: dict | None = None,
                  connect_timeout: float = 10.0, startup_timeout: float = 120.0, max_redispatch: int = 3,
-                 keep_workers: bool = True):
+                 keep_workers: bool = True, ahead: int | None = None):
         if ray is None:
             raise DeepBaseError("engine='ray' needs the ray package: pip install 'deepbase-duck[ray]'")
         if block_batches < 1 or inflight < 1:
             raise DeepBaseError(f"block_batches and inflight must be >= 1, got {block_batches}, {inflight}")
+        if ahead is not None and int(ahead) < 1:
+            raise DeepBaseError(f"ahead must be >= 1 block, got {ahead}")
         if num_workers is not None and int(num_workers) < 1:
             raise DeepBaseError(f"num_workers must be >= 1, got {num_workers}")
         self.address, self.num_workers, self.num_gpus, self.num_cpus = address, num_workers, num_gpus, num_cpus
@@ -257,6 +277,7 @@ class RayEngine:
         self.connect_timeout, self.startup_timeout = connect_timeout, startup_timeout
         self.max_redispatch = max_redispatch
         self.keep_workers = bool(keep_workers)
+        self.ahead = None if ahead is None else int(ahead)
         self.stats: dict = {}
 
     # -- connecting and starting workers ----------------------------------------------------
@@ -320,7 +341,8 @@ class RayEngine:
                         f"the Ray cluster has no free {what} for a worker ({free.get(what, 0):g} of {total:g} "
                         f"free, {per:g} needed): other drivers hold them (deepbase-duck keeps its workers between "
                         f"queries until release_workers() or exit); free some, add nodes, or pass num_workers")
-            cls = ray.remote(BlockWorker).options(
+            # an 'encode' thread tokenises beside run_block, which stays serial (the default group)
+            cls = ray.remote(concurrency_groups={"encode": 1})(BlockWorker).options(
                 num_cpus=self.num_cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0,
                 scheduling_strategy="SPREAD", runtime_env=env)
             args = (model, loader, params, checksum, max(1, int(self.num_cpus)))
@@ -385,15 +407,20 @@ class RayEngine:
         result["engine_info"] = {"ray_workers": len(actors), "ray_gpus_per_worker": gpus,
                                  "ray_blocks": self.stats["blocks"], "ray_blocks_merged": self.stats["merged"],
                                  "ray_redispatched": self.stats["redispatched"],
+                                 "ray_blocks_dispatched": self.stats["dispatched"], "ray_ahead": self.stats["ahead"],
                                  "ray_startup_s": round(startup, 3), "ray_workers_reused": self._reused,
                                  "ray_total_s": round(time.perf_counter() - t_start, 3)}
         return result
 
     def _scan(self, session, plan: Plan, progress, actors, tokenization, checksum, widths) -> dict:
         progressive = plan.progressive
-        counts = ensure_symbols(session, _RemoteEncoder(actors[0], tokenization), plan.dataset, plan.record_ids)
-        if plan.control:
+        encoder = _RemoteEncoder(self, tokenization)
+        if plan.control:                   # class frequencies read every selected record's symbols
+            counts = ensure_symbols(session, encoder, plan.dataset, plan.record_ids)
             plan.control_freq = class_frequencies(session, plan, tokenization)
+        else:                              # the others: tokenised block by block (payload below)
+            counts = stored_symbol_counts(session, plan.dataset, tokenization)
+        symbols = SymbolWriter(session, tokenization, plan.dataset, counts)
         if progressive:
             batches, windows = seeded_windows(session, plan)
             blocks, lo = [], 0
@@ -431,7 +458,9 @@ class RayEngine:
         states = {(layer, m): make(layer, m) for layer in plan.layers for m in plan.measures}
         samples = new_samples(plan, widths, "cpu")
         window_scores = {k: [] for k in states}
-        stats = self.stats = {"blocks": len(blocks), "merged": 0, "redispatched": 0, "block_seconds": [],
+        ahead = self.ahead or 2 * self.inflight * max(1, len(self._live))
+        stats = self.stats = {"blocks": len(blocks), "merged": 0, "redispatched": 0, "dispatched": 0,
+                              "ahead": ahead, "block_seconds": [],
                               "state_bytes": [], "activation_bytes": [], "combine_seconds": 0.0,
                               "label_seconds": 0.0, "roundtrip_seconds": []}
 
@@ -446,7 +475,13 @@ class RayEngine:
                 ys = []
                 if support is not None:
                     block_support[i] = LabelSupport(plan.label_columns)
-                for ids, texts in batches_with_texts(session, plan.dataset, blocks[i]):
+                batches_i = list(batches_with_texts(session, plan.dataset, blocks[i]))
+                new = list(dict.fromkeys(int(r) for ids, _ in batches_i for r in ids if int(r) not in counts))
+                if new:                            # this block's records met for the first time
+                    text_of = {int(r): t for _, texts in batches_i for r, t in texts.items()}
+                    symbols.add(new, encoder.encode([text_of[r] for r in new]))
+                    symbols.flush()                # the labels below read their character ranges
+                for ids, texts in batches_i:
                     part.append(([int(r) for r in ids], [texts[r] for r in ids], [int(counts[r]) for r in ids]))
                     ys.append(labels.next(ids, texts=[texts[r] for r in ids]).numpy())
                     if support is not None:
@@ -469,8 +504,10 @@ class RayEngine:
         try:
             while next_merge < len(blocks) and not stopped:
                 for a in list(live):                # keep every live worker busy
-                    while pending and load[a] < self.inflight:
+                    # a re-dispatched block comes first and is always below the window's end
+                    while pending and load[a] < self.inflight and pending[0] < next_merge + ahead:
                         i = pending.popleft()
+                        stats["dispatched"] = max(stats["dispatched"], i + 1)
                         ref = a.run_block.remote(payload(i))
                         in_flight[ref] = (i, a, time.perf_counter())
                         load[a] += 1
@@ -540,6 +577,7 @@ class RayEngine:
         finally:
             bar.close()
             labels.close(failed=sys.exc_info()[0] is not None)
+            symbols.close(failed=sys.exc_info()[0] is not None)
             for ref in list(in_flight) + list(starting):     # stop what is queued or running
                 try:
                     ray.cancel(ref, force=False)

@@ -12,8 +12,12 @@ runs them as one batched computation, with the nethook-style ``Retain`` hooks re
 requested layer's output for all K at once (mode ``"vmap"``). Modules whose operators have no
 batching rule (``torch.lstm`` among them) run one after another on the same encoded batch (mode
 ``"sequential"``); the first failed fused call switches the scan to that mode, and the reason is
-kept. Either way the scores equal the one-model-at-a-time scores (vmap computes the same
-operations per model; the tests compare them), and the query records which mode ran.
+kept. The fused pass runs the first model's code and settings with every model's weights, so
+models whose submodules differ in a plain setting outside their weights (a flag, a size), that
+carry forward hooks, or whose adapters name different variants run sequentially too
+(``_same_structure``, ``_outside_weights`` name the reason). Either way the scores equal the
+one-model-at-a-time scores (vmap computes the same operations per model; the tests compare
+them), and the query records which mode ran.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import copy
 import torch
 
 from ..errors import DeepBaseError
-from ..extraction.hooks import Retain, run_until_retained
+from ..extraction.hooks import Retain, run_until_retained, user_hooks
 from .extract import batch_from_outputs
 
 
@@ -38,15 +42,55 @@ def architecture_mismatch(adapters: dict) -> str | None:
     return None
 
 
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _settings(module) -> dict:
+    """A module's plain settings: its public attributes holding numbers, strings, booleans, None
+    or tuples of them (``hidden_size``, ``p``, a flag), not parameters, buffers or submodules."""
+    def plain(v):
+        return isinstance(v, _PLAIN) or (isinstance(v, tuple) and all(isinstance(x, _PLAIN) for x in v))
+    return {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training" and plain(v)}
+
+
 def _same_structure(modules) -> str | None:
+    """Why one fused pass cannot stand for these modules (None when it can). The fused pass runs
+    the FIRST module's code and settings with every module's weights, so besides the classes and
+    parameter shapes, every submodule's plain settings must match: two models that differ only in
+    a flag or a size kept outside their weights would otherwise be computed as the first."""
     first = modules[0]
     shapes = {k: (v.shape, v.dtype) for k, v in first.state_dict().items()}
+    subs = list(first.named_modules())
     for m in modules[1:]:
         if type(m) is not type(first):
             return f"module classes differ ({type(first).__name__} vs {type(m).__name__})"
         other = {k: (v.shape, v.dtype) for k, v in m.state_dict().items()}
         if other != shapes:
             return "parameter names or shapes differ"
+        theirs = list(m.named_modules())
+        if [n for n, _ in theirs] != [n for n, _ in subs]:
+            return "submodules differ"
+        for (name, a), (_, b) in zip(subs, theirs):
+            if type(a) is not type(b):
+                return f"submodule {name or '(root)'!r} classes differ ({type(a).__name__} vs {type(b).__name__})"
+            sa, sb = _settings(a), _settings(b)
+            for k in sorted(set(sa) | set(sb)):
+                if sa.get(k, "<unset>") != sb.get(k, "<unset>"):
+                    return (f"submodule {name or '(root)'!r} setting {k!r} differs "
+                            f"({sa.get(k, '<unset>')!r} vs {sb.get(k, '<unset>')!r})")
+    return None
+
+
+def _outside_weights(adapters: dict) -> str | None:
+    """Why the fused pass would miss what a model does outside its weights and classes (None:
+    nothing): its forward hooks (the fused pass runs a copy of the first model, and only that
+    model's hooks) or a different ``variant`` (ModelAdapter.variant: a hook or flag by name)."""
+    for name, a in adapters.items():
+        if user_hooks(a.module):
+            return f"model {name!r} has forward hooks (they act outside its weights)"
+    variants = {name: getattr(a, "variant", "") for name, a in adapters.items()}
+    if len(set(variants.values())) > 1:
+        return f"the models' variants differ ({', '.join(f'{n}: {v!r}' for n, v in variants.items())})"
     return None
 
 
@@ -75,7 +119,7 @@ class StackedForward:
         devices = {str(a.device) for a in self.adapters.values()}
         self.reason = None if fuse else "fusion turned off"
         if fuse:
-            self.reason = _same_structure(modules) or (
+            self.reason = _same_structure(modules) or _outside_weights(self.adapters) or (
                 None if len(devices) == 1 else f"the models sit on different devices ({', '.join(sorted(devices))})")
         self.mode = "vmap" if self.reason is None else "sequential"
         if self.mode == "vmap":
@@ -116,16 +160,21 @@ class StackedForward:
         return out
 
 
-def stacked_batches(session, stacked: StackedForward, layers, dataset: str, batches, symbol_counts, symbols=None):
+def stacked_batches(session, stacked: StackedForward, layers, dataset: str, batches, symbol_counts,
+                    keep_encoding: bool = False, defer_check: bool = False):
     """Yield ``{model: Batch}`` per batch of records: encoded once, run through every model.
-    ``symbols``: a SymbolWriter storing new records' symbols from that encoding (engine/extract.py)."""
+    With ``keep_encoding`` the first model's Batch carries the encoding (``Batch.encoded``) for
+    the consumer to store new records' symbols from (in its own thread when this runs in a
+    prefetch thread, engine/prefetch.py). ``defer_check``: each Batch's finite check waits for
+    ``Batch.verify()`` (batch_from_outputs)."""
     first = next(iter(stacked.adapters.values()))
     for ids in batches:
         texts = session.texts(dataset, ids)
         enc = first.encode([texts[r] for r in ids])
-        if symbols is not None:
-            symbols.add(ids, enc)
         outputs = stacked(enc)
-        yield {name: batch_from_outputs(stacked.adapters[name], outputs[name], enc, name, layers, dataset, ids,
-                                        symbol_counts, [texts[r] for r in ids])
+        out = {name: batch_from_outputs(stacked.adapters[name], outputs[name], enc, name, layers, dataset, ids,
+                                        symbol_counts, [texts[r] for r in ids], defer_check=defer_check)
                for name in stacked.adapters}
+        if keep_encoding:
+            next(iter(out.values())).encoded = enc
+        yield out

@@ -81,8 +81,23 @@ def default_device(device=None) -> torch.device:
     return dev
 
 
-def model_checksum(module: torch.nn.Module) -> str:
-    """sha256 over the state_dict: every tensor's name, dtype, shape and bytes, in name order."""
+def model_checksum(module: torch.nn.Module, variant: str = "") -> str:
+    """The model's identity, the key of everything stored from it (activations, cached scores):
+    sha256 over its weights (``weights_checksum``), the class of every submodule (by its dotted
+    path) and the adapter's ``variant``. The classes matter because a model's code is part of
+    what it computes: the same weights in a subclass whose forward ablates a unit are another
+    model. What neither weights nor classes show (a hook, a flag) is the ``variant``'s to say."""
+    h = hashlib.sha256(b"deepbase-duck model v2\n")
+    h.update(weights_checksum(module).encode())
+    for name, m in module.named_modules():
+        h.update(f"\n{name}={type(m).__module__}.{type(m).__qualname__}".encode())
+    h.update(f"\nvariant={variant}".encode())
+    return h.hexdigest()
+
+
+def weights_checksum(module: torch.nn.Module) -> str:
+    """sha256 over the state_dict: every tensor's name, dtype, shape and bytes, in name order
+    (the model's whole identity in stores written before session 9: see Session.adapter)."""
     h = hashlib.sha256()
     state = module.state_dict()
     for name in sorted(state):
@@ -122,6 +137,12 @@ class ModelAdapter:
     # ``example_text`` per set of layers (a module shared across depths, or called per time step,
     # runs more often and turns early exit off); False never exits early, True always does.
     early_exit: bool | None = None
+    # Part of the model's identity (``checksum``), for what its weights and module classes do not
+    # show: a forward hook that ablates or patches a unit, a flag that changes the forward pass.
+    # Two models that differ only so must have different variants ("ablate lstm1.44"), or a query
+    # of one would reuse the activations and scores stored from the other. Set it before
+    # register_model, which stores the checksum.
+    variant: str = ""
 
     def __init__(self, module: torch.nn.Module, device: str | torch.device | None = None):
         self.module = module.eval()
@@ -133,7 +154,7 @@ class ModelAdapter:
     @property
     def checksum(self) -> str:
         if self._checksum is None:
-            self._checksum = model_checksum(self.module)
+            self._checksum = model_checksum(self.module, self.variant)
         return self._checksum
 
     @property

@@ -101,3 +101,18 @@ def run_until_retained(adapter, encoded, ret: Retain) -> None:
         pass
     finally:
         ret.armed = False
+
+
+# Hooks that libraries keep on a model without changing what it computes: transformers (5.x)
+# installs output-capturing hooks on first use of output_hidden_states / output_attentions.
+BENIGN_HOOK_MODULES = ("transformers.utils.output_capturing",)
+
+
+def user_hooks(model: torch.nn.Module) -> list[str]:
+    """The dotted paths of ``model``'s modules that carry forward hooks or pre-hooks other than
+    the benign ones above: code acting outside the weights ('' for the root)."""
+    def benign(fn) -> bool:
+        fn = getattr(fn, "func", fn)
+        return getattr(fn, "__module__", "").startswith(BENIGN_HOOK_MODULES)
+    return [name for name, m in model.named_modules()
+            if any(not benign(f) for f in list(m._forward_hooks.values()) + list(m._forward_pre_hooks.values()))]

@@ -235,16 +235,67 @@ def _union(s, e):
 
 
 def default_version(h: Hypothesis) -> str:
-    """A version derived from the function's source code and the hypothesis' settings, so that
-    editing the function invalidates stored labels."""
+    """A version derived from the function's source code, the values it reads besides its text
+    (``function_inputs``) and the hypothesis' settings, so that editing the function, or a
+    constant it reads, invalidates stored labels."""
     fn = getattr(h.fn, "func", h.fn)
     try:
         src = inspect.getsource(fn)
     except (OSError, TypeError):
         src = getattr(fn, "__qualname__", repr(fn))
-    extra = repr(getattr(h.fn, "keywords", None)) + repr(getattr(h.fn, "args", None))
-    payload = "\n".join([src, extra, h.kind, repr(h.categories), repr(getattr(h.fn, "__dbd_params__", None))])
+    extra = _stable(getattr(h.fn, "keywords", None)) + _stable(getattr(h.fn, "args", None))
+    payload = "\n".join([src, extra, function_inputs(fn), h.kind, repr(h.categories),
+                         repr(getattr(h.fn, "__dbd_params__", None))])
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+_PLAIN = (bool, int, float, complex, str, bytes, type(None))
+
+
+def _stable(v, depth: int = 0) -> str:
+    """A text that is the same for equal plain values in every process: numbers, strings,
+    None, and lists, tuples, sets and dicts of them (numpy arrays by their bytes); anything else
+    by its type's name alone (an object's repr may hold its memory address)."""
+    if isinstance(v, _PLAIN):
+        return repr(v)
+    if depth < 4 and isinstance(v, (list, tuple)):
+        return type(v).__name__ + "(" + ",".join(_stable(x, depth + 1) for x in v) + ")"
+    if depth < 4 and isinstance(v, (set, frozenset)):
+        return type(v).__name__ + "(" + ",".join(sorted(_stable(x, depth + 1) for x in v)) + ")"
+    if depth < 4 and isinstance(v, dict):
+        return "dict(" + ",".join(sorted(f"{_stable(k, depth + 1)}:{_stable(x, depth + 1)}" for k, x in v.items())) + ")"
+    try:
+        import numpy as np
+        if isinstance(v, np.ndarray):
+            return f"ndarray({v.dtype},{v.shape},{hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()[:16]})"
+    except ImportError:                      # pragma: no cover - numpy is a dependency
+        pass
+    return f"<{type(v).__module__}.{type(v).__qualname__}>"
+
+
+def function_inputs(fn) -> str:
+    """What a hypothesis function reads besides its argument, as a stable text: its default
+    argument values, the values of the variables it closes over, and the module-level names its
+    code reads whose values are plain (a threshold, a word list); functions, modules and other
+    objects count by their type alone."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return ""
+    parts = [_stable(getattr(fn, "__defaults__", None)), _stable(getattr(fn, "__kwdefaults__", None))]
+    for name, cell in zip(code.co_freevars, getattr(fn, "__closure__", None) or ()):
+        try:
+            parts.append(f"{name}={_stable(cell.cell_contents)}")
+        except ValueError:                   # an empty cell
+            parts.append(f"{name}=<empty>")
+    g = getattr(fn, "__globals__", {})
+    names = set(code.co_names)
+    for const in code.co_consts:             # names read by nested functions and comprehensions
+        if inspect.iscode(const):
+            names |= set(const.co_names)
+    for name in sorted(names):
+        if name in g and isinstance(g[name], _PLAIN + (list, tuple, set, frozenset, dict)):
+            parts.append(f"{name}={_stable(g[name])}")
+    return "|".join(parts)
 
 
 # -- registry -------------------------------------------------------------------------------

@@ -1,0 +1,160 @@
+"""Records from a user's own files: the corpus of a study that is not bundled.
+
+``read_records(path)`` returns the records ``add_dataset`` stores (dicts with 'text' and
+'source'), from
+
+- ``lines``: a text file, one record per non-empty line (a sentence per line, as in the Penn
+  Treebank); the line's end is not part of the record;
+- ``jsonl``: JSON Lines, one object per line, the record's text in ``column``;
+- ``csv`` / ``tsv``: a header row, the text in ``column``;
+- ``parquet``: the text in ``column``;
+- ``files``: a folder, every file matching ``pattern`` one record (for source code: a file
+  per record), cut at line ends into records of at most ``max_chars`` characters when given;
+- ``paths``: a folder, every file matching ``pattern`` one record whose text is the file's
+  descriptor ``{"path": "/absolute/path"}`` (images for an ImageAdapter, corpora/images.py).
+
+The format follows the file's suffix unless given. Each record's source says where it came
+from (``file:line``, ``file:row``, or the file's path in the folder with the character offset of
+the chunk), or comes from ``source_column``. Empty and missing texts are skipped and counted
+(``RecordsRead.skipped``), so a record's position in the dataset may differ from its row: its
+source keeps the way back. Unreadable input raises DeepBaseError naming the file and the place.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import DeepBaseError
+from .stdlib import chunk_text
+
+FORMATS = ("lines", "jsonl", "csv", "tsv", "parquet", "files", "paths")
+_SUFFIX = {".txt": "lines", ".text": "lines", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv",
+           ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+class RecordsRead(list):
+    """The records read (a list of {'text', 'source'} dicts), with ``skipped``: how many empty
+    or missing texts were left out, and ``format``: the format read."""
+
+    def __init__(self, records, skipped: int, fmt: str):
+        super().__init__(records)
+        self.skipped, self.format = skipped, fmt
+
+
+def read_records(path, format: str | None = None, column: str = "text", source_column: str | None = None,
+                 pattern: str = "**/*", max_chars: int | None = None) -> RecordsRead:
+    """The records of the file or folder at ``path`` (see the module docstring); ``format``:
+    one of FORMATS, or None to choose by the suffix (a folder: 'files')."""
+    p = Path(path)
+    if not p.exists():
+        raise DeepBaseError(f"no file or folder at {str(p)!r}")
+    fmt = format or ("files" if p.is_dir() else _SUFFIX.get(p.suffix.lower()))
+    if fmt is None:
+        raise DeepBaseError(f"{p.name}: cannot tell the format from the suffix {p.suffix!r}; "
+                            f"give one of {', '.join(FORMATS)}")
+    if fmt not in FORMATS:
+        raise DeepBaseError(f"unknown format {fmt!r}; formats: {', '.join(FORMATS)}")
+    folders = ("files", "paths")
+    if p.is_dir() and fmt not in folders:
+        raise DeepBaseError(f"{str(p)!r} is a folder: read it with the format 'files' (each file's text a "
+                            f"record) or 'paths' (each file's path, for images)")
+    if fmt in folders and not p.is_dir():
+        raise DeepBaseError(f"{str(p)!r} is a file: the format {fmt!r} reads a folder")
+    if max_chars is not None and fmt == "paths":
+        raise DeepBaseError("max_chars cuts texts; the format 'paths' makes one record per file")
+    if max_chars is not None and max_chars < 1:
+        raise DeepBaseError(f"max_chars must be a positive number of characters, got {max_chars}")
+    if fmt == "files":
+        rows = ((name, _text(f)) for name, f in _folder(p, pattern))
+    elif fmt == "paths":
+        rows = ((name, json.dumps({"path": str(f.resolve())})) for name, f in _folder(p, pattern))
+    elif fmt == "lines":
+        rows = ((f"{p.name}:{i}", line) for i, line in enumerate(_lines(_text(p)), 1))
+    elif fmt == "jsonl":
+        rows = _jsonl(p, column, source_column)
+    else:
+        rows = _table(p, fmt, column, source_column)
+    out, skipped = [], 0
+    for source, text in rows:
+        if text is None or text == "" or (fmt == "lines" and not text.strip()):
+            skipped += 1
+            continue
+        if not isinstance(text, str):
+            raise DeepBaseError(f"{source}: the text is a {type(text).__name__}, not a string")
+        if max_chars is None:
+            out.append({"text": text, "source": source})
+        else:
+            out += [{"text": chunk, "source": f"{source}@{offset}" if offset else source}
+                    for offset, chunk in chunk_text(text, max_chars)]
+    if not out:
+        raise DeepBaseError(f"{str(p)!r} holds no non-empty text ({skipped} empty or missing)")
+    return RecordsRead(out, skipped, fmt)
+
+
+def _text(p: Path) -> str:
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8").replace("\r\n", "\n")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise DeepBaseError(f"{p}: not UTF-8 text (byte {exc.start}, line {line}); convert it to UTF-8 first") from None
+
+
+def _lines(text: str) -> list[str]:
+    """The lines of ``text`` without their ends (a final line end opens no empty line)."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+def _folder(p: Path, pattern: str):
+    files = sorted(f for f in p.glob(pattern) if f.is_file())
+    if not files:
+        raise DeepBaseError(f"no file in {str(p)!r} matches {pattern!r}")
+    for f in files:
+        yield f.relative_to(p).as_posix(), f
+
+
+def _jsonl(p: Path, column: str, source_column: str | None):
+    for i, line in enumerate(_lines(_text(p)), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DeepBaseError(f"{p.name}:{i}: not a JSON object ({exc.msg})") from None
+        if not isinstance(obj, dict):
+            raise DeepBaseError(f"{p.name}:{i}: a JSON {type(obj).__name__}, not an object")
+        if column not in obj:
+            raise DeepBaseError(f"{p.name}:{i}: no key {column!r} (keys: {', '.join(map(str, obj)) or 'none'}); "
+                                f"name the text's key with column")
+        source = f"{p.name}:{i}"
+        if source_column is not None:
+            if source_column not in obj:
+                raise DeepBaseError(f"{p.name}:{i}: no key {source_column!r} for the source")
+            source = str(obj[source_column])
+        yield source, obj[column]
+
+
+def _table(p: Path, fmt: str, column: str, source_column: str | None):
+    import pyarrow as pa
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+            t = pq.read_table(p)
+        else:
+            from pyarrow import csv
+            t = csv.read_csv(p, parse_options=csv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","),
+                             convert_options=csv.ConvertOptions(strings_can_be_null=True))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DeepBaseError(f"{p.name}: cannot read it as {fmt}: {exc}") from None
+    for c in [column] + ([source_column] if source_column else []):
+        if c not in t.column_names:
+            raise DeepBaseError(f"{p.name}: no column {c!r} (columns: {', '.join(t.column_names)})")
+    texts = t.column(column)
+    if not pa.types.is_string(texts.type) and not pa.types.is_large_string(texts.type):
+        raise DeepBaseError(f"{p.name}: column {column!r} holds {texts.type}, not text")
+    sources = (t.column(source_column).cast(pa.string()).to_pylist() if source_column
+               else [f"{p.name}:row {i}" for i in range(1, t.num_rows + 1)])
+    yield from zip(sources, texts.to_pylist())

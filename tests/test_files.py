@@ -1,0 +1,137 @@
+"""A user's own corpus from files (corpora/files.py and ``deepbase-duck add-dataset``): every
+format read back record by record, sources that lead back to the row, empty texts skipped and
+counted, bad input named."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import deepbase_duck as dbd
+from deepbase_duck.errors import DeepBaseError
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXTS = ["The cat sat .", "  x = [1, 2]  # indented", "naïve café ☕", "last one"]
+
+
+def test_lines_one_record_per_non_empty_line(tmp_path):
+    f = tmp_path / "sentences.txt"
+    f.write_text(f"{TEXTS[0]}\r\n{TEXTS[1]}\n\n   \n{TEXTS[2]}\n{TEXTS[3]}", encoding="utf-8")
+    got = dbd.read_records(f)
+    assert [r["text"] for r in got] == TEXTS                    # leading spaces kept, CR and LF dropped
+    assert [r["source"] for r in got] == ["sentences.txt:1", "sentences.txt:2", "sentences.txt:5", "sentences.txt:6"]
+    assert got.skipped == 2 and got.format == "lines"
+
+
+def test_jsonl_csv_tsv_parquet_give_the_same_records(tmp_path):
+    rows = [{"id": f"doc{i}", "body": t} for i, t in enumerate(TEXTS)] + [{"id": "doc9", "body": None}]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
+    t = pa.table({"id": [r["id"] for r in rows], "body": [r["body"] for r in rows]})
+    pq.write_table(t, tmp_path / "a.parquet")
+    import pyarrow.csv as pcsv
+    pcsv.write_csv(t, tmp_path / "a.csv")
+    pcsv.write_csv(t, tmp_path / "a.tsv", pcsv.WriteOptions(delimiter="\t"))
+    for name in ("a.jsonl", "a.parquet", "a.csv", "a.tsv"):
+        got = dbd.read_records(tmp_path / name, column="body", source_column="id")
+        assert [r["text"] for r in got] == TEXTS, name
+        assert [r["source"] for r in got] == ["doc0", "doc1", "doc2", "doc3"], name
+        assert got.skipped == 1, name
+    got = dbd.read_records(tmp_path / "a.csv", column="body")
+    assert [r["source"] for r in got] == [f"a.csv:row {i}" for i in range(1, 5)]
+
+
+def test_folder_of_files_cut_at_line_ends(tmp_path):
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    code = "".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(40))
+    (tmp_path / "pkg" / "a.py").write_text(code)
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("print('b')\n")
+    (tmp_path / "pkg" / "notes.md").write_text("not code\n")
+    got = dbd.read_records(tmp_path / "pkg", pattern="**/*.py", max_chars=200)
+    a = [r for r in got if r["source"].startswith("a.py")]
+    assert "".join(r["text"] for r in a) == code                  # nothing lost, nothing repeated
+    assert all(len(r["text"]) <= 200 and r["text"].endswith("\n") for r in a)
+    assert a[0]["source"] == "a.py" and a[1]["source"] == f"a.py@{len(a[0]['text'])}"
+    assert got[-1] == {"text": "print('b')\n", "source": "sub/b.py"}
+    assert not any("notes" in r["source"] for r in got)
+
+
+def test_folder_of_images_as_path_records(tmp_path):
+    """Format 'paths': each image file a record holding its descriptor, which the image corpus
+    loads back to the same pixels."""
+    from PIL import Image
+    from deepbase_duck.corpora.images import load_image
+    rng = np.random.default_rng(0)
+    pixels = {name: rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for name, h, w in (("a.png", 12, 20),
+                                                                                      ("b.png", 9, 9))}
+    for name, px in pixels.items():
+        Image.fromarray(px).save(tmp_path / name)
+    (tmp_path / "readme.txt").write_text("not an image")
+    got = dbd.read_records(tmp_path, "paths", pattern="*.png")
+    assert [r["source"] for r in got] == ["a.png", "b.png"]
+    for r in got:
+        assert json.loads(r["text"]) == {"path": str((tmp_path / r["source"]).resolve())}
+        np.testing.assert_array_equal(load_image(r["text"]), pixels[r["source"]])
+    with pytest.raises(DeepBaseError, match="one record per file"):
+        dbd.read_records(tmp_path, "paths", max_chars=100)
+
+
+@pytest.mark.parametrize("make, kwargs, message", [
+    (lambda d: d / "missing.txt", {}, "no file or folder"),
+    (lambda d: _write(d / "a.xml", "x"), {}, "cannot tell the format"),
+    (lambda d: _write(d / "a.txt", "x"), {"format": "yaml"}, "unknown format 'yaml'"),
+    (lambda d: _write(d / "a.txt", "\n \n"), {}, "holds no non-empty text (2 empty"),
+    (lambda d: _write_bytes(d / "a.txt", b"ok\n\xff\xfe bad"), {}, "not UTF-8 text (byte 3, line 2)"),
+    (lambda d: _write(d / "a.jsonl", '{"text": "a"}\n{"text": "b"\n'), {}, "a.jsonl:2: not a JSON object"),
+    (lambda d: _write(d / "a.jsonl", '{"body": "a"}\n'), {}, "no key 'text' (keys: body)"),
+    (lambda d: _write(d / "a.csv", "body,id\nx,1\n"), {}, "no column 'text' (columns: body, id)"),
+    (lambda d: _write(d / "a.csv", "text,id\n1,1\n"), {}, "column 'text' holds int64, not text"),
+    (lambda d: d, {"pattern": "*.py"}, "no file in"),
+    (lambda d: _write(d / "a.txt", "x"), {"format": "files"}, "is a file: the format 'files' reads a folder"),
+    (lambda d: d, {"format": "csv"}, "is a folder: read it with the format 'files'"),
+])
+def test_bad_input_names_the_problem(tmp_path, make, kwargs, message):
+    with pytest.raises(DeepBaseError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        dbd.read_records(make(tmp_path), **kwargs)
+
+
+def _write(p, text):
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def _write_bytes(p, data):
+    p.write_bytes(data)
+    return p
+
+
+def test_cli_add_dataset_stores_the_records(tmp_path):
+    f = _write(tmp_path / "code.jsonl", "\n".join(json.dumps({"text": t, "file": f"f{i}.py"})
+                                                  for i, t in enumerate(["x = 'a'\n", "", "# c\ny = 1\n"])))
+    db = str(tmp_path / "s.duckdb")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "deepbase_duck", "--quiet", *args], capture_output=True,
+                              text=True, cwd=ROOT, timeout=600)
+    r = cli("add-dataset", db, "mine", str(f), "--source-column", "file")
+    assert r.returncode == 0, r.stderr
+    assert "mine: 2 records (jsonl, 18 characters); 1 empty or missing texts skipped" in r.stdout
+    r = cli("add-dataset", db, "mine", str(f), "--source-column", "file")          # the same again: a no-op
+    assert r.returncode == 0, r.stderr
+    r = cli("add-dataset", db, "mine", str(_write(tmp_path / "other.txt", "z\n")))
+    assert r.returncode == 2 and "already exists with different records; pass replace=True" in r.stderr
+    r = cli("add-dataset", db, "mine", str(tmp_path / "nothing.csv"))
+    assert r.returncode == 2 and "no file or folder" in r.stderr and r.stderr.count("\n") == 1
+    con = dbd.connect(db, progress=False)
+    try:
+        assert con.execute("SELECT record_id, source, text FROM records WHERE dataset = 'mine' ORDER BY 1").fetchall() \
+            == [(0, "f0.py", "x = 'a'\n"), (1, "f2.py", "# c\ny = 1\n")]
+    finally:
+        dbd.close(con)
+    r = cli("add-dataset", db, "mine", str(tmp_path / "other.txt"), "--replace")
+    assert r.returncode == 0 and "mine: 1 records (lines, 1 characters)" in r.stdout, r.stderr
