@@ -126,6 +126,20 @@ class Session:
                           [name])
         if row is None:
             raise UnknownNameError("model", name, self.model_names())
+        live = self.adapters.get(name)
+        if live is not None and row[3] is not None and live.checksum != row[1]:
+            # the model object registered (or loaded) under this name was changed in place since:
+            # the name follows the object, now another model (its own keys, nothing stored reused);
+            # registered again as a live object, since no loader yields it any more (with the same
+            # submodules, only its checksum and loader change: no forward pass to measure widths)
+            layers = sorted((n, type(m).__name__) for n, m in live.module.named_modules() if n)
+            if layers == sorted(store.q_all(self.con, "SELECT layer, module_type FROM layers WHERE model = ?", [name])):
+                with store.Transaction(self.con) as con:
+                    con.execute("UPDATE models SET checksum = ?, loader = NULL, params = '{}' WHERE name = ?",
+                                [live.checksum, name])
+            else:
+                self.register_model(name, live)
+            return self.model_row(name)
         if row[3] is None and row[4] and name not in self.adapters:
             # a row keyed by the weights alone (an earlier store): loading the model moves it and
             # its behaviors to the current checksum before any query keys anything by it
@@ -177,25 +191,37 @@ class Session:
             raise DeepBaseError(
                 f"dataset {name!r} already exists with different records; pass replace=True to replace it "
                 "(its labels, symbols and stored activations are then dropped)")
+        dropped = []
         with store.Transaction(self.con) as con:
             if exists:
-                self._drop_dataset(con, name)
+                dropped = self._drop_dataset(con, name)
             con.execute("INSERT INTO datasets (name, description) VALUES (?, ?)", [name, description])
             store.insert_arrow(con, "records", pa.table({
                 "dataset": pa.array([name] * len(texts)),
                 "record_id": pa.array(np.arange(len(texts), dtype=np.int32)),
                 "source": pa.array(sources, pa.string()),
                 "text": pa.array(texts, pa.string())}))
+        for directory in dropped:          # files go once the catalog no longer lists them
+            store.remove_tree(self.act_root / directory)
         return len(texts)
 
     def _same_texts(self, name, texts) -> bool:
         stored = store.q_all(self.con, "SELECT text FROM records WHERE dataset = ? ORDER BY record_id", [name])
         return [r[0] for r in stored] == list(texts)
 
-    def _drop_dataset(self, con, name):
+    def _drop_dataset(self, con, name) -> list[str]:
+        """Delete dataset ``name`` and everything stored from its records (symbols, labels, stored
+        activations with their views) in the caller's transaction; returns the activation
+        folders to delete once it commits."""
         for table in ("records", "symbols", "tokenized_records", "labels", "labeled_records"):
             con.execute(f"DELETE FROM {table} WHERE dataset = ?", [name])
         con.execute("DELETE FROM datasets WHERE name = ?", [name])
+        behaviors = store.q_all(con, "SELECT behavior_id, view_name, directory FROM behaviors WHERE dataset = ?", [name])
+        for bid, view, _ in behaviors:
+            con.execute(f"DROP VIEW IF EXISTS {view}")
+            for table in ("behavior_records", "behavior_parts", "behaviors"):
+                con.execute(f"DELETE FROM {table} WHERE behavior_id = ?", [bid])
+        return [directory for _, _, directory in behaviors]
 
     def dataset_names(self) -> list[str]:
         return [r[0] for r in store.q_all(self.con, "SELECT name FROM datasets ORDER BY name")]

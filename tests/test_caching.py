@@ -250,3 +250,134 @@ def test_library_output_capturing_hooks_are_not_user_hooks():
     assert user_hooks(ad.module) == []
     ad.module.encoder.layer[1].register_forward_hook(lambda m, i, o: o)
     assert user_hooks(ad.module) == ["encoder.layer.1"]
+
+
+# -- a live model edited between two queries --------------------------------------------------------
+
+def _mix_outputs(con, texts):
+    """The `mix` layer's activations computed directly from the module (no engine)."""
+    import torch
+    adapter = dbd.catalog.session_of(con).adapters["planted"]
+    with torch.no_grad():
+        return np.concatenate([adapter.module(adapter.encode([t]).inputs)[0].numpy() for t in texts])
+
+
+def test_a_live_model_edited_in_place_is_another_model(planted):
+    """An ablation done in place (a weight zeroed under no_grad) between two queries: the second
+    query runs the edited model (neither the first query's scores nor its stored activations are
+    reused), its scores are the edited model's (numpy reference), the catalog keys it by the new
+    checksum; restoring the weights makes the first query's scores valid again."""
+    import torch
+    from deepbase_duck.extraction.adapters import model_checksum
+    module = module_of(planted)
+    kw = {"measures": ["corr"], "keep_activations": True}
+    first = dbd.inspect(planted, "planted", ["mix"], HYPS, "snippets", **kw)
+    q1, source, _ = last_query(planted)
+    assert source == "model"
+    saved = module.mix[0].weight.detach().clone()
+    with torch.no_grad():
+        module.mix[0].weight[:, 0] = 0.0            # unit 0 of `planted` no longer reaches `mix`
+    second = dbd.inspect(planted, "planted", ["mix"], HYPS, "snippets", **kw)
+    _, source, params = last_query(planted)
+    assert source == "model" and params["reused"]["scores_of_query"] is None
+    assert params["reused"]["activation_records_read"] == 0
+    (checksum, loader), = planted.sql("SELECT checksum, loader FROM models WHERE name = 'planted'").fetchall()
+    assert checksum == model_checksum(module) and loader is None
+    acts = _mix_outputs(planted, TEXTS)
+    y = np.concatenate([per_char_labels(get_hypothesis("digit"), t) for t in TEXTS])
+    got = {r["unit"]: r["score"] for r in second.to_pylist() if r["hypothesis"] == "digit"}
+    for u in range(4):
+        assert got[u] == pytest.approx(np.corrcoef(acts[:, u], y)[0, 1], abs=1e-5)
+    assert max(abs(by_key(first)[k] - by_key(second)[k]) for k in by_key(first)) > 1e-3
+    # the original weights back: the first model's key again, its stored activations read (the
+    # model does not run) and, without keep_activations, its scores served from the cache
+    with torch.no_grad():
+        module.mix[0].weight.copy_(saved)
+    calls = module.calls
+    third = dbd.inspect(planted, "planted", ["mix"], HYPS, "snippets", **kw)
+    _, source, params = last_query(planted)
+    assert source == "stored" and params["reused"]["activation_records_read"] == len(TEXTS)
+    assert module.calls == calls
+    assert all(v == pytest.approx(by_key(third)[k], abs=1e-12) for k, v in by_key(first).items())
+    dbd.inspect(planted, "planted", ["mix"], HYPS, "snippets", measures=["corr"])
+    _, source, params = last_query(planted)
+    assert source == "cache" and params["reused"]["scores_of_query"] in (q1, q1 + 2)
+
+
+def test_writes_through_data_and_swapped_submodules_are_seen(planted):
+    """PyTorch's version counter misses writes through `.data`; the fingerprint's sampled values
+    see a whole-tensor one. A swapped submodule is another tensor object. An unchanged model is
+    not hashed again (the checksum is computed once)."""
+    import torch
+    from deepbase_duck.extraction import adapters
+    adapter = dbd.catalog.session_of(planted).adapters["planted"]
+    before = adapter.checksum
+    calls = []
+    real = adapters.model_checksum
+    adapters.model_checksum = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        assert adapter.checksum == before and calls == []          # unchanged: not hashed again
+        adapter.module.mix[0].bias.data.copy_(torch.tensor([0.5, -0.5, 0.25, 2.0]))
+        after_data = adapter.checksum
+        assert after_data != before and len(calls) == 1
+        torch.manual_seed(1)
+        adapter.module.embed = torch.nn.Embedding(adapter.module.embed.num_embeddings, 3)
+        assert adapter.checksum not in (before, after_data) and len(calls) == 2
+    finally:
+        adapters.model_checksum = real
+    assert adapter.checksum == real(adapter.module)
+    dbd.inspect(planted, "planted", ["mix"], ["digit"], "snippets")
+    assert planted.sql("SELECT checksum FROM models WHERE name = 'planted'").fetchall() == [(adapter.checksum,)]
+
+
+def test_a_loaded_model_edited_in_place_is_registered_as_live(con):
+    """A model registered by loader spec and then edited in place is no longer what the loader
+    yields: its row becomes a live registration (no loader), keyed by the edited checksum."""
+    import torch
+    dbd.register_model(con, "lstm", "deepbase_duck.models.zoo:charlstm", {"checkpoint": "final"})
+    dbd.add_dataset(con, "few", TEXTS[:4])
+    dbd.inspect(con, "lstm", ["lstm0"], ["digit"], "few")
+    (c0, loader), = con.sql("SELECT checksum, loader FROM models WHERE name = 'lstm'").fetchall()
+    assert loader == "deepbase_duck.models.zoo:charlstm"
+    adapter = dbd.catalog.session_of(con).adapter("lstm")
+    with torch.no_grad():
+        adapter.module.lstm0.weight_hh_l0.mul_(0.5)
+    dbd.inspect(con, "lstm", ["lstm0"], ["digit"], "few")
+    assert last_query(con)[1] == "model"
+    (c1, loader), = con.sql("SELECT checksum, loader FROM models WHERE name = 'lstm'").fetchall()
+    assert c1 != c0 and c1 == adapter.checksum and loader is None
+
+
+def test_replacing_a_dataset_drops_its_stored_activations(planted):
+    """add_dataset(..., replace=True) with other texts under the same name: the activations stored
+    for the old records (catalog rows, view, Parquet folder) go with them, and the next query runs
+    the model on the new texts (its scores equal a fresh store's), instead of reading the old
+    records' activations by record id."""
+    session = dbd.catalog.session_of(planted)
+    out = dbd.extract(planted, "planted", ["planted", "mix"], "snippets")
+    views = [r["view"] for r in out]
+    folders = [session.act_root / d for (d,) in planted.sql("SELECT directory FROM behaviors").fetchall()]
+    assert len(folders) == 2 and all(f.is_dir() for f in folders)
+    new_texts = ["x = 7 + 'a' * 3\n", "print([1, 2], 'z9')\n", "no digits\n"]
+    dbd.add_dataset(planted, "snippets", new_texts, replace=True)
+    assert planted.sql("SELECT count(*) FROM behaviors").fetchall() == [(0,)]
+    assert planted.sql("SELECT count(*) FROM behavior_records").fetchall() == [(0,)]
+    assert not any(f.exists() for f in folders)
+    for v in views:
+        with pytest.raises(Exception, match=v):
+            planted.sql(f"SELECT count(*) FROM {v}").fetchall()
+    got = dbd.inspect(planted, "planted", ["planted", "mix"], HYPS, "snippets")
+    _, source, params = last_query(planted)
+    assert source == "model" and params["reused"]["activation_records_read"] == 0
+    fresh = dbd.connect(None, progress=False)
+    try:
+        from conftest import planted_adapter
+        dbd.register_model(fresh, "planted", planted_adapter())
+        dbd.add_dataset(fresh, "snippets", new_texts)
+        want = by_key(dbd.inspect(fresh, "planted", ["planted", "mix"], HYPS, "snippets"))
+    finally:
+        dbd.close(fresh)
+    assert by_key(got).keys() == want.keys()
+    for k, v in want.items():
+        assert (v is None and by_key(got)[k] is None) or by_key(got)[k] == pytest.approx(v, abs=1e-12)
+    assert by_key(got)[("planted", 0, "digit", "corr")] == pytest.approx(1.0)   # the planted digit unit

@@ -95,6 +95,29 @@ def model_checksum(module: torch.nn.Module, variant: str = "") -> str:
     return h.hexdigest()
 
 
+def state_fingerprint(module: torch.nn.Module, variant: str = "") -> tuple:
+    """A cheap summary that changes when the module's identity may have: each parameter and
+    buffer's object, storage, shape, dtype and PyTorch version counter (bumped by every in-place
+    write: an optimiser step, ``load_state_dict``, ``weight[:, 3] = 0`` under ``no_grad``), a few
+    of its values (writes through ``.data``, which leave the counter alone, of more than a few
+    elements), every submodule's class, and the variant. Not a checksum: it only says when
+    ``model_checksum`` must be computed again."""
+    items, probes = [], {}
+    try:
+        for name, t in module.state_dict(keep_vars=True).items():
+            items.append((name, id(t), t.data_ptr() if t.numel() else 0, t._version, t.dtype, tuple(t.shape)))
+            if t.numel() and not (t.is_quantized or t.is_complex() or t.is_meta) and t.layout == torch.strided:
+                flat = t.detach().reshape(-1)
+                step = max(1, flat.numel() // 7)
+                probes.setdefault(t.device, []).append(flat[::step][:8].to(torch.float64))
+        values = tuple(torch.cat(v).cpu().numpy().tobytes()
+                       for _, v in sorted(probes.items(), key=lambda kv: str(kv[0])))
+    except Exception:              # a tensor type without storage or version (a wrapper subclass):
+        return (object(),)         # equal to no other fingerprint, so the checksum is always computed
+    classes = tuple((n, type(m)) for n, m in module.named_modules())
+    return tuple(items), values, classes, variant
+
+
 def weights_checksum(module: torch.nn.Module) -> str:
     """sha256 over the state_dict: every tensor's name, dtype, shape and bytes, in name order
     (the model's whole identity in stores written before session 9: see Session.adapter)."""
@@ -153,8 +176,15 @@ class ModelAdapter:
     # -- identity ---------------------------------------------------------------------------
     @property
     def checksum(self) -> str:
-        if self._checksum is None:
+        """``model_checksum`` of the module as it is now. It is computed once and recomputed when
+        ``state_fingerprint`` says the module changed since (weights written in place, a tensor or
+        submodule swapped, another variant): a live model edited between two queries (a unit
+        zeroed, a fine-tuning step) is then another model, never served the earlier one's stored
+        activations or scores."""
+        fingerprint = state_fingerprint(self.module, self.variant)
+        if self._checksum is None or fingerprint != self.__dict__.get("_fingerprint"):
             self._checksum = model_checksum(self.module, self.variant)
+            self._fingerprint = fingerprint
         return self._checksum
 
     @property
