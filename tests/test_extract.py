@@ -371,3 +371,53 @@ def test_a_deferred_finite_check_runs_at_verify(con):
     ok = next(forward_batches(session, session.adapter("nanny"), "nanny", ["planted"], "tilde", [[0]], counts,
                               defer_check=True))
     assert ok.verify() is ok and ok.pending is None
+
+
+def _scores(table):
+    return {(r["layer"], r["unit"], r["hypothesis"]): r["score"] for r in table.to_pylist()}
+
+
+def test_part_files_deleted_by_hand_are_computed_again(tmp_path):
+    """The catalog lists parts whose files were deleted (one part of one layer, then a layer's
+    whole folder): the next scan warns, naming the model, layer and dataset, computes those
+    records again (its scores equal a fresh store's) instead of failing on a missing file, and
+    the next extraction stores them again (the view reads every record once more)."""
+    import shutil
+    db = str(tmp_path / "s.duckdb")
+    con = dbd.connect(db, progress=False)
+    dbd.register_model(con, "charlstm", "deepbase_duck.models.zoo:charlstm", {"checkpoint": "final"})
+    dbd.add_dataset(con, "snippets", TEXTS[:8])
+    for ids in (range(0, 4), range(4, 8)):          # two parts per layer
+        dbd.extract(con, "charlstm", ["lstm0", "lstm1"], "snippets", record_ids=list(ids))
+    dbd.close(con)
+    session_root = Path(db + ".acts")
+    folders = {p.name.split("-")[2]: p for p in session_root.iterdir()}
+    (folders["lstm0"] / "part-000002.parquet").unlink()            # records 4..7 of lstm0
+    kw = {"measures": ["corr"], "reuse": False}
+    con = dbd.connect(db, progress=False)
+    try:
+        with pytest.warns(UserWarning, match=r"model 'charlstm', layer 'lstm0' on dataset 'snippets': 1 of 2 part "
+                                             r"files are missing .*their 4 records will be computed again"):
+            got = dbd.inspect(con, "charlstm", ["lstm0", "lstm1"], ["digit", "in_string"], "snippets", **kw)
+        source, reused = con.sql("SELECT source, params->'reused' FROM queries ORDER BY query_id DESC LIMIT 1"
+                                 ).fetchall()[0]
+        assert source == "stored+model" and '"activation_records_read":4' in reused.replace(" ", "")
+        fresh = dbd.connect(None, progress=False)
+        dbd.register_model(fresh, "charlstm", "deepbase_duck.models.zoo:charlstm", {"checkpoint": "final"})
+        dbd.add_dataset(fresh, "snippets", TEXTS[:8])
+        want = _scores(dbd.inspect(fresh, "charlstm", ["lstm0", "lstm1"], ["digit", "in_string"], "snippets", **kw))
+        dbd.close(fresh)
+        assert _scores(got).keys() == want.keys()
+        assert all(abs(_scores(got)[k] - v) < 1e-9 for k, v in want.items() if v is not None)
+        res = dbd.extract(con, "charlstm", ["lstm0", "lstm1"], "snippets")   # stores the forgotten records
+        assert {r["layer"]: r["extracted"] for r in res} == {"lstm0": 4, "lstm1": 0}
+        n_symbols = sum(len(t) for t in TEXTS[:8])
+        assert con.sql(f"SELECT count(*) FROM {res[0]['view']}").fetchall() == [(n_symbols,)]
+        shutil.rmtree(folders["lstm1"])                              # a whole folder
+        with pytest.warns(UserWarning, match=r"layer 'lstm1' .* 2 of 2 part files are missing"):
+            dbd.inspect(con, "charlstm", ["lstm1"], ["digit"], "snippets", **kw)
+        res = dbd.extract(con, "charlstm", ["lstm1"], "snippets")
+        assert res[0]["extracted"] == 8
+        assert con.sql(f"SELECT count(*) FROM {res[0]['view']}").fetchall() == [(n_symbols,)]
+    finally:
+        dbd.close(con)

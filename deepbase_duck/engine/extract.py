@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,13 +152,46 @@ def find_behavior(con, checksum, layer, dataset, tokenization, dtype) -> dict | 
     if row is None:
         return None
     return {"behavior_id": row[0], "directory": row[1], "view_name": row[2], "width": row[3], "model": row[4],
-            "layer": layer, "dtype": dtype}
+            "layer": layer, "dtype": dtype, "dataset": dataset}
+
+
+def stored_behavior(session, checksum, layer, dataset, tokenization, dtype) -> dict | None:
+    """``find_behavior``, with the catalog first brought in line with the files on disk
+    (``forget_missing_parts``): what it then lists as stored can be read."""
+    b = find_behavior(session.con, checksum, layer, dataset, tokenization, dtype)
+    if b is not None:
+        forget_missing_parts(session, b)
+    return b
+
+
+def forget_missing_parts(session, b: dict) -> int:
+    """Parts of ``b`` that the catalog lists but whose file is gone (its folder deleted or moved
+    by hand) are taken out of the catalog, with a warning: their records count as not stored, so
+    a scan computes them again and an extraction stores them again, instead of failing on a
+    missing file. Returns the number of records forgotten."""
+    folder = session.act_root / b["directory"]
+    parts = store.q_all(session.con, "SELECT part, file FROM behavior_parts WHERE behavior_id = ?", [b["behavior_id"]])
+    gone = [int(part) for part, name in parts if not (folder / name).is_file()]
+    if not gone:
+        return 0
+    bid = b["behavior_id"]
+    n = int(store.q_scalar(session.con, "SELECT count(*) FROM behavior_records WHERE behavior_id = ? AND "
+                                        "list_contains(?, part)", [bid, gone]))
+    with store.Transaction(session.con) as con:
+        con.execute("DELETE FROM behavior_records WHERE behavior_id = ? AND list_contains(?, part)", [bid, gone])
+        con.execute("DELETE FROM behavior_parts WHERE behavior_id = ? AND list_contains(?, part)", [bid, gone])
+        if len(gone) == len(parts):               # no file left for its view to read
+            con.execute(f"DROP VIEW IF EXISTS {b['view_name']}")
+    warnings.warn(f"stored activations of model {b.get('model')!r}, layer {b.get('layer')!r} on dataset "
+                  f"{b.get('dataset')!r}: {len(gone)} of {len(parts)} part files are missing from {folder} "
+                  f"(deleted or moved?); their {n} records will be computed again", stacklevel=3)
+    return n
 
 
 def get_or_create_behavior(session, model: str, checksum: str, layer: str, dataset: str, tokenization: str,
                            dtype: str, width: int) -> dict:
     con = session.con
-    b = find_behavior(con, checksum, layer, dataset, tokenization, dtype)
+    b = stored_behavior(session, checksum, layer, dataset, tokenization, dtype)
     if b is not None:
         return b
     bid = int(store.q_scalar(con, "SELECT coalesce(max(behavior_id), 0) + 1 FROM behaviors"))
@@ -166,7 +200,7 @@ def get_or_create_behavior(session, model: str, checksum: str, layer: str, datas
     con.execute("INSERT INTO behaviors VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [bid, model, checksum, layer, dataset, tokenization, dtype, width, directory, view])
     return {"behavior_id": bid, "directory": directory, "view_name": view, "width": width, "model": model,
-            "layer": layer, "dtype": dtype}
+            "layer": layer, "dtype": dtype, "dataset": dataset}
 
 
 def cleanup_orphans(session, b: dict) -> int:

@@ -37,7 +37,7 @@ from ..progress import progress_bar
 from .memory import caps_store_memory, release_freed_memory
 from .prefetch import batch_source, pipeline_by_default
 from .labels import LabelStream, LabelSupport, block_labels  # noqa: F401  (block_labels: public here too)
-from .extract import (Batch, SymbolWriter, cleanup_orphans, done_records, ensure_symbols, find_behavior,
+from .extract import (Batch, SymbolWriter, cleanup_orphans, done_records, ensure_symbols, stored_behavior,
                       forward_batches, get_or_create_behavior, plan_batches, store_batch, stored_symbol_counts)
 
 RESULT_SCHEMA = pa.schema([
@@ -226,7 +226,7 @@ def stored_coverage(session, plan: Plan, checksum, tokenization) -> tuple[dict, 
     for layer in plan.layers:
         best, best_done = None, np.empty(0, np.int64)
         for dtype in ("float32", "float16"):
-            b = find_behavior(session.con, checksum, layer, plan.dataset, tokenization, dtype)
+            b = stored_behavior(session, checksum, layer, plan.dataset, tokenization, dtype)
             if b is None:
                 continue
             done = np.intersect1d(covered, done_records(session.con, b["behavior_id"]))
