@@ -165,7 +165,12 @@ class Session:
     # -- datasets --------------------------------------------------------------------------
     def add_dataset(self, name: str, records, description: str = "", replace: bool = False) -> int:
         """Store ``records`` (strings, or dicts with 'text' and optional 'source') as dataset
-        ``name``; record ids are 0..n-1 in the given order. Returns the number of records."""
+        ``name``; record ids are 0..n-1 in the given order. Returns the number of records.
+
+        Where the dataset exists: the same texts change nothing (sources are updated); the same
+        texts followed by more appends the new records, keeping everything stored from the others
+        (symbols, labels, activations); other texts are refused unless ``replace``, which drops
+        the dataset with all that was stored from it and stores the new records."""
         texts, sources = [], []
         for i, r in enumerate(records):
             if isinstance(r, str):
@@ -182,32 +187,35 @@ class Session:
         if not texts:
             raise EmptyDatasetError(f"dataset {name!r}: no records given")
         exists = store.q_scalar(self.con, "SELECT count(*) FROM datasets WHERE name = ?", [name])
-        if exists and not replace:
-            n_old = store.q_scalar(self.con, "SELECT count(*) FROM records WHERE dataset = ?", [name])
-            same = store.q_scalar(
-                self.con, "SELECT count(*) FROM records WHERE dataset = ? AND record_id < ?", [name, len(texts)])
-            if n_old == len(texts) and same == len(texts) and self._same_texts(name, texts):
-                return len(texts)
-            raise DeepBaseError(
-                f"dataset {name!r} already exists with different records; pass replace=True to replace it "
-                "(its labels, symbols and stored activations are then dropped)")
+        first = 0                          # the first record id to insert
+        if exists:
+            old = store.q_all(self.con, "SELECT text, source FROM records WHERE dataset = ? ORDER BY record_id", [name])
+            if len(old) <= len(texts) and all(t == o[0] for t, o in zip(texts, old)):
+                first = len(old)           # the stored records, unchanged (maybe more after them)
+                if all(s == o[1] for s, o in zip(sources, old)) and first == len(texts):
+                    return len(texts)
+            elif not replace:
+                raise DeepBaseError(
+                    f"dataset {name!r} already exists with different records; pass replace=True to replace it "
+                    "(its labels, symbols and stored activations are then dropped)")
         dropped = []
         with store.Transaction(self.con) as con:
-            if exists:
+            if exists and first == 0:
                 dropped = self._drop_dataset(con, name)
-            con.execute("INSERT INTO datasets (name, description) VALUES (?, ?)", [name, description])
+            if exists and first:           # new sources of the kept records: their rows rewritten
+                if any(s != o[1] for s, o in zip(sources, old)):
+                    con.execute("DELETE FROM records WHERE dataset = ?", [name])
+                    first = 0
+            else:
+                con.execute("INSERT INTO datasets (name, description) VALUES (?, ?)", [name, description])
             store.insert_arrow(con, "records", pa.table({
-                "dataset": pa.array([name] * len(texts)),
-                "record_id": pa.array(np.arange(len(texts), dtype=np.int32)),
-                "source": pa.array(sources, pa.string()),
-                "text": pa.array(texts, pa.string())}))
+                "dataset": pa.array([name] * (len(texts) - first)),
+                "record_id": pa.array(np.arange(first, len(texts), dtype=np.int32)),
+                "source": pa.array(sources[first:], pa.string()),
+                "text": pa.array(texts[first:], pa.string())}))
         for directory in dropped:          # files go once the catalog no longer lists them
             store.remove_tree(self.act_root / directory)
         return len(texts)
-
-    def _same_texts(self, name, texts) -> bool:
-        stored = store.q_all(self.con, "SELECT text FROM records WHERE dataset = ? ORDER BY record_id", [name])
-        return [r[0] for r in stored] == list(texts)
 
     def _drop_dataset(self, con, name) -> list[str]:
         """Delete dataset ``name`` and everything stored from its records (symbols, labels, stored

@@ -84,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
                                                                 "of at most this many characters")
     ad.add_argument("--description", default="")
     ad.add_argument("--replace", action="store_true",
-                    help="replace a dataset of this name (its labels, symbols and stored activations are dropped)")
+                    help="replace a dataset of this name with other texts (its labels, symbols and stored activations "
+                         "are dropped); not needed to append records after the stored ones")
 
     n = add("annotate", "Compute and store hypothesis labels for a dataset.")
     n.add_argument("store"); n.add_argument("dataset"); n.add_argument("hypotheses", nargs="+")

@@ -381,3 +381,41 @@ def test_replacing_a_dataset_drops_its_stored_activations(planted):
     for k, v in want.items():
         assert (v is None and by_key(got)[k] is None) or by_key(got)[k] == pytest.approx(v, abs=1e-12)
     assert by_key(got)[("planted", 0, "digit", "corr")] == pytest.approx(1.0)   # the planted digit unit
+
+
+def test_a_dataset_extended_by_new_records_keeps_what_was_stored(planted):
+    """add_dataset with the stored texts followed by new ones appends the new records (no
+    replace needed): the stored activations of the old ones are read, only the new ones run
+    through the model, and the scores equal a fresh store's. The same texts again, even with
+    replace=True, drop nothing; new sources for them are stored, the activations kept."""
+    dbd.extract(planted, "planted", ["planted", "mix"], "snippets")
+    more = ["q = 5 * (6 + 7)\n", "text = 'no 8'\n", "pass\n"]
+    assert dbd.add_dataset(planted, "snippets", TEXTS + more) == len(TEXTS) + len(more)
+    assert planted.sql("SELECT count(*) FROM behavior_records").fetchall() == [(2 * len(TEXTS),)]
+    got = dbd.inspect(planted, "planted", ["planted", "mix"], HYPS, "snippets")
+    _, source, params = last_query(planted)
+    assert source == "stored+model"
+    assert params["reused"]["activation_records_read"] == len(TEXTS)
+    assert params["reused"]["activation_records_computed"] == len(more)
+    fresh = dbd.connect(None, progress=False)
+    try:
+        from conftest import planted_adapter
+        dbd.register_model(fresh, "planted", planted_adapter())
+        dbd.add_dataset(fresh, "snippets", TEXTS + more)
+        want = by_key(dbd.inspect(fresh, "planted", ["planted", "mix"], HYPS, "snippets"))
+    finally:
+        dbd.close(fresh)
+    for k, v in want.items():
+        assert (v is None and by_key(got)[k] is None) or by_key(got)[k] == pytest.approx(v, abs=1e-12)
+    # the same texts: nothing dropped, with replace=True too; new sources are taken
+    dbd.extract(planted, "planted", ["planted", "mix"], "snippets")
+    stored = planted.sql("SELECT count(*) FROM behavior_records").fetchall()
+    recs = [{"text": t, "source": f"file.py:{i}"} for i, t in enumerate(TEXTS + more)]
+    dbd.add_dataset(planted, "snippets", recs, replace=True)
+    assert planted.sql("SELECT count(*) FROM behavior_records").fetchall() == stored
+    assert planted.sql("SELECT source FROM records WHERE dataset = 'snippets' AND record_id = 3").fetchall() == \
+        [("file.py:3",)]
+    dbd.inspect(planted, "planted", ["planted", "mix"], HYPS, "snippets", reuse=False)
+    assert last_query(planted)[1] == "stored"
+    with pytest.raises(dbd.DeepBaseError, match="already exists with different records"):
+        dbd.add_dataset(planted, "snippets", more + TEXTS)           # not an extension: refused
