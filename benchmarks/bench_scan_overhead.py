@@ -7,6 +7,7 @@ target: a full scan costs at most 1.15x the bare forward passes).
     python benchmarks/bench_scan_overhead.py --model charlstm --device cuda --pipeline off   # serial loop
     python benchmarks/bench_scan_overhead.py --model charlstm --device cuda --what extract --pipeline on
     python benchmarks/bench_scan_overhead.py --model charlstm --device cuda --what checkpoints --pipeline on
+    .venv/bin/python benchmarks/bench_scan_overhead.py --model minilm --records 500 --pairs 2 --what checkpoints
 
 On a shared machine two runs of the same work can differ by 30% (benchmarks/RESULTS.md), so a
 ratio taken from two runs minutes apart says little. This script measures the two sides as
@@ -22,8 +23,10 @@ every pair's ratio with their median and range:
             correlation states, the scores written, the closing checkpoint;
   extract   (``--what extract``) ``dbd.extract`` of the same layers instead of the scan: the
             symbols and the activations' Parquet parts written;
-  checkpoints (``--what checkpoints``, charlstm) the early, mid and final checkpoints scanned
-            together (``dbd.inspect`` of the three), against the three models' forward passes.
+  checkpoints (``--what checkpoints``) three models of one architecture scanned together
+            (``dbd.inspect`` of the three: the char-LSTM's early, mid and final checkpoints, run
+            one after another per batch; MiniLM's weights and two noisy copies, fused by vmap),
+            against the three models' forward passes.
 
 Workloads: ``minilm`` = bench_baseline_minilm.py's (all-MiniLM-L6-v2, three layers, spaCy UPOS,
 ``--records`` PTB training sentences); ``charlstm`` = bench_baseline.py's (the bundled
@@ -91,20 +94,42 @@ def forward_seconds(adapter, texts: list[str], batch_size: int) -> float:
 CHECKPOINTS = ("early", "mid", "final")
 
 
+def checkpoint_models(model: str, make, device: str) -> list:
+    """Three models of one architecture, as a study comparing training checkpoints holds: the
+    char-LSTM's early, mid and final checkpoints (trained; run one after another on each batch,
+    torch.vmap has no rule for the LSTM), or MiniLM's published weights and two copies moved by
+    seeded noise (1% of each tensor's spread: stand-ins for fine-tuning steps, fused by vmap)."""
+    if model == "charlstm":
+        from deepbase_duck.models.zoo import charlstm
+        return [charlstm(c, device=device) for c in CHECKPOINTS]
+    import torch
+    out = []
+    for seed in range(3):
+        adapter = make()
+        if seed:
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for p in adapter.module.parameters():
+                    if p.numel() > 1:
+                        noise = torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.device, p.dtype)
+                        p.add_(noise * (0.01 * float(p.float().std())))
+        out.append(adapter)
+    return out
+
+
 def scan_seconds(records, name, make, layers, hyps, batch_size: int, device: str, pipeline=None,
-                 what: str = "scan") -> float:
+                 what: str = "scan", model: str = "charlstm") -> float:
     """Seconds of the engine's work over ``records`` on a fresh file-backed store: ``scan`` (one
     model's corr scan), ``extract`` (storing the layers' activations as Parquet), or
-    ``checkpoints`` (the char-LSTM's three checkpoints scanned together)."""
+    ``checkpoints`` (``checkpoint_models``' three models scanned together)."""
     import deepbase_duck as dbd
     from deepbase_duck.engine.inspect import LocalEngine
     with tempfile.TemporaryDirectory() as tmp:
         con = dbd.connect(os.path.join(tmp, "scan.duckdb"), progress=False)
         if what == "checkpoints":
-            from deepbase_duck.models.zoo import charlstm
-            names = list(CHECKPOINTS)
-            for c in names:
-                dbd.register_model(con, c, charlstm(c, device=device))
+            names = [f"checkpoint{i}" for i in range(3)]
+            for c, m in zip(names, checkpoint_models(model, make, device)):
+                dbd.register_model(con, c, m)
         else:
             names = name
             dbd.register_model(con, name, make())
@@ -143,11 +168,9 @@ def main():
                     help="the scan's forward passes in a background thread (engine/prefetch.py): auto = on CUDA only")
     ap.add_argument("--what", choices=["scan", "extract", "checkpoints"], default="scan",
                     help="the engine's work timed against the bare forward passes: a corr scan (default), an "
-                         "extraction of the layers, or (charlstm) three checkpoints scanned together, against "
-                         "three models' forward passes")
+                         "extraction of the layers, or three checkpoints scanned together (charlstm: its "
+                         "trained checkpoints; minilm: three weight sets), against three models' forward passes")
     a = ap.parse_args()
-    if a.what == "checkpoints" and a.model != "charlstm":
-        ap.error("--what checkpoints scans the char-LSTM's checkpoints: use --model charlstm")
     pipeline = {"auto": None, "on": True, "off": False}[a.pipeline]
     from bench_baseline import limit_threads
     limit_threads(a.threads)
@@ -163,14 +186,13 @@ def main():
           + (" (random weights)" if a.random_minilm else ""))
     models = [adapter]
     if a.what == "checkpoints":                  # the forward side: each checkpoint's own passes
-        from deepbase_duck.models.zoo import charlstm
-        models = [charlstm(c, device=a.device) for c in CHECKPOINTS]
+        models = checkpoint_models(a.model, make, a.device)
 
     def forward(part):
         return sum(forward_seconds(m, part, batch) for m in models)
 
     def work(part):
-        return scan_seconds(part, name, make, layers, hyps, batch, a.device, pipeline, a.what)
+        return scan_seconds(part, name, make, layers, hyps, batch, a.device, pipeline, a.what, a.model)
 
     forward(texts[: max(1, len(texts) // 10)])                                 # warm-up
     work(recs[: max(1, len(recs) // 10)])

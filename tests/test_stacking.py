@@ -171,3 +171,42 @@ def test_models_with_hooks_or_other_variants_run_their_own_forward(three):
     dbd.catalog.session_of(three).adapters["v2"].variant = "patched"
     dbd.inspect(three, ["v0", "v2"], ["mix"], HYPS, "snippets", measures=["corr"], reuse=False)
     assert "variants differ (v0: '', v2: 'patched')" in params_of_last(three)["why_sequential"]
+
+
+class _Attending(torch.nn.Module):
+    """A character model with one self-attention step (torch's fused attention, which has no vmap
+    batching rule on the CPU: torch would loop over the models inside the fused call)."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.embed = torch.nn.Embedding(98, 8)
+        self.qkv = torch.nn.Linear(8, 24)
+        with torch.no_grad():
+            self.embed.weight.copy_(torch.randn(98, 8, generator=g))
+            self.qkv.weight.copy_(torch.randn(24, 8, generator=g) * 0.3)
+        self.out = torch.nn.Identity()
+
+    def forward(self, ids):
+        q, k, v = self.qkv(self.embed(ids)).chunk(3, -1)
+        return self.out(torch.nn.functional.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0])
+
+
+def test_an_operator_without_a_batching_rule_runs_the_models_one_after_another(con):
+    """torch.vmap's per-model fallback loop is off inside the fused pass: the CPU's attention
+    operator stops fusion (recorded in why_sequential), the scores equal one model at a time,
+    and torch's global fallback switch is left as it was."""
+    names = ["a0", "a1"]
+    for i, n in enumerate(names):
+        dbd.register_model(con, n, CharAdapter(_Attending(i), encode_chars, "chars-test", device="cpu"))
+    dbd.add_dataset(con, "snippets", TEXTS[:8])
+    before = torch._C._functorch._is_vmap_fallback_enabled()
+    together = by_key(dbd.inspect(con, names, ["out"], ["digit", "in_string"], "snippets"))
+    p = params_of_last(con)
+    assert p["scan"] == "together" and p["forward"] == "sequential"
+    assert "scaled_dot_product" in p["why_sequential"], p["why_sequential"]
+    assert torch._C._functorch._is_vmap_fallback_enabled() == before
+    for n in names:
+        apart = by_key(dbd.inspect(con, n, ["out"], ["digit", "in_string"], "snippets"))
+        for k, v in apart.items():
+            assert (v is None and together[k] is None) or together[k] == pytest.approx(v, abs=1e-9), k

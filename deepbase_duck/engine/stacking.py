@@ -10,9 +10,10 @@ The forward passes themselves are fused when torch can: the K models' parameters
 (``torch.func.stack_module_state``) and one ``torch.vmap`` over ``torch.func.functional_call``
 runs them as one batched computation, with the nethook-style ``Retain`` hooks returning each
 requested layer's output for all K at once (mode ``"vmap"``). Modules whose operators have no
-batching rule (``torch.lstm`` among them) run one after another on the same encoded batch (mode
-``"sequential"``); the first failed fused call switches the scan to that mode, and the reason is
-kept. The fused pass runs the first model's code and settings with every model's weights, so
+batching rule (``torch.lstm``, the CPU's fused attention of transformers) run one after another
+on the same encoded batch (mode ``"sequential"``): torch's per-model fallback loop for such an
+operator is turned off inside the fused call, so the first fused call fails and switches the
+scan to that mode, and the reason is kept. The fused pass runs the first model's code and settings with every model's weights, so
 models whose submodules differ in a plain setting outside their weights (a flag, a size), that
 carry forward hooks, or whose adapters name different variants run sequentially too
 (``_same_structure``, ``_outside_weights`` name the reason). Either way the scores equal the
@@ -94,6 +95,28 @@ def _outside_weights(adapters: dict) -> str | None:
     return None
 
 
+class _no_vmap_fallback:
+    """torch.vmap runs an operator without a batching rule through a fallback that loops over the
+    K models one at a time inside the fused call (PyTorch warns of "a performance drop"): on a
+    CPU, MiniLM's attention (aten::_scaled_dot_product_flash_attention_for_cpu) made three fused
+    models 2.4x slower than their three forward passes. Within the fused pass the fallback is
+    off, so such an operator raises and the scan runs the models one after another instead
+    (StackedForward records why), at their own speed."""
+
+    def __enter__(self):
+        functorch = getattr(torch._C, "_functorch", None)
+        self.set = getattr(functorch, "_set_vmap_fallback_enabled", None)
+        self.was = functorch._is_vmap_fallback_enabled() if self.set is not None else None
+        if self.set is not None:
+            self.set(False)
+        return self
+
+    def __exit__(self, *exc):
+        if self.set is not None:
+            self.set(self.was)
+        return False
+
+
 class _Functional(torch.nn.Module):
     """Calls ``base`` (a parameter-less copy) with the given parameters and buffers, so that an
     adapter's own ``forward`` (which calls ``adapter.module(...)``) runs the stacked weights."""
@@ -146,7 +169,7 @@ class StackedForward:
                 self.twin.forward(enc)
                 return tuple(ret.outputs.get(layer) for layer in layers)
 
-        with torch.inference_mode():
+        with torch.inference_mode(), _no_vmap_fallback():
             outs = torch.vmap(one, in_dims=(0, 0), randomness="error")(self.params, self.buffers)
         return {name: {layer: outs[j][k] for j, layer in enumerate(layers)}
                 for k, name in enumerate(self.adapters)}
