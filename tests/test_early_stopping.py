@@ -105,7 +105,14 @@ def test_bad_top_k_arguments(big):
         dbd.inspect(big, "planted", ["planted"], ["digit"], "many", top_k=3, stable_windows=0)
     with pytest.raises(DeepBaseError, match="probe measures .* do not take it: probe"):
         dbd.inspect(big, "planted", ["planted"], ["digit"], "many", measures=["probe"], top_k=3)
+    # top_k at least every scanned layer's width: each set holds all units, the rule means nothing
+    with pytest.raises(DeepBaseError, match=r"top_k=5 is not below the width of any layer scanned "
+                                            r"\(planted: 5 units, mix: 4 units\)"):
+        dbd.inspect(big, "planted", ["planted", "mix"], ["digit"], "many", top_k=5)
     assert big.sql("SELECT count(*) FROM queries").fetchall() == [(0,)]
+    # one narrow layer among wider ones is fine: its set is always stable, the others decide
+    dbd.inspect(big, "planted", ["planted", "mix"], ["digit"], "many", top_k=4, batch_size=8)
+    assert json.loads(big.sql("SELECT params FROM queries").fetchall()[0][0])["top_k"] == 4
 
 
 @pytest.mark.parametrize("measure", ["iou", "mi"])

@@ -179,6 +179,14 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
         if slow:
             raise DeepBaseError(f"top_k (a ranking stop rule) re-scores after every window; the probe measures "
                                 f"train a model per scoring and do not take it: {', '.join(slow)}")
+        widths = dict(store.q_all(session.con, "SELECT layer, width FROM layers WHERE model = ?", [model]))
+        narrow = {l: widths.get(l) for l in layers}
+        if narrow and all(w is not None and w <= top_k for w in narrow.values()):
+            raise DeepBaseError(
+                f"top_k={top_k} is not below the width of any layer scanned "
+                f"({', '.join(f'{l}: {w} units' for l, w in narrow.items())}): every top-k set holds all units "
+                f"from the first window, so the ranking rule would stop at once; ask for fewer units, or bound "
+                f"the scores with max_error")
     if control and "probe" not in measures:
         raise DeepBaseError("control=True needs the 'probe' measure (control tasks score probe selectivity)")
     per_measure, cols = _label_columns(hyps, measures, control)
