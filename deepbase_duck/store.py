@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+
+from .errors import DeepBaseError
 
 SCHEMA_VERSION = "1"
 
@@ -65,7 +68,16 @@ def open_database(path: str | None, threads: int | None = None) -> duckdb.DuckDB
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     if threads:
         config["threads"] = int(threads)
-    con = duckdb.connect(path if path else ":memory:", config=config)
+    try:
+        con = duckdb.connect(path if path else ":memory:", config=config)
+    except duckdb.IOException as exc:
+        if "lock" not in str(exc).lower():
+            raise
+        held = re.search(r"PID (\d+)", str(exc))
+        raise DeepBaseError(
+            f"the store {path} is open in another process{f' (PID {held.group(1)})' if held else ''}: DuckDB lets "
+            f"one process write a file at a time; close it there (dbd.close(con), or quit that shell) and "
+            f"try again, or work on a copy or on its exported Parquet (deepbase-duck export)") from None
     apply_sql(con, "pure")
     con.execute(
         "INSERT INTO dbd_meta VALUES ('schema_version', ?) ON CONFLICT (key) DO NOTHING",

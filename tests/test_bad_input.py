@@ -189,3 +189,22 @@ def test_a_hypothesis_failing_mid_scan_keeps_the_labels_already_computed(primed)
     assert 0 < kept["fails_late"] <= len(TEXTS) - len(bad) and kept["in_string"] >= kept["fails_late"]
     assert primed.sql("SELECT count(*) FROM labeled_records WHERE hypothesis = 'fails_late' "
                       f"AND list_contains({bad}, record_id)").fetchall()[0][0] == 0
+
+
+def test_a_store_open_in_another_process_is_named_with_its_pid(tmp_path):
+    """DuckDB lets one process write a file: a second one gets one clear error naming the store
+    and the process holding it, and the store is untouched."""
+    import os
+    import subprocess
+    import sys
+    db = str(tmp_path / "held.duckdb")
+    con = dbd.connect(db, progress=False)
+    try:
+        dbd.add_dataset(con, "d", ["x = 1\n"])
+        r = subprocess.run([sys.executable, "-c", "import deepbase_duck as dbd; dbd.connect(%r)" % db],
+                           capture_output=True, text=True)
+        assert r.returncode == 1
+        assert f"DeepBaseError: the store {db} is open in another process (PID {os.getpid()})" in r.stderr
+        assert con.sql("SELECT count(*) FROM records").fetchall() == [(1,)]
+    finally:
+        dbd.close(con)
