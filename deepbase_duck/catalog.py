@@ -213,6 +213,7 @@ class Session:
                 "record_id": pa.array(np.arange(first, len(texts), dtype=np.int32)),
                 "source": pa.array(sources[first:], pa.string()),
                 "text": pa.array(texts[first:], pa.string())}))
+            con.execute("UPDATE records SET text_md5 = md5(text) WHERE dataset = ? AND text_md5 IS NULL", [name])
         for directory in dropped:          # files go once the catalog no longer lists them
             store.remove_tree(self.act_root / directory)
         return len(texts)
@@ -240,7 +241,44 @@ class Session:
         n = store.q_scalar(self.con, "SELECT count(*) FROM records WHERE dataset = ?", [name])
         if not n:
             raise EmptyDatasetError(f"dataset {name!r} has no records")
+        self._forget_edited_records(name)
         return n
+
+    def _forget_edited_records(self, name: str) -> list[int]:
+        """Records of ``name`` whose text was changed in place since it was stored (an UPDATE of
+        ``records``: its md5 no longer matches ``text_md5``) lose what was stored from the old
+        text: symbols, labels, and the activation parts holding them (their other records are
+        computed again too); a warning names them. Rows from before text_md5 existed get it
+        now. Returns the changed record ids."""
+        from .engine.extract import forget_parts
+        con = self.con
+        if store.q_scalar(con, "SELECT count(*) FROM records WHERE dataset = ? AND text_md5 IS NULL", [name]):
+            con.execute("UPDATE records SET text_md5 = md5(text) WHERE dataset = ? AND text_md5 IS NULL", [name])
+        changed = [int(r) for (r,) in store.q_all(con, "SELECT record_id FROM records WHERE dataset = ? AND "
+                                                       "text_md5 <> md5(text) ORDER BY record_id", [name])]
+        if not changed:
+            return changed
+        folders = []
+        with store.Transaction(con):
+            for table in ("symbols", "tokenized_records", "labels", "labeled_records"):
+                con.execute(f"DELETE FROM {table} WHERE dataset = ? AND list_contains(?, record_id)", [name, changed])
+            rows = store.q_all(con, "SELECT b.behavior_id, b.view_name, b.directory, list(DISTINCT r.part) "
+                                    "FROM behaviors b JOIN behavior_records r USING (behavior_id) "
+                                    "WHERE b.dataset = ? AND list_contains(?, r.record_id) "
+                                    "GROUP BY ALL", [name, changed])
+            for bid, view, directory, parts in rows:
+                files = [f for (f,) in store.q_all(con, "SELECT file FROM behavior_parts WHERE behavior_id = ? AND "
+                                                        "list_contains(?, part)", [bid, parts])]
+                forget_parts(con, {"behavior_id": bid, "view_name": view}, [int(p) for p in parts])
+                folders += [self.act_root / directory / f for f in files]
+            con.execute("UPDATE records SET text_md5 = md5(text) WHERE dataset = ? AND list_contains(?, record_id)",
+                        [name, changed])
+        for f in folders:
+            f.unlink(missing_ok=True)
+        shown = ", ".join(map(str, changed[:10])) + (" ..." if len(changed) > 10 else "")
+        warnings.warn(f"dataset {name!r}: the text of {len(changed)} record(s) ({shown}) changed since it was stored; "
+                      f"their symbols, labels and stored activations will be computed again", stacklevel=3)
+        return changed
 
     def record_ids(self, dataset: str) -> np.ndarray:
         t = store.q_arrow(self.con, "SELECT record_id FROM records WHERE dataset = ? ORDER BY record_id", [dataset])

@@ -13,3 +13,8 @@ ALTER TABLE models ADD COLUMN IF NOT EXISTS window_split INTEGER;
 -- written before hold the weights' checksum and keep identity NULL until the model is next
 -- loaded, when deepbase_duck moves them and their behaviors to the new checksum.
 ALTER TABLE models ADD COLUMN IF NOT EXISTS identity INTEGER;
+
+-- 0.4: each record keeps the md5 of its text as stored, so a text changed in place afterwards
+-- (an UPDATE of records) is noticed and what was stored from the old text is computed again.
+-- Rows written before get it at their dataset's next use (deepbase_duck fills NULLs).
+ALTER TABLE records ADD COLUMN IF NOT EXISTS text_md5 VARCHAR;

@@ -419,3 +419,40 @@ def test_a_dataset_extended_by_new_records_keeps_what_was_stored(planted):
     assert last_query(planted)[1] == "stored"
     with pytest.raises(dbd.DeepBaseError, match="already exists with different records"):
         dbd.add_dataset(planted, "snippets", more + TEXTS)           # not an extension: refused
+
+
+def test_a_record_edited_in_place_with_sql_is_computed_again(planted):
+    """UPDATE records SET text = ... behind the library's back: the next query notices (text_md5),
+    warns naming the record, drops its symbols and labels and the activation parts holding it,
+    and scores the edited texts (equal to a fresh store's); the other parts are still read."""
+    dbd.extract(planted, "planted", ["planted"], "snippets", batch_size=8)      # parts of 8 records
+    dbd.annotate(planted, HYPS, "snippets")
+    planted.execute("UPDATE records SET text = 'k = [9, 9]  # 99\\n' WHERE dataset = 'snippets' AND record_id = 3")
+    texts = [t for (t,) in planted.sql("SELECT text FROM records WHERE dataset = 'snippets' ORDER BY record_id"
+                                       ).fetchall()]
+    with pytest.warns(UserWarning, match=r"dataset 'snippets': the text of 1 record\(s\) \(3\) changed"):
+        got = dbd.inspect(planted, "planted", ["planted"], HYPS, "snippets")
+    _, source, params = last_query(planted)
+    assert source == "stored+model"
+    assert params["reused"]["activation_records_computed"] == 8                 # the part holding record 3
+    assert params["reused"]["activation_records_read"] == len(TEXTS) - 8
+    assert params["reused"]["label_pairs_computed"] == len(HYPS)                 # record 3's labels only
+    assert planted.sql("SELECT count(*) FROM symbols WHERE dataset = 'snippets' AND record_id = 3").fetchall() == \
+        [(len(texts[3]),)]
+    fresh = dbd.connect(None, progress=False)
+    try:
+        from conftest import planted_adapter
+        dbd.register_model(fresh, "planted", planted_adapter())
+        dbd.add_dataset(fresh, "snippets", texts)
+        want = by_key(dbd.inspect(fresh, "planted", ["planted"], HYPS, "snippets"))
+    finally:
+        dbd.close(fresh)
+    for k, v in want.items():
+        assert (v is None and by_key(got)[k] is None) or by_key(got)[k] == pytest.approx(v, abs=1e-12)
+    # nothing changed since: no warning, and a new extraction stores the dropped part's records again
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = dbd.extract(planted, "planted", ["planted"], "snippets")
+    assert res[0]["extracted"] == 8
+    assert planted.sql(f"SELECT count(*) FROM {res[0]['view']}").fetchall() == [(sum(map(len, texts)),)]

@@ -174,17 +174,25 @@ def forget_missing_parts(session, b: dict) -> int:
     gone = [int(part) for part, name in parts if not (folder / name).is_file()]
     if not gone:
         return 0
-    bid = b["behavior_id"]
-    n = int(store.q_scalar(session.con, "SELECT count(*) FROM behavior_records WHERE behavior_id = ? AND "
-                                        "list_contains(?, part)", [bid, gone]))
     with store.Transaction(session.con) as con:
-        con.execute("DELETE FROM behavior_records WHERE behavior_id = ? AND list_contains(?, part)", [bid, gone])
-        con.execute("DELETE FROM behavior_parts WHERE behavior_id = ? AND list_contains(?, part)", [bid, gone])
-        if len(gone) == len(parts):               # no file left for its view to read
-            con.execute(f"DROP VIEW IF EXISTS {b['view_name']}")
+        n = forget_parts(con, b, gone)
     warnings.warn(f"stored activations of model {b.get('model')!r}, layer {b.get('layer')!r} on dataset "
                   f"{b.get('dataset')!r}: {len(gone)} of {len(parts)} part files are missing from {folder} "
                   f"(deleted or moved?); their {n} records will be computed again", stacklevel=3)
+    return n
+
+
+def forget_parts(con, b: dict, parts: list[int]) -> int:
+    """In the caller's transaction: take ``parts`` of behavior ``b`` out of the catalog (their
+    records then count as not stored), dropping its view when no part is left. Returns the
+    number of records forgotten. The part files are the caller's to delete after the commit."""
+    bid = b["behavior_id"]
+    n = int(store.q_scalar(con, "SELECT count(*) FROM behavior_records WHERE behavior_id = ? AND "
+                                "list_contains(?, part)", [bid, parts]))
+    con.execute("DELETE FROM behavior_records WHERE behavior_id = ? AND list_contains(?, part)", [bid, parts])
+    con.execute("DELETE FROM behavior_parts WHERE behavior_id = ? AND list_contains(?, part)", [bid, parts])
+    if not store.q_scalar(con, "SELECT count(*) FROM behavior_parts WHERE behavior_id = ?", [bid]):
+        con.execute(f"DROP VIEW IF EXISTS {b['view_name']}")     # no file left for it to read
     return n
 
 
