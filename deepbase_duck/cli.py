@@ -242,9 +242,13 @@ def cmd_add_dataset(args):
     import deepbase_duck as dbd
     records = dbd.read_records(args.path, args.format, args.column, args.source_column, args.glob, args.max_chars)
     with _store(args) as con:
+        before = con.sql("SELECT count(*) FROM records WHERE dataset = ?", params=[args.name]).fetchall()[0][0]
         n = dbd.add_dataset(con, args.name, records, args.description or f"from {args.path}", args.replace)
     skipped = f"; {records.skipped} empty or missing texts skipped" if records.skipped else ""
-    print(f"{args.name}: {n} records ({records.format}, {sum(len(r['text']) for r in records)} characters){skipped}")
+    kept = (f"; the first {before} as stored, {n - before} appended" if 0 < before < n and not args.replace
+            else "; unchanged" if before == n and not args.replace else "")
+    print(f"{args.name}: {n} records ({records.format}, {sum(len(r['text']) for r in records)} characters)"
+          f"{skipped}{kept}")
     return 0
 
 

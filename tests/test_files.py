@@ -122,7 +122,10 @@ def test_cli_add_dataset_stores_the_records(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "mine: 2 records (jsonl, 18 characters); 1 empty or missing texts skipped" in r.stdout
     r = cli("add-dataset", db, "mine", str(f), "--source-column", "file")          # the same again: a no-op
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0 and "mine: 2 records" in r.stdout and r.stdout.rstrip().endswith("; unchanged")
+    longer = _write(tmp_path / "longer.jsonl", f.read_text() + "\n" + json.dumps({"text": "z = 3\n", "file": "g.py"}))
+    r = cli("add-dataset", db, "mine", str(longer), "--source-column", "file")     # the same, then one more
+    assert r.returncode == 0 and "mine: 3 records" in r.stdout and "the first 2 as stored, 1 appended" in r.stdout
     r = cli("add-dataset", db, "mine", str(_write(tmp_path / "other.txt", "z\n")))
     assert r.returncode == 2 and "already exists with different records; pass replace=True" in r.stderr
     r = cli("add-dataset", db, "mine", str(tmp_path / "nothing.csv"))
@@ -130,7 +133,7 @@ def test_cli_add_dataset_stores_the_records(tmp_path):
     con = dbd.connect(db, progress=False)
     try:
         assert con.execute("SELECT record_id, source, text FROM records WHERE dataset = 'mine' ORDER BY 1").fetchall() \
-            == [(0, "f0.py", "x = 'a'\n"), (1, "f2.py", "# c\ny = 1\n")]
+            == [(0, "f0.py", "x = 'a'\n"), (1, "f2.py", "# c\ny = 1\n"), (2, "g.py", "z = 3\n")]
     finally:
         dbd.close(con)
     r = cli("add-dataset", db, "mine", str(tmp_path / "other.txt"), "--replace")
