@@ -8,7 +8,7 @@ The Ray cluster is ``ray.cluster_utils.Cluster`` on this machine (a head with no
 worker nodes of one CPU each); the workers are started and the model loaded by an untimed
 query on a small dataset first, and kept. Each timed query (``max_error``, corr, the bundled
 char-LSTM's two layers, five hypotheses) then runs on a fresh copy of the corpus: no symbols and
-no labels stored (``add_dataset(replace=True)`` under one name, so
+no labels stored (``drop_dataset`` then ``add_dataset`` under one name, so
 every run reads the same seeded order), so the query pays for whatever tokenising and labelling it does. Printed per
 repeat: seconds, records used (the seeded prefix), records tokenised, symbols stored, and the
 local engine's time for the same query on a fresh copy, side by side.
@@ -65,7 +65,9 @@ def main():
         for i in range(a.repeat):
             for engine in ("ray", "local"):
                 ds = "corpus"                      # the same name: the same seeded order
-                dbd.add_dataset(con, ds, records, replace=True)     # symbols and labels dropped
+                if ds in con.execute("SELECT list(name) FROM datasets").fetchall()[0][0] or []:
+                    dbd.drop_dataset(con, ds)      # its symbols and labels with it
+                dbd.add_dataset(con, ds, records)
                 t0 = time.perf_counter()
                 dbd.inspect(con, "charlstm", LAYERS, HYPS, ds, engine=RayEngine() if engine == "ray" else None, **kw)
                 t = time.perf_counter() - t0

@@ -89,6 +89,12 @@ def add_dataset(con, name: str, records, description: str = "", replace: bool = 
     return session_of(con).add_dataset(name, records, description, replace)
 
 
+def drop_dataset(con, name: str) -> dict:
+    """Delete a dataset and all that was stored from its records (symbols, labels, activations
+    with their views and files); query results (queries, scores) stay. Returns what was dropped."""
+    return session_of(con).drop_dataset(name)
+
+
 def annotate(con, hypotheses, dataset: str, record_ids=None) -> list[dict]:
     """Compute and store labels of hypotheses (names or Hypothesis objects) for a dataset."""
     from .hypotheses.store import annotate as _annotate
@@ -125,7 +131,7 @@ def export(con, out_dir: str, activations: bool = False, text: bool = False, ove
 
 
 __all__ = [
-    "connect", "close", "register_model", "add_dataset", "read_records", "annotate", "extract", "inspect", "compare_layers", "export",
+    "connect", "close", "register_model", "add_dataset", "drop_dataset", "read_records", "annotate", "extract", "inspect", "compare_layers", "export",
     "report",
     "Hypothesis", "hypothesis", "register_hypothesis", "get_hypothesis", "ModelAdapter", "CharAdapter",
     "Encoded", "Retain", "ImageAdapter", "GridHypothesis", "DeepBaseError", "UnknownNameError", "HypothesisError", "ActivationError",

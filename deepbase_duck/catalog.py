@@ -218,6 +218,18 @@ class Session:
             store.remove_tree(self.act_root / directory)
         return len(texts)
 
+    def drop_dataset(self, name: str) -> dict:
+        """Delete dataset ``name`` with everything stored from its records; returns the counts of
+        records and stored activations (behaviors) dropped."""
+        if name not in self.dataset_names():
+            raise UnknownNameError("dataset", name, self.dataset_names())
+        n = store.q_scalar(self.con, "SELECT count(*) FROM records WHERE dataset = ?", [name])
+        with store.Transaction(self.con) as con:
+            dropped = self._drop_dataset(con, name)
+        for directory in dropped:          # files go once the catalog no longer lists them
+            store.remove_tree(self.act_root / directory)
+        return {"dataset": name, "records": int(n), "behaviors": len(dropped)}
+
     def _drop_dataset(self, con, name) -> list[str]:
         """Delete dataset ``name`` and everything stored from its records (symbols, labels, stored
         activations with their views) in the caller's transaction; returns the activation

@@ -456,3 +456,18 @@ def test_a_record_edited_in_place_with_sql_is_computed_again(planted):
         res = dbd.extract(planted, "planted", ["planted"], "snippets")
     assert res[0]["extracted"] == 8
     assert planted.sql(f"SELECT count(*) FROM {res[0]['view']}").fetchall() == [(sum(map(len, texts)),)]
+
+
+def test_drop_dataset_removes_what_was_stored_from_it_and_keeps_results(planted):
+    session = dbd.catalog.session_of(planted)
+    dbd.inspect(planted, "planted", ["planted"], HYPS, "snippets", keep_activations=True)
+    folder = session.act_root / planted.sql("SELECT directory FROM behaviors").fetchall()[0][0]
+    n_scores = planted.sql("SELECT count(*) FROM scores").fetchall()[0][0]
+    assert dbd.drop_dataset(planted, "snippets") == {"dataset": "snippets", "records": len(TEXTS), "behaviors": 1}
+    for table in ("datasets", "records", "symbols", "tokenized_records", "labels", "labeled_records", "behaviors",
+                  "behavior_parts", "behavior_records"):
+        assert planted.sql(f"SELECT count(*) FROM {table}").fetchall() == [(0,)], table
+    assert not folder.exists()
+    assert planted.sql("SELECT count(*) FROM scores").fetchall() == [(n_scores,)]     # results stay
+    with pytest.raises(dbd.UnknownNameError, match="snippets"):
+        dbd.drop_dataset(planted, "snippets")
