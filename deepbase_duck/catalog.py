@@ -151,9 +151,12 @@ class Session:
                 return self.model_row(name)
         return {"name": row[0], "checksum": row[1], "tokenization": row[2]}
 
+    def stored_widths(self, model: str) -> dict:
+        """{layer: output width (None for a module without a tensor output)} of a registered model."""
+        return dict(store.q_all(self.con, "SELECT layer, width FROM layers WHERE model = ?", [model]))
+
     def check_layers(self, model: str, layers) -> list[str]:
-        valid = {r[0]: r[1] for r in store.q_all(
-            self.con, "SELECT layer, width FROM layers WHERE model = ?", [model])}
+        valid = self.stored_widths(model)
         if layers is None or len(layers) == 0:
             raise DeepBaseError(f"no layers given for model {model!r}; its layers with tensor outputs: "
                                 + ", ".join(k for k, w in valid.items() if w))
@@ -270,7 +273,7 @@ class Session:
                                                        "text_md5 <> md5(text) ORDER BY record_id", [name])]
         if not changed:
             return changed
-        folders = []
+        part_files = []
         with store.Transaction(con):
             for table in ("symbols", "tokenized_records", "labels", "labeled_records"):
                 con.execute(f"DELETE FROM {table} WHERE dataset = ? AND list_contains(?, record_id)", [name, changed])
@@ -279,13 +282,11 @@ class Session:
                                     "WHERE b.dataset = ? AND list_contains(?, r.record_id) "
                                     "GROUP BY ALL", [name, changed])
             for bid, view, directory, parts in rows:
-                files = [f for (f,) in store.q_all(con, "SELECT file FROM behavior_parts WHERE behavior_id = ? AND "
-                                                        "list_contains(?, part)", [bid, parts])]
-                forget_parts(con, {"behavior_id": bid, "view_name": view}, [int(p) for p in parts])
-                folders += [self.act_root / directory / f for f in files]
+                _, files = forget_parts(con, {"behavior_id": bid, "view_name": view}, [int(p) for p in parts])
+                part_files += [self.act_root / directory / f for f in files]
             con.execute("UPDATE records SET text_md5 = md5(text) WHERE dataset = ? AND list_contains(?, record_id)",
                         [name, changed])
-        for f in folders:
+        for f in part_files:
             f.unlink(missing_ok=True)
         shown = ", ".join(map(str, changed[:10])) + (" ..." if len(changed) > 10 else "")
         warnings.warn(f"dataset {name!r}: the text of {len(changed)} record(s) ({shown}) changed since it was stored; "

@@ -51,8 +51,7 @@ def compare_layers(session, groups, dataset: str, record_ids=None, limit=None, b
         ids = ids[: int(limit)]
     if len(ids) == 0:
         raise EmptyDatasetError(f"no records selected from dataset {dataset!r}")
-    widths = {(m, l): w for m in by_model for l, w in store.q_all(
-        session.con, "SELECT layer, width FROM layers WHERE model = ?", [m])}
+    widths = {(m, l): w for m in by_model for l, w in session.stored_widths(m).items()}
     dev = default_device(device)
     pairs = list(itertools.combinations(groups, 2))
     states = {(a, b): LinearCKAState(widths[a], widths[b], dev) for a, b in pairs}

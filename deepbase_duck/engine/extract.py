@@ -171,29 +171,36 @@ def forget_missing_parts(session, b: dict) -> int:
     missing file. Returns the number of records forgotten."""
     folder = session.act_root / b["directory"]
     parts = store.q_all(session.con, "SELECT part, file FROM behavior_parts WHERE behavior_id = ?", [b["behavior_id"]])
-    gone = [int(part) for part, name in parts if not (folder / name).is_file()]
+    try:                           # one listing of the folder, not a stat per part
+        present = {e.name for e in os.scandir(folder) if e.is_file()}
+    except FileNotFoundError:
+        present = set()
+    gone = [int(part) for part, name in parts if name not in present]
     if not gone:
         return 0
     with store.Transaction(session.con) as con:
-        n = forget_parts(con, b, gone)
+        n, _ = forget_parts(con, b, gone)
     warnings.warn(f"stored activations of model {b.get('model')!r}, layer {b.get('layer')!r} on dataset "
                   f"{b.get('dataset')!r}: {len(gone)} of {len(parts)} part files are missing from {folder} "
                   f"(deleted or moved?); their {n} records will be computed again", stacklevel=3)
     return n
 
 
-def forget_parts(con, b: dict, parts: list[int]) -> int:
+def forget_parts(con, b: dict, parts: list[int]) -> tuple[int, list[str]]:
     """In the caller's transaction: take ``parts`` of behavior ``b`` out of the catalog (their
     records then count as not stored), dropping its view when no part is left. Returns the
-    number of records forgotten. The part files are the caller's to delete after the commit."""
+    number of records forgotten and the parts' file names, which are the caller's to delete
+    after the commit."""
     bid = b["behavior_id"]
     n = int(store.q_scalar(con, "SELECT count(*) FROM behavior_records WHERE behavior_id = ? AND "
                                 "list_contains(?, part)", [bid, parts]))
+    files = [f for (f,) in store.q_all(con, "SELECT file FROM behavior_parts WHERE behavior_id = ? AND "
+                                            "list_contains(?, part)", [bid, parts])]
     con.execute("DELETE FROM behavior_records WHERE behavior_id = ? AND list_contains(?, part)", [bid, parts])
     con.execute("DELETE FROM behavior_parts WHERE behavior_id = ? AND list_contains(?, part)", [bid, parts])
     if not store.q_scalar(con, "SELECT count(*) FROM behavior_parts WHERE behavior_id = ?", [bid]):
         con.execute(f"DROP VIEW IF EXISTS {b['view_name']}")     # no file left for it to read
-    return n
+    return n, files
 
 
 def get_or_create_behavior(session, model: str, checksum: str, layer: str, dataset: str, tokenization: str,
@@ -457,7 +464,7 @@ def extract(session, model: str, layers, dataset: str, dtype: str = "float32", r
     ids = session.record_ids(dataset) if record_ids is None else np.asarray(record_ids, np.int64)
     if len(ids) == 0:
         raise EmptyDatasetError(f"no records selected from dataset {dataset!r}")
-    widths = dict(store.q_all(session.con, "SELECT layer, width FROM layers WHERE model = ?", [model]))
+    widths = session.stored_widths(model)
     behaviors = {}
     for layer in layers:
         if not widths.get(layer):

@@ -179,7 +179,7 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
         if slow:
             raise DeepBaseError(f"top_k (a ranking stop rule) re-scores after every window; the probe measures "
                                 f"train a model per scoring and do not take it: {', '.join(slow)}")
-        widths = dict(store.q_all(session.con, "SELECT layer, width FROM layers WHERE model = ?", [model]))
+        widths = session.stored_widths(model)
         narrow = {l: widths.get(l) for l in layers}
         if narrow and all(w is not None and w <= top_k for w in narrow.values()):
             raise DeepBaseError(
@@ -628,7 +628,7 @@ class LocalEngine:
             behaviors, covered = {}, np.empty(0, np.int64)   # progressive scans read all stored or run all
         missing = np.setdiff1d(selected, covered)
         plan.source = "stored" if not len(missing) else ("stored+model" if len(covered) else "model")
-        widths = dict(store.q_all(session.con, "SELECT layer, width FROM layers WHERE model = ?", [plan.model]))
+        widths = session.stored_widths(plan.model)
         states = {(layer, m): measure_class(m)(widths[layer], plan.columns[m], device=plan.device,
                                               **plan.measure_params.get(m, {}))
                   for layer in plan.layers for m in plan.measures}
@@ -731,7 +731,7 @@ class LocalEngine:
         adapters = {p.model: session.adapter(p.model) for p in plans}
         counts = stored_symbol_counts(session, p0.dataset, tokenization)
         symbols = SymbolWriter(session, tokenization, p0.dataset, counts)    # from the batches' encodings
-        widths = {p.model: dict(store.q_all(session.con, "SELECT layer, width FROM layers WHERE model = ?", [p.model]))
+        widths = {p.model: session.stored_widths(p.model)
                   for p in plans}
         per_model = {p.model: {(layer, m): measure_class(m)(widths[p.model][layer], p.columns[m], device=p.device,
                                                             **p.measure_params.get(m, {}))

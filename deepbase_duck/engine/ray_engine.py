@@ -386,7 +386,7 @@ class RayEngine:
                                 "engine does not ship to workers; register it with a loader spec "
                                 "('package.module:function' + params) to run it on Ray")
         self.connect()
-        widths = dict(store.q_all(session.con, "SELECT layer, width FROM layers WHERE model = ?", [plan.model]))
+        widths = session.stored_widths(plan.model)
         t0 = time.perf_counter()
         actors, gpus = self._start(plan.model, loader, json.loads(params or "{}"), checksum, plan, widths)
         self._gpus = gpus

@@ -105,9 +105,9 @@ class _no_vmap_fallback:
 
     def __enter__(self):
         functorch = getattr(torch._C, "_functorch", None)
-        self.set = getattr(functorch, "_set_vmap_fallback_enabled", None)
-        self.was = functorch._is_vmap_fallback_enabled() if self.set is not None else None
+        self.set = getattr(functorch, "_set_vmap_fallback_enabled", None)     # private: may go away
         if self.set is not None:
+            self.was = functorch._is_vmap_fallback_enabled()
             self.set(False)
         return self
 
