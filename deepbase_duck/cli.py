@@ -157,18 +157,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def top_units_table(con, query_id: int, k: int) -> str:
+    """The top ``k`` units per (model, hypothesis, measure) of a query as text, from the SQL macro
+    top_units; 'sep' marks a unit whose interval lies above every outsider's (see the macro)."""
     rows = con.sql(f"""
         SELECT hypothesis || CASE WHEN measure <> 'corr' THEN ' [' || measure || ']' ELSE '' END,
-               CASE WHEN model LIKE '%~untrained' THEN layer || '~u' ELSE layer END, unit, score, ci_low, ci_high, n
-        FROM scores WHERE query_id = {int(query_id)} AND score IS NOT NULL AND unit IS NOT NULL
-        QUALIFY row_number() OVER (PARTITION BY model, hypothesis, measure ORDER BY abs(score) DESC, layer, unit) <= {int(k)}
-        ORDER BY 1, model, abs(score) DESC, layer, unit""").fetchall()
-    head = f"{'hypothesis':<18} {'layer':<8} {'unit':>5} {'score':>8}  {'95% CI':<17} {'n':>8}"
+               CASE WHEN model LIKE '%~untrained' THEN layer || '~u' ELSE layer END, unit, score, ci_low, ci_high, n,
+               separated
+        FROM top_units(k := {int(k)}, qid := {int(query_id)}, measure_name := NULL)
+        ORDER BY 1, model, rank""").fetchall()
+    head = f"{'hypothesis':<18} {'layer':<8} {'unit':>5} {'score':>8}  {'95% CI':<17} {'n':>8}  sep"
     lines = [head, "-" * len(head)]
     last = None
-    for h, layer, unit, score, lo, hi, n in rows:
+    for h, layer, unit, score, lo, hi, n, sep in rows:
         ci = f"[{lo:6.3f}, {hi:6.3f}]" if lo is not None and hi is not None else " " * 16
-        lines.append(f"{(h if h != last else ''):<18} {layer:<8} {unit:>5} {score:>8.3f}  {ci} {n:>8}")
+        mark = {True: "yes", False: "no"}.get(sep, "")
+        lines.append(f"{(h if h != last else ''):<18} {layer:<8} {unit:>5} {score:>8.3f}  {ci} {n:>8}  {mark}")
         last = h
     return "\n".join(lines)
 
@@ -194,7 +197,9 @@ def cmd_demo(args) -> int:
         scores = dbd.inspect(con, "charlstm", ["lstm0", "lstm1"], hyps, dataset,
                              keep_activations=not args.no_keep, dtype="float16")
         qid = scores.column("query_id")[0].as_py()
-        print(f"\nTop units per hypothesis (score = Pearson r over every character; query {qid}):\n")
+        print(f"\nTop units per hypothesis (score = Pearson r over every character; query {qid}).\n"
+              f"95% CI: with the {n} records, not the characters, as independent samples. sep: the\n"
+              f"unit's interval lies above that of every unit outside the top {args.top}.\n")
         print(top_units_table(con, qid, args.top))
         out_dir = store_path.parent / "scores_parquet"
         out_dir.mkdir(parents=True, exist_ok=True)

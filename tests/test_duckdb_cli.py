@@ -37,6 +37,8 @@ def store(tmp_path_factory):
                 baseline_seed=1)
     queries = {
         "top": "SELECT model, hypothesis, rank, layer, unit, round(score, 9) FROM top_units(2)",
+        "separated": "SELECT model, hypothesis, layer, rank, unit, separated::INTEGER FROM top_units(3, "
+                     "measure_name := NULL, by_layer := true)",
         "compare": "SELECT layer, unit, hypothesis, round(delta, 9) FROM compare_scores('planted', "
                    "'planted~untrained') LIMIT 5",
         "view": f"SELECT count(*), sum(act[1])::DECIMAL(18, 4) FROM {view}",
@@ -49,7 +51,7 @@ def store(tmp_path_factory):
     return db, queries, want
 
 
-@pytest.mark.parametrize("name", ["top", "compare", "view", "labels", "catalog"])
+@pytest.mark.parametrize("name", ["top", "separated", "compare", "view", "labels", "catalog"])
 def test_cli_gives_the_rows_python_gives(store, name):
     db, queries, want = store
     got = cli_rows(db, queries[name])

@@ -6,10 +6,25 @@ label. A batch is reduced with three matrix products (units x hypotheses) in flo
 with Chan et al.'s pairwise update, which is exact up to float64 rounding whatever the batch
 order, so a streamed, a merged and a one-shot computation agree.
 
-finalize(): r = C / sqrt(M2x M2y); the p-value of the two-sided t-test with n-2 degrees of
-freedom (as scipy.stats.pearsonr); the confidence interval by the Fisher z transform
-(tanh(atanh r +- z_{1-a/2} / sqrt(n-3))). A unit or label that is constant over the scored
-symbols gives NULL score, interval and p-value.
+finalize(): r = C / sqrt(M2x M2y). Intervals and p-values, ``intervals``:
+
+- 'records' (the default, when every batch came with record ids, as from the engines): records
+  are the independent observations, since the symbols of one record are not. The state also
+  keeps, per (unit, hypothesis), the sums over records of the products of each record's totals
+  t = (n, Sx, Sy, Sxx, Syy, Sxy) (21 distinct products, in coordinates shifted by the state's
+  first batch means; combine moves another state's sums to its own shift). At the end,
+  var(r) = G/(G-1) sum_i z_i^2 / N^2, the sandwich (linearisation) variance with records as
+  clusters: z_i, record i's sum of the influence function x~ y~ - r/2 (x~^2 + y~^2), is linear
+  in t_i with coefficients from the final moments. The interval is taken on the Fisher z scale
+  (se / (1 - r^2)) with Student's t at G - 1 degrees of freedom; the p-value is the Wald test
+  of r = 0 at the same degrees of freedom; the finalize table's ``records`` column holds G.
+  A record cut across two batches counts as two records. Cost: one product per record instead
+  of one per batch (the same arithmetic) and the records' totals; memory 36 (W x H) float64.
+- 'symbols' (or a batch without record ids): every symbol independent, as scipy.stats.pearsonr:
+  the t-test with n-2 degrees of freedom and the Fisher z interval
+  (tanh(atanh r +- z_{1-a/2} / sqrt(n-3))).
+
+A unit or label that is constant over the scored symbols gives NULL score, interval and p-value.
 """
 from __future__ import annotations
 
@@ -20,6 +35,7 @@ import pyarrow as pa
 import torch
 from scipy import stats
 
+from ..errors import DeepBaseError
 from .base import InspectorState, SCORE_SCHEMA, register_measure, scratch
 
 F64 = torch.float64
@@ -30,11 +46,17 @@ class PearsonState(InspectorState):
     measure = "corr"
     accepts = ("binary", "continuous")
 
-    def __init__(self, width, hypotheses, device="cpu", confidence: float = 0.95, **params):
+    def __init__(self, width, hypotheses, device="cpu", confidence: float = 0.95, intervals: str = "records",
+                 **params):
         super().__init__(width, hypotheses, device, **params)
         if not 0 < confidence < 1:
             raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+        if intervals not in ("records", "symbols"):
+            raise DeepBaseError(f"corr: intervals must be 'records' (symbols of a record are dependent: "
+                                f"the record is the unit of sampling) or 'symbols' (every symbol "
+                                f"independent, as scipy.stats.pearsonr), got {intervals!r}")
         self.confidence = confidence
+        self.intervals = intervals
         H, W, dev = len(self.names), self.width, self.device
         self.n = torch.zeros(H, dtype=F64, device=dev)
         self.mx = torch.zeros(W, H, dtype=F64, device=dev)
@@ -44,6 +66,12 @@ class PearsonState(InspectorState):
         self.c = torch.zeros(W, H, dtype=F64, device=dev)
         self.xmin = torch.full((W,), math.inf, dtype=F64, device=dev)
         self.xmax = torch.full((W,), -math.inf, dtype=F64, device=dev)
+        # record-clustered intervals: the sums over records of the products of each record's
+        # totals (n, Sx, Sy, Sxx, Syy, Sxy), in coordinates shifted by (ux, uy); see _cluster_sums
+        self.clustered = intervals == "records"      # False once a batch comes without record ids
+        self.cm = None                                # (6, 6, W, H) float64, allocated at first use
+        self.ux = self.uy = None
+        self.records = torch.zeros(H, dtype=F64, device=dev)   # records with a labelled symbol
 
     # -- update: reduce a batch to its own moments, then merge ----------------------------
     def update(self, acts: torch.Tensor, labels: torch.Tensor, record_ids=None) -> None:
@@ -52,6 +80,9 @@ class PearsonState(InspectorState):
         x = acts.to(self.device)
         y = labels.to(self.device, F64)
         mask = ~torch.isnan(y)
+        if self.clustered and record_ids is None:
+            self.clustered, self.cm = False, None     # rows of unknown records: symbols independent
+        runs = record_runs(record_ids) if self.clustered else None
         self.xmin = torch.minimum(self.xmin, x.amin(0).to(F64))
         self.xmax = torch.maximum(self.xmax, x.amax(0).to(F64))
         xc = scratch(x.shape[0], x.shape[1], F64, self.device)
@@ -63,9 +94,22 @@ class PearsonState(InspectorState):
             nb = torch.full((H,), float(x.shape[0]), dtype=F64, device=self.device)
             myb = y.mean(0)
             yc = y - myb
-            cb = (yc.T @ xc).T                                   # (H x n) @ (n x W): the fast orientation
-            mxb = shift[:, None].expand(-1, H)                   # the sum of xc is 0 up to rounding
-            m2xb = xc.square_().sum(0)[:, None].expand(-1, H)    # (xc is spent after this)
+            if runs is None:
+                cb = (yc.T @ xc).T                               # (H x n) @ (n x W): the fast orientation
+                mxb = shift[:, None].expand(-1, H)               # the sum of xc is 0 up to rounding
+                m2xb = xc.square_().sum(0)[:, None].expand(-1, H)   # (xc is spent after this)
+            else:                                                # the same sums, record by record
+                seg, counts, R = runs
+                sxy = record_products(yc, xc, counts)            # (R, H, W)
+                cb = sxy.sum(0).T
+                sx = _segment_sum(xc, seg, R)                    # (R, W)
+                mxb = shift[:, None].expand(-1, H)
+                sxx = _segment_sum(xc.square_(), seg, R)
+                m2xb = sxx.sum(0)[:, None].expand(-1, H)
+                nr = torch.as_tensor(counts, dtype=F64, device=self.device)
+                self._cluster_sums(shift, myb, False, nr, sx, _segment_sum(yc, seg, R), sxx,
+                                   _segment_sum(yc * yc, seg, R), sxy.transpose(1, 2),
+                                   torch.full((H,), float(R), dtype=F64, device=self.device))
         else:
             m = mask.to(F64)
             nb = m.sum(0)
@@ -73,14 +117,63 @@ class PearsonState(InspectorState):
             y0 = torch.where(mask, y, torch.zeros((), dtype=F64, device=self.device))
             myb = y0.sum(0) / safe
             yc = (y0 - myb) * m                                  # 0 where no label
-            both = (torch.cat([yc, m], 1).T @ xc).T              # one product for C and the sums of x
-            cb, sx = both[:, :H], both[:, H:]
-            sxx = (m.T @ xc.square_()).T
+            if runs is None:
+                both = (torch.cat([yc, m], 1).T @ xc).T          # one product for C and the sums of x
+                cb, sx = both[:, :H], both[:, H:]
+                sxx = (m.T @ xc.square_()).T
+            else:                                                # per record: sums over its labelled symbols
+                seg, counts, R = runs
+                both = record_products(torch.cat([yc, m], 1), xc, counts)    # (R, 2H, W)
+                sxx_r = record_products(m, xc.square_(), counts)               # (R, H, W)
+                cb, sx, sxx = both[:, :H].sum(0).T, both[:, H:].sum(0).T, sxx_r.sum(0).T
+                nr = _segment_sum(m, seg, R)                                    # (R, H)
+                self._cluster_sums(shift, myb, True, nr, both[:, H:].transpose(1, 2), _segment_sum(yc, seg, R),
+                                   sxx_r.transpose(1, 2), _segment_sum(yc * yc, seg, R),
+                                   both[:, :H].transpose(1, 2), (nr > 0).sum(0).to(F64))
             mxb = sx / safe + shift[:, None]
             m2xb = (sxx - sx * sx / safe).clamp(min=0)
             cb = cb - sx * (yc.sum(0) / safe)                   # centre x on its masked mean
         m2yb = (yc * yc).sum(0)
         self._merge(nb, mxb, myb, m2xb, m2yb, cb)
+
+    def _cluster_sums(self, shift, myb, masked, n, sx, sy, sxx, syy, sxy, records) -> None:
+        """Fold one batch's record totals into ``cm``: each record's (n, Sx, Sy, Sxx, Syy, Sxy)
+        per (unit, hypothesis), given centred on the batch means (``shift``, ``myb``), moved to
+        the state's coordinates (x - ux, y - uy: the first batch's means, so that the products
+        stay small whatever the units' offsets), then every product of two of them summed over
+        the records. Shapes: n (R,), Sx and Sxx (R, W), Sy and Syy (R, H), Sxy (R, W, H); with
+        ``masked`` (labels missing on some symbols) n is (R, H) and Sx, Sxx (R, W, H). Each
+        product is one einsum over the totals' own axes (a matrix product where one holds units
+        and the other hypotheses), never a (R, W, H) tensor for a pair of smaller ones."""
+        if self.cm is None:
+            W, H = self.width, len(self.names)
+            self.cm = torch.zeros(6, 6, W, H, dtype=F64, device=self.device)
+            self.ux, self.uy = shift.clone(), myb.clone()
+        dx, dy = shift - self.ux, myb - self.uy
+        if masked:                                   # n (R, H); Sx, Sxx (R, W, H)
+            tags = ("rh", "rwh", "rh", "rwh", "rh", "rwh")
+            nx = n[:, None, :] * dx[None, :, None]
+            t = (n, sx + nx, sy + n * dy,
+                 sxx + 2 * dx[None, :, None] * sx + nx * dx[None, :, None],
+                 syy + 2 * dy * sy + n * dy * dy,
+                 sxy + dx[None, :, None] * sy[:, None, :] + dy * sx + nx * dy)
+        else:                                        # n (R,); Sx, Sxx (R, W)
+            tags = ("r", "rw", "rh", "rw", "rh", "rwh")
+            nc = n[:, None]
+            t = (n, sx + nc * dx, sy + nc * dy,
+                 sxx + 2 * dx * sx + nc * dx * dx,
+                 syy + 2 * dy * sy + nc * dy * dy,
+                 sxy + dx[None, :, None] * sy[:, None, :] + dy * sx[:, :, None]
+                 + n[:, None, None] * (dx[:, None] * dy[None, :]))
+        for a in range(6):
+            for b in range(a, 6):
+                out = "".join(c for c in "wh" if c in tags[a] or c in tags[b])
+                prod = torch.einsum(f"{tags[a]},{tags[b]}->{out}", t[a], t[b])
+                prod = prod if out == "wh" else (prod[:, None] if out == "w" else prod[None, :] if out == "h" else prod)
+                self.cm[a, b] += prod
+                if a != b:
+                    self.cm[b, a] += prod
+        self.records += records
 
     def _merge(self, nb, mxb, myb, m2xb, m2yb, cb):
         na = self.n
@@ -99,6 +192,15 @@ class PearsonState(InspectorState):
     def combine(self, other: "PearsonState") -> "PearsonState":
         self._check_combine(other)
         o = other
+        if self.clustered and o.clustered and o.cm is not None:
+            cm, ux, uy = o.cm.to(self.device), o.ux.to(self.device), o.uy.to(self.device)
+            if self.cm is None:
+                self.cm, self.ux, self.uy = cm.clone(), ux.clone(), uy.clone()
+            else:
+                self.cm += moved_sums(cm, ux, uy, self.ux, self.uy)
+            self.records = self.records + o.records.to(self.device)
+        elif not o.clustered and bool(o.n.sum() > 0):
+            self.clustered, self.cm = False, None
         self.xmin = torch.minimum(self.xmin, o.xmin.to(self.device))
         self.xmax = torch.maximum(self.xmax, o.xmax.to(self.device))
         self._merge(o.n.to(self.device), o.mx.to(self.device), o.my.to(self.device),
@@ -143,8 +245,14 @@ class PearsonState(InspectorState):
         r = self.correlations()
         W, H = r.shape
         n = np.broadcast_to(self.n.cpu().numpy()[None, :], (W, H))
-        lo, hi = fisher_interval(r, n, self.confidence)
-        p = pearson_p_value(r, n)
+        extra = {}
+        if self.clustered and self.cm is not None:
+            se, records = self.clustered_se(r)
+            lo, hi, p = clustered_interval(r, se, records, self.confidence)
+            extra["records"] = pa.array(np.broadcast_to(records[None, :], (W, H)).reshape(-1).astype(np.int64))
+        else:
+            lo, hi = fisher_interval(r, n, self.confidence)
+            p = pearson_p_value(r, n)
         return pa.table({
             "unit": pa.array(np.repeat(np.arange(W, dtype=np.int32), H)),
             "hypothesis": pa.array(self.names * W, pa.string()),
@@ -154,7 +262,94 @@ class PearsonState(InspectorState):
             "ci_low": pa.array(lo.reshape(-1), pa.float64(), from_pandas=True),
             "ci_high": pa.array(hi.reshape(-1), pa.float64(), from_pandas=True),
             "p_value": pa.array(p.reshape(-1), pa.float64(), from_pandas=True),
-        }, schema=SCORE_SCHEMA)
+            **extra,
+        })
+
+    def clustered_se(self, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(standard error of each r with records as clusters, (W, H); records with a labelled
+        symbol per hypothesis, (H,)). The linearisation (sandwich) estimator: r - rho is about
+        the mean of the influence function x~ y~ - r/2 (x~^2 + y~^2) (x~, y~ standardised), so
+        var(r) = G/(G-1) * sum_i z_i^2 / N^2 with z_i the sum of the influence function over
+        record i's symbols, G records and N symbols. z_i is linear in the record's totals
+        (n, Sx, Sy, Sxx, Syy, Sxy), with coefficients from the final means, variances and r, so
+        sum_i z_i^2 = v' (sum_i t_i t_i') v comes from ``cm`` whatever the order of the records."""
+        n = self.n.cpu().numpy()[None, :]
+        mux = self.mx.cpu().numpy() - self.ux.cpu().numpy()[:, None]
+        muy = (self.my - self.uy).cpu().numpy()[None, :]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            vx = self.m2x.cpu().numpy() / n
+            vy = self.m2y.cpu().numpy()[None, :] / n
+            a = 1.0 / np.sqrt(vx * vy)
+            v = np.stack([mux * muy * a - r / 2 * (mux * mux / vx + muy * muy / vy),   # n
+                          -muy * a + r * mux / vx,                                     # Sx
+                          -mux * a + r * muy / vy,                                     # Sy
+                          -r / (2 * vx),                                               # Sxx
+                          np.broadcast_to(-r / (2 * vy), r.shape),                     # Syy
+                          a])                                                          # Sxy
+            s2 = np.einsum("awh,abwh,bwh->wh", v, self.cm.cpu().numpy(), v)
+            g = self.records.cpu().numpy()
+            var = np.clip(s2, 0, None) / (n * n) * (g / np.maximum(g - 1, 1))[None, :]
+        return np.where(np.isnan(r), np.nan, np.sqrt(var)), g
+
+def record_runs(record_ids):
+    """(row -> run index tensor, rows per run, number of runs) of a batch whose rows come in
+    runs of one record each (the engines' row order)."""
+    ids = record_ids.cpu().numpy() if isinstance(record_ids, torch.Tensor) else np.asarray(record_ids)
+    cut = np.flatnonzero(ids[1:] != ids[:-1]) + 1
+    counts = np.diff(np.concatenate([[0], cut, [len(ids)]]))
+    return torch.from_numpy(np.repeat(np.arange(len(counts)), counts)), counts, len(counts)
+
+
+def record_products(a: torch.Tensor, b: torch.Tensor, counts) -> torch.Tensor:
+    """(R, a.cols, b.cols): a_i' b_i for each run i of ``counts`` rows."""
+    out = torch.empty(len(counts), a.shape[1], b.shape[1], dtype=b.dtype, device=b.device)
+    start = 0
+    for i, c in enumerate(counts.tolist()):
+        torch.matmul(a[start:start + c].T, b[start:start + c], out=out[i])
+        start += c
+    return out
+
+
+def _segment_sum(x: torch.Tensor, seg: torch.Tensor, runs: int) -> torch.Tensor:
+    """(runs, cols): the sum of x's rows per run."""
+    return torch.zeros(runs, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, seg.to(x.device), x)
+
+
+def moved_sums(cm: torch.Tensor, ux, uy, to_x, to_y) -> torch.Tensor:
+    """Cluster product sums ``cm`` (6, 6, W, H) of totals taken in coordinates shifted by
+    (ux, uy), moved to coordinates shifted by (to_x, to_y): each record's totals t become L t,
+    so the sums become L cm L'."""
+    dx = (ux - to_x)[:, None].expand(-1, cm.shape[3])
+    dy = (uy - to_y)[None, :].expand(cm.shape[2], -1)
+    one, zero = torch.ones_like(dx), torch.zeros_like(dx)
+    L = torch.stack([torch.stack(row) for row in (
+        (one, zero, zero, zero, zero, zero),
+        (dx, one, zero, zero, zero, zero),
+        (dy, zero, one, zero, zero, zero),
+        (dx * dx, 2 * dx, zero, one, zero, zero),
+        (dy * dy, zero, 2 * dy, zero, one, zero),
+        (dx * dy, dy, dx, zero, zero, one))])
+    return torch.einsum("akwh,klwh,blwh->abwh", L, cm, L)
+
+
+def clustered_interval(r: np.ndarray, se: np.ndarray, records: np.ndarray, confidence: float):
+    """(ci_low, ci_high, p_value) from r and its record-clustered standard error: the interval
+    on the Fisher z scale (se_z = se / (1 - r^2), by the delta method, so it stays in [-1, 1]),
+    Student's t with G - 1 degrees of freedom (G records); the Wald test of r = 0. NaN with
+    fewer than 3 records."""
+    g = np.broadcast_to(records[None, :], r.shape)
+    df = np.maximum(g - 1, 1)
+    q = stats.t.ppf(0.5 + confidence / 2, df)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rc = np.clip(r, -1 + 1e-15, 1 - 1e-15)
+        sez = se / (1 - rc * rc)
+        zr = np.arctanh(rc)
+        lo = np.fmin(np.tanh(zr - q * sez), r)
+        hi = np.fmax(np.tanh(zr + q * sez), r)
+        p = 2 * stats.t.sf(np.abs(r) / se, df)
+    p = np.where(se == 0, np.where(r == 0, 1.0, 0.0), p)
+    bad = np.isnan(r) | np.isnan(se) | (g < 3)
+    return np.where(bad, np.nan, lo), np.where(bad, np.nan, hi), np.where(bad, np.nan, p)
 
 
 def fisher_interval(r: np.ndarray, n: np.ndarray, confidence: float):
