@@ -297,6 +297,26 @@ class Session:
         t = store.q_arrow(self.con, "SELECT record_id FROM records WHERE dataset = ? ORDER BY record_id", [dataset])
         return t.column(0).to_numpy()
 
+    def select_records(self, dataset: str, record_ids=None, limit=None) -> np.ndarray:
+        """The records a query reads: ``record_ids`` (every one must be a record of ``dataset``)
+        or all of the dataset's, then the first ``limit`` of them (an integer >= 0)."""
+        from .errors import check_int
+        every = self.record_ids(dataset)
+        if record_ids is None:
+            ids = every
+        else:
+            try:
+                ids = np.asarray(record_ids, np.int64).reshape(-1)
+            except (TypeError, ValueError) as exc:
+                raise DeepBaseError(f"record_ids must be a list of integer record ids, got {record_ids!r}") from exc
+            unknown = np.setdiff1d(ids, every)
+            if len(unknown):
+                raise DeepBaseError(f"record_ids: {len(unknown)} id(s) are not records of dataset {dataset!r}: "
+                                    f"{', '.join(map(str, unknown[:10].tolist()))}{' ...' if len(unknown) > 10 else ''}")
+        if limit is not None:
+            ids = ids[:check_int("limit", limit, 0)]
+        return ids
+
     def texts(self, dataset: str, record_ids) -> dict[int, str]:
         ids = pa.table({"record_id": pa.array(np.asarray(record_ids, dtype=np.int32))})
         self.con.register("__dbd_ids", ids)

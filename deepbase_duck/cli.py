@@ -216,9 +216,15 @@ def cmd_demo(args) -> int:
 
 
 @contextlib.contextmanager
-def _store(args):
-    """The store named on the command line, closed however the command ends."""
+def _store(args, create: bool = False):
+    """The store named on the command line, closed however the command ends. Only the commands
+    that fill a store (register-model, add-stdlib, add-dataset) create a missing one: a mistyped
+    path for the others is an error, not a new empty store."""
     import deepbase_duck as dbd
+    from deepbase_duck.errors import DeepBaseError
+    if not create and not Path(args.store).is_file():
+        raise DeepBaseError(f"no store at {args.store!r} (register-model, add-stdlib or add-dataset create one; "
+                            f"`deepbase-duck demo` writes deepbase_demo/demo.duckdb)")
     con = dbd.connect(args.store, progress=not args.quiet)
     try:
         yield con
@@ -228,7 +234,7 @@ def _store(args):
 
 def cmd_register(args):
     import deepbase_duck as dbd
-    with _store(args) as con:
+    with _store(args, create=True) as con:
         print(json.dumps(dbd.register_model(con, args.name, args.loader, json.loads(args.params))))
     return 0
 
@@ -236,7 +242,7 @@ def cmd_register(args):
 def cmd_add_stdlib(args):
     import deepbase_duck as dbd
     from deepbase_duck.corpora.code import code_records
-    with _store(args) as con:
+    with _store(args, create=True) as con:
         n = dbd.add_dataset(con, args.name, code_records(args.split, args.max_chars, args.chars),
                             f"Python standard library, {args.split} split")
         print(f"{args.name}: {n} records")
@@ -246,7 +252,7 @@ def cmd_add_stdlib(args):
 def cmd_add_dataset(args):
     import deepbase_duck as dbd
     records = dbd.read_records(args.path, args.format, args.column, args.source_column, args.glob, args.max_chars)
-    with _store(args) as con:
+    with _store(args, create=True) as con:
         before = con.sql("SELECT count(*) FROM records WHERE dataset = ?", params=[args.name]).fetchall()[0][0]
         n = dbd.add_dataset(con, args.name, records, args.description or f"from {args.path}", args.replace)
     skipped = f"; {records.skipped} empty or missing texts skipped" if records.skipped else ""
@@ -324,9 +330,6 @@ def cmd_export(args):
 
 def cmd_report(args):
     import deepbase_duck as dbd
-    from deepbase_duck.errors import DeepBaseError
-    if not Path(args.store).is_file():
-        raise DeepBaseError(f"no store at {args.store!r} (run `deepbase-duck demo` or `deepbase-duck inspect` first)")
     with _store(args) as con:
         r = dbd.report(con, args.out, query_id=args.query, model=args.model, dataset=args.dataset,
                        top_units=args.top, text_units=args.text_units, records_per_unit=args.records,

@@ -11,11 +11,16 @@ class UnknownNameError(DeepBaseError, KeyError):
     def __init__(self, what: str, name: str, valid):
         valid = sorted(valid)
         shown = ", ".join(map(str, valid[:40])) + (" ..." if len(valid) > 40 else "")
-        super().__init__(f"unknown {what} {name!r}; valid {what}s: {shown or '(none registered)'}")
+        plural = {"hypothesis": "hypotheses"}.get(what, what + "s")
+        super().__init__(f"unknown {what} {name!r}; valid {plural}: {shown or '(none registered)'}")
         self.what, self.name, self.valid = what, name, valid
 
     def __str__(self):  # KeyError would quote the message
         return self.args[0]
+
+
+class BadParameterError(DeepBaseError, ValueError):
+    """A measure or query parameter out of its range (also a ValueError)."""
 
 
 class HypothesisError(DeepBaseError, ValueError):
@@ -28,3 +33,13 @@ class ActivationError(DeepBaseError, ValueError):
 
 class EmptyDatasetError(DeepBaseError, ValueError):
     """A dataset (or the selected part of it) has no records or no symbols."""
+
+
+def check_int(name: str, value, minimum: int) -> int:
+    """``value`` as an int when it is a whole number >= ``minimum`` (a bool, a float with a
+    fraction or a string is refused, naming ``name``)."""
+    import numbers
+    ok = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not ok or value < minimum:
+        raise DeepBaseError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)

@@ -208,3 +208,66 @@ def test_a_store_open_in_another_process_is_named_with_its_pid(tmp_path):
         assert con.sql("SELECT count(*) FROM records").fetchall() == [(1,)]
     finally:
         dbd.close(con)
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"limit": -1}, r"limit must be an integer >= 0, got -1"),
+    ({"limit": 2.5}, r"limit must be an integer >= 0, got 2.5"),
+    ({"batch_size": 0}, r"batch_size must be an integer >= 1, got 0"),
+    ({"batch_size": 2.9}, r"batch_size must be an integer >= 1, got 2.9"),
+    ({"batch_size": 0, "max_error": 0.3}, r"batch_size must be an integer >= 1"),
+    ({"seed": "x", "max_error": 0.3}, r"seed must be an integer >= 0, got 'x'"),
+    ({"baseline": True, "baseline_seed": -2}, r"baseline_seed must be an integer >= 0, got -2"),
+    ({"record_ids": [0, 999, 1000]}, r"record_ids: 2 id\(s\) are not records of dataset 'snippets': 999, 1000"),
+    ({"keep_activations": True, "dtype": "int8"}, r"dtype must be one of float32, float16.*got 'int8'"),
+    ({"corr": {"confidence": 1.5}}, r"corr: confidence must be in \(0, 1\), got 1.5"),
+])
+def test_bad_query_settings_are_named_and_change_nothing(primed, kw, message):
+    before = snapshot(primed)
+    with pytest.raises(DeepBaseError, match=message):
+        dbd.inspect(primed, "planted", ["planted"], ["digit"], "snippets", reuse=False, **kw)
+    assert snapshot(primed) == before
+
+
+def test_compare_layers_checks_batch_size_and_limit(primed):
+    with pytest.raises(DeepBaseError, match="batch_size must be an integer >= 1, got 0"):
+        dbd.compare_layers(primed, ["planted:planted", "planted:mix"], "snippets", batch_size=0)
+    with pytest.raises(DeepBaseError, match="limit must be an integer >= 0, got -3"):
+        dbd.compare_layers(primed, ["planted:planted", "planted:mix"], "snippets", limit=-3)
+
+
+def test_a_hypothesis_named_twice_is_scored_once(planted):
+    """On a fresh dataset (labels computed in the scan) and again once they are stored: one row
+    per (unit, hypothesis), the same scores as naming it once."""
+    t = dbd.inspect(planted, "planted", ["planted"], ["digit", "digit", "bracket_depth"], "snippets")
+    once = dbd.inspect(planted, "planted", ["planted"], ["digit", "bracket_depth"], "snippets", reuse=False)
+    again = dbd.inspect(planted, "planted", ["planted"], ["bracket_depth", "digit", "digit"], "snippets", reuse=False)
+    key = lambda r: (r["unit"], r["hypothesis"])  # noqa: E731
+    rows = {key(r): r["score"] for r in t.to_pylist()}
+    assert len(rows) == t.num_rows == once.num_rows == again.num_rows
+    for other in (once, again):
+        got = {key(r): r["score"] for r in other.to_pylist()}
+        assert got.keys() == rows.keys()
+        assert all((rows[k] is None and got[k] is None) or got[k] == pytest.approx(rows[k], abs=1e-12) for k in rows)
+    assert planted.sql("SELECT count(*) FROM labels WHERE hypothesis = 'digit'").fetchall()[0][0] > 0
+
+
+def test_unknown_hypothesis_message_says_hypotheses(primed):
+    with pytest.raises(UnknownNameError, match=r"unknown hypothesis 'nope'; valid hypotheses: "):
+        dbd.inspect(primed, "planted", ["planted"], ["nope"], "snippets")
+
+
+def test_cli_commands_refuse_a_missing_store_instead_of_creating_one(tmp_path, capsys):
+    from deepbase_duck.cli import main
+    for cmd in (["inspect", "typo.duckdb", "m", "code", "--layers", "l", "--hypotheses", "digit"],
+                ["export", "typo.duckdb", str(tmp_path / "out")],
+                ["annotate", "typo.duckdb", "code", "digit"],
+                ["extract", "typo.duckdb", "m", "code", "l"]):
+        cmd[1] = str(tmp_path / cmd[1])
+        assert main(["--quiet", *cmd]) == 2, cmd
+        err = capsys.readouterr().err
+        assert "no store at" in err and err.strip().count("\n") == 0, err
+        assert not (tmp_path / "typo.duckdb").exists()
+    assert main(["--quiet", "register-model", str(tmp_path / "new.duckdb"), "lm",
+                 "deepbase_duck.models.zoo:charlstm"]) == 0
+    assert (tmp_path / "new.duckdb").exists()

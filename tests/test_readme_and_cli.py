@@ -88,6 +88,9 @@ def dbd_records(db: str, dataset: str) -> int:
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     db = str(tmp_path / "bad.duckdb")
     r = run_cli("inspect", db, "nomodel", "nodata", "--layers", "x", "--hypotheses", "in_string")
+    assert r.returncode == 2 and "no store at" in r.stderr and not (tmp_path / "bad.duckdb").exists()
+    dbd.close(dbd.connect(db, progress=False))
+    r = run_cli("inspect", db, "nomodel", "nodata", "--layers", "x", "--hypotheses", "in_string")
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0
     assert "unknown dataset 'nodata'" in r.stderr or "unknown model 'nomodel'" in r.stderr

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from .. import store
-from ..errors import DeepBaseError, EmptyDatasetError
+from ..errors import DeepBaseError, EmptyDatasetError, check_int
 from ..inspectors.cka import LinearCKAState
 from ..progress import progress_bar
 from ..extraction.adapters import default_device
@@ -46,9 +46,8 @@ def compare_layers(session, groups, dataset: str, record_ids=None, limit=None, b
     if len(set(toks.values())) > 1:
         raise DeepBaseError("compare_layers: the models' tokenisations differ, so their symbols do not line up: "
                             + ", ".join(f"{m}: {t}" for m, t in toks.items()))
-    ids = session.record_ids(dataset) if record_ids is None else np.asarray(record_ids, np.int64)
-    if limit is not None:
-        ids = ids[: int(limit)]
+    batch_size = check_int("batch_size", batch_size, 1)
+    ids = session.select_records(dataset, record_ids, limit)
     if len(ids) == 0:
         raise EmptyDatasetError(f"no records selected from dataset {dataset!r}")
     widths = {(m, l): w for m in by_model for l, w in session.stored_widths(m).items()}

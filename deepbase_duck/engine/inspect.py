@@ -29,7 +29,7 @@ import torch
 
 from .. import store
 from ..extraction.adapters import default_device
-from ..errors import DeepBaseError, EmptyDatasetError
+from ..errors import DeepBaseError, EmptyDatasetError, check_int
 from ..hypotheses.grid import check_fit
 from ..hypotheses.store import annotate, missing_records, resolve
 from ..inspectors.base import SCORE_SCHEMA, measure_class
@@ -37,7 +37,7 @@ from ..progress import progress_bar
 from .memory import caps_store_memory, release_freed_memory
 from .prefetch import batch_source, pipeline_by_default
 from .labels import LabelStream, LabelSupport, block_labels  # noqa: F401  (block_labels: public here too)
-from .extract import (Batch, SymbolWriter, cleanup_orphans, done_records, ensure_symbols, stored_behavior,
+from .extract import (DTYPES, Batch, SymbolWriter, cleanup_orphans, done_records, ensure_symbols, stored_behavior,
                       forward_batches, get_or_create_behavior, plan_batches, store_batch, stored_symbol_counts)
 
 RESULT_SCHEMA = pa.schema([
@@ -146,7 +146,7 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
     session.check_dataset(dataset)
     mrow = session.model_row(model)
     layers = session.check_layers(model, list(layers or []))
-    hyps = resolve(session.con, list(hypotheses))
+    hyps = resolve(session.con, list(dict.fromkeys(hypotheses)))     # a name given twice: scored once
     check_fit(mrow["tokenization"], hyps, model)   # image grids vs text characters
     if max_error is not None and not (0 < float(max_error) < 1):
         raise DeepBaseError(f"max_error must be in (0, 1), got {max_error}")
@@ -203,11 +203,11 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
             if c["kind"] not in cls.accepts:
                 raise DeepBaseError(f"measure {m!r} does not take {c['kind']} hypotheses (hypothesis "
                                     f"{c['source']!r}); it takes: {', '.join(cls.accepts)}")
-    ids = session.record_ids(dataset) if record_ids is None else np.asarray(record_ids, np.int64)
-    if limit is not None:
-        ids = ids[: int(limit)]
+    ids = session.select_records(dataset, record_ids, limit)
     if len(ids) == 0:
         raise EmptyDatasetError(f"no records selected from dataset {dataset!r}")
+    if keep_activations and dtype not in DTYPES:
+        raise DeepBaseError(f"dtype must be one of {', '.join(DTYPES)} (stored activations), got {dtype!r}")
     dev = default_device(device)
     return Plan(model, layers, dataset, ids, hyps, measures, per_measure, cols, batch_size=int(batch_size),
                 keep_activations=bool(keep_activations), dtype=dtype, device=str(dev), measure_params=measure_params,
@@ -1047,6 +1047,9 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
         raise DeepBaseError(f"model must be a model name or a non-empty list of names, got {model!r}")
     if len(set(models)) != len(models):
         raise DeepBaseError(f"model names repeat in {models}")
+    batch_size = check_int("batch_size", batch_size, 1)
+    seed = check_int("seed", seed, 0)
+    baseline_seed = check_int("baseline_seed", baseline_seed, 0)
     plans = [plan_inspect(session, m, layers, hypotheses, dataset, measures, record_ids, limit, batch_size,
                           keep_activations, dtype, device, control, permutations, permutation_rows, max_error, seed,
                           top_k, stable_windows, plateau_tol, min_support, **measure_params) for m in models]

@@ -35,7 +35,7 @@ import pyarrow as pa
 import torch
 from scipy import stats
 
-from ..errors import DeepBaseError
+from ..errors import BadParameterError, DeepBaseError
 from .base import InspectorState, SCORE_SCHEMA, register_measure, scratch
 
 F64 = torch.float64
@@ -50,7 +50,7 @@ class PearsonState(InspectorState):
                  **params):
         super().__init__(width, hypotheses, device, **params)
         if not 0 < confidence < 1:
-            raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+            raise BadParameterError(f"{self.measure}: confidence must be in (0, 1), got {confidence}")
         if intervals not in ("records", "symbols"):
             raise DeepBaseError(f"corr: intervals must be 'records' (symbols of a record are dependent: "
                                 f"the record is the unit of sampling) or 'symbols' (every symbol "
@@ -108,7 +108,7 @@ class PearsonState(InspectorState):
                 m2xb = sxx.sum(0)[:, None].expand(-1, H)
                 nr = torch.as_tensor(counts, dtype=F64, device=self.device)
                 self._cluster_sums(shift, myb, False, nr, sx, _segment_sum(yc, seg, R), sxx,
-                                   _segment_sum(yc * yc, seg, R), sxy.transpose(1, 2),
+                                   _segment_sum(yc * yc, seg, R), sxy,
                                    torch.full((H,), float(R), dtype=F64, device=self.device))
         else:
             m = mask.to(F64)
@@ -127,9 +127,8 @@ class PearsonState(InspectorState):
                 sxx_r = record_products(m, xc.square_(), counts)               # (R, H, W)
                 cb, sx, sxx = both[:, :H].sum(0).T, both[:, H:].sum(0).T, sxx_r.sum(0).T
                 nr = _segment_sum(m, seg, R)                                    # (R, H)
-                self._cluster_sums(shift, myb, True, nr, both[:, H:].transpose(1, 2), _segment_sum(yc, seg, R),
-                                   sxx_r.transpose(1, 2), _segment_sum(yc * yc, seg, R),
-                                   both[:, :H].transpose(1, 2), (nr > 0).sum(0).to(F64))
+                self._cluster_sums(shift, myb, True, nr, both[:, H:], _segment_sum(yc, seg, R), sxx_r,
+                                   _segment_sum(yc * yc, seg, R), both[:, :H], (nr > 0).sum(0).to(F64))
             mxb = sx / safe + shift[:, None]
             m2xb = (sxx - sx * sx / safe).clamp(min=0)
             cb = cb - sx * (yc.sum(0) / safe)                   # centre x on its masked mean
@@ -137,42 +136,46 @@ class PearsonState(InspectorState):
         self._merge(nb, mxb, myb, m2xb, m2yb, cb)
 
     def _cluster_sums(self, shift, myb, masked, n, sx, sy, sxx, syy, sxy, records) -> None:
-        """Fold one batch's record totals into ``cm``: each record's (n, Sx, Sy, Sxx, Syy, Sxy)
-        per (unit, hypothesis), given centred on the batch means (``shift``, ``myb``), moved to
-        the state's coordinates (x - ux, y - uy: the first batch's means, so that the products
-        stay small whatever the units' offsets), then every product of two of them summed over
-        the records. Shapes: n (R,), Sx and Sxx (R, W), Sy and Syy (R, H), Sxy (R, W, H); with
-        ``masked`` (labels missing on some symbols) n is (R, H) and Sx, Sxx (R, W, H). Each
-        product is one einsum over the totals' own axes (a matrix product where one holds units
-        and the other hypotheses), never a (R, W, H) tensor for a pair of smaller ones."""
+        """Fold one batch's record totals into ``cm``: every product of two of each record's
+        (n, Sx, Sy, Sxx, Syy, Sxy) per (unit, hypothesis), summed over the batch's records, with
+        the totals centred on the batch means (``shift``, ``myb``); then moved to the state's
+        coordinates (x - ux, y - uy: its first batch's means, so that the products stay small
+        whatever the units' offsets), which is one linear map of the sums for the whole batch
+        (``moved_sums``). Shapes: n (R,), Sx and Sxx (R, W), Sy and Syy (R, H), Sxy (R, H, W);
+        with ``masked`` (labels missing on some symbols) n is (R, H) and Sx, Sxx (R, H, W).
+        Products of a units-only and a hypotheses-only total are matrix products; only those
+        with Sxy (or, masked, Sx and Sxx) go through (R, H, W) arrays."""
+        W, H = self.width, len(self.names)
+        if masked:
+            t = (n[:, :, None], sx, sy[:, :, None], sxx, syy[:, :, None], sxy)          # (R, H or 1, W or 1)
+            pairs = {(a, b): (t[a] * t[b]).sum(0) for a in range(6) for b in range(a, 6)}
+        else:
+            vec_w, vec_h = {1: sx, 3: sxx}, {0: n[:, None], 2: sy, 4: syy}             # (R, W), (R, H or 1)
+            pairs = {}
+            for a in range(5):
+                for b in range(a, 5):
+                    if a in vec_w and b in vec_w:
+                        pairs[a, b] = (vec_w[a] * vec_w[b]).sum(0)[None, :]               # (1, W)
+                    elif a in vec_h and b in vec_h:
+                        pairs[a, b] = (vec_h[a] * vec_h[b]).sum(0)[:, None]               # (H or 1, 1)
+                    else:
+                        w, h = (vec_w[a], vec_h[b]) if a in vec_w else (vec_w[b], vec_h[a])
+                        pairs[a, b] = h.T @ w                                             # (H or 1, W)
+            pairs[0, 5] = (n @ sxy.reshape(len(n), -1)).reshape(H, W)
+            for a in (1, 3):
+                pairs[a, 5] = (sxy * vec_w[a][:, None, :]).sum(0)
+            for a in (2, 4):
+                pairs[a, 5] = (sxy * vec_h[a][:, :, None]).sum(0)
+            pairs[5, 5] = (sxy * sxy).sum(0)
+        cm = torch.empty(6, 6, W, H, dtype=F64, device=self.device)
+        for (a, b), prod in pairs.items():
+            cm[a, b] = prod.T                                   # (W or 1, H or 1), broadcast
+            if a != b:
+                cm[b, a] = prod.T
         if self.cm is None:
-            W, H = self.width, len(self.names)
-            self.cm = torch.zeros(6, 6, W, H, dtype=F64, device=self.device)
-            self.ux, self.uy = shift.clone(), myb.clone()
-        dx, dy = shift - self.ux, myb - self.uy
-        if masked:                                   # n (R, H); Sx, Sxx (R, W, H)
-            tags = ("rh", "rwh", "rh", "rwh", "rh", "rwh")
-            nx = n[:, None, :] * dx[None, :, None]
-            t = (n, sx + nx, sy + n * dy,
-                 sxx + 2 * dx[None, :, None] * sx + nx * dx[None, :, None],
-                 syy + 2 * dy * sy + n * dy * dy,
-                 sxy + dx[None, :, None] * sy[:, None, :] + dy * sx + nx * dy)
-        else:                                        # n (R,); Sx, Sxx (R, W)
-            tags = ("r", "rw", "rh", "rw", "rh", "rwh")
-            nc = n[:, None]
-            t = (n, sx + nc * dx, sy + nc * dy,
-                 sxx + 2 * dx * sx + nc * dx * dx,
-                 syy + 2 * dy * sy + nc * dy * dy,
-                 sxy + dx[None, :, None] * sy[:, None, :] + dy * sx[:, :, None]
-                 + n[:, None, None] * (dx[:, None] * dy[None, :]))
-        for a in range(6):
-            for b in range(a, 6):
-                out = "".join(c for c in "wh" if c in tags[a] or c in tags[b])
-                prod = torch.einsum(f"{tags[a]},{tags[b]}->{out}", t[a], t[b])
-                prod = prod if out == "wh" else (prod[:, None] if out == "w" else prod[None, :] if out == "h" else prod)
-                self.cm[a, b] += prod
-                if a != b:
-                    self.cm[b, a] += prod
+            self.cm, self.ux, self.uy = cm, shift.clone(), myb.clone()
+        else:
+            self.cm += moved_sums(cm, shift, myb, self.ux, self.uy)
         self.records += records
 
     def _merge(self, nb, mxb, myb, m2xb, m2yb, cb):
@@ -317,19 +320,22 @@ def _segment_sum(x: torch.Tensor, seg: torch.Tensor, runs: int) -> torch.Tensor:
 
 def moved_sums(cm: torch.Tensor, ux, uy, to_x, to_y) -> torch.Tensor:
     """Cluster product sums ``cm`` (6, 6, W, H) of totals taken in coordinates shifted by
-    (ux, uy), moved to coordinates shifted by (to_x, to_y): each record's totals t become L t,
-    so the sums become L cm L'."""
-    dx = (ux - to_x)[:, None].expand(-1, cm.shape[3])
-    dy = (uy - to_y)[None, :].expand(cm.shape[2], -1)
-    one, zero = torch.ones_like(dx), torch.zeros_like(dx)
-    L = torch.stack([torch.stack(row) for row in (
-        (one, zero, zero, zero, zero, zero),
-        (dx, one, zero, zero, zero, zero),
-        (dy, zero, one, zero, zero, zero),
-        (dx * dx, 2 * dx, zero, one, zero, zero),
-        (dy * dy, zero, 2 * dy, zero, one, zero),
-        (dx * dy, dy, dx, zero, zero, one))])
-    return torch.einsum("akwh,klwh,blwh->abwh", L, cm, L)
+    (ux, uy), moved to coordinates shifted by (to_x, to_y): each record's totals t become L t
+    (x + dx: Sx + dx n, Sxx + 2 dx Sx + dx^2 n, Sxy + dx Sy + dy Sx + dx dy n, ...), so the
+    sums become L cm L', applied as row operations and then the same column operations."""
+    dx = (ux - to_x)[:, None]                     # (W, 1)
+    dy = (uy - to_y)[None, :]                     # (1, H)
+
+    def rows(m):                                  # L m along the first axis
+        out = m.clone()
+        out[1] += dx * m[0]
+        out[2] += dy * m[0]
+        out[3] += 2 * dx * m[1] + dx * dx * m[0]
+        out[4] += 2 * dy * m[2] + dy * dy * m[0]
+        out[5] += dx * m[2] + dy * m[1] + dx * dy * m[0]
+        return out
+
+    return rows(rows(cm).transpose(0, 1)).transpose(0, 1)
 
 
 def clustered_interval(r: np.ndarray, se: np.ndarray, records: np.ndarray, confidence: float):

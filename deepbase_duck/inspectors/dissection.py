@@ -74,7 +74,7 @@ from scipy import stats
 from .base import InspectorState, register_measure
 from .spearman import (KEY_SENTINEL, SampledState, _unit_blocks, argsort_rows, row_keys, score_table,
                        sort_rows, top_rows)
-from ..errors import DeepBaseError
+from ..errors import BadParameterError, DeepBaseError
 
 F64 = torch.float64
 I64 = torch.int64
@@ -125,7 +125,7 @@ class DissectionState(InspectorState):
         if int(max_rows) < 1:
             raise DeepBaseError(f"{self.measure}: max_rows must be positive, got {max_rows}")
         if not 0 < confidence < 1:
-            raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+            raise BadParameterError(f"{self.measure}: confidence must be in (0, 1), got {confidence}")
         self.quantile = float(quantile)
         self.max_rows = int(max_rows)
         self.seed = int(seed)

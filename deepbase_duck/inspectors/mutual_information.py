@@ -57,7 +57,7 @@ from scipy import stats
 from .base import InspectorState, register_measure
 from .pointbiserial import class_codes, class_layout
 from .spearman import score_table, sort_rows
-from ..errors import DeepBaseError
+from ..errors import BadParameterError, DeepBaseError
 
 F64 = torch.float64
 _CHUNK = 1 << 23          # elements of the (rows, units x bins) one-hot matrix per product
@@ -95,7 +95,7 @@ class MutualInformationState(InspectorState):
         if int(calibration_rows) < 1:
             raise DeepBaseError(f"mi: calibration_rows must be positive, got {calibration_rows}")
         if not 0 < confidence < 1:
-            raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+            raise BadParameterError(f"{self.measure}: confidence must be in (0, 1), got {confidence}")
         self.bins = int(bins)
         self.calibration_rows = int(calibration_rows)
         self.confidence = confidence

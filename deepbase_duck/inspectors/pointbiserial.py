@@ -52,7 +52,7 @@ from scipy import stats
 from .base import InspectorState, register_measure
 from .correlation import fisher_interval, pearson_p_value
 from .spearman import score_table
-from ..errors import HypothesisError
+from ..errors import BadParameterError, HypothesisError
 
 F64 = torch.float64
 
@@ -100,7 +100,7 @@ class ClassMomentsState(InspectorState):
     def __init__(self, width, hypotheses, device="cpu", confidence: float = 0.95, **params):
         super().__init__(width, hypotheses, device, **params)
         if not 0 < confidence < 1:
-            raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+            raise BadParameterError(f"{self.measure}: confidence must be in (0, 1), got {confidence}")
         self.confidence = confidence
         self.ks, self.offsets, self.C = class_layout(self.hypotheses)
         W, C, dev = self.width, self.C, self.device

@@ -46,7 +46,7 @@ from scipy import stats
 
 from .base import InspectorState, SCORE_SCHEMA, register_measure
 from .correlation import pearson_p_value
-from ..errors import DeepBaseError
+from ..errors import BadParameterError, DeepBaseError
 
 F64 = torch.float64
 I64 = torch.int64
@@ -306,7 +306,7 @@ class SampledState(InspectorState):
                  confidence: float = 0.95, **params):
         super().__init__(width, hypotheses, device, **params)
         if not 0 < confidence < 1:
-            raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+            raise BadParameterError(f"{self.measure}: confidence must be in (0, 1), got {confidence}")
         self.confidence = confidence
         self.seed = int(seed)
         self.sample = RowSample(self.width, len(self.names), max_rows, self.device)
