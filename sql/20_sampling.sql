@@ -18,16 +18,24 @@
 -- mixes every input bit; it costs about 0.3 s per million records (2 CPU cores).
 --
 -- Pure SQL: this file runs in the DuckDB CLI too. Unknown datasets give no rows.
+--
+-- Arguments: a NULL seed is the default seed 0 in every macro (coalesce(seed, 0)), so
+-- `seed := NULL` gives the rows of `seed := 0`. A count (sample_records' n, stratified_records'
+-- n_per_class) must be a non-negative integer or NULL; anything else (2.7, -1) is an error that
+-- names the macro and the argument, as a fraction outside [0, 1] is.
 
 -- sample_key(ds, record_id, seed := 0, stream := 'order'): the record's seeded key, an integer
 -- uniform on [0, 2^52): the first 13 hex digits of md5('<stream>:<seed>:<record_id>:<ds>'),
 -- with seed and record_id written as integers; key / 2^52 is an exact uniform number in [0, 1).
+-- seed NULL is seed 0 and stream NULL is 'order' (the defaults), so no key is ever NULL for a
+-- stored record.
 -- Every macro below orders and thresholds by it. `stream` gives independent keys for independent
 -- decisions (a plain word, no ':'): 'order' (sample_records, sample_fraction, seeded_order,
 -- stratified_records) and 'split' (train_test_split), so with one seed a split is not correlated
 -- with a sample (a sample's records fall in the test split at the test fraction).
 CREATE OR REPLACE MACRO sample_key(ds, record_id, seed := 0, stream := 'order') AS
-CAST('0x' || md5(CAST(stream AS VARCHAR) || ':' || CAST(CAST(seed AS BIGINT) AS VARCHAR) || ':'
+CAST('0x' || md5(CAST(coalesce(stream, 'order') AS VARCHAR) || ':'
+                 || CAST(CAST(coalesce(seed, 0) AS BIGINT) AS VARCHAR) || ':'
                  || CAST(CAST(record_id AS BIGINT) AS VARCHAR) || ':' || CAST(ds AS VARCHAR))[1:13]
      AS UBIGINT);
 
@@ -35,7 +43,7 @@ CAST('0x' || md5(CAST(stream AS VARCHAR) || ':' || CAST(CAST(seed AS BIGINT) AS 
 -- uniform random order: (record_id, rank), rank = 1, 2, ... n_records (ordered by the key, ties
 -- by record_id), rows sorted by rank. For progressive scans that stop early: the records of
 -- rank <= n are exactly sample_records(ds, n, seed), and every sample_fraction(ds, f, seed) is a
--- prefix of this order.
+-- prefix of this order. seed NULL: seed 0.
 CREATE OR REPLACE MACRO seeded_order(ds, seed := 0) AS TABLE
 SELECT record_id,
        row_number() OVER (ORDER BY sample_key(ds, record_id, seed), record_id) AS rank
@@ -46,19 +54,33 @@ ORDER BY rank;
 -- sample_records(ds, n, seed := 0): n records of dataset `ds` drawn uniformly without
 -- replacement (all of them when the dataset has at most n; n NULL: all): (record_id), in the
 -- seeded order, i.e. the first n records of seeded_order(ds, seed). Samples are nested: for one
--- seed, the sample of size n is contained in the sample of every larger size.
+-- seed, the sample of size n is contained in the sample of every larger size. n must be a
+-- non-negative integer or NULL (2.7 or -1 is an error); seed NULL: seed 0. In a LATERAL join
+-- seed may be a column of the outer table, n not (DuckDB's LIMIT takes no correlated values).
 CREATE OR REPLACE MACRO sample_records(ds, n, seed := 0) AS TABLE
 SELECT record_id
-FROM records
-WHERE dataset = ds
-ORDER BY sample_key(ds, record_id, seed), record_id
-LIMIT n;
+FROM (SELECT *   -- the first n records by key (a top-n), then the guard's error when n is bad
+      FROM (SELECT record_id, sample_key(ds, record_id, seed) AS key
+            FROM records
+            WHERE dataset = ds
+            ORDER BY key, record_id
+            -- a constant, so LIMIT folds it (even in a LATERAL join on seed); a bad n takes
+            -- the guard's error below, never LIMIT's own
+            LIMIT CASE WHEN NOT isfinite(CAST(n AS DOUBLE)) OR CAST(n AS DOUBLE) < 0 THEN 0 ELSE n END)
+      UNION ALL
+      SELECT CAST(error('sample_records: n must be a non-negative integer or NULL, got '
+                        || CAST(n AS VARCHAR)) AS INTEGER),
+             CAST(NULL AS UBIGINT)
+      WHERE n IS NOT NULL
+        AND (NOT isfinite(CAST(n AS DOUBLE)) OR CAST(n AS DOUBLE) < 0
+             OR CAST(n AS DOUBLE) <> floor(CAST(n AS DOUBLE))))
+ORDER BY key, record_id;
 
 -- sample_fraction(ds, fraction, seed := 0): each record of dataset `ds` kept independently with
 -- probability `fraction` (0 <= fraction <= 1; Bernoulli sampling, so the count is binomial,
 -- not exact): kept when key / 2^52 < fraction. Returns (record_id), in the seeded order.
 -- Nested: with one seed, a record kept at fraction f is kept at every fraction f' > f, and
--- fraction 1 keeps every record.
+-- fraction 1 keeps every record. seed NULL: seed 0; a fraction outside [0, 1] or NULL is an error.
 CREATE OR REPLACE MACRO sample_fraction(ds, fraction, seed := 0) AS TABLE
 SELECT record_id
 FROM records
@@ -75,7 +97,8 @@ ORDER BY sample_key(ds, record_id, seed), record_id;
 -- when its 'split'-stream key / 2^52 < test_fraction, so each record lands in test with
 -- probability test_fraction, independently (the test share is binomial, not exact), and the
 -- split is independent of the samples above for the same seed. Test sets are nested: with one
--- seed, the test set of fraction f is inside the test set of every larger fraction.
+-- seed, the test set of fraction f is inside the test set of every larger fraction. seed NULL:
+-- seed 0; a test_fraction outside [0, 1] or NULL is an error.
 CREATE OR REPLACE MACRO train_test_split(ds, test_fraction := 0.2, seed := 0) AS TABLE
 SELECT record_id,
        CASE WHEN sample_key(ds, record_id, seed, 'split')
@@ -114,15 +137,26 @@ ORDER BY record_id;
 -- differ: when every record holds both values of a binary hypothesis, all of them go to one
 -- class (the tie rule) and the other class is empty. A continuous or unknown hypothesis is an
 -- error.
+--
+-- n_per_class NULL: the largest balanced set, every class getting the count of the rarest class
+-- (the fewest records assigned to any class that has records; a class no record is assigned to
+-- does not count), so each class gets exactly that many. Otherwise n_per_class must be a
+-- non-negative integer (2.7 or -1 is an error). seed NULL: seed 0.
 CREATE OR REPLACE MACRO stratified_records(ds, tok, hyp, n_per_class, seed := 0) AS TABLE
-WITH guard AS (   -- no row when `hyp` is a binary or categorical hypothesis, else an error
-    SELECT CAST(error(CASE WHEN n = 0 THEN 'stratified_records: unknown hypothesis ' || hyp
-                           ELSE 'stratified_records: hypothesis ' || hyp || ' is ' || kind
-                                || '; only binary and categorical hypotheses have classes' END)
-                AS INTEGER) AS record_id,
-           CAST(NULL AS INTEGER) AS class
-    FROM (SELECT count(*) AS n, any_value(kind) AS kind FROM hypotheses WHERE name = hyp)
-    WHERE n = 0 OR kind NOT IN ('binary', 'categorical')
+WITH guard AS (   -- no row when `hyp` is a binary or categorical hypothesis and n_per_class is valid,
+                  -- else an error
+    SELECT CAST(error(msg) AS INTEGER) AS record_id, CAST(NULL AS INTEGER) AS class
+    FROM (SELECT CASE WHEN n = 0 THEN 'stratified_records: unknown hypothesis ' || hyp
+                      WHEN kind NOT IN ('binary', 'categorical')
+                      THEN 'stratified_records: hypothesis ' || hyp || ' is ' || kind
+                           || '; only binary and categorical hypotheses have classes'
+                      WHEN n_per_class IS NOT NULL
+                           AND (NOT isfinite(CAST(n_per_class AS DOUBLE)) OR CAST(n_per_class AS DOUBLE) < 0
+                                OR CAST(n_per_class AS DOUBLE) <> floor(CAST(n_per_class AS DOUBLE)))
+                      THEN 'stratified_records: n_per_class must be a non-negative integer or NULL, got '
+                           || CAST(n_per_class AS VARCHAR) END AS msg
+          FROM (SELECT count(*) AS n, any_value(kind) AS kind FROM hypotheses WHERE name = hyp))
+    WHERE msg IS NOT NULL
 ), labeled AS (
     SELECT lr.record_id
     FROM labeled_records AS lr
@@ -142,8 +176,9 @@ WITH guard AS (   -- no row when `hyp` is a binary or categorical hypothesis, el
 ), chosen AS (
     SELECT record_id, class
     FROM assigned
-    QUALIFY row_number() OVER (PARTITION BY class
-                               ORDER BY sample_key(ds, record_id, seed), record_id) <= n_per_class
+    QUALIFY row_number() OVER (PARTITION BY class ORDER BY sample_key(ds, record_id, seed), record_id)
+            <= coalesce(TRY_CAST(n_per_class AS BIGINT),   -- NULL: the rarest class's count
+                        (SELECT min(n_class) FROM (SELECT count(*) AS n_class FROM assigned GROUP BY class)))
 )
 SELECT record_id, class
 FROM (SELECT * FROM chosen UNION ALL SELECT * FROM guard)

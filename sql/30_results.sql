@@ -49,19 +49,29 @@ LEFT JOIN layers AS l ON l.model = r.model AND l.layer = r.layer
 WHERE r.rank <= k
 ORDER BY r.model, r.measure, r.hypothesis, r.part, r.rank;
 
--- compare_scores(model_a, model_b, measure_name := 'corr'): for every (layer, unit, hypothesis)
--- scored for both models (their latest scores), the two scores and their difference: how a
--- unit's affinity changed between two checkpoints, or between a model and its untrained copy.
-CREATE OR REPLACE MACRO compare_scores(model_a, model_b, measure_name := 'corr') AS TABLE
+-- compare_scores(model_a, model_b, measure_name := 'corr', ds := NULL): for every (layer, unit,
+-- hypothesis) scored for both models on the same dataset, the two scores and their difference:
+-- how a unit's affinity changed between two checkpoints, or between a model and its untrained
+-- copy. Each model's score is its latest non-NULL one (highest query_id; NULL when all are NULL)
+-- per (dataset, layer, unit, hypothesis), the dataset being that of the score's query
+-- (queries.dataset, joined on query_id; scores without a queries row are left out), so a score is
+-- only ever paired with a score of the same dataset: a later query on another dataset does not
+-- replace it. ds := NULL compares on every dataset both models were scored on (one row per
+-- dataset); ds := 'code' on that dataset only. Columns: layer, unit, hypothesis, score_a,
+-- score_b, delta (score_b - score_a), dataset; rows by |delta| (largest first), then layer, unit,
+-- hypothesis, dataset.
+CREATE OR REPLACE MACRO compare_scores(model_a, model_b, measure_name := 'corr', ds := NULL) AS TABLE
 WITH latest AS (
-    SELECT model, layer, unit, hypothesis, arg_max(score, query_id) AS score
-    FROM scores
-    WHERE measure = measure_name AND unit IS NOT NULL AND model IN (model_a, model_b)
+    SELECT s.model, q.dataset, s.layer, s.unit, s.hypothesis, arg_max(s.score, s.query_id) AS score
+    FROM scores AS s
+    JOIN queries AS q ON q.query_id = s.query_id
+    WHERE s.measure = measure_name AND s.unit IS NOT NULL AND s.model IN (model_a, model_b)
+      AND (ds IS NULL OR q.dataset = ds)
     GROUP BY ALL
 )
 SELECT a.layer, a.unit, a.hypothesis, a.score AS score_a, b.score AS score_b,
-       b.score - a.score AS delta
+       b.score - a.score AS delta, a.dataset
 FROM latest AS a JOIN latest AS b
-  ON a.layer = b.layer AND a.unit = b.unit AND a.hypothesis = b.hypothesis
+  ON a.dataset = b.dataset AND a.layer = b.layer AND a.unit = b.unit AND a.hypothesis = b.hypothesis
 WHERE a.model = model_a AND b.model = model_b
-ORDER BY abs(b.score - a.score) DESC NULLS LAST, a.layer, a.unit, a.hypothesis;
+ORDER BY abs(b.score - a.score) DESC NULLS LAST, a.layer, a.unit, a.hypothesis, a.dataset;

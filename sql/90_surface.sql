@@ -8,13 +8,15 @@
 --         batch_size := 16, keep_activations := false, params := '{}', baseline := false,
 --         control := false, permutations := 0, max_error := NULL, seed := 0,
 --         engine := 'local', ray_address := NULL, top_k := NULL, reuse := true, plateau_tol := NULL,
---         min_support := 0, device := NULL)
+--         min_support := 0, device := NULL, stable_windows := 3, baseline_seed := 0,
+--         dtype := 'float32')
 -- Scores every unit of each layer against each hypothesis with each measure (corr, spearman,
 -- pointbiserial, probeless, mi, iou, precision, recall, f1, ap, probe); one row per
 -- (model, layer, unit, hypothesis, measure), also appended to the `scores` table.
 -- params: JSON of per-measure settings, e.g. '{"probe": {"l1": 0.001}, "iou": {"quantile": 0.01}}'.
 -- baseline: also score an untrained copy of the model (seeded re-initialisation), as model
--- '<model>~untrained', to show what the architecture alone produces.
+-- '<model>~untrained', to show what the architecture alone produces; baseline_seed seeds that
+-- re-initialisation (NULL: 0).
 -- control: with the probe measure, a control task per binary/categorical hypothesis
 -- ('<hyp>~control': one random class per word type) and 'selectivity' rows.
 -- permutations: N > 0 adds a permutation-test p-value to unit scores (detail->>'perm_p_value').
@@ -29,8 +31,10 @@
 -- far (a binary column's rarer value, a categorical one's rarest class) do not hold the scan;
 -- their scores come back with their wide intervals, and the queries table lists them ('rare').
 -- top_k: a ranking query: progressive too, stopping once every hypothesis' top_k units (by |score|)
--- stayed the same for 3 windows.
+-- stayed the same for stable_windows (3; NULL: 3) consecutive windows.
 -- reuse: false scans again even when an identical query's scores are stored.
+-- dtype: 'float32' or 'float16', the type of the activations stored with keep_activations
+-- (NULL: 'float32').
 -- device: where the inspectors' states live ('cpu', 'cuda', 'cuda:1'); NULL: CUDA where available,
 -- else the CPU. A model's own device is set when it is registered (its loader's params).
 -- model: one model, or a list of checkpoints of one architecture (['early', 'final']) scanned
@@ -47,7 +51,8 @@ CREATE OR REPLACE TEMP MACRO inspect(model, layers, hypotheses, dataset, measure
                                      baseline := false, control := false, permutations := 0,
                                      max_error := NULL, seed := 0, engine := 'local',
                                      ray_address := NULL, top_k := NULL, reuse := true,
-                                     plateau_tol := NULL, min_support := 0, device := NULL) AS TABLE
+                                     plateau_tol := NULL, min_support := 0, device := NULL,
+                                     stable_windows := 3, baseline_seed := 0, dtype := 'float32') AS TABLE
 SELECT unnest(r, recursive := true)
 FROM (SELECT unnest(dbd_inspect(CAST(model AS VARCHAR), layers, hypotheses, dataset, measures,
                                 CAST(max_records AS BIGINT), CAST(batch_size AS BIGINT),
@@ -57,7 +62,9 @@ FROM (SELECT unnest(dbd_inspect(CAST(model AS VARCHAR), layers, hypotheses, data
                                 CAST(seed AS BIGINT), CAST(engine AS VARCHAR),
                                 CAST(ray_address AS VARCHAR), CAST(top_k AS BIGINT),
                                 CAST(reuse AS BOOLEAN), CAST(plateau_tol AS DOUBLE),
-                                CAST(min_support AS BIGINT), CAST(device AS VARCHAR))) AS r);
+                                CAST(min_support AS BIGINT), CAST(device AS VARCHAR),
+                                CAST(stable_windows AS BIGINT), CAST(baseline_seed AS BIGINT),
+                                CAST(dtype AS VARCHAR))) AS r);
 
 -- compare_layers(groups, dataset, max_records := NULL, batch_size := 16, device := NULL)
 -- Linear CKA between every pair of unit groups named 'model:layer' over the same symbols;

@@ -35,12 +35,20 @@ def store(tmp_path_factory):
     view = dbd.extract(con, "planted", ["planted"], "snippets")[0]["view"]
     dbd.inspect(con, "planted", ["planted", "mix"], ["digit", "bracket_depth"], "snippets", baseline=True,
                 baseline_seed=1)
+    # a second dataset, scored later for both models: compare_scores pairs scores per dataset
+    dbd.add_dataset(con, "other", [t + "7 (x) 8\n" for t in TEXTS[:8]])
+    dbd.inspect(con, "planted", ["planted", "mix"], ["digit"], "other", baseline=True, baseline_seed=1)
     queries = {
         "top": "SELECT model, hypothesis, rank, layer, unit, round(score, 9) FROM top_units(2)",
         "separated": "SELECT model, hypothesis, layer, rank, unit, separated::INTEGER FROM top_units(3, "
                      "measure_name := NULL, by_layer := true)",
         "compare": "SELECT layer, unit, hypothesis, round(delta, 9) FROM compare_scores('planted', "
                    "'planted~untrained') LIMIT 5",
+        "compare_datasets": "SELECT dataset, count(*), count(DISTINCT hypothesis) FROM compare_scores('planted', "
+                            "'planted~untrained') GROUP BY ALL ORDER BY ALL",
+        "compare_ds": "SELECT dataset, layer, unit, hypothesis, round(coalesce(score_a, -9), 9), "   # a constant
+                      "round(coalesce(score_b, -9), 9) FROM compare_scores('planted', "          # unit: NULL
+                      "'planted~untrained', ds := 'other') ORDER BY ALL",
         "view": f"SELECT count(*), sum(act[1])::DECIMAL(18, 4) FROM {view}",
         "labels": "SELECT hypothesis, count(*), sum(value) FROM symbol_labels('snippets', 'chars-test', "
                   "['digit', 'bracket_depth']) GROUP BY ALL ORDER BY ALL",
@@ -51,7 +59,8 @@ def store(tmp_path_factory):
     return db, queries, want
 
 
-@pytest.mark.parametrize("name", ["top", "separated", "compare", "view", "labels", "catalog"])
+@pytest.mark.parametrize("name", ["top", "separated", "compare", "compare_datasets", "compare_ds", "view",
+                                  "labels", "catalog"])
 def test_cli_gives_the_rows_python_gives(store, name):
     db, queries, want = store
     got = cli_rows(db, queries[name])
@@ -62,3 +71,12 @@ def test_cli_gives_the_rows_python_gives(store, name):
                 assert float(a) == pytest.approx(b, abs=1e-9)
             else:
                 assert a == ("" if b is None else str(b))
+
+
+def test_compare_scores_pairs_per_dataset(store):
+    """Both models were scored on 'snippets' (digit, bracket_depth) and later on 'other' (digit):
+    one row per dataset, and ds := keeps one dataset (the rows Python and the CLI agree on above)."""
+    db, queries, want = store
+    # 2 layers: 'planted' (5 units) and 'mix' (4 units)
+    assert want["compare_datasets"] == [("other", 9, 1), ("snippets", 18, 2)]
+    assert {r[0] for r in want["compare_ds"]} == {"other"} and len(want["compare_ds"]) == 9

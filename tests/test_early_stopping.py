@@ -534,3 +534,44 @@ def test_bad_window_split_is_named(big):
     with pytest.raises(DeepBaseError, match=r"window_split must be a positive integer, got 0"):
         dbd.register_model(big, "bad", Bad(planted_adapter().module, encode_chars, "chars-test", device="cpu"))
     assert big.sql("SELECT count(*) FROM models WHERE name = 'bad'").fetchall() == [(0,)]
+
+
+def test_progressive_scan_over_stored_activations_reads_the_seeded_windows(big, tmp_path, monkeypatch):
+    """Activations stored (float32, in a few parts): the progressive query reads the same records,
+    the seeded order's prefix, with the same bound and scores as the model would give, and another
+    seed another prefix; with a part cache too small for one part, the same again."""
+    import importlib
+    engine = importlib.import_module("deepbase_duck.engine.inspect")
+    hyps = ["digit", "bracket_depth"]
+    q = dict(batch_size=8, max_error=0.25, reuse=False)
+
+    def run(seed):
+        t = dbd.inspect(big, "planted", ["planted", "mix"], hyps, "many", seed=seed, **q)
+        source, params = big.sql("SELECT source, params FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0]
+        params = json.loads(params)
+        return source, params, {(r["layer"], r["unit"], r["hypothesis"]): r for r in t.to_pylist()}
+
+    model = {seed: run(seed) for seed in (5, 6)}
+    dbd.extract(big, "planted", ["planted", "mix"], "many", batch_size=40)
+    parts = big.sql("SELECT count(*) FROM behavior_parts").fetchall()[0][0]
+    assert parts >= 10                                            # several parts per layer
+    for cache in (engine.PART_CACHE_BYTES, 1):
+        monkeypatch.setattr(engine, "PART_CACHE_BYTES", cache)
+        for seed in (5, 6):
+            source, params, rows = run(seed)
+            m_source, m_params, m_rows = model[seed]
+            assert (source, m_source) == ("stored", "model")
+            assert params["records_used"] == m_params["records_used"] < 240
+            prefix = big.sql(f"SELECT sum(length(r.text)) FROM seeded_order('many', seed := {seed}) o "
+                             f"JOIN records r USING (record_id) WHERE o.rank <= {params['records_used']}").fetchall()[0][0]
+            assert rows[("planted", 0, "digit")]["n"] == prefix
+            assert params["bound_reached"] == pytest.approx(m_params["bound_reached"], abs=1e-9)
+            for k, r in rows.items():
+                want = m_rows[k]
+                for col in ("score", "ci_low", "ci_high"):
+                    if want[col] is None:
+                        assert r[col] is None
+                    else:
+                        assert r[col] == pytest.approx(want[col], abs=1e-9), (k, col)
+    assert model[5][1]["records_used"] != model[6][1]["records_used"] or \
+        model[5][2][("mix", 0, "digit")]["score"] != model[6][2][("mix", 0, "digit")]["score"]

@@ -1,15 +1,19 @@
-"""The result macro top_units (sql/30_results.sql): its ranking and its `separated` flag,
+"""The result macros of sql/30_results.sql: top_units (its ranking and its `separated` flag,
 against a plain-Python reference on scores with known intervals, and on a planted model whose
-digit unit must come out first and separated."""
+digit unit must come out first and separated) and compare_scores (pairs of scores of one dataset,
+against a plain-Python reference over the scores and queries tables); and the SQL inspect macro's
+pass-through of stable_windows, baseline_seed and dtype."""
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 
 import numpy as np
 import pytest
 
+import conftest
 import deepbase_duck as dbd
 
 
@@ -122,3 +126,153 @@ def test_planted_digit_unit_is_first_and_separated(planted):
     first = [r for r in got if r[1] == 1 and r[0] == "digit"]
     assert first == [("digit", 1, "planted", 0, True)]
     assert np.isfinite([r["score"] for r in rows if r["unit"] == 0 and r["hypothesis"] == "digit"]).all()
+
+
+# -- compare_scores -----------------------------------------------------------------------
+
+COMPARE_COLUMNS = ["layer", "unit", "hypothesis", "score_a", "score_b", "delta", "dataset"]
+
+
+def reference_compare_scores(scores, queries, model_a, model_b, measure="corr", ds=None):
+    """{(dataset, layer, unit, hypothesis): (score_a, score_b)} in plain Python from the rows of the
+    scores table (query_id, model, layer, unit, hypothesis, measure, score) and of queries
+    (query_id, dataset): each model's latest non-NULL score (highest query_id) per dataset, NULL
+    when it has only NULL scores; pairs only within one dataset."""
+    dataset_of = dict(queries)
+    latest = {}
+    for qid, model, layer, unit, hyp, m, score in scores:
+        if m != measure or unit is None or model not in (model_a, model_b) or qid not in dataset_of:
+            continue
+        if ds is not None and dataset_of[qid] != ds:
+            continue
+        key = (model, dataset_of[qid], layer, unit, hyp)
+        best = latest.get(key)
+        if best is None:
+            latest[key] = (qid, score) if score is not None else (None, None)
+        elif score is not None and (best[0] is None or qid > best[0]):
+            latest[key] = (qid, score)
+    out = {}
+    for (model, dataset, layer, unit, hyp), (_, score) in latest.items():
+        if model == model_a and (model_b, dataset, layer, unit, hyp) in latest:
+            out[(dataset, layer, unit, hyp)] = (score, latest[(model_b, dataset, layer, unit, hyp)][1])
+    return out
+
+
+def _compare(con, sql):
+    cur = con.execute(sql)
+    assert [d[0] for d in cur.description] == COMPARE_COLUMNS
+    rows = cur.fetchall()
+    got = {(r[6], r[0], r[1], r[2]): (r[3], r[4]) for r in rows}
+    assert len(got) == len(rows)                          # one row per (dataset, layer, unit, hypothesis)
+    for r in rows:
+        assert r[5] == (None if r[3] is None or r[4] is None else pytest.approx(r[4] - r[3]))
+    deltas = [abs(r[5]) for r in rows if r[5] is not None]
+    assert deltas == sorted(deltas, reverse=True)         # largest change first, NULL deltas last
+    assert all(r[5] is None for r in rows[len(deltas):])
+    return got
+
+
+def _tables(con):
+    scores = con.execute("SELECT query_id, model, layer, unit, hypothesis, measure, score FROM scores").fetchall()
+    queries = con.execute("SELECT query_id, dataset FROM queries").fetchall()
+    return scores, queries
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_compare_scores_pairs_scores_of_one_dataset_like_the_reference(con, seed):
+    """Queries on two datasets, three models, each (model, dataset) scored by several queries, some
+    scores NULL: compare_scores pairs each model's latest score of a dataset with the other's of
+    the same dataset only, as the plain-Python reference does."""
+    rng = random.Random(seed)
+    qid = 0
+    for _ in range(8):
+        qid += 1
+        dataset = rng.choice(["d1", "d2"])
+        models = rng.sample(["m1", "m2", "m3"], rng.randint(1, 3))
+        con.execute("INSERT INTO queries (query_id, model, dataset) VALUES (?, ?, ?)", [qid, ", ".join(models), dataset])
+        rows = []
+        for model, layer, hyp, measure in itertools.product(models, ["l0", "l1"], ["h1", "h2"], ["corr", "iou"]):
+            for unit in [*range(rng.randint(3, 6)), None]:
+                score = None if rng.random() < 0.08 else rng.uniform(-1, 1)
+                rows.append(dict(model=model, layer=layer, hypothesis=hyp, measure=measure, unit=unit,
+                                 score=score, ci_low=None, ci_high=None))
+        _insert_scores(con, rows, query_id=qid)
+    scores, queries = _tables(con)
+    seen_datasets = set()
+    for a, b, measure, ds in itertools.product(["m1", "m2"], ["m2", "m3"], ["corr", "iou"], [None, "d1", "d2", "d3"]):
+        ds_arg = "" if ds is None else f", ds := '{ds}'"
+        got = _compare(con, f"SELECT * FROM compare_scores('{a}', '{b}', measure_name := '{measure}'{ds_arg})")
+        want = reference_compare_scores(scores, queries, a, b, measure, ds)
+        assert got.keys() == want.keys(), (a, b, measure, ds)
+        for key, (sa, sb) in want.items():
+            assert got[key] == (sa, sb), (a, b, measure, ds, key)
+        assert ds is None or {k[0] for k in got} <= {ds}
+        seen_datasets |= {k[0] for k in got}
+    assert seen_datasets == {"d1", "d2"}
+
+
+def test_compare_scores_ignores_a_later_query_on_another_dataset(planted):
+    """The reported bug: both models scored on 'snippets', then the trained one alone on another
+    dataset; the later scores must not be paired with the untrained copy's 'snippets' scores."""
+    dbd.add_dataset(planted, "other", [t + "7 (x) 8\n" for t in conftest.TEXTS[:8]])
+    dbd.inspect(planted, "planted", ["planted", "mix"], ["digit"], "snippets", baseline=True)
+    first = dict(((layer, unit), score) for layer, unit, score in planted.execute(
+        "SELECT layer, unit, score FROM scores WHERE model = 'planted' AND measure = 'corr'").fetchall())
+    dbd.inspect(planted, "planted", ["planted", "mix"], ["digit"], "other")
+    later = dict(((layer, unit), score) for layer, unit, score in planted.execute(
+        "SELECT layer, unit, score FROM scores WHERE model = 'planted' AND query_id = (SELECT max(query_id) "
+        "FROM queries)").fetchall())
+    assert any(first[k] != later[k] for k in first)      # the two datasets give other scores
+    got = _compare(planted, "SELECT * FROM compare_scores('planted', 'planted~untrained')")
+    assert {k[0] for k in got} == {"snippets"}
+    assert {(k[1], k[2]): v[0] for k, v in got.items()} == first
+    assert got == reference_compare_scores(*_tables(planted), "planted", "planted~untrained")
+    assert _compare(planted, "SELECT * FROM compare_scores('planted', 'planted~untrained', ds := 'other')") == {}
+    # both models on 'other' too: a row per dataset; ds := picks one
+    dbd.inspect(planted, "planted", ["planted", "mix"], ["digit"], "other", baseline=True, limit=6)
+    scores, queries = _tables(planted)
+    got = _compare(planted, "SELECT * FROM compare_scores('planted', 'planted~untrained')")
+    assert {k[0] for k in got} == {"snippets", "other"}
+    assert got == reference_compare_scores(scores, queries, "planted", "planted~untrained")
+    for ds in ("snippets", "other"):
+        only = _compare(planted, f"SELECT * FROM compare_scores('planted', 'planted~untrained', ds := '{ds}')")
+        assert only == {k: v for k, v in got.items() if k[0] == ds} and only
+
+
+# -- the SQL inspect macro passes every argument of dbd.inspect on ------------------------
+
+def test_sql_inspect_takes_stable_windows_baseline_seed_and_dtype(planted):
+    rows = planted.execute("SELECT * FROM inspect('planted', ['planted'], ['digit'], 'snippets', batch_size := 2, "
+                           "top_k := 2, stable_windows := 4, max_error := 0.5, seed := 1)").fetchall()
+    assert len(rows) == 5
+    params = json.loads(planted.execute("SELECT params FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0])
+    assert params["stable_windows"] == 4 and params["top_k"] == 2 and params["seed"] == 1
+    # the same query from Python has the same fingerprint (a cache hit); another stable_windows has not
+    dbd.inspect(planted, "planted", ["planted"], ["digit"], "snippets", batch_size=2, top_k=2, stable_windows=4,
+                max_error=0.5, seed=1)
+    assert planted.execute("SELECT source FROM queries ORDER BY query_id DESC LIMIT 1").fetchall() == [("cache",)]
+    dbd.inspect(planted, "planted", ["planted"], ["digit"], "snippets", batch_size=2, top_k=2, stable_windows=3,
+                max_error=0.5, seed=1)
+    assert planted.execute("SELECT source FROM queries ORDER BY query_id DESC LIMIT 1").fetchall() != [("cache",)]
+    with pytest.raises(Exception, match="stable_windows must be a positive integer"):
+        planted.execute("SELECT * FROM inspect('planted', ['planted'], ['digit'], 'snippets', top_k := 2, "
+                        "stable_windows := 0)").fetchall()
+    # baseline_seed seeds the untrained copy: the SQL scores equal Python's with the same seed
+    sql = planted.execute("SELECT layer, unit, score FROM inspect('planted', ['mix'], ['digit'], 'snippets', "
+                          "baseline := true, baseline_seed := 7) WHERE model = 'planted~untrained' "
+                          "ORDER BY layer, unit").fetchall()
+    params = json.loads(planted.execute("SELECT params FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0])
+    assert params["baseline_seed"] == 7
+    py7 = dbd.inspect(planted, "planted", ["mix"], ["digit"], "snippets", baseline=True, baseline_seed=7, reuse=False)
+    py0 = dbd.inspect(planted, "planted", ["mix"], ["digit"], "snippets", baseline=True, baseline_seed=0, reuse=False)
+
+    def twin(t):
+        return sorted((r["layer"], r["unit"], r["score"]) for r in t.to_pylist() if r["model"] == "planted~untrained")
+    assert sql == twin(py7) and sql != twin(py0)
+    # dtype: the activations kept by keep_activations are stored in that type
+    planted.execute("SELECT * FROM inspect('planted', ['planted'], ['digit'], 'snippets', keep_activations := true, "
+                    "dtype := 'float16')").fetchall()
+    assert planted.execute("SELECT DISTINCT dtype FROM behaviors WHERE model = 'planted'").fetchall() == [("float16",)]
+    with pytest.raises(Exception, match="dtype must be one of"):
+        planted.execute("SELECT * FROM inspect('planted', ['planted'], ['digit'], 'snippets', "
+                        "keep_activations := true, dtype := 'int8')").fetchall()

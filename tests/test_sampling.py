@@ -100,6 +100,51 @@ QUERIES = {
 FRACTIONS = [0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]
 for _f in FRACTIONS:
     QUERIES[f"frac_{_f}_s3"] = f"SELECT * FROM sample_fraction('d', {_f}, seed := 3)"
+# seed := NULL is the default seed 0 in every macro: each pair (name, name with _snull) must agree
+NULL_SEED = {
+    "sample_37_s0": "SELECT * FROM sample_records('d', 37, seed := NULL)",
+    "frac_0.3_s0": "SELECT * FROM sample_fraction('d', 0.3, seed := NULL)",
+    "frac_1.0_s0": "SELECT * FROM sample_fraction('d', 1.0, seed := NULL)",
+    "split_0.5_s0": "SELECT * FROM train_test_split('d', test_fraction := 0.5, seed := NULL)",
+    "order_s0": "SELECT * FROM seeded_order('d', seed := NULL)",
+    "strat_digit_60_s0": f"SELECT * FROM stratified_records('d', '{TOK}', 'smp_digit', 60, seed := NULL)",
+    "strat_bracket_25_s0": f"SELECT * FROM stratified_records('d', '{TOK}', 'smp_bracket', 25, seed := NULL)",
+    "keys_order_s0": "SELECT record_id, sample_key('d', record_id, NULL) FROM records "
+                     "WHERE dataset = 'd' ORDER BY record_id",
+    "keys_split_s0": "SELECT record_id, sample_key('d', record_id, NULL, 'split') FROM records "
+                     "WHERE dataset = 'd' ORDER BY record_id",
+}
+QUERIES.update({
+    "frac_1.0_s0": "SELECT * FROM sample_fraction('d', 1.0)",
+    "keys_order_s0": "SELECT record_id, sample_key('d', record_id) FROM records WHERE dataset = 'd' ORDER BY record_id",
+    "keys_split_s0": "SELECT record_id, sample_key('d', record_id, 0, 'split') FROM records "
+                     "WHERE dataset = 'd' ORDER BY record_id",
+    **{f"{name}_snull": sql for name, sql in NULL_SEED.items()},
+    # counts: n NULL is every record, an integral DOUBLE is accepted, 0 gives none
+    "sample_null_n_s2": "SELECT * FROM sample_records('d', NULL, seed := 2)",
+    "sample_3.0_s2": "SELECT * FROM sample_records('d', 3.0, seed := 2)",
+    "sample_0_s2": "SELECT * FROM sample_records('d', 0, seed := 2)",
+    # n_per_class NULL: the rarest class's count (digits: 100; brackets: curly, 14)
+    "strat_digit_null_s1": f"SELECT * FROM stratified_records('d', '{TOK}', 'smp_digit', NULL, seed := 1)",
+    "strat_digit_100_s1": f"SELECT * FROM stratified_records('d', '{TOK}', 'smp_digit', 100, seed := 1)",
+    "strat_bracket_null_s0": f"SELECT * FROM stratified_records('d', '{TOK}', 'smp_bracket', NULL)",
+    "strat_bracket_14_s0": f"SELECT * FROM stratified_records('d', '{TOK}', 'smp_bracket', 14)",
+    "strat_unlabeled_null_e": f"SELECT * FROM stratified_records('e', '{TOK}', 'smp_digit', NULL)",
+})
+# bad counts: (query, the error's text), in Python and in the CLI alike
+BAD_COUNTS = [
+    ("SELECT * FROM sample_records('d', 2.7)", "sample_records: n must be a non-negative integer or NULL, got 2.7"),
+    ("SELECT * FROM sample_records('d', -1)", "sample_records: n must be a non-negative integer or NULL, got -1"),
+    ("SELECT * FROM sample_records('d', -1, seed := 4)", "sample_records: n must be a non-negative integer"),
+    ("SELECT * FROM sample_records('nope', 0.5)", "sample_records: n must be a non-negative integer"),
+    (f"SELECT * FROM stratified_records('d', '{TOK}', 'smp_digit', 2.5)",
+     "stratified_records: n_per_class must be a non-negative integer or NULL, got 2.5"),
+    (f"SELECT * FROM stratified_records('d', '{TOK}', 'smp_bracket', -1, seed := 3)",
+     "stratified_records: n_per_class must be a non-negative integer or NULL, got -1"),
+    # the check does not depend on the data: no labelled record in 'e', still an error
+    (f"SELECT * FROM stratified_records('e', '{TOK}', 'smp_digit', -2)",
+     "stratified_records: n_per_class must be a non-negative integer"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +275,46 @@ def test_seeds_give_independent_samples(ro):
         assert within_binomial(k, N, 0.25), (sa, sb, k)
 
 
+@pytest.mark.parametrize("name", list(NULL_SEED))
+def test_null_seed_is_seed_zero(built, name):
+    """seed := NULL gives exactly the rows of seed 0 (md5 of a NULL seed was NULL: no rows, or
+    record_id order)."""
+    res = built[1]
+    assert res[f"{name}_snull"] == res[name]
+    assert len(res[name]) > 0 and all(v is not None for row in res[name] for v in row)
+
+
+def test_null_seed_fraction_one_keeps_every_record_and_split_has_test_rows(built, ids):
+    assert sorted(col(built[1]["frac_1.0_s0_snull"])) == ids
+    assert 0 < col(built[1]["split_0.5_s0_snull"], 1).count("test") < N
+    # a seeded order, not the record_id order
+    assert col(built[1]["sample_37_s0_snull"]) != sorted(col(built[1]["sample_37_s0_snull"]))
+
+
+def test_sample_records_counts(built, ids):
+    res = built[1]
+    assert col(res["sample_null_n_s2"]) == col(res["order_s2"]) and sorted(col(res["order_s2"])) == ids
+    assert col(res["sample_3.0_s2"]) == col(res["order_s2"])[:3]
+    assert res["sample_0_s2"] == []
+
+
+@pytest.mark.parametrize("sql,message", BAD_COUNTS)
+def test_bad_counts_are_errors_naming_the_macro_and_argument(ro, sql, message):
+    with pytest.raises(duckdb.Error, match=message.replace(".", r"\.")):
+        ro.sql(sql).fetchall()
+
+
+def test_stratified_null_n_per_class_is_the_rarest_class_count(built):
+    res = built[1]
+    digits = col(res["strat_digit_null_s1"], 1)
+    assert [digits.count(c) for c in (0, 1)] == [100, 100]       # 100 records hold a digit
+    assert res["strat_digit_null_s1"] == res["strat_digit_100_s1"]
+    brackets = col(res["strat_bracket_null_s0"], 1)
+    assert [brackets.count(c) for c in (0, 1, 2)] == [14, 14, 14]   # curly: 14 records
+    assert res["strat_bracket_null_s0"] == res["strat_bracket_14_s0"]
+    assert res["strat_unlabeled_null_e"] == []
+
+
 def test_fraction_out_of_range_is_an_error(ro):
     for bad in ("1.5", "-0.1", "NULL"):
         with pytest.raises(duckdb.Error, match="fraction must be between 0 and 1"):
@@ -344,3 +429,13 @@ def test_cli_returns_the_same_rows(built, name):
     expected = [[str(v) for v in row] for row in results[name]]
     assert body == expected
     assert header or not expected
+
+
+@pytest.mark.parametrize("sql,message", BAD_COUNTS)
+def test_cli_rejects_bad_counts_the_same_way(built, sql, message):
+    exe = cli_path()
+    if not exe.exists():
+        pytest.skip(f"the DuckDB CLI is not installed at {exe} (pip install duckdb-cli==1.5.6)")
+    proc = subprocess.run([str(exe), "-readonly", "-csv", built[0], "-c", sql],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr + proc.stdout

@@ -40,6 +40,13 @@ from .labels import LabelStream, LabelSupport, block_labels  # noqa: F401  (bloc
 from .extract import (DTYPES, Batch, SymbolWriter, cleanup_orphans, done_records, ensure_symbols, stored_behavior,
                       forward_batches, get_or_create_behavior, plan_batches, store_batch, stored_symbol_counts)
 
+# what a stored result was computed by: raised when the engine computes a query's scores or
+# intervals differently, so that identical queries scored before are not served as cached
+# (2: corr intervals with records as clusters; progressive scans over stored activations read
+# the seeded windows, not the parts in a seeded order)
+SCORING_VERSION = 2
+PART_CACHE_BYTES = 1 << 30          # decoded stored parts a progressive scan keeps (StoredRows)
+
 RESULT_SCHEMA = pa.schema([
     ("query_id", pa.int32()), ("model", pa.string()), ("layer", pa.string()), ("unit", pa.int32()),
     ("hypothesis", pa.string()), ("measure", pa.string()), ("score", pa.float64()), ("n", pa.int64()),
@@ -146,7 +153,8 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
     session.check_dataset(dataset)
     mrow = session.model_row(model)
     layers = session.check_layers(model, list(layers or []))
-    hyps = resolve(session.con, list(dict.fromkeys(hypotheses)))     # a name given twice: scored once
+    hyps, seen = resolve(session.con, list(hypotheses)), set()
+    hyps = [h for h in hyps if not (h["name"] in seen or seen.add(h["name"]))]   # a name given twice: once
     check_fit(mrow["tokenization"], hyps, model)   # image grids vs text characters
     if max_error is not None and not (0 < float(max_error) < 1):
         raise DeepBaseError(f"max_error must be in (0, 1), got {max_error}")
@@ -355,6 +363,49 @@ class WindowMoments:
         with np.errstate(invalid="ignore", divide="ignore"):
             half = t * np.sqrt(self.m2 / np.maximum(k - 1, 1)) / np.sqrt(np.maximum(k, 1))
         return np.where(k == 0, 0.0, np.where(k == 1, np.inf, half))
+
+
+class StoredRows:
+    """Stored activations read record by record, for a progressive scan's seeded windows: the
+    same records, in the same forward batches, as a scan that runs the model, so a cached and an
+    uncached query read the same records and differ only by the stored dtype. Parts are decoded
+    whole (a part is one Parquet row group) and kept, least recently used first out, up to
+    PART_CACHE_BYTES of float32; a corpus whose parts exceed it decodes some parts more than
+    once (correct, slower)."""
+
+    def __init__(self, blocks: list[tuple[list[int], dict]]):
+        self.where = {}                                   # layer -> {record: part file}
+        for ids, files in blocks:
+            for layer, f in files.items():
+                self.where.setdefault(layer, {}).update(dict.fromkeys(ids, f))
+        self.cache, self.bytes = {}, 0                    # file -> (record -> (start, stop), rows)
+
+    def part(self, f):
+        hit = self.cache.pop(f, None)
+        if hit is None:
+            t = pq.read_table(f)
+            rec = t.column("record_id").to_numpy().astype(np.int64)
+            act = t.column("act").combine_chunks()
+            x = np.array(act.values.to_numpy(zero_copy_only=False).reshape(-1, act.type.list_size), dtype=np.float32)
+            ids, start, n = np.unique(rec, return_index=True, return_counts=True)
+            hit = ({int(r): (int(a), int(a + c)) for r, a, c in zip(ids, start, n)}, x)
+            self.bytes += x.nbytes
+            while self.cache and self.bytes > PART_CACHE_BYTES:
+                _, old = self.cache.pop(next(iter(self.cache)))
+                self.bytes -= old.nbytes
+        self.cache[f] = hit                               # most recently used last
+        return hit
+
+    def batch(self, ids: list[int], counts: dict) -> Batch:
+        acts = {}
+        for layer, where in self.where.items():
+            pieces = []
+            for r in ids:
+                spans, x = self.part(where[r])
+                a, b = spans[r]
+                pieces.append(x[a:b])
+            acts[layer] = torch.from_numpy(np.concatenate(pieces))
+        return Batch(np.asarray(ids, np.int64), np.asarray([counts[r] for r in ids]), acts)
 
 
 def seeded_windows(session, plan: Plan) -> tuple[list[list[int]], list[int]]:
@@ -641,11 +692,16 @@ class LocalEngine:
         sources, windows, keep, order = [], [], None, []
         if len(covered):                          # stored activations: the model does not run for them
             blocks = stored_part_blocks(session, plan, behaviors, covered)
-            if progressive:                       # stored parts in a seeded order (a cluster sample)
-                blocks = [blocks[i] for i in np.random.default_rng(plan.seed).permutation(len(blocks))]
-            windows += [len(blocks)] if not progressive else [1] * len(blocks)
-            order += [r for ids, _ in blocks for r in ids]
-            sources.append(read_part_block(ids, files, counts) for ids, files in blocks)
+            if not progressive:                   # part by part
+                windows.append(len(blocks))
+                order += [r for ids, _ in blocks for r in ids]
+                sources.append(read_part_block(ids, files, counts) for ids, files in blocks)
+            else:                                 # the seeded windows of a scan that runs the model
+                block_ids, w = seeded_windows(session, plan)
+                windows += w
+                order += [r for ids in block_ids for r in ids]
+                rows = StoredRows(blocks)
+                sources.append(rows.batch(ids, counts) for ids in block_ids)
         if len(missing):                          # the rest: one forward pass per batch, all layers
             adapter = session.adapter(plan.model)
             if not progressive:
@@ -934,7 +990,8 @@ def query_fingerprint(session, plans: list, baseline: bool, baseline_seed: int) 
            "max_error": plan.max_error, "seed": plan.seed if plan.progressive else None,
            "top_k": plan.top_k, "stable_windows": plan.stable_windows if plan.top_k else None,
            "batch_size": plan.batch_size if plan.progressive else None, "dtype": plan.dtype,
-           "baseline": bool(baseline), "baseline_seed": baseline_seed if baseline else None}
+           "baseline": bool(baseline), "baseline_seed": baseline_seed if baseline else None,
+           "scoring": SCORING_VERSION}
     if plan.plateau_tol is not None:          # only then: the fingerprints of other queries stay as they were
         key["plateau_tol"] = plan.plateau_tol
     if plan.min_support:

@@ -87,7 +87,8 @@ def register_udfs(session: Session) -> None:
 
     def do_inspect(sub, model, layers, hypotheses, dataset, measures, max_records, batch_size, keep, params,
                    baseline, control, permutations, max_error, seed, engine=None, ray_address=None, top_k=None,
-                   reuse=True, plateau_tol=None, min_support=None, device=None):
+                   reuse=True, plateau_tol=None, min_support=None, device=None, stable_windows=None,
+                   baseline_seed=None, dtype=None):
         try:
             measure_params = json.loads(params) if params else {}
         except json.JSONDecodeError as exc:
@@ -100,7 +101,10 @@ def register_udfs(session: Session) -> None:
                     baseline=bool(baseline), control=bool(control), permutations=permutations or 0,
                     max_error=max_error, seed=seed or 0, engine=engine or "local", ray_address=ray_address,
                     top_k=top_k, reuse=reuse is not False, plateau_tol=plateau_tol,
-                    min_support=min_support or 0, device=device or None, **measure_params)
+                    min_support=min_support or 0, device=device or None,
+                    stable_windows=3 if stable_windows is None else stable_windows,
+                    baseline_seed=0 if baseline_seed is None else baseline_seed, dtype=dtype or "float32",
+                    **measure_params)
         return t.to_pylist()
 
     def do_compare(sub, groups, dataset, max_records, batch_size, device=None):
@@ -141,7 +145,7 @@ def register_udfs(session: Session) -> None:
         ("dbd_inspect", do_inspect, ["VARCHAR", "VARCHAR[]", "VARCHAR[]", "VARCHAR", "VARCHAR[]", "BIGINT",
                                      "BIGINT", "BOOLEAN", "VARCHAR", "BOOLEAN", "BOOLEAN", "BIGINT", "DOUBLE",
                                      "BIGINT", "VARCHAR", "VARCHAR", "BIGINT", "BOOLEAN", "DOUBLE", "BIGINT",
-                                     "VARCHAR"],
+                                     "VARCHAR", "BIGINT", "BIGINT", "VARCHAR"],
          RESULT_STRUCT),
         ("dbd_compare", do_compare, ["VARCHAR[]", "VARCHAR", "BIGINT", "BIGINT", "VARCHAR"], COMPARE_STRUCT),
         ("dbd_extract", do_extract, ["VARCHAR", "VARCHAR[]", "VARCHAR", "VARCHAR", "BIGINT"], EXTRACT_STRUCT),
