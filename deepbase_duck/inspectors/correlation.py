@@ -137,46 +137,52 @@ class PearsonState(InspectorState):
 
     def _cluster_sums(self, shift, myb, masked, n, sx, sy, sxx, syy, sxy, records) -> None:
         """Fold one batch's record totals into ``cm``: every product of two of each record's
-        (n, Sx, Sy, Sxx, Syy, Sxy) per (unit, hypothesis), summed over the batch's records, with
-        the totals centred on the batch means (``shift``, ``myb``); then moved to the state's
-        coordinates (x - ux, y - uy: its first batch's means, so that the products stay small
-        whatever the units' offsets), which is one linear map of the sums for the whole batch
-        (``moved_sums``). Shapes: n (R,), Sx and Sxx (R, W), Sy and Syy (R, H), Sxy (R, H, W);
-        with ``masked`` (labels missing on some symbols) n is (R, H) and Sx, Sxx (R, H, W).
-        Products of a units-only and a hypotheses-only total are matrix products; only those
-        with Sxy (or, masked, Sx and Sxx) go through (R, H, W) arrays."""
+        (n, Sx, Sy, Sxx, Syy, Sxy) per (unit, hypothesis), summed over the batch's records, in
+        the state's coordinates (x - ux, y - uy: its first batch's means, so that the products
+        stay small whatever the units' offsets). The totals come centred on the batch means
+        (``shift``, ``myb``). Shapes: n (R,), Sx and Sxx (R, W), Sy and Syy (R, H), Sxy (R, H, W);
+        with ``masked`` (labels missing on some symbols) n is (R, H) and Sx, Sxx (R, H, W)."""
         W, H = self.width, len(self.names)
-        if masked:
-            t = (n[:, :, None], sx, sy[:, :, None], sxx, syy[:, :, None], sxy)          # (R, H or 1, W or 1)
-            pairs = {(a, b): (t[a] * t[b]).sum(0) for a in range(6) for b in range(a, 6)}
-        else:
-            vec_w, vec_h = {1: sx, 3: sxx}, {0: n[:, None], 2: sy, 4: syy}             # (R, W), (R, H or 1)
-            pairs = {}
-            for a in range(5):
-                for b in range(a, 5):
-                    if a in vec_w and b in vec_w:
-                        pairs[a, b] = (vec_w[a] * vec_w[b]).sum(0)[None, :]               # (1, W)
-                    elif a in vec_h and b in vec_h:
-                        pairs[a, b] = (vec_h[a] * vec_h[b]).sum(0)[:, None]               # (H or 1, 1)
-                    else:
-                        w, h = (vec_w[a], vec_h[b]) if a in vec_w else (vec_w[b], vec_h[a])
-                        pairs[a, b] = h.T @ w                                             # (H or 1, W)
-            pairs[0, 5] = (n @ sxy.reshape(len(n), -1)).reshape(H, W)
-            for a in (1, 3):
-                pairs[a, 5] = (sxy * vec_w[a][:, None, :]).sum(0)
-            for a in (2, 4):
-                pairs[a, 5] = (sxy * vec_h[a][:, :, None]).sum(0)
-            pairs[5, 5] = (sxy * sxy).sum(0)
-        cm = torch.empty(6, 6, W, H, dtype=F64, device=self.device)
-        for (a, b), prod in pairs.items():
-            cm[a, b] = prod.T                                   # (W or 1, H or 1), broadcast
-            if a != b:
-                cm[b, a] = prod.T
         if self.cm is None:
-            self.cm, self.ux, self.uy = cm, shift.clone(), myb.clone()
-        else:
-            self.cm += moved_sums(cm, shift, myb, self.ux, self.uy)
+            self.cm = torch.zeros(6, 6, W, H, dtype=F64, device=self.device)
+            self.ux, self.uy = shift.clone(), myb.clone()
         self.records += records
+        if masked:                                   # every product over (R, H, W), then moved
+            t = (n[:, :, None], sx, sy[:, :, None], sxx, syy[:, :, None], sxy)
+            cm = torch.empty(6, 6, W, H, dtype=F64, device=self.device)
+            for a in range(6):
+                for b in range(a, 6):
+                    cm[a, b] = (t[a] * t[b]).sum(0).T
+                    if a != b:
+                        cm[b, a] = cm[a, b]
+            self.cm += moved_sums(cm, shift, myb, self.ux, self.uy)
+            return
+        # the usual case: totals moved to the state's coordinates first (cheap at (R, ...)), then
+        # the products grouped: units-only x units-only, hypotheses-only x hypotheses-only, the
+        # mixed ones (one matrix product) and those with Sxy
+        dx, dy = shift - self.ux, myb - self.uy
+        nc = n[:, None]
+        sxy = (sxy + dx * sy[:, :, None] + dy[:, None] * sx[:, None, :]
+               + n[:, None, None] * (dy[:, None] * dx))                                   # (R, H, W)
+        vw = torch.stack([sx + nc * dx, sxx + 2 * dx * sx + nc * dx * dx], 1)             # (R, 2, W): Sx, Sxx
+        vh = torch.stack([nc.expand(-1, H), sy + nc * dy, syy + 2 * dy * sy + nc * dy * dy], 1)   # n, Sy, Syy
+        R = len(n)
+        ww = torch.einsum("raw,rbw->abw", vw, vw)[:, :, :, None]                           # (2, 2, W, 1)
+        hh = torch.einsum("rah,rbh->abh", vh, vh)[:, :, None, :]                           # (3, 3, 1, H)
+        wh = (vw.reshape(R, -1).T @ vh.reshape(R, -1)).reshape(2, W, 3, H).permute(0, 2, 1, 3)   # (2, 3, W, H)
+        xw = torch.bmm(sxy.permute(2, 1, 0).contiguous(),                                  # per unit w:
+                       vw.permute(2, 0, 1).contiguous()).permute(2, 0, 1)                  # (2, W, H)
+        xh = torch.einsum("rhw,rbh->bwh", sxy, vh)                                          # (3, W, H)
+        cm, iw, ih = self.cm, slice(1, 4, 2), slice(0, 5, 2)     # Sx, Sxx at 1, 3; n, Sy, Syy at 0, 2, 4
+        cm[iw, iw] += ww
+        cm[ih, ih] += hh
+        cm[iw, ih] += wh
+        cm[ih, iw] += wh.transpose(0, 1)
+        cm[iw, 5] += xw
+        cm[5, iw] += xw
+        cm[ih, 5] += xh
+        cm[5, ih] += xh
+        cm[5, 5] += (sxy * sxy).sum(0).T
 
     def _merge(self, nb, mxb, myb, m2xb, m2yb, cb):
         na = self.n
