@@ -555,6 +555,11 @@ def test_progressive_scan_over_stored_activations_reads_the_seeded_windows(big, 
     dbd.extract(big, "planted", ["planted", "mix"], "many", batch_size=40)
     parts = big.sql("SELECT count(*) FROM behavior_parts").fetchall()[0][0]
     assert parts >= 10                                            # several parts per layer
+    import pyarrow.parquet as pq
+    root = session_of(big).act_root
+    files = [root / d / f for d, f in big.sql("SELECT b.directory, p.file FROM behavior_parts p "
+                                              "JOIN behaviors b USING (behavior_id)").fetchall()]
+    assert max(pq.ParquetFile(f).metadata.num_row_groups for f in files) >= 2   # records read by row group
     for cache in (engine.PART_CACHE_BYTES, 1):
         monkeypatch.setattr(engine, "PART_CACHE_BYTES", cache)
         for seed in (5, 6):

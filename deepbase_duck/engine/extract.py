@@ -33,6 +33,9 @@ from ..progress import progress_bar
 from .memory import caps_store_memory, release_freed_memory
 from .prefetch import batch_source, pipeline_by_default
 
+# rows per Parquet row group of a part: a progressive scan reads stored records by the groups'
+# record_id statistics (engine/inspect.py StoredRows), so it decodes a few groups per record
+PART_ROW_GROUP_ROWS = 4096
 DTYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
 SYMBOL_CHUNK = 256
 
@@ -399,8 +402,8 @@ def write_part_file(folder, name: str, dtype: str, batch: Batch, x: torch.Tensor
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{name}.{os.getpid()}.tmp"
-    pq.write_table(table, tmp, compression="zstd" if dtype == "float16" else "none",
-                   use_dictionary=False, write_statistics=["record_id", "pos"])
+    pq.write_table(table, tmp, compression="zstd" if dtype == "float16" else "none", use_dictionary=False,
+                   write_statistics=["record_id", "pos"], row_group_size=PART_ROW_GROUP_ROWS)
     os.replace(tmp, folder / name)
     return len(rec)
 

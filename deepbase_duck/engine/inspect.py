@@ -368,22 +368,36 @@ class WindowMoments:
 class StoredRows:
     """Stored activations read record by record, for a progressive scan's seeded windows: the
     same records, in the same forward batches, as a scan that runs the model, so a cached and an
-    uncached query read the same records and differ only by the stored dtype. Parts are decoded
-    whole (a part is one Parquet row group) and kept, least recently used first out, up to
-    PART_CACHE_BYTES of float32; a corpus whose parts exceed it decodes some parts more than
-    once (correct, slower)."""
+    uncached query read the same records and differ only by the stored dtype. A record's rows
+    are read from the Parquet row groups whose record_id statistics hold it (parts are written
+    in groups of PART_ROW_GROUP_ROWS rows; older parts are one group), decoded once and kept,
+    least recently used first out, up to PART_CACHE_BYTES of float32; past that a group may be
+    decoded again (correct, slower)."""
 
     def __init__(self, blocks: list[tuple[list[int], dict]]):
         self.where = {}                                   # layer -> {record: part file}
         for ids, files in blocks:
             for layer, f in files.items():
                 self.where.setdefault(layer, {}).update(dict.fromkeys(ids, f))
-        self.cache, self.bytes = {}, 0                    # file -> (record -> (start, stop), rows)
+        self.ranges = {}                                  # file -> [(first, last record) per row group]
+        self.cache, self.bytes = {}, 0                    # (file, group) -> (record -> (start, stop), rows)
 
-    def part(self, f):
-        hit = self.cache.pop(f, None)
+    def groups(self, f) -> list[tuple[float, float]]:
+        found = self.ranges.get(f)
+        if found is None:
+            meta = pq.ParquetFile(f).metadata
+            col = meta.schema.to_arrow_schema().get_field_index("record_id")
+            found = []
+            for i in range(meta.num_row_groups):
+                st = meta.row_group(i).column(col).statistics
+                found.append((st.min, st.max) if st is not None and st.has_min_max else (-np.inf, np.inf))
+            self.ranges[f] = found
+        return found
+
+    def group(self, f, i: int):
+        hit = self.cache.pop((f, i), None)
         if hit is None:
-            t = pq.read_table(f)
+            t = pq.ParquetFile(f).read_row_group(i, columns=["record_id", "act"])
             rec = t.column("record_id").to_numpy().astype(np.int64)
             act = t.column("act").combine_chunks()
             x = np.array(act.values.to_numpy(zero_copy_only=False).reshape(-1, act.type.list_size), dtype=np.float32)
@@ -393,18 +407,22 @@ class StoredRows:
             while self.cache and self.bytes > PART_CACHE_BYTES:
                 _, old = self.cache.pop(next(iter(self.cache)))
                 self.bytes -= old.nbytes
-        self.cache[f] = hit                               # most recently used last
+        self.cache[(f, i)] = hit                          # most recently used last
         return hit
 
+    def rows(self, f, r: int) -> list[np.ndarray]:
+        out = []
+        for i, (lo, hi) in enumerate(self.groups(f)):
+            if lo <= r <= hi:
+                spans, x = self.group(f, i)
+                if r in spans:
+                    a, b = spans[r]
+                    out.append(x[a:b])
+        return out
+
     def batch(self, ids: list[int], counts: dict) -> Batch:
-        acts = {}
-        for layer, where in self.where.items():
-            pieces = []
-            for r in ids:
-                spans, x = self.part(where[r])
-                a, b = spans[r]
-                pieces.append(x[a:b])
-            acts[layer] = torch.from_numpy(np.concatenate(pieces))
+        acts = {layer: torch.from_numpy(np.concatenate([p for r in ids for p in self.rows(where[r], r)]))
+                for layer, where in self.where.items()}
         return Batch(np.asarray(ids, np.int64), np.asarray([counts[r] for r in ids]), acts)
 
 
