@@ -221,3 +221,31 @@ def test_engine_full_scan_reports_record_clustered_intervals(planted):
     ci = stats.pearsonr(X[:, 0].astype(np.float64), Y[:, 0]).confidence_interval(0.95)
     assert (r0["ci_low"], r0["ci_high"]) == pytest.approx((ci.low, ci.high), abs=1e-5)
     assert r0["detail"] is None or "records" not in r0["detail"]
+
+
+def test_pointbiserial_shares_corr_intervals_on_binary_labels():
+    """pointbiserial is Pearson's r with the 0/1 label: the same score, interval and p-value as
+    corr, with records as clusters and with intervals='symbols' (scipy's pointbiserialr)."""
+    from deepbase_duck.inspectors.pointbiserial import PointBiserialState
+    x, y, rec = clustered_data(5)
+    y = y[:, :1].copy()
+    y[::9, 0] = np.nan                                       # some symbols unlabelled
+    hyps = [{"name": "b", "kind": "binary"}]
+    for kw in ({}, {"intervals": "symbols"}):
+        tables = []
+        for cls in (PearsonState, PointBiserialState):
+            total = cls(x.shape[1], hyps, **kw)
+            for a, b in ((0, 300), (300, len(rec))):
+                part = cls(x.shape[1], hyps, **kw)
+                part.update(torch.from_numpy(x[a:b]), torch.from_numpy(y[a:b]), torch.from_numpy(rec[a:b]))
+                total.combine(part)
+            tables.append(total.finalize())
+        corr, pb = tables
+        for col in ("score", "ci_low", "ci_high", "p_value"):
+            assert np.allclose(grid(pb, col), grid(corr, col), atol=1e-9, equal_nan=True), (kw, col)
+        if kw:
+            m = ~np.isnan(y[:, 0])
+            ref = stats.pointbiserialr(y[m, 0], x[m, 0].astype(np.float64))
+            assert grid(pb, "p_value")[0, 0] == pytest.approx(ref.pvalue, abs=1e-9)
+        else:
+            assert "records" in pb.column_names

@@ -15,10 +15,13 @@ A categorical code that is not an integer in 0..K-1 raises HypothesisError.
 -------------------------------------
 score = point-biserial r = (mean_1 - mean_0) * sqrt(n_1 n_0 / n) / sqrt(M2), where
 M2 = M2_0 + M2_1 + (mean_1 - mean_0)^2 n_0 n_1 / n is the unit's centred sum of squares over the
-labelled rows; this equals Pearson's r with the 0/1 label (scipy.stats.pointbiserialr). p_value:
-two-sided t-test with n - 2 degrees of freedom (as scipy); CI: Fisher z, tanh(atanh r +-
-z / sqrt(n - 3)). Extra columns mean_1, mean_0 and mean_diff = mean_1 - mean_0. NULL when a class
-is empty or the unit is constant over the labelled rows.
+labelled rows; this equals Pearson's r with the 0/1 label (scipy.stats.pointbiserialr). CI and
+p_value are corr's for that r (a PearsonState on the 0/1 labels is kept beside the classes, which
+doubles the update's cost): with records as clusters by default, or with ``intervals='symbols'``
+(or batches without record ids) the two-sided t-test with n - 2 degrees of freedom (as scipy)
+and the Fisher z interval tanh(atanh r +- z / sqrt(n - 3)). Extra columns mean_1, mean_0 and
+mean_diff = mean_1 - mean_0 (and ``records``, the clusters). NULL when a class is empty or the
+unit is constant over the labelled rows.
 
 ``probeless`` (binary and categorical hypotheses)
 -------------------------------------------------
@@ -50,7 +53,7 @@ import torch
 from scipy import stats
 
 from .base import InspectorState, register_measure
-from .correlation import fisher_interval, pearson_p_value
+from .correlation import PearsonState, clustered_interval, fisher_interval, pearson_p_value
 from .spearman import score_table
 from ..errors import BadParameterError, HypothesisError
 
@@ -165,6 +168,24 @@ class PointBiserialState(ClassMomentsState):
     measure = "pointbiserial"
     accepts = ("binary",)
 
+    def __init__(self, width, hypotheses, device="cpu", confidence: float = 0.95, intervals: str = "records",
+                 **params):
+        super().__init__(width, hypotheses, device, confidence, **params)
+        # the interval: that of Pearson's r with the 0/1 label (the same r), records as clusters
+        # unless intervals='symbols' (see correlation.py); its moments are kept beside the classes'
+        self.pearson = PearsonState(width, hypotheses, device, confidence, intervals=intervals)
+
+    def update(self, acts, labels, record_ids=None) -> None:
+        super().update(acts, labels, record_ids)
+        if acts.shape[0]:
+            y = labels.to(self.device, F64)
+            self.pearson.update(acts, torch.where(torch.isnan(y), y, (y != 0).to(F64)), record_ids)
+
+    def combine(self, other):
+        super().combine(other)
+        self.pearson.combine(other.pearson)
+        return self
+
     def _compute(self):
         cnt, mean, m2, constant, spread = self._arrays()
         i0 = self.offsets
@@ -190,11 +211,16 @@ class PointBiserialState(ClassMomentsState):
 
     def finalize(self) -> pa.Table:
         r, n, m0, m1 = self._compute()
-        lo, hi = fisher_interval(r, n, self.confidence)
-        p = pearson_p_value(r, n)
         f = pa.float64()
-        return score_table(self.measure, self.names, r, n, lo, hi, p,
-                           {"mean_1": (m1, f), "mean_0": (m0, f), "mean_diff": (m1 - m0, f)})
+        extra = {"mean_1": (m1, f), "mean_0": (m0, f), "mean_diff": (m1 - m0, f)}
+        if self.pearson.clustered and self.pearson.cm is not None:
+            se, records = self.pearson.clustered_se(r)
+            lo, hi, p = clustered_interval(r, se, records, self.confidence)
+            extra["records"] = (np.broadcast_to(records[None, :], r.shape).astype(np.int64), pa.int64())
+        else:
+            lo, hi = fisher_interval(r, n, self.confidence)
+            p = pearson_p_value(r, n)
+        return score_table(self.measure, self.names, r, n, lo, hi, p, extra)
 
 
 @register_measure
