@@ -23,7 +23,25 @@ import duckdb
 from . import store
 
 CATALOG = ["models", "layers", "datasets", "hypotheses", "queries", "behaviors", "similarities"]
-TEXT_TABLES = ["records", "symbols", "labels"]
+TEXT_TABLES = ["records", "symbols", "labels", "labeled_records"]   # labeled_records: stratified_records
+
+
+def check_replaceable(session, out: Path) -> None:
+    """Refuse to delete ``out`` unless it holds an earlier export and nothing else: never the
+    folder of the store or of its activations, nor a folder with other files."""
+    from .errors import DeepBaseError
+    db = session.db_path if session.db_path not in (None, ":memory:") else None
+    store_files = [Path(p).resolve() for p in (db, session.act_root) if p]
+    for f in store_files:
+        if f == out or out in f.parents:
+            raise DeepBaseError(f"export folder {out} holds the store ({f}); overwrite would delete it: "
+                                f"export to another folder")
+    known = ({"scores", "scores.parquet", "activations", "study.duckdb", "study.duckdb.wal"}
+             | {f"{t}.parquet" for t in CATALOG + TEXT_TABLES})
+    other = sorted(p.name for p in out.iterdir() if p.name not in known)
+    if other:
+        raise DeepBaseError(f"export folder {out} holds files no export writes ({', '.join(other[:5])}"
+                            f"{' ...' if len(other) > 5 else ''}); overwrite replaces only an earlier export")
 
 
 def export_store(session, out_dir: str, activations: bool = False, text: bool = False,
@@ -32,7 +50,9 @@ def export_store(session, out_dir: str, activations: bool = False, text: bool = 
     out = Path(out_dir).resolve()
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"export folder {out} is not empty; pass overwrite=True to replace it")
+            raise FileExistsError(f"export folder {out} is not empty; pass overwrite=True (CLI: --overwrite) "
+                                  f"to replace an earlier export there")
+        check_replaceable(session, out)
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     con = session.con

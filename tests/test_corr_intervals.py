@@ -249,3 +249,28 @@ def test_pointbiserial_shares_corr_intervals_on_binary_labels():
             assert grid(pb, "p_value")[0, 0] == pytest.approx(ref.pvalue, abs=1e-9)
         else:
             assert "records" in pb.column_names
+
+
+def test_a_unit_constant_on_the_labelled_symbols_has_no_score_and_a_perfect_one_a_point_interval():
+    """Unit 0 varies on unlabelled symbols and is constant (0.7) on the labelled ones: its variance
+    there is float64 rounding from the batches' centring, so r, interval and p are NULL (they
+    came back as r ~ 1e-9, p = 0). Unit 1 equals 2 y + 1: r = 1, the interval [1, 1], p = 0
+    (a rounding-sized standard error divided by 1 - r^2 gave [-1, 1])."""
+    rng = np.random.default_rng(8)
+    rec = np.repeat(np.arange(12), 9)
+    y = rng.normal(size=(len(rec), 1))
+    y[::3, 0] = np.nan                                          # a third of the symbols unlabelled
+    x = np.zeros((len(rec), 2), np.float32)
+    x[:, 0] = np.where(np.isnan(y[:, 0]), rng.normal(size=len(rec)) * 5 + 3, 0.7)
+    x[:, 1] = np.where(np.isnan(y[:, 0]), rng.normal(size=len(rec)), 2 * np.nan_to_num(y[:, 0]) + 1)
+    y1 = np.where(np.isnan(y), np.nan, (x[:, 1:].astype(np.float64) - 1) / 2)     # x = 2 y + 1 exactly
+    hyps = [{"name": "c", "kind": "continuous"}]
+    for intervals in ("records", "symbols"):
+        st = PearsonState(2, hyps, intervals=intervals)
+        for a in range(0, len(rec), 27):                          # batches of 3 records
+            st.update(torch.from_numpy(x[a:a + 27]), torch.from_numpy(y1[a:a + 27]), torch.from_numpy(rec[a:a + 27]))
+        rows = st.finalize().to_pylist()
+        assert rows[0]["score"] is None and rows[0]["ci_low"] is None and rows[0]["p_value"] is None, rows[0]
+        assert rows[1]["score"] == pytest.approx(1.0, abs=1e-12)
+        assert rows[1]["ci_low"] == pytest.approx(1.0, abs=1e-9) and rows[1]["ci_high"] == pytest.approx(1.0, abs=1e-9)
+        assert rows[1]["p_value"] == pytest.approx(0.0, abs=1e-12)

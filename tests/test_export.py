@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import duckdb
 import polars as pl
 import pyarrow.dataset as ds
 import pytest
@@ -90,3 +91,39 @@ def test_export_cli(tmp_path):
     r = subprocess.run([sys.executable, "-m", "deepbase_duck", "export", db, str(tmp_path / "out")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "is not empty" in r.stderr
+
+
+def test_overwrite_replaces_only_an_earlier_export(tmp_path):
+    """overwrite=True never deletes the store's own folder, nor a folder with other files; it
+    replaces an earlier export; the exported file carries labeled_records (stratified_records)."""
+    import deepbase_duck as dbd
+    from deepbase_duck.errors import DeepBaseError
+    from conftest import TEXTS, planted_adapter
+    folder = tmp_path / "study"
+    folder.mkdir()
+    con = dbd.connect(str(folder / "s.duckdb"), progress=False)
+    try:
+        dbd.register_model(con, "planted", planted_adapter())
+        dbd.add_dataset(con, "snippets", TEXTS)
+        dbd.inspect(con, "planted", ["planted"], ["digit"], "snippets")
+        with pytest.raises(DeepBaseError, match="holds the store"):
+            dbd.export(con, str(folder), overwrite=True)
+        assert (folder / "s.duckdb").exists()
+        other = tmp_path / "other"
+        other.mkdir()
+        (other / "notes.txt").write_text("mine")
+        with pytest.raises(DeepBaseError, match=r"holds files no export writes \(notes.txt\)"):
+            dbd.export(con, str(other), overwrite=True)
+        assert (other / "notes.txt").read_text() == "mine"
+        out = tmp_path / "out"
+        dbd.export(con, str(out), text=True)
+        written = dbd.export(con, str(out), text=True, overwrite=True)
+        assert "labeled_records" in written
+    finally:
+        dbd.close(con)
+    side = duckdb.connect(written["duckdb"], read_only=True)
+    try:
+        n = side.sql("SELECT count(*) FROM stratified_records('snippets', 'chars-test', 'digit', 2)").fetchall()[0][0]
+        assert n == 4
+    finally:
+        side.close()

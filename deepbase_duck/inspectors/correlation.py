@@ -39,6 +39,7 @@ from ..errors import BadParameterError, DeepBaseError
 from .base import InspectorState, SCORE_SCHEMA, register_measure, scratch
 
 F64 = torch.float64
+ROUNDING = float(np.finfo(np.float32).eps)    # relative spread below which a unit counts as constant
 
 
 @register_measure
@@ -225,9 +226,10 @@ class PearsonState(InspectorState):
         n = self.n.cpu().numpy()[None, :]
         constant_unit = (self.xmax <= self.xmin).cpu().numpy()[:, None]
         # a unit that varies overall may still be constant on one hypothesis' labelled symbols:
-        # its variance there is then pure rounding, far below the unit's overall spread
+        # its variance there is then pure rounding (of the float64 merges: about eps * n *
+        # magnitude^2), and so is a spread below float32 resolution of the unit's magnitude
         spread = np.maximum(np.abs(self.xmax.cpu().numpy()), np.abs(self.xmin.cpu().numpy()))[:, None]
-        tiny_x = m2x <= n * (1e-12 * np.maximum(spread, 1e-300)) ** 2
+        tiny_x = m2x <= n * (ROUNDING * np.maximum(spread, 1e-300)) ** 2
         tiny_y = m2y <= 0
         with np.errstate(invalid="ignore", divide="ignore"):
             r = c / np.sqrt(m2x * m2y)
@@ -360,6 +362,8 @@ def clustered_interval(r: np.ndarray, se: np.ndarray, records: np.ndarray, confi
         hi = np.fmax(np.tanh(zr + q * sez), r)
         p = 2 * stats.t.sf(np.abs(r) / se, df)
     p = np.where(se == 0, np.where(r == 0, 1.0, 0.0), p)
+    perfect = np.abs(r) >= 1 - 1e-12          # exactly linear: se is rounding, the interval is r itself
+    lo, hi, p = np.where(perfect, r, lo), np.where(perfect, r, hi), np.where(perfect, 0.0, p)
     bad = np.isnan(r) | np.isnan(se) | (g < 3)
     return np.where(bad, np.nan, lo), np.where(bad, np.nan, hi), np.where(bad, np.nan, p)
 

@@ -53,7 +53,7 @@ import torch
 from scipy import stats
 
 from .base import InspectorState, register_measure
-from .correlation import PearsonState, clustered_interval, fisher_interval, pearson_p_value
+from .correlation import ROUNDING, PearsonState, clustered_interval, fisher_interval, pearson_p_value
 from .spearman import score_table
 from ..errors import BadParameterError, HypothesisError
 
@@ -160,7 +160,7 @@ class ClassMomentsState(InspectorState):
     def _tiny(m2_total, n, spread):
         """True where a unit's spread over the labelled rows is pure rounding (constant there)."""
         with np.errstate(invalid="ignore", over="ignore"):
-            return m2_total <= n * (1e-12 * np.maximum(spread, 1e-300)) ** 2
+            return m2_total <= n * (ROUNDING * np.maximum(spread, 1e-300)) ** 2
 
 
 @register_measure
