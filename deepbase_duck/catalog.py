@@ -174,6 +174,11 @@ class Session:
         texts followed by more appends the new records, keeping everything stored from the others
         (symbols, labels, activations); other texts are refused unless ``replace``, which drops
         the dataset with all that was stored from it and stores the new records."""
+        if not isinstance(name, str) or not name.strip():
+            raise DeepBaseError(f"a dataset name must be a non-empty string, got {name!r}")
+        if isinstance(records, (str, bytes)):
+            raise DeepBaseError(f"dataset {name!r}: records must be a list of texts (or dicts with 'text'), "
+                                f"got one {type(records).__name__}; for files use dbd.read_records(path)")
         texts, sources = [], []
         for i, r in enumerate(records):
             if isinstance(r, str):

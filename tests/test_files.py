@@ -90,7 +90,8 @@ def test_folder_of_images_as_path_records(tmp_path):
     (lambda d: _write(d / "a.jsonl", '{"text": "a"}\n{"text": "b"\n'), {}, "a.jsonl:2: not a JSON object"),
     (lambda d: _write(d / "a.jsonl", '{"body": "a"}\n'), {}, "no key 'text' (keys: body)"),
     (lambda d: _write(d / "a.csv", "body,id\nx,1\n"), {}, "no column 'text' (columns: body, id)"),
-    (lambda d: _write(d / "a.csv", "text,id\n1,1\n"), {}, "column 'text' holds int64, not text"),
+    (lambda d: (pq.write_table(pa.table({"text": [1]}), d / "a.parquet"), d / "a.parquet")[1], {},
+     "column 'text' holds int64, not text"),              # typed storage; a CSV field is always text
     (lambda d: d, {"pattern": "*.py"}, "no file in"),
     (lambda d: _write(d / "a.txt", "x"), {"format": "files"}, "is a file: the format 'files' reads a folder"),
     (lambda d: d, {"format": "csv"}, "is a folder: read it with the format 'files'"),
@@ -138,3 +139,28 @@ def test_cli_add_dataset_stores_the_records(tmp_path):
         dbd.close(con)
     r = cli("add-dataset", db, "mine", str(tmp_path / "other.txt"), "--replace")
     assert r.returncode == 0 and "mine: 1 records (lines, 1 characters)" in r.stdout, r.stderr
+
+
+def test_csv_texts_that_look_like_missing_values_numbers_or_booleans_are_kept(tmp_path):
+    """Only an empty field is a missing text: "NA", "null", "NaN", "N/A" are words, and a column
+    of numbers or booleans is still text (pyarrow's defaults dropped the first, typed the rest)."""
+    f = tmp_path / "words.csv"
+    f.write_text('id,text\n1,NA\n2,null\n3,NaN\n4,N/A\n5,\n6,hello world\n', encoding="utf-8")
+    got = dbd.read_records(f, source_column="id")
+    assert [r["text"] for r in got] == ["NA", "null", "NaN", "N/A", "hello world"]
+    assert [r["source"] for r in got] == ["1", "2", "3", "4", "6"] and got.skipped == 1
+    g = tmp_path / "numbers.tsv"
+    g.write_text("text\n42\n7\n", encoding="utf-8")
+    assert [r["text"] for r in dbd.read_records(g)] == ["42", "7"]
+    h = tmp_path / "flags.csv"
+    h.write_text("text\nTrue\nfalse\n", encoding="utf-8")
+    assert [r["text"] for r in dbd.read_records(h)] == ["True", "false"]
+
+
+def test_add_dataset_refuses_a_bare_string_and_a_bad_name(con):
+    with pytest.raises(DeepBaseError, match="records must be a list of texts.*got one str"):
+        dbd.add_dataset(con, "corpus", "/some/file.txt")
+    for name in ("", "  ", None):
+        with pytest.raises(DeepBaseError, match="dataset name must be a non-empty string"):
+            dbd.add_dataset(con, name, ["a text"])
+    assert con.sql("SELECT count(*) FROM records").fetchall()[0][0] == 0

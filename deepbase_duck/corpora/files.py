@@ -146,7 +146,9 @@ def _table(p: Path, fmt: str, column: str, source_column: str | None):
         else:
             from pyarrow import csv
             t = csv.read_csv(p, parse_options=csv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","),
-                             convert_options=csv.ConvertOptions(strings_can_be_null=True))
+                             convert_options=csv.ConvertOptions(
+                                 strings_can_be_null=True, null_values=[""],   # only an empty field is missing
+                                 column_types={c: pa.string() for c in (column, source_column) if c}))
     except (pa.ArrowInvalid, OSError) as exc:
         raise DeepBaseError(f"{p.name}: cannot read it as {fmt}: {exc}") from None
     for c in [column] + ([source_column] if source_column else []):
