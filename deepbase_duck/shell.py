@@ -70,7 +70,8 @@ class Shell:
         elif cmd == ".read":
             if not args:
                 raise ValueError(".read needs a file name")
-            self.run_sql(Path(args[0]).read_text())
+            if self.feed(read_script(args[0]).splitlines(), interactive=False):   # statements and dot-commands
+                raise ValueError(f".read {args[0]}: stopped at the error above")
         elif cmd == ".timer":
             if not args or args[0] not in ("on", "off"):
                 raise ValueError(".timer takes on or off")
@@ -95,7 +96,7 @@ class Shell:
                 continue
             buf.append(line)
             text = "\n".join(buf)
-            if text.rstrip().endswith(";") and duckdb.extract_statements(text) is not None:
+            if text.rstrip().endswith(";") and _complete(text):
                 buf = []
                 try:
                     self.run_sql(text)
@@ -155,6 +156,30 @@ def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
 
 
+def _complete(text: str) -> bool:
+    """Whether ``text`` (ending in ';') is whole: a ';' inside an unterminated string or comment
+    asks for more lines, as in the DuckDB CLI; any other parse error is the statement's own
+    (run it, and report it)."""
+    try:
+        duckdb.extract_statements(text)
+    except duckdb.Error as exc:
+        return "unterminated" not in str(exc).lower()
+    return True
+
+
+def read_script(path: str) -> str:
+    """The text of a SQL script file, or one DeepBaseError naming what is wrong with it."""
+    from .errors import DeepBaseError
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DeepBaseError(f"no script file {path!r}") from None
+    except UnicodeDecodeError as exc:
+        raise DeepBaseError(f"script {path!r} is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise DeepBaseError(f"cannot read script {path!r}: {exc.strerror}") from None
+
+
 def main(store: str | None, command: str | None, script: str | None, quiet: bool) -> int:
     import deepbase_duck as dbd
     con = dbd.connect(store, progress=not quiet)
@@ -163,7 +188,7 @@ def main(store: str | None, command: str | None, script: str | None, quiet: bool
         if command is not None:
             return sh.feed(command.splitlines(), interactive=False)
         if script is not None:
-            return sh.feed(Path(script).read_text().splitlines(), interactive=False)
+            return sh.feed(read_script(script).splitlines(), interactive=False)
         if sys.stdin.isatty():
             return sh.interactive()
         return sh.feed(sys.stdin.read().splitlines(), interactive=False)

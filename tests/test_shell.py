@@ -95,3 +95,36 @@ def test_interactive_terminal_session(db, tmp_path):
     finally:
         os.close(fd)
     assert (tmp_path / ".deepbase_duck_history").exists()
+
+
+def test_statements_across_lines_parse_errors_and_read_with_dot_commands(db, tmp_path, capsys):
+    """In-process: a ';' inside a string continues the statement; a statement that does not
+    parse is reported and an interactive session goes on; .read runs dot-commands too; a missing
+    or non-UTF-8 script is one clear error."""
+    import io
+    from deepbase_duck.errors import DeepBaseError
+    from deepbase_duck.shell import Shell, read_script
+    con = dbd.connect(db, progress=False)
+    try:
+        out, err = io.StringIO(), io.StringIO()
+        sh = Shell(con, out, err)
+        assert sh.feed(["SELECT 'a;", "b' AS x;"], interactive=False) == 0
+        assert "a;" in out.getvalue() and err.getvalue() == ""
+        assert sh.feed(["SELECT ) ;", "SELECT 2 AS two;"], interactive=True) == 0
+        assert "Error: " in err.getvalue() and "two" in out.getvalue()
+        assert sh.feed(["SELECT ) ;", "SELECT 3 AS three;"], interactive=False) == 1
+        assert "three" not in out.getvalue()
+        script = tmp_path / "dots.sql"
+        script.write_text(".timer on\nSELECT 5 AS five;\n.timer off\n", encoding="utf-8")
+        assert sh.feed([f".read {script}"], interactive=False) == 0
+        assert "five" in out.getvalue() and "Run Time:" in out.getvalue()
+    finally:
+        dbd.close(con)
+    with pytest.raises(DeepBaseError, match="no script file"):
+        read_script(str(tmp_path / "nope.sql"))
+    bad = tmp_path / "latin.sql"
+    bad.write_bytes(b"SELECT '\xe9';\n")
+    with pytest.raises(DeepBaseError, match="not UTF-8 text"):
+        read_script(str(bad))
+    r = shell(db, str(tmp_path / "nope.sql"))
+    assert r.returncode == 2 and "no script file" in r.stderr and r.stderr.strip().count("\n") == 0
