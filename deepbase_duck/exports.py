@@ -4,7 +4,9 @@
       scores/model=<m>/layer=<l>/*.parquet        hive-partitioned by model and layer
       similarities.parquet, queries.parquet, models.parquet, layers.parquet, datasets.parquet,
       hypotheses.parquet, behaviors.parquet        the catalog, one file each
-      activations/model=<m>/layer=<l>/dataset=<d>/*.parquet   (with activations=True)
+      activations/model=<m>/layer=<l>/dataset=<d>/*.parquet   (with activations=True: per model,
+                                                   layer and dataset the activations of the
+                                                   model's current weights, float32 preferred)
       study.duckdb                                 DuckDB 1.5-readable: one view per file set above
 
 The .duckdb file holds only views (absolute paths to the Parquet files) and the pure-SQL macros
@@ -12,6 +14,7 @@ over them (top_units, compare_scores; with ``text=True`` also symbol_labels and 
 so any DuckDB 1.5+ client (the CLI, duckdb-engine / SQLAlchemy, ADBC) reads it, and tools that
 read Parquet use the files directly (pyarrow.dataset, polars, Spark...). Nothing in it needs
 Python UDFs. Records, symbols and labels are left out unless ``text=True`` (they can be large).
+``overwrite=True`` replaces an earlier export in ``out_dir`` and nothing else.
 """
 from __future__ import annotations
 
@@ -24,6 +27,11 @@ from . import store
 
 CATALOG = ["models", "layers", "datasets", "hypotheses", "queries", "behaviors", "similarities"]
 TEXT_TABLES = ["records", "symbols", "labels", "labeled_records"]   # labeled_records: stratified_records
+
+
+def _lit(path) -> str:
+    """A path as a SQL string literal (quotes doubled)."""
+    return "'" + Path(path).as_posix().replace("'", "''") + "'"
 
 
 def check_replaceable(session, out: Path) -> None:
@@ -60,22 +68,28 @@ def export_store(session, out_dir: str, activations: bool = False, text: bool = 
     scores_dir = out / "scores"
     n_scores = store.q_scalar(con, "SELECT count(*) FROM scores")
     if n_scores:
-        con.execute(f"COPY scores TO '{scores_dir.as_posix()}' (FORMAT parquet, PARTITION_BY (model, layer))")
+        con.execute(f"COPY scores TO {_lit(scores_dir)} (FORMAT parquet, PARTITION_BY (model, layer))")
         written["scores"] = f"{scores_dir.as_posix()}/**/*.parquet"
     else:                                   # no partitions to write: one empty file keeps the schema
-        con.execute(f"COPY scores TO '{(out / 'scores.parquet').as_posix()}' (FORMAT parquet)")
+        con.execute(f"COPY scores TO {_lit(out / 'scores.parquet')} (FORMAT parquet)")
         written["scores"] = (out / "scores.parquet").as_posix()
     for table in CATALOG + (TEXT_TABLES if text else []):
         path = out / f"{table}.parquet"
-        con.execute(f"COPY {table} TO '{path.as_posix()}' (FORMAT parquet)")
+        con.execute(f"COPY {table} TO {_lit(path)} (FORMAT parquet)")
         written[table] = path.as_posix()
     if activations:
         act_dir = out / "activations"
-        rows = store.q_all(con, "SELECT b.view_name, b.model, b.layer, b.dataset FROM behaviors b WHERE EXISTS "
-                                "(SELECT 1 FROM behavior_parts p WHERE p.behavior_id = b.behavior_id)")
+        # one stored behavior per (model, layer, dataset): the model's current weights and
+        # tokenisation, float32 preferred, the latest (others are older weights or copies)
+        rows = store.q_all(con, "SELECT b.view_name, b.model, b.layer, b.dataset FROM behaviors b "
+                                "JOIN models m ON m.name = b.model AND m.checksum = b.model_checksum "
+                                "AND m.tokenization = b.tokenization WHERE EXISTS "
+                                "(SELECT 1 FROM behavior_parts p WHERE p.behavior_id = b.behavior_id) "
+                                "QUALIFY row_number() OVER (PARTITION BY b.model, b.layer, b.dataset "
+                                "ORDER BY b.dtype = 'float32' DESC, b.behavior_id DESC) = 1")
         for view, model, layer, dataset in rows:
             con.execute(f"COPY (SELECT ? AS model, ? AS layer, ? AS dataset, record_id, pos, act FROM {view}) "
-                        f"TO '{act_dir.as_posix()}' (FORMAT parquet, PARTITION_BY (model, layer, dataset), "
+                        f"TO {_lit(act_dir)} (FORMAT parquet, PARTITION_BY (model, layer, dataset), "
                         "APPEND)", [model, layer, dataset])
         if rows:
             written["activations"] = f"{act_dir.as_posix()}/**/*.parquet"
@@ -84,7 +98,7 @@ def export_store(session, out_dir: str, activations: bool = False, text: bool = 
     try:
         for name, path in written.items():
             hive = ", hive_partitioning = true" if "**" in path else ""
-            side.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet('{path}'{hive})")
+            side.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet({_lit(path)}{hive})")
         # the macros over what was exported: results always; alignment and sampling with the text
         wanted = ("10_", "20_", "30_") if text else ("30_",)
         for name, text_sql in store.sql_files("pure"):

@@ -271,3 +271,8 @@ def test_cli_commands_refuse_a_missing_store_instead_of_creating_one(tmp_path, c
     assert main(["--quiet", "register-model", str(tmp_path / "new.duckdb"), "lm",
                  "deepbase_duck.models.zoo:charlstm"]) == 0
     assert (tmp_path / "new.duckdb").exists()
+
+
+def test_compare_layers_refuses_a_string_for_its_groups(primed):
+    with pytest.raises(DeepBaseError, match="groups must be a list of unit groups.*'planted:planted'"):
+        dbd.compare_layers(primed, "planted:planted", "snippets")

@@ -127,3 +127,37 @@ def test_overwrite_replaces_only_an_earlier_export(tmp_path):
         assert n == 4
     finally:
         side.close()
+
+
+def test_exported_activations_hold_one_behavior_per_layer_and_dataset(tmp_path):
+    """float32 and float16 copies of a layer, and a layer stored from weights since edited: the
+    export holds each symbol once per (model, layer, dataset), from the current weights, float32
+    preferred; a folder name with a quote works."""
+    import torch
+    import deepbase_duck as dbd
+    from conftest import planted_adapter
+    con = dbd.connect(str(tmp_path / "s.duckdb"), progress=False)
+    try:
+        dbd.register_model(con, "planted", planted_adapter())
+        dbd.add_dataset(con, "snip", TEXTS[:4])
+        dbd.extract(con, "planted", ["planted", "mix"], "snip")
+        dbd.extract(con, "planted", ["planted"], "snip", dtype="float16")
+        edited = planted_adapter()
+        with torch.no_grad():
+            edited.module.mix[0].weight.mul_(2)
+        dbd.register_model(con, "planted", edited)
+        new_mix = dbd.extract(con, "planted", ["mix", "planted"], "snip")[0]["view"]
+        want = con.sql(f"SELECT sum(act[1]) FROM {new_mix}").fetchall()[0][0]
+        out = tmp_path / "it's out"
+        written = dbd.export(con, str(out), activations=True)
+    finally:
+        dbd.close(con)
+    side = duckdb.connect(written["duckdb"], read_only=True)
+    try:
+        rows = side.sql("SELECT layer, count(*), count(DISTINCT (record_id, pos)) FROM activations "
+                        "GROUP BY ALL ORDER BY ALL").fetchall()
+        assert rows == [("mix", rows[0][1], rows[0][1]), ("planted", rows[1][1], rows[1][1])]
+        got = side.sql("SELECT sum(act[1]) FROM activations WHERE layer = 'mix'").fetchall()[0][0]
+        assert got == pytest.approx(want, rel=1e-6)          # the edited weights' activations
+    finally:
+        side.close()

@@ -31,6 +31,8 @@ def parse_group(g) -> tuple[str, str]:
 
 def compare_layers(session, groups, dataset: str, record_ids=None, limit=None, batch_size: int = 16,
                    device=None, progress=None) -> pa.Table:
+    if isinstance(groups, str):
+        raise DeepBaseError(f"groups must be a list of unit groups ('model:layer'), got the string {groups!r}")
     groups = [parse_group(g) for g in groups]
     if len(groups) < 2:
         raise DeepBaseError(f"compare_layers needs at least two unit groups, got {len(groups)}")
