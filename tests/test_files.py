@@ -164,3 +164,21 @@ def test_add_dataset_refuses_a_bare_string_and_a_bad_name(con):
         with pytest.raises(DeepBaseError, match="dataset name must be a non-empty string"):
             dbd.add_dataset(con, name, ["a text"])
     assert con.sql("SELECT count(*) FROM records").fetchall()[0][0] == 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_chars": 2.5}, "max_chars must be an integer >= 1, got 2.5"),
+    ({"max_chars": True}, "max_chars must be an integer >= 1, got True"),
+    ({"max_chars": "3"}, "max_chars must be a positive number of characters, got '3'"),
+    ({"pattern": "/etc/*"}, "pattern must be a non-empty glob relative to the folder"),
+    ({"pattern": ""}, "pattern must be a non-empty glob relative to the folder"),
+])
+def test_bad_read_settings_are_named(tmp_path, kwargs, message):
+    _write(tmp_path / "a.txt", "some text")
+    with pytest.raises(DeepBaseError, match=message):
+        dbd.read_records(tmp_path, **kwargs)
+
+
+def test_a_csv_column_named_twice_is_named(tmp_path):
+    with pytest.raises(DeepBaseError, match="column name\\(s\\) 'text' appear more than once"):
+        dbd.read_records(_write(tmp_path / "dup.csv", "text,text\na,b\n"))

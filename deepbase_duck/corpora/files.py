@@ -62,8 +62,14 @@ def read_records(path, format: str | None = None, column: str = "text", source_c
         raise DeepBaseError(f"{str(p)!r} is a file: the format {fmt!r} reads a folder")
     if max_chars is not None and fmt == "paths":
         raise DeepBaseError("max_chars cuts texts; the format 'paths' makes one record per file")
-    if max_chars is not None and max_chars < 1:
-        raise DeepBaseError(f"max_chars must be a positive number of characters, got {max_chars}")
+    if max_chars is not None:
+        from ..errors import check_int
+        if isinstance(max_chars, str):
+            raise DeepBaseError(f"max_chars must be a positive number of characters, got {max_chars!r}")
+        max_chars = check_int("max_chars", max_chars, 1)
+    if not isinstance(pattern, str) or not pattern or Path(pattern).is_absolute():
+        raise DeepBaseError(f"pattern must be a non-empty glob relative to the folder (like '**/*.txt'), "
+                            f"got {pattern!r}")
     if fmt == "files":
         rows = ((name, _text(f)) for name, f in _folder(p, pattern))
     elif fmt == "paths":
@@ -151,6 +157,9 @@ def _table(p: Path, fmt: str, column: str, source_column: str | None):
                                  column_types={c: pa.string() for c in (column, source_column) if c}))
     except (pa.ArrowInvalid, OSError) as exc:
         raise DeepBaseError(f"{p.name}: cannot read it as {fmt}: {exc}") from None
+    repeated = sorted({c for c in t.column_names if t.column_names.count(c) > 1})
+    if repeated:
+        raise DeepBaseError(f"{p.name}: column name(s) {', '.join(map(repr, repeated))} appear more than once")
     for c in [column] + ([source_column] if source_column else []):
         if c not in t.column_names:
             raise DeepBaseError(f"{p.name}: no column {c!r} (columns: {', '.join(t.column_names)})")
