@@ -182,3 +182,14 @@ def test_bad_read_settings_are_named(tmp_path, kwargs, message):
 def test_a_csv_column_named_twice_is_named(tmp_path):
     with pytest.raises(DeepBaseError, match="column name\\(s\\) 'text' appear more than once"):
         dbd.read_records(_write(tmp_path / "dup.csv", "text,text\na,b\n"))
+
+
+def test_bom_null_sources_and_lone_surrogates(tmp_path):
+    f = _write_bytes(tmp_path / "bom.txt", b"\xef\xbb\xbfhello\nworld\n")
+    assert [r["text"] for r in dbd.read_records(f)] == ["hello", "world"]            # no '\ufeff'
+    g = _write_bytes(tmp_path / "bom.jsonl", b'\xef\xbb\xbf{"text": "a", "id": null}\n{"text": "b", "id": 7}\n')
+    got = dbd.read_records(g, source_column="id")
+    assert [(r["text"], r["source"]) for r in got] == [("a", "bom.jsonl:1"), ("b", "7")]   # null: not 'None'
+    h = _write(tmp_path / "sur.jsonl", '{"text": "x\\ud800y"}\n')
+    with pytest.raises(DeepBaseError, match="lone surrogate"):
+        dbd.read_records(h)

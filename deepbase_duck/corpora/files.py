@@ -100,7 +100,7 @@ def read_records(path, format: str | None = None, column: str = "text", source_c
 def _text(p: Path) -> str:
     data = p.read_bytes()
     try:
-        return data.decode("utf-8").replace("\r\n", "\n")
+        return data.decode("utf-8-sig").replace("\r\n", "\n")       # a byte-order mark is not text
     except UnicodeDecodeError as exc:
         line = data[:exc.start].count(b"\n") + 1
         raise DeepBaseError(f"{p}: not UTF-8 text (byte {exc.start}, line {line}); convert it to UTF-8 first") from None
@@ -139,8 +139,16 @@ def _jsonl(p: Path, column: str, source_column: str | None):
         if source_column is not None:
             if source_column not in obj:
                 raise DeepBaseError(f"{p.name}:{i}: no key {source_column!r} for the source")
-            source = str(obj[source_column])
-        yield source, obj[column]
+            if obj[source_column] is not None:                  # null: the line, as without a source key
+                source = str(obj[source_column])
+        text = obj[column]
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:                   # a lone surrogate escape (\ud800)
+                raise DeepBaseError(f"{source}: the text holds {text[exc.start]!r}, not a character "
+                                    f"(a lone surrogate in a JSON escape)") from None
+        yield source, text
 
 
 def _table(p: Path, fmt: str, column: str, source_column: str | None):
