@@ -35,7 +35,7 @@ from .prefetch import batch_source, pipeline_by_default
 
 # rows per Parquet row group of a part: a progressive scan reads stored records by the groups'
 # record_id statistics (engine/inspect.py StoredRows), so it decodes a few groups per record
-PART_ROW_GROUP_ROWS = 4096
+PART_ROW_GROUP_ROWS = 1024
 DTYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
 SYMBOL_CHUNK = 256
 

@@ -398,11 +398,13 @@ class StoredRows:
         hit = self.cache.pop((f, i), None)
         if hit is None:
             t = pq.ParquetFile(f).read_row_group(i, columns=["record_id", "act"])
-            rec = t.column("record_id").to_numpy().astype(np.int64)
+            rec = t.column("record_id").to_numpy()
             act = t.column("act").combine_chunks()
-            x = np.array(act.values.to_numpy(zero_copy_only=False).reshape(-1, act.type.list_size), dtype=np.float32)
-            ids, start, n = np.unique(rec, return_index=True, return_counts=True)
-            hit = ({int(r): (int(a), int(a + c)) for r, a, c in zip(ids, start, n)}, x)
+            x = act.values.to_numpy(zero_copy_only=False).reshape(-1, act.type.list_size)   # copied when batched
+            cut = np.flatnonzero(rec[1:] != rec[:-1]) + 1            # rows come in runs, one per record
+            starts = np.concatenate([[0], cut])
+            ends = np.concatenate([cut, [len(rec)]])
+            hit = ({int(rec[a]): (int(a), int(b)) for a, b in zip(starts, ends)}, x)
             self.bytes += x.nbytes
             while self.cache and self.bytes > PART_CACHE_BYTES:
                 _, old = self.cache.pop(next(iter(self.cache)))
@@ -421,7 +423,8 @@ class StoredRows:
         return out
 
     def batch(self, ids: list[int], counts: dict) -> Batch:
-        acts = {layer: torch.from_numpy(np.concatenate([p for r in ids for p in self.rows(where[r], r)]))
+        acts = {layer: torch.from_numpy(np.concatenate([p for r in ids for p in self.rows(where[r], r)])
+                                        .astype(np.float32, copy=False))
                 for layer, where in self.where.items()}
         return Batch(np.asarray(ids, np.int64), np.asarray([counts[r] for r in ids]), acts)
 
