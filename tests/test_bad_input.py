@@ -276,3 +276,12 @@ def test_cli_commands_refuse_a_missing_store_instead_of_creating_one(tmp_path, c
 def test_compare_layers_refuses_a_string_for_its_groups(primed):
     with pytest.raises(DeepBaseError, match="groups must be a list of unit groups.*'planted:planted'"):
         dbd.compare_layers(primed, "planted:planted", "snippets")
+
+
+def test_extract_checks_batch_size_and_record_ids_like_inspect(primed):
+    before = snapshot(primed)
+    with pytest.raises(DeepBaseError, match="batch_size must be an integer >= 1, got 2.5"):
+        dbd.extract(primed, "planted", ["mix"], "snippets", batch_size=2.5)
+    with pytest.raises(DeepBaseError, match="record_ids: 1 id\\(s\\) are not records of dataset 'snippets': 999"):
+        dbd.extract(primed, "planted", ["mix"], "snippets", record_ids=[0, 999])
+    assert snapshot(primed) == before

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .. import store
-from ..errors import ActivationError, DeepBaseError, EmptyDatasetError
+from ..errors import ActivationError, DeepBaseError, EmptyDatasetError, check_int
 from ..extraction.hooks import Retain, run_until_retained
 from ..progress import progress_bar
 from .memory import caps_store_memory, release_freed_memory
@@ -458,13 +458,12 @@ def extract(session, model: str, layers, dataset: str, dtype: str = "float32", r
     CUDA (``pipeline_by_default``). The stored rows are the same either way."""
     if dtype not in DTYPES:
         raise DeepBaseError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    if batch_size < 1:
-        raise DeepBaseError(f"batch_size must be at least 1, got {batch_size}")
+    batch_size = check_int("batch_size", batch_size, 1)
     session.check_dataset(dataset)
     adapter = session.adapter(model)
     layers = session.check_layers(model, layers)
     mrow = session.model_row(model)
-    ids = session.record_ids(dataset) if record_ids is None else np.asarray(record_ids, np.int64)
+    ids = session.select_records(dataset, record_ids)
     if len(ids) == 0:
         raise EmptyDatasetError(f"no records selected from dataset {dataset!r}")
     widths = session.stored_widths(model)

@@ -36,7 +36,7 @@ import torch
 from scipy import stats
 
 from ..errors import BadParameterError, DeepBaseError
-from .base import InspectorState, SCORE_SCHEMA, register_measure, scratch
+from .base import InspectorState, register_measure, scratch
 
 F64 = torch.float64
 ROUNDING = float(np.finfo(np.float32).eps)    # relative spread below which a unit counts as constant
@@ -95,16 +95,15 @@ class PearsonState(InspectorState):
             nb = torch.full((H,), float(x.shape[0]), dtype=F64, device=self.device)
             myb = y.mean(0)
             yc = y - myb
+            mxb = shift[:, None].expand(-1, H)                   # the sum of xc is 0 up to rounding
             if runs is None:
                 cb = (yc.T @ xc).T                               # (H x n) @ (n x W): the fast orientation
-                mxb = shift[:, None].expand(-1, H)               # the sum of xc is 0 up to rounding
                 m2xb = xc.square_().sum(0)[:, None].expand(-1, H)   # (xc is spent after this)
             else:                                                # the same sums, record by record
                 seg, counts, R = runs
                 sxy = record_products(yc, xc, counts)            # (R, H, W)
                 cb = sxy.sum(0).T
                 sx = _segment_sum(xc, seg, R)                    # (R, W)
-                mxb = shift[:, None].expand(-1, H)
                 sxx = _segment_sum(xc.square_(), seg, R)
                 m2xb = sxx.sum(0)[:, None].expand(-1, H)
                 nr = torch.as_tensor(counts, dtype=F64, device=self.device)
@@ -256,14 +255,8 @@ class PearsonState(InspectorState):
         r = self.correlations()
         W, H = r.shape
         n = np.broadcast_to(self.n.cpu().numpy()[None, :], (W, H))
-        extra = {}
-        if self.clustered and self.cm is not None:
-            se, records = self.clustered_se(r)
-            lo, hi, p = clustered_interval(r, se, records, self.confidence)
-            extra["records"] = pa.array(np.broadcast_to(records[None, :], (W, H)).reshape(-1).astype(np.int64))
-        else:
-            lo, hi = fisher_interval(r, n, self.confidence)
-            p = pearson_p_value(r, n)
+        lo, hi, p, records = self.intervals_of(r, n)
+        extra = {} if records is None else {"records": pa.array(records.reshape(-1))}
         return pa.table({
             "unit": pa.array(np.repeat(np.arange(W, dtype=np.int32), H)),
             "hypothesis": pa.array(self.names * W, pa.string()),
@@ -275,6 +268,18 @@ class PearsonState(InspectorState):
             "p_value": pa.array(p.reshape(-1), pa.float64(), from_pandas=True),
             **extra,
         })
+
+    def intervals_of(self, r: np.ndarray, n: np.ndarray):
+        """(ci_low, ci_high, p_value, records) of correlations ``r`` (W, H) over ``n`` symbols:
+        record-clustered when every batch came with record ids (records: int64 (W, H)), else
+        Fisher's interval and the t-test over symbols (records: None). Also serves
+        pointbiserial, whose r is this state's on 0/1 labels."""
+        if self.clustered and self.cm is not None:
+            se, records = self.clustered_se(r)
+            lo, hi, p = clustered_interval(r, se, records, self.confidence)
+            return lo, hi, p, np.broadcast_to(records[None, :], r.shape).astype(np.int64)
+        lo, hi = fisher_interval(r, n, self.confidence)
+        return lo, hi, pearson_p_value(r, n), None
 
     def clustered_se(self, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(standard error of each r with records as clusters, (W, H); records with a labelled

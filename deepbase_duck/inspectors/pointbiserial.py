@@ -53,7 +53,7 @@ import torch
 from scipy import stats
 
 from .base import InspectorState, register_measure
-from .correlation import ROUNDING, PearsonState, clustered_interval, fisher_interval, pearson_p_value
+from .correlation import ROUNDING, PearsonState, fisher_interval
 from .spearman import score_table
 from ..errors import BadParameterError, HypothesisError
 
@@ -213,13 +213,9 @@ class PointBiserialState(ClassMomentsState):
         r, n, m0, m1 = self._compute()
         f = pa.float64()
         extra = {"mean_1": (m1, f), "mean_0": (m0, f), "mean_diff": (m1 - m0, f)}
-        if self.pearson.clustered and self.pearson.cm is not None:
-            se, records = self.pearson.clustered_se(r)
-            lo, hi, p = clustered_interval(r, se, records, self.confidence)
-            extra["records"] = (np.broadcast_to(records[None, :], r.shape).astype(np.int64), pa.int64())
-        else:
-            lo, hi = fisher_interval(r, n, self.confidence)
-            p = pearson_p_value(r, n)
+        lo, hi, p, records = self.pearson.intervals_of(r, n)
+        if records is not None:
+            extra["records"] = (records, pa.int64())
         return score_table(self.measure, self.names, r, n, lo, hi, p, extra)
 
 
