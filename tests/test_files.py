@@ -87,6 +87,7 @@ def test_folder_of_images_as_path_records(tmp_path):
     (lambda d: _write(d / "a.txt", "x"), {"format": "yaml"}, "unknown format 'yaml'"),
     (lambda d: _write(d / "a.txt", "\n \n"), {}, "holds no non-empty text (2 empty"),
     (lambda d: _write_bytes(d / "a.txt", b"ok\n\xff\xfe bad"), {}, "not UTF-8 text (byte 3, line 2)"),
+    (lambda d: _write_bytes(d / "a.csv", b"text\ncaf\xe9\n"), {}, "a.csv: not UTF-8 text"),   # Latin-1
     (lambda d: _write(d / "a.jsonl", '{"text": "a"}\n{"text": "b"\n'), {}, "a.jsonl:2: not a JSON object"),
     (lambda d: _write(d / "a.jsonl", '{"body": "a"}\n'), {}, "no key 'text' (keys: body)"),
     (lambda d: _write(d / "a.csv", "body,id\nx,1\n"), {}, "no column 'text' (columns: body, id)"),

@@ -230,6 +230,11 @@ def test_compare_layers_linear_cka(many):
                    "'snippets')").fetchall()
     assert sql[0][2] == pytest.approx(next(r["score"] for r in t if r["layer_b"] == "mix"), abs=1e-12)
     assert many.sql("SELECT count(*) FROM similarities").fetchall() == [(4,)]
+    # one symbol: CKA is undefined, stored as NULL (as an undefined score is), not NaN
+    dbd.add_dataset(many, "one", ["x"])
+    t1 = dbd.compare_layers(many, ["planted:planted", "planted:mix"], "one").to_pylist()
+    assert [r["score"] for r in t1] == [None] and t1[0]["n"] == 1
+    assert many.sql("SELECT count(*) FROM similarities WHERE dataset = 'one' AND score IS NULL").fetchall() == [(1,)]
     with pytest.raises(DeepBaseError, match="needs at least two unit groups"):
         dbd.compare_layers(many, ["planted:planted"], "snippets")
     with pytest.raises(DeepBaseError, match="is not 'model:layer'"):

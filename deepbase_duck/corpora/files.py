@@ -164,6 +164,8 @@ def _table(p: Path, fmt: str, column: str, source_column: str | None):
                                  strings_can_be_null=True, null_values=[""],   # only an empty field is missing
                                  column_types={c: pa.string() for c in (column, source_column) if c}))
     except (pa.ArrowInvalid, OSError) as exc:
+        if "invalid UTF8" in str(exc):                          # Latin-1 and the like
+            raise DeepBaseError(f"{p.name}: not UTF-8 text ({exc}); convert it to UTF-8 first") from None
         raise DeepBaseError(f"{p.name}: cannot read it as {fmt}: {exc}") from None
     repeated = sorted({c for c in t.column_names if t.column_names.count(c) > 1})
     if repeated:

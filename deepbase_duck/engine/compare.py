@@ -6,6 +6,7 @@ are the same. Results go to the ``similarities`` table (one query id per call).
 from __future__ import annotations
 
 import itertools
+import math
 import sys
 import time
 
@@ -27,6 +28,11 @@ def parse_group(g) -> tuple[str, str]:
         model, layer = g.split(":", 1)
         return model, layer
     raise DeepBaseError(f"unit group {g!r} is not 'model:layer' or (model, layer)")
+
+
+def _defined(x: float):
+    """NULL, as in scores, where CKA is undefined (a constant group, fewer than 2 symbols)."""
+    return None if math.isnan(x) else x
 
 
 def compare_layers(session, groups, dataset: str, record_ids=None, limit=None, batch_size: int = 16,
@@ -93,7 +99,7 @@ def compare_layers(session, groups, dataset: str, record_ids=None, limit=None, b
             "model_a": [a[0] for a, _ in pairs], "layer_a": [a[1] for a, _ in pairs],
             "model_b": [b[0] for _, b in pairs], "layer_b": [b[1] for _, b in pairs],
             "measure": pa.array(["cka"] * len(pairs), pa.string()),
-            "score": pa.array([states[p].finalize() for p in pairs], pa.float64()),
+            "score": pa.array([_defined(states[p].finalize()) for p in pairs], pa.float64()),
             "n": pa.array([n] * len(pairs), pa.int64()),
         })
         store.insert_arrow(con, "similarities", table)

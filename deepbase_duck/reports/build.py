@@ -11,19 +11,13 @@ from pathlib import Path
 
 from .. import __version__
 from ..catalog import session_of
-from ..errors import DeepBaseError
+from ..errors import DeepBaseError, check_int
 from ..progress import progress_bar
 from . import data
 from . import html as H
 from .vision import top_images_section
 
 SECTIONS = ("summary", "heatmap", "hypotheses", "probes", "activations")
-
-
-def _check_int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise DeepBaseError(f"report: {name} must be an integer >= {low}, got {value!r}")
-    return value
 
 
 def _label(model: str, layer: str, q: data.Query) -> str:
@@ -182,10 +176,10 @@ def write_report(con, path, query_id=None, model: str | None = None, dataset: st
                  measure: str | None = None) -> dict:
     """Write the HTML report of one query to ``path``; see :func:`deepbase_duck.report`."""
     session = session_of(con)
-    top_units = _check_int("top_units", top_units, 1)
-    text_units = _check_int("text_units", text_units, 0)
-    records_per_unit = _check_int("records_per_unit", records_per_unit, 0)
-    context_chars = _check_int("context_chars", context_chars, 10)
+    top_units = check_int("report: top_units", top_units, 1)
+    text_units = check_int("report: text_units", text_units, 0)
+    records_per_unit = check_int("report: records_per_unit", records_per_unit, 0)
+    context_chars = check_int("report: context_chars", context_chars, 10)
     out = Path(path)
     if out.is_dir():
         raise DeepBaseError(f"report: {str(out)!r} is a folder; give the path of an .html file")
