@@ -85,6 +85,20 @@ def planted(con):
     return con
 
 
+def planted_per_record(hyps):
+    """The planted layer's activations over TEXTS, one forward pass per record, with the named
+    hypotheses' per-character labels and each row's record (0..len(TEXTS)-1): (X, Y, records)."""
+    from deepbase_duck.hypotheses import get_hypothesis
+    adapter = planted_adapter()
+    xs, ys, rec = [], [], []
+    for i, text in enumerate(TEXTS):
+        with torch.no_grad():
+            xs.append(adapter.module.planted(adapter.encode([text]).inputs)[0].numpy())
+        ys.append(np.stack([per_char_labels(get_hypothesis(h), text) for h in hyps], 1))
+        rec.append(np.full(len(text), i))
+    return np.concatenate(xs).astype(np.float32), np.concatenate(ys), np.concatenate(rec)
+
+
 def per_char_labels(h, text) -> np.ndarray:
     """Independent per-character labels from a hypothesis' spans (binary default 0, else NaN)."""
     s, e, v = h.spans(text)

@@ -190,17 +190,9 @@ def test_engine_full_scan_reports_record_clustered_intervals(planted):
     """Through dbd.inspect: the intervals equal the direct computation over a per-record forward
     pass (records as clusters), detail names the records, and corr={'intervals': 'symbols'}
     gives scipy's."""
-    from conftest import TEXTS, per_char_labels, planted_adapter
-    from deepbase_duck.hypotheses import get_hypothesis
+    from conftest import TEXTS, planted_per_record
     hyps = ("digit", "bracket_depth")
-    adapter = planted_adapter()
-    xs, ys, rec = [], [], []
-    for i, text in enumerate(TEXTS):
-        with torch.no_grad():
-            xs.append(adapter.module.planted(adapter.encode([text]).inputs)[0].numpy())
-        ys.append(np.stack([per_char_labels(get_hypothesis(h), text) for h in hyps], 1))
-        rec.append(np.full(len(text), i))
-    X, Y, rec = np.concatenate(xs).astype(np.float32), np.concatenate(ys), np.concatenate(rec)
+    X, Y, rec = planted_per_record(hyps)
     want, records = reference(X, Y, rec)
     assert records[0] == len(TEXTS)
     t = dbd.inspect(planted, "planted", ["planted"], list(hyps), "snippets", batch_size=5)

@@ -43,11 +43,31 @@ Error
   NULL scores and threshold, never a wrong value.
 
 Scores: iou = I / U; precision = I / A; recall = I / L; f1 = 2 I / (A + L). NULL for a unit that
-is constant over the stream and where the denominator is 0. CI: Wilson score interval of I out
-of U (iou), A (precision), L (recall); for f1 the IoU interval mapped by f1 = 2 t / (1 + t).
-p_value: one-sided hypergeometric (Fisher exact) test of enrichment, P(X >= I) for X ~
-Hypergeom(labelled symbols, L, A). max_error(): largest Wilson half-width.
-Labels: 0 is negative, any other non-NaN value positive, NaN no label.
+is constant over the stream and where the denominator is 0. Labels: 0 is negative, any other
+non-NaN value positive, NaN no label.
+
+Intervals and p-values, ``intervals`` = 'records' (the default, when every batch came with record
+ids, as from the engines): the symbols of one record are not independent draws (a string's
+characters come in runs), so the records are the clusters. Each score is a ratio R = num / den
+of sums over records (num = I; den = U, A or L; f1 takes the IoU interval, mapped by
+f1 = 2 t / (1 + t)); its linearised variance is var(R) = G/(G-1) sum_g (num_g - R den_g)^2 / den^2
+over the G records with a labelled row. The state keeps, besides the top values, each kept row's
+record and, per (record, key level), the record's positive and labelled rows, so that a record's
+totals are known at finalize (records with no firing row contribute through their positives
+alone: sum_g L_g^2 per hypothesis). The interval is Wilson's at the effective sample size
+n_eff = R (1 - R) / var(R) (at most den; den where var is 0) with Student's t at G - 1 degrees of
+freedom for z (Korn & Graubard 1998), so it stays in [0, 1]. p_value: a one-sided Wald test, t at
+G - 1 degrees of freedom, of enrichment D = I / A - L / N_lab (the precision of firing over the
+label's prevalence among labelled rows) with the same linearised variance; 1 where nothing
+fires. NULL (interval and p) with fewer than 3 records. The threshold T is held fixed: its own
+sampling error is not in the interval. In a sampled stream (below) the counts are the sample's,
+so the interval covers the row sampling too. A record cut across batches or states is one
+record (its rows are summed by record id).
+
+``intervals`` = 'symbols' (or a batch without record ids): every symbol independent, the
+Wilson score interval of I out of U (iou), A (precision), L (recall), and the one-sided
+hypergeometric (Fisher exact) test, P(X >= I) for X ~ Hypergeom(labelled symbols, L, A).
+max_error(): the largest half-width of the interval in use.
 
 ``ap``: average precision of the unit's activation as a detector of the label, computed on the
 bounded, mergeable, uniform row sample of spearman.RowSample (``max_rows`` default 200_000, the
@@ -118,8 +138,13 @@ class DissectionState(InspectorState):
     accepts = ("binary",)
 
     def __init__(self, width, hypotheses, device="cpu", quantile: float = 0.005, max_rows: int = 1_000_000,
-                 seed: int = 0, confidence: float = 0.95, **params):
+                 seed: int = 0, confidence: float = 0.95, intervals: str = "records", **params):
         super().__init__(width, hypotheses, device, **params)
+        if intervals not in ("records", "symbols"):
+            raise BadParameterError(f"{self.measure}: intervals must be 'records' (symbols of a record are "
+                                    f"dependent: the record is the unit of sampling) or 'symbols' (Wilson "
+                                    f"interval and hypergeometric test, every symbol independent), got "
+                                    f"{intervals!r}")
         if not 0 < quantile < 0.5:
             raise DeepBaseError(f"{self.measure}: quantile must be in (0, 0.5), got {quantile}")
         if int(max_rows) < 1:
@@ -139,7 +164,15 @@ class DissectionState(InspectorState):
         self.size = 0
         self._set(torch.empty(W, 0, dtype=torch.float32, device=dev),
                   torch.empty(W, 0, dtype=I64, device=dev),
-                  torch.empty(W, 0, H, dtype=torch.int8, device=dev))
+                  torch.empty(W, 0, H, dtype=torch.int8, device=dev),
+                  torch.empty(W, 0, dtype=I64, device=dev))
+        # record-clustered intervals: the record of every kept entry (above), and per (record,
+        # key level) the record's positive and labelled rows of that level, so that a record's
+        # counts in the rate-2^-j sample are the sum over its levels >= j
+        self.clustered = intervals == "records"          # False once a batch comes without record ids
+        self.lv_rec = torch.empty(0, dtype=I64, device=dev)
+        self.lv_lev = torch.empty(0, dtype=I64, device=dev)
+        self.lv_cnt = torch.empty(0, 2, H, dtype=I64, device=dev)    # [positive, labelled] rows
         self.floor = torch.full((W,), -math.inf, dtype=F64, device=dev)   # max evicted value
         self.cutoff = torch.full((W,), -math.inf, dtype=F64, device=dev)  # >= m kept values are >= it
         self.rows_level = torch.zeros(64, dtype=I64, device=dev)         # rows by key level
@@ -175,7 +208,11 @@ class DissectionState(InspectorState):
     def labs(self):
         return self._labs[:, :self.size]
 
-    def _set(self, v, k, lab):
+    @property
+    def recs(self):
+        return self._recs[:, :self.size]
+
+    def _set(self, v, k, lab, rec):
         """Make (W, s) entries the content (reusing the buffers when they are large enough)."""
         W, s = v.shape
         cur = getattr(self, "_vals", None)
@@ -184,9 +221,11 @@ class DissectionState(InspectorState):
             self._vals = torch.empty((W, cap), dtype=v.dtype, device=self.device)
             self._keys = torch.empty((W, cap), dtype=I64, device=self.device)
             self._labs = torch.empty((W, cap, lab.shape[2]), dtype=torch.int8, device=self.device)
+            self._recs = torch.empty((W, cap), dtype=I64, device=self.device)
         self._vals[:, :s] = v
         self._keys[:, :s] = k
         self._labs[:, :s] = lab
+        self._recs[:, :s] = rec
         self.size = s
 
     def _promote(self, dtype):
@@ -195,22 +234,24 @@ class DissectionState(InspectorState):
             self._vals = self._vals.to(store)
         return store
 
-    def _append(self, v, k, lab):
-        """Add (W, P) candidate values / keys / (W, P, H) label bits; compact when over capacity."""
+    def _append(self, v, k, lab, rec):
+        """Add (W, P) candidate values / keys / (W, P, H) label bits / (W, P) records; compact
+        when over capacity."""
         s, P = self.size, v.shape[1]
         if s + P <= self._vals.shape[1]:
             self._vals[:, s:s + P] = v
             self._keys[:, s:s + P] = k
             self._labs[:, s:s + P] = lab
+            self._recs[:, s:s + P] = rec
             self.size = s + P
         else:
             self._set(torch.cat([self.vals, v.to(self._vals.dtype)], 1), torch.cat([self.keys, k], 1),
-                      torch.cat([self.labs, lab], 1))
+                      torch.cat([self.labs, lab], 1), torch.cat([self.recs, rec], 1))
             self._compact()
             if self._vals.shape[1] > self.capacity:        # shrink an oversized buffer
-                vals, keys, labs = self.vals.clone(), self.keys.clone(), self.labs.clone()
+                vals, keys, labs, recs = self.vals.clone(), self.keys.clone(), self.labs.clone(), self.recs.clone()
                 del self._vals
-                self._set(vals, keys, labs)
+                self._set(vals, keys, labs, recs)
 
     def _compact(self):
         """Keep each unit's m largest entries; the largest dropped value raises the floor."""
@@ -223,26 +264,30 @@ class DissectionState(InspectorState):
         idx = idx[:, :self.m]
         v = torch.gather(vals, 1, idx)
         self._set(v, torch.gather(keys, 1, idx),
-                  torch.gather(labs, 1, idx[:, :, None].expand(-1, -1, labs.shape[2])))
+                  torch.gather(labs, 1, idx[:, :, None].expand(-1, -1, labs.shape[2])),
+                  torch.gather(self.recs, 1, idx))
         # at least m kept values are >= the smallest kept one (-inf if padding was kept)
         self.cutoff = v.min(1).values.to(F64)
 
-    def _drop_above(self, j, v, k, lab):
+    def _drop_above(self, j, v, k, lab, rec):
         """Invalidate entries whose key is not in the rate-2^-j sample."""
         if j == 0:
-            return v, k, lab
+            return v, k, lab, rec
         gone = k >= (1 << (63 - j))
         v = torch.where(gone, torch.full_like(v, -math.inf), v)
         k = torch.where(gone, torch.full_like(k, KEY_SENTINEL), k)
         lab = torch.where(gone[:, :, None], torch.full_like(lab, -1), lab)
-        return v, k, lab
+        rec = torch.where(gone, torch.full_like(rec, -1), rec)
+        return v, k, lab, rec
 
     def _thin_to(self, j):
         if j <= self.j:
             return
         self.j = j
-        v, k, lab = self._drop_above(j, self.vals, self.keys, self.labs)
-        self._set(v, k, lab)
+        keep = self.lv_lev >= j                          # the record counts of the sample's levels
+        self.lv_rec, self.lv_lev, self.lv_cnt = self.lv_rec[keep], self.lv_lev[keep], self.lv_cnt[keep]
+        v, k, lab, rec = self._drop_above(j, self.vals, self.keys, self.labs, self.recs)
+        self._set(v, k, lab, rec)
         self.cutoff = torch.full_like(self.cutoff, -math.inf)   # fewer than m entries may remain
         self._compact()
 
@@ -265,6 +310,12 @@ class DissectionState(InspectorState):
         keys = row_keys(x, y, None if record_ids is None else record_ids.to(self.device), self.seed)
         lev = self._levels(keys)
         lab = label_codes(y)
+        if self.clustered and record_ids is None:
+            self.clustered = False                       # rows of unknown records: symbols independent
+        rec = (record_ids.to(self.device, I64).reshape(-1) if record_ids is not None
+               else torch.full((n,), -1, dtype=I64, device=self.device))
+        if self.clustered:
+            self._record_levels(rec, lev, lab)
         self.rows_level += torch.bincount(lev, minlength=64)
         self.lab_level.index_add_(0, lev, (lab >= 0).to(I64))
         self.pos_level.index_add_(0, lev, (lab == 1).to(I64))
@@ -277,7 +328,7 @@ class DissectionState(InspectorState):
         if not bool(sel.any()):
             return
         xs = x[sel].to(store).T.contiguous()                           # (W, P)
-        ks, ls = keys[sel], lab[sel]
+        ks, ls, rs = keys[sel], lab[sel], rec[sel]
         P = xs.shape[1]
         # only values above a unit's cutoff can be among its m largest
         kb = int((xs.to(F64) > self.cutoff[:, None]).sum(1).max())
@@ -285,12 +336,29 @@ class DissectionState(InspectorState):
             self.floor = torch.maximum(self.floor, xs.max(1).values.to(F64))
             return
         if kb >= P:
-            self._append(xs, ks[None, :].expand(self.width, P), ls[None].expand(self.width, P, ls.shape[1]))
+            self._append(xs, ks[None, :].expand(self.width, P), ls[None].expand(self.width, P, ls.shape[1]),
+                         rs[None, :].expand(self.width, P))
             return
         idx = top_rows(xs, kb)
         self.floor = torch.maximum(self.floor, torch.gather(xs, 1, idx[:, kb:])[:, 0].to(F64))
         idx = idx[:, :kb]
-        self._append(torch.gather(xs, 1, idx), ks[idx], ls[idx])
+        self._append(torch.gather(xs, 1, idx), ks[idx], ls[idx], rs[idx])
+
+    def _record_levels(self, rec, lev, lab):
+        """Add this batch's positive and labelled rows per (record, key level >= j)."""
+        sel = lev >= self.j
+        rec, lev, lab = rec[sel], lev[sel], lab[sel]
+        if rec.numel() == 0:
+            return
+        if bool((rec < 0).any()):
+            raise DeepBaseError(f"{self.measure}: record ids must be >= 0")
+        groups, inv = torch.unique(rec * 64 + lev, return_inverse=True)
+        cnt = torch.zeros(groups.numel(), 2, lab.shape[1], dtype=I64, device=self.device)
+        cnt[:, 0].index_add_(0, inv, (lab == 1).to(I64))
+        cnt[:, 1].index_add_(0, inv, (lab >= 0).to(I64))
+        self.lv_rec = torch.cat([self.lv_rec, groups // 64])
+        self.lv_lev = torch.cat([self.lv_lev, groups % 64])
+        self.lv_cnt = torch.cat([self.lv_cnt, cnt])
 
     def combine(self, other: "DissectionState") -> "DissectionState":
         self._check_combine(other)
@@ -304,11 +372,18 @@ class DissectionState(InspectorState):
         self.floor = torch.maximum(self.floor, other.floor.to(dev))
         self.xmin = torch.minimum(self.xmin, other.xmin.to(dev))
         self.xmax = torch.maximum(self.xmax, other.xmax.to(dev))
+        self.clustered = self.clustered and other.clustered
+        self.lv_rec = torch.cat([self.lv_rec, other.lv_rec.to(dev)])
+        self.lv_lev = torch.cat([self.lv_lev, other.lv_lev.to(dev)])
+        self.lv_cnt = torch.cat([self.lv_cnt, other.lv_cnt.to(dev)])
+        keep = self.lv_lev >= max(self.j, other.j)
+        self.lv_rec, self.lv_lev, self.lv_cnt = self.lv_rec[keep], self.lv_lev[keep], self.lv_cnt[keep]
         self._thin_to(other.j)
         self._thin_if_needed()            # the rate of the merged counts
         self._promote(other.vals.dtype)
-        v, k, lab = self._drop_above(self.j, other.vals.to(dev), other.keys.to(dev), other.labs.to(dev))
-        self._append(v, k, lab)
+        v, k, lab, rec = self._drop_above(self.j, other.vals.to(dev), other.keys.to(dev), other.labs.to(dev),
+                                          other.recs.to(dev))
+        self._append(v, k, lab, rec)
         return self
 
     # -- results ----------------------------------------------------------------------------
@@ -325,12 +400,16 @@ class DissectionState(InspectorState):
                     I=np.zeros((W, H)), A=np.zeros((W, H)))
         if n_s == 0:
             out.update(none)
+            if self.clustered:
+                out["groups"] = self._firing_groups(None, None, 0)
             return out
         prev, nxt, g = quantile_positions(n_s, 1 - self.quantile)
         d_prev, d_next = n_s - 1 - prev, n_s - 1 - nxt
         k = d_prev + 1                                   # only the k largest can exceed T
         if k > self.vals.shape[1]:
             out.update(none)
+            if self.clustered:
+                out["groups"] = self._firing_groups(None, None, 0)
             return out
         part = top_rows(self.vals, k - 1)[:, :k] if k < self.size else \
             torch.arange(self.size, device=self.device)[None, :].expand(W, -1)
@@ -351,22 +430,113 @@ class DissectionState(InspectorState):
             I[a0:b0] = (f & (lab == 1)).sum(1)
         A, I = A.to(F64), I.to(F64)
         out.update(threshold=T.cpu().numpy(), ok=ok.cpu().numpy(), I=I.cpu().numpy(), A=A.cpu().numpy())
+        if self.clustered:
+            out["groups"] = self._firing_groups(fires, order, k)
         return out
 
-    def _score_ci(self, I, A, L, U):  # pragma: no cover - abstract
+    def _record_totals(self):
+        """(record ids (G,) sorted, positive rows (G, H), labelled rows (G, H)) of the sample, a
+        record's levels summed (and the level table compacted to one entry per (record, level))."""
+        if self.lv_rec.numel():
+            groups, inv = torch.unique(self.lv_rec * 64 + self.lv_lev, return_inverse=True)
+            cnt = torch.zeros(groups.numel(), *self.lv_cnt.shape[1:], dtype=I64, device=self.device)
+            cnt.index_add_(0, inv, self.lv_cnt)
+            self.lv_rec, self.lv_lev, self.lv_cnt = groups // 64, groups % 64, cnt
+        recs, inv = torch.unique(self.lv_rec, return_inverse=True)
+        tot = torch.zeros(recs.numel(), *self.lv_cnt.shape[1:], dtype=I64, device=self.device)
+        tot.index_add_(0, inv, self.lv_cnt)
+        return recs, tot[:, 0].to(F64), tot[:, 1].to(F64)
+
+    def _firing_groups(self, fires, order, k):
+        """Per (unit, record) with a firing kept row: the record's I and A per hypothesis, and
+        its L and N_lab; plus per hypothesis the sums over all records of L^2, L N_lab, N_lab^2
+        and the number of records with a labelled row (the clusters of the intervals)."""
+        H = len(self.names)
+        recs, Lr, Nr = self._record_totals()
+        G = max(recs.numel(), 1)
+        us, rs, ls = [torch.empty(0, dtype=I64, device=self.device)], [torch.empty(0, dtype=I64, device=self.device)], \
+            [torch.empty(0, H, dtype=torch.int8, device=self.device)]
+        for a0, b0 in ([] if fires is None else _unit_blocks(k * max(H, 1), self.width)):
+            f = fires[a0:b0]
+            u, col = torch.nonzero(f, as_tuple=True)
+            o = order[a0:b0][u, col]
+            us.append(u + a0)
+            rs.append(self.recs[a0:b0][u, o])
+            ls.append(self.labs[a0:b0][u, o])
+        u, r, lab = torch.cat(us), torch.cat(rs), torch.cat(ls)
+        ri = torch.searchsorted(recs, r).clamp_(max=G - 1)
+        grp, inv = torch.unique(u * G + ri, return_inverse=True)
+        Ig = torch.zeros(grp.numel(), H, dtype=F64, device=self.device).index_add_(0, inv, (lab == 1).to(F64))
+        Ag = torch.zeros(grp.numel(), H, dtype=F64, device=self.device).index_add_(0, inv, (lab >= 0).to(F64))
+        if not recs.numel():                                     # nothing read: no records, no groups
+            Lr = Nr = torch.zeros(1, H, dtype=F64, device=self.device)
+        gr = grp % G
+
+        def np_(t):
+            return t.cpu().numpy()
+        return {"unit": np_(grp // G), "I": np_(Ig), "A": np_(Ag), "L": np_(Lr[gr]), "N": np_(Nr[gr]),
+                "LL": np_((Lr * Lr).sum(0)), "LN": np_((Lr * Nr).sum(0)), "NN": np_((Nr * Nr).sum(0)),
+                "records": np_((Nr > 0).sum(0)).astype(np.int64)}
+
+    # the ratio whose interval is computed: num = I, den = a A + b L - c I (in the sample's counts)
+    den_coef = (1, 1, 1)
+
+    def _score(self, I, A, L, U):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _map_interval(self, lo, hi):
+        return lo, hi
+
+    def _clustered(self, c, I, A, L, N):
+        """(ci_low, ci_high, p_value) with records as clusters (see the module docstring)."""
+        g = c["groups"]
+        W, H = I.shape
+        a, b, cc = self.den_coef
+        den = a * A + b * L - cc * I
+        R = _ratio(I, den)
+        dg = a * g["A"] + b * g["L"] - cc * g["I"]                 # the firing records' den
+        sums = np.zeros((5, W, H))
+        for i, term in enumerate((g["I"] ** 2, g["I"] * dg, dg ** 2 - (b * g["L"]) ** 2)):
+            np.add.at(sums[i], g["unit"], term)
+        Sdd = b * b * g["LL"][None, :] + sums[2]
+        S = sums[0] - 2 * R * sums[1] + R * R * Sdd
+        G = np.broadcast_to(g["records"][None, :], (W, H))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            se = np.sqrt(np.maximum(S, 0) * G / np.maximum(G - 1, 1)) / den
+        lo, hi = wilson_effective(R, se, den, G, self.confidence)
+        # enrichment: D = I/A - L/N_lab (precision over prevalence), a one-sided Wald test
+        with np.errstate(invalid="ignore", divide="ignore"):
+            P, B = I / A, L / N
+            e = (g["I"] - P[g["unit"]] * g["A"]) / A[g["unit"]]
+            f = (g["L"] - B[g["unit"]] * g["N"]) / N[g["unit"]]
+            np.add.at(sums[3], g["unit"], e * e - 2 * e * f)
+            b0, n0 = c["L"] / c["N_lab"], c["N_lab"]                  # per hypothesis
+            ff = (g["LL"] - 2 * b0 * g["LN"] + b0 * b0 * g["NN"]) / (n0 * n0)
+            sd = np.sqrt(np.maximum(sums[3] + ff[None, :], 0) * G / np.maximum(G - 1, 1))
+            D = P - B
+            p = stats.t.sf(D / sd, np.maximum(G - 1, 1))
+        p = np.where(sd == 0, np.where(D > 0, 0.0, 1.0), p)
+        p = np.where(A == 0, 1.0, p)                              # nothing fires: no evidence
+        p = np.where(G < 3, np.nan, p)
+        return lo, hi, p
 
     def _compute(self):
         c = self.counts()
         I, A = c["I"], c["A"]
         L = np.broadcast_to(c["L"][None, :], I.shape)
         U = A + L - I
-        score, lo, hi = self._score_ci(I, A, L, U)
+        score = self._score(I, A, L, U)
+        N = np.broadcast_to(c["N_lab"][None, :], I.shape)
+        if self.clustered:
+            lo, hi, p = self._clustered(c, I, A, L, N)
+        else:
+            a, b, cc = self.den_coef
+            lo, hi = wilson(I, a * A + b * L - cc * I, self.confidence)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                p = stats.hypergeom.sf(I - 1, N, L, A)
+        lo, hi = self._map_interval(lo, hi)
         constant = (self.xmax <= self.xmin).cpu().numpy()
         bad = (constant | ~c["ok"])[:, None] | np.isnan(score)
-        N = np.broadcast_to(c["N_lab"][None, :], I.shape)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            p = stats.hypergeom.sf(I - 1, N, L, A)
         nan = np.full(I.shape, np.nan)
         return c, np.where(bad, nan, score), np.where(bad, nan, lo), np.where(bad, nan, hi), \
             np.where(bad | ~(N > 0), nan, p), U
@@ -383,7 +553,9 @@ class DissectionState(InspectorState):
         T = np.where(c["ok"], c["threshold"], np.nan)
         L = np.broadcast_to(c["L"][None, :], (W, H))
         i64 = pa.int64()
-        return score_table(self.measure, self.names, score, c["n"][None, :], lo, hi, p, {
+        extra = {} if not self.clustered else {
+            "records": (np.broadcast_to(c["groups"]["records"][None, :], (W, H)), i64)}
+        return score_table(self.measure, self.names, score, c["n"][None, :], lo, hi, p, {**extra,
             "threshold": (np.broadcast_to(T[:, None], (W, H)), pa.float64()),
             "intersection": (np.round(c["I"] * s), i64),
             "union": (np.round(U * s), i64),
@@ -398,40 +570,58 @@ def _ratio(k, n):
         return np.where(n > 0, k / np.where(n > 0, n, 1), np.nan)
 
 
+def wilson_effective(R, se, n, records, confidence: float):
+    """Wilson interval of a ratio R of counts over n, records as clusters: at the effective
+    sample size n_eff = R (1 - R) / se^2 (at most n; n where se is 0) and with Student's t at
+    G - 1 degrees of freedom in place of z (Korn & Graubard 1998). NaN with fewer than 3 records."""
+    G = np.asarray(records)
+    q = stats.t.ppf(0.5 + confidence / 2, np.maximum(G - 1, 1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        n_eff = np.where(se > 0, np.fmin(n, R * (1 - R) / (se * se)), n)
+        n_eff = np.where(n_eff > 0, n_eff, n)
+        k = R * n_eff
+        den = n_eff + q * q
+        center = (k + q * q / 2) / den
+        half = q / den * np.sqrt(np.maximum(k * (n_eff - k) / n_eff, 0) + q * q / 4)
+    bad = ~(n > 0) | np.isnan(R) | (G < 3)
+    return np.where(bad, np.nan, center - half), np.where(bad, np.nan, center + half)
+
+
 @register_measure
 class IoUState(DissectionState):
     measure = "iou"
 
-    def _score_ci(self, I, A, L, U):
-        lo, hi = wilson(I, U, self.confidence)
-        return _ratio(I, U), lo, hi
+    def _score(self, I, A, L, U):
+        return _ratio(I, U)
 
 
 @register_measure
 class PrecisionState(DissectionState):
     measure = "precision"
+    den_coef = (1, 0, 0)
 
-    def _score_ci(self, I, A, L, U):
-        lo, hi = wilson(I, A, self.confidence)
-        return _ratio(I, A), lo, hi
+    def _score(self, I, A, L, U):
+        return _ratio(I, A)
 
 
 @register_measure
 class RecallState(DissectionState):
     measure = "recall"
+    den_coef = (0, 1, 0)
 
-    def _score_ci(self, I, A, L, U):
-        lo, hi = wilson(I, L, self.confidence)
-        return _ratio(I, L), lo, hi
+    def _score(self, I, A, L, U):
+        return _ratio(I, L)
 
 
 @register_measure
 class F1State(DissectionState):
-    measure = "f1"
+    measure = "f1"                       # f1 = 2 IoU / (1 + IoU): the IoU interval, mapped
 
-    def _score_ci(self, I, A, L, U):
-        lo, hi = wilson(I, U, self.confidence)
-        return _ratio(2 * I, A + L), 2 * lo / (1 + lo), 2 * hi / (1 + hi)
+    def _score(self, I, A, L, U):
+        return _ratio(2 * I, A + L)
+
+    def _map_interval(self, lo, hi):
+        return 2 * lo / (1 + lo), 2 * hi / (1 + hi)
 
 
 @register_measure
