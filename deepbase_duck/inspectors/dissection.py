@@ -16,7 +16,7 @@ negative / no label, per hypothesis) and the row's key; m = 2 ceil(quantile * ma
 (default ``max_rows`` = 1_000_000). Candidates are appended to a buffer of 1.5 m entries per unit
 (a batch only contributes values above the unit's smallest kept value once m are kept) and the
 buffer is compacted to the m largest by a partial sort when full: memory about
-width * 1.5 m * (12 + H) bytes. The largest value ever dropped is remembered (the "floor"): every
+width * 1.5 m * (16 + H) bytes (value, key, record, label bits). The largest value ever dropped is remembered (the "floor"): every
 row above the floor is kept. Batches and states merge by the m largest of the union, which does
 not depend on batch order. The rows above T are all among the top ceil(quantile (N - 1)) + 1
 rows, so from the kept values finalize computes T exactly as numpy.quantile does, and the exact
@@ -165,7 +165,7 @@ class DissectionState(InspectorState):
         self._set(torch.empty(W, 0, dtype=torch.float32, device=dev),
                   torch.empty(W, 0, dtype=I64, device=dev),
                   torch.empty(W, 0, H, dtype=torch.int8, device=dev),
-                  torch.empty(W, 0, dtype=I64, device=dev))
+                  torch.empty(W, 0, dtype=torch.int32, device=dev))
         # record-clustered intervals: the record of every kept entry (above), and per (record,
         # key level) the record's positive and labelled rows of that level, so that a record's
         # counts in the rate-2^-j sample are the sum over its levels >= j
@@ -221,7 +221,7 @@ class DissectionState(InspectorState):
             self._vals = torch.empty((W, cap), dtype=v.dtype, device=self.device)
             self._keys = torch.empty((W, cap), dtype=I64, device=self.device)
             self._labs = torch.empty((W, cap, lab.shape[2]), dtype=torch.int8, device=self.device)
-            self._recs = torch.empty((W, cap), dtype=I64, device=self.device)
+            self._recs = torch.empty((W, cap), dtype=torch.int32, device=self.device)   # record ids < 2^31
         self._vals[:, :s] = v
         self._keys[:, :s] = k
         self._labs[:, :s] = lab
@@ -316,6 +316,7 @@ class DissectionState(InspectorState):
                else torch.full((n,), -1, dtype=I64, device=self.device))
         if self.clustered:
             self._record_levels(rec, lev, lab)
+        rec = rec.to(torch.int32)
         self.rows_level += torch.bincount(lev, minlength=64)
         self.lab_level.index_add_(0, lev, (lab >= 0).to(I64))
         self.pos_level.index_add_(0, lev, (lab == 1).to(I64))
@@ -350,8 +351,9 @@ class DissectionState(InspectorState):
         rec, lev, lab = rec[sel], lev[sel], lab[sel]
         if rec.numel() == 0:
             return
-        if bool((rec < 0).any()):
-            raise DeepBaseError(f"{self.measure}: record ids must be >= 0")
+        if bool((rec < 0).any()) or bool((rec >= 1 << 31).any()):
+            raise DeepBaseError(f"{self.measure}: record ids must be in [0, 2^31), got "
+                                f"{int(rec.min())}..{int(rec.max())}")
         groups, inv = torch.unique(rec * 64 + lev, return_inverse=True)
         cnt = torch.zeros(groups.numel(), 2, lab.shape[1], dtype=I64, device=self.device)
         cnt[:, 0].index_add_(0, inv, (lab == 1).to(I64))
@@ -454,7 +456,7 @@ class DissectionState(InspectorState):
         H = len(self.names)
         recs, Lr, Nr = self._record_totals()
         G = max(recs.numel(), 1)
-        us, rs, ls = [torch.empty(0, dtype=I64, device=self.device)], [torch.empty(0, dtype=I64, device=self.device)], \
+        us, rs, ls = [torch.empty(0, dtype=I64, device=self.device)], [torch.empty(0, dtype=torch.int32, device=self.device)], \
             [torch.empty(0, H, dtype=torch.int8, device=self.device)]
         for a0, b0 in ([] if fires is None else _unit_blocks(k * max(H, 1), self.width)):
             f = fires[a0:b0]
@@ -463,7 +465,7 @@ class DissectionState(InspectorState):
             us.append(u + a0)
             rs.append(self.recs[a0:b0][u, o])
             ls.append(self.labs[a0:b0][u, o])
-        u, r, lab = torch.cat(us), torch.cat(rs), torch.cat(ls)
+        u, r, lab = torch.cat(us), torch.cat(rs).to(I64), torch.cat(ls)
         ri = torch.searchsorted(recs, r).clamp_(max=G - 1)
         grp, inv = torch.unique(u * G + ri, return_inverse=True)
         Ig = torch.zeros(grp.numel(), H, dtype=F64, device=self.device).index_add_(0, inv, (lab == 1).to(F64))
