@@ -16,8 +16,8 @@ negative / no label, per hypothesis) and the row's key; m = 2 ceil(quantile * ma
 (default ``max_rows`` = 1_000_000). Candidates are appended to a buffer of 1.5 m entries per unit
 (a batch only contributes values above the unit's smallest kept value once m are kept) and the
 buffer is compacted to the m largest by a partial sort when full: memory about
-width * 1.5 m * (16 + H) bytes (value, key, record, label bits). The largest value ever dropped is remembered (the "floor"): every
-row above the floor is kept. Batches and states merge by the m largest of the union, which does
+width * 1.5 m * (16 + H) bytes (value, key, record, label bits). The largest value ever dropped
+is remembered (the "floor"): every row above the floor is kept. Batches and states merge by the m largest of the union, which does
 not depend on batch order. The rows above T are all among the top ceil(quantile (N - 1)) + 1
 rows, so from the kept values finalize computes T exactly as numpy.quantile does, and the exact
 counts per (unit, hypothesis): intersection I = #(fires and label = 1), firing labelled symbols
