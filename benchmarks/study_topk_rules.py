@@ -97,11 +97,15 @@ def replay(parts, full, seeds: int, k: int, window: int, min_windows: int, confi
     return stops, np.array(settled_at_end)
 
 
-def rules_to_try() -> dict:
+def rules_to_try(windows=(3, 4, 5, 6, 8)) -> dict:
     rules = {}
-    for m in (3, 4, 5, 6, 8):
+    for m in windows:
         rules[f"same top-k over {m} windows"] = (
             lambda m: lambda h, cur, k: len(h) > m and all(x == h[-1] for x in h[-m - 1:]))(m)
+    for frac in (0.5, 0.33):       # the sets unchanged since the scan had read (1 - frac) of its records
+        rules[f"same top-k over the last {frac:.0%}"] = (
+            lambda frac: lambda h, cur, k: len(h) >= 8 and all(
+                x == h[-1] for x in h[-max(2, int(round(frac * len(h)))):]))(frac)
     for tol in (0, 1, 2):
         rules[f"separated, tolerance {tol}"] = (
             lambda tol: lambda h, cur, k: all(settled >= k - tol for _, settled in cur))(tol)
@@ -121,16 +125,26 @@ def main():
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--confidence", type=float, default=0.95)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--windows", default="3,4,5,6,8",
+                    help="the stability rules to replay: same top-k over m windows, for these m")
+    ap.add_argument("--sums", help="an .npz file keeping the per-record sums between runs (made if missing)")
     a = ap.parse_args()
     texts = [r["text"] for r in bb.records_for(a.chars, a.record_chars, a.split)]
     t0 = time.perf_counter()
-    parts = record_sums(texts, a.threads)
+    if a.sums and os.path.exists(a.sums):
+        with np.load(a.sums) as z:
+            parts = [z[f"p{i}"] for i in range(len(z.files))]
+    else:
+        parts = record_sums(texts, a.threads)
+        if a.sums:
+            np.savez(a.sums, **{f"p{i}": x for i, x in enumerate(parts)})
     full = pearson(*(p.sum(0) for p in parts))[0]
     n_total = len(texts)
     print(f"{n_total} records, {sum(map(len, texts))} characters, sums in {time.perf_counter() - t0:.0f} s; "
           f"{a.seeds} seeded orders, windows of 16 records, {a.confidence:.0%} batch-means bounds, top {a.k}", flush=True)
     t0 = time.perf_counter()
-    stops, settled = replay(parts, full, a.seeds, a.k, 16, 5, a.confidence, rules_to_try())
+    rules = rules_to_try(tuple(int(m) for m in a.windows.split(",")))
+    stops, settled = replay(parts, full, a.seeds, a.k, 16, 5, a.confidence, rules)
     print(f"replayed in {time.perf_counter() - t0:.0f} s")
     print(f"{'rule':<34} {'records mean':>12} {'share':>6} {'max':>6} {'orders with min >= k-1':>23} "
           f"{'worst min':>9} {'mean':>6}")

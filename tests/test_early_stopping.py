@@ -115,7 +115,7 @@ def test_bad_top_k_arguments(big):
     assert json.loads(big.sql("SELECT params FROM queries").fetchall()[0][0])["top_k"] == 4
 
 
-@pytest.mark.parametrize("measure", ["iou", "mi"])
+@pytest.mark.parametrize("measure", ["iou", "mi", "probeless"])
 def test_batch_means_bounds_cover_other_measures(big, measure):
     hyps = ["digit", "in_string"]
     full = dbd.inspect(big, "planted", ["planted", "mix"], hyps, "many", measures=[measure], batch_size=8).to_pylist()
@@ -297,6 +297,22 @@ def test_batch_means_bound_counts_only_the_windows_where_a_score_is_defined():
     assert half[0] == pytest.approx(stats.t.ppf(0.975, 9) * col(0, 10).std(ddof=1) / np.sqrt(10))
     assert half[1] == pytest.approx(stats.t.ppf(0.975, 2) * col(1, 3).std(ddof=1) / np.sqrt(3))
     assert half[2] == np.inf and half[3] == 0.0
+
+
+def test_a_score_defined_in_no_window_is_unbounded_not_settled(big):
+    """A label constant within each record, windows of one record: corr is undefined in every
+    window but defined over the records merged; it has no batch-means bound (the scan must not
+    stop on a bound of 0 with zero-width intervals, as it did)."""
+    from deepbase_duck.hypotheses.core import Hypothesis, register
+    register(Hypothesis("has_hash", lambda t: [float("#" in t)] * len(t), "binary"))
+    t = dbd.inspect(big, "planted", ["mix"], ["has_hash"], "many", batch_size=1, max_error=0.05, seed=2,
+                    limit=40)
+    q = big.sql("SELECT n_records, params->>'stop_rule', params->>'bound_reached' FROM queries "
+                "ORDER BY query_id DESC LIMIT 1").fetchall()[0]
+    assert q[0] == 40 and q[1] is None and q[2] == "Infinity"        # read to the end, unbounded
+    rows = [r for r in t.to_pylist() if r["score"] is not None]
+    assert rows and all((r["ci_low"], r["ci_high"]) == (-1.0, 1.0) for r in rows)
+    assert all('"batch means over 0 of 40 windows"' in r["detail"] for r in rows)
 
 
 def _rare_dataset(con, every: int | None = None):

@@ -61,6 +61,7 @@ RESULT_SCHEMA = pa.schema([
 # score would train a model). Scores are clipped to their measure's range.
 BOUNDED_MEASURES = ("corr", "pointbiserial", "spearman", "probeless", "mi", "iou", "precision", "recall", "f1", "ap")
 SCORE_RANGE = {"corr": (-1.0, 1.0), "pointbiserial": (-1.0, 1.0), "spearman": (-1.0, 1.0), "mi": (0.0, np.inf),
+               "probeless": (0.0, np.inf),
                "iou": (0.0, 1.0), "precision": (0.0, 1.0), "recall": (0.0, 1.0), "f1": (0.0, 1.0), "ap": (0.0, 1.0)}
 MIN_WINDOWS = 5
 # Probes have no error bound; a progressive scan stops them on a held-out loss plateau (StopRule)
@@ -608,6 +609,8 @@ class StopRule:
                         self.row_columns[k] = states[k].score_rows()[1]
                     halves[k] = halves[k][~np.isin(self.row_columns[k], list(self.rare))]
             self.bound = max(h.max(initial=0.0) for h in halves.values())
+            if plan.max_error is not None and self.bound <= plan.max_error:
+                self.bound = self._unseen_scores(states, halves, bounded)
         if probes and windows >= 2 and windows & (windows - 1) == 0:
             self.plateaued = self.probe_check(states, probes, windows)
         rules = []                              # (rule, whether it holds now)
@@ -624,6 +627,24 @@ class StopRule:
             if enough and len(recent) == plan.stable_windows + 1 and all(h == recent[-1] for h in recent):
                 return "top_k"
         return None
+
+    def _unseen_scores(self, states: dict, halves: dict, bounded: list) -> float:
+        """The bound once scores defined in no window count: the half-width of a score that no
+        window defined is 0 when the score is NULL (a constant unit, a class not met yet), but a
+        score can be defined over the records merged while undefined in each window (a label
+        constant within a record and windows of one record, one labelled symbol per window):
+        such a score is unbounded (inf), not settled. Read when the bound would otherwise stop
+        the scan (the merged scores cost a finalize)."""
+        for k in bounded:
+            unseen = self.moments[k].k == 0
+            if self.plan.min_support:
+                unseen = unseen[~np.isin(self.row_columns[k], list(self.rare))]
+            if unseen.any():
+                score = states[k].score_rows()[2]
+                if self.plan.min_support:
+                    score = score[~np.isin(self.row_columns[k], list(self.rare))]
+                halves[k] = np.where(unseen & ~np.isnan(score), np.inf, halves[k])
+        return max(h.max(initial=0.0) for h in halves.values())
 
     def probe_check(self, states: dict, probes: list, windows: int) -> bool:
         """One plateau check of the probe states (see the class docstring); records it in
@@ -973,8 +994,11 @@ def with_batch_means_interval(t: pa.Table, window_scores: list, confidence: floa
     width (clipped to the measure's range); detail gets the number of windows."""
     half = batch_means_half_width(window_scores, confidence)
     score = np.array(t.column("score").to_pylist(), dtype=np.float64)
+    if window_scores:                      # defined over the records read, in no single window: unbounded
+        half = np.where((~np.isnan(np.vstack(window_scores))).sum(0) == 0, np.inf, half)
     lo = np.clip(score - half, *score_range)
     hi = np.clip(score + half, *score_range)
+    lo, hi = np.where(np.isinf(lo), np.nan, lo), np.where(np.isinf(hi), np.nan, hi)   # NULL, not inf
     t = t.set_column(t.column_names.index("ci_low"), "ci_low", pa.array(lo, pa.float64(), from_pandas=True))
     t = t.set_column(t.column_names.index("ci_high"), "ci_high", pa.array(hi, pa.float64(), from_pandas=True))
     k = (~np.isnan(np.vstack(window_scores))).sum(0) if window_scores else np.zeros(t.num_rows, int)
