@@ -266,3 +266,37 @@ def test_a_unit_constant_on_the_labelled_symbols_has_no_score_and_a_perfect_one_
         assert rows[1]["score"] == pytest.approx(1.0, abs=1e-12)
         assert rows[1]["ci_low"] == pytest.approx(1.0, abs=1e-9) and rows[1]["ci_high"] == pytest.approx(1.0, abs=1e-9)
         assert rows[1]["p_value"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_first_batch_without_a_label_does_not_fix_its_shift_at_zero():
+    """Labels far from 0 (1e6) whose first batch (or first merged state) has none: the label's
+    shift comes from the first batch that has it, so the interval equals that of a state that
+    never saw the unlabelled batch (it widened to [-1, 1] with p near 1)."""
+    x, y, rec = clustered_data(7)
+    y = y.copy()
+    y[:, 1] += 1e6
+    plain = PearsonState(x.shape[1], HYPS)
+    plain.update(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(rec))
+    want = plain.finalize()
+    blank = (torch.from_numpy(x[:8] + 5), torch.full((8, 2), float("nan"), dtype=torch.float64),
+             torch.full((8,), 99, dtype=torch.int64))              # a record with no label at all
+    first = PearsonState(x.shape[1], HYPS)
+    first.update(*blank)
+    first.update(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(rec))
+    merged = PearsonState(x.shape[1], HYPS)
+    merged.update(*blank)
+    rest = PearsonState(x.shape[1], HYPS)
+    rest.update(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(rec))
+    merged.combine(rest)
+    for got in (first.finalize(), merged.finalize()):
+        for col in ("ci_low", "ci_high"):
+            np.testing.assert_allclose(got.column(col).to_numpy(zero_copy_only=False),
+                                       want.column(col).to_numpy(zero_copy_only=False), rtol=1e-7, atol=1e-9)
+        p = got.column("p_value").to_numpy(zero_copy_only=False)
+        assert np.allclose(p, want.column("p_value").to_numpy(zero_copy_only=False), rtol=1e-5, atol=1e-300)
+
+
+def test_max_error_is_inf_not_nan_over_three_symbols():
+    st = PearsonState(1, [{"name": "b", "kind": "binary"}])
+    st.update(torch.tensor([[1.0], [2.0], [4.0]]), torch.tensor([[0.0], [1.0], [1.0]]), torch.tensor([1, 1, 2]))
+    assert st.max_error() == float("inf")

@@ -72,6 +72,7 @@ class PearsonState(InspectorState):
         self.clustered = intervals == "records"      # False once a batch comes without record ids
         self.cm = None                                # (6, 6, W, H) float64, allocated at first use
         self.ux = self.uy = None
+        self.uy_set = None                            # (H,) bool: uy set from a batch with that label
         self.records = torch.zeros(H, dtype=F64, device=dev)   # records with a labelled symbol
 
     # -- update: reduce a batch to its own moments, then merge ----------------------------
@@ -146,6 +147,9 @@ class PearsonState(InspectorState):
         if self.cm is None:
             self.cm = torch.zeros(6, 6, W, H, dtype=F64, device=self.device)
             self.ux, self.uy = shift.clone(), myb.clone()
+            self.uy_set = records > 0
+        else:
+            self._adopt_label_shift(myb, records > 0)
         self.records += records
         if masked:                                   # every product over (R, H, W), then moved
             t = (n[:, :, None], sx, sy[:, :, None], sxx, syy[:, :, None], sxy)
@@ -198,6 +202,15 @@ class PearsonState(InspectorState):
         self.c = self.c + cb + dx * dy * w
         self.n = n
 
+    def _adopt_label_shift(self, uy, has) -> None:
+        """A hypothesis without a labelled record so far (its ``cm`` entries all 0) takes its
+        label shift from the first batch or state that has one: a shift of 0 (a batch without
+        that label) would leave the products as large as the labels' offset."""
+        new = has & ~self.uy_set
+        if bool(new.any()):
+            self.uy = torch.where(new, uy, self.uy)
+            self.uy_set = self.uy_set | new
+
     def combine(self, other: "PearsonState") -> "PearsonState":
         self._check_combine(other)
         o = other
@@ -205,7 +218,9 @@ class PearsonState(InspectorState):
             cm, ux, uy = o.cm.to(self.device), o.ux.to(self.device), o.uy.to(self.device)
             if self.cm is None:
                 self.cm, self.ux, self.uy = cm.clone(), ux.clone(), uy.clone()
+                self.uy_set = o.uy_set.to(self.device).clone()
             else:
+                self._adopt_label_shift(uy, o.uy_set.to(self.device))
                 self.cm += moved_sums(cm, ux, uy, self.ux, self.uy)
             self.records = self.records + o.records.to(self.device)
         elif not o.clustered and bool(o.n.sum() > 0):
@@ -241,8 +256,8 @@ class PearsonState(InspectorState):
         n = self.n.cpu().numpy()[None, :].repeat(r.shape[0], 0)
         lo, hi = fisher_interval(r, n, self.confidence)
         half = (hi - lo) / 2
-        half = half[~np.isnan(r)]
-        return float(np.nanmax(half)) if half.size else float("inf")
+        half = np.where(np.isnan(half), np.inf, half)[~np.isnan(r)]   # r over 3 symbols or fewer: no bound
+        return float(half.max()) if half.size else float("inf")
 
     def score_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """finalize()'s (unit, hypothesis, score) columns without its intervals and p-values."""
