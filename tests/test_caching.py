@@ -471,3 +471,77 @@ def test_drop_dataset_removes_what_was_stored_from_it_and_keeps_results(planted)
     assert planted.sql("SELECT count(*) FROM scores").fetchall() == [(n_scores,)]     # results stay
     with pytest.raises(dbd.UnknownNameError, match="snippets"):
         dbd.drop_dataset(planted, "snippets")
+
+
+def test_the_same_weights_under_another_name_share_scores_not_the_name(planted):
+    """A cache hit for another name of the same weights is relabelled: its rows, its twin's
+    (baseline) rows and its params name the model queried, so compare_scores pairs them."""
+    from conftest import planted_adapter
+    dbd.register_model(planted, "copy", planted_adapter())
+    first = dbd.inspect(planted, "planted", ["planted"], HYPS, "snippets", baseline=True)
+    second = dbd.inspect(planted, "copy", ["planted"], HYPS, "snippets", baseline=True)
+    _, source, params = last_query(planted)
+    assert source == "cache" and params["models"] == ["copy"]
+    assert set(second.column("model").to_pylist()) == {"copy", "copy~untrained"}
+    assert set(first.column("model").to_pylist()) == {"planted", "planted~untrained"}
+    assert {k: v for k, v in by_key(second).items()} == by_key(first)
+    n = planted.sql("SELECT count(*) FROM compare_scores('planted', 'copy')").fetchall()[0][0]
+    assert n == len([r for r in first.to_pylist() if r["model"] == "planted" and r["unit"] is not None])
+
+
+def test_another_tokenisation_of_the_same_weights_is_not_served_from_the_cache(planted):
+    from conftest import PlantedModel, planted_adapter
+    from deepbase_duck.extraction.adapters import CharAdapter
+    from deepbase_duck.models.charlstm import encode_chars
+    other = CharAdapter(PlantedModel(), encode_chars, "chars-other", device="cpu")
+    other.module.load_state_dict(planted_adapter().module.state_dict())
+    dbd.register_model(planted, "other", other)
+    dbd.inspect(planted, "planted", ["planted"], ["digit"], "snippets")
+    dbd.inspect(planted, "other", ["planted"], ["digit"], "snippets")
+    assert last_query(planted)[1] == "model"
+
+
+def test_the_stored_dtype_read_is_part_of_the_cache_key(planted):
+    """Scores read from float16 activations are not served once float32 ones are stored (the
+    scan now reads those); the dtype asked for without keep_activations changes nothing."""
+    dbd.extract(planted, "planted", ["mix"], "snippets", dtype="float16")
+    half = by_key(dbd.inspect(planted, "planted", ["mix"], ["digit"], "snippets"))
+    assert last_query(planted)[1] == "stored"
+    dbd.inspect(planted, "planted", ["mix"], ["digit"], "snippets", dtype="float16")
+    assert last_query(planted)[1] == "cache"
+    dbd.extract(planted, "planted", ["mix"], "snippets", dtype="float32")
+    full = by_key(dbd.inspect(planted, "planted", ["mix"], ["digit"], "snippets"))
+    assert last_query(planted)[1] == "stored"
+    fresh = by_key(dbd.inspect(planted, "planted", ["mix"], ["digit"], "snippets", reuse=False))
+    assert full == pytest.approx(fresh, abs=1e-12) and any(
+        a is not None and abs(a - half[k]) > 1e-6 for k, a in full.items())
+    with pytest.raises(dbd.DeepBaseError, match="dtype must be one of float32, float16"):
+        dbd.inspect(planted, "planted", ["mix"], ["digit"], "snippets", dtype="float64")
+
+
+def test_an_early_stopped_scan_over_stored_activations_reports_the_records_it_read(con):
+    from conftest import planted_adapter
+    rng = np.random.default_rng(3)
+    dbd.register_model(con, "planted", planted_adapter())
+    dbd.add_dataset(con, "many", ["".join(TEXTS[int(i)] for i in rng.integers(0, len(TEXTS), 3)) for _ in range(120)])
+    dbd.extract(con, "planted", ["mix"], "many")
+    dbd.inspect(con, "planted", ["mix"], ["digit"], "many", max_error=0.3, batch_size=4, seed=1)
+    _, source, params = last_query(con)
+    assert source == "stored" and params["records_used"] < 120
+    assert params["reused"]["activation_records_read"] == params["records_used"]
+
+
+def test_a_hypothesis_known_only_by_its_labels_names_the_records_it_cannot_label(planted):
+    from deepbase_duck.errors import HypothesisError
+    from deepbase_duck.hypotheses.core import _REGISTRY
+
+    @hypothesis("only_stored")
+    def only_stored(text):
+        return [(0, 1)]
+    dbd.inspect(planted, "planted", ["planted"], ["only_stored"], "snippets")
+    dbd.add_dataset(planted, "snippets", TEXTS + ["z = 3\n"])            # one record appended
+    del _REGISTRY["only_stored"]                                        # as in a later process
+    before = planted.sql("SELECT count(*) FROM behaviors").fetchall()
+    with pytest.raises(HypothesisError, match=r"known to this store only by its stored labels, and 1 selected"):
+        dbd.inspect(planted, "planted", ["planted"], ["only_stored"], "snippets", keep_activations=True)
+    assert planted.sql("SELECT count(*) FROM behaviors").fetchall() == before

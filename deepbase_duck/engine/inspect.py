@@ -216,8 +216,9 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
     ids = session.select_records(dataset, record_ids, limit)
     if len(ids) == 0:
         raise EmptyDatasetError(f"no records selected from dataset {dataset!r}")
-    if keep_activations and dtype not in DTYPES:
-        raise DeepBaseError(f"dtype must be one of {', '.join(DTYPES)} (stored activations), got {dtype!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise DeepBaseError(f"dtype must be one of {', '.join(DTYPES)} (the dtype of stored activations), "
+                            f"got {dtype!r}")
     dev = default_device(device)
     return Plan(model, layers, dataset, ids, hyps, measures, per_measure, cols, batch_size=int(batch_size),
                 keep_activations=bool(keep_activations), dtype=dtype, device=str(dev), measure_params=measure_params,
@@ -759,13 +760,14 @@ class LocalEngine:
                 session, lambda reader: forward_batches(reader, adapter, plan.model, plan.layers, plan.dataset,
                                                         block_ids, counts, defer_check=True, keep_encoding=True),
                 self.pipelined(adapter)))
-            keep = (KeepActivations(session, plan, mrow["checksum"], tokenization, widths, symbols)
-                    if plan.keep_activations else None)
         source = itertools.chain(*sources)
         if plan.control:                          # class counts over every selected record's symbols
             counts.update(ensure_symbols(session, session.adapter(plan.model), plan.dataset, plan.record_ids))
             plan.control_freq = class_frequencies(session, plan, tokenization)
         labels = LabelStream(session, plan, tokenization, counts, order)
+        # (after the labels' checks: a query they refuse leaves no behaviors row behind)
+        keep = (KeepActivations(session, plan, mrow["checksum"], tokenization, widths, symbols)
+                if plan.keep_activations and len(missing) else None)
         support = LabelSupport(plan.label_columns) if plan.min_support else None
         samples = new_samples(plan, widths, plan.device)
         bar = progress_bar(len(plan.record_ids), f"inspect {plan.model} ({plan.source})", "rec", show)
@@ -817,7 +819,7 @@ class LocalEngine:
                 "stopped_early": stopped, "stop_rule": rule, "bound": stop.bound if progressive else None,
                 "rare": stop.rare if plan.min_support else None,
                 "window_scores": window_scores if progressive else None, "used_ids": used,
-                "reused": {"activation_records_read": int(len(covered)),
+                "reused": {"activation_records_read": int(len(np.intersect1d(covered, used))),
                            "activation_records_computed": int(len(np.intersect1d(missing, used)))}}
 
     def run_stacked(self, session, plans: list, progress=None, fuse: bool = True) -> list[dict]:
@@ -1021,21 +1023,26 @@ def with_q_values(scores: pa.Table) -> pa.Table:
 
 # -- caching with provenance -----------------------------------------------------------------------
 def query_fingerprint(session, plans: list, baseline: bool, baseline_seed: int) -> str:
-    """sha256 of everything a query's scores depend on: the models' checksums, the layers, each
-    hypothesis' name and version, the dataset, the selected records and a hash of their text, the
-    measures with their parameters, and every option that changes a score."""
+    """sha256 of everything a query's scores depend on: the models' checksums and tokenisations,
+    the layers, each hypothesis' name and version, the dataset, the selected records and a hash
+    of their text, the layers whose stored float16 activations it would read (float32 stored
+    activations equal the forward pass's), the measures with their parameters, and every option
+    that changes a score. Not the models' names: a cache hit is relabelled (cached_scores)."""
     plan = plans[0]
     ids = [int(r) for r in np.unique(plan.record_ids)]
     text_hash = store.q_scalar(session.con, "SELECT md5(string_agg(md5(text), ',' ORDER BY record_id)) FROM records "
                                             "WHERE dataset = ? AND list_contains(?, record_id)", [plan.dataset, ids])
-    key = {"checksums": [session.model_row(p.model)["checksum"] for p in plans], "layers": list(plan.layers),
+    rows = [session.model_row(p.model) for p in plans]
+    half = [float16_layers(session, p, r) for p, r in zip(plans, rows)]
+    key = {"checksums": [r["checksum"] for r in rows], "tokenizations": [r["tokenization"] for r in rows],
+           "layers": list(plan.layers),
            "hypotheses": [[h["name"], h["version"]] for h in plan.hypotheses], "dataset": plan.dataset,
            "records": hashlib.sha256(np.asarray(ids, np.int64).tobytes()).hexdigest(), "texts": text_hash,
            "measures": list(plan.measures), "measure_params": plan.measure_params, "control": plan.control,
            "permutations": plan.permutations, "permutation_rows": plan.permutation_rows,
            "max_error": plan.max_error, "seed": plan.seed if plan.progressive else None,
            "top_k": plan.top_k, "stable_windows": plan.stable_windows if plan.top_k else None,
-           "batch_size": plan.batch_size if plan.progressive else None, "dtype": plan.dtype,
+           "batch_size": plan.batch_size if plan.progressive else None, "float16_read": half,
            "baseline": bool(baseline), "baseline_seed": baseline_seed if baseline else None,
            "scoring": SCORING_VERSION}
     if plan.plateau_tol is not None:          # only then: the fingerprints of other queries stay as they were
@@ -1045,10 +1052,23 @@ def query_fingerprint(session, plans: list, baseline: bool, baseline_seed: int) 
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def cached_scores(session, plan: Plan, fingerprint: str, started: str, t0: float, model_label: str) -> pa.Table | None:
+def float16_layers(session, plan: Plan, mrow) -> list[str]:
+    """The layers whose stored float16 activations a scan of ``plan`` would read (as
+    LocalEngine.run chooses: a progressive scan reads stored activations only when they cover
+    every selected record)."""
+    behaviors, covered = stored_coverage(session, plan, mrow["checksum"], mrow["tokenization"])
+    if plan.progressive and len(covered) < len(np.unique(plan.record_ids)):
+        return []
+    return sorted(layer for layer, b in behaviors.items() if b["dtype"] == "float16")
+
+
+def cached_scores(session, plan: Plan, fingerprint: str, started: str, t0: float, model_label: str,
+                  models: list[str]) -> pa.Table | None:
     """The scores of the latest stored query with this fingerprint, copied under a new query id
     (a ``queries`` row with source 'cache' and params->'reused'->'scores_of_query'); None when
-    there is none."""
+    there is none. The copies carry this query's model names (``models``, in the order of the
+    fingerprint's checksums; an untrained twin '<model>~untrained' follows its model): the same
+    weights registered under another name share the cache, never the name."""
     con = session.con
     row = store.q_one(con, "SELECT q.query_id, q.params, q.n_records, q.n_symbols FROM queries q "
                            "WHERE json_extract_string(q.params, '$.fingerprint') = ? "
@@ -1058,6 +1078,9 @@ def cached_scores(session, plan: Plan, fingerprint: str, started: str, t0: float
         return None
     old, params, n_records, n_symbols = row
     params = json.loads(params)
+    rename = dict(zip(params.get("models") or [], models))
+    rename.update({f"{a}~untrained": f"{b}~untrained" for a, b in list(rename.items())})
+    params["models"] = list(models)
     params["reused"] = {"scores_of_query": int(old), "activation_records_read": 0, "activation_records_computed": 0,
                         "label_pairs_found": 0, "label_pairs_computed": 0}
     with store.Transaction(con):
@@ -1067,7 +1090,9 @@ def cached_scores(session, plan: Plan, fingerprint: str, started: str, t0: float
                      plan.measures, json.dumps(params, default=str), n_records, n_symbols, "cache", started,
                      round(time.time() - t0, 4)])
         cols = ", ".join(c for c in RESULT_SCHEMA.names if c != "query_id")
-        con.execute(f"INSERT INTO scores (query_id, {cols}) SELECT ?, {cols} FROM scores WHERE query_id = ?", [qid, old])
+        named = cols.replace("model", "coalesce(map_extract_value(MAP(?::VARCHAR[], ?::VARCHAR[]), model), model)", 1)
+        con.execute(f"INSERT INTO scores (query_id, {cols}) SELECT ?, {named} FROM scores WHERE query_id = ?",
+                    [qid, list(rename), list(rename.values()), old])
     return store.q_arrow(con, f"SELECT query_id, {cols} FROM scores WHERE query_id = ?", [qid]).cast(RESULT_SCHEMA)
 
 
@@ -1160,7 +1185,7 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
     model_label = ", ".join(models)
     fingerprint = query_fingerprint(session, plans, baseline, baseline_seed)
     if reuse and store_scores and not keep_activations:      # keep_activations asks for a scan
-        hit = cached_scores(session, plan, fingerprint, started, t0, model_label)
+        hit = cached_scores(session, plan, fingerprint, started, t0, model_label, models)
         if hit is not None:
             return hit
     labels_missing = missing_records(session.con, plan.hypotheses, plan.dataset, np.unique(plan.record_ids))

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from .. import store
-from ..errors import UnknownNameError
+from ..errors import HypothesisError, UnknownNameError
 from .core import Hypothesis, get_hypothesis, registry
 from ..progress import progress_bar
 
@@ -86,8 +86,13 @@ def labels_to_compute(con, hyps: list[dict], dataset: str, record_ids) -> dict[s
     brings the catalog row of every hypothesis with work to do to its current version."""
     missing = missing_records(con, hyps, dataset, record_ids)
     for h in hyps:
-        if len(missing[h["name"]]) and h["live"] is None:
-            raise UnknownNameError("hypothesis", h["name"], registry())
+        gap = missing[h["name"]]
+        if len(gap) and h["live"] is None:
+            raise HypothesisError(
+                f"hypothesis {h['name']!r} is known to this store only by its stored labels, and "
+                f"{len(gap)} selected record(s) of dataset {dataset!r} have none (record ids "
+                f"{', '.join(map(str, gap[:5].tolist()))}{', ...' if len(gap) > 5 else ''}): register its "
+                f"Python code in this process (@dbd.hypothesis) to label them, or select only labelled records")
     for h in hyps:
         if len(missing[h["name"]]):
             upsert_catalog(con, h["live"])
