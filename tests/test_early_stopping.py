@@ -596,3 +596,38 @@ def test_progressive_scan_over_stored_activations_reads_the_seeded_windows(big, 
                         assert r[col] == pytest.approx(want[col], abs=1e-9), (k, col)
     assert model[5][1]["records_used"] != model[6][1]["records_used"] or \
         model[5][2][("mix", 0, "digit")]["score"] != model[6][2][("mix", 0, "digit")]["score"]
+
+
+def test_mi_windows_share_the_totals_bins_so_merges_are_exact(con):
+    """A progressive scan's window states for mi take the total's calibrated edges
+    (window_state): the windows merged equal one state fed the same rows; a fresh state per
+    window calibrated on its own rows and merged approximately ('approximate merge' in bin_rule)."""
+    import random
+    from deepbase_duck.engine.inspect import window_state
+    from deepbase_duck.inspectors import measure_class
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((48000, 4))
+    y = (rng.random((48000, 1)) < 0.3).astype(float)
+    x[:, 0] += 0.3 * y[:, 0]
+    hyps = [{"name": "a", "kind": "binary"}]
+    make = lambda *k: measure_class("mi")(4, hyps)  # noqa: E731
+    one, total = make(), make()
+    window = make()
+    for a in range(0, 48000, 12000):
+        xb, yb = torch.tensor(x[a:a + 12000]), torch.tensor(y[a:a + 12000])
+        one.update(xb, yb)
+        window.update(xb, yb)
+        total.combine(window)
+        window = window_state(total, make, None)
+    got, want = total.finalize().to_pylist(), one.finalize().to_pylist()
+    assert [r["score"] for r in got] == pytest.approx([r["score"] for r in want], rel=1e-12)
+    assert total.approx_rows == 0
+    # through the engine: windows of 16 records of 1,000 characters (16,000 rows: each window
+    # would calibrate itself)
+    random.seed(0)
+    texts = ["".join(random.choice("abc 123 (x) 'q' #9\n") for _ in range(1000)) for _ in range(48)]
+    dbd.register_model(con, "planted", planted_adapter())
+    dbd.add_dataset(con, "long", texts)
+    t = dbd.inspect(con, "planted", ["planted"], ["digit"], "long", measures=["mi"], max_error=0.001, seed=1)
+    rules = {json.loads(r["detail"])["bin_rule"] for r in t.to_pylist()}
+    assert rules == {"quantile (10 bins) of the first 10000 rows"}

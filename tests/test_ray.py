@@ -99,6 +99,19 @@ def test_ray_scores_equal_local_on_planted_units(db):
         np.corrcoef(acts, labels)[0, 1], abs=1e-9)
 
 
+def test_ray_mi_blocks_take_the_drivers_bins_and_equal_local(db):
+    """mi calibrates its bins on the first rows it meets: the driver runs blocks one at a time
+    until its states are calibrated, then sends their edges with every block, so the merge is
+    exact (blocks calibrated on their own rows merged only approximately)."""
+    kw = {"measures": ["mi"], "batch_size": 4, "mi": {"calibration_rows": 100}}
+    local = dbd.inspect(db, "planted", ["planted", "mix"], ["digit", "in_string"], "snippets", **kw)
+    remote = dbd.inspect(db, "planted", ["planted", "mix"], ["digit", "in_string"], "snippets", engine="ray",
+                         reuse=False,
+                         ray_options={"block_batches": 1}, **kw)
+    _assert_equal_scores(local, remote, tol=1e-12)
+    assert all("approximate" not in r["detail"] for r in remote.to_pylist() if r["detail"])
+
+
 def _depth(text, planted=False):
     """Bracket depth per character, as the planted unit computes it (closing bracket counted
     after the character) and as the `bracket_depth` hypothesis labels it."""

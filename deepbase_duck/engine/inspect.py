@@ -313,6 +313,22 @@ def _score_matrix(state) -> np.ndarray:
     return state.score_rows()[2]
 
 
+def window_state(total, make, key):
+    """A progressive scan's state for its next window, one that merges into ``total`` exactly:
+    for a state whose counts need calibrated bins (``mi``), once ``total`` is calibrated, an
+    empty state on its edges (a fresh one would calibrate on its own window's rows, and states
+    on other edges merge only approximately); otherwise ``make(*key)``."""
+    if getattr(total, "edges", None) is not None and hasattr(total, "empty_like"):
+        return total.empty_like()
+    return make(*key)
+
+
+def uncalibrated(states: dict) -> bool:
+    """Whether some state still calibrates its bins on the rows it meets (``mi`` without edges):
+    the Ray driver then runs blocks one at a time, so that the later ones are sent its edges."""
+    return any(hasattr(st, "empty_like") and getattr(st, "edges", 0) is None for st in states.values())
+
+
 def batch_means_half_width(window_scores: list, confidence: float) -> np.ndarray:
     """Half-width of the batch-means confidence interval of each score: t_{k-1} * sd / sqrt(k)
     over the k windows where the score is defined (a window without a rare class, or with a
@@ -799,7 +815,7 @@ class LocalEngine:
                     for k, st in feeding.items():
                         window_scores[k].append(_score_matrix(st))
                         states[k].combine(st)
-                        feeding[k] = make(*k)
+                        feeding[k] = window_state(states[k], make, k)
                     rule = stop.check(states, window_scores, support and support.support())
                     if rule:
                         stopped = True

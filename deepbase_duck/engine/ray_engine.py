@@ -70,6 +70,7 @@ from .inspect import (
     new_samples,
     seeded_windows,
     stored_behaviors,
+    uncalibrated,
     update_states,
 )
 
@@ -154,8 +155,10 @@ class BlockWorker:
         Returns the block's states {(layer, measure): state}, permutation samples and timings."""
         t0 = time.perf_counter()
         plan = self.plan
+        edges = block.get("edges") or {}        # bins calibrated by the driver's states (mi)
         states = {(layer, m): measure_class(m)(self.widths[layer], plan.columns[m], device=self.device,
-                                               **plan.measure_params.get(m, {}))
+                                               **plan.measure_params.get(m, {}),
+                                               **({"edges": edges[(layer, m)]} if (layer, m) in edges else {}))
                   for layer in plan.layers for m in plan.measures}
         samples = new_samples(plan, self.widths, self.device)
         act_bytes, parts = 0, []
@@ -487,7 +490,10 @@ class RayEngine:
                     if support is not None:
                         block_support[i].add(ys[-1], ids, [counts[r] for r in ids])
                 payloads[i] = ray.put({"batches": part, "labels": ys,
-                                       "store": parts_of[i] if parts_of is not None else None})
+                                       "store": parts_of[i] if parts_of is not None else None,
+                                       "edges": {k: st.edges.cpu().numpy() for k, st in states.items()
+                                                 if getattr(st, "edges", None) is not None
+                                                 and hasattr(st, "empty_like")}})
                 stats["label_seconds"] += time.perf_counter() - t
             return payloads[i]
 
@@ -501,11 +507,14 @@ class RayEngine:
         tries = collections.Counter()
         results, next_merge, used = {}, 0, []
         stopped, rule, stop = False, None, StopRule(plan)
+        calibrating = uncalibrated(states)
         try:
             while next_merge < len(blocks) and not stopped:
                 for a in list(live):                # keep every live worker busy
                     # a re-dispatched block comes first and is always below the window's end
-                    while pending and load[a] < self.inflight and pending[0] < next_merge + ahead:
+                    # states still calibrating their bins (mi): one block at a time, merged first
+                    limit = next_merge + (1 if calibrating and not in_flight else 0 if calibrating else ahead)
+                    while pending and load[a] < self.inflight and pending[0] < limit:
                         i = pending.popleft()
                         stats["dispatched"] = max(stats["dispatched"], i + 1)
                         ref = a.run_block.remote(payload(i))
@@ -574,6 +583,7 @@ class RayEngine:
                     if progressive:                  # the local engine's stop rules, per merged block
                         rule = stop.check(states, window_scores, support and support.support())
                         stopped = rule is not None
+                    calibrating = calibrating and uncalibrated(states)
         finally:
             bar.close()
             labels.close(failed=sys.exc_info()[0] is not None)
