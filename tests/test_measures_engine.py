@@ -230,6 +230,18 @@ def test_compare_layers_linear_cka(many):
                    "'snippets')").fetchall()
     assert sql[0][2] == pytest.approx(next(r["score"] for r in t if r["layer_b"] == "mix"), abs=1e-12)
     assert many.sql("SELECT count(*) FROM similarities").fetchall() == [(4,)]
+    # stored activations are read, not the model run: the same CKA, source 'stored'
+    dbd.extract(many, "planted", ["planted", "mix"], "snippets")
+    calls = dbd.catalog.session_of(many).adapters["planted"].module.calls
+    again = dbd.compare_layers(many, ["planted:planted", "planted:mix"], "snippets").to_pylist()
+    assert dbd.catalog.session_of(many).adapters["planted"].module.calls == calls
+    assert again[0]["score"] == pytest.approx(next(r["score"] for r in t if r["layer_b"] == "mix"), abs=1e-9)
+    assert many.sql("SELECT source FROM queries ORDER BY query_id DESC LIMIT 1").fetchall() == [("stored",)]
+    # embed is not stored: the model runs (for both of its layers)
+    mixed = dbd.compare_layers(many, ["planted:planted", ("planted", "embed")], "snippets").to_pylist()
+    assert dbd.catalog.session_of(many).adapters["planted"].module.calls > calls
+    assert mixed[0]["score"] == pytest.approx(next(r["score"] for r in t if r["layer_b"] == "embed"
+                                                   and r["layer_a"] == "planted"), abs=1e-9)
     # one symbol: CKA is undefined, stored as NULL (as an undefined score is), not NaN
     dbd.add_dataset(many, "one", ["x"])
     t1 = dbd.compare_layers(many, ["planted:planted", "planted:mix"], "one").to_pylist()

@@ -1,7 +1,10 @@
 """compare_layers(): linear CKA between every pair of unit groups (model, layer) over the same
 symbols of a dataset, streamed block by block (one forward pass per model and block; a model's
-layers share it). Groups of different models must share a tokenisation, so that their symbols
-are the same. Results go to the ``similarities`` table (one query id per call).
+layers share it). A model whose compared layers are all stored for every selected record
+(``extract``, ``keep_activations``) is read from its stored activations instead of run, as
+``inspect`` does. Groups of different models must share a tokenisation, so that their symbols
+are the same. Results go to the ``similarities`` table (one query id per call; the queries row's
+source says 'stored', 'model' or 'stored+model').
 """
 from __future__ import annotations
 
@@ -28,6 +31,18 @@ def parse_group(g) -> tuple[str, str]:
         model, layer = g.split(":", 1)
         return model, layer
     raise DeepBaseError(f"unit group {g!r} is not 'model:layer' or (model, layer)")
+
+
+def _stored_rows(session, model: str, layers: list[str], dataset: str, ids, tokenization: str):
+    """A StoredRows over ``model``'s stored activations of ``layers`` when they cover every
+    record of ``ids`` (float32 preferred), else None (the model runs)."""
+    from types import SimpleNamespace
+    from .inspect import StoredRows, stored_coverage, stored_part_blocks
+    plan = SimpleNamespace(layers=layers, dataset=dataset, record_ids=np.asarray(ids, np.int64))
+    behaviors, covered = stored_coverage(session, plan, session.model_row(model)["checksum"], tokenization)
+    if not behaviors or len(covered) < len(np.unique(ids)):
+        return None
+    return StoredRows(stored_part_blocks(session, plan, behaviors, covered))
 
 
 def _defined(x: float):
@@ -63,15 +78,19 @@ def compare_layers(session, groups, dataset: str, record_ids=None, limit=None, b
     pairs = list(itertools.combinations(groups, 2))
     states = {(a, b): LinearCKAState(widths[a], widths[b], dev) for a, b in pairs}
     t0 = time.time()
-    adapters = {m: session.adapter(m) for m in by_model}
-    # symbols come from the first model's forward batches (one tokenisation for all: checked above);
-    # the streams are advanced in order, so each batch's symbols are counted before the next model's
     tokenization = next(iter(toks.values()))
+    stored = {m: _stored_rows(session, m, by_model[m], dataset, ids, tokenization) for m in by_model}
+    run = [m for m in by_model if stored[m] is None]
+    adapters = {m: session.adapter(m) for m in run}
+    # symbols come from the first model run's forward batches (one tokenisation for all: checked
+    # above; stored activations come with their symbols); the streams are advanced in order, so
+    # each batch's symbols are counted before the next model's
     counts = stored_symbol_counts(session, dataset, tokenization)
     symbols = SymbolWriter(session, tokenization, dataset, counts)
     blocks = plan_batches(session, dataset, ids, batch_size)
-    streams = {m: forward_batches(session, adapters[m], m, by_model[m], dataset, blocks, counts,
-                                  symbols if k == 0 else None) for k, m in enumerate(by_model)}
+    streams = {m: (forward_batches(session, adapters[m], m, by_model[m], dataset, blocks, counts,
+                                   symbols if run and m == run[0] else None) if stored[m] is None
+                   else (stored[m].batch(b, counts) for b in blocks)) for m in by_model}
     bar = progress_bar(len(ids), f"compare {len(groups)} groups", "rec",
                        session.progress if progress is None else progress)
     try:
@@ -90,8 +109,9 @@ def compare_layers(session, groups, dataset: str, record_ids=None, limit=None, b
     with store.Transaction(con):
         qid = int(store.q_scalar(con, "SELECT coalesce(max(query_id), 0) + 1 FROM queries"))
         con.execute("INSERT INTO queries (query_id, model, dataset, layers, measures, n_records, n_symbols, source, "
-                    "started_at, seconds) VALUES (?, ?, ?, ?, ['cka'], ?, ?, 'model', ?, ?)",
+                    "started_at, seconds) VALUES (?, ?, ?, ?, ['cka'], ?, ?, ?, ?, ?)",
                     [qid, ",".join(by_model), dataset, [f"{m}:{l}" for m, l in groups], int(len(ids)), n,
+                     "model" if len(run) == len(by_model) else "stored+model" if run else "stored",
                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)), round(time.time() - t0, 4)])
         table = pa.table({
             "query_id": pa.array([qid] * len(pairs), pa.int32()),
