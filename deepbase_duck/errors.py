@@ -43,3 +43,36 @@ def check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not ok or value < minimum:
         raise DeepBaseError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def check_integer(name: str, value, minimum: int) -> int:
+    """check_int for a measure parameter: the same rule (a whole number >= ``minimum``; 2.0 is
+    taken as 2), refusals raised as BadParameterError. ``name`` should hold the measure, e.g.
+    'mi: bins'."""
+    try:
+        return check_int(name, value, minimum)
+    except DeepBaseError as e:
+        raise BadParameterError(str(e)) from None
+
+
+def check_float(name: str, value, low: float = -float("inf"), high: float = float("inf"), *,
+                open_low: bool = False, open_high: bool = False) -> float:
+    """``value`` as a float when it is a finite real number between ``low`` and ``high`` (each end
+    included unless ``open_low`` / ``open_high``); a bool, a string, None, NaN or an infinity is
+    refused with a BadParameterError naming ``name`` (e.g. 'corr: confidence') and the value."""
+    import math
+    import numbers
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
+    if not ok:
+        if math.isfinite(low) and math.isfinite(high):
+            what = f"in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+        elif math.isfinite(low):
+            what = f"a finite number {'>' if open_low else '>='} {low:g}"
+        elif math.isfinite(high):
+            what = f"a finite number {'<' if open_high else '<='} {high:g}"
+        else:
+            what = "a finite number"
+        raise BadParameterError(f"{name} must be {what}, got {value!r}")
+    return float(value)

@@ -85,6 +85,15 @@ def planted(con):
     return con
 
 
+STORE_TABLES = ["models", "layers", "datasets", "records", "symbols", "hypotheses", "labels", "labeled_records",
+                "behaviors", "behavior_parts", "behavior_records", "queries", "scores"]
+
+
+def snapshot(con):
+    """Row counts of the store's tables: what a refused query must leave as it was."""
+    return {t: con.sql(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in STORE_TABLES}
+
+
 def planted_per_record(hyps):
     """The planted layer's activations over TEXTS, one forward pass per record, with the named
     hypotheses' per-character labels and each row's record (0..len(TEXTS)-1): (X, Y, records)."""

@@ -189,6 +189,44 @@ def test_spearman_merge_and_subsample(data):
     assert lo <= one[0, 0] <= hi
 
 
+def test_spearman_interval_holds_a_perfect_rho():
+    """At rho = +-1 the Fisher interval's outer end rounds to just inside +-1: it must still hold
+    the score (the outer end is the score), the inner end is the Bonett-Wright formula."""
+    x = np.arange(100, dtype=np.float32)[:, None]
+    z, se = stats.norm.ppf(0.975), math.sqrt(1.5 / 97)
+    for sign in (1, -1):
+        t = run("spearman", x, sign * np.arange(100.0)[:, None], CONT[:1]).finalize().to_pylist()[0]
+        assert t["score"] == sign
+        assert t["ci_low"] <= t["score"] <= t["ci_high"]
+        outer, inner = (t["ci_high"], t["ci_low"]) if sign > 0 else (t["ci_low"], t["ci_high"])
+        assert outer == sign
+        assert inner == pytest.approx(sign * math.tanh(math.atanh(1 - 1e-15) - z * se), abs=1e-12)
+
+
+@pytest.mark.parametrize("measure,hyps,key", [("spearman", CONT, "cont"), ("ap", BIN, "b")])
+def test_sampled_measures_null_a_unit_with_nonfinite_activations_as_corr(data, measure, hyps, key):
+    """A NaN or infinite activation anywhere in the stream (in the row sample or not, in any state
+    of a merge) makes that unit NULL, as corr does; the other units are unchanged."""
+    x, y = data["x"].copy(), data[key]
+    clean = grid(run(measure, x, y, hyps).finalize())
+    x[17, 1], x[3000, 4] = np.nan, np.inf
+    corr = grid(run("corr", x, y, hyps).finalize())
+    for st in (run(measure, x, y, hyps, splits=[1000]), run_merged(measure, x, y, hyps, parts=[2000, 2500])):
+        t = st.finalize()
+        for col in ("score", "ci_low", "ci_high", "p_value"):
+            assert np.isnan(grid(t, col)[[1, 4]]).all(), col
+        assert np.array_equal(np.isnan(grid(t)), np.isnan(corr) | np.isnan(clean))
+        assert_close(grid(t)[[0, 3, 5]], clean[[0, 3, 5]], 1e-12)
+    # a row sample that leaves the NaN row out still knows of it
+    keys = row_keys(torch.as_tensor(x), torch.as_tensor(y), None, seed=1).numpy()
+    assert np.argsort(np.argsort(keys))[17] >= 500              # row 17 is not among the 500 kept
+    small = run(measure, x, y, hyps, max_rows=500, seed=1).finalize()
+    assert np.isnan(grid(small)[1]).all() and not np.isnan(grid(small)[0]).any()
+    if measure == "spearman":                                    # scipy on the clean rows
+        m = ~np.isnan(y[:, 0])
+        assert abs(grid(t)[3, 0] - stats.spearmanr(x[m, 3], y[m, 0]).statistic) < 1e-9
+
+
 # --------------------------------------------------------------------------- pointbiserial
 def test_pointbiserial_matches_scipy(data):
     x, y = data["x"], data["b"]
@@ -486,6 +524,125 @@ def test_dissection_order_independent_or_null(detector_data):
     assert_close(grid(desc)[[1, 3, 4, 5]], grid(base)[[1, 3, 4, 5]], 1e-12)
 
 
+def test_dissection_thinned_iid_stream_any_batch_size():
+    """An unordered stream 10x longer than max_rows, in batches of any size or merged from
+    states: the same non-NULL thresholds and scores as one batch, equal to the reference formula
+    on the sampled rows. (Rows dropped before the rate fell that have since left the sample must
+    not hold the floor up: with batches of 500 this unit came out NULL.)"""
+    rng = np.random.RandomState(6)
+    n, q = 20000, 0.01
+    x = rng.randn(n, 3).astype(np.float32)
+    y = (rng.rand(n, 1) < 0.1).astype(float)
+    rid = np.arange(n) // 20
+    kw = dict(quantile=q, max_rows=2000)
+    hyp = BIN[:1]
+
+    def feed(bounds, st=None):
+        st = st or measure_class("iou")(3, hyp, **kw)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            st.update(torch.as_tensor(x[a:b]), torch.as_tensor(y[a:b]), torch.as_tensor(rid[a:b]))
+        return st
+
+    states = [feed([0, n])] + [feed(list(range(0, n, bs)) + [n]) for bs in (500, 1234, 3000)]
+    merged = feed([0, 500, 7000])
+    merged.combine(feed([7000, 7100, 15000])).combine(feed([15000, n]))
+    states.append(merged)
+    one = states[0]
+    assert one.j > 0
+    keys = row_keys(torch.as_tensor(x), torch.as_tensor(y), torch.as_tensor(rid), seed=0)
+    rows = (keys < (1 << (63 - one.j))).numpy()
+    ref = dissection_reference(x[rows], y[rows], q)
+    t1 = one.finalize()
+    assert np.allclose(grid(t1, "threshold")[:, 0], ref["T"][:, 0], atol=1e-12, rtol=0)
+    assert_close(grid(t1), ref["iou"], 1e-12)
+    for st in states[1:]:
+        assert st.j == one.j
+        t = st.finalize()
+        assert not np.isnan(grid(t)).any()
+        for col in ("score", "threshold", "intersection", "union", "ci_low", "ci_high", "p_value"):
+            assert_close(grid(t, col), grid(t1, col), 1e-12)
+        # the floor is right: every sampled row above it is kept
+        lev = st._levels(keys).numpy()
+        for u in range(3):
+            kept = set(st.keys[u].tolist())
+            above = rows & (lev >= st.j) & (x[:, u] > float(st.floor()[u]))
+            assert set(keys[torch.as_tensor(above)].tolist()) <= kept
+
+
+def test_dissection_floor_ignores_rows_thinned_out():
+    """Rows dropped from the buffer and later thinned out of the sample do not hold its floor up.
+    Phase 1 overfills the buffer with rows of key level 0 only (values 5-6: the lowest are
+    dropped); phase 2, many rows at -100, drops the rate to 1/2 (level-0 rows leave the sample);
+    phase 3 brings level >= 1 rows at 1-2, which hold the sample's threshold: below the dropped
+    level-0 values, yet every sampled row above it is kept, so it is exact, not NULL."""
+    rng = np.random.default_rng(0)
+    q, hyp = 0.01, BIN[:1]
+    st = measure_class("iou")(2, hyp, quantile=q, max_rows=1000)
+
+    def phase(values, want, start):
+        """Rows with these unit-0 values (record ids from start), only those of the wanted key
+        levels ('0' or '>=1')."""
+        x = np.stack([values, rng.normal(size=len(values))], 1).astype(np.float32)
+        y = (rng.random((len(values), 1)) < 0.3).astype(float)
+        rid = np.arange(start, start + len(values))
+        lev = st._levels(row_keys(torch.as_tensor(x), torch.as_tensor(y), torch.as_tensor(rid), 0)).numpy()
+        keep = {"0": lev == 0, ">=1": lev >= 1, "any": lev >= 0}[want]
+        return x[keep], y[keep], rid[keep]
+
+    p1 = [a[:st.capacity + 10] for a in phase(5 + rng.random(400), "0", 0)]
+    p2 = phase(-100 - rng.random(1100), "any", 1000)
+    p3 = [a[:40] for a in phase(1 + rng.random(200), ">=1", 5000)]
+    for x, y, rid in (p1, p2, p3):
+        st.update(torch.as_tensor(x), torch.as_tensor(y), torch.as_tensor(rid))
+    assert st.j == 1
+    x, y, rid = (np.concatenate(a) for a in zip(p1, p2, p3))
+    keys = row_keys(torch.as_tensor(x), torch.as_tensor(y), torch.as_tensor(rid), 0).numpy()
+    rows = keys < (1 << 62)                                       # the rate-1/2 sample
+    ref = dissection_reference(x[rows], y[rows], q)
+    t = st.finalize()
+    T = grid(t, "threshold")[0, 0]
+    assert 1 < T < 2 and T == pytest.approx(ref["T"][0, 0], abs=1e-12)
+    assert float(st.floor_level[0, 0]) > 5 > T                    # a dropped level-0 row lies above T
+    assert grid(t)[0, 0] == pytest.approx(ref["iou"][0, 0], abs=1e-12)
+    assert grid(t, "intersection")[0, 0] == ref["I"][0, 0] * 2
+
+
+@pytest.mark.parametrize("intervals", ["symbols", "records"])
+def test_dissection_interval_holds_scores_of_0_and_1(intervals):
+    """A perfect detector (score 1 over 30 positives) and a unit blind to a label (score 0 over 3
+    positives): Wilson's ends round to 1 - 1e-16 and 7e-18 there; the interval must hold the score."""
+    n = 3000
+    x = torch.arange(n, dtype=torch.float32)[:, None]
+    y = torch.stack([(torch.arange(n) >= n - 30).double(), (torch.arange(n) < 3).double()], 1)
+    hyps = [dict(name="top", kind="binary"), dict(name="bottom", kind="binary")]
+    for measure in ("iou", "precision", "recall", "f1"):
+        st = measure_class(measure)(1, hyps, quantile=0.01, intervals=intervals)
+        st.update(x, y, torch.arange(n) // 10)
+        t = st.finalize()
+        s, lo, hi = grid(t)[0], grid(t, "ci_low")[0], grid(t, "ci_high")[0]
+        assert list(s) == [1.0, 0.0], measure
+        assert hi[0] == 1.0 and lo[1] == 0.0, measure
+        assert 0.5 < lo[0] < 1 and 0 < hi[1] < 0.6, measure
+    # symbols: the other ends are Wilson's (scipy's)
+    if intervals == "symbols":
+        st = measure_class("recall")(1, hyps, quantile=0.01, intervals=intervals)
+        st.update(x, y)
+        t = st.finalize()
+        assert grid(t, "ci_low")[0, 0] == pytest.approx(
+            stats.binomtest(30, 30).proportion_ci(0.95, method="wilson").low, abs=1e-12)
+        assert grid(t, "ci_high")[0, 1] == pytest.approx(
+            stats.binomtest(0, 3).proportion_ci(0.95, method="wilson").high, abs=1e-12)
+
+
+def test_dissection_nonfinite_activation_nulls_the_unit(detector_data):
+    x, y = detector_data
+    x = x.copy()
+    x[5, 0], x[99, 3] = np.nan, -np.inf
+    t = run("iou", x, y, BIN, splits=[1000], quantile=0.02).finalize()
+    assert np.isnan(grid(t)[[0, 3]]).all() and np.isnan(grid(t, "threshold")[[0, 3]]).all()
+    assert not np.isnan(grid(t)[[1, 4, 5]]).any()
+
+
 def test_quantile_positions_match_numpy():
     rng = np.random.default_rng(2)
     for n in (1, 2, 3, 17, 200, 1001):
@@ -530,6 +687,17 @@ def test_ap_matches_sklearn_and_merges(detector_data):
     rows = np.argsort(keys, kind="stable")[:1000]
     m = ~np.isnan(y[rows, 1])
     assert abs(grid(t1)[4, 1] - average_precision_score(y[rows][m, 1], x[rows][m, 4])) < 1e-9
+
+
+def test_ap_interval_holds_a_perfect_detector():
+    """AP = 1 over 60 positives: Wilson's upper end rounds to 1 - 1e-16; it must be 1, and the
+    lower end is Wilson's (scipy's) at 60 of 60."""
+    x = np.arange(612, dtype=np.float32)[:, None]
+    y = (np.arange(612) >= 552).astype(float)[:, None]
+    t = run("ap", x, y, BIN[:1]).finalize().to_pylist()[0]
+    assert t["score"] == 1.0 and t["ci_high"] == 1.0
+    assert t["ci_low"] == pytest.approx(stats.binomtest(60, 60).proportion_ci(0.95, method="wilson").low,
+                                        abs=1e-12)
 
 
 def test_ap_ties_and_nan_rows():

@@ -35,7 +35,7 @@ import pyarrow as pa
 import torch
 from scipy import stats
 
-from ..errors import BadParameterError, DeepBaseError
+from ..errors import BadParameterError, check_float
 from .base import InspectorState, register_measure, scratch
 
 F64 = torch.float64
@@ -50,12 +50,11 @@ class PearsonState(InspectorState):
     def __init__(self, width, hypotheses, device="cpu", confidence: float = 0.95, intervals: str = "records",
                  **params):
         super().__init__(width, hypotheses, device, **params)
-        if not 0 < confidence < 1:
-            raise BadParameterError(f"{self.measure}: confidence must be in (0, 1), got {confidence}")
+        confidence = check_float(f"{self.measure}: confidence", confidence, 0, 1, open_low=True, open_high=True)
         if intervals not in ("records", "symbols"):
-            raise DeepBaseError(f"corr: intervals must be 'records' (symbols of a record are dependent: "
-                                f"the record is the unit of sampling) or 'symbols' (every symbol "
-                                f"independent, as scipy.stats.pearsonr), got {intervals!r}")
+            raise BadParameterError(f"{self.measure}: intervals must be 'records' (symbols of a record are "
+                                    f"dependent: the record is the unit of sampling) or 'symbols' (every "
+                                    f"symbol independent, as scipy.stats.pearsonr), got {intervals!r}")
         self.confidence = confidence
         self.intervals = intervals
         H, W, dev = len(self.names), self.width, self.device

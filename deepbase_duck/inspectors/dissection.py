@@ -12,17 +12,20 @@ Streaming state: exact top values with their label bits
 -------------------------------------------------------
 T depends on the whole stream, and so do the counts of firing symbols, so the state keeps, for
 every unit, its ``m`` largest activations together with the row's label bits (positive /
-negative / no label, per hypothesis) and the row's key; m = 2 ceil(quantile * max_rows) + 4
-(default ``max_rows`` = 1_000_000). Candidates are appended to a buffer of 1.5 m entries per unit
-(a batch only contributes values above the unit's smallest kept value once m are kept) and the
-buffer is compacted to the m largest by a partial sort when full: memory about
-width * 1.5 m * (16 + H) bytes (value, key, record, label bits). The largest value ever dropped
-is remembered (the "floor"): every row above the floor is kept. Batches and states merge by the m largest of the union, which does
-not depend on batch order. The rows above T are all among the top ceil(quantile (N - 1)) + 1
-rows, so from the kept values finalize computes T exactly as numpy.quantile does, and the exact
-counts per (unit, hypothesis): intersection I = #(fires and label = 1), firing labelled symbols
-A = #(fires and labelled), positives L = #(label = 1) (counted for the whole stream, not only
-the kept rows), union U = A + L - I.
+negative / no label, per hypothesis) and the row's key; m = 2 K + 8 ceil(sqrt(K)), with
+K = ceil(quantile * max_rows) + 2 the most values the threshold may need (default ``max_rows`` =
+1_000_000; the 8 sqrt(K) is a margin for the sampling noise of the top counts, see Error).
+Candidates are appended to a buffer of 1.5 m entries per unit (a batch only contributes values
+above the unit's smallest kept value once m are kept) and the buffer is compacted to the m
+largest by a partial sort when full: memory about width * 1.5 m * (16 + H) bytes (value, key,
+record, label bits). The largest value dropped is remembered per (unit, key level) (the
+"floor" of the rate-2^-j sample below is the largest over levels >= j): every row of the sample
+above its floor is kept. Batches and states merge by the m largest of the union (the floors by
+their maximum), which does not depend on batch order. The rows above T are all among the top
+ceil(quantile (N - 1)) + 1 rows, so from the kept values finalize computes T exactly as
+numpy.quantile does, and the exact counts per (unit, hypothesis): intersection
+I = #(fires and label = 1), firing labelled symbols A = #(fires and labelled), positives
+L = #(label = 1) (counted for the whole stream, not only the kept rows), union U = A + L - I.
 
 Error
 -----
@@ -32,19 +35,22 @@ Error
   content-hash key (spearman.row_keys: the same row always gets the same key, so merging is
   order-independent) is below 2^(63 - j), a Bernoulli row sample of rate 2^-j, with exact row
   counts per key level; j grows by one (and the kept values are thinned) whenever the sample's
-  top quantile would need more than m / 2 values. T and the counts are then exact for that
+  top quantile would need more than K values. T and the counts are then exact for that
   sample: T's exceedance fraction in the full stream has standard error about
   sqrt(quantile / N_sample), and the ratios are estimated from the sample's counts (their Wilson
   intervals use the sample counts, so they include this sampling error). Reported counts
   (intersection, union, n_above, n_label) are scaled by 2^j and rounded; ``sample_rate`` = 2^-j.
   finalize checks that the kept values still reach the threshold (the needed value is kept and
-  not below the floor); this fails only if, after the rate dropped, the rows seen earlier held
-  most of the unit's largest values (e.g. a stream sorted by activation), and such a unit gets
-  NULL scores and threshold, never a wrong value.
+  not below the sample's floor); this fails only if, after the rate dropped, the rows seen
+  earlier held most of the unit's largest values (e.g. a stream sorted by activation; in an
+  unordered stream the kept values exceed the needed ones by about K + 8 sqrt(K), many standard
+  deviations of the counts), and such a unit gets NULL scores and threshold, never a wrong value.
 
 Scores: iou = I / U; precision = I / A; recall = I / L; f1 = 2 I / (A + L). NULL for a unit that
-is constant over the stream and where the denominator is 0. Labels: 0 is negative, any other
-non-NaN value positive, NaN no label.
+is constant over the stream or had a NaN or infinite activation (score and threshold, as corr),
+and where the denominator is 0. Labels: 0 is negative, any other non-NaN value positive, NaN no
+label. An interval always holds its score (Wilson's ends, which round to 1 - 1e-16 or 1e-17 at
+scores of 1 and 0, are widened to the score).
 
 Intervals and p-values, ``intervals`` = 'records' (the default, when every batch came with record
 ids, as from the engines): the symbols of one record are not independent draws (a string's
@@ -79,8 +85,9 @@ as a proportion over the n_pos positives of the sample, in its Wilson form (so t
 inside [0, 1] and is not degenerate at AP = 1); it covers the sampling error of the row sample
 too; max_error() is the largest half-width it can take at the current sample sizes (AP = 1/2,
 no sorting needed). p_value NULL (use significance.permutation_p_values). Extra columns
-n_sample, prevalence (the AP of a random detector). NULL for a unit constant over the sample or
-a hypothesis without positives.
+n_sample, prevalence (the AP of a random detector). NULL for a unit constant over the sample, a
+unit with a NaN or infinite activation anywhere in the stream (as corr) or a hypothesis without
+positives.
 """
 from __future__ import annotations
 
@@ -94,7 +101,7 @@ from scipy import stats
 from .base import InspectorState, register_measure
 from .spearman import (KEY_SENTINEL, SampledState, _unit_blocks, argsort_rows, row_keys, score_table,
                        sort_rows, top_rows)
-from ..errors import BadParameterError, DeepBaseError
+from ..errors import BadParameterError, DeepBaseError, check_float, check_integer
 
 F64 = torch.float64
 I64 = torch.int64
@@ -145,17 +152,16 @@ class DissectionState(InspectorState):
                                     f"dependent: the record is the unit of sampling) or 'symbols' (Wilson "
                                     f"interval and hypergeometric test, every symbol independent), got "
                                     f"{intervals!r}")
-        if not 0 < quantile < 0.5:
-            raise DeepBaseError(f"{self.measure}: quantile must be in (0, 0.5), got {quantile}")
-        if int(max_rows) < 1:
-            raise DeepBaseError(f"{self.measure}: max_rows must be positive, got {max_rows}")
-        if not 0 < confidence < 1:
-            raise BadParameterError(f"{self.measure}: confidence must be in (0, 1), got {confidence}")
-        self.quantile = float(quantile)
-        self.max_rows = int(max_rows)
-        self.seed = int(seed)
-        self.confidence = confidence
-        self.m = 2 * math.ceil(self.quantile * self.max_rows) + 4
+        self.quantile = check_float(f"{self.measure}: quantile", quantile, 0, 0.5, open_low=True, open_high=True)
+        self.max_rows = check_integer(f"{self.measure}: max_rows", max_rows, 1)
+        self.seed = check_integer(f"{self.measure}: seed", seed, 0)
+        self.confidence = check_float(f"{self.measure}: confidence", confidence, 0, 1, open_low=True,
+                                      open_high=True)
+        # the sample's rows that can exceed T are kept <= `limit` per unit (the rate falls beyond);
+        # m values are kept: twice that, plus a margin for the sampling noise of the top counts,
+        # so that rows seen before the rate fell rarely miss from the later sample's top
+        self.limit = math.ceil(self.quantile * self.max_rows) + 2
+        self.m = 2 * self.limit + 8 * math.ceil(math.sqrt(self.limit))
         self.capacity = self.m + self.m // 2                    # compact beyond this many entries
         W, H, dev = self.width, len(self.names), self.device
         self.j = 0                                              # sampling rate 2^-j
@@ -173,7 +179,10 @@ class DissectionState(InspectorState):
         self.lv_rec = torch.empty(0, dtype=I64, device=dev)
         self.lv_lev = torch.empty(0, dtype=I64, device=dev)
         self.lv_cnt = torch.empty(0, 2, H, dtype=I64, device=dev)    # [positive, labelled] rows
-        self.floor = torch.full((W,), -math.inf, dtype=F64, device=dev)   # max evicted value
+        # the largest value evicted per (unit, key level): the floor of the rate-2^-j sample is
+        # the max over levels >= j (an evicted row of a level the sample has since dropped is
+        # no longer a row of the sample, so it must not hold the floor up)
+        self.floor_level = torch.full((W, 64), -math.inf, dtype=F64, device=dev)
         self.cutoff = torch.full((W,), -math.inf, dtype=F64, device=dev)  # >= m kept values are >= it
         self.rows_level = torch.zeros(64, dtype=I64, device=dev)         # rows by key level
         self.lab_level = torch.zeros(64, H, dtype=I64, device=dev)       # labelled rows
@@ -185,7 +194,24 @@ class DissectionState(InspectorState):
     # -- bookkeeping ----------------------------------------------------------------------
     def _levels(self, keys):
         """Key level: the largest j with key < 2^(63 - j) (0..63)."""
-        return 63 - torch.searchsorted(self._pow2, keys, right=True)
+        return 63 - torch.searchsorted(self._pow2, keys.contiguous(), right=True)
+
+    def floor(self, j=None):
+        """(W,) the largest value evicted from the rate-2^-j sample: its rows above it are all kept."""
+        j = self.j if j is None else j
+        return self.floor_level[:, j:].amax(1)
+
+    def _evict(self, v, lev):
+        """Raise the per-level floors by evicted values ``v`` (W, P) of key levels ``lev`` (P,) or
+        (W, P) (entries that are not evicted hold -inf)."""
+        W, P = v.shape
+        if P == 0:
+            return
+        if lev.dim() == 1:
+            lev = lev[None, :].expand(W, P)
+        top = torch.full((W, 64), -math.inf, dtype=v.dtype, device=self.device)
+        top.scatter_reduce_(1, lev, v, "amax")
+        torch.maximum(self.floor_level, top.to(F64), out=self.floor_level)
 
     def _sampled_rows(self, j=None):
         j = self.j if j is None else j
@@ -254,14 +280,12 @@ class DissectionState(InspectorState):
                 self._set(vals, keys, labs, recs)
 
     def _compact(self):
-        """Keep each unit's m largest entries; the largest dropped value raises the floor."""
+        """Keep each unit's m largest entries; the dropped ones raise the floors of their levels."""
         if self.size <= self.m:
             return
         vals, keys, labs = self.vals, self.keys, self.labs
-        idx = top_rows(vals, self.m)
-        dropped = torch.gather(vals, 1, idx[:, self.m:])[:, 0].to(F64)
-        self.floor = torch.maximum(self.floor, dropped)
-        idx = idx[:, :self.m]
+        idx = top_rows(vals, self.m)[:, :self.m]
+        self._evict(vals.scatter(1, idx, -math.inf), self._levels(keys))   # kept entries masked
         v = torch.gather(vals, 1, idx)
         self._set(v, torch.gather(keys, 1, idx),
                   torch.gather(labs, 1, idx[:, :, None].expand(-1, -1, labs.shape[2])),
@@ -295,7 +319,7 @@ class DissectionState(InspectorState):
         j = self.j
         while j < 62:
             n = self._sampled_rows(j)
-            if n == 0 or self._needed_index(n) + 1 <= self.m // 2:
+            if n == 0 or self._needed_index(n) + 1 <= self.limit:
                 break
             j += 1
         self._thin_to(j)
@@ -334,15 +358,14 @@ class DissectionState(InspectorState):
         # only values above a unit's cutoff can be among its m largest
         kb = int((xs.to(F64) > self.cutoff[:, None]).sum(1).max())
         if kb == 0:
-            self.floor = torch.maximum(self.floor, xs.max(1).values.to(F64))
+            self._evict(xs, lev[sel])
             return
         if kb >= P:
             self._append(xs, ks[None, :].expand(self.width, P), ls[None].expand(self.width, P, ls.shape[1]),
                          rs[None, :].expand(self.width, P))
             return
-        idx = top_rows(xs, kb)
-        self.floor = torch.maximum(self.floor, torch.gather(xs, 1, idx[:, kb:])[:, 0].to(F64))
-        idx = idx[:, :kb]
+        idx = top_rows(xs, kb)[:, :kb]
+        self._evict(xs.scatter(1, idx, -math.inf), lev[sel])                 # the rest is evicted
         self._append(torch.gather(xs, 1, idx), ks[idx], ls[idx], rs[idx])
 
     def _record_levels(self, rec, lev, lab):
@@ -371,7 +394,7 @@ class DissectionState(InspectorState):
         self.rows_level += other.rows_level.to(dev)
         self.lab_level += other.lab_level.to(dev)
         self.pos_level += other.pos_level.to(dev)
-        self.floor = torch.maximum(self.floor, other.floor.to(dev))
+        self.floor_level = torch.maximum(self.floor_level, other.floor_level.to(dev))
         self.xmin = torch.minimum(self.xmin, other.xmin.to(dev))
         self.xmax = torch.maximum(self.xmax, other.xmax.to(dev))
         self.clustered = self.clustered and other.clustered
@@ -421,7 +444,7 @@ class DissectionState(InspectorState):
         valid = torch.gather(self.keys, 1, order) != KEY_SENTINEL
         a, b = vals[:, d_prev], vals[:, d_next]
         T = _lerp(a, b, g)
-        ok = valid[:, d_prev] & (a >= self.floor)
+        ok = valid[:, d_prev] & (a >= self.floor())
         fires = (vals > T[:, None]) & valid                                          # (W, k)
         A = torch.zeros(W, H, dtype=I64, device=self.device)
         I = torch.zeros(W, H, dtype=I64, device=self.device)
@@ -537,11 +560,17 @@ class DissectionState(InspectorState):
             with np.errstate(invalid="ignore", divide="ignore"):
                 p = stats.hypergeom.sf(I - 1, N, L, A)
         lo, hi = self._map_interval(lo, hi)
+        lo, hi = np.minimum(lo, score), np.maximum(hi, score)    # rounding at 0 or 1 must not exclude it
         constant = (self.xmax <= self.xmin).cpu().numpy()
-        bad = (constant | ~c["ok"])[:, None] | np.isnan(score)
+        bad = (constant | ~self._finite() | ~c["ok"])[:, None] | np.isnan(score)
         nan = np.full(I.shape, np.nan)
         return c, np.where(bad, nan, score), np.where(bad, nan, lo), np.where(bad, nan, hi), \
             np.where(bad | ~(N > 0), nan, p), U
+
+    def _finite(self):
+        """(W,) bool: the unit had only finite activations (as in corr, a NaN or infinite one
+        makes the unit NULL; xmin / xmax carry a NaN along)."""
+        return (torch.isfinite(self.xmin) & torch.isfinite(self.xmax)).cpu().numpy()
 
     def max_error(self) -> float:
         _, score, lo, hi, _, _ = self._compute()
@@ -552,7 +581,7 @@ class DissectionState(InspectorState):
         c, score, lo, hi, p, U = self._compute()
         W, H = score.shape
         s = c["scale"]
-        T = np.where(c["ok"], c["threshold"], np.nan)
+        T = np.where(c["ok"] & self._finite(), c["threshold"], np.nan)
         L = np.broadcast_to(c["L"][None, :], (W, H))
         i64 = pa.int64()
         extra = {} if not self.clustered else {
@@ -667,11 +696,13 @@ class AveragePrecisionState(SampledState):
                     less_all = torch.searchsorted(s_all, u, right=False)
                     prec = (k - less_pos).to(F64) / (mg - less_all).to(F64)
                     ap[a:b, h] = np.where(constant, np.nan, prec.mean(1).cpu().numpy())
+        ap = np.where(self.finite.cpu().numpy()[:, None], ap, np.nan)   # a NaN or inf activation: NULL
         return ap, npos, nval
 
     def _interval(self, ap, npos):
         n = np.broadcast_to(npos[None, :], ap.shape)
         lo, hi = wilson(ap * n, n, self.confidence)
+        lo, hi = np.minimum(lo, ap), np.maximum(hi, ap)          # rounding at AP = 1 must not exclude it
         return np.where(np.isnan(ap), np.nan, lo), np.where(np.isnan(ap), np.nan, hi)
 
     def max_error(self) -> float:

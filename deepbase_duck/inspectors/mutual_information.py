@@ -57,7 +57,7 @@ from scipy import stats
 from .base import InspectorState, register_measure
 from .pointbiserial import class_codes, class_layout
 from .spearman import score_table, sort_rows
-from ..errors import BadParameterError, DeepBaseError
+from ..errors import DeepBaseError, check_float, check_integer
 
 F64 = torch.float64
 _CHUNK = 1 << 23          # elements of the (rows, units x bins) one-hot matrix per product
@@ -90,15 +90,10 @@ class MutualInformationState(InspectorState):
     def __init__(self, width, hypotheses, device="cpu", bins: int = 10, calibration_rows: int = 10_000,
                  edges=None, confidence: float = 0.95, **params):
         super().__init__(width, hypotheses, device, **params)
-        if int(bins) < 2:
-            raise DeepBaseError(f"mi: bins must be at least 2, got {bins}")
-        if int(calibration_rows) < 1:
-            raise DeepBaseError(f"mi: calibration_rows must be positive, got {calibration_rows}")
-        if not 0 < confidence < 1:
-            raise BadParameterError(f"{self.measure}: confidence must be in (0, 1), got {confidence}")
-        self.bins = int(bins)
-        self.calibration_rows = int(calibration_rows)
-        self.confidence = confidence
+        self.bins = check_integer(f"{self.measure}: bins", bins, 2)            # 2.9 is refused, not cut to 2
+        self.calibration_rows = check_integer(f"{self.measure}: calibration_rows", calibration_rows, 1)
+        self.confidence = check_float(f"{self.measure}: confidence", confidence, 0, 1, open_low=True,
+                                      open_high=True)
         self.ks, self.offsets, self.C = class_layout(self.hypotheses)
         W = self.width
         self.xmin = torch.full((W,), math.inf, dtype=F64, device=self.device)

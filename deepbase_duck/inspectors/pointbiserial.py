@@ -55,7 +55,7 @@ from scipy import stats
 from .base import InspectorState, register_measure
 from .correlation import ROUNDING, PearsonState, fisher_interval
 from .spearman import score_table
-from ..errors import BadParameterError, HypothesisError
+from ..errors import BadParameterError, HypothesisError, check_float
 
 F64 = torch.float64
 
@@ -102,9 +102,8 @@ class ClassMomentsState(InspectorState):
 
     def __init__(self, width, hypotheses, device="cpu", confidence: float = 0.95, **params):
         super().__init__(width, hypotheses, device, **params)
-        if not 0 < confidence < 1:
-            raise BadParameterError(f"{self.measure}: confidence must be in (0, 1), got {confidence}")
-        self.confidence = confidence
+        self.confidence = check_float(f"{self.measure}: confidence", confidence, 0, 1, open_low=True,
+                                      open_high=True)
         self.ks, self.offsets, self.C = class_layout(self.hypotheses)
         W, C, dev = self.width, self.C, self.device
         self.cnt = torch.zeros(C, dtype=F64, device=dev)
@@ -171,9 +170,13 @@ class PointBiserialState(ClassMomentsState):
     def __init__(self, width, hypotheses, device="cpu", confidence: float = 0.95, intervals: str = "records",
                  **params):
         super().__init__(width, hypotheses, device, confidence, **params)
+        if intervals not in ("records", "symbols"):        # checked here, to name this measure
+            raise BadParameterError(f"{self.measure}: intervals must be 'records' (symbols of a record are "
+                                    f"dependent: the record is the unit of sampling) or 'symbols' (every "
+                                    f"symbol independent, as scipy.stats.pointbiserialr), got {intervals!r}")
         # the interval: that of Pearson's r with the 0/1 label (the same r), records as clusters
         # unless intervals='symbols' (see correlation.py); its moments are kept beside the classes'
-        self.pearson = PearsonState(width, hypotheses, device, confidence, intervals=intervals)
+        self.pearson = PearsonState(width, hypotheses, device, self.confidence, intervals=intervals)
 
     def update(self, acts, labels, record_ids=None) -> None:
         super().update(acts, labels, record_ids)

@@ -81,13 +81,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 
 import numpy as np
 import pyarrow as pa
 import torch
 from scipy import stats
 
-from ..errors import DeepBaseError
+from ..errors import BadParameterError, DeepBaseError, check_float, check_integer
 from .base import InspectorState, SCORE_SCHEMA, register_measure
 
 F64 = torch.float64
@@ -219,6 +220,18 @@ def wilson_interval(k, n, confidence: float = 0.95):
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def probe_topk(topk) -> tuple[int, ...]:
+    """The ``topk`` parameter as a tuple of unit counts >= 1: None or () for no top-k re-fits, one
+    whole number for one k, or a list of them."""
+    if topk is None:
+        return ()
+    if isinstance(topk, numbers.Real) and not isinstance(topk, bool):
+        topk = [topk]
+    if isinstance(topk, (str, bytes, dict)) or not hasattr(topk, "__iter__"):
+        raise BadParameterError(f"probe: topk must be a whole number >= 1 or a list of them, got {topk!r}")
+    return tuple(check_integer("probe: topk", k, 1) for k in topk)
+
+
 # ----------------------------------------------------------------------------- the state
 @register_measure
 class ProbeState(InspectorState):
@@ -231,23 +244,20 @@ class ProbeState(InspectorState):
                  topk=(1, 5, 10, 50), control_of: dict | None = None, max_epochs: int = 500,
                  tol: float = 1e-7, patience: int = 10, confidence: float = 0.95, **params):
         super().__init__(width, hypotheses, device, **params)
-        if not 0 < test_fraction < 1:
-            raise DeepBaseError(f"probe: test_fraction must be in (0, 1), got {test_fraction}")
-        if max_rows < 1:
-            raise DeepBaseError(f"probe: max_rows must be >= 1, got {max_rows}")
-        if l1 < 0 or l2 < 0:
-            raise DeepBaseError(f"probe: penalties must be >= 0, got l1={l1}, l2={l2}")
-        if not 0 < confidence < 1:
-            raise DeepBaseError(f"probe: confidence must be in (0, 1), got {confidence}")
-        self.test_fraction = float(test_fraction)
-        self.max_rows = int(max_rows)
-        self.seed = int(seed)
-        self.l1, self.l2 = float(l1), float(l2)
-        self.ridge_alpha = None if ridge_alpha is None else float(ridge_alpha)
-        self.min_per_class = int(min_per_class)
-        self.topk = tuple(int(k) for k in (topk or ()))
-        if any(k < 1 for k in self.topk):
-            raise DeepBaseError(f"probe: topk values must be >= 1, got {self.topk}")
+        # every parameter checked before use: a NaN penalty or no training epoch would give a
+        # probe that looks trained; whole numbers may come as floats (2.0), nothing else
+        self.test_fraction = check_float("probe: test_fraction", test_fraction, 0, 1, open_low=True,
+                                         open_high=True)
+        self.max_rows = check_integer("probe: max_rows", max_rows, 1)
+        self.seed = check_integer("probe: seed", seed, 0)
+        self.l1, self.l2 = check_float("probe: l1", l1, 0), check_float("probe: l2", l2, 0)
+        self.ridge_alpha = None if ridge_alpha is None else check_float("probe: ridge_alpha", ridge_alpha, 0)
+        self.min_per_class = check_integer("probe: min_per_class", min_per_class, 0)
+        self.topk = probe_topk(topk)
+        self.max_epochs = check_integer("probe: max_epochs", max_epochs, 1)
+        self.tol = check_float("probe: tol", tol, 0)
+        self.patience = check_integer("probe: patience", patience, 1)
+        self.confidence = check_float("probe: confidence", confidence, 0, 1, open_low=True, open_high=True)
         self.control_of = dict(control_of or {})
         for c, r in self.control_of.items():
             for nm in (c, r):
@@ -258,8 +268,6 @@ class ProbeState(InspectorState):
                 if self.hypotheses[self.names.index(nm)]["kind"] == "continuous":
                     raise DeepBaseError(f"probe: control task {c!r} -> {r!r}: hypothesis {nm!r} is "
                                         "continuous; selectivity needs classification hypotheses")
-        self.max_epochs, self.tol, self.patience = int(max_epochs), float(tol), int(patience)
-        self.confidence = float(confidence)
         H = len(self.names)
         rng = np.random.default_rng(int(splitmix64(self.seed ^ 0xC0FFEE)[0]))
         ncols = self.width + 2 * H

@@ -33,7 +33,8 @@ Output
 score = rho on the sample; n = labelled rows in the whole stream (exact); ci by Fisher z with
 the Bonett-Wright variance (1 + r^2/2) / (n_sample - 3); p_value by the t approximation with
 n_sample - 2 degrees of freedom (as scipy.stats.spearmanr). Extra column ``n_sample``: labelled
-rows in the sample. A unit or label that is constant over the scored rows gives NULL.
+rows in the sample. A unit or label that is constant over the scored rows gives NULL, and so
+does a unit with a NaN or infinite activation anywhere in the stream (as corr).
 max_error() is the largest half-width that interval can have at the current sample sizes
 (maximised over r, so it needs no ranking and is cheap to call after every batch).
 """
@@ -46,7 +47,7 @@ from scipy import stats
 
 from .base import InspectorState, SCORE_SCHEMA, register_measure
 from .correlation import pearson_p_value
-from ..errors import BadParameterError, DeepBaseError
+from ..errors import DeepBaseError, check_float, check_integer
 
 F64 = torch.float64
 I64 = torch.int64
@@ -251,7 +252,8 @@ def fisher_interval_bw(r: np.ndarray, n: np.ndarray, confidence: float):
     with np.errstate(invalid="ignore", divide="ignore"):
         se = np.sqrt((1 + r * r / 2) / (n - 3))
         zr = np.arctanh(np.clip(r, -1 + 1e-15, 1 - 1e-15))
-        lo, hi = np.tanh(zr - z * se), np.tanh(zr + z * se)
+        lo = np.minimum(np.tanh(zr - z * se), r)            # rounding at |r| = 1 must not exclude r
+        hi = np.maximum(np.tanh(zr + z * se), r)
     bad = np.isnan(r) | (n <= 3)
     return np.where(bad, np.nan, lo), np.where(bad, np.nan, hi)
 
@@ -300,18 +302,21 @@ def score_table(measure: str, names: list[str], score: np.ndarray, n: np.ndarray
 
 class SampledState(InspectorState):
     """Base of measures computed at finalize on a RowSample of the stream (exact when the stream
-    fits in ``max_rows``): keeps the sample, the labelled-row counts and the rows seen."""
+    fits in ``max_rows``): keeps the sample, the labelled-row counts and the rows seen, and which
+    units had only finite activations (a unit with a NaN or infinite one scores NULL, as in corr,
+    whether or not that row is in the sample)."""
 
     def __init__(self, width, hypotheses, device="cpu", max_rows: int = 200_000, seed: int = 0,
                  confidence: float = 0.95, **params):
         super().__init__(width, hypotheses, device, **params)
-        if not 0 < confidence < 1:
-            raise BadParameterError(f"{self.measure}: confidence must be in (0, 1), got {confidence}")
-        self.confidence = confidence
-        self.seed = int(seed)
+        self.confidence = check_float(f"{self.measure}: confidence", confidence, 0, 1, open_low=True,
+                                      open_high=True)
+        self.seed = check_integer(f"{self.measure}: seed", seed, 0)
+        max_rows = check_integer(f"{self.measure}: max_rows", max_rows, 4)
         self.sample = RowSample(self.width, len(self.names), max_rows, self.device)
         self.n = torch.zeros(len(self.names), dtype=I64, device=self.device)   # labelled rows
         self.rows = 0
+        self.finite = torch.ones(self.width, dtype=torch.bool, device=self.device)
 
     def update(self, acts, labels, record_ids=None) -> None:
         if acts.shape[0] == 0:
@@ -321,6 +326,7 @@ class SampledState(InspectorState):
         keys = row_keys(acts, labels, None if record_ids is None else record_ids.to(self.device), self.seed)
         self.n += (~torch.isnan(labels)).sum(0)
         self.rows += int(acts.shape[0])
+        self.finite &= torch.isfinite(acts).all(0)
         self.sample.add(keys, acts, labels)
 
     def combine(self, other: "SampledState") -> "SampledState":
@@ -329,6 +335,7 @@ class SampledState(InspectorState):
             raise DeepBaseError(f"{self.measure}: cannot combine states of seeds {other.seed} and {self.seed}")
         self.n += other.n.to(self.device)
         self.rows += other.rows
+        self.finite &= other.finite.to(self.device)
         self.sample.merge(other.sample)
         return self
 
@@ -344,7 +351,8 @@ class SpearmanState(SampledState):
         return self.rows <= self.sample.max_rows
 
     def _scores(self):
-        return spearman_matrix(self.sample.acts, self.sample.labels)
+        rho, counts = spearman_matrix(self.sample.acts, self.sample.labels)
+        return np.where(self.finite.cpu().numpy()[:, None], rho, np.nan), counts
 
     def max_error(self) -> float:
         """The largest half-width the interval can take at the current sample sizes (maximised
