@@ -16,6 +16,8 @@ import atexit
 import os
 import weakref
 
+import duckdb
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from .engine.memory import SCAN_MEMORY_LIMIT, bound_onednn_cache, memory_bytes  # noqa: E402
@@ -27,6 +29,7 @@ from .errors import (ActivationError, DeepBaseError, EmptyDatasetError, Hypothes
                      UnknownNameError)
 from .extraction import CharAdapter, Encoded, ImageAdapter, ModelAdapter, Retain  # noqa: E402
 from .hypotheses import Hypothesis, get_hypothesis, hypothesis, register as register_hypothesis  # noqa: E402
+from .hypotheses.core import held_versions  # noqa: E402
 from .hypotheses import library as hypothesis_library  # noqa: E402,F401  (registers the built-ins)
 from .reports import report  # noqa: E402
 from .corpora.files import read_records  # noqa: E402
@@ -47,22 +50,59 @@ def connect(path: str | None = None, threads: int | None = None, progress: bool 
     after each; see engine/memory.py.
 
     Use ``con.cursor()`` for other threads (DuckDB 2.0 refuses concurrent calls on one
-    connection); the Python API functions need the connection returned here.
+    connection); the Python API functions need the connection returned here. A store file is
+    open once per process: connect again after ``close``.
     """
     from .engine.extract import refresh_views
     from .surface.udfs import register_udfs
 
-    con = store.open_database(path, threads)
-    session = Session(con, path, store.activation_root(path), progress=progress)
     if scan_memory_limit is not None:
         memory_bytes(scan_memory_limit)           # a bad size fails here, not mid-scan
+    earlier = _open_session(path)
+    if earlier is not None:
+        # DuckDB would hand out a second connection to the same database, whose UDFs this one
+        # registered already (and a session of its own over the same activation folder)
+        raise DeepBaseError(f"the store {path} is already open in this process as connection {earlier.con!r} "
+                            f"(from an earlier deepbase_duck.connect): use that connection, or "
+                            f"dbd.close() it first")
+    con = store.open_database(path, threads)
+    session = Session(con, path, store.activation_root(path), progress=progress)
     session.scan_memory_limit = scan_memory_limit
     _SESSIONS[con] = session
-    register_udfs(session)
-    store.apply_sql(con, "python")
-    refresh_views(session)
+    try:
+        try:
+            register_udfs(session)
+        except duckdb.CatalogException as exc:
+            if "already exists" not in str(exc):
+                raise
+            raise DeepBaseError(f"the store {path} is still open in this process (a connection or cursor of an "
+                                f"earlier deepbase_duck.connect was not closed with dbd.close): close it "
+                                f"first") from None
+        store.apply_sql(con, "python")
+        refresh_views(session, clean=True)
+    except BaseException:
+        _SESSIONS.pop(con, None)                  # nothing of the failed connection stays open
+        session.close()
+        raise
     _OPEN.add(session)
     return con
+
+
+def _open_session(path: str | None):
+    """The session of an open deepbase_duck.connect() to the store file ``path`` in this
+    process, or None (always None in memory: each such store is its own)."""
+    if path in (None, ":memory:"):
+        return None
+    here = os.path.realpath(path)
+    for s in list(_OPEN):
+        if s.db_path in (None, ":memory:") or os.path.realpath(s.db_path) != here:
+            continue
+        try:
+            s.con.list_filesystems()              # raises once the connection is closed
+        except duckdb.ConnectionException:
+            continue
+        return s
+    return None
 
 
 def close(con) -> None:
@@ -98,7 +138,8 @@ def drop_dataset(con, name: str) -> dict:
 def annotate(con, hypotheses, dataset: str, record_ids=None) -> list[dict]:
     """Compute and store labels of hypotheses (names or Hypothesis objects) for a dataset."""
     from .hypotheses.store import annotate as _annotate
-    return _annotate(session_of(con), hypotheses, dataset, record_ids)
+    with held_versions():                  # each hypothesis' version as it is now, once for the run
+        return _annotate(session_of(con), hypotheses, dataset, record_ids)
 
 
 def extract(con, model: str, layers, dataset: str, dtype: str = "float32", record_ids=None,
@@ -113,7 +154,8 @@ def inspect(con, model: str, layers, hypotheses, dataset: str, measures=("corr",
     """Score every unit of ``layers`` against ``hypotheses``; returns a pyarrow.Table of scores
     (also stored in the ``scores`` table)."""
     from .engine.inspect import inspect as _inspect
-    return _inspect(session_of(con), model, layers, hypotheses, dataset, measures, **kwargs)
+    with held_versions():                  # each hypothesis' version as it is now, once for the query
+        return _inspect(session_of(con), model, layers, hypotheses, dataset, measures, **kwargs)
 
 
 def compare_layers(con, groups, dataset: str, **kwargs):

@@ -21,6 +21,10 @@ from .extraction.hooks import Retain, user_hooks
 _SESSIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+class DatasetExistsError(DeepBaseError):
+    """A dataset of that name holds other records (``add_dataset`` without ``replace``)."""
+
+
 class Session:
     """Everything deepbase_duck keeps beside one DuckDB connection."""
 
@@ -203,7 +207,7 @@ class Session:
                 if all(s == o[1] for s, o in zip(sources, old)) and first == len(texts):
                     return len(texts)
             elif not replace:
-                raise DeepBaseError(
+                raise DatasetExistsError(
                     f"dataset {name!r} already exists with different records; pass replace=True to replace it "
                     "(its labels, symbols and stored activations are then dropped)")
         dropped = []

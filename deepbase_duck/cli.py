@@ -251,10 +251,16 @@ def cmd_add_stdlib(args):
 
 def cmd_add_dataset(args):
     import deepbase_duck as dbd
+    from deepbase_duck.catalog import DatasetExistsError
+    from deepbase_duck.errors import DeepBaseError
     records = dbd.read_records(args.path, args.format, args.column, args.source_column, args.glob, args.max_chars)
     with _store(args, create=True) as con:
         before = con.sql("SELECT count(*) FROM records WHERE dataset = ?", params=[args.name]).fetchall()[0][0]
-        n = dbd.add_dataset(con, args.name, records, args.description or f"from {args.path}", args.replace)
+        try:
+            n = dbd.add_dataset(con, args.name, records, args.description or f"from {args.path}", args.replace)
+        except DatasetExistsError:
+            raise DeepBaseError(f"dataset {args.name!r} already exists with different records; add --replace to "
+                                "replace it (its labels, symbols and stored activations are then dropped)") from None
     skipped = f"; {records.skipped} empty or missing texts skipped" if records.skipped else ""
     kept = (f"; the first {before} as stored, {n - before} appended" if 0 < before < n and not args.replace
             else "; unchanged" if before == n and not args.replace else "")

@@ -78,6 +78,13 @@ def open_database(path: str | None, threads: int | None = None) -> duckdb.DuckDB
             f"the store {path} is open in another process{f' (PID {held.group(1)})' if held else ''}: DuckDB lets "
             f"one process write a file at a time; close it there (dbd.close(con), or quit that shell) and "
             f"try again, or work on a copy or on its exported Parquet (deepbase-duck export)") from None
+    except duckdb.ConnectionException as exc:
+        if "different configuration" not in str(exc):
+            raise
+        raise DeepBaseError(
+            f"the store {path} is already open in this process through another DuckDB connection (read-only, "
+            f"or with other settings than deepbase_duck's): close that connection first, or open the store "
+            f"with deepbase_duck.connect only") from None
     apply_sql(con, "pure")
     con.execute(
         "INSERT INTO dbd_meta VALUES ('schema_version', ?) ON CONFLICT (key) DO NOTHING",

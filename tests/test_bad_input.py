@@ -11,14 +11,7 @@ from deepbase_duck.errors import (ActivationError, DeepBaseError, EmptyDatasetEr
                                   UnknownNameError)
 from deepbase_duck.hypotheses.core import Hypothesis, register
 
-from conftest import TEXTS, planted_adapter
-
-TABLES = ["models", "layers", "datasets", "records", "symbols", "hypotheses", "labels", "labeled_records",
-          "behaviors", "behavior_parts", "behavior_records", "queries", "scores"]
-
-
-def snapshot(con):
-    return {t: con.sql(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in TABLES}
+from conftest import TEXTS, planted_adapter, snapshot
 
 
 @pytest.fixture
@@ -285,3 +278,17 @@ def test_extract_checks_batch_size_and_record_ids_like_inspect(primed):
     with pytest.raises(DeepBaseError, match="record_ids: 1 id\\(s\\) are not records of dataset 'snippets': 999"):
         dbd.extract(primed, "planted", ["mix"], "snippets", record_ids=[0, 999])
     assert snapshot(primed) == before
+
+
+def test_sql_batch_size_zero_is_refused_like_python(primed):
+    """batch_size := 0 in SQL is the value 0 (refused as in Python and the CLI), not a missing
+    argument; NULL is the default."""
+    before = snapshot(primed)
+    for sql in ("SELECT * FROM inspect('planted', ['planted'], ['digit'], 'snippets', batch_size := 0, reuse := false)",
+                "SELECT * FROM extract_activations('planted', ['mix'], 'snippets', batch_size := 0)",
+                "SELECT * FROM compare_layers(['planted:planted', 'planted:mix'], 'snippets', batch_size := 0)"):
+        with pytest.raises(duckdb.Error, match="batch_size must be an integer >= 1, got 0"):
+            primed.sql(sql).fetchall()
+    assert snapshot(primed) == before
+    assert primed.sql("SELECT extracted FROM extract_activations('planted', ['mix'], 'snippets', "
+                      "batch_size := NULL)").fetchall() == [(len(TEXTS),)]

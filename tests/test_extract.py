@@ -421,3 +421,99 @@ def test_part_files_deleted_by_hand_are_computed_again(tmp_path):
         assert con.sql(f"SELECT count(*) FROM {res[0]['view']}").fetchall() == [(n_symbols,)]
     finally:
         dbd.close(con)
+
+
+def _catalog_and_view_records(con, view):
+    """(records the catalog lists as stored for the behavior of ``view``, records its view reads)"""
+    listed = con.sql("SELECT count(*) FROM behavior_records JOIN behaviors USING (behavior_id) WHERE view_name = ?",
+                     params=[view]).fetchall()[0][0]
+    return listed, con.sql(f"SELECT count(DISTINCT record_id) FROM {view}").fetchall()[0][0]
+
+
+def test_a_part_interrupted_before_its_commit_shows_nowhere(tmp_path, monkeypatch):
+    """Ctrl-C between a part file's rename and its catalog commit: the file is deleted at once, so
+    the view and an export read the committed records only; the extraction then resumes."""
+    import duckdb
+    extract = sys.modules["deepbase_duck.engine.extract"]
+    db = str(tmp_path / "s.duckdb")
+    con = dbd.connect(db, progress=False)
+    try:
+        dbd.register_model(con, "planted", planted_adapter())
+        dbd.add_dataset(con, "snippets", TEXTS[:12])
+        commit, calls = extract.commit_parts, []
+
+        def interrupted(session, written):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return commit(session, written)
+        monkeypatch.setattr(extract, "commit_parts", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            dbd.extract(con, "planted", ["planted", "mix"], "snippets", batch_size=4)
+        monkeypatch.undo()
+        views = [v for (v,) in con.sql("SELECT view_name FROM behaviors ORDER BY 1").fetchall()]
+        assert len(views) == 2
+        assert _catalog_and_view_records(con, views[0]) == (4, 4)        # the first batch committed
+        listed = {f"{d}/{f}" for d, f in con.sql("SELECT directory, file FROM behavior_parts "
+                                                  "JOIN behaviors USING (behavior_id)").fetchall()}
+        on_disk = {f"{p.parent.name}/{p.name}" for p in Path(db + ".acts").glob("*/*")}
+        assert on_disk == listed and len(listed) == 2
+        out = dbd.export(con, str(tmp_path / "out"), activations=True)
+        assert duckdb.sql(f"SELECT count(DISTINCT record_id) FROM read_parquet('{out['activations']}')"
+                          ).fetchall() == [(4,)]
+        res = dbd.extract(con, "planted", ["planted", "mix"], "snippets", batch_size=4)
+        assert [(r["extracted"], r["reused"]) for r in res] == [(8, 4)] * 2
+        assert _catalog_and_view_records(con, views[1]) == (12, 12)
+    finally:
+        dbd.close(con)
+
+
+def test_a_part_file_the_catalog_never_listed_is_deleted_when_the_store_opens(tmp_path):
+    """A process killed between a part's rename and its commit leaves a file the catalog does not
+    list: opening the store deletes it, so the view and an export read the committed parts only."""
+    import shutil
+    db = str(tmp_path / "s.duckdb")
+    con = dbd.connect(db, progress=False)
+    dbd.register_model(con, "planted", planted_adapter())
+    dbd.add_dataset(con, "snippets", TEXTS[:8])
+    view = dbd.extract(con, "planted", ["planted"], "snippets", record_ids=[0, 1, 2, 3])[0]["view"]
+    dbd.close(con)
+    folder = next(Path(db + ".acts").iterdir())
+    shutil.copy(folder / "part-000001.parquet", folder / "part-000002.parquet")   # as if records 0..3 again
+    (folder / ".part-000003.parquet.1.tmp").write_bytes(b"half")                  # killed mid-write
+    con = dbd.connect(db, progress=False)
+    try:
+        assert sorted(p.name for p in folder.iterdir()) == ["part-000001.parquet"]
+        assert con.sql(f"SELECT count(*) FROM {view}").fetchall() == [(sum(len(t) for t in TEXTS[:4]),)]
+    finally:
+        dbd.close(con)
+
+
+def test_a_behavior_interrupted_before_its_first_commit_opens_clean(tmp_path, monkeypatch):
+    """Interrupted before any part of a behavior committed: no file and no view are left, and a
+    part file left by a kill in its folder is deleted when the store opens again."""
+    extract = sys.modules["deepbase_duck.engine.extract"]
+    db = str(tmp_path / "s.duckdb")
+    con = dbd.connect(db, progress=False)
+    dbd.register_model(con, "planted", planted_adapter())
+    dbd.add_dataset(con, "snippets", TEXTS[:4])
+
+    def interrupted(session, written):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(extract, "commit_parts", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        dbd.extract(con, "planted", ["planted"], "snippets")
+    monkeypatch.undo()
+    folder = next(Path(db + ".acts").iterdir())
+    assert list(folder.iterdir()) == []
+    assert con.sql("SELECT count(*) FROM duckdb_views() WHERE view_name LIKE 'behavior_%'").fetchall() == [(0,)]
+    dbd.close(con)
+    (folder / "part-000001.parquet").write_bytes(b"killed before its commit")
+    con = dbd.connect(db, progress=False)
+    try:
+        assert list(folder.iterdir()) == []
+        dbd.register_model(con, "planted", planted_adapter())
+        res = dbd.extract(con, "planted", ["planted"], "snippets")
+        assert con.sql(f"SELECT count(DISTINCT record_id) FROM {res[0]['view']}").fetchall() == [(4,)]
+    finally:
+        dbd.close(con)

@@ -129,7 +129,7 @@ def test_cli_add_dataset_stores_the_records(tmp_path):
     r = cli("add-dataset", db, "mine", str(longer), "--source-column", "file")     # the same, then one more
     assert r.returncode == 0 and "mine: 3 records" in r.stdout and "the first 2 as stored, 1 appended" in r.stdout
     r = cli("add-dataset", db, "mine", str(_write(tmp_path / "other.txt", "z\n")))
-    assert r.returncode == 2 and "already exists with different records; pass replace=True" in r.stderr
+    assert r.returncode == 2 and "already exists with different records; add --replace" in r.stderr
     r = cli("add-dataset", db, "mine", str(tmp_path / "nothing.csv"))
     assert r.returncode == 2 and "no file or folder" in r.stderr and r.stderr.count("\n") == 1
     con = dbd.connect(db, progress=False)

@@ -12,7 +12,7 @@ from deepbase_duck.errors import HypothesisError
 from deepbase_duck.hypotheses.core import Hypothesis, register
 from deepbase_duck.hypotheses.library import bracket_depth, char_class, keyword_set, regex_span
 
-from conftest import per_char_labels
+from conftest import TEXTS, per_char_labels
 
 CODE = 'def f(x):\n    s = "a(b)"  # note\n    if x:\n        return [x, {1: 2}]\n    return s\n'
 
@@ -298,3 +298,72 @@ def test_version_follows_the_values_the_function_reads():
     import numpy as np
     arr = lambda a: Hypothesis("arr", lambda t: [float(a[0])] * len(t))   # noqa: E731
     assert arr(np.zeros(3)).version == arr(np.zeros(3)).version != arr(np.ones(3)).version
+
+
+MARKERS = ["(", ")"]                       # a module list a hypothesis reads, changed after registration
+
+
+def test_version_follows_a_module_list_changed_after_registration(planted):
+    """The version is the function's and its values' as they are when a query reads it: after
+    MARKERS.append(...) the same registered hypothesis has another version, so the next query
+    labels again instead of serving the old labels; a version given stays as given."""
+    @dbd.hypothesis("markers")
+    def markers(text):
+        return [(i, i + 1) for i, c in enumerate(text) if c in MARKERS]
+    h, fixed = get_hypothesis("markers"), Hypothesis("markers_fixed", markers, version="v1")
+    stored = lambda: planted.sql("SELECT sum(end_char - start_char) FROM labels "     # noqa: E731
+                                 "WHERE hypothesis = 'markers'").fetchall()[0][0]
+    want = lambda: sum(sum(c in MARKERS for c in t) for t in TEXTS)   # noqa: E731
+    dbd.inspect(planted, "planted", ["planted"], ["markers"], "snippets")
+    before, stored_before = h.version, stored()
+    assert stored_before == want()
+    MARKERS.append("[")
+    try:
+        assert h.version != before and fixed.version == "v1"
+        dbd.inspect(planted, "planted", ["planted"], ["markers"], "snippets")
+        assert stored() == want() > stored_before
+        assert planted.sql("SELECT DISTINCT version FROM labels WHERE hypothesis = 'markers'").fetchall() \
+            == [(h.version,)]
+        assert planted.sql("SELECT source FROM queries ORDER BY query_id DESC LIMIT 1").fetchall() != [("cache",)]
+    finally:
+        MARKERS.remove("[")
+    assert h.version == before
+
+
+def test_version_without_source_follows_the_compiled_code(planted):
+    """A function whose source cannot be read (exec, python -c, a plain REPL) is versioned by its
+    compiled code: another body gives another version, and its labels are computed again."""
+    def define(body, extra=""):
+        ns = {}
+        exec(f"{extra}def first(text):\n    return {body}\n", ns)       # noqa: S102
+        return Hypothesis("first", ns["first"])
+    a, b = define("[(0, 1)]"), define("[(0, len(text))]")
+    assert a.version != b.version
+    assert define("[(0, 1)]").version == a.version                    # the same code: the same version
+    assert define("[(0, 1)]", "\n\n").version == a.version            # lines moved: the same code
+    assert define("[(0, 2)]").version != a.version                    # a constant of the body
+    assert define("[(1, n) for n in (2, 3)]").version != define("[(1, n) for n in (2, 4)]").version  # nested code
+    dbd.inspect(planted, "planted", ["planted"], [a], "snippets")
+    dbd.inspect(planted, "planted", ["planted"], [b], "snippets")
+    ends = planted.sql("SELECT record_id, end_char FROM labels WHERE hypothesis = 'first' ORDER BY 1").fetchall()
+    assert ends == [(r, len(t)) for r, t in enumerate(TEXTS)]
+
+
+def test_version_reads_are_cheap_and_held_for_a_query(monkeypatch):
+    """The source is read once per function; within held_versions (a query) the version is
+    computed once and kept, outside it follows every change."""
+    from deepbase_duck.hypotheses import core
+    words = ["a"]
+    h = Hypothesis("cheap", lambda t: [c in words for c in t])
+    first = h.version
+    calls = []
+    real = core.inspect.getsource
+    monkeypatch.setattr(core.inspect, "getsource", lambda fn: calls.append(fn) or real(fn))
+    assert h.version == first and calls == []
+    with core.held_versions():
+        held = h.version
+        words.append("b")
+        assert h.version == held == first
+        with core.held_versions():
+            assert h.version == held
+    assert h.version != first and calls == []

@@ -145,3 +145,21 @@ def test_scan_summary_lines():
          "the scores are the full scan's"]
     assert scan_summary({"max_error": 0.1, "reused": {"scores_of_query": 4}}) == \
         ["scores of the identical query 4 reused, nothing scanned (--no-reuse scans again)"]
+
+
+def test_cli_add_dataset_names_its_replace_flag(tmp_path, capsys):
+    """Other texts under a stored dataset's name: the CLI says --replace (its flag), not the
+    library's replace=True, and --replace then replaces them."""
+    from deepbase_duck.cli import main
+    db = str(tmp_path / "s.duckdb")
+    first, other = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text("x = 1\ny = 2\n")
+    other.write_text("z = 3\n")
+    assert main(["--quiet", "add-dataset", db, "d", str(first)]) == 0
+    capsys.readouterr()
+    assert main(["--quiet", "add-dataset", db, "d", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "dataset 'd' already exists with different records; add --replace" in err
+    assert "replace=True" not in err and err.strip().count("\n") == 0
+    assert main(["--quiet", "add-dataset", db, "d", str(other), "--replace"]) == 0
+    assert dbd_records(db, "d") == 1

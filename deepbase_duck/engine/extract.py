@@ -8,9 +8,11 @@ view per behavior reads them as (record_id, pos, act FLOAT[width]).
 
 One forward pass per batch of records feeds every requested layer. A part is written under a
 temporary name, renamed, and only then committed to the catalog in one transaction with the
-records it holds; a part file that the catalog does not list (the run was killed between rename
-and commit) is deleted before the next run, so an interrupted extraction resumes after its last
-committed batch with no duplicate or missing rows. Peak memory is one batch.
+records it holds; a part file that the catalog does not list (the run was interrupted or killed
+between rename and commit) is deleted at once (an exception, Ctrl-C) or when the store is next
+opened (a kill), so the views and exports show committed parts only and an interrupted
+extraction resumes after its last committed batch with no duplicate or missing rows. Peak memory
+is one batch.
 """
 from __future__ import annotations
 
@@ -139,13 +141,23 @@ def view_sql(session, b: dict) -> str:
             f"CAST(act AS FLOAT[{int(b['width'])}]) AS act FROM read_parquet('{path}/part-*.parquet')")
 
 
-def refresh_views(session) -> None:
-    """(Re)create the view of every behavior that has parts, with this store's folder."""
-    for row in store.q_all(session.con, "SELECT b.behavior_id, b.directory, b.view_name, b.width FROM behaviors b "
-                                        "WHERE EXISTS (SELECT 1 FROM behavior_parts p WHERE p.behavior_id = b.behavior_id)"):
-        b = {"behavior_id": row[0], "directory": row[1], "view_name": row[2], "width": row[3]}
-        if (session.act_root / b["directory"]).is_dir():
-            session.con.execute(view_sql(session, b))
+def refresh_views(session, clean: bool = False) -> None:
+    """(Re)create the view of every behavior that has parts, with this store's folder. ``clean``
+    (the store is opened to write): first delete the part files the catalog does not list (a run
+    killed between a part's rename and its commit), which the views would otherwise read."""
+    for bid, directory, view, width, files in store.q_all(
+            session.con, "SELECT b.behavior_id, b.directory, b.view_name, b.width, "
+                         "list(p.file) FILTER (WHERE p.file IS NOT NULL) FROM behaviors b "
+                         "LEFT JOIN behavior_parts p USING (behavior_id) GROUP BY ALL"):
+        folder = session.act_root / directory
+        if clean:
+            try:
+                remove_unlisted(folder, set(files or ()))
+            except OSError as exc:
+                warnings.warn(f"{folder}: a part file that the catalog does not list could not be deleted "
+                              f"({exc}); view {view} reads its rows too", stacklevel=3)
+        if files and folder.is_dir():
+            session.con.execute(view_sql(session, {"view_name": view, "directory": directory, "width": width}))
 
 
 def find_behavior(con, checksum, layer, dataset, tokenization, dtype) -> dict | None:
@@ -223,15 +235,20 @@ def get_or_create_behavior(session, model: str, checksum: str, layer: str, datas
 
 def cleanup_orphans(session, b: dict) -> int:
     """Delete part files of ``b`` that the catalog does not list (a run killed before commit)."""
-    folder = session.act_root / b["directory"]
-    if not folder.is_dir():
-        return 0
     listed = {r[0] for r in store.q_all(session.con, "SELECT file FROM behavior_parts WHERE behavior_id = ?",
                                         [b["behavior_id"]])}
+    return remove_unlisted(session.act_root / b["directory"], listed)
+
+
+def remove_unlisted(folder, listed: set) -> int:
+    """Delete the files of a behavior's ``folder`` whose names ``listed`` (the catalog's parts)
+    does not hold; returns how many."""
+    if not folder.is_dir():
+        return 0
     removed = 0
     for f in folder.iterdir():
         if f.name not in listed:
-            f.unlink()
+            f.unlink(missing_ok=True)
             removed += 1
     return removed
 
@@ -432,16 +449,34 @@ def store_batch(session, behaviors: dict, missing: dict, batch: Batch, symbols=N
     scan's SymbolWriter, flushed first, so that stored activations always have their symbols
     (an interrupted scan leaves at most symbols without activations)."""
     written = []
-    for layer, b in behaviors.items():
-        need = np.isin(batch.record_ids, missing[layer])
-        if not need.any():
-            continue
-        rows_mask = None if need.all() else np.repeat(need, batch.n_symbols)
-        name, part, n_rows = write_part(session, b, batch, batch.acts[layer], rows_mask)
-        written.append((b, name, part, n_rows, batch.record_ids[need]))
-    if symbols is not None:
-        symbols.flush()
-    commit_parts(session, written)
+    try:
+        for layer, b in behaviors.items():
+            need = np.isin(batch.record_ids, missing[layer])
+            if not need.any():
+                continue
+            rows_mask = None if need.all() else np.repeat(need, batch.n_symbols)
+            name, part, n_rows = write_part(session, b, batch, batch.acts[layer], rows_mask)
+            written.append((b, name, part, n_rows, batch.record_ids[need]))
+        if symbols is not None:
+            symbols.flush()
+        commit_parts(session, written)
+    except BaseException:
+        settle_parts(session, behaviors.values())
+        raise
+
+
+def settle_parts(session, behaviors) -> None:
+    """After a batch failed or was interrupted (Ctrl-C) between writing its parts and committing
+    them: delete the part files the catalog does not list, which the behaviors' views would read
+    otherwise, and create the view of a behavior whose first parts did commit. Best effort: the
+    original error is what matters, and opening the store cleans up too (``refresh_views``)."""
+    for b in behaviors:
+        try:
+            cleanup_orphans(session, b)
+            if part_count(session.con, b["behavior_id"]):
+                session.con.execute(view_sql(session, b))
+        except Exception:
+            pass
 
 
 def part_count(con, behavior_id):

@@ -17,11 +17,18 @@ together (spaCy's ``nlp.pipe`` tags a list of sentences about 1.9x faster than o
 Labels are normalised to sorted, non-overlapping spans (numpy arrays ``starts, ends, values``);
 runs of equal per-character values become one span. Anything else raises HypothesisError naming
 the hypothesis and the record.
+
+A hypothesis' ``version`` keys its stored labels. Unless one is given, it is computed each time it
+is read (``default_version``), so that it follows the function and the values it reads as they
+are now, not as they were when it was registered; within ``held_versions()`` (a query) it is
+computed once per hypothesis, so that one query labels with one version throughout.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -38,7 +45,7 @@ class Hypothesis:
     fn: Callable[[str], object]
     kind: str = "binary"
     description: str = ""
-    version: str | None = None
+    version: str | None = None               # None: follows the function (see the module docstring)
     categories: tuple[str, ...] | None = None
     batch: Callable[[list[str]], list] | None = field(default=None, repr=False)   # fn over many texts at once
     _code: dict = field(default_factory=dict, repr=False)
@@ -59,8 +66,7 @@ class Hypothesis:
             self._code = {c: i for i, c in enumerate(self.categories)}
         elif self.categories:
             raise HypothesisError(f"hypothesis {self.name!r}: only categorical hypotheses take categories")
-        if self.version is None:
-            self.version = default_version(self)
+        self.__dict__["_versioned"] = True       # from now on an unset version is computed when read
 
     @property
     def source(self) -> str:
@@ -234,19 +240,100 @@ def _union(s, e):
     return np.asarray(out_s, np.int32), np.asarray(out_e, np.int32)
 
 
-def default_version(h: Hypothesis) -> str:
-    """A version derived from the function's source code, the values it reads besides its text
-    (``function_inputs``) and the hypothesis' settings, so that editing the function, or a
-    constant it reads, invalidates stored labels."""
-    fn = getattr(h.fn, "func", h.fn)
+def _read_version(h: Hypothesis) -> str | None:
+    """``Hypothesis.version``: the version given, else ``default_version`` of the function and the
+    values it reads now (once per query within ``held_versions``); None while the hypothesis is
+    being constructed without one."""
+    given = h.__dict__.get("_given_version")
+    if given is not None or not h.__dict__.get("_versioned"):
+        return given
+    held = getattr(_HELD, "versions", None)
+    if held is not None:
+        got = held.get(id(h))
+        if got is not None and got[0] is h:
+            return got[1]
+    version = default_version(h)
+    if held is not None:
+        held[id(h)] = (h, version)
+    return version
+
+
+def _give_version(h: Hypothesis, version: str | None) -> None:
+    h.__dict__["_given_version"] = version
+
+
+# a property over the dataclass field: __init__ stores the version given (None: computed when read)
+Hypothesis.version = property(_read_version, _give_version, doc=_read_version.__doc__)
+
+_HELD = threading.local()
+
+
+@contextlib.contextmanager
+def held_versions():
+    """Within (in this thread): each hypothesis' version is computed at its first read and then
+    kept, so a query labels and keys with one version throughout, and its per-record reads cost a
+    lookup. Outside, every read computes it afresh (``default_version``). Nests."""
+    outer = getattr(_HELD, "versions", None)
+    if outer is None:
+        _HELD.versions = {}
     try:
-        src = inspect.getsource(fn)
-    except (OSError, TypeError):
-        src = getattr(fn, "__qualname__", repr(fn))
+        yield
+    finally:
+        if outer is None:
+            _HELD.versions = None
+
+
+def default_version(h: Hypothesis) -> str:
+    """A version derived from the function's source code (its compiled code where the source
+    cannot be read: a function made by ``exec``, ``python -c`` or a plain REPL), the values it
+    reads besides its text (``function_inputs``) and the hypothesis' settings, so that editing the
+    function, or a constant it reads, invalidates stored labels."""
+    fn = getattr(h.fn, "func", h.fn)
     extra = _stable(getattr(h.fn, "keywords", None)) + _stable(getattr(h.fn, "args", None))
-    payload = "\n".join([src, extra, function_inputs(fn), h.kind, repr(h.categories),
+    payload = "\n".join([function_text(fn), extra, function_inputs(fn), h.kind, repr(h.categories),
                          repr(getattr(h.fn, "__dbd_params__", None))])
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+_TEXTS: dict[int, tuple[object, str]] = {}   # id(code object) -> (the code object, function_text)
+
+
+def function_text(fn) -> str:
+    """The source of ``fn``; where it cannot be read, its qualified name and ``code_text`` of its
+    compiled code (or the name alone: a builtin). Kept per code object, which a function's source
+    cannot change without (reading a source file costs about 0.2 ms)."""
+    code = _code_of(fn)
+    if code is not None:
+        known = _TEXTS.get(id(code))
+        if known is not None and known[0] is code:
+            return known[1]
+    try:
+        text = inspect.getsource(fn)
+    except (OSError, TypeError):
+        text = getattr(fn, "__qualname__", None) or f"{type(fn).__module__}.{type(fn).__qualname__}"
+        if code is not None:
+            text += "\n" + code_text(code)
+    if code is not None:
+        _TEXTS[id(code)] = (code, text)
+    return text
+
+
+def _code_of(fn):
+    """The code object a callable runs: a function's, or its ``__call__``'s (None: a builtin)."""
+    code = getattr(fn, "__code__", None)
+    if code is None and not inspect.isroutine(fn):
+        code = getattr(getattr(fn, "__call__", None), "__code__", None)
+    return code if inspect.iscode(code) else None
+
+
+def code_text(code, depth: int = 0) -> str:
+    """A stable text of compiled code: its bytecode, constants (nested functions' and
+    comprehensions' code the same way), the names it reads and its variables. Changes with the
+    function's body where no source can be read; the same in every process of one Python."""
+    consts = [code_text(c, depth + 1) if inspect.iscode(c) and depth < 8 else _stable(c) for c in code.co_consts]
+    return "|".join([code.co_name, hashlib.sha256(code.co_code).hexdigest(), "(" + ",".join(consts) + ")",
+                     ",".join(code.co_names), ",".join(code.co_varnames), ",".join(code.co_freevars),
+                     f"{code.co_argcount},{code.co_kwonlyargcount},{code.co_flags}"])
 
 
 _PLAIN = (bool, int, float, complex, str, bytes, type(None))

@@ -71,6 +71,12 @@ def _list(v):
     return [v] if isinstance(v, str) else list(v)
 
 
+def _default(v, default):
+    """A SQL argument: NULL gives ``default``; any other value (0 included) is passed on, for
+    the library to check."""
+    return default if v is None else v
+
+
 def _models(model: str):
     """A model name, or several as the macro passes a list cast to text: '[early, mid, final]'."""
     if isinstance(model, str) and model.startswith("[") and model.endswith("]"):
@@ -82,7 +88,7 @@ def register_udfs(session: Session) -> None:
     con = session.con
     from ..engine.extract import extract
     from ..engine.inspect import inspect
-    from ..hypotheses.core import registry
+    from ..hypotheses.core import held_versions, registry
     from ..hypotheses.store import annotate
 
     def do_inspect(sub, model, layers, hypotheses, dataset, measures, max_records, batch_size, keep, params,
@@ -96,27 +102,29 @@ def register_udfs(session: Session) -> None:
         if not isinstance(measure_params, dict) or not all(isinstance(v, dict) for v in measure_params.values()):
             raise DeepBaseError("inspect: params must be a JSON object of per-measure objects, e.g. "
                                 "'{\"probe\": {\"l1\": 0.001}}'")
-        t = inspect(sub, _models(model), _list(layers), _list(hypotheses), dataset, _list(measures) or ["corr"],
-                    limit=max_records, batch_size=batch_size or 16, keep_activations=bool(keep), progress=False,
-                    baseline=bool(baseline), control=bool(control), permutations=permutations or 0,
-                    max_error=max_error, seed=seed or 0, engine=engine or "local", ray_address=ray_address,
-                    top_k=top_k, reuse=reuse is not False, plateau_tol=plateau_tol,
-                    min_support=min_support or 0, device=device or None,
-                    stable_windows=3 if stable_windows is None else stable_windows,
-                    baseline_seed=0 if baseline_seed is None else baseline_seed, dtype=dtype or "float32",
-                    **measure_params)
+        with held_versions():              # each hypothesis' version as it is now, once for the query
+            t = inspect(sub, _models(model), _list(layers), _list(hypotheses), dataset,
+                        _list(measures) or ["corr"], limit=max_records, batch_size=_default(batch_size, 16),
+                        keep_activations=bool(keep), progress=False, baseline=bool(baseline), control=bool(control),
+                        permutations=permutations or 0, max_error=max_error, seed=seed or 0,
+                        engine=engine or "local", ray_address=ray_address, top_k=top_k, reuse=reuse is not False,
+                        plateau_tol=plateau_tol, min_support=min_support or 0, device=device or None,
+                        stable_windows=_default(stable_windows, 3), baseline_seed=_default(baseline_seed, 0),
+                        dtype=dtype or "float32", **measure_params)
         return t.to_pylist()
 
     def do_compare(sub, groups, dataset, max_records, batch_size, device=None):
         from ..engine.compare import compare_layers
-        return compare_layers(sub, _list(groups), dataset, limit=max_records, batch_size=batch_size or 16,
+        return compare_layers(sub, _list(groups), dataset, limit=max_records, batch_size=_default(batch_size, 16),
                               device=device or None, progress=False).to_pylist()
 
     def do_extract(sub, model, layers, dataset, dtype, batch_size):
-        return extract(sub, model, _list(layers), dataset, dtype or "float32", None, batch_size or 16, progress=False)
+        return extract(sub, model, _list(layers), dataset, dtype or "float32", None, _default(batch_size, 16),
+                       progress=False)
 
     def do_annotate(sub, hypotheses, dataset):
-        return annotate(sub, _list(hypotheses), dataset, progress=False)
+        with held_versions():
+            return annotate(sub, _list(hypotheses), dataset, progress=False)
 
     def do_register(sub, name, loader, params):
         info = sub.register_model(name, loader, json.loads(params) if params else {})
