@@ -130,7 +130,7 @@ def _annotate(session, hypotheses, dataset: str, record_ids=None, progress: bool
             live = h["live"]
             rids = [int(r) for r in chunk if int(r) in need[h["name"]]]
             got = live.spans_many([texts[r] for r in rids], [f"{dataset}:{r}" for r in rids])
-            rows.extend((live.name, live.version, r, *spans) for r, spans in zip(rids, got))
+            rows.extend((live.name, h["version"], r, *spans) for r, spans in zip(rids, got))   # the query's
         append_labels(con, dataset, rows)
         bar.update(len(chunk))
     bar.close()
