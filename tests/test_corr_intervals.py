@@ -300,3 +300,41 @@ def test_max_error_is_inf_not_nan_over_three_symbols():
     st = PearsonState(1, [{"name": "b", "kind": "binary"}])
     st.update(torch.tensor([[1.0], [2.0], [4.0]]), torch.tensor([[0.0], [1.0], [1.0]]), torch.tensor([1, 1, 2]))
     assert st.max_error() == float("inf")
+
+
+def test_spearman_intervals_are_corrs_on_the_ranks_with_records_as_clusters():
+    """spearman's record-clustered interval and p-value equal the corr reference applied to the
+    average ranks (scipy.stats.rankdata) of the labelled rows; merged states give the same;
+    intervals='symbols' keeps the Bonett-Wright Fisher interval."""
+    from deepbase_duck.inspectors.spearman import SpearmanState, fisher_interval_bw
+    x, y, rec = clustered_data(11)
+    y = y.copy()
+    y[::7, 1] = np.nan                                        # some rows unlabelled for c
+    ranked_y = np.full_like(y, np.nan)
+    ranked_x = {}
+    for h in range(y.shape[1]):
+        m = ~np.isnan(y[:, h])
+        ranked_y[m, h] = stats.rankdata(y[m, h])
+        ranked_x[h] = np.column_stack([stats.rankdata(x[m, u]) for u in range(x.shape[1])])
+    one = SpearmanState(x.shape[1], HYPS)
+    one.update(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(rec))
+    a, b = SpearmanState(x.shape[1], HYPS), SpearmanState(x.shape[1], HYPS)
+    a.update(torch.from_numpy(x[:500]), torch.from_numpy(y[:500]), torch.from_numpy(rec[:500]))
+    b.update(torch.from_numpy(x[500:]), torch.from_numpy(y[500:]), torch.from_numpy(rec[500:]))
+    for t in (one.finalize(), a.combine(b).finalize()):
+        got = {c: t.column(c).to_numpy(zero_copy_only=False).reshape(x.shape[1], -1)
+               for c in ("score", "ci_low", "ci_high", "p_value", "records")}
+        for h in range(y.shape[1]):
+            m = ~np.isnan(y[:, h])
+            want, records = reference(ranked_x[h], ranked_y[m, h:h + 1], rec[m])
+            assert got["records"][0, h] == records[0]
+            for col, key in (("score", "r"), ("ci_low", "lo"), ("ci_high", "hi"), ("p_value", "p")):
+                np.testing.assert_allclose(got[col][:, h], want[key][:, 0], rtol=1e-9, atol=1e-12)
+    sym = SpearmanState(x.shape[1], HYPS, intervals="symbols")
+    sym.update(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(rec))
+    t = sym.finalize()
+    r = t.column("score").to_numpy(zero_copy_only=False).reshape(x.shape[1], -1)
+    lo, _ = fisher_interval_bw(r, np.broadcast_to((~np.isnan(y)).sum(0)[None, :], r.shape), 0.95)
+    np.testing.assert_allclose(t.column("ci_low").to_numpy(zero_copy_only=False).reshape(r.shape), lo, rtol=1e-12)
+    assert "records" not in t.column_names
+    assert stats.spearmanr(x[:, 0], y[:, 0]).statistic == pytest.approx(r[0, 0], abs=1e-12)

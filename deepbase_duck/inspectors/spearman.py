@@ -30,9 +30,17 @@ Error
 
 Output
 ------
-score = rho on the sample; n = labelled rows in the whole stream (exact); ci by Fisher z with
-the Bonett-Wright variance (1 + r^2/2) / (n_sample - 3); p_value by the t approximation with
-n_sample - 2 degrees of freedom (as scipy.stats.spearmanr). Extra column ``n_sample``: labelled
+score = rho on the sample; n = labelled rows in the whole stream (exact). Intervals, with
+``intervals`` = 'records' (the default, when every batch came with record ids, as from the
+engines): records as clusters, as corr's: rho is Pearson's r of the sample's average ranks, and
+its standard error is the sandwich (linearisation) one of that r with the ranks taken as given,
+var = G/(G-1) sum_g z_g^2 / n^2 (z_g: record g's sum of x~ y~ - rho/2 (x~^2 + y~^2) over the
+standardised ranks of its sampled rows, G records with a labelled sampled row, column
+``records``); ci on the Fisher z scale with t at G - 1 degrees of freedom and the Wald p-value
+(correlation.clustered_interval); NULL with fewer than 3 records. With ``intervals`` = 'symbols'
+(or a batch without record ids): ci by Fisher z with the Bonett-Wright variance
+(1 + r^2/2) / (n_sample - 3); p_value by the t approximation with n_sample - 2 degrees of
+freedom (as scipy.stats.spearmanr). Extra column ``n_sample``: labelled
 rows in the sample. A unit or label that is constant over the scored rows gives NULL, and so
 does a unit with a NaN or infinite activation anywhere in the stream (as corr).
 max_error() is the largest half-width that interval can have at the current sample sizes
@@ -47,7 +55,7 @@ from scipy import stats
 
 from .base import InspectorState, SCORE_SCHEMA, register_measure
 from .correlation import pearson_p_value
-from ..errors import DeepBaseError, check_float, check_integer
+from ..errors import BadParameterError, DeepBaseError, check_float, check_integer
 
 F64 = torch.float64
 I64 = torch.int64
@@ -123,16 +131,18 @@ class RowSample:
         self.keys = torch.empty(0, dtype=I64, device=self.device)
         self.acts = torch.empty(0, width, dtype=torch.float32, device=self.device)
         self.labels = torch.empty(0, n_hyp, dtype=F64, device=self.device)
+        self.recs = torch.empty(0, dtype=I64, device=self.device)     # record ids (-1: not known)
 
     def __len__(self):
         return int(self.keys.numel())
 
-    def add(self, keys: torch.Tensor, acts: torch.Tensor, labels: torch.Tensor) -> None:
+    def add(self, keys: torch.Tensor, acts: torch.Tensor, labels: torch.Tensor, recs=None) -> None:
         keys = keys.to(self.device)
         acts = acts.to(self.device)
         labels = labels.to(self.device, F64)
         if keys.numel() == 0:
             return
+        recs = (torch.full_like(keys, -1) if recs is None else recs.to(self.device, I64).reshape(-1))
         store = F64 if (acts.dtype == F64 or self.acts.dtype == F64) else torch.float32
         if self.acts.dtype != store:
             self.acts = self.acts.to(store)
@@ -141,20 +151,21 @@ class RowSample:
             keep = keys < self.keys.max()
             if not bool(keep.any()):
                 return
-            keys, acts, labels = keys[keep], acts[keep], labels[keep]
+            keys, acts, labels, recs = keys[keep], acts[keep], labels[keep], recs[keep]
         k = torch.cat([self.keys, keys])
         a = torch.cat([self.acts, acts])
         y = torch.cat([self.labels, labels])
+        g = torch.cat([self.recs, recs])
         if k.numel() > self.max_rows:
             idx = torch.topk(k, self.max_rows, largest=False, sorted=False).indices
-            k, a, y = k[idx], a[idx], y[idx]
-        self.keys, self.acts, self.labels = k, a, y
+            k, a, y, g = k[idx], a[idx], y[idx], g[idx]
+        self.keys, self.acts, self.labels, self.recs = k, a, y, g
 
     def merge(self, other: "RowSample") -> None:
         if other.max_rows != self.max_rows:
             raise DeepBaseError(f"cannot combine row samples of max_rows {other.max_rows} and "
                                 f"{self.max_rows}")
-        self.add(other.keys, other.acts, other.labels)
+        self.add(other.keys, other.acts, other.labels, other.recs)
 
 
 def argsort_rows(t: torch.Tensor, descending: bool = False) -> torch.Tensor:
@@ -212,18 +223,23 @@ def _unit_blocks(m: int, width: int, budget: int = 1 << 22):
     return [(s, min(s + step, width)) for s in range(0, width, step)]
 
 
-def spearman_matrix(acts: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def spearman_matrix(acts: torch.Tensor, labels: torch.Tensor, records: torch.Tensor | None = None):
     """Exact Spearman rho of each column of ``acts`` (m, W) with each column of ``labels`` (m, H)
     over the rows where that label is not NaN. Returns (rho (W, H) with NaN where undefined,
     counts (H,)). Vectorised over units (in blocks bounding memory) and over hypotheses sharing
-    the same NaN pattern."""
+    the same NaN pattern. With ``records`` (m,) the row's record: also (se (W, H), clusters (H,)),
+    the standard error of each rho with records as clusters, that of Pearson's r on the ranks
+    (taken as given): var = G/(G-1) sum_g z_g^2 / n^2, z_g the record's sum of the influence
+    x~ y~ - rho/2 (x~^2 + y~^2) of the standardised ranks, over the G records with a labelled row."""
     m, W = acts.shape
     H = labels.shape[1]
     rho = np.full((W, H), np.nan)
+    se = np.full((W, H), np.nan) if records is not None else None
+    clusters = np.zeros(H, np.int64)
     mask = ~torch.isnan(labels)
     counts = mask.sum(0).cpu().numpy().astype(np.int64)
     if H == 0 or m == 0:
-        return rho, counts
+        return (rho, counts) if records is None else (rho, counts, se, clusters)
     patterns, inverse = torch.unique(mask.T, dim=0, return_inverse=True)
     for g in range(patterns.shape[0]):
         hs = torch.nonzero(inverse == g).flatten()
@@ -235,6 +251,12 @@ def spearman_matrix(acts: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarra
         ry = average_ranks(y) - (mg + 1) / 2.0
         syy = (ry * ry).sum(0)                                    # (Hg,)
         hs_np = hs.cpu().numpy()
+        if records is not None:
+            _, inv = torch.unique(records[rows], return_inverse=True)
+            G = int(inv.max()) + 1
+            clusters[hs_np] = G
+            yt = ry / torch.sqrt(syy / mg).clamp(min=1e-300)      # standardised ranks
+            syy_g = torch.zeros(G, len(hs), dtype=F64, device=ry.device).index_add_(0, inv, yt * yt)
         for a, b in _unit_blocks(mg, W):
             rx = average_ranks(acts[rows, a:b]) - (mg + 1) / 2.0
             sxx = (rx * rx).sum(0)                                # (blk,)
@@ -242,8 +264,17 @@ def spearman_matrix(acts: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarra
             den = torch.sqrt(sxx[:, None] * syy[None, :])
             r = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)),
                             torch.full_like(num, float("nan")))
-            rho[a:b, hs_np] = r.clamp(-1, 1).cpu().numpy()
-    return rho, counts
+            r = r.clamp(-1, 1)
+            rho[a:b, hs_np] = r.cpu().numpy()
+            if records is not None:
+                xt = rx / torch.sqrt(sxx / mg).clamp(min=1e-300)
+                sxx_g = torch.zeros(G, b - a, dtype=F64, device=rx.device).index_add_(0, inv, xt * xt)
+                for j, h in enumerate(hs_np):
+                    sxy_g = torch.zeros(G, b - a, dtype=F64, device=rx.device).index_add_(0, inv, xt * yt[:, j:j + 1])
+                    z = sxy_g - r[:, j] / 2 * (sxx_g + syy_g[:, j:j + 1])
+                    var = z.square().sum(0) * (G / max(G - 1, 1)) / (mg * mg)
+                    se[a:b, h] = var.sqrt().cpu().numpy()
+    return (rho, counts) if records is None else (rho, counts, se, clusters)
 
 
 def fisher_interval_bw(r: np.ndarray, n: np.ndarray, confidence: float):
@@ -309,6 +340,7 @@ class SampledState(InspectorState):
     def __init__(self, width, hypotheses, device="cpu", max_rows: int = 200_000, seed: int = 0,
                  confidence: float = 0.95, **params):
         super().__init__(width, hypotheses, device, **params)
+        self.with_records = True                     # every batch came with record ids
         self.confidence = check_float(f"{self.measure}: confidence", confidence, 0, 1, open_low=True,
                                       open_high=True)
         self.seed = check_integer(f"{self.measure}: seed", seed, 0)
@@ -327,7 +359,8 @@ class SampledState(InspectorState):
         self.n += (~torch.isnan(labels)).sum(0)
         self.rows += int(acts.shape[0])
         self.finite &= torch.isfinite(acts).all(0)
-        self.sample.add(keys, acts, labels)
+        self.with_records = self.with_records and record_ids is not None
+        self.sample.add(keys, acts, labels, record_ids)
 
     def combine(self, other: "SampledState") -> "SampledState":
         self._check_combine(other)
@@ -336,6 +369,7 @@ class SampledState(InspectorState):
         self.n += other.n.to(self.device)
         self.rows += other.rows
         self.finite &= other.finite.to(self.device)
+        self.with_records = self.with_records and other.with_records
         self.sample.merge(other.sample)
         return self
 
@@ -345,14 +379,35 @@ class SpearmanState(SampledState):
     measure = "spearman"
     accepts = ("binary", "continuous")
 
+    def __init__(self, width, hypotheses, device="cpu", intervals: str = "records", **params):
+        if intervals not in ("records", "symbols"):
+            raise BadParameterError(f"spearman: intervals must be 'records' (symbols of a record are "
+                                    f"dependent: the record is the unit of sampling) or 'symbols' (every "
+                                    f"symbol independent: Fisher z with the Bonett-Wright variance), got "
+                                    f"{intervals!r}")
+        super().__init__(width, hypotheses, device, **params)
+        self.intervals = intervals
+
     @property
     def exact(self) -> bool:
         """True while every row seen is in the sample (the score is then exact)."""
         return self.rows <= self.sample.max_rows
 
+    @property
+    def clustered(self) -> bool:
+        return self.intervals == "records" and self.with_records
+
     def _scores(self):
         rho, counts = spearman_matrix(self.sample.acts, self.sample.labels)
         return np.where(self.finite.cpu().numpy()[:, None], rho, np.nan), counts
+
+    def score_rows(self):
+        """finalize()'s (unit, hypothesis, score) columns without its intervals (the stop rules
+        read only the scores)."""
+        r, _ = self._scores()
+        W, H = r.shape
+        return (np.repeat(np.arange(W, dtype=np.int64), H), np.array(list(self.names) * W, dtype=object),
+                r.reshape(-1))
 
     def max_error(self) -> float:
         """The largest half-width the interval can take at the current sample sizes (maximised
@@ -361,11 +416,20 @@ class SpearmanState(SampledState):
         return worst_half_width(int(m.min()) if m.size else 0, self.confidence)
 
     def finalize(self) -> pa.Table:
-        r, m = self._scores()
+        extra = {}
+        if self.clustered:
+            from .correlation import clustered_interval
+            r, m, se, g = spearman_matrix(self.sample.acts, self.sample.labels, self.sample.recs)
+            r = np.where(self.finite.cpu().numpy()[:, None], r, np.nan)
+            lo, hi, p = clustered_interval(r, se, g, self.confidence)
+            extra["records"] = (np.broadcast_to(g[None, :], r.shape), pa.int64())
+        else:
+            r, m = self._scores()
         W, H = r.shape
         ms = np.broadcast_to(m[None, :], (W, H))
-        lo, hi = fisher_interval_bw(r, ms, self.confidence)
-        p = pearson_p_value(r, ms)      # the t approximation, as scipy.stats.spearmanr
+        if not self.clustered:
+            lo, hi = fisher_interval_bw(r, ms, self.confidence)
+            p = pearson_p_value(r, ms)      # the t approximation, as scipy.stats.spearmanr
         n = np.broadcast_to(self.n.cpu().numpy()[None, :], (W, H))
         return score_table(self.measure, self.names, r, n, lo, hi, p,
-                           {"n_sample": (ms.astype(np.int64), pa.int64())})
+                           {"n_sample": (ms.astype(np.int64), pa.int64()), **extra})
