@@ -113,6 +113,8 @@ def test_grid_hypothesis_labels_cells(con):
     ref = (scenes.render(text).mask("colour:red").reshape(G, PIX, G, PIX).mean((1, 3)) >= 0.5).reshape(-1)
     assert np.array_equal(cells, ref.astype(float))
     assert concept_hypothesis("colour:red", grid=14, do_register=False).version != h.version
+    assert concept_hypothesis("colour:red", grid=G, coverage=0.3, do_register=False).version != h.version
+    assert GridHypothesis("fixed", lambda t: np.zeros((4, 4)), grid=4, version="v1").version == "v1"
     bad = GridHypothesis("bad_len", lambda t: np.zeros(10), grid=4)
     with pytest.raises(HypothesisError, match="16"):
         bad.spans(text)

@@ -68,6 +68,10 @@ class Hypothesis:
             raise HypothesisError(f"hypothesis {self.name!r}: only categorical hypotheses take categories")
         self.__dict__["_versioned"] = True       # from now on an unset version is computed when read
 
+    def version_settings(self) -> str:
+        """Settings of a subclass that change its labels, for ``default_version`` ('' here)."""
+        return ""
+
     @property
     def source(self) -> str:
         fn = getattr(self.fn, "func", self.fn)
@@ -290,9 +294,12 @@ def default_version(h: Hypothesis) -> str:
     function, or a constant it reads, invalidates stored labels."""
     fn = getattr(h.fn, "func", h.fn)
     extra = _stable(getattr(h.fn, "keywords", None)) + _stable(getattr(h.fn, "args", None))
-    payload = "\n".join([function_text(fn), extra, function_inputs(fn), h.kind, repr(h.categories),
-                         repr(getattr(h.fn, "__dbd_params__", None))])
-    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+    parts = [function_text(fn), extra, function_inputs(fn), h.kind, repr(h.categories),
+             repr(getattr(h.fn, "__dbd_params__", None))]
+    settings = h.version_settings()
+    if settings:                                   # a subclass's own settings (an image grid's size)
+        parts.append(settings)
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
 
 _TEXTS: dict[int, tuple[object, str]] = {}   # id(code object) -> (the code object, function_text)

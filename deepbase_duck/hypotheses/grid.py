@@ -28,7 +28,6 @@ tokenisation lays a different grid (or none): tokenisations of image adapters re
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
 from dataclasses import dataclass
 
@@ -92,11 +91,10 @@ class GridHypothesis(Hypothesis):
         if not 0 < float(self.coverage) <= 1:
             raise HypothesisError(f"hypothesis {self.name!r}: coverage must be in (0, 1], got {self.coverage}")
         self.grid = int(self.grid)
-        explicit = self.version is not None
         super().__post_init__()
-        if not explicit:
-            self.version = hashlib.sha256(
-                f"{self.version}|grid={self.grid}|coverage={self.coverage}".encode()).hexdigest()[:12]
+
+    def version_settings(self) -> str:
+        return f"grid={self.grid}|coverage={self.coverage}"
 
     def extent(self, text: str) -> int:
         return self.grid * self.grid
