@@ -133,3 +133,47 @@ def test_the_bundled_lstm_skips_its_head_and_upper_layer(con):
             want = ad.module.lstm0(ad.module.embed(ad.encode([text]).inputs))[0][0]
         got = torch.tensor([r[2] for r in rows if r[0] == rid])
         assert torch.allclose(got, want, atol=1e-6)
+
+
+class InPlace(torch.nn.Module):
+    """embed -> fc1 -> ReLU(inplace=True) -> fc2: the ReLU writes into fc1's output tensor."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = torch.nn.Embedding(len(VOCAB), 8)
+        self.fc1 = torch.nn.Linear(8, 6)
+        self.act = torch.nn.ReLU(inplace=True)
+        self.fc2 = torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(self.embed(x))))
+
+
+def test_an_output_written_in_place_later_is_kept_as_the_module_gave_it(con):
+    """fc1's activations are its own (before the in-place ReLU) whether the pass stops after it
+    or runs on to fc2, in a stored extraction and when two models are scanned together (vmap)."""
+    from deepbase_duck.engine.stacking import StackedForward
+    adapter = CharAdapter(InPlace(), encode_chars, "chars-inplace", device="cpu")
+    enc = adapter.encode(TEXTS[:4])
+    with torch.no_grad():
+        want = adapter.module.fc1(adapter.module.embed(enc.inputs))
+    assert (want < 0).any()                                   # the ReLU would change it
+    for layers in (["fc1"], ["fc1", "fc2"]):
+        with Retain(adapter.module, layers) as ret:
+            for _ in range(2):                               # the first pass checks, the second copies
+                run_until_retained(adapter, enc, ret)
+                assert torch.equal(ret["fc1"], want)
+    dbd.register_model(con, "m1", adapter)
+    dbd.register_model(con, "m2", CharAdapter(InPlace(seed=1), encode_chars, "chars-inplace", device="cpu"))
+    dbd.add_dataset(con, "d", TEXTS)
+    view = next(b["view"] for b in dbd.extract(con, "m1", ["fc1", "fc2"], "d") if b["layer"] == "fc1")
+    low = con.sql(f"SELECT min(list_min(act)) FROM {view}").fetchall()[0][0]
+    assert low < 0                                            # stored before the ReLU, fc2 read too
+    alone = dbd.inspect(con, "m1", ["fc1"], HYPS, "d", reuse=False)
+    both = dbd.inspect(con, ["m1", "m2"], ["fc1"], HYPS, "d", reuse=False)
+    assert StackedForward({"a": adapter, "b": adapter}, ["fc1"]).mode == "vmap"
+    a = {(r["unit"], r["hypothesis"]): r["score"] for r in alone.to_pylist()}
+    b = {(r["unit"], r["hypothesis"]): r["score"] for r in both.to_pylist() if r["model"] == "m1"}
+    assert a.keys() == b.keys() and all(
+        (a[k] is None and b[k] is None) or abs(a[k] - b[k]) < 1e-6 for k in a)

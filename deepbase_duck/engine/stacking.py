@@ -165,7 +165,7 @@ class StackedForward:
 
         def one(params, buffers):
             self.twin.module = _Functional(self.base, params, buffers)
-            with Retain(self.base, layers) as ret:
+            with Retain(self.base, layers, copy=True) as ret:        # (no in-place check under vmap)
                 self.twin.forward(enc)
                 return tuple(ret.outputs.get(layer) for layer in layers)
 

@@ -48,22 +48,53 @@ class Retain:
     """Keep the latest output of each named module; ``detach`` by default. While ``armed`` (a
     forward pass run through ``run_until_retained`` for a model whose named modules each run once
     per pass) the pass is cut short (``StopForward``) as soon as every named module has given an
-    output."""
+    output.
 
-    def __init__(self, model: torch.nn.Module, layers, detach: bool = True):
+    A kept output is the module's own tensor, not a copy, unless a later step of the forward pass
+    writes into it (``nn.ReLU(inplace=True)`` after a BatchNorm, a residual ``out += x``): what was
+    kept would then be the later value, and one that depends on how far the pass ran. So the first
+    pass also keeps a copy of each output, and ``settle()`` (run_until_retained calls it) compares
+    the two: a module whose output changed is copied from then on (``copy``), and that pass's
+    outputs become the copies. ``copy=True`` copies every output from the start (inside
+    ``torch.vmap``, where the check cannot run)."""
+
+    def __init__(self, model: torch.nn.Module, layers, detach: bool = True, copy: bool = False):
         self.modules = resolve_modules(model, layers)
         self.detach = detach
         self.armed = False            # stops only the forward pass run for it (run_until_retained)
         self.outputs: dict[str, torch.Tensor | None] = {}
+        self.copy = set(self.modules) if copy else set()      # outputs kept as copies
+        self.checked = set(self.copy)                          # outputs known to stay as given
+        self._copies: dict[str, torch.Tensor] = {}             # this pass's copies, to check
         self._handles = []
 
     def _hook(self, name):
         def hook(module, inputs, output):
             t = first_tensor(output)
-            self.outputs[name] = t.detach() if (t is not None and self.detach) else t
+            if t is not None and self.detach:
+                t = t.detach()
+            if t is not None and name in self.copy:
+                t = t.clone()
+            elif t is not None and name not in self.checked:
+                self._copies[name] = t.clone()
+            self.outputs[name] = t
             if self.armed and len(self.outputs) == len(self.modules):
                 raise StopForward
         return hook
+
+    def settle(self) -> None:
+        """After a forward pass: outputs written into after their module returned are replaced by
+        the copies taken then, and copied in every later pass."""
+        for name, kept in self._copies.items():
+            t = self.outputs.get(name)
+            if t is None:
+                continue
+            same = t.shape == kept.shape and bool(((t == kept) | (t.isnan() & kept.isnan())).all())
+            if not same:
+                self.copy.add(name)
+                self.outputs[name] = kept
+            self.checked.add(name)
+        self._copies.clear()
 
     def __enter__(self):
         for name, module in self.modules.items():
@@ -84,6 +115,7 @@ class Retain:
 
     def clear(self):
         self.outputs.clear()
+        self._copies.clear()
 
 
 def run_until_retained(adapter, encoded, ret: Retain) -> None:
@@ -101,6 +133,7 @@ def run_until_retained(adapter, encoded, ret: Retain) -> None:
         pass
     finally:
         ret.armed = False
+    ret.settle()
 
 
 # Hooks that libraries keep on a model without changing what it computes: transformers (5.x)
