@@ -367,3 +367,21 @@ def test_version_reads_are_cheap_and_held_for_a_query(monkeypatch):
         with core.held_versions():
             assert h.version == held
     assert h.version != first and calls == []
+
+
+@pytest.mark.parametrize("text, strings, comments", [
+    ("x = 1\x0c\ny = 'abc'\n", ["'abc'"], []),                       # a form feed: not a line end for tokenize
+    ("x = 1  # a\x0bb\ny = 'abc'\n", ["'abc'"], ["# a\x0bb"]),
+    ("s = 'a'\u2028\nt = 'bc'  # hi\n", ["'a'", "'bc'"], ["# hi"]),
+    ("\t\tx = 1\n\ty = 'a'  # c\n", ["'a'"], ["# c"]),               # a fragment indented with tabs
+    ("        x = 1\n    y = 'a'  # c\n", ["'a'"], ["# c"]),
+])
+def test_code_hypotheses_count_lines_as_tokenize_does(text, strings, comments):
+    from deepbase_duck.corpora.code import statement_chunks
+    got = {}
+    for name in ("in_string", "in_comment"):
+        s, e, _ = get_hypothesis(name).spans(text)
+        got[name] = [text[a:b] for a, b in zip(s, e)]
+    assert got == {"in_string": strings, "in_comment": comments}
+    t = "x = 1\x0c\ny = 2\nz = (3,\n     4)\nw = 5\n"
+    assert [off for off, _ in statement_chunks(t, 20)] == [0, 13, 29]    # never inside z = (3, 4)

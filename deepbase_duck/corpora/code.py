@@ -17,9 +17,9 @@ from .stdlib import chunk_text, stdlib_records
 
 def _boundaries(text: str) -> list[int]:
     """Character offsets where a logical line starts (after each tokenize NEWLINE)."""
-    starts = [0]
-    for line in text.splitlines(keepends=True):
-        starts.append(starts[-1] + len(line))
+    starts = [0] + [i + 1 for i, c in enumerate(text) if c == "\n"]     # tokenize's rows: "\n" only
+    if starts[-1] != len(text):
+        starts.append(len(text))
     out = {0}
     try:
         for tok in tokenize.generate_tokens(io.StringIO(text).readline):

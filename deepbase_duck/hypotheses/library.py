@@ -125,9 +125,12 @@ def bracket_depth(name: str = "bracket_depth", pairs: str = "()[]{}", descriptio
 
 # -- Python source code, through tokenize ---------------------------------------------------
 def _line_starts(text):
-    starts = [0]
-    for line in text.splitlines(keepends=True):
-        starts.append(starts[-1] + len(line))
+    """Where each of tokenize's rows starts, then len(text): rows end at "\n" only (it reads
+    lines with StringIO.readline), not at the form feeds, "\x1c", "\u2028"... that
+    str.splitlines also breaks at."""
+    starts = [0] + [i + 1 for i, c in enumerate(text) if c == "\n"]
+    if starts[-1] != len(text):
+        starts.append(len(text))
     return starts
 
 
@@ -138,17 +141,23 @@ def _ladder(text):
     never opened, which tokenize refuses ("unindent does not match any outer indentation
     level"). Prefixing one ``if 1:`` line per indentation width below the first line's makes
     those levels known; the prefix's tokens are dropped and positions shifted back."""
-    lines = text.splitlines()
-    widths = sorted({len(l) - len(l.lstrip(" ")) for l in lines if l.strip() and not l.lstrip().startswith("#")})
-    first = next((len(l) - len(l.lstrip(" ")) for l in lines if l.strip() and not l.lstrip().startswith("#")), 0)
-    return [" " * w + "if 1:\n" for w in widths if w < first]
+    code = [l for l in text.split("\n") if l.strip() and not l.lstrip().startswith("#")]
+    if not code:
+        return []
+    # indentations as written (tabs and spaces), ordered by their width with tabs to 8 columns
+    by_width = {}                                   # one indentation as written per width
+    for line in code:
+        w = line[:len(line) - len(line.lstrip(" \t"))]
+        by_width.setdefault(len(w.expandtabs(8)), w)
+    first = len(code[0][:len(code[0]) - len(code[0].lstrip(" \t"))].expandtabs(8))
+    return [by_width[k] + "if 1:\n" for k in sorted(by_width) if k < first]
 
 
 @functools.lru_cache(maxsize=64)
 def _tokens(text):
     """The tokens of ``text`` that tokenize yields before any error, positions in ``text``.
     Cached for the last few texts: several code hypotheses tokenize the same record."""
-    ladder = _ladder(text) if text[:1] in (" ", "\t") or "\n " in text[:200] else []
+    ladder = _ladder(text) if text[:1] in (" ", "\t") or "\n " in text[:200] or "\n\t" in text[:200] else []
     k = len(ladder)
     out = []
     try:
