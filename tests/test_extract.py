@@ -517,3 +517,43 @@ def test_a_behavior_interrupted_before_its_first_commit_opens_clean(tmp_path, mo
         assert con.sql(f"SELECT count(DISTINCT record_id) FROM {res[0]['view']}").fetchall() == [(4,)]
     finally:
         dbd.close(con)
+
+
+class _Scaled(torch.nn.Module):
+    """embed -> fc, fc's weights scaled (activations beyond float16's range with scale 1e5)."""
+
+    def __init__(self, scale=1.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(98, 4)
+        self.fc = torch.nn.Linear(4, 3)
+        with torch.no_grad():
+            self.fc.weight.mul_(scale)
+
+    def forward(self, x):
+        return self.fc(self.embed(x))
+
+
+def test_float16_storage_refuses_values_it_would_store_as_inf(con):
+    from deepbase_duck.errors import ActivationError
+    from deepbase_duck.models.charlstm import encode_chars
+    dbd.register_model(con, "big", dbd.CharAdapter(_Scaled(1e5), encode_chars, "chars-big", device="cpu"))
+    dbd.add_dataset(con, "d", ["x = 'a'\n", "y = (1, 2)\n"])
+    with pytest.raises(ActivationError, match="beyond float16's largest value"):
+        dbd.extract(con, "big", ["fc"], "d", dtype="float16")
+    assert con.sql("SELECT count(*) FROM behavior_records").fetchall() == [(0,)]
+    dbd.extract(con, "big", ["fc"], "d", dtype="float32")             # float32 holds them
+    assert con.sql("SELECT count(*) FROM behavior_records").fetchall() == [(2,)]
+
+
+def test_a_bfloat16_model_is_stored_as_float32(con):
+    from deepbase_duck.models.charlstm import encode_chars
+    m = _Scaled().to(torch.bfloat16)
+    adapter = dbd.CharAdapter(m, encode_chars, "chars-bf16", device="cpu")
+    dbd.register_model(con, "bf", adapter)
+    dbd.add_dataset(con, "d", ["x = 'a'\n", "y = (1, 2)\n"])
+    view = dbd.extract(con, "bf", ["fc"], "d")[0]["view"]
+    got = con.sql(f"SELECT act FROM {view} ORDER BY record_id, pos LIMIT 1").fetchall()[0][0]
+    with torch.no_grad():
+        want = m(torch.as_tensor([encode_chars("x = 'a'\n")]))[0, 0].float().tolist()
+    assert got == pytest.approx(want, abs=0)

@@ -410,7 +410,17 @@ def write_part_file(folder, name: str, dtype: str, batch: Batch, x: torch.Tensor
     np_dtype, pa_dtype = DTYPES[dtype]
     rec = np.repeat(batch.record_ids.astype(np.int32), batch.n_symbols)
     pos = np.concatenate([np.arange(n, dtype=np.int32) for n in batch.n_symbols]) if len(rec) else np.zeros(0, np.int32)
-    values = x.detach().to("cpu").numpy().astype(np_dtype, copy=False)
+    t = x.detach().to("cpu")
+    if t.dtype not in (torch.float32, torch.float16, torch.float64):
+        t = t.float()                                  # bfloat16 and the like: numpy has no such type
+    values = t.numpy()
+    if dtype == "float16" and values.size and values.dtype != np.float16:
+        top = float(np.abs(values).max())
+        if top > np.finfo(np.float16).max:             # the cast would store inf
+            raise ActivationError(f"activations of {Path(folder).name} reach {top:.4g}, beyond float16's "
+                                  f"largest value (65504): store them as float32 (dtype='float32'); "
+                                  f"nothing of this batch was stored")
+    values = values.astype(np_dtype, copy=False)
     if rows_mask is not None:
         rec, pos, values = rec[rows_mask], pos[rows_mask], values[rows_mask]
     width = values.shape[1]
