@@ -323,6 +323,9 @@ def test_writes_through_data_and_swapped_submodules_are_seen(planted):
         torch.manual_seed(1)
         adapter.module.embed = torch.nn.Embedding(adapter.module.embed.num_embeddings, 3)
         assert adapter.checksum not in (before, after_data) and len(calls) == 2
+        swapped = adapter.checksum
+        adapter.module.embed.weight.data[5] = 0                       # one unit's row, between the probes
+        assert adapter.checksum not in (before, after_data, swapped) and len(calls) == 3
     finally:
         adapters.model_checksum = real
     assert adapter.checksum == real(adapter.module)

@@ -99,9 +99,10 @@ def state_fingerprint(module: torch.nn.Module, variant: str = "") -> tuple:
     """A cheap summary that changes when the module's identity may have: each parameter and
     buffer's object, storage, shape, dtype and PyTorch version counter (bumped by every in-place
     write: an optimiser step, ``load_state_dict``, ``weight[:, 3] = 0`` under ``no_grad``), a few
-    of its values (writes through ``.data``, which leave the counter alone, of more than a few
-    elements), every submodule's class, and the variant. Not a checksum: it only says when
-    ``model_checksum`` must be computed again."""
+    of its values and its sum and norm (for writes through ``.data``, which leave the counter
+    alone: a unit's row zeroed changes them; one read of every tensor), every submodule's class,
+    and the variant. Not a checksum: it only says when ``model_checksum`` must be computed
+    again."""
     items, probes = [], {}
     try:
         for name, t in module.state_dict(keep_vars=True).items():
@@ -109,7 +110,10 @@ def state_fingerprint(module: torch.nn.Module, variant: str = "") -> tuple:
             if t.numel() and not (t.is_quantized or t.is_complex() or t.is_meta) and t.layout == torch.strided:
                 flat = t.detach().reshape(-1)
                 step = max(1, flat.numel() // 7)
-                probes.setdefault(t.device, []).append(flat[::step][:8].to(torch.float64))
+                whole = torch.stack([flat.sum(dtype=torch.float64),
+                                     torch.linalg.vector_norm(flat, dtype=torch.float64)]) \
+                    if flat.is_floating_point() else flat.sum()[None].to(torch.float64)
+                probes.setdefault(t.device, []).append(torch.cat([flat[::step][:8].to(torch.float64), whole]))
         values = tuple(torch.cat(v).cpu().numpy().tobytes()
                        for _, v in sorted(probes.items(), key=lambda kv: str(kv[0])))
     except Exception:              # a tensor type without storage or version (a wrapper subclass):
