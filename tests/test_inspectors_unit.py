@@ -760,3 +760,16 @@ def test_permutation_p_values(detector_data):
     null = permutation_p_values(rng.normal(size=(200, 40)), rng.normal(size=(200, 1)), corr_fn,
                                 n_permutations=99, seed=2)
     assert 0.3 < np.mean(null) < 0.7
+
+
+def test_mi_gives_a_point_mass_its_own_bin():
+    """A sparse unit copying a binary label (0 on 92% of the rows): its quantile edges all tie at
+    0; the point mass gets a bin of its own, so MI is the label's entropy (mutual_info_score),
+    not NULL (all rows in one bin)."""
+    rng = np.random.default_rng(4)
+    y = (rng.random(5000) < 0.08).astype(np.float64)
+    x = np.stack([y, y * rng.random(5000) * 3, rng.normal(size=5000)], 1).astype(np.float32)
+    s = grid(run("mi", x, y[:, None], BIN, splits=[1000]).finalize())
+    assert s[0, 0] == pytest.approx(mutual_info_score(y, y), rel=1e-9)
+    assert s[1, 0] == pytest.approx(mutual_info_score(y, y), rel=1e-9)   # 0 vs anything above it
+    assert s[2, 0] < 0.01

@@ -10,7 +10,10 @@ j / bins quantiles (j = 1..bins-1, numpy's default 'linear' interpolation) of th
 the buffered rows and from then on counts every batch directly. A stream shorter than
 ``calibration_rows`` is calibrated on all its rows at finalize (without changing the state).
 Bin b of a unit holds edges[b-1] <= x < edges[b] (``searchsorted(edges, x, side='right')``), so
-tied edges (a unit with a point mass, e.g. a dead ReLU) leave empty bins. The column ``bins``
+tied edges (a unit with a point mass, e.g. a ReLU's zeros) leave empty bins; the last edge of
+each run of ties at v is moved to the next float above v, so that the point mass has a bin of its
+own instead of sharing one with the values above it (a sparse unit copying a binary label, 0 on
+92% of the rows, would otherwise fall in one bin, its MI undefined). The column ``bins``
 gives the number of distinct bins of the unit (distinct edges + 1), ``bin_rule`` how the edges
 were made; ``bin_edges()`` returns them.
 
@@ -79,7 +82,17 @@ def quantile_edges(x: torch.Tensor, bins: int) -> torch.Tensor:
     a = s[:, torch.as_tensor(prev, device=x.device)]                # (W, bins-1)
     b = s[:, torch.as_tensor(nxt, device=x.device)]
     diff = b - a
-    return torch.where(g >= 0.5, b - diff * (1 - g), a + diff * g).contiguous()   # numpy _lerp
+    e = torch.where(g >= 0.5, b - diff * (1 - g), a + diff * g)          # numpy _lerp
+    # a point mass: tied edges at v would put v and everything above it up to the next edge in
+    # one bin (a unit 0 on 92% of the rows and 1 elsewhere: one bin, MI undefined); the last of
+    # a run of ties moves to the next float above v, so [v, v+) holds the mass alone
+    if e.shape[1] > 1:
+        tied = torch.zeros_like(e, dtype=torch.bool)
+        tied[:, 1:] = e[:, 1:] == e[:, :-1]
+        last = tied.clone()
+        last[:, :-1] &= e[:, 1:] != e[:, :-1]
+        e = torch.where(last, torch.nextafter(e, torch.full_like(e, math.inf)), e)
+    return e.contiguous()
 
 
 @register_measure
