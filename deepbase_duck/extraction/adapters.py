@@ -250,7 +250,13 @@ class ModelAdapter:
 
 
 class CharAdapter(ModelAdapter):
-    """Character-level sequence models: one symbol per character, ids from ``encode_chars``."""
+    """Character-level sequence models: one symbol per character, ids from ``encode_chars``.
+
+    Records of a batch are right-padded with ``pad_id`` and the model gets no mask or lengths:
+    right for causal models (each position sees only the characters before it, as the bundled
+    char-LSTMs), but a model that reads ahead (a bidirectional LSTM, a non-causal convolution)
+    would see the padding, and its activations would depend on the batch. Wrap such a model in a
+    ModelAdapter of your own that passes lengths or a mask, or scan with ``batch_size=1``."""
 
     def __init__(self, module, encode_chars, tokenization: str, device=None, pad_id: int = 0):
         super().__init__(module, device)
