@@ -416,7 +416,7 @@ def write_part_file(folder, name: str, dtype: str, batch: Batch, x: torch.Tensor
     values = t.numpy()
     if dtype == "float16" and values.size and values.dtype != np.float16:
         top = float(np.abs(values).max())
-        if top > np.finfo(np.float16).max:             # the cast would store inf
+        if top > float(np.finfo(np.float16).max):      # the cast would store inf
             raise ActivationError(f"activations of {Path(folder).name} reach {top:.4g}, beyond float16's "
                                   f"largest value (65504): store them as float32 (dtype='float32'); "
                                   f"nothing of this batch was stored")
