@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -158,20 +159,27 @@ def _parser() -> argparse.ArgumentParser:
 
 def top_units_table(con, query_id: int, k: int) -> str:
     """The top ``k`` units per (model, hypothesis, measure) of a query as text, from the SQL macro
-    top_units; 'sep' marks a unit whose interval lies above every outsider's (see the macro)."""
+    top_units; 'sep' marks a unit whose interval lies above every outsider's (see the macro). A
+    query of several models (checkpoints) gets a model column; a single model's untrained copy
+    (baseline) is marked by '~u' after the layer."""
     rows = con.sql(f"""
-        SELECT hypothesis || CASE WHEN measure <> 'corr' THEN ' [' || measure || ']' ELSE '' END,
-               CASE WHEN model LIKE '%~untrained' THEN layer || '~u' ELSE layer END, unit, score, ci_low, ci_high, n,
-               separated
+        SELECT hypothesis || CASE WHEN measure <> 'corr' THEN ' [' || measure || ']' ELSE '' END, model,
+               layer, unit, score, ci_low, ci_high, n, separated
         FROM top_units(k := {int(k)}, qid := {int(query_id)}, measure_name := NULL)
         ORDER BY 1, model, rank""").fetchall()
-    head = f"{'hypothesis':<18} {'layer':<8} {'unit':>5} {'score':>8}  {'95% CI':<17} {'n':>8}  sep"
+    several = len({m.removesuffix("~untrained") for _, m, *_ in rows}) > 1
+    mw = max([5] + [len(m) for _, m, *_ in rows]) if several else 0
+    head = (f"{'hypothesis':<18} " + (f"{'model':<{mw}} " if several else "") +
+            f"{'layer':<8} {'unit':>5} {'score':>8}  {'95% CI':<17} {'n':>8}  sep")
     lines = [head, "-" * len(head)]
     last = None
-    for h, layer, unit, score, lo, hi, n, sep in rows:
+    for h, model, layer, unit, score, lo, hi, n, sep in rows:
+        if not several and model.endswith("~untrained"):
+            layer += "~u"
         ci = f"[{lo:6.3f}, {hi:6.3f}]" if lo is not None and hi is not None else " " * 16
         mark = {True: "yes", False: "no"}.get(sep, "")
-        lines.append(f"{(h if h != last else ''):<18} {layer:<8} {unit:>5} {score:>8.3f}  {ci} {n:>8}  {mark}")
+        lines.append(f"{(h if h != last else ''):<18} " + (f"{model:<{mw}} " if several else "") +
+                     f"{layer:<8} {unit:>5} {score:>8.3f}  {ci} {n:>8}  {mark}")
         last = h
     return "\n".join(lines)
 
@@ -179,6 +187,7 @@ def top_units_table(con, query_id: int, k: int) -> str:
 def cmd_demo(args) -> int:
     import deepbase_duck as dbd
     from deepbase_duck.corpora.code import code_records
+    from deepbase_duck.exports import _lit
     from deepbase_duck.hypotheses.library import CODE_HYPOTHESES
 
     t0 = time.time()
@@ -203,7 +212,7 @@ def cmd_demo(args) -> int:
         print(top_units_table(con, qid, args.top))
         out_dir = store_path.parent / "scores_parquet"
         out_dir.mkdir(parents=True, exist_ok=True)
-        con.sql(f"COPY (SELECT * FROM scores WHERE query_id = {qid}) TO '{out_dir.as_posix()}' "
+        con.sql(f"COPY (SELECT * FROM scores WHERE query_id = {qid}) TO {_lit(out_dir)} "
                 "(FORMAT parquet, PARTITION_BY (model, layer), OVERWRITE_OR_IGNORE)")
         con.execute("CHECKPOINT")
         print(f"\nstore: {store_path}  (activations: {store_path}.acts)\nscores as Parquet: {out_dir}/"
@@ -219,32 +228,73 @@ def cmd_demo(args) -> int:
 def _store(args, create: bool = False):
     """The store named on the command line, closed however the command ends. Only the commands
     that fill a store (register-model, add-stdlib, add-dataset) create a missing one: a mistyped
-    path for the others is an error, not a new empty store."""
+    path for the others is an error, not a new empty store; and a store such a command created
+    is removed again when the command fails (an interrupted one keeps it, to resume)."""
     import deepbase_duck as dbd
     from deepbase_duck.errors import DeepBaseError
+    from deepbase_duck.store import activation_root
     if not create and not Path(args.store).is_file():
         raise DeepBaseError(f"no store at {args.store!r} (register-model, add-stdlib or add-dataset create one; "
                             f"`deepbase-duck demo` writes deepbase_demo/demo.duckdb)")
+    db, acts = Path(args.store), activation_root(args.store)
+    created = [p for p in (db, Path(f"{db}.wal"), acts) if not p.exists()] if create else []
     con = dbd.connect(args.store, progress=not args.quiet)
+    failed = False
     try:
         yield con
+    except Exception:
+        failed = True
+        raise
     finally:
         dbd.close(con)
+        if failed and db in created:
+            for p in created:
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+
+
+def _loader_params(text: str) -> dict:
+    """register-model's --params: a JSON object, or one DeepBaseError naming what is wrong."""
+    from deepbase_duck.errors import DeepBaseError
+    try:
+        params = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DeepBaseError(f"--params is not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(params, dict):
+        raise DeepBaseError(f"--params must be a JSON object of the loader's keyword arguments, e.g. "
+                            f"'{{\"checkpoint\": \"final\"}}', got {text!r}")
+    return params
 
 
 def cmd_register(args):
+    import duckdb
     import deepbase_duck as dbd
+    from deepbase_duck.errors import DeepBaseError
+    params = _loader_params(args.params)          # before the store is opened (or created)
     with _store(args, create=True) as con:
-        print(json.dumps(dbd.register_model(con, args.name, args.loader, json.loads(args.params))))
+        try:
+            info = dbd.register_model(con, args.name, args.loader, params)
+        except (DeepBaseError, duckdb.Error):
+            raise
+        except Exception as exc:                  # raised by the loader itself (a bad checkpoint name...)
+            raise DeepBaseError(f"loader {args.loader!r} failed with --params {args.params}: "
+                                f"{type(exc).__name__}: {exc}") from None
+        print(json.dumps(info))
     return 0
 
 
 def cmd_add_stdlib(args):
     import deepbase_duck as dbd
     from deepbase_duck.corpora.code import code_records
+    from deepbase_duck.errors import DeepBaseError
+    try:                                          # the records of SQL's add_stdlib_dataset, before the store opens
+        records = code_records(args.split, args.max_chars, args.chars)
+    except ValueError as exc:
+        raise DeepBaseError(str(exc)) from None
     with _store(args, create=True) as con:
-        n = dbd.add_dataset(con, args.name, code_records(args.split, args.max_chars, args.chars),
-                            f"Python standard library, {args.split} split")
+        n = dbd.add_dataset(con, args.name, records, f"Python standard library, {args.split} split")
         print(f"{args.name}: {n} records")
     return 0
 
@@ -377,6 +427,9 @@ def main(argv=None) -> int:
     except BrokenPipeError:                      # `deepbase-duck ... | head`
         sys.stderr.close()
         return 0
+    except OSError as exc:                       # a path that cannot be written or read: named by the OS
+        print(f"deepbase-duck {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"deepbase-duck {args.command}: interrupted; stored work is kept and a re-run resumes",
               file=sys.stderr)

@@ -9,15 +9,18 @@
                                                    model's current weights, float32 preferred)
       study.duckdb                                 DuckDB 1.5-readable: one view per file set above
 
-The .duckdb file holds only views (absolute paths to the Parquet files) and the pure-SQL macros
-over them (top_units, compare_scores; with ``text=True`` also symbol_labels and sampling),
-so any DuckDB 1.5+ client (the CLI, duckdb-engine / SQLAlchemy, ADBC) reads it, and tools that
-read Parquet use the files directly (pyarrow.dataset, polars, Spark...). Nothing in it needs
+The .duckdb file holds only views (each Parquet file named by its absolute path, no glob, so
+the folder's name may hold [ ] or *; columns in the store's order and of its types: partition
+values as VARCHAR, act as FLOAT[width] where the exported layers share one width) and the
+pure-SQL macros over them (top_units, compare_scores; with ``text=True`` also symbol_labels and
+sampling), so any DuckDB 1.5+ client (the CLI, duckdb-engine / SQLAlchemy, ADBC) reads it, and
+tools that read Parquet use the files directly (pyarrow.dataset, polars, Spark...). Nothing in it needs
 Python UDFs. Records, symbols and labels are left out unless ``text=True`` (they can be large).
 ``overwrite=True`` replaces an earlier export in ``out_dir`` and nothing else.
 """
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -52,10 +55,58 @@ def check_replaceable(session, out: Path) -> None:
                             f"{' ...' if len(other) > 5 else ''}); overwrite replaces only an earlier export")
 
 
+def _file_lit(path) -> str:
+    """A file's path as a SQL string literal that DuckDB's readers take literally: they glob every
+    path, and a glob such as 'out[1]/x' would match 'out1/x' instead; each [ * ? is written as a
+    one-character class ([[], [*], [?]), which matches only itself."""
+    return _lit(re.sub(r"([\[*?])", r"[\1]", Path(path).as_posix()))
+
+
+def _ident(name: str) -> str:
+    """A column name as a SQL identifier (double quotes doubled)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _files_view(name: str, files: list[Path], columns: list[tuple[str, str]], hive: tuple = ()) -> str:
+    """A view over Parquet ``files`` named one by one (no glob: the folder's own name may hold
+    [ ] or *, see _file_lit) giving ``columns`` [(name, type)] in that order and of those
+    types; the ``hive`` partition keys are read as VARCHAR (a model named '007' stays '007',
+    not 7), and a list comes back as the store's fixed-size array."""
+    cols = ", ".join(f"CAST({_ident(c)} AS {t}) AS {_ident(c)}" for c, t in columns)
+    hive_opts = ""
+    if hive:
+        keys = ", ".join(f"{_lit(c)}: VARCHAR" for c in hive)
+        hive_opts = f", hive_partitioning = true, hive_types = {{{keys}}}"
+    return (f"CREATE OR REPLACE VIEW {name} AS SELECT {cols} "
+            f"FROM read_parquet([{', '.join(_file_lit(f) for f in files)}]{hive_opts})")
+
+
+HIVE_KEYS = ("model", "layer", "dataset")    # the partition columns of scores and activations
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse, before anything is written, a folder the export could not be read back from."""
+    from .errors import DeepBaseError
+    if out.exists() and not out.is_dir():
+        raise DeepBaseError(f"export folder {out} is a file, not a folder: give the path of a folder")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise DeepBaseError(f"export folder {out} cannot be made: {blocking} is a file")
+    if "?" in str(out):
+        raise DeepBaseError(f"export folder {out} holds a '?', which DuckDB takes for the start of a database "
+                            f"file's options (study.duckdb could not be opened): choose another folder")
+    keyed = [part for part in out.parts if part.split("=", 1)[0] in HIVE_KEYS and "=" in part]
+    if keyed:
+        raise DeepBaseError(f"export folder {out} has a folder named {keyed[0]!r}, which readers of the hive "
+                            f"partitions below it would take for the partition's own value: choose another folder")
+
+
 def export_store(session, out_dir: str, activations: bool = False, text: bool = False,
                  overwrite: bool = False) -> dict:
-    """Write the export to ``out_dir``; returns {name: path} of what was written."""
+    """Write the export to ``out_dir``; returns {name: path} of what was written. A failure
+    leaves no partial export behind (the folder is left empty)."""
     out = Path(out_dir).resolve()
+    check_out_dir(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"export folder {out} is not empty; pass overwrite=True (CLI: --overwrite) "
@@ -63,20 +114,36 @@ def export_store(session, out_dir: str, activations: bool = False, text: bool = 
         check_replaceable(session, out)
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _write(session, out, activations, text)
+    except BaseException:
+        for p in out.iterdir():                # only what this export wrote: the folder was empty
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        raise
+
+
+def _write(session, out: Path, activations: bool, text: bool) -> dict:
     con = session.con
-    written = {}
+    written, views = {}, []
     scores_dir = out / "scores"
+    score_cols = [(c, t) for c, t, *_ in store.q_all(con, "DESCRIBE scores")]
     n_scores = store.q_scalar(con, "SELECT count(*) FROM scores")
     if n_scores:
         con.execute(f"COPY scores TO {_lit(scores_dir)} (FORMAT parquet, PARTITION_BY (model, layer))")
         written["scores"] = f"{scores_dir.as_posix()}/**/*.parquet"
+        views.append(("scores", sorted(scores_dir.rglob("*.parquet")), score_cols, ("model", "layer")))
     else:                                   # no partitions to write: one empty file keeps the schema
         con.execute(f"COPY scores TO {_lit(out / 'scores.parquet')} (FORMAT parquet)")
         written["scores"] = (out / "scores.parquet").as_posix()
+        views.append(("scores", [out / "scores.parquet"], score_cols))
     for table in CATALOG + (TEXT_TABLES if text else []):
         path = out / f"{table}.parquet"
         con.execute(f"COPY {table} TO {_lit(path)} (FORMAT parquet)")
         written[table] = path.as_posix()
+        views.append((table, [path], [(c, t) for c, t, *_ in store.q_all(con, f"DESCRIBE {table}")]))
     if activations:
         act_dir = out / "activations"
         # one stored behavior per (model, layer, dataset): the model's current weights and
@@ -87,18 +154,24 @@ def export_store(session, out_dir: str, activations: bool = False, text: bool = 
                                 "(SELECT 1 FROM behavior_parts p WHERE p.behavior_id = b.behavior_id) "
                                 "QUALIFY row_number() OVER (PARTITION BY b.model, b.layer, b.dataset "
                                 "ORDER BY b.dtype = 'float32' DESC, b.behavior_id DESC) = 1")
+        act_types = set()
         for view, model, layer, dataset in rows:
             con.execute(f"COPY (SELECT ? AS model, ? AS layer, ? AS dataset, record_id, pos, act FROM {view}) "
                         f"TO {_lit(act_dir)} (FORMAT parquet, PARTITION_BY (model, layer, dataset), "
                         "APPEND)", [model, layer, dataset])
+            act_types.add(store.q_scalar(con, f"SELECT column_type FROM (DESCRIBE {view}) WHERE column_name = 'act'"))
         if rows:
             written["activations"] = f"{act_dir.as_posix()}/**/*.parquet"
+            # act is FLOAT[width] in the behavior views: kept where every layer exported has one
+            # width, else FLOAT[] (one column cannot hold arrays of several sizes)
+            act = act_types.pop() if len(act_types) == 1 else "FLOAT[]"
+            cols = [(c, "VARCHAR") for c in HIVE_KEYS] + [("record_id", "INTEGER"), ("pos", "INTEGER"), ("act", act)]
+            views.append(("activations", sorted(act_dir.rglob("*.parquet")), cols, HIVE_KEYS))
     db = out / "study.duckdb"
     side = duckdb.connect(str(db), config={"storage_compatibility_version": "v1.5.0"})
     try:
-        for name, path in written.items():
-            hive = ", hive_partitioning = true" if "**" in path else ""
-            side.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet({_lit(path)}{hive})")
+        for view in views:
+            side.execute(_files_view(*view))
         # the macros over what was exported: results always; alignment and sampling with the text
         wanted = ("10_", "20_", "30_") if text else ("30_",)
         for name, text_sql in store.sql_files("pure"):

@@ -18,11 +18,11 @@ standard input. In the non-interactive modes the first error ends the shell with
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
-import duckdb
 
 HISTORY = Path(os.path.expanduser("~")) / ".deepbase_duck_history"
 HELP = __doc__.split("dot-commands:\n\n", 1)[1].split("\n\nModes:", 1)[0]
@@ -32,14 +32,12 @@ class Shell:
     def __init__(self, con, out=sys.stdout, err=sys.stderr):
         self.con, self.out, self.err = con, out, err
         self.timer = False
+        self.open = False            # a statement is under way: lines are buffered until it ends
 
     # -- statements --------------------------------------------------------------------------
     def run_sql(self, sql: str) -> None:
         t0 = time.perf_counter()
-        for stmt in duckdb.extract_statements(sql):
-            text = stmt.query.strip()
-            if not text:
-                continue
+        for text in split_statements(sql)[0]:
             rel = self.con.sql(text)
             if rel is not None:
                 self.out.write(_render(rel) + "\n")
@@ -82,8 +80,10 @@ class Shell:
 
     # -- loops -------------------------------------------------------------------------------
     def feed(self, lines, interactive: bool) -> int:
-        """Run statements from an iterable of lines; returns the exit status."""
-        buf = []
+        """Run statements from an iterable of lines; returns the exit status. Lines are buffered
+        until a ';' ends a statement and nothing but white space and comments follows it (see
+        split_statements), as in the DuckDB CLI."""
+        buf, self.open = [], False
         for line in lines:
             if not buf and line.strip().startswith("."):
                 try:
@@ -95,16 +95,22 @@ class Shell:
                         return 1
                 continue
             buf.append(line)
+            if self.open and ";" not in line and "*/" not in line:
+                continue                         # such a line cannot end what is under way: no rescan
             text = "\n".join(buf)
-            if text.rstrip().endswith(";") and _complete(text):
-                buf = []
+            statements, self.open = split_statements(text)
+            if self.open:
+                continue
+            buf = []                             # ended, or nothing but comments so far
+            if statements:
                 try:
                     self.run_sql(text)
                 except Exception as exc:
                     self.err.write(f"Error: {_one_line(exc)}\n")
                     if not interactive:
                         return 1
-        if buf and "\n".join(buf).strip():
+        self.open = False
+        if buf:
             try:
                 self.run_sql("\n".join(buf))
             except Exception as exc:
@@ -135,7 +141,7 @@ class Shell:
                     self.out.write("^C\n")
                     continue
                 yield line
-                prompt = "D " if line.rstrip().endswith(";") or line.strip().startswith(".") else "· "
+                prompt = "· " if self.open else "D "
 
         try:
             return self.feed(lines(), interactive=True)
@@ -156,15 +162,63 @@ def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
 
 
-def _complete(text: str) -> bool:
-    """Whether ``text`` (ending in ';') is whole: a ';' inside an unterminated string or comment
-    asks for more lines, as in the DuckDB CLI; any other parse error is the statement's own
-    (run it, and report it)."""
-    try:
-        duckdb.extract_statements(text)
-    except duckdb.Error as exc:
-        return "unterminated" not in str(exc).lower()
-    return True
+_DOLLAR = re.compile(r"\$([A-Za-z_][A-Za-z_0-9]*)?\$")
+
+
+def _word_char(c: str) -> bool:
+    return c.isalnum() or c == "_"
+
+
+def split_statements(text: str) -> tuple[list[str], bool]:
+    """The statements of SQL ``text``, split as the DuckDB CLI splits them, and whether more lines
+    are needed. A statement ends at a ';' outside '...' strings (E'...' with backslash escapes
+    too), "..." identifiers, $$...$$ or $tag$...$tag$ dollar quotes and comments (-- to the end
+    of the line, /* */); one holding nothing but comments is left out. More lines are needed
+    when code follows the last ';' or a string, identifier, dollar quote or comment is left
+    unterminated; that last part is still returned, as the last statement."""
+    statements, start, code, i, n = [], 0, False, 0, len(text)
+    while i < n:
+        c = text[i]
+        if text.startswith("--", i):
+            nl = text.find("\n", i)
+            i = n if nl < 0 else nl + 1
+        elif text.startswith("/*", i):
+            close = text.find("*/", i + 2)
+            if close < 0:
+                return statements + [text[start:]], True
+            i = close + 2
+        elif c in "'\"":
+            escapes = c == "'" and i > 0 and text[i - 1] in "eE" and (i < 2 or not _word_char(text[i - 2]))
+            j = i + 1
+            while True:
+                if j >= n:
+                    return statements + [text[start:]], True
+                if escapes and text[j] == "\\":
+                    j += 2
+                elif text[j] != c:
+                    j += 1
+                elif text.startswith(c, j + 1):      # a doubled quote stands for one, inside
+                    j += 2
+                else:
+                    break
+            i, code = j + 1, True
+        elif c == "$" and (i == 0 or not _word_char(text[i - 1])) and _DOLLAR.match(text, i):
+            tag = _DOLLAR.match(text, i).group(0)
+            close = text.find(tag, i + len(tag))
+            if close < 0:
+                return statements + [text[start:]], True
+            i, code = close + len(tag), True
+        else:
+            if c == ";":
+                if code:
+                    statements.append(text[start:i + 1].strip())
+                start, code = i + 1, False
+            elif not c.isspace():
+                code = True
+            i += 1
+    if code:
+        statements.append(text[start:].strip())
+    return statements, code
 
 
 def read_script(path: str) -> str:

@@ -38,7 +38,10 @@
 -- device: where the inspectors' states live ('cpu', 'cuda', 'cuda:1'); NULL: CUDA where available,
 -- else the CPU. A model's own device is set when it is registered (its loader's params).
 -- model: one model, or a list of checkpoints of one architecture (['early', 'final']) scanned
--- together: one pass over the records, forward passes fused where torch.vmap can.
+-- together: one pass over the records, forward passes fused where torch.vmap can. It reaches
+-- the UDF as JSON (to_json), so that any name comes through as registered (commas, quotes...).
+-- Whole-number arguments (max_records, batch_size, seed, top_k, ...) reach it as text, never
+-- rounded: a fraction (max_records := 2.5) is refused as in Python; 2.0 is taken as 2.
 -- engine: 'local' (this process) or 'ray' (the workers of the Ray cluster at ray_address: NULL for
 -- a local Ray, 'auto', 'host:port' or 'ray://host:port'; the model needs a loader spec).
 -- Several models that are not checkpoints of one architecture: a LATERAL join calls inspect once
@@ -54,25 +57,26 @@ CREATE OR REPLACE TEMP MACRO inspect(model, layers, hypotheses, dataset, measure
                                      plateau_tol := NULL, min_support := 0, device := NULL,
                                      stable_windows := 3, baseline_seed := 0, dtype := 'float32') AS TABLE
 SELECT unnest(r, recursive := true)
-FROM (SELECT unnest(dbd_inspect(CAST(model AS VARCHAR), layers, hypotheses, dataset, measures,
-                                CAST(max_records AS BIGINT), CAST(batch_size AS BIGINT),
+FROM (SELECT unnest(dbd_inspect(CAST(to_json(model) AS VARCHAR), layers, hypotheses, dataset, measures,
+                                CAST(max_records AS VARCHAR), CAST(batch_size AS VARCHAR),
                                 CAST(keep_activations AS BOOLEAN), CAST(params AS VARCHAR),
                                 CAST(baseline AS BOOLEAN), CAST(control AS BOOLEAN),
-                                CAST(permutations AS BIGINT), CAST(max_error AS DOUBLE),
-                                CAST(seed AS BIGINT), CAST(engine AS VARCHAR),
-                                CAST(ray_address AS VARCHAR), CAST(top_k AS BIGINT),
+                                CAST(permutations AS VARCHAR), CAST(max_error AS DOUBLE),
+                                CAST(seed AS VARCHAR), CAST(engine AS VARCHAR),
+                                CAST(ray_address AS VARCHAR), CAST(top_k AS VARCHAR),
                                 CAST(reuse AS BOOLEAN), CAST(plateau_tol AS DOUBLE),
-                                CAST(min_support AS BIGINT), CAST(device AS VARCHAR),
-                                CAST(stable_windows AS BIGINT), CAST(baseline_seed AS BIGINT),
+                                CAST(min_support AS VARCHAR), CAST(device AS VARCHAR),
+                                CAST(stable_windows AS VARCHAR), CAST(baseline_seed AS VARCHAR),
                                 CAST(dtype AS VARCHAR))) AS r);
 
 -- compare_layers(groups, dataset, max_records := NULL, batch_size := 16, device := NULL)
--- Linear CKA between every pair of unit groups named 'model:layer' over the same symbols;
--- also appended to the `similarities` table.
+-- Linear CKA between every pair of unit groups named 'model:layer' over the same symbols (split
+-- at the last ':', so a model name may hold ':'); also appended to the `similarities` table.
+-- max_records and batch_size are passed as text, as inspect's: a fraction is refused.
 CREATE OR REPLACE TEMP MACRO compare_layers(groups, dataset, max_records := NULL, batch_size := 16,
                                             device := NULL) AS TABLE
 SELECT unnest(r, recursive := true)
-FROM (SELECT unnest(dbd_compare(groups, dataset, CAST(max_records AS BIGINT), CAST(batch_size AS BIGINT),
+FROM (SELECT unnest(dbd_compare(groups, dataset, CAST(max_records AS VARCHAR), CAST(batch_size AS VARCHAR),
                                 CAST(device AS VARCHAR))) AS r);
 
 -- extract_activations(model, layers, dataset, dtype := 'float32', batch_size := 16)
@@ -80,7 +84,7 @@ FROM (SELECT unnest(dbd_compare(groups, dataset, CAST(max_records AS BIGINT), CA
 -- Stores activations (cached: a second call reuses them); one row per layer.
 CREATE OR REPLACE TEMP MACRO extract_activations(model, layers, dataset, dtype := 'float32', batch_size := 16) AS TABLE
 SELECT unnest(r, recursive := true)
-FROM (SELECT unnest(dbd_extract(model, layers, dataset, dtype, CAST(batch_size AS BIGINT))) AS r);
+FROM (SELECT unnest(dbd_extract(model, layers, dataset, dtype, CAST(batch_size AS VARCHAR))) AS r);
 
 -- annotate(hypotheses, dataset): computes and stores the labels of the hypotheses.
 CREATE OR REPLACE TEMP MACRO annotate(hypotheses, dataset) AS TABLE
@@ -94,7 +98,8 @@ dbd_register_model(name, loader, params);
 CREATE OR REPLACE TEMP MACRO available_hypotheses() AS TABLE
 SELECT unnest(r, recursive := true) FROM (SELECT unnest(dbd_hypotheses(0)) AS r);
 
--- add_stdlib_dataset(name, split := 'heldout', limit_chars := NULL, max_chars := 2000)
+-- add_stdlib_dataset(name, split := 'heldout', limit_chars := NULL, max_chars := 2000): the records of
+-- deepbase_duck.corpora.code.code_records (cut at statement boundaries), as `deepbase-duck add-stdlib`.
 CREATE OR REPLACE TEMP MACRO add_stdlib_dataset(name, split := 'heldout', limit_chars := NULL,
                                                 max_chars := 2000) AS
 dbd_add_stdlib_dataset(name, split, CAST(limit_chars AS BIGINT), CAST(max_chars AS BIGINT));

@@ -80,3 +80,30 @@ def test_compare_scores_pairs_per_dataset(store):
     # 2 layers: 'planted' (5 units) and 'mix' (4 units)
     assert want["compare_datasets"] == [("other", 9, 1), ("snippets", 18, 2)]
     assert {r[0] for r in want["compare_ds"]} == {"other"} and len(want["compare_ds"]) == 9
+
+
+def test_cli_reads_an_export_as_the_store_has_it(tmp_path):
+    """An export read in the DuckDB 1.5 CLI: a model and a dataset named like numbers stay
+    VARCHAR ('007'), columns keep the store's order and act its FLOAT[width]; the export's
+    folder is named 'out[1]' beside a folder 'out1' that a glob of that name would read."""
+    if not CLI.exists():
+        pytest.skip("duckdb-cli is not installed (pip install duckdb-cli==1.5.6, part of the test extra)")
+    con = dbd.connect(str(tmp_path / "s.duckdb"), progress=False)
+    try:
+        dbd.register_model(con, "007", planted_adapter())
+        dbd.add_dataset(con, "2024", TEXTS[:4])
+        dbd.inspect(con, "007", ["planted"], ["digit"], "2024", keep_activations=True)
+        dbd.export(con, str(tmp_path / "out1"))
+        dbd.inspect(con, "007", ["mix"], ["digit"], "2024")
+        written = dbd.export(con, str(tmp_path / "out[1]"), activations=True)
+        want = [(c, t) for c, t, *_ in con.sql("DESCRIBE scores").fetchall()]
+        n_scores = con.sql("SELECT count(*) FROM scores").fetchall()[0][0]
+    finally:
+        dbd.close(con)
+    db = written["duckdb"]
+    assert cli_rows(db, "SELECT column_name, column_type FROM (DESCRIBE scores)") == want
+    assert cli_rows(db, "SELECT column_name, column_type FROM (DESCRIBE activations)") == [
+        ("model", "VARCHAR"), ("layer", "VARCHAR"), ("dataset", "VARCHAR"), ("record_id", "INTEGER"),
+        ("pos", "INTEGER"), ("act", "FLOAT[5]")]
+    assert cli_rows(db, "SELECT model, count(*) FROM scores GROUP BY ALL") == [("007", str(n_scores))]
+    assert cli_rows(db, "SELECT DISTINCT model, dataset FROM activations") == [("007", "2024")]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -161,3 +162,91 @@ def test_exported_activations_hold_one_behavior_per_layer_and_dataset(tmp_path):
         assert got == pytest.approx(want, rel=1e-6)          # the edited weights' activations
     finally:
         side.close()
+
+
+def numeric_store(con):
+    """A model, layers and a dataset whose names all look like numbers ('007', '0', '1',
+    '20240101'), inspected with stored activations of one width (3)."""
+    import torch
+    from deepbase_duck.extraction.adapters import CharAdapter
+    from deepbase_duck.models.charlstm import encode_chars, VOCAB
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential(torch.nn.Embedding(len(VOCAB), 3), torch.nn.Linear(3, 3))
+    dbd.register_model(con, "007", CharAdapter(seq, encode_chars, "chars-test", device="cpu"))
+    dbd.add_dataset(con, "20240101", TEXTS[:6])
+    dbd.inspect(con, "007", ["0", "1"], ["digit"], "20240101", keep_activations=True)
+
+
+def test_exported_views_keep_the_store_columns_order_and_types(con, tmp_path):
+    """Partition values that look like numbers stay VARCHAR ('007', not 7), model and layer
+    stay where the store has them, act keeps its fixed width."""
+    numeric_store(con)
+    want_scores = con.sql("DESCRIBE scores").fetchall()
+    want_rows = con.sql("SELECT * FROM scores ORDER BY ALL").fetchall()
+    written = dbd.export(con, str(tmp_path / "out"), activations=True)
+    side = duckdb.connect(written["duckdb"], read_only=True)
+    try:
+        assert side.sql("DESCRIBE scores").fetchall() == want_scores
+        assert side.sql("SELECT * FROM scores ORDER BY ALL").fetchall() == want_rows
+        assert [(c, t) for c, t, *_ in side.sql("DESCRIBE activations").fetchall()] == [
+            ("model", "VARCHAR"), ("layer", "VARCHAR"), ("dataset", "VARCHAR"), ("record_id", "INTEGER"),
+            ("pos", "INTEGER"), ("act", "FLOAT[3]")]
+        assert side.sql("SELECT DISTINCT model, layer, dataset FROM activations ORDER BY ALL").fetchall() == \
+            [("007", "0", "20240101"), ("007", "1", "20240101")]
+        assert side.sql("SELECT DISTINCT model FROM scores").fetchall() == [("007",)]
+    finally:
+        side.close()
+
+
+def test_export_to_a_folder_named_with_glob_characters(planted, tmp_path):
+    """[ ] * in the folder's name: the views read this export's files, not the files a glob of
+    that name would match (the decoy folder 'out1' matches 'out[1]'); '?' (which DuckDB cannot
+    open a database under) is refused before anything is written."""
+    from deepbase_duck.errors import DeepBaseError
+    dbd.inspect(planted, "planted", ["planted", "mix"], ["digit"], "snippets")
+    decoy = dbd.export(planted, str(tmp_path / "out1"))            # this one holds 9 scores ...
+    dbd.inspect(planted, "planted", ["mix"], ["in_string"], "snippets")
+    for name in ["out[1]", "o*t"]:                                  # ... these 13
+        written = dbd.export(planted, str(tmp_path / name))
+        side = duckdb.connect(written["duckdb"], read_only=True)
+        try:
+            assert side.sql("SELECT count(*) FROM scores").fetchall() == [(13,)]
+            assert side.sql("SELECT count(*) FROM models").fetchall() == [(1,)]
+        finally:
+            side.close()
+    assert decoy["scores"].startswith((tmp_path / "out1").as_posix())
+    with pytest.raises(DeepBaseError, match=r"holds a '\?'"):
+        dbd.export(planted, str(tmp_path / "out?x"))
+    assert not (tmp_path / "out?x").exists()
+    # a folder 'model=x' above the partitions would be read as every score's model
+    with pytest.raises(DeepBaseError, match="has a folder named 'model=x'"):
+        dbd.export(planted, str(tmp_path / "model=x" / "out"))
+    assert not (tmp_path / "model=x").exists()
+
+
+def test_a_failed_export_leaves_its_folder_empty(planted, tmp_path, monkeypatch):
+    from deepbase_duck import exports
+
+    def broken(kind):
+        raise RuntimeError("simulated failure while writing study.duckdb")
+    monkeypatch.setattr(exports.store, "sql_files", broken)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        dbd.export(planted, str(tmp_path / "out"), activations=True)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_export_to_a_file_is_a_clear_error(planted, tmp_path, capsys):
+    from deepbase_duck.cli import main
+    from deepbase_duck.errors import DeepBaseError
+    target = tmp_path / "afile"
+    target.write_text("mine")
+    with pytest.raises(DeepBaseError, match=re.escape(f"export folder {target} is a file")):
+        dbd.export(planted, str(target))
+    with pytest.raises(DeepBaseError, match=re.escape(f"{target} is a file")):
+        dbd.export(planted, str(target / "sub"))
+    assert target.read_text() == "mine"
+    db = str(tmp_path / "s.duckdb")
+    dbd.close(dbd.connect(db, progress=False))
+    assert main(["--quiet", "export", db, str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and f"export folder {target} is a file" in err

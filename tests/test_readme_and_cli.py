@@ -163,3 +163,36 @@ def test_cli_add_dataset_names_its_replace_flag(tmp_path, capsys):
     assert "replace=True" not in err and err.strip().count("\n") == 0
     assert main(["--quiet", "add-dataset", db, "d", str(other), "--replace"]) == 0
     assert dbd_records(db, "d") == 1
+
+
+def test_cli_register_model_bad_params_are_one_line_and_create_no_store(tmp_path, capsys):
+    """Bad JSON, JSON that is not an object, and an error of the loader itself (an unknown
+    checkpoint, an unknown keyword): exit 2, one line naming it, no store file left behind; an
+    existing store keeps its models."""
+    from deepbase_duck.cli import main
+    db = tmp_path / "s.duckdb"
+    loader = "deepbase_duck.models.zoo:charlstm"
+    for params, message in [("{bad", "--params is not valid JSON"), ("[1]", "--params must be a JSON object"),
+                            ('{"checkpoint": "nope"}', "ValueError: unknown CharLSTM checkpoint 'nope'"),
+                            ('{"nope": 1}', "TypeError:")]:
+        assert main(["--quiet", "register-model", str(db), "lm", loader, "--params", params]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.strip().count("\n") == 0, err
+        assert list(tmp_path.iterdir()) == []
+    assert main(["--quiet", "register-model", str(db), "lm", loader, "--params", '{"checkpoint": "step0"}']) == 0
+    assert main(["--quiet", "register-model", str(db), "lm2", loader, "--params", '{"checkpoint": "nope"}']) == 2
+    con = dbd.connect(str(db), progress=False)
+    try:
+        assert con.sql("SELECT name FROM models").fetchall() == [("lm",)]
+    finally:
+        dbd.close(con)
+
+
+def test_demo_writes_into_a_folder_with_a_quote(tmp_path):
+    store = tmp_path / "it's here" / "demo.duckdb"
+    r = run_cli("demo", "--store", str(store), "--chars", "3000", "--no-keep")
+    assert r.returncode == 0, r.stderr
+    out = store.parent / "scores_parquet"
+    assert f"scores as Parquet: {out}/" in r.stdout
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.parquet")) == [
+        "model=charlstm/layer=lstm0/data_0.parquet", "model=charlstm/layer=lstm1/data_0.parquet"]

@@ -268,8 +268,14 @@ def test_report_bad_input(tmp_path, con):
         dbd.report(con, str(tmp_path / "r.html"), model="nope")
     with pytest.raises(UnknownNameError, match="unknown dataset 'nope'"):
         dbd.report(con, str(tmp_path / "r.html"), dataset="nope")
-    with pytest.raises(UnknownNameError, match="measure of this query 'iou'"):
+    with pytest.raises(UnknownNameError) as exc:
         dbd.report(con, str(tmp_path / "r.html"), measure="iou")
+    assert str(exc.value) == "unknown unit-level measure 'iou'; valid unit-level measures: corr"
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(DeepBaseError, match=re.escape(f"cannot write '{tmp_path}/afile/r.html': "
+                                                      f"'{tmp_path}/afile' is a file")):
+        dbd.report(con, str(tmp_path / "afile" / "r.html"))
+    assert (tmp_path / "afile").read_text() == "mine"
     with pytest.raises(DeepBaseError, match="should end in .html"):
         dbd.report(con, str(tmp_path / "r.png"))
     with pytest.raises(DeepBaseError, match="is a folder"):

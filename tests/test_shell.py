@@ -128,3 +128,34 @@ def test_statements_across_lines_parse_errors_and_read_with_dot_commands(db, tmp
         read_script(str(bad))
     r = shell(db, str(tmp_path / "nope.sql"))
     assert r.returncode == 2 and "no script file" in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+def test_statements_end_only_at_a_semicolon_outside_comments_and_quotes(db):
+    """A ';' in a -- comment, a /* */ comment, a dollar-quoted string over lines or a quoted
+    identifier does not end the statement (as in the DuckDB CLI); after 'SELECT ...; -- remark'
+    the next line is a new statement or dot-command."""
+    script = ("SELECT 1 -- note;\n+ 1 AS x;\n"
+              "SELECT $$a;\nb$$ AS d, $t$ c; $t$ AS e, /* f; */ 'g;''h' AS \"i;j\";\n"
+              "SELECT 42 AS answer; -- the answer\n"
+              ".timer on\n"
+              "SELECT 43 AS next;\n")
+    r = shell(db, stdin=script)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    out = r.stdout
+    assert "│     2 │" in out                               # 1 + 1, not 1 then a parser error
+    assert "a;\\nb" in out and " c; " in out and "g;'h" in out and "i;j" in out
+    assert "42" in out and "43" in out and "Run Time:" in out
+    assert out.index("42") < out.index("43") < out.index("Run Time:")
+
+
+def test_split_statements():
+    from deepbase_duck.shell import split_statements
+    assert split_statements("SELECT 1; -- done") == (["SELECT 1;"], False)
+    assert split_statements("SELECT 1 -- no end;") == (["SELECT 1 -- no end;"], True)
+    assert split_statements("SELECT 'a;\n") == (["SELECT 'a;\n"], True)
+    assert split_statements("SELECT $x$ ; $x$;") == (["SELECT $x$ ; $x$;"], False)
+    assert split_statements("SELECT E'it\\'s;';") == (["SELECT E'it\\'s;';"], False)
+    assert split_statements("SELECT 1; /* only */ ;\n-- c\n") == (["SELECT 1;"], False)
+    assert split_statements("/* open; ") == (["/* open; "], True)
+    assert split_statements("-- only a comment") == ([], False)

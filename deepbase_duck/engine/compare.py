@@ -28,7 +28,10 @@ def parse_group(g) -> tuple[str, str]:
     if isinstance(g, (tuple, list)) and len(g) == 2:
         return str(g[0]), str(g[1])
     if isinstance(g, str) and ":" in g:
-        model, layer = g.split(":", 1)
+        model, layer = g.rsplit(":", 1)          # layers are module paths (no ':'); a model name may hold one
+        if not model or not layer:
+            raise DeepBaseError(f"unit group {g!r} has an empty {'model' if not model else 'layer'}: "
+                                f"write it 'model:layer'")
         return model, layer
     raise DeepBaseError(f"unit group {g!r} is not 'model:layer' or (model, layer)")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..catalog import session_of
-from ..errors import DeepBaseError, check_int
+from ..errors import DeepBaseError, UnknownNameError, check_int
 from ..progress import progress_bar
 from . import data
 from . import html as H
@@ -185,8 +185,13 @@ def write_report(con, path, query_id=None, model: str | None = None, dataset: st
         raise DeepBaseError(f"report: {str(out)!r} is a folder; give the path of an .html file")
     if out.suffix.lower() not in (".html", ".htm"):
         raise DeepBaseError(f"report: {str(out)!r} should end in .html")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise DeepBaseError(f"report: cannot write {str(out)!r}: {str(blocking)!r} is a file, not a folder")
     t0 = time.time()
     q = data.select_query(con, query_id, model, dataset)
+    if measure is not None and measure not in q.unit_measures:      # the query's measures with unit scores
+        raise UnknownNameError("unit-level measure", measure, q.unit_measures)
     pm = data.primary_measure(q, measure)
     tops = data.top_units(con, q, pm, top_units) if pm else []
     store_path = session.db_path or ":memory:"
@@ -212,10 +217,13 @@ def write_report(con, path, query_id=None, model: str | None = None, dataset: st
            "verify a unit by ablating it.")
     footer = f"deepbase_duck {__version__}, written {time.strftime('%Y-%m-%d %H:%M:%S')} from {H.esc(store_path)}"
     doc = H.page(title, sub, parts, footer)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(doc, encoding="utf-8")
-    os.replace(tmp, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(doc, encoding="utf-8")
+        os.replace(tmp, out)
+    except OSError as exc:          # no permission, a full disk...
+        raise DeepBaseError(f"report: cannot write {str(out)!r}: {exc.strerror or exc}") from None
     return {"path": str(out), "query_id": q.query_id, "measure": pm, "sections": sections, "figures": n_fig,
             "units_with_text": shown, "missing_activations": [f"{m}:{la}" for m, la in missing],
             "bytes": len(doc.encode("utf-8")), "seconds": round(time.time() - t0, 3)}

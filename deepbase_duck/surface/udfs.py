@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from ..catalog import Session
 from ..errors import DeepBaseError
+from ..inspectors.base import MEASURES
 
 RESULT_STRUCT = ("STRUCT(query_id INTEGER, model VARCHAR, layer VARCHAR, unit INTEGER, hypothesis VARCHAR, "
                  "measure VARCHAR, score DOUBLE, n BIGINT, ci_low DOUBLE, ci_high DOUBLE, p_value DOUBLE, "
@@ -78,10 +79,27 @@ def _default(v, default):
 
 
 def _models(model: str):
-    """A model name, or several as the macro passes a list cast to text: '[early, mid, final]'."""
-    if isinstance(model, str) and model.startswith("[") and model.endswith("]"):
-        return [m.strip() for m in model[1:-1].split(",") if m.strip()]
-    return model
+    """A model name, or several, as the macro passes them: ``to_json(model)``, so that a list
+    arrives as a JSON array and any name (brackets, commas, quotes, spaces) comes through as
+    registered."""
+    return None if model is None else json.loads(model)
+
+
+def _number(name: str, text: str | None):
+    """A whole-number SQL argument, which the macro passes as text so that nothing is rounded on
+    the way (CAST(2.5 AS BIGINT) is 3): an int when it is a whole number (2.0 too), else the
+    fraction as a float, for the library's own check to refuse by name as in Python."""
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise DeepBaseError(f"{name} must be a number, got {text!r}") from None
+    return int(value) if value.is_integer() else value
 
 
 def register_udfs(session: Session) -> None:
@@ -102,25 +120,37 @@ def register_udfs(session: Session) -> None:
         if not isinstance(measure_params, dict) or not all(isinstance(v, dict) for v in measure_params.values()):
             raise DeepBaseError("inspect: params must be a JSON object of per-measure objects, e.g. "
                                 "'{\"probe\": {\"l1\": 0.001}}'")
+        for key in measure_params:       # only measures: other keys would reach inspect() as its settings
+            if key not in MEASURES:
+                raise DeepBaseError(f"inspect: params key {key!r} is not a measure; valid measures: "
+                                    f"{', '.join(sorted(MEASURES))} (settings of the query itself are inspect's own "
+                                    f"arguments, e.g. seed := 1)")
+        n = {k: _number(f"inspect: {k}", v) for k, v in
+             [("max_records", max_records), ("batch_size", batch_size), ("permutations", permutations),
+              ("seed", seed), ("top_k", top_k), ("min_support", min_support), ("stable_windows", stable_windows),
+              ("baseline_seed", baseline_seed)]}
         with held_versions():              # each hypothesis' version as it is now, once for the query
             t = inspect(sub, _models(model), _list(layers), _list(hypotheses), dataset,
-                        _list(measures) or ["corr"], limit=max_records, batch_size=_default(batch_size, 16),
-                        keep_activations=bool(keep), progress=False, baseline=bool(baseline), control=bool(control),
-                        permutations=permutations or 0, max_error=max_error, seed=seed or 0,
-                        engine=engine or "local", ray_address=ray_address, top_k=top_k, reuse=reuse is not False,
-                        plateau_tol=plateau_tol, min_support=min_support or 0, device=device or None,
-                        stable_windows=_default(stable_windows, 3), baseline_seed=_default(baseline_seed, 0),
-                        dtype=dtype or "float32", **measure_params)
+                        _list(measures) or ["corr"], limit=n["max_records"],
+                        batch_size=_default(n["batch_size"], 16), keep_activations=bool(keep), progress=False,
+                        baseline=bool(baseline), control=bool(control), permutations=n["permutations"] or 0,
+                        max_error=max_error, seed=_default(n["seed"], 0), engine=engine or "local",
+                        ray_address=ray_address, top_k=n["top_k"], reuse=reuse is not False,
+                        plateau_tol=plateau_tol, min_support=n["min_support"] or 0, device=device or None,
+                        stable_windows=_default(n["stable_windows"], 3),
+                        baseline_seed=_default(n["baseline_seed"], 0), dtype=dtype or "float32", **measure_params)
         return t.to_pylist()
 
     def do_compare(sub, groups, dataset, max_records, batch_size, device=None):
         from ..engine.compare import compare_layers
-        return compare_layers(sub, _list(groups), dataset, limit=max_records, batch_size=_default(batch_size, 16),
+        return compare_layers(sub, _list(groups), dataset,
+                              limit=_number("compare_layers: max_records", max_records),
+                              batch_size=_default(_number("compare_layers: batch_size", batch_size), 16),
                               device=device or None, progress=False).to_pylist()
 
     def do_extract(sub, model, layers, dataset, dtype, batch_size):
-        return extract(sub, model, _list(layers), dataset, dtype or "float32", None, _default(batch_size, 16),
-                       progress=False)
+        return extract(sub, model, _list(layers), dataset, dtype or "float32", None,
+                       _default(_number("extract_activations: batch_size", batch_size), 16), progress=False)
 
     def do_annotate(sub, hypotheses, dataset):
         with held_versions():
@@ -139,8 +169,8 @@ def register_udfs(session: Session) -> None:
         return session.udf_tracebacks[-1] if session.udf_tracebacks else None
 
     def do_add_stdlib(sub, name, split, limit_chars, max_chars):
-        from ..corpora.stdlib import stdlib_records
-        recs = stdlib_records(split or "heldout", max_chars=max_chars or 2000, limit_chars=limit_chars)
+        from ..corpora.code import code_records          # as the CLI's add-stdlib and the demo
+        recs = code_records(split or "heldout", max_chars=_default(max_chars, 2000), limit_chars=limit_chars)
         return sub.add_dataset(name, recs, f"Python standard library, {split or 'heldout'} split")
 
     def do_add_ptb(sub, name, split, n, seed):
@@ -150,13 +180,13 @@ def register_udfs(session: Session) -> None:
                                            f"{len(recs)} sentences, seed {seed or 0}")
 
     specs = [
-        ("dbd_inspect", do_inspect, ["VARCHAR", "VARCHAR[]", "VARCHAR[]", "VARCHAR", "VARCHAR[]", "BIGINT",
-                                     "BIGINT", "BOOLEAN", "VARCHAR", "BOOLEAN", "BOOLEAN", "BIGINT", "DOUBLE",
-                                     "BIGINT", "VARCHAR", "VARCHAR", "BIGINT", "BOOLEAN", "DOUBLE", "BIGINT",
-                                     "VARCHAR", "BIGINT", "BIGINT", "VARCHAR"],
+        ("dbd_inspect", do_inspect, ["VARCHAR", "VARCHAR[]", "VARCHAR[]", "VARCHAR", "VARCHAR[]", "VARCHAR",
+                                     "VARCHAR", "BOOLEAN", "VARCHAR", "BOOLEAN", "BOOLEAN", "VARCHAR", "DOUBLE",
+                                     "VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR", "BOOLEAN", "DOUBLE", "VARCHAR",
+                                     "VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR"],
          RESULT_STRUCT),
-        ("dbd_compare", do_compare, ["VARCHAR[]", "VARCHAR", "BIGINT", "BIGINT", "VARCHAR"], COMPARE_STRUCT),
-        ("dbd_extract", do_extract, ["VARCHAR", "VARCHAR[]", "VARCHAR", "VARCHAR", "BIGINT"], EXTRACT_STRUCT),
+        ("dbd_compare", do_compare, ["VARCHAR[]", "VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR"], COMPARE_STRUCT),
+        ("dbd_extract", do_extract, ["VARCHAR", "VARCHAR[]", "VARCHAR", "VARCHAR", "VARCHAR"], EXTRACT_STRUCT),
         ("dbd_annotate", do_annotate, ["VARCHAR[]", "VARCHAR"], ANNOTATE_STRUCT),
         ("dbd_register_model", do_register, ["VARCHAR", "VARCHAR", "VARCHAR"], "VARCHAR"),
         ("dbd_hypotheses", do_hypotheses, ["INTEGER"], HYP_STRUCT),
