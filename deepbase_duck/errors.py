@@ -11,7 +11,8 @@ class UnknownNameError(DeepBaseError, KeyError):
     def __init__(self, what: str, name: str, valid):
         valid = sorted(valid)
         shown = ", ".join(map(str, valid[:40])) + (" ..." if len(valid) > 40 else "")
-        plural = {"hypothesis": "hypotheses"}.get(what, what + "s")
+        plural = {"hypothesis": "hypotheses", "query id": "query ids",
+                  "unit-level measure of this query": "unit-level measures of this query"}.get(what, what + "s")
         super().__init__(f"unknown {what} {name!r}; valid {plural}: {shown or '(none registered)'}")
         self.what, self.name, self.valid = what, name, valid
 

@@ -211,6 +211,7 @@ def test_a_store_open_in_another_process_is_named_with_its_pid(tmp_path):
     ({"batch_size": 0, "max_error": 0.3}, r"batch_size must be an integer >= 1"),
     ({"seed": "x", "max_error": 0.3}, r"seed must be an integer >= 0, got 'x'"),
     ({"baseline": True, "baseline_seed": -2}, r"baseline_seed must be an integer >= 0, got -2"),
+    ({"permutations": 1.5}, r"permutations must be an integer >= 0, got 1.5"),        # (was cut to 1)
     ({"record_ids": [0, 999, 1000]}, r"record_ids: 2 id\(s\) are not records of dataset 'snippets': 999, 1000"),
     ({"keep_activations": True, "dtype": "int8"}, r"dtype must be one of float32, float16.*got 'int8'"),
     ({"corr": {"confidence": 1.5}}, r"corr: confidence must be in \(0, 1\), got 1.5"),

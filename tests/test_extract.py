@@ -557,3 +557,20 @@ def test_a_bfloat16_model_is_stored_as_float32(con):
     with torch.no_grad():
         want = m(torch.as_tensor([encode_chars("x = 'a'\n")]))[0, 0].float().tolist()
     assert got == pytest.approx(want, abs=0)
+
+
+def test_a_store_in_a_folder_named_with_glob_characters_and_a_quote(tmp_path):
+    """The behavior views read the store's own folder, not what its [ ] or ' would glob or break."""
+    from conftest import TEXTS, planted_adapter
+    (tmp_path / "runs1").mkdir()                                    # what 'runs[1]' would glob
+    folder = tmp_path / "runs[1] it's"
+    folder.mkdir()
+    con = dbd.connect(str(folder / "s.duckdb"), progress=False)
+    try:
+        dbd.register_model(con, "planted", planted_adapter())
+        dbd.add_dataset(con, "d", TEXTS[:3])
+        view = dbd.extract(con, "planted", ["mix"], "d")[0]["view"]
+        n = con.sql(f"SELECT count(*) FROM {view}").fetchall()[0][0]
+        assert n == sum(len(t) for t in TEXTS[:3])
+    finally:
+        dbd.close(con)

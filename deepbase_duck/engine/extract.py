@@ -136,7 +136,9 @@ def _safe(name: str) -> str:
 
 
 def view_sql(session, b: dict) -> str:
-    path = (session.act_root / b["directory"]).as_posix()
+    # the folder's own [ * ? are written as one-character classes (DuckDB globs the whole path:
+    # a store in 'runs[1]/' would read 'runs1/'), its quotes doubled; part-*.parquet stays a glob
+    path = re.sub(r"([\[*?])", r"[\1]", (session.act_root / b["directory"]).as_posix()).replace("'", "''")
     return (f"CREATE OR REPLACE VIEW {b['view_name']} AS SELECT record_id, pos, "
             f"CAST(act AS FLOAT[{int(b['width'])}]) AS act FROM read_parquet('{path}/part-*.parquet')")
 

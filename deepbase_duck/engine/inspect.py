@@ -223,7 +223,7 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
     dev = default_device(device)
     return Plan(model, layers, dataset, ids, hyps, measures, per_measure, cols, batch_size=int(batch_size),
                 keep_activations=bool(keep_activations), dtype=dtype, device=str(dev), measure_params=measure_params,
-                control=bool(control), permutations=int(permutations or 0),
+                control=bool(control), permutations=check_int("permutations", permutations or 0, 0),
                 permutation_rows=int(permutation_rows),
                 max_error=None if max_error is None else float(max_error), seed=int(seed),
                 top_k=None if top_k is None else int(top_k), stable_windows=int(stable_windows),
