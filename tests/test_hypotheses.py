@@ -385,3 +385,26 @@ def test_code_hypotheses_count_lines_as_tokenize_does(text, strings, comments):
     assert got == {"in_string": strings, "in_comment": comments}
     t = "x = 1\x0c\ny = 2\nz = (3,\n     4)\nw = 5\n"
     assert [off for off, _ in statement_chunks(t, 20)] == [0, 13, 29]    # never inside z = (3, 4)
+
+
+class _Letters:
+    """A callable hypothesis object whose state (the letters) decides its labels."""
+
+    def __init__(self, letters):
+        self.letters = tuple(letters)
+
+    def __call__(self, text):
+        return [(i, i + 1) for i, ch in enumerate(text) if ch in self.letters]
+
+
+def test_a_callable_objects_state_is_part_of_its_version(con):
+    a, d = Hypothesis("letters", _Letters("a")), Hypothesis("letters", _Letters("d"))
+    assert a.version != d.version and a.version == Hypothesis("letters", _Letters("a")).version
+    register(a)
+    dbd.add_dataset(con, "t", ["abcd", "dada"])
+    dbd.annotate(con, ["letters"], "t")
+    register(d)
+    dbd.annotate(con, ["letters"], "t")                              # relabelled: the 'd's now
+    got = con.sql("SELECT record_id, start_char FROM labels WHERE hypothesis = 'letters' AND value <> 0 "
+                  "ORDER BY 1, 2").fetchall()
+    assert got == [(0, 3), (1, 0), (1, 2)]

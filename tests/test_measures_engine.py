@@ -251,3 +251,24 @@ def test_compare_layers_linear_cka(many):
         dbd.compare_layers(many, ["planted:planted"], "snippets")
     with pytest.raises(DeepBaseError, match="is not 'model:layer'"):
         dbd.compare_layers(many, ["planted", "planted:mix"], "snippets")
+
+
+def test_compare_layers_reads_each_models_own_stored_activations(con):
+    """Two models with different weights: the CKA of their layers is the same whether both
+    run, one is stored (stored+model) or both are stored (each stream reads its own model)."""
+    a, c = planted_adapter(), planted_adapter()
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in c.module.mix.parameters():
+            p.copy_(torch.randn_like(p))
+    dbd.register_model(con, "a", a)
+    dbd.register_model(con, "c", c)
+    dbd.add_dataset(con, "d", TEXTS)
+    groups = ["a:mix", "c:planted", "c:mix"]
+    want = [r["score"] for r in dbd.compare_layers(con, groups, "d").to_pylist()]
+    assert want[2] < 0.99                                      # the two mix layers differ
+    for model, source in (("a", "stored+model"), ("c", "stored")):
+        dbd.extract(con, model, ["planted", "mix"], "d")
+        got = [r["score"] for r in dbd.compare_layers(con, groups, "d").to_pylist()]
+        assert got == pytest.approx(want, abs=1e-9)
+        assert con.sql("SELECT source FROM queries ORDER BY query_id DESC LIMIT 1").fetchall() == [(source,)]

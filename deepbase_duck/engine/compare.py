@@ -48,6 +48,13 @@ def _stored_rows(session, model: str, layers: list[str], dataset: str, ids, toke
     return StoredRows(stored_part_blocks(session, plan, behaviors, covered))
 
 
+def _read_stored(rows, blocks, counts):
+    """The stored activations of each block of records, as forward_batches yields a model's
+    (a function of its own: a generator in the comprehension above would read the last model's)."""
+    for b in blocks:
+        yield rows.batch(b, counts)
+
+
 def _defined(x: float):
     """NULL, as in scores, where CKA is undefined (a constant group, fewer than 2 symbols)."""
     return None if math.isnan(x) else x
@@ -93,7 +100,7 @@ def compare_layers(session, groups, dataset: str, record_ids=None, limit=None, b
     blocks = plan_batches(session, dataset, ids, batch_size)
     streams = {m: (forward_batches(session, adapters[m], m, by_model[m], dataset, blocks, counts,
                                    symbols if run and m == run[0] else None) if stored[m] is None
-                   else (stored[m].batch(b, counts) for b in blocks)) for m in by_model}
+                   else _read_stored(stored[m], blocks, counts)) for m in by_model}
     bar = progress_bar(len(ids), f"compare {len(groups)} groups", "rec",
                        session.progress if progress is None else progress)
     try:

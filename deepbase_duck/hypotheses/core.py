@@ -247,7 +247,8 @@ def _union(s, e):
 def _read_version(h: Hypothesis) -> str | None:
     """``Hypothesis.version``: the version given, else ``default_version`` of the function and the
     values it reads now (once per query within ``held_versions``); None while the hypothesis is
-    being constructed without one."""
+    being constructed without one. (``dataclasses.replace(h, ...)`` passes the version read to
+    the copy, which then keeps it: pass ``version=None`` for a copy that follows its function.)"""
     given = h.__dict__.get("_given_version")
     if given is not None or not h.__dict__.get("_versioned"):
         return given
@@ -374,7 +375,12 @@ def function_inputs(fn) -> str:
     objects count by their type alone."""
     code = getattr(fn, "__code__", None)
     if code is None:
-        return ""
+        # a callable object: its state (a dataclass's fields, ...) and what its __call__ reads
+        call = getattr(type(fn), "__call__", None)
+        slots = getattr(type(fn), "__slots__", ())
+        slots = (slots,) if isinstance(slots, str) else slots
+        state = {**getattr(fn, "__dict__", {}), **{k: getattr(fn, k, None) for k in slots}}
+        return f"state={_stable(state)}|" + (function_inputs(call) if inspect.isfunction(call) else "")
     parts = [_stable(getattr(fn, "__defaults__", None)), _stable(getattr(fn, "__kwdefaults__", None))]
     for name, cell in zip(code.co_freevars, getattr(fn, "__closure__", None) or ()):
         try:
