@@ -70,7 +70,8 @@ def main(argv=None) -> int:
                round(r.score, 3) AS r
         FROM fin JOIN result r USING (hypothesis, layer, unit)
         ORDER BY fin.hypothesis, list_position([{order}], r.model)""").fetchall()
-    changed = con.sql("SELECT * FROM compare_scores('charlstm_step0', 'charlstm_final') LIMIT 5").fetchall()
+    changed = con.sql("SELECT layer, unit, hypothesis, score_a, score_b, delta "
+                      "FROM compare_scores('charlstm_step0', 'charlstm_final') LIMIT 5").fetchall()
     t_inspect = time.time() - t0
 
     print(f"char-LSTM checkpoints {', '.join(CHECKPOINTS)} over {len(records)} held-out records "
