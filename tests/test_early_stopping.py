@@ -631,3 +631,12 @@ def test_mi_windows_share_the_totals_bins_so_merges_are_exact(con):
     t = dbd.inspect(con, "planted", ["planted"], ["digit"], "long", measures=["mi"], max_error=0.001, seed=1)
     rules = {json.loads(r["detail"])["bin_rule"] for r in t.to_pylist()}
     assert rules == {"quantile (10 bins) of the first 10000 rows"}
+
+
+def test_min_support_with_every_column_rare_bounds_nothing_and_does_not_stop(big):
+    """When every label column is still rare, no score is bounded: the bound is unknown (inf),
+    not 0, so the scan does not stop at its fifth window on nothing."""
+    dbd.inspect(big, "planted", ["mix"], ["in_string"], "many", max_error=0.02, seed=1, min_support=10**6, limit=60)
+    n, rule, bound = big.sql("SELECT n_records, params->>'stop_rule', params->>'bound_reached' FROM queries "
+                             "ORDER BY query_id DESC LIMIT 1").fetchall()[0]
+    assert n == 60 and rule is None and bound == "Infinity"

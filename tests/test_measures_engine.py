@@ -272,3 +272,16 @@ def test_compare_layers_reads_each_models_own_stored_activations(con):
         got = [r["score"] for r in dbd.compare_layers(con, groups, "d").to_pylist()]
         assert got == pytest.approx(want, abs=1e-9)
         assert con.sql("SELECT source FROM queries ORDER BY query_id DESC LIMIT 1").fetchall() == [(source,)]
+
+
+def test_permutation_p_values_do_not_depend_on_the_batching(many):
+    """The permutation sample (capped below the rows read) is taken in key order, so batches of
+    4 or 16 records give the same p-values (the rows came in another order, and the seeded
+    permutations shuffled that order)."""
+    kw = {"measures": ["corr"], "permutations": 30, "permutation_rows": 300, "reuse": False}
+    got = []
+    for bs in (4, 16):
+        t = dbd.inspect(many, "planted", ["mix"], ["digit", "in_string"], "snippets", batch_size=bs, **kw)
+        got.append({(r["unit"], r["hypothesis"]): r["detail"] for r in t.to_pylist()})
+    assert got[0] == got[1]
+    assert any('"perm_rows": 300' in d for d in got[0].values() if d)

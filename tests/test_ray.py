@@ -455,3 +455,45 @@ print("COUNTS", json.dumps([c.sql(f"SELECT count(*) FROM {{t}}").fetchall()[0][0
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ERROR: Ray workers cannot import deepbase_duck: install deepbase-duck" in r.stdout, r.stdout[-2000:]
     assert "COUNTS [0, 0]" in r.stdout
+
+
+def test_ray_refuses_bad_measure_parameters_before_writing_or_starting(db):
+    """A bad measure parameter is refused when the query is planned: no symbols, labels or
+    behaviors written (Ray wrote them before building its states), as on the local engine."""
+    from deepbase_duck.errors import BadParameterError
+    dbd.add_dataset(db, "fresh_params", TEXTS[:6])
+    before = _counts(db) | {"behaviors": db.execute("SELECT count(*) FROM behaviors").fetchall()[0][0]}
+    for kw in ({"keep_activations": True, "corr": {"intervals": "bogus"}},
+               {"measures": ["probe"], "control": True, "probe": {"l2": -1.0}}):
+        with pytest.raises(BadParameterError):
+            dbd.inspect(db, "planted", ["mix"], ["digit"], "fresh_params", engine="ray", reuse=False, **kw)
+    after = _counts(db) | {"behaviors": db.execute("SELECT count(*) FROM behaviors").fetchall()[0][0]}
+    assert after == before
+
+
+def test_slow_blocks_are_not_cut_by_the_startup_timeout(db):
+    """startup_timeout bounds waiting for workers, not a block's run (block_timeout does)."""
+    dbd.register_model(db, "planted_slower", "ray_models:slow_planted", {"delay": 0.5})
+    kw = {"reuse": False, "batch_size": 2, "limit": 16}
+    dbd.inspect(db, "planted_slower", ["mix"], ["digit"], "snippets", engine=RayEngine(block_batches=4), **kw)
+    # the same workers (kept), blocks of 4 forward passes of 0.5 s: each longer than the 1 s
+    t = dbd.inspect(db, "planted_slower", ["mix"], ["digit"], "snippets",
+                    engine=RayEngine(block_batches=4, startup_timeout=1), **kw)
+    p = _last_params(db)
+    assert t.num_rows > 0 and p["records_used"] == 16 and p["ray_workers_reused"] is True
+    with pytest.raises(dbd.DeepBaseError, match="no Ray block finished within 1 s"):
+        dbd.inspect(db, "planted_slower", ["mix"], ["digit"], "snippets", reuse=False, batch_size=2, limit=16,
+                    engine=RayEngine(block_batches=4, startup_timeout=60, block_timeout=1))
+
+
+def test_ray_and_local_do_not_share_scores_of_a_partial_float16_store(db):
+    """With float16 activations stored for half the records, the local engine reads them and
+    Ray computes every record: their fingerprints differ, so neither is served the other's."""
+    dbd.add_dataset(db, "half16", TEXTS[:8])
+    ids = [r for (r,) in db.execute("SELECT record_id FROM records WHERE dataset = 'half16' ORDER BY 1").fetchall()]
+    dbd.extract(db, "planted", ["mix"], "half16", dtype="float16", record_ids=ids[:4])
+    dbd.inspect(db, "planted", ["mix"], ["digit"], "half16")
+    assert _last_params(db)["reused"]["activation_records_read"] == 4
+    dbd.inspect(db, "planted", ["mix"], ["digit"], "half16", engine="ray")
+    source = db.execute("SELECT source FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0]
+    assert source != "cache"

@@ -214,6 +214,9 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
             if c["kind"] not in cls.accepts:
                 raise DeepBaseError(f"measure {m!r} does not take {c['kind']} hypotheses (hypothesis "
                                     f"{c['source']!r}); it takes: {', '.join(cls.accepts)}")
+        # the measure's parameters checked now, by a state of the first layer's width: before any
+        # engine writes symbols, labels or activations, or starts workers
+        cls(session.stored_widths(model)[layers[0]], per_measure[m], device="cpu", **measure_params.get(m, {}))
     ids = session.select_records(dataset, record_ids, limit)
     if len(ids) == 0:
         raise EmptyDatasetError(f"no records selected from dataset {dataset!r}")
@@ -627,6 +630,8 @@ class StopRule:
                         self.row_columns[k] = states[k].score_rows()[1]
                     halves[k] = halves[k][~np.isin(self.row_columns[k], list(self.rare))]
             self.bound = max(h.max(initial=0.0) for h in halves.values())
+            if plan.min_support and all(h.size == 0 for h in halves.values()):
+                self.bound = float("inf")           # every column still rare: nothing is bounded yet
             if plan.max_error is not None and self.bound <= plan.max_error:
                 self.bound = self._unseen_scores(states, halves, bounded)
         if probes and windows >= 2 and windows & (windows - 1) == 0:
@@ -997,7 +1002,9 @@ def with_permutation_p_values(t: pa.Table, plan: Plan, measure: str, sample, col
     from ..inspectors.significance import measure_score_fn, permutation_p_values
     columns = plan.columns[measure]
     fn = measure_score_fn(measure, columns, plan.device, **plan.measure_params.get(measure, {}))
-    perm = permutation_p_values(sample.acts, sample.labels[:, cols], fn, plan.permutations, seed=0)
+    order = torch.argsort(sample.keys)        # the sample's rows by key: the seeded permutations then
+    acts, labels = sample.acts[order], sample.labels[order][:, cols]    # do not depend on the batching
+    perm = permutation_p_values(acts, labels, fn, plan.permutations, seed=0)
     name_idx = {c["name"]: i for i, c in enumerate(columns)}
     units = t.column("unit").to_pylist()
     hyps = t.column("hypothesis").to_pylist()
@@ -1039,7 +1046,7 @@ def with_q_values(scores: pa.Table) -> pa.Table:
 
 
 # -- caching with provenance -----------------------------------------------------------------------
-def query_fingerprint(session, plans: list, baseline: bool, baseline_seed: int) -> str:
+def query_fingerprint(session, plans: list, baseline: bool, baseline_seed: int, partial: bool = True) -> str:
     """sha256 of everything a query's scores depend on: the models' checksums and tokenisations,
     the layers, each hypothesis' name and version, the dataset, the selected records and a hash
     of their text, the layers whose stored float16 activations it would read (float32 stored
@@ -1050,7 +1057,7 @@ def query_fingerprint(session, plans: list, baseline: bool, baseline_seed: int) 
     text_hash = store.q_scalar(session.con, "SELECT md5(string_agg(md5(text), ',' ORDER BY record_id)) FROM records "
                                             "WHERE dataset = ? AND list_contains(?, record_id)", [plan.dataset, ids])
     rows = [session.model_row(p.model) for p in plans]
-    half = [float16_layers(session, p, r) for p, r in zip(plans, rows)]
+    half = [float16_layers(session, p, r, partial) for p, r in zip(plans, rows)]
     key = {"checksums": [r["checksum"] for r in rows], "tokenizations": [r["tokenization"] for r in rows],
            "layers": list(plan.layers),
            "hypotheses": [[h["name"], h["version"]] for h in plan.hypotheses], "dataset": plan.dataset,
@@ -1069,12 +1076,13 @@ def query_fingerprint(session, plans: list, baseline: bool, baseline_seed: int) 
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def float16_layers(session, plan: Plan, mrow) -> list[str]:
-    """The layers whose stored float16 activations a scan of ``plan`` would read (as
-    LocalEngine.run chooses: a progressive scan reads stored activations only when they cover
-    every selected record)."""
+def float16_layers(session, plan: Plan, mrow, partial: bool = True) -> list[str]:
+    """The layers whose stored float16 activations a scan of ``plan`` would read (as the engine
+    chooses: a progressive scan, or any scan of an engine that cannot mix stored and computed
+    records (``partial=False``: Ray), reads stored activations only when they cover every
+    selected record)."""
     behaviors, covered = stored_coverage(session, plan, mrow["checksum"], mrow["tokenization"])
-    if plan.progressive and len(covered) < len(np.unique(plan.record_ids)):
+    if (plan.progressive or not partial) and len(covered) < len(np.unique(plan.record_ids)):
         return []
     return sorted(layer for layer, b in behaviors.items() if b["dtype"] == "float16")
 
@@ -1200,7 +1208,8 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
                           top_k, stable_windows, plateau_tol, min_support, **measure_params) for m in models]
     plan = plans[0]
     model_label = ", ".join(models)
-    fingerprint = query_fingerprint(session, plans, baseline, baseline_seed)
+    fingerprint = query_fingerprint(session, plans, baseline, baseline_seed,
+                                    partial=getattr(engine, "mixes_stored", True))
     if reuse and store_scores and not keep_activations:      # keep_activations asks for a scan
         hit = cached_scores(session, plan, fingerprint, started, t0, model_label, models)
         if hit is not None:

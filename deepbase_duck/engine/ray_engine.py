@@ -22,7 +22,8 @@ What moves where:
   inspectors' own ``combine()``, so the result does not depend on which worker finished first: it
   equals the local engine's up to float64 rounding (the forward batches are the same). It then
   finalises and writes exactly as the local engine does (``inspect()``), in one transaction at
-  the end: an interrupted driver leaves the store unchanged.
+  the end: an interrupted driver writes no scores (the symbols, labels and committed parts of
+  the blocks it merged stay, consistent, for the next query).
 - Early stopping (``max_error``, ``plateau_tol``): a block is one window of the seeded order;
   blocks are merged as they finish (``ray.wait``) in order, the bound (and the probes' plateau)
   is checked after each merge with the local engine's rule (``StopRule``), and once it holds no
@@ -259,14 +260,18 @@ class RayEngine:
     keep_workers: keep the actors (model loaded) for the next query of the same model in this
         process, as a Spark session keeps its executors; one pool is kept at a time, and a query
         of another model releases it. ``release_workers()`` frees them at once.
+    startup_timeout: seconds to wait for workers to start (and for replacements of dead ones);
+    block_timeout: seconds a running block may take before the query fails (None: no limit; a
+        block whose worker died is dispatched again whatever the limit).
     """
 
     name = "ray"
+    mixes_stored = False        # reads stored activations only when they cover every selected record
 
     def __init__(self, address: str | None = None, num_workers: int | None = None, num_gpus: float | None = None,
                  num_cpus: float = 1, block_batches: int = 4, inflight: int = 2, runtime_env: dict | None = None,
                  connect_timeout: float = 10.0, startup_timeout: float = 120.0, max_redispatch: int = 3,
-                 keep_workers: bool = True, ahead: int | None = None):
+                 keep_workers: bool = True, ahead: int | None = None, block_timeout: float | None = None):
         if ray is None:
             raise DeepBaseError("engine='ray' needs the ray package: pip install 'deepbase-duck[ray]'")
         if block_batches < 1 or inflight < 1:
@@ -278,6 +283,7 @@ class RayEngine:
         self.address, self.num_workers, self.num_gpus, self.num_cpus = address, num_workers, num_gpus, num_cpus
         self.block_batches, self.inflight, self.runtime_env = int(block_batches), int(inflight), runtime_env
         self.connect_timeout, self.startup_timeout = connect_timeout, startup_timeout
+        self.block_timeout = block_timeout          # None: a block may take as long as it takes
         self.max_redispatch = max_redispatch
         self.keep_workers = bool(keep_workers)
         self.ahead = None if ahead is None else int(ahead)
@@ -522,9 +528,13 @@ class RayEngine:
                         load[a] += 1
                 if not in_flight and not starting:
                     raise DeepBaseError("every Ray worker died and no replacement could start")
-                done, _ = ray.wait(list(in_flight) + list(starting), num_returns=1, timeout=self.startup_timeout)
+                # startup_timeout bounds a wait for replacement workers only; a running block is
+                # bounded by block_timeout (a dead worker's block fails in ray.get, not here)
+                limit = self.startup_timeout if not in_flight else self.block_timeout
+                done, _ = ray.wait(list(in_flight) + list(starting), num_returns=1, timeout=limit)
                 if not done:
-                    raise DeepBaseError(f"no Ray block finished within {self.startup_timeout:.0f} s")
+                    what = "Ray worker started" if not in_flight else "Ray block finished"
+                    raise DeepBaseError(f"no {what} within {limit:.0f} s")
                 for ref in done:
                     if ref in starting:             # a replacement worker is up (or failed to start)
                         a = starting.pop(ref)
