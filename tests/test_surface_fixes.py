@@ -4,6 +4,8 @@ add_stdlib_dataset builds the CLI's records; compare_layers takes a model name h
 the CLI's top-units table tells checkpoints apart."""
 from __future__ import annotations
 
+import re
+
 import duckdb
 import pytest
 
@@ -110,7 +112,7 @@ def test_sql_compare_layers_splits_groups_at_the_last_colon(con):
 
 def test_sql_add_stdlib_dataset_refuses_max_chars_0(con):
     msg = sql_error(con, "SELECT add_stdlib_dataset('code', limit_chars := 1000, max_chars := 0)")
-    assert "max_chars must be >= 1, got 0" in msg
+    assert "max_chars must be an integer >= 1, got 0" in msg
     assert con.sql("SELECT count(*) FROM records").fetchall() == [(0,)]
 
 
@@ -120,7 +122,7 @@ def test_cli_add_stdlib_and_sql_give_the_same_records(tmp_path, capsys):
     assert main(["--quiet", "add-stdlib", db, "cli", "--chars", "3000", "--max-chars", "300"]) == 0
     assert main(["--quiet", "add-stdlib", db, "zero", "--chars", "3000", "--max-chars", "0"]) == 2
     err = capsys.readouterr().err
-    assert "max_chars must be >= 1, got 0" in err and err.strip().count("\n") == 0
+    assert "max_chars must be an integer >= 1, got 0" in err and err.strip().count("\n") == 0
     con = dbd.connect(db, progress=False)
     try:
         assert con.sql("SELECT add_stdlib_dataset('sql', limit_chars := 3000, max_chars := 300)").fetchall()[0][0] > 1
@@ -145,3 +147,24 @@ def test_cli_top_units_table_names_the_model_of_each_checkpoint(con):
     qid = dbd.inspect(con, "early", ["planted"], ["digit"], "snippets", baseline=True).column("query_id")[0].as_py()
     lines = top_units_table(con, qid, 1).splitlines()
     assert "model" not in lines[0] and [ln[19:].split()[0] for ln in lines[2:]] == ["planted", "planted~u"]
+
+
+def test_sql_dataset_builders_refuse_fractions_as_python_does(con):
+    """add_stdlib_dataset and add_ptb_dataset took their counts through a BIGINT cast (2.5 -> 3)."""
+    from deepbase_duck.corpora.ptb import ptb_records
+    from deepbase_duck.corpora.stdlib import stdlib_records
+    before = con.sql("SELECT count(*) FROM datasets").fetchall()
+    for sql, message in [
+        ("SELECT add_stdlib_dataset('x', limit_chars := 2500.5)", "limit_chars must be an integer >= 1, got 2500.5"),
+        ("SELECT add_stdlib_dataset('x', limit_chars := 3000, max_chars := 1.5)", "max_chars must be an integer >= 1, got 1.5"),
+        ("SELECT add_ptb_dataset('p', n := 2.5)", "n must be an integer >= 1, got 2.5"),
+        ("SELECT add_ptb_dataset('p', n := 3, seed := 0.5)", "seed must be an integer >= 0, got 0.5"),
+    ]:
+        with pytest.raises(Exception, match=re.escape(message)):
+            con.sql(sql).fetchall()
+    assert con.sql("SELECT count(*) FROM datasets").fetchall() == before
+    with pytest.raises(dbd.DeepBaseError, match=re.escape("n must be an integer >= 1, got 2.5")):
+        ptb_records("test", 2.5)
+    with pytest.raises(dbd.DeepBaseError, match=re.escape("max_chars must be an integer >= 1, got 0")):
+        stdlib_records("heldout", 0, 100)
+    assert con.sql("SELECT add_ptb_dataset('p', n := 3.0, seed := 1)").fetchall() == [(3,)]

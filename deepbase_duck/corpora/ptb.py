@@ -39,9 +39,10 @@ def ptb_sentences(split: str = "test") -> list[str]:
 def ptb_records(split: str = "test", n: int | None = None, seed: int = 0) -> list[dict]:
     """Records {'text', 'source'} of ``n`` sentences sampled from ``split`` (all when ``n`` is
     None or at least the split's size)."""
+    from ..errors import check_int
+    n = None if n is None else check_int("ptb_records: n", n, 1)
+    seed = check_int("ptb_records: seed", seed, 0)
     sents = ptb_sentences(split)
-    if n is not None and n < 1:
-        raise DeepBaseError(f"ptb_records: n must be >= 1, got {n}")
     idx = np.arange(len(sents))
     if n is not None and n < len(sents):
         idx = np.sort(np.random.default_rng(seed).choice(len(sents), size=int(n), replace=False))

@@ -132,6 +132,9 @@ def stdlib_records(
     When ``limit_chars`` is given, records are emitted (whole chunks only) until
     their total length reaches ``limit_chars``.
     """
+    from ..errors import check_int
+    max_chars = check_int("max_chars", max_chars, 1)
+    limit_chars = None if limit_chars is None else check_int("limit_chars", limit_chars, 1)
     files = _split_files(split)
     records: list[dict] = []
     total = 0

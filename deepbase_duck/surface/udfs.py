@@ -170,12 +170,14 @@ def register_udfs(session: Session) -> None:
 
     def do_add_stdlib(sub, name, split, limit_chars, max_chars):
         from ..corpora.code import code_records          # as the CLI's add-stdlib and the demo
-        recs = code_records(split or "heldout", max_chars=_default(max_chars, 2000), limit_chars=limit_chars)
+        recs = code_records(split or "heldout", max_chars=_default(_number("max_chars", max_chars), 2000),
+                            limit_chars=_number("limit_chars", limit_chars))
         return sub.add_dataset(name, recs, f"Python standard library, {split or 'heldout'} split")
 
     def do_add_ptb(sub, name, split, n, seed):
         from ..corpora.ptb import ptb_records
-        recs = ptb_records(split or "test", n, seed or 0)
+        n, seed = _number("n", n), _default(_number("seed", seed), 0)
+        recs = ptb_records(split or "test", n, seed)
         return sub.add_dataset(name, recs, f"Penn Treebank (Mikolov LM text), {split or 'test'} split, "
                                            f"{len(recs)} sentences, seed {seed or 0}")
 
@@ -191,8 +193,8 @@ def register_udfs(session: Session) -> None:
         ("dbd_register_model", do_register, ["VARCHAR", "VARCHAR", "VARCHAR"], "VARCHAR"),
         ("dbd_hypotheses", do_hypotheses, ["INTEGER"], HYP_STRUCT),
         ("dbd_last_error", do_last_error, ["INTEGER"], "VARCHAR"),
-        ("dbd_add_stdlib_dataset", do_add_stdlib, ["VARCHAR", "VARCHAR", "BIGINT", "BIGINT"], "BIGINT"),
-        ("dbd_add_ptb_dataset", do_add_ptb, ["VARCHAR", "VARCHAR", "BIGINT", "BIGINT"], "BIGINT"),
+        ("dbd_add_stdlib_dataset", do_add_stdlib, ["VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR"], "BIGINT"),
+        ("dbd_add_ptb_dataset", do_add_ptb, ["VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR"], "BIGINT"),
     ]
     for name, fn, params, ret in specs:
         con.create_function(name, _fixed_arity(_udf(session, fn), len(params)), params, ret, type="arrow",
