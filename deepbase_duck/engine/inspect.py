@@ -237,8 +237,7 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
 # -- blocks of activations -----------------------------------------------------------------------
 def stored_behaviors(session, plan: Plan, checksum, tokenization):
     """{layer: behavior} when every layer is stored (any dtype) for all selected records, else None."""
-    behaviors, covered = stored_coverage(session, plan, checksum, tokenization)
-    return behaviors if behaviors and len(covered) == len(np.unique(plan.record_ids)) else None
+    return stored_reads(session, plan, checksum, tokenization, partial=False)[0] or None
 
 
 def stored_coverage(session, plan: Plan, checksum, tokenization) -> tuple[dict, np.ndarray]:
@@ -740,9 +739,7 @@ class LocalEngine:
         tokenization = mrow["tokenization"]
         progressive = plan.progressive
         selected = np.unique(plan.record_ids)
-        behaviors, covered = stored_coverage(session, plan, mrow["checksum"], tokenization)
-        if progressive and len(covered) < len(selected):
-            behaviors, covered = {}, np.empty(0, np.int64)   # progressive scans read all stored or run all
+        behaviors, covered = stored_reads(session, plan, mrow["checksum"], tokenization)
         missing = np.setdiff1d(selected, covered)
         plan.source = "stored" if not len(missing) else ("stored+model" if len(covered) else "model")
         widths = session.stored_widths(plan.model)
@@ -1020,14 +1017,14 @@ def with_batch_means_interval(t: pa.Table, window_scores: list, confidence: floa
     width (clipped to the measure's range); detail gets the number of windows."""
     half = batch_means_half_width(window_scores, confidence)
     score = np.array(t.column("score").to_pylist(), dtype=np.float64)
+    k = (~np.isnan(np.vstack(window_scores))).sum(0) if window_scores else np.zeros(t.num_rows, int)
     if window_scores:                      # defined over the records read, in no single window: unbounded
-        half = np.where((~np.isnan(np.vstack(window_scores))).sum(0) == 0, np.inf, half)
+        half = np.where(k == 0, np.inf, half)
     lo = np.clip(score - half, *score_range)
     hi = np.clip(score + half, *score_range)
     lo, hi = np.where(np.isinf(lo), np.nan, lo), np.where(np.isinf(hi), np.nan, hi)   # NULL, not inf
     t = t.set_column(t.column_names.index("ci_low"), "ci_low", pa.array(lo, pa.float64(), from_pandas=True))
     t = t.set_column(t.column_names.index("ci_high"), "ci_high", pa.array(hi, pa.float64(), from_pandas=True))
-    k = (~np.isnan(np.vstack(window_scores))).sum(0) if window_scores else np.zeros(t.num_rows, int)
     return t.append_column("interval", pa.array([f"batch means over {int(x)} of {len(window_scores)} windows"
                                                   for x in k]))
 
@@ -1076,14 +1073,19 @@ def query_fingerprint(session, plans: list, baseline: bool, baseline_seed: int, 
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def float16_layers(session, plan: Plan, mrow, partial: bool = True) -> list[str]:
-    """The layers whose stored float16 activations a scan of ``plan`` would read (as the engine
-    chooses: a progressive scan, or any scan of an engine that cannot mix stored and computed
-    records (``partial=False``: Ray), reads stored activations only when they cover every
-    selected record)."""
-    behaviors, covered = stored_coverage(session, plan, mrow["checksum"], mrow["tokenization"])
+def stored_reads(session, plan: Plan, checksum, tokenization, partial: bool = True) -> tuple[dict, np.ndarray]:
+    """``stored_coverage`` as a scan uses it: a progressive scan, or any scan of an engine that
+    cannot mix stored and computed records (``partial=False``: Ray), reads stored activations
+    only when they cover every selected record, else none ({}, empty)."""
+    behaviors, covered = stored_coverage(session, plan, checksum, tokenization)
     if (plan.progressive or not partial) and len(covered) < len(np.unique(plan.record_ids)):
-        return []
+        return {}, np.empty(0, np.int64)
+    return behaviors, covered
+
+
+def float16_layers(session, plan: Plan, mrow, partial: bool = True) -> list[str]:
+    """The layers whose stored float16 activations a scan of ``plan`` would read (stored_reads)."""
+    behaviors, _ = stored_reads(session, plan, mrow["checksum"], mrow["tokenization"], partial)
     return sorted(layer for layer, b in behaviors.items() if b["dtype"] == "float16")
 
 

@@ -122,14 +122,19 @@ def _lerp(a, b, g):
     return b - diff * (1 - g) if g >= 0.5 else a + diff * g
 
 
-def wilson(k: np.ndarray, n: np.ndarray, confidence: float):
-    z = stats.norm.ppf(0.5 + confidence / 2)
+def _wilson_ends(k, n, q):
+    """The Wilson score interval's ends for k successes out of n at quantile q (z or t)."""
     with np.errstate(invalid="ignore", divide="ignore"):
-        den = n + z * z
-        center = (k + z * z / 2) / den
-        half = z / den * np.sqrt(k * (n - k) / n + z * z / 4)
+        den = n + q * q
+        center = (k + q * q / 2) / den
+        half = q / den * np.sqrt(np.maximum(k * (n - k) / n, 0) + q * q / 4)
+    return center - half, center + half
+
+
+def wilson(k: np.ndarray, n: np.ndarray, confidence: float):
+    lo, hi = _wilson_ends(k, n, stats.norm.ppf(0.5 + confidence / 2))
     bad = ~(n > 0)
-    return np.where(bad, np.nan, center - half), np.where(bad, np.nan, center + half)
+    return np.where(bad, np.nan, lo), np.where(bad, np.nan, hi)
 
 
 def label_codes(labels: torch.Tensor) -> torch.Tensor:
@@ -520,7 +525,7 @@ class DissectionState(InspectorState):
         den = a * A + b * L - cc * I
         R = _ratio(I, den)
         dg = a * g["A"] + b * g["L"] - cc * g["I"]                 # the firing records' den
-        sums = np.zeros((5, W, H))
+        sums = np.zeros((4, W, H))
         for i, term in enumerate((g["I"] ** 2, g["I"] * dg, dg ** 2 - (b * g["L"]) ** 2)):
             np.add.at(sums[i], g["unit"], term)
         Sdd = b * b * g["LL"][None, :] + sums[2]
@@ -610,12 +615,9 @@ def wilson_effective(R, se, n, records, confidence: float):
     with np.errstate(invalid="ignore", divide="ignore"):
         n_eff = np.where(se > 0, np.fmin(n, R * (1 - R) / (se * se)), n)
         n_eff = np.where(n_eff > 0, n_eff, n)
-        k = R * n_eff
-        den = n_eff + q * q
-        center = (k + q * q / 2) / den
-        half = q / den * np.sqrt(np.maximum(k * (n_eff - k) / n_eff, 0) + q * q / 4)
+    lo, hi = _wilson_ends(R * n_eff, n_eff, q)
     bad = ~(n > 0) | np.isnan(R) | (G < 3)
-    return np.where(bad, np.nan, center - half), np.where(bad, np.nan, center + half)
+    return np.where(bad, np.nan, lo), np.where(bad, np.nan, hi)
 
 
 @register_measure
