@@ -71,6 +71,16 @@ TEXTS = [
 ] * 3
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one intra-op thread for a module of small tensors (far faster on a shared machine
+    than two threads contending); use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def con():
     c = dbd.connect(None, progress=False)

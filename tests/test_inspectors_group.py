@@ -26,13 +26,7 @@ CAT = {"name": "cat", "kind": "categorical", "categories": ["a", "b", "c", "d"]}
 CON = {"name": "con", "kind": "continuous"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The probes here are tiny: one intra-op thread avoids thread contention on busy machines."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planted(n_records=500, rows_per=6, width=20, seed=0):

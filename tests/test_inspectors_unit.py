@@ -19,13 +19,7 @@ from deepbase_duck.inspectors.spearman import average_ranks, row_keys
 TOL = 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the small tensors here run far faster on one thread on a shared machine
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------- helpers

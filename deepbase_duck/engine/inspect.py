@@ -45,8 +45,9 @@ from .extract import (DTYPES, Batch, SymbolWriter, cleanup_orphans, done_records
 # (2: corr intervals with records as clusters; progressive scans over stored activations read
 # the seeded windows, not the parts in a seeded order; 3: iou / precision / recall / f1 and
 # spearman intervals and p-values with records as clusters, mi's point masses in bins of their
-# own, outputs written in place later kept as their module gave them)
-SCORING_VERSION = 3
+# own, outputs written in place later kept as their module gave them; 4: mi intervals and
+# p-values with records as clusters)
+SCORING_VERSION = 4
 PART_CACHE_BYTES = 1 << 30          # decoded stored parts a progressive scan keeps (StoredRows)
 
 RESULT_SCHEMA = pa.schema([

@@ -19,9 +19,9 @@ were made; ``bin_edges()`` returns them.
 
 Counts
 ------
-Exact contingency counts per (unit, bin, class) (a binary hypothesis has classes 0 = label 0 and
-1 = other labels; a categorical one its codes 0..K-1), made with one matrix product of one-hot
-matrices per batch chunk, so merging two states with the same edges is exact (counts add) and
+Exact contingency counts per (group, unit, bin, class) (groups: see ``intervals`` below; a
+binary hypothesis has classes 0 = label 0 and 1 = other labels; a categorical one its codes
+0..K-1), made with one matrix product of one-hot matrices per batch chunk and group, so merging two states with the same edges is exact (counts add) and
 agrees with a one-shot run.
 Merging rules: a calibrated and an uncalibrated state -> the buffered rows are counted with the
 calibrated edges (exact); two uncalibrated states -> buffers concatenated (self's rows first)
@@ -42,11 +42,28 @@ classes, over those rows. Extra column ``mi_miller_madow``: the score minus the 
 bias bias_mm = (m_bc - B' - K' + 1) / (2n), from the Miller-Madow corrections of the three
 entropies in MI = H(bin) + H(class) - H(bin, class), where B', K' and m_bc count the non-empty
 bins, classes and cells (it is (B' - 1)(K' - 1) / (2n) when every cell is occupied).
-Error bound: the plug-in estimate has bias ~ bias_mm and, for MI > 0,
-standard deviation sd = sqrt((sum p(b,c) log^2(p(b,c)/(p(b)p(c))) - MI^2) / n) (delta method). The
-interval is [max(0, MI - bias_mm - z sd), MI + z sd], and max_error() is the largest
-bias_mm + z sd over the scores (z the normal quantile of ``confidence``). p_value: the G-test of
-independence, 2 n MI ~ chi-square with (B' - 1)(K' - 1) degrees of freedom.
+The interval is [max(0, MI - bias_mm - q sd), MI + q sd] and max_error() the largest
+bias_mm + q sd over the scores; how sd, q and the p-value are made, ``intervals``:
+
+- 'records' (the default, when every batch came with record ids, as from the engines): records
+  are the independent observations, since the symbols of one record are not. Each record falls
+  in one of ``jackknife_groups`` groups (default 20) by a hash of its id, the same in any
+  batching, order or engine, and the counts are kept per group (memory x groups; merging adds
+  them, still exact). sd is the delete-a-group jackknife's: with G' groups holding labelled
+  rows, MI_(g) the plug-in MI without group g, sd^2 = (G' - 1) / G' sum_g (MI_(g) - mean)^2,
+  and q is Student's t at G' - 1 degrees of freedom (Kott 2001). The p-value is the G-test
+  with the second-order Rao-Scott correction (Rao & Scott 1984), the covariance of the table's
+  Pearson residuals r_bc = (p_bc - p_b p_c) / sqrt(p_b p_c) taken from their jackknife
+  replicates: with A = n Cov(r), F = 2 n MI tr(A) / tr(A^2) / nu against the F distribution
+  with nu = tr(A)^2 / tr(A^2) and nu (G' - 1) degrees of freedom (for independent symbols
+  tr(A) is close to the G-test's (B' - 1)(K' - 1)). In simulated records of clustered,
+  independent units and labels this rejects at 3-5% at the 5% level where the G-test of the
+  'symbols' intervals rejects at 17-49% (tests/test_mi_intervals.py). NULL interval and
+  p-value with fewer than 3 groups; the finalize table's ``jackknife_groups`` column holds G'.
+- 'symbols' (or a batch without record ids): every symbol independent. sd is the delta
+  method's, sd = sqrt((sum p(b,c) log^2(p(b,c)/(p(b)p(c))) - MI^2) / n), q the normal quantile
+  of ``confidence``; the p-value is the G-test of independence, 2 n MI ~ chi-square with
+  (B' - 1)(K' - 1) degrees of freedom.
 """
 from __future__ import annotations
 
@@ -60,7 +77,7 @@ from scipy import stats
 from .base import InspectorState, register_measure
 from .pointbiserial import class_codes, class_layout
 from .spearman import score_table, sort_rows
-from ..errors import DeepBaseError, check_float, check_integer
+from ..errors import BadParameterError, DeepBaseError, check_float, check_integer
 
 F64 = torch.float64
 _CHUNK = 1 << 23          # elements of the (rows, units x bins) one-hot matrix per product
@@ -95,28 +112,81 @@ def quantile_edges(x: torch.Tensor, bins: int) -> torch.Tensor:
     return e.contiguous()
 
 
+_HASH = 0x9E3779B1                    # 2^32 / golden ratio: Knuth's multiplicative hash
+
+
+def record_groups(record_ids: torch.Tensor, groups: int) -> torch.Tensor:
+    """(n,) int64 jackknife group 0..groups-1 of each row's record: the top bits of a
+    multiplicative hash of the record id scaled to ``groups`` (every row of a record in one group,
+    the same group in any batching, order or engine; consecutive ids spread over the groups)."""
+    r = record_ids.to(torch.int64).reshape(-1)
+    h = (r * _HASH) & 0xFFFFFFFF
+    return (h * groups) >> 32
+
+
+def plugin_mi(c: np.ndarray) -> np.ndarray:
+    """Plug-in MI (nats) of count tables c (..., B, K) over their last two axes (NaN for none)."""
+    n = c.sum((-2, -1))
+    pb = c.sum(-1)
+    pc = c.sum(-2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = c * n[..., None, None] / (pb[..., :, None] * pc[..., None, :])
+        lg = np.where(c > 0, np.log(np.where(c > 0, ratio, 1.0)), 0.0)
+        return (c * lg).sum((-2, -1)) / n
+
+
+def std_residuals(c: np.ndarray) -> np.ndarray:
+    """Pearson residuals (p_bc - p_b p_c) / sqrt(p_b p_c) of count tables c (..., B, K); 0 in empty
+    rows and columns."""
+    N = c.sum((-2, -1))[..., None, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = c / N
+        o = p.sum(-1, keepdims=True) * p.sum(-2, keepdims=True)
+        return np.where(o > 0, (p - o) / np.sqrt(np.where(o > 0, o, 1.0)), 0.0)
+
+
+def jackknife_var(est: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Delete-a-group jackknife variance from leave-one-group-out estimates ``est`` (G, ...), over
+    the groups where ``present`` (G, ...) holds: (G' - 1) / G' sum (est_g - mean)^2."""
+    k = present.sum(0)
+    w = np.where(present, est, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = w.sum(0) / k
+        dev = np.where(present, est - mean, 0.0)
+        return (k - 1) / k * (dev * dev).sum(0)
+
+
 @register_measure
 class MutualInformationState(InspectorState):
     measure = "mi"
     accepts = ("binary", "categorical")
 
     def __init__(self, width, hypotheses, device="cpu", bins: int = 10, calibration_rows: int = 10_000,
-                 edges=None, confidence: float = 0.95, **params):
+                 edges=None, confidence: float = 0.95, intervals: str = "records", jackknife_groups: int = 20,
+                 **params):
         super().__init__(width, hypotheses, device, **params)
         self.bins = check_integer(f"{self.measure}: bins", bins, 2)            # 2.9 is refused, not cut to 2
         self.calibration_rows = check_integer(f"{self.measure}: calibration_rows", calibration_rows, 1)
         self.confidence = check_float(f"{self.measure}: confidence", confidence, 0, 1, open_low=True,
                                       open_high=True)
+        if intervals not in ("records", "symbols"):
+            raise BadParameterError(f"{self.measure}: intervals must be 'records' (symbols of a record are "
+                                    f"dependent: a jackknife over groups of records) or 'symbols' (every "
+                                    f"symbol independent: delta method and G-test), got {intervals!r}")
+        self.intervals = intervals
+        self.jackknife_groups = check_integer(f"{self.measure}: jackknife_groups", jackknife_groups, 3)
+        self.clustered = intervals == "records"        # False once a batch comes without record ids
+        self.G = self.jackknife_groups if self.clustered else 1        # count tables kept
         self.ks, self.offsets, self.C = class_layout(self.hypotheses)
         W = self.width
         self.xmin = torch.full((W,), math.inf, dtype=F64, device=self.device)
         self.xmax = torch.full((W,), -math.inf, dtype=F64, device=self.device)
-        self.buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.buffer: list[tuple] = []                  # (acts, labels, groups or None)
         self.buffered = 0
         self.approx_rows = 0
         self.rows = 0
         self.edges = None
-        self.counts = None
+        self.counts = None                             # (G, W, bins, C) float64
         self.rule = None
         if edges is not None:
             e = torch.as_tensor(np.asarray(edges, dtype=np.float64), device=self.device)
@@ -127,17 +197,23 @@ class MutualInformationState(InspectorState):
             self._set_edges(e, f"fixed edges ({self.bins} bins)")
 
     # -- calibration and counting ----------------------------------------------------------
+    def _new_counts(self):
+        return torch.zeros(self.G, self.width, self.bins, self.C, dtype=F64, device=self.device)
+
     def _set_edges(self, e: torch.Tensor, rule: str):
         self.edges = e.to(self.device, F64).contiguous()
         self.rule = rule
-        self.counts = torch.zeros(self.width, self.bins, self.C, dtype=F64, device=self.device)
+        self.counts = self._new_counts()
 
     def _calibration_rule(self, n):
         return f"quantile ({self.bins} bins) of the first {n} rows"
 
-    def _count(self, counts: torch.Tensor, edges: torch.Tensor, x: torch.Tensor, labels: torch.Tensor):
-        """counts[unit, bin, class] += rows: one-hot(bins) (rows x units*bins) transposed times
-        one-hot(classes) (rows x C), a float32 matrix product (exact: integer sums < 2^24)."""
+    def _count(self, counts: torch.Tensor, edges: torch.Tensor, x: torch.Tensor, labels: torch.Tensor,
+               groups: torch.Tensor | None):
+        """counts[group, unit, bin, class] += rows: per group present, one-hot(bins) (rows x
+        units*bins) transposed times one-hot(classes) (rows x C), a float32 matrix product (exact:
+        integer sums < 2^24 per chunk), the rows sorted by group so that each group's product is
+        a slice of one one-hot matrix. Rows without groups go to group 0."""
         n = x.shape[0]
         if n == 0:
             return
@@ -151,19 +227,34 @@ class MutualInformationState(InspectorState):
         rows = torch.arange(n, device=dev)[:, None].expand_as(g)
         oh.index_put_((rows[ok], g[ok]), torch.ones((), dtype=torch.float32, device=dev), accumulate=True)
         step = max(1, min(_CHUNK // max(W * B, 1), 1 << 23))
-        flat = counts.view(W * B, C)
+        flat = counts.view(counts.shape[0], W * B, C)
+        if groups is None or counts.shape[0] == 1:
+            grp = None
+        else:                                      # rows sorted by group: each group a slice
+            grp, order = torch.sort(groups, stable=True)
+            xb, oh = xb[order], oh[order]
         for s in range(0, n, step):
             e = min(s + step, n)
             bh = torch.zeros(e - s, W * B, dtype=torch.float32, device=dev)
             bh.scatter_(1, xb[s:e], 1.0)
-            flat += (bh.T @ oh[s:e]).to(F64)
+            if grp is None:
+                flat[0] += (bh.T @ oh[s:e]).to(F64)
+                continue
+            ks, sizes = torch.unique_consecutive(grp[s:e], return_counts=True)
+            a = 0
+            for k, m in zip(ks.tolist(), sizes.tolist()):
+                flat[k] += (bh[a:a + m].T @ oh[s + a:s + a + m]).to(F64)
+                a += m
+
+    def _count_buffer(self, counts, edges):
+        for a, b, g in self.buffer:
+            self._count(counts, edges, a, b, g)
 
     def _calibrate_from_buffer(self):
-        x = torch.cat([a for a, _ in self.buffer])
-        y = torch.cat([b for _, b in self.buffer])
+        x = torch.cat([a for a, _, _ in self.buffer])
         k = min(self.calibration_rows, x.shape[0])
         self._set_edges(quantile_edges(x[:k], self.bins), self._calibration_rule(k))
-        self._count(self.counts, self.edges, x, y)
+        self._count_buffer(self.counts, self.edges)
         self.buffer, self.buffered = [], 0
 
     def update(self, acts, labels, record_ids=None) -> None:
@@ -171,13 +262,16 @@ class MutualInformationState(InspectorState):
             return
         x = acts.to(self.device, F64)
         y = labels.to(self.device, F64)
+        if self.clustered and record_ids is None:
+            self.clustered = False                     # symbol intervals from here on
+        grp = record_groups(record_ids.to(self.device), self.G) if self.clustered else None
         self.xmin = torch.minimum(self.xmin, x.min(0).values)
         self.xmax = torch.maximum(self.xmax, x.max(0).values)
         self.rows += int(x.shape[0])
         if self.edges is not None:
-            self._count(self.counts, self.edges, x, y)
+            self._count(self.counts, self.edges, x, y, grp)
             return
-        self.buffer.append((x, y))
+        self.buffer.append((x, y, grp))
         self.buffered += x.shape[0]
         if self.buffered >= self.calibration_rows:
             self._calibrate_from_buffer()
@@ -188,7 +282,8 @@ class MutualInformationState(InspectorState):
         if self.edges is None:
             raise DeepBaseError("mi: empty_like() needs a calibrated state (edges fixed)")
         new = type(self)(self.width, self.hypotheses, self.device, bins=self.bins,
-                         calibration_rows=self.calibration_rows, confidence=self.confidence)
+                         calibration_rows=self.calibration_rows, confidence=self.confidence,
+                         intervals=self.intervals, jackknife_groups=self.jackknife_groups)
         new._set_edges(self.edges.clone(), self.rule)
         return new
 
@@ -196,10 +291,16 @@ class MutualInformationState(InspectorState):
         self._check_combine(other)
         if other.bins != self.bins:
             raise DeepBaseError(f"mi: cannot combine states of {other.bins} and {self.bins} bins")
+        if (other.intervals, other.jackknife_groups) != (self.intervals, self.jackknife_groups):
+            raise DeepBaseError(f"mi: cannot combine a state with intervals={other.intervals!r}, "
+                                f"jackknife_groups={other.jackknife_groups} into one with "
+                                f"intervals={self.intervals!r}, jackknife_groups={self.jackknife_groups}")
+        self.clustered = self.clustered and other.clustered
         self.xmin = torch.minimum(self.xmin, other.xmin.to(self.device))
         self.xmax = torch.maximum(self.xmax, other.xmax.to(self.device))
         self.rows += other.rows
-        o_buffer = [(a.to(self.device), b.to(self.device)) for a, b in other.buffer]
+        o_buffer = [(a.to(self.device), b.to(self.device), None if g is None else g.to(self.device))
+                    for a, b, g in other.buffer]
         if self.edges is None and other.edges is None:
             self.buffer = self.buffer + o_buffer
             self.buffered += other.buffered
@@ -207,12 +308,10 @@ class MutualInformationState(InspectorState):
                 self._calibrate_from_buffer()
             return self
         if self.edges is None:                      # adopt other's edges and counts
-            mine = self.buffer
             self._set_edges(other.edges.clone(), other.rule)
             self.counts = other.counts.to(self.device).clone()
             self.approx_rows = other.approx_rows
-            for a, b in mine:
-                self._count(self.counts, self.edges, a, b)
+            self._count_buffer(self.counts, self.edges)
             self.buffer, self.buffered = [], 0
         elif other.edges is None:
             pass
@@ -222,12 +321,13 @@ class MutualInformationState(InspectorState):
         else:
             self.counts += self._redistribute(other)
             self.approx_rows += other.rows
-        for a, b in o_buffer:
-            self._count(self.counts, self.edges, a, b)
+        for a, b, g in o_buffer:
+            self._count(self.counts, self.edges, a, b, g)
         return self
 
     def _redistribute(self, other) -> torch.Tensor:
-        """other's counts moved onto self's bins, mass uniform inside each of other's bins."""
+        """other's counts (every group) moved onto self's bins, mass uniform inside each of
+        other's bins."""
         dev = self.device
         eo = other.edges.to(dev)
         lo_o = other.xmin.to(dev)[:, None]
@@ -246,7 +346,7 @@ class MutualInformationState(InspectorState):
         onehot = torch.nn.functional.one_hot(point, self.bins).to(F64)
         M = torch.where(width > 0, frac, onehot)
         M = M / M.sum(2, keepdim=True).clamp(min=1e-300)
-        return torch.einsum("wjk,wjc->wkc", M, other.counts.to(dev))
+        return torch.einsum("wjk,gwjc->gwkc", M, other.counts.to(dev))
 
     def _current(self):
         """(edges, counts, rule), calibrating on the buffer (without storing) if needed."""
@@ -254,11 +354,10 @@ class MutualInformationState(InspectorState):
             return self.edges, self.counts, self.rule
         if self.buffered == 0:
             return None, None, None
-        x = torch.cat([a for a, _ in self.buffer])
-        y = torch.cat([b for _, b in self.buffer])
+        x = torch.cat([a for a, _, _ in self.buffer])
         edges = quantile_edges(x, self.bins)
-        counts = torch.zeros(self.width, self.bins, self.C, dtype=F64, device=self.device)
-        self._count(counts, edges, x, y)
+        counts = self._new_counts()
+        self._count_buffer(counts, edges)
         return edges, counts, self._calibration_rule(x.shape[0])
 
     def bin_edges(self) -> np.ndarray | None:
@@ -267,9 +366,9 @@ class MutualInformationState(InspectorState):
         return None if e is None else e.cpu().numpy()
 
     # -- results -------------------------------------------------------------------------
-    def _compute(self):
+    def _compute(self, scores_only: bool = False):
         W, H = self.width, len(self.names)
-        out = {k: np.full((W, H), np.nan) for k in ("score", "mm", "lo", "hi", "p", "half")}
+        out = {k: np.full((W, H), np.nan) for k in ("score", "mm", "lo", "hi", "p", "half", "groups")}
         out["n"] = np.zeros((W, H))
         edges, counts, rule = self._current()
         out["rule"] = rule
@@ -278,38 +377,92 @@ class MutualInformationState(InspectorState):
             return out
         e = edges.cpu().numpy()
         out["bins"] = 2 + (np.diff(e, axis=1) > 0).sum(1)            # distinct edges + 1
+        cnt_g = counts.cpu().numpy()                                   # (G, W, B, C)
+        cnt = cnt_g.sum(0)
+        clustered = self.clustered and cnt_g.shape[0] > 1
         z = stats.norm.ppf(0.5 + self.confidence / 2)
-        cnt = counts.cpu().numpy()
         for h in range(H):
-            c = cnt[:, :, int(self.offsets[h]):int(self.offsets[h]) + self.ks[h]]      # (W, B, K)
+            sl = slice(int(self.offsets[h]), int(self.offsets[h]) + self.ks[h])
+            c = cnt[:, :, sl]                                                           # (W, B, K)
             n = c.sum((1, 2))                                                           # (W,)
             pb = c.sum(2)                                                               # (W, B)
             pc = c.sum(1)                                                               # (W, K)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                ratio = c * n[:, None, None] / (pb[:, :, None] * pc[:, None, :])
-                lg = np.where(c > 0, np.log(np.where(c > 0, ratio, 1.0)), 0.0)
-                p = c / n[:, None, None]
-                mi = (p * lg).sum((1, 2))
-                m2 = (p * lg * lg).sum((1, 2))
-                sd = np.sqrt(np.maximum(m2 - mi * mi, 0.0) / n)
             Bn = (pb > 0).sum(1)
             Kn = (pc > 0).sum(1)
+            bad = (Bn < 2) | (Kn < 2) | (n <= 0)
+            mi = np.maximum(plugin_mi(c), 0.0)
+            out["n"][:, h] = n
+            out["score"][:, h] = np.where(bad, np.nan, mi)
+            if scores_only:
+                continue
             cells = (c > 0).sum((1, 2))
             with np.errstate(invalid="ignore", divide="ignore"):
                 bias = (cells - Bn - Kn + 1) / (2 * n)
-            bad = (Bn < 2) | (Kn < 2) | (n <= 0)
-            mi = np.maximum(mi, 0.0)
             df = (Bn - 1) * (Kn - 1)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                pv = stats.chi2.sf(2 * n * mi, np.maximum(df, 1))
-            out["n"][:, h] = n
-            out["score"][:, h] = np.where(bad, np.nan, mi)
+            if clustered:
+                sd, q, pv, groups = self._jackknife(cnt_g[:, :, :, sl], c, n, mi)
+                bad_iv = bad | (groups < 3)
+                out["groups"][:, h] = groups
+            else:
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    ratio = c * n[:, None, None] / (pb[:, :, None] * pc[:, None, :])
+                    lg = np.where(c > 0, np.log(np.where(c > 0, ratio, 1.0)), 0.0)
+                    m2 = (c * lg * lg).sum((1, 2)) / n
+                    sd = np.sqrt(np.maximum(m2 - mi * mi, 0.0) / n)
+                q, bad_iv = z, bad
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    pv = stats.chi2.sf(2 * n * mi, np.maximum(df, 1))
             out["mm"][:, h] = np.where(bad, np.nan, mi - bias)
-            out["lo"][:, h] = np.where(bad, np.nan, np.maximum(mi - bias - z * sd, 0.0))
-            out["hi"][:, h] = np.where(bad, np.nan, mi + z * sd)
-            out["half"][:, h] = np.where(bad, np.nan, bias + z * sd)
-            out["p"][:, h] = np.where(bad, np.nan, pv)
+            out["lo"][:, h] = np.where(bad_iv, np.nan, np.maximum(mi - bias - q * sd, 0.0))
+            out["hi"][:, h] = np.where(bad_iv, np.nan, mi + q * sd)
+            out["half"][:, h] = np.where(bad_iv, np.nan, bias + q * sd)
+            out["p"][:, h] = np.where(bad_iv, np.nan, pv)
         return out
+
+    def _jackknife(self, cg, c, n, mi):
+        """Records as clusters, from the per-group tables cg (G, W, B, K) of the full table c:
+        (jackknife sd of MI, Student's t quantile, Rao-Scott p-value, groups G'), each (W,).
+        Works through the units in blocks to bound the (G, units, B, K) temporaries."""
+        W = c.shape[0]
+        G, _, B, K = cg.shape
+        sd = np.full(W, np.nan)
+        pv = np.full(W, np.nan)
+        groups = np.zeros(W, np.int64)
+        step = max(1, (1 << 22) // max(G * B * K, 1))
+        for a in range(0, W, step):
+            b = min(a + step, W)
+            g = cg[:, a:b]
+            present = g.sum((2, 3)) > 0                                       # (G, w)
+            loo = c[a:b][None] - g                                            # (G, w, B, K)
+            sd[a:b] = np.sqrt(jackknife_var(plugin_mi(loo), present))
+            k = present.sum(0)
+            groups[a:b] = k
+            # Rao-Scott: the G statistic 2 n MI is close to n |r|^2 (Pearson's), r the residuals
+            # (p_bc - p_b p_c) / sqrt(p_b p_c); A = n Cov(r) from the jackknife replicates of r,
+            # and the second-order (Satterthwaite) statistic 2 n MI tr(A) / tr(A^2) has
+            # tr(A)^2 / tr(A^2) degrees of freedom (tr(A^2) from the replicates' Gram matrix).
+            r = std_residuals(loo)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = np.where(present[:, :, None, None], r, 0.0).sum(0) / k[:, None, None]
+                dev = np.where(present[:, :, None, None], r - mean, 0.0).reshape(G, b - a, B * K)
+                f = n[a:b] * (k - 1) / k
+                tr1 = f * (dev * dev).sum((0, 2))
+                gram = np.einsum("gwi,hwi->wgh", dev, dev)
+                tr2 = f * f * (gram * gram).sum((1, 2))
+                dfs = tr1 * tr1 / tr2
+                F = 2 * n[a:b] * mi[a:b] * tr1 / tr2 / dfs
+                ok = (tr2 > 0) & (k >= 3)
+                pv[a:b] = np.where(ok, stats.f.sf(F, np.where(ok, dfs, 1), np.where(ok, dfs * (k - 1), 1)),
+                                   np.nan)
+        q = stats.t.ppf(0.5 + self.confidence / 2, np.maximum(groups - 1, 1))
+        return sd, q, pv, groups
+
+    def score_rows(self):
+        """The scores alone (no jackknife or p-values): what the progressive stop rules read."""
+        s = self._compute(scores_only=True)["score"]
+        W, H = s.shape
+        return (np.repeat(np.arange(W, dtype=np.int64), H), np.array(list(self.names) * W, dtype=object),
+                s.reshape(-1))
 
     def max_error(self) -> float:
         if self.edges is None:
@@ -324,8 +477,11 @@ class MutualInformationState(InspectorState):
         rule = o["rule"] or "no rows"
         if self.approx_rows:
             rule += f"; approximate merge of {self.approx_rows} rows"
-        return score_table(self.measure, self.names, o["score"], o["n"], o["lo"], o["hi"], o["p"], {
+        extra = {
             "bins": (np.broadcast_to(o["bins"][:, None], (W, H)), pa.int32()),
             "bin_rule": ([rule] * (W * H), pa.string()),
             "mi_miller_madow": (o["mm"], pa.float64()),
-        })
+        }
+        if self.clustered:
+            extra["jackknife_groups"] = (np.nan_to_num(o["groups"]).astype(np.int64), pa.int64())
+        return score_table(self.measure, self.names, o["score"], o["n"], o["lo"], o["hi"], o["p"], extra)
