@@ -390,6 +390,34 @@ def test_mi_merge(data):
     assert abs(grid(tp)[0, 1] - grid(one.finalize())[0, 1]) < 0.02
 
 
+def test_mi_calibration_records_fix_the_edges_whatever_the_order(data):
+    """With calibration_records the edges are the quantiles of those records' rows, whatever
+    the record order and batching of the stream (the engines scan them first)."""
+    x, y = data["x"], data["cat"]
+    rec = np.arange(len(x)) // 37
+    cal = [3, 50, 77, 101]
+    need = int(np.isin(rec, cal).sum())
+    kw = dict(calibration_rows=need, calibration_records=cal)
+    order = np.concatenate([np.flatnonzero(rec == r) for r in np.random.default_rng(1).permutation(rec.max() + 1)])
+    tables = []
+    for idx, step in ((np.arange(len(x)), 500), (order, 128)):
+        st = measure_class("mi")(x.shape[1], CAT, **kw)
+        for a in range(0, len(idx), step):
+            i = idx[a:a + step]
+            st.update(torch.as_tensor(x[i]), torch.as_tensor(y[i]), torch.as_tensor(rec[i]))
+        assert st.edges is not None
+        ref = np.quantile(x[np.isin(rec, cal)].astype(np.float64), np.arange(1, 10) / 10, axis=0).T
+        e = st.bin_edges()
+        ok = np.diff(ref, axis=1) > 0                      # (tied edges move to the next float)
+        assert np.allclose(e[:, 1:][ok], ref[:, 1:][ok], rtol=0, atol=1e-12)
+        assert "148 rows of 4 calibration records" in st.finalize().column("bin_rule")[0].as_py()
+        tables.append(st.finalize())
+    for c in ("score", "ci_low", "ci_high", "p_value"):
+        assert_close(grid(tables[0], c), grid(tables[1], c), 1e-12)
+    with pytest.raises(DeepBaseError, match="record ids"):
+        measure_class("mi")(x.shape[1], CAT, **kw).update(torch.as_tensor(x[:5]), torch.as_tensor(y[:5]))
+
+
 def test_mi_short_stream_and_fixed_edges(data):
     x, y = data["x"][:300], data["cat"][:300]
     st = run("mi", x, y, CAT)                                      # fewer rows than calibration_rows

@@ -7,8 +7,13 @@ Counts need bin edges fixed before counting. Unless ``edges`` (a (width, bins - 
 given, the state *buffers* the first ``calibration_rows`` rows of its stream (default 10_000, in
 arrival order: deterministic, no randomness involved), then sets each unit's edges to the
 j / bins quantiles (j = 1..bins-1, numpy's default 'linear' interpolation) of those rows, counts
-the buffered rows and from then on counts every batch directly. A stream shorter than
-``calibration_rows`` is calibrated on all its rows at finalize (without changing the state).
+the buffered rows and from then on counts every batch directly. With ``calibration_records``
+(record ids) the calibration rows are instead every row of those records: the state buffers
+until ``calibration_rows`` of their rows have come (the engines pass the records' symbol count),
+so that the edges depend on which records, not on the order or batching of the stream (the
+engines' full scans choose the records by a hash of their ids and scan them first). A stream
+shorter than that is calibrated on what it has (the calibration records' rows, else all rows) at
+finalize (without changing the state).
 Bin b of a unit holds edges[b-1] <= x < edges[b] (``searchsorted(edges, x, side='right')``), so
 tied edges (a unit with a point mass, e.g. a ReLU's zeros) leave empty bins; the last edge of
 each run of ties at v is moved to the next float above v, so that the point mass has a bin of its
@@ -170,10 +175,17 @@ class MutualInformationState(InspectorState):
 
     def __init__(self, width, hypotheses, device="cpu", bins: int = 10, calibration_rows: int = 10_000,
                  edges=None, confidence: float = 0.95, intervals: str = "records", jackknife_groups: int = 20,
-                 **params):
+                 calibration_records=None, **params):
         super().__init__(width, hypotheses, device, **params)
         self.bins = check_integer(f"{self.measure}: bins", bins, 2)            # 2.9 is refused, not cut to 2
         self.calibration_rows = check_integer(f"{self.measure}: calibration_rows", calibration_rows, 1)
+        self.calibration_records = None
+        if calibration_records is not None:
+            ids = np.unique(np.asarray(calibration_records, dtype=np.int64).reshape(-1))
+            if ids.size == 0:
+                raise BadParameterError(f"{self.measure}: calibration_records is empty")
+            self.calibration_records = torch.as_tensor(ids, device=self.device)
+        self.calibration_seen = 0                       # buffered rows of the calibration records
         self.confidence = check_float(f"{self.measure}: confidence", confidence, 0, 1, open_low=True,
                                       open_high=True)
         if intervals not in ("records", "symbols"):
@@ -189,7 +201,7 @@ class MutualInformationState(InspectorState):
         self.xmin = torch.full((W,), math.inf, dtype=F64, device=self.device)
         self.xmax = torch.full((W,), -math.inf, dtype=F64, device=self.device)
         self.finite = torch.ones(W, dtype=torch.bool, device=self.device)   # NaN / inf seen: NULL
-        self.buffer: list[tuple] = []                  # (acts, labels, groups or None)
+        self.buffer: list[tuple] = []           # (acts, labels, groups or None, calibration row mask)
         self.buffered = 0
         self.approx_rows = 0
         self.rows = 0
@@ -257,15 +269,29 @@ class MutualInformationState(InspectorState):
                 a += m
 
     def _count_buffer(self, counts, edges):
-        for a, b, g in self.buffer:
+        for a, b, g, _ in self.buffer:
             self._count(counts, edges, a, b, g)
 
-    def _calibrate_from_buffer(self):
-        x = torch.cat([a for a, _, _ in self.buffer])
+    def _calibration_rows_now(self):
+        """(rows the edges come from now, rule): the calibration records' rows when some have
+        come, else the first ``calibration_rows`` buffered rows."""
+        if self.calibration_records is not None and self.calibration_seen:
+            x = torch.cat([a[m] for a, _, _, m in self.buffer])
+            return x, (f"quantile ({self.bins} bins) of the {x.shape[0]} rows of "
+                       f"{self.calibration_records.numel()} calibration records")
+        x = torch.cat([a for a, _, _, _ in self.buffer])
         k = min(self.calibration_rows, x.shape[0])
-        self._set_edges(quantile_edges(x[:k], self.bins), self._calibration_rule(k))
+        return x[:k], self._calibration_rule(k)
+
+    def _calibrated_enough(self):
+        seen = self.buffered if self.calibration_records is None else self.calibration_seen
+        return seen >= self.calibration_rows
+
+    def _calibrate_from_buffer(self):
+        x, rule = self._calibration_rows_now()
+        self._set_edges(quantile_edges(x, self.bins), rule)
         self._count_buffer(self.counts, self.edges)
-        self.buffer, self.buffered = [], 0
+        self.buffer, self.buffered, self.calibration_seen = [], 0, 0
 
     def update(self, acts, labels, record_ids=None) -> None:
         if acts.shape[0] == 0:
@@ -282,9 +308,16 @@ class MutualInformationState(InspectorState):
         if self.edges is not None:
             self._count(self.counts, self.edges, x, y, grp)
             return
-        self.buffer.append((x, y, grp))
+        if self.calibration_records is None:
+            cal = None
+        elif record_ids is None:
+            raise DeepBaseError(f"{self.measure}: calibration_records needs the record ids of every batch")
+        else:
+            cal = torch.isin(record_ids.to(self.device, torch.int64).reshape(-1), self.calibration_records)
+            self.calibration_seen += int(cal.sum())
+        self.buffer.append((x, y, grp, cal))
         self.buffered += x.shape[0]
-        if self.buffered >= self.calibration_rows:
+        if self._calibrated_enough():
             self._calibrate_from_buffer()
 
     def empty_like(self) -> "MutualInformationState":
@@ -294,7 +327,8 @@ class MutualInformationState(InspectorState):
             raise DeepBaseError("mi: empty_like() needs a calibrated state (edges fixed)")
         new = type(self)(self.width, self.hypotheses, self.device, bins=self.bins,
                          calibration_rows=self.calibration_rows, confidence=self.confidence,
-                         intervals=self.intervals, jackknife_groups=self.jackknife_groups)
+                         intervals=self.intervals, jackknife_groups=self.jackknife_groups,
+                         calibration_records=self.calibration_records)
         new._set_edges(self.edges.clone(), self.rule)
         return new
 
@@ -311,12 +345,14 @@ class MutualInformationState(InspectorState):
         self.xmin = torch.minimum(self.xmin, other.xmin.to(self.device))
         self.xmax = torch.maximum(self.xmax, other.xmax.to(self.device))
         self.rows += other.rows
-        o_buffer = [(a.to(self.device), b.to(self.device), None if g is None else g.to(self.device))
-                    for a, b, g in other.buffer]
+        dev = self.device
+        o_buffer = [(a.to(dev), b.to(dev), None if g is None else g.to(dev), None if m is None else m.to(dev))
+                    for a, b, g, m in other.buffer]
         if self.edges is None and other.edges is None:
             self.buffer = self.buffer + o_buffer
             self.buffered += other.buffered
-            if self.buffered >= self.calibration_rows:
+            self.calibration_seen += other.calibration_seen
+            if self._calibrated_enough():
                 self._calibrate_from_buffer()
             return self
         if self.edges is None:                      # adopt other's edges and counts
@@ -324,7 +360,7 @@ class MutualInformationState(InspectorState):
             self.counts = other.counts.to(self.device).clone()
             self.approx_rows = other.approx_rows
             self._count_buffer(self.counts, self.edges)
-            self.buffer, self.buffered = [], 0
+            self.buffer, self.buffered, self.calibration_seen = [], 0, 0
         elif other.edges is None:
             pass
         elif torch.equal(other.edges.to(self.device), self.edges):
@@ -333,7 +369,7 @@ class MutualInformationState(InspectorState):
         else:
             self.counts += self._redistribute(other)
             self.approx_rows += other.rows
-        for a, b, g in o_buffer:
+        for a, b, g, _ in o_buffer:
             self._count(self.counts, self.edges, a, b, g)
         return self
 
@@ -366,11 +402,15 @@ class MutualInformationState(InspectorState):
             return self.edges, self.counts, self.rule
         if self.buffered == 0:
             return None, None, None
-        x = torch.cat([a for a, _, _ in self.buffer])
+        if self.calibration_records is not None and self.calibration_seen:
+            x, rule = self._calibration_rows_now()
+        else:
+            x = torch.cat([a for a, _, _, _ in self.buffer])
+            rule = self._calibration_rule(x.shape[0])
         edges = quantile_edges(x, self.bins)
         counts = self._new_counts()
         self._count_buffer(counts, edges)
-        return edges, counts, self._calibration_rule(x.shape[0])
+        return edges, counts, rule
 
     def bin_edges(self) -> np.ndarray | None:
         """(width, bins - 1) edges in use (or that finalize would use now)."""
