@@ -62,6 +62,9 @@ class InspectorState:
 
     measure: str = "?"
     accepts: tuple[str, ...] = ("binary", "continuous")
+    # True: finalize() scores every unit (one row per unit and hypothesis, what permutation
+    # p-values permute); False: the scores are of the unit group as a whole (unit NULL: probe)
+    unit_level: bool = True
 
     def __init__(self, width: int, hypotheses: list[dict], device: str | torch.device = "cpu", **params):
         if width <= 0:
@@ -73,9 +76,12 @@ class InspectorState:
                     f"{h['name']!r}); it takes: {', '.join(self.accepts)}")
         if params:
             import inspect as _inspect
-            valid = [p for c in type(self).__mro__ if "__init__" in vars(c)
-                     for p in _inspect.signature(c.__init__).parameters
-                     if p not in ("self", "width", "hypotheses", "device", "params")]
+            # the named keyword parameters of the class's __init__ chain: object's (*args,
+            # **kwargs) and every *args / **params pass-through are not parameters of the measure
+            valid = [p.name for c in type(self).__mro__ if c is not object and "__init__" in vars(c)
+                     for p in _inspect.signature(c.__init__).parameters.values()
+                     if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                     and p.name not in ("self", "width", "hypotheses", "device")]
             raise DeepBaseError(f"measure {self.measure!r}: unknown parameter(s) {', '.join(sorted(params))}; "
                                 f"valid: {', '.join(sorted(set(valid))) or '(none)'}")
         self.width = int(width)

@@ -21,16 +21,16 @@ import math
 import numpy as np
 import torch
 
-from ..errors import DeepBaseError
+from ..errors import DeepBaseError, check_int
 
 F64 = torch.float64
 
 
 class LinearCKAState:
     def __init__(self, width_x: int, width_y: int, device: str | torch.device = "cpu"):
-        if width_x <= 0 or width_y <= 0:
-            raise DeepBaseError(f"cka: unit groups need at least one unit, got widths {width_x}, {width_y}")
-        self.width_x, self.width_y = int(width_x), int(width_y)
+        # whole numbers >= 1 (2.0 is taken as 2); 2.5, '2' or True are refused, not truncated
+        self.width_x = check_int("cka: width_x (units of the first group)", width_x, 1)
+        self.width_y = check_int("cka: width_y (units of the second group)", width_y, 1)
         self.device = torch.device(device)
         dev = self.device
         self.n = 0

@@ -66,6 +66,19 @@ reproduces it) on each hypothesis' top-k units; the re-fit multiplies only the u
 heads' top-k columns of the features, each head masked to its own k.
 ``selectivity`` rows (unit NULL): for ``control_of = {control: real}``, accuracy(real) -
 accuracy(control) (Hewitt & Liang 2019); :func:`control_labels` makes the control labels.
+Wilson ends are widened to include the score (rounding at accuracy 1 or 0 must not exclude it).
+
+Non-finite activations (as in corr, where such a unit scores NULL): a unit with a NaN or infinite
+activation anywhere in the stream so far (in float32, the sample's type: a float64 beyond its
+range counts as infinite) is left out of every probe -- its standardised feature is 0, so its
+weights stay 0 and the probes are those of the other units -- and its ``probe_weight`` and
+``probe_class_weight`` rows have score and rank NULL (the other units are ranked 1.. among
+themselves, and top-k re-fits take them first). With no finite unit left, the ``probe``,
+``probe_topk`` and ``selectivity`` scores (and their intervals, p-values, macro_f1) are NULL.
+
+One class: a classification hypothesis whose labels hold a single class (a binary one all 0 or
+all 1 included), or none, is refused with an error saying so, and so is one with fewer than two
+classes among its training rows (possible with ``min_per_class=0``); no probe is trained on it.
 
 Held-out loss (the plateau rule of progressive scans, engine/inspect.py StopRule):
 ``probe_model()`` is the main fit above (no top-k re-fits) with its standardisation;
@@ -209,7 +222,9 @@ def selectivity(acc, control_acc):
 
 
 def wilson_interval(k, n, confidence: float = 0.95):
-    """Wilson score interval for k successes in n trials (NaN when n == 0)."""
+    """Wilson score interval for k successes in n trials (NaN when n == 0). The ends are widened
+    to include k / n: at k = n (or 0) the upper (lower) end is exactly 1 (0) in exact arithmetic,
+    and rounding must not put it below (above) the score, as for dissection's and ap's."""
     if n <= 0:
         return math.nan, math.nan
     z = float(stats.norm.ppf(0.5 + confidence / 2))
@@ -217,7 +232,7 @@ def wilson_interval(k, n, confidence: float = 0.95):
     den = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return min(max(0.0, centre - half), p), max(min(1.0, centre + half), p)
 
 
 def probe_topk(topk) -> tuple[int, ...]:
@@ -237,6 +252,7 @@ def probe_topk(topk) -> tuple[int, ...]:
 class ProbeState(InspectorState):
     measure = "probe"
     accepts = ("binary", "categorical", "continuous")
+    unit_level = False      # the probe rows score the whole group (unit NULL)
 
     def __init__(self, width, hypotheses, device="cpu", *, test_fraction: float = 0.2,
                  max_rows: int = 200_000, seed: int = 0, l1: float = 0.0, l2: float = 1e-3,
@@ -277,6 +293,8 @@ class ProbeState(InspectorState):
         self._pending = {"train": 0, "test": 0}
         self._auto_id = 0
         self._fitted = None
+        # units whose activations were all finite (as float32, the sample's type) so far
+        self.finite = torch.ones(self.width, dtype=torch.bool, device=self.device)
 
     # -- sampling ------------------------------------------------------------------------
     def _content_hash(self, acts32: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
@@ -312,6 +330,7 @@ class ProbeState(InspectorState):
         if rid.shape[0] != n:
             raise DeepBaseError(f"probe: {rid.shape[0]} record ids for {n} rows")
         acts32 = acts.detach().to(self.device, torch.float32)
+        self.finite &= torch.isfinite(acts32).all(0)
         lab = labels.detach().to(self.device, F64)
         keys = self.row_keys(acts32, lab, rid)
         is_test = torch.as_tensor(test_split_mask(rid, self.seed, self.test_fraction), device=self.device)
@@ -359,6 +378,7 @@ class ProbeState(InspectorState):
                 self._pending[split] += int(k.numel())
             if self._pending[split] > 2 * self.max_rows:
                 self._compact(split)
+        self.finite &= other.finite.to(self.device)
         self._fitted = None
         return self
 
@@ -404,18 +424,28 @@ class ProbeState(InspectorState):
                 v = float(both[bad][0])
                 raise DeepBaseError(f"probe: hypothesis {name!r} has label {v!r}, expected "
                                     f"{'0 or 1' if kind == 'binary' else f'a code in 0..{ncat - 1}'}")
-            present = list(range(ncat)) if kind == "binary" else \
-                sorted(int(c) for c in torch.unique(both).cpu().tolist())
+            # the classes that occur in the labels (binary ones too: all 0 or all 1 is one class)
+            present = sorted(int(c) for c in torch.unique(both).cpu().tolist())
             counts = torch.bincount(head["ytr"].to(torch.int64), minlength=ncat).cpu().numpy()
+            if not present:
+                raise DeepBaseError(f"probe: hypothesis {name!r} has no labelled rows; a probe needs "
+                                    "two classes")
+            if len(present) < 2:
+                raise DeepBaseError(f"probe: hypothesis {name!r} has a single class "
+                                    f"{catnames[present[0]]!r} in its labels; a probe needs two")
             for c in present:
                 if counts[c] < self.min_per_class:
                     raise DeepBaseError(
                         f"probe: hypothesis {name!r}: class {catnames[c]!r} (code {c}) has "
                         f"{int(counts[c])} training examples, fewer than min_per_class="
                         f"{self.min_per_class}")
-            if len(present) < 2:
-                raise DeepBaseError(f"probe: hypothesis {name!r} has a single class "
-                                    f"{catnames[present[0]]!r} in its labels; a probe needs two")
+            trained = [c for c in present if counts[c] > 0]
+            if len(trained) < 2:         # min_per_class=0 lets a class miss the train split
+                what = f"a single class {catnames[trained[0]]!r}" if trained else "no labelled rows"
+                raise DeepBaseError(
+                    f"probe: hypothesis {name!r} has {what} in its training rows (classes "
+                    f"{', '.join(repr(catnames[c]) for c in present)} occur in its labels); a probe "
+                    "needs two classes to train on")
             classes = torch.as_tensor(present, dtype=torch.int64, device=self.device)
             head.update(type="softmax", classes=classes,
                         ttr=torch.searchsorted(classes, head["ytr"].to(torch.int64)),
@@ -425,7 +455,8 @@ class ProbeState(InspectorState):
         return heads
 
     def _scaler(self, xtr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, standard deviation) of the train features, float64 (sd 1 for a constant unit)."""
+        """(mean, standard deviation) of the train features, float64 (sd 1 for a constant unit;
+        mean 0 and sd 1 for a unit with a NaN or infinite activation, left out by _scale)."""
         n = xtr.shape[0]
         mu = torch.zeros(self.width, dtype=F64, device=self.device)
         m2 = torch.zeros(self.width, dtype=F64, device=self.device)
@@ -441,13 +472,20 @@ class ProbeState(InspectorState):
             mu = mu + shift
         sd = m2.sqrt()
         spread = mu.abs().clamp(min=1e-30)
-        return mu, torch.where(sd <= 1e-12 * spread, torch.ones_like(sd), sd)
+        sd = torch.where(sd <= 1e-12 * spread, torch.ones_like(sd), sd)
+        return torch.where(self.finite, mu, 0.0), torch.where(self.finite, sd, 1.0)
 
     def _scale(self, x: torch.Tensor, scaler, dtype) -> torch.Tensor:
+        """Standardised features; 0 (the train mean) for every unit with a NaN or infinite
+        activation in the stream so far, which leaves it out of the probe (its weights stay 0)."""
         mu, sd = scaler
         out = torch.empty(x.shape, dtype=dtype, device=self.device)
+        bad = None if bool(self.finite.all()) else ~self.finite
         for i in range(0, x.shape[0], _CHUNK):
-            out[i:i + _CHUNK] = ((x[i:i + _CHUNK].to(F64) - mu) / sd).to(dtype)
+            z = (x[i:i + _CHUNK].to(F64) - mu) / sd
+            if bad is not None:
+                z[:, bad] = 0.0
+            out[i:i + _CHUNK] = z.to(dtype)
         return out
 
     def _train(self):
@@ -626,6 +664,7 @@ class ProbeState(InspectorState):
         if n == 0:
             return {"W": W, "b": torch.zeros(1, dtype=F64, device=self.device)}
         cols = torch.arange(Fdim, device=self.device) if subset is None else subset
+        cols = cols[self.finite[cols]]   # non-finite units left out (their weight 0)
         alpha = self.ridge_alpha if self.ridge_alpha is not None else l2 * n
         rows = h["tr_rows"]
         k = cols.numel()
@@ -793,6 +832,7 @@ class ProbeState(InspectorState):
     # -- evaluation ----------------------------------------------------------------------
     def _evaluate(self, zte: torch.Tensor, heads: list[dict], fits: list[dict]) -> list[dict]:
         res = []
+        none_finite = not bool(self.finite.any())     # no unit left to probe: scores NULL
         zte = zte.to(F64)
         for h, fit in zip(heads, fits):
             n_train, n_test = int(h["tr_rows"].numel()), int(h["te_rows"].numel())
@@ -823,6 +863,8 @@ class ProbeState(InspectorState):
                     ss_res = float(((y - pred) ** 2).sum())
                     if ss_tot > 0:
                         r["score"] = 1.0 - ss_res / ss_tot
+            if none_finite:
+                r.update(score=math.nan, macro_f1=math.nan, correct=0)
             res.append(r)
         return res
 
@@ -845,7 +887,8 @@ class ProbeState(InspectorState):
         zte = self._scale(self.sample("test")[1], scaler, ztr.dtype).to(F64)
         results = self._evaluate(zte, heads, fits)
         masses = [self.weight_mass(f["W"]) for f in fits]
-        orders = [torch.sort(-g.cpu(), stable=True).indices for _, g in masses]
+        bad = ~self.finite.cpu()         # non-finite units last (weight 0, rank NULL)
+        orders = [torch.sort(torch.where(bad, math.inf, -g.cpu()), stable=True).indices for _, g in masses]
         topk = {}
         ks = sorted({min(k, self.width) for k in self.topk})
         for k in ks:
@@ -915,6 +958,7 @@ class ProbeState(InspectorState):
     def finalize(self) -> pa.Table:
         m = self.fit()
         cols = {f.name: [] for f in PROBE_SCHEMA}
+        finite = self.finite.cpu().numpy()   # a unit with a NaN or inf activation: weight rows NULL
 
         def row(unit, hyp, measure, score, n, lo=None, hi=None, p=None, metric=None, f1=None,
                 maj=None, ntr=None, nte=None, rank=None, k=None):
@@ -928,7 +972,7 @@ class ProbeState(InspectorState):
 
         def score_row(h, r, measure, k=None):
             lo = hi = p = None
-            if r["metric"] == "accuracy" and r["n_test"]:
+            if r["metric"] == "accuracy" and r["n_test"] and not math.isnan(r["score"]):
                 lo, hi = wilson_interval(r["correct"], r["n_test"], self.confidence)
                 p = float(stats.binom.sf(r["correct"] - 1, r["n_test"], r["majority"]))
             row(None, h["name"], measure, r["score"], r["n_test"], lo, hi, p, r["metric"],
@@ -941,8 +985,9 @@ class ProbeState(InspectorState):
             rank[order.numpy()] = np.arange(1, self.width + 1)
             gv = g.cpu().numpy()
             for u in range(self.width):
-                row(u, h["name"], "probe_weight", float(gv[u]), r["n_train"], ntr=r["n_train"],
-                    nte=r["n_test"], rank=int(rank[u]), metric=r["metric"])
+                ok = bool(finite[u])
+                row(u, h["name"], "probe_weight", float(gv[u]) if ok else None, r["n_train"],
+                    ntr=r["n_train"], nte=r["n_test"], rank=int(rank[u]) if ok else None, metric=r["metric"])
         for h, r, (per_class, _) in zip(m["heads"], m["results"], m["masses"]):
             # per-class rankings of a multi-class head (NeuroX's top neurons per tag), as
             # 'probe_class_weight' rows named '<hyp>=<class>'; control heads are left out
@@ -952,12 +997,14 @@ class ProbeState(InspectorState):
             cats = self.hypotheses[h["col"]]["categories"]
             pc = per_class.cpu().numpy()
             for c, code in enumerate(h["classes"].cpu().tolist()):
-                order = np.argsort(-pc[:, c], kind="stable")
+                order = np.argsort(np.where(finite, -pc[:, c], np.inf), kind="stable")
                 rank = np.empty(self.width, dtype=np.int64)
                 rank[order] = np.arange(1, self.width + 1)
                 for u in range(self.width):
-                    row(u, f"{h['name']}={cats[code]}", "probe_class_weight", float(pc[u, c]), r["n_train"],
-                        ntr=r["n_train"], nte=r["n_test"], rank=int(rank[u]), metric=r["metric"])
+                    ok = bool(finite[u])
+                    row(u, f"{h['name']}={cats[code]}", "probe_class_weight", float(pc[u, c]) if ok else None,
+                        r["n_train"], ntr=r["n_train"], nte=r["n_test"], rank=int(rank[u]) if ok else None,
+                        metric=r["metric"])
         for k, res in m["topk"].items():
             for h, r in zip(m["heads"], res):
                 score_row(h, r, "probe_topk", k)

@@ -17,7 +17,9 @@
     score; 'two-sided' compares |score|, 'greater' / 'less' the signed score; a relative
     tolerance of 1e-12 counts ties as extreme. Undefined (NaN) observed scores give NaN.
     ``measure_fn(acts, labels) -> array`` of scores (any shape, e.g. (units, hypotheses)), or a
-    registered measure name together with ``hypotheses`` (its scores laid out as (units, H)).
+    registered measure name together with ``hypotheses`` (its scores laid out as (units, H));
+    a measure of the unit group as a whole (``probe``: rows without a unit) is refused.
+    ``n_permutations`` is a whole number >= 1 (2.0 is taken as 2; 1.7 or '3' are refused).
     The smallest attainable p-value is 1 / (n_permutations + 1); rows are assumed exchangeable
     (symbols of one record are not independent, so treat the p-values as approximate there).
 """
@@ -28,7 +30,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..errors import DeepBaseError
+from ..errors import DeepBaseError, check_integer
 
 
 def benjamini_hochberg(p_values) -> np.ndarray:
@@ -54,10 +56,19 @@ def benjamini_hochberg(p_values) -> np.ndarray:
 
 def measure_score_fn(measure: str, hypotheses: list[dict], device="cpu", **params) -> Callable:
     """A ``measure_fn`` for permutation_p_values computing the registered ``measure``'s scores
-    as a (units, H) array (one state per call: update with all rows, finalize)."""
+    as a (units, H) array (one state per call: update with all rows, finalize). Only for
+    unit-level measures: one that scores the unit group as a whole (``probe``, whose rows have
+    no unit) is refused with a DeepBaseError."""
     from .base import measure_class
 
     cls = measure_class(measure)
+
+    def refuse():
+        raise DeepBaseError(f"permutation_p_values: measure {measure!r} scores the unit group as a whole "
+                            "(its rows have no unit); unit-level permutation p-values do not apply to it")
+
+    if not getattr(cls, "unit_level", True):
+        refuse()
 
     def fn(acts, labels):
         a = torch.as_tensor(np.asarray(acts))
@@ -67,6 +78,8 @@ def measure_score_fn(measure: str, hypotheses: list[dict], device="cpu", **param
         st = cls(a.shape[1], hypotheses, device, **params)
         st.update(a, y)
         t = st.finalize()
+        if t.column("unit").null_count:
+            refuse()
         units = np.asarray(t.column("unit").to_numpy(zero_copy_only=False))
         score = t.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
         out = np.full((a.shape[1], len(hypotheses)), np.nan)
@@ -83,8 +96,7 @@ def permutation_p_values(acts, labels, measure_fn, n_permutations: int = 1000, s
                          **params) -> np.ndarray:
     if alternative not in ("two-sided", "greater", "less"):
         raise DeepBaseError(f"alternative must be 'two-sided', 'greater' or 'less', got {alternative!r}")
-    if int(n_permutations) < 1:
-        raise DeepBaseError(f"n_permutations must be positive, got {n_permutations}")
+    n_permutations = check_integer("permutation_p_values: n_permutations", n_permutations, 1)
     if isinstance(measure_fn, str):
         if hypotheses is None:
             raise DeepBaseError("permutation_p_values: a measure name needs hypotheses=[...]")
@@ -98,7 +110,7 @@ def permutation_p_values(acts, labels, measure_fn, n_permutations: int = 1000, s
     extreme = np.zeros(obs.shape)
     defined = np.zeros(obs.shape)
     tol = 1e-12 * np.maximum(np.abs(obs), 1.0)
-    for _ in range(int(n_permutations)):
+    for _ in range(n_permutations):
         perm = rng.permutation(y.shape[0])
         s = np.asarray(measure_fn(a, y[perm]), dtype=np.float64)
         ok = ~np.isnan(s)

@@ -14,7 +14,8 @@ however the stream is split into batches and states: ``combine`` keeps the small
 union, which is exactly the bottom-k sample of the concatenated stream (a one-shot sample). The
 keys behave as independent uniform draws (different rows collide with probability ~k^2 / 2^64;
 rows with equal keys are identical, so which copy is kept does not matter), so the sample is a
-uniform sample without replacement of the rows. ``seed`` changes the hash and hence the sample.
+uniform sample without replacement of the rows. ``seed`` changes the hash and hence the sample
+(every bit of it: seeds equal mod 2^32 give different samples).
 Rows identical in activations, labels and record id share a key and so enter or leave the sample
 together; pass ``record_ids`` to ``update`` (the engine does) so that identical rows of different
 records (e.g. the first symbol of every record) are sampled independently.
@@ -95,7 +96,13 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
 def row_keys(acts: torch.Tensor, labels: torch.Tensor, record_ids: torch.Tensor | None,
              seed: int = 0) -> torch.Tensor:
     """(n,) int64 keys in [0, 2^63 - 2]: a seeded hash of each row's activations, labels and
-    record id. Equal rows get equal keys; otherwise the keys behave as independent uniforms."""
+    record id. Equal rows get equal keys; otherwise the keys behave as independent uniforms.
+
+    ``seed`` (a whole number >= 0) seeds the hash's salts through numpy's SeedSequence with the
+    entropy [seed mod 2^32, D, 0x5EED] (D: words hashed per row), followed by seed // 2^32 when
+    that is not 0: every bit of the seed counts (seeds equal mod 2^32 used to give the same
+    keys), and a seed below 2^32 gives the keys it always did (stored samples keep them)."""
+    seed = check_integer("row_keys: seed", seed, 0)
     n = acts.shape[0]
     dev = acts.device
     parts = [_bits(acts.reshape(n, -1)), _bits(labels.reshape(n, -1).to(dev))]
@@ -103,7 +110,8 @@ def row_keys(acts: torch.Tensor, labels: torch.Tensor, record_ids: torch.Tensor 
         parts.append(record_ids.reshape(n, 1).to(dev, I64))
     b = torch.cat(parts, 1)
     D = b.shape[1]
-    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, D, 0x5EED])
+    high = seed >> 32                # a trailing 0 would not change SeedSequence's state: left out
+    rng = np.random.default_rng([seed & _MASK32, D, 0x5EED] + ([high] if high else []))
     salts = torch.as_tensor(rng.integers(0, 1 << 32, size=(2, D), dtype=np.int64), device=dev)
     fin = rng.integers(0, 1 << 32, size=2, dtype=np.int64)
     out = torch.empty(n, dtype=I64, device=dev)
