@@ -16,6 +16,7 @@ so a failed query leaves the stored tables as they were.
 from __future__ import annotations
 
 import hashlib
+import inspect as pyinspect
 import itertools
 import json
 import sys
@@ -99,6 +100,7 @@ class Plan:
     plateau_tol: float | None = None                   # probes: stop once the held-out loss plateaus
     min_support: int = 0                               # max_error and top_k leave out rarer columns
     probe_checks: list = field(default_factory=list)   # filled by StopRule: the probes' loss checks
+    min_windows: int = 0                               # no stop before this window (stop_together)
 
     @property
     def progressive(self) -> bool:
@@ -569,7 +571,8 @@ def make_engine(engine=None, ray_address=None, **ray_options):
 
 class StopRule:
     """The stop rules of a progressive scan, checked after each window (both engines), never
-    before MIN_WINDOWS windows:
+    before MIN_WINDOWS windows nor before ``plan.min_windows`` (a query of several models, or with
+    its untrained twin: the window the others need, ``stop_together``):
 
     - ``max_error``: every state but the probes has a batch-means half-width of at most
       ``max_error`` (``bound``: the largest half-width at the last check; None for probes alone);
@@ -613,7 +616,7 @@ class StopRule:
         (needed with ``min_support``)."""
         plan = self.plan
         windows = len(next(iter(window_scores.values())))
-        enough = windows >= MIN_WINDOWS
+        enough = windows >= max(MIN_WINDOWS, plan.min_windows)
         bounded = [k for k in window_scores if k[1] != "probe"]
         probes = [k for k in states if k[1] == "probe"]
         if plan.min_support:
@@ -641,10 +644,12 @@ class StopRule:
             rules.append(("max_error", self.bound <= plan.max_error))
         if probes:
             rules.append(("plateau", self.plateaued))
+        if plan.top_k is not None:              # every window's sets: the verdict at a window is the
+            # same whether or not an earlier window stopped a scan that min_windows holds on
+            self.history.append({k: rank_sets(*st.score_rows(), plan.top_k) for k, st in states.items()})
         if enough and rules and all(ok for _, ok in rules):
             return "+".join(r for r, _ in rules)
         if plan.top_k is not None:
-            self.history.append({k: rank_sets(*st.score_rows(), plan.top_k) for k, st in states.items()})
             recent = [{k: {c: top for c, top in sets.items() if c not in self.rare} for k, sets in h.items()}
                       for h in self.history[-(plan.stable_windows + 1):]]
             if enough and len(recent) == plan.stable_windows + 1 and all(h == recent[-1] for h in recent):
@@ -735,18 +740,28 @@ class LocalEngine:
     def pipelined(self, adapter) -> bool:
         return pipeline_by_default(adapter) if self.pipeline is None else bool(self.pipeline)
 
-    def run(self, session, plan: Plan, progress=None) -> dict:
+    def run(self, session, plan: Plan, progress=None, resume: dict | None = None) -> dict:
+        """Scan ``plan``. ``resume``: the result of an earlier run of this progressive plan,
+        which stopped at a window end; the scan goes on from the next window with the states,
+        window scores and stop rule of that run (``stop_together`` raises ``plan.min_windows``
+        first), as if that run had not stopped there."""
         mrow = session.model_row(plan.model)
         tokenization = mrow["tokenization"]
         progressive = plan.progressive
         selected = np.unique(plan.record_ids)
-        behaviors, covered = stored_reads(session, plan, mrow["checksum"], tokenization)
-        missing = np.setdiff1d(selected, covered)
-        plan.source = "stored" if not len(missing) else ("stored+model" if len(covered) else "model")
         widths = session.stored_widths(plan.model)
-        states = {(layer, m): measure_class(m)(widths[layer], plan.columns[m], device=plan.device,
-                                              **plan.measure_params.get(m, {}))
-                  for layer in plan.layers for m in plan.measures}
+        scan = resume["scan"] if resume is not None else None
+        if scan is None:
+            behaviors, covered = stored_reads(session, plan, mrow["checksum"], tokenization)
+            missing = np.setdiff1d(selected, covered)
+            plan.source = "stored" if not len(missing) else ("stored+model" if len(covered) else "model")
+            states = {(layer, m): measure_class(m)(widths[layer], plan.columns[m], device=plan.device,
+                                                  **plan.measure_params.get(m, {}))
+                      for layer in plan.layers for m in plan.measures}
+            done = 0                               # windows merged so far
+        else:                                      # the same records read from the same source
+            behaviors, covered, missing = scan["behaviors"], scan["covered"], scan["missing"]
+            states, done = resume["states"], scan["windows"]
         col_index = {c["name"]: j for j, c in enumerate(plan.label_columns)}
         take = {m: torch.as_tensor([col_index[c["name"]] for c in plan.columns[m]]) for m in plan.measures}
         show = session.progress if progress is None else progress
@@ -754,6 +769,11 @@ class LocalEngine:
         # records met by a forward pass for the first time: their symbols come from its encoding
         symbols = SymbolWriter(session, tokenization, plan.dataset, counts)
         sources, windows, keep, order = [], [], None, []
+
+        def remaining():
+            """A progressive scan's seeded windows from the first one not merged yet."""
+            block_ids, w = seeded_windows(session, plan)
+            return block_ids[sum(w[:done]):], w[done:]
         if len(covered):                          # stored activations: the model does not run for them
             blocks = stored_part_blocks(session, plan, behaviors, covered)
             if not progressive:                   # part by part
@@ -761,7 +781,7 @@ class LocalEngine:
                 order += [r for ids, _ in blocks for r in ids]
                 sources.append(read_part_block(ids, files, counts) for ids, files in blocks)
             else:                                 # the seeded windows of a scan that runs the model
-                block_ids, w = seeded_windows(session, plan)
+                block_ids, w = remaining()
                 windows += w
                 order += [r for ids in block_ids for r in ids]
                 rows = StoredRows(blocks)
@@ -772,7 +792,7 @@ class LocalEngine:
                 block_ids = plan_batches(session, plan.dataset, missing, plan.batch_size)
                 windows.append(len(block_ids))
             else:                                 # tokenised as the scan reaches them: it may stop early
-                block_ids, w = seeded_windows(session, plan)
+                block_ids, w = remaining()
                 windows += w
             order += [r for ids in block_ids for r in ids]
             # the consumer stores each batch's symbols from its encoding (Batch.encoded)
@@ -781,25 +801,29 @@ class LocalEngine:
                                                         block_ids, counts, defer_check=True, keep_encoding=True),
                 self.pipelined(adapter)))
         source = itertools.chain(*sources)
-        if plan.control:                          # class counts over every selected record's symbols
+        if plan.control and scan is None:         # class counts over every selected record's symbols
             counts.update(ensure_symbols(session, session.adapter(plan.model), plan.dataset, plan.record_ids))
             plan.control_freq = class_frequencies(session, plan, tokenization)
         labels = LabelStream(session, plan, tokenization, counts, order)
         # (after the labels' checks: a query they refuse leaves no behaviors row behind)
         keep = (KeepActivations(session, plan, mrow["checksum"], tokenization, widths, symbols)
                 if plan.keep_activations and len(missing) else None)
-        support = LabelSupport(plan.label_columns) if plan.min_support else None
-        samples = new_samples(plan, widths, plan.device)
+        if scan is None:
+            support = LabelSupport(plan.label_columns) if plan.min_support else None
+            samples = new_samples(plan, widths, plan.device)
+            used, stop, window_scores = [], StopRule(plan), {k: [] for k in states}
+        else:
+            support, samples, used, stop, window_scores = (scan["support"], resume["samples"], list(scan["used"]),
+                                                           scan["stop"], resume["window_scores"])
         bar = progress_bar(len(plan.record_ids), f"inspect {plan.model} ({plan.source})", "rec", show)
+        bar.update(len(used))
         checkpoints = set(np.cumsum(windows).tolist())   # the stop rule is checked at window ends
-        used, stopped, rule = [], False, None
-        stop = StopRule(plan)
+        stopped, rule = False, None
         make = lambda layer, m: measure_class(m)(widths[layer], plan.columns[m], device=plan.device,  # noqa: E731
                                                  **plan.measure_params.get(m, {}))
         # progressive scans feed a per-window state, finalised at the window's end (its scores
         # give the batch-means error bound) and then merged into the total
-        feeding = {k: make(*k) for k in states} if progressive else states
-        window_scores = {k: [] for k in states}
+        feeding = {k: window_state(states[k], make, k) for k in states} if progressive else states
         try:
             for i, batch in enumerate(source, 1):
                 # symbols and labels first: on CUDA the batch's forward pass is still running meanwhile
@@ -820,6 +844,7 @@ class LocalEngine:
                         window_scores[k].append(_score_matrix(st))
                         states[k].combine(st)
                         feeding[k] = window_state(states[k], make, k)
+                    done += 1
                     rule = stop.check(states, window_scores, support and support.support())
                     if rule:
                         stopped = True
@@ -839,6 +864,10 @@ class LocalEngine:
                 "stopped_early": stopped, "stop_rule": rule, "bound": stop.bound if progressive else None,
                 "rare": stop.rare if plan.min_support else None,
                 "window_scores": window_scores if progressive else None, "used_ids": used,
+                "windows": done if progressive else None,
+                # what a resumed run (stop_together) goes on from
+                "scan": {"engine": "local", "windows": done, "behaviors": behaviors, "covered": covered,
+                         "missing": missing, "support": support, "used": used, "stop": stop} if progressive else None,
                 "reused": {"activation_records_read": int(len(np.intersect1d(covered, used))),
                            "activation_records_computed": int(len(np.intersect1d(missing, used)))}}
 
@@ -1127,15 +1156,77 @@ def cached_scores(session, plan: Plan, fingerprint: str, started: str, t0: float
 def reuse_report(plan: Plan, runs: list, labels_missing: dict) -> dict:
     """What a scan reused: activation records read from storage vs computed by the model (summed
     over the runs: the model and, with a baseline, its untrained copy), and label pairs
-    (hypothesis, record) of the records used that were stored before the query vs computed."""
+    (hypothesis, record) of the records used (by any run) that were stored before the query vs
+    computed."""
     out = {"scores_of_query": None, "activation_records_read": 0, "activation_records_computed": 0}
     for _, r in runs:
         for k in ("activation_records_read", "activation_records_computed"):
             out[k] += r["reused"][k]
-    used = np.asarray(runs[0][1]["used_ids"], np.int64)
+    used = np.unique(np.concatenate([np.asarray(r["used_ids"], np.int64) for _, r in runs]))
     computed = sum(int(len(np.intersect1d(v, used))) for v in labels_missing.values())
     out["label_pairs_found"] = int(len(used) * len(labels_missing) - computed)
     out["label_pairs_computed"] = computed
+    return out
+
+
+def stop_together(engine, session, runs: list, progress=None) -> list:
+    """The runs of one progressive query (several models, or a model and its untrained twin)
+    brought to one window, so that every model is scored on the same records: while some run
+    stopped before another (or read fewer windows), it goes on (``engine.run(..., resume=)``; an
+    engine without it scans again from the start) with ``plan.min_windows`` at the furthest run's
+    window, until its own rule holds at or after it (or the records run out). The end is the first
+    window, from MIN_WINDOWS on, where every run's rule holds (each run's rule is checked at every
+    window whatever the floor), or the last window; independent of the models' order. Returns
+    ``runs`` with the runs brought up to it."""
+    if len(runs) < 2 or not runs[0][0].progressive or any(r.get("windows") is None for _, r in runs):
+        return runs
+    runs = list(runs)
+    resumes = "resume" in pyinspect.signature(engine.run).parameters
+    while True:
+        target = max(r["windows"] for _, r in runs)
+        behind = [i for i, (_, r) in enumerate(runs) if r["windows"] < target]
+        if not behind:
+            return runs
+        for i in behind:
+            p, r = runs[i]
+            p.min_windows = target
+            runs[i] = (p, engine.run(session, p, progress, resume=r) if resumes else engine.run(session, p, progress))
+            if (runs[i][1].get("windows") or 0) < target:     # an engine that does not keep min_windows
+                return runs
+
+
+def per_model(runs: list, key: str) -> dict | None:
+    """{model: value} of one key of the runs' results where the runs differ in it, else None."""
+    values = {p.model: r.get(key) for p, r in runs}
+    return values if len({json.dumps(v, sort_keys=True, default=str) for v in values.values()}) > 1 else None
+
+
+def stop_report(runs: list) -> dict:
+    """The early-stopping entries of ``queries.params`` for a query's runs (the models, their
+    untrained twin), which stop_together has brought to one window: records_used, stopped_early
+    (every run's rule held), stop_rule (the rule that held, or 'model: rule; ...' where the rules
+    differ), bound_reached (the largest bound of any run), rare (the columns rare in the records
+    read: the same for every model), plateau_checks (one list; per model for several runs); and
+    ``per_model`` values where the runs still differ (an engine that cannot resume, the symbols of
+    models of other tokenizations)."""
+    first = runs[0][1]
+    rules = {p.model: r["stop_rule"] for p, r in runs}
+    bounds = [r["bound"] for _, r in runs if r.get("bound") is not None]
+    rare = {}
+    for _, r in runs:
+        for c, n in (r.get("rare") or {}).items():
+            rare[c] = min(n, rare.get(c, n))
+    out = {"records_used": max(r["records_used"] for _, r in runs),
+           "stopped_early": all(r["stopped_early"] for _, r in runs),
+           "stop_rule": (first["stop_rule"] if len(set(rules.values())) == 1
+                         else "; ".join(f"{m}: {rule}" for m, rule in rules.items())),
+           "bound_reached": max(bounds) if bounds else None,
+           "rare": rare if first.get("rare") is not None else None,
+           "plateau_checks": runs[0][0].probe_checks if len(runs) == 1
+           else {p.model: p.probe_checks for p, _ in runs}}
+    differ = {k: v for k in ("records_used", "n_symbols") if (v := per_model(runs, k)) is not None}
+    if differ:
+        out["per_model"] = differ
     return out
 
 
@@ -1192,9 +1283,11 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
     (hypothesis, record) found vs computed.
 
     ``model`` may be a list of models of one architecture (checkpoints): they are scanned
-    together (engine/stacking.py). ``engine``: 'local' (default) or 'ray' (workers of a Ray
-    cluster at ``ray_address`` run the model; ``ray_options``: RayEngine's keyword arguments),
-    see engine/ray_engine.py."""
+    together (engine/stacking.py). A progressive scan of several models, or with ``baseline``,
+    stops every one of them at the same window, the first where each model's rule holds
+    (``stop_together``), so that all are scored on the same records. ``engine``: 'local'
+    (default) or 'ray' (workers of a Ray cluster at ``ray_address`` run the model;
+    ``ray_options``: RayEngine's keyword arguments), see engine/ray_engine.py."""
     t0 = time.time()
     engine = make_engine(engine, ray_address, **(ray_options or {}))
     started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -1225,7 +1318,10 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
     if why_not is None:
         runs = list(zip(plans, engine.run_stacked(session, plans, progress)))      # a LocalEngine (local)
     else:
-        runs = [(p, engine.run(session, p, progress)) for p in plans]
+        runs = []
+        for p in plans:           # a progressive scan: at least the windows the models before needed
+            p.min_windows = max([r.get("windows") or 0 for _, r in runs], default=0)
+            runs.append((p, engine.run(session, p, progress)))
     if baseline:
         twin_name = f"{models[0]}~untrained"
         base = store.q_one(session.con, "SELECT loader, params FROM models WHERE name = ?", [models[0]])
@@ -1238,7 +1334,11 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
         twin = plan_inspect(session, twin_name, layers, hypotheses, dataset, measures, record_ids, limit,
                             batch_size, False, dtype, device, control, permutations, permutation_rows,
                             max_error, seed, top_k, stable_windows, plateau_tol, min_support, **measure_params)
+        twin.min_windows = max([r.get("windows") or 0 for _, r in runs], default=0)
         runs.append((twin, engine.run(session, twin, progress)))
+    # every model (and the twin) scored on the same records: one window where every rule holds
+    runs = stop_together(engine, session, runs, progress)
+    stopping = stop_report(runs)
     tables = []
     for p, result in runs:
         for (layer, m), state in result["states"].items():
@@ -1265,21 +1365,24 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
               "record_count": int(len(plan.record_ids)), "batch_size": plan.batch_size,
               "keep_activations": plan.keep_activations, "measure_params": plan.measure_params,
               "baseline": bool(baseline), "baseline_seed": baseline_seed,
-              "max_error": plan.max_error, "seed": plan.seed, "records_used": runs[0][1]["records_used"],
+              "max_error": plan.max_error, "seed": plan.seed, "records_used": stopping["records_used"],
               "top_k": plan.top_k, "stable_windows": plan.stable_windows if plan.top_k else None,
-              "stopped_early": runs[0][1]["stopped_early"], "stop_rule": runs[0][1]["stop_rule"],
-              "bound_reached": runs[0][1]["bound"],
-              "plateau_tol": plan.plateau_tol, "plateau_checks": plan.probe_checks if plan.plateau_tol else None,
-              "min_support": plan.min_support or None, "rare": runs[0][1].get("rare"),
+              "stopped_early": stopping["stopped_early"], "stop_rule": stopping["stop_rule"],
+              "bound_reached": stopping["bound_reached"],
+              "plateau_tol": plan.plateau_tol,
+              "plateau_checks": stopping["plateau_checks"] if plan.plateau_tol else None,
+              "min_support": plan.min_support or None, "rare": stopping["rare"],
               "fingerprint": fingerprint, "reused": reuse_report(plan, runs, labels_missing),
               "engine": runs[0][1].get("engine", getattr(engine, "name", type(engine).__name__)),
               **device_report(session, models, plan.device)}
+    if "per_model" in stopping:
+        params["per_model"] = stopping["per_model"]
     params.update(runs[0][1].get("engine_info") or {})
     with store.Transaction(con):
         qid = int(store.q_scalar(con, "SELECT coalesce(max(query_id), 0) + 1 FROM queries"))
         con.execute("INSERT INTO queries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [qid, model_label, plan.dataset, plan.layers, [h["name"] for h in plan.hypotheses],
-                     plan.measures, json.dumps(params, default=str), int(runs[0][1]["records_used"]),
+                     plan.measures, json.dumps(params, default=str), int(stopping["records_used"]),
                      int(runs[0][1]["n_symbols"]), plan.source, started, round(time.time() - t0, 4)])
         scores = pa.table({"query_id": pa.array(np.full(scores.num_rows, qid, np.int32)),
                            **{c: scores.column(c) for c in scores.column_names}}).cast(RESULT_SCHEMA)

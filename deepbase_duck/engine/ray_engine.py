@@ -28,7 +28,10 @@ What moves where:
   blocks are merged as they finish (``ray.wait``) in order, the bound (and the probes' plateau)
   is checked after each merge with the local engine's rule (``StopRule``), and once it holds no
   block is dispatched any more and those in flight are cancelled (``ray.cancel``): the records
-  used are the same prefix the local engine uses.
+  used are the same prefix the local engine uses. In a query of several models (or with the
+  untrained twin) a run whose rule held before another's goes on (``run(..., resume=)``) from
+  the blocks it merged, as the local engine's does (``stop_together``): every model is scored
+  on the same windows.
 - Faults: a block whose worker died (node lost, process killed) is dispatched again to a live
   worker, and a replacement actor is requested from Ray; a block whose forward pass raised (bad
   activations) fails the query with that error.
@@ -380,14 +383,18 @@ class RayEngine:
         return live, gpus
 
     # -- the run ------------------------------------------------------------------------------
-    def run(self, session, plan: Plan, progress=None) -> dict:
+    def run(self, session, plan: Plan, progress=None, resume: dict | None = None) -> dict:
+        """Scan ``plan`` on the cluster. ``resume``: an earlier run of this progressive plan to go
+        on from (``LocalEngine.run``; ``stop_together`` in engine/inspect.py)."""
         t_start = time.perf_counter()
         row = store.q_one(session.con, "SELECT loader, params, checksum, tokenization FROM models WHERE name = ?",
                           [plan.model])
         session.model_row(plan.model)                       # unknown model: the usual error
         loader, params, checksum, tokenization = row
-        if not plan.keep_activations and stored_behaviors(session, plan, checksum, tokenization):
-            out = LocalEngine().run(session, plan, progress)   # nothing to run: scan the stored parts here
+        local = (resume["scan"]["engine"] == "local" if resume is not None else
+                 not plan.keep_activations and stored_behaviors(session, plan, checksum, tokenization))
+        if local:
+            out = LocalEngine().run(session, plan, progress, resume)   # nothing to run: scan the stored parts here
             out["engine"] = "local (stored activations)"
             return out
         if not loader:
@@ -403,7 +410,7 @@ class RayEngine:
         self._extra, self._live = [], list(actors)
         ok = False
         try:
-            result = self._scan(session, plan, progress, actors, tokenization, checksum, widths)
+            result = self._scan(session, plan, progress, actors, tokenization, checksum, widths, resume)
             ok = True
         finally:
             global _POOL
@@ -421,10 +428,12 @@ class RayEngine:
                                  "ray_total_s": round(time.perf_counter() - t_start, 3)}
         return result
 
-    def _scan(self, session, plan: Plan, progress, actors, tokenization, checksum, widths) -> dict:
+    def _scan(self, session, plan: Plan, progress, actors, tokenization, checksum, widths, resume=None) -> dict:
         progressive = plan.progressive
         encoder = _RemoteEncoder(self, tokenization)
-        if plan.control:                   # class frequencies read every selected record's symbols
+        scan = resume["scan"] if resume is not None else None
+        start = scan["windows"] if scan is not None else 0      # blocks (windows) merged before
+        if plan.control and scan is None:  # class frequencies read every selected record's symbols
             counts = ensure_symbols(session, encoder, plan.dataset, plan.record_ids)
             plan.control_freq = class_frequencies(session, plan, tokenization)
         else:                              # the others: tokenised block by block (payload below)
@@ -439,7 +448,8 @@ class RayEngine:
         else:
             batches = plan_batches(session, plan.dataset, plan.record_ids, plan.batch_size)
             blocks = [batches[i:i + self.block_batches] for i in range(0, len(batches), self.block_batches)]
-        labels = LabelStream(session, plan, tokenization, counts, [r for blk in blocks for ids in blk for r in ids])
+        labels = LabelStream(session, plan, tokenization, counts,
+                             [r for blk in blocks[start:] for ids in blk for r in ids])
         keep = parts_of = None
         if plan.keep_activations:
             # workers write each batch's part to the shared activation folder (temporary name, then
@@ -464,17 +474,23 @@ class RayEngine:
                 parts_of.append(per)
         make = lambda layer, m: measure_class(m)(widths[layer], plan.columns[m], device="cpu",  # noqa: E731
                                                  **plan.measure_params.get(m, {}))
-        states = {(layer, m): make(layer, m) for layer in plan.layers for m in plan.measures}
-        samples = new_samples(plan, widths, "cpu")
-        window_scores = {k: [] for k in states}
+        if scan is None:
+            states = {(layer, m): make(layer, m) for layer in plan.layers for m in plan.measures}
+            samples = new_samples(plan, widths, "cpu")
+            window_scores = {k: [] for k in states}
+        else:                                      # going on from an earlier run's merged windows
+            states, samples, window_scores = resume["states"], resume["samples"], resume["window_scores"]
         ahead = self.ahead or 2 * self.inflight * max(1, len(self._live))
-        stats = self.stats = {"blocks": len(blocks), "merged": 0, "redispatched": 0, "dispatched": 0,
+        stats = self.stats = {"blocks": len(blocks), "merged": start, "redispatched": 0, "dispatched": start,
                               "ahead": ahead, "block_seconds": [],
                               "state_bytes": [], "activation_bytes": [], "combine_seconds": 0.0,
                               "label_seconds": 0.0, "roundtrip_seconds": []}
 
         payloads = {}
-        support = LabelSupport(plan.label_columns) if plan.min_support else None
+        if scan is None:
+            support = LabelSupport(plan.label_columns) if plan.min_support else None
+        else:
+            support = scan["support"]
         block_support = {}                         # block -> the support of its labels, merged with it
 
         def payload(i):
@@ -505,14 +521,15 @@ class RayEngine:
 
         show = session.progress if progress is None else progress
         bar = progress_bar(len(plan.record_ids), f"inspect {plan.model} (ray)", "rec", show)
-        pending = collections.deque(range(len(blocks)))
+        pending = collections.deque(range(start, len(blocks)))
         live = self._live                          # the actors alive now (kept for the next query)
         load = {a: 0 for a in live}
         starting = {}                              # ready ref -> replacement actor
         in_flight = {}                             # ref -> (block, actor, submitted at)
         tries = collections.Counter()
-        results, next_merge, used = {}, 0, []
-        stopped, rule, stop = False, None, StopRule(plan)
+        results, next_merge, used = {}, start, list(scan["used"]) if scan is not None else []
+        stopped, rule, stop = False, None, scan["stop"] if scan is not None else StopRule(plan)
+        bar.update(len(used))
         calibrating = uncalibrated(states)
         try:
             while next_merge < len(blocks) and not stopped:
@@ -620,6 +637,9 @@ class RayEngine:
                 "records_used": len(used), "stopped_early": stopped, "stop_rule": rule,
                 "bound": stop.bound if progressive else None, "window_scores": window_scores if progressive else None,
                 "rare": stop.rare if plan.min_support else None,
+                "windows": next_merge if progressive else None,
+                "scan": {"engine": "ray", "windows": next_merge, "support": support, "used": used, "stop": stop}
+                if progressive else None,
                 "used_ids": used, "reused": {"activation_records_read": 0, "activation_records_computed": len(used)}}
 
 

@@ -368,11 +368,20 @@ def _stable(v, depth: int = 0) -> str:
     return f"<{type(v).__module__}.{type(v).__qualname__}>"
 
 
-def function_inputs(fn) -> str:
+HELPER_DEPTH = 6          # how deep function_inputs follows the user functions a hypothesis calls
+
+
+def function_inputs(fn, depth: int = 0, seen: set | None = None) -> str:
     """What a hypothesis function reads besides its argument, as a stable text: its default
-    argument values, the values of the variables it closes over, and the module-level names its
-    code reads whose values are plain (a threshold, a word list); functions, modules and other
-    objects count by their type alone."""
+    argument values, the values of the variables it closes over, the module-level names its code
+    reads whose values are plain (a threshold, a word list), and the user-defined Python functions
+    it calls through a module-level name, a closed-over variable or a default (a helper): each
+    one's source (``function_text``) and, in turn, what it reads, HELPER_DEPTH levels deep, each
+    function once (recursion and cycles end there). Functions of the standard library, of
+    installed packages and of deepbase_duck itself are not followed (their code changes with the
+    installed version, not between queries); modules, classes and other objects count by their
+    type alone."""
+    seen = set() if seen is None else seen
     code = getattr(fn, "__code__", None)
     if code is None:
         # a callable object: its state (a dataclass's fields, ...) and what its __call__ reads
@@ -380,22 +389,98 @@ def function_inputs(fn) -> str:
         slots = getattr(type(fn), "__slots__", ())
         slots = (slots,) if isinstance(slots, str) else slots
         state = {**getattr(fn, "__dict__", {}), **{k: getattr(fn, k, None) for k in slots}}
-        return f"state={_stable(state)}|" + (function_inputs(call) if inspect.isfunction(call) else "")
+        return f"state={_stable(state)}|" + (function_inputs(call, depth, seen) if inspect.isfunction(call) else "")
+    seen.add(code)
     parts = [_stable(getattr(fn, "__defaults__", None)), _stable(getattr(fn, "__kwdefaults__", None))]
+    for i, v in enumerate(getattr(fn, "__defaults__", None) or ()):
+        if _user_function(v):
+            parts.append(f"default{i}={_helper_text(v, depth, seen)}")
+    for k, v in sorted((getattr(fn, "__kwdefaults__", None) or {}).items()):
+        if _user_function(v):
+            parts.append(f"{k}={_helper_text(v, depth, seen)}")
     for name, cell in zip(code.co_freevars, getattr(fn, "__closure__", None) or ()):
         try:
-            parts.append(f"{name}={_stable(cell.cell_contents)}")
+            value = cell.cell_contents
         except ValueError:                   # an empty cell
             parts.append(f"{name}=<empty>")
+            continue
+        parts.append(f"{name}={_helper_text(value, depth, seen) if _user_function(value) else _stable(value)}")
     g = getattr(fn, "__globals__", {})
-    names = set(code.co_names)
-    for const in code.co_consts:             # names read by nested functions and comprehensions
-        if inspect.iscode(const):
-            names |= set(const.co_names)
-    for name in sorted(names):
-        if name in g and isinstance(g[name], _PLAIN + (list, tuple, set, frozenset, dict)):
-            parts.append(f"{name}={_stable(g[name])}")
+    for name in sorted(_names_read(code)):
+        if name not in g:
+            continue
+        value = g[name]
+        if isinstance(value, _PLAIN + (list, tuple, set, frozenset, dict)):
+            parts.append(f"{name}={_stable(value)}")
+        elif _user_function(value):
+            parts.append(f"{name}={_helper_text(value, depth, seen)}")
     return "|".join(parts)
+
+
+def _names_read(code, depth: int = 0) -> set:
+    """The global names a code object reads, with those of the functions, lambdas and
+    comprehensions nested in it."""
+    names = set(code.co_names)
+    if depth < 8:
+        for const in code.co_consts:
+            if inspect.iscode(const):
+                names |= _names_read(const, depth + 1)
+    return names
+
+
+def _helper_text(fn, depth: int, seen: set) -> str:
+    """A user function that a hypothesis function reads: its source and what it reads in turn
+    (``function_inputs``); a function met before (recursion, a helper called twice) or one beyond
+    HELPER_DEPTH by its name alone."""
+    name = getattr(fn, "__qualname__", "?")
+    if fn.__code__ in seen or depth >= HELPER_DEPTH:
+        return f"<function {name}>"
+    return "<function " + name + ">{" + function_text(fn) + "|" + function_inputs(fn, depth + 1, seen) + "}"
+
+
+def _package_dirs() -> tuple[str, ...]:
+    """Folders whose functions a version does not follow: the standard library, installed
+    packages (site-packages) and deepbase_duck itself."""
+    import os
+    import sysconfig
+    paths = sysconfig.get_paths()
+    dirs = {paths.get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    import site
+    try:
+        dirs |= set(site.getsitepackages()) | {site.getusersitepackages()}
+    except AttributeError:                   # pragma: no cover - a virtualenv's old site module
+        pass
+    dirs.add(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))    # .../deepbase_duck
+    return tuple(os.path.join(os.path.realpath(d), "") for d in dirs if d)
+
+
+_PACKAGE_DIRS: tuple[str, ...] | None = None
+_USER_FILES: dict[str, bool] = {}          # code file -> whether its functions are followed
+
+
+def _user_function(v) -> bool:
+    """Whether ``v`` is a Python function of the user's code (a script, a notebook cell, a module of
+    the user's project, ``exec``): not a builtin, nor from the standard library, an installed
+    package or deepbase_duck."""
+    global _PACKAGE_DIRS
+    if not inspect.isfunction(v):
+        return False
+    module = getattr(v, "__module__", None) or ""
+    if module == "deepbase_duck" or module.startswith("deepbase_duck."):
+        return False
+    f = v.__code__.co_filename
+    known = _USER_FILES.get(f)
+    if known is None:
+        if f.startswith("<"):                # <stdin>, <string> (exec), a notebook's cell name
+            known = not f.startswith("<frozen")
+        else:
+            import os
+            if _PACKAGE_DIRS is None:
+                _PACKAGE_DIRS = _package_dirs()
+            real = os.path.realpath(f)
+            known = not any(real.startswith(d) for d in _PACKAGE_DIRS)
+        _USER_FILES[f] = known
+    return known
 
 
 # -- registry -------------------------------------------------------------------------------
