@@ -44,6 +44,11 @@ class Session:
         """Register ``adapter`` (or a loader spec 'pkg.module:function' called with ``params``)
         under ``name``; records its checksum, tokenisation and every named module with its width.
         """
+        if not isinstance(name, str) or not name.strip():
+            raise DeepBaseError(f"a model name must be a non-empty string, got {name!r}")
+        if params is not None and not isinstance(params, dict):
+            raise DeepBaseError(f"register_model({name!r}): params must be a dict of the loader's keyword arguments "
+                                f"(e.g. {{'checkpoint': 'final'}}), got {type(params).__name__} {params!r}")
         loader = None
         if isinstance(adapter, str):
             loader = adapter
@@ -160,7 +165,10 @@ class Session:
         return dict(store.q_all(self.con, "SELECT layer, width FROM layers WHERE model = ?", [model]))
 
     def check_layers(self, model: str, layers) -> list[str]:
+        """``layers`` (one name, or a list of them) as a list, each a layer of ``model``."""
         valid = self.stored_widths(model)
+        if isinstance(layers, str):
+            layers = [layers]
         if layers is None or len(layers) == 0:
             raise DeepBaseError(f"no layers given for model {model!r}; its layers with tensor outputs: "
                                 + ", ".join(k for k, w in valid.items() if w))
@@ -198,6 +206,13 @@ class Session:
                     f"dataset {name!r}: record {i} is {type(r).__name__}; give strings or dicts with a 'text' string")
         if not texts:
             raise EmptyDatasetError(f"dataset {name!r}: no records given")
+        columns = {}                       # as Arrow now: what the store cannot hold fails here, by name
+        for column, values in (("text", texts), ("source", sources)):
+            try:
+                columns[column] = pa.array(values, pa.string())
+            except UnicodeEncodeError:
+                _refuse_surrogate(name, column, values)
+                raise
         exists = store.q_scalar(self.con, "SELECT count(*) FROM datasets WHERE name = ?", [name])
         first = 0                          # the first record id to insert
         if exists:
@@ -223,8 +238,8 @@ class Session:
             store.insert_arrow(con, "records", pa.table({
                 "dataset": pa.array([name] * (len(texts) - first)),
                 "record_id": pa.array(np.arange(first, len(texts), dtype=np.int32)),
-                "source": pa.array(sources[first:], pa.string()),
-                "text": pa.array(texts[first:], pa.string())}))
+                "source": columns["source"].slice(first),
+                "text": columns["text"].slice(first)}))
             con.execute("UPDATE records SET text_md5 = md5(text) WHERE dataset = ? AND text_md5 IS NULL", [name])
         for directory in dropped:          # files go once the catalog no longer lists them
             store.remove_tree(self.act_root / directory)
@@ -307,8 +322,9 @@ class Session:
         return t.column(0).to_numpy()
 
     def select_records(self, dataset: str, record_ids=None, limit=None) -> np.ndarray:
-        """The records a query reads: ``record_ids`` (every one must be a record of ``dataset``)
-        or all of the dataset's, then the first ``limit`` of them (an integer >= 0)."""
+        """The records a query reads: ``record_ids`` (every one must be a record of ``dataset``;
+        an id given more than once is read once, at its first place) or all of the dataset's,
+        then the first ``limit`` of them (an integer >= 0)."""
         from .errors import check_int
         every = self.record_ids(dataset)
         if record_ids is None:
@@ -322,6 +338,9 @@ class Session:
             if len(unknown):
                 raise DeepBaseError(f"record_ids: {len(unknown)} id(s) are not records of dataset {dataset!r}: "
                                     f"{', '.join(map(str, unknown[:10].tolist()))}{' ...' if len(unknown) > 10 else ''}")
+            _, first = np.unique(ids, return_index=True)
+            if len(first) < len(ids):      # repeats would weigh a record twice: each is read once
+                ids = ids[np.sort(first)]
         if limit is not None:
             ids = ids[:check_int("limit", limit, 0)]
         return ids
@@ -353,6 +372,19 @@ class Session:
                 store.remove_tree(self.act_root)
 
 
+def _refuse_surrogate(dataset: str, column: str, values) -> None:
+    """Raise a DeepBaseError naming the first record whose ``column`` value holds a lone surrogate
+    (a str that is no UTF-8 text: ``'\\ud83e'`` from a broken JSON escape or a bad decode)."""
+    for i, v in enumerate(values):
+        try:
+            if v is not None:
+                v.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise DeepBaseError(f"dataset {dataset!r}: record {i}'s {column} holds {v[exc.start]!r} at character "
+                                f"{exc.start}, not a character (a lone surrogate, from a broken JSON escape or a bad "
+                                f"decode); nothing was stored") from None
+
+
 def load_adapter(spec: str, params: dict) -> ModelAdapter:
     """Import 'package.module:function' and call it with ``params``."""
     if ":" not in spec:
@@ -369,9 +401,18 @@ def load_adapter(spec: str, params: dict) -> ModelAdapter:
 
 
 def layer_widths(adapter: ModelAdapter) -> dict[str, int]:
-    """Width of every named module's output, from one forward pass over the adapter's example."""
+    """Width of every named module's output, from one forward pass over the adapter's example
+    (``example_encoding``)."""
     names = [n for n, _ in adapter.module.named_modules() if n]
-    enc = adapter.encode([adapter.example_text])
+    try:
+        enc = adapter.example_encoding(1)
+    except Exception as exc:
+        example = getattr(adapter, "example_text", None)
+        raise DeepBaseError(
+            f"register_model: the adapter ({type(adapter).__name__}) cannot encode its example record, "
+            f"example_text={example if example is None else example[:80]!r}, which one forward pass at "
+            f"registration reads to measure each layer's width ({type(exc).__name__}: {exc}); set "
+            f"adapter.example_text to a record its encoder reads (or override example_encoding())") from exc
     widths = {}
     with Retain(adapter.module, names) as ret:
         adapter.forward(enc)

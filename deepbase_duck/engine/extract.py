@@ -235,6 +235,28 @@ def get_or_create_behavior(session, model: str, checksum: str, layer: str, datas
             "layer": layer, "dtype": dtype, "dataset": dataset}
 
 
+def drop_unstored_behaviors(session, behaviors) -> list[int]:
+    """After a failed scan: delete the catalog rows (and view and folder) of each
+    of ``behaviors`` that holds no committed part, so that the catalog lists no behavior whose
+    activations were never stored; behaviors with parts stay as they are (an extraction resumes
+    after their last committed batch). Best effort: the original error is what matters. Returns
+    the behavior ids dropped."""
+    dropped = []
+    for b in behaviors:
+        try:
+            with store.Transaction(session.con) as con:
+                if part_count(con, b["behavior_id"]):
+                    continue
+                con.execute("DELETE FROM behavior_records WHERE behavior_id = ?", [b["behavior_id"]])
+                con.execute("DELETE FROM behaviors WHERE behavior_id = ?", [b["behavior_id"]])
+                con.execute(f"DROP VIEW IF EXISTS {b['view_name']}")
+            store.remove_tree(session.act_root / b["directory"])
+            dropped.append(b["behavior_id"])
+        except Exception:
+            pass
+    return dropped
+
+
 def cleanup_orphans(session, b: dict) -> int:
     """Delete part files of ``b`` that the catalog does not list (a run killed before commit)."""
     listed = {r[0] for r in store.q_all(session.con, "SELECT file FROM behavior_parts WHERE behavior_id = ?",
@@ -515,39 +537,47 @@ def extract(session, model: str, layers, dataset: str, dtype: str = "float32", r
         raise EmptyDatasetError(f"no records selected from dataset {dataset!r}")
     widths = session.stored_widths(model)
     behaviors = {}
-    for layer in layers:
-        if not widths.get(layer):
-            raise ActivationError(f"layer {layer!r} of model {model!r} yields no tensor output to store")
-        behaviors[layer] = get_or_create_behavior(session, model, mrow["checksum"], layer, dataset,
-                                                  adapter.tokenization, dtype, widths[layer])
-        cleanup_orphans(session, behaviors[layer])
-    missing = {l: np.setdiff1d(ids, done_records(session.con, b["behavior_id"])) for l, b in behaviors.items()}
-    todo = np.unique(np.concatenate(list(missing.values())))
-    results = []
-    t0 = time.time()
-    if len(todo):
-        counts = stored_symbol_counts(session, dataset, adapter.tokenization)
-        symbols = SymbolWriter(session, adapter.tokenization, dataset, counts)   # from the forward's encodings
-        run_layers = [l for l in layers if len(missing[l])]
-        bar = progress_bar(len(todo), f"extract {model}", "rec", session.progress if progress is None else progress)
-        batches = plan_batches(session, dataset, todo, batch_size)
-        # each batch keeps its encoding: its symbols are stored below, in this thread
-        source = batch_source(
-            session, lambda reader: forward_batches(reader, adapter, model, run_layers, dataset, batches, counts,
-                                                    defer_check=True, keep_encoding=True),
-            pipeline_by_default(adapter) if pipeline is None else bool(pipeline))
-        try:
-            for batch in source:
-                if batch.encoded is not None:
-                    symbols.add(batch.record_ids, batch.encoded)
-                    batch.encoded = None
-                store_batch(session, {l: behaviors[l] for l in run_layers}, missing, batch.verify(), symbols)
-                release_freed_memory()
-                bar.update(len(batch.record_ids))
-        finally:
-            bar.close()
-            source.close()            # a prefetching producer stops (and its thread ends) here
-            symbols.close(failed=sys.exc_info()[0] is not None)
+    try:
+        for layer in layers:
+            if not widths.get(layer):
+                raise ActivationError(f"layer {layer!r} of model {model!r} yields no tensor output to store")
+            behaviors[layer] = get_or_create_behavior(session, model, mrow["checksum"], layer, dataset,
+                                                      adapter.tokenization, dtype, widths[layer])
+            cleanup_orphans(session, behaviors[layer])
+        missing = {l: np.setdiff1d(ids, done_records(session.con, b["behavior_id"])) for l, b in behaviors.items()}
+        todo = np.unique(np.concatenate(list(missing.values())))
+        results = []
+        t0 = time.time()
+        if len(todo):
+            counts = stored_symbol_counts(session, dataset, adapter.tokenization)
+            symbols = SymbolWriter(session, adapter.tokenization, dataset, counts)   # from the forward's encodings
+            run_layers = [l for l in layers if len(missing[l])]
+            bar = progress_bar(len(todo), f"extract {model}", "rec", session.progress if progress is None else progress)
+            batches = plan_batches(session, dataset, todo, batch_size)
+            # each batch keeps its encoding: its symbols are stored below, in this thread
+            source = batch_source(
+                session, lambda reader: forward_batches(reader, adapter, model, run_layers, dataset, batches, counts,
+                                                        defer_check=True, keep_encoding=True),
+                pipeline_by_default(adapter) if pipeline is None else bool(pipeline))
+            try:
+                for batch in source:
+                    if batch.encoded is not None:
+                        symbols.add(batch.record_ids, batch.encoded)
+                        batch.encoded = None
+                    store_batch(session, {l: behaviors[l] for l in run_layers}, missing, batch.verify(), symbols)
+                    release_freed_memory()
+                    bar.update(len(batch.record_ids))
+            finally:
+                bar.close()
+                source.close()            # a prefetching producer stops (and its thread ends) here
+                symbols.close(failed=sys.exc_info()[0] is not None)
+    except Exception:
+        # a failed extraction (an error: NaN activations, a layer the adapter cannot cut into
+        # symbols) leaves no catalog row for a behavior with no committed part, whose activations
+        # were never stored; one with parts stays, for a later call to resume after its last
+        # committed batch. An interruption (Ctrl-C) is left as a kill leaves it, to be resumed.
+        drop_unstored_behaviors(session, behaviors.values())
+        raise
     for layer in layers:
         b = behaviors[layer]
         results.append({"model": model, "layer": layer, "behavior_id": b["behavior_id"], "view": b["view_name"],

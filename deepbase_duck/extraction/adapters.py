@@ -14,6 +14,7 @@ whenever the encoder changes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 from dataclasses import dataclass, field
 
@@ -95,14 +96,43 @@ def model_checksum(module: torch.nn.Module, variant: str = "") -> str:
     return h.hexdigest()
 
 
+_BLOCK = 1024        # state_fingerprint's position weights: a tensor is read as rows of this many values
+
+
+@functools.lru_cache(maxsize=256)
+def _position_weights(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``n`` fixed pseudo-random weights in [0.5, 1.5) (seeded by ``n``), on ``device``."""
+    g = torch.Generator().manual_seed(0x5EED + n)
+    return (torch.rand(n, generator=g, dtype=torch.float64) + 0.5).to(device=device, dtype=dtype)
+
+
+def _positional_sum(flat: torch.Tensor) -> torch.Tensor:
+    """A sum of the values of a 1-D tensor, each weighted by a fixed pseudo-random weight of its
+    position (float64): moving values around (units swapped or permuted, a row shifted) changes
+    it, which the plain sum and the norm do not see. The tensor is read as rows of ``_BLOCK``
+    values, value (r, c) weighing column weight c times row weight r: one matrix-vector product
+    (no copy of a float32 or float64 tensor) and O(n / _BLOCK + _BLOCK) weights."""
+    x = flat if flat.dtype in (torch.float32, torch.float64) else flat.to(torch.float32 if flat.is_floating_point()
+                                                                          else torch.float64)
+    n = x.numel()
+    cols = min(n, _BLOCK)
+    rows, tail = divmod(n, cols)
+    wc = _position_weights(cols, x.device, x.dtype)
+    per_row = torch.mv(x[:rows * cols].view(rows, cols), wc).to(torch.float64)
+    total = torch.dot(per_row, _position_weights(rows, x.device, torch.float64))
+    if tail:                       # the last, partial row: row weight 2 (outside the others' range)
+        total = total + 2.0 * torch.dot(x[rows * cols:], wc[:tail]).to(torch.float64)
+    return total
+
+
 def state_fingerprint(module: torch.nn.Module, variant: str = "") -> tuple:
     """A cheap summary that changes when the module's identity may have: each parameter and
     buffer's object, storage, shape, dtype and PyTorch version counter (bumped by every in-place
     write: an optimiser step, ``load_state_dict``, ``weight[:, 3] = 0`` under ``no_grad``), a few
-    of its values and its sum and norm (for writes through ``.data``, which leave the counter
-    alone: a unit's row zeroed changes them; one read of every tensor), every submodule's class,
-    and the variant. Not a checksum: it only says when ``model_checksum`` must be computed
-    again."""
+    of its values, its sum, its norm and a sum weighted by position (for writes through
+    ``.data``, which leave the counter alone: a unit's row zeroed changes the sums, two units
+    swapped or permuted the weighted one; one read of every tensor), every submodule's class, and
+    the variant. Not a checksum: it only says when ``model_checksum`` must be computed again."""
     items, probes = [], {}
     try:
         for name, t in module.state_dict(keep_vars=True).items():
@@ -113,7 +143,8 @@ def state_fingerprint(module: torch.nn.Module, variant: str = "") -> tuple:
                 whole = torch.stack([flat.sum(dtype=torch.float64),
                                      torch.linalg.vector_norm(flat, dtype=torch.float64)]) \
                     if flat.is_floating_point() else flat.sum()[None].to(torch.float64)
-                probes.setdefault(t.device, []).append(torch.cat([flat[::step][:8].to(torch.float64), whole]))
+                probes.setdefault(t.device, []).append(torch.cat([flat[::step][:8].to(torch.float64), whole,
+                                                                  _positional_sum(flat)[None]]))
         values = tuple(torch.cat(v).cpu().numpy().tobytes()
                        for _, v in sorted(probes.items(), key=lambda kv: str(kv[0])))
     except Exception:              # a tensor type without storage or version (a wrapper subclass):
@@ -161,8 +192,9 @@ class ModelAdapter:
     # A scan needs a forward pass only up to the last layer it reads: with early exit it stops
     # there (a char-LSTM's decoder head, a transformer's upper layers are not run). That is right
     # when each read layer runs once per forward pass; None checks this with one forward pass over
-    # ``example_text`` per set of layers (a module shared across depths, or called per time step,
-    # runs more often and turns early exit off); False never exits early, True always does.
+    # ``example_text`` (``example_encoding``) per set of layers (a module shared across depths, or
+    # called per time step, runs more often and turns early exit off); False never exits early,
+    # True always does.
     early_exit: bool | None = None
     # Part of the model's identity (``checksum``), for what its weights and module classes do not
     # show: a forward hook that ablates or patches a unit, a flag that changes the forward pass.
@@ -198,7 +230,7 @@ class ModelAdapter:
     def exits_early(self, layers) -> bool:
         """Whether a scan reading ``layers`` may stop the forward pass once they have all given
         their outputs (``early_exit``; None: each of them ran exactly once in a forward pass over
-        two copies of ``example_text``, cached per set of layers)."""
+        two copies of the example (``example_encoding``), cached per set of layers)."""
         if self.early_exit is not None:
             return bool(self.early_exit)
         from .hooks import resolve_modules
@@ -209,7 +241,7 @@ class ModelAdapter:
             handles = [m.register_forward_hook(lambda *_, n=n: calls.__setitem__(n, calls[n] + 1))
                        for n, m in resolve_modules(self.module, key).items()]
             try:
-                self.forward(self.encode([self.example_text, self.example_text]))
+                self.forward(self.example_encoding(2))
                 cache[key] = all(c == 1 for c in calls.values())
             except Exception:                 # the scan itself will report a failing model
                 cache[key] = False
@@ -217,6 +249,13 @@ class ModelAdapter:
                 for h in handles:
                     h.remove()
         return cache[key]
+
+    def example_encoding(self, n: int = 1) -> Encoded:
+        """The inputs of ``n`` example records, for the forward passes run before any dataset is
+        read (the layer widths measured by ``register_model``, the early-exit check): by default
+        ``example_text`` encoded. Override it (or set ``example_text``) where that text is not a
+        record the encoder can read."""
+        return self.encode([self.example_text] * n)
 
     # -- the three questions ----------------------------------------------------------------
     def encode(self, texts: list[str]) -> Encoded:  # pragma: no cover - abstract

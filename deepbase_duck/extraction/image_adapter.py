@@ -37,11 +37,16 @@ def _default_loader(text: str) -> np.ndarray:
 
 
 class ImageAdapter(ModelAdapter):
-    """A torch image model whose layers are read on a ``grid`` x ``grid`` grid of cells."""
+    """A torch image model whose layers are read on a ``grid`` x ``grid`` grid of cells.
+
+    ``load_image``: the record text to an (H, W, 3) uint8 image (default: the descriptors of
+    ``deepbase_duck.corpora.images``). ``example_text``: a record for the forward pass that
+    ``register_model`` runs to measure the layers (default: a synthetic scene for the default
+    loader; with a ``load_image`` of your own and none given, a plain grey image)."""
 
     def __init__(self, module: torch.nn.Module, grid: int = DEFAULT_GRID, size: int = 224,
                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), load_image=None,
-                 name: str = "rgb", device=None):
+                 name: str = "rgb", device=None, example_text: str | None = None):
         super().__init__(module, device)
         if int(grid) < 1 or int(size) < 1:
             raise ValueError(f"grid and size must be positive, got grid={grid}, size={size}")
@@ -54,8 +59,21 @@ class ImageAdapter(ModelAdapter):
                             sort_keys=True)
         self.tokenization = grid_tokenization(self.grid, f"{name}-{self.size}-"
                                               + hashlib.sha256(detail.encode()).hexdigest()[:8])
-        from ..corpora.scenes import scene_records
-        self.example_text = scene_records(1, seed=0)[0]["text"]
+        if example_text is not None:
+            self.example_text = example_text
+        elif load_image is None:            # the default loader reads scene specs
+            from ..corpora.scenes import scene_records
+            self.example_text = scene_records(1, seed=0)[0]["text"]
+        else:                               # a loader of the user's records: no record to give it
+            self.example_text = None        # (example_encoding: a plain grey image instead)
+
+    def example_encoding(self, n: int = 1) -> Encoded:
+        """``n`` example images for the forward passes run before any dataset is read (layer
+        widths at registration, the early-exit check): ``example_text`` loaded, or, where there
+        is none (a custom ``load_image`` and no ``example_text=``), a plain grey image."""
+        if self.example_text is not None:
+            return super().example_encoding(n)
+        return self._encoded(torch.full((n, 3, self.size, self.size), 0.5))
 
     @property
     def n_cells(self) -> int:
@@ -77,9 +95,14 @@ class ImageAdapter(ModelAdapter):
         return out
 
     def encode(self, texts: list[str]) -> Encoded:
-        x = (self.pixels(texts) - self.mean) / self.std
+        return self._encoded(self.pixels(texts))
+
+    def _encoded(self, pixels: torch.Tensor) -> Encoded:
+        """The model inputs of (batch, 3, size, size) RGB ``pixels`` in [0, 1], with the grid cells
+        as each record's symbols."""
+        x = (pixels - self.mean) / self.std
         cells = np.arange(self.n_cells, dtype=np.int32)
-        return Encoded(inputs=x, starts=[cells] * len(texts), ends=[cells + 1] * len(texts), tokens=None)
+        return Encoded(inputs=x, starts=[cells] * len(x), ends=[cells + 1] * len(x), tokens=None)
 
     def grid_maps(self, layer: str, output: torch.Tensor) -> torch.Tensor:
         """(batch, C, G, G): a layer's (batch, C, h, w) output resampled to the grid."""

@@ -25,8 +25,11 @@ def catalog_hypothesis(con, name: str) -> dict | None:
 
 
 def resolve(con, names) -> list[dict]:
-    """Catalog descriptions of ``names``: a registered Python hypothesis wins; a name known only
-    to the store (labels computed in another session) is used with its stored labels."""
+    """Catalog descriptions of ``names`` (one name or Hypothesis, or a list of them): a registered
+    Python hypothesis wins; a name known only to the store (labels computed in another session)
+    is used with its stored labels."""
+    if isinstance(names, (str, Hypothesis)):
+        names = [names]
     out = []
     for name in names:
         if isinstance(name, Hypothesis):
@@ -100,8 +103,9 @@ def labels_to_compute(con, hyps: list[dict], dataset: str, record_ids) -> dict[s
 
 
 def annotate(session, hypotheses, dataset: str, record_ids=None, progress: bool | None = None) -> list[dict]:
-    """Compute and store the labels of ``hypotheses`` for the records of ``dataset`` (all, or
-    ``record_ids``). Returns one summary dict per hypothesis.
+    """Compute and store the labels of ``hypotheses`` (a name or Hypothesis, or a list of them) for
+    the records of ``dataset`` (all, or ``record_ids``: each a record of the dataset, a repeated
+    one counted once). Returns one summary dict per hypothesis.
 
     Records are processed in chunks; each chunk's labels of every hypothesis and the rows of
     ``labeled_records`` that mark them done are appended in one transaction, so an interrupted
@@ -116,7 +120,7 @@ def _annotate(session, hypotheses, dataset: str, record_ids=None, progress: bool
     """annotate's work; the store's DuckDB memory is capped around it (engine/memory.py)."""
     con = session.con
     session.check_dataset(dataset)
-    ids = session.record_ids(dataset) if record_ids is None else np.asarray(record_ids, dtype=np.int64)
+    ids = session.select_records(dataset, record_ids)     # checked; a repeated id counts once
     hyps = resolve(con, hypotheses)
     missing = labels_to_compute(con, hyps, dataset, ids)
     todo = np.unique(np.concatenate([m for m in missing.values()])) if hyps else np.zeros(0, np.int64)

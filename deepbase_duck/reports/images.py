@@ -24,7 +24,7 @@ import torch
 from .. import store
 from ..catalog import session_of
 from ..errors import DeepBaseError, EmptyDatasetError
-from ..extraction.hooks import Retain
+from ..extraction.hooks import Retain, run_until_retained
 from ..extraction.image_adapter import ImageAdapter
 from ..progress import progress_bar
 
@@ -54,7 +54,7 @@ def grid_maps(con, model: str, layer: str, dataset: str, record_ids) -> np.ndarr
     texts = session.texts(dataset, ids)
     with Retain(adapter.module, [layer]) as ret:
         enc = adapter.encode([texts[r] for r in ids])
-        adapter.forward(enc)
+        run_until_retained(adapter, enc, ret)    # the layer's own output, as extract stores it (settle())
         return adapter.grid_maps(layer, ret[layer]).cpu().numpy()
 
 
@@ -76,7 +76,7 @@ def unit_maxima(con, model: str, layer: str, dataset: str, record_ids=None, batc
             chunk = [int(r) for r in ids[lo:lo + batch_size]]
             texts = session.texts(dataset, chunk)
             enc = adapter.encode([texts[r] for r in chunk])
-            adapter.forward(enc)
+            run_until_retained(adapter, enc, ret)   # not overwritten by a later in-place op (a ReLU6 after a BN)
             maps = adapter.grid_maps(layer, ret[layer])
             out.append(maps.amax(dim=(2, 3)).cpu().numpy())
             bar.update(len(chunk))

@@ -7,8 +7,8 @@ connection to the same database). Each UDF is a thin call of the same library fu
 Python API calls, with the same arguments.
 
 Errors: DuckDB shows only "Python exception occurred while executing the UDF: <Type>: <msg>";
-our messages name the culprit, and the full traceback is kept in ``session.udf_tracebacks``
-(``SELECT * FROM dbd_last_error()``).
+our messages name the culprit, and the full traceback of the last failed call is kept in
+``session.udf_tracebacks``: ``SELECT last_error()`` shows it (the macro over ``dbd_last_error(0)``).
 """
 from __future__ import annotations
 
@@ -102,6 +102,21 @@ def _number(name: str, text: str | None):
     return int(value) if value.is_integer() else value
 
 
+def _loader_params(name, text: str | None) -> dict:
+    """register_model's ``params``: a JSON object of the loader's keyword arguments (NULL or ''
+    none), or one DeepBaseError naming ``params`` (as the CLI's --params)."""
+    if not text:
+        return {}
+    try:
+        params = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DeepBaseError(f"register_model({name!r}): params is not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(params, dict):
+        raise DeepBaseError(f"register_model({name!r}): params must be a JSON object of the loader's keyword "
+                            f"arguments, e.g. '{{\"checkpoint\": \"final\"}}', got {text!r}")
+    return params
+
+
 def register_udfs(session: Session) -> None:
     con = session.con
     from ..engine.extract import extract
@@ -157,7 +172,7 @@ def register_udfs(session: Session) -> None:
             return annotate(sub, _list(hypotheses), dataset, progress=False)
 
     def do_register(sub, name, loader, params):
-        info = sub.register_model(name, loader, json.loads(params) if params else {})
+        info = sub.register_model(name, loader, _loader_params(name, params))
         session.adapters[name] = sub.adapters[name]
         return info["checksum"]
 
