@@ -47,7 +47,8 @@ from .extract import (DTYPES, Batch, SymbolWriter, cleanup_orphans, done_records
 # the seeded windows, not the parts in a seeded order; 3: iou / precision / recall / f1 and
 # spearman intervals and p-values with records as clusters, mi's point masses in bins of their
 # own, outputs written in place later kept as their module gave them; 4: mi intervals and
-# p-values with records as clusters)
+# p-values with records as clusters, mi p-values from Pearson's X^2, ap intervals with records
+# as clusters, probes leave out non-finite units)
 SCORING_VERSION = 4
 PART_CACHE_BYTES = 1 << 30          # decoded stored parts a progressive scan keeps (StoredRows)
 

@@ -80,11 +80,19 @@ bounded, mergeable, uniform row sample of spearman.RowSample (``max_rows`` defau
 rows of smallest content-hash key): exactly sklearn.metrics.average_precision_score on the
 sample's labelled rows (ties between activations handled as sklearn does, one threshold per
 distinct value), hence exact whenever the stream has at most ``max_rows`` rows, otherwise the AP
-of a uniform sample of rows. CI: the binomial interval of Boyd, Eng & Page (2013), AP treated
-as a proportion over the n_pos positives of the sample, in its Wilson form (so that it stays
-inside [0, 1] and is not degenerate at AP = 1); it covers the sampling error of the row sample
-too; max_error() is the largest half-width it can take at the current sample sizes (AP = 1/2,
-no sorting needed). p_value NULL (use significance.permutation_p_values). Extra columns
+of a uniform sample of rows. CI, ``intervals`` = 'records' (the default, when every batch came
+with record ids): records as clusters, from AP's linearisation on the sample (the derivative of
+AP in each row's weight, summed per record: var = G / (G - 1) sum_r z_r^2 over the sample's G
+records; see AveragePrecisionState._compute), as Wilson's interval at the effective number of
+positives AP (1 - AP) / se^2 with Student's t at G - 1 degrees of freedom (wilson_effective, as
+iou's); NULL with fewer than 3 records; extra column ``records``. On simulated records it covers
+a population AP 96% of the time, the binomial interval over symbols 61%
+(tests/test_ap_intervals.py). 'symbols' (or a batch without record ids): the binomial interval
+of Boyd, Eng & Page (2013), AP treated as a proportion over the n_pos positives of the sample,
+in its Wilson form (so that it stays inside [0, 1] and is not degenerate at AP = 1). Both cover
+the sampling error of the row sample too. max_error(): the largest distance from a score to an
+end of its interval ('symbols': the largest half-width it can take at the current sample sizes,
+AP = 1/2, no sorting needed). p_value NULL (use significance.permutation_p_values). Extra columns
 n_sample, prevalence (the AP of a random detector). NULL for a unit constant over the sample, a
 unit with a NaN or infinite activation anywhere in the stream (as corr) or a hypothesis without
 positives.
@@ -606,6 +614,44 @@ def _ratio(k, n):
         return np.where(n > 0, k / np.where(n > 0, n, 1), np.nan)
 
 
+def sorted_ties(x: np.ndarray):
+    """For each row of x (units, m): the argsort of its values and, at each sorted position, the
+    first and last positions of its tie group (what ap_se needs of the values alone)."""
+    Wb, m = x.shape
+    order = np.argsort(x, axis=1)
+    s = np.take_along_axis(x, order, 1)
+    t = np.broadcast_to(np.arange(m), (Wb, m))
+    new = np.ones((Wb, m), bool)
+    new[:, 1:] = s[:, 1:] != s[:, :-1]
+    start = np.maximum.accumulate(np.where(new, t, 0), axis=1)
+    last = np.ones((Wb, m), bool)
+    last[:, :-1] = new[:, 1:]
+    end = np.minimum.accumulate(np.where(last, t, m - 1)[:, ::-1], axis=1)[:, ::-1]
+    return order, start, end
+
+
+def ap_se(ties, y: np.ndarray, rec: np.ndarray, G: int):
+    """(AP, its standard error) of each unit (``ties`` = sorted_ties of its values (units, m), y (m,)
+    bool positives, rec (m,) record codes 0..G-1), records as clusters, from AP's linearisation
+    (see AveragePrecisionState._compute), in sorted order with no search: N(x_t) = #(rows >= x_t),
+    N+(x_t) and the positives at or below x_t come from running counts at the tie groups' ends."""
+    order, start, end = ties
+    Wb, m = order.shape
+    ys = y[order].astype(np.float64)                                  # (Wb, m)
+    k = ys[0].sum()
+    cy = np.cumsum(ys, 1)
+    n_all = m - start                                                 # rows >= x_t
+    n_plus = k - np.take_along_axis(cy - ys, start, 1)                # positives >= x_t
+    prec = n_plus / n_all
+    ap = (ys * prec).sum(1, keepdims=True) / k
+    c1 = np.take_along_axis(np.cumsum(ys / n_all, 1), end, 1)          # sums over positives <= x_t
+    c2 = np.take_along_axis(np.cumsum(ys * n_plus / (n_all * n_all), 1), end, 1)
+    d = (ys * (prec + c1 - ap) - c2) / k
+    z = np.bincount((rec[order] + G * np.arange(Wb)[:, None]).ravel(), weights=d.ravel(),
+                    minlength=Wb * G).reshape(Wb, G)
+    return ap[:, 0], np.sqrt(G / (G - 1) * (z * z).sum(1))
+
+
 def wilson_effective(R, se, n, records, confidence: float):
     """Wilson interval of a ratio R of counts over n, records as clusters: at the effective
     sample size n_eff = R (1 - R) / se^2 (at most n; n where se is 0) and with Student's t at
@@ -662,23 +708,45 @@ class AveragePrecisionState(SampledState):
     measure = "ap"
     accepts = ("binary",)
 
-    def _compute(self):
+    def __init__(self, width, hypotheses, device="cpu", intervals: str = "records", **params):
+        if intervals not in ("records", "symbols"):
+            raise BadParameterError(f"ap: intervals must be 'records' (symbols of a record are dependent: "
+                                    f"the linearised variance with records as clusters) or 'symbols' "
+                                    f"(Boyd et al.'s binomial interval over the positives), got {intervals!r}")
+        super().__init__(width, hypotheses, device, **params)
+        self.intervals = intervals
+
+    @property
+    def clustered(self) -> bool:
+        return self.intervals == "records" and self.with_records
+
+    def _compute(self, with_se: bool = False):
         """AP per (unit, hypothesis) on the sample. For the positives j of a hypothesis (over its
-        labelled rows), precision at threshold v_j is #(positives >= v_j) / #(rows >= v_j), and
-        AP = mean over positives of that precision (each positive adds 1/n_pos of recall at its
-        own threshold, ties sharing one threshold): both counts come from searchsorted in the
-        sorted values, so the work per hypothesis is O(n_pos log m) per unit."""
+        labelled rows), precision at threshold v_j is N+(v_j) / N(v_j), N+(v) = #(positives >= v),
+        N(v) = #(rows >= v), and AP = mean over positives of that precision (each positive adds
+        1/n_pos of recall at its own threshold, ties sharing one threshold): both counts come
+        from searchsorted in the sorted values, so the work per hypothesis is O(n_pos log m) per
+        unit. ``with_se``: also the standard error with the sample's records as clusters (NaN
+        where not defined) and the number of records, from AP's linearisation: the derivative
+        of AP in the weight of row i (value x_i, label y_i, k positives) is
+        d_i = (y_i prec(x_i) + y_i sum_{j: v_j <= x_i} 1 / N(v_j)
+               - sum_{j: v_j <= x_i} N+(v_j) / N(v_j)^2 - AP y_i) / k
+        (sum_i d_i = 0: AP does not change when every weight is scaled), the sums running over
+        positives j (one cumulative sum over the sorted positives, gathered by searchsorted),
+        and var(AP) = G / (G - 1) sum_r (sum_{i in r} d_i)^2 over the G records r."""
         acts = self.sample.acts
         labels = self.sample.labels
         m, W = acts.shape
         H = labels.shape[1]
         ap = np.full((W, H), np.nan)
+        se = np.full((W, H), np.nan)
+        recs_n = np.zeros(H, np.int64)
         valid = ~torch.isnan(labels)
         pos = valid & (labels != 0)
         npos = pos.sum(0).cpu().numpy().astype(np.float64)
         nval = valid.sum(0).cpu().numpy().astype(np.float64)
         if m == 0 or H == 0:
-            return ap, npos, nval
+            return (ap, npos, nval, se, recs_n) if with_se else (ap, npos, nval)
         patterns, inverse = torch.unique(valid.T, dim=0, return_inverse=True)
         for g in range(patterns.shape[0]):
             rows = patterns[g]
@@ -687,29 +755,64 @@ class AveragePrecisionState(SampledState):
             if mg == 0 or not hs:
                 continue
             pos_g = pos[rows]                                            # (mg, H)
+            G = 0
+            if with_se:
+                _, rec_of = torch.unique(self.sample.recs[rows], return_inverse=True)
+                G = int(rec_of.max()) + 1
+                recs_n[hs] = G
             for a, b in _unit_blocks(mg, W):
                 xt = acts[rows, a:b].T.contiguous()                      # (blk, mg)
-                s_all = sort_rows(xt)
-                constant = (s_all[:, 0] == s_all[:, -1]).cpu().numpy()
+                ties = sorted_ties(xt.cpu().numpy()) if G >= 3 else None
+                if ties is None:
+                    s_all = sort_rows(xt)
+                    constant = (s_all[:, 0] == s_all[:, -1]).cpu().numpy()
+                else:
+                    constant = ties[1][:, -1] == 0                       # one tie group: constant
                 for h in hs:
+                    if ties is not None:                         # AP and its se from the sorted rows
+                        ap_h, se_h = ap_se(ties, pos_g[:, h].cpu().numpy(), rec_of.cpu().numpy(), G)
+                        ap[a:b, h] = np.where(constant, np.nan, ap_h)
+                        se[a:b, h] = np.where(constant, np.nan, se_h)
+                        continue
                     u = sort_rows(xt[:, pos_g[:, h]].contiguous())      # (blk, npos), sorted
                     k = u.shape[1]
-                    less_pos = torch.searchsorted(u, u, right=False)
-                    less_all = torch.searchsorted(s_all, u, right=False)
-                    prec = (k - less_pos).to(F64) / (mg - less_all).to(F64)
-                    ap[a:b, h] = np.where(constant, np.nan, prec.mean(1).cpu().numpy())
-        ap = np.where(self.finite.cpu().numpy()[:, None], ap, np.nan)   # a NaN or inf activation: NULL
+                    n_plus = (k - torch.searchsorted(u, u, right=False)).to(F64)
+                    n_all = (mg - torch.searchsorted(s_all, u, right=False)).to(F64)
+                    ap[a:b, h] = np.where(constant, np.nan, (n_plus / n_all).mean(1).cpu().numpy())
+        fin = self.finite.cpu().numpy()[:, None]
+        ap = np.where(fin, ap, np.nan)                                   # a NaN or inf activation: NULL
+        if with_se:
+            return ap, npos, nval, np.where(fin, se, np.nan), recs_n
         return ap, npos, nval
 
-    def _interval(self, ap, npos):
+    def _interval(self, ap, npos, se=None, records=None):
         n = np.broadcast_to(npos[None, :], ap.shape)
-        lo, hi = wilson(ap * n, n, self.confidence)
-        lo, hi = np.minimum(lo, ap), np.maximum(hi, ap)          # rounding at AP = 1 must not exclude it
-        return np.where(np.isnan(ap), np.nan, lo), np.where(np.isnan(ap), np.nan, hi)
+        if se is None:
+            lo, hi = wilson(ap * n, n, self.confidence)
+        else:
+            lo, hi = wilson_effective(ap, se, n, np.broadcast_to(records[None, :], ap.shape), self.confidence)
+        bad = np.isnan(ap) | np.isnan(lo)
+        lo, hi = np.fmin(lo, ap), np.fmax(hi, ap)                # rounding at AP = 1 must not exclude it
+        return np.where(bad, np.nan, lo), np.where(bad, np.nan, hi)
+
+    def score_rows(self):
+        """The scores alone (no intervals): what the progressive stop rules read."""
+        ap = self._compute()[0]
+        W, H = ap.shape
+        return (np.repeat(np.arange(W, dtype=np.int64), H), np.array(list(self.names) * W, dtype=object),
+                ap.reshape(-1))
 
     def max_error(self) -> float:
-        """The largest half-width the interval can take at the current sample sizes (the Wilson
-        half-width at AP = 1/2, for the hypothesis with fewest positives): no sorting needed."""
+        """The largest distance from a score to an end of its interval. 'symbols': the largest
+        half-width the interval can take at the current sample sizes (the Wilson half-width at
+        AP = 1/2, for the hypothesis with fewest positives): no sorting needed. 'records': the
+        intervals themselves."""
+        if self.clustered:
+            ap, npos, _, se, records = self._compute(with_se=True)
+            lo, hi = self._interval(ap, npos, se, records)
+            half = np.fmax(ap - lo, hi - ap)
+            half = half[~np.isnan(half)]
+            return float(half.max()) if half.size else float("inf")
         labels = self.sample.labels
         npos = ((~torch.isnan(labels)) & (labels != 0)).sum(0).cpu().numpy().astype(np.float64)
         npos = npos[npos > 0]
@@ -720,14 +823,19 @@ class AveragePrecisionState(SampledState):
         return float((hi[0] - lo[0]) / 2)
 
     def finalize(self) -> pa.Table:
-        ap, npos, nval = self._compute()
+        extra = {}
+        if self.clustered:
+            ap, npos, nval, se, records = self._compute(with_se=True)
+            lo, hi = self._interval(ap, npos, se, records)
+        else:
+            ap, npos, nval = self._compute()
+            lo, hi = self._interval(ap, npos)
         W, H = ap.shape
-        lo, hi = self._interval(ap, npos)
         with np.errstate(invalid="ignore", divide="ignore"):
             prev = np.where(nval > 0, npos / np.maximum(nval, 1), np.nan)
+        extra = {"n_sample": (np.broadcast_to(nval[None, :], (W, H)).astype(np.int64), pa.int64()),
+                 "prevalence": (np.broadcast_to(prev[None, :], (W, H)), pa.float64())}
+        if self.clustered:
+            extra["records"] = (np.broadcast_to(records[None, :], (W, H)).astype(np.int64), pa.int64())
         return score_table(self.measure, self.names, ap, self.n.cpu().numpy()[None, :], lo, hi,
-                           np.full((W, H), np.nan), {
-                               "n_sample": (np.broadcast_to(nval[None, :], (W, H)).astype(np.int64),
-                                            pa.int64()),
-                               "prevalence": (np.broadcast_to(prev[None, :], (W, H)), pa.float64()),
-                           })
+                           np.full((W, H), np.nan), extra)
