@@ -49,9 +49,12 @@ def connect(path: str | None = None, threads: int | None = None, progress: bool 
     writes to a file-backed store (default '128MB'; None leaves DuckDB's own limit), restored
     after each; see engine/memory.py.
 
-    Use ``con.cursor()`` for other threads (DuckDB 2.0 refuses concurrent calls on one
-    connection); the Python API functions need the connection returned here. A store file is
-    open once per process: connect again after ``close``.
+    Other threads: use ``dbd.cursor(con)``, one per thread (DuckDB 2.0 refuses concurrent calls
+    on one connection). A plain ``con.cursor()`` sees the store's tables, views and pure-SQL
+    macros (top_units, compare_scores, the sampling macros) but not the Python surface
+    (``inspect``, ``register_model``, ... are TEMP macros, kept per DuckDB connection) nor the
+    Python API; ``dbd.cursor`` gives both. A store file is open once per process: connect again
+    after ``close``.
     """
     from .engine.extract import refresh_views
     from .surface.udfs import register_udfs
@@ -105,9 +108,45 @@ def _open_session(path: str | None):
     return None
 
 
+def cursor(con):
+    """A new cursor of ``con`` (a connection from ``connect``, or a cursor from here) for work in
+    another thread, with all that ``con`` has: the SQL surface of sql/90_surface.sql (inspect,
+    register_model, compare_layers, ...) and the Python API (``dbd.inspect(cur, ...)``), over the
+    same store, models and activation folder. Use one per thread; DuckDB 2.0 refuses concurrent
+    calls on one connection or cursor.
+
+    Why not ``con.cursor()``: the Python surface's macros are TEMP macros, which DuckDB keeps per
+    connection (a cursor is a connection of its own), since macros stored in the file would show
+    in the DuckDB CLI and BI tools, where Python UDFs cannot run. ``con.cursor()`` still reads
+    the store's tables, views and pure-SQL macros.
+
+    ``cur.close()`` or ``dbd.close(cur)`` closes the cursor only; ``dbd.close(con)`` closes its
+    cursors too (DuckDB closes a connection's cursors with it).
+    """
+    parent = _session(con)
+    sub = parent.cursor_session()
+    try:
+        store.apply_sql(sub.con, "python")
+    except BaseException:
+        sub.con.close()
+        raise
+    _SESSIONS[sub.con] = sub
+    return sub.con
+
+
+def _session(con):
+    """session_of(con), its refusal naming dbd.cursor for a plain cursor of a connection."""
+    try:
+        return session_of(con)
+    except DeepBaseError as exc:
+        raise DeepBaseError(f"{exc} (for another thread, take a cursor with dbd.cursor(con), not con.cursor(): "
+                            f"it has deepbase_duck's SQL surface and Python API)") from None
+
+
 def close(con) -> None:
-    """Close the connection (and delete the temporary activation folder of an in-memory store)."""
-    session_of(con).close()
+    """Close the connection (and delete the temporary activation folder of an in-memory store);
+    of a cursor from ``dbd.cursor``, the cursor only."""
+    _session(con).close()
 
 
 @atexit.register
@@ -121,25 +160,25 @@ def _close_all():  # close connections before the interpreter tears DuckDB down
 
 def register_model(con, name: str, adapter, params: dict | None = None) -> dict:
     """Register a model: a ModelAdapter, or a loader spec 'pkg.module:function' (+ params)."""
-    return session_of(con).register_model(name, adapter, params)
+    return _session(con).register_model(name, adapter, params)
 
 
 def add_dataset(con, name: str, records, description: str = "", replace: bool = False) -> int:
     """Store records (strings or dicts with 'text' and 'source') as a dataset."""
-    return session_of(con).add_dataset(name, records, description, replace)
+    return _session(con).add_dataset(name, records, description, replace)
 
 
 def drop_dataset(con, name: str) -> dict:
     """Delete a dataset and all that was stored from its records (symbols, labels, activations
     with their views and files); query results (queries, scores) stay. Returns what was dropped."""
-    return session_of(con).drop_dataset(name)
+    return _session(con).drop_dataset(name)
 
 
 def annotate(con, hypotheses, dataset: str, record_ids=None) -> list[dict]:
     """Compute and store labels of hypotheses (names or Hypothesis objects) for a dataset."""
     from .hypotheses.store import annotate as _annotate
     with held_versions():                  # each hypothesis' version as it is now, once for the run
-        return _annotate(session_of(con), hypotheses, dataset, record_ids)
+        return _annotate(_session(con), hypotheses, dataset, record_ids)
 
 
 def extract(con, model: str, layers, dataset: str, dtype: str = "float32", record_ids=None,
@@ -147,7 +186,7 @@ def extract(con, model: str, layers, dataset: str, dtype: str = "float32", recor
     """Store the activations of layers of a registered model over a dataset (cached, resumable).
     ``pipeline``: forward passes one batch ahead in a thread (None: where the model runs on CUDA)."""
     from .engine.extract import extract as _extract
-    return _extract(session_of(con), model, layers, dataset, dtype, record_ids, batch_size, pipeline=pipeline)
+    return _extract(_session(con), model, layers, dataset, dtype, record_ids, batch_size, pipeline=pipeline)
 
 
 def inspect(con, model: str, layers, hypotheses, dataset: str, measures=("corr",), **kwargs):
@@ -155,25 +194,25 @@ def inspect(con, model: str, layers, hypotheses, dataset: str, measures=("corr",
     (also stored in the ``scores`` table)."""
     from .engine.inspect import inspect as _inspect
     with held_versions():                  # each hypothesis' version as it is now, once for the query
-        return _inspect(session_of(con), model, layers, hypotheses, dataset, measures, **kwargs)
+        return _inspect(_session(con), model, layers, hypotheses, dataset, measures, **kwargs)
 
 
 def compare_layers(con, groups, dataset: str, **kwargs):
     """Linear CKA between every pair of unit groups ('model:layer' or (model, layer)) over the
     same symbols of a dataset; returns a pyarrow.Table (also stored in ``similarities``)."""
     from .engine.compare import compare_layers as _compare
-    return _compare(session_of(con), groups, dataset, **kwargs)
+    return _compare(_session(con), groups, dataset, **kwargs)
 
 
 def export(con, out_dir: str, activations: bool = False, text: bool = False, overwrite: bool = False) -> dict:
     """Export scores (hive-partitioned by model and layer), the catalog and optionally the
     activations as Parquet, plus a DuckDB 1.5-readable ``study.duckdb`` of views over them."""
     from .exports import export_store
-    return export_store(session_of(con), out_dir, activations, text, overwrite)
+    return export_store(_session(con), out_dir, activations, text, overwrite)
 
 
 __all__ = [
-    "connect", "close", "register_model", "add_dataset", "drop_dataset", "read_records", "annotate", "extract", "inspect", "compare_layers", "export",
+    "connect", "cursor", "close", "register_model", "add_dataset", "drop_dataset", "read_records", "annotate", "extract", "inspect", "compare_layers", "export",
     "report",
     "Hypothesis", "hypothesis", "register_hypothesis", "get_hypothesis", "ModelAdapter", "CharAdapter",
     "Encoded", "Retain", "ImageAdapter", "GridHypothesis", "DeepBaseError", "UnknownNameError", "HypothesisError", "ActivationError",

@@ -37,7 +37,8 @@ EXAMPLES = {
                "--hypotheses in_string in_comment --top 5",
     "hypotheses": "deepbase-duck hypotheses",
     "export": "deepbase-duck export study.duckdb out/bi --activations",
-    "shell": "deepbase-duck shell study.duckdb -c \"SELECT * FROM top_units(3);\"",
+    "shell": "deepbase-duck shell study.duckdb -c \"SELECT * FROM top_units(3);\"\n"
+             "  deepbase-duck shell --create new.duckdb     # a new, empty store",
     "report": "deepbase-duck report deepbase_demo/demo.duckdb --out report.html --top 8 --records 4",
 }
 
@@ -56,8 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     d = add("demo", "Inspect the bundled char-LSTM on held-out standard-library code and print its top units.")
     d.add_argument("--store", default="deepbase_demo/demo.duckdb", help="store to write (default: %(default)s)")
     d.add_argument("--chars", type=int, default=150_000, help="characters of held-out code (default: %(default)s)")
-    d.add_argument("--checkpoint", default="final", help="char-LSTM checkpoint (default: %(default)s)")
-    d.add_argument("--top", type=int, default=3, help="units shown per hypothesis (default: %(default)s)")
+    d.add_argument("--checkpoint", default="final",
+                   help="char-LSTM checkpoint: step0, early, mid or final (default: %(default)s)")
+    d.add_argument("--top", type=int, default=3, help="units shown per hypothesis, >= 1 (default: %(default)s)")
     d.add_argument("--no-keep", action="store_true", help="do not store activations (faster, smaller)")
 
     r = add("register-model", "Register a model by loader spec 'package.module:function'.")
@@ -97,7 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=16)
 
     i = add("inspect", "Score every unit of layers against hypotheses; prints the top units.")
-    i.add_argument("store"); i.add_argument("model", help="a model, or checkpoints scanned together: early,mid,final")
+    i.add_argument("store")
+    i.add_argument("model", help="a registered model, or checkpoints scanned together, separated by commas: "
+                                 "early,mid,final. A name registered as it is (commas included, 'lstm,v2') is "
+                                 "one model; only a name that is not registered is split at its commas")
     i.add_argument("dataset")
     i.add_argument("--layers", nargs="+", required=True)
     i.add_argument("--hypotheses", nargs="+", required=True)
@@ -107,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--keep-activations", action="store_true")
     i.add_argument("--baseline", action="store_true", help="also score an untrained (re-initialised) copy")
     i.add_argument("--control", action="store_true", help="with --measures probe: control tasks and selectivity")
-    i.add_argument("--top", type=int, default=5, help="units shown per hypothesis")
+    i.add_argument("--top", type=int, default=5, help="units shown per hypothesis, >= 1 (default: %(default)s)")
     i.add_argument("--engine", default="local", choices=["local", "ray"],
                    help="ray: run the model on the workers of a Ray cluster (see README, Scaling out)")
     i.add_argument("--ray-address", default=None,
@@ -131,9 +136,12 @@ def _parser() -> argparse.ArgumentParser:
     add("hypotheses", "List the hypotheses this installation can compute.")
 
     sh = add("shell", "Interactive SQL shell on a store, with deepbase_duck's Python UDFs and macros live.")
-    sh.add_argument("store", nargs="?", default=None, help="the .duckdb store (default: in memory)")
+    sh.add_argument("store", nargs="?", default=None,
+                    help="the .duckdb store, which must exist unless --create is given (default: in memory)")
     sh.add_argument("script", nargs="?", default=None, help="a SQL file to run instead of the prompt")
     sh.add_argument("-c", dest="sql", default=None, help="run these statements and exit")
+    sh.add_argument("--create", action="store_true",
+                    help="create the store when there is none at that path (a mistyped path is an error otherwise)")
 
     x = add("export", "Export scores, catalog and optionally activations as Parquet plus a DuckDB 1.5 file of views.")
     x.add_argument("store"); x.add_argument("out_dir")
@@ -187,15 +195,29 @@ def top_units_table(con, query_id: int, k: int) -> str:
 def cmd_demo(args) -> int:
     import deepbase_duck as dbd
     from deepbase_duck.corpora.code import code_records
+    from deepbase_duck.errors import DeepBaseError
     from deepbase_duck.exports import _lit
     from deepbase_duck.hypotheses.library import CODE_HYPOTHESES
+    from deepbase_duck.models.charlstm import CHECKPOINTS
 
     t0 = time.time()
-    store_path = Path(args.store)
-    con = dbd.connect(str(store_path), progress=not args.quiet)
+    # every input is checked before the store is opened (or created)
+    if args.checkpoint not in CHECKPOINTS:
+        raise DeepBaseError(f"--checkpoint: unknown char-LSTM checkpoint {args.checkpoint!r}; valid names: "
+                            f"{', '.join(CHECKPOINTS)}")
+    _check_top(args.top)
+    if args.chars < 1:
+        raise DeepBaseError(f"--chars must be an integer >= 1 (characters of held-out code), got {args.chars}")
     try:
-        dbd.register_model(con, "charlstm", "deepbase_duck.models.zoo:charlstm", {"checkpoint": args.checkpoint})
         records = code_records("heldout", max_chars=2000, limit_chars=args.chars)
+    except ValueError as exc:
+        raise DeepBaseError(str(exc)) from None
+    store_path = Path(args.store)
+    with _store(args, create=True) as con:      # a demo that fails leaves no store it created
+        try:
+            dbd.register_model(con, "charlstm", "deepbase_duck.models.zoo:charlstm", {"checkpoint": args.checkpoint})
+        except ValueError as exc:
+            raise DeepBaseError(str(exc)) from None
         dataset = f"stdlib_heldout_{args.chars}"
         n = dbd.add_dataset(con, dataset, records, "held-out Python standard-library files (not seen in training)",
                             replace=True)
@@ -219,15 +241,20 @@ def cmd_demo(args) -> int:
               f"\nfinished in {time.time() - t0:.1f} s")
         print("\nNext: SELECT * FROM scores ... in that store, or `deepbase-duck inspect --help`. "
               "Affinity is not causation: verify a unit by ablating it.")
-    finally:
-        dbd.close(con)
     return 0
+
+
+def _check_top(top: int) -> None:
+    """--top of demo and inspect: the units shown per hypothesis, at least 1 (as report's --top)."""
+    from deepbase_duck.errors import DeepBaseError
+    if top < 1:
+        raise DeepBaseError(f"--top must be an integer >= 1 (the units shown per hypothesis), got {top}")
 
 
 @contextlib.contextmanager
 def _store(args, create: bool = False):
     """The store named on the command line, closed however the command ends. Only the commands
-    that fill a store (register-model, add-stdlib, add-dataset) create a missing one: a mistyped
+    that fill a store (register-model, add-stdlib, add-dataset, demo) create a missing one: a mistyped
     path for the others is an error, not a new empty store; and a store such a command created
     is removed again when the command fails (an interrupted one keeps it, to resume)."""
     import deepbase_duck as dbd
@@ -338,8 +365,9 @@ def cmd_extract(args):
 
 def cmd_inspect(args):
     import deepbase_duck as dbd
+    _check_top(args.top)
     with _store(args) as con:
-        model = [m.strip() for m in args.model.split(",")] if "," in args.model else args.model
+        model = _inspected_models(con, args.model)
         t = dbd.inspect(con, model, args.layers, args.hypotheses, args.dataset, args.measures,
                         limit=args.max_records, batch_size=args.batch_size, keep_activations=args.keep_activations,
                         baseline=args.baseline, control=args.control, engine=args.engine,
@@ -353,6 +381,16 @@ def cmd_inspect(args):
         for line in scan_summary(params):
             print(line)
     return 0
+
+
+def _inspected_models(con, text: str):
+    """inspect's MODEL argument: a registered model's name as it is (any characters, commas
+    included), else the checkpoints it lists separated by commas, else the name as given (for
+    inspect to refuse by name)."""
+    registered = {name for (name,) in con.sql("SELECT name FROM models").fetchall()}
+    if text in registered or "," not in text:
+        return text
+    return [m.strip() for m in text.split(",")]
 
 
 def scan_summary(params: dict) -> list[str]:
@@ -399,7 +437,7 @@ def cmd_report(args):
 
 def cmd_shell(args):
     from deepbase_duck.shell import main as shell_main
-    return shell_main(args.store, args.sql, args.script, args.quiet)
+    return shell_main(args.store, args.sql, args.script, args.quiet, create=args.create)
 
 
 def cmd_hypotheses(args):

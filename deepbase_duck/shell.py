@@ -13,7 +13,8 @@ with ';', aligned table output, and dot-commands:
     .quit / .exit      leave
 
 Modes: interactive (a terminal), ``-c 'SQL'`` (run and exit), a script file argument, or SQL on
-standard input. In the non-interactive modes the first error ends the shell with status 1.
+standard input. In the non-interactive modes the first error ends the shell with status 1. The
+store must exist (a path with none is refused, status 2) unless ``--create`` is given.
 """
 from __future__ import annotations
 
@@ -234,8 +235,15 @@ def read_script(path: str) -> str:
         raise DeepBaseError(f"cannot read script {path!r}: {exc.strerror}") from None
 
 
-def main(store: str | None, command: str | None, script: str | None, quiet: bool) -> int:
+def main(store: str | None, command: str | None, script: str | None, quiet: bool, create: bool = False) -> int:
+    """Run the shell on the store at ``store`` (None or ':memory:': in memory). A path with no
+    store is refused unless ``create`` (the command's --create), as the other commands that read
+    a store refuse it: a mistyped path must not become a new, empty store."""
     import deepbase_duck as dbd
+    from .errors import DeepBaseError
+    if store not in (None, ":memory:") and not create and not Path(store).is_file():
+        raise DeepBaseError(f"no store at {store!r}; --create makes a new one there "
+                            f"(or leave out the path for a store in memory)")
     con = dbd.connect(store, progress=not quiet)
     try:
         sh = Shell(con)

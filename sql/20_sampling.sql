@@ -19,23 +19,43 @@
 --
 -- Pure SQL: this file runs in the DuckDB CLI too. Unknown datasets give no rows.
 --
--- Arguments: a NULL seed is the default seed 0 in every macro (coalesce(seed, 0)), so
--- `seed := NULL` gives the rows of `seed := 0`. A count (sample_records' n, stratified_records'
--- n_per_class) must be a non-negative integer or NULL; anything else (2.7, -1) is an error that
--- names the macro and the argument, as a fraction outside [0, 1] is.
+-- Arguments: a NULL seed is the default seed 0 in every macro, so `seed := NULL` gives the rows
+-- of `seed := 0`. A seed and a count (sample_records' n, stratified_records' n_per_class) must be
+-- a non-negative integer that fits a BIGINT (at most 9223372036854775807) or NULL, as inspect()
+-- refuses a negative or fractional seed; anything else (2.7, -1, 1e19) is an error that names the
+-- macro and the argument, as a fraction outside [0, 1] is. Nothing is rounded (seed := 1.5 is an
+-- error, not seed 2), and every argument is checked whatever the dataset holds, so an unknown or
+-- empty dataset gives the same errors (and, with good arguments, no rows).
+
+-- nonneg_int(v): v as a BIGINT when it is a whole number from 0 to 9223372036854775807 (of any
+-- numeric type, 2.0 included, or text holding one, '3'); NULL otherwise, and for v NULL.
+CREATE OR REPLACE MACRO nonneg_int(v) AS
+CASE WHEN isfinite(TRY_CAST(v AS DOUBLE)) AND TRY_CAST(v AS DOUBLE) >= 0
+          AND TRY_CAST(v AS DOUBLE) = floor(TRY_CAST(v AS DOUBLE))
+     THEN coalesce(TRY_CAST(v AS BIGINT), TRY_CAST(TRY_CAST(v AS DOUBLE) AS BIGINT)) END;
+
+-- nonneg_int_error(what, v): NULL when v is NULL or a good nonneg_int; else the message the
+-- macros below raise, naming the argument as `what` (e.g. 'sample_records: n').
+CREATE OR REPLACE MACRO nonneg_int_error(what, v) AS
+CASE WHEN v IS NOT NULL AND nonneg_int(v) IS NULL
+     THEN what || ' must be a non-negative integer or NULL, got ' || CAST(v AS VARCHAR)
+          || CASE WHEN isfinite(TRY_CAST(v AS DOUBLE)) AND TRY_CAST(v AS DOUBLE) >= 0
+                       AND TRY_CAST(v AS DOUBLE) = floor(TRY_CAST(v AS DOUBLE))
+                  THEN ' (larger than 9223372036854775807, the largest BIGINT)' ELSE '' END END;
 
 -- sample_key(ds, record_id, seed := 0, stream := 'order'): the record's seeded key, an integer
 -- uniform on [0, 2^52): the first 13 hex digits of md5('<stream>:<seed>:<record_id>:<ds>'),
 -- with seed and record_id written as integers; key / 2^52 is an exact uniform number in [0, 1).
 -- seed NULL is seed 0 and stream NULL is 'order' (the defaults), so no key is ever NULL for a
--- stored record.
+-- stored record and a good seed. A seed that is not a non-negative integer (1.5, -1) gives NULL,
+-- never a rounded seed's key; the macros below refuse such a seed with an error naming them.
 -- Every macro below orders and thresholds by it. `stream` gives independent keys for independent
 -- decisions (a plain word, no ':'): 'order' (sample_records, sample_fraction, seeded_order,
 -- stratified_records) and 'split' (train_test_split), so with one seed a split is not correlated
 -- with a sample (a sample's records fall in the test split at the test fraction).
 CREATE OR REPLACE MACRO sample_key(ds, record_id, seed := 0, stream := 'order') AS
 CAST('0x' || md5(CAST(coalesce(stream, 'order') AS VARCHAR) || ':'
-                 || CAST(CAST(coalesce(seed, 0) AS BIGINT) AS VARCHAR) || ':'
+                 || CAST(CASE WHEN seed IS NULL THEN 0 ELSE nonneg_int(seed) END AS VARCHAR) || ':'
                  || CAST(CAST(record_id AS BIGINT) AS VARCHAR) || ':' || CAST(ds AS VARCHAR))[1:13]
      AS UBIGINT);
 
@@ -43,54 +63,63 @@ CAST('0x' || md5(CAST(coalesce(stream, 'order') AS VARCHAR) || ':'
 -- uniform random order: (record_id, rank), rank = 1, 2, ... n_records (ordered by the key, ties
 -- by record_id), rows sorted by rank. For progressive scans that stop early: the records of
 -- rank <= n are exactly sample_records(ds, n, seed), and every sample_fraction(ds, f, seed) is a
--- prefix of this order. seed NULL: seed 0.
+-- prefix of this order. seed NULL: seed 0; a seed that is not a non-negative integer is an error.
 CREATE OR REPLACE MACRO seeded_order(ds, seed := 0) AS TABLE
-SELECT record_id,
-       row_number() OVER (ORDER BY sample_key(ds, record_id, seed), record_id) AS rank
-FROM records
-WHERE dataset = ds
+SELECT record_id, rank
+FROM (SELECT record_id,
+             row_number() OVER (ORDER BY sample_key(ds, record_id, seed), record_id) AS rank
+      FROM records
+      WHERE dataset = ds
+      UNION ALL   -- the guard: a row only for a bad seed, and that row is the error
+      SELECT CAST(error(nonneg_int_error('seeded_order: seed', seed)) AS INTEGER), CAST(NULL AS BIGINT)
+      WHERE nonneg_int_error('seeded_order: seed', seed) IS NOT NULL)
 ORDER BY rank;
 
 -- sample_records(ds, n, seed := 0): n records of dataset `ds` drawn uniformly without
 -- replacement (all of them when the dataset has at most n; n NULL: all): (record_id), in the
 -- seeded order, i.e. the first n records of seeded_order(ds, seed). Samples are nested: for one
 -- seed, the sample of size n is contained in the sample of every larger size. n must be a
--- non-negative integer or NULL (2.7 or -1 is an error); seed NULL: seed 0. In a LATERAL join
--- seed may be a column of the outer table, n not (DuckDB's LIMIT takes no correlated values).
+-- non-negative integer of at most 9223372036854775807 or NULL (2.7, -1 or 1e19 is an error);
+-- seed NULL: seed 0. In a LATERAL join seed may be a column of the outer table, n not (DuckDB's
+-- LIMIT takes no correlated values).
 CREATE OR REPLACE MACRO sample_records(ds, n, seed := 0) AS TABLE
 SELECT record_id
-FROM (SELECT *   -- the first n records by key (a top-n), then the guard's error when n is bad
+FROM (SELECT *   -- the first n records by key (a top-n), then the guard's error when n or seed is bad
       FROM (SELECT record_id, sample_key(ds, record_id, seed) AS key
             FROM records
             WHERE dataset = ds
             ORDER BY key, record_id
             -- a constant, so LIMIT folds it (even in a LATERAL join on seed); a bad n takes
-            -- the guard's error below, never LIMIT's own
-            LIMIT CASE WHEN NOT isfinite(CAST(n AS DOUBLE)) OR CAST(n AS DOUBLE) < 0 THEN 0 ELSE n END)
+            -- the guard's error below, never LIMIT's own (n NULL: LIMIT NULL, every record)
+            LIMIT CASE WHEN n IS NOT NULL AND nonneg_int(n) IS NULL THEN 0 ELSE nonneg_int(n) END)
       UNION ALL
-      SELECT CAST(error('sample_records: n must be a non-negative integer or NULL, got '
-                        || CAST(n AS VARCHAR)) AS INTEGER),
+      SELECT CAST(error(coalesce(nonneg_int_error('sample_records: n', n),
+                                 nonneg_int_error('sample_records: seed', seed))) AS INTEGER),
              CAST(NULL AS UBIGINT)
-      WHERE n IS NOT NULL
-        AND (NOT isfinite(CAST(n AS DOUBLE)) OR CAST(n AS DOUBLE) < 0
-             OR CAST(n AS DOUBLE) <> floor(CAST(n AS DOUBLE))))
+      WHERE coalesce(nonneg_int_error('sample_records: n', n),
+                     nonneg_int_error('sample_records: seed', seed)) IS NOT NULL)
 ORDER BY key, record_id;
 
 -- sample_fraction(ds, fraction, seed := 0): each record of dataset `ds` kept independently with
 -- probability `fraction` (0 <= fraction <= 1; Bernoulli sampling, so the count is binomial,
 -- not exact): kept when key / 2^52 < fraction. Returns (record_id), in the seeded order.
 -- Nested: with one seed, a record kept at fraction f is kept at every fraction f' > f, and
--- fraction 1 keeps every record. seed NULL: seed 0; a fraction outside [0, 1] or NULL is an error.
+-- fraction 1 keeps every record. seed NULL: seed 0; a fraction outside [0, 1] or NULL, or a seed
+-- that is not a non-negative integer, is an error (for an unknown or empty dataset too).
 CREATE OR REPLACE MACRO sample_fraction(ds, fraction, seed := 0) AS TABLE
 SELECT record_id
-FROM records
-WHERE dataset = ds
-  AND sample_key(ds, record_id, seed)
-      < CASE WHEN fraction IS NULL OR fraction < 0 OR fraction > 1
-             THEN error('sample_fraction: fraction must be between 0 and 1, got '
-                        || coalesce(CAST(fraction AS VARCHAR), 'NULL'))
-             ELSE CAST(fraction AS DOUBLE) * 4503599627370496.0 END
-ORDER BY sample_key(ds, record_id, seed), record_id;
+FROM (SELECT record_id, sample_key(ds, record_id, seed) AS key
+      FROM records
+      WHERE dataset = ds
+        AND sample_key(ds, record_id, seed) < CAST(fraction AS DOUBLE) * 4503599627370496.0
+      UNION ALL   -- the guard, checked whatever the dataset holds: a row only for a bad argument
+      SELECT CAST(error(msg) AS INTEGER), CAST(NULL AS UBIGINT)
+      FROM (SELECT CASE WHEN fraction IS NULL OR fraction < 0 OR fraction > 1   -- NaN > 1 too
+                        THEN 'sample_fraction: fraction must be between 0 and 1, got '
+                             || coalesce(CAST(fraction AS VARCHAR), 'NULL')
+                        ELSE nonneg_int_error('sample_fraction: seed', seed) END AS msg)
+      WHERE msg IS NOT NULL)
+ORDER BY key, record_id;
 
 -- train_test_split(ds, test_fraction := 0.2, seed := 0): every record of dataset `ds` with its
 -- split, 'train' or 'test': (record_id, split), rows sorted by record_id. A record is in 'test'
@@ -98,17 +127,22 @@ ORDER BY sample_key(ds, record_id, seed), record_id;
 -- probability test_fraction, independently (the test share is binomial, not exact), and the
 -- split is independent of the samples above for the same seed. Test sets are nested: with one
 -- seed, the test set of fraction f is inside the test set of every larger fraction. seed NULL:
--- seed 0; a test_fraction outside [0, 1] or NULL is an error.
+-- seed 0; a test_fraction outside [0, 1] or NULL, or a seed that is not a non-negative integer,
+-- is an error (for an unknown or empty dataset too).
 CREATE OR REPLACE MACRO train_test_split(ds, test_fraction := 0.2, seed := 0) AS TABLE
-SELECT record_id,
-       CASE WHEN sample_key(ds, record_id, seed, 'split')
-                 < CASE WHEN test_fraction IS NULL OR test_fraction < 0 OR test_fraction > 1
-                        THEN error('train_test_split: test_fraction must be between 0 and 1, got '
-                                   || coalesce(CAST(test_fraction AS VARCHAR), 'NULL'))
-                        ELSE CAST(test_fraction AS DOUBLE) * 4503599627370496.0 END
-            THEN 'test' ELSE 'train' END AS split
-FROM records
-WHERE dataset = ds
+SELECT record_id, split
+FROM (SELECT record_id,
+             CASE WHEN sample_key(ds, record_id, seed, 'split') < CAST(test_fraction AS DOUBLE) * 4503599627370496.0
+                  THEN 'test' ELSE 'train' END AS split
+      FROM records
+      WHERE dataset = ds
+      UNION ALL   -- the guard, checked whatever the dataset holds: a row only for a bad argument
+      SELECT CAST(error(msg) AS INTEGER), CAST(NULL AS VARCHAR)
+      FROM (SELECT CASE WHEN test_fraction IS NULL OR test_fraction < 0 OR test_fraction > 1
+                        THEN 'train_test_split: test_fraction must be between 0 and 1, got '
+                             || coalesce(CAST(test_fraction AS VARCHAR), 'NULL')
+                        ELSE nonneg_int_error('train_test_split: seed', seed) END AS msg)
+      WHERE msg IS NOT NULL)
 ORDER BY record_id;
 
 -- stratified_records(ds, tok, hyp, n_per_class, seed := 0): a class-balanced set of records of
@@ -141,20 +175,18 @@ ORDER BY record_id;
 -- n_per_class NULL: the largest balanced set, every class getting the count of the rarest class
 -- (the fewest records assigned to any class that has records; a class no record is assigned to
 -- does not count), so each class gets exactly that many. Otherwise n_per_class must be a
--- non-negative integer (2.7 or -1 is an error). seed NULL: seed 0.
+-- non-negative integer of at most 9223372036854775807 (2.7, -1 or 1e19 is an error, never read
+-- as NULL). seed NULL: seed 0; a seed that is not a non-negative integer is an error.
 CREATE OR REPLACE MACRO stratified_records(ds, tok, hyp, n_per_class, seed := 0) AS TABLE
-WITH guard AS (   -- no row when `hyp` is a binary or categorical hypothesis and n_per_class is valid,
-                  -- else an error
+WITH guard AS (   -- no row when `hyp` is a binary or categorical hypothesis and n_per_class and
+                  -- seed are valid, else an error
     SELECT CAST(error(msg) AS INTEGER) AS record_id, CAST(NULL AS INTEGER) AS class
     FROM (SELECT CASE WHEN n = 0 THEN 'stratified_records: unknown hypothesis ' || hyp
                       WHEN kind NOT IN ('binary', 'categorical')
                       THEN 'stratified_records: hypothesis ' || hyp || ' is ' || kind
                            || '; only binary and categorical hypotheses have classes'
-                      WHEN n_per_class IS NOT NULL
-                           AND (NOT isfinite(CAST(n_per_class AS DOUBLE)) OR CAST(n_per_class AS DOUBLE) < 0
-                                OR CAST(n_per_class AS DOUBLE) <> floor(CAST(n_per_class AS DOUBLE)))
-                      THEN 'stratified_records: n_per_class must be a non-negative integer or NULL, got '
-                           || CAST(n_per_class AS VARCHAR) END AS msg
+                      ELSE coalesce(nonneg_int_error('stratified_records: n_per_class', n_per_class),
+                                    nonneg_int_error('stratified_records: seed', seed)) END AS msg
           FROM (SELECT count(*) AS n, any_value(kind) AS kind FROM hypotheses WHERE name = hyp))
     WHERE msg IS NOT NULL
 ), labeled AS (
@@ -177,8 +209,9 @@ WITH guard AS (   -- no row when `hyp` is a binary or categorical hypothesis and
     SELECT record_id, class
     FROM assigned
     QUALIFY row_number() OVER (PARTITION BY class ORDER BY sample_key(ds, record_id, seed), record_id)
-            <= coalesce(TRY_CAST(n_per_class AS BIGINT),   -- NULL: the rarest class's count
-                        (SELECT min(n_class) FROM (SELECT count(*) AS n_class FROM assigned GROUP BY class)))
+            <= CASE WHEN n_per_class IS NULL   -- the rarest class's count
+                    THEN (SELECT min(n_class) FROM (SELECT count(*) AS n_class FROM assigned GROUP BY class))
+                    ELSE nonneg_int(n_per_class) END   -- NULL (no row) for a bad one: the guard's error
 )
 SELECT record_id, class
 FROM (SELECT * FROM chosen UNION ALL SELECT * FROM guard)

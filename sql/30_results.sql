@@ -50,28 +50,58 @@ WHERE r.rank <= k
 ORDER BY r.model, r.measure, r.hypothesis, r.part, r.rank;
 
 -- compare_scores(model_a, model_b, measure_name := 'corr', ds := NULL): for every (layer, unit,
--- hypothesis) scored for both models on the same dataset, the two scores and their difference:
--- how a unit's affinity changed between two checkpoints, or between a model and its untrained
--- copy. Each model's score is its latest non-NULL one (highest query_id; NULL when all are NULL)
--- per (dataset, layer, unit, hypothesis), the dataset being that of the score's query
--- (queries.dataset, joined on query_id; scores without a queries row are left out), so a score is
--- only ever paired with a score of the same dataset: a later query on another dataset does not
--- replace it. ds := NULL compares on every dataset both models were scored on (one row per
--- dataset); ds := 'code' on that dataset only. Columns: layer, unit, hypothesis, score_a,
--- score_b, delta (score_b - score_a), dataset; rows by |delta| (largest first), then layer, unit,
--- hypothesis, dataset.
+-- hypothesis) scored for both models over the same records of a dataset, the two scores and their
+-- difference: how a unit's affinity changed between two checkpoints, or between a model and its
+-- untrained copy. Columns: layer, unit, hypothesis, score_a, score_b, delta (score_b - score_a),
+-- dataset; rows by |delta| (largest first), then layer, unit, hypothesis, dataset.
+--
+-- Only scores computed over the same records are paired, so that a delta is the models'
+-- difference and not a mix of it with a difference of data. A score's records are those of its
+-- query (queries, joined on query_id; scores without a queries row are left out), and two
+-- queries count as having read the same records when they agree on all of:
+--   dataset                 the dataset;
+--   n_records, n_symbols    the records read and their symbols (a max_records, record_ids or
+--                           early-stopped query reads fewer than a full scan);
+--   params->>'record_count' the records selected (a scan that stopped early read the first
+--                           n_records of them);
+--   params->>'seed'         only when the scan stopped early (n_records < record_count): the
+--                           seeded order whose first records it read.
+-- (The queries table keeps counts, not record ids: two record_ids lists of one size and one
+-- symbol count cannot be told apart.) Per model and record set the score is the latest non-NULL
+-- one (highest query_id; NULL when all are NULL). A unit gets one row per dataset: from the record
+-- set both models were scored on most recently (the largest min(latest query of a, latest query
+-- of b)); a unit whose two models were never scored over the same records of a dataset gets no
+-- row for it, however many queries scored each on part of it. Two models scored in one query
+-- (baseline := true, checkpoints inspected together) always share their records.
+-- ds := NULL compares on every dataset (one row per dataset); ds := 'code' on that dataset only.
 CREATE OR REPLACE MACRO compare_scores(model_a, model_b, measure_name := 'corr', ds := NULL) AS TABLE
-WITH latest AS (
-    SELECT s.model, q.dataset, s.layer, s.unit, s.hypothesis, arg_max(s.score, s.query_id) AS score
+WITH record_sets AS (   -- per query: its dataset and what identifies the records it read
+    SELECT query_id, dataset, n_records, n_symbols, n_selected,
+           CASE WHEN n_records < n_selected THEN seed END AS order_seed
+    FROM (SELECT query_id, dataset, n_records, n_symbols,
+                 TRY_CAST(json_extract_string(params, '$.record_count') AS BIGINT) AS n_selected,
+                 coalesce(TRY_CAST(json_extract_string(params, '$.seed') AS BIGINT), 0) AS seed
+          FROM queries
+          WHERE ds IS NULL OR dataset = ds)
+), latest AS (          -- per model, record set and unit: the latest non-NULL score
+    SELECT s.model, r.dataset, r.n_records, r.n_symbols, r.n_selected, r.order_seed,
+           s.layer, s.unit, s.hypothesis,
+           arg_max(s.score, s.query_id) AS score, max(s.query_id) AS last_query
     FROM scores AS s
-    JOIN queries AS q ON q.query_id = s.query_id
+    JOIN record_sets AS r ON r.query_id = s.query_id
     WHERE s.measure = measure_name AND s.unit IS NOT NULL AND s.model IN (model_a, model_b)
-      AND (ds IS NULL OR q.dataset = ds)
     GROUP BY ALL
+), pairs AS (           -- per unit and dataset: the record set both models were scored on last
+    SELECT a.layer, a.unit, a.hypothesis, a.score AS score_a, b.score AS score_b, a.dataset
+    FROM latest AS a JOIN latest AS b
+      ON a.dataset = b.dataset AND a.layer = b.layer AND a.unit = b.unit AND a.hypothesis = b.hypothesis
+     AND a.n_records IS NOT DISTINCT FROM b.n_records AND a.n_symbols IS NOT DISTINCT FROM b.n_symbols
+     AND a.n_selected IS NOT DISTINCT FROM b.n_selected AND a.order_seed IS NOT DISTINCT FROM b.order_seed
+    WHERE a.model = model_a AND b.model = model_b
+    QUALIFY row_number() OVER (PARTITION BY a.dataset, a.layer, a.unit, a.hypothesis
+                               ORDER BY least(a.last_query, b.last_query) DESC,
+                                        greatest(a.last_query, b.last_query) DESC) = 1
 )
-SELECT a.layer, a.unit, a.hypothesis, a.score AS score_a, b.score AS score_b,
-       b.score - a.score AS delta, a.dataset
-FROM latest AS a JOIN latest AS b
-  ON a.dataset = b.dataset AND a.layer = b.layer AND a.unit = b.unit AND a.hypothesis = b.hypothesis
-WHERE a.model = model_a AND b.model = model_b
-ORDER BY abs(b.score - a.score) DESC NULLS LAST, a.layer, a.unit, a.hypothesis, a.dataset;
+SELECT layer, unit, hypothesis, score_a, score_b, score_b - score_a AS delta, dataset
+FROM pairs
+ORDER BY abs(score_b - score_a) DESC NULLS LAST, layer, unit, hypothesis, dataset;

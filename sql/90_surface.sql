@@ -1,8 +1,10 @@
 -- The Python surface: table macros over deepbase_duck's Python UDFs.
 --
 -- TEMP macros: they exist only in a connection opened by deepbase_duck.connect() (or the
--- `deepbase-duck shell`), never in the database file, since the DuckDB CLI has no Python.
--- Each mirrors one Python function with the same arguments.
+-- `deepbase-duck shell`) and in the cursors deepbase_duck.cursor(con) makes of it, never in the
+-- database file, since the DuckDB CLI has no Python. DuckDB keeps TEMP macros per connection,
+-- so a plain con.cursor() lacks them (it has the pure-SQL macros of the file): other threads
+-- take dbd.cursor(con). Each mirrors one Python function with the same arguments.
 
 -- inspect(model, layers, hypotheses, dataset, measures := ['corr'], max_records := NULL,
 --         batch_size := 16, keep_activations := false, params := '{}', baseline := false,

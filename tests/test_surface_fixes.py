@@ -168,3 +168,304 @@ def test_sql_dataset_builders_refuse_fractions_as_python_does(con):
     with pytest.raises(dbd.DeepBaseError, match=re.escape("max_chars must be an integer >= 1, got 0")):
         stdlib_records("heldout", 0, 100)
     assert con.sql("SELECT add_ptb_dataset('p', n := 3.0, seed := 1)").fetchall() == [(3,)]
+
+
+# == bug hunt on the user-facing surfaces: compare_scores, sampling arguments, dbd.cursor, CLI ==
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+DUCKDB_CLI = Path(sys.executable).parent / "duckdb"
+
+
+def _query(con, qid, dataset, models, n_records, n_symbols, record_count, seed=0):
+    params = json.dumps({"models": models, "record_count": record_count, "records_used": n_records, "seed": seed})
+    con.execute("INSERT INTO queries (query_id, model, dataset, params, n_records, n_symbols) VALUES (?, ?, ?, ?, ?, ?)",
+                [qid, models[0], dataset, params, n_records, n_symbols])
+
+
+def _score(con, qid, model, unit, score, layer="l0", hypothesis="h"):
+    con.execute("INSERT INTO scores (query_id, model, layer, unit, hypothesis, measure, score) "
+                "VALUES (?, ?, ?, ?, ?, 'corr', ?)", [qid, model, layer, unit, hypothesis, score])
+
+
+def _fill_record_sets(con):
+    """Units 0-2 of models a and b: scored together over all 8 records of 'd' (query 1), then
+    a alone over 3 records (max_records), b alone over the first 3 records of a seeded order
+    (an early stop: 3 of 8 selected), and finally both together over those 3 records for unit 2."""
+    _query(con, 1, "d", ["a", "a~untrained"], 8, 100, 8)
+    for u in range(3):
+        _score(con, 1, "a", u, 0.1 * u)
+        _score(con, 1, "b", u, 0.5 + 0.1 * u)
+    _query(con, 2, "d", ["a"], 3, 40, 3)               # max_records := 3
+    _query(con, 3, "d", ["b"], 3, 40, 8, seed=1)       # stopped early after 3 of 8 (seed 1)
+    for u in range(3):
+        _score(con, 2, "a", u, -0.9)
+        _score(con, 3, "b", u, 0.9)
+    _query(con, 4, "d", ["a", "b"], 3, 40, 3)          # both over the max_records := 3 records
+    _score(con, 4, "a", 2, 0.25)
+    _score(con, 4, "b", 2, 0.75)
+
+
+COMPARE_WANT = {0: (0.0, 0.5), 1: (0.1, 0.6), 2: (0.25, 0.75)}
+
+
+def test_compare_scores_pairs_only_scores_over_the_same_records(con):
+    """A later max_records or early-stopped query of one model is not paired with the other
+    model's full scan (they were: each model's latest score per dataset, whatever its records)."""
+    _fill_record_sets(con)
+    rows = con.sql("SELECT unit, score_a, score_b, delta, dataset FROM compare_scores('a', 'b')").fetchall()
+    got = {u: (pytest.approx(sa), pytest.approx(sb)) for u, sa, sb, _, _ in rows}
+    assert len(rows) == 3 and got == COMPARE_WANT
+    assert all(d == pytest.approx(sb - sa) and ds == "d" for _, sa, sb, d, ds in rows)
+    # the early-stopped 3 records of b (seed 1) are not a's max_records 3 records, nor a later
+    # early stop with another seed
+    _query(con, 5, "d", ["a"], 3, 40, 8, seed=2)
+    _score(con, 5, "a", 0, 0.33)
+    assert {r[0]: r[1] for r in con.sql("SELECT unit, score_a FROM compare_scores('a', 'b')").fetchall()}[0] == 0.0
+    _query(con, 6, "d", ["a"], 3, 40, 8, seed=1)      # the same seeded order as b's query 3: paired
+    _score(con, 6, "a", 0, 0.33)
+    assert con.sql("SELECT score_a, score_b FROM compare_scores('a', 'b') WHERE unit = 0").fetchall() == \
+        [(pytest.approx(0.33), pytest.approx(0.9))]
+    # a model never scored over the records of the other: no row, not a mixed pair
+    _query(con, 7, "d", ["c"], 5, 60, 5)
+    _score(con, 7, "c", 0, 0.1)
+    assert con.sql("SELECT count(*) FROM compare_scores('a', 'c')").fetchall() == [(0,)]
+
+
+def test_compare_scores_pairs_a_baseline_with_its_model_after_a_later_subset_query(planted):
+    """The reported case: baseline := true over every record, then the model alone with
+    max_records := 3: the deltas stay those of the baseline query."""
+    full = dbd.inspect(planted, "planted", ["planted", "mix"], ["digit"], "snippets", baseline=True).to_pylist()
+    want = {}
+    for r in full:
+        if r["unit"] is not None:
+            want.setdefault((r["layer"], r["unit"]), {})[r["model"]] = r["score"]
+    dbd.inspect(planted, "planted", ["planted", "mix"], ["digit"], "snippets", limit=3)
+    rows = planted.sql("SELECT layer, unit, score_a, score_b FROM compare_scores('planted', 'planted~untrained')"
+                       ).fetchall()
+    assert {(layer, unit): (a, b) for layer, unit, a, b in rows} == \
+        {k: (v["planted"], v["planted~untrained"]) for k, v in want.items()}
+
+
+def test_compare_scores_record_sets_in_the_duckdb_cli(tmp_path):
+    if not DUCKDB_CLI.exists():
+        pytest.skip("duckdb-cli is not installed")
+    db = str(tmp_path / "c.duckdb")
+    con = dbd.connect(db, progress=False)
+    try:
+        _fill_record_sets(con)
+    finally:
+        dbd.close(con)
+    out = subprocess.run([str(DUCKDB_CLI), "-readonly", "-csv", "-noheader", db, "-c",
+                          "SELECT unit, score_a, score_b FROM compare_scores('a', 'b') ORDER BY unit"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = [tuple(float(x) for x in line.split(",")) for line in out.stdout.split()]
+    assert got == [(u, pytest.approx(a), pytest.approx(b)) for u, (a, b) in sorted(COMPARE_WANT.items())]
+
+
+# -- sampling macros: counts beyond BIGINT, seeds, fractions of an unknown dataset -----------
+
+@pytest.fixture
+def labelled(planted):
+    dbd.annotate(planted, ["digit"], "snippets")
+    dbd.extract(planted, "planted", ["planted"], "snippets")     # stores the symbols
+    return planted
+
+
+SAMPLING_ERRORS = [
+    ("SELECT * FROM stratified_records('snippets', 'chars-test', 'digit', 1e19)",
+     "stratified_records: n_per_class must be a non-negative integer or NULL, got 1e+19 (larger than "
+     "9223372036854775807"),
+    ("SELECT * FROM stratified_records('snippets', 'chars-test', 'digit', 9.3e18)",
+     "stratified_records: n_per_class must be a non-negative integer or NULL, got 9.3e+18"),
+    ("SELECT * FROM sample_records('snippets', 1e19)",
+     "sample_records: n must be a non-negative integer or NULL, got 1e+19 (larger than 9223372036854775807"),
+    ("SELECT * FROM sample_records('snippets', 10000000000000000000)",
+     "sample_records: n must be a non-negative integer or NULL, got 10000000000000000000"),
+    ("SELECT * FROM sample_records('snippets', 3, seed := 1.5)",
+     "sample_records: seed must be a non-negative integer or NULL, got 1.5"),
+    ("SELECT * FROM sample_records('snippets', 3, seed := -1)",
+     "sample_records: seed must be a non-negative integer or NULL, got -1"),
+    ("SELECT * FROM seeded_order('snippets', seed := 2.5)",
+     "seeded_order: seed must be a non-negative integer or NULL, got 2.5"),
+    ("SELECT * FROM seeded_order('nope', seed := -2)", "seeded_order: seed must be a non-negative integer"),
+    ("SELECT * FROM sample_fraction('snippets', 0.5, seed := -3)",
+     "sample_fraction: seed must be a non-negative integer or NULL, got -3"),
+    ("SELECT * FROM train_test_split('snippets', 0.5, seed := 0.5)",
+     "train_test_split: seed must be a non-negative integer or NULL, got 0.5"),
+    ("SELECT * FROM stratified_records('snippets', 'chars-test', 'digit', 2, seed := -1)",
+     "stratified_records: seed must be a non-negative integer or NULL, got -1"),
+    # the range checks do not depend on the data: an unknown dataset gives the error too
+    ("SELECT * FROM sample_fraction('nope', 3)", "sample_fraction: fraction must be between 0 and 1, got 3"),
+    ("SELECT * FROM train_test_split('nope', 3)", "train_test_split: test_fraction must be between 0 and 1, got 3"),
+    ("SELECT * FROM sample_fraction('nope', 0.5, seed := 1.5)", "sample_fraction: seed must be a non-negative"),
+]
+
+
+@pytest.mark.parametrize("sql,message", SAMPLING_ERRORS)
+def test_sampling_macros_name_a_bad_argument(labelled, sql, message):
+    assert message in sql_error(labelled, sql)
+
+
+def test_sampling_macros_keep_good_arguments(labelled):
+    """Whole-number seeds and counts of any type still give the rows they gave; the largest
+    BIGINT count is every record; a good seed of an unknown dataset gives no rows."""
+    q = labelled.sql
+    every = sorted(q("SELECT record_id FROM records WHERE dataset = 'snippets'").fetchall())
+    assert sorted(q("SELECT * FROM sample_records('snippets', 9223372036854775807)").fetchall()) == every
+    two = [r for (r,) in q("SELECT * FROM sample_records('snippets', 3, seed := 2)").fetchall()]
+    assert two == [r for r, _ in q("SELECT * FROM seeded_order('snippets', seed := 2) WHERE rank <= 3").fetchall()]
+    for n, seed in [("3.0", "2.0"), ("'3'", "'2'"), ("3", "CAST(2 AS HUGEINT)")]:
+        assert [r for (r,) in q(f"SELECT * FROM sample_records('snippets', {n}, seed := {seed})").fetchall()] == two
+    big = q("SELECT * FROM stratified_records('snippets', 'chars-test', 'digit', 9223372036854775807)").fetchall()
+    assert sorted(r for r, _ in big) == sorted(r for r, _ in q(
+        "SELECT * FROM stratified_records('snippets', 'chars-test', 'digit', 1000)").fetchall())
+    assert len({c for _, c in big}) == 2
+    for sql in ["SELECT * FROM sample_fraction('nope', 0.5)", "SELECT * FROM train_test_split('nope', 0.5)",
+                "SELECT * FROM seeded_order('nope', seed := 3)"]:
+        assert q(sql).fetchall() == []
+    # a seed column in a LATERAL join is checked per row too
+    assert q("SELECT count(*) FROM range(3) AS s(seed), "
+             "LATERAL (SELECT * FROM sample_records('snippets', 2, seed := s.seed))").fetchall() == [(6,)]
+    assert "sample_fraction: seed must be a non-negative integer or NULL, got -1" in sql_error(
+        labelled, "SELECT count(*) FROM (VALUES (1), (-1)) AS s(seed), "
+                  "LATERAL (SELECT * FROM sample_fraction('snippets', 0.5, seed := s.seed))")
+
+
+def test_sampling_errors_in_the_duckdb_cli(tmp_path):
+    if not DUCKDB_CLI.exists():
+        pytest.skip("duckdb-cli is not installed")
+    db = str(tmp_path / "s.duckdb")
+    con = dbd.connect(db, progress=False)
+    try:
+        dbd.add_dataset(con, "snippets", TEXTS)
+    finally:
+        dbd.close(con)
+    for sql, message in [SAMPLING_ERRORS[2], SAMPLING_ERRORS[4], SAMPLING_ERRORS[-3]]:
+        out = subprocess.run([str(DUCKDB_CLI), "-readonly", db, "-c", sql], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode != 0 and message in out.stderr + out.stdout
+
+
+# -- dbd.cursor: the SQL surface and the Python API in another thread ------------------------
+
+def test_cursor_has_the_sql_surface_and_the_python_api_in_a_thread(planted):
+    results, errors = {}, []
+
+    def work():
+        cur = dbd.cursor(planted)
+        try:
+            results["sql"] = cur.sql("SELECT count(*) FROM inspect('planted', ['planted'], ['digit'], 'snippets')"
+                                     ).fetchall()
+            results["python"] = dbd.inspect(cur, "planted", ["mix"], ["digit"], "snippets").num_rows
+            results["hyps"] = cur.sql("SELECT count(*) > 0 FROM available_hypotheses()").fetchall()
+        except Exception as exc:                      # pragma: no cover - the failure is reported below
+            errors.append(exc)
+        finally:
+            dbd.close(cur)                            # the cursor only
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert not errors, errors
+    assert results == {"sql": [(5,)], "python": 4, "hyps": [(True,)]}
+    assert planted.sql("SELECT count(*) FROM queries").fetchall() == [(2,)]   # the connection stays open
+    # a plain cursor has the pure-SQL macros but not the Python surface; the Python API names dbd.cursor
+    plain = planted.cursor()
+    assert plain.sql("SELECT count(*) FROM top_units(1)").fetchall()[0][0] > 0
+    with pytest.raises(DeepBaseError, match=re.escape("dbd.cursor(con)")):
+        dbd.inspect(plain, "planted", ["mix"], ["digit"], "snippets")
+    # a cursor of a dbd cursor has them too
+    inner = dbd.cursor(dbd.cursor(planted))
+    assert inner.sql("SELECT count(*) FROM available_hypotheses()").fetchall()[0][0] > 0
+
+
+def test_close_of_the_connection_closes_its_dbd_cursors(tmp_path):
+    db = str(tmp_path / "c.duckdb")
+    con = dbd.connect(db, progress=False)
+    cur = dbd.cursor(con)
+    dbd.close(con)
+    with pytest.raises(duckdb.Error):
+        cur.sql("SELECT 1").fetchall()
+    dbd.close(dbd.connect(db, progress=False))        # the store can be opened again
+
+
+# -- command line --------------------------------------------------------------------------
+
+def _cli(capsys, *argv):
+    from deepbase_duck.cli import main
+    capsys.readouterr()
+    rc = main(["--quiet", *argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--checkpoint", "nope"], "--checkpoint: unknown char-LSTM checkpoint 'nope'; valid names: step0, early, mid, final"),
+    (["--chars", "0"], "--chars must be an integer >= 1"),
+    (["--top", "0"], "--top must be an integer >= 1"),
+])
+def test_cli_demo_bad_input_is_one_line_exit_2_and_no_store(tmp_path, capsys, argv, message):
+    store = tmp_path / "d1" / "demo.duckdb"
+    rc, _, err = _cli(capsys, "demo", "--store", str(store), *argv)
+    assert rc == 2 and message in err and err.strip().count("\n") == 0
+    assert not store.exists() and not Path(f"{store}.acts").exists() and not Path(f"{store}.wal").exists()
+
+
+@pytest.fixture
+def cli_store(tmp_path, capsys):
+    """A store made through the command line: models 'lstm,v2', 'p1' and 'p2' (the planted model,
+    loader ray_models:planted) and the dataset 'snippets'."""
+    db = str(tmp_path / "s.duckdb")
+    texts = tmp_path / "t.txt"
+    texts.write_text("".join(t.replace("\n", " ") + "\n" for t in TEXTS))
+    for name in ["lstm,v2", "p1", "p2"]:
+        assert _cli(capsys, "register-model", db, name, "ray_models:planted")[0] == 0
+    assert _cli(capsys, "add-dataset", db, "snippets", str(texts))[0] == 0
+    return db
+
+
+def _last_models(db):
+    con = dbd.connect(db, progress=False)
+    try:
+        return json.loads(con.sql("SELECT params FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0]
+                          )["models"]
+    finally:
+        dbd.close(con)
+
+
+def test_cli_inspect_takes_a_model_named_with_a_comma(cli_store, capsys):
+    args = ["snippets", "--layers", "planted", "--hypotheses", "digit", "--device", "cpu"]
+    rc, out, err = _cli(capsys, "inspect", cli_store, "lstm,v2", *args)
+    assert rc == 0, err
+    assert _last_models(cli_store) == ["lstm,v2"] and "digit" in out
+    # a name that is not registered lists checkpoints
+    rc, out, err = _cli(capsys, "inspect", cli_store, "p1, p2", *args)
+    assert rc == 0, err
+    assert _last_models(cli_store) == ["p1", "p2"]
+
+
+def test_cli_inspect_refuses_top_0_and_negative(cli_store, capsys):
+    for top in ["0", "-1"]:
+        rc, out, err = _cli(capsys, "inspect", cli_store, "p1", "snippets", "--layers", "planted",
+                            "--hypotheses", "digit", "--top", top)
+        assert rc == 2 and f"--top must be an integer >= 1 (the units shown per hypothesis), got {top}" in err
+        assert out == "" and err.strip().count("\n") == 0
+
+
+def test_cli_shell_refuses_a_missing_store_unless_create(tmp_path, capsys):
+    typo = tmp_path / "typo.duckdb"
+    rc, out, err = _cli(capsys, "shell", str(typo), "-c", "SELECT 1")
+    assert rc == 2 and f"no store at {str(typo)!r}" in err and "--create" in err
+    assert not typo.exists() and not Path(f"{typo}.acts").exists()
+    rc, out, err = _cli(capsys, "shell", "--create", str(typo), "-c", "SELECT count(*) AS n FROM models;")
+    assert rc == 0 and typo.is_file(), err
+    rc, out, err = _cli(capsys, "shell", str(typo), "-c", "SELECT 41 + 1 AS answer;")
+    assert rc == 0 and "42" in out
+    rc, out, err = _cli(capsys, "shell", "-c", "SELECT 7 AS seven;")      # no path: in memory
+    assert rc == 0 and "7" in out
