@@ -239,6 +239,82 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
 
 
 # -- blocks of activations -----------------------------------------------------------------------
+MI_HASH = 0x9E3779B1                # the multiplicative hash of mi's jackknife groups (record_groups)
+
+
+def mi_calibration_records(session, plan: Plan, tokenization: str, encoder) -> tuple[list[int], int]:
+    """The records whose rows set a full scan's ``mi`` bins: the first selected records in the
+    order of a hash of their ids (ties by id) until ``calibration_rows`` rows (default 10_000),
+    and their row count. ``encoder()`` gives what tokenises records not tokenised yet (their
+    symbols are stored, as a scan would); it is not called when every record was."""
+    need = int(plan.measure_params.get("mi", {}).get("calibration_rows", 10_000))
+    ids = np.unique(np.asarray(plan.record_ids, np.int64))
+    order = ids[np.lexsort((ids, (ids * MI_HASH) & 0xFFFFFFFF))]
+    counts = stored_symbol_counts(session, plan.dataset, tokenization)
+    chosen, total = [], 0
+    for lo in range(0, len(order), 256):
+        chunk = order[lo:lo + 256]
+        if any(int(r) not in counts for r in chunk):
+            counts.update(ensure_symbols(session, encoder(), plan.dataset, chunk))
+        for r in chunk:
+            chosen.append(int(r))
+            total += int(counts[int(r)])
+            if total >= need:
+                return chosen, total
+    return chosen, total
+
+
+def mi_calibration(session, plan: Plan, behaviors: dict, covered, adapter=None) -> dict:
+    """The bins of a full scan's ``mi`` states, set before the scan from every row of
+    mi_calibration_records (their activations read as the scan reads them: stored ones for
+    ``covered`` records, the model's for the rest), so that they depend on the records selected,
+    not on ``batch_size`` or on which records' activations are stored. {layer: {"edges": (width,
+    bins - 1) array, "edges_rule": text}} to pass to the states; {} for a progressive scan (its
+    first window sets the bins), without ``mi``, or with ``edges`` given."""
+    from ..inspectors.mutual_information import quantile_edges
+    prm = plan.measure_params.get("mi", {})
+    if plan.progressive or "mi" not in plan.measures or prm.get("edges") is not None:
+        return {}
+    tokenization = session.model_row(plan.model)["tokenization"]
+    loaded = [adapter]
+
+    def model():                            # loaded only if a record is tokenised or run here
+        if loaded[0] is None:
+            loaded[0] = session.adapter(plan.model)
+        return loaded[0]
+    chosen, total = mi_calibration_records(session, plan, tokenization, model)
+    if total == 0:
+        return {}
+    counts = stored_symbol_counts(session, plan.dataset, tokenization)
+    stored = [r for r in chosen if r in set(np.asarray(covered).tolist())]
+    run = [r for r in chosen if r not in set(stored)]
+    parts = {layer: [] for layer in plan.layers}
+    if stored:
+        rows = StoredRows(stored_part_blocks(session, plan, behaviors, np.asarray(stored, np.int64)))
+        b = rows.batch(stored, counts)
+        for layer in plan.layers:
+            parts[layer].append(b.acts[layer])
+    if run:
+        for b in forward_batches(session, model(), plan.model, plan.layers, plan.dataset,
+                                 plan_batches(session, plan.dataset, run, plan.batch_size), counts):
+            b.verify()
+            for layer in plan.layers:
+                parts[layer].append(b.acts[layer].cpu())
+    bins = int(prm.get("bins", 10))
+    rule = f"quantile ({bins} bins) of the {total} rows of {len(chosen)} calibration records"
+    return {layer: {"edges": quantile_edges(torch.cat(x).to(torch.float64), bins).numpy(), "edges_rule": rule}
+            for layer, x in parts.items()}
+
+
+def state_params(plan: Plan, m: str, layer: str, calibration: dict) -> dict:
+    """The keyword arguments of the state of measure ``m`` on ``layer``: the query's parameters,
+    plus the bins mi_calibration set for an ``mi`` state."""
+    out = dict(plan.measure_params.get(m, {}))
+    if m == "mi" and layer in calibration:
+        out.update(calibration[layer])
+    return out
+
+
 def stored_behaviors(session, plan: Plan, checksum, tokenization):
     """{layer: behavior} when every layer is stored (any dtype) for all selected records, else None."""
     return stored_reads(session, plan, checksum, tokenization, partial=False)[0] or None
@@ -756,8 +832,9 @@ class LocalEngine:
             behaviors, covered = stored_reads(session, plan, mrow["checksum"], tokenization)
             missing = np.setdiff1d(selected, covered)
             plan.source = "stored" if not len(missing) else ("stored+model" if len(covered) else "model")
+            calibration = mi_calibration(session, plan, behaviors, covered)
             states = {(layer, m): measure_class(m)(widths[layer], plan.columns[m], device=plan.device,
-                                                  **plan.measure_params.get(m, {}))
+                                                  **state_params(plan, m, layer, calibration))
                       for layer in plan.layers for m in plan.measures}
             done = 0                               # windows merged so far
         else:                                      # the same records read from the same source
@@ -880,12 +957,14 @@ class LocalEngine:
         p0 = plans[0]
         tokenization = session.model_row(p0.model)["tokenization"]
         adapters = {p.model: session.adapter(p.model) for p in plans}
+        # (before the symbol counts: it may tokenise and store the calibration records' symbols)
+        calibration = {p.model: mi_calibration(session, p, {}, (), adapters[p.model]) for p in plans}
         counts = stored_symbol_counts(session, p0.dataset, tokenization)
         symbols = SymbolWriter(session, tokenization, p0.dataset, counts)    # from the batches' encodings
         widths = {p.model: session.stored_widths(p.model)
                   for p in plans}
         per_model = {p.model: {(layer, m): measure_class(m)(widths[p.model][layer], p.columns[m], device=p.device,
-                                                            **p.measure_params.get(m, {}))
+                                                            **state_params(p, m, layer, calibration[p.model]))
                                for layer in p.layers for m in p.measures} for p in plans}
         col_index = {c["name"]: j for j, c in enumerate(p0.label_columns)}
         take = {m: torch.as_tensor([col_index[c["name"]] for c in p0.columns[m]]) for m in p0.measures}

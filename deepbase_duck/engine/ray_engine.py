@@ -71,6 +71,7 @@ from .inspect import (
     StopRule,
     _score_matrix,
     class_frequencies,
+    mi_calibration_records,
     new_samples,
     seeded_windows,
     stored_behaviors,
@@ -160,9 +161,11 @@ class BlockWorker:
         t0 = time.perf_counter()
         plan = self.plan
         edges = block.get("edges") or {}        # bins calibrated by the driver's states (mi)
+        calibration = block.get("calibration") or {}     # else the records that set them (mi)
         states = {(layer, m): measure_class(m)(self.widths[layer], plan.columns[m], device=self.device,
-                                               **plan.measure_params.get(m, {}),
-                                               **({"edges": edges[(layer, m)]} if (layer, m) in edges else {}))
+                                               **{**plan.measure_params.get(m, {}),
+                                                  **({"edges": edges[(layer, m)]} if (layer, m) in edges
+                                                     else calibration.get((layer, m), {}))})
                   for layer in plan.layers for m in plan.measures}
         samples = new_samples(plan, self.widths, self.device)
         act_bytes, parts = 0, []
@@ -438,6 +441,15 @@ class RayEngine:
             plan.control_freq = class_frequencies(session, plan, tokenization)
         else:                              # the others: tokenised block by block (payload below)
             counts = stored_symbol_counts(session, plan.dataset, tokenization)
+        # a full scan's mi bins: from every row of the records mi_calibration_records chooses,
+        # scanned first (the states buffer until those rows have come), as the local engine's
+        calibration = {}
+        prm = plan.measure_params.get("mi", {})
+        if not progressive and scan is None and "mi" in plan.measures and prm.get("edges") is None:
+            chosen, total = mi_calibration_records(session, plan, tokenization, lambda: encoder)
+            if total:
+                calibration = {"calibration_records": chosen, "calibration_rows": total}
+                counts.update(stored_symbol_counts(session, plan.dataset, tokenization))
         symbols = SymbolWriter(session, tokenization, plan.dataset, counts)
         if progressive:
             batches, windows = seeded_windows(session, plan)
@@ -447,6 +459,11 @@ class RayEngine:
                 lo += w
         else:
             batches = plan_batches(session, plan.dataset, plan.record_ids, plan.batch_size)
+            if calibration:                        # mi's calibration records first (mi_calibration)
+                first = calibration["calibration_records"]
+                rest = np.setdiff1d(np.unique(plan.record_ids), first)
+                batches = (plan_batches(session, plan.dataset, first, plan.batch_size)
+                           + plan_batches(session, plan.dataset, rest, plan.batch_size))
             blocks = [batches[i:i + self.block_batches] for i in range(0, len(batches), self.block_batches)]
         labels = LabelStream(session, plan, tokenization, counts,
                              [r for blk in blocks[start:] for ids in blk for r in ids])
@@ -473,7 +490,8 @@ class RayEngine:
                     j += 1
                 parts_of.append(per)
         make = lambda layer, m: measure_class(m)(widths[layer], plan.columns[m], device="cpu",  # noqa: E731
-                                                 **plan.measure_params.get(m, {}))
+                                                 **{**plan.measure_params.get(m, {}),
+                                                    **(calibration if m == "mi" else {})})
         if scan is None:
             states = {(layer, m): make(layer, m) for layer in plan.layers for m in plan.measures}
             samples = new_samples(plan, widths, "cpu")
@@ -515,7 +533,9 @@ class RayEngine:
                                        "store": parts_of[i] if parts_of is not None else None,
                                        "edges": {k: st.edges.cpu().numpy() for k, st in states.items()
                                                  if getattr(st, "edges", None) is not None
-                                                 and hasattr(st, "empty_like")}})
+                                                 and hasattr(st, "empty_like")},
+                                       "calibration": {k: calibration for k, st in states.items()
+                                                       if calibration and k[1] == "mi" and st.edges is None}})
                 stats["label_seconds"] += time.perf_counter() - t
             return payloads[i]
 

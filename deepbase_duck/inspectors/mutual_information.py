@@ -11,7 +11,8 @@ the buffered rows and from then on counts every batch directly. With ``calibrati
 (record ids) the calibration rows are instead every row of those records: the state buffers
 until ``calibration_rows`` of their rows have come (the engines pass the records' symbol count),
 so that the edges depend on which records, not on the order or batching of the stream (the
-engines' full scans choose the records by a hash of their ids and scan them first). A stream
+engines' full scans choose the records by a hash of their ids: engine/inspect.py
+mi_calibration). ``edges_rule`` names where given ``edges`` came from (``bin_rule``). A stream
 shorter than that is calibrated on what it has (the calibration records' rows, else all rows) at
 finalize (without changing the state).
 Bin b of a unit holds edges[b-1] <= x < edges[b] (``searchsorted(edges, x, side='right')``), so
@@ -175,7 +176,7 @@ class MutualInformationState(InspectorState):
 
     def __init__(self, width, hypotheses, device="cpu", bins: int = 10, calibration_rows: int = 10_000,
                  edges=None, confidence: float = 0.95, intervals: str = "records", jackknife_groups: int = 20,
-                 calibration_records=None, **params):
+                 calibration_records=None, edges_rule: str | None = None, **params):
         super().__init__(width, hypotheses, device, **params)
         self.bins = check_integer(f"{self.measure}: bins", bins, 2)            # 2.9 is refused, not cut to 2
         self.calibration_rows = check_integer(f"{self.measure}: calibration_rows", calibration_rows, 1)
@@ -216,7 +217,7 @@ class MutualInformationState(InspectorState):
                 raise BadParameterError("mi: edges must be finite numbers (a NaN or inf edge found)")
             if bool((e[:, 1:] < e[:, :-1]).any()):
                 raise DeepBaseError("mi: the edges of each unit must be non-decreasing")
-            self._set_edges(e, f"fixed edges ({self.bins} bins)")
+            self._set_edges(e, edges_rule or f"fixed edges ({self.bins} bins)")
 
     # -- calibration and counting ----------------------------------------------------------
     def _new_counts(self):
@@ -328,7 +329,8 @@ class MutualInformationState(InspectorState):
         new = type(self)(self.width, self.hypotheses, self.device, bins=self.bins,
                          calibration_rows=self.calibration_rows, confidence=self.confidence,
                          intervals=self.intervals, jackknife_groups=self.jackknife_groups,
-                         calibration_records=self.calibration_records)
+                         calibration_records=None if self.calibration_records is None
+                         else self.calibration_records.cpu().numpy())
         new._set_edges(self.edges.clone(), self.rule)
         return new
 

@@ -1,0 +1,93 @@
+"""A full scan's mi bins come from every row of the records first in a hash order of their ids
+(engine/inspect.py mi_calibration), so its scores do not depend on batch_size or on whether the
+activations were stored: checked against bins and MI computed here from the planted layer's
+activations (sklearn's mutual_info_score) and across batch sizes, stored activations and the
+stacked-checkpoint path."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import mutual_info_score
+
+import deepbase_duck as dbd
+from conftest import TEXTS, planted_adapter, planted_per_record
+from deepbase_duck.inspectors.mutual_information import quantile_edges
+
+HYPS = ["digit", "in_string"]
+ROWS = 120                                       # calibration_rows: a few records of TEXTS * 3
+
+
+@pytest.fixture
+def three(con):
+    dbd.register_model(con, "planted", planted_adapter())
+    dbd.add_dataset(con, "snippets", TEXTS * 3)
+    return con
+
+
+def scores(t):
+    return {(r["unit"], r["hypothesis"]): (r["score"], r["p_value"], json.loads(r["detail"])["bin_rule"])
+            for r in t.to_pylist()}
+
+
+def chosen_records(n_records, lengths, rows):
+    """The calibration records by the documented rule, in plain Python integers."""
+    key = sorted(range(n_records), key=lambda r: ((r * 0x9E3779B1) % 2 ** 32, r))
+    out, total = [], 0
+    for r in key:
+        out.append(r)
+        total += lengths[r]
+        if total >= rows:
+            break
+    return out, total
+
+
+def test_bins_from_the_hash_chosen_records_and_mi_as_sklearn(three):
+    t = dbd.inspect(three, "planted", ["planted"], HYPS, "snippets", measures=["mi"], batch_size=5,
+                    mi={"calibration_rows": ROWS})
+    got = scores(t)
+    texts = TEXTS * 3
+    x1, y1, _ = planted_per_record(HYPS)                  # one copy of TEXTS
+    x = np.concatenate([x1] * 3)
+    y = np.concatenate([y1] * 3)
+    rec = np.concatenate([np.full(len(s), i) for i, s in enumerate(texts)])
+    ids = [r[0] for r in three.sql("SELECT record_id FROM records WHERE dataset = 'snippets' "
+                                   "ORDER BY record_id").fetchall()]
+    assert ids == list(range(len(texts)))                  # record ids 0.. in TEXTS order
+    chosen, total = chosen_records(len(texts), [len(s) for s in texts], ROWS)
+    edges = quantile_edges(torch.as_tensor(x[np.isin(rec, chosen)]), 10).numpy()
+    for (u, h), (score, p, rule) in got.items():
+        assert rule == f"quantile (10 bins) of the {total} rows of {len(chosen)} calibration records"
+        b = np.searchsorted(edges[u], x[:, u].astype(np.float64), side="right")
+        lab = y[:, HYPS.index(h)]
+        keep = ~np.isnan(lab)
+        if len(np.unique(b[keep])) < 2:
+            assert score is None
+            continue
+        assert score == pytest.approx(mutual_info_score(lab[keep] != 0, b[keep]), abs=1e-9)
+
+
+def test_scores_do_not_depend_on_batch_size_or_stored_activations(three):
+    kw = dict(measures=["mi"], mi={"calibration_rows": ROWS}, reuse=False)
+    base = scores(dbd.inspect(three, "planted", ["planted"], HYPS, "snippets", batch_size=2, **kw))
+    assert scores(dbd.inspect(three, "planted", ["planted"], HYPS, "snippets", batch_size=17, **kw)) == base
+    dbd.extract(three, "planted", ["planted"], "snippets", batch_size=3)
+    stored = dbd.inspect(three, "planted", ["planted"], HYPS, "snippets", batch_size=2, **kw)
+    params = json.loads(three.sql("SELECT params FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0])
+    assert params["reused"]["activation_records_read"] == len(TEXTS) * 3        # read, not run
+    assert scores(stored) == base
+
+
+def test_checkpoints_scanned_together_take_their_own_bins(three):
+    other = planted_adapter()
+    with torch.no_grad():
+        for p in other.module.parameters():
+            p.mul_(1.5)
+    dbd.register_model(three, "planted2", other)
+    kw = dict(measures=["mi"], mi={"calibration_rows": ROWS}, batch_size=4, reuse=False)
+    together = dbd.inspect(three, ["planted", "planted2"], ["planted"], HYPS, "snippets", **kw)
+    for name in ("planted", "planted2"):
+        alone = dbd.inspect(three, name, ["planted"], HYPS, "snippets", **kw)
+        mine = [r for r in together.to_pylist() if r["model"] == name]
+        assert {(r["unit"], r["hypothesis"]): r["score"] for r in mine} == \
+            {(r["unit"], r["hypothesis"]): r["score"] for r in alone.to_pylist()}
