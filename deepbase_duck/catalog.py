@@ -25,6 +25,21 @@ class DatasetExistsError(DeepBaseError):
     """A dataset of that name holds other records (``add_dataset`` without ``replace``)."""
 
 
+
+def loader_params(text: str | None, what: str) -> dict:
+    """A model loader's keyword arguments from JSON text (None or '' none): a JSON object, or
+    one DeepBaseError naming ``what`` (the CLI's '--params', SQL register_model's params)."""
+    if not text:
+        return {}
+    try:
+        params = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DeepBaseError(f"{what} is not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(params, dict):
+        raise DeepBaseError(f"{what} must be a JSON object of the loader's keyword arguments, e.g. "
+                            f"'{{\"checkpoint\": \"final\"}}', got {text!r}")
+    return params
+
 class Session:
     """Everything deepbase_duck keeps beside one DuckDB connection."""
 

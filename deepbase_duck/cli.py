@@ -282,24 +282,12 @@ def _store(args, create: bool = False):
                     p.unlink()
 
 
-def _loader_params(text: str) -> dict:
-    """register-model's --params: a JSON object, or one DeepBaseError naming what is wrong."""
-    from deepbase_duck.errors import DeepBaseError
-    try:
-        params = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DeepBaseError(f"--params is not valid JSON ({exc}): {text!r}") from None
-    if not isinstance(params, dict):
-        raise DeepBaseError(f"--params must be a JSON object of the loader's keyword arguments, e.g. "
-                            f"'{{\"checkpoint\": \"final\"}}', got {text!r}")
-    return params
-
-
 def cmd_register(args):
     import duckdb
     import deepbase_duck as dbd
     from deepbase_duck.errors import DeepBaseError
-    params = _loader_params(args.params)          # before the store is opened (or created)
+    from deepbase_duck.catalog import loader_params
+    params = loader_params(args.params, "--params")   # before the store is opened (or created)
     with _store(args, create=True) as con:
         try:
             info = dbd.register_model(con, args.name, args.loader, params)

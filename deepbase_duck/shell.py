@@ -30,8 +30,9 @@ HELP = __doc__.split("dot-commands:\n\n", 1)[1].split("\n\nModes:", 1)[0]
 
 
 class Shell:
-    def __init__(self, con, out=sys.stdout, err=sys.stderr):
-        self.con, self.out, self.err = con, out, err
+    def __init__(self, con, out=None, err=None):
+        # the streams of the moment (not those of import time, which a caller may have replaced)
+        self.con, self.out, self.err = con, out or sys.stdout, err or sys.stderr
         self.timer = False
         self.open = False            # a statement is under way: lines are buffered until it ends
 

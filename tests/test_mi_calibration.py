@@ -32,7 +32,7 @@ def scores(t):
 
 def chosen_records(n_records, lengths, rows):
     """The calibration records by the documented rule, in plain Python integers."""
-    key = sorted(range(n_records), key=lambda r: ((r * 0x9E3779B1) % 2 ** 32, r))
+    key = sorted(range(n_records), key=lambda r: (((r + 0x632BE5AB) * 0x85EBCA6B) % 2 ** 32, r))
     out, total = [], 0
     for r in key:
         out.append(r)
@@ -91,3 +91,26 @@ def test_checkpoints_scanned_together_take_their_own_bins(three):
         mine = [r for r in together.to_pylist() if r["model"] == name]
         assert {(r["unit"], r["hypothesis"]): r["score"] for r in mine} == \
             {(r["unit"], r["hypothesis"]): r["score"] for r in alone.to_pylist()}
+
+
+def test_the_users_calibration_records_are_kept_and_bad_combinations_refused(three):
+    from deepbase_duck.errors import DeepBaseError
+    from deepbase_duck.inspectors import measure_class
+    from deepbase_duck.inspectors.mutual_information import record_groups
+    n = len(TEXTS[4])
+    t = dbd.inspect(three, "planted", ["planted"], HYPS, "snippets", measures=["mi"], batch_size=4,
+                    mi={"calibration_records": [4], "calibration_rows": n})
+    assert {rule for _, _, rule in scores(t).values()} == {f"quantile (10 bins) of the {n} rows of 1 calibration records"}
+    hb = [{"name": "d", "kind": "binary"}]
+    with pytest.raises(DeepBaseError, match="edges or calibration_records"):
+        measure_class("mi")(2, hb, bins=3, edges=[[0, 1], [0, 1]], calibration_records=[1])
+    with pytest.raises(DeepBaseError, match="jackknife_groups must be at most 200"):
+        measure_class("mi")(2, hb, jackknife_groups=201)
+    st = measure_class("mi")(2, hb, calibration_records=[1], calibration_rows=5)
+    with pytest.raises(DeepBaseError, match="record ids"):
+        st.update(torch.zeros(3, 2), torch.zeros(3, 1))
+    assert st.rows == 0 and st.buffered == 0                      # refused before any change
+    # the engine's calibration records spread over the jackknife groups
+    chosen, _ = chosen_records(400, [1] * 400, 60)
+    groups = record_groups(torch.as_tensor(chosen), 20).numpy()
+    assert len(set(groups.tolist())) >= 10

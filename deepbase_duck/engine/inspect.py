@@ -239,17 +239,21 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
 
 
 # -- blocks of activations -----------------------------------------------------------------------
-MI_HASH = 0x9E3779B1                # the multiplicative hash of mi's jackknife groups (record_groups)
+MI_CALIBRATION_HASH = (0x632BE5AB, 0x85EBCA6B)   # (offset, multiplier): the calibration records'
+# order, another hash than the jackknife groups' (record_groups), so that the records setting the
+# bins spread over the groups instead of filling the first one
 
 
 def mi_calibration_records(session, plan: Plan, tokenization: str, encoder) -> tuple[list[int], int]:
     """The records whose rows set a full scan's ``mi`` bins: the first selected records in the
-    order of a hash of their ids (ties by id) until ``calibration_rows`` rows (default 10_000),
+    order of a hash of their ids, ((id + 0x632BE5AB) * 0x85EBCA6B) mod 2^32 (ties by id), until
+    ``calibration_rows`` rows (default 10_000),
     and their row count. ``encoder()`` gives what tokenises records not tokenised yet (their
     symbols are stored, as a scan would); it is not called when every record was."""
     need = int(plan.measure_params.get("mi", {}).get("calibration_rows", 10_000))
     ids = np.unique(np.asarray(plan.record_ids, np.int64))
-    order = ids[np.lexsort((ids, (ids * MI_HASH) & 0xFFFFFFFF))]
+    off, mul = MI_CALIBRATION_HASH
+    order = ids[np.lexsort((ids, ((ids + off) * mul) & 0xFFFFFFFF))]
     counts = stored_symbol_counts(session, plan.dataset, tokenization)
     chosen, total = [], 0
     for lo in range(0, len(order), 256):
@@ -267,13 +271,15 @@ def mi_calibration_records(session, plan: Plan, tokenization: str, encoder) -> t
 def mi_calibration(session, plan: Plan, behaviors: dict, covered, adapter=None) -> dict:
     """The bins of a full scan's ``mi`` states, set before the scan from every row of
     mi_calibration_records (their activations read as the scan reads them: stored ones for
-    ``covered`` records, the model's for the rest), so that they depend on the records selected,
-    not on ``batch_size`` or on which records' activations are stored. {layer: {"edges": (width,
+    ``covered`` records, the model's for the rest: those records run twice, here and in the
+    scan), so that they depend on the records selected, not on ``batch_size`` or on which
+    records' activations are stored. {layer: {"edges": (width,
     bins - 1) array, "edges_rule": text}} to pass to the states; {} for a progressive scan (its
     first window sets the bins), without ``mi``, or with ``edges`` given."""
     from ..inspectors.mutual_information import quantile_edges
     prm = plan.measure_params.get("mi", {})
-    if plan.progressive or "mi" not in plan.measures or prm.get("edges") is not None:
+    if (plan.progressive or "mi" not in plan.measures or prm.get("edges") is not None
+            or prm.get("calibration_records") is not None):      # the user's own bins or records
         return {}
     tokenization = session.model_row(plan.model)["tokenization"]
     loaded = [adapter]
@@ -286,8 +292,9 @@ def mi_calibration(session, plan: Plan, behaviors: dict, covered, adapter=None) 
     if total == 0:
         return {}
     counts = stored_symbol_counts(session, plan.dataset, tokenization)
-    stored = [r for r in chosen if r in set(np.asarray(covered).tolist())]
-    run = [r for r in chosen if r not in set(stored)]
+    is_stored = np.isin(np.asarray(chosen, np.int64), np.asarray(covered, np.int64))
+    stored = [r for r, ok in zip(chosen, is_stored) if ok]
+    run = [r for r, ok in zip(chosen, is_stored) if not ok]
     parts = {layer: [] for layer in plan.layers}
     if stored:
         rows = StoredRows(stored_part_blocks(session, plan, behaviors, np.asarray(stored, np.int64)))

@@ -445,7 +445,8 @@ class RayEngine:
         # scanned first (the states buffer until those rows have come), as the local engine's
         calibration = {}
         prm = plan.measure_params.get("mi", {})
-        if not progressive and scan is None and "mi" in plan.measures and prm.get("edges") is None:
+        if (not progressive and scan is None and "mi" in plan.measures and prm.get("edges") is None
+                and prm.get("calibration_records") is None):
             chosen, total = mi_calibration_records(session, plan, tokenization, lambda: encoder)
             if total:
                 calibration = {"calibration_records": chosen, "calibration_rows": total}

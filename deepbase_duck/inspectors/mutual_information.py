@@ -60,8 +60,9 @@ corr). How sd, q and the p-value's reference distribution are made, ``intervals`
 - 'records' (the default, when every batch came with record ids, as from the engines): records
   are the independent observations, since the symbols of one record are not. Each record falls
   in one of ``jackknife_groups`` groups (default 20) by a hash of its id, the same in any
-  batching, order or engine, and the counts are kept per group (memory x groups; merging adds
-  them, still exact). sd is the delete-a-group jackknife's: with G' groups holding labelled
+  batching, order or engine, and the counts are kept per group (memory x groups, at most 200
+  groups: 4,096 units x 10 bins x 100 classes x 20 groups is 655 MB; merging adds them, still
+  exact). sd is the delete-a-group jackknife's: with G' groups holding labelled
   rows, MI_(g) the plug-in MI without group g, sd^2 = (G' - 1) / G' sum_g (MI_(g) - mean)^2,
   and q is Student's t at G' - 1 degrees of freedom (Kott 2001). The p-value takes X^2 with the
   second-order Rao-Scott correction (Rao & Scott 1984): A = n Cov(r) is estimated by S, the
@@ -94,6 +95,7 @@ from ..errors import BadParameterError, DeepBaseError, check_float, check_intege
 
 F64 = torch.float64
 _CHUNK = 1 << 23          # elements of the (rows, units x bins) one-hot matrix per product
+MAX_GROUPS = 200          # jackknife_groups: memory is units x bins x classes x groups float64
 
 
 def quantile_edges(x: torch.Tensor, bins: int) -> torch.Tensor:
@@ -182,6 +184,8 @@ class MutualInformationState(InspectorState):
         self.calibration_rows = check_integer(f"{self.measure}: calibration_rows", calibration_rows, 1)
         self.calibration_records = None
         if calibration_records is not None:
+            if edges is not None:
+                raise BadParameterError(f"{self.measure}: give edges or calibration_records, not both")
             ids = np.unique(np.asarray(calibration_records, dtype=np.int64).reshape(-1))
             if ids.size == 0:
                 raise BadParameterError(f"{self.measure}: calibration_records is empty")
@@ -195,6 +199,9 @@ class MutualInformationState(InspectorState):
                                     f"symbol independent: delta method and Pearson's X^2), got {intervals!r}")
         self.intervals = intervals
         self.jackknife_groups = check_integer(f"{self.measure}: jackknife_groups", jackknife_groups, 3)
+        if self.jackknife_groups > MAX_GROUPS:
+            raise BadParameterError(f"{self.measure}: jackknife_groups must be at most {MAX_GROUPS} (the counts "
+                                    f"are kept per group), got {self.jackknife_groups}")
         self.clustered = intervals == "records"        # False once a batch comes without record ids
         self.G = self.jackknife_groups if self.clustered else 1        # count tables kept
         self.ks, self.offsets, self.C = class_layout(self.hypotheses)
@@ -297,6 +304,8 @@ class MutualInformationState(InspectorState):
     def update(self, acts, labels, record_ids=None) -> None:
         if acts.shape[0] == 0:
             return
+        if self.calibration_records is not None and self.edges is None and record_ids is None:
+            raise DeepBaseError(f"{self.measure}: calibration_records needs the record ids of every batch")
         x = acts.to(self.device, F64)
         y = labels.to(self.device, F64)
         if self.clustered and record_ids is None:
@@ -311,8 +320,6 @@ class MutualInformationState(InspectorState):
             return
         if self.calibration_records is None:
             cal = None
-        elif record_ids is None:
-            raise DeepBaseError(f"{self.measure}: calibration_records needs the record ids of every batch")
         else:
             cal = torch.isin(record_ids.to(self.device, torch.int64).reshape(-1), self.calibration_records)
             self.calibration_seen += int(cal.sum())

@@ -18,7 +18,7 @@ import traceback
 
 import pyarrow as pa
 
-from ..catalog import Session
+from ..catalog import Session, loader_params
 from ..errors import DeepBaseError
 from ..inspectors.base import MEASURES
 
@@ -102,21 +102,6 @@ def _number(name: str, text: str | None):
     return int(value) if value.is_integer() else value
 
 
-def _loader_params(name, text: str | None) -> dict:
-    """register_model's ``params``: a JSON object of the loader's keyword arguments (NULL or ''
-    none), or one DeepBaseError naming ``params`` (as the CLI's --params)."""
-    if not text:
-        return {}
-    try:
-        params = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DeepBaseError(f"register_model({name!r}): params is not valid JSON ({exc}): {text!r}") from None
-    if not isinstance(params, dict):
-        raise DeepBaseError(f"register_model({name!r}): params must be a JSON object of the loader's keyword "
-                            f"arguments, e.g. '{{\"checkpoint\": \"final\"}}', got {text!r}")
-    return params
-
-
 def register_udfs(session: Session) -> None:
     con = session.con
     from ..engine.extract import extract
@@ -172,7 +157,7 @@ def register_udfs(session: Session) -> None:
             return annotate(sub, _list(hypotheses), dataset, progress=False)
 
     def do_register(sub, name, loader, params):
-        info = sub.register_model(name, loader, _loader_params(name, params))
+        info = sub.register_model(name, loader, loader_params(params, f"register_model({name!r}): params"))
         session.adapters[name] = sub.adapters[name]
         return info["checksum"]
 
