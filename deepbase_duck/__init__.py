@@ -53,8 +53,10 @@ def connect(path: str | None = None, threads: int | None = None, progress: bool 
     on one connection). A plain ``con.cursor()`` sees the store's tables, views and pure-SQL
     macros (top_units, compare_scores, the sampling macros) but not the Python surface
     (``inspect``, ``register_model``, ... are TEMP macros, kept per DuckDB connection) nor the
-    Python API; ``dbd.cursor`` gives both. A store file is open once per process: connect again
-    after ``close``.
+    Python API; ``dbd.cursor`` gives both. Queries and catalog changes (inspect, extract,
+    annotate, compare_layers, register_model, add_dataset, drop_dataset) from several cursors run
+    one at a time per store (a second waits for the first); SQL over the stored tables runs
+    concurrently. A store file is open once per process: connect again after ``close``.
     """
     from .engine.extract import refresh_views
     from .surface.udfs import register_udfs

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import threading
 import warnings
 import weakref
 from pathlib import Path
@@ -40,6 +41,7 @@ def loader_params(text: str | None, what: str) -> dict:
                             f"'{{\"checkpoint\": \"final\"}}', got {text!r}")
     return params
 
+
 class Session:
     """Everything deepbase_duck keeps beside one DuckDB connection."""
 
@@ -52,8 +54,10 @@ class Session:
         self.temporary_acts = db_path in (None, ":memory:")
         self.udf_tracebacks: list[str] = []
         self.scan_memory_limit: str | None = None   # connect() sets it (engine/memory.py)
+        self.write_lock = threading.RLock()          # shared with cursor sessions: see one_writer
 
     # -- models ----------------------------------------------------------------------------
+    @store.one_writer
     def register_model(self, name: str, adapter: ModelAdapter | str, params: dict | None = None,
                        replace: bool = True) -> dict:
         """Register ``adapter`` (or a loader spec 'pkg.module:function' called with ``params``)
@@ -193,6 +197,7 @@ class Session:
         return list(layers)
 
     # -- datasets --------------------------------------------------------------------------
+    @store.one_writer
     def add_dataset(self, name: str, records, description: str = "", replace: bool = False) -> int:
         """Store ``records`` (strings, or dicts with 'text' and optional 'source') as dataset
         ``name``; record ids are 0..n-1 in the given order. Returns the number of records.
@@ -260,6 +265,7 @@ class Session:
             store.remove_tree(self.act_root / directory)
         return len(texts)
 
+    @store.one_writer
     def drop_dataset(self, name: str) -> dict:
         """Delete dataset ``name`` with everything stored from its records; returns the counts of
         records and stored activations (behaviors) dropped."""

@@ -6,6 +6,7 @@ connection whose result is still open). It knows nothing of torch.
 """
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import os
 import re
@@ -126,6 +127,18 @@ def insert_arrow(con, table: str, data: pa.Table, columns: list[str] | None = No
             con.unregister(name)
         except duckdb.Error:   # an aborted transaction refuses it; the INSERT's own error matters
             pass
+
+
+def one_writer(fn):
+    """Run ``fn(session, ...)`` holding the session's ``write_lock``: the queries and catalog
+    changes of one store run one at a time, whichever cursor (``dbd.cursor``, another thread)
+    they come from; two at once would compute and insert the same labels, symbols and query ids.
+    Plain SQL over the store's tables stays concurrent."""
+    @functools.wraps(fn)
+    def wrapper(session, *args, **kwargs):
+        with session.write_lock:
+            return fn(session, *args, **kwargs)
+    return wrapper
 
 
 class Transaction:

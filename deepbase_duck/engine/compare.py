@@ -60,6 +60,7 @@ def _defined(x: float):
     return None if math.isnan(x) else x
 
 
+@store.one_writer
 def compare_layers(session, groups, dataset: str, record_ids=None, limit=None, batch_size: int = 16,
                    device=None, progress=None) -> pa.Table:
     if isinstance(groups, str):

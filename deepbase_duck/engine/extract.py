@@ -518,6 +518,7 @@ def part_count(con, behavior_id):
 
 
 @caps_store_memory
+@store.one_writer
 def extract(session, model: str, layers, dataset: str, dtype: str = "float32", record_ids=None,
             batch_size: int = 16, progress: bool | None = None, pipeline: bool | None = None) -> list[dict]:
     """Store the activations of ``layers`` of ``model`` over ``dataset`` (all records, or

@@ -1318,6 +1318,7 @@ def stop_report(runs: list) -> dict:
 
 
 @caps_store_memory
+@store.one_writer
 def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), record_ids=None, limit=None,
             batch_size=16, keep_activations=False, dtype="float32", device=None, store_scores=True,
             progress=None, engine=None, baseline=False, baseline_seed=0, control=False, permutations=0,

@@ -8,6 +8,9 @@ Layers are addressed by the dotted paths of ``model.named_modules()``, as in PyT
 """
 from __future__ import annotations
 
+import threading
+import weakref
+
 import torch
 
 from ..errors import UnknownNameError
@@ -44,6 +47,43 @@ class StopForward(Exception):
     the Retain and catches it."""
 
 
+class ModelLock:
+    """One model's forward passes for one Retain at a time: the hooks of two Retains on one model
+    (two threads' queries, e.g. over ``dbd.cursor``s) would each see the other's passes. Held
+    from a Retain's ``__enter__`` to its ``close``; re-entrant in the thread that holds it (a
+    Retain inside another on the same model), and released by whichever thread closes the
+    Retain (a prefetching generator may be closed by the thread that consumed it)."""
+
+    _locks = weakref.WeakKeyDictionary()      # root module -> its ModelLock
+    _guard = threading.Lock()
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.owner, self.depth = None, 0
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "ModelLock":
+        with cls._guard:
+            lock = cls._locks.get(model)
+            if lock is None:
+                lock = cls._locks[model] = cls()
+            return lock
+
+    def acquire(self):
+        me = threading.get_ident()
+        if self.owner == me:
+            self.depth += 1
+            return
+        self.lock.acquire()
+        self.owner, self.depth = me, 1
+
+    def release(self):
+        self.depth -= 1
+        if self.depth == 0:
+            self.owner = None
+            self.lock.release()
+
+
 class Retain:
     """Keep the latest output of each named module; ``detach`` by default. While ``armed`` (a
     forward pass run through ``run_until_retained`` for a model whose named modules each run once
@@ -60,6 +100,8 @@ class Retain:
 
     def __init__(self, model: torch.nn.Module, layers, detach: bool = True, copy: bool = False):
         self.modules = resolve_modules(model, layers)
+        self.model_lock = ModelLock.of(model)
+        self._locked = False
         self.detach = detach
         self.armed = False            # stops only the forward pass run for it (run_until_retained)
         self.outputs: dict[str, torch.Tensor | None] = {}
@@ -97,8 +139,14 @@ class Retain:
         self._copies.clear()
 
     def __enter__(self):
-        for name, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(self._hook(name)))
+        self.model_lock.acquire()              # another thread's Retain on this model: wait for it
+        self._locked = True
+        try:
+            for name, module in self.modules.items():
+                self._handles.append(module.register_forward_hook(self._hook(name)))
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def __exit__(self, *exc):
@@ -109,6 +157,9 @@ class Retain:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._locked:
+            self._locked = False
+            self.model_lock.release()
 
     def __getitem__(self, name):
         return self.outputs[name]

@@ -102,6 +102,7 @@ def labels_to_compute(con, hyps: list[dict], dataset: str, record_ids) -> dict[s
     return missing
 
 
+@store.one_writer
 def annotate(session, hypotheses, dataset: str, record_ids=None, progress: bool | None = None) -> list[dict]:
     """Compute and store the labels of ``hypotheses`` (a name or Hypothesis, or a list of them) for
     the records of ``dataset`` (all, or ``record_ids``: each a record of the dataset, a repeated
