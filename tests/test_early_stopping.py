@@ -311,8 +311,13 @@ def test_a_score_defined_in_no_window_is_unbounded_not_settled(big):
                 "ORDER BY query_id DESC LIMIT 1").fetchall()[0]
     assert q[0] == 40 and q[1] is None and q[2] == "Infinity"        # read to the end, unbounded
     rows = [r for r in t.to_pylist() if r["score"] is not None]
-    assert rows and all((r["ci_low"], r["ci_high"]) == (-1.0, 1.0) for r in rows)
-    assert all('"batch means over 0 of 40 windows"' in r["detail"] for r in rows)
+    # every record read: the full scan's intervals (records as clusters), not batch means over
+    # windows that had no score of their own
+    full = dbd.inspect(big, "planted", ["mix"], ["has_hash"], "many", batch_size=1, limit=40, reuse=False)
+    want = {(r["unit"], r["hypothesis"]): (r["score"], r["ci_low"], r["ci_high"]) for r in full.to_pylist()}
+    assert rows and all(want[(r["unit"], r["hypothesis"])] == pytest.approx((r["score"], r["ci_low"], r["ci_high"]),
+                                                                            abs=1e-12) for r in rows)
+    assert all(-1 < r["ci_low"] < r["ci_high"] < 1 and "interval" not in r["detail"] for r in rows)
 
 
 def _rare_dataset(con, every: int | None = None):

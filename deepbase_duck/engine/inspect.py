@@ -1431,7 +1431,10 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
     for p, result in runs:
         for (layer, m), state in result["states"].items():
             t = state.finalize()
-            if result.get("window_scores") is not None and m != "probe":
+            # a progressive scan that read every record is a full scan: the states' own intervals
+            # (records as clusters); one that stopped early reports the batch means it stopped on
+            read_all = result["records_used"] >= len(np.unique(p.record_ids))
+            if result.get("window_scores") is not None and m != "probe" and not read_all:
                 t = with_batch_means_interval(t, result["window_scores"][(layer, m)],
                                               getattr(state, "confidence", 0.95),
                                               SCORE_RANGE.get(m, (-np.inf, np.inf)))
