@@ -1,12 +1,15 @@
-"""Per-state costs of iou and spearman, for comparing two versions of the code side by side
-(alternate old and new runs: this machine is shared and noisy).
+"""Per-state costs of measures (default iou and spearman; ``--measures mi ap`` ...), for comparing
+two versions of the code side by side (alternate old and new runs: this machine is shared and
+noisy).
 
     .venv/bin/python benchmarks/study_measure_costs.py                                   # this checkout
     (cd /tmp && PYTHONPATH=/tmp/wt_old <checkout>/.venv/bin/python <checkout>/benchmarks/study_measure_costs.py)  # a worktree
+    .venv/bin/python benchmarks/study_measure_costs.py --measures mi ap
 
 30 batches of 8,000 rows x 256 units and 5 binary labels, 14 records per batch (the char-LSTM's
 block shape); prints the best of 2 rounds of the update time per batch and the finalize time.
 """
+import argparse
 import time
 
 import numpy as np
@@ -17,6 +20,9 @@ from deepbase_duck.inspectors import measure_class
 
 
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--measures", nargs="+", default=["iou", "spearman"])
+    a = ap.parse_args()
     print(deepbase_duck.__file__)
     torch.set_num_threads(2)
     hyps = [{"name": f"h{i}", "kind": "binary"} for i in range(5)]
@@ -27,7 +33,7 @@ def main():
         y = torch.tensor((rng.random((8000, 5)) < 0.1).astype(float))
         r = torch.tensor(np.repeat(np.arange(b * 14, (b + 1) * 14), 8000 // 14 + 1)[:8000])
         batches.append((x, y, r))
-    for m in ("iou", "spearman"):
+    for m in a.measures:
         best_u = best_f = float("inf")
         for _ in range(2):
             st = measure_class(m)(256, hyps)

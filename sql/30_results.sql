@@ -72,7 +72,9 @@ ORDER BY r.model, r.measure, r.hypothesis, r.part, r.rank;
 -- set both models were scored on most recently (the largest min(latest query of a, latest query
 -- of b)); a unit whose two models were never scored over the same records of a dataset gets no
 -- row for it, however many queries scored each on part of it. Two models scored in one query
--- (baseline := true, checkpoints inspected together) always share their records.
+-- (baseline := true, checkpoints inspected together) share one queries row and are paired: a
+-- progressive query stops them at one window, so they read the same records (where an engine
+-- could not, queries.params->'per_model' lists each model's records_used).
 -- ds := NULL compares on every dataset (one row per dataset); ds := 'code' on that dataset only.
 CREATE OR REPLACE MACRO compare_scores(model_a, model_b, measure_name := 'corr', ds := NULL) AS TABLE
 WITH record_sets AS (   -- per query: its dataset and what identifies the records it read
