@@ -318,3 +318,22 @@ def test_network_dissection_example_runs_tiny(mobilenet, tmp_path, capsys):
     assert (out / "network_dissection.png").stat().st_size > 1000
     md = (out / "network_dissection.md").read_text()
     assert "| features.3 | 24 |" in md and "Bau et al. 2017" in md
+
+
+def test_layers_larger_than_the_grid_are_averaged_over_each_cell(con):
+    """A map 4x the grid: each cell the mean of its 4 x 4 pixels (as mask_to_grid does for the
+    labels), not plain bilinear's reading of 4 of them; a smaller map is upsampled bilinearly."""
+    adapter = ImageAdapter(torch.nn.Identity(), grid=4, size=16, device="cpu")
+    stripes = torch.zeros(1, 1, 16, 16)
+    stripes[..., ::4] = 1.0                                  # one column in four
+    rng = torch.Generator().manual_seed(0)
+    noise = torch.rand(1, 3, 16, 16, generator=rng)
+    for m in (stripes, noise):
+        got = adapter.grid_maps("x", m).numpy()
+        want = m.numpy().reshape(1, -1, 4, 4, 4, 4).mean((3, 5))
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert np.allclose(adapter.grid_maps("x", stripes).numpy(), 0.25)   # plain bilinear gave 0 or 0.5
+    small = torch.rand(1, 2, 2, 2, generator=rng)
+    np.testing.assert_allclose(adapter.grid_maps("x", small).numpy(),
+                               torch.nn.functional.interpolate(small, size=(4, 4), mode="bilinear",
+                                                               align_corners=False).numpy(), atol=1e-6)

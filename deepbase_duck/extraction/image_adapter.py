@@ -7,7 +7,9 @@ the masks cover) and normalises it.
 
 Spatial units: a layer's output (batch, C, h, w) has its own h x w; every layer is resampled to
 one G x G grid (bilinear, ``align_corners=False``, as Network Dissection upsamples activation
-maps to the mask resolution), so every record has G * G symbols common to all layers: symbol
+maps to the mask resolution), except that a map larger than the grid is averaged over each
+cell's area (``adaptive_avg_pool2d``, as the masks are: ``mask_to_grid``) rather than read at a
+few points; so every record has G * G symbols common to all layers: symbol
 ``pos`` i is cell (i // G, i % G), with the span [i, i + 1) over the positions that grid
 hypotheses label (``deepbase_duck.hypotheses.grid``), and ``symbol_activations`` returns a
 (G * G, C) matrix per record. A layer whose output has no spatial map (pooled features, logits)
@@ -55,8 +57,10 @@ class ImageAdapter(ModelAdapter):
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.load_image = load_image or _default_loader
-        detail = json.dumps({"size": self.size, "mean": list(mean), "std": list(std), "name": name},
-                            sort_keys=True)
+        # "resample": how layers meet the grid (part of the tokenisation, so that activations
+        # stored under another rule are not reused)
+        detail = json.dumps({"size": self.size, "mean": list(mean), "std": list(std), "name": name,
+                             "resample": "area-down-bilinear-up"}, sort_keys=True)
         self.tokenization = grid_tokenization(self.grid, f"{name}-{self.size}-"
                                               + hashlib.sha256(detail.encode()).hexdigest()[:8])
         if example_text is not None:
@@ -112,9 +116,16 @@ class ImageAdapter(ModelAdapter):
                 f"layer {layer!r} produced an output of shape {shape}; an image adapter reads spatial maps "
                 "(batch, channels, height, width): pick a convolutional layer, not a pooled or linear one")
         out = output.float()
-        if out.shape[-2:] != (self.grid, self.grid):
-            out = F.interpolate(out, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
-        return out
+        h, w = out.shape[-2:]
+        if (h, w) == (self.grid, self.grid):
+            return out
+        if h >= self.grid and w >= self.grid:
+            # larger than the grid: each cell the mean over its area (as mask_to_grid does for the
+            # labels; plain bilinear read 4 of the 16 pixels of a cell at a 4x reduction)
+            return F.adaptive_avg_pool2d(out, self.grid)
+        # smaller (in some direction): bilinear, as Network Dissection upsamples its maps
+        return F.interpolate(out, size=(self.grid, self.grid), mode="bilinear", align_corners=False,
+                             antialias=True)
 
     def symbol_activations(self, layer: str, output: torch.Tensor, encoded: Encoded) -> list[torch.Tensor]:
         maps = self.grid_maps(layer, output)
