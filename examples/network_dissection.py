@@ -106,6 +106,8 @@ def main(argv=None) -> int:
                        split_part(arg_max(hypothesis, score), ':', 1) AS category
                 FROM dissect_scenes WHERE score IS NOT NULL GROUP BY model, layer, unit""")
     order = "list_position(" + sql_list(layers) + ", layer)"
+    # with --no-baseline no untrained copy was scored: its column is NULL ("not run"), not 0
+    untrained = "NULL::BIGINT" if args.no_baseline else f"count(*) FILTER (NOT trained AND iou > {DETECTOR_IOU})"
     per_layer = con.sql(f"""
         SELECT layer, count(*) FILTER (trained) AS units,
                count(*) FILTER (trained AND iou > {DETECTOR_IOU}) AS detectors,
@@ -114,27 +116,34 @@ def main(argv=None) -> int:
                count(*) FILTER (trained AND iou > {DETECTOR_IOU} AND category = 'texture') AS texture,
                count(DISTINCT concept) FILTER (trained AND iou > {DETECTOR_IOU}) AS unique_concepts,
                round(max(iou) FILTER (trained), 3) AS best_iou,
-               count(*) FILTER (NOT trained AND iou > {DETECTOR_IOU}) AS untrained_detectors
+               {untrained} AS untrained_detectors
         FROM (SELECT *, model = 'mobilenet_v2' AS trained FROM best_scenes) GROUP BY layer ORDER BY {order}""")
     print(f"\nDetector units per layer (scenes: {args.scenes}, grid {G}x{G}, top-{QUANTILE} threshold, IoU > {DETECTOR_IOU})")
     per_layer.show(max_width=200)
     per_layer_rows = per_layer.fetchall()
 
-    # prevalence of each concept (share of labelled cells) bounds its IoU: at most q / p when p > q
+    # a unit firing on a share f of the cells (the top-q threshold: about q, a little more on a
+    # small data set, where it fires on the top ceil(q (N - 1)) or so of N cells) and a concept
+    # covering a share p reach at most IoU min(f, p) / max(f, p): the ceiling of each best unit,
+    # from its own counts (n_above firing cells, n_label concept cells)
     prev = dict(con.sql(f"""SELECT hypothesis, avg(value) FROM symbol_labels('scenes',
                             (SELECT tokenization FROM models WHERE name = 'mobilenet_v2'), {sql_list(concepts)})
                             GROUP BY hypothesis""").fetchall())
     con.execute("CREATE TABLE prevalence (concept VARCHAR, prevalence DOUBLE)")
     con.executemany("INSERT INTO prevalence VALUES (?, ?)", list(prev.items()))
-    best_concepts = con.sql(f"""
-        SELECT s.hypothesis AS concept, arg_max(s.layer, s.score) AS layer, arg_max(s.unit, s.score) AS unit,
-               round(max(s.score), 4) AS iou, round(any_value(p.prevalence), 4) AS prevalence,
-               round(least(1.0, {QUANTILE} / any_value(p.prevalence), any_value(p.prevalence) / {QUANTILE}), 4)
-                   AS iou_ceiling
-        FROM dissect_scenes s JOIN prevalence p ON p.concept = s.hypothesis
-        WHERE s.model = 'mobilenet_v2'
-        GROUP BY s.hypothesis ORDER BY iou DESC""")
-    print("Best unit per concept (scenes); iou_ceiling = the IoU of a perfect unit firing on 0.5% of cells")
+    best_concepts = con.sql("""
+        SELECT s.hypothesis AS concept, s.layer, s.unit, round(s.score, 4) AS iou,
+               round(p.prevalence, 4) AS prevalence, round(s.n_above / s.n, 5) AS fires,
+               round(least(s.n_above, s.n_label) / greatest(s.n_above, s.n_label), 4) AS iou_ceiling
+        FROM (SELECT *, json_extract_string(detail, '$.n_above')::DOUBLE AS n_above,
+                     json_extract_string(detail, '$.n_label')::DOUBLE AS n_label FROM dissect_scenes) s
+             JOIN prevalence p ON p.concept = s.hypothesis
+        WHERE s.model = 'mobilenet_v2' AND s.score IS NOT NULL
+        QUALIFY row_number() OVER (PARTITION BY s.hypothesis ORDER BY s.score DESC, s.layer, s.unit) = 1
+        ORDER BY iou DESC, concept""")
+    print(f"Best unit per concept (scenes); fires = share of cells above the unit's top-{QUANTILE} threshold, "
+          "iou_ceiling = min(fires, prevalence) / max(fires, prevalence), the IoU of a perfect unit firing on as "
+          "many cells")
     best_concepts.show(max_width=200)
     best_rows = best_concepts.fetchall()
 
@@ -195,10 +204,12 @@ def main(argv=None) -> int:
     seconds = time.time() - t_start
     n_units = sum(r[1] for r in per_layer_rows)
     n_det = sum(r[2] for r in per_layer_rows)
-    n_det_untrained = sum(r[8] for r in per_layer_rows)
+    n_det_untrained = None if args.no_baseline else sum(r[8] for r in per_layer_rows)
     write_markdown(out / "network_dissection.md", args, G, layers, per_layer_rows, best_rows, photo_rows, drawn,
                    len(photos), seconds, t_scenes, t_photos, n_units, n_det, n_det_untrained)
-    print(f"\n{n_det} of {n_units} units are detectors ({n_det_untrained} of the untrained copy's); wrote {out / 'network_dissection.png'}, "
+    baseline_note = ("untrained copy not run: --no-baseline" if n_det_untrained is None
+                     else f"{n_det_untrained} of the untrained copy's")
+    print(f"\n{n_det} of {n_units} units are detectors ({baseline_note}); wrote {out / 'network_dissection.png'}, "
           f"{out / 'network_dissection.md'}; total {seconds:.0f} s (scenes query {t_scenes:.0f} s, photos {t_photos:.0f} s)")
     dbd.close(con)
     return 0
@@ -223,19 +234,24 @@ def write_markdown(path, args, G, layers, per_layer, best, photo_rows, drawn, n_
         "",
         "| layer | units | detectors | colour | shape | texture | unique concepts | best IoU | untrained copy: detectors |",
         "|---|---|---|---|---|---|---|---|---|",
-        *[f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} | {r[6]} | {r[7]} | {r[8]} |" for r in per_layer],
+        *[f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} | {r[6]} | {r[7]} | "
+          f"{'not run' if n_det_untrained is None else r[8]} |" for r in per_layer],
         "",
-        f"{n_det} of {n_units} units ({100 * n_det / max(n_units, 1):.1f}%) are detectors; the untrained copy "
-        f"(same architecture, seeded re-initialisation, `baseline := true`) has {n_det_untrained}.",
+        f"{n_det} of {n_units} units ({100 * n_det / max(n_units, 1):.1f}%) are detectors; "
+        + ("no untrained copy was run (`--no-baseline`)." if n_det_untrained is None else
+           f"the untrained copy (same architecture, seeded re-initialisation, `baseline := true`) has "
+           f"{n_det_untrained}."),
         "",
         "## Best unit per concept (scenes)",
         "",
-        "IoU ceiling: a concept covering a share p of all cells can reach at most min(q/p, p/q) with "
-        f"q = {QUANTILE} of cells firing, so frequent concepts (colours of backgrounds) cap low.",
+        "IoU ceiling: a unit firing on a share f of all cells and a concept covering a share p can reach at "
+        "most min(f, p) / max(f, p), so frequent concepts (colours of backgrounds) cap low. f is the unit's "
+        f"own share above its top-{QUANTILE} threshold: about {QUANTILE}, a little more on a small data set "
+        "(the threshold interpolates between the activations of the top ceil(q (N - 1)) + 1 cells of N).",
         "",
-        "| concept | layer | unit | IoU | prevalence | IoU ceiling |",
-        "|---|---|---|---|---|---|",
-        *[f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} |" for r in best],
+        "| concept | layer | unit | IoU | prevalence | fires | IoU ceiling |",
+        "|---|---|---|---|---|---|---|",
+        *[f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} | {r[6]} |" for r in best],
         "",
     ]
     if photo_rows:
@@ -260,7 +276,8 @@ def write_markdown(path, args, G, layers, per_layer, best, photo_rows, drawn, n_
         "scene detectors | colour detectors first appear in " + first_colour + "; per-layer counts above "
         "(no object or part concepts here: the generated scenes have colours, shapes and textures only) |",
         "| a randomly initialised network has far fewer interpretable units than a trained one | "
-        f"{n_det} detectors trained vs {n_det_untrained} untrained (same query, `baseline := true`) |",
+        + (f"{n_det} detectors trained; no untrained copy was run (`--no-baseline`) |" if n_det_untrained is None
+           else f"{n_det} detectors trained vs {n_det_untrained} untrained (same query, `baseline := true`) |"),
         "| Broden: 63k images with pixel-level labels of 1,197 concepts | generated scenes with exact masks of "
         "18 concepts, plus colour-named real photos: fewer, simpler concepts, many of them frequent, so IoUs "
         "are bounded low (see the ceiling column) |",

@@ -20,7 +20,10 @@ Every query is one line (no newline inside), with upper-case keywords. Subquerie
 """
 from __future__ import annotations
 
+import functools
+import json
 import random
+from pathlib import Path
 
 #: table -> columns (numeric columns first in NUMERIC, text columns in TEXT).
 SCHEMA: dict[str, list[str]] = {
@@ -241,8 +244,29 @@ def sql_queries(n: int, seed: int = 0, max_depth: int = 2) -> list[str]:
     return SQLGenerator(seed, max_depth).queries(n)
 
 
-def sql_records(n: int, seed: int = 1, max_depth: int = 2) -> list[dict]:
-    """Records for ``add_dataset``: one query each (seed 1 by default: the training corpus of the
-    bundled SQL LSTM used seed 0, so these are fresh draws)."""
-    return [{"text": q, "source": f"sqlgen:seed={seed}", "offset": i}
-            for i, q in enumerate(sql_queries(n, seed, max_depth))]
+@functools.lru_cache(maxsize=1)
+def training_queries() -> frozenset[str]:
+    """The training corpus of the bundled SQL LSTM (``deepbase_duck/models/sqllstm.json``:
+    ``sql_queries(n_train, seed=train_seed)``), as a set."""
+    cfg = json.loads((Path(__file__).resolve().parent.parent / "models" / "sqllstm.json").read_text())["corpus"]
+    return frozenset(sql_queries(cfg["n_train"], seed=cfg["train_seed"]))
+
+
+def sql_records(n: int, seed: int = 1, max_depth: int = 2, exclude_training: bool = True) -> list[dict]:
+    """Records for ``add_dataset``: one query each, drawn with ``seed`` (1 by default; the training
+    corpus of the bundled SQL LSTM used seed 0). Short queries recur between seeds (about 1.6% of
+    seed 1's draws are training queries), so by default every query of that training corpus
+    (``training_queries``) is skipped and drawing goes on until there are ``n``: the records are
+    queries the model never saw. ``offset`` is the query's index among the seed's draws."""
+    gen = SQLGenerator(seed, max_depth)
+    seen = training_queries() if exclude_training else frozenset()
+    out, i = [], 0
+    while len(out) < int(n):
+        q = gen.query()
+        if q not in seen:
+            out.append({"text": q, "source": f"sqlgen:seed={seed}", "offset": i})
+        i += 1
+        if i > 100 * int(n) + 100_000:
+            raise ValueError(f"sql_records: seed {seed} drew {i} queries and found only {len(out)} of the "
+                             f"{n} outside the training corpus")
+    return out

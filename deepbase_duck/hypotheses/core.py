@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -144,7 +145,7 @@ class Hypothesis:
                 f"{where} returned {len(values)} per-character values for a text of {n} characters")
         if n == 0:
             return _empty()
-        codes = self._encode_values(values, where)
+        codes = self._encode_values(values, where, lambda i: f"character {i}")
         # run-length encode
         change = np.flatnonzero(~_equal_nan(codes[1:], codes[:-1])) + 1
         starts = np.concatenate([[0], change]).astype(np.int32)
@@ -155,7 +156,9 @@ class Hypothesis:
             keep &= vals != 0
         return starts[keep], ends[keep], vals[keep]
 
-    def _encode_values(self, values, where) -> np.ndarray:
+    def _encode_values(self, values, where, at) -> np.ndarray:
+        """Values as float64 (categories as codes); ``at(i)`` names value i in errors (a
+        character, or a span)."""
         if self.kind == "categorical":
             arr = np.full(len(values), np.nan)
             for i, v in enumerate(values):
@@ -164,7 +167,7 @@ class Hypothesis:
                 code = self._code.get(str(v))
                 if code is None:
                     raise HypothesisError(
-                        f"{where}: value {v!r} at character {i} is not one of the declared "
+                        f"{where}: value {v!r} at {at(i)} is not one of the declared "
                         f"categories {list(self.categories)}")
                 arr[i] = code
             return arr
@@ -176,11 +179,11 @@ class Hypothesis:
             bad = ~np.isin(arr, (0.0, 1.0))
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
-                raise HypothesisError(f"{where}: binary value {values[i]!r} at character {i} is not 0/1")
+                raise HypothesisError(f"{where}: binary value {values[i]!r} at {at(i)} is not 0/1")
         else:
             if np.isinf(arr).any():
                 i = int(np.flatnonzero(np.isinf(arr))[0])
-                raise HypothesisError(f"{where}: infinite value at character {i}")
+                raise HypothesisError(f"{where}: infinite value at {at(i)}")
         return arr
 
     # -- spans -----------------------------------------------------------------------------
@@ -206,7 +209,7 @@ class Hypothesis:
             starts.append(int(s)); ends.append(int(e)); raw.append(v)
         if not starts:
             return _empty()
-        vals = self._encode_values(raw, where)
+        vals = self._encode_values(raw, where, lambda i: f"span ({starts[i]}, {ends[i]})")
         order = np.lexsort((np.asarray(ends), np.asarray(starts)))
         s = np.asarray(starts, dtype=np.int32)[order]
         e = np.asarray(ends, dtype=np.int32)[order]
@@ -345,26 +348,51 @@ def code_text(code, depth: int = 0) -> str:
 
 
 _PLAIN = (bool, int, float, complex, str, bytes, type(None))
+#: Values a version follows besides the plain ones (as globals, closures, defaults alike): compiled
+#: regular expressions (pattern and flags) and numpy arrays and scalars.
+_VALUES = (re.Pattern, np.ndarray, np.generic)
+#: Bytes of a numpy array hashed whole; a larger array is hashed by ARRAY_SAMPLES evenly spaced
+#: pieces of ARRAY_PIECE bytes (with its dtype, shape and size), so an edit between them is not
+#: seen: give such a hypothesis an explicit version.
+ARRAY_HASH_BYTES = 64 << 20
+ARRAY_SAMPLES, ARRAY_PIECE = 64, 64 << 10
+
+
+def _array_text(v: np.ndarray, depth: int) -> str:
+    if v.dtype.hasobject:                   # object arrays: their elements (bytes would be addresses)
+        if v.size > 10_000:
+            return f"ndarray(object,{v.shape})"
+        return f"ndarray(object,{v.shape},{_stable(v.ravel().tolist(), depth + 1)})"
+    h = hashlib.sha256()
+    if v.nbytes <= ARRAY_HASH_BYTES:
+        h.update(np.ascontiguousarray(v).tobytes())
+    else:                                   # elements of evenly spaced pieces, read in place
+        per = max(1, ARRAY_PIECE // max(v.itemsize, 1))
+        first = (v.size - per) * np.arange(ARRAY_SAMPLES) // (ARRAY_SAMPLES - 1)
+        h.update(np.ascontiguousarray(v.flat[(first[:, None] + np.arange(per)).reshape(-1)]).tobytes())
+    return f"ndarray({v.dtype},{v.shape},{h.hexdigest()[:16]})"
 
 
 def _stable(v, depth: int = 0) -> str:
     """A text that is the same for equal plain values in every process: numbers, strings,
-    None, and lists, tuples, sets and dicts of them (numpy arrays by their bytes); anything else
-    by its type's name alone (an object's repr may hold its memory address)."""
+    None, and lists, tuples, sets and dicts of them; a compiled regular expression by its pattern
+    and flags; numpy arrays by dtype, shape and a hash of their bytes (ARRAY_HASH_BYTES at most;
+    object arrays by their elements), numpy scalars by dtype and value; anything else by its
+    type's name alone (an object's repr may hold its memory address)."""
     if isinstance(v, _PLAIN):
         return repr(v)
+    if isinstance(v, re.Pattern):
+        return f"re({v.pattern!r},{int(v.flags)})"
+    if isinstance(v, np.ndarray):
+        return _array_text(v, depth)
+    if isinstance(v, np.generic):
+        return f"{v.dtype.str}({v.item()!r})" if not v.dtype.hasobject else f"<{type(v).__qualname__}>"
     if depth < 4 and isinstance(v, (list, tuple)):
         return type(v).__name__ + "(" + ",".join(_stable(x, depth + 1) for x in v) + ")"
     if depth < 4 and isinstance(v, (set, frozenset)):
         return type(v).__name__ + "(" + ",".join(sorted(_stable(x, depth + 1) for x in v)) + ")"
     if depth < 4 and isinstance(v, dict):
         return "dict(" + ",".join(sorted(f"{_stable(k, depth + 1)}:{_stable(x, depth + 1)}" for k, x in v.items())) + ")"
-    try:
-        import numpy as np
-        if isinstance(v, np.ndarray):
-            return f"ndarray({v.dtype},{v.shape},{hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()[:16]})"
-    except ImportError:                      # pragma: no cover - numpy is a dependency
-        pass
     return f"<{type(v).__module__}.{type(v).__qualname__}>"
 
 
@@ -374,7 +402,8 @@ HELPER_DEPTH = 6          # how deep function_inputs follows the user functions 
 def function_inputs(fn, depth: int = 0, seen: set | None = None) -> str:
     """What a hypothesis function reads besides its argument, as a stable text: its default
     argument values, the values of the variables it closes over, the module-level names its code
-    reads whose values are plain (a threshold, a word list), and the user-defined Python functions
+    reads whose values are plain (a threshold, a word list) or a compiled regular expression or
+    numpy array (``_stable``; closures and defaults the same way), and the user-defined Python functions
     it calls through a module-level name, a closed-over variable or a default (a helper): each
     one's source (``function_text``) and, in turn, what it reads, HELPER_DEPTH levels deep, each
     function once (recursion and cycles end there). Functions of the standard library, of
@@ -410,7 +439,7 @@ def function_inputs(fn, depth: int = 0, seen: set | None = None) -> str:
         if name not in g:
             continue
         value = g[name]
-        if isinstance(value, _PLAIN + (list, tuple, set, frozenset, dict)):
+        if isinstance(value, _PLAIN + _VALUES + (list, tuple, set, frozenset, dict)):
             parts.append(f"{name}={_stable(value)}")
         elif _user_function(value):
             parts.append(f"{name}={_helper_text(value, depth, seen)}")

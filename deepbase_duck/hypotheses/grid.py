@@ -16,7 +16,8 @@ A GridHypothesis function takes the record's text and returns one of:
 * a 2-D array at any resolution (typically a mask at the image's own pixels): it is resampled to
   G x G by exact area averaging (each cell gets the mean of the pixels it covers, partial pixels
   weighted by their overlap; ``mask_to_grid``), and a binary hypothesis holds 1 in a cell whose
-  coverage is at least ``coverage`` (default 0.5); continuous values keep the mean;
+  coverage is at least ``coverage`` (default 0.5; its mask must hold 0/1 or booleans, as at the
+  grid's own size: a 0/255 image mask is refused, not averaged); continuous values keep the mean;
 * a (G, G) array or a flat (G * G,) array of cell values, taken as they are;
 * spans ``(start, end[, value])`` over cell indices, as for text.
 
@@ -107,10 +108,30 @@ class GridHypothesis(Hypothesis):
                     raise HypothesisError(
                         f"hypothesis {self.name!r} on record {record}: a categorical map must be ({g}, {g}), "
                         f"got {out.shape}")
+                if self.kind == "binary":
+                    _check_binary_mask(out, f"hypothesis {self.name!r} on record {record}")
                 cov = mask_to_grid(out, g)
                 out = (cov >= self.coverage).astype(np.float64) if self.kind == "binary" else cov
             out = np.asarray(out).reshape(-1)
         return super().normalise(out, text, record)
+
+
+def _check_binary_mask(mask: np.ndarray, where: str) -> None:
+    """A binary mask to be resampled holds 0/1 or booleans only, as at the grid's own size: a
+    0/255 image mask (PIL, OpenCV) averaged as it is would put every cell one pixel touches in
+    the concept; NaN is no 0/1 either."""
+    if mask.dtype == bool:
+        return
+    try:
+        vals = np.unique(np.asarray(mask, dtype=np.float64))
+    except (TypeError, ValueError) as exc:
+        raise HypothesisError(f"{where}: mask values are not numbers ({exc})") from None
+    bad = vals[~np.isin(vals, (0.0, 1.0))]
+    if len(bad):
+        hint = " (a 0/255 image mask: pass mask > 0 or mask / 255)" if (bad == 255).any() else ""
+        raise HypothesisError(
+            f"{where}: a binary mask must hold 0/1 or booleans, got value {float(bad[0]):g} in a "
+            f"{mask.shape[0]}x{mask.shape[1]} mask{hint}")
 
 
 def check_fit(tokenization: str, hypotheses: list[dict], model: str = "?") -> None:

@@ -12,17 +12,29 @@ in_string          binary      characters of a Python string literal, quotes and
 in_comment         binary      characters of a ``#`` comment
 indent_level       continuous  indentation of the character's logical line, in levels of 4 columns
 position_in_line   continuous  0-based column of the character
-bracket_depth      continuous  nesting depth of (), [] and {} (an opening bracket holds the new
-                               depth, a closing one the depth it closes)
+bracket_depth      continuous  nesting depth of (), [] and {} outside string literals and comments
+                               (an opening bracket holds the new depth, a closing one the depth it
+                               closes)
 python_keyword     binary      Python keywords as whole words
-digit              binary      decimal digits
+digit              binary      decimal digits (``str.isdecimal``: 0-9 and the decimal digits of other
+                               scripts such as Arabic-Indic; not superscripts or circled numbers)
 whitespace         binary      spaces, tabs and newlines
 uppercase          binary      upper-case letters
 =================  ==========  ===============================================================
 
-The code hypotheses use Python's own ``tokenize``. A record that is a fragment of a file may not
-tokenize to its end (for example when it starts inside a triple-quoted string): labels are then
-those of the tokens read before the error; characters after it hold the default.
+The code hypotheses (in_string, in_comment, indent_level, bracket_depth) use Python's own
+``tokenize``. A record that is a fragment of a file may start inside an indented block: the
+indentation of its first code line (blank and comment-only lines skipped) decides whether virtual
+lines opening the outer levels are put before it (``_ladder``), so that it tokenizes as in its file.
+A record that does not tokenize to its end (for example one that starts inside a triple-quoted
+string) is labelled by the tokens read before the error; characters after it hold the default (no
+string or comment; ``bracket_depth`` counts every bracket character there, carrying on from the
+depth reached). Where tokenize stops differs between Python versions (3.12 reads source with the
+compiler's own tokenizer), so the Python version (major.minor) is part of these hypotheses'
+versions: labels stored under one Python are computed again under another.
+
+Indentation widths follow Python's rules: a tab advances to the next multiple of 8 columns and a
+form feed in the leading whitespace resets the count to 0.
 """
 from __future__ import annotations
 
@@ -30,14 +42,17 @@ import functools
 import io
 import keyword as _keyword
 import re
+import sys
 import tokenize
 
 import numpy as np
 
 from .core import Hypothesis, register
 
+#: Character classes of ``char_class``; "digit" is str.isdecimal (decimal digits: "7", Arabic-Indic
+#: "٣"; not "²" or "①", which str.isdigit accepts).
 CHAR_CLASSES = {
-    "digit": str.isdigit,
+    "digit": str.isdecimal,
     "alpha": str.isalpha,
     "alnum": str.isalnum,
     "upper": str.isupper,
@@ -101,13 +116,21 @@ def char_class(name: str, cls: str | None = None, chars: str | None = None,
     if cls is not None and cls not in CHAR_CLASSES:
         raise ValueError(f"char_class {name!r}: unknown class {cls!r}; valid: {', '.join(CHAR_CLASSES)}")
     fn = functools.partial(_char_class_fn, cls=cls, chars=frozenset(chars) if chars else None)
+    if cls is not None:                   # the test is part of the version (digit: isdigit -> isdecimal)
+        test = CHAR_CLASSES[cls]
+        fn.__dbd_params__ = {"test": getattr(test, "__qualname__", None) if test.__name__ != "<lambda>"
+                             else "not alnum and not space"}
     return register(Hypothesis(name, fn, "binary", description or f"characters of class {cls or chars!r}"))
 
 
-def _bracket_fn(text, opening, closing):
+def _bracket_masks(text, opening, closing):
     cp = _codepoints(text)
     opens = np.isin(cp, np.fromiter((ord(c) for c in opening), np.uint32))
     closes = np.isin(cp, np.fromiter((ord(c) for c in closing), np.uint32))
+    return opens, closes
+
+
+def _depth_walk(opens, closes):
     walk = np.cumsum(opens.astype(np.int64) - closes)
     # depth never goes below 0 (an unmatched closing bracket is ignored): the walk reflected at 0
     depth = walk - np.minimum(np.minimum.accumulate(walk), 0) if len(walk) else walk
@@ -115,15 +138,57 @@ def _bracket_fn(text, opening, closing):
     return np.where(closes, before, depth).astype(np.float64)
 
 
-def bracket_depth(name: str = "bracket_depth", pairs: str = "()[]{}", description: str = "") -> Hypothesis:
-    """Continuous: bracket nesting depth (brackets of any kind count alike)."""
+def _bracket_fn(text, opening, closing):
+    """Depth counting every bracket character (``bracket_depth(..., code=False)``)."""
+    return _depth_walk(*_bracket_masks(text, opening, closing))
+
+
+def _bracket_code_fn(text, opening, closing):
+    """Depth counting the bracket characters outside Python string literals and comments, as
+    tokenize reads them (``_literal_mask``); after a tokenize error, every bracket character."""
+    opens, closes = _bracket_masks(text, opening, closing)
+    if opens.any() or closes.any():
+        lit = _literal_mask(text)
+        opens &= ~lit
+        closes &= ~lit
+    return _depth_walk(opens, closes)
+
+
+def bracket_depth(name: str = "bracket_depth", pairs: str = "()[]{}", description: str = "",
+                  code: bool = True) -> Hypothesis:
+    """Continuous: bracket nesting depth (brackets of any kind count alike). ``code=True``
+    (default): Python source, brackets inside string literals (f-strings whole) and comments do
+    not count, as tokenize reads them (for (), [] and {}: exactly the bracket operator tokens);
+    after a tokenize error every bracket character counts. ``code=False``: every bracket
+    character of any text counts."""
     if len(pairs) % 2:
         raise ValueError(f"bracket_depth {name!r}: pairs must hold opening/closing pairs, got {pairs!r}")
-    fn = functools.partial(_bracket_fn, opening=frozenset(pairs[0::2]), closing=frozenset(pairs[1::2]))
-    return register(Hypothesis(name, fn, "continuous", description or f"nesting depth of {pairs}"))
+    fn = functools.partial(_bracket_code_fn if code else _bracket_fn, opening=frozenset(pairs[0::2]),
+                           closing=frozenset(pairs[1::2]))
+    if code:
+        fn.__dbd_params__ = _TOKENIZE_PARAMS
+    return register(Hypothesis(name, fn, "continuous",
+                               description or f"nesting depth of {pairs}"
+                               + (" outside strings and comments (tokenize)" if code else "")))
 
 
 # -- Python source code, through tokenize ---------------------------------------------------
+#: Part of the version of every tokenize-based hypothesis: the Python whose tokenizer reads the
+#: code (where it stops on broken code differs between 3.11 and 3.12) and a revision of the rules
+#: below (_tokens, _ladder, _indent_width), which the hypotheses' own source does not show.
+_TOKENIZE_PARAMS = {"python": "%d.%d" % sys.version_info[:2], "rules": 2}
+
+
+def _indent_width(lead):
+    """Columns of a line's leading whitespace as Python counts them: a tab advances to the next
+    multiple of 8, a form feed resets the count to 0."""
+    return len(lead[lead.rfind("\x0c") + 1:].expandtabs(8))
+
+
+def _leading(line):
+    return line[:len(line) - len(line.lstrip(" \t\x0c"))]
+
+
 def _line_starts(text):
     """Where each of tokenize's rows starts, then len(text): rows end at "\n" only (it reads
     lines with StringIO.readline), not at the form feeds, "\x1c", "\u2028"... that
@@ -144,20 +209,21 @@ def _ladder(text):
     code = [l for l in text.split("\n") if l.strip() and not l.lstrip().startswith("#")]
     if not code:
         return []
-    # indentations as written (tabs and spaces), ordered by their width with tabs to 8 columns
+    # indentations as written (tabs and spaces, from the last form feed on), ordered by their width
     by_width = {}                                   # one indentation as written per width
     for line in code:
-        w = line[:len(line) - len(line.lstrip(" \t"))]
-        by_width.setdefault(len(w.expandtabs(8)), w)
-    first = len(code[0][:len(code[0]) - len(code[0].lstrip(" \t"))].expandtabs(8))
+        w = _leading(line)
+        by_width.setdefault(_indent_width(w), w[w.rfind("\x0c") + 1:])
+    first = _indent_width(_leading(code[0]))
     return [by_width[k] + "if 1:\n" for k in sorted(by_width) if k < first]
 
 
 @functools.lru_cache(maxsize=64)
 def _tokens(text):
     """The tokens of ``text`` that tokenize yields before any error, positions in ``text``.
-    Cached for the last few texts: several code hypotheses tokenize the same record."""
-    ladder = _ladder(text) if text[:1] in (" ", "\t") or "\n " in text[:200] or "\n\t" in text[:200] else []
+    Cached for the last few texts: several code hypotheses tokenize the same record. Whether a
+    ladder is put before the text is decided by its first code line, wherever it lies."""
+    ladder = _ladder(text)
     k = len(ladder)
     out = []
     try:
@@ -202,11 +268,35 @@ def in_comment_fn(text):
             if t.type == tokenize.COMMENT]
 
 
+def _literal_mask(text):
+    """Characters inside a string literal (an f-string whole) or a comment, as tokenize reads
+    ``text``; an f-string still open at a tokenize error holds to the end of the last token read,
+    and the characters after that hold False."""
+    out = np.zeros(len(text), bool)
+    toks = _tokens(text)
+    spans = in_string_fn(text) + in_comment_fn(text)
+    if FSTRING_START is not None and toks and toks[-1].type != tokenize.ENDMARKER:
+        starts = _line_starts(text)
+        depth, first = 0, None
+        for tok in toks:
+            if tok.type == FSTRING_START:
+                first = _offset(starts, tok.start) if depth == 0 else first
+                depth += 1
+            elif tok.type == FSTRING_END and depth:
+                depth -= 1
+        if depth:
+            spans.append((first, _offset(starts, toks[-1].end)))
+    for a, b in spans:
+        out[a:b] = True
+    return out
+
+
 def indent_level_fn(text):
     """Indentation of each character's logical line, in levels of 4 columns (tabs advance to the
-    next multiple of 8, as in tokenize). Continuation lines of a statement hold the statement's
-    level; blank and comment-only lines hold their own leading whitespace. Context-free, so a
-    record that starts inside an indented block is labelled as in its file."""
+    next multiple of 8 and a form feed resets the count, as in tokenize). Continuation lines of a
+    statement hold the statement's level; blank and comment-only lines hold their own leading
+    whitespace. Context-free, so a record that starts inside an indented block is labelled as in
+    its file."""
     starts = _line_starts(text)
     n_lines = len(starts) - 1
     level = [None] * n_lines
@@ -216,7 +306,7 @@ def indent_level_fn(text):
             continue
         if at_start and tok.type != tokenize.NEWLINE:
             lead = text[starts[tok.start[0] - 1]:starts[tok.start[0] - 1] + tok.start[1]]
-            current = len(lead.expandtabs(8)) / 4
+            current = _indent_width(lead) / 4
             at_start = False
         for r in range(tok.start[0], min(tok.end[0], n_lines) + 1):
             if level[r - 1] is None:
@@ -226,9 +316,7 @@ def indent_level_fn(text):
     out = np.zeros(len(text))
     for i in range(n_lines):
         if level[i] is None:
-            line = text[starts[i]:starts[i + 1]]
-            lead = line[: len(line) - len(line.lstrip(" \t"))]
-            level[i] = len(lead.expandtabs(8)) / 4
+            level[i] = _indent_width(_leading(text[starts[i]:starts[i + 1]])) / 4
         out[starts[i]:starts[i + 1]] = level[i]
     return out
 
@@ -241,6 +329,9 @@ def position_in_line_fn(text):
     return (i - line_start).astype(np.float64)
 
 
+for _fn in (in_string_fn, in_comment_fn, indent_level_fn):      # the Python version is in their version
+    _fn.__dbd_params__ = _TOKENIZE_PARAMS
+del _fn
 register(Hypothesis("in_string", in_string_fn, "binary",
                     "inside a Python string literal (tokenize STRING), quotes and prefix included"))
 register(Hypothesis("in_comment", in_comment_fn, "binary", "inside a # comment (tokenize COMMENT)"))

@@ -56,8 +56,12 @@ def load_spacy(model: str = SPACY_MODEL):
 
 
 def _skip_mask(text: str, skip) -> list[tuple[int, int]]:
+    """(start, end) of every occurrence of each skip string (empty ones, refused by spacy_tags,
+    match nothing)."""
     out = []
     for s in skip or ():
+        if not s:
+            continue
         i = text.find(s)
         while i >= 0:
             out.append((i, i + len(s)))
@@ -93,12 +97,19 @@ def _tag_spans_many(texts: list[str], attribute: str, model: str, skip: tuple[st
 
 def spacy_tags(name: str, attribute: str = "pos_", model: str = SPACY_MODEL, skip=("<unk>",),
                categories=None, description: str = "") -> Hypothesis:
-    """Categorical: a spaCy token attribute ('pos_' or 'tag_') over each token's characters."""
+    """Categorical: a spaCy token attribute ('pos_' or 'tag_') over each token's characters;
+    tokens overlapping an occurrence of a ``skip`` string (non-empty strings) get no label."""
     if attribute not in ("pos_", "tag_"):
         raise HypothesisError(f"spacy_tags {name!r}: attribute must be 'pos_' or 'tag_', got {attribute!r}")
+    if isinstance(skip, str):
+        raise HypothesisError(f"spacy_tags {name!r}: skip must be a list of strings, got the string {skip!r}")
+    skip = tuple(skip or ())
+    for s in skip:
+        if not isinstance(s, str) or not s:
+            raise HypothesisError(f"spacy_tags {name!r}: skip strings must be non-empty strings, got {s!r}")
     cats = tuple(categories or (UPOS_TAGS if attribute == "pos_" else PTB_TAGS))
-    fn = functools.partial(_tag_spans, attribute=attribute, model=model, skip=tuple(skip or ()))
-    many = functools.partial(_tag_spans_many, attribute=attribute, model=model, skip=tuple(skip or ()))
+    fn = functools.partial(_tag_spans, attribute=attribute, model=model, skip=skip)
+    many = functools.partial(_tag_spans_many, attribute=attribute, model=model, skip=skip)
     try:                                       # a new tagger version invalidates stored labels
         version = importlib.metadata.version(model.replace("_", "-"))
     except importlib.metadata.PackageNotFoundError:

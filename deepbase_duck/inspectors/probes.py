@@ -79,6 +79,9 @@ themselves, and top-k re-fits take them first). With no finite unit left, the ``
 One class: a classification hypothesis whose labels hold a single class (a binary one all 0 or
 all 1 included), or none, is refused with an error saying so, and so is one with fewer than two
 classes among its training rows (possible with ``min_per_class=0``); no probe is trained on it.
+A continuous hypothesis with no labelled training row (NaN everywhere, say) trains no probe: its
+``probe`` score is NULL and so are the score and rank of its ``probe_weight`` rows
+(not weights of 0 ranked 1..width).
 
 Held-out loss (the plateau rule of progressive scans, engine/inspect.py StopRule):
 ``probe_model()`` is the main fit above (no top-k re-fits) with its standardisation;
@@ -984,8 +987,9 @@ class ProbeState(InspectorState):
             rank = np.empty(self.width, dtype=np.int64)
             rank[order.numpy()] = np.arange(1, self.width + 1)
             gv = g.cpu().numpy()
+            trained = r["n_train"] > 0          # no labelled training row: no weights to rank
             for u in range(self.width):
-                ok = bool(finite[u])
+                ok = bool(finite[u]) and trained
                 row(u, h["name"], "probe_weight", float(gv[u]) if ok else None, r["n_train"],
                     ntr=r["n_train"], nte=r["n_test"], rank=int(rank[u]) if ok else None, metric=r["metric"])
         for h, r, (per_class, _) in zip(m["heads"], m["results"], m["masses"]):
