@@ -71,7 +71,7 @@ class Session:
         loader = None
         if isinstance(adapter, str):
             loader = adapter
-            adapter = load_adapter(loader, params or {})
+            adapter = load_adapter(loader, params or {}, name)
         if not isinstance(adapter, ModelAdapter):
             raise DeepBaseError(
                 f"register_model({name!r}): expected a ModelAdapter or a loader spec string, got "
@@ -124,7 +124,7 @@ class Session:
             raise DeepBaseError(
                 f"model {name!r} was registered from a live Python object in another session; "
                 "register it again in this session (or register it with a loader spec)")
-        adapter = load_adapter(loader, json.loads(params or "{}"))
+        adapter = load_adapter(loader, json.loads(params or "{}"), name)
         if adapter.checksum != checksum and not self._adopt_legacy_checksum(name, adapter, checksum):
             raise DeepBaseError(
                 f"model {name!r}: the loader {loader!r} now yields weights with checksum "
@@ -211,6 +211,13 @@ class Session:
         if isinstance(records, (str, bytes)):
             raise DeepBaseError(f"dataset {name!r}: records must be a list of texts (or dicts with 'text'), "
                                 f"got one {type(records).__name__}; for files use dbd.read_records(path)")
+        try:
+            iterable = not isinstance(records, dict) and iter(records) is not None
+        except TypeError:
+            iterable = False
+        if not iterable:                   # None, a number, one dict record: not a list of records
+            raise DeepBaseError(f"dataset {name!r}: records must be a list of texts (or of dicts with 'text'), "
+                                f"got {type(records).__name__} {repr(records)[:80]}; nothing was stored")
         texts, sources = [], []
         for i, r in enumerate(records):
             if isinstance(r, str):
@@ -282,6 +289,7 @@ class Session:
         """Delete dataset ``name`` and everything stored from its records (symbols, labels, stored
         activations with their views) in the caller's transaction; returns the activation
         folders to delete once it commits."""
+        self.forget_image_maxima(name)
         for table in ("records", "symbols", "tokenized_records", "labels", "labeled_records"):
             con.execute(f"DELETE FROM {table} WHERE dataset = ?", [name])
         con.execute("DELETE FROM datasets WHERE name = ?", [name])
@@ -291,6 +299,27 @@ class Session:
             for table in ("behavior_records", "behavior_parts", "behaviors"):
                 con.execute(f"DELETE FROM {table} WHERE behavior_id = ?", [bid])
         return [directory for _, _, directory in behaviors]
+
+    def forget_image_maxima(self, dataset: str) -> None:
+        """Drop the per-unit image maxima this session remembers for ``dataset`` (reports/images.py:
+        ``unit_maxima``); its records were dropped, replaced or edited. (Those entries are keyed by
+        the records' texts too, so they would not be served again; this frees them.)"""
+        cache = self.__dict__.get("_unit_maxima")
+        if cache:
+            for key in [k for k in cache if k[3] == dataset]:
+                cache.pop(key, None)
+
+    def query_provenance(self, models, dataset: str) -> dict:
+        """What a query's scores come from, for its ``queries.params``: each model's checksum and
+        tokenisation (lists in the order of ``models``) and the dataset's records as they are
+        (their number and an md5 over each record's text md5, in record-id order). A report of
+        the query (reports/data.py: ``provenance``) checks them, so that it shows activations of
+        these weights over these texts only."""
+        rows = [self.model_row(m) for m in models]
+        n, digest = store.q_one(self.con, "SELECT count(*), md5(string_agg(coalesce(text_md5, md5(text)), ',' "
+                                          "ORDER BY record_id)) FROM records WHERE dataset = ?", [dataset])
+        return {"checksums": [r["checksum"] for r in rows], "tokenizations": [r["tokenization"] for r in rows],
+                "dataset_records": int(n), "dataset_md5": digest}
 
     def dataset_names(self) -> list[str]:
         return [r[0] for r in store.q_all(self.con, "SELECT name FROM datasets ORDER BY name")]
@@ -318,6 +347,7 @@ class Session:
                                                        "text_md5 <> md5(text) ORDER BY record_id", [name])]
         if not changed:
             return changed
+        self.forget_image_maxima(name)
         part_files = []
         with store.Transaction(con):
             for table in ("symbols", "tokenized_records", "labels", "labeled_records"):
@@ -406,18 +436,33 @@ def _refuse_surrogate(dataset: str, column: str, values) -> None:
                                 f"decode); nothing was stored") from None
 
 
-def load_adapter(spec: str, params: dict) -> ModelAdapter:
-    """Import 'package.module:function' and call it with ``params``."""
-    if ":" not in spec:
-        raise DeepBaseError(f"loader {spec!r} is not of the form 'package.module:function'")
-    mod_name, fn_name = spec.split(":", 1)
+def load_adapter(spec: str, params: dict, model: str | None = None) -> ModelAdapter:
+    """Import 'package.module:function' and call it with ``params``; every failure to do so is
+    one DeepBaseError naming the loader, its params and ``model`` (the name being registered or
+    loaded), with the loader's own error."""
+    who = f"model {model!r}: " if model else ""
+    if not isinstance(spec, str) or ":" not in spec:
+        raise DeepBaseError(f"{who}loader {spec!r} is not of the form 'package.module:function'")
+    mod_name, fn_name = (part.strip() for part in spec.split(":", 1))
+    if not mod_name or not fn_name:
+        raise DeepBaseError(f"{who}loader {spec!r} has an empty {'module' if not mod_name else 'function'} name; "
+                            f"give 'package.module:function'")
     try:
         fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as exc:
-        raise DeepBaseError(f"loader {spec!r} cannot be imported: {exc}") from exc
-    adapter = fn(**params)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise DeepBaseError(f"{who}loader {spec!r} cannot be imported: {exc}") from exc
+    if not callable(fn):
+        raise DeepBaseError(f"{who}loader {spec!r} names a {type(fn).__name__}, not a function")
+    try:
+        adapter = fn(**params)
+    except DeepBaseError:
+        raise
+    except (TypeError, ValueError, KeyError, OSError) as exc:
+        # an unexpected keyword, a bad value (an unknown checkpoint), a missing file
+        raise DeepBaseError(f"{who}loader {spec!r} failed with params {json.dumps(params, default=str)}: "
+                            f"{type(exc).__name__}: {exc}") from exc
     if not isinstance(adapter, ModelAdapter):
-        raise DeepBaseError(f"loader {spec!r} returned {type(adapter).__name__}, not a ModelAdapter")
+        raise DeepBaseError(f"{who}loader {spec!r} returned {type(adapter).__name__}, not a ModelAdapter")
     return adapter
 
 

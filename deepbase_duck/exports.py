@@ -6,7 +6,10 @@
       hypotheses.parquet, behaviors.parquet        the catalog, one file each
       activations/model=<m>/layer=<l>/dataset=<d>/*.parquet   (with activations=True: per model,
                                                    layer and dataset the activations of the
-                                                   model's current weights, float32 preferred)
+                                                   model's current weights and tokenisation,
+                                                   float32 preferred, whichever model name stored
+                                                   them: weights registered under two names are
+                                                   exported under each name)
       study.duckdb                                 DuckDB 1.5-readable: one view per file set above
 
 The .duckdb file holds only views (each Parquet file named by its absolute path, no glob, so
@@ -16,12 +19,18 @@ pure-SQL macros over them (top_units, compare_scores; with ``text=True`` also sy
 sampling), so any DuckDB 1.5+ client (the CLI, duckdb-engine / SQLAlchemy, ADBC) reads it, and
 tools that read Parquet use the files directly (pyarrow.dataset, polars, Spark...). Nothing in it needs
 Python UDFs. Records, symbols and labels are left out unless ``text=True`` (they can be large).
-``overwrite=True`` replaces an earlier export in ``out_dir`` and nothing else.
+``overwrite=True`` replaces an earlier export in ``out_dir`` and nothing else: the earlier export
+is moved aside while the new one is written, and restored if that fails (it is refused up front
+while its study.duckdb is open in this process). What an export could not include (activations
+asked for but none stored, or stored ones whose files were deleted by hand) is said in the
+returned dict's ``notes`` (a line of text), and no ``activations`` view is made then.
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import duckdb
@@ -101,28 +110,107 @@ def check_out_dir(out: Path) -> None:
                             f"partitions below it would take for the partition's own value: choose another folder")
 
 
+def check_not_open(out: Path) -> None:
+    """Refuse to replace an earlier export whose study.duckdb is open through a DuckDB connection
+    of this process (or written by another process): DuckDB would keep serving the old file to
+    this process' connections under the new one's name."""
+    from .errors import DeepBaseError
+    db = out / "study.duckdb"
+    if not db.is_file():
+        return
+    try:        # a configuration no caller uses: an instance of this file open in this process refuses it
+        probe = duckdb.connect(str(db), read_only=True, config={"custom_user_agent": "deepbase_duck export probe"})
+    except duckdb.ConnectionException as exc:
+        if "different configuration" not in str(exc):
+            raise
+        raise DeepBaseError(f"export folder {out}: the earlier export's {db} is open in this process through a "
+                            f"DuckDB connection; close it (con.close()) before replacing that export, or export "
+                            f"to another folder. Nothing was changed") from None
+    except duckdb.IOException as exc:
+        if "lock" not in str(exc).lower():
+            raise
+        held = re.search(r"PID (\d+)", str(exc))
+        raise DeepBaseError(f"export folder {out}: the earlier export's {db} is open for writing in another "
+                            f"process{f' (PID {held.group(1)})' if held else ''}; close it there before replacing "
+                            f"that export, or export to another folder. Nothing was changed") from None
+    probe.close()
+
+
 def export_store(session, out_dir: str, activations: bool = False, text: bool = False,
                  overwrite: bool = False) -> dict:
-    """Write the export to ``out_dir``; returns {name: path} of what was written. A failure
-    leaves no partial export behind (the folder is left empty)."""
+    """Write the export to ``out_dir``; returns {name: path} of what was written, and 'notes'
+    (one line of text) when something asked for could not be exported. A failure leaves no
+    partial export behind: the folder is left empty, or holds the earlier export it was to
+    replace."""
+    from .errors import DeepBaseError
     out = Path(out_dir).resolve()
     check_out_dir(out)
+    aside = None                           # the earlier export, kept until the new one is written
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"export folder {out} is not empty; pass overwrite=True (CLI: --overwrite) "
                                   f"to replace an earlier export there")
         check_replaceable(session, out)
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+        check_not_open(out)
+        try:
+            aside = Path(tempfile.mkdtemp(prefix=f".{out.name[:40]}.earlier-export-", dir=out.parent))
+            os.replace(out, aside / "export")
+        except OSError as exc:
+            if aside is not None:
+                shutil.rmtree(aside, ignore_errors=True)
+            raise DeepBaseError(f"export folder {out}: the earlier export cannot be moved aside while the new one "
+                                f"is written ({exc.strerror or exc}); nothing was changed") from None
     try:
-        return _write(session, out, activations, text)
+        out.mkdir(parents=True, exist_ok=True)
+        written = _write(session, out, activations, text)
     except BaseException:
-        for p in out.iterdir():                # only what this export wrote: the folder was empty
+        for p in out.iterdir() if out.is_dir() else ():   # only what this export wrote: the folder was empty
             if p.is_dir():
                 shutil.rmtree(p)
             else:
                 p.unlink()
+        if aside is not None:              # the earlier export back in its place
+            if out.is_dir():
+                out.rmdir()
+            os.replace(aside / "export", out)
+            shutil.rmtree(aside, ignore_errors=True)
         raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    return written
+
+
+def _stored_activations(session) -> tuple[list[tuple], list[str]]:
+    """(view, model, layer, dataset) of the behaviors an export holds: per registered model, layer
+    and dataset one behavior of the model's current checksum and tokenisation, whichever model
+    name stored it (the same weights under two names: under each), float32 preferred, the
+    latest; and notes on those skipped because their files are gone (deleted or moved by hand:
+    ``forget_missing_parts`` takes them out of the catalog, with a warning)."""
+    from .engine.extract import forget_missing_parts
+    con = session.con
+    candidates = store.q_all(con, "SELECT DISTINCT b.behavior_id, b.directory, b.view_name, b.model, b.layer, "
+                                  "b.dataset FROM behaviors b JOIN models m ON m.checksum = b.model_checksum "
+                                  "AND m.tokenization = b.tokenization WHERE EXISTS (SELECT 1 FROM behavior_parts p "
+                                  "WHERE p.behavior_id = b.behavior_id) ORDER BY b.behavior_id")
+    notes = []
+    for bid, directory, view, model, layer, dataset in candidates:
+        b = {"behavior_id": bid, "directory": directory, "view_name": view, "model": model, "layer": layer,
+             "dataset": dataset}
+        lost = forget_missing_parts(session, b)
+        if lost:
+            left = store.q_scalar(con, "SELECT count(*) FROM behavior_parts WHERE behavior_id = ?", [bid])
+            notes.append(f"the stored activations of model {model!r}, layer {layer!r} on dataset {dataset!r} "
+                         f"{f'of {lost} records were' if left else 'were'} left out: their files are gone from "
+                         f"{session.act_root / directory}")
+    views = {r[0] for r in store.q_all(con, "SELECT view_name FROM duckdb_views() WHERE NOT internal")}
+    rows = store.q_all(con, "SELECT b.view_name, m.name, b.layer, b.dataset FROM behaviors b "
+                            "JOIN models m ON m.checksum = b.model_checksum AND m.tokenization = b.tokenization "
+                            "WHERE EXISTS (SELECT 1 FROM behavior_parts p WHERE p.behavior_id = b.behavior_id) "
+                            "AND list_contains(?, b.view_name) "
+                            "QUALIFY row_number() OVER (PARTITION BY m.name, b.layer, b.dataset "
+                            "ORDER BY b.dtype = 'float32' DESC, b.behavior_id DESC) = 1 "
+                            "ORDER BY m.name, b.layer, b.dataset", [sorted(views)])
+    return rows, notes
 
 
 def _write(session, out: Path, activations: bool, text: bool) -> dict:
@@ -144,16 +232,12 @@ def _write(session, out: Path, activations: bool, text: bool) -> dict:
         con.execute(f"COPY {table} TO {_lit(path)} (FORMAT parquet)")
         written[table] = path.as_posix()
         views.append((table, [path], [(c, t) for c, t, *_ in store.q_all(con, f"DESCRIBE {table}")]))
+    notes = []
     if activations:
         act_dir = out / "activations"
         # one stored behavior per (model, layer, dataset): the model's current weights and
         # tokenisation, float32 preferred, the latest (others are older weights or copies)
-        rows = store.q_all(con, "SELECT b.view_name, b.model, b.layer, b.dataset FROM behaviors b "
-                                "JOIN models m ON m.name = b.model AND m.checksum = b.model_checksum "
-                                "AND m.tokenization = b.tokenization WHERE EXISTS "
-                                "(SELECT 1 FROM behavior_parts p WHERE p.behavior_id = b.behavior_id) "
-                                "QUALIFY row_number() OVER (PARTITION BY b.model, b.layer, b.dataset "
-                                "ORDER BY b.dtype = 'float32' DESC, b.behavior_id DESC) = 1")
+        rows, notes = _stored_activations(session)
         act_types = set()
         for view, model, layer, dataset in rows:
             con.execute(f"COPY (SELECT ? AS model, ? AS layer, ? AS dataset, record_id, pos, act FROM {view}) "
@@ -167,6 +251,10 @@ def _write(session, out: Path, activations: bool, text: bool) -> dict:
             act = act_types.pop() if len(act_types) == 1 else "FLOAT[]"
             cols = [(c, "VARCHAR") for c in HIVE_KEYS] + [("record_id", "INTEGER"), ("pos", "INTEGER"), ("act", act)]
             views.append(("activations", sorted(act_dir.rglob("*.parquet")), cols, HIVE_KEYS))
+        else:
+            notes.append("no activations were exported: none of the registered models' current weights has "
+                         "stored activations (store them with extract, or inspect with keep_activations=True), "
+                         "so study.duckdb has no activations view")
     db = out / "study.duckdb"
     side = duckdb.connect(str(db), config={"storage_compatibility_version": "v1.5.0"})
     try:
@@ -181,4 +269,6 @@ def _write(session, out: Path, activations: bool, text: bool) -> dict:
     finally:
         side.close()
     written["duckdb"] = db.as_posix()
+    if notes:
+        written["notes"] = "; ".join(notes)
     return written

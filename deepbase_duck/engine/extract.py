@@ -144,7 +144,9 @@ def view_sql(session, b: dict) -> str:
 
 
 def refresh_views(session, clean: bool = False) -> None:
-    """(Re)create the view of every behavior that has parts, with this store's folder. ``clean``
+    """(Re)create the view of every behavior that has parts, with this store's folder, and drop
+    the view of one whose files are all gone (the catalog's parts are forgotten, with a warning,
+    when they are next read: ``forget_missing_parts``). ``clean``
     (the store is opened to write): first delete the part files the catalog does not list (a run
     killed between a part's rename and its commit), which the views would otherwise read."""
     for bid, directory, view, width, files in store.q_all(
@@ -158,8 +160,10 @@ def refresh_views(session, clean: bool = False) -> None:
             except OSError as exc:
                 warnings.warn(f"{folder}: a part file that the catalog does not list could not be deleted "
                               f"({exc}); view {view} reads its rows too", stacklevel=3)
-        if files and folder.is_dir():
+        if files and folder.is_dir() and any(folder.glob("part-*.parquet")):
             session.con.execute(view_sql(session, {"view_name": view, "directory": directory, "width": width}))
+        else:     # no file to read (its folder deleted or moved by hand): a view kept in the store would fail
+            session.con.execute(f"DROP VIEW IF EXISTS {view}")   # on the first read; forget_missing_parts says so
 
 
 def find_behavior(con, checksum, layer, dataset, tokenization, dtype) -> dict | None:

@@ -1227,6 +1227,7 @@ def cached_scores(session, plan: Plan, fingerprint: str, started: str, t0: float
     params["models"] = list(models)
     params["reused"] = {"scores_of_query": int(old), "activation_records_read": 0, "activation_records_computed": 0,
                         "label_pairs_found": 0, "label_pairs_computed": 0}
+    params.update(session.query_provenance(models, plan.dataset))     # this query's, as for a scan
     with store.Transaction(con):
         qid = int(store.q_scalar(con, "SELECT coalesce(max(query_id), 0) + 1 FROM queries"))
         con.execute("INSERT INTO queries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -1464,6 +1465,7 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
               "plateau_checks": stopping["plateau_checks"] if plan.plateau_tol else None,
               "min_support": plan.min_support or None, "rare": stopping["rare"],
               "fingerprint": fingerprint, "reused": reuse_report(plan, runs, labels_missing),
+              **session.query_provenance(models, plan.dataset),     # what a report checks (reports/data.py)
               "engine": runs[0][1].get("engine", getattr(engine, "name", type(engine).__name__)),
               **device_report(session, models, plan.device)}
     if "per_model" in stopping:

@@ -18,6 +18,8 @@ from . import html as H
 from .vision import top_images_section
 
 SECTIONS = ("summary", "heatmap", "hypotheses", "probes", "activations")
+# queries.params entries the report checks (data.provenance) rather than shows among the settings
+PROVENANCE_KEYS = {"checksums", "tokenizations", "dataset_records", "dataset_md5"}
 
 
 def _label(model: str, layer: str, q: data.Query) -> str:
@@ -25,7 +27,7 @@ def _label(model: str, layer: str, q: data.Query) -> str:
 
 
 def _summary(con, q: data.Query, pm: str | None, tops: list[dict], store_path: str) -> str:
-    params = {k: v for k, v in q.params.items() if v not in (None, {}, [], False)}
+    params = {k: v for k, v in q.params.items() if v not in (None, {}, [], False) and k not in PROVENANCE_KEYS}
     rows = [["store", store_path], ["query", q.query_id], ["model", ", ".join(q.models) or q.model],
             ["dataset", q.dataset], ["layers", ", ".join(q.scored_layers)],
             ["hypotheses", ", ".join(q.scored_hypotheses)], ["measures", ", ".join(q.measures)],
@@ -57,6 +59,12 @@ def _heatmap(con, q: data.Query) -> tuple[str, int]:
             "This query scored no unit-level affinity measure (for example <code>corr</code>); "
             "only the probe section applies.")), 0
     cells = [(m, *row[:4]) for m in measures for row in data.best_per_cell(con, q, m)]
+    measures = [m for m in measures if any(c[0] == m for c in cells)]     # a measure whose scores are all NULL: none
+    if not cells:
+        return H.section("heatmap", "Best score per layer and hypothesis", H.note(
+            f"Every score of this query's {H.esc(', '.join(m for m in q.unit_measures if m not in data.NOT_AFFINITY))} "
+            "is NULL (undefined: for example a hypothesis that never holds, or never varies, on these "
+            "records), so there is nothing to map.")), 0
     present = {(c[1], c[2]) for c in cells}
     rows = [(mo, la) for mo in q.models for la in q.scored_layers if (mo, la) in present]
     hyps = [h for h in q.scored_hypotheses if any(c[3] == h for c in cells)]
@@ -69,6 +77,10 @@ def _heatmap(con, q: data.Query) -> tuple[str, int]:
 
 def _hypotheses(q: data.Query, pm: str | None, tops: list[dict]) -> tuple[str, int]:
     from . import figures
+    if pm is not None and not tops and pm in q.unit_measures:
+        return H.section("hypotheses", "Top units per hypothesis", H.note(
+            f"Every {H.esc(pm)} score of this query is NULL (undefined: for example a hypothesis that never "
+            "holds, or never varies, on these records), so no unit can be ranked.")), 0
     if pm is None or not tops:
         return H.section("hypotheses", "Top units per hypothesis", H.note(
             "No unit-level scores in this query.")), 0
@@ -105,7 +117,8 @@ def _probes(con, q: data.Query, store_arg: str) -> tuple[str, int]:
 
 
 def _activations(con, q: data.Query, pm: str | None, tops: list[dict], text_units: int, records_per_unit: int,
-                 context_chars: int, store_arg: str, progress: bool) -> tuple[str, int, list[tuple[str, str]]]:
+                 context_chars: int, store_arg: str, progress: bool,
+                 prov: data.Provenance) -> tuple[str, int, list[tuple[str, str]]]:
     title = "Top-activating records"
     if pm is None or not tops or text_units == 0 or records_per_unit == 0:
         return H.section("activations", title, H.note("No units selected for this section.")), 0, []
@@ -120,13 +133,20 @@ def _activations(con, q: data.Query, pm: str | None, tops: list[dict], text_unit
             else:
                 seen[key] = dict(u, also=[])
                 chosen.append(seen[key])
-    behaviors, missing, parts = {}, [], [H.legend()]
+    if prov.texts_gone:            # whatever is stored now is of other texts than the query scored
+        keys = list(dict.fromkeys((u["model"], u["layer"]) for u in chosen))
+        return H.section("activations", title, H.note(
+            f"{H.esc(prov.texts_gone)}, so the records query {q.query_id} scored are no longer in the store "
+            "(activations stored now would be of other texts): its units' top-activating records are not "
+            "shown. Run the query again over the dataset as it is now, and report that query.")), 0, keys
+    behaviors, missing, gone, parts = {}, [], [], [H.legend()]
     for u in chosen:
         key = (u["model"], u["layer"])
         if key not in behaviors:
-            behaviors[key] = data.find_behavior(con, u["model"], u["layer"], q.dataset)
+            checksum, tok = prov.weights.get(u["model"], (None, None))
+            behaviors[key] = data.find_behavior(con, u["model"], u["layer"], q.dataset, checksum, tok)
             if behaviors[key] is None:
-                missing.append(key)
+                (gone if u["model"] in prov.gone else missing).append(key)
     peaks, shown = {}, 0
     stored = {k: b for k, b in behaviors.items() if b is not None}
     bar = progress_bar(len(stored) + len(chosen), "report: top-activating records", "step", progress)
@@ -168,7 +188,17 @@ def _activations(con, q: data.Query, pm: str | None, tops: list[dict], text_unit
             "Activations of " + ", ".join(H.esc(f"{m}:{la}") for m, la in missing) +
             f" over {H.esc(q.dataset)} are not stored, so their units' records cannot be coloured here. "
             f"Store them (or inspect with <code>--keep-activations</code>) and re-run the report:<br>{cmds}"))
-    return H.section("activations", title, "\n".join(parts)), shown, missing
+    for m in dict.fromkeys(m for m, _ in gone):
+        layers = ", ".join(H.esc(la) for mo, la in gone if mo == m)
+        parts.insert(0, H.note(
+            f"{H.esc(prov.gone[m])}. The activations of the weights query {q.query_id} scored ({layers}) are not "
+            "stored, so its units' records are not coloured here (the current weights' would not be this "
+            "query's). Register those weights again (under this or another name) and extract them, or "
+            "report a query of the current weights."))
+    for m in dict.fromkeys(u["model"] for u in chosen):
+        if m in prov.doubt:
+            parts.insert(0, H.note(H.esc(prov.doubt[m]) + "."))
+    return H.section("activations", title, "\n".join(parts)), shown, missing + gone
 
 
 def write_report(con, path, query_id=None, model: str | None = None, dataset: str | None = None,
@@ -203,16 +233,18 @@ def write_report(con, path, query_id=None, model: str | None = None, dataset: st
     parts.append(s); n_fig += k
     s, k = _probes(con, q, store_arg)
     parts.append(s); n_fig += k
+    prov = data.provenance(con, q)                 # the weights and texts the query scored: still there?
     s, shown, missing = _activations(con, q, pm, tops, text_units, records_per_unit, context_chars, store_arg,
-                                     session.progress)
+                                     session.progress, prov)
     parts.append(s)
     sections = list(SECTIONS)
-    images = top_images_section(con, q, tops, records_per_unit)
+    images = top_images_section(con, q, tops, records_per_unit, prov)
     if images is not None:
         parts.append(H.section("images", "Top-activating images", images))
         sections.append("images")
     title = f"deepbase_duck report: {q.model} on {q.dataset} (query {q.query_id})"
-    sub = (f"{len(q.scored_layers)} layers &times; {len(q.scored_hypotheses)} hypotheses, measures "
+    n_hyps = len({h.split("=", 1)[0].split("~", 1)[0] for h in q.scored_hypotheses})   # not 'h=category', 'h~control'
+    sub = (f"{len(q.scored_layers)} layers &times; {n_hyps} hypotheses, measures "
            f"{H.esc(', '.join(q.measures))}; units ranked by |{H.esc(pm or '-')}|. Affinity is not causation: "
            "verify a unit by ablating it.")
     footer = f"deepbase_duck {__version__}, written {time.strftime('%Y-%m-%d %H:%M:%S')} from {H.esc(store_path)}"

@@ -3,9 +3,12 @@ top-activating records of a unit from stored behaviors.
 
 Everything here is SQL over the catalog tables (``queries``, ``scores``, ``models``, ``layers``,
 ``hypotheses``, ``labels``, ``symbols``, ``behaviors``) and the behavior views; nothing runs a
-model. A unit's top-activating records come from the behavior stored for the model's *current*
-checksum and tokenisation over the query's dataset (any dtype); when none is stored the report
-says so and names the command that stores it.
+model. A unit's top-activating records come from the behavior stored for the checksum and
+tokenisation the query scored (``queries.params``; for a query from before they were recorded
+there, the model's current ones) over the query's dataset (any dtype); when none is stored the
+report says so and names the command that stores it. When the query's weights or texts are gone
+(the model registered again with other weights, the dataset dropped, replaced or edited since:
+``provenance``), the report says that instead of showing activations the query never saw.
 """
 from __future__ import annotations
 
@@ -16,9 +19,12 @@ from dataclasses import dataclass, field
 from .. import store
 from ..errors import DeepBaseError, EmptyDatasetError, UnknownNameError
 
-# Measures with one row per unit that rank units by affinity (probe_weight is a share of weight
-# mass, not an affinity: it is shown with the probes, not in the heatmap).
-NOT_AFFINITY = {"probe_weight"}
+# Measures that do not rank units by affinity: probe_weight and probe_class_weight are shares of
+# a probe's weight mass (not an affinity: no heatmap; a probe-only query ranks units by
+# probe_weight, which every hypothesis has), probe_topk and selectivity score a group of units.
+NOT_AFFINITY = {"probe_weight", "probe_class_weight", "probe_topk", "selectivity"}
+# the order in which measures that are no affinity rank units when the query has no other
+RANK_FALLBACK = ("probe_weight", "probe_class_weight")
 PREFERRED = ("corr", "pointbiserial", "spearman", "iou", "f1", "ap", "mi", "probeless", "precision", "recall")
 
 
@@ -39,6 +45,7 @@ class Query:
     seconds: float | None
     models: list[str] = field(default_factory=list)           # models with scores (a baseline adds one)
     unit_measures: list[str] = field(default_factory=list)    # measures with per-unit scores
+    scored_measures: list[str] = field(default_factory=list)  # ... with at least one non-NULL unit score
     group_measures: list[str] = field(default_factory=list)   # measures scored per unit group (probe, ...)
     scored_layers: list[str] = field(default_factory=list)    # layers in the query's order
     scored_hypotheses: list[str] = field(default_factory=list)
@@ -90,12 +97,14 @@ def select_query(con, query_id: int | None = None, model: str | None = None, dat
               row[7], row[8], row[9], row[10], row[11])
     q.models = _names(con, f"SELECT model FROM scores WHERE query_id = {q.query_id} GROUP BY model "
                            "ORDER BY min(model LIKE '%~untrained'), model")
-    per = store.q_all(con, f"SELECT measure, bool_or(unit IS NOT NULL), bool_or(unit IS NULL) FROM scores "
+    per = store.q_all(con, f"SELECT measure, bool_or(unit IS NOT NULL), bool_or(unit IS NULL), "
+                           f"bool_or(unit IS NOT NULL AND score IS NOT NULL) FROM scores "
                            f"WHERE query_id = {q.query_id} GROUP BY measure")
-    unit_ms = {m for m, u, _ in per if u}
-    group_ms = {m for m, _, g in per if g}
+    unit_ms = {m for m, u, _, _ in per if u}
+    group_ms = {m for m, _, g, _ in per if g}
     order = {m: i for i, m in enumerate(q.measures)}
     q.unit_measures = sorted(unit_ms, key=lambda m: (order.get(m, 99), m))
+    q.scored_measures = [m for m in q.unit_measures if any(x == m and v for x, _, _, v in per)]
     q.group_measures = sorted(group_ms, key=lambda m: (order.get(m, 99), m))
     lorder = {name: i for i, name in enumerate(q.layers)}
     q.scored_layers = sorted(_names(con, f"SELECT DISTINCT layer FROM scores WHERE query_id = {q.query_id}"),
@@ -108,16 +117,24 @@ def select_query(con, query_id: int | None = None, model: str | None = None, dat
 
 def primary_measure(q: Query, measure: str | None = None) -> str | None:
     """The measure that ranks units: ``measure`` if given (it must have unit scores in the query),
-    else corr, else the first affinity measure the query scored per unit."""
-    affinity = [m for m in q.unit_measures if m not in NOT_AFFINITY]
+    else corr, else the first affinity measure the query scored per unit, of those with at least
+    one non-NULL score (a measure whose every score is NULL ranks nothing); with no affinity
+    measure, probe_weight (every hypothesis of a probe has it)."""
     if measure is not None:
         if measure not in q.unit_measures:
             raise UnknownNameError("unit-level measure of this query", measure, q.unit_measures)
         return measure
+    scored = q.scored_measures or q.unit_measures    # when every score is NULL: the same order over them
+    affinity = [m for m in scored if m not in NOT_AFFINITY]
     for m in PREFERRED:
         if m in affinity:
             return m
-    return affinity[0] if affinity else (q.unit_measures[0] if q.unit_measures else None)
+    if affinity:
+        return affinity[0]
+    for m in RANK_FALLBACK:
+        if m in scored:
+            return m
+    return scored[0] if scored else None
 
 
 def best_per_cell(con, q: Query, measure: str) -> list[tuple]:
@@ -151,20 +168,96 @@ def probe_rows(con, q: Query) -> list[dict]:
 
 
 # -- stored activations ----------------------------------------------------------------------
-def find_behavior(con, model: str, layer: str, dataset: str) -> dict | None:
-    """The stored behavior of (model's current checksum, layer, dataset, tokenisation) whose view
-    exists, float32 preferred; None when the model is unknown or nothing is stored."""
-    row = store.q_one(con, "SELECT checksum, tokenization FROM models WHERE name = ?", [model])
-    if row is None:
-        return None
-    checksum, tok = row
-    views = {r[0] for r in store.q_all(con, "SELECT view_name FROM duckdb_views() WHERE NOT internal")}
-    for bid, view, width, dtype in store.q_all(con, """
-            SELECT behavior_id, view_name, width, dtype FROM behaviors
+@dataclass
+class Provenance:
+    """What a query scored, and whether the store still holds it. ``weights``: {model: (checksum,
+    tokenisation)} the query scored (current ones for a query from before they were recorded);
+    ``gone``: {model: why} for models whose scored weights are no longer registered under their
+    name; ``doubt``: {model: why} for a query without recorded checksums whose model was
+    registered again since (its weights may differ); ``texts_gone``: why the dataset's records
+    are not those the query scored (None when they are)."""
+    weights: dict = field(default_factory=dict)
+    gone: dict = field(default_factory=dict)
+    doubt: dict = field(default_factory=dict)
+    texts_gone: str | None = None
+
+
+def _after(con, stamp, started) -> bool:
+    """Whether timestamp ``stamp`` is more than a second after ``started`` (queries.started_at is
+    written to the second)."""
+    if stamp is None or started is None:
+        return False
+    return bool(store.q_scalar(con, "SELECT CAST(? AS TIMESTAMP) > CAST(? AS TIMESTAMP) + INTERVAL 1 SECOND",
+                               [stamp, started]))
+
+
+def provenance(con, q: Query) -> Provenance:
+    """Check the query's recorded weights and texts (``Session.query_provenance``, in
+    ``queries.params``) against the store."""
+    out = Provenance()
+    named = list(q.params.get("models") or [])
+    checksums, toks = q.params.get("checksums"), q.params.get("tokenizations")
+    recorded = {}
+    if isinstance(checksums, list) and isinstance(toks, list) and len(checksums) == len(toks) == len(named):
+        recorded = {m: (c, t) for m, c, t in zip(named, checksums, toks)}
+    for m in q.models:
+        row = store.q_one(con, "SELECT checksum, tokenization, registered_at FROM models WHERE name = ?", [m])
+        if m in recorded:
+            out.weights[m] = recorded[m]
+            if row is None:
+                out.gone[m] = f"model {m!r} is no longer registered"
+            elif (row[0], row[1]) != recorded[m]:
+                out.gone[m] = (f"model {m!r} was registered again since query {q.query_id}, with other weights "
+                               f"(checksum {row[0][:12]}..., not {recorded[m][0][:12]}...)")
+        elif row is not None:
+            out.weights[m] = (row[0], row[1])
+            if not m.endswith("~untrained") and _after(con, row[2], q.started_at):
+                out.doubt[m] = (f"model {m!r} was registered again since query {q.query_id}, which did not record "
+                                f"its weights' checksum: these may be other weights' activations")
+    drow = store.q_one(con, "SELECT created_at FROM datasets WHERE name = ?", [q.dataset])
+    if drow is None:
+        out.texts_gone = f"dataset {q.dataset!r} was dropped since query {q.query_id}"
+    elif q.params.get("dataset_md5") is not None and isinstance(q.params.get("dataset_records"), int):
+        n = int(q.params["dataset_records"])
+        have, digest = store.q_one(con, "SELECT count(*), md5(string_agg(md5(text), ',' ORDER BY record_id)) FROM "
+                                        "(SELECT record_id, text FROM records WHERE dataset = ? ORDER BY record_id "
+                                        "LIMIT ?)", [q.dataset, n])
+        if have < n or digest != q.params["dataset_md5"]:
+            out.texts_gone = (f"the records of dataset {q.dataset!r} were replaced or edited since query "
+                              f"{q.query_id}")
+    elif _after(con, drow[0], q.started_at):
+        out.texts_gone = (f"dataset {q.dataset!r} was dropped and added again (or replaced) since query "
+                          f"{q.query_id}")
+    return out
+
+
+def find_behavior(con, model: str, layer: str, dataset: str, checksum: str | None = None,
+                  tokenization: str | None = None) -> dict | None:
+    """The stored behavior of (``checksum`` and ``tokenization``, by default the model's current
+    ones; layer, dataset) that can be read, float32 preferred; None when the model is unknown or
+    nothing is stored. Activation files deleted or moved by hand are noticed first
+    (engine/extract.py: ``forget_missing_parts``, which warns naming the model, layer and
+    dataset): such a behavior counts as not stored."""
+    from ..catalog import session_of
+    from ..engine.extract import forget_missing_parts
+    if checksum is None or tokenization is None:
+        row = store.q_one(con, "SELECT checksum, tokenization FROM models WHERE name = ?", [model])
+        if row is None:
+            return None
+        checksum, tokenization = row
+    session = session_of(con)
+    for bid, view, width, dtype, directory, owner in store.q_all(con, """
+            SELECT behavior_id, view_name, width, dtype, directory, model FROM behaviors
             WHERE model_checksum = ? AND layer = ? AND dataset = ? AND tokenization = ?
-            ORDER BY dtype = 'float32' DESC, behavior_id DESC""", [checksum, layer, dataset, tok]):
-        if view in views:
-            return {"behavior_id": bid, "view": view, "width": width, "dtype": dtype, "tokenization": tok}
+            ORDER BY dtype = 'float32' DESC, behavior_id DESC""", [checksum, layer, dataset, tokenization]):
+        forget_missing_parts(session, {"behavior_id": bid, "directory": directory, "view_name": view,
+                                       "model": owner if owner == model else f"{model} (stored as {owner})",
+                                       "layer": layer, "dataset": dataset})
+        if not store.q_scalar(con, "SELECT count(*) FROM behavior_parts WHERE behavior_id = ?", [bid]):
+            continue
+        if store.q_one(con, "SELECT 1 FROM duckdb_views() WHERE NOT internal AND view_name = ?", [view]) is None:
+            continue
+        return {"behavior_id": bid, "view": view, "width": width, "dtype": dtype, "tokenization": tokenization}
     return None
 
 

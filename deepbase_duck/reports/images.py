@@ -11,7 +11,9 @@ ranking many units of one layer costs one pass. The PNG shows each image as the 
 with the unit's activation map (bilinearly upsampled to the image) as a heat overlay and, where a
 threshold is known, the cells above it outlined: by default the threshold of the unit's latest
 ``iou`` score over the same dataset in the ``scores`` table (Network Dissection's top-quantile threshold), whose best
-concept and IoU also title the figure. Needs matplotlib (``pip install -e '.[examples]'``).
+concept and IoU also title the figure (a report passes its own query: ``query_id``). The maxima
+are remembered per model checksum, layer, records and their texts: a dataset replaced or edited
+is run again. Needs matplotlib (``pip install -e '.[examples]'``).
 """
 from __future__ import annotations
 
@@ -60,12 +62,15 @@ def grid_maps(con, model: str, layer: str, dataset: str, record_ids) -> np.ndarr
 
 def unit_maxima(con, model: str, layer: str, dataset: str, record_ids=None, batch_size: int = 16):
     """(record ids, (n, C) maxima): each unit's largest grid activation on each image. One
-    forward pass over the records, remembered by the session (keyed by the model's checksum)."""
+    forward pass over the records, remembered by the session, keyed by the model's checksum and
+    the records' ids and texts (a dataset replaced, or a record edited, is run again)."""
     session = session_of(con)
     adapter = _image_adapter(session, model)
     session.check_layers(model, [layer])
     ids = _selected_ids(session, dataset, record_ids)
-    key = (adapter.checksum, adapter.tokenization, layer, dataset, hashlib.sha256(ids.tobytes()).hexdigest())
+    texts = store.q_scalar(con, "SELECT md5(string_agg(md5(text), ',' ORDER BY record_id)) FROM records "
+                                "WHERE dataset = ? AND list_contains(?, record_id)", [dataset, ids.tolist()])
+    key = (adapter.checksum, adapter.tokenization, layer, dataset, hashlib.sha256(ids.tobytes()).hexdigest(), texts)
     cache = session.__dict__.setdefault("_unit_maxima", {})
     if key in cache:
         return ids, cache[key]
@@ -99,16 +104,20 @@ def top_images(con, model: str, layer: str, unit: int, dataset: str, k: int = 8,
     return [{"record_id": int(ids[i]), "max_activation": float(col[i]), "text": texts[int(ids[i])]} for i in order]
 
 
-def unit_dissection(con, model: str, layer: str, unit: int, dataset: str | None = None) -> dict | None:
-    """The unit's latest Network Dissection result in ``scores`` (over ``dataset``, when given):
-    best concept, IoU, threshold."""
+def unit_dissection(con, model: str, layer: str, unit: int, dataset: str | None = None,
+                    query_id: int | None = None) -> dict | None:
+    """The unit's Network Dissection result in ``scores``: best concept, IoU, threshold. From
+    query ``query_id`` when given (None when that query scored no iou for the unit), else from
+    the latest query with one (over ``dataset``, when given)."""
     row = store.q_one(con, """
         WITH mine AS (
             SELECT s.hypothesis, s.score, s.detail, s.query_id FROM scores s JOIN queries q USING (query_id)
             WHERE s.model = ? AND s.layer = ? AND s.unit = ? AND s.measure = 'iou'
-              AND (CAST(? AS VARCHAR) IS NULL OR q.dataset = ?))
+              AND (CAST(? AS VARCHAR) IS NULL OR q.dataset = ?)
+              AND (CAST(? AS INTEGER) IS NULL OR s.query_id = ?))
         SELECT hypothesis, score, detail FROM mine WHERE query_id = (SELECT max(query_id) FROM mine)
-        ORDER BY score DESC NULLS LAST LIMIT 1""", [model, layer, int(unit), dataset, dataset])
+        ORDER BY score DESC NULLS LAST LIMIT 1""",
+        [model, layer, int(unit), dataset, dataset, query_id, query_id])
     if row is None:
         return None
     detail = json.loads(row[2]) if row[2] else {}
@@ -117,10 +126,11 @@ def unit_dissection(con, model: str, layer: str, unit: int, dataset: str | None 
 
 def top_images_png(con, model: str, layer: str, unit: int, dataset: str, path: str, k: int = 8,
                    record_ids=None, threshold: float | None = None, columns: int | None = None,
-                   batch_size: int = 16) -> dict:
+                   batch_size: int = 16, query_id: int | None = None) -> dict:
     """Write a PNG grid of the ``k`` top-activating images of ``unit`` (see the module
     docstring) to ``path``; returns {'path', 'images': top_images(...), 'threshold', 'concept',
-    'iou'}."""
+    'iou'}. The title and the outline come from the unit's iou score in query ``query_id`` when
+    given (none when that query scored no iou), else from the latest query that has one."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -131,7 +141,7 @@ def top_images_png(con, model: str, layer: str, unit: int, dataset: str, path: s
     session = session_of(con)
     adapter = _image_adapter(session, model)
     top = top_images(con, model, layer, unit, dataset, k, record_ids, batch_size)
-    found = unit_dissection(con, model, layer, unit, dataset)
+    found = unit_dissection(con, model, layer, unit, dataset, query_id)
     if threshold is None and found is not None:
         threshold = found["threshold"]
     ids = [t["record_id"] for t in top]

@@ -23,19 +23,49 @@ def is_image_dataset(con, dataset: str) -> bool:
                             "LIMIT 1", [dataset]) is not None
 
 
-def top_images_section(con, query, units: list[dict], records_per_unit: int) -> str | None:
-    """HTML of the top-activating images of each top unit, or None for a non-image dataset."""
+def top_images_section(con, query, units: list[dict], records_per_unit: int, prov=None) -> str | None:
+    """HTML of the top-activating images of each top unit, or None for a non-image dataset.
+
+    The images are ranked by forward passes of the model as registered now, so a model that
+    cannot be loaded in this session (registered from a live Python object in another one, or a
+    loader whose weights changed), or whose weights or dataset are no longer those the query
+    scored (``prov``: data.provenance), gets a note in place of its images; the rest of the report
+    needs no model. Each figure is titled and outlined with the unit's Network Dissection result
+    in this query (``query.query_id``), not another's."""
     if not is_image_dataset(con, query.dataset):
         return None
     import os
     import tempfile
-    from .html import esc, img
-    from .images import top_images_png
-    parts = []
+    from ..catalog import session_of
+    from ..errors import DeepBaseError
+    from .html import esc, img, note
+    from .images import _image_adapter, top_images_png
+    session = session_of(con)
+    parts, skip = [], {}
+    if prov is not None and prov.texts_gone:
+        return note(f"{esc(prov.texts_gone)}: the images now stored are not those query {query.query_id} scored, "
+                    "so its units' top images are not shown.")
+    for m in dict.fromkeys(u["model"] for u in units):
+        if prov is not None and m in prov.gone:
+            skip[m] = f"{prov.gone[m]}: its top images would be the current weights', not this query's"
+            continue
+        try:
+            adapter = _image_adapter(session, m)
+        except DeepBaseError as exc:
+            skip[m] = f"{exc}; then re-run the report to see its top images"
+            continue
+        if prov is not None and m in prov.weights and adapter.checksum != prov.weights[m][0]:
+            skip[m] = (f"model {m!r} now yields other weights than those query {query.query_id} scored: its top "
+                       "images would be the current weights', not this query's")
+    for m, why in skip.items():
+        parts.append(note(f"Top images of {esc(m)}'s units are not shown: {esc(why)}."))
     with tempfile.TemporaryDirectory() as tmp:
         for i, u in enumerate(units):
+            if u["model"] in skip:
+                continue
             path = os.path.join(tmp, f"unit{i}.png")
-            top_images_png(con, u["model"], u["layer"], int(u["unit"]), query.dataset, path, k=max(1, records_per_unit))
+            top_images_png(con, u["model"], u["layer"], int(u["unit"]), query.dataset, path,
+                           k=max(1, records_per_unit), query_id=query.query_id)
             with open(path, "rb") as f:
                 png = f.read()
             title = f"{u['model']} {u['layer']} unit {u['unit']}: {u['hypothesis']} ({u.get('score', float('nan')):.3f})"
