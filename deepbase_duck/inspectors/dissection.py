@@ -616,13 +616,16 @@ def _ratio(k, n):
 
 def sorted_ties(x: np.ndarray):
     """For each row of x (units, m): the argsort of its values and, at each sorted position, the
-    first and last positions of its tie group (what ap_se needs of the values alone)."""
+    first and last positions of its tie group (what ap_se needs of the values alone); (order,
+    None, None) when no row has a tie (each position is then its own group)."""
     Wb, m = x.shape
     order = np.argsort(x, axis=1)
     s = np.take_along_axis(x, order, 1)
-    t = np.broadcast_to(np.arange(m), (Wb, m))
     new = np.ones((Wb, m), bool)
-    new[:, 1:] = s[:, 1:] != s[:, :-1]
+    np.not_equal(s[:, 1:], s[:, :-1], out=new[:, 1:])
+    if new.all():
+        return order, None, None
+    t = np.broadcast_to(np.arange(m), (Wb, m))
     start = np.maximum.accumulate(np.where(new, t, 0), axis=1)
     last = np.ones((Wb, m), bool)
     last[:, :-1] = new[:, 1:]
@@ -630,25 +633,38 @@ def sorted_ties(x: np.ndarray):
     return order, start, end
 
 
-def ap_se(ties, y: np.ndarray, rec: np.ndarray, G: int):
+def ap_se(ties, y: np.ndarray, cells: np.ndarray, G: int):
     """(AP, its standard error) of each unit (``ties`` = sorted_ties of its values (units, m), y (m,)
-    bool positives, rec (m,) record codes 0..G-1), records as clusters, from AP's linearisation
-    (see AveragePrecisionState._compute), in sorted order with no search: N(x_t) = #(rows >= x_t),
-    N+(x_t) and the positives at or below x_t come from running counts at the tie groups' ends."""
+    bool positives, ``cells`` (units * m,) the record code 0..G-1 of each sorted position plus
+    G times its unit's row), records as clusters, from AP's linearisation (see
+    AveragePrecisionState._compute), in sorted order with no search: N(x_t) = #(rows >= x_t),
+    N+(x_t) and the positives at or below x_t come from running counts at the tie groups' ends
+    (in place, few passes: the work is memory-bound)."""
     order, start, end = ties
     Wb, m = order.shape
     ys = y[order].astype(np.float64)                                  # (Wb, m)
     k = ys[0].sum()
-    cy = np.cumsum(ys, 1)
-    n_all = m - start                                                 # rows >= x_t
-    n_plus = k - np.take_along_axis(cy - ys, start, 1)                # positives >= x_t
-    prec = n_plus / n_all
-    ap = (ys * prec).sum(1, keepdims=True) / k
-    c1 = np.take_along_axis(np.cumsum(ys / n_all, 1), end, 1)          # sums over positives <= x_t
-    c2 = np.take_along_axis(np.cumsum(ys * n_plus / (n_all * n_all), 1), end, 1)
-    d = (ys * (prec + c1 - ap) - c2) / k
-    z = np.bincount((rec[order] + G * np.arange(Wb)[:, None]).ravel(), weights=d.ravel(),
-                    minlength=Wb * G).reshape(Wb, G)
+    n_plus = np.cumsum(ys, 1)
+    n_plus -= ys                                                      # positives below position t
+    if start is not None:
+        n_plus = np.take_along_axis(n_plus, start, 1)
+        inv = 1.0 / (m - start)                                       # 1 / #(rows >= x_t)
+    else:
+        inv = 1.0 / np.arange(m, 0, -1, dtype=np.float64)             # no ties: m - t rows >= x_t
+    np.subtract(k, n_plus, out=n_plus)                                # positives >= x_t
+    prec = n_plus * inv
+    w = ys * inv                                                      # a positive's 1 / N
+    ap = (w * n_plus).sum(1, keepdims=True) / k
+    w2 = w * prec                                                     # a positive's N+ / N^2
+    c1 = np.cumsum(w, 1, out=w)                                       # sums over positives <= x_t
+    c2 = np.cumsum(w2, 1, out=w2)
+    if end is not None:
+        c1, c2 = np.take_along_axis(c1, end, 1), np.take_along_axis(c2, end, 1)
+    prec += c1                                                        # d_t k = ys (prec + c1 - AP) - c2
+    prec -= ap
+    prec *= ys
+    prec -= c2
+    z = np.bincount(cells, weights=prec.ravel(), minlength=Wb * G).reshape(Wb, G) / k
     return ap[:, 0], np.sqrt(G / (G - 1) * (z * z).sum(1))
 
 
@@ -766,11 +782,13 @@ class AveragePrecisionState(SampledState):
                 if ties is None:
                     s_all = sort_rows(xt)
                     constant = (s_all[:, 0] == s_all[:, -1]).cpu().numpy()
-                else:
-                    constant = ties[1][:, -1] == 0                       # one tie group: constant
+                else:                                            # one tie group: constant
+                    constant = (ties[1][:, -1] == 0) if ties[1] is not None else np.zeros(b - a, bool)
+                if ties is not None:                             # record of each sorted position, per row
+                    cells = (rec_of.cpu().numpy()[ties[0]] + G * np.arange(b - a)[:, None]).ravel()
                 for h in hs:
                     if ties is not None:                         # AP and its se from the sorted rows
-                        ap_h, se_h = ap_se(ties, pos_g[:, h].cpu().numpy(), rec_of.cpu().numpy(), G)
+                        ap_h, se_h = ap_se(ties, pos_g[:, h].cpu().numpy(), cells, G)
                         ap[a:b, h] = np.where(constant, np.nan, ap_h)
                         se[a:b, h] = np.where(constant, np.nan, se_h)
                         continue
