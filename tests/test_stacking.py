@@ -210,3 +210,33 @@ def test_an_operator_without_a_batching_rule_runs_the_models_one_after_another(c
         apart = by_key(dbd.inspect(con, n, ["out"], ["digit", "in_string"], "snippets"))
         for k, v in apart.items():
             assert (v is None and together[k] is None) or together[k] == pytest.approx(v, abs=1e-9), k
+
+
+def test_adapters_of_another_class_are_not_fused(con):
+    """The fused pass runs the first adapter's forward(): a model whose adapter class passes its
+    own arguments to the module is scanned on its own, with the reason, and scores as alone."""
+    from deepbase_duck.extraction.adapters import to_device
+
+    class Gained(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = torch.nn.Embedding(100, 4)
+            self.act = torch.nn.Tanh()
+
+        def forward(self, ids, gain=1.0):
+            return self.act(gain * self.embed(ids))
+
+    class Scaled(CharAdapter):
+        def forward(self, encoded):
+            with torch.inference_mode():
+                return self.module(to_device(encoded.inputs, self.device), gain=3.0)
+
+    dbd.register_model(con, "plain", CharAdapter(Gained(), encode_chars, "chars-test", device="cpu"))
+    dbd.register_model(con, "scaled", Scaled(Gained(), encode_chars, "chars-test", device="cpu"))
+    dbd.add_dataset(con, "s", TEXTS)
+    together = by_key(dbd.inspect(con, ["plain", "scaled"], ["act"], ["digit"], "s", measures=["probeless"]))
+    assert "adapter classes differ (plain: " in params_of_last(con)["why_sequential"]
+    alone = by_key(dbd.inspect(con, "scaled", ["act"], ["digit"], "s", measures=["probeless"], reuse=False))
+    mine = {k: v for k, v in together.items() if "scaled" in k}
+    assert mine and all(v == pytest.approx(alone[k], abs=1e-12) for k, v in mine.items())

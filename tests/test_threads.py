@@ -71,3 +71,59 @@ def test_retains_on_one_model_take_turns():
     first.close()
     t.join(5)
     assert order == ["first still open", "second entered"]
+
+
+def test_sql_inspect_from_cursors_runs_one_at_a_time(con):
+    dbd.register_model(con, "planted", planted_adapter())
+    dbd.add_dataset(con, "snippets", TEXTS)
+    errors = []
+
+    def work(i):
+        cur = dbd.cursor(con)
+        try:
+            cur.sql(f"SELECT count(*) FROM inspect('planted', ['planted'], ['digit', 'in_string'], 'snippets', "
+                    f"batch_size := {2 + i})").fetchall()
+        except Exception as exc:          # noqa: BLE001  (reported below)
+            errors.append(repr(exc))
+        finally:
+            dbd.close(cur)
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert con.sql("SELECT count(DISTINCT query_id) FROM queries").fetchall()[0][0] == 4
+
+
+def test_a_failed_compare_releases_the_other_models_lock(con):
+    """compare_layers closes every model's forward stream when one fails: with the exception
+    kept (as a notebook keeps its last traceback), another thread can still run the good model."""
+    dbd.register_model(con, "good", planted_adapter())
+    bad = planted_adapter()
+
+    dbd.register_model(con, "bad", bad)
+    dbd.add_dataset(con, "snippets", TEXTS)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("broken model")
+    bad.module.forward = boom                     # broken after registration
+    kept = []
+    try:
+        dbd.compare_layers(con, ["good:planted", "bad:planted"], "snippets")
+    except Exception as exc:              # noqa: BLE001
+        kept.append(exc)                  # the traceback (and its frames) stays alive
+    assert kept and "broken model" in str(kept[0])
+    done = []
+
+    def other():
+        cur = dbd.cursor(con)
+        try:
+            dbd.inspect(cur, "good", ["planted"], ["digit"], "snippets", reuse=False)
+            done.append(True)
+        finally:
+            dbd.close(cur)
+    t = threading.Thread(target=other)
+    t.start()
+    t.join(60)
+    assert done == [True]

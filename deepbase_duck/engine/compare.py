@@ -112,6 +112,10 @@ def compare_layers(session, groups, dataset: str, record_ids=None, limit=None, b
             bar.update(len(batches[0].record_ids))
     finally:
         bar.close()
+        for stream in streams.values():    # each model's hooks and model lock released now, not
+            close = getattr(stream, "close", None)     # when a kept traceback lets go of them
+            if close is not None:
+                close()
         symbols.close(failed=sys.exc_info()[0] is not None)
     n = int(sum(counts[int(r)] for r in ids))
     if n == 0:

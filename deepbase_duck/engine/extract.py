@@ -521,8 +521,8 @@ def part_count(con, behavior_id):
     return store.q_scalar(con, "SELECT count(*) FROM behavior_parts WHERE behavior_id = ?", [behavior_id])
 
 
+@store.one_writer                 # outermost: a query waiting for the lock is not capped yet
 @caps_store_memory
-@store.one_writer
 def extract(session, model: str, layers, dataset: str, dtype: str = "float32", record_ids=None,
             batch_size: int = 16, progress: bool | None = None, pipeline: bool | None = None) -> list[dict]:
     """Store the activations of ``layers`` of ``model`` over ``dataset`` (all records, or

@@ -302,11 +302,15 @@ def mi_calibration(session, plan: Plan, behaviors: dict, covered, adapter=None) 
         for layer in plan.layers:
             parts[layer].append(b.acts[layer])
     if run:
-        for b in forward_batches(session, model(), plan.model, plan.layers, plan.dataset,
-                                 plan_batches(session, plan.dataset, run, plan.batch_size), counts):
-            b.verify()
-            for layer in plan.layers:
-                parts[layer].append(b.acts[layer].cpu())
+        stream = forward_batches(session, model(), plan.model, plan.layers, plan.dataset,
+                                 plan_batches(session, plan.dataset, run, plan.batch_size), counts)
+        try:
+            for b in stream:
+                b.verify()
+                for layer in plan.layers:
+                    parts[layer].append(b.acts[layer].cpu())
+        finally:
+            stream.close()                      # its hooks and model lock, now (not at garbage collection)
     bins = int(prm.get("bins", 10))
     rule = f"quantile ({bins} bins) of the {total} rows of {len(chosen)} calibration records"
     return {layer: {"edges": quantile_edges(torch.cat(x).to(torch.float64), bins).numpy(), "edges_rule": rule}
@@ -1318,8 +1322,8 @@ def stop_report(runs: list) -> dict:
     return out
 
 
+@store.one_writer                 # outermost: a query waiting for the lock is not capped yet
 @caps_store_memory
-@store.one_writer
 def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), record_ids=None, limit=None,
             batch_size=16, keep_activations=False, dtype="float32", device=None, store_scores=True,
             progress=None, engine=None, baseline=False, baseline_seed=0, control=False, permutations=0,

@@ -85,10 +85,14 @@ def _same_structure(modules) -> str | None:
 def _outside_weights(adapters: dict) -> str | None:
     """Why the fused pass would miss what a model does outside its weights and classes (None:
     nothing): its forward hooks (the fused pass runs a copy of the first model, and only that
-    model's hooks) or a different ``variant`` (ModelAdapter.variant: a hook or flag by name)."""
+    model's hooks), another adapter class (the fused pass runs the first adapter's ``forward``)
+    or a different ``variant`` (ModelAdapter.variant: a hook or flag by name)."""
     for name, a in adapters.items():
         if user_hooks(a.module):
             return f"model {name!r} has forward hooks (they act outside its weights)"
+    kinds = {name: type(a).__qualname__ for name, a in adapters.items()}
+    if len({type(a) for a in adapters.values()}) > 1:      # the fused pass runs the first's forward()
+        return f"the models' adapter classes differ ({', '.join(f'{n}: {k}' for n, k in kinds.items())})"
     variants = {name: getattr(a, "variant", "") for name, a in adapters.items()}
     if len(set(variants.values())) > 1:
         return f"the models' variants differ ({', '.join(f'{n}: {v!r}' for n, v in variants.items())})"

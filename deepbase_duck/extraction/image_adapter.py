@@ -8,8 +8,9 @@ the masks cover) and normalises it.
 Spatial units: a layer's output (batch, C, h, w) has its own h x w; every layer is resampled to
 one G x G grid (bilinear, ``align_corners=False``, as Network Dissection upsamples activation
 maps to the mask resolution), except that a map larger than the grid is averaged over each
-cell's area (``adaptive_avg_pool2d``, as the masks are: ``mask_to_grid``) rather than read at a
-few points; so every record has G * G symbols common to all layers: symbol
+cell (``adaptive_avg_pool2d``: exactly mask_to_grid's cell means when the map's size is a multiple
+of G, overlapping windows otherwise) rather than read at a few points; so every record has G * G
+symbols common to all layers: symbol
 ``pos`` i is cell (i // G, i % G), with the span [i, i + 1) over the positions that grid
 hypotheses label (``deepbase_duck.hypotheses.grid``), and ``symbol_activations`` returns a
 (G * G, C) matrix per record. A layer whose output has no spatial map (pooled features, logits)
@@ -121,7 +122,8 @@ class ImageAdapter(ModelAdapter):
             return out
         if h >= self.grid and w >= self.grid:
             # larger than the grid: each cell the mean over its area (as mask_to_grid does for the
-            # labels; plain bilinear read 4 of the 16 pixels of a cell at a 4x reduction)
+            # labels, exactly so for a size that is a multiple of the grid; plain bilinear read 4
+            # of the 16 pixels of a cell at a 4x reduction)
             return F.adaptive_avg_pool2d(out, self.grid)
         # smaller (in some direction): bilinear, as Network Dissection upsamples its maps
         return F.interpolate(out, size=(self.grid, self.grid), mode="bilinear", align_corners=False,

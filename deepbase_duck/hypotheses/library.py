@@ -116,7 +116,7 @@ def char_class(name: str, cls: str | None = None, chars: str | None = None,
     if cls is not None and cls not in CHAR_CLASSES:
         raise ValueError(f"char_class {name!r}: unknown class {cls!r}; valid: {', '.join(CHAR_CLASSES)}")
     fn = functools.partial(_char_class_fn, cls=cls, chars=frozenset(chars) if chars else None)
-    if cls is not None:                   # the test is part of the version (digit: isdigit -> isdecimal)
+    if cls == "digit":                    # the test is part of the version (digit: isdigit -> isdecimal)
         test = CHAR_CLASSES[cls]
         fn.__dbd_params__ = {"test": getattr(test, "__qualname__", None) if test.__name__ != "<lambda>"
                              else "not alnum and not space"}
@@ -218,7 +218,7 @@ def _ladder(text):
     return [by_width[k] + "if 1:\n" for k in sorted(by_width) if k < first]
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=512)    # at least a label chunk of records (annotate: 256)
 def _tokens(text):
     """The tokens of ``text`` that tokenize yields before any error, positions in ``text``.
     Cached for the last few texts: several code hypotheses tokenize the same record. Whether a

@@ -38,6 +38,7 @@ def _cursor_session(session: Session) -> Session:
     sub.adapters = session.adapters           # share loaded models
     sub.temporary_acts = False                # the parent owns the folder
     sub.scan_memory_limit = session.scan_memory_limit
+    sub.write_lock = session.write_lock       # one query at a time per store (store.one_writer)
     return sub
 
 
