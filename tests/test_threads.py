@@ -13,6 +13,27 @@ from conftest import TEXTS, planted_adapter
 from deepbase_duck.extraction.hooks import Retain
 
 
+def on_cursors(con, job, n: int) -> list[str]:
+    """Run ``job(cursor, i)`` for i < n, each in its own thread with its own dbd.cursor; returns
+    the errors raised (repr)."""
+    errors = []
+
+    def work(i):
+        cur = dbd.cursor(con)
+        try:
+            job(cur, i)
+        except Exception as exc:          # noqa: BLE001  (returned)
+            errors.append(repr(exc))
+        finally:
+            dbd.close(cur)
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
 def test_concurrent_queries_on_cursors_equal_serial_ones(con):
     dbd.register_model(con, "planted", planted_adapter())
     dbd.add_dataset(con, "snippets", TEXTS)
@@ -20,25 +41,14 @@ def test_concurrent_queries_on_cursors_equal_serial_ones(con):
             (["in_string"], ["pointbiserial"], 5)]
     serial = [dbd.inspect(con, "planted", ["planted"], h, "snippets", measures=m, batch_size=b, reuse=False)
               for h, m, b in jobs]
-    out, errors = {}, []
+    out = {}
 
-    def work(i):
-        cur = dbd.cursor(con)
-        try:
-            for k in range(3):
-                h, m, b = jobs[(i + k) % 3]
-                out[(i, k)] = ((i + k) % 3, dbd.inspect(cur, "planted", ["planted"], h, "snippets", measures=m,
-                                                       batch_size=b, reuse=False))
-        except Exception as exc:          # noqa: BLE001  (reported below)
-            errors.append(repr(exc))
-        finally:
-            dbd.close(cur)
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    def job(cur, i):
+        for k in range(3):
+            h, m, b = jobs[(i + k) % 3]
+            out[(i, k)] = ((i + k) % 3, dbd.inspect(cur, "planted", ["planted"], h, "snippets", measures=m,
+                                                   batch_size=b, reuse=False))
+    assert on_cursors(con, job, 3) == []
     for j, t in out.values():
         assert t.column("score").to_pylist() == serial[j].column("score").to_pylist()
     n, distinct = con.sql("SELECT count(*), count(DISTINCT query_id) FROM queries").fetchall()[0]
@@ -76,23 +86,10 @@ def test_retains_on_one_model_take_turns():
 def test_sql_inspect_from_cursors_runs_one_at_a_time(con):
     dbd.register_model(con, "planted", planted_adapter())
     dbd.add_dataset(con, "snippets", TEXTS)
-    errors = []
-
-    def work(i):
-        cur = dbd.cursor(con)
-        try:
-            cur.sql(f"SELECT count(*) FROM inspect('planted', ['planted'], ['digit', 'in_string'], 'snippets', "
-                    f"batch_size := {2 + i})").fetchall()
-        except Exception as exc:          # noqa: BLE001  (reported below)
-            errors.append(repr(exc))
-        finally:
-            dbd.close(cur)
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    def job(cur, i):
+        cur.sql(f"SELECT count(*) FROM inspect('planted', ['planted'], ['digit', 'in_string'], 'snippets', "
+                f"batch_size := {2 + i})").fetchall()
+    assert on_cursors(con, job, 4) == []
     assert con.sql("SELECT count(DISTINCT query_id) FROM queries").fetchall()[0][0] == 4
 
 
