@@ -251,15 +251,21 @@ def test_compare_scores_pairs_a_baseline_with_its_model_after_a_later_subset_que
         {k: (v["planted"], v["planted~untrained"]) for k, v in want.items()}
 
 
-def test_compare_scores_record_sets_in_the_duckdb_cli(tmp_path):
+def store_for_the_cli(path, fill) -> str:
+    """A store at ``path`` filled by ``fill(con)`` and closed, for the DuckDB CLI (skips the test
+    when the CLI is not installed)."""
     if not DUCKDB_CLI.exists():
         pytest.skip("duckdb-cli is not installed")
-    db = str(tmp_path / "c.duckdb")
-    con = dbd.connect(db, progress=False)
+    con = dbd.connect(str(path), progress=False)
     try:
-        _fill_record_sets(con)
+        fill(con)
     finally:
         dbd.close(con)
+    return str(path)
+
+
+def test_compare_scores_record_sets_in_the_duckdb_cli(tmp_path):
+    db = store_for_the_cli(tmp_path / "c.duckdb", _fill_record_sets)
     out = subprocess.run([str(DUCKDB_CLI), "-readonly", "-csv", "-noheader", db, "-c",
                           "SELECT unit, score_a, score_b FROM compare_scores('a', 'b') ORDER BY unit"],
                          capture_output=True, text=True, timeout=120)
@@ -338,14 +344,7 @@ def test_sampling_macros_keep_good_arguments(labelled):
 
 
 def test_sampling_errors_in_the_duckdb_cli(tmp_path):
-    if not DUCKDB_CLI.exists():
-        pytest.skip("duckdb-cli is not installed")
-    db = str(tmp_path / "s.duckdb")
-    con = dbd.connect(db, progress=False)
-    try:
-        dbd.add_dataset(con, "snippets", TEXTS)
-    finally:
-        dbd.close(con)
+    db = store_for_the_cli(tmp_path / "s.duckdb", lambda con: dbd.add_dataset(con, "snippets", TEXTS))
     for sql, message in [SAMPLING_ERRORS[2], SAMPLING_ERRORS[4], SAMPLING_ERRORS[-3]]:
         out = subprocess.run([str(DUCKDB_CLI), "-readonly", db, "-c", sql], capture_output=True, text=True,
                              timeout=120)
