@@ -77,3 +77,14 @@ def check_float(name: str, value, low: float = -float("inf"), high: float = floa
             what = "a finite number"
         raise BadParameterError(f"{name} must be {what}, got {value!r}")
     return float(value)
+
+
+def check_intervals(measure: str, value, symbols: str,
+                    records: str = "the record is the unit of sampling") -> str:
+    """A measure's ``intervals`` parameter: 'records' (the symbols of a record are dependent;
+    ``records`` says how the measure then takes them as clusters) or 'symbols' (every symbol
+    independent; ``symbols`` names that interval); anything else is a BadParameterError."""
+    if value not in ("records", "symbols"):
+        raise BadParameterError(f"{measure}: intervals must be 'records' (symbols of a record are dependent: "
+                                f"{records}) or 'symbols' ({symbols}), got {value!r}")
+    return value

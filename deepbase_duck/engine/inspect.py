@@ -268,6 +268,15 @@ def mi_calibration_records(session, plan: Plan, tokenization: str, encoder) -> t
     return chosen, total
 
 
+def engine_sets_mi_bins(plan: Plan) -> bool:
+    """Whether the engine chooses the bins of ``plan``'s mi states before the scan (both
+    engines' full scans with mi; not a progressive scan, whose first window sets them, nor a
+    query giving its own ``edges`` or ``calibration_records``)."""
+    prm = plan.measure_params.get("mi", {})
+    return (not plan.progressive and "mi" in plan.measures and prm.get("edges") is None
+            and prm.get("calibration_records") is None)
+
+
 def mi_calibration(session, plan: Plan, behaviors: dict, covered, adapter=None) -> dict:
     """The bins of a full scan's ``mi`` states, set before the scan from every row of
     mi_calibration_records (their activations read as the scan reads them: stored ones for
@@ -277,10 +286,9 @@ def mi_calibration(session, plan: Plan, behaviors: dict, covered, adapter=None) 
     bins - 1) array, "edges_rule": text}} to pass to the states; {} for a progressive scan (its
     first window sets the bins), without ``mi``, or with ``edges`` given."""
     from ..inspectors.mutual_information import quantile_edges
-    prm = plan.measure_params.get("mi", {})
-    if (plan.progressive or "mi" not in plan.measures or prm.get("edges") is not None
-            or prm.get("calibration_records") is not None):      # the user's own bins or records
+    if not engine_sets_mi_bins(plan):
         return {}
+    prm = plan.measure_params.get("mi", {})
     tokenization = session.model_row(plan.model)["tokenization"]
     loaded = [adapter]
 

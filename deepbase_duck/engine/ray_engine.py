@@ -71,6 +71,7 @@ from .inspect import (
     StopRule,
     _score_matrix,
     class_frequencies,
+    engine_sets_mi_bins,
     mi_calibration_records,
     new_samples,
     seeded_windows,
@@ -444,9 +445,7 @@ class RayEngine:
         # a full scan's mi bins: from every row of the records mi_calibration_records chooses,
         # scanned first (the states buffer until those rows have come), as the local engine's
         calibration = {}
-        prm = plan.measure_params.get("mi", {})
-        if (not progressive and scan is None and "mi" in plan.measures and prm.get("edges") is None
-                and prm.get("calibration_records") is None):
+        if scan is None and engine_sets_mi_bins(plan):
             chosen, total = mi_calibration_records(session, plan, tokenization, lambda: encoder)
             if total:
                 calibration = {"calibration_records": chosen, "calibration_rows": total}

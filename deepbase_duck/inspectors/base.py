@@ -105,6 +105,15 @@ class InspectorState:
         """Largest half-width of the confidence intervals so far (inf when unknown)."""
         return float("inf")
 
+    def unit_major_rows(self, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """score_rows() of a (width, H) score array laid out as score_table lays out finalize()
+        (unit-major): for the states that override score_rows with their scores alone."""
+        W, H = score.shape
+        if getattr(self, "_row_layout", None) is None or len(self._row_layout[0]) != W * H:
+            self._row_layout = (np.repeat(np.arange(W, dtype=np.int64), H),
+                                np.array(list(self.names) * W, dtype=object))
+        return (*self._row_layout, score.reshape(-1))
+
     def score_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(unit, hypothesis, score) of every finalize() row, in its order: unit int64 (-1 for a
         row without a unit), hypothesis names (object), score float64 (NaN for NULL). What the

@@ -35,7 +35,7 @@ import pyarrow as pa
 import torch
 from scipy import stats
 
-from ..errors import BadParameterError, check_float
+from ..errors import check_float, check_intervals
 from .base import InspectorState, register_measure, scratch
 
 F64 = torch.float64
@@ -51,10 +51,7 @@ class PearsonState(InspectorState):
                  **params):
         super().__init__(width, hypotheses, device, **params)
         confidence = check_float(f"{self.measure}: confidence", confidence, 0, 1, open_low=True, open_high=True)
-        if intervals not in ("records", "symbols"):
-            raise BadParameterError(f"{self.measure}: intervals must be 'records' (symbols of a record are "
-                                    f"dependent: the record is the unit of sampling) or 'symbols' (every "
-                                    f"symbol independent, as scipy.stats.pearsonr), got {intervals!r}")
+        check_intervals(self.measure, intervals, "every symbol independent, as scipy.stats.pearsonr")
         self.confidence = confidence
         self.intervals = intervals
         H, W, dev = len(self.names), self.width, self.device
@@ -260,10 +257,7 @@ class PearsonState(InspectorState):
 
     def score_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """finalize()'s (unit, hypothesis, score) columns without its intervals and p-values."""
-        W, H = self.width, len(self.names)
-        if getattr(self, "_row_layout", None) is None:
-            self._row_layout = (np.repeat(np.arange(W, dtype=np.int64), H), np.array(self.names * W, dtype=object))
-        return (*self._row_layout, self.correlations().reshape(-1))
+        return self.unit_major_rows(self.correlations())
 
     def finalize(self) -> pa.Table:
         r = self.correlations()

@@ -109,7 +109,7 @@ from scipy import stats
 from .base import InspectorState, register_measure
 from .spearman import (KEY_SENTINEL, SampledState, _unit_blocks, argsort_rows, row_keys, score_table,
                        sort_rows, top_rows)
-from ..errors import BadParameterError, DeepBaseError, check_float, check_integer
+from ..errors import DeepBaseError, check_float, check_intervals, check_integer
 
 F64 = torch.float64
 I64 = torch.int64
@@ -160,11 +160,8 @@ class DissectionState(InspectorState):
     def __init__(self, width, hypotheses, device="cpu", quantile: float = 0.005, max_rows: int = 1_000_000,
                  seed: int = 0, confidence: float = 0.95, intervals: str = "records", **params):
         super().__init__(width, hypotheses, device, **params)
-        if intervals not in ("records", "symbols"):
-            raise BadParameterError(f"{self.measure}: intervals must be 'records' (symbols of a record are "
-                                    f"dependent: the record is the unit of sampling) or 'symbols' (Wilson "
-                                    f"interval and hypergeometric test, every symbol independent), got "
-                                    f"{intervals!r}")
+        check_intervals(self.measure, intervals,
+                        "Wilson interval and hypergeometric test, every symbol independent")
         self.quantile = check_float(f"{self.measure}: quantile", quantile, 0, 0.5, open_low=True, open_high=True)
         self.max_rows = check_integer(f"{self.measure}: max_rows", max_rows, 1)
         self.seed = check_integer(f"{self.measure}: seed", seed, 0)
@@ -725,10 +722,8 @@ class AveragePrecisionState(SampledState):
     accepts = ("binary",)
 
     def __init__(self, width, hypotheses, device="cpu", intervals: str = "records", **params):
-        if intervals not in ("records", "symbols"):
-            raise BadParameterError(f"ap: intervals must be 'records' (symbols of a record are dependent: "
-                                    f"the linearised variance with records as clusters) or 'symbols' "
-                                    f"(Boyd et al.'s binomial interval over the positives), got {intervals!r}")
+        check_intervals("ap", intervals, "Boyd et al.'s binomial interval over the positives",
+                        "the linearised variance with records as clusters")
         super().__init__(width, hypotheses, device, **params)
         self.intervals = intervals
 
@@ -815,10 +810,7 @@ class AveragePrecisionState(SampledState):
 
     def score_rows(self):
         """The scores alone (no intervals): what the progressive stop rules read."""
-        ap = self._compute()[0]
-        W, H = ap.shape
-        return (np.repeat(np.arange(W, dtype=np.int64), H), np.array(list(self.names) * W, dtype=object),
-                ap.reshape(-1))
+        return self.unit_major_rows(self._compute()[0])
 
     def max_error(self) -> float:
         """The largest distance from a score to an end of its interval. 'symbols': the largest

@@ -91,7 +91,7 @@ from scipy import stats
 from .base import InspectorState, register_measure
 from .pointbiserial import class_codes, class_layout
 from .spearman import score_table, sort_rows
-from ..errors import BadParameterError, DeepBaseError, check_float, check_integer
+from ..errors import BadParameterError, DeepBaseError, check_float, check_intervals, check_integer
 
 F64 = torch.float64
 _CHUNK = 1 << 23          # elements of the (rows, units x bins) one-hot matrix per product
@@ -139,14 +139,21 @@ def record_groups(record_ids: torch.Tensor, groups: int) -> torch.Tensor:
     return (h * groups) >> 32
 
 
-def plugin_mi(c: np.ndarray) -> np.ndarray:
-    """Plug-in MI (nats) of count tables c (..., B, K) over their last two axes (NaN for none)."""
+def log_ratios(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, log(p(b,c) / (p(b) p(c)))) of count tables c (..., B, K): each table's count and the
+    log ratio of every cell (0 in empty cells)."""
     n = c.sum((-2, -1))
     pb = c.sum(-1)
     pc = c.sum(-2)
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = c * n[..., None, None] / (pb[..., :, None] * pc[..., None, :])
-        lg = np.where(c > 0, np.log(np.where(c > 0, ratio, 1.0)), 0.0)
+        return n, np.where(c > 0, np.log(np.where(c > 0, ratio, 1.0)), 0.0)
+
+
+def plugin_mi(c: np.ndarray) -> np.ndarray:
+    """Plug-in MI (nats) of count tables c (..., B, K) over their last two axes (NaN for none)."""
+    n, lg = log_ratios(c)
+    with np.errstate(invalid="ignore", divide="ignore"):
         return (c * lg).sum((-2, -1)) / n
 
 
@@ -193,11 +200,9 @@ class MutualInformationState(InspectorState):
         self.calibration_seen = 0                       # buffered rows of the calibration records
         self.confidence = check_float(f"{self.measure}: confidence", confidence, 0, 1, open_low=True,
                                       open_high=True)
-        if intervals not in ("records", "symbols"):
-            raise BadParameterError(f"{self.measure}: intervals must be 'records' (symbols of a record are "
-                                    f"dependent: a jackknife over groups of records) or 'symbols' (every "
-                                    f"symbol independent: delta method and Pearson's X^2), got {intervals!r}")
-        self.intervals = intervals
+        self.intervals = check_intervals(self.measure, intervals,
+                                         "every symbol independent: delta method and Pearson's X^2",
+                                         "a jackknife over groups of records")
         self.jackknife_groups = check_integer(f"{self.measure}: jackknife_groups", jackknife_groups, 3)
         if self.jackknife_groups > MAX_GROUPS:
             raise BadParameterError(f"{self.measure}: jackknife_groups must be at most {MAX_GROUPS} (the counts "
@@ -467,9 +472,8 @@ class MutualInformationState(InspectorState):
                 bad_iv = bad | (groups < 3)
                 out["groups"][:, h] = groups
             else:
+                _, lg = log_ratios(c)
                 with np.errstate(invalid="ignore", divide="ignore"):
-                    ratio = c * n[:, None, None] / (pb[:, :, None] * pc[:, None, :])
-                    lg = np.where(c > 0, np.log(np.where(c > 0, ratio, 1.0)), 0.0)
                     m2 = (c * lg * lg).sum((1, 2)) / n
                     sd = np.sqrt(np.maximum(m2 - mi * mi, 0.0) / n)
                 q, bad_iv = z, bad
@@ -533,10 +537,7 @@ class MutualInformationState(InspectorState):
 
     def score_rows(self):
         """The scores alone (no jackknife or p-values): what the progressive stop rules read."""
-        s = self._compute(scores_only=True)["score"]
-        W, H = s.shape
-        return (np.repeat(np.arange(W, dtype=np.int64), H), np.array(list(self.names) * W, dtype=object),
-                s.reshape(-1))
+        return self.unit_major_rows(self._compute(scores_only=True)["score"])
 
     def max_error(self) -> float:
         if self.edges is None:

@@ -55,7 +55,7 @@ from scipy import stats
 from .base import InspectorState, register_measure
 from .correlation import ROUNDING, PearsonState, fisher_interval
 from .spearman import score_table
-from ..errors import BadParameterError, HypothesisError, check_float
+from ..errors import HypothesisError, check_float, check_intervals
 
 F64 = torch.float64
 
@@ -170,10 +170,8 @@ class PointBiserialState(ClassMomentsState):
     def __init__(self, width, hypotheses, device="cpu", confidence: float = 0.95, intervals: str = "records",
                  **params):
         super().__init__(width, hypotheses, device, confidence, **params)
-        if intervals not in ("records", "symbols"):        # checked here, to name this measure
-            raise BadParameterError(f"{self.measure}: intervals must be 'records' (symbols of a record are "
-                                    f"dependent: the record is the unit of sampling) or 'symbols' (every "
-                                    f"symbol independent, as scipy.stats.pointbiserialr), got {intervals!r}")
+        # checked here, to name this measure
+        check_intervals(self.measure, intervals, "every symbol independent, as scipy.stats.pointbiserialr")
         # the interval: that of Pearson's r with the 0/1 label (the same r), records as clusters
         # unless intervals='symbols' (see correlation.py); its moments are kept beside the classes'
         self.pearson = PearsonState(width, hypotheses, device, self.confidence, intervals=intervals)

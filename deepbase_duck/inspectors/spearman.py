@@ -56,7 +56,7 @@ from scipy import stats
 
 from .base import InspectorState, SCORE_SCHEMA, register_measure
 from .correlation import pearson_p_value
-from ..errors import BadParameterError, DeepBaseError, check_float, check_integer
+from ..errors import DeepBaseError, check_float, check_intervals, check_integer
 
 F64 = torch.float64
 I64 = torch.int64
@@ -388,11 +388,8 @@ class SpearmanState(SampledState):
     accepts = ("binary", "continuous")
 
     def __init__(self, width, hypotheses, device="cpu", intervals: str = "records", **params):
-        if intervals not in ("records", "symbols"):
-            raise BadParameterError(f"spearman: intervals must be 'records' (symbols of a record are "
-                                    f"dependent: the record is the unit of sampling) or 'symbols' (every "
-                                    f"symbol independent: Fisher z with the Bonett-Wright variance), got "
-                                    f"{intervals!r}")
+        check_intervals("spearman", intervals,
+                        "every symbol independent: Fisher z with the Bonett-Wright variance")
         super().__init__(width, hypotheses, device, **params)
         self.intervals = intervals
 
@@ -412,10 +409,7 @@ class SpearmanState(SampledState):
     def score_rows(self):
         """finalize()'s (unit, hypothesis, score) columns without its intervals (the stop rules
         read only the scores)."""
-        r, _ = self._scores()
-        W, H = r.shape
-        return (np.repeat(np.arange(W, dtype=np.int64), H), np.array(list(self.names) * W, dtype=object),
-                r.reshape(-1))
+        return self.unit_major_rows(self._scores()[0])
 
     def max_error(self) -> float:
         """The largest half-width the interval can take at the current sample sizes (maximised
