@@ -114,3 +114,34 @@ def test_the_users_calibration_records_are_kept_and_bad_combinations_refused(thr
     chosen, _ = chosen_records(400, [1] * 400, 60)
     groups = record_groups(torch.as_tensor(chosen), 20).numpy()
     assert len(set(groups.tolist())) >= 10
+
+
+def counted(con, name):
+    """A registered planted model that counts the rows of every forward pass it starts."""
+    adapter = planted_adapter()
+    seen = []
+    adapter.module.register_forward_pre_hook(lambda mod, inp: seen.append(int(inp[0].shape[0])))
+    adapter.variant = name                                 # (the hook counts, changes nothing)
+    dbd.register_model(con, name, adapter)
+    return seen
+
+
+def test_a_full_scan_runs_each_record_once_calibration_included(three):
+    """The batches mi's calibration ran feed the scan's states: a scan with mi runs the model on
+    as many rows as one without (no record twice), and its scores equal those of scans of corr
+    alone and of mi alone at another batch size."""
+    plain, with_mi = counted(three, "plain"), counted(three, "with_mi")
+    dbd.inspect(three, "plain", ["planted"], HYPS, "snippets", measures=["corr"], batch_size=5)
+    t = dbd.inspect(three, "with_mi", ["planted"], HYPS, "snippets", measures=["mi", "corr"], batch_size=5,
+                    mi={"calibration_rows": ROWS})
+    assert sum(plain) >= len(TEXTS) * 3                    # every record (and the early-exit check's example)
+    assert sum(with_mi) == sum(plain)
+    got = {(r["measure"], r["unit"], r["hypothesis"]): r["score"] for r in t.to_pylist()}
+    corr = dbd.inspect(three, "planted", ["planted"], HYPS, "snippets", measures=["corr"], batch_size=7)
+    for r in corr.to_pylist():
+        assert got[("corr", r["unit"], r["hypothesis"])] == pytest.approx(r["score"], abs=1e-12)
+    alone = dbd.inspect(three, "planted", ["planted"], HYPS, "snippets", measures=["mi"], batch_size=3,
+                        mi={"calibration_rows": ROWS})
+    assert alone.num_rows == sum(1 for k in got if k[0] == "mi")
+    for r in alone.to_pylist():
+        assert got[("mi", r["unit"], r["hypothesis"])] == pytest.approx(r["score"], abs=1e-12)

@@ -277,12 +277,13 @@ def engine_sets_mi_bins(plan: Plan) -> bool:
             and prm.get("calibration_records") is None)
 
 
-def mi_calibration(session, plan: Plan, behaviors: dict, covered, adapter=None) -> dict:
+def mi_calibration(session, plan: Plan, behaviors: dict, covered, adapter=None, ran: list | None = None) -> dict:
     """The bins of a full scan's ``mi`` states, set before the scan from every row of
     mi_calibration_records (their activations read as the scan reads them: stored ones for
-    ``covered`` records, the model's for the rest: those records run twice, here and in the
-    scan), so that they depend on the records selected, not on ``batch_size`` or on which
-    records' activations are stored. {layer: {"edges": (width,
+    ``covered`` records, the model's for the rest), so that they depend on the records
+    selected, not on ``batch_size`` or on which records' activations are stored. ``ran``: a
+    list that receives the batches the model ran here (checked), for the scan to feed to its
+    states instead of running those records again. {layer: {"edges": (width,
     bins - 1) array, "edges_rule": text}} to pass to the states; {} for a progressive scan (its
     first window sets the bins), without ``mi``, or with ``edges`` given."""
     from ..inspectors.mutual_information import quantile_edges
@@ -317,12 +318,20 @@ def mi_calibration(session, plan: Plan, behaviors: dict, covered, adapter=None) 
                 b.verify()
                 for layer in plan.layers:
                     parts[layer].append(b.acts[layer].cpu())
+                if ran is not None:
+                    ran.append(b)
         finally:
             stream.close()                      # its hooks and model lock, now (not at garbage collection)
     bins = int(prm.get("bins", 10))
     rule = f"quantile ({bins} bins) of the {total} rows of {len(chosen)} calibration records"
     return {layer: {"edges": quantile_edges(torch.cat(x).to(torch.float64), bins).numpy(), "edges_rule": rule}
             for layer, x in parts.items()}
+
+
+def _drain(batches: list):
+    """Yield and drop the batches of ``batches`` one by one (each freed once consumed)."""
+    while batches:
+        yield batches.pop(0)
 
 
 def state_params(plan: Plan, m: str, layer: str, calibration: dict) -> dict:
@@ -851,14 +860,15 @@ class LocalEngine:
             behaviors, covered = stored_reads(session, plan, mrow["checksum"], tokenization)
             missing = np.setdiff1d(selected, covered)
             plan.source = "stored" if not len(missing) else ("stored+model" if len(covered) else "model")
-            calibration = mi_calibration(session, plan, behaviors, covered)
+            ran = []                               # batches the calibration ran: fed to the states, not run again
+            calibration = mi_calibration(session, plan, behaviors, covered, ran=ran)
             states = {(layer, m): measure_class(m)(widths[layer], plan.columns[m], device=plan.device,
                                                   **state_params(plan, m, layer, calibration))
                       for layer in plan.layers for m in plan.measures}
             done = 0                               # windows merged so far
         else:                                      # the same records read from the same source
             behaviors, covered, missing = scan["behaviors"], scan["covered"], scan["missing"]
-            states, done = resume["states"], scan["windows"]
+            states, done, ran = resume["states"], scan["windows"], []
         col_index = {c["name"]: j for j, c in enumerate(plan.label_columns)}
         take = {m: torch.as_tensor([col_index[c["name"]] for c in plan.columns[m]]) for m in plan.measures}
         show = session.progress if progress is None else progress
@@ -883,10 +893,15 @@ class LocalEngine:
                 order += [r for ids in block_ids for r in ids]
                 rows = StoredRows(blocks)
                 sources.append(rows.batch(ids, counts) for ids in block_ids)
-        if len(missing):                          # the rest: one forward pass per batch, all layers
+        if ran:                                   # the records mi's calibration ran, first
+            windows.append(len(ran))
+            order += [int(r) for b in ran for r in b.record_ids]
+            sources.append(_drain(ran))
+        to_run = np.setdiff1d(missing, order) if ran else missing
+        if len(to_run):                           # the rest: one forward pass per batch, all layers
             adapter = session.adapter(plan.model)
             if not progressive:
-                block_ids = plan_batches(session, plan.dataset, missing, plan.batch_size)
+                block_ids = plan_batches(session, plan.dataset, to_run, plan.batch_size)
                 windows.append(len(block_ids))
             else:                                 # tokenised as the scan reaches them: it may stop early
                 block_ids, w = remaining()
