@@ -60,9 +60,12 @@ def test_same_seed_same_records_and_a_tight_bound_scans_everything(big):
     b = dbd.inspect(big, "planted", ["planted"], ["digit"], "many", batch_size=8, max_error=0.3, seed=2, reuse=False)
     assert big.sql("SELECT source FROM queries ORDER BY query_id DESC LIMIT 1").fetchall() == [("model",)]
     assert a.column("score").to_pylist() == b.column("score").to_pylist()
-    dbd.inspect(big, "planted", ["planted"], ["digit"], "many", batch_size=8, max_error=1e-6)
+    t = dbd.inspect(big, "planted", ["planted"], ["digit"], "many", batch_size=8, max_error=1e-6)
     n, params = big.sql("SELECT n_records, params FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0]
     assert n == 240 and json.loads(params)["stopped_early"] is False
+    # every record read: the full scan's intervals, and the bound reached is their largest half-width
+    half = [max(r["score"] - r["ci_low"], r["ci_high"] - r["score"]) for r in t.to_pylist() if r["ci_low"] is not None]
+    assert half and json.loads(params)["bound_reached"] == pytest.approx(max(half), rel=1e-12)
 
 
 def test_bad_early_stopping_arguments(big):
@@ -309,8 +312,11 @@ def test_a_score_defined_in_no_window_is_unbounded_not_settled(big):
                     limit=40)
     q = big.sql("SELECT n_records, params->>'stop_rule', params->>'bound_reached' FROM queries "
                 "ORDER BY query_id DESC LIMIT 1").fetchall()[0]
-    assert q[0] == 40 and q[1] is None and q[2] == "Infinity"        # read to the end, unbounded
     rows = [r for r in t.to_pylist() if r["score"] is not None]
+    # read to the end without a batch-means bound: the bound reached is the full scan's
+    # (the largest half-width of the intervals reported), above max_error
+    half = max(max(r["score"] - r["ci_low"], r["ci_high"] - r["score"]) for r in rows)
+    assert q[0] == 40 and q[1] is None and float(q[2]) == pytest.approx(half, rel=1e-12) and half > 0.05
     # every record read: the full scan's intervals (records as clusters), not batch means over
     # windows that had no score of their own
     full = dbd.inspect(big, "planted", ["mix"], ["has_hash"], "many", batch_size=1, limit=40, reuse=False)
@@ -641,7 +647,11 @@ def test_mi_windows_share_the_totals_bins_so_merges_are_exact(con):
 def test_min_support_with_every_column_rare_bounds_nothing_and_does_not_stop(big):
     """When every label column is still rare, no score is bounded: the bound is unknown (inf),
     not 0, so the scan does not stop at its fifth window on nothing."""
-    dbd.inspect(big, "planted", ["mix"], ["in_string"], "many", max_error=0.02, seed=1, min_support=10**6, limit=60)
+    t = dbd.inspect(big, "planted", ["mix"], ["in_string"], "many", max_error=0.02, seed=1, min_support=10**6,
+                    limit=60)
     n, rule, bound = big.sql("SELECT n_records, params->>'stop_rule', params->>'bound_reached' FROM queries "
                              "ORDER BY query_id DESC LIMIT 1").fetchall()[0]
-    assert n == 60 and rule is None and bound == "Infinity"
+    # read to the end: the bound reached is that of the full scan's intervals
+    half = max(max(r["score"] - r["ci_low"], r["ci_high"] - r["score"]) for r in t.to_pylist()
+               if r["ci_low"] is not None)
+    assert n == 60 and rule is None and float(bound) == pytest.approx(half, rel=1e-12) and half > 0.02

@@ -1316,6 +1316,17 @@ def per_model(runs: list, key: str) -> dict | None:
     return values if len({json.dumps(v, sort_keys=True, default=str) for v in values.values()}) > 1 else None
 
 
+def largest_half_width(t: pa.Table) -> float | None:
+    """The largest distance from a score to an end of its interval in a finalised score table
+    (None where no row has an interval)."""
+    score, lo, hi = (t.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
+                     for c in ("score", "ci_low", "ci_high"))
+    with np.errstate(invalid="ignore"):
+        half = np.fmax(score - lo, hi - score)
+    half = half[~np.isnan(half)]
+    return float(half.max()) if half.size else None
+
+
 def stop_report(runs: list) -> dict:
     """The early-stopping entries of ``queries.params`` for a query's runs (the models, their
     untrained twin), which stop_together has brought to one window: records_used, stopped_early
@@ -1455,17 +1466,22 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
     # every model (and the twin) scored on the same records: one window where every rule holds
     runs = stop_together(engine, session, runs, progress)
     stopping = stop_report(runs)
-    tables = []
+    tables, bounds = [], []
     for p, result in runs:
+        # a progressive scan that read every record is a full scan: the states' own intervals
+        # (records as clusters), and its bound the largest half-width of those; one that stopped
+        # early reports the batch means it stopped on, and their bound
+        read_all = result["records_used"] >= len(np.unique(p.record_ids))
+        if result.get("bound") is not None:
+            bounds.append(None if read_all else result["bound"])
         for (layer, m), state in result["states"].items():
             t = state.finalize()
-            # a progressive scan that read every record is a full scan: the states' own intervals
-            # (records as clusters); one that stopped early reports the batch means it stopped on
-            read_all = result["records_used"] >= len(np.unique(p.record_ids))
             if result.get("window_scores") is not None and m != "probe" and not read_all:
                 t = with_batch_means_interval(t, result["window_scores"][(layer, m)],
                                               getattr(state, "confidence", 0.95),
                                               SCORE_RANGE.get(m, (-np.inf, np.inf)))
+            elif result.get("bound") is not None and m != "probe":
+                bounds.append(largest_half_width(t))
             if p.permutations and result["samples"] and m != "probe":
                 t = with_permutation_p_values(t, p, m, result["samples"][layer], result["take"][m])
             n = t.num_rows
@@ -1474,6 +1490,9 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
                 **{name: t.column(name).cast(SCORE_SCHEMA.field(name).type) for name in SCORE_SCHEMA.names},
                 "detail": detail_column(t)}))
     scores = with_q_values(pa.concat_tables(tables))
+    if bounds:
+        known = [b for b in bounds if b is not None]
+        stopping["bound_reached"] = max(known) if known else float("inf")
     con = session.con
     together = len(models) > 1 and why_not is None
     params = {"models": models,
