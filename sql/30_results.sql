@@ -10,6 +10,9 @@
 -- (its place in the top k is settled by the data); false when some outsider's interval reaches
 -- it; NULL when the unit or an outsider has no interval. Units whose scores are nearly tied at
 -- the k-th place are not separated however many records are read.
+-- k must be a whole number >= 1 (2.0 and '2' included): 0, a negative or fractional k, or NULL is
+-- an error naming k, whatever the scores table holds (not an empty result that reads as
+-- "nothing was scored").
 CREATE OR REPLACE MACRO top_units(k := 5, qid := NULL, measure_name := 'corr', by_layer := false) AS TABLE
 WITH picked AS (
     SELECT s.model, s.hypothesis, s.layer, s.unit, s.score, s.ci_low, s.ci_high, s.q_value, s.n, s.measure,
@@ -33,21 +36,31 @@ ranked AS (
 ),
 outside AS (   -- per ranked set, the highest |score| an outsider's interval reaches
     SELECT model, measure, hypothesis, part, max(abs_high) AS high, bool_or(abs_high IS NULL) AS unbounded
-    FROM ranked WHERE rank > k
+    FROM ranked WHERE rank > TRY_CAST(k AS DOUBLE)
     GROUP BY ALL
 )
-SELECT r.model, r.hypothesis, r.rank, r.layer, r.unit, r.score, r.ci_low, r.ci_high, r.q_value, r.n, l.width,
-       CASE WHEN r.abs_low IS NULL OR o.unbounded THEN NULL
-            WHEN o.high IS NULL THEN true               -- every unit of the set is in the top k
-            ELSE r.abs_low > o.high END AS separated,
-       r.measure
-FROM ranked AS r
-LEFT JOIN outside AS o
-  ON o.model = r.model AND o.measure = r.measure AND o.hypothesis = r.hypothesis
- AND o.part IS NOT DISTINCT FROM r.part
-LEFT JOIN layers AS l ON l.model = r.model AND l.layer = r.layer
-WHERE r.rank <= k
-ORDER BY r.model, r.measure, r.hypothesis, r.part, r.rank;
+SELECT model, hypothesis, rank, layer, unit, score, ci_low, ci_high, q_value, n, width, separated, measure
+FROM (SELECT r.model, r.hypothesis, r.rank, r.layer, r.unit, r.score, r.ci_low, r.ci_high, r.q_value, r.n,
+             l.width,
+             CASE WHEN r.abs_low IS NULL OR o.unbounded THEN NULL
+                  WHEN o.high IS NULL THEN true               -- every unit of the set is in the top k
+                  ELSE r.abs_low > o.high END AS separated,
+             r.measure, r.part
+      FROM ranked AS r
+      LEFT JOIN outside AS o
+        ON o.model = r.model AND o.measure = r.measure AND o.hypothesis = r.hypothesis
+       AND o.part IS NOT DISTINCT FROM r.part
+      LEFT JOIN layers AS l ON l.model = r.model AND l.layer = r.layer
+      WHERE r.rank <= TRY_CAST(k AS DOUBLE)
+      UNION ALL   -- the guard, checked whatever the scores hold: a row only for a bad k, and it is the error
+      SELECT CAST(error(msg) AS VARCHAR), NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+             NULL
+      FROM (SELECT CASE WHEN isfinite(TRY_CAST(k AS DOUBLE)) AND TRY_CAST(k AS DOUBLE) >= 1
+                             AND TRY_CAST(k AS DOUBLE) = floor(TRY_CAST(k AS DOUBLE)) THEN NULL
+                        ELSE 'top_units: k must be a whole number >= 1 (the units per hypothesis), got '
+                             || coalesce(CAST(k AS VARCHAR), 'NULL') END AS msg)
+      WHERE msg IS NOT NULL)
+ORDER BY model, measure, hypothesis, part, rank;
 
 -- compare_scores(model_a, model_b, measure_name := 'corr', ds := NULL): for every (layer, unit,
 -- hypothesis) scored for both models over the same records of a dataset, the two scores and their

@@ -21,6 +21,7 @@ from ..errors import DeepBaseError, EmptyDatasetError, check_int
 from ..inspectors.cka import LinearCKAState
 from ..progress import progress_bar
 from ..extraction.adapters import default_device
+from ..extraction.hooks import hold_model_locks
 from .extract import SymbolWriter, forward_batches, plan_batches, stored_symbol_counts
 
 
@@ -104,12 +105,17 @@ def compare_layers(session, groups, dataset: str, record_ids=None, limit=None, b
                    else _read_stored(stored[m], blocks, counts)) for m in by_model}
     bar = progress_bar(len(ids), f"compare {len(groups)} groups", "rec",
                        session.progress if progress is None else progress)
+    # every model run is locked for the whole scan; the locks are taken together, in one global
+    # order: each stream's Retain would take its model's lock when first read, in the groups'
+    # order, and compare_layers([A, B]) beside compare_layers([B, A]) (two stores sharing live
+    # models, two threads) would each hold one lock and wait for the other
     try:
-        for batches in zip(*streams.values()):
-            acts = {(m, l): b.acts[l] for m, b in zip(streams, batches) for l in by_model[m]}
-            for (a, b), st in states.items():
-                st.update(acts[a], acts[b])
-            bar.update(len(batches[0].record_ids))
+        with hold_model_locks([adapters[m].module for m in run]):
+            for batches in zip(*streams.values()):
+                acts = {(m, l): b.acts[l] for m, b in zip(streams, batches) for l in by_model[m]}
+                for (a, b), st in states.items():
+                    st.update(acts[a], acts[b])
+                bar.update(len(batches[0].record_ids))
     finally:
         bar.close()
         for stream in streams.values():    # each model's hooks and model lock released now, not

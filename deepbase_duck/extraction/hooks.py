@@ -8,6 +8,8 @@ Layers are addressed by the dotted paths of ``model.named_modules()``, as in PyT
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import threading
 import weakref
 
@@ -52,14 +54,21 @@ class ModelLock:
     (two threads' queries, e.g. over ``dbd.cursor``s) would each see the other's passes. Held
     from a Retain's ``__enter__`` to its ``close``; re-entrant in the thread that holds it (a
     Retain inside another on the same model), and released by whichever thread closes the
-    Retain (a prefetching generator may be closed by the thread that consumed it)."""
+    Retain (a prefetching generator may be closed by the thread that consumed it).
+
+    Code that holds several models' locks at once takes them through ``hold_model_locks``, in one
+    order for every thread (``rank``, the order the locks were made in): two threads taking the
+    locks of models A and B in the orders A, B and B, A would each hold one and wait for the other
+    for ever."""
 
     _locks = weakref.WeakKeyDictionary()      # root module -> its ModelLock
     _guard = threading.Lock()
+    _ranks = itertools.count()
 
     def __init__(self):
         self.lock = threading.Lock()
         self.owner, self.depth = None, 0
+        self.rank = next(ModelLock._ranks)     # (made under _guard) the global order of acquisition
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> "ModelLock":
@@ -82,6 +91,24 @@ class ModelLock:
         if self.depth == 0:
             self.owner = None
             self.lock.release()
+
+
+@contextlib.contextmanager
+def hold_model_locks(models):
+    """Hold the ModelLocks of ``models`` (root modules; repeats and shared locks count once) for
+    the block, taken in ``ModelLock.rank`` order whatever the order of ``models``, and released in
+    reverse. Retains opened inside on these models then re-enter locks this thread holds, so no
+    lock is taken out of order while another is held."""
+    locks = sorted({id(lock): lock for lock in map(ModelLock.of, models)}.values(), key=lambda lock: lock.rank)
+    taken = []
+    try:
+        for lock in locks:
+            lock.acquire()
+            taken.append(lock)
+        yield
+    finally:
+        for lock in reversed(taken):
+            lock.release()
 
 
 class Retain:

@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import inspect
 import re
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -406,10 +407,13 @@ def function_inputs(fn, depth: int = 0, seen: set | None = None) -> str:
     numpy array (``_stable``; closures and defaults the same way), and the user-defined Python functions
     it calls through a module-level name, a closed-over variable or a default (a helper): each
     one's source (``function_text``) and, in turn, what it reads, HELPER_DEPTH levels deep, each
-    function once (recursion and cycles end there). Functions of the standard library, of
-    installed packages and of deepbase_duck itself are not followed (their code changes with the
-    installed version, not between queries); modules, classes and other objects count by their
-    type alone."""
+    function once (recursion and cycles end there). The same holds for what it reads as an
+    attribute of a module of the user's own (``mod.helper(x)``, ``pkg.sub.THRESHOLD``, after
+    ``import mod`` or ``from pkg import sub`` at module level or in a closure:
+    ``module_attributes``). Functions and modules of the standard library, of installed packages
+    and of deepbase_duck itself are not followed (their code changes with the installed version,
+    not between queries: a numpy upgrade keeps the versions, as for a library function called by
+    name); classes and other objects count by their type alone."""
     seen = set() if seen is None else seen
     code = getattr(fn, "__code__", None)
     if code is None:
@@ -443,7 +447,76 @@ def function_inputs(fn, depth: int = 0, seen: set | None = None) -> str:
             parts.append(f"{name}={_stable(value)}")
         elif _user_function(value):
             parts.append(f"{name}={_helper_text(value, depth, seen)}")
+    for path, value in module_attributes(fn):
+        if _user_function(value):
+            parts.append(f"{path}={_helper_text(value, depth, seen)}")
+        elif isinstance(value, _PLAIN + _VALUES + (list, tuple, set, frozenset, dict)):
+            parts.append(f"{path}={_stable(value)}")
     return "|".join(parts)
+
+
+_LOADS = {"LOAD_GLOBAL": "global", "LOAD_NAME": "global", "LOAD_DEREF": "closure"}
+_ATTRS = ("LOAD_ATTR", "LOAD_METHOD")
+_CHAINS: dict[int, tuple[object, tuple]] = {}   # id(code object) -> (the code object, its attribute chains)
+
+
+def _attribute_chains(code) -> tuple:
+    """The ``(where, name, (attr, ...))`` chains of a code object and the code nested in it: a
+    global or closed-over name followed by attribute reads (``mod.helper``: ('global', 'mod',
+    ('helper',))), read from its bytecode once per code object."""
+    known = _CHAINS.get(id(code))
+    if known is not None and known[0] is code:
+        return known[1]
+    import dis
+    chains, stack = [], [(code, 0)]
+    while stack:
+        c, depth = stack.pop()
+        current = None
+        for ins in dis.get_instructions(c):
+            if ins.opname in _ATTRS and current is not None:
+                current[2].append(ins.argval)
+                continue
+            if current is not None and current[2]:
+                chains.append((current[0], current[1], tuple(current[2])))
+            current = [_LOADS[ins.opname], ins.argval, []] if ins.opname in _LOADS else None
+        if current is not None and current[2]:
+            chains.append((current[0], current[1], tuple(current[2])))
+        if depth < 8:
+            stack += [(k, depth + 1) for k in c.co_consts if inspect.iscode(k)]
+    chains = tuple(sorted(set(chains)))
+    _CHAINS[id(code)] = (code, chains)
+    return chains
+
+
+def module_attributes(fn) -> list[tuple[str, object]]:
+    """``(dotted path, value)`` of what ``fn``'s code reads as an attribute of a module of the
+    user's own (``_user_module``), through a module-level name or a closed-over variable:
+    ``mod.helper`` -> ('mod.helper', the function), ``pkg.sub.LIMIT`` -> ('pkg.sub.LIMIT', its
+    value), as they are now. A chain stops at the first value that is not a user module (a
+    library module re-exported by the user's one, a class, an object); attributes a module does
+    not hold yet (its ``__getattr__`` is not called) are left out."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return []
+    closure = {}
+    for name, cell in zip(code.co_freevars, getattr(fn, "__closure__", None) or ()):
+        try:
+            closure[name] = cell.cell_contents
+        except ValueError:                   # an empty cell
+            pass
+    g = getattr(fn, "__globals__", {})
+    out = {}
+    for where, name, attrs in _attribute_chains(code):
+        scope = g if where == "global" else closure
+        if name not in scope:
+            continue
+        value, path = scope[name], name
+        for attr in attrs:
+            if not _user_module(value) or attr not in vars(value):
+                break
+            value, path = vars(value)[attr], f"{path}.{attr}"
+            out[path] = value
+    return sorted(out.items())
 
 
 def _names_read(code, depth: int = 0) -> set:
@@ -491,13 +564,33 @@ def _user_function(v) -> bool:
     """Whether ``v`` is a Python function of the user's code (a script, a notebook cell, a module of
     the user's project, ``exec``): not a builtin, nor from the standard library, an installed
     package or deepbase_duck."""
-    global _PACKAGE_DIRS
     if not inspect.isfunction(v):
         return False
     module = getattr(v, "__module__", None) or ""
     if module == "deepbase_duck" or module.startswith("deepbase_duck."):
         return False
-    f = v.__code__.co_filename
+    return _user_file(v.__code__.co_filename)
+
+
+def _user_module(v) -> bool:
+    """Whether ``v`` is a module of the user's code: one made from a file outside the standard
+    library, the installed packages and deepbase_duck (a namespace package by its folders), or one
+    made in memory (``types.ModuleType``); not a built-in or frozen module."""
+    if not inspect.ismodule(v):
+        return False
+    name = v.__name__ or ""
+    if name == "deepbase_duck" or name.startswith("deepbase_duck.") or name in sys.builtin_module_names:
+        return False
+    spec = getattr(v, "__spec__", None)
+    files = [getattr(v, "__file__", None)] if getattr(v, "__file__", None) else list(getattr(v, "__path__", None) or ())
+    if not files:                            # no file: built in, frozen, or made in memory by the user
+        return getattr(spec, "origin", None) not in ("built-in", "frozen")
+    return all(isinstance(f, str) and _user_file(f) for f in files)
+
+
+def _user_file(f: str) -> bool:
+    """Whether code from file ``f`` is the user's (see _user_function); kept per file."""
+    global _PACKAGE_DIRS
     known = _USER_FILES.get(f)
     if known is None:
         if f.startswith("<"):                # <stdin>, <string> (exec), a notebook's cell name
