@@ -54,8 +54,9 @@ def connect(path: str | None = None, threads: int | None = None, progress: bool 
     macros (top_units, compare_scores, the sampling macros) but not the Python surface
     (``inspect``, ``register_model``, ... are TEMP macros, kept per DuckDB connection) nor the
     Python API; ``dbd.cursor`` gives both. Queries and catalog changes (inspect, extract,
-    annotate, compare_layers, register_model, add_dataset, drop_dataset) from several cursors run
-    one at a time per store (a second waits for the first); SQL over the stored tables runs
+    annotate, compare_layers, register_model, add_dataset, drop_dataset), exports and reports
+    (which read many tables in turn and may update the catalog) from several cursors run one at
+    a time per store (a second waits for the first); SQL over the stored tables runs
     concurrently. A store file is open once per process: connect again after ``close``.
     """
     from .engine.extract import refresh_views

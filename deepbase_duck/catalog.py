@@ -18,6 +18,7 @@ from . import store
 from .errors import DeepBaseError, EmptyDatasetError, UnknownNameError
 from .extraction.adapters import ModelAdapter, weights_checksum
 from .extraction.hooks import Retain, user_hooks
+from .hypotheses.grid import grid_of
 
 _SESSIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -55,6 +56,7 @@ class Session:
         self.udf_tracebacks: list[str] = []
         self.scan_memory_limit: str | None = None   # connect() sets it (engine/memory.py)
         self.write_lock = threading.RLock()          # shared with cursor sessions: see one_writer
+        self.tokenization_checked: set[str] = set()   # models whose row's tokenisation was checked (model_row)
 
     # -- models ----------------------------------------------------------------------------
     @store.one_writer
@@ -116,10 +118,10 @@ class Session:
     def adapter(self, name: str) -> ModelAdapter:
         if name in self.adapters:
             return self.adapters[name]
-        row = store.q_one(self.con, "SELECT loader, params, checksum FROM models WHERE name = ?", [name])
+        row = store.q_one(self.con, "SELECT loader, params, checksum, tokenization FROM models WHERE name = ?", [name])
         if row is None:
             raise UnknownNameError("model", name, self.model_names())
-        loader, params, checksum = row
+        loader, params, checksum, tokenization = row
         if not loader:
             raise DeepBaseError(
                 f"model {name!r} was registered from a live Python object in another session; "
@@ -129,8 +131,22 @@ class Session:
             raise DeepBaseError(
                 f"model {name!r}: the loader {loader!r} now yields weights with checksum "
                 f"{adapter.checksum[:12]}..., not the registered {checksum[:12]}...; register it again")
+        if adapter.tokenization != tokenization:
+            self._follow_tokenization(name, adapter, tokenization)
         self.adapters[name] = adapter
         return adapter
+
+    def _follow_tokenization(self, name: str, adapter: ModelAdapter, stored: str) -> None:
+        """The loader now gives the model another tokenisation than its row holds (an image
+        adapter's grid rule, which names how layers are resampled to cells, changed since a
+        store of an earlier version registered it): the row takes the adapter's, so that what
+        is keyed by the old one (symbols, stored activations, stored scores) is no longer
+        reused as the model's; it stays in the store under the old key. Warns, naming both."""
+        with store.Transaction(self.con) as con:
+            con.execute("UPDATE models SET tokenization = ? WHERE name = ?", [adapter.tokenization, name])
+        warnings.warn(f"model {name!r}: its loader now gives tokenization {adapter.tokenization!r}, not "
+                      f"{stored!r} as registered (the adapter's rule changed since); the model's row follows it, "
+                      f"and what was stored under the old one is no longer used for it", stacklevel=4)
 
     def _adopt_legacy_checksum(self, name: str, adapter: ModelAdapter, stored: str) -> bool:
         """A store written before model identities covered module classes and variants holds the
@@ -175,6 +191,18 @@ class Session:
                 self.adapter(name)
             except Exception:      # it cannot load here: the store keeps its own (weights) keys,
                 pass               # which still serve stored activations; a scan that runs the model fails then
+            else:
+                return self.model_row(name)
+        if (row[4] and name not in self.adapters and name not in self.tokenization_checked
+                and grid_of(row[2]) is not None):
+            # an image model's tokenisation names its grid rule, which an earlier version's row
+            # may hold: loaded once per session before any query keys by it (a query reading stored
+            # activations only would not load it), the row follows the adapter's (adapter())
+            self.tokenization_checked.add(name)
+            try:
+                self.adapter(name)
+            except Exception:      # as above: a scan that runs the model fails with the reason
+                pass
             else:
                 return self.model_row(name)
         return {"name": row[0], "checksum": row[1], "tokenization": row[2]}

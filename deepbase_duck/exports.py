@@ -21,7 +21,14 @@ tools that read Parquet use the files directly (pyarrow.dataset, polars, Spark..
 Python UDFs. Records, symbols and labels are left out unless ``text=True`` (they can be large).
 ``overwrite=True`` replaces an earlier export in ``out_dir`` and nothing else: the earlier export
 is moved aside while the new one is written, and restored if that fails (it is refused up front
-while its study.duckdb is open in this process). What an export could not include (activations
+while its study.duckdb is open in this process). The aside folder, ``.<name>.earlier-export-*``
+beside ``out_dir``, names its destination in a file ``destination``; once the new export is
+written it is renamed ``.<name>.replaced-export-*`` and deleted. A process killed in between
+(SIGKILL, power loss) leaves the earlier export there: the next export to ``out_dir`` puts it back
+when ``out_dir`` is missing or empty, and otherwise warns naming where it is; it never deletes it
+(``recover_earlier_exports``). An export runs under the store's writer lock (``store.one_writer``):
+it reads many tables one after another and may update the catalog (``forget_missing_parts``), so
+a query on another cursor must not commit in between. What an export could not include (activations
 asked for but none stored, or stored ones whose files were deleted by hand) is said in the
 returned dict's ``notes`` (a line of text), and no ``activations`` view is made then.
 """
@@ -31,6 +38,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import duckdb
@@ -136,28 +144,126 @@ def check_not_open(out: Path) -> None:
     probe.close()
 
 
+ASIDE = ".earlier-export-"         # .<name>.earlier-export-XXXX/export: an earlier export, kept while replaced
+REPLACED = ".replaced-export-"     # the same folder once the new export is written: only to delete
+MARK = "destination"               # the file in an aside folder naming the export folder it belongs to
+
+
+def _aside_prefix(out: Path, kind: str = ASIDE) -> str:
+    return f".{out.name[:40]}{kind}"
+
+
+def _move_aside(out: Path) -> Path:
+    """Move the export in ``out`` into a new hidden folder beside it (as ``<aside>/export``, with
+    ``<aside>/destination`` naming ``out``); returns that folder."""
+    aside = Path(tempfile.mkdtemp(prefix=_aside_prefix(out), dir=out.parent))
+    try:
+        (aside / MARK).write_text(str(out), encoding="utf-8")
+        os.replace(out, aside / "export")
+    except BaseException:
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+    return aside
+
+
+def _discard(aside: Path) -> None:
+    """Delete an aside folder whose export was replaced: renamed first (one atomic step), so that
+    a process killed while deleting it leaves a folder the next export knows to be garbage."""
+    gone = aside.with_name(aside.name.replace(ASIDE, REPLACED, 1))
+    try:
+        os.replace(aside, gone)
+    except OSError:
+        gone = aside
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def _aside_destination(aside: Path, out: Path) -> Path | None:
+    """The export folder an aside folder belongs to: the one its ``destination`` file names; for
+    one without that file (written by an earlier version), ``out`` when the folder's name is
+    ``out``'s prefix and ``out``'s name is whole in it (at most 40 characters), else None."""
+    try:
+        return Path(aside.joinpath(MARK).read_text(encoding="utf-8").strip())
+    except (OSError, UnicodeDecodeError):
+        pass
+    if len(out.name) <= 40 and aside.name.startswith(_aside_prefix(out)):
+        return out
+    return None
+
+
+def recover_earlier_exports(out: Path) -> Path | None:
+    """Before an export to ``out``: find what an export killed while replacing an earlier one
+    left beside its folder. An aside folder of ``out`` holding an export (the new one was never
+    written whole: a written one renames its aside folder first) is moved back into ``out``
+    when ``out`` is missing or empty, with a warning; otherwise a warning names where it is, and
+    it stays (``out`` may hold a partial new export, or files written since: which one to keep
+    is the user's call). Aside folders of other export folders in the same parent are named in a
+    warning only (their own folder's next export may never come); folders that hold no export
+    (killed before the move, or a replaced export being deleted) are deleted. Returns the
+    folder restored from, or None."""
+    parent = out.parent
+    if not parent.is_dir():
+        return None
+    own, others = [], []
+    for p in sorted(parent.iterdir()):
+        if not (p.name.startswith(".") and p.is_dir()):
+            continue
+        if REPLACED in p.name and p.name.startswith(_aside_prefix(out, REPLACED)):
+            shutil.rmtree(p, ignore_errors=True)       # the earlier export of a completed replacement
+            continue
+        if ASIDE not in p.name:
+            continue
+        dest = _aside_destination(p, out)
+        if not (p / "export").is_dir():
+            if dest == out:                              # killed before its export was moved in
+                shutil.rmtree(p, ignore_errors=True)
+            continue
+        (own if dest == out else others).append((p, dest))
+    restored = None
+    if own and (not out.exists() or (out.is_dir() and not any(out.iterdir()))):
+        own.sort(key=lambda a: a[0].stat().st_mtime)      # the newest aside: the export last in place
+        restored = own.pop()[0]
+        os.replace(restored / "export", out)
+        shutil.rmtree(restored, ignore_errors=True)
+        warnings.warn(f"export folder {out}: an earlier export to it was interrupted (its process killed, or "
+                      f"the machine stopped) while replacing the export there; that export, kept in {restored}, "
+                      f"was put back in {out}", stacklevel=3)
+    for p, _ in own:
+        warnings.warn(f"export folder {out}: an earlier export to it was interrupted while replacing the export "
+                      f"that was there; that export is kept in {p / 'export'}, and {out} holds what was written "
+                      f"since (maybe a partial export). Move it back, or delete it once you do not need it; "
+                      f"it is never deleted for you", stacklevel=3)
+    for p, dest in others:
+        where = f"of {dest}" if dest is not None else "of a folder beside it"
+        warnings.warn(f"{p / 'export'} holds an earlier export {where}, left there by an export that was "
+                      f"interrupted while replacing it: the next export to {dest or 'that folder'} puts it back "
+                      f"if that folder is missing or empty; or move it back yourself", stacklevel=3)
+    return restored
+
+
+@store.one_writer
 def export_store(session, out_dir: str, activations: bool = False, text: bool = False,
                  overwrite: bool = False) -> dict:
     """Write the export to ``out_dir``; returns {name: path} of what was written, and 'notes'
     (one line of text) when something asked for could not be exported. A failure leaves no
     partial export behind: the folder is left empty, or holds the earlier export it was to
-    replace."""
+    replace. A kill leaves the earlier export beside it, for the next export to find
+    (``recover_earlier_exports``). Runs holding the store's writer lock (see the module's
+    docstring)."""
     from .errors import DeepBaseError
     out = Path(out_dir).resolve()
     check_out_dir(out)
+    restored = recover_earlier_exports(out)
     aside = None                           # the earlier export, kept until the new one is written
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"export folder {out} is not empty; pass overwrite=True (CLI: --overwrite) "
+            why = f" (it holds the earlier export put back from {restored})" if restored else ""
+            raise FileExistsError(f"export folder {out} is not empty{why}; pass overwrite=True (CLI: --overwrite) "
                                   f"to replace an earlier export there")
         check_replaceable(session, out)
         check_not_open(out)
         try:
-            aside = Path(tempfile.mkdtemp(prefix=f".{out.name[:40]}.earlier-export-", dir=out.parent))
-            os.replace(out, aside / "export")
+            aside = _move_aside(out)
         except OSError as exc:
-            if aside is not None:
-                shutil.rmtree(aside, ignore_errors=True)
             raise DeepBaseError(f"export folder {out}: the earlier export cannot be moved aside while the new one "
                                 f"is written ({exc.strerror or exc}); nothing was changed") from None
     try:
@@ -176,7 +282,7 @@ def export_store(session, out_dir: str, activations: bool = False, text: bool = 
             shutil.rmtree(aside, ignore_errors=True)
         raise
     if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
+        _discard(aside)
     return written
 
 

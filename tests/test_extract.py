@@ -490,8 +490,10 @@ def test_a_part_file_the_catalog_never_listed_is_deleted_when_the_store_opens(tm
 
 
 def test_a_behavior_interrupted_before_its_first_commit_opens_clean(tmp_path, monkeypatch):
-    """Interrupted before any part of a behavior committed: no file and no view are left, and a
-    part file left by a kill in its folder is deleted when the store opens again."""
+    """Interrupted (Ctrl-C) before any part of a behavior committed: no catalog row, file, folder
+    or view is left (tests/test_store_robustness.py: such a row was listed and exported). A kill
+    there leaves the row and its folder: a part file (or a staged one) left in it is deleted when
+    the store opens again."""
     extract = sys.modules["deepbase_duck.engine.extract"]
     db = str(tmp_path / "s.duckdb")
     con = dbd.connect(db, progress=False)
@@ -503,12 +505,18 @@ def test_a_behavior_interrupted_before_its_first_commit_opens_clean(tmp_path, mo
     monkeypatch.setattr(extract, "commit_parts", interrupted)
     with pytest.raises(KeyboardInterrupt):
         dbd.extract(con, "planted", ["planted"], "snippets")
+    assert con.sql("SELECT count(*) FROM behaviors").fetchall() == [(0,)]
+    assert list(Path(db + ".acts").iterdir()) == []
+    assert con.sql("SELECT count(*) FROM duckdb_views() WHERE view_name LIKE 'behavior_%'").fetchall() == [(0,)]
+    monkeypatch.setattr(extract, "drop_unstored_behaviors", lambda *a: [])    # as a kill leaves it: the row stays
+    with pytest.raises(KeyboardInterrupt):
+        dbd.extract(con, "planted", ["planted"], "snippets")
     monkeypatch.undo()
     folder = next(Path(db + ".acts").iterdir())
     assert list(folder.iterdir()) == []
-    assert con.sql("SELECT count(*) FROM duckdb_views() WHERE view_name LIKE 'behavior_%'").fetchall() == [(0,)]
     dbd.close(con)
     (folder / "part-000001.parquet").write_bytes(b"killed before its commit")
+    (folder / ".part-000001.parquet.staged").write_bytes(b"killed before its commit")
     con = dbd.connect(db, progress=False)
     try:
         assert list(folder.iterdir()) == []

@@ -6,13 +6,22 @@ act FIXED_SIZE_LIST<float32|float16>[width]) in a folder beside the DuckDB file;
 (behaviors, behavior_parts, behavior_records) says which parts and records are committed and a
 view per behavior reads them as (record_id, pos, act FLOAT[width]).
 
-One forward pass per batch of records feeds every requested layer. A part is written under a
-temporary name, renamed, and only then committed to the catalog in one transaction with the
-records it holds; a part file that the catalog does not list (the run was interrupted or killed
-between rename and commit) is deleted at once (an exception, Ctrl-C) or when the store is next
-opened (a kill), so the views and exports show committed parts only and an interrupted
-extraction resumes after its last committed batch with no duplicate or missing rows. Peak memory
-is one batch.
+One forward pass per batch of records feeds every requested layer. The write protocol keeps
+every file the views' glob (``part-*.parquet``) matches a committed part:
+
+1. the part is written under a temporary name ``.part-NNNNNN.parquet.<pid>.tmp``, then renamed
+   to its staged name ``.part-NNNNNN.parquet.staged`` (whole, still hidden from the glob);
+2. the catalog commits it (behavior_parts, behavior_records) in one transaction per batch;
+3. it is published: renamed from its staged name to ``part-NNNNNN.parquet``.
+
+A kill before 2 leaves hidden files the catalog does not list: deleted by the next extraction of
+the behavior, or when the store is next opened (``refresh_views``). A kill between 2 and 3
+leaves committed parts under their staged names, which the views do not read yet (they never
+read rows the catalog does not list; they may lack committed ones until then): the next
+opening, extraction or read of the behavior (``settle_folder``, ``forget_missing_parts``) rolls
+them forward. An exception or Ctrl-C settles the folder at once. An interrupted extraction
+resumes after its last committed batch with no duplicate or missing rows. Peak memory is one
+batch.
 """
 from __future__ import annotations
 
@@ -147,8 +156,9 @@ def refresh_views(session, clean: bool = False) -> None:
     """(Re)create the view of every behavior that has parts, with this store's folder, and drop
     the view of one whose files are all gone (the catalog's parts are forgotten, with a warning,
     when they are next read: ``forget_missing_parts``). ``clean``
-    (the store is opened to write): first delete the part files the catalog does not list (a run
-    killed between a part's rename and its commit), which the views would otherwise read."""
+    (the store is opened to write): first settle each behavior's folder (``settle_folder``):
+    committed parts that a kill left under their staged names are published, files the catalog
+    does not list (a kill before the commit) deleted."""
     for bid, directory, view, width, files in store.q_all(
             session.con, "SELECT b.behavior_id, b.directory, b.view_name, b.width, "
                          "list(p.file) FILTER (WHERE p.file IS NOT NULL) FROM behaviors b "
@@ -156,10 +166,11 @@ def refresh_views(session, clean: bool = False) -> None:
         folder = session.act_root / directory
         if clean:
             try:
-                remove_unlisted(folder, set(files or ()))
+                settle_folder(folder, set(files or ()))
             except OSError as exc:
-                warnings.warn(f"{folder}: a part file that the catalog does not list could not be deleted "
-                              f"({exc}); view {view} reads its rows too", stacklevel=3)
+                warnings.warn(f"{folder}: the part files could not be brought in line with the catalog ({exc}); "
+                              f"until they are, view {view} may lack committed rows, or read a file the "
+                              f"catalog does not list", stacklevel=3)
         if files and folder.is_dir() and any(folder.glob("part-*.parquet")):
             session.con.execute(view_sql(session, {"view_name": view, "directory": directory, "width": width}))
         else:     # no file to read (its folder deleted or moved by hand): a view kept in the store would fail
@@ -196,6 +207,10 @@ def forget_missing_parts(session, b: dict) -> int:
         present = {e.name for e in os.scandir(folder) if e.is_file()}
     except FileNotFoundError:
         present = set()
+    for _, name in parts:          # committed, not yet published (a kill after the commit): published now
+        if name not in present and staged_name(name) in present:
+            publish_part(folder, name)
+            present.add(name)
     gone = [int(part) for part, name in parts if name not in present]
     if not gone:
         return 0
@@ -262,22 +277,47 @@ def drop_unstored_behaviors(session, behaviors) -> list[int]:
 
 
 def cleanup_orphans(session, b: dict) -> int:
-    """Delete part files of ``b`` that the catalog does not list (a run killed before commit)."""
+    """Bring the folder of ``b`` in line with the catalog (``settle_folder``): before a run
+    resumes, and after one failed."""
     listed = {r[0] for r in store.q_all(session.con, "SELECT file FROM behavior_parts WHERE behavior_id = ?",
                                         [b["behavior_id"]])}
-    return remove_unlisted(session.act_root / b["directory"], listed)
+    return settle_folder(session.act_root / b["directory"], listed)
 
 
-def remove_unlisted(folder, listed: set) -> int:
-    """Delete the files of a behavior's ``folder`` whose names ``listed`` (the catalog's parts)
-    does not hold; returns how many."""
+def staged_name(name: str) -> str:
+    """The hidden name a part is written under until its catalog commit (not matched by the views'
+    ``part-*.parquet``): one name per part, so that a roll-forward finds it from the catalog."""
+    return f".{name}.staged"
+
+
+def publish_part(folder, name: str) -> None:
+    """Rename the committed part ``name`` from its staged name to the name the views read. Already
+    published (by a roll-forward, or a Ray block run twice): nothing to do."""
+    from pathlib import Path
+    try:
+        os.replace(Path(folder) / staged_name(name), Path(folder) / name)
+    except FileNotFoundError:
+        pass                       # no staged file: published already, or gone (forget_missing_parts says so)
+
+
+def settle_folder(folder, listed: set) -> int:
+    """Bring a behavior's ``folder`` in line with its committed parts ``listed`` (file names):
+    a listed part still under its staged name (a kill between the commit and the rename) is
+    published; every other file the catalog does not list (a part staged or being written when
+    its run failed or was killed before the commit, a staged copy of a published part) is
+    deleted. Returns the number of files deleted."""
     if not folder.is_dir():
         return 0
+    staged = {staged_name(n): n for n in listed}
     removed = 0
     for f in folder.iterdir():
-        if f.name not in listed:
-            f.unlink(missing_ok=True)
-            removed += 1
+        if f.name in listed:
+            continue
+        if f.name in staged and not (folder / staged[f.name]).exists():
+            publish_part(folder, staged[f.name])
+            continue
+        f.unlink(missing_ok=True)
+        removed += 1
     return removed
 
 
@@ -431,9 +471,11 @@ def write_part(session, b: dict, batch: Batch, x: torch.Tensor, rows_mask: np.nd
 
 
 def write_part_file(folder, name: str, dtype: str, batch: Batch, x: torch.Tensor, rows_mask: np.ndarray | None) -> int:
-    """Write (record_id, pos, act) rows of ``batch`` to ``folder/name`` under a temporary name,
-    then rename (a rewrite of the same part replaces it whole); return the rows written. Used by
-    write_part and by Ray workers (engine/ray_engine.py), which write to a shared folder."""
+    """Write (record_id, pos, act) rows of ``batch`` as part ``name`` of ``folder``, staged: under
+    a temporary name of this process, then renamed to the part's staged name (a rewrite of the
+    same part replaces it whole), which the views do not read until ``commit_parts`` publishes
+    it; return the rows written. Used by write_part and by Ray workers (engine/ray_engine.py),
+    which write to a shared folder for the driver to commit."""
     from pathlib import Path
     np_dtype, pa_dtype = DTYPES[dtype]
     rec = np.repeat(batch.record_ids.astype(np.int32), batch.n_symbols)
@@ -459,12 +501,13 @@ def write_part_file(folder, name: str, dtype: str, batch: Batch, x: torch.Tensor
     tmp = folder / f".{name}.{os.getpid()}.tmp"
     pq.write_table(table, tmp, compression="zstd" if dtype == "float16" else "none", use_dictionary=False,
                    write_statistics=["record_id", "pos"], row_group_size=PART_ROW_GROUP_ROWS)
-    os.replace(tmp, folder / name)
+    os.replace(tmp, folder / staged_name(name))
     return len(rec)
 
 
 def commit_parts(session, written: list[tuple[dict, str, int, int, np.ndarray]]) -> None:
-    """One transaction: the parts just written and the records they hold."""
+    """One transaction: the parts just written (staged) and the records they hold; then each part
+    is published under the name the views read, and a behavior's first parts get its view."""
     con = session.con
     with store.Transaction(con):
         for b, name, part, n_rows, recs in written:
@@ -473,6 +516,8 @@ def commit_parts(session, written: list[tuple[dict, str, int, int, np.ndarray]])
                 "behavior_id": pa.array(np.full(len(recs), b["behavior_id"], np.int32)),
                 "record_id": pa.array(recs.astype(np.int32)),
                 "part": pa.array(np.full(len(recs), part, np.int32))}))
+    for b, name, *_ in written:               # committed: now the views may read them
+        publish_part(session.act_root / b["directory"], name)
     new = {}
     for b, *_ in written:
         new.setdefault(b["behavior_id"], [b, 0])[1] += 1
@@ -504,10 +549,10 @@ def store_batch(session, behaviors: dict, missing: dict, batch: Batch, symbols=N
 
 
 def settle_parts(session, behaviors) -> None:
-    """After a batch failed or was interrupted (Ctrl-C) between writing its parts and committing
-    them: delete the part files the catalog does not list, which the behaviors' views would read
-    otherwise, and create the view of a behavior whose first parts did commit. Best effort: the
-    original error is what matters, and opening the store cleans up too (``refresh_views``)."""
+    """After a batch failed or was interrupted (Ctrl-C) while writing, committing or publishing
+    its parts: settle the behaviors' folders (staged parts that committed are published, the
+    others deleted) and create the view of a behavior whose first parts did commit. Best effort:
+    the original error is what matters, and opening the store settles them too (``refresh_views``)."""
     for b in behaviors:
         try:
             cleanup_orphans(session, b)
@@ -576,11 +621,12 @@ def extract(session, model: str, layers, dataset: str, dtype: str = "float32", r
                 bar.close()
                 source.close()            # a prefetching producer stops (and its thread ends) here
                 symbols.close(failed=sys.exc_info()[0] is not None)
-    except Exception:
-        # a failed extraction (an error: NaN activations, a layer the adapter cannot cut into
-        # symbols) leaves no catalog row for a behavior with no committed part, whose activations
-        # were never stored; one with parts stays, for a later call to resume after its last
-        # committed batch. An interruption (Ctrl-C) is left as a kill leaves it, to be resumed.
+    except BaseException:
+        # a failed or interrupted extraction (an error: NaN activations, a layer the adapter
+        # cannot cut into symbols; Ctrl-C) leaves no catalog row for a behavior with no committed
+        # part, whose activations were never stored: such a row would be listed and exported as
+        # stored activations with no view to read; there is nothing in it to resume from. One
+        # with parts stays, for a later call to resume after its last committed batch.
         drop_unstored_behaviors(session, behaviors.values())
         raise
     for layer in layers:

@@ -1,7 +1,14 @@
 """Assemble the report of one query: read the store (data.py), draw (figures.py), write one
-self-contained HTML file (html.py)."""
+self-contained HTML file (html.py).
+
+The store is read holding its writer lock (``store.one_writer``), as inspect, extract and export
+run: reading it may write (activation files deleted by hand are taken out of the catalog,
+``forget_missing_parts``; an image model loaded for the images section may bring its catalog row
+up to date), and the report reads the query, its scores and stored activations one after another,
+which a query committing on another cursor in between would leave out of step."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -9,7 +16,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from .. import __version__
+from .. import __version__, store
 from ..catalog import session_of
 from ..errors import DeepBaseError, UnknownNameError, check_int
 from ..progress import progress_bar
@@ -218,6 +225,15 @@ def write_report(con, path, query_id=None, model: str | None = None, dataset: st
     blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise DeepBaseError(f"report: cannot write {str(out)!r}: {str(blocking)!r} is a file, not a folder")
+    return _write_report(session, out, query_id, model, dataset, top_units, text_units, records_per_unit,
+                         context_chars, measure)
+
+
+@store.one_writer
+def _write_report(session, out: Path, query_id, model, dataset, top_units: int, text_units: int,
+                  records_per_unit: int, context_chars: int, measure) -> dict:
+    """write_report's work, its arguments checked, holding the store's writer lock."""
+    con = session.con
     t0 = time.time()
     q = data.select_query(con, query_id, model, dataset)
     if measure is not None and measure not in q.unit_measures:      # the query's measures with unit scores
@@ -249,13 +265,17 @@ def write_report(con, path, query_id=None, model: str | None = None, dataset: st
            "verify a unit by ablating it.")
     footer = f"deepbase_duck {__version__}, written {time.strftime('%Y-%m-%d %H:%M:%S')} from {H.esc(store_path)}"
     doc = H.page(title, sub, parts, footer)
+    tmp = out.with_name(out.name + ".tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
         tmp.write_text(doc, encoding="utf-8")
         os.replace(tmp, out)
-    except OSError as exc:          # no permission, a full disk...
-        raise DeepBaseError(f"report: cannot write {str(out)!r}: {exc.strerror or exc}") from None
+    except BaseException as exc:    # no permission, a full disk, Ctrl-C: no half-written .tmp left
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError):
+            raise DeepBaseError(f"report: cannot write {str(out)!r}: {exc.strerror or exc}") from None
+        raise
     return {"path": str(out), "query_id": q.query_id, "measure": pm, "sections": sections, "figures": n_fig,
             "units_with_text": shown, "missing_activations": [f"{m}:{la}" for m, la in missing],
             "bytes": len(doc.encode("utf-8")), "seconds": round(time.time() - t0, 3)}
