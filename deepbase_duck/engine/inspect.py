@@ -38,8 +38,9 @@ from ..progress import progress_bar
 from .memory import caps_store_memory, release_freed_memory
 from .prefetch import batch_source, pipeline_by_default
 from .labels import LabelStream, LabelSupport, block_labels  # noqa: F401  (block_labels: public here too)
-from .extract import (DTYPES, Batch, SymbolWriter, cleanup_orphans, done_records, ensure_symbols, stored_behavior,
-                      forward_batches, get_or_create_behavior, plan_batches, store_batch, stored_symbol_counts)
+from .extract import (DTYPES, Batch, SymbolWriter, cleanup_orphans, done_records, drop_unstored_behaviors,
+                      ensure_symbols, forward_batches, get_or_create_behavior, plan_batches, store_batch,
+                      stored_behavior, stored_symbol_counts)
 
 # what a stored result was computed by: raised when the engine computes a query's scores or
 # intervals differently, so that identical queries scored before are not served as cached
@@ -968,6 +969,8 @@ class LocalEngine:
                 src.close()
             symbols.close(failed=failed)
             labels.close(failed=failed)
+            if failed and keep is not None:       # as a failed extract: no behavior row without a stored part
+                drop_unstored_behaviors(session, keep.behaviors.values())
         used = sorted(set(used))
         n_symbols = int(sum(counts[r] for r in used))
         if n_symbols == 0:

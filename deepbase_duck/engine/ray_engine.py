@@ -60,8 +60,8 @@ from ..errors import DeepBaseError, EmptyDatasetError
 from ..extraction.adapters import Encoded, weights_checksum
 from ..inspectors.base import measure_class
 from ..progress import progress_bar
-from .extract import (SymbolWriter, batches_with_texts, cleanup_orphans, commit_parts, ensure_symbols,
-                      forward_batch, plan_batches, stored_symbol_counts, write_part_file)
+from .extract import (SymbolWriter, batches_with_texts, cleanup_orphans, commit_parts, drop_unstored_behaviors,
+                      ensure_symbols, forward_batch, plan_batches, stored_symbol_counts, write_part_file)
 from .inspect import (
     KeepActivations,
     LabelStream,
@@ -469,9 +469,10 @@ class RayEngine:
                              [r for blk in blocks[start:] for ids in blk for r in ids])
         keep = parts_of = None
         if plan.keep_activations:
-            # workers write each batch's part to the shared activation folder (temporary name, then
-            # rename: a re-run block rewrites the same file); the driver commits it when it merges
-            # the block, so the catalog never lists a part twice or one of an unmerged block
+            # workers write each batch's part to the shared activation folder, staged (hidden from
+            # the views; a re-run block rewrites the same file); the driver commits and publishes it
+            # when it merges the block, so the catalog never lists a part twice or one of an
+            # unmerged block (engine/extract.py: the write protocol)
             keep = KeepActivations(session, plan, checksum, tokenization, widths)
             base = {l: int(store.q_scalar(session.con, "SELECT coalesce(max(part), 0) + 1 FROM behavior_parts "
                                                        "WHERE behavior_id = ?", [b["behavior_id"]]))
@@ -642,11 +643,13 @@ class RayEngine:
                     pass
             if keep is not None:
                 # parts of blocks that were not merged are not in the catalog: once no worker can
-                # still write one, delete them (they would otherwise show in the behavior's view)
+                # still write one, delete them (staged files the views do not read, but disk used)
                 if in_flight:
                     ray.wait(list(in_flight), num_returns=len(in_flight), timeout=60)
                 for b in keep.behaviors.values():
                     cleanup_orphans(session, b)
+                if sys.exc_info()[0] is not None:   # as a failed extract: no behavior row without a stored part
+                    drop_unstored_behaviors(session, keep.behaviors.values())
         used = sorted(set(used))
         n_symbols = int(sum(counts[r] for r in used))
         if n_symbols == 0:

@@ -49,13 +49,15 @@ def resolve(con, names) -> list[dict]:
 
 
 def upsert_catalog(con, h: Hypothesis) -> None:
+    """Bring the catalog row of ``h`` to its current version, kind and categories. The labels of
+    its other versions stay until the first labels of this version are stored (append_labels):
+    a call that fails before storing any (an edited hypothesis raising on its first record)
+    loses none of them, and restoring the earlier code finds them again."""
     row = catalog_hypothesis(con, h.name)
     cats = list(h.categories) if h.categories else None
     if row and row["version"] == h.version and row["kind"] == h.kind and row["categories"] == cats:
         return
     with store.Transaction(con):
-        con.execute("DELETE FROM labels WHERE hypothesis = ? AND version <> ?", [h.name, h.version])
-        con.execute("DELETE FROM labeled_records WHERE hypothesis = ? AND version <> ?", [h.name, h.version])
         con.execute("DELETE FROM hypotheses WHERE name = ?", [h.name])
         con.execute("INSERT INTO hypotheses (name, kind, description, version, categories, source) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
@@ -86,7 +88,7 @@ def missing_records(con, hyps: list[dict], dataset: str, record_ids: np.ndarray)
 def labels_to_compute(con, hyps: list[dict], dataset: str, record_ids) -> dict[str, np.ndarray]:
     """For each hypothesis (``resolve``'s dicts), the records among ``record_ids`` whose labels
     must be computed; raises when one is needed from a hypothesis known only to the store, and
-    brings the catalog row of every hypothesis with work to do to its current version."""
+    brings the catalog row of every hypothesis with Python code to its current version."""
     missing = missing_records(con, hyps, dataset, record_ids)
     for h in hyps:
         gap = missing[h["name"]]
@@ -97,7 +99,7 @@ def labels_to_compute(con, hyps: list[dict], dataset: str, record_ids) -> dict[s
                 f"{', '.join(map(str, gap[:5].tolist()))}{', ...' if len(gap) > 5 else ''}): register its "
                 f"Python code in this process (@dbd.hypothesis) to label them, or select only labelled records")
     for h in hyps:
-        if len(missing[h["name"]]):
+        if h["live"] is not None:
             upsert_catalog(con, h["live"])
     return missing
 
@@ -146,7 +148,9 @@ def _annotate(session, hypotheses, dataset: str, record_ids=None, progress: bool
 def append_labels(con, dataset: str, rows: list) -> None:
     """Append computed labels, rows of (hypothesis, version, record_id, starts, ends, values),
     and their ``labeled_records`` marks (one per row, also for a record without spans) in one
-    transaction: a (hypothesis, record) is marked done exactly when its spans are stored."""
+    transaction: a (hypothesis, record) is marked done exactly when its spans are stored. The
+    labels of other versions of these hypotheses, on every dataset, are deleted in the same
+    transaction (the store keeps one version of a hypothesis: the one whose labels it holds)."""
     if not rows:
         return
     n = [len(r[3]) for r in rows]
@@ -169,6 +173,11 @@ def append_labels(con, dataset: str, rows: list) -> None:
         "n_spans": pa.array(np.asarray(n, np.int32)),
     })
     with store.Transaction(con):
+        for name, version in dict.fromkeys((r[0], r[1]) for r in rows):
+            if store.q_one(con, "SELECT 1 FROM labeled_records WHERE hypothesis = ? AND version <> ? LIMIT 1",
+                           [name, version]) is not None:
+                con.execute("DELETE FROM labels WHERE hypothesis = ? AND version <> ?", [name, version])
+                con.execute("DELETE FROM labeled_records WHERE hypothesis = ? AND version <> ?", [name, version])
         if labels.num_rows:
             store.insert_arrow(con, "labels", labels)
         store.insert_arrow(con, "labeled_records", done)

@@ -57,7 +57,7 @@ def _udf(session: Session, fn):
         try:
             for row in _rows(arrays):
                 out.append(fn(sub, *row))
-        except Exception:
+        except BaseException:                  # an interruption too: last_error() must not show an older one
             session.udf_tracebacks.append(traceback.format_exc())
             del session.udf_tracebacks[:-20]
             raise
