@@ -158,7 +158,10 @@ def refresh_views(session, clean: bool = False) -> None:
     when they are next read: ``forget_missing_parts``). ``clean``
     (the store is opened to write): first settle each behavior's folder (``settle_folder``):
     committed parts that a kill left under their staged names are published, files the catalog
-    does not list (a kill before the commit) deleted."""
+    does not list (a kill before the commit) deleted, and a behavior with no committed part (a
+    kill before its extraction's first commit) taken out of the catalog, as a failed extraction
+    takes it out (``drop_unstored_behaviors``): it holds nothing to resume from."""
+    empty = []
     for bid, directory, view, width, files in store.q_all(
             session.con, "SELECT b.behavior_id, b.directory, b.view_name, b.width, "
                          "list(p.file) FILTER (WHERE p.file IS NOT NULL) FROM behaviors b "
@@ -175,6 +178,9 @@ def refresh_views(session, clean: bool = False) -> None:
             session.con.execute(view_sql(session, {"view_name": view, "directory": directory, "width": width}))
         else:     # no file to read (its folder deleted or moved by hand): a view kept in the store would fail
             session.con.execute(f"DROP VIEW IF EXISTS {view}")   # on the first read; forget_missing_parts says so
+        if clean and not files:
+            empty.append({"behavior_id": bid, "view_name": view, "directory": directory})
+    drop_unstored_behaviors(session, empty)
 
 
 def find_behavior(con, checksum, layer, dataset, tokenization, dtype) -> dict | None:
