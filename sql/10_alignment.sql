@@ -16,7 +16,31 @@
 --
 -- Returns (hypothesis, record_id, pos, value); value NULL means "no label" and such symbols are
 -- left out of every score of that hypothesis. Pure SQL: runs in the DuckDB CLI too.
-CREATE OR REPLACE MACRO symbol_labels(ds, tok, hyps, recs := NULL) AS TABLE
+--
+-- Arguments are checked, so that a mistake is an error naming it and not an empty result that
+-- reads as "no labels": ds, tok or hyps NULL, a name in hyps that is not in the hypotheses table
+-- (or NULL), and a tokenisation with no symbols stored for the dataset (the error lists the
+-- tokenisations that have some; symbols are stored when a model of the tokenisation first reads
+-- the dataset). A known hypothesis with no stored labels on the dataset, and an empty hyps or recs
+-- list, still give what they hold: binary hypotheses' default 0, no rows otherwise.
+
+-- tokenization_error(what, ds, tok): NULL when tokenisation `tok` has symbols stored for dataset
+-- `ds`; else the error message, naming the macro as `what` (ds or tok NULL is an error too).
+CREATE OR REPLACE MACRO tokenization_error(what, ds, tok) AS
+CASE WHEN ds IS NULL THEN what || ': ds must name a dataset, got NULL'
+     WHEN tok IS NULL THEN what || ': tok must name a tokenisation with symbols stored for dataset '''
+                       || ds || ''', got NULL'
+     WHEN NOT EXISTS (SELECT 1 FROM symbols WHERE dataset = ds AND tokenization = tok)
+     THEN what || ': tok ''' || tok || ''' has no symbols stored for dataset ''' || ds
+          || ''' (tokenisations with symbols there: '
+          || coalesce((SELECT string_agg('''' || t || '''', ', ' ORDER BY t)
+                       FROM (SELECT DISTINCT tokenization AS t FROM symbols WHERE dataset = ds)), 'none')
+          || '; symbols are stored when a model of the tokenisation first reads the dataset)' END;
+
+-- symbol_labels_unchecked(ds, tok, hyps, recs := NULL): symbol_labels (defined below, over it)
+-- without its argument checks (bad arguments give no rows), for macros that check them first
+-- themselves (stratified_records, so that its own errors are the ones raised).
+CREATE OR REPLACE MACRO symbol_labels_unchecked(ds, tok, hyps, recs := NULL) AS TABLE
 WITH sym AS (
     SELECT record_id, pos, start_char, end_char
     FROM symbols
@@ -50,3 +74,19 @@ UNION ALL
 SELECT hypothesis, record_id, pos, arg_max_null(value, (n_chars, -first_char)) AS value
 FROM votes
 GROUP BY hypothesis, record_id, pos;
+
+CREATE OR REPLACE MACRO symbol_labels(ds, tok, hyps, recs := NULL) AS TABLE
+SELECT * FROM symbol_labels_unchecked(ds, tok, hyps, recs := recs)
+UNION ALL   -- the guard, checked whatever the labels hold: a row only for a bad argument, and it is the error
+SELECT CAST(error(msg) AS VARCHAR), NULL, NULL, NULL
+FROM (SELECT CASE WHEN hyps IS NULL THEN 'symbol_labels: hyps must be a list of hypothesis names, got NULL'
+                  WHEN unknown IS NOT NULL
+                  THEN 'symbol_labels: hyps holds names that are not hypotheses of this store: '
+                       || unknown || ' (hypotheses: '
+                       || coalesce((SELECT string_agg('''' || name || '''', ', ' ORDER BY name) FROM hypotheses),
+                                   'none') || ')'
+                  ELSE tokenization_error('symbol_labels', ds, tok) END AS msg
+      FROM (SELECT (SELECT string_agg(coalesce('''' || h || '''', 'NULL'), ', ' ORDER BY i)
+                    FROM (SELECT unnest(hyps) AS h, generate_subscripts(hyps, 1) AS i)
+                    WHERE h IS NULL OR h NOT IN (SELECT name FROM hypotheses)) AS unknown))
+WHERE msg IS NOT NULL AND CAST(error(msg) AS BOOLEAN);

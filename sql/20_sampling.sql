@@ -17,7 +17,17 @@
 -- exactly the sample of seed 0 or its complement. md5 is the same function in every version and
 -- mixes every input bit; it costs about 0.3 s per million records (2 CPU cores).
 --
--- Pure SQL: this file runs in the DuckDB CLI too. Unknown datasets give no rows.
+-- Pure SQL: this file runs in the DuckDB CLI too.
+--
+-- Guards: each macro's errors come from a branch joined with UNION ALL that has a row only for a
+-- bad argument, and that row raises the error in its WHERE clause (in its columns too): an
+-- error() only in a column is pruned when a query reads none of the guard's columns (count(*),
+-- or seeded_order's rank alone gave the rows plus a NULL one for a bad seed).
+--
+-- Datasets: `ds` must name a dataset of the store (a row of `datasets`, or records stored under
+-- that name); NULL or an unknown name is an error that names the macro and lists the datasets,
+-- not an empty result that reads as "no records". A registered dataset without records gives no
+-- rows.
 --
 -- Arguments: a NULL seed is the default seed 0 in every macro, so `seed := NULL` gives the rows
 -- of `seed := 0`. A seed and a count (sample_records' n, stratified_records' n_per_class) must be
@@ -25,7 +35,7 @@
 -- refuses a negative or fractional seed; anything else (2.7, -1, 1e19) is an error that names the
 -- macro and the argument, as a fraction outside [0, 1] is. Nothing is rounded (seed := 1.5 is an
 -- error, not seed 2), and every argument is checked whatever the dataset holds, so an unknown or
--- empty dataset gives the same errors (and, with good arguments, no rows).
+-- empty dataset gives the same errors (these come first; then an unknown dataset's).
 
 -- nonneg_int(v): v as a BIGINT when it is a whole number from 0 to 9223372036854775807 (of any
 -- numeric type, 2.0 included, or text holding one, '3'); NULL otherwise, and for v NULL.
@@ -42,6 +52,14 @@ CASE WHEN v IS NOT NULL AND nonneg_int(v) IS NULL
           || CASE WHEN isfinite(TRY_CAST(v AS DOUBLE)) AND TRY_CAST(v AS DOUBLE) >= 0
                        AND TRY_CAST(v AS DOUBLE) = floor(TRY_CAST(v AS DOUBLE))
                   THEN ' (larger than 9223372036854775807, the largest BIGINT)' ELSE '' END END;
+
+-- dataset_error(what, ds): NULL when `ds` names a dataset (a row of `datasets`, or one with
+-- stored records); else the message the macros below raise, naming the macro as `what`.
+CREATE OR REPLACE MACRO dataset_error(what, ds) AS
+CASE WHEN ds IS NULL THEN what || ': ds must name a dataset, got NULL'
+     WHEN NOT EXISTS (SELECT 1 FROM datasets WHERE name = ds) AND NOT EXISTS (SELECT 1 FROM records WHERE dataset = ds)
+     THEN what || ': ds ''' || CAST(ds AS VARCHAR) || ''' is not a dataset of this store (datasets: '
+          || coalesce((SELECT string_agg('''' || name || '''', ', ' ORDER BY name) FROM datasets), 'none') || ')' END;
 
 -- sample_key(ds, record_id, seed := 0, stream := 'order'): the record's seeded key, an integer
 -- uniform on [0, 2^52): the first 13 hex digits of md5('<stream>:<seed>:<record_id>:<ds>'),
@@ -63,16 +81,18 @@ CAST('0x' || md5(CAST(coalesce(stream, 'order') AS VARCHAR) || ':'
 -- uniform random order: (record_id, rank), rank = 1, 2, ... n_records (ordered by the key, ties
 -- by record_id), rows sorted by rank. For progressive scans that stop early: the records of
 -- rank <= n are exactly sample_records(ds, n, seed), and every sample_fraction(ds, f, seed) is a
--- prefix of this order. seed NULL: seed 0; a seed that is not a non-negative integer is an error.
+-- prefix of this order. seed NULL: seed 0; a seed that is not a non-negative integer is an error,
+-- as is an unknown or NULL ds.
 CREATE OR REPLACE MACRO seeded_order(ds, seed := 0) AS TABLE
 SELECT record_id, rank
 FROM (SELECT record_id,
              row_number() OVER (ORDER BY sample_key(ds, record_id, seed), record_id) AS rank
       FROM records
       WHERE dataset = ds
-      UNION ALL   -- the guard: a row only for a bad seed, and that row is the error
-      SELECT CAST(error(nonneg_int_error('seeded_order: seed', seed)) AS INTEGER), CAST(NULL AS BIGINT)
-      WHERE nonneg_int_error('seeded_order: seed', seed) IS NOT NULL)
+      UNION ALL   -- the guard: a row only for a bad seed or dataset, and that row is the error
+      SELECT CAST(error(msg) AS INTEGER), CAST(NULL AS BIGINT)
+      FROM (SELECT coalesce(nonneg_int_error('seeded_order: seed', seed), dataset_error('seeded_order', ds)) AS msg)
+      WHERE msg IS NOT NULL AND CAST(error(msg) AS BOOLEAN))
 ORDER BY rank;
 
 -- sample_records(ds, n, seed := 0): n records of dataset `ds` drawn uniformly without
@@ -80,7 +100,7 @@ ORDER BY rank;
 -- seeded order, i.e. the first n records of seeded_order(ds, seed). Samples are nested: for one
 -- seed, the sample of size n is contained in the sample of every larger size. n must be a
 -- non-negative integer of at most 9223372036854775807 or NULL (2.7, -1 or 1e19 is an error);
--- seed NULL: seed 0. In a LATERAL join seed may be a column of the outer table, n not (DuckDB's
+-- seed NULL: seed 0; an unknown or NULL ds is an error. In a LATERAL join seed may be a column of the outer table, n not (DuckDB's
 -- LIMIT takes no correlated values).
 CREATE OR REPLACE MACRO sample_records(ds, n, seed := 0) AS TABLE
 SELECT record_id
@@ -93,11 +113,10 @@ FROM (SELECT *   -- the first n records by key (a top-n), then the guard's error
             -- the guard's error below, never LIMIT's own (n NULL: LIMIT NULL, every record)
             LIMIT CASE WHEN n IS NOT NULL AND nonneg_int(n) IS NULL THEN 0 ELSE nonneg_int(n) END)
       UNION ALL
-      SELECT CAST(error(coalesce(nonneg_int_error('sample_records: n', n),
-                                 nonneg_int_error('sample_records: seed', seed))) AS INTEGER),
-             CAST(NULL AS UBIGINT)
-      WHERE coalesce(nonneg_int_error('sample_records: n', n),
-                     nonneg_int_error('sample_records: seed', seed)) IS NOT NULL)
+      SELECT CAST(error(msg) AS INTEGER), CAST(NULL AS UBIGINT)
+      FROM (SELECT coalesce(nonneg_int_error('sample_records: n', n), nonneg_int_error('sample_records: seed', seed),
+                            dataset_error('sample_records', ds)) AS msg)
+      WHERE msg IS NOT NULL AND CAST(error(msg) AS BOOLEAN))
 ORDER BY key, record_id;
 
 -- sample_fraction(ds, fraction, seed := 0): each record of dataset `ds` kept independently with
@@ -105,7 +124,8 @@ ORDER BY key, record_id;
 -- not exact): kept when key / 2^52 < fraction. Returns (record_id), in the seeded order.
 -- Nested: with one seed, a record kept at fraction f is kept at every fraction f' > f, and
 -- fraction 1 keeps every record. seed NULL: seed 0; a fraction outside [0, 1] or NULL, or a seed
--- that is not a non-negative integer, is an error (for an unknown or empty dataset too).
+-- that is not a non-negative integer, is an error (for an unknown or empty dataset too), as is
+-- an unknown or NULL ds.
 CREATE OR REPLACE MACRO sample_fraction(ds, fraction, seed := 0) AS TABLE
 SELECT record_id
 FROM (SELECT record_id, sample_key(ds, record_id, seed) AS key
@@ -117,8 +137,9 @@ FROM (SELECT record_id, sample_key(ds, record_id, seed) AS key
       FROM (SELECT CASE WHEN fraction IS NULL OR fraction < 0 OR fraction > 1   -- NaN > 1 too
                         THEN 'sample_fraction: fraction must be between 0 and 1, got '
                              || coalesce(CAST(fraction AS VARCHAR), 'NULL')
-                        ELSE nonneg_int_error('sample_fraction: seed', seed) END AS msg)
-      WHERE msg IS NOT NULL)
+                        ELSE coalesce(nonneg_int_error('sample_fraction: seed', seed),
+                                      dataset_error('sample_fraction', ds)) END AS msg)
+      WHERE msg IS NOT NULL AND CAST(error(msg) AS BOOLEAN))
 ORDER BY key, record_id;
 
 -- train_test_split(ds, test_fraction := 0.2, seed := 0): every record of dataset `ds` with its
@@ -128,7 +149,7 @@ ORDER BY key, record_id;
 -- split is independent of the samples above for the same seed. Test sets are nested: with one
 -- seed, the test set of fraction f is inside the test set of every larger fraction. seed NULL:
 -- seed 0; a test_fraction outside [0, 1] or NULL, or a seed that is not a non-negative integer,
--- is an error (for an unknown or empty dataset too).
+-- is an error (for an unknown or empty dataset too), as is an unknown or NULL ds.
 CREATE OR REPLACE MACRO train_test_split(ds, test_fraction := 0.2, seed := 0) AS TABLE
 SELECT record_id, split
 FROM (SELECT record_id,
@@ -141,8 +162,9 @@ FROM (SELECT record_id,
       FROM (SELECT CASE WHEN test_fraction IS NULL OR test_fraction < 0 OR test_fraction > 1
                         THEN 'train_test_split: test_fraction must be between 0 and 1, got '
                              || coalesce(CAST(test_fraction AS VARCHAR), 'NULL')
-                        ELSE nonneg_int_error('train_test_split: seed', seed) END AS msg)
-      WHERE msg IS NOT NULL)
+                        ELSE coalesce(nonneg_int_error('train_test_split: seed', seed),
+                                      dataset_error('train_test_split', ds)) END AS msg)
+      WHERE msg IS NOT NULL AND CAST(error(msg) AS BOOLEAN))
 ORDER BY record_id;
 
 -- stratified_records(ds, tok, hyp, n_per_class, seed := 0): a class-balanced set of records of
@@ -169,8 +191,15 @@ ORDER BY record_id;
 -- one symbol of its class; its other symbols keep their own labels, so symbol counts per class
 -- are not balanced (weight symbols in the probe if that matters). Balance needs records that
 -- differ: when every record holds both values of a binary hypothesis, all of them go to one
--- class (the tie rule) and the other class is empty. A continuous or unknown hypothesis is an
--- error.
+-- class (the tie rule) and the other class is empty.
+--
+-- Errors, not an empty or one-class result (each names the argument and its value): hyp NULL,
+-- unknown or continuous; ds NULL or not a dataset of the store; tok NULL or a tokenisation with
+-- no symbols stored for `ds` (the error lists those that have some); and, the arguments being
+-- good, labelled records that are all of one class (a hypothesis with one class present on the
+-- dataset, or every record holding the same class besides others): a balanced set needs two
+-- classes, so the error names the hypothesis and the class found. A dataset whose records have
+-- no stored labels of the hypothesis (not annotated yet) gives no rows.
 --
 -- n_per_class NULL: the largest balanced set, every class getting the count of the rarest class
 -- (the fewest records assigned to any class that has records; a class no record is assigned to
@@ -178,17 +207,25 @@ ORDER BY record_id;
 -- non-negative integer of at most 9223372036854775807 (2.7, -1 or 1e19 is an error, never read
 -- as NULL). seed NULL: seed 0; a seed that is not a non-negative integer is an error.
 CREATE OR REPLACE MACRO stratified_records(ds, tok, hyp, n_per_class, seed := 0) AS TABLE
-WITH guard AS (   -- no row when `hyp` is a binary or categorical hypothesis and n_per_class and
-                  -- seed are valid, else an error
+WITH checks AS (   -- msg NULL when the arguments are good, else the error (the first that applies)
+    SELECT CASE WHEN hyp IS NULL OR n = 0
+                THEN CASE WHEN hyp IS NULL THEN 'stratified_records: hyp must name a hypothesis, got NULL'
+                          ELSE 'stratified_records: unknown hypothesis ' || hyp || ' (hyp := ''' || hyp || ''')' END
+                     || '; hyp must name a binary or categorical hypothesis of this store: '
+                     || coalesce((SELECT string_agg('''' || name || '''', ', ' ORDER BY name) FROM hypotheses
+                                  WHERE kind IN ('binary', 'categorical')), 'none')
+                WHEN kind NOT IN ('binary', 'categorical')
+                THEN 'stratified_records: hypothesis ' || hyp || ' is ' || kind
+                     || '; only binary and categorical hypotheses have classes'
+                ELSE coalesce(nonneg_int_error('stratified_records: n_per_class', n_per_class),
+                              nonneg_int_error('stratified_records: seed', seed),
+                              dataset_error('stratified_records', ds),
+                              tokenization_error('stratified_records', ds, tok)) END AS msg
+    FROM (SELECT count(*) AS n, any_value(kind) AS kind FROM hypotheses WHERE name = hyp)
+), guard AS (      -- a row only for bad arguments, and it is the error
     SELECT CAST(error(msg) AS INTEGER) AS record_id, CAST(NULL AS INTEGER) AS class
-    FROM (SELECT CASE WHEN n = 0 THEN 'stratified_records: unknown hypothesis ' || hyp
-                      WHEN kind NOT IN ('binary', 'categorical')
-                      THEN 'stratified_records: hypothesis ' || hyp || ' is ' || kind
-                           || '; only binary and categorical hypotheses have classes'
-                      ELSE coalesce(nonneg_int_error('stratified_records: n_per_class', n_per_class),
-                                    nonneg_int_error('stratified_records: seed', seed)) END AS msg
-          FROM (SELECT count(*) AS n, any_value(kind) AS kind FROM hypotheses WHERE name = hyp))
-    WHERE msg IS NOT NULL
+    FROM checks
+    WHERE msg IS NOT NULL AND CAST(error(msg) AS BOOLEAN)
 ), labeled AS (
     SELECT lr.record_id
     FROM labeled_records AS lr
@@ -196,7 +233,7 @@ WITH guard AS (   -- no row when `hyp` is a binary or categorical hypothesis and
     WHERE h.name = hyp AND lr.dataset = ds
 ), held AS (
     SELECT DISTINCT sl.record_id, CAST(sl.value AS INTEGER) AS class
-    FROM symbol_labels(ds, tok, [hyp]) AS sl
+    FROM symbol_labels_unchecked(ds, tok, [hyp]) AS sl   -- checked above, by this macro's name
     SEMI JOIN labeled ON labeled.record_id = sl.record_id
     WHERE sl.value IS NOT NULL
 ), support AS (
@@ -205,6 +242,22 @@ WITH guard AS (   -- no row when `hyp` is a binary or categorical hypothesis and
     SELECT held.record_id, arg_min(held.class, (support.n_records, held.class)) AS class
     FROM held JOIN support USING (class)
     GROUP BY held.record_id
+), one_class AS (  -- good arguments, but the labelled records are all of one class: the error
+    SELECT CAST(error(msg) AS INTEGER) AS record_id, CAST(NULL AS INTEGER) AS class
+    FROM (SELECT 'stratified_records: hypothesis ''' || hyp || ''' has a single class over the labelled records of '
+                 || 'dataset ''' || ds || ''' (tok ''' || tok || '''): class ' || CAST(class AS VARCHAR)
+                 || coalesce(' (''' || (SELECT categories[class + 1] FROM hypotheses WHERE name = hyp) || ''')', '')
+                 || ', ' || CAST(n_records AS VARCHAR) || ' records'
+                 || CASE WHEN n_held > 1
+                         THEN ', as each of them holds it besides other classes (a record goes to the rarest class '
+                              || 'it holds, a tie to the lower code)'
+                         ELSE '' END
+                 || '; a balanced set needs records of at least two classes' AS msg
+          FROM (SELECT count(DISTINCT class) AS n_classes, min(class) AS class, count(*) AS n_records,
+                       (SELECT count(*) FROM support) AS n_held
+                FROM assigned)
+          WHERE n_classes = 1 AND (SELECT msg FROM checks) IS NULL)   -- a bad argument's error comes first
+    WHERE msg IS NOT NULL AND CAST(error(msg) AS BOOLEAN)
 ), chosen AS (
     SELECT record_id, class
     FROM assigned
@@ -214,5 +267,5 @@ WITH guard AS (   -- no row when `hyp` is a binary or categorical hypothesis and
                     ELSE nonneg_int(n_per_class) END   -- NULL (no row) for a bad one: the guard's error
 )
 SELECT record_id, class
-FROM (SELECT * FROM chosen UNION ALL SELECT * FROM guard)
+FROM (SELECT * FROM chosen UNION ALL SELECT * FROM guard UNION ALL SELECT * FROM one_class)
 ORDER BY class, sample_key(ds, record_id, seed), record_id;

@@ -1,8 +1,11 @@
 -- Reading results: pure-SQL views of the scores table (they run in the DuckDB CLI too).
 
 -- top_units(k := 5, qid := NULL, measure_name := 'corr', by_layer := false): the k units with the
--- largest |score| per (model, hypothesis) of one query (NULL: the latest query), unit-level scores
--- only, with the unit's layer width from the catalog. One row per (model, hypothesis, rank).
+-- largest |score| per (model, hypothesis) of one query, unit-level scores only, with the unit's
+-- layer width from the catalog. One row per (model, hypothesis, rank). qid NULL: the latest query
+-- that wrote scores, max(query_id) over the scores table - not the latest row of `queries`,
+-- which may be a compare_layers query (it writes similarities, not scores); with no scores at all
+-- there is nothing to rank and no row.
 -- by_layer := true ranks per (model, layer, hypothesis) instead: the sets a `top_k` query stops on.
 -- measure_name := NULL ranks every measure of the query, each on its own (the `measure` column).
 -- separated: true when the unit's interval for |score| lies wholly above the interval of every
@@ -12,7 +15,11 @@
 -- the k-th place are not separated however many records are read.
 -- k must be a whole number >= 1 (2.0 and '2' included): 0, a negative or fractional k, or NULL is
 -- an error naming k, whatever the scores table holds (not an empty result that reads as
--- "nothing was scored").
+-- "nothing was scored"). So are a qid with no scores (no such query, or one that wrote none: the
+-- error lists the queries that have scores) and a measure_name with no unit scores in the query
+-- ranked (a typo such as 'cor', or 'corr' when the latest query scored only 'iou': the error lists
+-- the query's measures). The guard raises its error in its WHERE clause: an error() only in a
+-- column is pruned when a query reads none of the guard's columns.
 CREATE OR REPLACE MACRO top_units(k := 5, qid := NULL, measure_name := 'corr', by_layer := false) AS TABLE
 WITH picked AS (
     SELECT s.model, s.hypothesis, s.layer, s.unit, s.score, s.ci_low, s.ci_high, s.q_value, s.n, s.measure,
@@ -52,21 +59,45 @@ FROM (SELECT r.model, r.hypothesis, r.rank, r.layer, r.unit, r.score, r.ci_low, 
        AND o.part IS NOT DISTINCT FROM r.part
       LEFT JOIN layers AS l ON l.model = r.model AND l.layer = r.layer
       WHERE r.rank <= TRY_CAST(k AS DOUBLE)
-      UNION ALL   -- the guard, checked whatever the scores hold: a row only for a bad k, and it is the error
+      UNION ALL   -- the guard, checked whatever the scores hold: a row only for a bad argument, and it is the error
       SELECT CAST(error(msg) AS VARCHAR), NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
              NULL
-      FROM (SELECT CASE WHEN isfinite(TRY_CAST(k AS DOUBLE)) AND TRY_CAST(k AS DOUBLE) >= 1
-                             AND TRY_CAST(k AS DOUBLE) = floor(TRY_CAST(k AS DOUBLE)) THEN NULL
-                        ELSE 'top_units: k must be a whole number >= 1 (the units per hypothesis), got '
-                             || coalesce(CAST(k AS VARCHAR), 'NULL') END AS msg)
-      WHERE msg IS NOT NULL)
+      FROM (SELECT CASE WHEN NOT coalesce(isfinite(TRY_CAST(k AS DOUBLE)) AND TRY_CAST(k AS DOUBLE) >= 1
+                                          AND TRY_CAST(k AS DOUBLE) = floor(TRY_CAST(k AS DOUBLE)), false)
+                        THEN 'top_units: k must be a whole number >= 1 (the units per hypothesis), got '
+                             || coalesce(CAST(k AS VARCHAR), 'NULL')
+                        WHEN qid IS NOT NULL AND NOT EXISTS (SELECT 1 FROM scores WHERE query_id = qid)
+                        THEN 'top_units: qid ' || CAST(qid AS VARCHAR) || ' has no scores ('
+                             || CASE WHEN EXISTS (SELECT 1 FROM queries WHERE query_id = qid)
+                                     THEN 'the query wrote none: a compare_layers query writes similarities'
+                                     ELSE 'no such query' END
+                             || '); qid must be NULL (the latest query with scores) or a query with scores: '
+                             || coalesce(with_scores, 'none, nothing is scored')
+                        WHEN measure_name IS NOT NULL AND q IS NOT NULL
+                             AND NOT EXISTS (SELECT 1 FROM scores WHERE query_id = q AND measure = measure_name
+                                                                    AND unit IS NOT NULL)
+                        THEN 'top_units: measure_name ''' || CAST(measure_name AS VARCHAR) || ''' has no unit scores in query '
+                             || CAST(q AS VARCHAR) || CASE WHEN qid IS NULL THEN ' (the latest query with scores)' ELSE '' END
+                             || '; its measures with unit scores: '
+                             || coalesce((SELECT string_agg('''' || m || '''', ', ' ORDER BY m)
+                                          FROM (SELECT DISTINCT measure AS m FROM scores
+                                                WHERE query_id = q AND unit IS NOT NULL)), 'none')
+                             || ' (measure_name := NULL ranks every measure)' END AS msg
+            FROM (SELECT coalesce(qid, (SELECT max(query_id) FROM scores)) AS q,
+                         (SELECT CASE WHEN count(*) <= 20 THEN string_agg(CAST(i AS VARCHAR), ', ' ORDER BY i)
+                                      ELSE CAST(min(i) AS VARCHAR) || ' to ' || CAST(max(i) AS VARCHAR) || ' ('
+                                           || CAST(count(*) AS VARCHAR) || ' queries)' END
+                          FROM (SELECT DISTINCT query_id AS i FROM scores)) AS with_scores))
+      WHERE msg IS NOT NULL AND CAST(error(msg) AS BOOLEAN))
 ORDER BY model, measure, hypothesis, part, rank;
 
 -- compare_scores(model_a, model_b, measure_name := 'corr', ds := NULL): for every (layer, unit,
 -- hypothesis) scored for both models over the same records of a dataset, the two scores and their
 -- difference: how a unit's affinity changed between two checkpoints, or between a model and its
 -- untrained copy. Columns: layer, unit, hypothesis, score_a, score_b, delta (score_b - score_a),
--- dataset; rows by |delta| (largest first), then layer, unit, hypothesis, dataset.
+-- dataset, measure; rows by |delta| (largest first), then layer, unit, hypothesis, dataset,
+-- measure. measure_name := NULL compares every measure, each on its own (the `measure` column),
+-- as in top_units.
 --
 -- Only scores computed over the same records are paired, so that a delta is the models'
 -- difference and not a mix of it with a difference of data. A score's records are those of its
@@ -89,6 +120,12 @@ ORDER BY model, measure, hypothesis, part, rank;
 -- progressive query stops them at one window, so they read the same records (where an engine
 -- could not, queries.params->'per_model' lists each model's records_used).
 -- ds := NULL compares on every dataset (one row per dataset); ds := 'code' on that dataset only.
+--
+-- Errors, not an empty result that reads as "no unit changed": model_a or model_b NULL or with no
+-- unit scores (a typo; the error lists the models that have some), a measure_name that is not
+-- among the measures of either model's unit scores (the error lists that model's), and a ds that
+-- is no dataset of the store (neither in `datasets` nor scored by a query). Two models that have
+-- unit scores of the measure but share no record set of a dataset still give no row for it.
 CREATE OR REPLACE MACRO compare_scores(model_a, model_b, measure_name := 'corr', ds := NULL) AS TABLE
 WITH record_sets AS (   -- per query: its dataset and what identifies the records it read
     SELECT query_id, dataset, n_records, n_symbols, n_selected,
@@ -100,23 +137,60 @@ WITH record_sets AS (   -- per query: its dataset and what identifies the record
           WHERE ds IS NULL OR dataset = ds)
 ), latest AS (          -- per model, record set and unit: the latest non-NULL score
     SELECT s.model, r.dataset, r.n_records, r.n_symbols, r.n_selected, r.order_seed,
-           s.layer, s.unit, s.hypothesis,
+           s.layer, s.unit, s.hypothesis, s.measure,
            arg_max(s.score, s.query_id) AS score, max(s.query_id) AS last_query
     FROM scores AS s
     JOIN record_sets AS r ON r.query_id = s.query_id
-    WHERE s.measure = measure_name AND s.unit IS NOT NULL AND s.model IN (model_a, model_b)
+    WHERE (measure_name IS NULL OR s.measure = measure_name) AND s.unit IS NOT NULL AND s.model IN (model_a, model_b)
     GROUP BY ALL
 ), pairs AS (           -- per unit and dataset: the record set both models were scored on last
-    SELECT a.layer, a.unit, a.hypothesis, a.score AS score_a, b.score AS score_b, a.dataset
+    SELECT a.layer, a.unit, a.hypothesis, a.score AS score_a, b.score AS score_b, a.dataset, a.measure
     FROM latest AS a JOIN latest AS b
       ON a.dataset = b.dataset AND a.layer = b.layer AND a.unit = b.unit AND a.hypothesis = b.hypothesis
+     AND a.measure = b.measure
      AND a.n_records IS NOT DISTINCT FROM b.n_records AND a.n_symbols IS NOT DISTINCT FROM b.n_symbols
      AND a.n_selected IS NOT DISTINCT FROM b.n_selected AND a.order_seed IS NOT DISTINCT FROM b.order_seed
     WHERE a.model = model_a AND b.model = model_b
-    QUALIFY row_number() OVER (PARTITION BY a.dataset, a.layer, a.unit, a.hypothesis
+    QUALIFY row_number() OVER (PARTITION BY a.dataset, a.layer, a.unit, a.hypothesis, a.measure
                                ORDER BY least(a.last_query, b.last_query) DESC,
                                         greatest(a.last_query, b.last_query) DESC) = 1
+), checks AS (          -- msg NULL when the arguments are good, else the error (the first that applies)
+    SELECT CASE WHEN model_a IS NULL OR model_b IS NULL OR NOT has_a OR NOT has_b
+                THEN 'compare_scores: '
+                     || CASE WHEN model_a IS NULL THEN 'model_a must name a model with unit scores, got NULL'
+                             WHEN model_b IS NULL THEN 'model_b must name a model with unit scores, got NULL'
+                             WHEN NOT has_a THEN 'model_a ''' || CAST(model_a AS VARCHAR) || ''' has no unit scores'
+                             ELSE 'model_b ''' || CAST(model_b AS VARCHAR) || ''' has no unit scores' END
+                     || '; models with unit scores: '
+                     || coalesce((SELECT string_agg('''' || m || '''', ', ' ORDER BY m)
+                                  FROM (SELECT DISTINCT model AS m FROM scores WHERE unit IS NOT NULL)), 'none')
+                WHEN measure_name IS NOT NULL AND NOT (a_has_measure AND b_has_measure)
+                THEN 'compare_scores: measure_name ''' || CAST(measure_name AS VARCHAR) || ''' has no unit scores of '
+                     || CASE WHEN NOT a_has_measure THEN 'model_a ''' || CAST(model_a AS VARCHAR)
+                             ELSE 'model_b ''' || CAST(model_b AS VARCHAR) END
+                     || '''; its measures: '
+                     || (SELECT string_agg('''' || m || '''', ', ' ORDER BY m)
+                         FROM (SELECT DISTINCT measure AS m FROM scores
+                               WHERE unit IS NOT NULL
+                                 AND model = CASE WHEN NOT a_has_measure THEN model_a ELSE model_b END))
+                     || ' (measure_name := NULL compares every measure)'
+                WHEN ds IS NOT NULL AND NOT EXISTS (SELECT 1 FROM datasets WHERE name = ds)
+                                    AND NOT EXISTS (SELECT 1 FROM queries WHERE dataset = ds)
+                THEN 'compare_scores: ds ''' || CAST(ds AS VARCHAR) || ''' is not a dataset of this store; ds must be '
+                     || 'NULL (every dataset) or one of: '
+                     || coalesce((SELECT string_agg('''' || d || '''', ', ' ORDER BY d)
+                                  FROM (SELECT name AS d FROM datasets
+                                        UNION SELECT dataset FROM queries WHERE dataset IS NOT NULL)), 'none') END AS msg
+    FROM (SELECT coalesce(bool_or(model = model_a), false) AS has_a,
+                 coalesce(bool_or(model = model_b), false) AS has_b,
+                 coalesce(bool_or(model = model_a AND measure = measure_name), false) AS a_has_measure,
+                 coalesce(bool_or(model = model_b AND measure = measure_name), false) AS b_has_measure
+          FROM scores WHERE unit IS NOT NULL)
 )
-SELECT layer, unit, hypothesis, score_a, score_b, score_b - score_a AS delta, dataset
-FROM pairs
-ORDER BY abs(score_b - score_a) DESC NULLS LAST, layer, unit, hypothesis, dataset;
+SELECT layer, unit, hypothesis, score_a, score_b, delta, dataset, measure
+FROM (SELECT layer, unit, hypothesis, score_a, score_b, score_b - score_a AS delta, dataset, measure FROM pairs
+      UNION ALL   -- the guard: a row only for a bad argument, and it raises the error
+      SELECT CAST(error(msg) AS VARCHAR), NULL, NULL, NULL, NULL, NULL, NULL, NULL
+      FROM checks
+      WHERE msg IS NOT NULL AND CAST(error(msg) AS BOOLEAN))
+ORDER BY abs(delta) DESC NULLS LAST, layer, unit, hypothesis, dataset, measure;

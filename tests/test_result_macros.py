@@ -130,7 +130,7 @@ def test_planted_digit_unit_is_first_and_separated(planted):
 
 # -- compare_scores -----------------------------------------------------------------------
 
-COMPARE_COLUMNS = ["layer", "unit", "hypothesis", "score_a", "score_b", "delta", "dataset"]
+COMPARE_COLUMNS = ["layer", "unit", "hypothesis", "score_a", "score_b", "delta", "dataset", "measure"]
 
 
 def reference_compare_scores(scores, queries, model_a, model_b, measure="corr", ds=None):
@@ -198,6 +198,8 @@ def test_compare_scores_pairs_scores_of_one_dataset_like_the_reference(con, seed
                                  score=score, ci_low=None, ci_high=None))
         _insert_scores(con, rows, query_id=qid)
     scores, queries = _tables(con)
+    # d3: a registered dataset no query scored (no rows); an unregistered name is an error
+    con.execute("INSERT INTO datasets (name) VALUES ('d3')")
     seen_datasets = set()
     for a, b, measure, ds in itertools.product(["m1", "m2"], ["m2", "m3"], ["corr", "iou"], [None, "d1", "d2", "d3"]):
         ds_arg = "" if ds is None else f", ds := '{ds}'"

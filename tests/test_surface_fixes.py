@@ -320,7 +320,7 @@ def test_sampling_macros_name_a_bad_argument(labelled, sql, message):
 
 def test_sampling_macros_keep_good_arguments(labelled):
     """Whole-number seeds and counts of any type still give the rows they gave; the largest
-    BIGINT count is every record; a good seed of an unknown dataset gives no rows."""
+    BIGINT count is every record; a good seed of a registered empty dataset gives no rows."""
     q = labelled.sql
     every = sorted(q("SELECT record_id FROM records WHERE dataset = 'snippets'").fetchall())
     assert sorted(q("SELECT * FROM sample_records('snippets', 9223372036854775807)").fetchall()) == every
@@ -332,9 +332,11 @@ def test_sampling_macros_keep_good_arguments(labelled):
     assert sorted(r for r, _ in big) == sorted(r for r, _ in q(
         "SELECT * FROM stratified_records('snippets', 'chars-test', 'digit', 1000)").fetchall())
     assert len({c for _, c in big}) == 2
-    for sql in ["SELECT * FROM sample_fraction('nope', 0.5)", "SELECT * FROM train_test_split('nope', 0.5)",
-                "SELECT * FROM seeded_order('nope', seed := 3)"]:
-        assert q(sql).fetchall() == []
+    # an unknown dataset is an error naming ds (it gave no rows); a registered empty one gives none
+    labelled.execute("INSERT INTO datasets (name) VALUES ('empty')")
+    for macro in ["sample_fraction('{}', 0.5)", "train_test_split('{}', 0.5)", "seeded_order('{}', seed := 3)"]:
+        assert "ds 'nope' is not a dataset of this store" in sql_error(labelled, "SELECT * FROM " + macro.format("nope"))
+        assert q("SELECT * FROM " + macro.format("empty")).fetchall() == []
     # a seed column in a LATERAL join is checked per row too
     assert q("SELECT count(*) FROM range(3) AS s(seed), "
              "LATERAL (SELECT * FROM sample_records('snippets', 2, seed := s.seed))").fetchall() == [(6,)]
