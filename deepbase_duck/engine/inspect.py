@@ -1470,28 +1470,36 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
     runs = stop_together(engine, session, runs, progress)
     stopping = stop_report(runs)
     tables, bounds = [], []
-    for p, result in runs:
-        # a progressive scan that read every record is a full scan: the states' own intervals
-        # (records as clusters), and its bound the largest half-width of those; one that stopped
-        # early reports the batch means it stopped on, and their bound
-        read_all = result["records_used"] >= len(np.unique(p.record_ids))
-        if result.get("bound") is not None:
-            bounds.append(None if read_all else result["bound"])
-        for (layer, m), state in result["states"].items():
-            t = state.finalize()
-            if result.get("window_scores") is not None and m != "probe" and not read_all:
-                t = with_batch_means_interval(t, result["window_scores"][(layer, m)],
-                                              getattr(state, "confidence", 0.95),
-                                              SCORE_RANGE.get(m, (-np.inf, np.inf)))
-            elif result.get("bound") is not None and m != "probe":
-                bounds.append(largest_half_width(t))
-            if p.permutations and result["samples"] and m != "probe":
-                t = with_permutation_p_values(t, p, m, result["samples"][layer], result["take"][m])
-            n = t.num_rows
-            tables.append(pa.table({
-                "model": pa.array([p.model] * n, pa.string()), "layer": pa.array([layer] * n, pa.string()),
-                **{name: t.column(name).cast(SCORE_SCHEMA.field(name).type) for name in SCORE_SCHEMA.names},
-                "detail": detail_column(t)}))
+    # scoring the states: fast for sums (corr), long for probes (a fit per layer) and for the
+    # row samples' intervals (ap, spearman): its own bar, after the scan's
+    bar = progress_bar(sum(len(r["states"]) for _, r in runs), f"score {', '.join(plan.measures)}", "state",
+                       session.progress if progress is None else progress)
+    try:
+        for p, result in runs:
+            # a progressive scan that read every record is a full scan: the states' own intervals
+            # (records as clusters), and its bound the largest half-width of those; one that stopped
+            # early reports the batch means it stopped on, and their bound
+            read_all = result["records_used"] >= len(np.unique(p.record_ids))
+            if result.get("bound") is not None:
+                bounds.append(None if read_all else result["bound"])
+            for (layer, m), state in result["states"].items():
+                t = state.finalize()
+                if result.get("window_scores") is not None and m != "probe" and not read_all:
+                    t = with_batch_means_interval(t, result["window_scores"][(layer, m)],
+                                                  getattr(state, "confidence", 0.95),
+                                                  SCORE_RANGE.get(m, (-np.inf, np.inf)))
+                elif result.get("bound") is not None and m != "probe":
+                    bounds.append(largest_half_width(t))
+                if p.permutations and result["samples"] and m != "probe":
+                    t = with_permutation_p_values(t, p, m, result["samples"][layer], result["take"][m])
+                n = t.num_rows
+                tables.append(pa.table({
+                    "model": pa.array([p.model] * n, pa.string()), "layer": pa.array([layer] * n, pa.string()),
+                    **{name: t.column(name).cast(SCORE_SCHEMA.field(name).type) for name in SCORE_SCHEMA.names},
+                    "detail": detail_column(t)}))
+                bar.update(1)
+    finally:
+        bar.close()
     scores = with_q_values(pa.concat_tables(tables))
     if bounds:
         known = [b for b in bounds if b is not None]

@@ -133,7 +133,7 @@ def register_udfs(session: Session) -> None:
         with held_versions():              # each hypothesis' version as it is now, once for the query
             t = inspect(sub, _models(model), _list(layers), _list(hypotheses), dataset,
                         _list(measures) or ["corr"], limit=n["max_records"],
-                        batch_size=_default(n["batch_size"], 16), keep_activations=bool(keep), progress=False,
+                        batch_size=_default(n["batch_size"], 16), keep_activations=bool(keep), progress=sub.progress,
                         baseline=bool(baseline), control=bool(control), permutations=n["permutations"] or 0,
                         max_error=max_error, seed=_default(n["seed"], 0), engine=engine or "local",
                         ray_address=ray_address, top_k=n["top_k"], reuse=reuse is not False,
@@ -147,15 +147,15 @@ def register_udfs(session: Session) -> None:
         return compare_layers(sub, _list(groups), dataset,
                               limit=_number("compare_layers: max_records", max_records),
                               batch_size=_default(_number("compare_layers: batch_size", batch_size), 16),
-                              device=device or None, progress=False).to_pylist()
+                              device=device or None, progress=sub.progress).to_pylist()
 
     def do_extract(sub, model, layers, dataset, dtype, batch_size):
         return extract(sub, model, _list(layers), dataset, dtype or "float32", None,
-                       _default(_number("extract_activations: batch_size", batch_size), 16), progress=False)
+                       _default(_number("extract_activations: batch_size", batch_size), 16), progress=sub.progress)
 
     def do_annotate(sub, hypotheses, dataset):
         with held_versions():
-            return annotate(sub, _list(hypotheses), dataset, progress=False)
+            return annotate(sub, _list(hypotheses), dataset, progress=sub.progress)
 
     def do_register(sub, name, loader, params):
         info = sub.register_model(name, loader, loader_params(params, f"register_model({name!r}): params"))

@@ -1,0 +1,46 @@
+"""Progress bars: the SQL surface shows the same bars as the Python API (a store connected with
+progress, stderr a terminal or DEEPBASE_DUCK_PROGRESS=1), and a query's scoring (probe fits,
+row-sample intervals) has its own bar after the scan's; progress=False keeps both silent."""
+import pytest
+
+import deepbase_duck as dbd
+from conftest import TEXTS, planted_adapter
+
+
+def store(progress: bool):
+    con = dbd.connect(None, progress=progress)
+    dbd.register_model(con, "planted", planted_adapter())
+    dbd.add_dataset(con, "snippets", TEXTS)
+    return con
+
+
+@pytest.mark.parametrize("how", ["sql", "python"])
+def test_bars_from_sql_and_python(monkeypatch, capfd, how):
+    monkeypatch.setenv("DEEPBASE_DUCK_PROGRESS", "1")
+    con = store(progress=True)
+    try:
+        capfd.readouterr()
+        if how == "sql":
+            con.sql("SELECT count(*) FROM annotate(['digit'], 'snippets')").fetchall()
+            con.sql("SELECT count(*) FROM inspect('planted', ['planted'], ['digit'], 'snippets', "
+                    "measures := ['corr', 'probe'])").fetchall()
+        else:
+            dbd.annotate(con, ["digit"], "snippets")
+            dbd.inspect(con, "planted", ["planted"], ["digit"], "snippets", measures=["corr", "probe"])
+        err = capfd.readouterr().err
+        assert "labels snippets" in err and "inspect planted" in err and "score corr, probe" in err
+        assert "0/2 [" in err                                  # one per (layer, measure) state
+    finally:
+        dbd.close(con)
+
+
+def test_no_bars_without_progress(monkeypatch, capfd):
+    monkeypatch.setenv("DEEPBASE_DUCK_PROGRESS", "1")
+    con = store(progress=False)
+    try:
+        capfd.readouterr()
+        con.sql("SELECT count(*) FROM inspect('planted', ['planted'], ['digit'], 'snippets', "
+                "measures := ['corr', 'probe'])").fetchall()
+        assert capfd.readouterr().err == ""
+    finally:
+        dbd.close(con)
