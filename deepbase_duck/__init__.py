@@ -192,18 +192,63 @@ def extract(con, model: str, layers, dataset: str, dtype: str = "float32", recor
     return _extract(_session(con), model, layers, dataset, dtype, record_ids, batch_size, pipeline=pipeline)
 
 
+def _options(fn, skip: int) -> list[str]:
+    """The keyword options of engine function ``fn`` after its first ``skip`` parameters (the
+    session and the positional ones), without its ``**`` catch-all."""
+    import inspect as _pyinspect
+    params = list(_pyinspect.signature(fn).parameters.values())[skip:]
+    return [p.name for p in params if p.kind is not p.VAR_KEYWORD]
+
+
+def _check_keywords(call: str, kwargs: dict, options, measures=(), named=()) -> dict:
+    """``kwargs`` of ``call`` (dbd.inspect, dbd.compare_layers) checked before they reach the
+    engine: ``max_records`` (the name the SQL macros and the CLI's --max-records use) is taken as
+    ``limit`` (both given: an error), and a keyword that is neither one of ``options`` nor a
+    measure name (a dict of that measure's parameters) is an UnknownKeywordError suggesting the
+    closest name, instead of the engine's "parameters given for measure 'max_eror'"."""
+    import difflib
+    from .errors import UnknownKeywordError
+    kwargs = dict(kwargs)
+    if "max_records" in kwargs:
+        if "limit" in kwargs:
+            raise UnknownKeywordError(f"{call}: give limit or max_records, not both (max_records is another name "
+                                      f"of limit: the first N records by id)")
+        kwargs["limit"] = kwargs.pop("max_records")
+    for key in kwargs:
+        if key in options or key in measures:
+            continue
+        settings = sorted({*options, "max_records"})
+        close = difflib.get_close_matches(key, [*named, *settings, *measures], n=1, cutoff=0.6)
+        if close:
+            raise UnknownKeywordError(f"{call}: unknown keyword {key!r} (did you mean {close[0]}?)")
+        shown = f"options: {', '.join(settings)}"
+        if measures:
+            shown += f"; or a measure name with a dict of its parameters: {', '.join(sorted(measures))}"
+        raise UnknownKeywordError(f"{call}: unknown keyword {key!r}; {shown}")
+    return kwargs
+
+
 def inspect(con, model: str, layers, hypotheses, dataset: str, measures=("corr",), **kwargs):
     """Score every unit of ``layers`` against ``hypotheses``; returns a pyarrow.Table of scores
-    (also stored in the ``scores`` table)."""
+    (also stored in the ``scores`` table). ``kwargs``: the options of engine/inspect.py's
+    ``inspect`` (``limit``, also spelled ``max_records`` as in SQL and the CLI: the first N records
+    by id; ``max_error``, ``keep_activations``, ...) and per-measure parameter dicts
+    (``corr={"intervals": "symbols"}``); any other keyword is an error naming the closest one."""
     from .engine.inspect import inspect as _inspect
+    from .inspectors import MEASURES
+    kwargs = _check_keywords("inspect", kwargs, _options(_inspect, 6), MEASURES,
+                             named=("model", "layers", "hypotheses", "dataset", "measures"))
     with held_versions():                  # each hypothesis' version as it is now, once for the query
         return _inspect(_session(con), model, layers, hypotheses, dataset, measures, **kwargs)
 
 
 def compare_layers(con, groups, dataset: str, **kwargs):
     """Linear CKA between every pair of unit groups ('model:layer' or (model, layer)) over the
-    same symbols of a dataset; returns a pyarrow.Table (also stored in ``similarities``)."""
+    same symbols of a dataset; returns a pyarrow.Table (also stored in ``similarities``).
+    ``kwargs``: ``limit`` (or ``max_records``, as in SQL), ``batch_size``, ``device``,
+    ``record_ids``, ``progress``; any other keyword is an error naming the closest one."""
     from .engine.compare import compare_layers as _compare
+    kwargs = _check_keywords("compare_layers", kwargs, _options(_compare, 3), named=("groups", "dataset"))
     return _compare(_session(con), groups, dataset, **kwargs)
 
 

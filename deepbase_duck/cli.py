@@ -6,9 +6,10 @@
     deepbase-duck add-dataset STORE NAME PATH [--format lines|jsonl|csv|tsv|parquet|files] [--column text]
     deepbase-duck annotate STORE DATASET HYPOTHESIS...
     deepbase-duck extract STORE MODEL DATASET LAYER... [--dtype float16]
-    deepbase-duck inspect STORE MODEL DATASET --layers L... --hypotheses H... [--measures corr]
+    deepbase-duck inspect STORE MODEL DATASET --layers L... --hypotheses H... [--measures corr] [--params JSON]
     deepbase-duck report STORE [--out report.html] [--query N] [--model M] [--top K]
     deepbase-duck hypotheses                    # the hypotheses this installation can compute
+    deepbase-duck --version
 
 Bad input exits with status 2 and one line naming the problem.
 """
@@ -43,11 +44,17 @@ EXAMPLES = {
 }
 
 
+STORE_HELP = "the .duckdb store"
+
+
 def _parser() -> argparse.ArgumentParser:
+    from deepbase_duck import __version__
+    from deepbase_duck.inspectors import MEASURES
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     p = argparse.ArgumentParser(prog="deepbase-duck", description="Deep Neural Inspection inside DuckDB.",
                                 parents=[common])
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name, help_text):
@@ -60,21 +67,33 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--checkpoint", default="final",
                    help="char-LSTM checkpoint: step0, early, mid or final (default: %(default)s)")
     d.add_argument("--top", type=int, default=3, help="units shown per hypothesis, >= 1 (default: %(default)s)")
-    d.add_argument("--no-keep", action="store_true", help="do not store activations (faster, smaller)")
+    d.add_argument("--no-keep", action="store_true",
+                   help="do not store activations (faster, smaller; by default they are kept, as float16, for "
+                        "reports and later queries)")
 
     r = add("register-model", "Register a model by loader spec 'package.module:function'.")
-    r.add_argument("store"); r.add_argument("name"); r.add_argument("loader")
-    r.add_argument("--params", default="{}", help="JSON keyword arguments of the loader")
+    r.add_argument("store", help=STORE_HELP + " (created when missing)")
+    r.add_argument("name", help="the name queries call the model by")
+    r.add_argument("loader", help="'package.module:function' returning a ModelAdapter, e.g. "
+                                  "deepbase_duck.models.zoo:charlstm")
+    r.add_argument("--params", default="{}", help="JSON keyword arguments of the loader (default: %(default)s)")
 
     a = add("add-stdlib", "Add Python standard-library source as a dataset.")
-    a.add_argument("store"); a.add_argument("name")
-    a.add_argument("--split", default="heldout", choices=["heldout", "train"])
-    a.add_argument("--chars", type=int, default=None, help="stop after this many characters")
-    a.add_argument("--max-chars", type=int, default=2000, help="record length limit")
+    a.add_argument("store", help=STORE_HELP + " (created when missing)")
+    a.add_argument("name", help="the dataset's name")
+    a.add_argument("--split", default="heldout", choices=["heldout", "train"],
+                   help="heldout: files the bundled char-LSTM never saw in training (default: %(default)s)")
+    a.add_argument("--chars", type=int, default=None,
+                   help="about this many characters: whole records are added until their total reaches it, so the "
+                        "last one may run past it (default: every file of the split)")
+    a.add_argument("--max-chars", type=int, default=2000,
+                   help="longest record: files are cut at statement boundaries into records of at most this many "
+                        "characters (default: %(default)s)")
 
     ad = add("add-dataset", "Add your own texts as a dataset: a text file (one record per line), JSON Lines, "
                             "CSV/TSV, Parquet, a folder of files, or a folder of images (format 'paths').")
-    ad.add_argument("store"); ad.add_argument("name")
+    ad.add_argument("store", help=STORE_HELP + " (created when missing)")
+    ad.add_argument("name", help="the dataset's name")
     ad.add_argument("path", help="a file, or a folder (formats 'files' and 'paths')")
     ad.add_argument("--format", default=None, choices=["lines", "jsonl", "csv", "tsv", "parquet", "files", "paths"],
                     help="default: by the suffix (.txt lines, .jsonl, .csv, .tsv, .parquet; a folder: files); "
@@ -85,50 +104,79 @@ def _parser() -> argparse.ArgumentParser:
     ad.add_argument("--glob", default="**/*", help="with a folder: the files to read (default: %(default)s)")
     ad.add_argument("--max-chars", type=int, default=None, help="cut longer texts at line ends into records "
                                                                 "of at most this many characters")
-    ad.add_argument("--description", default="")
+    ad.add_argument("--description", default="", help="stored with the dataset (default: 'from PATH')")
     ad.add_argument("--replace", action="store_true",
                     help="replace a dataset of this name with other texts (its labels, symbols and stored activations "
                          "are dropped); not needed to append records after the stored ones")
 
     n = add("annotate", "Compute and store hypothesis labels for a dataset.")
-    n.add_argument("store"); n.add_argument("dataset"); n.add_argument("hypotheses", nargs="+")
+    n.add_argument("store", help=STORE_HELP)
+    n.add_argument("dataset", help="a dataset of the store")
+    n.add_argument("hypotheses", nargs="+", help="hypothesis names (`deepbase-duck hypotheses` lists them)")
 
     e = add("extract", "Store the activations of layers of a model over a dataset (cached, resumable).")
-    e.add_argument("store"); e.add_argument("model"); e.add_argument("dataset"); e.add_argument("layers", nargs="+")
-    e.add_argument("--dtype", default="float32", choices=["float32", "float16"])
-    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("store", help=STORE_HELP)
+    e.add_argument("model", help="a registered model")
+    e.add_argument("dataset", help="a dataset of the store")
+    e.add_argument("layers", nargs="+", help="layer names of the model")
+    e.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+                   help="the stored activations' type; float16 halves the disk (default: %(default)s)")
+    e.add_argument("--batch-size", type=int, default=16,
+                   help="records per forward pass (default: %(default)s)")
 
     i = add("inspect", "Score every unit of layers against hypotheses; prints the top units.")
-    i.add_argument("store")
+    i.add_argument("store", help=STORE_HELP)
     i.add_argument("model", help="a registered model, or checkpoints scanned together, separated by commas: "
                                  "early,mid,final. A name registered as it is (commas included, 'lstm,v2') is "
                                  "one model; only a name that is not registered is split at its commas")
-    i.add_argument("dataset")
-    i.add_argument("--layers", nargs="+", required=True)
-    i.add_argument("--hypotheses", nargs="+", required=True)
-    i.add_argument("--measures", nargs="+", default=["corr"])
-    i.add_argument("--max-records", type=int, default=None)
-    i.add_argument("--batch-size", type=int, default=16)
-    i.add_argument("--keep-activations", action="store_true")
+    i.add_argument("dataset", help="a dataset of the store")
+    i.add_argument("--layers", nargs="+", required=True, metavar="LAYER",
+                   help="layer names of the model (all units of each are scored)")
+    i.add_argument("--hypotheses", nargs="+", required=True, metavar="HYPOTHESIS",
+                   help="hypothesis names (`deepbase-duck hypotheses` lists them); labels are computed when missing")
+    i.add_argument("--measures", nargs="+", default=["corr"], metavar="MEASURE",
+                   help=f"one or more of: {', '.join(sorted(MEASURES))} (probe adds per-unit probe_weight and "
+                        f"layer-level probe_topk rows; default: corr)")
+    i.add_argument("--max-records", type=int, default=None, metavar="N",
+                   help="only the first N records by record id (not a sample: for a random sample use --max-error "
+                        "or --top-k, which read records in the seeded order of --seed, or the sampling macros of "
+                        "the shell) (default: every record)")
+    i.add_argument("--batch-size", type=int, default=16, metavar="N",
+                   help="records per forward pass (default: %(default)s)")
+    i.add_argument("--keep-activations", action="store_true",
+                   help="also store the activations (of type --dtype), for reports and later queries")
+    i.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+                   help="with --keep-activations: the stored activations' type (default: %(default)s)")
+    i.add_argument("--params", default=None, metavar="JSON",
+                   help="per-measure parameters as a JSON object, e.g. '{\"corr\": {\"intervals\": \"symbols\"}}' "
+                        "(the SQL macro's params)")
+    i.add_argument("--permutations", type=int, default=0, metavar="N",
+                   help="N > 0: a permutation-test p-value per unit score, in detail->>'perm_p_value' "
+                        "(default: %(default)s)")
     i.add_argument("--baseline", action="store_true", help="also score an untrained (re-initialised) copy")
     i.add_argument("--control", action="store_true", help="with --measures probe: control tasks and selectivity")
-    i.add_argument("--top", type=int, default=5, help="units shown per hypothesis, >= 1 (default: %(default)s)")
+    i.add_argument("--top", type=int, default=5, metavar="N",
+                   help="units shown per hypothesis, >= 1 (default: %(default)s)")
     i.add_argument("--engine", default="local", choices=["local", "ray"],
-                   help="ray: run the model on the workers of a Ray cluster (see README, Scaling out)")
+                   help="ray: run the model on the workers of a Ray cluster (see README, Scaling out) "
+                        "(default: %(default)s)")
     i.add_argument("--ray-address", default=None,
                    help="with --engine ray: 'auto', 'host:port' or 'ray://host:port' (default: a local Ray)")
     i.add_argument("--max-error", type=float, default=None,
                    help="early stopping: stop once every score's error bound is at most this (probes: a plateau)")
     i.add_argument("--plateau-tol", type=float, default=None,
                    help="early stopping for probes: stop once their held-out loss improves by less than this")
-    i.add_argument("--min-support", type=int, default=0,
-                   help="with --max-error or --top-k: label columns seen fewer times than this do not hold the scan")
-    i.add_argument("--top-k", type=int, default=None,
-                   help="early stopping for a ranking: stop once each hypothesis' top-k units are stable")
-    i.add_argument("--stable-windows", type=int, default=3,
-                   help="with --top-k: windows of records over which the top-k sets must stay the same "
+    i.add_argument("--min-support", type=int, default=0, metavar="N",
+                   help="with --max-error or --top-k: label columns seen fewer times than this do not hold the scan "
                         "(default: %(default)s)")
-    i.add_argument("--seed", type=int, default=0, help="the seeded record order of an early-stopping scan")
+    i.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="early stopping for a ranking: stop once each hypothesis' top-k units are stable")
+    i.add_argument("--stable-windows", type=int, default=None, metavar="N",
+                   help="with --top-k only: windows of records over which the top-k sets must stay the same "
+                        "(default: 3)")
+    i.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="with --max-error, --top-k or --plateau-tol: the seed of the random record order of the "
+                        "progressive scan (default: %(default)s)")
     i.add_argument("--no-reuse", action="store_true", help="scan again even if an identical query is stored")
     i.add_argument("--device", default=None,
                    help="where the inspectors run: cpu, cuda, cuda:N (default: CUDA where available)")
@@ -144,13 +192,14 @@ def _parser() -> argparse.ArgumentParser:
                     help="create the store when there is none at that path (a mistyped path is an error otherwise)")
 
     x = add("export", "Export scores, catalog and optionally activations as Parquet plus a DuckDB 1.5 file of views.")
-    x.add_argument("store"); x.add_argument("out_dir")
+    x.add_argument("store", help=STORE_HELP)
+    x.add_argument("out_dir", help="the folder to write (Parquet files and study.duckdb)")
     x.add_argument("--activations", action="store_true", help="also export stored activations")
     x.add_argument("--text", action="store_true", help="also export records, symbols and labels")
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
     rp = add("report", "Write a self-contained HTML report (figures embedded as PNG) of an inspection query.")
-    rp.add_argument("store", help="the .duckdb store")
+    rp.add_argument("store", help=STORE_HELP)
     rp.add_argument("--out", default="report.html", help="HTML file to write (default: %(default)s)")
     rp.add_argument("--query", type=int, default=None, help="query id (default: the latest matching query)")
     rp.add_argument("--model", default=None, help="the latest query of this model")
@@ -177,17 +226,76 @@ def top_units_table(con, query_id: int, k: int) -> str:
         ORDER BY 1, model, rank""").fetchall()
     several = len({m.removesuffix("~untrained") for _, m, *_ in rows}) > 1
     mw = max([5] + [len(m) for _, m, *_ in rows]) if several else 0
-    head = (f"{'hypothesis':<18} " + (f"{'model':<{mw}} " if several else "") +
-            f"{'layer':<8} {'unit':>5} {'score':>8}  {'95% CI':<17} {'n':>8}  sep")
+    # every column as wide as its longest entry ('bracket_depth [probe_weight]' included): aligned
+    hw = max([18] + [len(h) for h, *_ in rows])
+    lw = max([8] + [len(_layer_label(layer, model, several)) for _, model, layer, *_ in rows])
+    head = (f"{'hypothesis':<{hw}} " + (f"{'model':<{mw}} " if several else "") +
+            f"{'layer':<{lw}} {'unit':>5} {'score':>8}  {'95% CI':<17} {'n':>8}  sep")
     lines = [head, "-" * len(head)]
     last = None
     for h, model, layer, unit, score, lo, hi, n, sep in rows:
-        if not several and model.endswith("~untrained"):
-            layer += "~u"
         ci = f"[{lo:6.3f}, {hi:6.3f}]" if lo is not None and hi is not None else " " * 16
         mark = {True: "yes", False: "no"}.get(sep, "")
-        lines.append(f"{(h if h != last else ''):<18} " + (f"{model:<{mw}} " if several else "") +
-                     f"{layer:<8} {unit:>5} {score:>8.3f}  {ci} {n:>8}  {mark}")
+        lines.append(f"{(h if h != last else ''):<{hw}} " + (f"{model:<{mw}} " if several else "") +
+                     f"{_layer_label(layer, model, several):<{lw}} {unit:>5} {score:>8.3f}  {ci} {n:>8}  "
+                     f"{mark}".rstrip())
+        last = h
+    return "\n".join(lines)
+
+
+def _layer_label(layer: str, model: str, several: bool) -> str:
+    """A layer as the tables show it: a single model's untrained copy (baseline) marked '~u'."""
+    return layer + "~u" if not several and model.endswith("~untrained") else layer
+
+
+def unit_notes(con, query_id: int) -> list[str]:
+    """What the unit table's n means for the measures of a query, as lines under it."""
+    measures = {m for (m,) in con.execute("SELECT DISTINCT measure FROM scores WHERE query_id = ? AND unit IS NOT NULL",
+                                          [int(query_id)]).fetchall()}
+    out = []
+    if measures - {"probe_weight", "probe_class_weight"}:
+        out.append("n: the symbols (characters or tokens) each unit was scored over")
+    if measures & {"probe_weight", "probe_class_weight"}:
+        out.append("[probe_weight]: the unit's share of its layer's probe weights, no interval;\n"
+                   "  n: the probe's training symbols (its held-out accuracy is in the probe table below)")
+    return out
+
+
+def probe_table(con, query_id: int) -> str | None:
+    """The layer-level rows of a query (unit NULL: measure probe, probe_topk, selectivity), one
+    line each: the held-out score (accuracy, or r2 for a continuous hypothesis) with its 95% CI
+    (Wilson, accuracy only), the majority rate (always predicting the most frequent class) and
+    the probe's held-out test and training symbols. None when the query has none."""
+    rows = con.execute("""
+        SELECT hypothesis, model, layer, measure, TRY_CAST(detail->>'k' AS INTEGER), detail->>'metric', score,
+               ci_low, ci_high, TRY_CAST(detail->>'majority' AS DOUBLE), n, TRY_CAST(detail->>'n_train' AS BIGINT)
+        FROM scores WHERE query_id = ? AND unit IS NULL
+        ORDER BY hypothesis, model LIKE '%~untrained', model, layer,
+                 CASE measure WHEN 'probe' THEN 0 WHEN 'probe_topk' THEN 1 ELSE 2 END, 5, measure""",
+                       [int(query_id)]).fetchall()
+    if not rows:
+        return None
+    several = len({r[1].removesuffix("~untrained") for r in rows}) > 1
+    mw = max([5] + [len(r[1]) for r in rows]) if several else 0
+    what = [("all units" if m == "probe" else f"top {_n(k, 'unit')}" if m == "probe_topk" and k is not None
+             else m) for _, _, _, m, k, *_ in rows]
+    hw = max([18] + [len(r[0]) for r in rows])
+    lw = max([8] + [len(_layer_label(r[2], r[1], several)) for r in rows])
+    ww = max([12] + [len(w) for w in what])
+    head = (f"{'hypothesis':<{hw}} " + (f"{'model':<{mw}} " if several else "") +
+            f"{'layer':<{lw}} {'probe':<{ww}} {'metric':<8} {'score':>7}  {'95% CI':<16} {'majority':>8} "
+            f"{'n test':>8} {'n train':>8}")
+    lines = [head, "-" * len(head)]
+    last = None
+
+    def num(x, fmt):
+        return format(x, fmt) if x is not None and x == x else "-"
+    for (h, model, layer, m, k, metric, score, lo, hi, maj, n, ntr), w in zip(rows, what):
+        ci = f"[{lo:5.3f}, {hi:5.3f}]" if lo is not None and hi is not None else ""
+        lines.append((f"{(h if h != last else ''):<{hw}} " + (f"{model:<{mw}} " if several else "") +
+                      f"{_layer_label(layer, model, several):<{lw}} {w:<{ww}} {metric or '':<8} "
+                      f"{num(score, '7.3f'):>7}  {ci:<16} {num(maj, '8.3f'):>8} {num(n, 'd'):>8} "
+                      f"{num(ntr, 'd'):>8}").rstrip())
         last = h
     return "\n".join(lines)
 
@@ -222,14 +330,14 @@ def cmd_demo(args) -> int:
         n = dbd.add_dataset(con, dataset, records, "held-out Python standard-library files (not seen in training)",
                             replace=True)
         hyps = CODE_HYPOTHESES + ["python_keyword"]
-        print(f"deepbase_duck demo: char-LSTM ({args.checkpoint}) over {n} records, "
-              f"{sum(len(r['text']) for r in records):,} characters of held-out stdlib code "
-              f"from {len({r['source'] for r in records})} files")
+        print(f"deepbase_duck demo: char-LSTM ({args.checkpoint}) over {_n(n, 'record')}, "
+              f"{_n(sum(len(r['text']) for r in records), 'character', ',')} of held-out stdlib code "
+              f"from {_n(len({r['source'] for r in records}), 'file')}")
         scores = dbd.inspect(con, "charlstm", ["lstm0", "lstm1"], hyps, dataset,
                              keep_activations=not args.no_keep, dtype="float16")
         qid = scores.column("query_id")[0].as_py()
         print(f"\nTop units per hypothesis (score = Pearson r over every character; query {qid}).\n"
-              f"95% CI: with the {n} records, not the characters, as independent samples. sep: the\n"
+              f"95% CI: with the {_n(n, 'record')}, not the characters, as independent samples. sep: the\n"
               f"unit's interval lies above that of every unit outside the top {args.top}.\n")
         print(top_units_table(con, qid, args.top))
         out_dir = store_path.parent / "scores_parquet"
@@ -242,6 +350,11 @@ def cmd_demo(args) -> int:
         print("\nNext: SELECT * FROM scores ... in that store, or `deepbase-duck inspect --help`. "
               "Affinity is not causation: verify a unit by ablating it.")
     return 0
+
+
+def _n(count, word: str, fmt: str = "") -> str:
+    """``count`` and ``word``, plural ('s') unless the count is 1: '1 record', '3 records'."""
+    return f"{format(count, fmt)} {word}{'' if count == 1 else 's'}"
 
 
 def _check_top(top: int) -> None:
@@ -310,7 +423,7 @@ def cmd_add_stdlib(args):
         raise DeepBaseError(str(exc)) from None
     with _store(args, create=True) as con:
         n = dbd.add_dataset(con, args.name, records, f"Python standard library, {args.split} split")
-        print(f"{args.name}: {n} records")
+        print(f"{args.name}: {_n(n, 'record')}, {_n(sum(len(r['text']) for r in records), 'character', ',')}")
     return 0
 
 
@@ -326,10 +439,10 @@ def cmd_add_dataset(args):
         except DatasetExistsError:
             raise DeepBaseError(f"dataset {args.name!r} already exists with different records; add --replace to "
                                 "replace it (its labels, symbols and stored activations are then dropped)") from None
-    skipped = f"; {records.skipped} empty or missing texts skipped" if records.skipped else ""
+    skipped = f"; {_n(records.skipped, 'empty or missing text')} skipped" if records.skipped else ""
     kept = (f"; the first {before} as stored, {n - before} appended" if 0 < before < n and not args.replace
             else "; unchanged" if before == n and not args.replace else "")
-    print(f"{args.name}: {n} records ({records.format}, {sum(len(r['text']) for r in records)} characters)"
+    print(f"{args.name}: {_n(n, 'record')} ({records.format}, {_n(sum(len(r['text']) for r in records), 'character')})"
           f"{skipped}{kept}")
     return 0
 
@@ -338,7 +451,7 @@ def cmd_annotate(args):
     import deepbase_duck as dbd
     with _store(args) as con:
         for s in dbd.annotate(con, args.hypotheses, args.dataset):
-            print(f"{s['hypothesis']}: {s['labeled']} records labelled, {s['reused']} reused")
+            print(f"{s['hypothesis']}: {_n(s['labeled'], 'record')} labelled, {s['reused']} reused")
     return 0
 
 
@@ -347,28 +460,94 @@ def cmd_extract(args):
     with _store(args) as con:
         for r in dbd.extract(con, args.model, args.layers, args.dataset, args.dtype, batch_size=args.batch_size):
             print(f"{r['layer']}: view {r['view']} ({r['dtype']}, width {r['width']}): "
-                  f"{r['extracted']} records extracted, {r['reused']} reused")
+                  f"{_n(r['extracted'], 'record')} extracted, {r['reused']} reused")
     return 0
 
 
 def cmd_inspect(args):
+    import shlex
     import deepbase_duck as dbd
+    from deepbase_duck.errors import DeepBaseError
     _check_top(args.top)
+    if args.stable_windows is not None and args.top_k is None:
+        raise DeepBaseError(f"--stable-windows {args.stable_windows} sets how long the --top-k rule waits for the "
+                            f"top-k sets to settle; give --top-k K with it (or leave --stable-windows out)")
+    measure_params = _measure_params(args.params)     # before the store is opened
     with _store(args) as con:
         model = _inspected_models(con, args.model)
-        t = dbd.inspect(con, model, args.layers, args.hypotheses, args.dataset, args.measures,
-                        limit=args.max_records, batch_size=args.batch_size, keep_activations=args.keep_activations,
-                        baseline=args.baseline, control=args.control, engine=args.engine,
-                        ray_address=args.ray_address, max_error=args.max_error, top_k=args.top_k, seed=args.seed,
-                        stable_windows=args.stable_windows,
-                        plateau_tol=args.plateau_tol, min_support=args.min_support, reuse=not args.no_reuse,
-                        device=args.device)
+        try:
+            t = dbd.inspect(con, model, args.layers, args.hypotheses, args.dataset, args.measures,
+                            limit=args.max_records, batch_size=args.batch_size,
+                            keep_activations=args.keep_activations, dtype=args.dtype,
+                            permutations=args.permutations,
+                            baseline=args.baseline, control=args.control, engine=args.engine,
+                            ray_address=args.ray_address, max_error=args.max_error, top_k=args.top_k,
+                            seed=args.seed, stable_windows=3 if args.stable_windows is None else args.stable_windows,
+                            plateau_tol=args.plateau_tol, min_support=args.min_support, reuse=not args.no_reuse,
+                            device=args.device, **measure_params)
+        except DeepBaseError as exc:                # the library's parameter names, as this command's flags
+            message = cli_flags(str(exc))
+            if message == str(exc):
+                raise
+            raise DeepBaseError(message) from None
         qid = t.column("query_id")[0].as_py()
         print(top_units_table(con, qid, args.top))
+        for line in unit_notes(con, qid):
+            print(line)
+        probes = probe_table(con, qid)
+        if probes is not None:
+            print("\nProbes (layer level): score = held-out accuracy (r2 for a continuous hypothesis) on the n test "
+                  "symbols,\ntrained on the n train symbols; 95% CI: Wilson interval of the accuracy; majority: "
+                  "the accuracy of\nalways predicting the most frequent class (the baseline to beat).\n")
+            print(probes)
         params = json.loads(con.execute("SELECT params FROM queries WHERE query_id = ?", [qid]).fetchall()[0][0])
         for line in scan_summary(params):
             print(line)
+        print(f"query {qid} (its report: deepbase-duck report {shlex.quote(args.store)} --query {qid})")
     return 0
+
+
+# library parameters named in the library's messages, and the inspect flags that set them
+CLI_FLAGS = {"top_k": "--top-k", "max_error": "--max-error", "min_support": "--min-support",
+             "stable_windows": "--stable-windows", "batch_size": "--batch-size", "plateau_tol": "--plateau-tol",
+             "max_records": "--max-records", "keep_activations": "--keep-activations"}
+# plain words that name a parameter only as a message's subject ('seed must be ...')
+CLI_SUBJECTS = {"seed": "--seed", "limit": "--max-records", "permutations": "--permutations", "dtype": "--dtype",
+                "device": "--device"}
+
+
+def cli_flags(message: str) -> str:
+    """A library message with the parameters it names (top_k, max_error, ...) spelled as the
+    inspect flags that set them (--top-k, --max-error, ...)."""
+    import re
+    message = re.sub(r"(?<![\w'\"-])(" + "|".join(CLI_FLAGS) + r")(?![\w'\"])", lambda m: CLI_FLAGS[m.group(1)],
+                     message)
+    first = re.match(r"(\w+)( must | \()", message)
+    if first and first.group(1) in CLI_SUBJECTS:
+        message = CLI_SUBJECTS[first.group(1)] + message[len(first.group(1)):]
+    return message
+
+
+def _measure_params(text: str | None) -> dict:
+    """--params: a JSON object of per-measure objects (as the SQL macro's params), checked here
+    so that a key that is no measure cannot reach inspect as one of its own settings."""
+    from deepbase_duck.errors import DeepBaseError
+    from deepbase_duck.inspectors import MEASURES
+    if text is None:
+        return {}
+    try:
+        params = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DeepBaseError(f"--params is not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
+        raise DeepBaseError("--params must be a JSON object of per-measure objects, e.g. "
+                            "'{\"corr\": {\"intervals\": \"symbols\"}}'")
+    for key in params:
+        if key not in MEASURES:
+            raise DeepBaseError(f"--params: key {key!r} is not a measure; valid measures: "
+                                f"{', '.join(sorted(MEASURES))} "
+                                f"(settings of the query itself are flags, e.g. --seed 1)")
+    return params
 
 
 def _inspected_models(con, text: str):
@@ -392,13 +571,24 @@ def scan_summary(params: dict) -> list[str]:
                              ("plateau", params.get("plateau_tol") is not None)) if on]
     if rules and reused is None:
         used, total, bound = params.get("records_used"), params.get("record_count"), params.get("bound_reached")
-        shown = "" if bound is None else ("; error bounds unbounded: fewer than 2 windows"
-                                          if bound == float("inf") else f"; largest error bound {bound:.3f}")
+        # an error bound is quoted for the max_error rule only: top_k's rule is the stability of the
+        # top-k sets, the plateau's a held-out loss
+        if params.get("max_error") is None:
+            bound = None
         if params.get("stopped_early"):
-            out.append(f"early stopping ({params.get('stop_rule')}): stopped after {used} of {total} records{shown}")
+            shown = "" if bound is None else ("; error bounds unbounded: fewer than 2 windows"
+                                              if bound == float("inf") else f"; largest error bound {bound:.3f}")
+            out.append(f"early stopping ({params.get('stop_rule')}): stopped after {used} of "
+                       f"{_n(total, 'record')}{shown}")
         else:
-            out.append(f"early stopping ({', '.join(rules)}): not met before the last record ({used} of {total} "
-                       f"records read{shown}); the scores are the full scan's")
+            # read to the end: the scores and intervals are the full scan's, and the bound
+            # reached is their largest half-width (engine/inspect.py), not a batch-means bound
+            held = "the rule held" if len(rules) == 1 else "no rule held"
+            at = "at no earlier window" if len(rules) == 1 else "at an earlier window"
+            shown = "" if bound is None else (", some of which have no finite interval" if bound == float("inf")
+                                              else f", whose largest half-width is {bound:.3f}")
+            out.append(f"early stopping ({', '.join(rules)}): every record was read ({used} of {total}; {held} {at}), "
+                       f"so the scores and intervals are the full scan's{shown}")
     return out
 
 
@@ -416,8 +606,8 @@ def cmd_report(args):
         r = dbd.report(con, args.out, query_id=args.query, model=args.model, dataset=args.dataset,
                        top_units=args.top, text_units=args.text_units, records_per_unit=args.records,
                        context_chars=args.context, measure=args.measure)
-    print(f"{r['path']}: report of query {r['query_id']} ({r['bytes'] / 1e3:.0f} kB, {r['figures']} figures, "
-          f"{r['units_with_text']} units with coloured records; units ranked by {r['measure']})")
+    print(f"{r['path']}: report of query {r['query_id']} ({r['bytes'] / 1e3:.0f} kB, {_n(r['figures'], 'figure')}, "
+          f"{_n(r['units_with_text'], 'unit')} with coloured records; units ranked by {r['measure']})")
     if r["missing_activations"]:
         print(f"activations not stored for {', '.join(r['missing_activations'])}: the report says how to store them")
     return 0

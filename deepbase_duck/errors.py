@@ -20,6 +20,10 @@ class UnknownNameError(DeepBaseError, KeyError):
         return self.args[0]
 
 
+class UnknownKeywordError(DeepBaseError, TypeError):
+    """A keyword argument a function does not take (also a TypeError, as Python's own)."""
+
+
 class BadParameterError(DeepBaseError, ValueError):
     """A measure or query parameter out of its range (also a ValueError)."""
 

@@ -13,8 +13,10 @@ with ';', aligned table output, and dot-commands:
     .quit / .exit      leave
 
 Modes: interactive (a terminal), ``-c 'SQL'`` (run and exit), a script file argument, or SQL on
-standard input. In the non-interactive modes the first error ends the shell with status 1. The
-store must exist (a path with none is refused, status 2) unless ``--create`` is given.
+standard input. In the non-interactive modes the first error ends the shell with status 1, after
+the Python traceback of a failed deepbase_duck call (what ``SELECT last_error()`` shows at the
+prompt, which could not run after it). The store must exist (a path with none is refused,
+status 2) unless ``--create`` is given.
 """
 from __future__ import annotations
 
@@ -105,20 +107,47 @@ class Shell:
                 continue
             buf = []                             # ended, or nothing but comments so far
             if statements:
+                before = self._last_traceback()
                 try:
                     self.run_sql(text)
                 except Exception as exc:
-                    self.err.write(f"Error: {_one_line(exc)}\n")
+                    self.error(exc, before, interactive)
                     if not interactive:
                         return 1
         self.open = False
         if buf:
+            before = self._last_traceback()
             try:
                 self.run_sql("\n".join(buf))
             except Exception as exc:
-                self.err.write(f"Error: {_one_line(exc)}\n")
+                self.error(exc, before, interactive=False)
                 return 1
         return 0
+
+    def _last_traceback(self):
+        """The newest traceback a deepbase_duck UDF of this connection kept (what last_error()
+        shows), or None."""
+        from .catalog import session_of
+        try:
+            kept = session_of(self.con).udf_tracebacks
+        except Exception:
+            return None
+        return kept[-1] if kept else None
+
+    def error(self, exc: Exception, before, interactive: bool) -> None:
+        """Report a failed statement: its message on one line and, when a deepbase_duck UDF failed
+        in it, that UDF's Python traceback: in full in the non-interactive modes, which end here
+        (so `SELECT last_error()` can never run after it), or as a pointer to last_error() at the
+        prompt."""
+        self.err.write(f"Error: {_one_line(exc)}\n")
+        tb = self._last_traceback()
+        if tb is None or tb is before:
+            return
+        if interactive:
+            self.err.write("(SELECT last_error(); shows the Python traceback of the failed deepbase_duck call)\n")
+        else:
+            self.err.write("Python traceback of the failed deepbase_duck call (as SELECT last_error() shows it):\n"
+                           + tb.rstrip("\n") + "\n")
 
     def interactive(self) -> int:
         try:

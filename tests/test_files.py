@@ -122,7 +122,7 @@ def test_cli_add_dataset_stores_the_records(tmp_path):
                               text=True, cwd=ROOT, timeout=600)
     r = cli("add-dataset", db, "mine", str(f), "--source-column", "file")
     assert r.returncode == 0, r.stderr
-    assert "mine: 2 records (jsonl, 18 characters); 1 empty or missing texts skipped" in r.stdout
+    assert "mine: 2 records (jsonl, 18 characters); 1 empty or missing text skipped" in r.stdout
     r = cli("add-dataset", db, "mine", str(f), "--source-column", "file")          # the same again: a no-op
     assert r.returncode == 0 and "mine: 2 records" in r.stdout and r.stdout.rstrip().endswith("; unchanged")
     longer = _write(tmp_path / "longer.jsonl", f.read_text() + "\n" + json.dumps({"text": "z = 3\n", "file": "g.py"}))
@@ -139,7 +139,7 @@ def test_cli_add_dataset_stores_the_records(tmp_path):
     finally:
         dbd.close(con)
     r = cli("add-dataset", db, "mine", str(tmp_path / "other.txt"), "--replace")
-    assert r.returncode == 0 and "mine: 1 records (lines, 1 characters)" in r.stdout, r.stderr
+    assert r.returncode == 0 and "mine: 1 record (lines, 1 character)" in r.stdout, r.stderr
 
 
 def test_csv_texts_that_look_like_missing_values_numbers_or_booleans_are_kept(tmp_path):

@@ -59,8 +59,9 @@ def test_cli_commands_mirror_the_library(tmp_path):
                 "--device", "cpu")                     # a few records: the bound cannot be met
     assert r.returncode == 0, r.stderr
     n = dbd_records(db, "code")
-    assert f"early stopping (max_error): not met before the last record ({n} of {n} records read; " in r.stdout
-    assert "the scores are the full scan's" in r.stdout
+    assert f"early stopping (max_error): every record was read ({n} of {n}; the rule held at no earlier window)" \
+        in r.stdout
+    assert "so the scores and intervals are the full scan's, whose largest half-width is " in r.stdout
     r = run_cli("inspect", db, "lm", "code", "--layers", "lstm0", "--hypotheses", "in_string", "--max-error", "0.01",
                 "--device", "cpu")
     assert r.returncode == 0 and "reused, nothing scanned" in r.stdout, r.stdout
@@ -141,8 +142,8 @@ def test_scan_summary_lines():
         ["early stopping (max_error): stopped after 176 of 7730 records; largest error bound 0.099"]
     assert scan_summary({"top_k": 10, "plateau_tol": 0.01, "stopped_early": False, "records_used": 50,
                          "record_count": 50, "bound_reached": None, "reused": {}}) == \
-        ["early stopping (top_k, plateau): not met before the last record (50 of 50 records read); "
-         "the scores are the full scan's"]
+        ["early stopping (top_k, plateau): every record was read (50 of 50; no rule held at an earlier window), "
+         "so the scores and intervals are the full scan's"]
     assert scan_summary({"max_error": 0.1, "reused": {"scores_of_query": 4}}) == \
         ["scores of the identical query 4 reused, nothing scanned (--no-reuse scans again)"]
 

@@ -74,7 +74,7 @@ def select_query(con, query_id: int | None = None, model: str | None = None, dat
                                 "--measures corr probe --keep-activations`")
     if query_id is not None:
         if query_id not in have:
-            raise UnknownNameError("query id", query_id, have)
+            _no_scores(con, query_id, have)
     else:
         where, args = ["query_id IN (SELECT DISTINCT query_id FROM scores)"], []
         if model is not None:                      # queries.model lists every model of a multi-model query
@@ -113,6 +113,25 @@ def select_query(con, query_id: int | None = None, model: str | None = None, dat
     q.scored_hypotheses = sorted(_names(con, f"SELECT DISTINCT hypothesis FROM scores WHERE query_id = {q.query_id}"),
                                  key=lambda h: (horder.get(h.split("=", 1)[0], 10**6), h))
     return q
+
+
+def _no_scores(con, query_id: int, have: list) -> None:
+    """Raise the error for a ``query_id`` with no unit scores: a compare_layers query (its results
+    are in ``similarities``), a query that stored none, or no query at all (UnknownNameError)."""
+    shown = ", ".join(map(str, have))
+    row = store.q_one(con, "SELECT measures, layers, dataset FROM queries WHERE query_id = ?", [query_id])
+    if row is None:
+        raise UnknownNameError("query id", query_id, have)
+    compare = (store.q_scalar(con, "SELECT count(*) FROM similarities WHERE query_id = ?", [query_id])
+               or list(row[0] or []) == ["cka"])
+    if compare:
+        groups = ", ".join(row[1] or [])
+        raise DeepBaseError(f"report: query {query_id} is a compare_layers query (linear CKA between unit groups "
+                            f"{groups} over {row[2]!r}), with no unit scores to report; its results are in the "
+                            f"similarities table (SELECT * FROM similarities WHERE query_id = {query_id}). "
+                            f"Queries with unit scores: {shown}")
+    raise DeepBaseError(f"report: query {query_id} stored no scores (the scores table has no row of it); "
+                        f"queries with scores: {shown}")
 
 
 def primary_measure(q: Query, measure: str | None = None) -> str | None:
