@@ -373,9 +373,9 @@ def test_probe_only_report_ranks_every_hypothesis_by_probe_weight(tmp_path, plan
     r = dbd.report(planted, str(tmp_path / "p.html"), top_units=1)
     doc = (tmp_path / "p.html").read_text()
     assert r["measure"] == "probe_weight"
-    ranked = re.findall(r"<figcaption>([^<:]+): the 1 best units by \|probe_weight\|", doc)
+    ranked = re.findall(r"<figcaption>([^<:]+): the 1 best unit by \|probe_weight\|", doc)
     assert sorted(ranked) == ["chartype_t", "digit"]
-    assert "1 layers &times; 2 hypotheses" in doc
+    assert "1 layer &times; 2 hypotheses" in doc
     assert "scored no unit-level affinity measure" in doc      # no heatmap of weight shares
 
 

@@ -99,8 +99,8 @@ def _hypotheses(q: data.Query, pm: str | None, tops: list[dict]) -> tuple[str, i
         if h in by_h:
             units = sorted(by_h[h], key=lambda u: (q.models.index(u["model"]), u["rank"]))
             png = figures.ranked_units(units, pm, h, q.models)
-            figs.append(f"<figure>{H.img(png, f'top units of {h}')}<figcaption>{H.esc(h)}: the {len(units)} "
-                        f"best units by |{H.esc(pm)}|, with their confidence interval</figcaption></figure>")
+            figs.append(f"<figure>{H.img(png, f'top units of {h}')}<figcaption>{H.esc(h)}: the "
+                        f"{_n(len(units), 'best unit')} by |{H.esc(pm)}|, with their confidence interval</figcaption></figure>")
     return H.section("hypotheses", "Top units per hypothesis", f'<div class="grid">{"".join(figs)}</div>'), len(figs)
 
 
@@ -173,7 +173,7 @@ def _activations(con, q: data.Query, pm: str | None, tops: list[dict], text_unit
             also = f" (also the best unit of {', '.join(map(H.esc, u['also']))})" if u["also"] else ""
             parts.append(f"<h3>{H.esc(u['hypothesis'])}: {H.esc(_label(u['model'], u['layer'], q))} unit "
                          f"{u['unit']} &mdash; {H.esc(pm)} {u['score']:.3f}{also}</h3>"
-                         f'<p class="meta">the {len(recs)} records with the {"lowest" if negative else "highest"} '
+                         f'<p class="meta">the {_n(len(recs), "record")} with the {"lowest" if negative else "highest"} '
                          f"peak activation ({'the unit is anti-correlated: it fires by going down' if negative else 'it fires by going up'}); "
                          f"largest |activation| of the unit: {scale:.3f}</p>")
             for r in recs:
@@ -206,6 +206,11 @@ def _activations(con, q: data.Query, pm: str | None, tops: list[dict], text_unit
         if m in prov.doubt:
             parts.insert(0, H.note(H.esc(prov.doubt[m]) + "."))
     return H.section("activations", title, "\n".join(parts)), shown, missing + gone
+
+
+def _n(count: int, one: str, many: str | None = None) -> str:
+    """``count`` and the noun for it: '1 record', '3 records' (``many``: an irregular plural)."""
+    return f"{count} {one if count == 1 else (many or one + 's')}"
 
 
 def write_report(con, path, query_id=None, model: str | None = None, dataset: str | None = None,
@@ -260,7 +265,7 @@ def _write_report(session, out: Path, query_id, model, dataset, top_units: int, 
         sections.append("images")
     title = f"deepbase_duck report: {q.model} on {q.dataset} (query {q.query_id})"
     n_hyps = len({h.split("=", 1)[0].split("~", 1)[0] for h in q.scored_hypotheses})   # not 'h=category', 'h~control'
-    sub = (f"{len(q.scored_layers)} layers &times; {n_hyps} hypotheses, measures "
+    sub = (f"{_n(len(q.scored_layers), 'layer')} &times; {_n(n_hyps, 'hypothesis', 'hypotheses')}, measures "
            f"{H.esc(', '.join(q.measures))}; units ranked by |{H.esc(pm or '-')}|. Affinity is not causation: "
            "verify a unit by ablating it.")
     footer = f"deepbase_duck {__version__}, written {time.strftime('%Y-%m-%d %H:%M:%S')} from {H.esc(store_path)}"

@@ -68,6 +68,9 @@ def select_query(con, query_id: int | None = None, model: str | None = None, dat
     if dataset is not None and store.q_one(con, "SELECT 1 FROM datasets WHERE name = ?", [dataset]) is None:
         raise UnknownNameError("dataset", dataset, _names(con, "SELECT name FROM datasets"))
     have = _names(con, "SELECT DISTINCT query_id FROM scores ORDER BY 1")
+    if query_id is not None and query_id not in have and store.q_one(
+            con, "SELECT 1 FROM queries WHERE query_id = ?", [query_id]) is not None:
+        _no_scores(con, query_id, have)            # a query of the store with no scores: say which kind
     if not have:
         raise EmptyDatasetError("report: the store holds no scores yet; run an inspection first, e.g. "
                                 "`deepbase-duck inspect STORE MODEL DATASET --layers L --hypotheses H "
@@ -118,7 +121,7 @@ def select_query(con, query_id: int | None = None, model: str | None = None, dat
 def _no_scores(con, query_id: int, have: list) -> None:
     """Raise the error for a ``query_id`` with no unit scores: a compare_layers query (its results
     are in ``similarities``), a query that stored none, or no query at all (UnknownNameError)."""
-    shown = ", ".join(map(str, have))
+    shown = ", ".join(map(str, have)) or "none yet"
     row = store.q_one(con, "SELECT measures, layers, dataset FROM queries WHERE query_id = ?", [query_id])
     if row is None:
         raise UnknownNameError("query id", query_id, have)
