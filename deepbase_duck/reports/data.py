@@ -68,17 +68,13 @@ def select_query(con, query_id: int | None = None, model: str | None = None, dat
     if dataset is not None and store.q_one(con, "SELECT 1 FROM datasets WHERE name = ?", [dataset]) is None:
         raise UnknownNameError("dataset", dataset, _names(con, "SELECT name FROM datasets"))
     have = _names(con, "SELECT DISTINCT query_id FROM scores ORDER BY 1")
-    if query_id is not None and query_id not in have and store.q_one(
-            con, "SELECT 1 FROM queries WHERE query_id = ?", [query_id]) is not None:
-        _no_scores(con, query_id, have)            # a query of the store with no scores: say which kind
+    if query_id is not None and query_id not in have:
+        _no_scores(con, query_id, have)            # no such query, or one with no scores: say which
     if not have:
         raise EmptyDatasetError("report: the store holds no scores yet; run an inspection first, e.g. "
                                 "`deepbase-duck inspect STORE MODEL DATASET --layers L --hypotheses H "
                                 "--measures corr probe --keep-activations`")
-    if query_id is not None:
-        if query_id not in have:
-            _no_scores(con, query_id, have)
-    else:
+    if query_id is None:
         where, args = ["query_id IN (SELECT DISTINCT query_id FROM scores)"], []
         if model is not None:                      # queries.model lists every model of a multi-model query
             where.append("query_id IN (SELECT DISTINCT query_id FROM scores WHERE model = ?)"); args.append(model)
