@@ -482,7 +482,7 @@ def cmd_inspect(args):
                             permutations=args.permutations,
                             baseline=args.baseline, control=args.control, engine=args.engine,
                             ray_address=args.ray_address, max_error=args.max_error, top_k=args.top_k,
-                            seed=args.seed, stable_windows=3 if args.stable_windows is None else args.stable_windows,
+                            seed=args.seed, stable_windows=args.stable_windows,
                             plateau_tol=args.plateau_tol, min_support=args.min_support, reuse=not args.no_reuse,
                             device=args.device, **measure_params)
         except DeepBaseError as exc:                # the library's parameter names, as this command's flags

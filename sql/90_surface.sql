@@ -10,7 +10,7 @@
 --         batch_size := 16, keep_activations := false, params := '{}', baseline := false,
 --         control := false, permutations := 0, max_error := NULL, seed := 0,
 --         engine := 'local', ray_address := NULL, top_k := NULL, reuse := true, plateau_tol := NULL,
---         min_support := 0, device := NULL, stable_windows := 3, baseline_seed := 0,
+--         min_support := 0, device := NULL, stable_windows := NULL, baseline_seed := 0,
 --         dtype := 'float32')
 -- Scores every unit of each layer against each hypothesis with each measure (corr, spearman,
 -- pointbiserial, probeless, mi, iou, precision, recall, f1, ap, probe); one row per
@@ -33,7 +33,7 @@
 -- far (a binary column's rarer value, a categorical one's rarest class) do not hold the scan;
 -- their scores come back with their wide intervals, and the queries table lists them ('rare').
 -- top_k: a ranking query: progressive too, stopping once every hypothesis' top_k units (by |score|)
--- stayed the same for stable_windows (3; NULL: 3) consecutive windows.
+-- stayed the same for stable_windows (NULL: 3; given without top_k, an error) consecutive windows.
 -- reuse: false scans again even when an identical query's scores are stored.
 -- dtype: 'float32' or 'float16', the type of the activations stored with keep_activations
 -- (NULL: 'float32').
@@ -57,7 +57,7 @@ CREATE OR REPLACE TEMP MACRO inspect(model, layers, hypotheses, dataset, measure
                                      max_error := NULL, seed := 0, engine := 'local',
                                      ray_address := NULL, top_k := NULL, reuse := true,
                                      plateau_tol := NULL, min_support := 0, device := NULL,
-                                     stable_windows := 3, baseline_seed := 0, dtype := 'float32') AS TABLE
+                                     stable_windows := NULL, baseline_seed := 0, dtype := 'float32') AS TABLE
 SELECT unnest(r, recursive := true)
 FROM (SELECT unnest(dbd_inspect(CAST(to_json(model) AS VARCHAR), layers, hypotheses, dataset, measures,
                                 CAST(max_records AS VARCHAR), CAST(batch_size AS VARCHAR),

@@ -655,3 +655,13 @@ def test_min_support_with_every_column_rare_bounds_nothing_and_does_not_stop(big
     half = max(max(r["score"] - r["ci_low"], r["ci_high"] - r["score"]) for r in t.to_pylist()
                if r["ci_low"] is not None)
     assert n == 60 and rule is None and float(bound) == pytest.approx(half, rel=1e-12) and half > 0.02
+
+
+def test_stable_windows_without_top_k_is_refused_in_python_and_sql(big):
+    with pytest.raises(DeepBaseError, match=r"stable_windows \(5\) .* needs top_k"):
+        dbd.inspect(big, "planted", ["planted"], ["digit"], "many", stable_windows=5)
+    with pytest.raises(Exception, match=r"stable_windows \(5\) .* needs top_k"):
+        big.sql("SELECT count(*) FROM inspect('planted', ['planted'], ['digit'], 'many', stable_windows := 5)").fetchall()
+    # left out, a ranking query waits 3 windows (recorded in the query's params)
+    dbd.inspect(big, "planted", ["planted"], ["digit"], "many", batch_size=8, top_k=2, seed=1)
+    assert last_query(big)[1]["stable_windows"] == 3

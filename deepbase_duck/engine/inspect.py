@@ -71,6 +71,7 @@ SCORE_RANGE = {"corr": (-1.0, 1.0), "pointbiserial": (-1.0, 1.0), "spearman": (-
 MIN_WINDOWS = 5
 # Probes have no error bound; a progressive scan stops them on a held-out loss plateau (StopRule)
 PLATEAU_TOL = 0.01                     # default improvement below which a probe's loss is flat
+STABLE_WINDOWS = 3                     # default windows a ranking query's top-k sets must hold still (top_k)
 PLATEAU_PATIENCE = 2                   # ... at this many consecutive checks (doublings of the data)
 
 
@@ -98,7 +99,7 @@ class Plan:
     max_error: float | None = None                     # early stopping: stop once every bound is below
     seed: int = 0                                      # the seeded record order of progressive scans
     top_k: int | None = None                           # ranking queries: stop once each top-k set is stable
-    stable_windows: int = 3                            # ... over this many consecutive windows
+    stable_windows: int = 3                            # ... over this many consecutive windows (STABLE_WINDOWS)
     plateau_tol: float | None = None                   # probes: stop once the held-out loss plateaus
     min_support: int = 0                               # max_error and top_k leave out rarer columns
     probe_checks: list = field(default_factory=list)   # filled by StopRule: the probes' loss checks
@@ -139,7 +140,7 @@ def _label_columns(hyps: list[dict], measures: list[str], control: bool = False)
 
 def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",), record_ids=None, limit=None,
                  batch_size=16, keep_activations=False, dtype="float32", device=None, control=False,
-                 permutations=0, permutation_rows=20_000, max_error=None, seed=0, top_k=None, stable_windows=3,
+                 permutations=0, permutation_rows=20_000, max_error=None, seed=0, top_k=None, stable_windows=None,
                  plateau_tol=None, min_support=0, **measure_params) -> Plan:
     if isinstance(layers, str):
         layers = [layers]
@@ -186,9 +187,14 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
                                 f"computes no probe (measures: {', '.join(measures)})")
     elif max_error is not None and "probe" in measures:
         plateau_tol = PLATEAU_TOL
+    if top_k is None and stable_windows is not None:
+        raise DeepBaseError(f"stable_windows ({stable_windows!r}) sets how long a ranking query's top-k sets must "
+                            f"hold still; it needs top_k (the units ranked per hypothesis), which the query does "
+                            f"not give")
     if top_k is not None:
         if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
             raise DeepBaseError(f"top_k must be a positive integer, got {top_k!r}")
+        stable_windows = STABLE_WINDOWS if stable_windows is None else stable_windows
         if isinstance(stable_windows, bool) or not isinstance(stable_windows, (int, np.integer)) or stable_windows < 1:
             raise DeepBaseError(f"stable_windows must be a positive integer, got {stable_windows!r}")
         slow = [m for m in measures if m in ("probe", "probe_weight", "probe_topk", "selectivity")]
@@ -234,7 +240,8 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
                 control=bool(control), permutations=check_int("permutations", permutations or 0, 0),
                 permutation_rows=int(permutation_rows),
                 max_error=None if max_error is None else float(max_error), seed=int(seed),
-                top_k=None if top_k is None else int(top_k), stable_windows=int(stable_windows),
+                top_k=None if top_k is None else int(top_k),
+                stable_windows=STABLE_WINDOWS if stable_windows is None else int(stable_windows),
                 plateau_tol=None if plateau_tol is None else float(plateau_tol),
                 min_support=int(min_support or 0))
 
@@ -1364,7 +1371,7 @@ def stop_report(runs: list) -> dict:
 def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), record_ids=None, limit=None,
             batch_size=16, keep_activations=False, dtype="float32", device=None, store_scores=True,
             progress=None, engine=None, baseline=False, baseline_seed=0, control=False, permutations=0,
-            permutation_rows=20_000, max_error=None, seed=0, top_k=None, stable_windows=3, reuse=True,
+            permutation_rows=20_000, max_error=None, seed=0, top_k=None, stable_windows=None, reuse=True,
             ray_address=None, ray_options=None, plateau_tol=None, min_support=0,
             **measure_params) -> pa.Table:
     """Score ``layers`` of ``model`` against ``hypotheses`` over ``dataset``; returns (and stores)
@@ -1399,7 +1406,8 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
     batch-means intervals, and ``queries.params->'rare'`` lists those columns with their
     support. With ``top_k`` (a ranking query) the
     scan is progressive too and also stops once, for every (layer, measure, hypothesis), the set of
-    its ``top_k`` units by |score| has stayed the same over ``stable_windows`` consecutive windows
+    its ``top_k`` units by |score| has stayed the same over ``stable_windows`` (default 3; given
+    without ``top_k``, an error) consecutive windows
     (after at least MIN_WINDOWS windows); ``stop_rule`` in ``queries.params`` says which rule
     stopped it. This rule is a heuristic, not a bound: the batch-means intervals are still
     reported for every score.

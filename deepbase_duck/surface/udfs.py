@@ -138,7 +138,7 @@ def register_udfs(session: Session) -> None:
                         max_error=max_error, seed=_default(n["seed"], 0), engine=engine or "local",
                         ray_address=ray_address, top_k=n["top_k"], reuse=reuse is not False,
                         plateau_tol=plateau_tol, min_support=n["min_support"] or 0, device=device or None,
-                        stable_windows=_default(n["stable_windows"], 3),
+                        stable_windows=n["stable_windows"],
                         baseline_seed=_default(n["baseline_seed"], 0), dtype=dtype or "float32", **measure_params)
         return t.to_pylist()
 
