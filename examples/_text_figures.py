@@ -13,16 +13,27 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def parser(doc: str):
+    """The example's option parser: the docstring's first paragraph as its description (whole, not
+    cut at its first line end), every option's default shown by ``--help``."""
+    import argparse
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
 def start(ap, argv, out: str):
-    """What each text example's main() begins with: ``--out`` (default ``out``) and ``--threads``
-    added to its options, the options parsed, torch on that many threads, the output folder
-    made. Returns (options, output folder, start time)."""
+    """What each text example's main() begins with: ``--out`` (default ``out``, a folder relative to
+    the current directory: ``deepbase_results/<study>``) and ``--threads`` added to its options,
+    the options parsed, torch on that many threads, the output folder made. Returns (options,
+    output folder, start time)."""
     import pathlib
     import time
 
     import torch
-    ap.add_argument("--out", default=out)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=out,
+                    help="output folder, relative to the current directory (created if missing; its files "
+                         "are overwritten); the committed results are regenerated with --out examples/results/<study>")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     folder = pathlib.Path(a.out)

@@ -1,21 +1,25 @@
 """Study 5: across training: when do the char-LSTM's detector units emerge?
 
-Run:  python examples/across_training.py  [--chars 100000] [--seed 0] [--out examples/results/across_training]
+Run:  python examples/across_training.py  [--chars 100000] [--seed 0] [--out deepbase_results/across_training]
 
-The bundled char-LSTM ships four checkpoints of one training run (``charlstm.json``): step0
-(the untrained initialisation), early (step 120, 1.0 M characters seen), mid (step 420, 3.4 M) and
-final (step 1200, 9.8 M). Each is registered as its own model; ONE SQL query scores all four
-against the same code hypotheses on the same held-out sample, by a LATERAL join of the
-``inspect`` table macro over the ``models`` catalog table (``inspect`` takes one model; LATERAL
-calls it once per model row). Plain SQL then gives the best |r| per hypothesis and checkpoint,
-and follows the final checkpoint's best unit back through training (is the detector the same
-unit from early on?). ``compare_scores`` (sql/30_results.sql) lists the units that changed most.
+The bundled char-LSTM ships four checkpoints of one training run (``charlstm.json``): step0 (the
+untrained initialisation), early (step 120, 1.0 M characters seen), mid (step 420, 3.4 M) and final
+(step 1200, 9.8 M). Each is registered as its own model; ONE SQL query scores all four against the
+same code hypotheses on the same held-out sample, by a LATERAL join of the ``inspect`` table macro
+over the ``models`` catalog table (LATERAL calls it once per model row;
+``inspect(['charlstm_step0', 'charlstm_early', ...], ...)``, a list of models, gives the same
+scores and encodes each batch once for all four). Plain SQL then gives the best |r| per hypothesis
+and checkpoint, and follows the final checkpoint's best unit back through training (is the detector
+the same unit from early on?). ``compare_scores`` (sql/30_results.sql) lists the units that changed
+most.
 
-Writes ``across_training.csv``, ``across_training.png`` and ``across_training.md`` to ``--out``.
+Writes ``across_training.csv``, ``across_training.png`` and ``across_training.md`` to ``--out``
+(default ``deepbase_results/across_training`` under the current directory; the committed results in
+``examples/results/across_training/`` come from ``--out examples/results/across_training`` run at
+the repository root).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import pathlib
@@ -30,14 +34,14 @@ from deepbase_duck.models.charlstm import CHECKPOINTS
 from deepbase_duck.models.charlstm import config as charlstm_config
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _text_figures import start, plt, print_table, save  # noqa: E402
+from _text_figures import parser, start, plt, print_table, save  # noqa: E402
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--chars", type=int, default=100_000, help="characters of held-out code to sample")
-    ap.add_argument("--seed", type=int, default=0)
-    a, out, t0 = start(ap, argv, "examples/results/across_training")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the record sample")
+    a, out, t0 = start(ap, argv, "deepbase_results/across_training")
 
     con = dbd.connect(None, progress=False)
     records = sampled_code_records(a.chars, a.seed)
@@ -120,7 +124,7 @@ def write_markdown(path, cols, rows, follow, n_rec, n_chars, a, elapsed, t_inspe
     lines = [
         "# Study 5: the char-LSTM's detector units across training",
         "",
-        f"Command: `python examples/across_training.py --chars {a.chars} --seed {a.seed}` "
+        f"Command: `python examples/across_training.py --chars {a.chars} --seed {a.seed} --out {a.out}` "
         f"({elapsed:.0f} s on this 2-core CPU; the one inspect query over 4 checkpoints {t_inspect:.0f} s).",
         f"Sample: {n_rec} held-out standard-library records (seeded), {n_chars:,} characters. "
         "Checkpoints: " + ", ".join(f"{c} (step {steps[c]}, held-out loss {losses[c]:.2f})" for c in steps) + ".",

@@ -1,7 +1,7 @@
 """Study 1: Karpathy et al. (2015) / Luigi: which char-LSTM cells track strings, comments, brackets,
 indentation and line position?
 
-Run:  python examples/karpathy_charlstm.py  [--chars 200000] [--seed 0] [--out examples/results/karpathy_charlstm]
+Run:  python examples/karpathy_charlstm.py  [--chars 200000] [--seed 0] [--out deepbase_results/karpathy_charlstm]
 
 The bundled char-LSTM (2 x 256 units, trained by this project on Python's standard library) is
 inspected on held-out standard-library files (never seen in training): a seeded sample of whole
@@ -11,7 +11,10 @@ every character) and keeps the best unit per hypothesis and layer. A second SQL 
 activations of a short held-out snippet, read back with plain SQL for a Karpathy-style figure:
 the snippet's characters coloured by the best unit's activation.
 
-Writes ``best_units.csv``, ``karpathy_charlstm.png`` and ``karpathy_charlstm.md`` to ``--out``.
+Writes ``best_units.csv``, ``karpathy_charlstm.png`` and ``karpathy_charlstm.md`` to ``--out``
+(default ``deepbase_results/karpathy_charlstm`` under the current directory; the committed results
+in ``examples/results/karpathy_charlstm/`` come from ``--out examples/results/karpathy_charlstm``
+run at the repository root).
 
 Not done: the Linux-kernel C variant. Its corpus is a Debian package (``apt-get download
 linux-source-6.1``, 139 MB), not a pip install, and a C model would have to be trained first
@@ -19,7 +22,6 @@ linux-source-6.1``, 139 MB), not a pip install, and a C model would have to be t
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import pathlib
 import sys
@@ -32,7 +34,7 @@ from deepbase_duck.hypotheses import get_hypothesis
 from deepbase_duck.hypotheses.library import CODE_HYPOTHESES
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _text_figures import start, char_panel, plt, print_table, save  # noqa: E402
+from _text_figures import parser, start, char_panel, plt, print_table, save  # noqa: E402
 
 FIGURE_HYPOTHESES = ["in_string", "in_comment", "bracket_depth", "indent_level"]
 
@@ -63,10 +65,10 @@ def pick_snippet(records: list[dict], lines: int = 14) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--chars", type=int, default=200_000, help="characters of held-out code to sample")
-    ap.add_argument("--seed", type=int, default=0)
-    a, out, t0 = start(ap, argv, "examples/results/karpathy_charlstm")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the record sample")
+    a, out, t0 = start(ap, argv, "deepbase_results/karpathy_charlstm")
 
     con = dbd.connect(None, progress=False)
     records = sampled_code_records(a.chars, a.seed)
@@ -141,7 +143,7 @@ def write_markdown(path, cols, rows, n_rec, n_all, n_chars, a, elapsed, t_inspec
     lines = [
         "# Study 1: char-LSTM cells for strings, comments, brackets, indentation (Karpathy et al. 2015)",
         "",
-        f"Command: `python examples/karpathy_charlstm.py --chars {a.chars} --seed {a.seed}` "
+        f"Command: `python examples/karpathy_charlstm.py --chars {a.chars} --seed {a.seed} --out {a.out}` "
         f"({elapsed:.0f} s on this 2-core CPU; the inspect query {t_inspect:.0f} s).",
         f"Sample: {n_rec} of {n_all} held-out standard-library records (seeded), {n_chars:,} characters; "
         "Pearson r of each unit's hidden state with each hypothesis over every character.",

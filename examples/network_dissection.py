@@ -52,12 +52,15 @@ def sql_list(xs) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--scenes", type=int, default=160, help="generated scenes (default 160)")
-    ap.add_argument("--crops", type=int, default=3, help="seeded crops per bundled photo (default 3)")
-    ap.add_argument("--grid", type=int, default=28, help="cells per side of the grid (default 28)")
-    ap.add_argument("--layers", default=",".join(LAYERS))
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "network_dissection"))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--scenes", type=int, default=160, help="generated scenes")
+    ap.add_argument("--crops", type=int, default=3, help="seeded crops per bundled photo")
+    ap.add_argument("--grid", type=int, default=28, help="cells per side of the grid")
+    ap.add_argument("--layers", default=",".join(LAYERS), help="comma-separated module paths of MobileNetV2")
+    ap.add_argument("--out", default="deepbase_results/network_dissection",
+                    help="output folder, relative to the current directory (deleted and made again: "
+                         "use a folder of its own)")
     ap.add_argument("--top", type=int, default=4, help="top-image grids to draw (best detectors)")
     ap.add_argument("--quick", action="store_true", help="skip the photos dataset")
     ap.add_argument("--no-baseline", action="store_true",

@@ -34,9 +34,10 @@ def in_def_params(text: str):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--chars", type=int, default=40_000)
-    ap.add_argument("--store", default=None, help="a .duckdb path (default: in memory)")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--chars", type=int, default=40_000, help="characters of held-out standard-library code")
+    ap.add_argument("--store", default=None, help="a .duckdb path (None: a store in memory)")
     a = ap.parse_args()
     con = dbd.connect(a.store)
     dbd.register_model(con, "charlstm", "deepbase_duck.models.zoo:charlstm")

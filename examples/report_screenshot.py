@@ -39,10 +39,13 @@ def chromium_screenshot(page: Path, png: Path, width: int, height: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--store", default="deepbase_demo/demo.duckdb", help="the demo's store (default: %(default)s)")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "report.png"))
-    ap.add_argument("--width", type=int, default=960, help="width of the stored PNG")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--store", default="deepbase_demo/demo.duckdb",
+                    help="the demo's store, written by `deepbase-duck demo` (report.html is written beside "
+                         "its deepbase_demo/ folder)")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "report.png"), help="the PNG to write (the README's image)")
+    ap.add_argument("--width", type=int, default=960, help="width of the stored PNG in pixels")
     args = ap.parse_args()
     store = Path(args.store).resolve()
     if store.name != "demo.duckdb" or store.parent.name != "deepbase_demo" or not store.is_file():

