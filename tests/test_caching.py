@@ -10,7 +10,7 @@ import pytest
 import deepbase_duck as dbd
 from deepbase_duck.hypotheses.core import get_hypothesis, hypothesis, register
 
-from conftest import TEXTS, per_char_labels
+from conftest import TEXTS, per_char_labels, planted_adapter
 
 HYPS = ["digit", "in_string"]
 
@@ -548,3 +548,22 @@ def test_a_hypothesis_known_only_by_its_labels_names_the_records_it_cannot_label
     with pytest.raises(HypothesisError, match=r"known to this store only by its stored labels, and 1 selected"):
         dbd.inspect(planted, "planted", ["planted"], ["only_stored"], "snippets", keep_activations=True)
     assert planted.sql("SELECT count(*) FROM behaviors").fetchall() == before
+
+
+def test_a_hypothesis_known_only_by_its_stored_labels_scores_the_records_it_labelled(con, monkeypatch):
+    """A store read in a process without the hypothesis' code (another session, the shell): its
+    stored labels serve the records they cover, with the scores of the session that had the code;
+    records without labels are an error saying so (a scan crashed on the missing code instead)."""
+    from deepbase_duck.hypotheses import core
+    from deepbase_duck.errors import HypothesisError
+    dbd.register_model(con, "planted", planted_adapter())
+    dbd.add_dataset(con, "snippets", TEXTS)
+    dbd.add_dataset(con, "more", TEXTS[:3])
+    h = core.Hypothesis("vowel_only_stored", lambda t: [float(c in "aeiou") for c in t], "binary")
+    core.register(h)
+    want = dbd.inspect(con, "planted", ["planted"], ["vowel_only_stored"], "snippets")
+    monkeypatch.delitem(core._REGISTRY, "vowel_only_stored")          # as in a process without its code
+    got = dbd.inspect(con, "planted", ["planted"], ["vowel_only_stored"], "snippets", reuse=False)
+    assert got.column("score").to_pylist() == pytest.approx(want.column("score").to_pylist(), abs=1e-12)
+    with pytest.raises(HypothesisError, match="known to this store only by its stored labels"):
+        dbd.inspect(con, "planted", ["planted"], ["vowel_only_stored"], "more")

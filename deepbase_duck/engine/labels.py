@@ -68,7 +68,7 @@ class LabelStream:
             parts = []                       # (block index, starts, ends, values) per record
             todo = [r for r in ids.tolist() if r in self.missing[name]]
             computed = dict(zip(todo, h["live"].spans_many([text_of[r] for r in todo],
-                                                           [f"{self.plan.dataset}:{r}" for r in todo])))
+                                                           [f"{self.plan.dataset}:{r}" for r in todo]))) if todo else {}
             for i, r in enumerate(ids.tolist()):
                 if r in computed:
                     s, e, v = computed[r]
