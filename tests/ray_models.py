@@ -31,3 +31,22 @@ def from_file(path: str):
     adapter.module.load_state_dict(torch.load(path, weights_only=True))
     adapter._checksum = None
     return adapter
+
+
+def raising_planted(delay: float = 0.0):
+    """The planted model (same weights and checksum) whose forward pass raises RuntimeError('boom
+    on tilde') on a batch holding '~', at once; other batches sleep ``delay`` seconds first."""
+    import time
+
+    from conftest import TILDE
+    adapter = planted_adapter()
+    forward = adapter.module.forward
+
+    def checked(ids):
+        if (ids == TILDE).any():
+            raise RuntimeError("boom on tilde")
+        if delay:
+            time.sleep(delay)
+        return forward(ids)
+    adapter.module.forward = checked
+    return adapter

@@ -32,12 +32,20 @@ What moves where:
   untrained twin) a run whose rule held before another's goes on (``run(..., resume=)``) from
   the blocks it merged, as the local engine's does (``stop_together``): every model is scored
   on the same windows.
-- Faults: a block whose worker died (node lost, process killed) is dispatched again to a live
-  worker, and a replacement actor is requested from Ray; a block whose forward pass raised (bad
-  activations) fails the query with that error.
+- Faults: a block whose worker died (node lost, process killed), or a worker found dead when
+  asked to tokenise a block's records, is dispatched again to a live worker, and a replacement
+  actor is requested from Ray (tokenising waits for it when no worker is live); a replacement
+  still starting when the query ends stays in the kept pool, which keeps its size. An error of a
+  block (a hypothesis raising on one of its records, its tokenising, its forward pass: bad
+  activations, an exception of the model) is held with the block and raised when the scan merges
+  it, as the local engine raises when its scan reaches the record: an early-stopped scan that
+  never merges the block succeeds, as locally, and no block past it is dispatched. The model's
+  own exception is raised as itself (its type, e.g. a RuntimeError, with a note naming the Ray
+  worker and its traceback) where Ray hands it back, else as a DeepBaseError.
 
 Activations already stored for every requested layer are scanned where they are, by the local
-engine (no model runs, so there is nothing to distribute). With ``keep_activations`` the workers
+engine (no model runs, so there is nothing to distribute), with ``keep_activations`` too (there is
+nothing to store, as locally). Otherwise, with ``keep_activations`` the workers
 write each batch's Parquet part into the behavior's folder under the store's activation folder,
 which must be a path every node sees (a shared file system); the driver commits a part to the
 catalog when it merges its block, so DuckDB reads them in place through the behavior's view.
@@ -48,6 +56,7 @@ import collections
 import dataclasses
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -190,21 +199,30 @@ class BlockWorker:
 # -- the driver ------------------------------------------------------------------------------
 class _RemoteEncoder:
     """What ensure_symbols needs of an adapter (tokenization, encode), answered by a live worker
-    of ``engine`` on its ``encode`` thread; a worker that died meanwhile is passed over."""
+    of ``engine`` on its ``encode`` thread. A worker found dead here is treated as one lost with a
+    block (``RayEngine._lost``: out of the pool, a replacement requested), and when none is live the
+    tokenising waits for a replacement to start."""
 
     def __init__(self, engine, tokenization: str):
         self.engine, self.tokenization = engine, tokenization
 
     def encode(self, texts):
         texts = list(texts)
-        for actor in list(self.engine._live):
-            try:
-                return ray.get(actor.encode.options(concurrency_group="encode").remote(texts))
-            except _DIED:
-                continue
-            except Exception as exc:
-                raise _unwrap(exc) from None
-        raise DeepBaseError("no live Ray worker could tokenise the records (every worker died)")
+        engine, deaths = self.engine, 0
+        while True:
+            for actor in list(engine._live):
+                try:
+                    return ray.get(actor.encode.options(concurrency_group="encode").remote(texts))
+                except _DIED:
+                    deaths += 1
+                    engine._lost(actor)
+                    if deaths > engine.max_redispatch:
+                        raise DeepBaseError(f"tokenising failed on {deaths} Ray workers (each died); "
+                                            "giving up") from None
+                except Exception as exc:
+                    raise _unwrap(exc) from None
+            if not engine._await_worker():
+                raise DeepBaseError("no live Ray worker could tokenise the records (every worker died)")
 
 
 def _probe_address(address: str, timeout: float) -> None:
@@ -243,10 +261,28 @@ def _unwrap(exc: Exception) -> Exception:
     if "ModuleNotFoundError" in text and "deepbase_duck" in text:
         return DeepBaseError("Ray workers cannot import deepbase_duck: install deepbase-duck (with the same "
                              "version) in every node's Python environment, or pass a runtime_env")
+    if cause is not exc and isinstance(cause, Exception) and not isinstance(cause, rex.RayError):
+        # the worker's own exception object (unpickled): raised as the local engine raises it, of
+        # its own type, with a note saying where it came from and the worker's traceback
+        where = getattr(exc, "pid", None)
+        note = (f"raised on a Ray worker{f' (pid {where})' if where else ''}; the worker's traceback:\n"
+                + re.sub(r"\x1b\[[0-9;]*m", "", str(getattr(exc, "traceback_str", "") or text)).rstrip())
+        if note not in (getattr(cause, "__notes__", None) or []):
+            cause.add_note(note)
+        return cause
     for line in text.splitlines()[::-1]:        # Ray's text of an error in a worker ends with it
         if "DeepBaseError:" in line or "Error: model " in line:
             return DeepBaseError(line.split("Error: ", 1)[-1].strip())
     return DeepBaseError(f"Ray worker failed: {type(cause).__name__}: {str(cause)[-2000:]}")
+
+
+class _Held:
+    """A block's error (its labels, tokens or forward pass failed), kept with the block's place in
+    the scan and raised when the scan merges the block."""
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
 
 
 class RayEngine:
@@ -333,7 +369,8 @@ class RayEngine:
             _POOL = None
         else:
             if _POOL is not None:                 # free the kept pool's CPUs/GPUs (ray.kill is asynchronous)
-                held = {"CPU": len(_POOL[1]) * self.num_cpus, "GPU": len(_POOL[1]) * (_POOL[2] or 0)}
+                # (only its started actors hold any: a replacement still waiting for room holds none)
+                held = {"CPU": _POOL[4] * self.num_cpus, "GPU": _POOL[4] * (_POOL[2] or 0)}
                 release_workers()
                 deadline = time.time() + 15
                 while time.time() < deadline and any(
@@ -365,7 +402,19 @@ class RayEngine:
             self._spawn = lambda: cls.remote(*args)
             actors = [self._spawn() for _ in range(n)]
         ready = {self._configure(a): a for a in actors}
-        done, waiting = ray.wait(list(ready), num_returns=len(ready), timeout=self.startup_timeout)
+        self._pending_start = {}
+        if self._reused:
+            # the kept actors that were live answer at once; one that was still starting when the
+            # last query ended (a replacement) may take longer: it joins the scan once it is up,
+            # as a replacement does (RayEngine._scan), instead of holding the query back
+            done, waiting = ray.wait(list(ready), num_returns=len(ready), timeout=min(2.0, self.startup_timeout))
+            if not done and waiting:
+                more, waiting = ray.wait(waiting, num_returns=1, timeout=self.startup_timeout)
+                done = done + more
+            self._pending_start = {ref: ready[ref] for ref in waiting}
+            waiting = []
+        else:
+            done, waiting = ray.wait(list(ready), num_returns=len(ready), timeout=self.startup_timeout)
         live = []
         for ref in done:
             try:
@@ -381,10 +430,43 @@ class RayEngine:
                 raise _unwrap(exc) from None
         _kill([ready[ref] for ref in waiting])    # never started (no room): not used
         if not live:
+            _kill(list(self._pending_start.values()))
             raise DeepBaseError(f"no Ray worker started within {self.startup_timeout:.0f} s (free resources: "
                                 f"{free}); lower num_cpus/num_gpus or add nodes")
         self._key = key
         return live, gpus
+
+    # -- losing and replacing workers (a block's or a tokenisation's worker died) ---------------
+    def _lost(self, actor) -> None:
+        """``actor`` died: out of the live pool, and a replacement is requested (it joins when up)."""
+        if actor in self._live:
+            self._live.remove(actor)
+            new = self._spawn()
+            self._extra.append(new)
+            self._starting[self._configure(new)] = new
+
+    def _join(self, ref) -> bool:
+        """A starting actor's configure call ``ref`` finished: the actor joins the live pool, or
+        (it died starting) is dropped. True when it joined."""
+        actor = self._starting.pop(ref)
+        try:
+            ray.get(ref)
+        except _DIED:
+            return False
+        self._live.append(actor)
+        return True
+
+    def _await_worker(self) -> bool:
+        """Wait for a starting actor while none is live; False when none is live or starting."""
+        while not self._live:
+            if not self._starting:
+                return False
+            done, _ = ray.wait(list(self._starting), num_returns=1, timeout=self.startup_timeout)
+            if not done:
+                raise DeepBaseError(f"no Ray worker started within {self.startup_timeout:.0f} s")
+            for ref in done:
+                self._join(ref)
+        return True
 
     # -- the run ------------------------------------------------------------------------------
     def run(self, session, plan: Plan, progress=None, resume: dict | None = None) -> dict:
@@ -395,8 +477,9 @@ class RayEngine:
                           [plan.model])
         session.model_row(plan.model)                       # unknown model: the usual error
         loader, params, checksum, tokenization = row
+        # (with keep_activations too: the local engine stores nothing where every record is stored)
         local = (resume["scan"]["engine"] == "local" if resume is not None else
-                 not plan.keep_activations and stored_behaviors(session, plan, checksum, tokenization))
+                 stored_behaviors(session, plan, checksum, tokenization))
         if local:
             out = LocalEngine().run(session, plan, progress, resume)   # nothing to run: scan the stored parts here
             out["engine"] = "local (stored activations)"
@@ -411,18 +494,24 @@ class RayEngine:
         actors, gpus = self._start(plan.model, loader, json.loads(params or "{}"), checksum, plan, widths)
         self._gpus = gpus
         startup = time.perf_counter() - t0
-        self._extra, self._live = [], list(actors)
+        # _live: the actors serving blocks now; _starting: configure ref -> an actor still starting
+        # (a replacement of a lost one, or a kept one not up yet); _extra: the replacements
+        self._extra, self._live, self._starting = [], list(actors), dict(self._pending_start)
+        every = lambda: list(dict.fromkeys(actors + list(self._pending_start.values()) + self._extra))  # noqa: E731
         ok = False
         try:
             result = self._scan(session, plan, progress, actors, tokenization, checksum, widths, resume)
             ok = True
         finally:
             global _POOL
-            if ok and self.keep_workers and self._live:
-                _kill([a for a in actors + self._extra if a not in self._live])
-                _POOL = (self._key, self._live, self._gpus, self._spawn)
+            if ok and self.keep_workers and (self._live or self._starting):
+                # the pool keeps its size: a replacement still starting joins it (the next query
+                # takes it in once it is up)
+                kept = self._live + [a for a in self._starting.values() if a not in self._live]
+                _kill([a for a in every() if a not in kept])
+                _POOL = (self._key, kept, self._gpus, self._spawn, len(self._live))
             else:
-                _kill(actors + self._extra)
+                _kill(every())
         result["engine"] = "ray"
         result["engine_info"] = {"ray_workers": len(actors), "ray_gpus_per_worker": gpus,
                                  "ray_blocks": self.stats["blocks"], "ray_blocks_merged": self.stats["merged"],
@@ -513,42 +602,59 @@ class RayEngine:
         block_support = {}                         # block -> the support of its labels, merged with it
 
         def payload(i):
+            """Block ``i``'s payload (put in the object store), or a _Held error: its records'
+            tokenising or labelling failed, raised only if the scan merges the block."""
             if i not in payloads:
                 t = time.perf_counter()
-                part = []
-                ys = []
-                if support is not None:
-                    block_support[i] = LabelSupport(plan.label_columns)
-                batches_i = list(batches_with_texts(session, plan.dataset, blocks[i]))
-                new = list(dict.fromkeys(int(r) for ids, _ in batches_i for r in ids if int(r) not in counts))
-                if new:                            # this block's records met for the first time
-                    text_of = {int(r): t for _, texts in batches_i for r, t in texts.items()}
-                    symbols.add(new, encoder.encode([text_of[r] for r in new]))
-                    symbols.flush()                # the labels below read their character ranges
-                for ids, texts in batches_i:
-                    part.append(([int(r) for r in ids], [texts[r] for r in ids], [int(counts[r]) for r in ids]))
-                    ys.append(labels.next(ids, texts=[texts[r] for r in ids]).numpy())
-                    if support is not None:
-                        block_support[i].add(ys[-1], ids, [counts[r] for r in ids])
-                payloads[i] = ray.put({"batches": part, "labels": ys,
-                                       "store": parts_of[i] if parts_of is not None else None,
-                                       "edges": {k: st.edges.cpu().numpy() for k, st in states.items()
-                                                 if getattr(st, "edges", None) is not None
-                                                 and hasattr(st, "empty_like")},
-                                       "calibration": {k: calibration for k, st in states.items()
-                                                       if calibration and k[1] == "mi" and st.edges is None}})
+                try:
+                    payloads[i] = prepare(i)
+                except Exception as exc:
+                    # (the labels the stream stored stay consistent: LabelStream writes a
+                    # hypothesis' spans of a record with its labeled_records mark, in one
+                    # transaction, so the labels of a block never merged, or one whose labelling
+                    # failed part-way, are whole and reused by the next query)
+                    payloads[i] = _Held(exc)
                 stats["label_seconds"] += time.perf_counter() - t
             return payloads[i]
+
+        def prepare(i):
+            part = []
+            ys = []
+            if support is not None:
+                block_support[i] = LabelSupport(plan.label_columns)
+            batches_i = list(batches_with_texts(session, plan.dataset, blocks[i]))
+            new = list(dict.fromkeys(int(r) for ids, _ in batches_i for r in ids if int(r) not in counts))
+            if new:                            # this block's records met for the first time
+                text_of = {int(r): t for _, texts in batches_i for r, t in texts.items()}
+                symbols.add(new, encoder.encode([text_of[r] for r in new]))
+                symbols.flush()                # the labels below read their character ranges
+            for ids, texts in batches_i:
+                part.append(([int(r) for r in ids], [texts[r] for r in ids], [int(counts[r]) for r in ids]))
+                ys.append(labels.next(ids, texts=[texts[r] for r in ids]).numpy())
+                if support is not None:
+                    block_support[i].add(ys[-1], ids, [counts[r] for r in ids])
+            return ray.put({"batches": part, "labels": ys,
+                            "store": parts_of[i] if parts_of is not None else None,
+                            "edges": {k: st.edges.cpu().numpy() for k, st in states.items()
+                                      if getattr(st, "edges", None) is not None
+                                      and hasattr(st, "empty_like")},
+                            "calibration": {k: calibration for k, st in states.items()
+                                            if calibration and k[1] == "mi" and st.edges is None}})
 
         show = session.progress if progress is None else progress
         bar = progress_bar(len(plan.record_ids), f"inspect {plan.model} (ray)", "rec", show)
         pending = collections.deque(range(start, len(blocks)))
         live = self._live                          # the actors alive now (kept for the next query)
-        load = {a: 0 for a in live}
-        starting = {}                              # ready ref -> replacement actor
+        load = collections.Counter()               # blocks queued per actor
+        starting = self._starting                  # ready ref -> replacement actor
         in_flight = {}                             # ref -> (block, actor, submitted at)
         tries = collections.Counter()
         results, next_merge, used = {}, start, list(scan["used"]) if scan is not None else []
+        # an error of a block (its labels, tokens or forward pass) is held with the block's result
+        # and raised when the scan merges that block, as the local engine raises when its scan
+        # reaches the record; a scan that stops before it succeeds. No block past it is dispatched
+        # (the scan either stops before it or fails there).
+        failed_at = len(blocks)
         stopped, rule, stop = False, None, scan["stop"] if scan is not None else StopRule(plan)
         bar.update(len(used))
         calibrating = uncalibrated(states)
@@ -557,57 +663,69 @@ class RayEngine:
                 for a in list(live):                # keep every live worker busy
                     # a re-dispatched block comes first and is always below the window's end
                     # states still calibrating their bins (mi): one block at a time, merged first
-                    limit = next_merge + (1 if calibrating and not in_flight else 0 if calibrating else ahead)
-                    while pending and load[a] < self.inflight and pending[0] < limit:
+                    while a in live and pending and load[a] < self.inflight:
+                        limit = min(failed_at, next_merge + (1 if calibrating and not in_flight else
+                                                             0 if calibrating else ahead))
+                        if pending[0] >= limit:
+                            break
                         i = pending.popleft()
                         stats["dispatched"] = max(stats["dispatched"], i + 1)
-                        ref = a.run_block.remote(payload(i))
+                        load_i = payload(i)
+                        if isinstance(load_i, _Held):
+                            results[i] = load_i
+                            failed_at = min(failed_at, i)
+                            continue
+                        if a not in live:           # found dead while tokenising this block's records
+                            pending.appendleft(i)
+                            break
+                        ref = a.run_block.remote(load_i)
                         in_flight[ref] = (i, a, time.perf_counter())
                         load[a] += 1
-                if not in_flight and not starting:
-                    raise DeepBaseError("every Ray worker died and no replacement could start")
-                # startup_timeout bounds a wait for replacement workers only; a running block is
-                # bounded by block_timeout (a dead worker's block fails in ray.get, not here)
-                limit = self.startup_timeout if not in_flight else self.block_timeout
-                done, _ = ray.wait(list(in_flight) + list(starting), num_returns=1, timeout=limit)
-                if not done:
-                    what = "Ray worker started" if not in_flight else "Ray block finished"
-                    raise DeepBaseError(f"no {what} within {limit:.0f} s")
-                for ref in done:
-                    if ref in starting:             # a replacement worker is up (or failed to start)
-                        a = starting.pop(ref)
+                if next_merge not in results:
+                    if not in_flight and not starting:
+                        if live and pending:        # a replacement joined while tokenising: use it
+                            continue
+                        raise DeepBaseError("every Ray worker died and no replacement could start")
+                    # startup_timeout bounds a wait for replacement workers only; a running block is
+                    # bounded by block_timeout (a dead worker's block fails in ray.get, not here)
+                    limit = self.startup_timeout if not in_flight else self.block_timeout
+                    done, _ = ray.wait(list(in_flight) + list(starting), num_returns=1, timeout=limit)
+                    if not done:
+                        what = "Ray worker started" if not in_flight else "Ray block finished"
+                        raise DeepBaseError(f"no {what} within {limit:.0f} s")
+                    for ref in done:
+                        if ref in starting:         # a replacement worker is up (or failed to start)
+                            self._join(ref)
+                            continue
+                        i, a, t_sub = in_flight.pop(ref)
+                        load[a] = max(0, load[a] - 1)
                         try:
-                            ray.get(ref)
-                            live.append(a)
-                            load[a] = 0
+                            res = ray.get(ref)
                         except _DIED:
-                            pass
-                        continue
-                    i, a, t_sub = in_flight.pop(ref)
-                    load[a] = max(0, load.get(a, 1) - 1)
-                    try:
-                        res = ray.get(ref)
-                    except _DIED:
-                        tries[i] += 1
-                        if tries[i] > self.max_redispatch:
-                            raise DeepBaseError(f"block {i} failed on {tries[i]} Ray workers; giving up") from None
-                        stats["redispatched"] += 1
-                        pending.appendleft(i)
-                        if a in live:
-                            live.remove(a)
-                            new = self._spawn()
-                            self._extra.append(new)
-                            starting[self._configure(new)] = new
-                        continue
-                    except Exception as exc:
-                        raise _unwrap(exc) from None
-                    stats["roundtrip_seconds"].append(time.perf_counter() - t_sub)
-                    stats["block_seconds"].append(res["seconds"])
-                    stats["activation_bytes"].append(res["activation_bytes"])
-                    results[i] = res
+                            tries[i] += 1
+                            if tries[i] > self.max_redispatch:
+                                raise DeepBaseError(f"block {i} failed on {tries[i]} Ray workers; giving up") from None
+                            stats["redispatched"] += 1
+                            pending.appendleft(i)
+                            if len(pending) > 1 and pending[0] > pending[1]:   # kept in block order
+                                in_order = sorted(pending)
+                                pending.clear()
+                                pending.extend(in_order)
+                            self._lost(a)
+                            continue
+                        except Exception as exc:    # the forward pass raised: held with the block
+                            results[i] = _Held(_unwrap(exc))
+                            failed_at = min(failed_at, i)
+                            continue
+                        stats["roundtrip_seconds"].append(time.perf_counter() - t_sub)
+                        stats["block_seconds"].append(res["seconds"])
+                        stats["activation_bytes"].append(res["activation_bytes"])
+                        results[i] = res
                 while next_merge in results and not stopped:   # merge in block order
                     res = results.pop(next_merge)
                     payloads.pop(next_merge, None)
+                    if isinstance(res, _Held):       # the scan reached a block that failed
+                        raise res.exc
                     t = time.perf_counter()
                     if len(stats["state_bytes"]) < 3:                # a sample: pickling costs time
                         stats["state_bytes"].append(len(_pickled(res["states"])))
@@ -636,8 +754,8 @@ class RayEngine:
             bar.close()
             labels.close(failed=sys.exc_info()[0] is not None)
             symbols.close(failed=sys.exc_info()[0] is not None)
-            for ref in list(in_flight) + list(starting):     # stop what is queued or running
-                try:
+            for ref in in_flight:                   # stop what is queued or running (a worker still
+                try:                                # starting is left to start: it joins the pool)
                     ray.cancel(ref, force=False)
                 except Exception:
                     pass
