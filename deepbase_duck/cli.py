@@ -583,8 +583,9 @@ def scan_summary(params: dict) -> list[str]:
         else:
             # read to the end: the scores and intervals are the full scan's, and the bound
             # reached is their largest half-width (engine/inspect.py), not a batch-means bound
-            held = "the rule held" if len(rules) == 1 else "no rule held"
-            at = "at no earlier window" if len(rules) == 1 else "at an earlier window"
+            # (several rules: max_error and plateau must hold together, top_k is an alternative)
+            held = "the rule held" if len(rules) == 1 else "the stop rules were not met"
+            at = "at no earlier window" if len(rules) == 1 else "before the last window"
             shown = "" if bound is None else (", some of which have no finite interval" if bound == float("inf")
                                               else f", whose largest half-width is {bound:.3f}")
             out.append(f"early stopping ({', '.join(rules)}): every record was read ({used} of {total}; {held} {at}), "

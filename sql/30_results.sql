@@ -72,7 +72,10 @@ FROM (SELECT r.model, r.hypothesis, r.rank, r.layer, r.unit, r.score, r.ci_low, 
                                      THEN 'the query wrote none: a compare_layers query writes similarities'
                                      ELSE 'no such query' END
                              || '); qid must be NULL (the latest query with scores) or a query with scores: '
-                             || coalesce(with_scores, 'none, nothing is scored')
+                             || coalesce((SELECT CASE WHEN count(*) <= 20 THEN string_agg(CAST(i AS VARCHAR), ', ' ORDER BY i)
+                                                      ELSE CAST(min(i) AS VARCHAR) || ' to ' || CAST(max(i) AS VARCHAR)
+                                                           || ' (' || CAST(count(*) AS VARCHAR) || ' queries)' END
+                                          FROM (SELECT DISTINCT query_id AS i FROM scores)), 'none, nothing is scored')
                         WHEN measure_name IS NOT NULL AND q IS NOT NULL
                              AND NOT EXISTS (SELECT 1 FROM scores WHERE query_id = q AND measure = measure_name
                                                                     AND unit IS NOT NULL)
@@ -83,11 +86,7 @@ FROM (SELECT r.model, r.hypothesis, r.rank, r.layer, r.unit, r.score, r.ci_low, 
                                           FROM (SELECT DISTINCT measure AS m FROM scores
                                                 WHERE query_id = q AND unit IS NOT NULL)), 'none')
                              || ' (measure_name := NULL ranks every measure)' END AS msg
-            FROM (SELECT coalesce(qid, (SELECT max(query_id) FROM scores)) AS q,
-                         (SELECT CASE WHEN count(*) <= 20 THEN string_agg(CAST(i AS VARCHAR), ', ' ORDER BY i)
-                                      ELSE CAST(min(i) AS VARCHAR) || ' to ' || CAST(max(i) AS VARCHAR) || ' ('
-                                           || CAST(count(*) AS VARCHAR) || ' queries)' END
-                          FROM (SELECT DISTINCT query_id AS i FROM scores)) AS with_scores))
+            FROM (SELECT coalesce(qid, (SELECT max(query_id) FROM scores)) AS q))
       WHERE msg IS NOT NULL AND CAST(error(msg) AS BOOLEAN))
 ORDER BY model, measure, hypothesis, part, rank;
 

@@ -247,3 +247,25 @@ def test_keep_activations_of_stored_activations_reads_them_on_ray_too(local_ray)
     assert c.execute("SELECT count(*) FROM behavior_parts").fetchall()[0][0] == parts
     _assert_same(first, again)
     dbd.close(c)
+
+
+def test_params_say_which_model_ran_where(local_ray, tmp_path):
+    """Two models, one with every activation stored (read locally), one run on Ray: the query's
+    params name the engine asked for, each model's, and keep the Ray run's figures."""
+    import torch
+    from conftest import planted_adapter
+    module = planted_adapter().module
+    with torch.no_grad():
+        for p in module.mix.parameters():
+            p.mul_(0.5)                                    # other weights: another checksum
+    path = tmp_path / "half.pt"
+    torch.save(module.state_dict(), path)
+    c = _store(TEXTS[:12], models=(("planted", "ray_models:planted", None),
+                                   ("half", "ray_models:from_file", {"path": str(path)})))
+    dbd.extract(c, "planted", ["planted", "mix"], "many")
+    dbd.inspect(c, ["planted", "half"], ["planted", "mix"], ["digit"], "many", measures=["corr"], engine="ray")
+    p = _params(c)
+    assert p["engine"] == "ray"
+    assert p["engine_per_model"] == {"planted": "local (stored activations)", "half": "ray"}
+    assert p["ray_workers"] >= 1
+    dbd.close(c)

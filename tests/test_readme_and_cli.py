@@ -142,7 +142,7 @@ def test_scan_summary_lines():
         ["early stopping (max_error): stopped after 176 of 7730 records; largest error bound 0.099"]
     assert scan_summary({"top_k": 10, "plateau_tol": 0.01, "stopped_early": False, "records_used": 50,
                          "record_count": 50, "bound_reached": None, "reused": {}}) == \
-        ["early stopping (top_k, plateau): every record was read (50 of 50; no rule held at an earlier window), "
+        ["early stopping (top_k, plateau): every record was read (50 of 50; the stop rules were not met before the last window), "
          "so the scores and intervals are the full scan's"]
     assert scan_summary({"max_error": 0.1, "reused": {"scores_of_query": 4}}) == \
         ["scores of the identical query 4 reused, nothing scanned (--no-reuse scans again)"]

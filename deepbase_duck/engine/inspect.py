@@ -326,7 +326,8 @@ def mi_calibration(session, plan: Plan, behaviors: dict, covered, adapter=None, 
                 b.verify()
                 for layer in plan.layers:
                     parts[layer].append(b.acts[layer].cpu())
-                if ran is not None:
+                if ran is not None:               # kept on the host (the states move what they read)
+                    b.acts = {layer: parts[layer][-1] for layer in plan.layers}
                     ran.append(b)
         finally:
             stream.close()                      # its hooks and model lock, now (not at garbage collection)
@@ -1337,6 +1338,17 @@ def largest_half_width(t: pa.Table) -> float | None:
     return float(half.max()) if half.size else None
 
 
+def engine_report(runs: list, engine) -> dict:
+    """Where a query's runs ran, for ``queries.params``: {"engine": name} when every run (model,
+    twin) ran on one engine, else the engine asked for and ``engine_per_model`` (the Ray engine
+    reads a model's stored activations locally while another model runs on Ray)."""
+    asked = getattr(engine, "name", type(engine).__name__)
+    where = {p.model: r.get("engine", asked) for p, r in runs}
+    if len(set(where.values())) == 1:
+        return {"engine": next(iter(where.values()))}
+    return {"engine": asked, "engine_per_model": where}
+
+
 def stop_report(runs: list) -> dict:
     """The early-stopping entries of ``queries.params`` for a query's runs (the models, their
     untrained twin), which stop_together has brought to one window: records_used, stopped_early
@@ -1531,11 +1543,11 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
               "min_support": plan.min_support or None, "rare": stopping["rare"],
               "fingerprint": fingerprint, "reused": reuse_report(plan, runs, labels_missing),
               **session.query_provenance(models, plan.dataset),     # what a report checks (reports/data.py)
-              "engine": runs[0][1].get("engine", getattr(engine, "name", type(engine).__name__)),
+              **engine_report(runs, engine),
               **device_report(session, models, plan.device)}
     if "per_model" in stopping:
         params["per_model"] = stopping["per_model"]
-    params.update(runs[0][1].get("engine_info") or {})
+    params.update(next((r["engine_info"] for _, r in runs if r.get("engine_info")), {}))   # (the first run's on Ray)
     with store.Transaction(con):
         qid = int(store.q_scalar(con, "SELECT coalesce(max(query_id), 0) + 1 FROM queries"))
         con.execute("INSERT INTO queries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
