@@ -59,8 +59,8 @@ def main(argv=None) -> int:
     ap.add_argument("--grid", type=int, default=28, help="cells per side of the grid")
     ap.add_argument("--layers", default=",".join(LAYERS), help="comma-separated module paths of MobileNetV2")
     ap.add_argument("--out", default="deepbase_results/network_dissection",
-                    help="output folder, relative to the current directory (deleted and made again: "
-                         "use a folder of its own)")
+                    help="output folder, relative to the current directory (made if missing; this study's "
+                         "store and outputs in it are replaced, nothing else is touched)")
     ap.add_argument("--top", type=int, default=4, help="top-image grids to draw (best detectors)")
     ap.add_argument("--quick", action="store_true", help="skip the photos dataset")
     ap.add_argument("--no-baseline", action="store_true",
@@ -70,11 +70,15 @@ def main(argv=None) -> int:
     layers = args.layers.split(",")
     G = args.grid
     out = Path(args.out)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
+    db = out / "netdissect.duckdb"
+    for f in (db, Path(str(db) + ".wal")):          # a fresh store on every run (only this study's files)
+        f.unlink(missing_ok=True)
+    shutil.rmtree(str(db) + ".acts", ignore_errors=True)
+    for f in out.glob("top_*.png"):                  # an earlier run's grids (its --top may differ)
+        f.unlink()
     t_start = time.time()
-    con = dbd.connect(str(out / "netdissect.duckdb"), progress=sys.stderr.isatty())
+    con = dbd.connect(str(db), progress=sys.stderr.isatty())
 
     # 1. the model, registered in SQL with a loader spec (any process rebuilds the same weights)
     con.sql(f"""SELECT register_model('mobilenet_v2', 'deepbase_duck.models.zoo:mobilenet_v2',

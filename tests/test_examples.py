@@ -33,11 +33,14 @@ def test_example_runs_and_writes_its_results(tmp_path, script, args, files, need
     if missing:
         pytest.skip(f"not installed: {', '.join(missing)} (README's test command installs them)")
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's own file")         # an --out folder that holds other things
     r = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args, "--out", str(out)],
                        capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     for f in files:
         assert (out / f).is_file() and (out / f).stat().st_size > 0, (f, sorted(p.name for p in out.iterdir()))
+    assert (out / "notes.txt").read_text() == "the user's own file"   # nothing but its own outputs replaced
 
 
 def test_own_hypothesis_example_runs():
