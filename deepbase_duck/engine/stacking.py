@@ -14,9 +14,11 @@ batching rule (``torch.lstm``, the CPU's fused attention of transformers) run on
 on the same encoded batch (mode ``"sequential"``): torch's per-model fallback loop for such an
 operator is turned off inside the fused call, so the first fused call fails and switches the
 scan to that mode, and the reason is kept. The fused pass runs the first model's code and settings with every model's weights, so
-models whose submodules differ in a plain setting outside their weights (a flag, a size), that
-carry forward hooks, or whose adapters name different variants run sequentially too
-(``_same_structure``, ``_outside_weights`` name the reason). Either way the scores equal the
+models whose submodules differ in a setting outside their weights (a flag, a size, a tensor or
+list kept as a plain attribute, the training flag), models with a submodule in training mode,
+that carry forward hooks, or whose adapters name different variants run sequentially too
+(``_same_structure``, ``_training``, ``_outside_weights`` name the reason), as do models whose
+fused pass fails in any way (an adapter reaching into ``self.module``'s submodules). Either way the scores equal the
 one-model-at-a-time scores (vmap computes the same operations per model; the tests compare
 them), and the query records which mode ran.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 
 from ..errors import DeepBaseError
@@ -43,42 +46,134 @@ def architecture_mismatch(adapters: dict) -> str | None:
     return None
 
 
-_PLAIN = (bool, int, float, str, type(None))
+_PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+_BOOKKEEPING = frozenset(vars(torch.nn.Module()))        # torch's own (hooks, _parameters, training, ...)
+_UNSET = object()
 
 
-def _settings(module) -> dict:
-    """A module's plain settings: its public attributes holding numbers, strings, booleans, None
-    or tuples of them (``hidden_size``, ``p``, a flag), not parameters, buffers or submodules."""
-    def plain(v):
-        return isinstance(v, _PLAIN) or (isinstance(v, tuple) and all(isinstance(x, _PLAIN) for x in v))
-    return {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training" and plain(v)}
+def _comparable(v, weights: set) -> bool:
+    """Whether ``v`` is a value a setting can hold and be compared by (``_same``): a number,
+    string, dtype, device or None; a tensor or numpy array that is no parameter or buffer (those
+    are the weights, stacked); a tuple, list or dict of such. Anything else (a config object, a
+    function, a weakref, a list holding the weights, as nn.LSTM keeps them) is not compared."""
+    if isinstance(v, _PLAIN) or isinstance(v, np.ndarray):
+        return True
+    if isinstance(v, torch.Tensor):
+        return not isinstance(v, torch.nn.Parameter) and id(v) not in weights
+    if isinstance(v, (tuple, list)):
+        return all(_comparable(x, weights) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, _PLAIN) and _comparable(x, weights) for k, x in v.items())
+    return False
+
+
+def _same(a, b) -> bool:
+    """Equality of two settings (``_comparable`` values); tensors and arrays by dtype, shape,
+    device and every value (NaN equal to NaN)."""
+    if isinstance(a, (torch.Tensor, np.ndarray)) or isinstance(b, (torch.Tensor, np.ndarray)):
+        if type(a) is not type(b):
+            return False
+        if isinstance(a, np.ndarray):
+            return a.dtype == b.dtype and a.shape == b.shape and bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
+        if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device or a.layout != b.layout:
+            return False
+        a, b = a.detach(), b.detach()
+        if a.is_sparse:
+            a, b = a.to_dense(), b.to_dense()
+        return bool(((a == b) | (a != a) & (b != b)).all())
+    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) or isinstance(b, dict):
+        return type(a) is type(b) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if a is _UNSET or b is _UNSET:
+        return a is b
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def _show(v) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"tensor of shape {tuple(v.shape)}, {v.dtype}"
+    if isinstance(v, np.ndarray):
+        return f"array of shape {v.shape}, {v.dtype}"
+    if v is _UNSET:
+        return "'<unset>'"
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _settings(module, weights: set | None = None) -> dict:
+    """A module's settings: its attributes outside torch's bookkeeping and its weights, holding
+    numbers, strings, booleans, None, dtypes, devices, tensors or arrays (a mask or scale kept
+    as a plain attribute, not registered as a buffer), or tuples, lists and dicts of them
+    (``hidden_size``, ``p``, a flag, ``[3, 1]``). Parameters, buffers and submodules are not
+    settings (the fused pass stacks the weights; submodules are compared one by one)."""
+    if weights is None:
+        weights = {id(t) for t in module.parameters()} | {id(t) for t in module.buffers()}
+    return {k: v for k, v in vars(module).items() if k not in _BOOKKEEPING and _comparable(v, weights)}
+
+
+def _weights_of(module) -> dict:
+    """name -> (shape, dtype) of every parameter and buffer the fused pass stacks (the names
+    ``torch.func.stack_module_state`` uses: non-persistent buffers included, tied weights once)."""
+    return {**{f"param {k}": (tuple(v.shape), v.dtype) for k, v in module.named_parameters()},
+            **{f"buffer {k}": (tuple(v.shape), v.dtype) for k, v in module.named_buffers()}}
 
 
 def _same_structure(modules) -> str | None:
     """Why one fused pass cannot stand for these modules (None when it can). The fused pass runs
     the FIRST module's code and settings with every module's weights, so besides the classes and
-    parameter shapes, every submodule's plain settings must match: two models that differ only in
-    a flag or a size kept outside their weights would otherwise be computed as the first."""
+    the names, shapes and dtypes of the parameters and buffers (non-persistent ones included),
+    every submodule's settings (``_settings``: a flag, a size, a plain tensor attribute) must
+    match, and so must each submodule's training flag: two models that differ only in a flag, a
+    size, a mask kept outside their weights or a submodule left in training mode would otherwise
+    be computed as the first."""
     first = modules[0]
-    shapes = {k: (v.shape, v.dtype) for k, v in first.state_dict().items()}
+    shapes = _weights_of(first)
     subs = list(first.named_modules())
     for m in modules[1:]:
         if type(m) is not type(first):
             return f"module classes differ ({type(first).__name__} vs {type(m).__name__})"
-        other = {k: (v.shape, v.dtype) for k, v in m.state_dict().items()}
-        if other != shapes:
-            return "parameter names or shapes differ"
+        theirs_w = _weights_of(m)
+        if theirs_w != shapes:
+            for k in list(shapes) + [k for k in theirs_w if k not in shapes]:
+                a, b = shapes.get(k), theirs_w.get(k)
+                if a != b:
+                    show = lambda w: "absent" if w is None else f"{w[0]}, {str(w[1]).replace('torch.', '')}"
+                    return f"parameter names or shapes differ ({k}: {show(a)} vs {show(b)})"
         theirs = list(m.named_modules())
         if [n for n, _ in theirs] != [n for n, _ in subs]:
             return "submodules differ"
+        wa = {id(t) for t in first.parameters()} | {id(t) for t in first.buffers()}
+        wb = {id(t) for t in m.parameters()} | {id(t) for t in m.buffers()}
         for (name, a), (_, b) in zip(subs, theirs):
             if type(a) is not type(b):
                 return f"submodule {name or '(root)'!r} classes differ ({type(a).__name__} vs {type(b).__name__})"
-            sa, sb = _settings(a), _settings(b)
+            if a.training != b.training:
+                return (f"submodule {name or '(root)'!r} is in {'training' if a.training else 'eval'} mode in one "
+                        f"model, {'training' if b.training else 'eval'} mode in another")
+            sa, sb = _settings(a, wa), _settings(b, wb)
             for k in sorted(set(sa) | set(sb)):
-                if sa.get(k, "<unset>") != sb.get(k, "<unset>"):
-                    return (f"submodule {name or '(root)'!r} setting {k!r} differs "
-                            f"({sa.get(k, '<unset>')!r} vs {sb.get(k, '<unset>')!r})")
+                va, vb = sa.get(k, _UNSET), sb.get(k, _UNSET)
+                if not _same(va, vb):
+                    how = (f"({_show(va)} vs {_show(vb)})" if _show(va) != _show(vb)
+                           else f"(two {_show(va).replace('tensor', 'tensors').replace('array', 'arrays')}, other values)")
+                    return f"submodule {name or '(root)'!r} setting {k!r} differs {how}"
+    return None
+
+
+def _training(adapters: dict) -> str | None:
+    """Why models in training mode are not fused (None: every submodule is in eval mode, as
+    ModelAdapter leaves it): a module in training mode may use the batch's statistics (BatchNorm,
+    which the fused pass computes in another order: scores that differ from the model's own in
+    the 9th digit) or randomness, and may update its buffers (running statistics), which the
+    fused pass would do only to its stacked copies, not to the model."""
+    for model, a in adapters.items():
+        for name, sub in a.module.named_modules():
+            if sub.training:
+                return f"model {model!r}: submodule {name or '(root)'!r} is in training mode"
     return None
 
 
@@ -146,12 +241,16 @@ class StackedForward:
         devices = {str(a.device) for a in self.adapters.values()}
         self.reason = None if fuse else "fusion turned off"
         if fuse:
-            self.reason = _same_structure(modules) or _outside_weights(self.adapters) or (
+            self.reason = _same_structure(modules) or _training(self.adapters) or _outside_weights(self.adapters) or (
                 None if len(devices) == 1 else f"the models sit on different devices ({', '.join(sorted(devices))})")
         self.mode = "vmap" if self.reason is None else "sequential"
         if self.mode == "vmap":
             first = next(iter(self.adapters.values()))
-            self.params, self.buffers = torch.func.stack_module_state(modules)
+            try:
+                self.params, self.buffers = torch.func.stack_module_state(modules)
+            except (RuntimeError, ValueError) as exc:     # (_same_structure compares what it stacks)
+                self.mode, self.reason = "sequential", f"torch.func.stack_module_state: {str(exc).splitlines()[0][:200]}"
+                return
             self.params = {k: v.detach() for k, v in self.params.items()}
             self.base = copy.deepcopy(first.module).to("meta")
             self.twin = copy.copy(first)                  # the first adapter's forward(), on stacked weights
@@ -160,8 +259,14 @@ class StackedForward:
         if self.mode == "vmap":
             try:
                 return self._fused(enc)
-            except (RuntimeError, NotImplementedError, ValueError) as exc:
-                self.mode, self.reason = "sequential", f"torch.vmap: {str(exc).splitlines()[0][:200]}"
+            except Exception as exc:
+                # any failure of the fused pass (an operator without a batching rule; an adapter
+                # whose forward() reaches into ``self.module.<submodule>``, which the fused
+                # pass's stand-in module does not have) runs the models one after another: a
+                # real error of the model or its inputs is then raised there, by the model itself
+                text = (str(exc).splitlines() or [""])[0][:200]
+                kind = "" if isinstance(exc, (RuntimeError, NotImplementedError, ValueError)) else f"{type(exc).__name__}: "
+                self.mode, self.reason = "sequential", f"torch.vmap: {kind}{text}"
         return self._sequential(enc)
 
     def _fused(self, enc) -> dict:
