@@ -46,9 +46,13 @@ when the objective changes by less than ``tol`` (relative) for ``patience`` cons
 after ``max_epochs`` epochs. Continuous
 hypotheses get a ridge head solved in closed form (float64 normal equations on the standardised
 features, centred over the head's rows: exactly sklearn's ``Ridge(alpha)``, with ``alpha =
-ridge_alpha`` or ``l2 * n_h``); with ``l1 > 0`` they join the FISTA loop as elastic-net heads
-(loss ``mean (y - xw - b)^2 / 2``). Training runs in float64 unless the train sample has more
-than 2**23 cells, then in float32 (the ridge heads always solve float64 normal equations).
+ridge_alpha`` or ``l2 * n_h``; at ``alpha = 0`` the minimum-norm least-squares solution, sklearn's
+``LinearRegression``, leaving out directions within rounding of a linear dependence of the units,
+see ``_min_norm_solve``); with ``l1 > 0`` they join the FISTA loop as elastic-net heads (loss
+``mean (y - xw - b)^2 / 2 + l1 |w|_1 + lam/2 |w|^2`` with ``lam = ridge_alpha / n_h`` or ``l2``:
+sklearn's ``ElasticNet(alpha=l1 + lam, l1_ratio=l1 / (l1 + lam))``). Training runs in float64
+unless the train sample has more than 2**23 cells, then in float32 (the ridge heads always solve
+float64 normal equations).
 
 Scores. ``probe`` rows (unit NULL): held-out accuracy with a Wilson interval and the one-sided
 binomial p-value of beating the test-split majority-class rate (conservative, as that rate is at
@@ -86,7 +90,8 @@ A continuous hypothesis with no labelled training row (NaN everywhere, say) trai
 Held-out loss (the plateau rule of progressive scans, engine/inspect.py StopRule):
 ``probe_model()`` is the main fit above (no top-k re-fits) with its standardisation;
 ``heldout_loss(model)`` scores such a model, possibly fit earlier in the scan, on the current
-test split (mean cross-entropy in nats, or squared error for a ridge head), and
+test split (mean cross-entropy in nats, or squared error for a ridge head; NaN for a continuous
+head that had no labelled training row, which trained no probe), and
 ``constant_loss()`` is the loss of the best constant prediction there (label entropy, variance).
 
 Exact: the split, the sample, the merge, the ridge heads. Approximate: the logistic and
@@ -117,6 +122,7 @@ _FLOAT64_CELLS = 1 << 23                # train in float64 up to this many sampl
 _LBFGS_TOL_GRAD = 1e-4                  # L-BFGS stops when max |gradient| <= this
 _LBFGS_TOL_CHANGE = 1e-7                # ... or when the loss or max |step| changes by <= this
 _CHUNK = 1 << 16                        # rows per chunk of the float64 passes over a sample
+_RIDGE_RCOND = 1e-10                    # unpenalised least squares: eigenvalues of G kept above this x the largest
 
 EXTRA_SCHEMA = pa.schema([
     ("metric", pa.string()),
@@ -547,6 +553,9 @@ class ProbeState(InspectorState):
             h, (s, e), kd = heads[i], offs[i], kind(i)
             if kd == 0:
                 lam[s] = l2 / 2        # w = v1 - v0 of the two-class softmax, v1 = -v0 = w/2
+            elif kd == 2 and self.ridge_alpha is not None and h["tr_rows"].numel():
+                # elastic net: ridge_alpha as for the closed-form ridge head (alpha = l2 n_h)
+                lam[s] = self.ridge_alpha / int(h["tr_rows"].numel())
             if init is not None:
                 Wi, bi = init[i]["W"], init[i]["b"]
                 if U is not None:
@@ -688,12 +697,39 @@ class ProbeState(InspectorState):
         G = sxx - n * torch.outer(xm, xm)
         G.diagonal().add_(alpha)
         rhs = sxy                       # sum (x - shift) yc = sum (x - xm) yc as yc sums to 0
-        try:
-            w = torch.linalg.solve(G, rhs)
-        except RuntimeError:            # singular (alpha = 0 and collinear units)
-            w = torch.linalg.lstsq(G, rhs[:, None]).solution[:, 0]
+        w = None
+        if alpha > 0:
+            try:
+                w = torch.linalg.solve(G, rhs)
+            except RuntimeError:        # numerically singular despite alpha > 0
+                w = None
+        if w is None:                   # alpha = 0: least squares, singular for collinear units
+            w = self._min_norm_solve(G, rhs)
         W[cols, 0] = w
         return {"W": W, "b": (ym - (xm + shift) @ w).reshape(1)}
+
+    @staticmethod
+    def _min_norm_solve(G: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+        """The minimum-norm solution of G w = rhs for a symmetric positive semi-definite G (the
+        unpenalised normal equations), as sklearn's LinearRegression (scipy's lstsq) gives it:
+        through the eigendecomposition of G, leaving out the directions whose eigenvalue is at
+        most _RIDGE_RCOND times the largest. The sample holds float32 activations (relative
+        precision 2**-24), so a direction of the standardised features whose singular value is
+        below 1e-5 of the largest (eigenvalue of G below 1e-10 of the largest) is a linear
+        dependence up to rounding (a constant unit, a unit copying or combining others); solved
+        for, it gave huge, opposite weights that changed with the rounding of the sums.
+        Deterministic, unlike torch.linalg.lstsq's default driver on a singular matrix, which
+        returned a different rank (and weights, all 0 included) from call to call."""
+        w = torch.zeros_like(rhs)
+        var = torch.nonzero(G.diagonal() > 0).reshape(-1)   # a unit constant on the rows: weight 0
+        if var.numel() == 0:
+            return w
+        Gv = G[var][:, var]
+        evals, evecs = torch.linalg.eigh((Gv + Gv.T) / 2)
+        keep = evals > _RIDGE_RCOND * float(evals.max())
+        inv = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), torch.zeros_like(evals))
+        w[var] = evecs @ (inv * (evecs.T @ rhs[var]))
+        return w
 
     def _lbfgs(self, objective, W, b, blocks):
         """L-BFGS run separately for every head (``blocks``: its rows of W and entries of b) --
@@ -909,13 +945,17 @@ class ProbeState(InspectorState):
         ``min_per_class`` train rows, a single class)."""
         heads, _, scaler, fits = self._train()
         keep = ("name", "col", "type", "classes")
-        return {"scaler": scaler, "heads": [{k: h[k] for k in keep if k in h} for h in heads], "fits": fits}
+        return {"scaler": scaler, "fits": fits,
+                "heads": [{**{k: h[k] for k in keep if k in h}, "n_train": int(h["tr_rows"].numel())} for h in heads]}
 
     def heldout_loss(self, model: dict) -> dict[str, float]:
         """{hypothesis: mean loss of ``model``'s head on this state's test split as it is now}:
         cross-entropy in nats for a classification head (softmax over the head's classes; inf
         when a test label is a class the head was not trained on), mean squared error for a
-        continuous head; NaN for a head without labelled test rows. ``model`` comes from
+        continuous head; NaN for a head without labelled test rows, and for a continuous head
+        that had no labelled training row (no probe was trained: its ``probe`` score is NULL, and
+        the constant 0 it would predict must not count as a loss that stopped improving).
+        ``model`` comes from
         :meth:`probe_model`, of this state or of an earlier point of the same scan, so two probes
         can be compared on the same test rows."""
         _, xte, yte = self.sample("test")
@@ -924,7 +964,7 @@ class ProbeState(InspectorState):
         for h, fit in zip(model["heads"], model["fits"]):
             rows = ~torch.isnan(yte[:, h["col"]])
             y = yte[rows, h["col"]]
-            if not y.numel():
+            if not y.numel() or h.get("n_train", 1) == 0:
                 out[h["name"]] = math.nan
                 continue
             logits = z[rows] @ fit["W"] + fit["b"]
