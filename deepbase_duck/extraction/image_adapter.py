@@ -6,11 +6,13 @@ a file); ``encode`` turns them into pixels (``load_image``), resizes each whole 
 the masks cover) and normalises it.
 
 Spatial units: a layer's output (batch, C, h, w) has its own h x w; every layer is resampled to
-one G x G grid (bilinear, ``align_corners=False``, as Network Dissection upsamples activation
-maps to the mask resolution), except that a map larger than the grid is averaged over each
-cell (``adaptive_avg_pool2d``: exactly mask_to_grid's cell means when the map's size is a multiple
-of G, overlapping windows otherwise) rather than read at a few points; so every record has G * G
-symbols common to all layers: symbol
+one G x G grid, axis by axis: along an axis shorter than the grid, bilinear interpolation
+(``align_corners=False``, as Network Dissection upsamples activation maps to the mask
+resolution); along an axis at least as long, each cell the exact area mean of the values it
+covers, partial ones weighted by their overlap (``mask_to_grid``'s weights for the labels, so a
+cell's activation and its label average the same part of the image, whether or not the size is
+a multiple of G) rather than read at a few points; so every record has G * G symbols common to
+all layers: symbol
 ``pos`` i is cell (i // G, i % G), with the span [i, i + 1) over the positions that grid
 hypotheses label (``deepbase_duck.hypotheses.grid``), and ``symbol_activations`` returns a
 (G * G, C) matrix per record. A layer whose output has no spatial map (pooled features, logits)
@@ -22,6 +24,7 @@ follow it.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 
@@ -32,6 +35,21 @@ import torch.nn.functional as F
 from ..errors import ActivationError
 from ..hypotheses.grid import DEFAULT_GRID, grid_tokenization
 from .adapters import Encoded, ModelAdapter
+
+
+@functools.lru_cache(maxsize=64)
+def _axis_matrix(n: int, g: int) -> torch.Tensor:
+    """(g, n) float32 matrix taking n values along one axis to the g cells of the grid: the exact
+    area mean over each cell when n >= g (cells [i n/g, (i + 1) n/g), partial pixels weighted by
+    their overlap: mask_to_grid's weights), bilinear interpolation (align_corners=False) when
+    n < g."""
+    if n >= g:
+        from ..hypotheses.grid import _overlap
+        m = torch.from_numpy(_overlap(n, g) / n)
+    else:
+        eye = torch.eye(n, dtype=torch.float64)[None]            # (1, n, n): channel c is e_c
+        m = F.interpolate(eye, size=g, mode="linear", align_corners=False)[0].T
+    return m.float().contiguous()
 
 
 def _default_loader(text: str) -> np.ndarray:
@@ -61,7 +79,7 @@ class ImageAdapter(ModelAdapter):
         # "resample": how layers meet the grid (part of the tokenisation, so that activations
         # stored under another rule are not reused)
         detail = json.dumps({"size": self.size, "mean": list(mean), "std": list(std), "name": name,
-                             "resample": "area-down-bilinear-up"}, sort_keys=True)
+                             "resample": "exact-area-down-bilinear-up"}, sort_keys=True)
         self.tokenization = grid_tokenization(self.grid, f"{name}-{self.size}-"
                                               + hashlib.sha256(detail.encode()).hexdigest()[:8])
         if example_text is not None:
@@ -120,14 +138,18 @@ class ImageAdapter(ModelAdapter):
         h, w = out.shape[-2:]
         if (h, w) == (self.grid, self.grid):
             return out
-        if h >= self.grid and w >= self.grid:
-            # larger than the grid: each cell the mean over its area (as mask_to_grid does for the
-            # labels, exactly so for a size that is a multiple of the grid; plain bilinear read 4
-            # of the 16 pixels of a cell at a 4x reduction)
-            return F.adaptive_avg_pool2d(out, self.grid)
-        # smaller (in some direction): bilinear, as Network Dissection upsamples its maps
-        return F.interpolate(out, size=(self.grid, self.grid), mode="bilinear", align_corners=False,
-                             antialias=True)
+        # one linear map per axis: down, each cell the exact area mean of the pixels it covers
+        # (partial pixels weighted by overlap, as mask_to_grid averages the labels); up, bilinear
+        # (align_corners=False, as Network Dissection upsamples its maps). Separable, so a map
+        # smaller than the grid is upsampled exactly as F.interpolate's bilinear, and a map larger
+        # in one direction and smaller in the other gets each rule along its own axis.
+        if h % self.grid == 0 and w % self.grid == 0:
+            # whole pixels per cell: the area mean is a plain average pooling (the same numbers,
+            # without the two matrix products)
+            return F.avg_pool2d(out, (h // self.grid, w // self.grid))
+        ry = _axis_matrix(int(h), self.grid).to(out.device)
+        rx = _axis_matrix(int(w), self.grid).to(out.device)
+        return torch.matmul(torch.matmul(ry, out), rx.T)
 
     def symbol_activations(self, layer: str, output: torch.Tensor, encoded: Encoded) -> list[torch.Tensor]:
         maps = self.grid_maps(layer, output)

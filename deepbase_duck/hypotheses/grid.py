@@ -54,24 +54,32 @@ def grid_of(tokenization: str | None) -> int | None:
 
 @functools.lru_cache(maxsize=64)
 def _overlap(n: int, g: int) -> np.ndarray:
-    """(g, n) matrix: length of pixel j inside cell i, cells being [i n/g, (i + 1) n/g)."""
-    edges = np.arange(g + 1) * (n / g)
-    lo = np.maximum(edges[:-1, None], np.arange(n)[None, :])
-    hi = np.minimum(edges[1:, None], np.arange(n)[None, :] + 1)
-    return np.clip(hi - lo, 0, None)
+    """(g, n) integer matrix: g times the length of pixel j inside cell i, cells being
+    [i n/g, (i + 1) n/g). In units of 1/g every edge is an integer (i n, j g), so the weights are
+    exact, every row sums to n, and a 0/1 mask's covered area comes out as an exact integer
+    (float edges i * (n / g) made a cell covered exactly half read 0.4999999999999997)."""
+    i = np.arange(g, dtype=np.int64)[:, None]
+    j = np.arange(n, dtype=np.int64)[None, :]
+    w = np.minimum((i + 1) * n, (j + 1) * g) - np.maximum(i * n, j * g)
+    out = np.clip(w, 0, None).astype(np.float64)
+    out.setflags(write=False)
+    return out
 
 
 def area_resize(a: np.ndarray, height: int, width: int) -> np.ndarray:
     """Resample a 2-D array (or (H, W, C)) to (height, width) by exact area averaging: each
-    output cell is the mean of the input pixels it covers, partial pixels weighted by overlap."""
+    output cell is the mean of the input pixels it covers, partial pixels weighted by overlap.
+    The weights are integers (``_overlap``) and the one division is by the cell area H * W (in
+    the same units), so a 0/1 mask's coverage is its exact fraction correctly rounded: a cell
+    covered exactly ``coverage`` reads ``coverage``, not a hair below it."""
     m = np.asarray(a, dtype=np.float64)
     if m.ndim not in (2, 3) or m.shape[0] == 0 or m.shape[1] == 0:
         raise HypothesisError(f"a mask must be a non-empty 2-D array, got shape {m.shape}")
     ry, rx = _overlap(m.shape[0], height), _overlap(m.shape[1], width)
-    area = ry.sum(1)[:, None] * rx.sum(1)[None, :]
+    area = float(m.shape[0] * m.shape[1])
     if m.ndim == 2:
         return (ry @ m @ rx.T) / area
-    return np.stack([ry @ m[:, :, c] @ rx.T for c in range(m.shape[2])], -1) / area[:, :, None]
+    return np.stack([ry @ m[:, :, c] @ rx.T for c in range(m.shape[2])], -1) / area
 
 
 def mask_to_grid(mask: np.ndarray, grid: int) -> np.ndarray:

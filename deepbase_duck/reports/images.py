@@ -124,6 +124,15 @@ def unit_dissection(con, model: str, layer: str, unit: int, dataset: str | None 
     return {"concept": row[0], "iou": row[1], "threshold": detail.get("threshold")}
 
 
+def cell_pixels(cells: np.ndarray, size: int) -> np.ndarray:
+    """A (G, G) array of cell values spread over (size, size) pixels: each pixel takes the value of
+    the cell its centre falls in (cell i covers pixels [i size/G, (i + 1) size/G))."""
+    cells = np.asarray(cells)
+    idx = np.minimum(((np.arange(size) + 0.5) * cells.shape[0] / size).astype(np.int64), cells.shape[0] - 1)
+    idy = np.minimum(((np.arange(size) + 0.5) * cells.shape[1] / size).astype(np.int64), cells.shape[1] - 1)
+    return cells[idx][:, idy]
+
+
 def top_images_png(con, model: str, layer: str, unit: int, dataset: str, path: str, k: int = 8,
                    record_ids=None, threshold: float | None = None, columns: int | None = None,
                    batch_size: int = 16, query_id: int | None = None) -> dict:
@@ -162,8 +171,12 @@ def top_images_png(con, model: str, layer: str, unit: int, dataset: str, path: s
         ax = axes.ravel()[i]
         ax.imshow(pixels[i])
         ax.imshow(heat[i], cmap="inferno", alpha=0.45, vmin=lo, vmax=hi if hi > lo else lo + 1)
-        if threshold is not None and np.isfinite(threshold) and (heat[i] > threshold).any():
-            ax.contour(heat[i] > threshold, levels=[0.5], colors="cyan", linewidths=1.2)
+        if threshold is not None and np.isfinite(threshold) and (maps[i] > threshold).any():
+            # the cells the iou measure counts as firing (grid value above the threshold), each
+            # drawn over its own pixels: the smooth heat's level set shrank a cell just above the
+            # threshold to a dot, or to nothing, since bilinear never reaches a cell's value
+            ax.contour(cell_pixels(maps[i] > threshold, size).astype(np.float64), levels=[0.5], colors="cyan",
+                       linewidths=1.2)
         ax.set_title(f"{describe(t['text'])}\nmax {t['max_activation']:.2f}", fontsize=8)
     head = f"{model} {layer} unit {unit}"
     if found is not None and found["iou"] is not None:

@@ -31,7 +31,8 @@ def top_images_section(con, query, units: list[dict], records_per_unit: int, pro
     loader whose weights changed), or whose weights or dataset are no longer those the query
     scored (``prov``: data.provenance), gets a note in place of its images; the rest of the report
     needs no model. Each figure is titled and outlined with the unit's Network Dissection result
-    in this query (``query.query_id``), not another's."""
+    in this query (``query.query_id``), not another's. Images that can no longer be read (a file
+    deleted or moved since the query) get a note in place of that layer's figures."""
     if not is_image_dataset(con, query.dataset):
         return None
     import os
@@ -59,13 +60,22 @@ def top_images_section(con, query, units: list[dict], records_per_unit: int, pro
                        "images would be the current weights', not this query's")
     for m, why in skip.items():
         parts.append(note(f"Top images of {esc(m)}'s units are not shown: {esc(why)}."))
+    failed = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, u in enumerate(units):
-            if u["model"] in skip:
+            if u["model"] in skip or (u["model"], u["layer"]) in failed:
                 continue
             path = os.path.join(tmp, f"unit{i}.png")
-            top_images_png(con, u["model"], u["layer"], int(u["unit"]), query.dataset, path,
-                           k=max(1, records_per_unit), query_id=query.query_id)
+            try:
+                top_images_png(con, u["model"], u["layer"], int(u["unit"]), query.dataset, path,
+                               k=max(1, records_per_unit), query_id=query.query_id)
+            except DeepBaseError as exc:
+                # the images are read again to rank them: one deleted or moved since the query (or
+                # unreadable now) costs this section its figures, not the whole report
+                failed[(u["model"], u["layer"])] = True
+                parts.append(note(f"Top images of {esc(u['model'])} {esc(u['layer'])}'s units are not shown: "
+                                  f"{esc(str(exc))}."))
+                continue
             with open(path, "rb") as f:
                 png = f.read()
             title = f"{u['model']} {u['layer']} unit {u['unit']}: {u['hypothesis']} ({u.get('score', float('nan')):.3f})"
