@@ -194,3 +194,17 @@ def test_bom_null_sources_and_lone_surrogates(tmp_path):
     h = _write(tmp_path / "sur.jsonl", '{"text": "x\\ud800y"}\n')
     with pytest.raises(DeepBaseError, match="lone surrogate"):
         dbd.read_records(h)
+
+
+def test_hidden_files_of_a_folder_are_left_out_unless_named(tmp_path):
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / ".DS_Store").write_bytes(b"\x00\x01")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    for fmt in ("files", "paths"):
+        got = dbd.read_records(str(tmp_path), fmt, pattern="**/*")
+        assert [r["source"] for r in got] == ["a.py"]
+    assert [r["source"] for r in dbd.read_records(str(tmp_path), "files", pattern=".git/*")] == [".git/HEAD"]
+    (tmp_path / "a.py").unlink()
+    with pytest.raises(DeepBaseError, match=r"hidden files, named '\.\*', are left out"):
+        dbd.read_records(str(tmp_path), "files", pattern="**/*")

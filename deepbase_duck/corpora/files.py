@@ -8,8 +8,8 @@
 - ``jsonl``: JSON Lines, one object per line, the record's text in ``column``;
 - ``csv`` / ``tsv``: a header row, the text in ``column``;
 - ``parquet``: the text in ``column``;
-- ``files``: a folder, every file matching ``pattern`` one record (for source code: a file
-  per record), cut at line ends into records of at most ``max_chars`` characters when given;
+- ``files``: a folder, every file matching ``pattern`` one record (hidden files and folders,
+  '.*', left out unless the pattern names them; for source code: a file per record), cut at line ends into records of at most ``max_chars`` characters when given;
 - ``paths``: a folder, every file matching ``pattern`` one record whose text is the file's
   descriptor ``{"path": "/absolute/path"}`` (images for an ImageAdapter, corpora/images.py).
 
@@ -115,9 +115,15 @@ def _lines(text: str) -> list[str]:
 
 
 def _folder(p: Path, pattern: str):
-    files = sorted(f for f in p.glob(pattern) if f.is_file())
+    """(path in the folder, file) of the files of ``p`` matching ``pattern``, sorted; hidden ones
+    (a name or a folder on the way starting with '.': .DS_Store, .git/) are left out unless the
+    pattern itself names a hidden file or folder."""
+    hidden_asked = any(part.startswith(".") for part in Path(pattern).parts)
+    files = sorted(f for f in p.glob(pattern) if f.is_file()
+                   and (hidden_asked or not any(part.startswith(".") for part in f.relative_to(p).parts)))
     if not files:
-        raise DeepBaseError(f"no file in {str(p)!r} matches {pattern!r}")
+        raise DeepBaseError(f"no file in {str(p)!r} matches {pattern!r}"
+                            + ("" if hidden_asked else " (hidden files, named '.*', are left out)"))
     for f in files:
         yield f.relative_to(p).as_posix(), f
 
