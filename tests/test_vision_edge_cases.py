@@ -390,3 +390,12 @@ def test_scene_corpus_is_deterministic_per_seed():
     digest = hashlib.sha256(b"".join(scenes.render(r["text"]).image.tobytes() for r in a)).hexdigest()
     assert digest == hashlib.sha256(b"".join(scenes.render(r["text"]).image.tobytes() for r in b)).hexdigest()
     assert scenes.scene_records(4, seed=0) != a
+
+
+def test_scene_records_refuse_a_negative_seed_and_a_path_named_scene_is_no_scene():
+    from deepbase_duck.corpora import scenes
+    from deepbase_duck.errors import DeepBaseError
+    with pytest.raises(DeepBaseError, match="seed must be a whole number >= 0, got -1"):
+        scenes.scene_records(2, seed=-1)
+    assert scenes.is_scene(scenes.scene_records(1, seed=3)[0]["text"])
+    assert not scenes.is_scene('{"path": "scene"}') and not scenes.is_scene('{"path": "/data/"scene".png"')

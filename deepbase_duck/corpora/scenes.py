@@ -70,12 +70,22 @@ def scene_spec(seed: int, size: int = SIZE) -> dict:
 def scene_records(n: int, seed: int = 0, size: int = SIZE) -> list[dict]:
     """``n`` scene records (dicts with 'text' = the JSON spec, 'source' = 'scene:<seed>'), scenes
     seed, seed + 1, ..."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        from ..errors import DeepBaseError
+        raise DeepBaseError(f"scene_records: seed must be a whole number >= 0, got {seed!r}")
     return [{"text": json.dumps(scene_spec(seed + i, size), sort_keys=True), "source": f"scene:{seed + i}"}
             for i in range(n)]
 
 
 def is_scene(text: str) -> bool:
-    return text.startswith("{") and '"scene"' in text
+    """Whether a record's text is a generated scene's spec (a JSON object with a 'scene' key; not
+    any text mentioning one, e.g. an image's path descriptor {"path": "scene"})."""
+    if not text.startswith("{") or '"scene"' not in text:
+        return False
+    try:
+        return "scene" in json.loads(text)
+    except (ValueError, TypeError):
+        return False
 
 
 # -- rendering ---------------------------------------------------------------------------------
