@@ -13,7 +13,18 @@ output is a tensor in transformers 5, a tuple in 4.x -- ``hooks.first_tensor`` t
 
 Texts longer than ``max_length`` word pieces (with the two special tokens) are truncated; the
 symbols of such a record then cover its first ``max_length - 2`` word pieces only, and the
-symbols stored for it say so (``tokenization`` includes ``max_length``).
+symbols stored for it say so (``tokenization`` includes ``max_length``). ``max_length`` is
+bounded by the tokenizer's ``model_max_length`` and by the positions the model has
+(``config.max_position_embeddings``, less RoBERTa's padding offset), so a text too long for the
+model is truncated and never fails a forward pass mid-scan.
+
+A record's text is read as text: a special token's spelling inside it (``"[SEP]"``,
+``"[CLS]"``, ``"[PAD]"``, ``"[MASK]"``) is tokenised like any other characters
+(``"["``, ``"sep"``, ``"]"``; transformers' ``split_special_tokens=True``), so the only special
+tokens are the [CLS] and [SEP] the tokenizer adds around it, and they are never symbols (by
+default transformers would turn the spelling into the control token itself: a record quoting
+"[SEP]" would get a separator mid-sequence and a symbol "[SEP]"). ``tokenization`` ends in
+``:text`` to say so.
 
 ``transformers`` is imported only when an adapter is built, so deepbase_duck does not need it
 otherwise (``pip install -e '.[examples]'``).
@@ -40,6 +51,21 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(backend.to_str().encode()).hexdigest()[:12]
 
 
+def _position_limit(module) -> int | None:
+    """How many tokens ``module`` can take, from its config's ``max_position_embeddings`` (less
+    the padding offset of RoBERTa-style embeddings, whose positions start after the padding
+    index); None where the config does not say. (A model with relative positions only may take
+    more: the bound is then conservative, never a failing forward pass.)"""
+    config = getattr(module, "config", None)
+    n = getattr(config, "max_position_embeddings", None)
+    if not isinstance(n, int) or n <= 0:
+        return None
+    pad = getattr(getattr(module, "embeddings", None), "padding_idx", None)
+    if isinstance(pad, int) and pad >= 0:
+        n -= pad + 1
+    return n
+
+
 class WordPieceAdapter(ModelAdapter):
     """A transformers encoder whose symbols are word pieces with character spans."""
 
@@ -52,12 +78,18 @@ class WordPieceAdapter(ModelAdapter):
             raise DeepBaseError(f"tokenizer {type(tokenizer).__name__} is not a fast tokenizer; "
                                 "WordPieceAdapter needs character offsets (return_offsets_mapping)")
         limit = getattr(tokenizer, "model_max_length", None) or max_length
-        if not 3 <= int(max_length) <= min(int(limit), 1 << 20):
-            raise DeepBaseError(f"max_length must be between 3 and the tokenizer's limit {limit}, got {max_length}")
+        limit = min(int(limit), 1 << 20)
+        positions = _position_limit(module)
+        if positions is not None and positions < limit:
+            limit, what = positions, "the model's position limit"
+        else:
+            what = "the tokenizer's limit"
+        if not 3 <= int(max_length) <= limit:
+            raise DeepBaseError(f"max_length must be between 3 and {what} {limit}, got {max_length}")
         super().__init__(module, device)
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
-        self.tokenization = f"hf:{name}:{tokenizer_fingerprint(tokenizer)}:max{self.max_length}"
+        self.tokenization = f"hf:{name}:{tokenizer_fingerprint(tokenizer)}:max{self.max_length}:text"
         self._backend = self._own_backend()
 
     @classmethod
@@ -93,6 +125,7 @@ class WordPieceAdapter(ModelAdapter):
         try:
             from tokenizers import Tokenizer
             backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+            backend.encode_special_tokens = True     # a special token's spelling in a text is text
             backend.enable_truncation(self.max_length, strategy="longest_first",
                                       direction=getattr(tok, "truncation_side", "right"))
             backend.enable_padding(direction=getattr(tok, "padding_side", "right"), pad_id=tok.pad_token_id,
@@ -133,7 +166,7 @@ class WordPieceAdapter(ModelAdapter):
         """encode() through the tokenizer's __call__ (any fast tokenizer)."""
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
                              return_offsets_mapping=True, return_special_tokens_mask=True,
-                             return_tensors="pt")
+                             split_special_tokens=True, return_tensors="pt")
         offsets = enc.pop("offset_mapping").numpy()
         special = enc.pop("special_tokens_mask").numpy().astype(bool)
         mask = enc["attention_mask"].numpy().astype(bool)

@@ -17,11 +17,18 @@ get no label. Characters inside any occurrence of a ``skip`` string (by default 
 ``<unk>`` placeholder, which spaCy splits into '<', 'unk', '>' and tags at random) get no label
 either, so those symbols drop out of every score. Model symbols (word pieces) take the label of
 the spaCy token holding most of their characters (the alignment rule of sql/10_alignment.sql).
+
+``spacy_tags`` makes more (another attribute, ``skip`` list or pipeline: an installed package's
+name or a pipeline folder's path). A hypothesis' version follows its settings and the tagger:
+the package's version, or a folder's files (``model_version``), so a pipeline retrained in place
+does not reuse the labels of the one before.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.metadata
+import os
 
 from ..errors import HypothesisError
 from .core import Hypothesis, register
@@ -95,6 +102,31 @@ def _tag_spans_many(texts: list[str], attribute: str, model: str, skip: tuple[st
     return [_doc_spans(doc, text, attribute, skip) for doc, text in zip(docs, texts)]
 
 
+def model_version(model: str) -> str | None:
+    """What identifies the tagger ``model`` names, for the hypothesis version, in spaCy's own
+    order of looking: an installed pipeline package by its version, else a pipeline folder
+    (``spacy.load`` of a path) by the sha256 of its files (names and contents: a pipeline
+    retrained or replaced in place is another tagger); None where neither is found (spaCy will
+    then fail to load it)."""
+    try:
+        return importlib.metadata.version(model.replace("_", "-"))
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        pass
+    if not os.path.isdir(model):
+        return None
+    h = hashlib.sha256(b"spacy pipeline folder\n")
+    for root, dirs, files in os.walk(model):
+        dirs.sort()
+        for f in sorted(files):
+            path = os.path.join(root, f)
+            h.update(os.path.relpath(path, model).replace(os.sep, "/").encode() + b"\0")
+            with open(path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            h.update(b"\0")
+    return "sha256:" + h.hexdigest()[:16]
+
+
 def spacy_tags(name: str, attribute: str = "pos_", model: str = SPACY_MODEL, skip=("<unk>",),
                categories=None, description: str = "") -> Hypothesis:
     """Categorical: a spaCy token attribute ('pos_' or 'tag_') over each token's characters;
@@ -107,14 +139,16 @@ def spacy_tags(name: str, attribute: str = "pos_", model: str = SPACY_MODEL, ski
     for s in skip:
         if not isinstance(s, str) or not s:
             raise HypothesisError(f"spacy_tags {name!r}: skip strings must be non-empty strings, got {s!r}")
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    if not isinstance(model, str) or not model:
+        raise HypothesisError(f"spacy_tags {name!r}: model must name an installed spaCy pipeline or a "
+                              f"pipeline folder, got {model!r}")
     cats = tuple(categories or (UPOS_TAGS if attribute == "pos_" else PTB_TAGS))
     fn = functools.partial(_tag_spans, attribute=attribute, model=model, skip=skip)
     many = functools.partial(_tag_spans_many, attribute=attribute, model=model, skip=skip)
-    try:                                       # a new tagger version invalidates stored labels
-        version = importlib.metadata.version(model.replace("_", "-"))
-    except importlib.metadata.PackageNotFoundError:
-        version = None
-    fn.__dbd_params__ = {"model": model, "model_version": version}
+    # a new tagger invalidates stored labels
+    fn.__dbd_params__ = {"model": model, "model_version": model_version(model)}
     return register(Hypothesis(name, fn, "categorical",
                                description or f"spaCy {model} {attribute.rstrip('_')} tags (silver labels)",
                                categories=cats, batch=many))
