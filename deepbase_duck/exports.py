@@ -67,9 +67,38 @@ def check_replaceable(session, out: Path) -> None:
     known = ({"scores", "scores.parquet", "activations", "study.duckdb", "study.duckdb.wal"}
              | {f"{t}.parquet" for t in CATALOG + TEXT_TABLES})
     other = sorted(p.name for p in out.iterdir() if p.name not in known)
+    # the names an export writes are not enough: a folder of one's own named 'activations' or
+    # 'scores' (or a folder 'models.parquet') is no export's, and its files would go with it
+    other += sorted(str(p.relative_to(out)) for p in out.iterdir() if p.name in known
+                    and not _export_entry(p))
     if other:
         raise DeepBaseError(f"export folder {out} holds files no export writes ({', '.join(other[:5])}"
                             f"{' ...' if len(other) > 5 else ''}); overwrite replaces only an earlier export")
+
+
+PARTITIONS = {"scores": ("model", "layer"), "activations": ("model", "layer", "dataset")}
+
+
+def _export_entry(p: Path) -> bool:
+    """Whether ``p``, an entry of an export folder named as an export names its files, is laid
+    out as an export writes it: the Parquet partition folders (``scores/model=<m>/layer=<l>/``,
+    ``activations/model=<m>/layer=<l>/dataset=<d>/``) holding nothing but ``.parquet`` files, the
+    other names plain files."""
+    keys = PARTITIONS.get(p.name)
+    if keys is None:
+        return p.is_file() or p.is_symlink()
+
+    def layout(folder: Path, depth: int) -> bool:
+        if folder.is_symlink() or not folder.is_dir():
+            return False
+        for q in folder.iterdir():
+            if depth == len(keys):
+                if not (q.name.endswith(".parquet") and (q.is_file() or q.is_symlink())):
+                    return False
+            elif not (q.name.startswith(keys[depth] + "=") and layout(q, depth + 1)):
+                return False
+        return True
+    return layout(p, 0)
 
 
 def _file_lit(path) -> str:

@@ -31,7 +31,11 @@ string) is labelled by the tokens read before the error; characters after it hol
 string or comment; ``bracket_depth`` counts every bracket character there, carrying on from the
 depth reached). Where tokenize stops differs between Python versions (3.12 reads source with the
 compiler's own tokenizer), so the Python version (major.minor) is part of these hypotheses'
-versions: labels stored under one Python are computed again under another.
+versions: labels stored under one Python are computed again under another. A single-quoted
+string left open at its line's end (an apostrophe in prose, say) is such an error on 3.12; on
+3.11, whose tokenize yields an ERRORTOKEN for its quote and reads the rest of the line as code,
+that line's characters from the quote on hold the default and the lines after it are labelled as
+tokenize reads them (``_tokens``).
 
 Indentation widths follow Python's rules: a tab advances to the next multiple of 8 columns and a
 form feed in the leading whitespace resets the count to 0.
@@ -176,7 +180,10 @@ def bracket_depth(name: str = "bracket_depth", pairs: str = "()[]{}", descriptio
 #: Part of the version of every tokenize-based hypothesis: the Python whose tokenizer reads the
 #: code (where it stops on broken code differs between 3.11 and 3.12) and a revision of the rules
 #: below (_tokens, _ladder, _indent_width), which the hypotheses' own source does not show.
-_TOKENIZE_PARAMS = {"python": "%d.%d" % sys.version_info[:2], "rules": 2}
+_TOKENIZE_PARAMS = {"python": "%d.%d" % sys.version_info[:2], "rules": 3}
+#: An ERRORTOKEN starting with one of these is the quote of a string literal left open at its
+#: line's end (_tokens drops the rest of that line).
+QUOTES = ("'", '"')
 
 
 def _indent_width(lead):
@@ -222,14 +229,25 @@ def _ladder(text):
 def _tokens(text):
     """The tokens of ``text`` that tokenize yields before any error, positions in ``text``.
     Cached for the last few texts: several code hypotheses tokenize the same record. Whether a
-    ladder is put before the text is decided by its first code line, wherever it lies."""
+    ladder is put before the text is decided by its first code line, wherever it lies.
+
+    A single-quoted string left open at its line's end ends there (Python reports "unterminated
+    string literal"). Python 3.11's tokenize yields an ERRORTOKEN for its quote and reads the rest
+    of that line as code (a '#' inside the string was taken for a comment, a bracket inside it
+    for an operator): the tokens that start on that line after the quote are dropped (but the
+    line's NEWLINE / NL), so its characters from the quote on hold the default, as after an error;
+    tokenize reads the next lines as before."""
     ladder = _ladder(text)
     k = len(ladder)
-    out = []
+    out, open_row = [], None
     try:
         for tok in tokenize.generate_tokens(io.StringIO("".join(ladder) + text).readline):
             if tok.start[0] <= k:
                 continue
+            if tok.start[0] == open_row and tok.type not in (tokenize.NEWLINE, tokenize.NL):
+                continue
+            if tok.type == tokenize.ERRORTOKEN and tok.string[:1] in QUOTES:
+                open_row = tok.start[0]
             out.append(tok._replace(start=(tok.start[0] - k, tok.start[1]), end=(tok.end[0] - k, tok.end[1]))
                        if k else tok)
     except (tokenize.TokenError, IndentationError, SyntaxError):
