@@ -34,6 +34,7 @@ returned dict's ``notes`` (a line of text), and no ``activations`` view is made 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -348,6 +349,29 @@ def _stored_activations(session) -> tuple[list[tuple], list[str]]:
     return rows, notes
 
 
+@contextlib.contextmanager
+def _partition_names(con, what: str, names=None):
+    """Say which name is at fault when a hive partition's folder name (``model=<name>``, its
+    non-ASCII bytes percent-encoded) is longer than the file system allows (255 bytes): DuckDB's
+    own error names only the path. ``names``: the partition values of this COPY (None: the scores'
+    models and layers)."""
+    try:
+        yield
+    except duckdb.IOException as exc:
+        from .errors import DeepBaseError
+        if "too long" not in str(exc).lower():
+            raise
+        if names is None:
+            names = [n for (n,) in store.q_all(con, "SELECT DISTINCT model FROM scores UNION "
+                                                    "SELECT DISTINCT layer FROM scores")]
+        longest = sorted(names, key=lambda n: len(n.encode("utf-8")), reverse=True)[:3]
+        raise DeepBaseError(f"export: the {what} are written in folders named after each model, layer and "
+                            f"dataset, and one such name is too long for a folder name once encoded (non-ASCII "
+                            f"characters take 3 to 12 characters each); the longest names: "
+                            f"{', '.join(repr(n) for n in longest)}. Register the model under a shorter name "
+                            f"(the same weights share what is stored) and export again") from None
+
+
 def _write(session, out: Path, activations: bool, text: bool) -> dict:
     con = session.con
     written, views = {}, []
@@ -355,7 +379,8 @@ def _write(session, out: Path, activations: bool, text: bool) -> dict:
     score_cols = [(c, t) for c, t, *_ in store.q_all(con, "DESCRIBE scores")]
     n_scores = store.q_scalar(con, "SELECT count(*) FROM scores")
     if n_scores:
-        con.execute(f"COPY scores TO {_lit(scores_dir)} (FORMAT parquet, PARTITION_BY (model, layer))")
+        with _partition_names(con, "scores"):
+            con.execute(f"COPY scores TO {_lit(scores_dir)} (FORMAT parquet, PARTITION_BY (model, layer))")
         written["scores"] = f"{scores_dir.as_posix()}/**/*.parquet"
         views.append(("scores", sorted(scores_dir.rglob("*.parquet")), score_cols, ("model", "layer")))
     else:                                   # no partitions to write: one empty file keeps the schema
@@ -375,9 +400,10 @@ def _write(session, out: Path, activations: bool, text: bool) -> dict:
         rows, notes = _stored_activations(session)
         act_types = set()
         for view, model, layer, dataset in rows:
-            con.execute(f"COPY (SELECT ? AS model, ? AS layer, ? AS dataset, record_id, pos, act FROM {view}) "
-                        f"TO {_lit(act_dir)} (FORMAT parquet, PARTITION_BY (model, layer, dataset), "
-                        "APPEND)", [model, layer, dataset])
+            with _partition_names(con, "activations", (model, layer, dataset)):
+                con.execute(f"COPY (SELECT ? AS model, ? AS layer, ? AS dataset, record_id, pos, act FROM {view}) "
+                            f"TO {_lit(act_dir)} (FORMAT parquet, PARTITION_BY (model, layer, dataset), "
+                            "APPEND)", [model, layer, dataset])
             act_types.add(store.q_scalar(con, f"SELECT column_type FROM (DESCRIBE {view}) WHERE column_name = 'act'"))
         if rows:
             written["activations"] = f"{act_dir.as_posix()}/**/*.parquet"

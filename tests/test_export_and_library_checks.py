@@ -148,3 +148,19 @@ def test_unterminated_string_labels_in_a_store(planted):
     rows = planted.sql("SELECT hypothesis, record_id, start_char, end_char, value FROM labels "
                        "WHERE dataset = 'prose' ORDER BY ALL").fetchall()
     assert rows == [("in_comment", 1, 7, 10, 1.0)]
+
+
+def test_a_name_too_long_for_a_partition_folder_is_named(tmp_path):
+    from conftest import planted_adapter
+    con = dbd.connect(None, progress=False)
+    try:
+        long_name = "ü" * 60                                   # 120 bytes, 360 characters percent-encoded
+        dbd.register_model(con, long_name, planted_adapter())
+        dbd.add_dataset(con, "snippets", ["x = 1\n", "y = 'a'\n", "z = (2)\n"])
+        dbd.inspect(con, long_name, ["planted"], ["digit"], "snippets")
+        with pytest.raises(DeepBaseError, match="too long for a folder name") as err:
+            dbd.export(con, str(tmp_path / "out"))
+        assert repr(long_name) in str(err.value)
+        assert not any((tmp_path / "out").rglob("*.parquet"))   # nothing half-written left
+    finally:
+        dbd.close(con)
