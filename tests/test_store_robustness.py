@@ -165,14 +165,8 @@ def test_export_holds_the_writer_lock_so_a_query_cannot_commit_halfway(tmp_path,
     exporter = threading.Thread(target=run, args=(lambda cur: dbd.export(cur, str(out)),), name="export")
     exporter.start()
     assert reached.wait(60)
-    query = threading.Thread(target=run, args=(lambda cur: dbd.inspect(cur, "planted", ["planted"], ["digit"],
-                                                                       "snippets", reuse=False),))
-    query.start()
-    query.join(3)
-    waited = query.is_alive()
-    go.set()
-    exporter.join(60)
-    query.join(60)
+    waited = _waits_for(run, exporter, go, lambda cur: dbd.inspect(cur, "planted", ["planted"], ["digit"],
+                                                                   "snippets", reuse=False), 3)
     assert errors == []
     assert waited, "the inspect committed while the export was half-way"
     assert exported_query_ids(out) == [1]
@@ -180,6 +174,19 @@ def test_export_holds_the_writer_lock_so_a_query_cannot_commit_halfway(tmp_path,
                       f"hive_partitioning = true) ORDER BY 1").fetchall()
     assert qids == [(1,)]
     assert planted.sql("SELECT count(*) FROM queries").fetchall() == [(2,)]
+
+
+def _waits_for(run, holder, go, job, patience: float) -> bool:
+    """Run ``job`` on another cursor (``run``) while ``holder``, a thread paused until ``go``,
+    holds the store; let both finish. Whether ``job`` was still waiting after ``patience`` s."""
+    query = threading.Thread(target=run, args=(job,))
+    query.start()
+    query.join(patience)
+    waited = query.is_alive()
+    go.set()
+    holder.join(60)
+    query.join(60)
+    return waited
 
 
 def test_report_holds_the_writer_lock(tmp_path, planted, monkeypatch):
@@ -197,13 +204,7 @@ def test_report_holds_the_writer_lock(tmp_path, planted, monkeypatch):
     got = lock.acquire(timeout=1)          # another thread's writer: must wait for the report
     if got:
         lock.release()
-    query = threading.Thread(target=run, args=(lambda cur: dbd.extract(cur, "planted", ["planted"], "snippets"),))
-    query.start()
-    query.join(2)
-    waited = query.is_alive()
-    go.set()
-    reporter.join(60)
-    query.join(60)
+    waited = _waits_for(run, reporter, go, lambda cur: dbd.extract(cur, "planted", ["planted"], "snippets"), 2)
     assert errors == []
     assert not got and waited, "a writer ran while the report was reading the store"
     assert (tmp_path / "r.html").is_file()
