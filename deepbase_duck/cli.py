@@ -353,8 +353,10 @@ def cmd_demo(args) -> int:
 
 
 def _n(count, word: str, fmt: str = "") -> str:
-    """``count`` and ``word``, plural ('s') unless the count is 1: '1 record', '3 records'."""
-    return f"{format(count, fmt)} {word}{'' if count == 1 else 's'}"
+    """``count`` and ``word``, plural unless the count is 1 (errors.counted; imported here, when
+    a command runs, so that --help does not load the library)."""
+    from deepbase_duck.errors import counted
+    return counted(count, word, fmt=fmt)
 
 
 def _check_top(top: int) -> None:

@@ -40,6 +40,12 @@ class EmptyDatasetError(DeepBaseError, ValueError):
     """A dataset (or the selected part of it) has no records or no symbols."""
 
 
+def counted(count, one: str, many: str | None = None, fmt: str = "") -> str:
+    """``count`` and the noun for it, as messages and reports write counts: '1 record', '3 records'
+    (``many``: an irregular plural; ``fmt``: the count's format spec, ',' for thousands)."""
+    return f"{format(count, fmt)} {one if count == 1 else (many or one + 's')}"
+
+
 def check_int(name: str, value, minimum: int) -> int:
     """``value`` as an int when it is a whole number >= ``minimum`` (a bool, a float with a
     fraction or a string is refused, naming ``name``)."""

@@ -191,10 +191,10 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
         raise DeepBaseError(f"stable_windows ({stable_windows!r}) sets how long a ranking query's top-k sets must "
                             f"hold still; it needs top_k (the units ranked per hypothesis), which the query does "
                             f"not give")
+    stable_windows = STABLE_WINDOWS if stable_windows is None else stable_windows
     if top_k is not None:
         if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
             raise DeepBaseError(f"top_k must be a positive integer, got {top_k!r}")
-        stable_windows = STABLE_WINDOWS if stable_windows is None else stable_windows
         if isinstance(stable_windows, bool) or not isinstance(stable_windows, (int, np.integer)) or stable_windows < 1:
             raise DeepBaseError(f"stable_windows must be a positive integer, got {stable_windows!r}")
         slow = [m for m in measures if m in ("probe", "probe_weight", "probe_topk", "selectivity")]
@@ -241,7 +241,7 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
                 permutation_rows=int(permutation_rows),
                 max_error=None if max_error is None else float(max_error), seed=int(seed),
                 top_k=None if top_k is None else int(top_k),
-                stable_windows=STABLE_WINDOWS if stable_windows is None else int(stable_windows),
+                stable_windows=int(stable_windows),
                 plateau_tol=None if plateau_tol is None else float(plateau_tol),
                 min_support=int(min_support or 0))
 

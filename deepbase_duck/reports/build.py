@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .. import __version__, store
 from ..catalog import session_of
-from ..errors import DeepBaseError, UnknownNameError, check_int
+from ..errors import DeepBaseError, UnknownNameError, check_int, counted as _n
 from ..progress import progress_bar
 from . import data
 from . import html as H
@@ -206,11 +206,6 @@ def _activations(con, q: data.Query, pm: str | None, tops: list[dict], text_unit
         if m in prov.doubt:
             parts.insert(0, H.note(H.esc(prov.doubt[m]) + "."))
     return H.section("activations", title, "\n".join(parts)), shown, missing + gone
-
-
-def _n(count: int, one: str, many: str | None = None) -> str:
-    """``count`` and the noun for it: '1 record', '3 records' (``many``: an irregular plural)."""
-    return f"{count} {one if count == 1 else (many or one + 's')}"
 
 
 def write_report(con, path, query_id=None, model: str | None = None, dataset: str | None = None,
