@@ -145,3 +145,26 @@ def test_a_full_scan_runs_each_record_once_calibration_included(three):
     assert alone.num_rows == sum(1 for k in got if k[0] == "mi")
     for r in alone.to_pylist():
         assert got[("mi", r["unit"], r["hypothesis"])] == pytest.approx(r["score"], abs=1e-12)
+
+
+def test_checkpoints_scanned_together_run_each_record_once_calibration_included(three):
+    """Models scanned together (run_stacked) run mi's calibration records once each, through every
+    model, and feed those batches to the scan: each model runs on as many rows as in a scan
+    without mi, and the scores equal those of each model scanned alone."""
+    a, b = counted(three, "ca"), counted(three, "cb")
+    dbd.inspect(three, ["ca", "cb"], ["planted"], HYPS, "snippets", measures=["corr"], batch_size=5, reuse=False)
+    a.clear(), b.clear()                                   # (the first scan also runs the early-exit check)
+    dbd.inspect(three, ["ca", "cb"], ["planted"], HYPS, "snippets", measures=["corr"], batch_size=5, reuse=False)
+    plain = (sum(a), sum(b))
+    a.clear(), b.clear()
+    kw = dict(measures=["mi", "corr"], batch_size=5, mi={"calibration_rows": ROWS}, reuse=False)
+    t = dbd.inspect(three, ["ca", "cb"], ["planted"], HYPS, "snippets", **kw)
+    assert (sum(a), sum(b)) == plain == (len(TEXTS) * 3, len(TEXTS) * 3)
+    params = json.loads(three.sql("SELECT params FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0])
+    assert params["scan"] == "together"                    # one scan of both models, not one after another
+    for name in ("ca", "cb"):
+        alone = dbd.inspect(three, name, ["planted"], HYPS, "snippets", **kw)
+        mine = {(r["measure"], r["unit"], r["hypothesis"]): r["score"] for r in t.to_pylist() if r["model"] == name}
+        assert len(mine) == alone.num_rows
+        for r in alone.to_pylist():
+            assert mine[(r["measure"], r["unit"], r["hypothesis"])] == pytest.approx(r["score"], abs=1e-12)

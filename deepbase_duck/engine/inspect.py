@@ -285,7 +285,7 @@ def engine_sets_mi_bins(plan: Plan) -> bool:
             and prm.get("calibration_records") is None)
 
 
-def mi_calibration(session, plan: Plan, behaviors: dict, covered, adapter=None, ran: list | None = None) -> dict:
+def mi_calibration(session, plan: Plan, behaviors: dict, covered, ran: list | None = None) -> dict:
     """The bins of a full scan's ``mi`` states, set before the scan from every row of
     mi_calibration_records (their activations read as the scan reads them: stored ones for
     ``covered`` records, the model's for the rest), so that they depend on the records
@@ -299,7 +299,7 @@ def mi_calibration(session, plan: Plan, behaviors: dict, covered, adapter=None, 
         return {}
     prm = plan.measure_params.get("mi", {})
     tokenization = session.model_row(plan.model)["tokenization"]
-    loaded = [adapter]
+    loaded = [None]
 
     def model():                            # loaded only if a record is tokenised or run here
         if loaded[0] is None:
@@ -335,6 +335,43 @@ def mi_calibration(session, plan: Plan, behaviors: dict, covered, adapter=None, 
     rule = f"quantile ({bins} bins) of the {total} rows of {len(chosen)} calibration records"
     return {layer: {"edges": quantile_edges(torch.cat(x).to(torch.float64), bins).numpy(), "edges_rule": rule}
             for layer, x in parts.items()}
+
+
+def mi_calibration_stacked(session, plans: list, stacked, ran: list) -> dict:
+    """mi_calibration for models scanned together (run_stacked): the calibration records are
+    chosen once (the rule depends on the records, not on the model), each batch of them is
+    encoded once and run through every model (``stacked``), and the batches, {model: Batch} with
+    the activations on the host, go to ``ran`` for the scan to feed to its states instead of
+    running those records again. {model: mi_calibration's {layer: {...}}}; {} per model where the
+    engine does not set the bins."""
+    from ..inspectors.mutual_information import quantile_edges
+    from .stacking import stacked_batches
+    p0 = plans[0]
+    if not engine_sets_mi_bins(p0):
+        return {p.model: {} for p in plans}
+    tokenization = session.model_row(p0.model)["tokenization"]
+    chosen, total = mi_calibration_records(session, p0, tokenization, lambda: stacked.adapters[p0.model])
+    if total == 0:
+        return {p.model: {} for p in plans}
+    counts = stored_symbol_counts(session, p0.dataset, tokenization)
+    parts = {p.model: {layer: [] for layer in p0.layers} for p in plans}
+    stream = stacked_batches(session, stacked, p0.layers, p0.dataset,
+                             plan_batches(session, p0.dataset, chosen, p0.batch_size), counts)
+    try:
+        for batches in stream:
+            for name, b in batches.items():
+                b.verify()
+                for layer in p0.layers:
+                    parts[name][layer].append(b.acts[layer].cpu())
+                b.acts = {layer: parts[name][layer][-1] for layer in p0.layers}   # kept on the host
+            ran.append(batches)
+    finally:
+        stream.close()
+    bins = int(p0.measure_params.get("mi", {}).get("bins", 10))
+    rule = f"quantile ({bins} bins) of the {total} rows of {len(chosen)} calibration records"
+    return {name: {layer: {"edges": quantile_edges(torch.cat(x).to(torch.float64), bins).numpy(), "edges_rule": rule}
+                   for layer, x in per_layer.items()}
+            for name, per_layer in parts.items()}
 
 
 def _drain(batches: list):
@@ -1002,8 +1039,11 @@ class LocalEngine:
         p0 = plans[0]
         tokenization = session.model_row(p0.model)["tokenization"]
         adapters = {p.model: session.adapter(p.model) for p in plans}
-        # (before the symbol counts: it may tokenise and store the calibration records' symbols)
-        calibration = {p.model: mi_calibration(session, p, {}, (), adapters[p.model]) for p in plans}
+        stacked = StackedForward(adapters, p0.layers, fuse=fuse)
+        # mi's bins: its calibration records run once through every model, and their batches feed
+        # the scan first (before the symbol counts: it may tokenise and store their symbols)
+        ran = []
+        calibration = mi_calibration_stacked(session, plans, stacked, ran)
         counts = stored_symbol_counts(session, p0.dataset, tokenization)
         symbols = SymbolWriter(session, tokenization, p0.dataset, counts)    # from the batches' encodings
         widths = {p.model: session.stored_widths(p.model)
@@ -1018,9 +1058,10 @@ class LocalEngine:
             p0.control_freq = class_frequencies(session, p0, tokenization)
         for p in plans:
             p.source, p.control_freq = "model", p0.control_freq
-        stacked = StackedForward(adapters, p0.layers, fuse=fuse)
-        block_ids = plan_batches(session, p0.dataset, p0.record_ids, p0.batch_size)
-        labels = LabelStream(session, p0, tokenization, counts, [r for ids in block_ids for r in ids])
+        first_ids = [int(r) for batches in ran for r in next(iter(batches.values())).record_ids]
+        rest = np.setdiff1d(np.asarray(p0.record_ids, np.int64), first_ids) if ran else p0.record_ids
+        block_ids = plan_batches(session, p0.dataset, rest, p0.batch_size) if len(rest) else []
+        labels = LabelStream(session, p0, tokenization, counts, first_ids + [r for ids in block_ids for r in ids])
         show = session.progress if progress is None else progress
         bar = progress_bar(len(p0.record_ids), f"inspect {len(plans)} models ({p0.model}, ...)", "rec", show)
         used = []
@@ -1030,7 +1071,7 @@ class LocalEngine:
                                                     keep_encoding=True, defer_check=True),
             all(self.pipelined(a) for a in adapters.values()))
         try:
-            for batches in source:
+            for batches in itertools.chain(_drain(ran), source):
                 first = next(iter(batches.values()))
                 if first.encoded is not None:
                     symbols.add(first.record_ids, first.encoded)
