@@ -16,17 +16,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ..errors import ActivationError, DeepBaseError
+from .hooks import mode_dependent
 
 
 @dataclass
 class Encoded:
-    inputs: object                      # a tensor, a tuple of tensors or a dict of tensors
+    inputs: object                      # a tensor (or PackedSequence), a tuple of them (the module's positional
+                                        # arguments) or a dict (its keyword arguments)
     starts: list[np.ndarray]            # per record: int32 character starts of its symbols
     ends: list[np.ndarray]              # per record: int32 character ends (exclusive)
     tokens: list[list[str]] | None      # per record: token text of each symbol (optional)
@@ -38,10 +41,14 @@ class Encoded:
 
 
 def to_device(inputs, device):
-    if isinstance(inputs, torch.Tensor):
+    """``inputs`` with every tensor in it on ``device``: a tensor, a PackedSequence, or a dict,
+    list, tuple or namedtuple of them (nested), of the same type."""
+    if isinstance(inputs, (torch.Tensor, torch.nn.utils.rnn.PackedSequence)):
         return inputs.to(device)
     if isinstance(inputs, dict):
         return {k: to_device(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, tuple) and hasattr(inputs, "_fields"):          # a namedtuple: fields by position
+        return type(inputs)(*(to_device(v, device) for v in inputs))
     if isinstance(inputs, (tuple, list)):
         return type(inputs)(to_device(v, device) for v in inputs)
     return inputs
@@ -85,13 +92,23 @@ def default_device(device=None) -> torch.device:
 def model_checksum(module: torch.nn.Module, variant: str = "") -> str:
     """The model's identity, the key of everything stored from it (activations, cached scores):
     sha256 over its weights (``weights_checksum``), the class of every submodule (by its dotted
-    path) and the adapter's ``variant``. The classes matter because a model's code is part of
-    what it computes: the same weights in a subclass whose forward ablates a unit are another
-    model. What neither weights nor classes show (a hook, a flag) is the ``variant``'s to say."""
+    path), the submodules in training mode whose computation may follow it (``hooks.mode_dependent``;
+    none for a model in eval mode, as ModelAdapter leaves it: dropout and BatchNorm's batch
+    statistics change what it computes, so the same weights put back in ``train()`` mode are
+    another model, never served the eval model's stored activations or scores, nor the reverse)
+    and the adapter's ``variant``. The classes matter because a
+    model's code is part of what it computes: the same weights in a subclass whose forward
+    ablates a unit are another model. What none of these show (a hook, a flag) is the
+    ``variant``'s to say."""
     h = hashlib.sha256(b"deepbase-duck model v2\n")
     h.update(weights_checksum(module).encode())
+    training = []
     for name, m in module.named_modules():
         h.update(f"\n{name}={type(m).__module__}.{type(m).__qualname__}".encode())
+        if m.training and mode_dependent(m):
+            training.append(name)
+    if training:                   # (absent in eval mode: the checksums of stores written before stay)
+        h.update(("\ntraining=" + "\n".join(training)).encode())
     h.update(f"\nvariant={variant}".encode())
     return h.hexdigest()
 
@@ -131,8 +148,8 @@ def state_fingerprint(module: torch.nn.Module, variant: str = "") -> tuple:
     write: an optimiser step, ``load_state_dict``, ``weight[:, 3] = 0`` under ``no_grad``), a few
     of its values, its sum, its norm and a sum weighted by position (for writes through
     ``.data``, which leave the counter alone: a unit's row zeroed changes the sums, two units
-    swapped or permuted the weighted one; one read of every tensor), every submodule's class, and
-    the variant. Not a checksum: it only says when ``model_checksum`` must be computed again."""
+    swapped or permuted the weighted one; one read of every tensor), every submodule's class and
+    training flag, and the variant. Not a checksum: it only says when ``model_checksum`` must be computed again."""
     items, probes = [], {}
     try:
         for name, t in module.state_dict(keep_vars=True).items():
@@ -149,7 +166,7 @@ def state_fingerprint(module: torch.nn.Module, variant: str = "") -> tuple:
                        for _, v in sorted(probes.items(), key=lambda kv: str(kv[0])))
     except Exception:              # a tensor type without storage or version (a wrapper subclass):
         return (object(),)         # equal to no other fingerprint, so the checksum is always computed
-    classes = tuple((n, type(m)) for n, m in module.named_modules())
+    classes = tuple((n, type(m), m.training) for n, m in module.named_modules())
     return tuple(items), values, classes, variant
 
 
@@ -170,7 +187,12 @@ def weights_checksum(module: torch.nn.Module) -> str:
 
 
 class ModelAdapter:
-    """Base adapter. Subclass and implement ``encode``; override the rest when needed."""
+    """Base adapter. Subclass and implement ``encode``; override the rest when needed.
+
+    Making the adapter puts its module in eval mode (``module.eval()``, left so: a model being
+    trained needs ``.train()`` again after it is wrapped). A module put back in training mode
+    later runs so in scans, which warn of it (dropout makes activations random), and is another
+    model to the stores (``model_checksum``)."""
 
     tokenization: str = "undefined"
     example_text: str = "def f(x):\n    return x  # 'hi'\n"
@@ -204,6 +226,13 @@ class ModelAdapter:
     variant: str = ""
 
     def __init__(self, module: torch.nn.Module, device: str | torch.device | None = None):
+        meta = next((n for n, t in itertools.chain(module.named_parameters(), module.named_buffers()) if t.is_meta),
+                    None)
+        if meta is not None:
+            raise DeepBaseError(
+                f"{type(self).__name__}: the model's tensor {meta!r} is on the 'meta' device, which holds no values "
+                f"(a model built under torch.device('meta') or an empty-weights context): load its weights first "
+                f"(module.load_state_dict(state, assign=True)), then wrap it")
         self.module = module.eval()
         self.device = default_device(device)
         self.module.to(self.device)
@@ -266,16 +295,31 @@ class ModelAdapter:
         with torch.inference_mode(), tf32_mode(self.tf32 if self.device.type == "cuda" else None):
             if isinstance(inputs, dict):
                 return self.module(**inputs)
-            if isinstance(inputs, tuple):
+            if isinstance(inputs, tuple) and not isinstance(inputs, torch.nn.utils.rnn.PackedSequence):
                 return self.module(*inputs)
             return self.module(inputs)
 
     def symbol_activations(self, layer: str, output: torch.Tensor, encoded: Encoded) -> list[torch.Tensor]:
-        if output is None or output.dim() != 3:
-            shape = None if output is None else tuple(output.shape)
+        if output is None:
             raise ActivationError(
-                f"layer {layer!r} produced an output of shape {shape}; the default adapter expects "
+                f"layer {layer!r} gave no tensor output: it did not run in the forward pass (a ModuleList or "
+                f"ModuleDict is never called itself), or returned None or a value holding no tensor (see "
+                f"deepbase_duck.extraction.hooks for what is read of tuples, dicts and PackedSequences); "
+                f"pick a module that returns (batch, sequence, width), or override symbol_activations()")
+        if output.dim() != 3:
+            raise ActivationError(
+                f"layer {layer!r} produced an output of shape {tuple(output.shape)}; the default adapter expects "
                 "(batch, sequence, width). Override symbol_activations() in the adapter for this layer.")
+        batch = len(encoded.index)
+        longest = max((int(idx.max()) + 1 for idx in encoded.index if len(idx)), default=0)
+        if output.shape[0] != batch or output.shape[1] < longest:
+            raise ActivationError(
+                f"layer {layer!r} produced an output of shape {tuple(output.shape)} for {batch} record(s) whose "
+                f"symbols reach sequence position {longest - 1}; the default adapter reads (batch, sequence, width), "
+                f"batch first. A sequence-first output (nn.LSTM, nn.GRU or nn.TransformerEncoderLayer without "
+                f"batch_first=True: (sequence, batch, width)) or a channels-first one (nn.Conv1d: (batch, width, "
+                f"sequence)) needs batch_first=True, a module after the transpose, or symbol_activations() "
+                f"overridden in the adapter")
         out = []
         for b, idx in enumerate(encoded.index):
             n = len(idx)
@@ -315,3 +359,18 @@ class CharAdapter(ModelAdapter):
             ends.append(s + 1)
             tokens.append(list(text))
         return Encoded(inputs=ids, starts=starts, ends=ends, tokens=tokens)
+
+    def symbol_activations(self, layer: str, output: torch.Tensor, encoded: Encoded) -> list[torch.Tensor]:
+        """As ModelAdapter's, refusing a channels-first output (nn.Conv1d's (batch, width,
+        sequence)): its last axis, not its second, has the inputs' length, and reading it as
+        (batch, sequence, width) would take channels for characters."""
+        ids = encoded.inputs
+        if (isinstance(output, torch.Tensor) and output.dim() == 3 and isinstance(ids, torch.Tensor)
+                and ids.dim() == 2 and output.shape[0] == ids.shape[0]
+                and output.shape[2] == ids.shape[1] != output.shape[1]):
+            raise ActivationError(
+                f"layer {layer!r} produced an output of shape {tuple(output.shape)} for inputs of "
+                f"{ids.shape[1]} characters: channels first (as nn.Conv1d's (batch, width, sequence)), where "
+                f"the default adapter reads (batch, sequence, width); retain a module after the transpose, or "
+                f"override symbol_activations() to read output.transpose(1, 2)")
+        return super().symbol_activations(layer, output, encoded)

@@ -5,12 +5,25 @@
     ret["lstm0"]          # the module's output tensor (the first element when it returns a tuple)
 
 Layers are addressed by the dotted paths of ``model.named_modules()``, as in PyTorch itself.
+
+What is kept of a module's output (``first_tensor``): a tensor as it is; of a tuple, list or
+namedtuple its first tensor, depth first (``nn.LSTM``'s ``(output, (h, c))`` gives ``output``,
+``nn.MultiheadAttention``'s ``(attn_output, weights)`` gives ``attn_output``); of a dict its
+first tensor value, in the dict's order; of a ``PackedSequence`` (an RNN run on packed input)
+the padded batch-first tensor ``(batch, longest, width)`` in the batch's own order (padding
+holds zeros); of a transformers output its ``last_hidden_state``; anything else (None, an
+object) keeps None, which a scan reports as a layer with no tensor output. A module that runs
+more than once in one forward pass (weights shared across depths, a cell called in a Python
+loop) keeps its last call's output, and ``run_until_retained`` warns that it did.
 """
 from __future__ import annotations
 
 import contextlib
+import difflib
 import itertools
 import threading
+import time
+import warnings
 import weakref
 
 import torch
@@ -22,24 +35,39 @@ def resolve_modules(model: torch.nn.Module, names) -> dict[str, torch.nn.Module]
     table = dict(model.named_modules())
     out = {}
     for name in names:
-        if name not in table or name == "":
-            raise UnknownNameError("layer", name, [n for n in table if n])
+        if not isinstance(name, str) or name not in table or name == "":
+            valid = [n for n in table if n]
+            err = UnknownNameError("layer", name, valid)
+            close = difflib.get_close_matches(str(name), valid, n=5, cutoff=0.6)
+            if close:        # (the list of valid names may be cut at 40: the close ones first)
+                err.args = (f"{err.args[0]}; did you mean {', '.join(map(repr, close))}?",)
+            raise err
         out[name] = table[name]
     return out
 
 
 def first_tensor(output):
-    """The activation tensor of a module output: the tensor itself, or the first tensor of a
-    tuple/list (nn.LSTM returns (output, (h, c)); HF layers may return tuples)."""
+    """The activation tensor of a module output (the module docstring says which): the tensor
+    itself; the first tensor of a tuple, list or namedtuple, or of a dict's values; a
+    PackedSequence padded, batch first; a transformers output's ``last_hidden_state``; else None."""
     if isinstance(output, torch.Tensor):
         return output
+    if isinstance(output, torch.nn.utils.rnn.PackedSequence):
+        # (a namedtuple, whose first field is the packed (sum of lengths, width) data: rows of
+        # all records interleaved by time step, which no reader of (batch, sequence, width) could use)
+        return torch.nn.utils.rnn.pad_packed_sequence(output, batch_first=True)[0]
     if isinstance(output, (tuple, list)):
         for item in output:
             t = first_tensor(item)
             if t is not None:
                 return t
-    if hasattr(output, "last_hidden_state"):
+    if getattr(output, "last_hidden_state", None) is not None:
         return output.last_hidden_state
+    if isinstance(output, dict):
+        for item in output.values():
+            t = first_tensor(item)
+            if t is not None:
+                return t
     return None
 
 
@@ -59,23 +87,31 @@ class ModelLock:
     Code that holds several models' locks at once takes them through ``hold_model_locks``, in one
     order for every thread (``rank``, the order the locks were made in): two threads taking the
     locks of models A and B in the orders A, B and B, A would each hold one and wait for the other
-    for ever."""
+    for ever.
+
+    A wait has no time limit (another thread's scan of the model may rightly take hours), but a
+    thread that has waited ``warn_after`` seconds (None: never) gets a RuntimeWarning naming the
+    holder: its thread, whether that thread is still alive, what it holds the model for and since
+    when; so a hang (a Retain left open, a scan's generator never closed) can be told from a wait."""
 
     _locks = weakref.WeakKeyDictionary()      # root module -> its ModelLock
     _guard = threading.Lock()
     _ranks = itertools.count()
+    warn_after: float | None = 60.0
 
-    def __init__(self):
+    def __init__(self, what: str = "model"):
         self.lock = threading.Lock()
         self.owner, self.depth = None, 0
         self.rank = next(ModelLock._ranks)     # (made under _guard) the global order of acquisition
+        self.what = what                       # the model, as the wait's warning names it
+        self.holder = None                     # (thread name, thread id, time.monotonic() taken, purpose)
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> "ModelLock":
         with cls._guard:
             lock = cls._locks.get(model)
             if lock is None:
-                lock = cls._locks[model] = cls()
+                lock = cls._locks[model] = cls(f"{type(model).__name__} (object id {id(model):#x})")
             return lock
 
     def acquire(self):
@@ -83,13 +119,38 @@ class ModelLock:
         if self.owner == me:
             self.depth += 1
             return
-        self.lock.acquire()
+        start = time.monotonic()
+        wait = self.warn_after
+        if wait is None or not self.lock.acquire(timeout=max(float(wait), 1e-3)):
+            if wait is not None:
+                self._report_wait(time.monotonic() - start)
+            self.lock.acquire()
         self.owner, self.depth = me, 1
+        self.holder = (threading.current_thread().name, me, time.monotonic(), "")
+
+    def _report_wait(self, waited: float) -> None:
+        """Warn that this thread has waited ``waited`` seconds for the lock, naming its holder."""
+        holder = self.holder                   # (one read: the holder may release meanwhile)
+        if holder is None:
+            who = "a holder that has not said who it is (being released or taken now)"
+        else:
+            name, ident, since, why = holder
+            alive = any(t.ident == ident for t in threading.enumerate())
+            who = (f"thread {name!r} (id {ident}, {'still running' if alive else 'ended'}) for "
+                   f"{why or 'its forward passes'}, since {time.monotonic() - since:.0f} s ago")
+        warnings.warn(
+            f"thread {threading.current_thread().name!r} has waited {waited:.0f} s for model {self.what}: "
+            f"another Retain holds its forward hooks, {who}; this thread goes on "
+            f"waiting until that one is closed. If no other query or scan of this model is running, a Retain "
+            f"was left open (a `with Retain(...)` never left, a scan's generator never closed, or a thread "
+            f"stuck in its forward pass): close it, or find that thread in faulthandler.dump_traceback()",
+            RuntimeWarning, stacklevel=3)
 
     def release(self):
         self.depth -= 1
         if self.depth == 0:
             self.owner = None
+            self.holder = None
             self.lock.release()
 
 
@@ -123,11 +184,18 @@ class Retain:
     pass also keeps a copy of each output, and ``settle()`` (run_until_retained calls it) compares
     the two: a module whose output changed is copied from then on (``copy``), and that pass's
     outputs become the copies. ``copy=True`` copies every output from the start (inside
-    ``torch.vmap``, where the check cannot run)."""
+    ``torch.vmap``, where the check cannot run). (A write that leaves the first pass's values as
+    they were, such as a clamp that no value of that batch reaches, is not seen.)
+
+    ``calls`` counts each module's calls since the last ``clear()``: a module that ran more than
+    once in a pass kept its last call's output (``run_until_retained`` warns of it)."""
 
     def __init__(self, model: torch.nn.Module, layers, detach: bool = True, copy: bool = False):
         self.modules = resolve_modules(model, layers)
+        self.model = model
         self.model_lock = ModelLock.of(model)
+        self.calls: dict[str, int] = {}
+        self._warned: set = set()        # what run_until_retained has warned of (once per Retain)
         self._locked = False
         self.detach = detach
         self.armed = False            # stops only the forward pass run for it (run_until_retained)
@@ -147,6 +215,7 @@ class Retain:
             elif t is not None and name not in self.checked:
                 self._copies[name] = t.clone()
             self.outputs[name] = t
+            self.calls[name] = self.calls.get(name, 0) + 1
             if self.armed and len(self.outputs) == len(self.modules):
                 raise StopForward
         return hook
@@ -166,8 +235,13 @@ class Retain:
         self._copies.clear()
 
     def __enter__(self):
-        self.model_lock.acquire()              # another thread's Retain on this model: wait for it
+        lock = self.model_lock
+        lock.acquire()              # another thread's Retain on this model: wait for it
         self._locked = True
+        holder = lock.holder
+        if lock.depth == 1 and holder is not None and not holder[3]:      # what the wait's warning names
+            names = list(self.modules)
+            lock.holder = holder[:3] + (f"a Retain of layers {names[:5]}{' ...' if len(names) > 5 else ''}",)
         try:
             for name, module in self.modules.items():
                 self._handles.append(module.register_forward_hook(self._hook(name)))
@@ -193,7 +267,18 @@ class Retain:
 
     def clear(self):
         self.outputs.clear()
+        self.calls.clear()
         self._copies.clear()
+
+
+def mode_dependent(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s own computation may follow its training flag: torch's dropout,
+    batch and instance norms, RNNs (dropout between layers) and attention, and every module of
+    other code (which may read ``self.training``); not torch's Linear, Embedding, activations."""
+    from torch.nn.modules.batchnorm import _NormBase
+    from torch.nn.modules.dropout import _DropoutNd
+    return (not type(module).__module__.startswith("torch.nn.")
+            or isinstance(module, (_DropoutNd, _NormBase, torch.nn.RNNBase, torch.nn.MultiheadAttention)))
 
 
 def run_until_retained(adapter, encoded, ret: Retain) -> None:
@@ -201,9 +286,23 @@ def run_until_retained(adapter, encoded, ret: Retain) -> None:
     once ``ret`` holds every output where the adapter allows early exit for those modules
     (``ModelAdapter.exits_early``, checked once per set of layers). Other Retains on the same
     modules (another model sharing them, or one whose stream is paused) record but never stop
-    this pass."""
+    this pass.
+
+    Warns (once per Retain) when the model has submodules in training mode whose computation may
+    depend on it (``mode_dependent``: dropout then makes the activations random, BatchNorm reads
+    the batch's statistics) and when a named module ran more than once in the pass (its last
+    call's output is kept)."""
     exits = adapter.exits_early(list(ret.modules))     # (its first check runs a forward pass of its own)
     ret.clear()
+    if ("training",) not in ret._warned:
+        ret._warned.add(("training",))
+        training = [n or "(root)" for n, m in ret.model.named_modules() if m.training and mode_dependent(m)]
+        if training:
+            warnings.warn(
+                f"model {type(ret.model).__name__} runs with {len(training)} submodule(s) in training mode "
+                f"({', '.join(training[:5])}{' ...' if len(training) > 5 else ''}): dropout makes its activations "
+                f"random and BatchNorm normalises by each batch's statistics; call .eval() on the model before "
+                f"the scan unless this is meant", UserWarning, stacklevel=2)
     ret.armed = exits
     try:
         adapter.forward(encoded)
@@ -212,6 +311,13 @@ def run_until_retained(adapter, encoded, ret: Retain) -> None:
     finally:
         ret.armed = False
     ret.settle()
+    for name, n in ret.calls.items():
+        if n > 1 and ("calls", name) not in ret._warned:
+            ret._warned.add(("calls", name))
+            warnings.warn(
+                f"layer {name!r} ran {n} times in one forward pass (a module shared across depths, or called "
+                f"in a loop); its activations are those of its last call. To read another call, retain a module "
+                f"that runs once per pass (wrap that call in a module of its own)", UserWarning, stacklevel=2)
 
 
 # Hooks that libraries keep on a model without changing what it computes: transformers (5.x)

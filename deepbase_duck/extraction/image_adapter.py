@@ -129,11 +129,23 @@ class ImageAdapter(ModelAdapter):
 
     def grid_maps(self, layer: str, output: torch.Tensor) -> torch.Tensor:
         """(batch, C, G, G): a layer's (batch, C, h, w) output resampled to the grid."""
-        if output is None or output.dim() != 4:
-            shape = None if output is None else tuple(output.shape)
+        if output is None:
             raise ActivationError(
-                f"layer {layer!r} produced an output of shape {shape}; an image adapter reads spatial maps "
-                "(batch, channels, height, width): pick a convolutional layer, not a pooled or linear one")
+                f"layer {layer!r} gave no tensor output: it did not run in the forward pass (a ModuleList or "
+                f"ModuleDict is never called itself), or returned None or a value holding no tensor; an image "
+                f"adapter reads spatial maps (batch, channels, height, width): pick a convolutional layer")
+        if output.dim() != 4:
+            raise ActivationError(
+                f"layer {layer!r} produced an output of shape {tuple(output.shape)}; an image adapter reads spatial "
+                "maps (batch, channels, height, width): pick a convolutional layer, not a pooled or linear one")
+        if output.shape[1] == output.shape[2] != output.shape[3]:
+            # the images are square (size x size), so are the maps of their convolutions: a map
+            # whose first two axes agree and whose last differs is (batch, height, width, channels)
+            raise ActivationError(
+                f"layer {layer!r} produced an output of shape {tuple(output.shape)}: channels last (batch, height, "
+                f"width, channels), as a Linear or LayerNorm inside a ConvNeXt or Swin block gives, where an image "
+                f"adapter reads (batch, channels, height, width); pick the module after the permute back to "
+                f"channels first, or override symbol_activations() to read output.permute(0, 3, 1, 2)")
         out = output.float()
         h, w = out.shape[-2:]
         if (h, w) == (self.grid, self.grid):
