@@ -15,9 +15,10 @@
 
 The format follows the file's suffix unless given. Each record's source says where it came
 from (``file:line``, ``file:row``, or the file's path in the folder with the character offset of
-the chunk), or comes from ``source_column``. Empty and missing texts are skipped and counted
-(``RecordsRead.skipped``), so a record's position in the dataset may differ from its row: its
-source keeps the way back. Unreadable input raises DeepBaseError naming the file and the place.
+the chunk), or comes from ``source_column`` (where its value is null, or an empty CSV field: the
+line's or row's). Empty and missing texts are skipped and counted (``RecordsRead.skipped``), so
+a record's position in the dataset may differ from its row: its source keeps the way back.
+Unreadable input raises DeepBaseError naming the file and the place.
 """
 from __future__ import annotations
 
@@ -180,8 +181,14 @@ def _table(p: Path, fmt: str, column: str, source_column: str | None):
         if c not in t.column_names:
             raise DeepBaseError(f"{p.name}: no column {c!r} (columns: {', '.join(t.column_names)})")
     texts = t.column(column)
-    if not pa.types.is_string(texts.type) and not pa.types.is_large_string(texts.type):
+    kind = texts.type.value_type if pa.types.is_dictionary(texts.type) else texts.type
+    view = getattr(pa.types, "is_string_view", lambda t: False)(kind)       # pyarrow >= 16
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or view):
         raise DeepBaseError(f"{p.name}: column {column!r} holds {texts.type}, not text")
-    sources = (t.column(source_column).cast(pa.string()).to_pylist() if source_column
-               else [f"{p.name}:row {i}" for i in range(1, t.num_rows + 1)])
+    if kind != texts.type or view:       # a pandas category (dictionary), a string view: as plain text
+        texts = texts.cast(pa.large_string())
+    rows = [f"{p.name}:row {i}" for i in range(1, t.num_rows + 1)]
+    # a missing source is the row's, as in JSON Lines (null): the way back to the record is kept
+    sources = ([s if s is not None else row for s, row in zip(t.column(source_column).cast(pa.string()).to_pylist(),
+                                                             rows)] if source_column else rows)
     yield from zip(sources, texts.to_pylist())

@@ -46,6 +46,7 @@ class LabelStream:
         missing = labels_to_compute(session.con, self.hyps, plan.dataset, np.unique(plan.record_ids))
         self.missing = {name: set(ids.tolist()) for name, ids in missing.items()}
         self.pending, self.pending_records = [], set()
+        self.checked = set()              # versions whose other versions are gone (append_labels, once per scan)
 
     # -- one block ---------------------------------------------------------------------------
     def next(self, ids, chars=None, texts=None) -> torch.Tensor:
@@ -144,7 +145,7 @@ class LabelStream:
     # -- writes ------------------------------------------------------------------------------
     def flush(self) -> None:
         """Append the buffered labels and their ``labeled_records`` marks in one transaction."""
-        append_labels(self.session.con, self.plan.dataset, self.pending)
+        append_labels(self.session.con, self.plan.dataset, self.pending, self.checked)
         self.pending, self.pending_records = [], set()
 
     def close(self, failed: bool = False) -> None:

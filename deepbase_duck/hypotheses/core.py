@@ -2,9 +2,11 @@
 
 A hypothesis function takes the text of one record and returns either
 
-* one value per character (a sequence or array as long as the text), or
+* one value per character (a sequence or array as long as the text: a list, a numpy array, a
+  torch tensor), or
 * spans: an iterable of ``(start, end)`` (binary hypotheses: those characters hold 1) or
-  ``(start, end, value)`` tuples over character offsets, end exclusive.
+  ``(start, end, value)`` tuples over character offsets, end exclusive (a generator's errors
+  are the function's).
 
 Kinds: ``binary`` (values 0/1 or bools; characters outside spans hold 0), ``categorical``
 (values from the declared ``categories``; stored as codes 0..K-1; outside spans: no label) and
@@ -121,15 +123,23 @@ class Hypothesis:
             raise HypothesisError(f"{where} returned None; return spans or one value per character")
         if isinstance(out, (str, bytes)):
             raise HypothesisError(f"{where} returned a {type(out).__name__}; return spans or one value per character")
+        out = _as_numpy(out, where)
         if isinstance(out, np.ndarray):
             if out.ndim != 1:
                 raise HypothesisError(f"{where} returned an array of shape {out.shape}; expected ({n},)")
             return self._from_per_char(out, n, where)
         try:
-            items = list(out)
+            it = iter(out)
         except TypeError:
             raise HypothesisError(
                 f"{where} returned {type(out).__name__}; return spans or one value per character") from None
+        try:
+            items = list(it)                 # a generator runs here: its errors are the function's
+        except HypothesisError:
+            raise
+        except Exception as exc:
+            raise HypothesisError(f"hypothesis {self.name!r} raised {type(exc).__name__} on record {record}: "
+                                  f"{exc}") from exc
         if items and all(isinstance(x, (tuple, list)) for x in items):
             return self._from_spans(items, n, where)
         if items and any(isinstance(x, (tuple, list)) for x in items):
@@ -174,7 +184,7 @@ class Hypothesis:
             return arr
         try:
             arr = np.asarray(values, dtype=np.float64)
-        except (TypeError, ValueError) as exc:
+        except Exception as exc:            # TypeError, ValueError; a torch tensor's RuntimeError
             raise HypothesisError(f"{where}: values are not numbers ({exc})") from None
         if self.kind == "binary":
             bad = ~np.isin(arr, (0.0, 1.0))
@@ -230,6 +240,24 @@ class Hypothesis:
         return s, e, v
 
 
+def _as_numpy(out, where: str):
+    """``out`` as a numpy array where it is another array type: a torch tensor (detached, on the
+    CPU), or anything with ``__array__`` holding numbers (pandas, jax...); lists, tuples and other
+    iterables (a pandas Series of span tuples) as they are."""
+    if out is None or isinstance(out, (np.ndarray, list, tuple)):
+        return out
+    try:
+        if type(out).__module__.split(".")[0] == "torch" and hasattr(out, "detach"):
+            return out.detach().cpu().numpy()
+        if hasattr(out, "__array__"):
+            arr = np.asarray(out)
+            return out if arr.dtype.hasobject else arr
+    except Exception as exc:
+        raise HypothesisError(f"{where} returned a {type(out).__name__} that cannot be read as a numpy array "
+                              f"({type(exc).__name__}: {exc})") from None
+    return out
+
+
 def _empty():
     return np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float64)
 
@@ -268,7 +296,8 @@ def _read_version(h: Hypothesis) -> str | None:
 
 
 def _give_version(h: Hypothesis, version: str | None) -> None:
-    h.__dict__["_given_version"] = version
+    # versions are stored as text: a number given (version=2) is kept as its text ('2')
+    h.__dict__["_given_version"] = None if version is None else str(version)
 
 
 # a property over the dataclass field: __init__ stores the version given (None: computed when read)
@@ -295,8 +324,10 @@ def held_versions():
 def default_version(h: Hypothesis) -> str:
     """A version derived from the function's source code (its compiled code where the source
     cannot be read: a function made by ``exec``, ``python -c`` or a plain REPL), the values it
-    reads besides its text (``function_inputs``) and the hypothesis' settings, so that editing the
-    function, or a constant it reads, invalidates stored labels."""
+    reads besides its text (``function_inputs``; a ``functools.partial``'s arguments, user
+    functions among them by their source), the hypothesis' settings and, where it is the user's
+    own code, the ``batch`` function the same way, so that editing the function, or a constant
+    it reads, invalidates stored labels."""
     fn = getattr(h.fn, "func", h.fn)
     extra = _stable(getattr(h.fn, "keywords", None)) + _stable(getattr(h.fn, "args", None))
     parts = [function_text(fn), extra, function_inputs(fn), h.kind, repr(h.categories),
@@ -304,7 +335,35 @@ def default_version(h: Hypothesis) -> str:
     settings = h.version_settings()
     if settings:                                   # a subclass's own settings (an image grid's size)
         parts.append(settings)
+    helpers = _partial_helpers(h.fn)
+    if helpers:                                    # user functions a functools.partial passes in
+        parts.append(helpers)
+    if h.batch is not None and _user_callable(getattr(h.batch, "func", h.batch)):
+        # the batch function computes the labels of blocks of records: editing it changes them too
+        b = getattr(h.batch, "func", h.batch)
+        parts.append("batch=" + function_text(b) + _stable(getattr(h.batch, "keywords", None))
+                     + _stable(getattr(h.batch, "args", None)) + function_inputs(b) + _partial_helpers(h.batch))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+
+
+def _partial_helpers(p) -> str:
+    """The user functions (``_helper_text``) among the arguments a ``functools.partial`` passes
+    (``partial(apply, rule=my_rule)``); '' for anything else."""
+    import functools
+    if not isinstance(p, functools.partial):
+        return ""
+    values = list(p.args) + [v for _, v in sorted(p.keywords.items())]
+    return "|".join(_helper_text(v, 0, set()) for v in values if _user_function(v))
+
+
+def _user_callable(v) -> bool:
+    """Whether ``v`` runs code of the user's (``_user_function``): a function, a bound method of
+    one, or an object whose class's ``__call__`` is one."""
+    if inspect.ismethod(v):
+        v = v.__func__
+    elif not inspect.isfunction(v):
+        v = getattr(v, "__wrapped__", None) or getattr(type(v), "__call__", None)
+    return _user_function(v)
 
 
 _TEXTS: dict[int, tuple[object, str]] = {}   # id(code object) -> (the code object, function_text)
@@ -413,16 +472,24 @@ def function_inputs(fn, depth: int = 0, seen: set | None = None) -> str:
     ``module_attributes``). Functions and modules of the standard library, of installed packages
     and of deepbase_duck itself are not followed (their code changes with the installed version,
     not between queries: a numpy upgrade keeps the versions, as for a library function called by
-    name); classes and other objects count by their type alone."""
+    name); classes and other objects count by their type alone. A callable object, or the object
+    of a bound method (``Hypothesis("h", tagger.label)``), counts by its attributes (``_stable``),
+    a ``functools.lru_cache`` of a function by what that function reads."""
     seen = set() if seen is None else seen
+    if inspect.ismethod(fn):
+        # a bound method (tagger.label): the state of its object, as a callable object's, and
+        # what its function reads
+        return f"self={_stable(_object_state(fn.__self__))}|" + function_inputs(fn.__func__, depth, seen)
     code = getattr(fn, "__code__", None)
     if code is None:
         # a callable object: its state (a dataclass's fields, ...) and what its __call__ reads
         call = getattr(type(fn), "__call__", None)
-        slots = getattr(type(fn), "__slots__", ())
-        slots = (slots,) if isinstance(slots, str) else slots
-        state = {**getattr(fn, "__dict__", {}), **{k: getattr(fn, k, None) for k in slots}}
-        return f"state={_stable(state)}|" + (function_inputs(call, depth, seen) if inspect.isfunction(call) else "")
+        out = f"state={_stable(_object_state(fn))}|" + (function_inputs(call, depth, seen)
+                                                       if inspect.isfunction(call) else "")
+        wrapped = getattr(fn, "__wrapped__", None)
+        if inspect.isfunction(wrapped):      # functools.lru_cache(fn) and other C wrappers: fn's inputs
+            out += "|wrapped=" + function_inputs(wrapped, depth, seen)
+        return out
     seen.add(code)
     parts = [_stable(getattr(fn, "__defaults__", None)), _stable(getattr(fn, "__kwdefaults__", None))]
     for i, v in enumerate(getattr(fn, "__defaults__", None) or ()):
@@ -453,6 +520,16 @@ def function_inputs(fn, depth: int = 0, seen: set | None = None) -> str:
         elif isinstance(value, _PLAIN + _VALUES + (list, tuple, set, frozenset, dict)):
             parts.append(f"{path}={_stable(value)}")
     return "|".join(parts)
+
+
+def _object_state(obj) -> dict:
+    """What a callable object or a method's object holds: its instance attributes (``__dict__``
+    and ``__slots__``); a class (a classmethod's) by its own attributes bar the dunder ones."""
+    if isinstance(obj, type):
+        return {k: v for k, v in vars(obj).items() if not k.startswith("__")}
+    slots = getattr(type(obj), "__slots__", ())
+    slots = (slots,) if isinstance(slots, str) else slots
+    return {**getattr(obj, "__dict__", {}), **{k: getattr(obj, k, None) for k in slots}}
 
 
 _LOADS = {"LOAD_GLOBAL": "global", "LOAD_NAME": "global", "LOAD_DEREF": "closure"}

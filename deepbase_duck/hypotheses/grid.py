@@ -21,6 +21,9 @@ A GridHypothesis function takes the record's text and returns one of:
 * a (G, G) array or a flat (G * G,) array of cell values, taken as they are;
 * spans ``(start, end[, value])`` over cell indices, as for text.
 
+An array may be a numpy array, a torch tensor or a list of rows (of more than 3 values: rows of
+2 or 3 read as spans, so return a mask at most 3 columns wide as a numpy array).
+
 A grid is part of the positions' meaning, so it is part of the hypothesis' version (labels of
 two grids never mix), and ``check_fit`` refuses to score grid hypotheses against a model whose
 tokenisation lays a different grid (or none): tokenisations of image adapters read
@@ -35,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DeepBaseError, HypothesisError
-from .core import Hypothesis, register
+from .core import Hypothesis, _as_numpy, register
 
 DEFAULT_GRID = 28
 _GRID_TOK = re.compile(r"^image-grid(\d+):")
@@ -109,6 +112,10 @@ class GridHypothesis(Hypothesis):
         return self.grid * self.grid
 
     def normalise(self, out, text: str, record):
+        out = _as_numpy(out, f"hypothesis {self.name!r} on record {record}")     # a torch mask
+        if isinstance(out, (list, tuple)) and out and all(isinstance(r, (list, tuple)) for r in out) \
+                and len({len(r) for r in out}) == 1 and len(out[0]) > 3:
+            out = np.asarray(out)            # a mask as a list of rows (rows of 2 or 3 values read as spans)
         if isinstance(out, np.ndarray) and out.ndim == 2:
             g = self.grid
             if out.shape != (g, g):

@@ -42,11 +42,13 @@ form feed in the leading whitespace resets the count to 0.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import io
 import keyword as _keyword
 import re
 import sys
+import threading
 import tokenize
 
 import numpy as np
@@ -75,7 +77,11 @@ def _regex_fn(text, pattern, flags, group):
 def regex_span(name: str, pattern: str, flags: int = 0, group: int | str = 0,
                description: str = "") -> Hypothesis:
     """Binary: the characters of every match of ``pattern`` (or of its ``group``)."""
-    re.compile(pattern, flags)  # fail now on a bad pattern
+    rx = re.compile(pattern, flags)  # fail now on a bad pattern, or a group it does not have
+    if not (group in rx.groupindex if isinstance(group, str) else
+            isinstance(group, (int, np.integer)) and not isinstance(group, bool) and 0 <= group <= rx.groups):
+        raise ValueError(f"regex_span {name!r}: the pattern has no group {group!r} (groups: 0..{rx.groups}"
+                         + "".join(f", {g!r}" for g in rx.groupindex) + ")")
     fn = functools.partial(_regex_fn, pattern=pattern, flags=flags, group=group)
     return register(Hypothesis(name, fn, "binary", description or f"matches of /{pattern}/"))
 
@@ -117,6 +123,8 @@ def char_class(name: str, cls: str | None = None, chars: str | None = None,
     given set of characters."""
     if (cls is None) == (chars is None):
         raise ValueError(f"char_class {name!r}: give exactly one of cls= or chars=")
+    if chars is not None and not chars:
+        raise ValueError(f"char_class {name!r}: chars is empty; give the characters to label")
     if cls is not None and cls not in CHAR_CLASSES:
         raise ValueError(f"char_class {name!r}: unknown class {cls!r}; valid: {', '.join(CHAR_CLASSES)}")
     fn = functools.partial(_char_class_fn, cls=cls, chars=frozenset(chars) if chars else None)
@@ -225,11 +233,34 @@ def _ladder(text):
     return [by_width[k] + "if 1:\n" for k in sorted(by_width) if k < first]
 
 
-@functools.lru_cache(maxsize=512)    # at least a label chunk of records (annotate: 256)
+#: The tokens of the latest texts are kept (several code hypotheses tokenize the same record):
+#: at most TOKEN_CACHE_SIZE texts (a label chunk of records, annotate: 256) of TOKEN_CACHE_CHARS
+#: characters in all (their tokens take 34 to 100 bytes a character: whole files as records kept
+#: 512 of them, gigabytes, until the process ended), the latest text always.
+TOKEN_CACHE_SIZE, TOKEN_CACHE_CHARS = 512, 1_000_000
+_TOKEN_CACHE: "collections.OrderedDict[str, tuple]" = collections.OrderedDict()
+_TOKEN_CACHE_LOCK = threading.Lock()
+
+
 def _tokens(text):
+    """``_read_tokens(text)``, kept for the latest texts (TOKEN_CACHE_SIZE, TOKEN_CACHE_CHARS)."""
+    with _TOKEN_CACHE_LOCK:
+        got = _TOKEN_CACHE.get(text)
+        if got is not None:
+            _TOKEN_CACHE.move_to_end(text)
+            return got
+    got = _read_tokens(text)
+    with _TOKEN_CACHE_LOCK:
+        _TOKEN_CACHE[text] = got
+        chars = sum(map(len, _TOKEN_CACHE))
+        while len(_TOKEN_CACHE) > 1 and (len(_TOKEN_CACHE) > TOKEN_CACHE_SIZE or chars > TOKEN_CACHE_CHARS):
+            chars -= len(_TOKEN_CACHE.popitem(last=False)[0])
+    return got
+
+
+def _read_tokens(text):
     """The tokens of ``text`` that tokenize yields before any error, positions in ``text``.
-    Cached for the last few texts: several code hypotheses tokenize the same record. Whether a
-    ladder is put before the text is decided by its first code line, wherever it lies.
+    Whether a ladder is put before the text is decided by its first code line, wherever it lies.
 
     A single-quoted string left open at its line's end ends there (Python reports "unterminated
     string literal"). Python 3.11's tokenize yields an ERRORTOKEN for its quote and reads the rest

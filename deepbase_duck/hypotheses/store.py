@@ -48,20 +48,31 @@ def resolve(con, names) -> list[dict]:
     return out
 
 
-def upsert_catalog(con, h: Hypothesis) -> None:
-    """Bring the catalog row of ``h`` to its current version, kind and categories. The labels of
-    its other versions stay until the first labels of this version are stored (append_labels):
-    a call that fails before storing any (an edited hypothesis raising on its first record)
-    loses none of them, and restoring the earlier code finds them again."""
+#: Catalog rows of new versions waiting for their first stored labels: (name, version) -> the
+#: row's values (``_catalog_row``), written by append_labels in the transaction that stores them.
+_WAITING: dict[tuple[str, str], list] = {}
+
+
+def _catalog_row(h: Hypothesis, version: str) -> list:
+    return [h.name, h.kind, h.description, version, list(h.categories) if h.categories else None, h.source]
+
+
+def _write_catalog_row(con, values: list) -> None:
+    con.execute("DELETE FROM hypotheses WHERE name = ?", [values[0]])
+    con.execute("INSERT INTO hypotheses (name, kind, description, version, categories, source) "
+                "VALUES (?, ?, ?, ?, ?, ?)", values)
+
+
+def upsert_catalog(con, h: Hypothesis, version: str | None = None) -> None:
+    """Bring the catalog row of ``h`` to ``version`` (default: its current one), kind and
+    categories now. (``labels_to_compute`` does so only where no labels of the row's version are
+    stored; else the row changes with the first labels of the new version, see there.)"""
+    values = _catalog_row(h, h.version if version is None else version)
     row = catalog_hypothesis(con, h.name)
-    cats = list(h.categories) if h.categories else None
-    if row and row["version"] == h.version and row["kind"] == h.kind and row["categories"] == cats:
+    if row and [row["version"], row["kind"], row["categories"]] == [values[3], values[1], values[4]]:
         return
     with store.Transaction(con):
-        con.execute("DELETE FROM hypotheses WHERE name = ?", [h.name])
-        con.execute("INSERT INTO hypotheses (name, kind, description, version, categories, source) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    [h.name, h.kind, h.description, h.version, cats, h.source])
+        _write_catalog_row(con, values)
 
 
 def missing_records(con, hyps: list[dict], dataset: str, record_ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -88,7 +99,14 @@ def missing_records(con, hyps: list[dict], dataset: str, record_ids: np.ndarray)
 def labels_to_compute(con, hyps: list[dict], dataset: str, record_ids) -> dict[str, np.ndarray]:
     """For each hypothesis (``resolve``'s dicts), the records among ``record_ids`` whose labels
     must be computed; raises when one is needed from a hypothesis known only to the store, and
-    brings the catalog row of every hypothesis with Python code to its current version."""
+    brings the catalog row of every hypothesis with Python code to its current version.
+
+    Where labels of the row's (older) version are stored and this version has labels to compute,
+    the row changes only with the first labels of the new version (append_labels, one
+    transaction), as the old labels go: until then the catalog, which the SQL macros
+    (``symbol_labels``), reports and processes without the hypothesis' code read, names the
+    version whose labels the store holds. A call that fails before storing any (an edited
+    hypothesis raising on its first record) leaves both as they were."""
     missing = missing_records(con, hyps, dataset, record_ids)
     for h in hyps:
         gap = missing[h["name"]]
@@ -99,8 +117,15 @@ def labels_to_compute(con, hyps: list[dict], dataset: str, record_ids) -> dict[s
                 f"{', '.join(map(str, gap[:5].tolist()))}{', ...' if len(gap) > 5 else ''}): register its "
                 f"Python code in this process (@dbd.hypothesis) to label them, or select only labelled records")
     for h in hyps:
-        if h["live"] is not None:
-            upsert_catalog(con, h["live"])
+        if h["live"] is None:
+            continue
+        row = catalog_hypothesis(con, h["name"])
+        if row is not None and row["version"] != h["version"] and len(missing[h["name"]]) and store.q_one(
+                con, "SELECT 1 FROM labeled_records WHERE hypothesis = ? AND version = ? LIMIT 1",
+                [h["name"], row["version"]]) is not None:
+            _WAITING[(h["name"], h["version"])] = _catalog_row(h["live"], h["version"])
+        else:
+            upsert_catalog(con, h["live"], h["version"])
     return missing
 
 
@@ -124,11 +149,13 @@ def _annotate(session, hypotheses, dataset: str, record_ids=None, progress: bool
     con = session.con
     session.check_dataset(dataset)
     ids = session.select_records(dataset, record_ids)     # checked; a repeated id counts once
-    hyps = resolve(con, hypotheses)
+    hyps, seen = resolve(con, hypotheses), set()
+    hyps = [h for h in hyps if not (h["name"] in seen or seen.add(h["name"]))]   # a name given twice: once
     missing = labels_to_compute(con, hyps, dataset, ids)
     todo = np.unique(np.concatenate([m for m in missing.values()])) if hyps else np.zeros(0, np.int64)
     need = {h["name"]: set(missing[h["name"]].tolist()) for h in hyps}
     bar = progress_bar(len(todo), f"labels {dataset}", "rec", session.progress if progress is None else progress)
+    checked = set()                      # hypothesis versions whose other versions are gone (append_labels)
     for lo in range(0, len(todo), CHUNK):
         chunk = todo[lo:lo + CHUNK]
         texts = session.texts(dataset, chunk)
@@ -138,19 +165,24 @@ def _annotate(session, hypotheses, dataset: str, record_ids=None, progress: bool
             rids = [int(r) for r in chunk if int(r) in need[h["name"]]]
             got = live.spans_many([texts[r] for r in rids], [f"{dataset}:{r}" for r in rids])
             rows.extend((live.name, h["version"], r, *spans) for r, spans in zip(rids, got))   # the query's
-        append_labels(con, dataset, rows)
+        append_labels(con, dataset, rows, checked)
         bar.update(len(chunk))
     bar.close()
     return [{"hypothesis": h["name"], "labeled": int(len(missing[h["name"]])),
              "reused": int(len(ids) - len(missing[h["name"]]))} for h in hyps]
 
 
-def append_labels(con, dataset: str, rows: list) -> None:
+def append_labels(con, dataset: str, rows: list, checked: set | None = None) -> None:
     """Append computed labels, rows of (hypothesis, version, record_id, starts, ends, values),
     and their ``labeled_records`` marks (one per row, also for a record without spans) in one
     transaction: a (hypothesis, record) is marked done exactly when its spans are stored. The
     labels of other versions of these hypotheses, on every dataset, are deleted in the same
-    transaction (the store keeps one version of a hypothesis: the one whose labels it holds)."""
+    transaction, and a catalog row waiting for this version's first labels (labels_to_compute)
+    is written (the store keeps one version of a hypothesis: the one whose labels it holds).
+
+    ``checked``: a set the caller keeps over one call's chunks (one writer at a time: no other
+    version can be stored meanwhile); the (hypothesis, version) pairs in it are not looked at
+    again, and those of these rows are added once they are stored."""
     if not rows:
         return
     n = [len(r[3]) for r in rows]
@@ -172,15 +204,23 @@ def append_labels(con, dataset: str, rows: list) -> None:
         "record_id": pa.array(np.asarray([r[2] for r in rows], np.int32)),
         "n_spans": pa.array(np.asarray(n, np.int32)),
     })
+    keys = [k for k in dict.fromkeys((r[0], r[1]) for r in rows) if checked is None or k not in checked]
     with store.Transaction(con):
-        for name, version in dict.fromkeys((r[0], r[1]) for r in rows):
+        for name, version in keys:
             if store.q_one(con, "SELECT 1 FROM labeled_records WHERE hypothesis = ? AND version <> ? LIMIT 1",
                            [name, version]) is not None:
                 con.execute("DELETE FROM labels WHERE hypothesis = ? AND version <> ?", [name, version])
                 con.execute("DELETE FROM labeled_records WHERE hypothesis = ? AND version <> ?", [name, version])
+            waiting = _WAITING.get((name, version))
+            if waiting is not None:
+                row = catalog_hypothesis(con, name)
+                if row is None or row["version"] != version:
+                    _write_catalog_row(con, waiting)
         if labels.num_rows:
             store.insert_arrow(con, "labels", labels)
         store.insert_arrow(con, "labeled_records", done)
+    if checked is not None:
+        checked.update(keys)
 
 
 def _cat(parts, dtype):
