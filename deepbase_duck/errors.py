@@ -13,7 +13,11 @@ class UnknownNameError(DeepBaseError, KeyError):
         shown = ", ".join(map(str, valid[:40])) + (" ..." if len(valid) > 40 else "")
         plural = {"hypothesis": "hypotheses", "query id": "query ids",
                   "unit-level measure of this query": "unit-level measures of this query"}.get(what, what + "s")
-        super().__init__(f"unknown {what} {name!r}; valid {plural}: {shown or '(none registered)'}")
+        import difflib
+        close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=5, cutoff=0.6)
+        # (the list shown stops at 40 names: the close ones are named first, wherever they sort)
+        hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
+        super().__init__(f"unknown {what} {name!r}; {hint}valid {plural}: {shown or '(none registered)'}")
         self.what, self.name, self.valid = what, name, valid
 
     def __str__(self):  # KeyError would quote the message

@@ -33,6 +33,7 @@ def test_unknown_layer_lists_valid_ones(primed):
     with pytest.raises(UnknownNameError) as e:
         dbd.inspect(primed, "planted", ["plantd"], ["digit"], "snippets")
     assert "unknown layer 'plantd'" in str(e.value) and "planted" in str(e.value) and "mix.0" in str(e.value)
+    assert "did you mean 'planted'?" in str(e.value)            # the close name first, wherever it sorts
     with pytest.raises(UnknownNameError, match="unknown layer 'nope'"):
         dbd.extract(primed, "planted", ["nope"], "snippets")
     assert snapshot(primed) == before
@@ -44,7 +45,7 @@ def test_unknown_hypothesis_dataset_and_measure(primed):
         dbd.inspect(primed, "planted", ["planted"], ["no_such_hyp"], "snippets")
     with pytest.raises(UnknownNameError, match="unknown dataset 'nodata'; valid datasets: snippets"):
         dbd.inspect(primed, "planted", ["planted"], ["digit"], "nodata")
-    with pytest.raises(UnknownNameError, match="unknown measure 'corrr'; valid measures: .*corr"):
+    with pytest.raises(UnknownNameError, match="unknown measure 'corrr'; did you mean 'corr'.*valid measures: .*corr"):
         dbd.inspect(primed, "planted", ["planted"], ["digit"], "snippets", measures=["corrr"])
     assert snapshot(primed) == before
 

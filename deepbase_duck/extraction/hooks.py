@@ -19,7 +19,6 @@ loop) keeps its last call's output, and ``run_until_retained`` warns that it did
 from __future__ import annotations
 
 import contextlib
-import difflib
 import itertools
 import threading
 import time
@@ -36,12 +35,7 @@ def resolve_modules(model: torch.nn.Module, names) -> dict[str, torch.nn.Module]
     out = {}
     for name in names:
         if not isinstance(name, str) or name not in table or name == "":
-            valid = [n for n in table if n]
-            err = UnknownNameError("layer", name, valid)
-            close = difflib.get_close_matches(str(name), valid, n=5, cutoff=0.6)
-            if close:        # (the list of valid names may be cut at 40: the close ones first)
-                err.args = (f"{err.args[0]}; did you mean {', '.join(map(repr, close))}?",)
-            raise err
+            raise UnknownNameError("layer", name, [n for n in table if n])   # (close names first)
         out[name] = table[name]
     return out
 
