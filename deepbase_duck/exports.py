@@ -1,7 +1,8 @@
 """Export a store for BI tools and other readers: Parquet files plus a small DuckDB file.
 
     out/
-      scores/model=<m>/layer=<l>/*.parquet        hive-partitioned by model and layer
+      scores/model=<m>/layer=<l>/*.parquet        hive-partitioned by model and layer (a store
+                                                   without scores: scores/data_0.parquet, no rows)
       similarities.parquet, queries.parquet, models.parquet, layers.parquet, datasets.parquet,
       hypotheses.parquet, behaviors.parquet        the catalog, one file each
       activations/model=<m>/layer=<l>/dataset=<d>/*.parquet   (with activations=True: per model,
@@ -78,6 +79,7 @@ def check_replaceable(session, out: Path) -> None:
 
 
 PARTITIONS = {"scores": ("model", "layer"), "activations": ("model", "layer", "dataset")}
+EMPTY_SCORES = "data_0.parquet"    # scores/<this>: the scores of a store that has none (no partition)
 
 
 def _export_entry(p: Path) -> bool:
@@ -88,6 +90,9 @@ def _export_entry(p: Path) -> bool:
     keys = PARTITIONS.get(p.name)
     if keys is None:
         return p.is_file() or p.is_symlink()
+    if (p.name == "scores" and p.is_dir() and not p.is_symlink() and [q.name for q in p.iterdir()] == [EMPTY_SCORES]
+            and (p / EMPTY_SCORES).is_file()):
+        return True                     # the export of a store without scores
 
     def layout(folder: Path, depth: int) -> bool:
         if folder.is_symlink() or not folder.is_dir():
@@ -142,6 +147,9 @@ def check_out_dir(out: Path) -> None:
     if "?" in str(out):
         raise DeepBaseError(f"export folder {out} holds a '?', which DuckDB takes for the start of a database "
                             f"file's options (study.duckdb could not be opened): choose another folder")
+    if os.sep == "/" and "\\" in str(out):
+        raise DeepBaseError(f"export folder {out} holds a '\\', which DuckDB's Parquet writer takes for a folder "
+                            f"separator (the partitions of scores would be written elsewhere): choose another folder")
     keyed = [part for part in out.parts if part.split("=", 1)[0] in HIVE_KEYS and "=" in part]
     if keyed:
         raise DeepBaseError(f"export folder {out} has a folder named {keyed[0]!r}, which readers of the hive "
@@ -383,10 +391,13 @@ def _write(session, out: Path, activations: bool, text: bool) -> dict:
             con.execute(f"COPY scores TO {_lit(scores_dir)} (FORMAT parquet, PARTITION_BY (model, layer))")
         written["scores"] = f"{scores_dir.as_posix()}/**/*.parquet"
         views.append(("scores", sorted(scores_dir.rglob("*.parquet")), score_cols, ("model", "layer")))
-    else:                                   # no partitions to write: one empty file keeps the schema
-        con.execute(f"COPY scores TO {_lit(out / 'scores.parquet')} (FORMAT parquet)")
-        written["scores"] = (out / "scores.parquet").as_posix()
-        views.append(("scores", [out / "scores.parquet"], score_cols))
+    else:       # no partitions to write: one empty file in scores/ keeps the schema (model and layer
+        # in it, as no folder name holds them), so that readers of scores/ read an empty table
+        scores_dir.mkdir()
+        empty = scores_dir / EMPTY_SCORES
+        con.execute(f"COPY scores TO {_lit(empty)} (FORMAT parquet)")
+        written["scores"] = f"{scores_dir.as_posix()}/**/*.parquet"
+        views.append(("scores", [empty], score_cols))
     for table in CATALOG + (TEXT_TABLES if text else []):
         path = out / f"{table}.parquet"
         con.execute(f"COPY {table} TO {_lit(path)} (FORMAT parquet)")

@@ -9,7 +9,8 @@ Sections (each an ``<section id=...>``): ``summary`` (the query and its best uni
 ``heatmap`` (layer x hypothesis, best |score| per measure), ``hypotheses`` (per hypothesis its
 ranked units with score bars and intervals), ``probes`` (held-out probe accuracy per layer),
 ``activations`` (Karpathy-style: each top unit's top-activating records as text coloured by
-activation, from stored behaviors) and, for image datasets, ``images`` (see vision.py).
+activation, from stored behaviors) and, for image datasets, ``images`` (see vision.py; there the
+``activations`` section points to it, as an image's symbols are grid cells, not characters).
 
 This package's ``__init__`` stays light (matplotlib is imported when a report is written), as
 ``deepbase_duck/__init__.py`` imports :func:`report` from it. (The package is ``reports``, not

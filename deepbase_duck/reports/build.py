@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shlex
 import time
@@ -22,7 +23,7 @@ from ..errors import DeepBaseError, UnknownNameError, check_int, counted as _n
 from ..progress import progress_bar
 from . import data
 from . import html as H
-from .vision import top_images_section
+from .vision import is_image_dataset, top_images_section
 
 SECTIONS = ("summary", "heatmap", "hypotheses", "probes", "activations")
 # queries.params entries the report checks (data.provenance) rather than shows among the settings
@@ -33,8 +34,40 @@ def _label(model: str, layer: str, q: data.Query) -> str:
     return layer if len(q.models) == 1 else f"{model}:{layer}"
 
 
+def _scan(q: data.Query) -> str | None:
+    """How far a query with a stop rule (max_error, top_k, plateau_tol) read, as the CLI says it
+    (cli.scan_summary): stopped early by which rule after how many of the selected records, or
+    every record read; the error bound reached (max_error's rule only: top_k's is the stability
+    of the top-k sets, the plateau's a held-out loss); the rule's settings and seed."""
+    p = q.params
+    asked = {k: p.get(k) for k in ("max_error", "top_k", "plateau_tol") if p.get(k) is not None}
+    if not asked:
+        return None
+    used, total = p.get("records_used", q.n_records), p.get("record_count")
+    bound = p.get("bound_reached") if p.get("max_error") is not None else None
+    if not isinstance(bound, (int, float)):
+        bound = None
+    if p.get("stopped_early"):
+        text = f"stopped early ({p.get('stop_rule')}) after {used} of {total} records"
+        if bound is not None:
+            text += ("; error bounds unbounded: fewer than 2 windows" if not math.isfinite(bound)
+                     else f"; largest error bound {H.fmt(float(bound))}")
+    else:
+        text = (f"every record was read ({used} of {total}; the stop rule held at no earlier window), so the "
+                "scores and intervals are the full scan's")
+        if bound is not None:
+            text += (", some of which have no finite interval" if not math.isfinite(bound)
+                     else f", whose largest half-width is {H.fmt(float(bound))}")
+    text += "; " + ", ".join(f"{k} {v}" for k, v in asked.items())
+    if p.get("seed") is not None:
+        text += f", seed {p['seed']}"
+    return text
+
+
 def _summary(con, q: data.Query, pm: str | None, tops: list[dict], store_path: str) -> str:
-    params = {k: v for k, v in q.params.items() if v not in (None, {}, [], False) and k not in PROVENANCE_KEYS}
+    # every setting, whole (a setting of 0, such as seed 0, is one); not those that are unset
+    params = {k: v for k, v in q.params.items()
+              if v is not None and v is not False and v != {} and v != [] and k not in PROVENANCE_KEYS}
     rows = [["store", store_path], ["query", q.query_id], ["model", ", ".join(q.models) or q.model],
             ["dataset", q.dataset], ["layers", ", ".join(q.scored_layers)],
             ["hypotheses", ", ".join(q.scored_hypotheses)], ["measures", ", ".join(q.measures)],
@@ -42,8 +75,11 @@ def _summary(con, q: data.Query, pm: str | None, tops: list[dict], store_path: s
             ["read from", {"model": "forward passes of the model", "stored": "stored activations",
                            "cache": "the stored scores of an identical earlier query"}.get(q.source, q.source)],
             ["started", q.started_at], ["seconds", None if q.seconds is None else round(q.seconds, 2)]]
+    scan = _scan(q)
+    if scan is not None:
+        rows.append(["scan", scan])
     if params:
-        rows.append(["settings", json.dumps(params, sort_keys=True, default=str)[:400]])
+        rows.append(["settings", json.dumps(params, sort_keys=True, default=str)])
     body = H.table(None, rows, pairs=True)
     if pm is not None and tops:
         hi = {h: i for i, h in enumerate(q.scored_hypotheses)}
@@ -54,7 +90,7 @@ def _summary(con, q: data.Query, pm: str | None, tops: list[dict], store_path: s
                  H.table(["hypothesis", "layer", "unit", pm, "ci low", "ci high", "q-value", "n"],
                          [[u["hypothesis"], _label(u["model"], u["layer"], q), u["unit"], u["score"],
                            u["ci_low"], u["ci_high"], u["q_value"], u["n"]] for u in best], {2, 3, 4, 5, 6, 7})
-                )
+                + _undefined(con, q, [pm], "ranked"))
     return H.section("summary", f"Query {q.query_id}", body)
 
 
@@ -65,6 +101,7 @@ def _heatmap(con, q: data.Query) -> tuple[str, int]:
         return H.section("heatmap", "Best score per layer and hypothesis", H.note(
             "This query scored no unit-level affinity measure (for example <code>corr</code>); "
             "only the probe section applies.")), 0
+    measures_all = measures
     cells = [(m, *row[:4]) for m in measures for row in data.best_per_cell(con, q, m)]
     measures = [m for m in measures if any(c[0] == m for c in cells)]     # a measure whose scores are all NULL: none
     if not cells:
@@ -76,13 +113,26 @@ def _heatmap(con, q: data.Query) -> tuple[str, int]:
     rows = [(mo, la) for mo in q.models for la in q.scored_layers if (mo, la) in present]
     hyps = [h for h in q.scored_hypotheses if any(c[3] == h for c in cells)]
     png = figures.heatmap(cells, measures, rows, hyps, q.models)
-    body = (H.img(png, "heatmap of the best score per layer and hypothesis") +
+    body = (_undefined(con, q, measures_all, "mapped") +
+            H.img(png, "heatmap of the best score per layer and hypothesis") +
             '<p class="meta">Each cell: the score of the layer\'s unit with the largest |score| for that hypothesis '
             "(colour: |score|).</p>")
     return H.section("heatmap", "Best score per layer and hypothesis", body), 1
 
 
-def _hypotheses(q: data.Query, pm: str | None, tops: list[dict]) -> tuple[str, int]:
+def _undefined(con, q: data.Query, measures: list[str], what: str) -> str:
+    """A note naming the hypotheses whose every score of ``measures`` is NULL ('' when none)."""
+    pairs = data.null_hypotheses(con, q, measures)
+    if not pairs:
+        return ""
+    names = ", ".join(H.esc(h if len(q.models) == 1 else f"{m}: {h}") for m, h in pairs)
+    listed = " and ".join(filter(None, [", ".join(measures[:-1]), measures[-1]]))
+    return H.note(f"{names}: every {H.esc(listed)} score is NULL (undefined: for example a "
+                  f"hypothesis that never holds, or never varies, on these records), so "
+                  f"{'it is' if len(pairs) == 1 else 'they are'} not {what} here.")
+
+
+def _hypotheses(con, q: data.Query, pm: str | None, tops: list[dict]) -> tuple[str, int]:
     from . import figures
     if pm is not None and not tops and pm in q.unit_measures:
         return H.section("hypotheses", "Top units per hypothesis", H.note(
@@ -101,7 +151,8 @@ def _hypotheses(q: data.Query, pm: str | None, tops: list[dict]) -> tuple[str, i
             png = figures.ranked_units(units, pm, h, q.models)
             figs.append(f"<figure>{H.img(png, f'top units of {h}')}<figcaption>{H.esc(h)}: the "
                         f"{_n(len(units), 'best unit')} by |{H.esc(pm)}|, with their confidence interval</figcaption></figure>")
-    return H.section("hypotheses", "Top units per hypothesis", f'<div class="grid">{"".join(figs)}</div>'), len(figs)
+    return H.section("hypotheses", "Top units per hypothesis", _undefined(con, q, [pm], "ranked") +
+                     f'<div class="grid">{"".join(figs)}</div>'), len(figs)
 
 
 def _probes(con, q: data.Query, store_arg: str) -> tuple[str, int]:
@@ -110,7 +161,8 @@ def _probes(con, q: data.Query, store_arg: str) -> tuple[str, int]:
     if not rows:
         return H.section("probes", "Probe accuracy per layer", H.note(
             f"Query {q.query_id} trained no probes. Add them with <code>deepbase-duck inspect {H.esc(store_arg)} "
-            f"{H.esc(q.models[0])} {H.esc(q.dataset)} --layers ... --hypotheses ... --measures corr probe</code>.")), 0
+            f"{H.esc(shlex.quote(q.models[0]))} {H.esc(shlex.quote(q.dataset))} --layers ... --hypotheses ... "
+            "--measures corr probe</code>.")), 0
     hyps = [h for h in q.scored_hypotheses if any(r["hypothesis"] == h for r in rows)]
     png = figures.probe_accuracy(rows, q.scored_layers, hyps, q.models)
     order = {(m, la): i for i, (m, la) in enumerate((m, la) for m in q.models for la in q.scored_layers)}
@@ -129,6 +181,12 @@ def _activations(con, q: data.Query, pm: str | None, tops: list[dict], text_unit
     title = "Top-activating records"
     if pm is None or not tops or text_units == 0 or records_per_unit == 0:
         return H.section("activations", title, H.note("No units selected for this section.")), 0, []
+    if is_image_dataset(con, q.dataset):
+        # an image's symbols are its grid cells, not characters of its text (a descriptor such as
+        # a scene's JSON): colouring that text cell by cell would show nothing of the image
+        return H.section("activations", title, H.note(
+            f"The records of dataset {H.esc(q.dataset)} are images: each top unit's top-activating images, "
+            "with the unit's activation over them, are in the images section below.")), 0, []
     main = [m for m in q.models if not m.endswith("~untrained")] or q.models
     hi = {h: i for i, h in enumerate(q.scored_hypotheses)}
     chosen, seen = [], {}
@@ -245,7 +303,7 @@ def _write_report(session, out: Path, query_id, model, dataset, top_units: int, 
     parts, n_fig = [_summary(con, q, pm, tops, store_path)], 0
     s, k = _heatmap(con, q)
     parts.append(s); n_fig += k
-    s, k = _hypotheses(q, pm, tops)
+    s, k = _hypotheses(con, q, pm, tops)
     parts.append(s); n_fig += k
     s, k = _probes(con, q, store_arg)
     parts.append(s); n_fig += k

@@ -94,8 +94,11 @@ def select_query(con, query_id: int | None = None, model: str | None = None, dat
         params = {"raw": row[6]}
     q = Query(row[0], row[1], row[2], list(row[3] or []), list(row[4] or []), list(row[5] or []), params,
               row[7], row[8], row[9], row[10], row[11])
-    q.models = _names(con, f"SELECT model FROM scores WHERE query_id = {q.query_id} GROUP BY model "
-                           "ORDER BY min(model LIKE '%~untrained'), model")
+    # in the query's order (checkpoints 'early', 'mid', 'final' stay so, not sorted by name), each
+    # model's untrained baseline after the trained models
+    named = {m: i for i, m in enumerate(params.get("models") or []) if isinstance(m, str)}
+    q.models = sorted(_names(con, f"SELECT DISTINCT model FROM scores WHERE query_id = {q.query_id}"),
+                      key=lambda m: (m.endswith("~untrained"), named.get(m.removesuffix("~untrained"), len(named)), m))
     per = store.q_all(con, f"SELECT measure, bool_or(unit IS NOT NULL), bool_or(unit IS NULL), "
                            f"bool_or(unit IS NOT NULL AND score IS NOT NULL) FROM scores "
                            f"WHERE query_id = {q.query_id} GROUP BY measure")
@@ -173,6 +176,19 @@ def top_units(con, q: Query, measure: str, k: int) -> list[dict]:
         QUALIFY rank <= ? ORDER BY model, hypothesis, rank""", [q.query_id, measure, int(k)])
     keys = ("model", "hypothesis", "layer", "unit", "score", "ci_low", "ci_high", "q_value", "n", "rank")
     return [dict(zip(keys, r)) for r in rows]
+
+
+def null_hypotheses(con, q: Query, measures: list[str]) -> list[tuple[str, str]]:
+    """(model, hypothesis) pairs with unit scores of ``measures`` in the query, every one NULL
+    (undefined: a hypothesis that never holds on the records read): nothing of them can be ranked
+    or mapped, and the report says so rather than leave them out unsaid."""
+    hi = {h: i for i, h in enumerate(q.scored_hypotheses)}
+    mi = {m: i for i, m in enumerate(q.models)}
+    rows = store.q_all(con, """
+        SELECT model, hypothesis FROM scores
+        WHERE query_id = ? AND list_contains(?, measure) AND unit IS NOT NULL
+        GROUP BY ALL HAVING count(score) = 0""", [q.query_id, list(measures)])
+    return sorted(((m, h) for m, h in rows), key=lambda r: (mi.get(r[0], 10**6), hi.get(r[1], 10**6), r))
 
 
 def probe_rows(con, q: Query) -> list[dict]:

@@ -31,8 +31,20 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def plain(text) -> str:
+    """``text`` as matplotlib draws it literally: a name holding two '$' (a hypothesis 'between $
+    and $', a model 'm$1$') is otherwise typeset as mathtext, or fails the figure ('$\\frac$')."""
+    return str(text).replace("$", r"\$")
+
+
 def _row_label(model: str, layer: str, models: list[str]) -> str:
-    return layer if len(models) == 1 else f"{model}:{layer}"
+    return plain(layer if len(models) == 1 else f"{model}:{layer}")
+
+
+def cell_text(x: float) -> str:
+    """A heatmap cell's score: 2 decimals, or 2 significant digits where those would read 0.00 (an
+    IoU or a mutual information of 0.004 is not '0.00')."""
+    return f"{x:.2f}" if x == 0 or abs(x) >= 0.005 else f"{x:.2g}"
 
 
 def heatmap(cells: list[tuple], measures: list[str], rows: list[tuple[str, str]], hypotheses: list[str],
@@ -57,11 +69,11 @@ def heatmap(cells: list[tuple], measures: list[str], rows: list[tuple[str, str]]
         for i in range(len(rows)):
             for j in range(len(hypotheses)):
                 if np.isfinite(mat[i, j]):
-                    ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                    ax.text(j, i, cell_text(mat[i, j]), ha="center", va="center", fontsize=8,
                             color="white" if mag[i, j] < 0.6 * (vmax or 1.0) else "black")
-        ax.set_xticks(range(len(hypotheses)), hypotheses, rotation=35, ha="right", fontsize=8)
+        ax.set_xticks(range(len(hypotheses)), [plain(h) for h in hypotheses], rotation=35, ha="right", fontsize=8)
         ax.set_yticks(range(len(rows)), [_row_label(mo, la, models) for mo, la in rows], fontsize=8)
-        ax.set_title(f"best |{m}| per layer and hypothesis", fontsize=10)
+        ax.set_title(plain(f"best |{m}| per layer and hypothesis"), fontsize=10)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=7)
     fig.tight_layout()
     return _png(fig)
@@ -89,8 +101,8 @@ def ranked_units(units: list[dict], measure: str, title: str, models: list[str])
     ax.axvline(0, color="#888888", lw=0.8)
     lim = max(1e-9, float(np.nanmax(np.abs(np.concatenate([scores, lo[ok], hi[ok]])))))
     ax.set_xlim(-lim * 1.1 if (scores < 0).any() or (lo[ok] < 0).any() else 0, lim * 1.1)
-    ax.set_xlabel(measure, fontsize=9)
-    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(plain(measure), fontsize=9)
+    ax.set_title(plain(title), fontsize=10)
     ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
     return _png(fig)
@@ -115,7 +127,7 @@ def probe_accuracy(rows: list[dict], layers: list[str], hypotheses: list[str], m
         s = np.array([r["score"] for _, r in pts], float)
         c = cmap(j % 10)
         metrics.update(r["metric"] or "score" for _, r in pts)
-        ax.plot(x, s, "o-", color=c, label=hyp, lw=1.5, ms=5)
+        ax.plot(x, s, "o-", color=c, label=plain(hyp), lw=1.5, ms=5)
         lo = np.array([np.nan if r["ci_low"] is None else r["ci_low"] for _, r in pts], float)
         hi = np.array([np.nan if r["ci_high"] is None else r["ci_high"] for _, r in pts], float)
         ok = np.isfinite(lo) & np.isfinite(hi)
@@ -126,7 +138,7 @@ def probe_accuracy(rows: list[dict], layers: list[str], hypotheses: list[str], m
         if np.isfinite(maj).any():
             ax.plot(x, maj, ":", color=c, lw=1)
     ax.set_xticks(range(len(xs)), [_row_label(m, la, models) for m, la in xs], rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel(" / ".join(sorted(metrics)) or "score", fontsize=9)
+    ax.set_ylabel(plain(" / ".join(sorted(metrics)) or "score"), fontsize=9)
     ax.set_title("held-out probe score per layer (dotted: majority-class rate)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)

@@ -147,6 +147,7 @@ def top_images_png(con, model: str, layer: str, unit: int, dataset: str, path: s
     except ImportError:
         raise DeepBaseError("top_images_png needs matplotlib: pip install -e '.[examples]' "
                             "(or pip install matplotlib)") from None
+    from .figures import plain           # names and descriptors drawn literally, never as mathtext
     session = session_of(con)
     adapter = _image_adapter(session, model)
     top = top_images(con, model, layer, unit, dataset, k, record_ids, batch_size)
@@ -177,11 +178,11 @@ def top_images_png(con, model: str, layer: str, unit: int, dataset: str, path: s
             # threshold to a dot, or to nothing, since bilinear never reaches a cell's value
             ax.contour(cell_pixels(maps[i] > threshold, size).astype(np.float64), levels=[0.5], colors="cyan",
                        linewidths=1.2)
-        ax.set_title(f"{describe(t['text'])}\nmax {t['max_activation']:.2f}", fontsize=8)
+        ax.set_title(plain(f"{describe(t['text'])}\nmax {t['max_activation']:.2f}"), fontsize=8)
     head = f"{model} {layer} unit {unit}"
     if found is not None and found["iou"] is not None:
         head += f": {found['concept']} (IoU {found['iou']:.3f})"
-    fig.suptitle(head, fontsize=10)
+    fig.suptitle(plain(head), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
