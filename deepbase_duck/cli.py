@@ -384,6 +384,8 @@ def _store(args, create: bool = False):
     failed = False
     try:
         yield con
+    except BrokenPipeError:                      # the output's reader went away (`| head`): what is stored stays
+        raise
     except Exception:
         failed = True
         raise
@@ -417,6 +419,7 @@ def cmd_register(args):
 
 def cmd_add_stdlib(args):
     import deepbase_duck as dbd
+    from deepbase_duck.catalog import DatasetExistsError
     from deepbase_duck.corpora.code import code_records
     from deepbase_duck.errors import DeepBaseError
     try:                                          # the records of SQL's add_stdlib_dataset, before the store opens
@@ -424,7 +427,13 @@ def cmd_add_stdlib(args):
     except ValueError as exc:
         raise DeepBaseError(str(exc)) from None
     with _store(args, create=True) as con:
-        n = dbd.add_dataset(con, args.name, records, f"Python standard library, {args.split} split")
+        try:
+            n = dbd.add_dataset(con, args.name, records, f"Python standard library, {args.split} split")
+        except DatasetExistsError:                # the library says replace=True, which add-stdlib has not
+            raise DeepBaseError(f"dataset {args.name!r} already exists with other records (add-stdlib appends only "
+                                "to records it stored with the same --split and --max-chars, for a larger --chars); "
+                                "give this one another name, or delete the stored one first (Python: "
+                                f"dbd.drop_dataset(con, {args.name!r}))") from None
         print(f"{args.name}: {_n(n, 'record')}, {_n(sum(len(r['text']) for r in records), 'character', ',')}")
     return 0
 
@@ -512,21 +521,30 @@ def cmd_inspect(args):
 # library parameters named in the library's messages, and the inspect flags that set them
 CLI_FLAGS = {"top_k": "--top-k", "max_error": "--max-error", "min_support": "--min-support",
              "stable_windows": "--stable-windows", "batch_size": "--batch-size", "plateau_tol": "--plateau-tol",
-             "max_records": "--max-records", "keep_activations": "--keep-activations"}
+             "max_records": "--max-records", "keep_activations": "--keep-activations",
+             "control=True": "--control", "ray_address": "--ray-address", "engine='ray'": "--engine ray"}
 # plain words that name a parameter only as a message's subject ('seed must be ...')
 CLI_SUBJECTS = {"seed": "--seed", "limit": "--max-records", "permutations": "--permutations", "dtype": "--dtype",
                 "device": "--device"}
+# the same for the other commands whose flags are named otherwise than the library's parameters
+# (max_chars, which reads as --max-chars, is left as it is)
+COMMAND_FLAGS = {"add-stdlib": {"limit_chars": "--chars"},
+                 "extract": {"batch_size": "--batch-size"},
+                 "report": {"top_units": "--top", "text_units": "--text-units", "records_per_unit": "--records",
+                            "context_chars": "--context"}}
 
 
-def cli_flags(message: str) -> str:
+def cli_flags(message: str, flags: dict | None = None, subjects: dict | None = None) -> str:
     """A library message with the parameters it names (top_k, max_error, ...) spelled as the
-    inspect flags that set them (--top-k, --max-error, ...)."""
+    flags that set them (--top-k, --max-error, ...): inspect's by default, else ``flags`` (any
+    occurrence outside quotes) and ``subjects`` (a message's first word only)."""
     import re
-    message = re.sub(r"(?<![\w'\"-])(" + "|".join(CLI_FLAGS) + r")(?![\w'\"])", lambda m: CLI_FLAGS[m.group(1)],
-                     message)
+    flags, subjects = (CLI_FLAGS, CLI_SUBJECTS) if flags is None else (flags, subjects or {})
+    names = "|".join(re.escape(k) for k in sorted(flags, key=len, reverse=True))
+    message = re.sub(r"(?<![\w'\"-])(" + names + r")(?![\w'\"])", lambda m: flags[m.group(1)], message)
     first = re.match(r"(\w+)( must | \()", message)
-    if first and first.group(1) in CLI_SUBJECTS:
-        message = CLI_SUBJECTS[first.group(1)] + message[len(first.group(1)):]
+    if first and first.group(1) in subjects:
+        message = subjects[first.group(1)] + message[len(first.group(1)):]
     return message
 
 
@@ -640,7 +658,11 @@ def main(argv=None) -> int:
     import duckdb
     try:
         return COMMANDS[args.command](args)
-    except (DeepBaseError, duckdb.Error, FileExistsError) as exc:
+    except DeepBaseError as exc:                 # the library's parameter names, as this command's flags
+        message = cli_flags(str(exc), COMMAND_FLAGS[args.command]) if args.command in COMMAND_FLAGS else exc
+        print(f"deepbase-duck {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except (duckdb.Error, FileExistsError) as exc:
         print(f"deepbase-duck {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:                      # `deepbase-duck ... | head`

@@ -20,9 +20,13 @@ status 2) unless ``--create`` is given.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,16 +45,21 @@ class Shell:
     # -- statements --------------------------------------------------------------------------
     def run_sql(self, sql: str) -> None:
         t0 = time.perf_counter()
-        for text in split_statements(sql)[0]:
-            rel = self.con.sql(text)
-            if rel is not None:
-                self.out.write(_render(rel) + "\n")
+        with _ctrl_c_stops_udfs():
+            for text in split_statements(sql)[0]:
+                rel = self.con.sql(text)
+                if rel is not None:
+                    self.out.write(_render(rel) + "\n")
         if self.timer:
             self.out.write(f"Run Time: {time.perf_counter() - t0:.3f} s\n")
 
     def dot(self, line: str) -> bool:
-        """Run a dot-command; False means quit."""
-        parts = line.split()
+        """Run a dot-command; False means quit. Its arguments are split as a POSIX shell splits
+        words, so a file or table name with spaces is quoted: .read "my script.sql"."""
+        try:
+            parts = shlex.split(line)
+        except ValueError as exc:                # a quote left open
+            raise ValueError(f"{line.split()[0]}: {exc} in {line!r}") from None
         cmd, args = parts[0], parts[1:]
         if cmd in (".quit", ".exit"):
             return False
@@ -70,8 +79,9 @@ class Shell:
                 raise ValueError(f"no table or view named {args[0]!r}")
             self.out.write("\n".join(r[0] for r in rows) + "\n")
         elif cmd == ".read":
-            if not args:
-                raise ValueError(".read needs a file name")
+            if len(args) != 1:
+                raise ValueError(".read takes one file name" + (f", got {len(args)}: {args!r} (quote a name with "
+                                                                 f"spaces: .read \"my script.sql\")" if args else ""))
             if self.feed(read_script(args[0]).splitlines(), interactive=False):   # statements and dot-commands
                 raise ValueError(f".read {args[0]}: stopped at the error above")
         elif cmd == ".timer":
@@ -141,7 +151,7 @@ class Shell:
         prompt."""
         self.err.write(f"Error: {_one_line(exc)}\n")
         tb = self._last_traceback()
-        if tb is None or tb is before:
+        if tb is None or tb is before or tb.rstrip().endswith("KeyboardInterrupt"):   # Ctrl-C: no bug to show
             return
         if interactive:
             self.err.write("(SELECT last_error(); shows the Python traceback of the failed deepbase_duck call)\n")
@@ -182,6 +192,30 @@ class Shell:
                     readline.write_history_file(HISTORY)
                 except OSError:
                     pass
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops_udfs():
+    """While statements run: Ctrl-C also stops the deepbase_duck UDFs (inspect, extract_activations,
+    ...) running on DuckDB's worker threads, which it never reached before (DuckDB waited for the
+    UDF: a scan ran to its end and stored its scores, then the statement said 'Query interrupted').
+    Only where Ctrl-C raises KeyboardInterrupt (not ignored, as in a background job), and from
+    the main thread, the only one that may set a signal handler."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield
+        return
+
+    def handler(signum, frame):
+        from .surface.udfs import interrupt_udfs
+        interrupt_udfs()
+        previous(signum, frame)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _render(rel) -> str:
@@ -271,6 +305,9 @@ def main(store: str | None, command: str | None, script: str | None, quiet: bool
     a store refuse it: a mistyped path must not become a new, empty store."""
     import deepbase_duck as dbd
     from .errors import DeepBaseError
+    if command is not None and script is not None:     # before the store is opened (or created)
+        raise DeepBaseError(f"give either -c SQL or a script file ({script!r}), not both: -c would run and the "
+                            f"script would not")
     if store not in (None, ":memory:") and not create and not Path(store).is_file():
         raise DeepBaseError(f"no store at {store!r}; --create makes a new one there "
                             f"(or leave out the path for a store in memory)")

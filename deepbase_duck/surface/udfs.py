@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 import traceback
 
 import pyarrow as pa
 
-from ..catalog import Session, loader_params
+from ..catalog import DatasetExistsError, Session, loader_params
 from ..errors import DeepBaseError
 from ..inspectors.base import MEASURES
 
@@ -48,21 +49,53 @@ def _rows(arrays):
     return list(zip(*cols)) if cols else []
 
 
+# the threads running a deepbase_duck UDF now (ident -> calls under way): DuckDB runs a query's UDFs
+# on its own worker threads, where no Ctrl-C reaches them (interrupt_udfs)
+_RUNNING: dict[int, int] = {}
+_RUNNING_LOCK = threading.Lock()
+
+
+def interrupt_udfs() -> int:
+    """Raise KeyboardInterrupt in every thread other than the main one that runs a deepbase_duck
+    UDF now, as Ctrl-C raises it in the main thread; returns how many. Python delivers a signal
+    to the main thread only, where DuckDB then merely waits for the UDF (an inspect scanned on to
+    its end, stored its scores and only then reported 'Query interrupted')."""
+    import ctypes
+    main = threading.main_thread().ident
+    n = 0
+    with _RUNNING_LOCK:
+        for ident in _RUNNING:
+            if ident != main:
+                n += ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident),
+                                                                ctypes.py_object(KeyboardInterrupt))
+    return n
+
+
 def _udf(session: Session, fn):
     """Run ``fn(sub_session, *row)`` for each input row; keep tracebacks; re-raise plainly."""
     @functools.wraps(fn)
     def wrapper(*arrays):
         out = []
-        sub = _cursor_session(session)
+        ident = threading.get_ident()
+        with _RUNNING_LOCK:
+            _RUNNING[ident] = _RUNNING.get(ident, 0) + 1
         try:
-            for row in _rows(arrays):
-                out.append(fn(sub, *row))
-        except BaseException:                  # an interruption too: last_error() must not show an older one
-            session.udf_tracebacks.append(traceback.format_exc())
-            del session.udf_tracebacks[:-20]
-            raise
+            sub = _cursor_session(session)
+            try:
+                for row in _rows(arrays):
+                    out.append(fn(sub, *row))
+            except BaseException:              # an interruption too: last_error() must not show an older one
+                session.udf_tracebacks.append(traceback.format_exc())
+                del session.udf_tracebacks[:-20]
+                raise
+            finally:
+                sub.con.close()
         finally:
-            sub.con.close()
+            with _RUNNING_LOCK:
+                if _RUNNING[ident] == 1:
+                    del _RUNNING[ident]
+                else:
+                    _RUNNING[ident] -= 1
         return out
     return wrapper
 
@@ -101,6 +134,13 @@ def _number(name: str, text: str | None):
     except ValueError:
         raise DeepBaseError(f"{name} must be a number, got {text!r}") from None
     return int(value) if value.is_integer() else value
+
+
+def _exists(fn: str, name: str, appends: str) -> str:
+    """The error of a SQL dataset builder whose dataset name holds other records: the library's
+    message says replace=True, which these functions do not take."""
+    return (f"{fn}: dataset {name!r} already exists with other records{appends}; give this one another name, or "
+            f"delete the stored one first (Python: dbd.drop_dataset(con, {name!r}))")
 
 
 def register_udfs(session: Session) -> None:
@@ -173,14 +213,21 @@ def register_udfs(session: Session) -> None:
         from ..corpora.code import code_records          # as the CLI's add-stdlib and the demo
         recs = code_records(split or "heldout", max_chars=_default(_number("max_chars", max_chars), 2000),
                             limit_chars=_number("limit_chars", limit_chars))
-        return sub.add_dataset(name, recs, f"Python standard library, {split or 'heldout'} split")
+        try:
+            return sub.add_dataset(name, recs, f"Python standard library, {split or 'heldout'} split")
+        except DatasetExistsError:      # the library says replace=True, which the SQL function has not
+            raise DatasetExistsError(_exists("add_stdlib_dataset", name, " (it appends only to records it stored with "
+                                             "the same split and max_chars, for a larger limit_chars)")) from None
 
     def do_add_ptb(sub, name, split, n, seed):
         from ..corpora.ptb import ptb_records
         n, seed = _number("n", n), _default(_number("seed", seed), 0)
         recs = ptb_records(split or "test", n, seed)
-        return sub.add_dataset(name, recs, f"Penn Treebank (Mikolov LM text), {split or 'test'} split, "
-                                           f"{len(recs)} sentences, seed {seed or 0}")
+        try:
+            return sub.add_dataset(name, recs, f"Penn Treebank (Mikolov LM text), {split or 'test'} split, "
+                                               f"{len(recs)} sentences, seed {seed or 0}")
+        except DatasetExistsError:
+            raise DatasetExistsError(_exists("add_ptb_dataset", name, "")) from None
 
     specs = [
         ("dbd_inspect", do_inspect, ["VARCHAR", "VARCHAR[]", "VARCHAR[]", "VARCHAR", "VARCHAR[]", "VARCHAR",
