@@ -49,8 +49,10 @@ from .extract import (DTYPES, Batch, SymbolWriter, cleanup_orphans, done_records
 # spearman intervals and p-values with records as clusters, mi's point masses in bins of their
 # own, outputs written in place later kept as their module gave them; 4: mi intervals and
 # p-values with records as clusters, mi p-values from Pearson's X^2, ap intervals with records
-# as clusters, probes leave out non-finite units)
-SCORING_VERSION = 4
+# as clusters, probes leave out non-finite units; 5: corr NULL for a constant continuous label,
+# a probe's R2 on constant test labels as sklearn's force_finite, float64 units far from 0 kept,
+# corr/spearman read a binary label's non-zero values as 1, pointbiserial from corr's state)
+SCORING_VERSION = 5
 PART_CACHE_BYTES = 1 << 30          # decoded stored parts a progressive scan keeps (StoredRows)
 
 RESULT_SCHEMA = pa.schema([

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ..errors import DeepBaseError, UnknownNameError
+from ..errors import DeepBaseError, HypothesisError, UnknownNameError
 
 # Every finalize() returns at least these columns, in this order (extra columns may follow).
 SCORE_SCHEMA = pa.schema([
@@ -124,6 +124,34 @@ class InspectorState:
         hyp = np.array(t.column("hypothesis").to_pylist(), dtype=object)
         score = np.array([np.nan if v is None else v for v in t.column("score").to_pylist()], dtype=np.float64)
         return unit, hyp, score
+
+    def read_labels(self, labels: torch.Tensor, binary01: bool = True) -> torch.Tensor:
+        """A batch's labels as the measures that take raw label values (corr, spearman) read them:
+        float64 on the state's device (bool and integer labels converted); a binary hypothesis'
+        labels as 0/1, any non-zero label 1 (as pointbiserial, mi, ap and the dissection measures
+        read them, so corr's r on a binary hypothesis is pointbiserial's whatever the coding); an
+        infinite label of a continuous hypothesis refused with a HypothesisError naming it (a
+        hypothesis' labels are finite: one inf made every unit's r NULL). ``binary01=False``
+        leaves binary labels as they are (the probe refuses one that is not 0 or 1)."""
+        y = labels.to(self.device, torch.float64)
+        kinds = getattr(self, "_label_kinds", None)
+        if kinds is None or kinds[0].device != y.device:
+            b = torch.tensor([h["kind"] == "binary" for h in self.hypotheses], dtype=torch.bool, device=y.device)
+            c = torch.tensor([h["kind"] == "continuous" for h in self.hypotheses], dtype=torch.bool, device=y.device)
+            kinds = self._label_kinds = (b, c, bool(b.any()), bool(c.any()))
+        binary, continuous, any_b, any_c = kinds
+        if y.ndim != 2 or y.shape[1] != len(self.names):
+            return y                                  # the caller's shape check names the problem
+        if any_c:
+            bad = torch.isinf(y) & continuous[None, :]
+            if bool(bad.any()):
+                i, j = (int(v) for v in torch.nonzero(bad)[0])
+                raise HypothesisError(f"measure {self.measure!r}: continuous hypothesis {self.names[j]!r} has an "
+                                      f"infinite label ({float(y[i, j])!r}) at row {i}; labels must be finite "
+                                      "(NaN: no label)")
+        if any_b and binary01:
+            y = torch.where(binary[None, :] & ~torch.isnan(y), (y != 0).to(torch.float64), y)
+        return y
 
     def _check_combine(self, other):
         if type(other) is not type(self) or other.width != self.width or other.names != self.names:

@@ -13,6 +13,12 @@ batch is reduced with three matrix products about its own means and merged with 
 pairwise update S = Sa + Sb + (na nb / n) da db^T, which is exact up to float64 rounding in any
 batch order, so streamed, merged and one-shot results agree. Not a per-hypothesis measure, so
 not registered: it compares two groups.
+
+Undefined (NaN, NULL in ``similarities``): fewer than 2 symbols, or a group whose units are all
+constant. A unit constant over the symbols (its least and largest value equal, kept per unit)
+has centred sums of exactly 0, whatever the rounding of the batch means left in them (a
+constant group came out as 0.22 from two batches instead of undefined). A NaN or infinite
+activation gives NaN.
 """
 from __future__ import annotations
 
@@ -39,6 +45,11 @@ class LinearCKAState:
         self.sxx = torch.zeros(self.width_x, self.width_x, dtype=F64, device=dev)
         self.syy = torch.zeros(self.width_y, self.width_y, dtype=F64, device=dev)
         self.sxy = torch.zeros(self.width_x, self.width_y, dtype=F64, device=dev)
+        # each unit's least and largest value: a constant unit's centred sums are exactly 0
+        self.lo_x = torch.full((self.width_x,), math.inf, dtype=F64, device=dev)
+        self.hi_x = torch.full((self.width_x,), -math.inf, dtype=F64, device=dev)
+        self.lo_y = torch.full((self.width_y,), math.inf, dtype=F64, device=dev)
+        self.hi_y = torch.full((self.width_y,), -math.inf, dtype=F64, device=dev)
 
     def update(self, x, y) -> None:
         """Fold in a batch: ``x`` (n, width_x) and ``y`` (n, width_y), row i of both the same symbol."""
@@ -53,6 +64,8 @@ class LinearCKAState:
         nb = x.shape[0]
         if nb == 0:
             return
+        self.lo_x, self.hi_x = torch.minimum(self.lo_x, x.amin(0)), torch.maximum(self.hi_x, x.amax(0))
+        self.lo_y, self.hi_y = torch.minimum(self.lo_y, y.amin(0)), torch.maximum(self.hi_y, y.amax(0))
         mxb, myb = x.mean(0), y.mean(0)
         xc, yc = x - mxb, y - myb
         self._merge(nb, mxb, myb, xc.T @ xc, yc.T @ yc, xc.T @ yc)
@@ -74,32 +87,46 @@ class LinearCKAState:
             raise DeepBaseError("cka: cannot combine states over unit groups of different widths")
         if other.n:
             d = self.device
+            self.lo_x = torch.minimum(self.lo_x, other.lo_x.to(d))
+            self.hi_x = torch.maximum(self.hi_x, other.hi_x.to(d))
+            self.lo_y = torch.minimum(self.lo_y, other.lo_y.to(d))
+            self.hi_y = torch.maximum(self.hi_y, other.hi_y.to(d))
             self._merge(other.n, other.mx.to(d), other.my.to(d), other.sxx.to(d), other.syy.to(d),
                         other.sxy.to(d))
         return self
 
     def finalize(self) -> float:
-        """Linear CKA in [0, 1]; NaN with fewer than 2 symbols or a constant group."""
+        """Linear CKA in [0, 1]; NaN with fewer than 2 symbols, a group of constant units only or
+        a NaN or infinite activation."""
         if self.n < 2:
             return math.nan
-        num = float((self.sxy * self.sxy).sum())
-        den = float(torch.linalg.matrix_norm(self.sxx) * torch.linalg.matrix_norm(self.syy))
-        if not den > 0:
-            return math.nan
-        return min(1.0, max(0.0, num / den))
+        vx = ~(self.hi_x <= self.lo_x)        # varying units (NaN bounds count as varying: NaN stays)
+        vy = ~(self.hi_y <= self.lo_y)
+        return _cka(torch.where(vx[:, None] & vx[None, :], self.sxx, 0.0),
+                    torch.where(vy[:, None] & vy[None, :], self.syy, 0.0),
+                    torch.where(vx[:, None] & vy[None, :], self.sxy, 0.0))
+
+
+def _cka(sxx, syy, sxy) -> float:
+    """CKA from centred cross-product matrices (torch or numpy), NaN where undefined."""
+    sxx, syy, sxy = (torch.as_tensor(m) for m in (sxx, syy, sxy))
+    num = float((sxy * sxy).sum())
+    den = float(torch.linalg.matrix_norm(sxx) * torch.linalg.matrix_norm(syy))
+    if not den > 0 or math.isnan(num):
+        return math.nan
+    return min(1.0, max(0.0, num / den))
 
 
 def linear_cka(x, y) -> float:
-    """Linear CKA of two in-memory activation matrices (n, p) and (n, q) (numpy or torch)."""
+    """Linear CKA of two in-memory activation matrices (n, p) and (n, q) (numpy or torch); NaN
+    where undefined, as LinearCKAState's (constant columns have centred sums of exactly 0)."""
     x = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
     y = np.asarray(y.detach().cpu() if isinstance(y, torch.Tensor) else y, dtype=np.float64)
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
         raise DeepBaseError(f"cka: need two matrices over the same rows, got {x.shape} and {y.shape}")
     if x.shape[0] < 2:
         return math.nan
-    xc, yc = x - x.mean(0), y - y.mean(0)
-    num = float(np.sum((xc.T @ yc) ** 2))
-    den = float(np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc))
-    if not den > 0:
-        return math.nan
-    return min(1.0, max(0.0, num / den))
+    with np.errstate(invalid="ignore", over="ignore"):
+        xc = np.where(np.ptp(x, 0) == 0, 0.0, x - x.mean(0))    # a constant column: exactly 0
+        yc = np.where(np.ptp(y, 0) == 0, 0.0, y - y.mean(0))
+        return _cka(xc.T @ xc, yc.T @ yc, xc.T @ yc)

@@ -49,8 +49,9 @@ Error
 Scores: iou = I / U; precision = I / A; recall = I / L; f1 = 2 I / (A + L). NULL for a unit that
 is constant over the stream or had a NaN or infinite activation (score and threshold, as corr),
 and where the denominator is 0. Labels: 0 is negative, any other non-NaN value positive, NaN no
-label. An interval always holds its score (Wilson's ends, which round to 1 - 1e-16 or 1e-17 at
-scores of 1 and 0, are widened to the score).
+label. An interval always holds its score and lies in [0, 1] (Wilson's ends, which round to
+1 - 1e-16 or 1e-17 at scores of 1 and 0, are widened to the score; ends rounded outside [0, 1]
+are clipped).
 
 Intervals and p-values, ``intervals`` = 'records' (the default, when every batch came with record
 ids, as from the engines): the symbols of one record are not independent draws (a string's
@@ -131,12 +132,14 @@ def _lerp(a, b, g):
 
 
 def _wilson_ends(k, n, q):
-    """The Wilson score interval's ends for k successes out of n at quantile q (z or t)."""
+    """The Wilson score interval's ends for k successes out of n at quantile q (z or t), inside
+    [0, 1]: in exact arithmetic they are, but at k = 0 or k = n they rounded to -1e-17 or
+    1 + 2e-16 (a proportion's interval below 0)."""
     with np.errstate(invalid="ignore", divide="ignore"):
         den = n + q * q
         center = (k + q * q / 2) / den
         half = q / den * np.sqrt(np.maximum(k * (n - k) / n, 0) + q * q / 4)
-    return center - half, center + half
+    return np.clip(center - half, 0.0, 1.0), np.clip(center + half, 0.0, 1.0)
 
 
 def wilson(k: np.ndarray, n: np.ndarray, confidence: float):

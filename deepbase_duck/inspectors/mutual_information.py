@@ -49,10 +49,14 @@ bias bias_mm = (m_bc - B' - K' + 1) / (2n), from the Miller-Madow corrections of
 entropies in MI = H(bin) + H(class) - H(bin, class), where B', K' and m_bc count the non-empty
 bins, classes and cells (it is (B' - 1)(K' - 1) / (2n) when every cell is occupied).
 The interval is [max(0, MI - bias_mm - q sd), MI + q sd] (its low end at most MI: bias_mm is
-negative where bins hold a single class) and max_error() the largest distance from a score to
-either end. The p-value tests independence of bin and class with Pearson's X^2 = n sum_{b,c}
-r_bc^2, r_bc = (p_bc - p_b p_c) / sqrt(p_b p_c), over the non-empty bins and classes, with
-(B' - 1)(K' - 1) degrees of freedom: not the G-test (2 n MI), whose chi-square approximation
+negative where bins hold a single class). Miller-Madow under-corrects a table of many sparse
+cells (bins x classes of the order of the rows): the interval of a unit independent of the
+label can then miss MI = 0 (simulated, 10 bins: 60 classes over 2,000 rows held 0 in 95% of
+the runs, 300 classes over 20,000 rows in 90%, 300 over 2,000 rows never), while the p-value
+keeps its level (X^2: 0-8% below 0.05 in the same runs): test independence with the p-value.
+max_error() is the largest distance from a score to either end. The p-value tests
+independence of bin and class with Pearson's X^2 = n sum_{b,c} r_bc^2, r_bc = (p_bc - p_b p_c)
+/ sqrt(p_b p_c), over the non-empty bins and classes, with (B' - 1)(K' - 1) degrees of freedom: not the G-test (2 n MI), whose chi-square approximation
 fails on sparse tables (10 bins x 60 classes over 1,000 rows: 89% of independent units below
 0.05, X^2 5%). A unit with a NaN or infinite activation anywhere in the stream scores NULL (as
 corr). How sd, q and the p-value's reference distribution are made, ``intervals``:

@@ -15,7 +15,10 @@ A categorical code that is not an integer in 0..K-1 raises HypothesisError.
 -------------------------------------
 score = point-biserial r = (mean_1 - mean_0) * sqrt(n_1 n_0 / n) / sqrt(M2), where
 M2 = M2_0 + M2_1 + (mean_1 - mean_0)^2 n_0 n_1 / n is the unit's centred sum of squares over the
-labelled rows; this equals Pearson's r with the 0/1 label (scipy.stats.pointbiserialr). CI and
+labelled rows; this equals Pearson's r with the 0/1 label (scipy.stats.pointbiserialr), and is
+computed as that, from the Pearson state kept for the interval (its centred co-moment keeps the
+digits a difference of class means loses to a unit's offset), NULL also where the class moments
+say a class is empty or the unit constant. CI and
 p_value are corr's for that r (a PearsonState on the 0/1 labels is kept beside the classes, which
 doubles the update's cost): with records as clusters by default, or with ``intervals='symbols'``
 (or batches without record ids) the two-sided t-test with n - 2 degrees of freedom (as scipy)
@@ -53,7 +56,7 @@ import torch
 from scipy import stats
 
 from .base import InspectorState, register_measure
-from .correlation import ROUNDING, PearsonState, fisher_interval
+from .correlation import PearsonState, fisher_interval, rounding_floor
 from .spearman import score_table
 from ..errors import HypothesisError, check_float, check_intervals
 
@@ -111,11 +114,13 @@ class ClassMomentsState(InspectorState):
         self.m2 = torch.zeros(W, C, dtype=F64, device=dev)
         self.xmin = torch.full((W,), math.inf, dtype=F64, device=dev)
         self.xmax = torch.full((W,), -math.inf, dtype=F64, device=dev)
+        self.exact64 = True                      # every batch's activations came as float64
 
     def update(self, acts, labels, record_ids=None) -> None:
         n = acts.shape[0]
         if n == 0:
             return
+        self.exact64 = self.exact64 and acts.dtype == F64
         x = acts.to(self.device, F64)
         g = class_codes(labels.to(self.device), self.hypotheses, self.ks, self.offsets, self.measure)
         oh = torch.zeros(n, self.C, dtype=F64, device=self.device)
@@ -147,19 +152,21 @@ class ClassMomentsState(InspectorState):
         self._check_combine(other)
         self.xmin = torch.minimum(self.xmin, other.xmin.to(self.device))
         self.xmax = torch.maximum(self.xmax, other.xmax.to(self.device))
+        self.exact64 = self.exact64 and other.exact64
         self._merge(other.cnt.to(self.device), other.mean.to(self.device), other.m2.to(self.device))
         return self
 
     def _arrays(self):
         return (self.cnt.cpu().numpy(), self.mean.cpu().numpy(), self.m2.cpu().numpy(),
                 (self.xmax <= self.xmin).cpu().numpy(),
-                np.maximum(np.abs(self.xmax.cpu().numpy()), np.abs(self.xmin.cpu().numpy())))
+                rounding_floor(self.xmin.cpu().numpy(), self.xmax.cpu().numpy(), self.exact64))
 
     @staticmethod
-    def _tiny(m2_total, n, spread):
-        """True where a unit's spread over the labelled rows is pure rounding (constant there)."""
+    def _tiny(m2_total, n, floor):
+        """True where a unit's spread over the labelled rows is pure rounding (constant there):
+        ``floor`` is correlation.rounding_floor's (a float64 unit far from 0 keeps its score)."""
         with np.errstate(invalid="ignore", over="ignore"):
-            return m2_total <= n * (ROUNDING * np.maximum(spread, 1e-300)) ** 2
+            return m2_total <= n * np.maximum(floor, 1e-300) ** 2
 
 
 @register_measure
@@ -188,7 +195,7 @@ class PointBiserialState(ClassMomentsState):
         return self
 
     def _compute(self):
-        cnt, mean, m2, constant, spread = self._arrays()
+        cnt, mean, m2, constant, floor = self._arrays()
         i0 = self.offsets
         i1 = self.offsets + 1
         n0, n1 = cnt[i0][None, :], cnt[i1][None, :]
@@ -197,9 +204,11 @@ class PointBiserialState(ClassMomentsState):
         d = m1 - m0
         with np.errstate(invalid="ignore", divide="ignore"):
             m2t = m2[:, i0] + m2[:, i1] + d * d * (n0 * n1 / np.maximum(n, 1))
-            r = d * np.sqrt(n0 * n1 / n) / np.sqrt(m2t)
-        bad = constant[:, None] | self._tiny(m2t, n, spread[:, None]) | (n0 == 0) | (n1 == 0)
-        r = np.where(bad, np.nan, np.clip(r, -1.0, 1.0))
+        bad = constant[:, None] | self._tiny(m2t, n, floor[:, None]) | (n0 == 0) | (n1 == 0)
+        # the r of the Pearson state kept beside (the same r: corr's on the 0/1 labels), from its
+        # centred co-moment: the class means' difference d, held about 0, lost digits to a
+        # unit's offset (1e8 + 1e-3 N(0, 1) in float64: 2e-6 off scipy's, corr 2e-7)
+        r = np.where(bad, np.nan, self.pearson.correlations())
         m0 = np.where(n0 == 0, np.nan, m0)
         m1 = np.where(n1 == 0, np.nan, m1)
         return r, np.broadcast_to(n, r.shape), m0, m1
@@ -226,7 +235,7 @@ class ProbelessState(ClassMomentsState):
     accepts = ("binary", "categorical")
 
     def _compute(self):
-        cnt, mean, m2, constant, spread = self._arrays()
+        cnt, mean, m2, constant, floor = self._arrays()
         W, H = self.width, len(self.names)
         score = np.full((W, H), np.nan)
         half = np.full((W, H), np.nan)
@@ -251,7 +260,7 @@ class ProbelessState(ClassMomentsState):
             grand = (mu * c).sum(1, keepdims=True) / N
             ssb = (c * (mu - grand) ** 2).sum(1)
             ssw = q2.sum(1)
-            bad = constant | self._tiny(ssb + ssw, N, spread)
+            bad = constant | self._tiny(ssb + ssw, N, floor)
             score[:, h] = np.where(bad, np.nan, sc)
             df1, df2 = K - 1, N - K
             with np.errstate(invalid="ignore", divide="ignore"):

@@ -57,7 +57,14 @@ float64 normal equations).
 Scores. ``probe`` rows (unit NULL): held-out accuracy with a Wilson interval and the one-sided
 binomial p-value of beating the test-split majority-class rate (conservative, as that rate is at
 least the accuracy of any constant predictor), or held-out R2 (sklearn's ``r2_score``; interval
-and p-value NULL). Extra columns: metric, macro_f1, majority, n_train, n_test.
+and p-value NULL; NULL with fewer than 2 labelled test rows, as r2_score's NaN, or without a
+labelled training row). Test labels all equal leave R2 undefined (0 / 0 or x / 0); it is then
+r2_score's value under its default ``force_finite=True``: 1.0 when every prediction equals the
+label (a probe trained on the same constant predicts it exactly: the ridge head's intercept is
+the mean taken about the first label), 0.0 otherwise. "All equal" is exact equality of the
+values: sklearn's own denominator there can be rounding (labels [0.1, 0.1, 0.1] have a float
+mean of 0.10000000000000002, and r2_score gives -5.8 for predictions of exactly 0.1).
+Extra columns: metric, macro_f1, majority, n_train, n_test.
 ``probe_weight`` rows (one per unit): NeuroX-style weight mass -- for each class, |w| of each
 unit normalised over the units; the unit's score is its mass averaged over the classes (a ridge
 head has one "class"), so the scores sum to 1; ``rank`` 1 is the heaviest unit.
@@ -79,6 +86,9 @@ weights stay 0 and the probes are those of the other units -- and its ``probe_we
 ``probe_class_weight`` rows have score and rank NULL (the other units are ranked 1.. among
 themselves, and top-k re-fits take them first). With no finite unit left, the ``probe``,
 ``probe_topk`` and ``selectivity`` scores (and their intervals, p-values, macro_f1) are NULL.
+
+Labels: a binary hypothesis' labels must be 0 or 1, a categorical one's codes 0..K-1 (others
+are refused at finalize), a continuous one's finite (an infinite label is refused by update).
 
 One class: a classification hypothesis whose labels hold a single class (a binary one all 0 or
 all 1 included), or none, is refused with an error saying so, and so is one with fewer than two
@@ -332,6 +342,7 @@ class ProbeState(InspectorState):
             raise DeepBaseError(f"probe: labels of shape {tuple(labels.shape)}, expected ({n}, {len(self.names)})")
         if n == 0:
             return
+        lab = self.read_labels(labels.detach(), binary01=False)   # an infinite continuous label refused
         if record_ids is None:   # every row its own record (not batching-invariant across states)
             record_ids = torch.arange(self._auto_id, self._auto_id + n, dtype=torch.int64)
             self._auto_id += n
@@ -340,7 +351,6 @@ class ProbeState(InspectorState):
             raise DeepBaseError(f"probe: {rid.shape[0]} record ids for {n} rows")
         acts32 = acts.detach().to(self.device, torch.float32)
         self.finite &= torch.isfinite(acts32).all(0)
-        lab = labels.detach().to(self.device, F64)
         keys = self.row_keys(acts32, lab, rid)
         is_test = torch.as_tensor(test_split_mask(rid, self.seed, self.test_fraction), device=self.device)
         for split, sel in (("test", is_test), ("train", ~is_test)):
@@ -570,8 +580,9 @@ class ProbeState(InspectorState):
             elif kd == 1:
                 p = h["prior"] / h["prior"].sum()
                 b[s:e] = torch.log(p.clamp(min=1e-12)).to(dtype)
-            elif h["ytr"].numel():
-                b[s] = h["ytr"].mean().to(dtype)
+            elif h["ytr"].numel():       # about the first label: exact for equal labels
+                y0 = h["ytr"][0]
+                b[s] = (y0 + (h["ytr"] - y0).mean()).to(dtype)
             if mask is not None:
                 mask[s:e, torch.searchsorted(U, subsets[i].reshape(-1))] = 1
         if mask is not None:
@@ -685,7 +696,7 @@ class ProbeState(InspectorState):
         sx = torch.zeros(k, dtype=F64, device=self.device)
         sxx = torch.zeros(k, k, dtype=F64, device=self.device)
         sxy = torch.zeros(k, dtype=F64, device=self.device)
-        ym = y.mean()
+        ym = y[0] + (y - y[0]).mean()   # exactly the label when all are equal (R2 1.0 held out)
         yc = y - ym
         step = 1 << 16
         for i in range(0, n, step):
@@ -900,8 +911,10 @@ class ProbeState(InspectorState):
                     y = h["yte"].to(F64)
                     ss_tot = float(((y - y.mean()) ** 2).sum())
                     ss_res = float(((y - pred) ** 2).sum())
-                    if ss_tot > 0:
+                    if ss_tot > 0 and bool(y.max() > y.min()):
                         r["score"] = 1.0 - ss_res / ss_tot
+                    else:                # labels all equal: r2_score's force_finite=True values
+                        r["score"] = 1.0 if bool((pred == y).all()) else 0.0
             if none_finite:
                 r.update(score=math.nan, macro_f1=math.nan, correct=0)
             res.append(r)

@@ -43,7 +43,9 @@ standardised ranks of its sampled rows, G records with a labelled sampled row, c
 (1 + r^2/2) / (n_sample - 3); p_value by the t approximation with n_sample - 2 degrees of
 freedom (as scipy.stats.spearmanr). Extra column ``n_sample``: labelled
 rows in the sample. A unit or label that is constant over the scored rows gives NULL, and so
-does a unit with a NaN or infinite activation anywhere in the stream (as corr).
+does a unit with a NaN or infinite activation anywhere in the stream (as corr). Labels as corr
+reads them: a binary hypothesis' label is 0 or any other value (1); an infinite label of a
+continuous hypothesis is refused (HypothesisError).
 max_error() is the largest half-width that interval can have at the current sample sizes
 (maximised over r, so it needs no ranking and is cheap to call after every batch).
 """
@@ -362,7 +364,7 @@ class SampledState(InspectorState):
         if acts.shape[0] == 0:
             return
         acts = acts.to(self.device)
-        labels = labels.to(self.device, F64)
+        labels = self.read_labels(labels)         # binary as 0/1; an infinite continuous label refused
         keys = row_keys(acts, labels, None if record_ids is None else record_ids.to(self.device), self.seed)
         self.n += (~torch.isnan(labels)).sum(0)
         self.rows += int(acts.shape[0])
