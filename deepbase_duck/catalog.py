@@ -51,6 +51,9 @@ class Session:
         self.db_path = db_path
         self.act_root = Path(act_root)
         self.adapters: dict[str, ModelAdapter] = {}
+        # {model: its live module's tensor shapes when the row's layer widths were last measured}
+        # (model_row: an edit in place that keeps them keeps the widths; shared with cursor sessions)
+        self.live_shapes: dict[str, tuple] = {}
         self.progress = progress
         self.temporary_acts = db_path in (None, ":memory:")
         self.udf_tracebacks: list[str] = []
@@ -112,6 +115,7 @@ class Session:
                     "module_type": [r[2] for r in rows],
                     "width": pa.array([r[3] for r in rows], pa.int32())}))
         self.adapters[name] = adapter
+        self.live_shapes[name] = tensor_shapes(adapter.module)
         return {"name": name, "checksum": adapter.checksum, "tokenization": adapter.tokenization,
                 "layers": len(rows)}
 
@@ -134,6 +138,7 @@ class Session:
         if adapter.tokenization != tokenization:
             self._follow_tokenization(name, adapter, tokenization)
         self.adapters[name] = adapter
+        self.live_shapes[name] = tensor_shapes(adapter.module)    # the registered checksum's: the row's widths
         return adapter
 
     def _follow_tokenization(self, name: str, adapter: ModelAdapter, stored: str) -> None:
@@ -171,18 +176,15 @@ class Session:
         if row is None:
             raise UnknownNameError("model", name, self.model_names())
         live = self.adapters.get(name)
-        if live is not None and row[3] is not None and live.checksum != row[1]:
-            # the model object registered (or loaded) under this name was changed in place since:
-            # the name follows the object, now another model (its own keys, nothing stored reused);
-            # registered again as a live object, since no loader yields it any more (with the same
-            # submodules, only its checksum and loader change: no forward pass to measure widths)
-            layers = sorted((n, type(m).__name__) for n, m in live.module.named_modules() if n)
-            if layers == sorted(store.q_all(self.con, "SELECT layer, module_type FROM layers WHERE model = ?", [name])):
-                with store.Transaction(self.con) as con:
-                    con.execute("UPDATE models SET checksum = ?, loader = NULL, params = '{}' WHERE name = ?",
-                                [live.checksum, name])
-            else:
-                self.register_model(name, live)
+        if live is not None and row[3] is not None and (live.checksum != row[1] or live.tokenization != row[2]):
+            # the model object registered (or loaded) under this name was changed in place since
+            # (its weights or submodules, or its encoder: a new ``tokenization``, as the adapter's
+            # docs ask of an encoder change): the name follows the object, now another model (its
+            # own keys, nothing stored reused); registered again as a live object, since no loader
+            # yields it any more. With the same submodules of the same widths (one forward pass over
+            # the example measures them: a submodule swapped for one of its class with another
+            # width changes no name or class), only the row's keys and loader change
+            self._follow_live(name, live)
             return self.model_row(name)
         if row[3] is None and row[4] and name not in self.adapters:
             # a row keyed by the weights alone (an earlier store): loading the model moves it and
@@ -206,6 +208,26 @@ class Session:
             else:
                 return self.model_row(name)
         return {"name": row[0], "checksum": row[1], "tokenization": row[2]}
+
+    def _follow_live(self, name: str, live: ModelAdapter) -> None:
+        """The row of ``name`` takes the live adapter's checksum and tokenisation (see model_row).
+        Where its submodules' names or classes differ from the row's layers, or its tensors'
+        shapes from those the layers' widths were measured with (a submodule swapped for one of
+        its class with another width changes no name or class), the model is registered again
+        whole: one forward pass over the example measures the widths again. Else (weights written
+        in place) the widths stand and the model does not run."""
+        layers = sorted((n, type(m).__name__) for n, m in live.module.named_modules() if n)
+        stored = sorted(store.q_all(self.con, "SELECT layer, module_type FROM layers WHERE model = ?", [name]))
+        shapes = tensor_shapes(live.module)
+        if layers != stored or self.live_shapes.get(name) != shapes:
+            widths = layer_widths(live)
+            if layers != stored or widths != {k: w for k, w in self.stored_widths(name).items() if w is not None}:
+                self.register_model(name, live)
+                return
+            self.live_shapes[name] = shapes
+        with store.Transaction(self.con) as con:
+            con.execute("UPDATE models SET checksum = ?, tokenization = ?, loader = NULL, params = '{}' "
+                        "WHERE name = ?", [live.checksum, live.tokenization, name])
 
     def stored_widths(self, model: str) -> dict:
         """{layer: output width (None for a module without a tensor output)} of a registered model."""
@@ -232,8 +254,11 @@ class Session:
 
         Where the dataset exists: the same texts change nothing (sources are updated); the same
         texts followed by more appends the new records, keeping everything stored from the others
-        (symbols, labels, activations); other texts are refused unless ``replace``, which drops
-        the dataset with all that was stored from it and stores the new records."""
+        (symbols, labels, activations); other texts are refused unless ``replace``, which stores
+        the new records and drops what was stored from each old record whose text is not the new
+        record's of its id (symbols, labels, and the activation parts holding it; a record id
+        keeps its stored data only with the same text): editing a few records of a large dataset
+        recomputes those (and the other records of their parts), not the whole dataset."""
         if not isinstance(name, str) or not name.strip():
             raise DeepBaseError(f"a dataset name must be a non-empty string, got {name!r}")
         if isinstance(records, (str, bytes)):
@@ -271,6 +296,9 @@ class Session:
         exists = store.q_scalar(self.con, "SELECT count(*) FROM datasets WHERE name = ?", [name])
         first = 0                          # the first record id to insert
         if exists:
+            # a record edited with SQL since it was stored loses what was stored from its old text
+            # first: below its rows may be written again, with the md5 of the text they then hold
+            self._forget_edited_records(name)
             old = store.q_all(self.con, "SELECT text, source FROM records WHERE dataset = ? ORDER BY record_id", [name])
             if len(old) <= len(texts) and all(t == o[0] for t, o in zip(texts, old)):
                 first = len(old)           # the stored records, unchanged (maybe more after them)
@@ -279,24 +307,32 @@ class Session:
             elif not replace:
                 raise DatasetExistsError(
                     f"dataset {name!r} already exists with different records; pass replace=True to replace it "
-                    "(its labels, symbols and stored activations are then dropped)")
-        dropped = []
+                    "(what was stored from the records whose text changed is then dropped)")
+        dropped, part_files = [], []
         with store.Transaction(self.con) as con:
-            if exists and first == 0:
-                dropped = self._drop_dataset(con, name)
-            if exists and first:           # new sources of the kept records: their rows rewritten
-                if any(s != o[1] for s, o in zip(sources, old)):
-                    con.execute("DELETE FROM records WHERE dataset = ?", [name])
-                    first = 0
-            else:
+            if not exists:
                 con.execute("INSERT INTO datasets (name, description) VALUES (?, ?)", [name, description])
+            elif first == 0:               # replace: a record id keeps its stored data only with its text
+                gone = [i for i, o in enumerate(old) if i >= len(texts) or texts[i] != o[0]]
+                if len(gone) < len(old):
+                    part_files, dropped = self._forget_records(con, name, gone)
+                    con.execute("DELETE FROM records WHERE dataset = ?", [name])
+                    con.execute("UPDATE datasets SET description = ? WHERE name = ?", [description, name])
+                else:                      # nothing kept: the dataset goes whole
+                    dropped = self._drop_dataset(con, name)
+                    con.execute("INSERT INTO datasets (name, description) VALUES (?, ?)", [name, description])
+            elif any(s != o[1] for s, o in zip(sources, old)):
+                con.execute("DELETE FROM records WHERE dataset = ?", [name])   # new sources of the kept records:
+                first = 0                                                    # their rows rewritten
             store.insert_arrow(con, "records", pa.table({
                 "dataset": pa.array([name] * (len(texts) - first)),
                 "record_id": pa.array(np.arange(first, len(texts), dtype=np.int32)),
                 "source": columns["source"].slice(first),
                 "text": columns["text"].slice(first)}))
             con.execute("UPDATE records SET text_md5 = md5(text) WHERE dataset = ? AND text_md5 IS NULL", [name])
-        for directory in dropped:          # files go once the catalog no longer lists them
+        for f in part_files:               # files go once the catalog no longer lists them
+            f.unlink(missing_ok=True)
+        for directory in dropped:
             store.remove_tree(self.act_root / directory)
         return len(texts)
 
@@ -367,7 +403,6 @@ class Session:
         text: symbols, labels, and the activation parts holding them (their other records are
         computed again too); a warning names them. Rows from before text_md5 existed get it
         now. Returns the changed record ids."""
-        from .engine.extract import forget_parts
         con = self.con
         if store.q_scalar(con, "SELECT count(*) FROM records WHERE dataset = ? AND text_md5 IS NULL", [name]):
             con.execute("UPDATE records SET text_md5 = md5(text) WHERE dataset = ? AND text_md5 IS NULL", [name])
@@ -375,26 +410,44 @@ class Session:
                                                        "text_md5 <> md5(text) ORDER BY record_id", [name])]
         if not changed:
             return changed
-        self.forget_image_maxima(name)
-        part_files = []
         with store.Transaction(con):
-            for table in ("symbols", "tokenized_records", "labels", "labeled_records"):
-                con.execute(f"DELETE FROM {table} WHERE dataset = ? AND list_contains(?, record_id)", [name, changed])
-            rows = store.q_all(con, "SELECT b.behavior_id, b.view_name, b.directory, list(DISTINCT r.part) "
-                                    "FROM behaviors b JOIN behavior_records r USING (behavior_id) "
-                                    "WHERE b.dataset = ? AND list_contains(?, r.record_id) "
-                                    "GROUP BY ALL", [name, changed])
-            for bid, view, directory, parts in rows:
-                _, files = forget_parts(con, {"behavior_id": bid, "view_name": view}, [int(p) for p in parts])
-                part_files += [self.act_root / directory / f for f in files]
+            part_files, dropped = self._forget_records(con, name, changed)
             con.execute("UPDATE records SET text_md5 = md5(text) WHERE dataset = ? AND list_contains(?, record_id)",
                         [name, changed])
         for f in part_files:
             f.unlink(missing_ok=True)
+        for directory in dropped:
+            store.remove_tree(self.act_root / directory)
         shown = ", ".join(map(str, changed[:10])) + (" ..." if len(changed) > 10 else "")
         warnings.warn(f"dataset {name!r}: the text of {len(changed)} record(s) ({shown}) changed since it was stored; "
                       f"their symbols, labels and stored activations will be computed again", stacklevel=3)
         return changed
+
+    def _forget_records(self, con, name: str, ids: list[int]) -> tuple[list[Path], list[str]]:
+        """In the caller's transaction: what was stored from records ``ids`` of dataset ``name``
+        goes: their symbols and labels, and the activation parts holding them (the parts' other
+        records count as not stored then); a behavior left with no part goes too (its row and
+        view), as after a failed extraction: no catalog row lists activations it does not hold.
+        Returns the part files and the behavior folders to delete once the transaction commits."""
+        from .engine.extract import forget_parts
+        part_files, dropped = [], []
+        if not ids:
+            return part_files, dropped
+        self.forget_image_maxima(name)
+        for table in ("symbols", "tokenized_records", "labels", "labeled_records"):
+            con.execute(f"DELETE FROM {table} WHERE dataset = ? AND list_contains(?, record_id)", [name, ids])
+        rows = store.q_all(con, "SELECT b.behavior_id, b.view_name, b.directory, list(DISTINCT r.part) "
+                                "FROM behaviors b JOIN behavior_records r USING (behavior_id) "
+                                "WHERE b.dataset = ? AND list_contains(?, r.record_id) "
+                                "GROUP BY ALL", [name, ids])
+        for bid, view, directory, parts in rows:
+            _, files = forget_parts(con, {"behavior_id": bid, "view_name": view}, [int(p) for p in parts])
+            part_files += [self.act_root / directory / f for f in files]
+            if not store.q_scalar(con, "SELECT count(*) FROM behavior_parts WHERE behavior_id = ?", [bid]):
+                con.execute("DELETE FROM behavior_records WHERE behavior_id = ?", [bid])
+                con.execute("DELETE FROM behaviors WHERE behavior_id = ?", [bid])
+                dropped.append(directory)
+        return part_files, dropped
 
     def record_ids(self, dataset: str) -> np.ndarray:
         t = store.q_arrow(self.con, "SELECT record_id FROM records WHERE dataset = ? ORDER BY record_id", [dataset])
@@ -492,6 +545,11 @@ def load_adapter(spec: str, params: dict, model: str | None = None) -> ModelAdap
     if not isinstance(adapter, ModelAdapter):
         raise DeepBaseError(f"{who}loader {spec!r} returned {type(adapter).__name__}, not a ModelAdapter")
     return adapter
+
+
+def tensor_shapes(module) -> tuple:
+    """(name, shape) of every parameter and buffer of ``module``: no value is read."""
+    return tuple((k, tuple(v.shape)) for k, v in module.state_dict(keep_vars=True).items())
 
 
 def layer_widths(adapter: ModelAdapter) -> dict[str, int]:

@@ -51,10 +51,17 @@ def apply_sql(con: duckdb.DuckDBPyConnection, kind: str) -> None:
 
 
 def activation_root(db_path: str | None) -> Path:
-    """The folder holding Parquet activation parts: '<store>.acts' beside a file store."""
+    """The folder holding Parquet activation parts: '<store>.acts' beside a file store, the file
+    itself where ``db_path`` is a symbolic link to it (a store opened through a link to it, or
+    by its own path, has one folder: beside the link, its catalog would have found no file,
+    forgotten every stored part, and the next opening by the file's path deleted them). A folder
+    that an earlier version made beside a link, where the file has none, is kept."""
     if db_path is None or db_path == ":memory:":
         return Path(tempfile.mkdtemp(prefix="deepbase_duck_acts_"))
-    return Path(os.path.abspath(db_path) + ".acts")
+    real, beside = os.path.realpath(db_path) + ".acts", os.path.abspath(db_path) + ".acts"
+    if real != beside and os.path.isdir(beside) and not os.path.isdir(real):
+        return Path(beside)
+    return Path(real)
 
 
 def open_database(path: str | None, threads: int | None = None) -> duckdb.DuckDBPyConnection:

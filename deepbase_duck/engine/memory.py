@@ -99,15 +99,27 @@ def release_freed_memory(keep: int | None = None) -> bool:
 _SIZE = re.compile(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*")     # DuckDB's memory sizes: '128MB', '18.8 GiB'
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
           "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+# units DuckDB shows but does not take in a SET: '500 bytes', and '16383.9 PiB' for no limit
+# (SET memory_limit = '-1')
+_SHOWN_UNITS = {**_UNITS, "bytes": 1, "pib": 2 ** 50}
 
 
 def memory_bytes(text: str) -> float:
-    """Bytes in a DuckDB memory setting such as '128MB' or '18.8 GiB'."""
+    """Bytes in a memory size that DuckDB's SET memory_limit takes, such as '128MB' or '1GiB'."""
     m = _SIZE.fullmatch(str(text))
     if not m or m.group(2).lower() not in _UNITS:
         raise DeepBaseError(f"scan_memory_limit: not a memory size: {text!r} (expected a number and a unit "
                             "such as '128MB' or '1GiB', or None)")
     return float(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def shown_bytes(text: str) -> float:
+    """Bytes in a memory limit as DuckDB shows it ('18.8 GiB', '500 bytes', '16383.9 PiB' for
+    none); infinity for a text it cannot read (taken as no limit: the cap then applies)."""
+    m = _SIZE.fullmatch(str(text))
+    if not m or m.group(2).lower() not in _SHOWN_UNITS:
+        return float("inf")
+    return float(m.group(1)) * _SHOWN_UNITS[m.group(2).lower()]
 
 
 @contextmanager
@@ -122,7 +134,7 @@ def capped_store_memory(session):
         yield
         return
     old = _memory_limit(con)
-    if memory_bytes(old) <= memory_bytes(limit):
+    if shown_bytes(old) <= memory_bytes(limit):
         yield
         return
     con.execute(f"SET memory_limit = '{limit}'")
@@ -150,9 +162,21 @@ def restore_memory_limit(con, old: str) -> None:
     con.execute("RESET memory_limit")
     if _memory_limit(con) == old:
         return
+    m = _SIZE.fullmatch(old)
+    unit = m.group(2).lower() if m else None
+    if unit in ("pib", "bytes"):
+        # shown in a unit SET does not take: no limit ('16383.9 PiB', from SET memory_limit = '-1'),
+        # or a few bytes ('500 bytes'), set again in bytes
+        con.execute("SET memory_limit = '-1'" if unit == "pib" else f"SET memory_limit = '{m.group(1)}B'")
+        return
+    if m is None or unit not in _UNITS:          # a form not known here: as shown, if DuckDB takes it
+        try:
+            con.execute(f"SET memory_limit = '{old}'")
+        except duckdb.Error:
+            pass                                 # (DuckDB's default stays)
+        return
     con.execute(f"SET memory_limit = '{old}'")
     if _memory_limit(con) != old:
-        m = _SIZE.fullmatch(old)
         con.execute(f"SET memory_limit = '{float(m.group(1)) + 0.05:.2f} {m.group(2)}'")
 
 

@@ -35,12 +35,10 @@ HYP_STRUCT = "STRUCT(name VARCHAR, kind VARCHAR, description VARCHAR, version VA
 
 
 def _cursor_session(session: Session) -> Session:
-    sub = Session(session.con.cursor(), session.db_path, session.act_root, progress=session.progress)
-    sub.adapters = session.adapters           # share loaded models
-    sub.temporary_acts = False                # the parent owns the folder
-    sub.scan_memory_limit = session.scan_memory_limit
-    sub.write_lock = session.write_lock       # one query at a time per store (store.one_writer)
-    return sub
+    """The session a UDF call works in: ``session`` over a cursor of its own, sharing its loaded
+    models, what it has checked of them (their tensor shapes, tokenisations), its writer lock and
+    its folder (Session.cursor_session)."""
+    return session.cursor_session()
 
 
 def _rows(arrays):
