@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import store
-from .errors import DeepBaseError, EmptyDatasetError, UnknownNameError
+from .errors import ActivationError, DeepBaseError, EmptyDatasetError, UnknownNameError
 from .extraction.adapters import ModelAdapter, weights_checksum
 from .extraction.hooks import Retain, user_hooks
 from .hypotheses.grid import grid_of
@@ -244,6 +244,14 @@ class Session:
         for layer in layers:
             if layer not in valid:
                 raise UnknownNameError("layer", layer, [k for k, w in valid.items() if w] or valid)
+            if valid[layer] is None:      # a ModuleList, a module returning None or no tensor
+                inner = [k for k, w in valid.items() if w and k.startswith(f"{layer}.") and "." not in k[len(layer) + 1:]]
+                raise ActivationError(
+                    f"layer {layer!r} of model {model!r} gives no tensor output (a container such as a ModuleList "
+                    f"is never called itself, or the module returns None or no tensor), so it has no activations "
+                    f"to read; " + (f"its submodules with tensor outputs: {', '.join(inner[:10])}"
+                                    f"{' ...' if len(inner) > 10 else ''}" if inner else
+                                    "its layers with tensor outputs: " + ", ".join(k for k, w in valid.items() if w)))
         return list(layers)
 
     # -- datasets --------------------------------------------------------------------------

@@ -294,3 +294,33 @@ def test_sql_batch_size_zero_is_refused_like_python(primed):
     assert snapshot(primed) == before
     assert primed.sql("SELECT extracted FROM extract_activations('planted', ['mix'], 'snippets', "
                       "batch_size := NULL)").fetchall() == [(len(TEXTS),)]
+
+
+def test_a_container_layer_is_refused_naming_its_submodules(con):
+    """A ModuleList is registered with no width (it is never called itself): inspect and extract
+    name it and its submodules instead of failing on a NULL width (a TypeError)."""
+    import torch
+    from deepbase_duck.errors import ActivationError
+    from deepbase_duck.extraction.adapters import CharAdapter
+    from deepbase_duck.models.charlstm import VOCAB, encode_chars
+
+    class Blocks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(len(VOCAB), 4)
+            self.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(2)])
+
+        def forward(self, ids):
+            x = self.embed(ids)
+            for b in self.blocks:
+                x = torch.tanh(b(x))
+            return x
+    dbd.register_model(con, "blocks", CharAdapter(Blocks(), encode_chars, "chars-blocks"))
+    dbd.add_dataset(con, "d", TEXTS[:4])
+    before = snapshot(con)
+    for call in (lambda: dbd.inspect(con, "blocks", ["embed", "blocks"], ["digit"], "d"),
+                 lambda: dbd.extract(con, "blocks", ["blocks"], "d")):
+        with pytest.raises(ActivationError, match=r"layer 'blocks' of model 'blocks' gives no tensor output.*"
+                                                  r"its submodules with tensor outputs: blocks\.0, blocks\.1"):
+            call()
+    assert snapshot(con) == before
