@@ -6,7 +6,10 @@ Threshold
 A unit's threshold T is the activation exceeded by a fraction ``quantile`` (default 0.005) of
 all symbols: numpy.quantile(acts[:, unit], 1 - quantile) with numpy's default 'linear'
 interpolation, over every row of the stream (labelled for some hypothesis or not). A symbol
-"fires" when its activation is strictly above T.
+"fires" when its activation is strictly above T, as in Network Dissection; so a unit whose
+largest value is shared by more than that fraction of the symbols (a 0/1 unit, a clipped one)
+never fires: its precision is NULL and its iou and recall 0, even when it equals a hypothesis
+(score such units with ``corr`` or ``pointbiserial``, or with a larger ``quantile``).
 
 Streaming state: exact top values with their label bits
 -------------------------------------------------------
