@@ -419,3 +419,40 @@ def test_ctrl_c_before_the_first_commit_leaves_no_behavior_row(tmp_path, monkeyp
             (8, _symbols(range(8)))]
     finally:
         dbd.close(con)
+
+
+def test_a_missing_activation_folder_forgets_nothing_until_it_is_made_again(tmp_path):
+    """The whole '<store>.acts' folder gone (a drive not mounted) is an error that changes
+    nothing: put back, the stored activations are read; deleted on purpose and made again
+    empty, they are computed again (with the usual warning)."""
+    import shutil
+    import warnings
+    from deepbase_duck.errors import DeepBaseError
+    db = str(tmp_path / "s.duckdb")
+    con = dbd.connect(db, progress=False)
+    dbd.register_model(con, "planted", "ray_models:planted")
+    dbd.add_dataset(con, "snippets", TEXTS)
+    dbd.extract(con, "planted", ["planted"], "snippets")
+    parts = con.sql("SELECT count(*) FROM behavior_parts").fetchall()[0][0]
+    assert parts > 0
+    root, away = Path(db + ".acts"), tmp_path / "elsewhere"
+    shutil.move(str(root), str(away))
+    with pytest.raises(DeepBaseError, match=r"activation folder of this store, .*s\.duckdb\.acts, is missing.*put it "
+                                            r"back.*make it again, empty"):
+        dbd.inspect(con, "planted", ["planted"], ["digit"], "snippets", reuse=False)
+    assert con.sql("SELECT count(*) FROM behavior_parts").fetchall()[0][0] == parts
+    assert not root.exists()
+    dbd.close(con)
+    shutil.move(str(away), str(root))              # back: read as stored, at a fresh opening too
+    con = dbd.connect(db, progress=False)
+    dbd.inspect(con, "planted", ["planted"], ["digit"], "snippets", reuse=False)
+    params = con.sql("SELECT params FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0]
+    assert '"activation_records_computed": 0' in params
+    shutil.rmtree(root)
+    root.mkdir()                                   # deleted on purpose: made again, empty
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        dbd.inspect(con, "planted", ["planted"], ["digit"], "snippets", reuse=False)
+    assert any("part files are missing" in str(w.message) for w in seen)
+    assert con.sql("SELECT count(*) FROM behavior_parts").fetchall()[0][0] == 0
+    dbd.close(con)

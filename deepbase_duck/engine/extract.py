@@ -206,12 +206,24 @@ def forget_missing_parts(session, b: dict) -> int:
     """Parts of ``b`` that the catalog lists but whose file is gone (its folder deleted or moved
     by hand) are taken out of the catalog, with a warning: their records count as not stored, so
     a scan computes them again and an extraction stores them again, instead of failing on a
-    missing file. Returns the number of records forgotten."""
+    missing file. Returns the number of records forgotten.
+
+    Where the store's whole activation folder is missing (a drive not mounted, a folder moved),
+    nothing is forgotten: a DeepBaseError says so, since forgetting would lose the parts for
+    good (once back, files the catalog no longer lists are deleted at the next opening). A
+    folder deleted on purpose is made again, empty, to go on (its activations computed again)."""
     folder = session.act_root / b["directory"]
     parts = store.q_all(session.con, "SELECT part, file FROM behavior_parts WHERE behavior_id = ?", [b["behavior_id"]])
     try:                           # one listing of the folder, not a stat per part
         present = {e.name for e in os.scandir(folder) if e.is_file()}
     except FileNotFoundError:
+        if parts and not os.path.isdir(session.act_root):
+            raise DeepBaseError(
+                f"the activation folder of this store, {session.act_root}, is missing, while the store lists "
+                f"{len(parts)} stored part(s) of model {b.get('model')!r}, layer {b.get('layer')!r} on dataset "
+                f"{b.get('dataset')!r} in it: if it is on a drive that is not mounted, or was moved, put it back "
+                f"(nothing was changed); if it was deleted, make it again, empty (mkdir {str(session.act_root)!r}), "
+                f"and what it held will be computed again") from None
         present = set()
     for _, name in parts:          # committed, not yet published (a kill after the commit): published now
         if name not in present and staged_name(name) in present:
