@@ -3,6 +3,7 @@ only missing records run through the model, and every query says what it reused.
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -567,3 +568,42 @@ def test_a_hypothesis_known_only_by_its_stored_labels_scores_the_records_it_labe
     assert got.column("score").to_pylist() == pytest.approx(want.column("score").to_pylist(), abs=1e-12)
     with pytest.raises(HypothesisError, match="known to this store only by its stored labels"):
         dbd.inspect(con, "planted", ["planted"], ["vowel_only_stored"], "more")
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_an_early_stopped_scan_over_partly_stored_activations_runs_only_the_rest(con, pipeline):
+    """A progressive scan of a dataset whose activations are stored for some records only (a
+    dataset grown since its extraction) reads those and runs the model on the others, batch by
+    batch: the same records used and the same scores as a scan over the model alone."""
+    from conftest import planted_adapter
+    rng = np.random.default_rng(3)
+    texts = ["".join(TEXTS[int(i)] for i in rng.integers(0, len(TEXTS), 3)) for _ in range(120)]
+    adapter = planted_adapter()
+    rows = []
+    adapter.module.planted.register_forward_hook(lambda m, i, o: rows.append(int(i[0].shape[0])))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                  # (the counting hook changes nothing)
+        dbd.register_model(con, "planted", adapter)
+    dbd.add_dataset(con, "many", texts)
+    from deepbase_duck.engine.inspect import LocalEngine
+    kw = dict(max_error=0.3, batch_size=4, seed=1, reuse=False, engine=LocalEngine(pipeline=pipeline))
+    alone = dbd.inspect(con, "planted", ["mix"], ["digit"], "many", **kw)
+    _, source, params_alone = last_query(con)
+    assert source == "model" and params_alone["records_used"] < 120
+    dbd.extract(con, "planted", ["mix"], "many", record_ids=list(range(0, 120, 2)))
+    rows.clear()
+    mixed = dbd.inspect(con, "planted", ["mix"], ["digit"], "many", **kw)
+    _, source, params = last_query(con)
+    used = params["records_used"]
+    assert source == "stored+model" and used == params_alone["records_used"]
+    read, computed = params["reused"]["activation_records_read"], params["reused"]["activation_records_computed"]
+    assert read > 0 and computed > 0 and read + computed == used
+    # the model ran on the records not stored only (a prefetching pipeline runs a batch or two ahead)
+    assert sum(rows) == computed if not pipeline else computed <= sum(rows) < computed + 3 * 4
+    want = {(r["unit"], r["hypothesis"]): r for r in alone.to_pylist()}
+    for r in mixed.to_pylist():
+        w = want[(r["unit"], r["hypothesis"])]
+        for col in ("score", "ci_low", "ci_high"):
+            assert (r[col] is None) == (w[col] is None)
+            if w[col] is not None:
+                assert r[col] == pytest.approx(w[col], abs=1e-6)

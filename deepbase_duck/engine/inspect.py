@@ -376,6 +376,18 @@ def mi_calibration_stacked(session, plans: list, stacked, ran: list) -> dict:
             for name, per_layer in parts.items()}
 
 
+def _mixed(halves: list, rows, computed, counts):
+    """The batches of a progressive scan over records partly stored: per seeded batch, its
+    (stored, not stored) records (``halves``), a Batch of the stored ones read from ``rows``
+    (StoredRows) and the next batch of ``computed`` (the model's, over the batches' other
+    records, in order)."""
+    for stored, run in halves:
+        if stored:
+            yield rows.batch(stored, counts)
+        if run:
+            yield next(computed)
+
+
 def _drain(batches: list):
     """Yield and drop the batches of ``batches`` one by one (each freed once consumed)."""
     while batches:
@@ -929,7 +941,31 @@ class LocalEngine:
             """A progressive scan's seeded windows from the first one not merged yet."""
             block_ids, w = seeded_windows(session, plan)
             return block_ids[sum(w[:done]):], w[done:]
-        if len(covered):                          # stored activations: the model does not run for them
+        closing = []                               # sources read through another (mixed), closed at the end too
+        if progressive and len(covered) and len(missing):
+            # some records stored, some not (a dataset grown since its extraction): each seeded
+            # batch reads its stored records' activations and runs the model on the rest, so the
+            # scan reads the same records in the same windows as one over the model alone
+            block_ids, w = remaining()
+            stored_set = set(int(r) for r in covered)
+            halves = [([r for r in ids if r in stored_set], [r for r in ids if r not in stored_set])
+                      for ids in block_ids]
+            per_batch = iter([bool(a) + bool(b) for a, b in halves])
+            windows += [sum(next(per_batch) for _ in range(n)) for n in w]
+            order += [r for a, b in halves for r in a + b]
+            rows = StoredRows(stored_part_blocks(session, plan, behaviors, covered))
+            adapter = session.adapter(plan.model)
+            run_ids = [b for _, b in halves if b]
+            computed = batch_source(
+                session, lambda reader: forward_batches(reader, adapter, plan.model, plan.layers, plan.dataset,
+                                                        run_ids, counts, defer_check=True, keep_encoding=True),
+                self.pipelined(adapter))
+            closing.append(computed)
+            sources.append(_mixed(halves, rows, computed, counts))
+            covered_read, to_run = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        else:
+            covered_read, to_run = covered, None
+        if len(covered_read):                     # stored activations: the model does not run for them
             blocks = stored_part_blocks(session, plan, behaviors, covered)
             if not progressive:                   # part by part
                 windows.append(len(blocks))
@@ -945,7 +981,8 @@ class LocalEngine:
             windows.append(len(ran))
             order += [int(r) for b in ran for r in b.record_ids]
             sources.append(_drain(ran))
-        to_run = np.setdiff1d(missing, order) if ran else missing
+        if to_run is None:
+            to_run = np.setdiff1d(missing, order) if ran else missing
         if len(to_run):                           # the rest: one forward pass per batch, all layers
             adapter = session.adapter(plan.model)
             if not progressive:
@@ -1012,7 +1049,7 @@ class LocalEngine:
         finally:
             bar.close()
             failed = sys.exc_info()[0] is not None
-            for src in sources:                   # a prefetching producer stops (and its thread ends) here
+            for src in sources + closing:         # a prefetching producer stops (and its thread ends) here
                 src.close()
             symbols.close(failed=failed)
             labels.close(failed=failed)
@@ -1272,11 +1309,12 @@ def query_fingerprint(session, plans: list, baseline: bool, baseline_seed: int, 
 
 
 def stored_reads(session, plan: Plan, checksum, tokenization, partial: bool = True) -> tuple[dict, np.ndarray]:
-    """``stored_coverage`` as a scan uses it: a progressive scan, or any scan of an engine that
-    cannot mix stored and computed records (``partial=False``: Ray), reads stored activations
-    only when they cover every selected record, else none ({}, empty)."""
+    """``stored_coverage`` as a scan uses it: a scan of an engine that cannot mix stored and
+    computed records (``partial=False``: Ray) reads stored activations only when they cover
+    every selected record, else none ({}, empty). (A progressive scan mixes them batch by
+    batch: LocalEngine.run.)"""
     behaviors, covered = stored_coverage(session, plan, checksum, tokenization)
-    if (plan.progressive or not partial) and len(covered) < len(np.unique(plan.record_ids)):
+    if not partial and len(covered) < len(np.unique(plan.record_ids)):
         return {}, np.empty(0, np.int64)
     return behaviors, covered
 
