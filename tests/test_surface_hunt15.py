@@ -249,3 +249,36 @@ def test_ctrl_c_at_the_shell_prompt_session_goes_on_without_a_traceback(tmp_path
         assert sh.feed(["SELECT 6 * 7 AS answer;"], interactive=True) == 0 and "42" in out.getvalue()
     finally:
         dbd.close(con)
+
+
+def test_ctrl_c_in_a_python_program_stops_a_sql_inspect_on_another_thread(tmp_path):
+    """A script's con.sql("... inspect(...)") interrupted: dbd.connect chains Python's own
+    Ctrl-C handler (from the main thread) so that the UDF running on another thread stops too,
+    instead of scanning to its end and storing its scores."""
+    import signal
+    import threading
+    import time
+    from deepbase_duck.surface import udfs
+    con, labelling = _slow_store(tmp_path, "hunt15_digit_c")
+    try:
+        assert udfs._CTRL_C_CHAINED and signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        failed = []
+
+        def query():
+            cur = dbd.cursor(con)
+            try:
+                cur.sql("SELECT count(*) FROM inspect('slow', ['planted'], ['hunt15_digit_c'], 'snippets', "
+                        "batch_size := 1)").fetchall()
+            except BaseException as exc:
+                failed.append(exc)
+        t = threading.Thread(target=query)
+        t.start()
+        assert labelling.wait(120)
+        time.sleep(0.5)
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)                   # Ctrl-C, in the main thread
+        t.join(120)
+        assert not t.is_alive() and failed and "KeyboardInterrupt" in str(failed[0])
+        assert con.sql("SELECT count(*) FROM queries").fetchall() == [(0,)]
+    finally:
+        dbd.close(con)

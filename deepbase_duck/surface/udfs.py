@@ -69,6 +69,32 @@ def interrupt_udfs() -> int:
     return n
 
 
+_CTRL_C_CHAINED = False
+
+
+def stop_udfs_on_ctrl_c() -> bool:
+    """Make Ctrl-C stop the deepbase_duck UDFs of every connection's queries (``interrupt_udfs``)
+    as well as the main thread: once per process, from the main thread, and only where Ctrl-C
+    raises KeyboardInterrupt through Python's own handler (a program's or notebook's own
+    handler is left as it is). Without it, ``con.sql("SELECT * FROM inspect(...)")`` interrupted
+    in a script only stopped the DuckDB query, which waited for the UDF to scan to its end and
+    store its scores. Returns whether the handler was installed now."""
+    import signal
+    global _CTRL_C_CHAINED
+    if _CTRL_C_CHAINED or threading.current_thread() is not threading.main_thread():
+        return False
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler:
+        return False
+
+    def handler(signum, frame):
+        interrupt_udfs()
+        previous(signum, frame)
+    signal.signal(signal.SIGINT, handler)
+    _CTRL_C_CHAINED = True
+    return True
+
+
 def _udf(session: Session, fn):
     """Run ``fn(sub_session, *row)`` for each input row; keep tracebacks; re-raise plainly."""
     @functools.wraps(fn)
@@ -143,6 +169,7 @@ def _exists(fn: str, name: str, appends: str) -> str:
 
 def register_udfs(session: Session) -> None:
     con = session.con
+    stop_udfs_on_ctrl_c()
     from ..engine.extract import extract
     from ..engine.inspect import inspect
     from ..hypotheses.core import held_versions, registry
