@@ -665,3 +665,46 @@ def test_stable_windows_without_top_k_is_refused_in_python_and_sql(big):
     # left out, a ranking query waits 3 windows (recorded in the query's params)
     dbd.inspect(big, "planted", ["planted"], ["digit"], "many", batch_size=8, top_k=2, seed=1)
     assert last_query(big)[1]["stable_windows"] == 3
+
+
+@pytest.mark.parametrize("rule", ["max_error", "top_k"])
+def test_a_class_not_met_yet_keeps_the_scan_reading(big, rule):
+    """A hypothesis whose class no window has met has every unit score NULL: it is not settled
+    (its half-widths counted 0 and its all-NULL top-k sets, tied by unit number, looked stable,
+    so the scan stopped with its scores all NULL and bound 0). Here its only positive records come
+    last in the seeded order: the scan reads on to them and scores it."""
+    order = [r for (r,) in big.sql("SELECT record_id FROM seeded_order('many', seed := 2)").fetchall()]
+    texts = dict(big.sql("SELECT record_id, text FROM records WHERE dataset = 'many'").fetchall())
+    last = {texts[r] for r in order[-3:]}
+    assert all(texts[r] not in last for r in order[:-3])          # (those texts are nowhere else)
+
+    @dbd.hypothesis(f"last_three_{rule}", kind="binary")
+    def last_three(text):
+        return [(0, len(text))] if text in last else []
+    kw = dict(max_error=0.9) if rule == "max_error" else dict(top_k=3, stable_windows=1)
+    t = dbd.inspect(big, "planted", ["mix"], ["digit", f"last_three_{rule}"], "many", batch_size=8, seed=2, **kw)
+    params = json.loads(big.sql("SELECT params FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0])
+    assert params["records_used"] == 240 and not params["stopped_early"] and params["stop_rule"] is None
+    scores = [r["score"] for r in t.to_pylist() if r["hypothesis"] == f"last_three_{rule}"]
+    assert scores and all(s is not None for s in scores)
+    # without it the same query stops early, on the digit column alone
+    t = dbd.inspect(big, "planted", ["mix"], ["digit"], "many", batch_size=8, seed=2, **kw)
+    params = json.loads(big.sql("SELECT params FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0])
+    assert params["stopped_early"] and params["records_used"] < 240
+
+
+def test_a_rule_that_first_holds_at_the_last_window_is_no_early_stop():
+    """A scan whose rule held only once every record was read stopped nothing: its report said
+    'stopped early after 125 of 125 records' with the full scan's wider bound."""
+    from types import SimpleNamespace
+    from deepbase_duck.engine.inspect import stop_report
+    plan = SimpleNamespace(record_ids=list(range(10)), probe_checks=[], model="m")
+    last = {"records_used": 10, "stopped_early": True, "stop_rule": "max_error", "bound": 0.1}
+    out = stop_report([(plan, last)])
+    assert (out["stopped_early"], out["stop_rule"], out["records_used"]) == (False, None, 10)
+    early = dict(last, records_used=6)
+    out = stop_report([(plan, early)])
+    assert (out["stopped_early"], out["stop_rule"]) == (True, "max_error")
+    other = SimpleNamespace(record_ids=list(range(10)), probe_checks=[], model="n")
+    out = stop_report([(plan, dict(last, stopped_early=False, stop_rule=None)), (other, dict(last, stop_rule="top_k"))])
+    assert (out["stopped_early"], out["stop_rule"]) == (False, None)    # not 'm: None; n: top_k'

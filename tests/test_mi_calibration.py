@@ -168,3 +168,23 @@ def test_checkpoints_scanned_together_run_each_record_once_calibration_included(
         assert len(mine) == alone.num_rows
         for r in alone.to_pylist():
             assert mine[(r["measure"], r["unit"], r["hypothesis"])] == pytest.approx(r["score"], abs=1e-12)
+
+
+def test_checkpoints_whose_calibration_rows_would_be_too_large_set_their_bins_one_at_a_time(three, monkeypatch):
+    """Past MI_CALIBRATION_HOLD_BYTES, models scanned together set their bins one model at a time
+    and hold no batch (the scan runs those records again): the same scores, more rows run."""
+    import sys
+    engine = sys.modules["deepbase_duck.engine.inspect"]          # (the package's name 'inspect' is the function)
+    a, b = counted(three, "ha"), counted(three, "hb")
+    kw = dict(measures=["mi", "corr"], batch_size=5, mi={"calibration_rows": ROWS}, reuse=False)
+    held = dbd.inspect(three, ["ha", "hb"], ["planted"], HYPS, "snippets", **kw)
+    a.clear(), b.clear()
+    monkeypatch.setattr(engine, "MI_CALIBRATION_HOLD_BYTES", 0)
+    apart = dbd.inspect(three, ["ha", "hb"], ["planted"], HYPS, "snippets", **kw)
+    chosen, _ = chosen_records(len(TEXTS) * 3, [len(t) for t in TEXTS * 3], ROWS)
+    assert (sum(a), sum(b)) == (len(TEXTS) * 3 + len(chosen),) * 2
+    want = {(r["model"], r["measure"], r["unit"], r["hypothesis"]): r["score"] for r in held.to_pylist()}
+    got = {(r["model"], r["measure"], r["unit"], r["hypothesis"]): r["score"] for r in apart.to_pylist()}
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, abs=1e-12)

@@ -278,6 +278,9 @@ def mi_calibration_records(session, plan: Plan, tokenization: str, encoder) -> t
     return chosen, total
 
 
+MI_CALIBRATION_HOLD_BYTES = 1 << 30   # most host memory the calibration batches of models scanned together hold
+
+
 def engine_sets_mi_bins(plan: Plan) -> bool:
     """Whether the engine chooses the bins of ``plan``'s mi states before the scan (both
     engines' full scans with mi; not a progressive scan, whose first window sets them, nor a
@@ -345,7 +348,9 @@ def mi_calibration_stacked(session, plans: list, stacked, ran: list) -> dict:
     encoded once and run through every model (``stacked``), and the batches, {model: Batch} with
     the activations on the host, go to ``ran`` for the scan to feed to its states instead of
     running those records again. {model: mi_calibration's {layer: {...}}}; {} per model where the
-    engine does not set the bins."""
+    engine does not set the bins. Where every model's calibration rows together would take more
+    than MI_CALIBRATION_HOLD_BYTES (float32; ten checkpoints of a 13-layer, 768-wide transformer
+    at 10k rows: 4 GB), each model's bins are set one model at a time and nothing is held."""
     from ..inspectors.mutual_information import quantile_edges
     from .stacking import stacked_batches
     p0 = plans[0]
@@ -355,6 +360,11 @@ def mi_calibration_stacked(session, plans: list, stacked, ran: list) -> dict:
     chosen, total = mi_calibration_records(session, p0, tokenization, lambda: stacked.adapters[p0.model])
     if total == 0:
         return {p.model: {} for p in plans}
+    widths = session.stored_widths(p0.model)
+    if len(plans) * total * sum(int(widths[layer]) for layer in p0.layers) * 4 > MI_CALIBRATION_HOLD_BYTES:
+        # every model's calibration rows held at once would be too large: one model at a time, as
+        # a single model's, and its batches dropped (the scan runs those records again)
+        return {p.model: mi_calibration(session, p, {}, ()) for p in plans}
     counts = stored_symbol_counts(session, p0.dataset, tokenization)
     parts = {p.model: {layer: [] for layer in p0.layers} for p in plans}
     stream = stacked_batches(session, stacked, p0.layers, p0.dataset,
@@ -810,33 +820,42 @@ class StopRule:
         if probes:
             rules.append(("plateau", self.plateaued))
         if plan.top_k is not None:              # every window's sets: the verdict at a window is the
-            # same whether or not an earlier window stopped a scan that min_windows holds on
-            self.history.append({k: rank_sets(*st.score_rows(), plan.top_k) for k, st in states.items()})
+            # same whether or not an earlier window stopped a scan that min_windows holds on; a
+            # column whose unit scores are all NULL so far (a class not met yet) has no set: its
+            # ties by unit number would look stable
+            sets = {}
+            for k, st in states.items():
+                rows = st.score_rows()
+                undefined = set(undefined_columns(*rows))
+                sets[k] = {c: (None if c in undefined else top) for c, top in rank_sets(*rows, plan.top_k).items()}
+            self.history.append(sets)
         if enough and rules and all(ok for _, ok in rules):
             return "+".join(r for r, _ in rules)
         if plan.top_k is not None:
             recent = [{k: {c: top for c, top in sets.items() if c not in self.rare} for k, sets in h.items()}
                       for h in self.history[-(plan.stable_windows + 1):]]
-            if enough and len(recent) == plan.stable_windows + 1 and all(h == recent[-1] for h in recent):
+            if (enough and len(recent) == plan.stable_windows + 1 and all(h == recent[-1] for h in recent)
+                    and not any(top is None for sets in recent[-1].values() for top in sets.values())):
                 return "top_k"
         return None
 
     def _unseen_scores(self, states: dict, halves: dict, bounded: list) -> float:
         """The bound once scores defined in no window count: the half-width of a score that no
-        window defined is 0 when the score is NULL (a constant unit, a class not met yet), but a
-        score can be defined over the records merged while undefined in each window (a label
-        constant within a record and windows of one record, one labelled symbol per window):
-        such a score is unbounded (inf), not settled. Read when the bound would otherwise stop
-        the scan (the merged scores cost a finalize)."""
+        window defined is 0 when the score is NULL for a reason more records cannot change (a
+        constant unit), but a score can be defined over the records merged while undefined in
+        each window (a label constant within a record and windows of one record, one labelled
+        symbol per window): such a score is unbounded (inf), not settled; and so is every score
+        of a label column whose unit scores are all NULL so far (``undefined_columns``: a class
+        not met yet, a label that has not varied), which a later record may define. Read when
+        the bound would otherwise stop the scan (the merged scores cost a finalize)."""
         for k in bounded:
             unseen = self.moments[k].k == 0
-            if self.plan.min_support:
-                unseen = unseen[~np.isin(self.row_columns[k], list(self.rare))]
             if unseen.any():
-                score = states[k].score_rows()[2]
+                units, columns, score = states[k].score_rows()
+                unbounded = unseen & (~np.isnan(score) | np.isin(columns, undefined_columns(units, columns, score)))
                 if self.plan.min_support:
-                    score = score[~np.isin(self.row_columns[k], list(self.rare))]
-                halves[k] = np.where(unseen & ~np.isnan(score), np.inf, halves[k])
+                    unbounded = unbounded[~np.isin(self.row_columns[k], list(self.rare))]
+                halves[k] = np.where(unbounded, np.inf, halves[k])
         return max(h.max(initial=0.0) for h in halves.values())
 
     def probe_check(self, states: dict, probes: list, windows: int) -> bool:
@@ -1135,6 +1154,17 @@ class LocalEngine:
                  "stacked": stacked.mode, "stacked_reason": stacked.reason,
                  "reused": {"activation_records_read": 0, "activation_records_computed": len(used)}}
                 for p in plans]
+
+
+def undefined_columns(units, columns, score) -> list:
+    """The label columns of a state's ``score_rows()`` whose unit scores are all NULL (NaN): in
+    a progressive scan, a hypothesis whose class has not been met yet (or whose label has not
+    varied) in the records read so far; more records may define them."""
+    units, columns = np.asarray(units), np.asarray(columns, dtype=object)
+    score = np.asarray(score, dtype=np.float64)
+    per_unit = units >= 0
+    defined = set(columns[per_unit & ~np.isnan(score)].tolist())
+    return [c for c in dict.fromkeys(columns[per_unit].tolist()) if c not in defined]
 
 
 def top_sets(t: pa.Table, k: int) -> dict:
@@ -1445,9 +1475,13 @@ def stop_report(runs: list) -> dict:
     for _, r in runs:
         for c, n in (r.get("rare") or {}).items():
             rare[c] = min(n, rare.get(c, n))
+    # a rule that first held at the last window stopped nothing: every record was read, and the
+    # query reports a full scan (its intervals, and no early stop)
+    read_all = all(r["records_used"] >= len(np.unique(p.record_ids)) for p, r in runs)
+    stopped = all(r["stopped_early"] for _, r in runs) and not read_all
     out = {"records_used": max(r["records_used"] for _, r in runs),
-           "stopped_early": all(r["stopped_early"] for _, r in runs),
-           "stop_rule": (first["stop_rule"] if len(set(rules.values())) == 1
+           "stopped_early": stopped,
+           "stop_rule": (None if not stopped else first["stop_rule"] if len(set(rules.values())) == 1
                          else "; ".join(f"{m}: {rule}" for m, rule in rules.items())),
            "bound_reached": max(bounds) if bounds else None,
            "rare": rare if first.get("rare") is not None else None,
