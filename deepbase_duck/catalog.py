@@ -251,7 +251,9 @@ class Session:
                     f"is never called itself, or the module returns None or no tensor), so it has no activations "
                     f"to read; " + (f"its submodules with tensor outputs: {', '.join(inner[:10])}"
                                     f"{' ...' if len(inner) > 10 else ''}" if inner else
-                                    "its layers with tensor outputs: " + ", ".join(k for k, w in valid.items() if w)))
+                                    "its layers with tensor outputs: " + ", ".join(k for k, w in valid.items() if w))
+                    + " (if it does return a tensor in a dict or a PackedSequence, which stores made before "
+                      "deepbase_duck read them recorded without a width, register the model again to measure it)")
         return list(layers)
 
     # -- datasets --------------------------------------------------------------------------

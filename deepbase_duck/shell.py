@@ -58,8 +58,8 @@ class Shell:
         words, so a file or table name with spaces is quoted: .read "my script.sql"."""
         try:
             parts = shlex.split(line)
-        except ValueError as exc:                # a quote left open
-            raise ValueError(f"{line.split()[0]}: {exc} in {line!r}") from None
+        except ValueError:                       # a quote left open, or an apostrophe in a name (don't.sql):
+            parts = line.split(None, 1)          # the rest of the line is one argument
         cmd, args = parts[0], parts[1:]
         if cmd in (".quit", ".exit"):
             return False
@@ -124,6 +124,10 @@ class Shell:
                     self.error(exc, before, interactive)
                     if not interactive:
                         return 1
+                except KeyboardInterrupt:       # a Ctrl-C that came while Python (not DuckDB) ran
+                    if not interactive:
+                        raise
+                    self.err.write("Error: interrupted\n")
         self.open = False
         if buf:
             before = self._last_traceback()
@@ -201,8 +205,10 @@ def _ctrl_c_stops_udfs():
     UDF: a scan ran to its end and stored its scores, then the statement said 'Query interrupted').
     Only where Ctrl-C raises KeyboardInterrupt (not ignored, as in a background job), and from
     the main thread, the only one that may set a signal handler."""
+    from .surface.udfs import chained_ctrl_c
     previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+    if (threading.current_thread() is not threading.main_thread() or not callable(previous)
+            or previous is chained_ctrl_c()):     # dbd.connect chained it already: one interrupt per Ctrl-C
         yield
         return
 

@@ -58,8 +58,14 @@ def test_shell_reads_a_quoted_file_name_with_spaces(store, tmp_path):
         assert sh.feed([f".read {script}"], interactive=False) == 1
         assert "one file name" in err.getvalue() and "quote" in err.getvalue()
         err.truncate(0), err.seek(0)
-        assert sh.feed([f".read '{script}"], interactive=False) == 1       # a quote left open
-        assert err.getvalue().startswith("Error: .read") and err.getvalue().count("\n") == 1
+        assert sh.feed([f".read '{script}"], interactive=False) == 1       # a quote left open: no such file
+        assert err.getvalue().startswith("Error: ") and "first query.sql" in err.getvalue()
+        assert err.getvalue().count("\n") == 1
+        apostrophe = tmp_path / "don't.sql"                                # unquoted, as before shlex
+        apostrophe.write_text("SELECT 6 * 7 AS answer;\n", encoding="utf-8")
+        out.truncate(0), out.seek(0)
+        assert sh.feed([f".read {apostrophe}"], interactive=False) == 0, err.getvalue()
+        assert "42" in out.getvalue()
     finally:
         dbd.close(con)
 
@@ -280,5 +286,31 @@ def test_ctrl_c_in_a_python_program_stops_a_sql_inspect_on_another_thread(tmp_pa
         t.join(120)
         assert not t.is_alive() and failed and "KeyboardInterrupt" in str(failed[0])
         assert con.sql("SELECT count(*) FROM queries").fetchall() == [(0,)]
+    finally:
+        dbd.close(con)
+
+
+def test_the_shell_interrupts_udfs_once_per_ctrl_c_and_its_prompt_survives_one_in_python(store):
+    """Under dbd.connect's chained handler the shell adds no second one (each Ctrl-C raised
+    KeyboardInterrupt in the UDF threads twice); a Ctrl-C landing while Python (not DuckDB) runs
+    a statement is an error line at the prompt, not the end of the shell."""
+    import signal
+    from deepbase_duck import shell
+    from deepbase_duck.surface.udfs import chained_ctrl_c
+    con = dbd.connect(store, progress=False)
+    try:
+        assert chained_ctrl_c() is not None
+        with shell._ctrl_c_stops_udfs():
+            assert signal.getsignal(signal.SIGINT) is chained_ctrl_c()
+
+        class Interrupted(shell.Shell):
+            def run_sql(self, sql):
+                raise KeyboardInterrupt
+        out, err = io.StringIO(), io.StringIO()
+        sh = Interrupted(con, out, err)
+        assert sh.feed(["SELECT 1;", ".quit"], interactive=True) == 0
+        assert err.getvalue() == "Error: interrupted\n"
+        with pytest.raises(KeyboardInterrupt):                 # a script stops there
+            sh.feed(["SELECT 1;"], interactive=False)
     finally:
         dbd.close(con)

@@ -69,7 +69,12 @@ def interrupt_udfs() -> int:
     return n
 
 
-_CTRL_C_CHAINED = False
+_CTRL_C_CHAINED = None        # the handler stop_udfs_on_ctrl_c installed (None: not installed)
+
+
+def chained_ctrl_c():
+    """The SIGINT handler ``stop_udfs_on_ctrl_c`` installed, or None."""
+    return _CTRL_C_CHAINED
 
 
 def stop_udfs_on_ctrl_c() -> bool:
@@ -78,7 +83,8 @@ def stop_udfs_on_ctrl_c() -> bool:
     raises KeyboardInterrupt through Python's own handler (a program's or notebook's own
     handler is left as it is). Without it, ``con.sql("SELECT * FROM inspect(...)")`` interrupted
     in a script only stopped the DuckDB query, which waited for the UDF to scan to its end and
-    store its scores. Returns whether the handler was installed now."""
+    store its scores. The handler stays for the life of the process (after ``dbd.close`` it
+    finds no UDF to stop and does what Python's own does). Returns whether it was installed now."""
     import signal
     global _CTRL_C_CHAINED
     if _CTRL_C_CHAINED or threading.current_thread() is not threading.main_thread():
@@ -91,7 +97,7 @@ def stop_udfs_on_ctrl_c() -> bool:
         interrupt_udfs()
         previous(signum, frame)
     signal.signal(signal.SIGINT, handler)
-    _CTRL_C_CHAINED = True
+    _CTRL_C_CHAINED = handler
     return True
 
 
