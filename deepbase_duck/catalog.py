@@ -254,7 +254,7 @@ class Session:
                                     "its layers with tensor outputs: " + ", ".join(k for k, w in valid.items() if w))
                     + " (if it does return a tensor in a dict or a PackedSequence, which stores made before "
                       "deepbase_duck read them recorded without a width, register the model again to measure it)")
-        return list(layers)
+        return list(dict.fromkeys(layers))     # a layer named twice: once
 
     # -- datasets --------------------------------------------------------------------------
     @store.one_writer

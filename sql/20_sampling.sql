@@ -38,9 +38,10 @@
 -- empty dataset gives the same errors (these come first; then an unknown dataset's).
 
 -- nonneg_int(v): v as a BIGINT when it is a whole number from 0 to 9223372036854775807 (of any
--- numeric type, 2.0 included, or text holding one, '3'); NULL otherwise, and for v NULL.
+-- numeric type, 2.0 included, or text holding one, '3'); NULL otherwise (a BOOLEAN too, which
+-- Python's inspect refuses as a seed), and for v NULL.
 CREATE OR REPLACE MACRO nonneg_int(v) AS
-CASE WHEN isfinite(TRY_CAST(v AS DOUBLE)) AND TRY_CAST(v AS DOUBLE) >= 0
+CASE WHEN typeof(v) <> 'BOOLEAN' AND isfinite(TRY_CAST(v AS DOUBLE)) AND TRY_CAST(v AS DOUBLE) >= 0
           AND TRY_CAST(v AS DOUBLE) = floor(TRY_CAST(v AS DOUBLE))
      THEN coalesce(TRY_CAST(v AS BIGINT), TRY_CAST(TRY_CAST(v AS DOUBLE) AS BIGINT)) END;
 
@@ -49,7 +50,7 @@ CASE WHEN isfinite(TRY_CAST(v AS DOUBLE)) AND TRY_CAST(v AS DOUBLE) >= 0
 CREATE OR REPLACE MACRO nonneg_int_error(what, v) AS
 CASE WHEN v IS NOT NULL AND nonneg_int(v) IS NULL
      THEN what || ' must be a non-negative integer or NULL, got ' || CAST(v AS VARCHAR)
-          || CASE WHEN isfinite(TRY_CAST(v AS DOUBLE)) AND TRY_CAST(v AS DOUBLE) >= 0
+          || CASE WHEN typeof(v) <> 'BOOLEAN' AND isfinite(TRY_CAST(v AS DOUBLE)) AND TRY_CAST(v AS DOUBLE) >= 0
                        AND TRY_CAST(v AS DOUBLE) = floor(TRY_CAST(v AS DOUBLE))
                   THEN ' (larger than 9223372036854775807, the largest BIGINT)' ELSE '' END END;
 

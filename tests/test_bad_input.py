@@ -324,3 +324,19 @@ def test_a_container_layer_is_refused_naming_its_submodules(con):
                                                   r"its submodules with tensor outputs: blocks\.0, blocks\.1"):
             call()
     assert snapshot(con) == before
+
+
+def test_a_layer_named_twice_is_taken_once_and_corpus_counts_are_checked(con):
+    from deepbase_duck.corpora.scenes import scene_records
+    from deepbase_duck.corpora.sqlgen import sql_records
+    dbd.register_model(con, "planted", planted_adapter())
+    dbd.add_dataset(con, "d", TEXTS[:4])
+    out = dbd.extract(con, "planted", ["mix", "mix"], "d")
+    assert [o["layer"] for o in out] == ["mix"]
+    t = dbd.inspect(con, "planted", ["mix", "mix"], ["digit"], "d")
+    assert t.num_rows == 4 and set(t.column("layer").to_pylist()) == {"mix"}
+    for make in (sql_records, scene_records):
+        for bad in (-1, 2.5, "3"):
+            with pytest.raises(DeepBaseError, match=rf"{make.__name__}: n must be an integer >= 0, got"):
+                make(bad)
+        assert make(0) == []

@@ -324,3 +324,20 @@ def test_code_tokens_kept_are_bounded_by_characters(monkeypatch):
         tracemalloc.stop()
     assert kept < 25e6, kept              # 4 records kept, about 9 MB (all 20 before: 45 MB)
     np.testing.assert_array_equal(per_char_labels(h, texts[0]), want)
+
+
+def test_a_description_edited_alone_reaches_the_catalog_and_keeps_the_labels(con):
+    import deepbase_duck as dbd
+    from deepbase_duck.hypotheses.core import Hypothesis, register
+    dbd.add_dataset(con, "dd", ["a1", "b22"])
+
+    def has_digit(text):
+        return [(i, i + 1) for i, c in enumerate(text) if c.isdigit()]
+    register(Hypothesis("hunt15_described", has_digit, "binary", description="first words"))
+    dbd.annotate(con, ["hunt15_described"], "dd")
+    version = con.sql("SELECT version FROM hypotheses WHERE name = 'hunt15_described'").fetchall()[0][0]
+    register(Hypothesis("hunt15_described", has_digit, "binary", description="better words"))
+    out = dbd.annotate(con, ["hunt15_described"], "dd")
+    assert out[0]["labeled"] == 0 and out[0]["reused"] == 2
+    assert con.sql("SELECT description, version FROM hypotheses WHERE name = 'hunt15_described'").fetchall() == \
+        [("better words", version)]

@@ -141,6 +141,9 @@ BAD_COUNTS = [
      "stratified_records: n_per_class must be a non-negative integer or NULL, got 2.5"),
     (f"SELECT * FROM stratified_records('d', '{TOK}', 'smp_bracket', -1, seed := 3)",
      "stratified_records: n_per_class must be a non-negative integer or NULL, got -1"),
+    # a boolean seed, which Python's inspect refuses, was taken as 1
+    ("SELECT * FROM sample_records('d', 2, seed := true)",
+     "sample_records: seed must be a non-negative integer or NULL, got true"),
     # the check does not depend on the data: no labelled record in 'e', still an error
     (f"SELECT * FROM stratified_records('e', '{TOK}', 'smp_digit', -2)",
      "stratified_records: n_per_class must be a non-negative integer"),

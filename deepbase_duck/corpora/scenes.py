@@ -73,6 +73,8 @@ def scene_records(n: int, seed: int = 0, size: int = SIZE) -> list[dict]:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         from ..errors import DeepBaseError
         raise DeepBaseError(f"scene_records: seed must be a whole number >= 0, got {seed!r}")
+    from ..errors import check_int
+    n = check_int("scene_records: n", n, 0)
     return [{"text": json.dumps(scene_spec(seed + i, size), sort_keys=True), "source": f"scene:{seed + i}"}
             for i in range(n)]
 

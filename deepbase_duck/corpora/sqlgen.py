@@ -258,6 +258,8 @@ def sql_records(n: int, seed: int = 1, max_depth: int = 2, exclude_training: boo
     seed 1's draws are training queries), so by default every query of that training corpus
     (``training_queries``) is skipped and drawing goes on until there are ``n``: the records are
     queries the model never saw. ``offset`` is the query's index among the seed's draws."""
+    from ..errors import check_int
+    n = check_int("sql_records: n", n, 0)
     gen = SQLGenerator(seed, max_depth)
     seen = training_queries() if exclude_training else frozenset()
     out, i = [], 0

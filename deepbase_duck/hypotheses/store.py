@@ -18,10 +18,11 @@ CHUNK = 256
 
 
 def catalog_hypothesis(con, name: str) -> dict | None:
-    row = store.q_one(con, "SELECT name, kind, version, categories FROM hypotheses WHERE name = ?", [name])
+    row = store.q_one(con, "SELECT name, kind, version, categories, description FROM hypotheses WHERE name = ?",
+                      [name])
     if row is None:
         return None
-    return {"name": row[0], "kind": row[1], "version": row[2], "categories": row[3]}
+    return {"name": row[0], "kind": row[1], "version": row[2], "categories": row[3], "description": row[4]}
 
 
 def resolve(con, names) -> list[dict]:
@@ -64,12 +65,14 @@ def _write_catalog_row(con, values: list) -> None:
 
 
 def upsert_catalog(con, h: Hypothesis, version: str | None = None) -> None:
-    """Bring the catalog row of ``h`` to ``version`` (default: its current one), kind and
-    categories now. (``labels_to_compute`` does so only where no labels of the row's version are
+    """Bring the catalog row of ``h`` to ``version`` (default: its current one), kind,
+    categories and description now (a description edited alone changes no version: the labels
+    stay). (``labels_to_compute`` does so only where no labels of the row's version are
     stored; else the row changes with the first labels of the new version, see there.)"""
     values = _catalog_row(h, h.version if version is None else version)
     row = catalog_hypothesis(con, h.name)
-    if row and [row["version"], row["kind"], row["categories"]] == [values[3], values[1], values[4]]:
+    if row and [row["version"], row["kind"], row["categories"], row["description"]] == \
+            [values[3], values[1], values[4], values[2]]:
         return
     with store.Transaction(con):
         _write_catalog_row(con, values)
