@@ -15,15 +15,18 @@
 -- the k-th place are not separated however many records are read.
 -- k must be a whole number >= 1 (2.0 and '2' included): 0, a negative or fractional k, or NULL is
 -- an error naming k, whatever the scores table holds (not an empty result that reads as
--- "nothing was scored"). So are a qid with no scores (no such query, or one that wrote none: the
--- error lists the queries that have scores) and a measure_name with no unit scores in the query
--- ranked (a typo such as 'cor', or 'corr' when the latest query scored only 'iou': the error lists
--- the query's measures). The guard raises its error in its WHERE clause: an error() only in a
+-- "nothing was scored"); a BOOLEAN k too. So are a by_layer other than true or false (NULL
+-- included), a qid that is not NULL or a number ('x', true: not a conversion error, nor query 1),
+-- a qid with no scores (no such query, or one that wrote none: the error lists the queries that
+-- have scores) and a measure_name with no unit scores in the query ranked (a typo such as 'cor',
+-- or 'corr' when the latest query scored only 'iou': the error lists the query's measures;
+-- measure_name is compared as text, so 5 is the unknown '5'). A NaN score, as a NULL one, is never
+-- ranked (it would sort above every number). The guard raises its error in its WHERE clause: an error() only in a
 -- column is pruned when a query reads none of the guard's columns.
 CREATE OR REPLACE MACRO top_units(k := 5, qid := NULL, measure_name := 'corr', by_layer := false) AS TABLE
 WITH picked AS (
     SELECT s.model, s.hypothesis, s.layer, s.unit, s.score, s.ci_low, s.ci_high, s.q_value, s.n, s.measure,
-           CASE WHEN by_layer THEN s.layer END AS part,
+           CASE WHEN TRY_CAST(by_layer AS BOOLEAN) THEN s.layer END AS part,
            -- the interval of |score|: from 0 where the score's interval holds 0
            CASE WHEN s.ci_low IS NULL OR s.ci_high IS NULL OR isnan(s.ci_low) OR isnan(s.ci_high) THEN NULL
                 WHEN s.ci_low > 0 THEN s.ci_low
@@ -32,9 +35,10 @@ WITH picked AS (
            CASE WHEN s.ci_low IS NULL OR s.ci_high IS NULL OR isnan(s.ci_low) OR isnan(s.ci_high) THEN NULL
                 ELSE greatest(abs(s.ci_low), abs(s.ci_high)) END AS abs_high
     FROM scores AS s
-    WHERE s.query_id = coalesce(qid, (SELECT max(query_id) FROM scores))
-      AND (measure_name IS NULL OR s.measure = measure_name)
-      AND s.unit IS NOT NULL AND s.score IS NOT NULL
+    WHERE s.query_id = CASE WHEN qid IS NULL THEN (SELECT max(query_id) FROM scores)
+                            WHEN typeof(qid) <> 'BOOLEAN' THEN TRY_CAST(qid AS DOUBLE) END   -- 'x', true: no row
+      AND (measure_name IS NULL OR s.measure = CAST(measure_name AS VARCHAR))
+      AND s.unit IS NOT NULL AND s.score IS NOT NULL AND NOT isnan(s.score)
 ),
 ranked AS (
     SELECT *, row_number() OVER (PARTITION BY model, measure, hypothesis, part
@@ -62,13 +66,20 @@ FROM (SELECT r.model, r.hypothesis, r.rank, r.layer, r.unit, r.score, r.ci_low, 
       UNION ALL   -- the guard, checked whatever the scores hold: a row only for a bad argument, and it is the error
       SELECT CAST(error(msg) AS VARCHAR), NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
              NULL
-      FROM (SELECT CASE WHEN NOT coalesce(isfinite(TRY_CAST(k AS DOUBLE)) AND TRY_CAST(k AS DOUBLE) >= 1
+      FROM (SELECT CASE WHEN NOT coalesce(typeof(k) <> 'BOOLEAN' AND isfinite(TRY_CAST(k AS DOUBLE))
+                                          AND TRY_CAST(k AS DOUBLE) >= 1
                                           AND TRY_CAST(k AS DOUBLE) = floor(TRY_CAST(k AS DOUBLE)), false)
                         THEN 'top_units: k must be a whole number >= 1 (the units per hypothesis), got '
                              || coalesce(CAST(k AS VARCHAR), 'NULL')
-                        WHEN qid IS NOT NULL AND NOT EXISTS (SELECT 1 FROM scores WHERE query_id = qid)
+                        WHEN by_layer IS NULL OR typeof(by_layer) NOT IN ('BOOLEAN', 'VARCHAR')
+                             OR TRY_CAST(by_layer AS BOOLEAN) IS NULL
+                        THEN 'top_units: by_layer must be true or false, got ' || coalesce(CAST(by_layer AS VARCHAR), 'NULL')
+                        WHEN qid IS NOT NULL AND (typeof(qid) = 'BOOLEAN' OR TRY_CAST(qid AS DOUBLE) IS NULL)
+                        THEN 'top_units: qid must be a query id (a whole number) or NULL (the latest query with scores), got '
+                             || CAST(qid AS VARCHAR)
+                        WHEN qid IS NOT NULL AND NOT EXISTS (SELECT 1 FROM scores WHERE query_id = TRY_CAST(qid AS DOUBLE))
                         THEN 'top_units: qid ' || CAST(qid AS VARCHAR) || ' has no scores ('
-                             || CASE WHEN EXISTS (SELECT 1 FROM queries WHERE query_id = qid)
+                             || CASE WHEN EXISTS (SELECT 1 FROM queries WHERE query_id = TRY_CAST(qid AS DOUBLE))
                                      THEN 'the query wrote none: a compare_layers query writes similarities'
                                      ELSE 'no such query' END
                              || '); qid must be NULL (the latest query with scores) or a query with scores: '
@@ -77,16 +88,17 @@ FROM (SELECT r.model, r.hypothesis, r.rank, r.layer, r.unit, r.score, r.ci_low, 
                                                            || ' (' || CAST(count(*) AS VARCHAR) || ' queries)' END
                                           FROM (SELECT DISTINCT query_id AS i FROM scores)), 'none, nothing is scored')
                         WHEN measure_name IS NOT NULL AND q IS NOT NULL
-                             AND NOT EXISTS (SELECT 1 FROM scores WHERE query_id = q AND measure = measure_name
+                             AND NOT EXISTS (SELECT 1 FROM scores WHERE query_id = q
+                                                                    AND measure = CAST(measure_name AS VARCHAR)
                                                                     AND unit IS NOT NULL)
                         THEN 'top_units: measure_name ''' || CAST(measure_name AS VARCHAR) || ''' has no unit scores in query '
-                             || CAST(q AS VARCHAR) || CASE WHEN qid IS NULL THEN ' (the latest query with scores)' ELSE '' END
+                             || CAST(TRY_CAST(q AS BIGINT) AS VARCHAR) || CASE WHEN qid IS NULL THEN ' (the latest query with scores)' ELSE '' END
                              || '; its measures with unit scores: '
                              || coalesce((SELECT string_agg('''' || m || '''', ', ' ORDER BY m)
                                           FROM (SELECT DISTINCT measure AS m FROM scores
                                                 WHERE query_id = q AND unit IS NOT NULL)), 'none')
                              || ' (measure_name := NULL ranks every measure)' END AS msg
-            FROM (SELECT coalesce(qid, (SELECT max(query_id) FROM scores)) AS q))
+            FROM (SELECT coalesce(TRY_CAST(qid AS DOUBLE), (SELECT max(query_id) FROM scores)) AS q))
       WHERE msg IS NOT NULL AND CAST(error(msg) AS BOOLEAN))
 ORDER BY model, measure, hypothesis, part, rank;
 
@@ -123,7 +135,9 @@ ORDER BY model, measure, hypothesis, part, rank;
 -- Errors, not an empty result that reads as "no unit changed": model_a or model_b NULL or with no
 -- unit scores (a typo; the error lists the models that have some), a measure_name that is not
 -- among the measures of either model's unit scores (the error lists that model's), and a ds that
--- is no dataset of the store (neither in `datasets` nor scored by a query). Two models that have
+-- is no dataset of the store (neither in `datasets` nor scored by a query); model_a, model_b, ds and
+-- measure_name are compared as text (an INTEGER 5 is '5', named in the error, not a conversion
+-- error about a column). Two models that have
 -- unit scores of the measure but share no record set of a dataset still give no row for it.
 CREATE OR REPLACE MACRO compare_scores(model_a, model_b, measure_name := 'corr', ds := NULL) AS TABLE
 WITH record_sets AS (   -- per query: its dataset and what identifies the records it read
@@ -133,14 +147,15 @@ WITH record_sets AS (   -- per query: its dataset and what identifies the record
                  TRY_CAST(json_extract_string(params, '$.record_count') AS BIGINT) AS n_selected,
                  coalesce(TRY_CAST(json_extract_string(params, '$.seed') AS BIGINT), 0) AS seed
           FROM queries
-          WHERE ds IS NULL OR dataset = ds)
+          WHERE ds IS NULL OR dataset = CAST(ds AS VARCHAR))
 ), latest AS (          -- per model, record set and unit: the latest non-NULL score
     SELECT s.model, r.dataset, r.n_records, r.n_symbols, r.n_selected, r.order_seed,
            s.layer, s.unit, s.hypothesis, s.measure,
            arg_max(s.score, s.query_id) AS score, max(s.query_id) AS last_query
     FROM scores AS s
     JOIN record_sets AS r ON r.query_id = s.query_id
-    WHERE (measure_name IS NULL OR s.measure = measure_name) AND s.unit IS NOT NULL AND s.model IN (model_a, model_b)
+    WHERE (measure_name IS NULL OR s.measure = CAST(measure_name AS VARCHAR)) AND s.unit IS NOT NULL
+      AND s.model IN (CAST(model_a AS VARCHAR), CAST(model_b AS VARCHAR))
     GROUP BY ALL
 ), pairs AS (           -- per unit and dataset: the record set both models were scored on last
     SELECT a.layer, a.unit, a.hypothesis, a.score AS score_a, b.score AS score_b, a.dataset, a.measure
@@ -149,7 +164,7 @@ WITH record_sets AS (   -- per query: its dataset and what identifies the record
      AND a.measure = b.measure
      AND a.n_records IS NOT DISTINCT FROM b.n_records AND a.n_symbols IS NOT DISTINCT FROM b.n_symbols
      AND a.n_selected IS NOT DISTINCT FROM b.n_selected AND a.order_seed IS NOT DISTINCT FROM b.order_seed
-    WHERE a.model = model_a AND b.model = model_b
+    WHERE a.model = CAST(model_a AS VARCHAR) AND b.model = CAST(model_b AS VARCHAR)
     QUALIFY row_number() OVER (PARTITION BY a.dataset, a.layer, a.unit, a.hypothesis, a.measure
                                ORDER BY least(a.last_query, b.last_query) DESC,
                                         greatest(a.last_query, b.last_query) DESC) = 1
@@ -171,19 +186,22 @@ WITH record_sets AS (   -- per query: its dataset and what identifies the record
                      || (SELECT string_agg('''' || m || '''', ', ' ORDER BY m)
                          FROM (SELECT DISTINCT measure AS m FROM scores
                                WHERE unit IS NOT NULL
-                                 AND model = CASE WHEN NOT a_has_measure THEN model_a ELSE model_b END))
+                                 AND model = CAST(CASE WHEN NOT a_has_measure THEN model_a ELSE model_b END
+                                                  AS VARCHAR)))
                      || ' (measure_name := NULL compares every measure)'
-                WHEN ds IS NOT NULL AND NOT EXISTS (SELECT 1 FROM datasets WHERE name = ds)
-                                    AND NOT EXISTS (SELECT 1 FROM queries WHERE dataset = ds)
+                WHEN ds IS NOT NULL AND NOT EXISTS (SELECT 1 FROM datasets WHERE name = CAST(ds AS VARCHAR))
+                                    AND NOT EXISTS (SELECT 1 FROM queries WHERE dataset = CAST(ds AS VARCHAR))
                 THEN 'compare_scores: ds ''' || CAST(ds AS VARCHAR) || ''' is not a dataset of this store; ds must be '
                      || 'NULL (every dataset) or one of: '
                      || coalesce((SELECT string_agg('''' || d || '''', ', ' ORDER BY d)
                                   FROM (SELECT name AS d FROM datasets
                                         UNION SELECT dataset FROM queries WHERE dataset IS NOT NULL)), 'none') END AS msg
-    FROM (SELECT coalesce(bool_or(model = model_a), false) AS has_a,
-                 coalesce(bool_or(model = model_b), false) AS has_b,
-                 coalesce(bool_or(model = model_a AND measure = measure_name), false) AS a_has_measure,
-                 coalesce(bool_or(model = model_b AND measure = measure_name), false) AS b_has_measure
+    FROM (SELECT coalesce(bool_or(model = CAST(model_a AS VARCHAR)), false) AS has_a,
+                 coalesce(bool_or(model = CAST(model_b AS VARCHAR)), false) AS has_b,
+                 coalesce(bool_or(model = CAST(model_a AS VARCHAR) AND measure = CAST(measure_name AS VARCHAR)),
+                          false) AS a_has_measure,
+                 coalesce(bool_or(model = CAST(model_b AS VARCHAR) AND measure = CAST(measure_name AS VARCHAR)),
+                          false) AS b_has_measure
           FROM scores WHERE unit IS NOT NULL)
 )
 SELECT layer, unit, hypothesis, score_a, score_b, delta, dataset, measure

@@ -197,3 +197,17 @@ def test_export_folder_with_a_backslash_is_refused_up_front(tmp_path, planted):
     with pytest.raises(DeepBaseError, match=r"holds a '\\', which DuckDB's Parquet writer takes for a folder"):
         dbd.export(planted, str(tmp_path / "back\\slash"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_nan_score_is_never_ranked_first(con):
+    """DuckDB sorts NaN above every number: a NaN score (inserted by hand or imported) topped the
+    report's ranked units and its heatmap cell."""
+    dbd.register_model(con, "planted", planted_adapter())
+    dbd.add_dataset(con, "snippets", TEXTS)
+    dbd.inspect(con, "planted", ["planted"], ["digit"], "snippets")
+    qid = con.sql("SELECT max(query_id) FROM queries").fetchall()[0][0]
+    con.execute("UPDATE scores SET score = 'NaN'::DOUBLE WHERE query_id = ? AND unit = 0", [qid])
+    q = data.select_query(con, qid)
+    ranked = data.top_units(con, q, "corr", 3)
+    assert ranked and all(r["unit"] != 0 for r in ranked)
+    assert all(cell[4] != 0 for cell in data.best_per_cell(con, q, "corr"))

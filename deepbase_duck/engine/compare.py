@@ -66,6 +66,10 @@ def compare_layers(session, groups, dataset: str, record_ids=None, limit=None, b
                    device=None, progress=None) -> pa.Table:
     if isinstance(groups, str):
         raise DeepBaseError(f"groups must be a list of unit groups ('model:layer'), got the string {groups!r}")
+    try:
+        groups = list(groups)
+    except TypeError:              # None (SQL NULL), a number: not "'NoneType' object is not iterable"
+        raise DeepBaseError(f"groups must be a list of unit groups ('model:layer'), got {groups!r}") from None
     groups = [parse_group(g) for g in groups]
     if len(groups) < 2:
         raise DeepBaseError(f"compare_layers needs at least two unit groups, got {len(groups)}")

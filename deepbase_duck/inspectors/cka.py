@@ -18,7 +18,8 @@ Undefined (NaN, NULL in ``similarities``): fewer than 2 symbols, or a group whos
 constant. A unit constant over the symbols (its least and largest value equal, kept per unit)
 has centred sums of exactly 0, whatever the rounding of the batch means left in them (a
 constant group came out as 0.22 from two batches instead of undefined). A NaN or infinite
-activation gives NaN.
+activation gives NaN here (the state); ``compare_layers`` refuses such activations first, with an
+ActivationError naming the layer.
 """
 from __future__ import annotations
 

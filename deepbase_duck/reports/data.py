@@ -163,7 +163,7 @@ def best_per_cell(con, q: Query, measure: str) -> list[tuple]:
     each (model, layer, hypothesis) for ``measure``."""
     return store.q_all(con, """
         SELECT model, layer, hypothesis, arg_max(score, abs(score)), arg_max(unit, abs(score))
-        FROM scores WHERE query_id = ? AND measure = ? AND unit IS NOT NULL AND score IS NOT NULL
+        FROM scores WHERE query_id = ? AND measure = ? AND unit IS NOT NULL AND score IS NOT NULL AND NOT isnan(score)
         GROUP BY ALL""", [q.query_id, measure])
 
 
@@ -172,7 +172,7 @@ def top_units(con, q: Query, measure: str, k: int) -> list[dict]:
     rows = store.q_all(con, """
         SELECT model, hypothesis, layer, unit, score, ci_low, ci_high, q_value, n,
                row_number() OVER (PARTITION BY model, hypothesis ORDER BY abs(score) DESC, layer, unit) AS rank
-        FROM scores WHERE query_id = ? AND measure = ? AND unit IS NOT NULL AND score IS NOT NULL
+        FROM scores WHERE query_id = ? AND measure = ? AND unit IS NOT NULL AND score IS NOT NULL AND NOT isnan(score)
         QUALIFY rank <= ? ORDER BY model, hypothesis, rank""", [q.query_id, measure, int(k)])
     keys = ("model", "hypothesis", "layer", "unit", "score", "ci_low", "ci_high", "q_value", "n", "rank")
     return [dict(zip(keys, r)) for r in rows]
