@@ -116,9 +116,17 @@ def _to_cpu(obj, seen=None):
         for k, v in list(vars(obj).items()):
             if isinstance(v, torch.device):
                 setattr(obj, k, torch.device("cpu"))
-            elif isinstance(v, (torch.Tensor, list, tuple, dict)):
+            elif isinstance(v, (torch.Tensor, list, tuple, dict)) or _ours(v):
+                # (an object of ours held by the state, e.g. the RowSample of ap/spearman or the
+                # PearsonState of pointbiserial: its tensors and device moved too)
                 setattr(obj, k, _to_cpu(v, seen))
     return obj
+
+
+def _ours(v) -> bool:
+    """Whether ``v`` is an instance of a deepbase_duck class (a state's nested sample or state)."""
+    return (not isinstance(v, type) and hasattr(v, "__dict__")
+            and type(v).__module__.split(".", 1)[0] == "deepbase_duck")
 
 
 class BlockWorker:
