@@ -667,7 +667,7 @@ def test_stable_windows_without_top_k_is_refused_in_python_and_sql(big):
     assert last_query(big)[1]["stable_windows"] == 3
 
 
-@pytest.mark.parametrize("rule", ["max_error", "top_k"])
+@pytest.mark.parametrize("rule", ["max_error", "top_k", "iou"])
 def test_a_class_not_met_yet_keeps_the_scan_reading(big, rule):
     """A hypothesis whose class no window has met has every unit score NULL: it is not settled
     (its half-widths counted 0 and its all-NULL top-k sets, tied by unit number, looked stable,
@@ -681,7 +681,9 @@ def test_a_class_not_met_yet_keeps_the_scan_reading(big, rule):
     @dbd.hypothesis(f"last_three_{rule}", kind="binary")
     def last_three(text):
         return [(0, len(text))] if text in last else []
-    kw = dict(max_error=0.9) if rule == "max_error" else dict(top_k=3, stable_windows=1)
+    kw = dict(max_error=0.9) if rule in ("max_error", "iou") else dict(top_k=3, stable_windows=1)
+    if rule == "iou":           # (its scores are 0, not NULL, while the class is unmet: the labels say it)
+        kw["measures"] = ["iou"]
     t = dbd.inspect(big, "planted", ["mix"], ["digit", f"last_three_{rule}"], "many", batch_size=8, seed=2, **kw)
     params = json.loads(big.sql("SELECT params FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0])
     assert params["records_used"] == 240 and not params["stopped_early"] and params["stop_rule"] is None
@@ -708,3 +710,20 @@ def test_a_rule_that_first_holds_at_the_last_window_is_no_early_stop():
     other = SimpleNamespace(record_ids=list(range(10)), probe_checks=[], model="n")
     out = stop_report([(plan, dict(last, stopped_early=False, stop_rule=None)), (other, dict(last, stop_rule="top_k"))])
     assert (out["stopped_early"], out["stop_rule"]) == (False, None)    # not 'm: None; n: top_k'
+
+
+def test_a_category_the_dataset_never_holds_does_not_keep_the_scan_reading(big):
+    """A categorical hypothesis' category that no record holds ('upos=PUNCT' over text without
+    punctuation) has every corr score NULL, for good: it does not block the stop rule."""
+    from deepbase_duck.hypotheses.core import Hypothesis, register
+
+    def brackets(text):
+        kinds = {"(": "round", ")": "round", "[": "square", "]": "square"}
+        return [(i, i + 1, kinds[c]) for i, c in enumerate(text) if c in kinds]
+    register(Hypothesis("brackets_absent_kind", brackets, "categorical", categories=("round", "square", "never")))
+    t = dbd.inspect(big, "planted", ["mix"], ["digit", "brackets_absent_kind"], "many", batch_size=8, seed=2,
+                    max_error=0.9)
+    params = json.loads(big.sql("SELECT params FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0])
+    assert params["stopped_early"] and params["records_used"] < 240
+    never = [r["score"] for r in t.to_pylist() if r["hypothesis"] == "brackets_absent_kind=never"]
+    assert never and all(v is None for v in never)

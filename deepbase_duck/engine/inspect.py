@@ -783,6 +783,11 @@ class StopRule:
         self.models, self.plateaued = {}, False     # the probes fitted at the last check
         self.row_columns, self.rare = {}, {}
         self.moments = {}                           # (layer, measure): WindowMoments of its window scores
+        # label columns that are whole hypotheses (not one category of a categorical one, which a
+        # dataset may never hold: 'upos=PUNCT' over text without punctuation), and the binary ones
+        self.whole_hypotheses = {c["name"] for c in plan.label_columns if c.get("code") is None}
+        self.binary_hypotheses = {c["name"] for c in plan.label_columns
+                                  if c.get("code") is None and c["kind"] == "binary"}
         plan.probe_checks = []
 
     def check(self, states: dict, window_scores: dict, support: dict | None = None) -> str | None:
@@ -796,16 +801,22 @@ class StopRule:
         probes = [k for k in states if k[1] == "probe"]
         if plan.min_support:
             self.rare = {c: int(n) for c, n in (support or {}).items() if n < plan.min_support}
+        # binary hypotheses whose records read so far hold one of their values only (support 0):
+        # not settled, whatever their scores say (an iou of 0, a NULL corr)
+        unmet = [c for c, n in (support or {}).items() if n == 0 and c in self.binary_hypotheses
+                 and c not in self.rare]
         if bounded:
             for k in bounded:                       # fold in the windows added since the last check
                 m = self.moments.setdefault(k, WindowMoments())
                 for w in window_scores[k][m.windows:]:
                     m.add(w)
             halves = {k: self.moments[k].half_width(getattr(states[k], "confidence", 0.95)) for k in bounded}
-            if plan.min_support:
-                for k in bounded:
-                    if k not in self.row_columns:       # the label column of each finalize() row
-                        self.row_columns[k] = states[k].score_rows()[1]
+            for k in bounded:
+                if (plan.min_support or unmet) and k not in self.row_columns:   # each finalize() row's column
+                    self.row_columns[k] = states[k].score_rows()[1]
+                if unmet:
+                    halves[k] = np.where(np.isin(self.row_columns[k], unmet), np.inf, halves[k])
+                if plan.min_support:
                     halves[k] = halves[k][~np.isin(self.row_columns[k], list(self.rare))]
             self.bound = max(h.max(initial=0.0) for h in halves.values())
             if plan.min_support and all(h.size == 0 for h in halves.values()):
@@ -826,7 +837,7 @@ class StopRule:
             sets = {}
             for k, st in states.items():
                 rows = st.score_rows()
-                undefined = set(undefined_columns(*rows))
+                undefined = (set(undefined_columns(*rows)) & self.whole_hypotheses) | set(unmet)
                 sets[k] = {c: (None if c in undefined else top) for c, top in rank_sets(*rows, plan.top_k).items()}
             self.history.append(sets)
         if enough and rules and all(ok for _, ok in rules):
@@ -845,14 +856,16 @@ class StopRule:
         constant unit), but a score can be defined over the records merged while undefined in
         each window (a label constant within a record and windows of one record, one labelled
         symbol per window): such a score is unbounded (inf), not settled; and so is every score
-        of a label column whose unit scores are all NULL so far (``undefined_columns``: a class
-        not met yet, a label that has not varied), which a later record may define. Read when
-        the bound would otherwise stop the scan (the merged scores cost a finalize)."""
+        of a hypothesis whose unit scores are all NULL so far (``undefined_columns``: a class not
+        met yet, a label that has not varied), which a later record may define (not a category of
+        a categorical hypothesis, 'upos=PUNCT', which the dataset may never hold). Read when the
+        bound would otherwise stop the scan (the merged scores cost a finalize)."""
         for k in bounded:
             unseen = self.moments[k].k == 0
             if unseen.any():
                 units, columns, score = states[k].score_rows()
-                unbounded = unseen & (~np.isnan(score) | np.isin(columns, undefined_columns(units, columns, score)))
+                undefined = [c for c in undefined_columns(units, columns, score) if c in self.whole_hypotheses]
+                unbounded = unseen & (~np.isnan(score) | np.isin(columns, undefined))
                 if self.plan.min_support:
                     unbounded = unbounded[~np.isin(self.row_columns[k], list(self.rare))]
                 halves[k] = np.where(unbounded, np.inf, halves[k])
@@ -1025,7 +1038,8 @@ class LocalEngine:
         keep = (KeepActivations(session, plan, mrow["checksum"], tokenization, widths, symbols)
                 if plan.keep_activations and len(missing) else None)
         if scan is None:
-            support = LabelSupport(plan.label_columns) if plan.min_support else None
+            # (a progressive scan counts its labels: min_support, and the hypotheses not met yet)
+            support = LabelSupport(plan.label_columns) if plan.min_support or progressive else None
             samples = new_samples(plan, widths, plan.device)
             used, stop, window_scores = [], StopRule(plan), {k: [] for k in states}
         else:

@@ -235,7 +235,7 @@ class LabelSupport:
             v = y[:, j]
             v = v[~np.isnan(v)]
             if c["kind"] == "binary":
-                self.counts[j] += (int((v == 0).sum()), int((v == 1).sum()))
+                self.counts[j] += (int((v == 0).sum()), int((v != 0).sum()))   # (any non-zero value: 1)
             elif c["kind"] == "categorical":
                 k = len(self.counts[j])
                 self.counts[j] += np.bincount(v.astype(np.int64).clip(0, k - 1), minlength=k)[:k]

@@ -604,7 +604,8 @@ class RayEngine:
 
         payloads = {}
         if scan is None:
-            support = LabelSupport(plan.label_columns) if plan.min_support else None
+            # (a progressive scan counts its labels: min_support, and the hypotheses not met yet)
+            support = LabelSupport(plan.label_columns) if plan.min_support or plan.progressive else None
         else:
             support = scan["support"]
         block_support = {}                         # block -> the support of its labels, merged with it
