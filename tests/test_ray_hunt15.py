@@ -7,12 +7,10 @@ The parity test starts a local Ray of 2 CPUs (as tests/test_ray_failures.py); se
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TEXTS
 
 import deepbase_duck as dbd
 
@@ -21,7 +19,6 @@ ray = pytest.importorskip("ray")
 import deepbase_duck.engine.ray_engine as RE  # noqa: E402
 from deepbase_duck.inspectors.base import measure_class  # noqa: E402
 
-TESTS = str(Path(__file__).resolve().parent)
 HYPS = [{"name": "digit", "kind": "binary"}, {"name": "in_string", "kind": "binary"}]
 
 
@@ -91,20 +88,7 @@ def test_states_from_a_gpu_worker_come_back_wholly_on_the_cpu(measure):
 
 
 # -- the Ray engine and the local engine under today's early-stopping changes -------------------
-@pytest.fixture(scope="module")
-def local_ray():
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": TESTS, "OMP_NUM_THREADS": "1"}},
-             log_to_driver=False, logging_level="ERROR", include_dashboard=False)
-    yield
-    RE.release_workers()
-    ray.shutdown()
-
-
-def _texts(n=120, seed=3):
-    rng = np.random.default_rng(seed)
-    return ["".join(TEXTS[int(i)] for i in rng.integers(0, len(TEXTS), 3)) for _ in range(n)]
+from test_ray_failures import _texts, local_ray  # noqa: E402,F401  (a local Ray of 2 CPUs; records)
 
 
 def _params(c):

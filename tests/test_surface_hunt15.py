@@ -191,6 +191,28 @@ def _slow_store(tmp_path, name):
     return con, labelling
 
 
+def _scan_on_a_thread(con, labelling, hypothesis):
+    """Start a SQL inspect of the slow model on a thread of the test's own (as on a DuckDB
+    worker) and return (thread, the exceptions it raised) once the scan is a few forward passes
+    in."""
+    import threading
+    import time
+    failed = []
+
+    def query():
+        cur = dbd.cursor(con)
+        try:
+            cur.sql(f"SELECT count(*) FROM inspect('slow', ['planted'], ['{hypothesis}'], 'snippets', "
+                    "batch_size := 1)").fetchall()
+        except BaseException as exc:
+            failed.append(exc)
+    t = threading.Thread(target=query)
+    t.start()
+    assert labelling.wait(120)
+    time.sleep(0.5)                                              # a few forward passes into the scan
+    return t, failed
+
+
 def test_ctrl_c_in_the_shell_stops_an_inspect_on_another_thread(tmp_path):
     """DuckDB may run the inspect UDF on one of its worker threads, where Python never raises a
     Ctrl-C: the shell's main thread only interrupted the DuckDB query, which waited for the UDF,
@@ -199,24 +221,10 @@ def test_ctrl_c_in_the_shell_stops_an_inspect_on_another_thread(tmp_path):
     statement, Ctrl-C now raises KeyboardInterrupt in the threads running deepbase_duck UDFs.
     Here the query runs on a thread of the test's own, as on a DuckDB worker."""
     import signal
-    import threading
-    import time
     from deepbase_duck import shell
     con, labelling = _slow_store(tmp_path, "hunt15_digit_a")
     try:
-        failed = []
-
-        def query():
-            cur = dbd.cursor(con)
-            try:
-                cur.sql("SELECT count(*) FROM inspect('slow', ['planted'], ['hunt15_digit_a'], 'snippets', "
-                        "batch_size := 1)").fetchall()
-            except BaseException as exc:
-                failed.append(exc)
-        t = threading.Thread(target=query)
-        t.start()
-        assert labelling.wait(120)
-        time.sleep(0.5)                                          # a few forward passes into the scan
+        t, failed = _scan_on_a_thread(con, labelling, "hunt15_digit_a")
         with pytest.raises(KeyboardInterrupt):
             with shell._ctrl_c_stops_udfs():
                 signal.raise_signal(signal.SIGINT)               # Ctrl-C, in the main thread
@@ -262,25 +270,11 @@ def test_ctrl_c_in_a_python_program_stops_a_sql_inspect_on_another_thread(tmp_pa
     Ctrl-C handler (from the main thread) so that the UDF running on another thread stops too,
     instead of scanning to its end and storing its scores."""
     import signal
-    import threading
-    import time
     from deepbase_duck.surface import udfs
     con, labelling = _slow_store(tmp_path, "hunt15_digit_c")
     try:
         assert udfs._CTRL_C_CHAINED and signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-        failed = []
-
-        def query():
-            cur = dbd.cursor(con)
-            try:
-                cur.sql("SELECT count(*) FROM inspect('slow', ['planted'], ['hunt15_digit_c'], 'snippets', "
-                        "batch_size := 1)").fetchall()
-            except BaseException as exc:
-                failed.append(exc)
-        t = threading.Thread(target=query)
-        t.start()
-        assert labelling.wait(120)
-        time.sleep(0.5)
+        t, failed = _scan_on_a_thread(con, labelling, "hunt15_digit_c")
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)                   # Ctrl-C, in the main thread
         t.join(120)
