@@ -28,12 +28,7 @@ def store(tmp_path_factory):
     return db
 
 
-def cli(capsys, *argv):
-    from deepbase_duck.cli import main
-    capsys.readouterr()
-    rc = main(["--quiet", *argv])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
+from test_cli_usability import cli  # noqa: E402  (a CLI command run in-process: rc, stdout, stderr)
 
 
 # -- shell: .read of a file whose name has a space; -c and a script together -------------------

@@ -299,7 +299,6 @@ def mi_calibration(session, plan: Plan, behaviors: dict, covered, ran: list | No
     states instead of running those records again. {layer: {"edges": (width,
     bins - 1) array, "edges_rule": text}} to pass to the states; {} for a progressive scan (its
     first window sets the bins), without ``mi``, or with ``edges`` given."""
-    from ..inspectors.mutual_information import quantile_edges
     if not engine_sets_mi_bins(plan):
         return {}
     prm = plan.measure_params.get("mi", {})
@@ -336,8 +335,15 @@ def mi_calibration(session, plan: Plan, behaviors: dict, covered, ran: list | No
                     ran.append(b)
         finally:
             stream.close()                      # its hooks and model lock, now (not at garbage collection)
+    return calibrated_edges(parts, prm, total, len(chosen))
+
+
+def calibrated_edges(parts: dict, prm: dict, total: int, records: int) -> dict:
+    """{layer: {"edges", "edges_rule"}}: the quantile bin edges of each layer's calibration rows
+    (``parts``: {layer: list of (rows, width) tensors}), as mi's states take them."""
+    from ..inspectors.mutual_information import quantile_edges
     bins = int(prm.get("bins", 10))
-    rule = f"quantile ({bins} bins) of the {total} rows of {len(chosen)} calibration records"
+    rule = f"quantile ({bins} bins) of the {total} rows of {records} calibration records"
     return {layer: {"edges": quantile_edges(torch.cat(x).to(torch.float64), bins).numpy(), "edges_rule": rule}
             for layer, x in parts.items()}
 
@@ -351,7 +357,6 @@ def mi_calibration_stacked(session, plans: list, stacked, ran: list) -> dict:
     engine does not set the bins. Where every model's calibration rows together would take more
     than MI_CALIBRATION_HOLD_BYTES (float32; ten checkpoints of a 13-layer, 768-wide transformer
     at 10k rows: 4 GB), each model's bins are set one model at a time and nothing is held."""
-    from ..inspectors.mutual_information import quantile_edges
     from .stacking import stacked_batches
     p0 = plans[0]
     if not engine_sets_mi_bins(p0):
@@ -379,11 +384,8 @@ def mi_calibration_stacked(session, plans: list, stacked, ran: list) -> dict:
             ran.append(batches)
     finally:
         stream.close()
-    bins = int(p0.measure_params.get("mi", {}).get("bins", 10))
-    rule = f"quantile ({bins} bins) of the {total} rows of {len(chosen)} calibration records"
-    return {name: {layer: {"edges": quantile_edges(torch.cat(x).to(torch.float64), bins).numpy(), "edges_rule": rule}
-                   for layer, x in per_layer.items()}
-            for name, per_layer in parts.items()}
+    prm = p0.measure_params.get("mi", {})
+    return {name: calibrated_edges(per_layer, prm, total, len(chosen)) for name, per_layer in parts.items()}
 
 
 def _mixed(halves: list, rows, computed, counts):
