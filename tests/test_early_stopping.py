@@ -12,7 +12,7 @@ import deepbase_duck as dbd
 from deepbase_duck.catalog import session_of
 from deepbase_duck.cli import main as cli_main
 from deepbase_duck.engine.inspect import (MIN_WINDOWS, PLATEAU_PATIENCE, WindowMoments, batch_means_half_width,
-                                          rank_sets)
+                                          plan_inspect, rank_sets)
 from deepbase_duck.errors import DeepBaseError
 from deepbase_duck.extraction.adapters import CharAdapter
 from deepbase_duck.models.charlstm import VOCAB, encode_chars
@@ -727,3 +727,55 @@ def test_a_category_the_dataset_never_holds_does_not_keep_the_scan_reading(big):
     assert params["stopped_early"] and params["records_used"] < 240
     never = [r["score"] for r in t.to_pylist() if r["hypothesis"] == "brackets_absent_kind=never"]
     assert never and all(v is None for v in never)
+
+
+@pytest.mark.parametrize("rule", ["max_error", "top_k", "iou"])
+def test_a_hypothesis_constant_over_the_stored_labels_does_not_keep_the_scan_reading(big, rule):
+    """A binary hypothesis whose class no selected record holds, and a continuous one constant
+    over them, have undefined (or 0) scores for good. Before, a progressive scan read every
+    record waiting for them; with their labels stored for every selected record the store says
+    they are constant, and the scan stops as it would without them. A class met only in the
+    last records of the seeded order still keeps it reading, stored labels or not."""
+    order = [r for (r,) in big.sql("SELECT record_id FROM seeded_order('many', seed := 2)").fetchall()]
+    texts = dict(big.sql("SELECT record_id, text FROM records WHERE dataset = 'many'").fetchall())
+    last = {texts[r] for r in order[-3:]}
+
+    @dbd.hypothesis(f"nowhere_{rule}", kind="binary")
+    def nowhere(text):
+        return [(i, i + 1) for i, c in enumerate(text) if c == "\x07"]     # no record holds a BEL
+
+    @dbd.hypothesis(f"flat_{rule}", kind="continuous")
+    def flat(text):
+        return [(0, len(text), 2.5)]
+
+    @dbd.hypothesis(f"late_{rule}", kind="binary")
+    def late(text):
+        return [(0, len(text))] if text in last else []
+    kw = dict(max_error=0.9) if rule in ("max_error", "iou") else dict(top_k=3, stable_windows=1)
+    measures = ["iou"] if rule == "iou" else ["corr"]
+    constant = [f"nowhere_{rule}"] + ([] if rule == "iou" else [f"flat_{rule}"])   # (iou takes binary only)
+
+    def run(hyps):
+        t = dbd.inspect(big, "planted", ["mix"], ["digit"] + hyps, "many", batch_size=8, seed=2,
+                        measures=measures, **kw)
+        return t, json.loads(big.sql("SELECT params FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0])
+    _, alone = run([])
+    assert alone["stopped_early"]
+    dbd.annotate(big, constant + [f"late_{rule}"], "many")
+    t, params = run(constant)
+    assert params["stopped_early"] and params["records_used"] == alone["records_used"]
+    assert sorted(params["constant_columns"]) == sorted(constant)
+    for h in constant:
+        scores = [r["score"] for r in t.to_pylist() if r["hypothesis"] == h]
+        assert scores and all(s is None or s == 0 for s in scores)
+    plan = plan_inspect(session_of(big), "planted", ["mix"], ["digit", f"late_{rule}"] + constant,
+                                           "many", measures=measures, **kw)
+    assert sorted(plan.constant_columns) == sorted(constant)
+    _, params = run([f"late_{rule}"] + constant)
+    assert params["records_used"] == 240 and not params["stopped_early"]
+    # labels of some selected records not stored (a dataset grown since): not known to be constant
+    big.execute("DELETE FROM labeled_records WHERE dataset = 'many' AND record_id = ? AND hypothesis = ?",
+                [order[-1], f"nowhere_{rule}"])
+    plan = plan_inspect(session_of(big), "planted", ["mix"], constant, "many",
+                                           measures=measures, **kw)
+    assert plan.constant_columns == constant[1:]

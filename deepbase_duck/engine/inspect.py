@@ -106,6 +106,8 @@ class Plan:
     min_support: int = 0                               # max_error and top_k leave out rarer columns
     probe_checks: list = field(default_factory=list)   # filled by StopRule: the probes' loss checks
     min_windows: int = 0                               # no stop before this window (stop_together)
+    constant_columns: list = field(default_factory=list)   # whole-hypothesis columns constant over the
+    #                                                    selected records' stored labels (constant_label_columns)
 
     @property
     def progressive(self) -> bool:
@@ -237,7 +239,7 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
         raise DeepBaseError(f"dtype must be one of {', '.join(DTYPES)} (the dtype of stored activations), "
                             f"got {dtype!r}")
     dev = default_device(device)
-    return Plan(model, layers, dataset, ids, hyps, measures, per_measure, cols, batch_size=int(batch_size),
+    plan = Plan(model, layers, dataset, ids, hyps, measures, per_measure, cols, batch_size=int(batch_size),
                 keep_activations=bool(keep_activations), dtype=dtype, device=str(dev), measure_params=measure_params,
                 control=bool(control), permutations=check_int("permutations", permutations or 0, 0),
                 permutation_rows=int(permutation_rows),
@@ -246,6 +248,46 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
                 stable_windows=int(stable_windows),
                 plateau_tol=None if plateau_tol is None else float(plateau_tol),
                 min_support=int(min_support or 0))
+    if plan.progressive:
+        plan.constant_columns = constant_label_columns(session, plan)
+    return plan
+
+
+def constant_label_columns(session, plan: Plan) -> list[str]:
+    """The whole-hypothesis label columns (not a category's indicator, not a control task)
+    whose labels are constant over every selected record, told by the stored labels of the
+    hypothesis' current version when every selected record has them (``labeled_records``): a
+    binary hypothesis without a non-zero span (a class the dataset never holds: every symbol 0
+    or unlabelled), another whose spans take at most one value. Their scores are undefined (or
+    0) for good, so they do not hold a progressive scan that waits for a class not met yet
+    (StopRule). A hypothesis with labels still to compute is left out: the scan cannot know yet."""
+    whole = [c for c in plan.label_columns if c.get("code") is None and not c.get("control_of")]
+    if not whole:
+        return []
+    versions = {h["name"]: h["version"] for h in plan.hypotheses}
+    keys = sorted({f"{c['source']}\x00{versions[c['source']]}" for c in whole})
+    ids = [int(r) for r in np.unique(plan.record_ids)]
+    con = session.con
+    covered = dict(store.q_all(con, "SELECT hypothesis, count(*) FROM labeled_records WHERE dataset = ? "
+                                    "AND list_contains(?, hypothesis || chr(0) || version) "
+                                    "AND record_id IN (SELECT unnest(?::INTEGER[])) GROUP BY hypothesis",
+                               [plan.dataset, keys, ids]))
+    complete = [h for h, n in covered.items() if n >= len(ids)]
+    if not complete:
+        return []
+    seen = {h: (int(n), bool(nz)) for h, n, nz in store.q_all(
+        con, "SELECT hypothesis, count(DISTINCT value), coalesce(bool_or(value <> 0), false) FROM labels "
+             "WHERE dataset = ? AND list_contains(?, hypothesis || chr(0) || version) "
+             "AND value IS NOT NULL AND NOT isnan(value) AND record_id IN (SELECT unnest(?::INTEGER[])) "
+             "GROUP BY hypothesis", [plan.dataset, keys, ids])}
+    out = []
+    for c in whole:
+        if c["source"] not in complete:
+            continue
+        distinct, nonzero = seen.get(c["source"], (0, False))
+        if (not nonzero) if c["kind"] == "binary" else distinct <= 1:
+            out.append(c["name"])
+    return out
 
 
 # -- blocks of activations -----------------------------------------------------------------------
@@ -790,6 +832,11 @@ class StopRule:
         self.whole_hypotheses = {c["name"] for c in plan.label_columns if c.get("code") is None}
         self.binary_hypotheses = {c["name"] for c in plan.label_columns
                                   if c.get("code") is None and c["kind"] == "binary"}
+        # ... less those whose stored labels are constant over every selected record: no record
+        # read later can define their scores (constant_label_columns)
+        constant = set(getattr(plan, "constant_columns", None) or ())
+        self.whole_hypotheses -= constant
+        self.binary_hypotheses -= constant
         plan.probe_checks = []
 
     def check(self, states: dict, window_scores: dict, support: dict | None = None) -> str | None:
@@ -1547,7 +1594,9 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
     of records cannot be bounded (nor its ranking settle) without reading most of the data, and
     would otherwise hold the whole scan. Their scores are still returned, with their (wide)
     batch-means intervals, and ``queries.params->'rare'`` lists those columns with their
-    support. With ``top_k`` (a ranking query) the
+    support. A hypothesis constant over the selected records' stored labels (a class the dataset
+    lacks: ``constant_label_columns``) does not hold a progressive scan either; they are listed in
+    ``queries.params->'constant_columns'``. With ``top_k`` (a ranking query) the
     scan is progressive too and also stops once, for every (layer, measure, hypothesis), the set of
     its ``top_k`` units by |score| has stayed the same over ``stable_windows`` (default 3; given
     without ``top_k``, an error) consecutive windows
@@ -1672,6 +1721,7 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
               "plateau_tol": plan.plateau_tol,
               "plateau_checks": stopping["plateau_checks"] if plan.plateau_tol else None,
               "min_support": plan.min_support or None, "rare": stopping["rare"],
+              "constant_columns": plan.constant_columns or None,
               "fingerprint": fingerprint, "reused": reuse_report(plan, runs, labels_missing),
               **session.query_provenance(models, plan.dataset),     # what a report checks (reports/data.py)
               **engine_report(runs, engine),
