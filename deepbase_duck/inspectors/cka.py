@@ -101,7 +101,12 @@ class LinearCKAState:
         a NaN or infinite activation."""
         if self.n < 2:
             return math.nan
-        vx = ~(self.hi_x <= self.lo_x)        # varying units (NaN bounds count as varying: NaN stays)
+        # a NaN or infinite activation anywhere: the bounds hold it (torch.minimum / maximum
+        # propagate NaN). Checked here, not left to the sums: a unit at +inf on every symbol
+        # has bounds inf == inf and would count as constant, dropped with a finite CKA
+        if not all(bool(torch.isfinite(v).all()) for v in (self.lo_x, self.hi_x, self.lo_y, self.hi_y)):
+            return math.nan
+        vx = ~(self.hi_x <= self.lo_x)        # varying units
         vy = ~(self.hi_y <= self.lo_y)
         return _cka(torch.where(vx[:, None] & vx[None, :], self.sxx, 0.0),
                     torch.where(vy[:, None] & vy[None, :], self.syy, 0.0),

@@ -94,7 +94,7 @@ from scipy import stats
 
 from .base import InspectorState, register_measure
 from .pointbiserial import class_codes, class_layout
-from .spearman import score_table, sort_rows
+from .spearman import check_batch, score_table, sort_rows
 from ..errors import BadParameterError, DeepBaseError, check_float, check_intervals, check_integer
 
 F64 = torch.float64
@@ -311,6 +311,7 @@ class MutualInformationState(InspectorState):
         self.buffer, self.buffered, self.calibration_seen = [], 0, 0
 
     def update(self, acts, labels, record_ids=None) -> None:
+        labels = check_batch(self, acts, labels, record_ids)
         if acts.shape[0] == 0:
             return
         if self.calibration_records is not None and self.edges is None and record_ids is None:

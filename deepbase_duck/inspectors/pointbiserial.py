@@ -57,7 +57,7 @@ from scipy import stats
 
 from .base import InspectorState, register_measure
 from .correlation import PearsonState, fisher_interval, rounding_floor
-from .spearman import score_table
+from .spearman import check_batch, score_table
 from ..errors import HypothesisError, check_float, check_intervals
 
 F64 = torch.float64
@@ -117,6 +117,7 @@ class ClassMomentsState(InspectorState):
         self.exact64 = True                      # every batch's activations came as float64
 
     def update(self, acts, labels, record_ids=None) -> None:
+        labels = check_batch(self, acts, labels, record_ids)
         n = acts.shape[0]
         if n == 0:
             return
@@ -184,6 +185,7 @@ class PointBiserialState(ClassMomentsState):
         self.pearson = PearsonState(width, hypotheses, device, self.confidence, intervals=intervals)
 
     def update(self, acts, labels, record_ids=None) -> None:
+        labels = check_batch(self, acts, labels, record_ids)    # before either state changes
         super().update(acts, labels, record_ids)
         if acts.shape[0]:
             y = labels.to(self.device, F64)

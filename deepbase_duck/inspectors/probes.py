@@ -66,11 +66,16 @@ values: sklearn's own denominator there can be rounding (labels [0.1, 0.1, 0.1] 
 mean of 0.10000000000000002, and r2_score gives -5.8 for predictions of exactly 0.1).
 Extra columns: metric, macro_f1, majority, n_train, n_test.
 ``probe_weight`` rows (one per unit): NeuroX-style weight mass -- for each class, |w| of each
-unit normalised over the units; the unit's score is its mass averaged over the classes (a ridge
-head has one "class"), so the scores sum to 1; ``rank`` 1 is the heaviest unit.
+unit normalised over the units; the unit's score is its mass averaged over the classes with
+training rows (a ridge head has one "class"), so the scores sum to 1; ``rank`` 1 is the
+heaviest unit. A class seen only in the test split (possible with ``min_per_class=0``) keeps its
+softmax column, so its test rows count as errors, but its weights are the optimiser's residue
+about 0, not evidence: it is left out of the average (it took 1/C of the mass and reordered the
+units by noise).
 ``probe_class_weight`` rows (one per unit and class of a categorical head with 3+ classes,
 hypothesis ``'<name>=<class>'``): the unit's weight mass for that class alone, ranked within the
-class (NeuroX's top neurons per tag); control heads get none.
+class (NeuroX's top neurons per tag; score and rank NULL for a class without training rows);
+control heads get none.
 ``probe_topk`` rows (unit NULL, column ``k``): the held-out score of the group's probes re-trained
 (same penalties, warm-started from the full probe restricted to the units, so k = width
 reproduces it) on each hypothesis' top-k units; the re-fit multiplies only the union of the
@@ -559,8 +564,16 @@ class ProbeState(InspectorState):
         b = torch.zeros(O, dtype=dtype, device=dev)
         lam = torch.full((O, 1), l2, dtype=dtype, device=dev)
         mask = None if U is None else torch.zeros(O, Fz, dtype=dtype, device=dev)
+        # an elastic-net head is fit to its labels less their mean (taken about the first label:
+        # exactly the label when all are equal), added back to its intercept after: labels far
+        # from 0 (1e12 + N(0, 1)) left residuals out - y only the digits of 1e12 spared (1e-4 in
+        # float64, nothing in float32), and the weights 1e-3 off sklearn's ElasticNet
+        centre = {}
         for i in loop:
             h, (s, e), kd = heads[i], offs[i], kind(i)
+            if kd == 2:
+                yh = h["ytr"].to(F64)
+                centre[i] = yh[0] + (yh - yh[0]).mean() if yh.numel() else torch.zeros((), dtype=F64, device=dev)
             if kd == 0:
                 lam[s] = l2 / 2        # w = v1 - v0 of the two-class softmax, v1 = -v0 = w/2
             elif kd == 2 and self.ridge_alpha is not None and h["tr_rows"].numel():
@@ -573,16 +586,13 @@ class ProbeState(InspectorState):
                 if kd == 0:
                     Wi, bi = Wi[:, 1:2] - Wi[:, 0:1], bi[1:2] - bi[0:1]
                 W[s:e] = Wi.T.to(dtype)
-                b[s:e] = bi.to(dtype)
+                b[s:e] = (bi - centre[i] if kd == 2 else bi).to(dtype)
             elif kd == 0:
                 p = h["prior"].clamp(min=1e-12)
                 b[s] = torch.log(p[1] / p[0]).to(dtype)
             elif kd == 1:
                 p = h["prior"] / h["prior"].sum()
                 b[s:e] = torch.log(p.clamp(min=1e-12)).to(dtype)
-            elif h["ytr"].numel():       # about the first label: exact for equal labels
-                y0 = h["ytr"][0]
-                b[s] = (y0 + (h["ytr"] - y0).mean()).to(dtype)
             if mask is not None:
                 mask[s:e, torch.searchsorted(U, subsets[i].reshape(-1))] = 1
         if mask is not None:
@@ -618,7 +628,7 @@ class ProbeState(InspectorState):
             wE = torch.stack([row_weights(heads[i]) for i in enet])
             tE = torch.zeros(len(enet), n, dtype=dtype, device=dev)
             for c, i in enumerate(enet):
-                tE[c, heads[i]["tr_rows"]] = heads[i]["ytr"].to(dtype)
+                tE[c, heads[i]["tr_rows"]] = (heads[i]["ytr"].to(F64) - centre[i]).to(dtype)
 
         def data_loss(out, grad):
             """Sum over heads of the masked mean losses at logits ``out`` (O, n), and the gradient
@@ -672,6 +682,8 @@ class ProbeState(InspectorState):
             (s, e), kd = offs[i], kind(i)
             Wi = W[s:e].T.to(F64)
             bi = b[s:e].to(F64)
+            if kd == 2:
+                bi = bi + centre[i]
             if kd == 0:              # back to the two-class softmax parametrisation
                 Wi, bi = torch.cat([-Wi / 2, Wi / 2], 1), torch.cat([-bi / 2, bi / 2])
             Wf = torch.zeros(Fdim, e - s + (1 if kd == 0 else 0), dtype=F64, device=dev)
@@ -707,7 +719,10 @@ class ProbeState(InspectorState):
         xm = sx / n
         G = sxx - n * torch.outer(xm, xm)
         G.diagonal().add_(alpha)
-        rhs = sxy                       # sum (x - shift) yc = sum (x - xm) yc as yc sums to 0
+        # sum (x - shift - xm) yc: yc sums to 0 only up to the rounding of ym, which is not small
+        # for labels far from 0 (1e15 + N(0, 1): ym to 0.125, and sum (x - shift) times that
+        # moved the weights by 0.1); taking it out keeps the normal equations centred exactly
+        rhs = sxy - xm * yc.sum()
         w = None
         if alpha > 0:
             try:
@@ -921,14 +936,25 @@ class ProbeState(InspectorState):
         return res
 
     @staticmethod
-    def weight_mass(W: torch.Tensor):
+    def weight_mass(W: torch.Tensor, trained: torch.Tensor | None = None):
         """NeuroX-style weight mass of a (units, classes) weight matrix: (per-class mass
         (units, classes), each column summing to 1 (0 for an all-zero column), global mass (units,)
-        = the per-class masses averaged over the classes)."""
+        = the per-class masses averaged over the classes).
+
+        ``trained`` (classes,) bool: the classes with training rows. A softmax head has a column
+        for every class in its labels, test rows included, but a class without training rows
+        has no evidence behind its weights: they are only the optimiser's residue around 0
+        (1e-12), which normalised to a unit mass of 1 would take 1/C of every unit's global mass
+        and reorder the units by noise. Its column is NaN (no mass; its per-class rows NULL) and
+        the global mass averages the trained classes only."""
         A = W.abs().to(F64)
         tot = A.sum(0, keepdim=True)
         per_class = torch.where(tot > 0, A / tot.clamp(min=1e-300), torch.zeros_like(A))
-        return per_class, per_class.mean(1)
+        if trained is None or bool(trained.all()):
+            return per_class, per_class.mean(1)
+        trained = trained.to(per_class.device)
+        per_class = torch.where(trained[None, :], per_class, math.nan)
+        return per_class, per_class[:, trained].mean(1)
 
     def fit(self) -> dict:
         """Train (once; cached until the next update/combine) and return the fitted model:
@@ -938,7 +964,8 @@ class ProbeState(InspectorState):
         heads, ztr, scaler, fits = self._train()
         zte = self._scale(self.sample("test")[1], scaler, ztr.dtype).to(F64)
         results = self._evaluate(zte, heads, fits)
-        masses = [self.weight_mass(f["W"]) for f in fits]
+        masses = [self.weight_mass(f["W"], h["prior"] > 0 if h["type"] == "softmax" else None)
+                  for h, f in zip(heads, fits)]
         bad = ~self.finite.cpu()         # non-finite units last (weight 0, rank NULL)
         orders = [torch.sort(torch.where(bad, math.inf, -g.cpu()), stable=True).indices for _, g in masses]
         topk = {}
@@ -1054,11 +1081,12 @@ class ProbeState(InspectorState):
             cats = self.hypotheses[h["col"]]["categories"]
             pc = per_class.cpu().numpy()
             for c, code in enumerate(h["classes"].cpu().tolist()):
+                has_mass = not np.isnan(pc[:, c]).all()     # a class without training rows: NULL
                 order = np.argsort(np.where(finite, -pc[:, c], np.inf), kind="stable")
                 rank = np.empty(self.width, dtype=np.int64)
                 rank[order] = np.arange(1, self.width + 1)
                 for u in range(self.width):
-                    ok = bool(finite[u])
+                    ok = bool(finite[u]) and has_mass
                     row(u, f"{h['name']}={cats[code]}", "probe_class_weight", float(pc[u, c]) if ok else None,
                         r["n_train"], ntr=r["n_train"], nte=r["n_test"], rank=int(rank[u]) if ok else None,
                         metric=r["metric"])

@@ -20,6 +20,8 @@
     registered measure name together with ``hypotheses`` (its scores laid out as (units, H));
     a measure of the unit group as a whole (``probe``: rows without a unit) is refused.
     ``n_permutations`` is a whole number >= 1 (2.0 is taken as 2; 1.7 or '3' are refused).
+    ``seed`` is a whole number >= 0 (the same seed gives the same permutations, hence the same
+    p-values; None is refused rather than drawing fresh, irreproducible permutations).
     The smallest attainable p-value is 1 / (n_permutations + 1); rows are assumed exchangeable
     (symbols of one record are not independent, so treat the p-values as approximate there).
 """
@@ -58,7 +60,8 @@ def measure_score_fn(measure: str, hypotheses: list[dict], device="cpu", **param
     """A ``measure_fn`` for permutation_p_values computing the registered ``measure``'s scores
     as a (units, H) array (one state per call: update with all rows, finalize). Only for
     unit-level measures: one that scores the unit group as a whole (``probe``, whose rows have
-    no unit) is refused with a DeepBaseError."""
+    no unit) is refused with a DeepBaseError. The rows carry no record ids, so mi's
+    ``calibration_records`` is set aside (its bins come from the rows themselves)."""
     from .base import measure_class
 
     cls = measure_class(measure)
@@ -69,6 +72,12 @@ def measure_score_fn(measure: str, hypotheses: list[dict], device="cpu", **param
 
     if not getattr(cls, "unit_level", True):
         refuse()
+    if params.get("calibration_records") is not None:
+        # mi's bins from given records: the rows permuted here come without record ids (and
+        # every update refused them). The bins only need to be the same for the observed and
+        # every permuted score, which the activations alone fix (only the labels move): they
+        # come from the rows' first calibration_rows instead
+        params = {k: v for k, v in params.items() if k != "calibration_records"}
 
     def fn(acts, labels):
         a = torch.as_tensor(np.asarray(acts))
@@ -97,6 +106,9 @@ def permutation_p_values(acts, labels, measure_fn, n_permutations: int = 1000, s
     if alternative not in ("two-sided", "greater", "less"):
         raise DeepBaseError(f"alternative must be 'two-sided', 'greater' or 'less', got {alternative!r}")
     n_permutations = check_integer("permutation_p_values: n_permutations", n_permutations, 1)
+    # a whole number >= 0, as the measures' seeds: None (fresh OS entropy) made p-values that
+    # changed from call to call, and -1 or 2.5 failed inside numpy with no name of the parameter
+    seed = check_integer("permutation_p_values: seed", seed, 0)
     if isinstance(measure_fn, str):
         if hypotheses is None:
             raise DeepBaseError("permutation_p_values: a measure name needs hypotheses=[...]")

@@ -72,6 +72,28 @@ _KEY_MAX = (1 << 63) - 2
 _HASH_CHUNK = 1 << 22
 
 
+def check_batch(state: InspectorState, acts, labels, record_ids=None):
+    """The batch's labels as (n, hypotheses), after refusing a batch whose shapes do not fit
+    ``state`` -- activations (n, width), labels (n, hypotheses) or (n, 1) (one column: the same
+    labels for every hypothesis, as broadcasting reads it), record ids (n,) -- with a
+    DeepBaseError naming the measure and the shapes, before any of the state changes (as the
+    probe checks its batches): a mismatch used to surface as a torch RuntimeError half-way
+    through an update, leaving part of the batch in the state, or to be taken silently
+    (record ids of the wrong length, labels of the wrong width)."""
+    W, H = state.width, len(state.names)
+    if acts.ndim != 2 or acts.shape[1] != W:
+        raise DeepBaseError(f"{state.measure}: activations of shape {tuple(acts.shape)}, expected (n, {W})")
+    n = acts.shape[0]
+    if labels.ndim != 2 or labels.shape[0] != n or labels.shape[1] not in (1, H):
+        raise DeepBaseError(f"{state.measure}: labels of shape {tuple(labels.shape)}, expected ({n}, {H}) "
+                            f"(one column per hypothesis: {', '.join(state.names)})")
+    if record_ids is not None:
+        k = int(torch.as_tensor(record_ids).numel())
+        if k != n:
+            raise DeepBaseError(f"{state.measure}: {k} record ids for {n} rows")
+    return labels.expand(n, H) if labels.shape[1] != H else labels
+
+
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer finaliser on int64 tensors holding values in [0, 2^32)."""
     x = (((x >> 16) ^ x) * _MUL) & _MASK32
@@ -361,6 +383,7 @@ class SampledState(InspectorState):
         self.finite = torch.ones(self.width, dtype=torch.bool, device=self.device)
 
     def update(self, acts, labels, record_ids=None) -> None:
+        labels = check_batch(self, acts, labels, record_ids)
         if acts.shape[0] == 0:
             return
         acts = acts.to(self.device)
