@@ -246,3 +246,24 @@ def test_one_label_column_is_read_for_every_hypothesis(measure):
     two = measure_class(measure)(3, H, **params)
     two.update(x, y.repeat(1, 2), torch.arange(60) // 3)
     assert one.finalize().equals(two.finalize())
+
+
+def test_a_rare_class_error_says_how_to_go_on_and_the_way_it_names_works():
+    """A categorical hypothesis with one rare class (a POS tag met a few times) fails the probe
+    under the default min_per_class=5: the error names the class and says what to do, and
+    what it says (min_per_class 0) trains the probe."""
+    cat = {"name": "pos", "kind": "categorical", "categories": ["a", "b", "rare"]}
+    rng = np.random.default_rng(2)
+    n = 400
+    y = rng.integers(0, 2, n).astype(np.float64)
+    y[:6] = 2                                                   # 'rare': 6 rows, some in the test split
+    X = rng.normal(size=(n, 3)).astype(np.float32)
+    X[:, 0] += y
+    rid = np.repeat(np.arange(100), 4)
+    st = ProbeState(3, [cat], topk=())
+    st.update(torch.tensor(X), torch.tensor(y[:, None]), torch.tensor(rid))
+    with pytest.raises(DeepBaseError, match=r"class 'rare'.*min_per_class=5.*\{'min_per_class': 0\}"):
+        st.fit()
+    st = ProbeState(3, [cat], topk=(), min_per_class=0)
+    st.update(torch.tensor(X), torch.tensor(y[:, None]), torch.tensor(rid))
+    assert 0 < st.fit()["results"][0]["score"] <= 1

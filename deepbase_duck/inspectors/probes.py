@@ -462,7 +462,9 @@ class ProbeState(InspectorState):
                     raise DeepBaseError(
                         f"probe: hypothesis {name!r}: class {catnames[c]!r} (code {c}) has "
                         f"{int(counts[c])} training examples, fewer than min_per_class="
-                        f"{self.min_per_class}")
+                        f"{self.min_per_class}: select more records, leave the class out of the hypothesis, "
+                        f"or lower min_per_class (inspect(..., probe={{'min_per_class': 0}}) trains on what "
+                        f"there is)")
             trained = [c for c in present if counts[c] > 0]
             if len(trained) < 2:         # min_per_class=0 lets a class miss the train split
                 what = f"a single class {catnames[trained[0]]!r}" if trained else "no labelled rows"
