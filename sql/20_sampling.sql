@@ -26,14 +26,16 @@
 --
 -- Datasets: `ds` must name a dataset of the store (a row of `datasets`, or records stored under
 -- that name); NULL or an unknown name is an error that names the macro and lists the datasets,
--- not an empty result that reads as "no records". A registered dataset without records gives no
--- rows.
+-- not an empty result that reads as "no records"; so is a ds that is not text (ds := 3). A
+-- registered dataset without records gives no rows.
 --
 -- Arguments: a NULL seed is the default seed 0 in every macro, so `seed := NULL` gives the rows
 -- of `seed := 0`. A seed and a count (sample_records' n, stratified_records' n_per_class) must be
 -- a non-negative integer that fits a BIGINT (at most 9223372036854775807) or NULL, as inspect()
 -- refuses a negative or fractional seed; anything else (2.7, -1, 1e19) is an error that names the
--- macro and the argument, as a fraction outside [0, 1] is. Nothing is rounded (seed := 1.5 is an
+-- macro and the argument, as a fraction (sample_fraction's fraction, train_test_split's
+-- test_fraction) is when it is not a number from 0 to 1 (NULL, NaN, 1.5, true, 'half'; text
+-- holding a number, '3' or '0.5', is read as that number). Nothing is rounded (seed := 1.5 is an
 -- error, not seed 2), and every argument is checked whatever the dataset holds, so an unknown or
 -- empty dataset gives the same errors (these come first; then an unknown dataset's).
 
@@ -54,11 +56,31 @@ CASE WHEN v IS NOT NULL AND nonneg_int(v) IS NULL
                        AND TRY_CAST(v AS DOUBLE) = floor(TRY_CAST(v AS DOUBLE))
                   THEN ' (larger than 9223372036854775807, the largest BIGINT)' ELSE '' END END;
 
+-- unit_fraction(v): v as a DOUBLE when it is a number from 0 to 1 (of any numeric type, or text
+-- holding one, '0.5'); NULL otherwise: NaN, a BOOLEAN (true is no fraction), text that is no
+-- number ('half'), a list, and v NULL. The macros below compare keys with it, never with
+-- CAST(v AS DOUBLE), which raised DuckDB's own conversion error for text ("Could not convert
+-- string 'half' to INT32", naming no argument) before their guard could name the argument.
+CREATE OR REPLACE MACRO unit_fraction(v) AS
+CASE WHEN typeof(v) <> 'BOOLEAN' AND TRY_CAST(v AS DOUBLE) BETWEEN 0 AND 1 THEN TRY_CAST(v AS DOUBLE) END;
+
+-- fraction_error(what, v): NULL when v is a good unit_fraction; else the message the macros below
+-- raise, naming the argument as `what` (e.g. 'sample_fraction: fraction'); NULL is an error.
+CREATE OR REPLACE MACRO fraction_error(what, v) AS
+CASE WHEN unit_fraction(v) IS NULL
+     THEN what || ' must be between 0 and 1, got ' || coalesce(CAST(v AS VARCHAR), 'NULL') END;
+
 -- dataset_error(what, ds): NULL when `ds` names a dataset (a row of `datasets`, or one with
--- stored records); else the message the macros below raise, naming the macro as `what`.
+-- stored records); else the message the macros below raise, naming the macro as `what`. A ds
+-- that is not text (ds := 3) is an error too: the macros read records WHERE dataset =
+-- CAST(ds AS VARCHAR), so that it gets this error and not a conversion of every stored
+-- dataset name to the type of ds ("Could not convert string 'd' to INT32").
 CREATE OR REPLACE MACRO dataset_error(what, ds) AS
 CASE WHEN ds IS NULL THEN what || ': ds must name a dataset, got NULL'
-     WHEN NOT EXISTS (SELECT 1 FROM datasets WHERE name = ds) AND NOT EXISTS (SELECT 1 FROM records WHERE dataset = ds)
+     WHEN typeof(ds) <> 'VARCHAR'
+     THEN what || ': ds must name a dataset (text), got ' || CAST(ds AS VARCHAR) || ' of type ' || typeof(ds)
+     WHEN NOT EXISTS (SELECT 1 FROM datasets WHERE name = CAST(ds AS VARCHAR))
+          AND NOT EXISTS (SELECT 1 FROM records WHERE dataset = CAST(ds AS VARCHAR))
      THEN what || ': ds ''' || CAST(ds AS VARCHAR) || ''' is not a dataset of this store (datasets: '
           || coalesce((SELECT string_agg('''' || name || '''', ', ' ORDER BY name) FROM datasets), 'none') || ')' END;
 
@@ -84,12 +106,18 @@ CAST('0x' || md5(CAST(coalesce(stream, 'order') AS VARCHAR) || ':'
 -- rank <= n are exactly sample_records(ds, n, seed), and every sample_fraction(ds, f, seed) is a
 -- prefix of this order. seed NULL: seed 0; a seed that is not a non-negative integer is an error,
 -- as is an unknown or NULL ds.
+--
+-- The rank is a record's place in an ordered list() of the dataset's records, not a
+-- row_number() window: DuckDB 1.5 (the CLI) refuses a window whose ORDER BY reads a column of
+-- an outer query ("window expression is not supported here"), so with a window, a LATERAL join
+-- on a seed column (range(3) AS s(seed), LATERAL seeded_order('d', seed := s.seed)) failed in
+-- the CLI while it ran in Python's DuckDB. An ordered aggregate is decorrelated by both.
 CREATE OR REPLACE MACRO seeded_order(ds, seed := 0) AS TABLE
 SELECT record_id, rank
-FROM (SELECT record_id,
-             row_number() OVER (ORDER BY sample_key(ds, record_id, seed), record_id) AS rank
-      FROM records
-      WHERE dataset = ds
+FROM (SELECT unnest(ids) AS record_id, generate_subscripts(ids, 1) AS rank
+      FROM (SELECT list(record_id ORDER BY sample_key(ds, record_id, seed), record_id) AS ids
+            FROM records
+            WHERE dataset = CAST(ds AS VARCHAR) AND typeof(ds) = 'VARCHAR')
       UNION ALL   -- the guard: a row only for a bad seed or dataset, and that row is the error
       SELECT CAST(error(msg) AS INTEGER), CAST(NULL AS BIGINT)
       FROM (SELECT coalesce(nonneg_int_error('seeded_order: seed', seed), dataset_error('seeded_order', ds)) AS msg)
@@ -108,7 +136,7 @@ SELECT record_id
 FROM (SELECT *   -- the first n records by key (a top-n), then the guard's error when n or seed is bad
       FROM (SELECT record_id, sample_key(ds, record_id, seed) AS key
             FROM records
-            WHERE dataset = ds
+            WHERE dataset = CAST(ds AS VARCHAR) AND typeof(ds) = 'VARCHAR'
             ORDER BY key, record_id
             -- a constant, so LIMIT folds it (even in a LATERAL join on seed); a bad n takes
             -- the guard's error below, never LIMIT's own (n NULL: LIMIT NULL, every record)
@@ -131,15 +159,13 @@ CREATE OR REPLACE MACRO sample_fraction(ds, fraction, seed := 0) AS TABLE
 SELECT record_id
 FROM (SELECT record_id, sample_key(ds, record_id, seed) AS key
       FROM records
-      WHERE dataset = ds
-        AND sample_key(ds, record_id, seed) < CAST(fraction AS DOUBLE) * 4503599627370496.0
+      WHERE dataset = CAST(ds AS VARCHAR) AND typeof(ds) = 'VARCHAR'
+        AND sample_key(ds, record_id, seed) < unit_fraction(fraction) * 4503599627370496.0
       UNION ALL   -- the guard, checked whatever the dataset holds: a row only for a bad argument
       SELECT CAST(error(msg) AS INTEGER), CAST(NULL AS UBIGINT)
-      FROM (SELECT CASE WHEN fraction IS NULL OR fraction < 0 OR fraction > 1   -- NaN > 1 too
-                        THEN 'sample_fraction: fraction must be between 0 and 1, got '
-                             || coalesce(CAST(fraction AS VARCHAR), 'NULL')
-                        ELSE coalesce(nonneg_int_error('sample_fraction: seed', seed),
-                                      dataset_error('sample_fraction', ds)) END AS msg)
+      FROM (SELECT coalesce(fraction_error('sample_fraction: fraction', fraction),
+                            nonneg_int_error('sample_fraction: seed', seed),
+                            dataset_error('sample_fraction', ds)) AS msg)
       WHERE msg IS NOT NULL AND CAST(error(msg) AS BOOLEAN))
 ORDER BY key, record_id;
 
@@ -154,17 +180,15 @@ ORDER BY key, record_id;
 CREATE OR REPLACE MACRO train_test_split(ds, test_fraction := 0.2, seed := 0) AS TABLE
 SELECT record_id, split
 FROM (SELECT record_id,
-             CASE WHEN sample_key(ds, record_id, seed, 'split') < CAST(test_fraction AS DOUBLE) * 4503599627370496.0
+             CASE WHEN sample_key(ds, record_id, seed, 'split') < unit_fraction(test_fraction) * 4503599627370496.0
                   THEN 'test' ELSE 'train' END AS split
       FROM records
-      WHERE dataset = ds
+      WHERE dataset = CAST(ds AS VARCHAR) AND typeof(ds) = 'VARCHAR' AND unit_fraction(test_fraction) IS NOT NULL
       UNION ALL   -- the guard, checked whatever the dataset holds: a row only for a bad argument
       SELECT CAST(error(msg) AS INTEGER), CAST(NULL AS VARCHAR)
-      FROM (SELECT CASE WHEN test_fraction IS NULL OR test_fraction < 0 OR test_fraction > 1
-                        THEN 'train_test_split: test_fraction must be between 0 and 1, got '
-                             || coalesce(CAST(test_fraction AS VARCHAR), 'NULL')
-                        ELSE coalesce(nonneg_int_error('train_test_split: seed', seed),
-                                      dataset_error('train_test_split', ds)) END AS msg)
+      FROM (SELECT coalesce(fraction_error('train_test_split: test_fraction', test_fraction),
+                            nonneg_int_error('train_test_split: seed', seed),
+                            dataset_error('train_test_split', ds)) AS msg)
       WHERE msg IS NOT NULL AND CAST(error(msg) AS BOOLEAN))
 ORDER BY record_id;
 
@@ -209,20 +233,24 @@ ORDER BY record_id;
 -- as NULL). seed NULL: seed 0; a seed that is not a non-negative integer is an error.
 CREATE OR REPLACE MACRO stratified_records(ds, tok, hyp, n_per_class, seed := 0) AS TABLE
 WITH checks AS (   -- msg NULL when the arguments are good, else the error (the first that applies)
-    SELECT CASE WHEN hyp IS NULL OR n = 0
+    SELECT CASE WHEN typeof(hyp) NOT IN ('VARCHAR', '"NULL"')   -- 3, or a list (['digit'] for 'digit')
+                THEN 'stratified_records: hyp must name a hypothesis (text), got ' || CAST(hyp AS VARCHAR)
+                     || ' of type ' || typeof(hyp)
+                WHEN hyp IS NULL OR n = 0
                 THEN CASE WHEN hyp IS NULL THEN 'stratified_records: hyp must name a hypothesis, got NULL'
-                          ELSE 'stratified_records: unknown hypothesis ' || hyp || ' (hyp := ''' || hyp || ''')' END
+                          ELSE 'stratified_records: unknown hypothesis ' || CAST(hyp AS VARCHAR)
+                               || ' (hyp := ''' || CAST(hyp AS VARCHAR) || ''')' END
                      || '; hyp must name a binary or categorical hypothesis of this store: '
                      || coalesce((SELECT string_agg('''' || name || '''', ', ' ORDER BY name) FROM hypotheses
                                   WHERE kind IN ('binary', 'categorical')), 'none')
                 WHEN kind NOT IN ('binary', 'categorical')
-                THEN 'stratified_records: hypothesis ' || hyp || ' is ' || kind
+                THEN 'stratified_records: hypothesis ' || CAST(hyp AS VARCHAR) || ' is ' || kind
                      || '; only binary and categorical hypotheses have classes'
                 ELSE coalesce(nonneg_int_error('stratified_records: n_per_class', n_per_class),
                               nonneg_int_error('stratified_records: seed', seed),
                               dataset_error('stratified_records', ds),
-                              tokenization_error('stratified_records', ds, tok)) END AS msg
-    FROM (SELECT count(*) AS n, any_value(kind) AS kind FROM hypotheses WHERE name = hyp)
+                              tokenization_error('stratified_records', CAST(ds AS VARCHAR), tok)) END AS msg
+    FROM (SELECT count(*) AS n, any_value(kind) AS kind FROM hypotheses WHERE name = CAST(hyp AS VARCHAR))
 ), guard AS (      -- a row only for bad arguments, and it is the error
     SELECT CAST(error(msg) AS INTEGER) AS record_id, CAST(NULL AS INTEGER) AS class
     FROM checks
@@ -231,10 +259,10 @@ WITH checks AS (   -- msg NULL when the arguments are good, else the error (the 
     SELECT lr.record_id
     FROM labeled_records AS lr
     JOIN hypotheses AS h ON lr.hypothesis = h.name AND lr.version = h.version
-    WHERE h.name = hyp AND lr.dataset = ds
+    WHERE h.name = CAST(hyp AS VARCHAR) AND lr.dataset = CAST(ds AS VARCHAR) AND typeof(ds) = 'VARCHAR'
 ), held AS (
     SELECT DISTINCT sl.record_id, CAST(sl.value AS INTEGER) AS class
-    FROM symbol_labels_unchecked(ds, tok, [hyp]) AS sl   -- checked above, by this macro's name
+    FROM symbol_labels_unchecked(CAST(ds AS VARCHAR), tok, [CAST(hyp AS VARCHAR)]) AS sl   -- checked above
     SEMI JOIN labeled ON labeled.record_id = sl.record_id
     WHERE sl.value IS NOT NULL
 ), support AS (
@@ -245,9 +273,11 @@ WITH checks AS (   -- msg NULL when the arguments are good, else the error (the 
     GROUP BY held.record_id
 ), one_class AS (  -- good arguments, but the labelled records are all of one class: the error
     SELECT CAST(error(msg) AS INTEGER) AS record_id, CAST(NULL AS INTEGER) AS class
-    FROM (SELECT 'stratified_records: hypothesis ''' || hyp || ''' has a single class over the labelled records of '
-                 || 'dataset ''' || ds || ''' (tok ''' || tok || '''): class ' || CAST(class AS VARCHAR)
-                 || coalesce(' (''' || (SELECT categories[class + 1] FROM hypotheses WHERE name = hyp) || ''')', '')
+    FROM (SELECT 'stratified_records: hypothesis ''' || CAST(hyp AS VARCHAR) || ''' has a single class over the '
+                 || 'labelled records of dataset ''' || CAST(ds AS VARCHAR) || ''' (tok ''' || CAST(tok AS VARCHAR)
+                 || '''): class ' || CAST(class AS VARCHAR)
+                 || coalesce(' (''' || (SELECT categories[class + 1] FROM hypotheses
+                                         WHERE name = CAST(hyp AS VARCHAR)) || ''')', '')
                  || ', ' || CAST(n_records AS VARCHAR) || ' records'
                  || CASE WHEN n_held > 1
                          THEN ', as each of them holds it besides other classes (a record goes to the rarest class '
@@ -259,13 +289,15 @@ WITH checks AS (   -- msg NULL when the arguments are good, else the error (the 
                 FROM assigned)
           WHERE n_classes = 1 AND (SELECT msg FROM checks) IS NULL)   -- a bad argument's error comes first
     WHERE msg IS NOT NULL AND CAST(error(msg) AS BOOLEAN)
-), chosen AS (
-    SELECT record_id, class
-    FROM assigned
-    QUALIFY row_number() OVER (PARTITION BY class ORDER BY sample_key(ds, record_id, seed), record_id)
-            <= CASE WHEN n_per_class IS NULL   -- the rarest class's count
-                    THEN (SELECT min(n_class) FROM (SELECT count(*) AS n_class FROM assigned GROUP BY class))
-                    ELSE nonneg_int(n_per_class) END   -- NULL (no row) for a bad one: the guard's error
+), chosen AS (     -- each class's first records in the seeded order: a slice of an ordered list(), as
+                   -- in seeded_order, not a window (DuckDB 1.5 refuses one in a LATERAL join on seed)
+    SELECT unnest(list_slice(ids, 1, CASE WHEN n_per_class IS NULL   -- the rarest class's count
+                                          THEN (SELECT min(n_class) FROM (SELECT count(*) AS n_class
+                                                                          FROM assigned GROUP BY class))
+                                          ELSE nonneg_int(n_per_class) END)) AS record_id,   -- NULL (no row)
+           class                                                       -- for a bad one: the guard's error
+    FROM (SELECT class, list(record_id ORDER BY sample_key(ds, record_id, seed), record_id) AS ids
+          FROM assigned GROUP BY class)
 )
 SELECT record_id, class
 FROM (SELECT * FROM chosen UNION ALL SELECT * FROM guard UNION ALL SELECT * FROM one_class)
