@@ -8,12 +8,16 @@ same text always means the same image):
   returns an image, or ``sklearn:china.jpg`` / ``sklearn:flower.jpg``), optionally cropped with
   ``"crop": [top, left, height, width]`` in pixels of the original;
 * a file: ``{"path": "/some/image.png"}``, or the bare path (read with Pillow, turned upright
-  by its EXIF orientation as viewers show it; grey images of 16 bits are scaled from 0..65535,
-  floating-point ones from 0..1 or else their own range; a missing or unreadable file is a
-  DeepBaseError naming it in full).
+  by its EXIF orientation as viewers show it; a missing or unreadable file is a DeepBaseError
+  naming it in full).
 
-``load_image(text)`` returns (H, W, 3) uint8 RGB (grey images are repeated over the channels,
-an alpha channel is dropped). ``photo_records`` makes a dataset of scikit-image's bundled photos
+``load_image(text)`` returns (H, W, 3) uint8 RGB. Every source, and the arrays a custom loader
+of the ``ImageAdapter`` returns, is scaled by one rule (``unit_rgb``), whatever its type: uint8
+from 0..255; bool False/True as 0/255; other integer types (16-bit PNGs and TIFFs, uint16
+arrays) from 0..65535; floating point from 0..1 when its values lie in it, otherwise from its own
+minimum and maximum; grey images are repeated over the channels, an alpha channel is dropped.
+(Bundled photos of types other than uint8 were stretched from their own minimum and maximum,
+files not: a uint16 photo and the same pixels saved as a 16-bit PNG read differently.) ``photo_records`` makes a dataset of scikit-image's bundled photos
 and seeded crops of them. ``concept_masks(text)`` gives a record's concept masks at its own
 resolution: every concept of a scene (exact, from the generator), and for photos the colour
 concepts from a per-pixel colour-naming rule (``colour_names``: the nearest of Broden's 11
@@ -30,6 +34,8 @@ import numpy as np
 from ..errors import DeepBaseError, HypothesisError
 from . import scenes
 
+# functions of skimage.data that are no images (download_all would fetch the whole gallery)
+_SKIMAGE_NOT_IMAGES = ("download_all", "file_hash", "lbp_frontal_face_cascade_filename", "data_dir")
 # scikit-image's bundled photographs (loaded offline); grey ones are repeated over RGB
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "hubble_deep_field",
                   "immunohistochemistry", "retina", "brick", "camera", "clock", "coins", "grass", "gravel",
@@ -51,22 +57,63 @@ def describe(text: str) -> str:
     if "scene" in d:
         return f"scene {d['scene']}"
     if "photo" in d:
-        return d["photo"] + (" (crop)" if d.get("crop") else "")
+        return str(d["photo"]) + (" (crop)" if d.get("crop") else "")
     return os.path.basename(str(d.get("path", text)))
 
 
-def _rgb(img: np.ndarray) -> np.ndarray:
-    img = np.asarray(img)
-    if img.dtype == bool:
-        img = img.astype(np.uint8) * 255
-    elif img.dtype != np.uint8:
-        lo, hi = float(np.min(img)), float(np.max(img))
-        img = ((img - lo) / (hi - lo if hi > lo else 1.0) * 255).round().astype(np.uint8)
+def _channels(img: np.ndarray, where: str) -> np.ndarray:
+    """(H, W, 3) view of an image array of shape (H, W), (H, W, 1), (H, W, 2) (grey and alpha),
+    (H, W, 3) or (H, W, 4) (RGBA): grey repeated, alpha dropped; any other shape refused."""
     if img.ndim == 2:
-        img = np.repeat(img[:, :, None], 3, axis=2)
-    if img.ndim != 3 or img.shape[2] < 3:
-        raise DeepBaseError(f"an image of shape {img.shape} is not RGB or grey")
-    return np.ascontiguousarray(img[:, :, :3])
+        img = img[:, :, None]
+    if img.ndim != 3 or img.shape[2] not in (1, 2, 3, 4) or img.shape[0] == 0 or img.shape[1] == 0:
+        hint = ""
+        if 0 in img.shape:
+            hint = " (it holds no pixels)"
+        elif img.ndim == 3 and img.shape[0] in (1, 3, 4) and img.shape[2] > 4:
+            hint = " (channels first? an image is (height, width, channels))"
+        elif img.ndim >= 3:
+            hint = " (a stack of images or a volume is not one image)"
+        raise DeepBaseError(f"{where}: an array of shape {img.shape} is not an image: expected (H, W) grey, "
+                            f"(H, W, 3) RGB or (H, W, 4) RGBA{hint}")
+    if img.shape[2] <= 2:
+        return np.repeat(img[:, :, :1], 3, axis=2)
+    return img[:, :, :3]
+
+
+def unit_rgb(img, where: str = "image") -> np.ndarray:
+    """(H, W, 3) float64 RGB in [0, 1] of an image array, by one rule for every source (bundled
+    photos, files, a custom loader's arrays): uint8 from 0..255; bool as 0/1; other integer types
+    from 0..65535 (16 bits: Pillow reads 16-bit PNGs as such; values outside are clipped);
+    floating point from 0..1 when its finite values lie in it, otherwise from their own minimum
+    and maximum (all channels together, so colours keep their balance), NaN as 0 and infinities
+    clipped. Grey (H, W) or (H, W, 1) is repeated over the channels, grey-and-alpha (H, W, 2) and
+    RGBA (H, W, 4) lose their alpha. Anything else is a DeepBaseError naming ``where``."""
+    a = np.asarray(img)
+    if a.dtype == bool:
+        a = a.astype(np.float64)
+    elif a.dtype == np.uint8:
+        a = a / 255.0
+    elif np.issubdtype(a.dtype, np.integer):
+        a = np.clip(a / 65535.0, 0.0, 1.0)
+    elif np.issubdtype(a.dtype, np.floating):
+        a = a.astype(np.float64)
+        finite = a[np.isfinite(a)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        if lo < 0 or hi > 1:
+            a = (a - lo) / (hi - lo if hi > lo else 1.0)
+        a = np.clip(np.nan_to_num(a, nan=0.0), 0.0, 1.0)
+    else:
+        raise DeepBaseError(f"{where}: an array of {a.dtype} values is not an image (numbers or booleans)")
+    return _channels(a, where)
+
+
+def _rgb(img: np.ndarray, where: str = "image") -> np.ndarray:
+    """(H, W, 3) uint8 RGB of an image array, scaled by ``unit_rgb``'s rule (uint8 RGB as it is)."""
+    img = np.asarray(img)
+    if img.dtype == np.uint8:
+        return np.ascontiguousarray(_channels(img, where))
+    return np.rint(unit_rgb(img, where) * 255.0).astype(np.uint8)
 
 
 @functools.lru_cache(maxsize=32)
@@ -78,11 +125,16 @@ def _photo(source: str) -> np.ndarray:
         except ImportError:
             raise DeepBaseError("photo records need scikit-image: pip install scikit-image pillow") from None
         fn = getattr(data, name, None)
-        if fn is None or name.startswith("_"):
+        if not callable(fn) or name.startswith("_") or name in _SKIMAGE_NOT_IMAGES:
             raise DeepBaseError(f"skimage.data has no image {name!r}")
-        img = fn()
+        try:
+            img = fn()
+        except Exception as exc:              # an image that needs pooch and a download, ...
+            raise DeepBaseError(f"photo {source!r} cannot be loaded ({type(exc).__name__}: {exc})") from None
         if isinstance(img, tuple):            # stereo_motorcycle: (left, right, disparity)
             img = img[0]
+        if not isinstance(img, np.ndarray):
+            raise DeepBaseError(f"skimage.data.{name}() returned a {type(img).__name__}, not an image")
     elif lib == "sklearn":
         try:
             from sklearn.datasets import load_sample_image
@@ -91,7 +143,7 @@ def _photo(source: str) -> np.ndarray:
         img = load_sample_image(name)
     else:
         raise DeepBaseError(f"photo source {source!r} is not 'skimage:<name>' or 'sklearn:<file>'")
-    out = _rgb(img)
+    out = _rgb(img, f"photo {source!r}")
     out.setflags(write=False)
     return out
 
@@ -102,9 +154,16 @@ def load_image(text: str) -> np.ndarray:
     if "scene" in d:
         return scenes.render_cached(text).image
     if "photo" in d:
+        if not isinstance(d["photo"], str):
+            raise DeepBaseError(f"image record {text[:80]!r}: 'photo' must be a string such as 'skimage:chelsea', "
+                                f"got {d['photo']!r}")
         img = _photo(d["photo"])
         if d.get("crop"):
-            t, left, h, w = (int(v) for v in d["crop"])
+            crop = d["crop"]
+            if not isinstance(crop, list) or len(crop) != 4 or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() for v in crop):
+                raise DeepBaseError(f"crop {crop!r} of {d['photo']} is not [top, left, height, width] in whole pixels")
+            t, left, h, w = (int(v) for v in crop)
             if h <= 0 or w <= 0 or t < 0 or left < 0 or t + h > img.shape[0] or left + w > img.shape[1]:
                 raise DeepBaseError(f"crop {d['crop']} is outside {d['photo']} of shape {img.shape[:2]}")
             img = img[t:t + h, left:left + w]
@@ -121,8 +180,17 @@ def load_image(text: str) -> np.ndarray:
 
 
 # Pillow modes of more than 8 bits per channel: Image.convert("RGB") clips their values to 0..255
-# (a 16-bit grey PNG came out black and white), so they are scaled from their type's range
+# (a 16-bit grey PNG came out black and white), so their arrays are scaled by unit_rgb's rule
 _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def pil_rgb(im, where: str = "image") -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a Pillow image: modes of more than 8 bits scaled by ``unit_rgb``'s
+    rule (16-bit from 0..65535, float from 0..1 or else their own range), every other mode
+    (palette, grey, CMYK, RGBA...) converted by Pillow."""
+    if im.mode in _WIDE_MODES:
+        return _rgb(np.asarray(im), where)
+    return _rgb(np.asarray(im.convert("RGB")), where)
 
 
 def _read_file(path: str) -> np.ndarray:
@@ -134,32 +202,12 @@ def _read_file(path: str) -> np.ndarray:
         raise DeepBaseError("image files need Pillow: pip install pillow") from None
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            if im.mode in _WIDE_MODES:
-                return _rgb(_wide_to_uint8(np.asarray(im), im.mode))
-            return _rgb(np.asarray(im.convert("RGB")))
+            return pil_rgb(ImageOps.exif_transpose(im), f"image file {path!r}")
     except DeepBaseError:
         raise
     except Exception as exc:                    # UnidentifiedImageError, truncated data, a bomb...
         raise DeepBaseError(f"image file {path!r} cannot be read as an image "
                             f"({type(exc).__name__}: {exc})") from None
-
-
-def _wide_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
-    """A grey image of more than 8 bits to uint8: integers from 0..65535 (16 bits; Pillow opens
-    16-bit PNGs as 'I;16' or 'I'), floats from 0..1 when they lie in it, otherwise from their own
-    minimum and maximum; values outside the range are clipped."""
-    a = np.asarray(a)
-    if mode == "F":
-        a = a.astype(np.float64)
-        finite = a[np.isfinite(a)]
-        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-        if lo < 0 or hi > 1:
-            a = (a - lo) / (hi - lo if hi > lo else 1.0)
-        a = np.nan_to_num(a, nan=0.0) * 255.0
-    else:
-        a = a.astype(np.float64) / 257.0
-    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
 
 
 def photo_records(crops_per_photo: int = 4, seed: int = 0, names=SKIMAGE_PHOTOS) -> list[dict]:

@@ -75,6 +75,7 @@ def scene_records(n: int, seed: int = 0, size: int = SIZE) -> list[dict]:
         raise DeepBaseError(f"scene_records: seed must be a whole number >= 0, got {seed!r}")
     from ..errors import check_int
     n = check_int("scene_records: n", n, 0)
+    size = check_int("scene_records: size", size, 1)    # 2.5 was drawn at 2, its objects placed for 2.5
     return [{"text": json.dumps(scene_spec(seed + i, size), sort_keys=True), "source": f"scene:{seed + i}"}
             for i in range(n)]
 
@@ -165,10 +166,23 @@ class Scene:
 
 
 def render(spec: dict | str) -> Scene:
-    """Draw a scene spec (a dict or its JSON text)."""
-    if isinstance(spec, str):
-        spec = json.loads(spec)
-    size = int(spec["size"])
+    """Draw a scene spec (a dict or its JSON text); a spec that is not one (a key missing, an
+    unknown colour, shape or texture, a size below 1) is a DeepBaseError naming the scene."""
+    try:
+        if isinstance(spec, str):
+            spec = json.loads(spec)
+        size = int(spec["size"])
+        if size < 1:
+            raise ValueError(f"size {size} is not a positive number of pixels")
+        return _render(spec, size)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        from ..errors import DeepBaseError
+        name = spec.get("scene", "?") if isinstance(spec, dict) else str(spec)[:60]
+        what = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise DeepBaseError(f"scene {name}: its spec is not a scene of this generator ({what})") from None
+
+
+def _render(spec: dict, size: int) -> Scene:
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
     colour_map = np.zeros((size, size), np.int8)
     shape_map = np.full((size, size), -1, np.int8)

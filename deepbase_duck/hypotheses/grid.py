@@ -98,11 +98,16 @@ class GridHypothesis(Hypothesis):
     coverage: float = 0.5
 
     def __post_init__(self):
-        if int(self.grid) < 1:
-            raise HypothesisError(f"hypothesis {self.name!r}: grid must be positive, got {self.grid}")
-        if not 0 < float(self.coverage) <= 1:
-            raise HypothesisError(f"hypothesis {self.name!r}: coverage must be in (0, 1], got {self.coverage}")
-        self.grid = int(self.grid)
+        import numbers
+        g = self.grid
+        if isinstance(g, bool) or not (isinstance(g, numbers.Integral) or (isinstance(g, float) and g.is_integer())) \
+                or g < 1:
+            # a grid of 2.5 was laid as 2 (and True as 1), labelling another grid than the model's
+            raise HypothesisError(f"hypothesis {self.name!r}: grid must be a whole number >= 1, got {g!r}")
+        c = self.coverage
+        if isinstance(c, bool) or not isinstance(c, numbers.Real) or not 0 < float(c) <= 1:
+            raise HypothesisError(f"hypothesis {self.name!r}: coverage must be a number in (0, 1], got {c!r}")
+        self.grid = int(g)
         super().__post_init__()
 
     def version_settings(self) -> str:
@@ -212,6 +217,11 @@ def concept_hypothesis(concept: str, grid: int = DEFAULT_GRID, coverage: float =
 
 
 def concept_hypotheses(concepts=None, grid: int = DEFAULT_GRID, coverage: float = 0.5) -> list[GridHypothesis]:
-    """Register (and return) a concept hypothesis for each concept (default: every scene concept)."""
+    """Register (and return) a concept hypothesis for each concept (None: every scene concept; a
+    string: that one concept; an empty list: none, where it registered all 18)."""
     from ..corpora.scenes import CONCEPTS
-    return [concept_hypothesis(c, grid, coverage) for c in (concepts or CONCEPTS)]
+    if concepts is None:
+        concepts = CONCEPTS
+    elif isinstance(concepts, str):              # not its characters, each an unknown concept
+        concepts = [concepts]
+    return [concept_hypothesis(c, grid, coverage) for c in concepts]

@@ -597,7 +597,8 @@ class DissectionState(InspectorState):
         c, score, lo, hi, p, U = self._compute()
         W, H = score.shape
         s = c["scale"]
-        T = np.where(c["ok"] & self._finite(), c["threshold"], np.nan)
+        constant = (self.xmax <= self.xmin).cpu().numpy()
+        T = np.where(c["ok"] & self._finite() & ~constant, c["threshold"], np.nan)   # NULL as its scores
         L = np.broadcast_to(c["L"][None, :], (W, H))
         i64 = pa.int64()
         extra = {} if not self.clustered else {

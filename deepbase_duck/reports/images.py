@@ -25,7 +25,7 @@ import torch
 
 from .. import store
 from ..catalog import session_of
-from ..errors import DeepBaseError, EmptyDatasetError
+from ..errors import DeepBaseError, EmptyDatasetError, check_int
 from ..extraction.hooks import Retain, run_until_retained
 from ..extraction.image_adapter import ImageAdapter
 from ..progress import progress_bar
@@ -40,24 +40,38 @@ def _image_adapter(session, model: str) -> ImageAdapter:
 
 
 def _selected_ids(session, dataset, record_ids) -> np.ndarray:
+    """The records' ids, sorted, each once (the session's rule: ids that are not records of
+    ``dataset`` are named)."""
     session.check_dataset(dataset)
-    ids = session.record_ids(dataset) if record_ids is None else np.asarray(record_ids, np.int64)
+    ids = session.select_records(dataset, record_ids)
     if len(ids) == 0:
         raise EmptyDatasetError(f"no records selected from dataset {dataset!r}")
-    return np.sort(ids)
+    return np.sort(np.asarray(ids, np.int64))
 
 
-def grid_maps(con, model: str, layer: str, dataset: str, record_ids) -> np.ndarray:
-    """(n, C, G, G) float32 maps of ``layer`` on the grid, for ``record_ids`` in the given order."""
+def grid_maps(con, model: str, layer: str, dataset: str, record_ids, batch_size: int = 16) -> np.ndarray:
+    """(n, C, G, G) float32 maps of ``layer`` on the grid, for ``record_ids`` in the given order,
+    ``batch_size`` images a forward pass (all k top images of a figure in one pass could exhaust
+    the memory of a large model); ids that are not records of ``dataset`` are named."""
     session = session_of(con)
     adapter = _image_adapter(session, model)
     session.check_layers(model, [layer])
-    ids = [int(r) for r in record_ids]
+    batch_size = check_int("batch_size", batch_size, 1)
+    ids = [check_int("record_ids: a record id", r, 0) for r in np.asarray(record_ids).ravel().tolist()]
     texts = session.texts(dataset, ids)
+    missing = sorted(set(ids) - set(texts))
+    if missing:
+        raise DeepBaseError(f"record_ids: {len(missing)} id(s) are not records of dataset {dataset!r}: "
+                            f"{', '.join(map(str, missing[:10]))}{' ...' if len(missing) > 10 else ''}")
+    out = []
     with Retain(adapter.module, [layer]) as ret:
-        enc = adapter.encode([texts[r] for r in ids])
-        run_until_retained(adapter, enc, ret)    # the layer's own output, as extract stores it (settle())
-        return adapter.grid_maps(layer, ret[layer]).cpu().numpy()
+        for lo in range(0, len(ids), batch_size):
+            enc = adapter.encode([texts[r] for r in ids[lo:lo + batch_size]])
+            run_until_retained(adapter, enc, ret)    # the layer's own output, as extract stores it (settle())
+            out.append(adapter.grid_maps(layer, ret[layer]).cpu().numpy())
+    if not out:
+        raise EmptyDatasetError(f"no records selected from dataset {dataset!r}")
+    return np.concatenate(out, 0)
 
 
 def unit_maxima(con, model: str, layer: str, dataset: str, record_ids=None, batch_size: int = 16):
@@ -67,6 +81,7 @@ def unit_maxima(con, model: str, layer: str, dataset: str, record_ids=None, batc
     session = session_of(con)
     adapter = _image_adapter(session, model)
     session.check_layers(model, [layer])
+    batch_size = check_int("batch_size", batch_size, 1)
     ids = _selected_ids(session, dataset, record_ids)
     texts = store.q_scalar(con, "SELECT md5(string_agg(md5(text), ',' ORDER BY record_id)) FROM records "
                                 "WHERE dataset = ? AND list_contains(?, record_id)", [dataset, ids.tolist()])
@@ -94,6 +109,7 @@ def top_images(con, model: str, layer: str, unit: int, dataset: str, k: int = 8,
                batch_size: int = 16) -> list[dict]:
     """The ``k`` records on which ``unit`` reaches its largest activations: dicts with
     record_id, max_activation and the record's text, best first (ties: smaller record id)."""
+    unit, k = check_int("unit", unit, 0), check_int("k", k, 1)
     ids, maxima = unit_maxima(con, model, layer, dataset, record_ids, batch_size)
     if not 0 <= int(unit) < maxima.shape[1]:
         raise DeepBaseError(f"unit {unit} is outside layer {layer!r} of model {model!r} "
@@ -148,6 +164,8 @@ def top_images_png(con, model: str, layer: str, unit: int, dataset: str, path: s
         raise DeepBaseError("top_images_png needs matplotlib: pip install -e '.[examples]' "
                             "(or pip install matplotlib)") from None
     from .figures import plain           # names and descriptors drawn literally, never as mathtext
+    if columns is not None:
+        columns = check_int("columns", columns, 1)
     session = session_of(con)
     adapter = _image_adapter(session, model)
     top = top_images(con, model, layer, unit, dataset, k, record_ids, batch_size)
@@ -155,7 +173,7 @@ def top_images_png(con, model: str, layer: str, unit: int, dataset: str, path: s
     if threshold is None and found is not None:
         threshold = found["threshold"]
     ids = [t["record_id"] for t in top]
-    maps = grid_maps(con, model, layer, dataset, ids)[:, int(unit)]           # (k, G, G)
+    maps = grid_maps(con, model, layer, dataset, ids, batch_size)[:, int(unit)]   # (k, G, G)
     texts = session.texts(dataset, ids)
     pixels = adapter.pixels([texts[r] for r in ids]).permute(0, 2, 3, 1).numpy()
     size = adapter.size
