@@ -486,14 +486,19 @@ def test_slow_blocks_are_not_cut_by_the_startup_timeout(db):
                     engine=RayEngine(block_batches=4, startup_timeout=60, block_timeout=1))
 
 
-def test_ray_and_local_do_not_share_scores_of_a_partial_float16_store(db):
-    """With float16 activations stored for half the records, the local engine reads them and
-    Ray computes every record: their fingerprints differ, so neither is served the other's."""
+def test_ray_and_local_read_the_same_records_of_a_partial_float16_store(db):
+    """With float16 activations stored for half the records, both engines read them and run
+    the model on the rest (Ray computed every record before): the same scores, so a Ray query
+    after a local one may be served its scores, and one that scans reads the stored half too."""
     dbd.add_dataset(db, "half16", TEXTS[:8])
     ids = [r for (r,) in db.execute("SELECT record_id FROM records WHERE dataset = 'half16' ORDER BY 1").fetchall()]
     dbd.extract(db, "planted", ["mix"], "half16", dtype="float16", record_ids=ids[:4])
-    dbd.inspect(db, "planted", ["mix"], ["digit"], "half16")
+    local = dbd.inspect(db, "planted", ["mix"], ["digit"], "half16")
     assert _last_params(db)["reused"]["activation_records_read"] == 4
-    dbd.inspect(db, "planted", ["mix"], ["digit"], "half16", engine="ray")
+    ray = dbd.inspect(db, "planted", ["mix"], ["digit"], "half16", engine="ray", reuse=False)
+    p = _last_params(db)
     source = db.execute("SELECT source FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0]
-    assert source != "cache"
+    assert source == "stored+model" and p["reused"]["activation_records_read"] == 4
+    assert p["reused"]["activation_records_computed"] == 4
+    np.testing.assert_allclose(np.array(ray.column("score").to_pylist(), float),
+                               np.array(local.column("score").to_pylist(), float), atol=1e-9)

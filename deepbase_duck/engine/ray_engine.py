@@ -43,9 +43,17 @@ What moves where:
   own exception is raised as itself (its type, e.g. a RuntimeError, with a note naming the Ray
   worker and its traceback) where Ray hands it back, else as a DeepBaseError.
 
-Activations already stored for every requested layer are scanned where they are, by the local
-engine (no model runs, so there is nothing to distribute), with ``keep_activations`` too (there is
-nothing to store, as locally). Otherwise, with ``keep_activations`` the workers
+Activations already stored for every requested layer and every selected record are scanned where
+they are, by the local engine (no model runs, so there is nothing to distribute), with
+``keep_activations`` too (there is nothing to store, as locally). Where only some records are
+stored (a dataset grown since its extraction), the blocks mix them as the local engine does
+(``LocalEngine.run``): a worker reads the stored records' rows from their Parquet parts (so the
+store's activation folder must be a path the workers see; where the first worker asked does not
+see it, the model runs for every record and ``queries.params`` says so, 'ray_stored_unseen') and
+runs the model on the others, a full scan reading the stored records part by part and then the
+model's batches over the rest (mi's calibration records first), a progressive scan splitting each
+seeded batch into its stored and its computed records, so that both engines read the same records
+in the same windows. Otherwise, with ``keep_activations`` the workers
 write each batch's Parquet part into the behavior's folder under the store's activation folder,
 which must be a path every node sees (a shared file system); the driver commits a part to the
 catalog when it merges its block, so DuckDB reads them in place through the behavior's view.
@@ -78,13 +86,15 @@ from .inspect import (
     LocalEngine,
     Plan,
     StopRule,
+    StoredRows,
     _score_matrix,
     class_frequencies,
     engine_sets_mi_bins,
     mi_calibration_records,
     new_samples,
     seeded_windows,
-    stored_behaviors,
+    stored_part_blocks,
+    stored_reads,
     uncalibrated,
     update_states,
 )
@@ -152,6 +162,7 @@ class BlockWorker:
         self.adapter, self.model = adapter, model
         self.device = adapter.device           # chosen at run time: a GPU when Ray assigned one
         self.ret = None
+        self.rows = None                       # the stored parts this query reads (StoredRows)
 
     def configure(self, plan: Plan, widths: dict) -> dict:
         """Take the plan of the next query: hooks on its layers, its label columns."""
@@ -159,6 +170,7 @@ class BlockWorker:
         if self.ret is not None:
             self.ret.__exit__(None, None, None)
         self.plan, self.widths = plan, widths
+        self.rows = None                       # (the last query's decoded parts: freed)
         self.ret = Retain(self.adapter.module, plan.layers).__enter__()
         col_index = {c["name"]: j for j, c in enumerate(plan.label_columns)}
         self.take = {m: torch.as_tensor([col_index[c["name"]] for c in plan.columns[m]]) for m in plan.measures}
@@ -168,14 +180,44 @@ class BlockWorker:
         return {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.device),
                 "node": ray.get_runtime_context().get_node_id()}
 
+    def sees(self, files: list[str]) -> bool:
+        """Whether this worker can read every one of ``files`` (stored parts under the store's
+        activation folder: a mixed scan reads them on the workers, which needs a shared folder)."""
+        return all(os.access(f, os.R_OK) for f in files)
+
+    def stored_batch(self, ids: list[int], read: dict, counts: dict):
+        """The stored activations of records ``ids`` (each layer's rows in ``read``: {layer:
+        [(part file, its records of ``ids``)]}), read as the local engine reads them (StoredRows,
+        whose decoded row groups are kept for the query's later blocks)."""
+        from .extract import Batch
+        if self.rows is None:
+            self.rows = StoredRows([])
+        for layer, files in read.items():
+            for f, recs in files:
+                if not os.access(f, os.R_OK):
+                    raise DeepBaseError(f"stored activations of layer {layer!r} are missing or unreadable on the "
+                                        f"Ray worker on {socket.gethostname()}: {f} (the store's activation folder "
+                                        f"must be a path every node sees, e.g. a shared file system)")
+                self.rows.where.setdefault(layer, {}).update(dict.fromkeys(recs, f))
+        batch = self.rows.batch(ids, counts)
+        n = int(sum(counts[r] for r in ids))
+        for layer, x in batch.acts.items():
+            if x.shape[0] != n:
+                raise DeepBaseError(f"stored activations of layer {layer!r} hold {x.shape[0]} rows for records "
+                                    f"{ids[:5]}{'...' if len(ids) > 5 else ''}, whose symbols are {n}: the stored "
+                                    f"parts and the symbols disagree")
+        return Batch(batch.record_ids, batch.n_symbols, {layer: batch.acts[layer] for layer in self.plan.layers})
+
     def encode(self, texts: list[str]) -> Encoded:
         """The symbols of ``texts`` (the model inputs dropped): tokenisation for the driver."""
         enc = self.adapter.encode(texts)
         return Encoded(None, enc.starts, enc.ends, enc.tokens, enc.index)
 
     def run_block(self, block: dict) -> dict:
-        """``block``: {'batches': [(record ids, texts, symbol counts)], 'labels': [float64 arrays]}.
-        Returns the block's states {(layer, measure): state}, permutation samples and timings."""
+        """``block``: {'batches': [(record ids, texts, symbol counts)], 'labels': [float64 arrays]},
+        and per batch ('read') None (the model runs) or where its records' activations are stored
+        (``stored_batch``; its texts are then None). Returns the block's states {(layer, measure):
+        state}, permutation samples and timings."""
         t0 = time.perf_counter()
         plan = self.plan
         edges = block.get("edges") or {}        # bins calibrated by the driver's states (mi)
@@ -188,10 +230,15 @@ class BlockWorker:
         samples = new_samples(plan, self.widths, self.device)
         act_bytes, parts = 0, []
         stores = block.get("store") or [[] for _ in block["batches"]]
-        for (ids, texts, n_symbols), y, store_to in zip(block["batches"], block["labels"], stores):
+        reads = block.get("read") or [None for _ in block["batches"]]
+        for (ids, texts, n_symbols), y, store_to, read in zip(block["batches"], block["labels"], stores, reads):
             counts = dict(zip(ids, n_symbols))
-            batch = forward_batch(self.adapter, self.ret, self.model, plan.layers, plan.dataset, ids, texts, counts)
-            act_bytes += sum(x.numel() * x.element_size() for x in batch.acts.values())
+            if read:                            # records whose activations are stored: read, not run
+                batch = self.stored_batch(ids, read, counts)
+            else:
+                batch = forward_batch(self.adapter, self.ret, self.model, plan.layers, plan.dataset, ids, texts,
+                                      counts)
+                act_bytes += sum(x.numel() * x.element_size() for x in batch.acts.values())
             update_states(states, samples, batch, torch.from_numpy(np.array(y)), self.take)  # (a writable copy)
             for layer, folder, name, part, need in store_to:     # keep_activations: a part per batch
                 need = np.asarray(need, bool)
@@ -215,22 +262,25 @@ class _RemoteEncoder:
         self.engine, self.tokenization = engine, tokenization
 
     def encode(self, texts):
-        texts = list(texts)
+        return self.ask("encode", list(texts))
+
+    def ask(self, method: str, *args):
+        """A live worker's answer to ``method(*args)``, on its ``encode`` thread."""
         engine, deaths = self.engine, 0
         while True:
             for actor in list(engine._live):
                 try:
-                    return ray.get(actor.encode.options(concurrency_group="encode").remote(texts))
+                    return ray.get(getattr(actor, method).options(concurrency_group="encode").remote(*args))
                 except _DIED:
                     deaths += 1
                     engine._lost(actor)
                     if deaths > engine.max_redispatch:
-                        raise DeepBaseError(f"tokenising failed on {deaths} Ray workers (each died); "
-                                            "giving up") from None
+                        raise DeepBaseError(f"{'tokenising' if method == 'encode' else method} failed on "
+                                            f"{deaths} Ray workers (each died); giving up") from None
                 except Exception as exc:
                     raise _unwrap(exc) from None
             if not engine._await_worker():
-                raise DeepBaseError("no live Ray worker could tokenise the records (every worker died)")
+                raise engine._none_left("no live Ray worker could tokenise the records (every worker died)")
 
 
 def _probe_address(address: str, timeout: float) -> None:
@@ -317,7 +367,7 @@ class RayEngine:
     """
 
     name = "ray"
-    mixes_stored = False        # reads stored activations only when they cover every selected record
+    mixes_stored = True         # reads the stored activations of the records they cover, runs the rest
 
     def __init__(self, address: str | None = None, num_workers: int | None = None, num_gpus: float | None = None,
                  num_cpus: float = 1, block_batches: int = 4, inflight: int = 2, runtime_env: dict | None = None,
@@ -339,6 +389,7 @@ class RayEngine:
         self.keep_workers = bool(keep_workers)
         self.ahead = None if ahead is None else int(ahead)
         self.stats: dict = {}
+        self.stored_unseen = None                   # the activation folder, where the workers could not read it
 
     # -- connecting and starting workers ----------------------------------------------------
     def connect(self) -> None:
@@ -353,6 +404,7 @@ class RayEngine:
         if addr not in (None, "auto", "local"):
             _probe_address(addr, self.connect_timeout)     # before leaving a working connection
         if ray.is_initialized():
+            release_workers()                    # the kept workers of the cluster left behind
             ray.shutdown()
         try:
             ray.init(address=addr, logging_level="WARNING", log_to_driver=False,
@@ -377,8 +429,10 @@ class RayEngine:
             _POOL = None
         else:
             if _POOL is not None:                 # free the kept pool's CPUs/GPUs (ray.kill is asynchronous)
-                # (only its started actors hold any: a replacement still waiting for room holds none)
-                held = {"CPU": _POOL[4] * self.num_cpus, "GPU": _POOL[4] * (_POOL[2] or 0)}
+                # (only its started actors hold any: a replacement still waiting for room holds none;
+                # a pool of another cluster, the one Ray was connected to before, holds none here)
+                same = _POOL[0][0] == key[0]
+                held = {"CPU": _POOL[4] * _POOL[0][5] * same, "GPU": _POOL[4] * (_POOL[2] or 0) * same}
                 release_workers()
                 deadline = time.time() + 15
                 while time.time() < deadline and any(
@@ -409,38 +463,44 @@ class RayEngine:
             args = (model, loader, params, checksum, max(1, int(self.num_cpus)))
             self._spawn = lambda: cls.remote(*args)
             actors = [self._spawn() for _ in range(n)]
-        ready = {self._configure(a): a for a in actors}
-        self._pending_start = {}
-        if self._reused:
-            # the kept actors that were live answer at once; one that was still starting when the
-            # last query ended (a replacement) may take longer: it joins the scan once it is up,
-            # as a replacement does (RayEngine._scan), instead of holding the query back
-            done, waiting = ray.wait(list(ready), num_returns=len(ready), timeout=min(2.0, self.startup_timeout))
-            if not done and waiting:
-                more, waiting = ray.wait(waiting, num_returns=1, timeout=self.startup_timeout)
-                done = done + more
-            self._pending_start = {ref: ready[ref] for ref in waiting}
-            waiting = []
-        else:
-            done, waiting = ray.wait(list(ready), num_returns=len(ready), timeout=self.startup_timeout)
-        live = []
-        for ref in done:
-            try:
-                ray.get(ref)
-                live.append(ready[ref])
-            except _DIED as exc:
-                if "DeepBaseError" in str(exc) or "ModuleNotFoundError" in str(exc):
+        try:
+            ready = {self._configure(a): a for a in actors}
+            self._pending_start = {}
+            if self._reused:
+                # the kept actors that were live answer at once; one that was still starting when the
+                # last query ended (a replacement) may take longer: it joins the scan once it is up,
+                # as a replacement does (RayEngine._scan), instead of holding the query back
+                done, waiting = ray.wait(list(ready), num_returns=len(ready), timeout=min(2.0, self.startup_timeout))
+                if not done and waiting:
+                    more, waiting = ray.wait(waiting, num_returns=1, timeout=self.startup_timeout)
+                    done = done + more
+                self._pending_start = {ref: ready[ref] for ref in waiting}
+                waiting = []
+            else:
+                done, waiting = ray.wait(list(ready), num_returns=len(ready), timeout=self.startup_timeout)
+            live = []
+            for ref in done:
+                try:
+                    ray.get(ref)
+                    live.append(ready[ref])
+                except _DIED as exc:
+                    if "DeepBaseError" in str(exc) or "ModuleNotFoundError" in str(exc):
+                        _kill(actors)
+                        raise _unwrap(exc) from None
+                    ray.kill(ready[ref])              # a kept actor that died meanwhile
+                except Exception as exc:
                     _kill(actors)
                     raise _unwrap(exc) from None
-                ray.kill(ready[ref])              # a kept actor that died meanwhile
-            except Exception as exc:
-                _kill(actors)
-                raise _unwrap(exc) from None
-        _kill([ready[ref] for ref in waiting])    # never started (no room): not used
-        if not live:
-            _kill(list(self._pending_start.values()))
-            raise DeepBaseError(f"no Ray worker started within {self.startup_timeout:.0f} s (free resources: "
-                                f"{free}); lower num_cpus/num_gpus or add nodes")
+            _kill([ready[ref] for ref in waiting])    # never started (no room): not used
+            if not live:
+                _kill(list(self._pending_start.values()))
+                raise DeepBaseError(f"no Ray worker started within {self.startup_timeout:.0f} s (free resources: "
+                                    f"{free}); lower num_cpus/num_gpus or add nodes")
+        except BaseException:
+            # interrupted while they started (Ctrl-C in ray.wait): none left behind holding CPUs/GPUs
+            # (no kept pool names them any more)
+            _kill(actors)
+            raise
         self._key = key
         return live, gpus
 
@@ -459,10 +519,19 @@ class RayEngine:
         actor = self._starting.pop(ref)
         try:
             ray.get(ref)
-        except _DIED:
+        except _DIED as exc:
+            # (why it could not start, e.g. its node lacks the model's files: told if no worker is left)
+            self._start_failure = _unwrap(exc) if "DeepBaseError" in str(exc) or "ModuleNotFoundError" in str(exc) \
+                else self._start_failure
             return False
         self._live.append(actor)
         return True
+
+    def _none_left(self, what: str) -> DeepBaseError:
+        """The error of a scan left without a live worker: ``what``, and why the last replacement
+        could not start where a worker said so."""
+        why = getattr(self, "_start_failure", None)
+        return DeepBaseError(what if why is None else f"{what}; a replacement failed to start: {why}")
 
     def _await_worker(self) -> bool:
         """Wait for a starting actor while none is live; False when none is live or starting."""
@@ -486,8 +555,11 @@ class RayEngine:
         session.model_row(plan.model)                       # unknown model: the usual error
         loader, params, checksum, tokenization = row
         # (with keep_activations too: the local engine stores nothing where every record is stored)
-        local = (resume["scan"]["engine"] == "local" if resume is not None else
-                 stored_behaviors(session, plan, checksum, tokenization))
+        if resume is not None:
+            local = resume["scan"]["engine"] == "local"
+        else:
+            _, covered = stored_reads(session, plan, checksum, tokenization)
+            local = len(covered) > 0 and len(covered) == len(np.unique(plan.record_ids))
         if local:
             out = LocalEngine().run(session, plan, progress, resume)   # nothing to run: scan the stored parts here
             out["engine"] = "local (stored activations)"
@@ -505,6 +577,7 @@ class RayEngine:
         # _live: the actors serving blocks now; _starting: configure ref -> an actor still starting
         # (a replacement of a lost one, or a kept one not up yet); _extra: the replacements
         self._extra, self._live, self._starting = [], list(actors), dict(self._pending_start)
+        self._start_failure = None
         every = lambda: list(dict.fromkeys(actors + list(self._pending_start.values()) + self._extra))  # noqa: E731
         ok = False
         try:
@@ -527,6 +600,8 @@ class RayEngine:
                                  "ray_blocks_dispatched": self.stats["dispatched"], "ray_ahead": self.stats["ahead"],
                                  "ray_startup_s": round(startup, 3), "ray_workers_reused": self._reused,
                                  "ray_total_s": round(time.perf_counter() - t_start, 3)}
+        if self.stored_unseen:          # stored activations the workers could not read: the model ran
+            result["engine_info"]["ray_stored_unseen"] = self.stored_unseen
         return result
 
     def _scan(self, session, plan: Plan, progress, actors, tokenization, checksum, widths, resume=None) -> dict:
@@ -534,6 +609,23 @@ class RayEngine:
         encoder = _RemoteEncoder(self, tokenization)
         scan = resume["scan"] if resume is not None else None
         start = scan["windows"] if scan is not None else 0      # blocks (windows) merged before
+        # records whose activations are stored (a dataset grown since its extraction): the workers
+        # read them from the stored parts, the model runs for the rest (as LocalEngine.run)
+        if scan is None:
+            behaviors, covered = stored_reads(session, plan, checksum, tokenization)
+            where = _stored_where(session, plan, behaviors, covered) if len(covered) else {}
+            self.stored_unseen = None
+            if where and not encoder.ask("sees", sorted({next(iter(w.values())) for w in where.values()})):
+                # a cluster whose nodes do not see the store's activation folder: the model runs
+                # for every record, as it does where nothing is stored
+                self.stored_unseen = str(session.act_root)
+                behaviors, covered, where = {}, np.empty(0, np.int64), {}
+            missing = np.setdiff1d(np.unique(plan.record_ids), covered)
+            plan.source = "stored+model" if len(covered) else "model"
+        else:
+            behaviors, covered, missing = scan["behaviors"], scan["covered"], scan["missing"]
+            where = _stored_where(session, plan, behaviors, covered) if len(covered) else {}
+            self.stored_unseen = scan.get("stored_unseen")
         if plan.control and scan is None:  # class frequencies read every selected record's symbols
             counts = ensure_symbols(session, encoder, plan.dataset, plan.record_ids)
             plan.control_freq = class_frequencies(session, plan, tokenization)
@@ -548,20 +640,40 @@ class RayEngine:
                 calibration = {"calibration_records": chosen, "calibration_rows": total}
                 counts.update(stored_symbol_counts(session, plan.dataset, tokenization))
         symbols = SymbolWriter(session, tokenization, plan.dataset, counts)
+        stored = set(int(r) for r in covered)
+        reads_of = {}                              # (block, batch) -> where its records are stored
         if progressive:
             batches, windows = seeded_windows(session, plan)
             blocks, lo = [], 0
             for w in windows:                      # one block per window
-                blocks.append(batches[lo:lo + w])
+                blk = []
+                for ids in batches[lo:lo + w]:
+                    if stored:                     # its stored records read, then the model's (_mixed)
+                        kept = [r for r in ids if r in stored]
+                        if kept:
+                            reads_of[(len(blocks), len(blk))] = _reads(where, kept)
+                            blk.append(kept)
+                        ids = [r for r in ids if r not in stored]
+                    if ids:
+                        blk.append(ids)
+                blocks.append(blk)
                 lo += w
         else:
-            batches = plan_batches(session, plan.dataset, plan.record_ids, plan.batch_size)
+            groups = [plan.record_ids]
             if calibration:                        # mi's calibration records first (mi_calibration)
                 first = calibration["calibration_records"]
-                rest = np.setdiff1d(np.unique(plan.record_ids), first)
-                batches = (plan_batches(session, plan.dataset, first, plan.batch_size)
-                           + plan_batches(session, plan.dataset, rest, plan.batch_size))
+                groups = [np.asarray(first, np.int64), np.setdiff1d(np.unique(plan.record_ids), first)]
+            batches, read_at = [], {}
+            for g in groups:
+                if stored:                         # stored records part by part, then the model's batches
+                    for ids in _stored_batches(session, plan, behaviors, np.intersect1d(g, covered)):
+                        read_at[len(batches)] = _reads(where, ids)
+                        batches.append(ids)
+                    g = np.setdiff1d(g, covered)
+                if len(g):
+                    batches += plan_batches(session, plan.dataset, g, plan.batch_size)
             blocks = [batches[i:i + self.block_batches] for i in range(0, len(batches), self.block_batches)]
+            reads_of = {divmod(k, self.block_batches): r for k, r in read_at.items()}
         labels = LabelStream(session, plan, tokenization, counts,
                              [r for blk in blocks[start:] for ids in blk for r in ids])
         keep = parts_of = None
@@ -637,12 +749,14 @@ class RayEngine:
                 text_of = {int(r): t for _, texts in batches_i for r, t in texts.items()}
                 symbols.add(new, encoder.encode([text_of[r] for r in new]))
                 symbols.flush()                # the labels below read their character ranges
-            for ids, texts in batches_i:
-                part.append(([int(r) for r in ids], [texts[r] for r in ids], [int(counts[r]) for r in ids]))
+            read = [reads_of.get((i, j)) for j in range(len(batches_i))]
+            for (ids, texts), rd in zip(batches_i, read):
+                part.append(([int(r) for r in ids], None if rd else [texts[r] for r in ids],
+                             [int(counts[r]) for r in ids]))
                 ys.append(labels.next(ids, texts=[texts[r] for r in ids]).numpy())
                 if support is not None:
                     block_support[i].add(ys[-1], ids, [counts[r] for r in ids])
-            return ray.put({"batches": part, "labels": ys,
+            return ray.put({"batches": part, "labels": ys, "read": read if any(read) else None,
                             "store": parts_of[i] if parts_of is not None else None,
                             "edges": {k: st.edges.cpu().numpy() for k, st in states.items()
                                       if getattr(st, "edges", None) is not None
@@ -694,7 +808,7 @@ class RayEngine:
                     if not in_flight and not starting:
                         if live and pending:        # a replacement joined while tokenising: use it
                             continue
-                        raise DeepBaseError("every Ray worker died and no replacement could start")
+                        raise self._none_left("every Ray worker died and no replacement could start")
                     # startup_timeout bounds a wait for replacement workers only; a running block is
                     # bounded by block_timeout (a dead worker's block fails in ray.get, not here)
                     limit = self.startup_timeout if not in_flight else self.block_timeout
@@ -788,9 +902,42 @@ class RayEngine:
                 "bound": stop.bound if progressive else None, "window_scores": window_scores if progressive else None,
                 "rare": stop.rare if plan.min_support else None,
                 "windows": next_merge if progressive else None,
-                "scan": {"engine": "ray", "windows": next_merge, "support": support, "used": used, "stop": stop}
-                if progressive else None,
-                "used_ids": used, "reused": {"activation_records_read": 0, "activation_records_computed": len(used)}}
+                "scan": {"engine": "ray", "windows": next_merge, "support": support, "used": used, "stop": stop,
+                         "behaviors": behaviors, "covered": covered, "missing": missing,
+                         "stored_unseen": self.stored_unseen} if progressive else None,
+                "used_ids": used,
+                "reused": {"activation_records_read": int(len(np.intersect1d(covered, used))),
+                           "activation_records_computed": int(len(np.intersect1d(missing, used)))}}
+
+
+def _stored_where(session, plan: Plan, behaviors: dict, covered) -> dict:
+    """{layer: {record: its stored part file}} of the ``covered`` records (stored_coverage)."""
+    where = {}
+    for ids, files in stored_part_blocks(session, plan, behaviors, covered):
+        for layer, f in files.items():
+            where.setdefault(layer, {}).update(dict.fromkeys((int(r) for r in ids), str(f)))
+    return where
+
+
+def _stored_batches(session, plan: Plan, behaviors: dict, ids) -> list[list[int]]:
+    """The records ``ids`` in batches of their stored parts (the first layer's), in part order:
+    what the local engine reads part by part."""
+    if not len(ids):
+        return []
+    first = plan.layers[0]
+    return [[int(r) for r in rec] for rec, files in stored_part_blocks(session, plan, behaviors, ids)
+            if first in files]
+
+
+def _reads(where: dict, ids: list[int]) -> dict:
+    """Where a worker reads the stored rows of records ``ids``: {layer: [(part file, its records)]}."""
+    out = {}
+    for layer, w in where.items():
+        per = {}
+        for r in ids:
+            per.setdefault(w[int(r)], []).append(int(r))
+        out[layer] = list(per.items())
+    return out
 
 
 _POOL = None      # (key, actors, gpus per actor, spawn): the workers kept for the next query
