@@ -101,12 +101,20 @@ def test_workers_that_do_not_see_the_activation_folder_run_the_model(local_ray, 
     monkeypatch.setattr(RE._RemoteEncoder, "ask",
                         lambda self, method, *a: False if method == "sees" else original(self, method, *a))
     texts = _texts(24)
-    c = _partly_stored(texts, 12)
+    c = _partly_stored(texts, 12, dtype="float16")
     kw = dict(measures=["corr"], batch_size=8, reuse=False)
     remote = dbd.inspect(c, "planted", LAYERS, ["digit"], "many", engine="ray", **kw)
     p = _params(c)
     assert p["reused"]["activation_records_read"] == 0 and p["reused"]["activation_records_computed"] == 24
     assert _source(c) == "model" and p["ray_stored_unseen"]
+    # its fingerprint is that of a query reading no float16 parts (the scores it holds), not the
+    # one naming the float16 layers it would have read: a later query that reads them is not
+    # served these float32 scores
+    from deepbase_duck.engine.inspect import plan_inspect, query_fingerprint
+    plans = [plan_inspect(dbd.session_of(c), "planted", LAYERS, ["digit"], "many", measures=["corr"], batch_size=8)]
+    session = dbd.session_of(c)
+    assert p["fingerprint"] == query_fingerprint(session, plans, False, 0, partial=False)
+    assert p["fingerprint"] != query_fingerprint(session, plans, False, 0, partial=True)
     dbd.close(c)
     c = dbd.connect(None, progress=False)
     dbd.register_model(c, "planted", "ray_models:planted")

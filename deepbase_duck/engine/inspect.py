@@ -1668,6 +1668,11 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
         runs.append((twin, engine.run(session, twin, progress)))
     # every model (and the twin) scored on the same records: one window where every rule holds
     runs = stop_together(engine, session, runs, progress)
+    if any((r.get("engine_info") or {}).get("ray_stored_unseen") for _, r in runs):
+        # the engine could not read the stored activations it was to read (Ray workers that do not
+        # see the store's folder) and ran the model instead: the scores are those of a query that
+        # reads no float16 parts, and a later query must be served them under that fingerprint
+        fingerprint = query_fingerprint(session, plans, baseline, baseline_seed, partial=False)
     stopping = stop_report(runs)
     tables, bounds = [], []
     # scoring the states: fast for sums (corr), long for probes (a fit per layer) and for the
