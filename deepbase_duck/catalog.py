@@ -259,10 +259,12 @@ class Session:
     # -- datasets --------------------------------------------------------------------------
     @store.one_writer
     def add_dataset(self, name: str, records, description: str = "", replace: bool = False) -> int:
-        """Store ``records`` (strings, or dicts with 'text' and optional 'source') as dataset
-        ``name``; record ids are 0..n-1 in the given order. Returns the number of records.
+        """Store ``records`` (strings, or dicts with 'text' and optional 'source'; or a table with
+        those columns: an Arrow table, a DuckDB relation, ``_table_records``) as dataset ``name``;
+        record ids are 0..n-1 in the given order. Returns the number of records.
 
-        Where the dataset exists: the same texts change nothing (sources are updated); the same
+        Where the dataset exists (a non-empty ``description`` given replaces its description in
+        every case): the same texts change nothing (sources are updated); the same
         texts followed by more appends the new records, keeping everything stored from the others
         (symbols, labels, activations); other texts are refused unless ``replace``, which stores
         the new records and drops what was stored from each old record whose text is not the new
@@ -274,6 +276,7 @@ class Session:
         if isinstance(records, (str, bytes)):
             raise DeepBaseError(f"dataset {name!r}: records must be a list of texts (or dicts with 'text'), "
                                 f"got one {type(records).__name__}; for files use dbd.read_records(path)")
+        records = _table_records(name, records)
         try:
             iterable = not isinstance(records, dict) and iter(records) is not None
         except TypeError:
@@ -292,8 +295,10 @@ class Session:
                     src = f"{src}:{r['offset']}"
                 sources.append(None if src is None else str(src))
             else:
+                what = (type(r).__name__ if not isinstance(r, dict) else "a dict with no 'text'" if "text" not in r
+                        else f"a dict whose 'text' is {type(r['text']).__name__} {repr(r['text'])[:40]}")
                 raise DeepBaseError(
-                    f"dataset {name!r}: record {i} is {type(r).__name__}; give strings or dicts with a 'text' string")
+                    f"dataset {name!r}: record {i} is {what}; give strings or dicts with a 'text' string")
         if not texts:
             raise EmptyDatasetError(f"dataset {name!r}: no records given")
         columns = {}                       # as Arrow now: what the store cannot hold fails here, by name
@@ -313,6 +318,9 @@ class Session:
             if len(old) <= len(texts) and all(t == o[0] for t, o in zip(texts, old)):
                 first = len(old)           # the stored records, unchanged (maybe more after them)
                 if all(s == o[1] for s, o in zip(sources, old)) and first == len(texts):
+                    if description:          # a description given is stored, as with new records
+                        with store.Transaction(self.con) as con:
+                            con.execute("UPDATE datasets SET description = ? WHERE name = ?", [description, name])
                     return len(texts)
             elif not replace:
                 raise DatasetExistsError(
@@ -331,9 +339,12 @@ class Session:
                 else:                      # nothing kept: the dataset goes whole
                     dropped = self._drop_dataset(con, name)
                     con.execute("INSERT INTO datasets (name, description) VALUES (?, ?)", [name, description])
-            elif any(s != o[1] for s, o in zip(sources, old)):
-                con.execute("DELETE FROM records WHERE dataset = ?", [name])   # new sources of the kept records:
-                first = 0                                                    # their rows rewritten
+            else:
+                if description:
+                    con.execute("UPDATE datasets SET description = ? WHERE name = ?", [description, name])
+                if any(s != o[1] for s, o in zip(sources, old)):
+                    con.execute("DELETE FROM records WHERE dataset = ?", [name])   # new sources of the kept
+                    first = 0                                                    # records: their rows rewritten
             store.insert_arrow(con, "records", pa.table({
                 "dataset": pa.array([name] * (len(texts) - first)),
                 "record_id": pa.array(np.arange(first, len(texts), dtype=np.int32)),
@@ -512,6 +523,38 @@ class Session:
         finally:
             if self.temporary_acts:
                 store.remove_tree(self.act_root)
+
+
+def _table_records(dataset: str, records):
+    """``records`` as add_dataset reads them where they are a table or a column: an Arrow array
+    its strings; a table (an Arrow table or record batch, a DuckDB relation such as
+    ``con.sql('SELECT text FROM ...')``, any object with the Arrow stream interface: a polars or
+    recent pandas DataFrame) the dicts of its rows' 'text' and, where it has one, 'source'
+    columns. Iterated as they are, a table gives its columns (or a DuckDB relation fails), not its
+    rows. Anything else is returned as it is."""
+    if isinstance(records, (pa.Array, pa.ChunkedArray)):
+        return records.to_pylist()
+    if not (isinstance(records, (pa.Table, pa.RecordBatch)) or hasattr(records, "__arrow_c_stream__")):
+        return records
+    try:
+        t = pa.table(records)
+    except (TypeError, ValueError, pa.ArrowException) as exc:
+        raise DeepBaseError(f"dataset {dataset!r}: cannot read the {type(records).__name__} given as a table "
+                            f"({exc}); give a list of texts or of dicts with 'text'") from None
+    if "text" not in t.column_names:
+        raise DeepBaseError(f"dataset {dataset!r}: the {type(records).__name__} given has no column 'text' "
+                            f"(columns: {', '.join(t.column_names) or 'none'}); name the texts' column 'text' "
+                            f"(and where they came from 'source')")
+    texts = t.column("text")
+    if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)
+            or getattr(pa.types, "is_string_view", lambda _: False)(texts.type)
+            or (pa.types.is_dictionary(texts.type) and pa.types.is_string(texts.type.value_type))):
+        raise DeepBaseError(f"dataset {dataset!r}: column 'text' holds {texts.type}, not text")
+    texts = texts.cast(pa.large_string()).to_pylist()
+    if "source" not in t.column_names:
+        return [{"text": x} for x in texts]
+    sources = t.column("source").cast(pa.large_string()).to_pylist()
+    return [{"text": x, "source": src} for x, src in zip(texts, sources)]
 
 
 def _refuse_surrogate(dataset: str, column: str, values) -> None:

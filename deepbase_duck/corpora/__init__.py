@@ -1,7 +1,7 @@
 """Text corpora: Python's standard library (bundled with Python), the Penn Treebank sample, generated
 SQL, scenes, and a user's own files (``read_records``)."""
 
-from .files import FORMATS, RecordsRead, read_records
+from .files import FORMATS, RecordsRead, cut_text, read_records
 from .stdlib import (
     chunk_text,
     is_heldout,
@@ -15,6 +15,7 @@ __all__ = [
     "FORMATS",
     "RecordsRead",
     "read_records",
+    "cut_text",
     "chunk_text",
     "is_heldout",
     "read_source",

@@ -9,7 +9,9 @@
 - ``csv`` / ``tsv``: a header row, the text in ``column``;
 - ``parquet``: the text in ``column``;
 - ``files``: a folder, every file matching ``pattern`` one record (hidden files and folders,
-  '.*', left out unless the pattern names them; for source code: a file per record), cut at line ends into records of at most ``max_chars`` characters when given;
+  '.*', left out unless the pattern names them; for source code: a file per record), cut into
+  records of at most ``max_chars`` characters when given (at line ends, else at whitespace:
+  ``cut_text``);
 - ``paths``: a folder, every file matching ``pattern`` one record whose text is the file's
   descriptor ``{"path": "/absolute/path"}`` (images for an ImageAdapter, corpora/images.py).
 
@@ -19,14 +21,20 @@ the chunk), or comes from ``source_column`` (where its value is null, or an empt
 line's or row's). Empty and missing texts are skipped and counted (``RecordsRead.skipped``), so
 a record's position in the dataset may differ from its row: its source keeps the way back.
 Unreadable input raises DeepBaseError naming the file and the place.
+
+Text files (lines, jsonl, files) are read as Python reads text: a leading byte-order mark is
+dropped and every line end, "\\r\\n" or a lone "\\r" (classic Mac OS), is "\\n". CSV and TSV
+values may be quoted (a quoted value may hold line ends and, doubled, quotes); a quote that opens a
+value without enclosing it whole (``"Hello," she said``) is refused, naming its line, since a
+lenient reading would drop it from the text.
 """
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from ..errors import DeepBaseError
-from .stdlib import chunk_text
 
 FORMATS = ("lines", "jsonl", "csv", "tsv", "parquet", "files", "paths")
 _SUFFIX = {".txt": "lines", ".text": "lines", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv",
@@ -92,19 +100,70 @@ def read_records(path, format: str | None = None, column: str = "text", source_c
             out.append({"text": text, "source": source})
         else:
             out += [{"text": chunk, "source": f"{source}@{offset}" if offset else source}
-                    for offset, chunk in chunk_text(text, max_chars)]
+                    for offset, chunk in cut_text(text, max_chars)]
     if not out:
         raise DeepBaseError(f"{str(p)!r} holds no non-empty text ({skipped} empty or missing)")
     return RecordsRead(out, skipped, fmt)
 
 
 def _text(p: Path) -> str:
+    """The file's text with every line end ("\\r\\n", or a lone "\\r" as written by classic Mac
+    OS and some exporters) read as "\\n", as Python's own text files read them; a leading
+    byte-order mark is not text."""
     data = p.read_bytes()
+    bom = len(_BOM) if data.startswith(_BOM) else 0
     try:
-        return data.decode("utf-8-sig").replace("\r\n", "\n")       # a byte-order mark is not text
+        text = data[bom:].decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise DeepBaseError(f"{p}: not UTF-8 text (byte {exc.start}, line {line}); convert it to UTF-8 first") from None
+        at = bom + exc.start                                     # the byte's place in the file
+        line = _line_of(data[:at])
+        raise DeepBaseError(f"{p}: not UTF-8 text (byte {at}, line {line}); convert it to UTF-8 first") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def _line_of(prefix: bytes) -> int:
+    """The line (1-based) that follows the bytes ``prefix``, line ends read as in ``_text``."""
+    return prefix.count(b"\n") + prefix.count(b"\r") - prefix.count(b"\r\n") + 1
+
+
+def cut_text(text: str, max_chars: int) -> list[tuple[int, str]]:
+    """(offset, piece) of ``text`` cut into pieces of at most ``max_chars`` characters that
+    concatenate back to it: after the last line end within the limit; in a line longer than the
+    limit (a paragraph on one line), after its last whitespace within it, so that no word is split
+    (``stdlib.chunk_text`` would cut it anywhere: a record would end in 'lingu' and the next begin
+    with 'istics', each tokenised and labelled as a word of its own); a word longer than the limit
+    is cut where it must be, but never between a character and the combining marks, joiners or
+    variation selectors that follow it (an 'e' and its U+0301 accent stay in one record)."""
+    out, start, n = [], 0, len(text)
+    while start < n:
+        end = start + max_chars
+        if end < n:
+            cut = text.rfind("\n", start, end)
+            if cut < 0:
+                cut = max(text.rfind(c, start, end) for c in (" ", "\t"))
+            if cut >= 0:
+                end = cut + 1
+            else:
+                while end > start + 1 and _joins_previous(text[end]):
+                    end -= 1
+                if end == start + 1 and _joins_previous(text[end]):
+                    end = start + max_chars          # all marks: nothing better than the hard cut
+        else:
+            end = n
+        out.append((start, text[start:end]))
+        start = end
+    return out
+
+
+def _joins_previous(c: str) -> bool:
+    """Whether ``c`` belongs to the character before it: a combining mark, a zero-width joiner,
+    a variation selector or an emoji skin-tone modifier."""
+    import unicodedata
+    return (unicodedata.category(c) in ("Mn", "Mc", "Me") or c == "\u200d" or "\ufe00" <= c <= "\ufe0f"
+            or "\U0001f3fb" <= c <= "\U0001f3ff")
 
 
 def _lines(text: str) -> list[str]:
@@ -166,14 +225,21 @@ def _table(p: Path, fmt: str, column: str, source_column: str | None):
             t = pq.read_table(p)
         else:
             from pyarrow import csv
-            t = csv.read_csv(p, parse_options=csv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","),
+            # a quoted value may hold line ends: without newlines_in_values, a file of more than
+            # one read block (about 1 MB) whose block boundary falls inside such a value is cut
+            # there, and a record silently loses its first lines
+            t = csv.read_csv(p, parse_options=csv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",",
+                                                               newlines_in_values=True),
                              convert_options=csv.ConvertOptions(
                                  strings_can_be_null=True, null_values=[""],   # only an empty field is missing
                                  column_types={c: pa.string() for c in (column, source_column) if c}))
     except (pa.ArrowInvalid, OSError) as exc:
         if "invalid UTF8" in str(exc):                          # Latin-1 and the like
+            _text(p)                                            # names the byte and its line
             raise DeepBaseError(f"{p.name}: not UTF-8 text ({exc}); convert it to UTF-8 first") from None
         raise DeepBaseError(f"{p.name}: cannot read it as {fmt}: {exc}") from None
+    if fmt != "parquet":
+        _check_quoting(p, fmt)
     repeated = sorted({c for c in t.column_names if t.column_names.count(c) > 1})
     if repeated:
         raise DeepBaseError(f"{p.name}: column name(s) {', '.join(map(repr, repeated))} appear more than once")
@@ -192,3 +258,34 @@ def _table(p: Path, fmt: str, column: str, source_column: str | None):
     sources = ([s if s is not None else row for s, row in zip(t.column(source_column).cast(pa.string()).to_pylist(),
                                                              rows)] if source_column else rows)
     yield from zip(sources, texts.to_pylist())
+
+
+def _check_quoting(p: Path, fmt: str) -> None:
+    """Refuse a CSV or TSV file whose quotes are not CSV quoting: a value that starts with a quote
+    must be quoted whole, quotes inside it doubled (``"Hello," she said`` is no quoted value).
+    Arrow reads such a value leniently, dropping its quotes (``Hello, she said``): the text would
+    change with no sign. Checked with Python's csv module in strict mode, only for files holding a
+    quote."""
+    import csv
+    import io
+    data = p.read_bytes()
+    if b'"' not in data:
+        return
+    delimiter = "\t" if fmt == "tsv" else ","
+    text = data.decode("utf-8-sig", errors="replace")
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text) + 1))              # a long text is one long field
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    try:
+        for _ in reader:
+            pass
+    except csv.Error as exc:
+        line = reader.line_num
+        lines = re.split(r"\r\n|\r|\n", text, maxsplit=line)
+        shown = lines[line - 1][:80] if 0 < line <= len(lines) else ""
+        raise DeepBaseError(
+            f"{p.name}:{line}: a quote that does not enclose a whole value ({exc}) in {shown!r}; read as "
+            f"{fmt}, its quotes would be dropped from the text. Quote the whole value and double the quotes "
+            f"inside it (as csv writers do), or store the records as JSON Lines") from None
+    finally:
+        csv.field_size_limit(limit)

@@ -80,9 +80,10 @@ def is_heldout(relpath: str) -> bool:
 
 
 def read_source(relpath: str) -> str:
-    """Read a stdlib file as UTF-8 (undecodable bytes replaced), with "\\n" newlines."""
+    """Read a stdlib file as UTF-8 (undecodable bytes replaced), with "\\n" newlines (a "\\r\\n"
+    or a lone "\\r" line end read as one, as Python reads source)."""
     data = (stdlib_root() / relpath).read_bytes()
-    return data.decode("utf-8", errors="replace").replace("\r\n", "\n")
+    return data.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
 
 
 def chunk_text(text: str, max_chars: int = 2000) -> list[tuple[int, str]]:

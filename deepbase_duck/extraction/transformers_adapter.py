@@ -13,7 +13,10 @@ output is a tensor in transformers 5, a tuple in 4.x -- ``hooks.first_tensor`` t
 
 Texts longer than ``max_length`` word pieces (with the two special tokens) are truncated; the
 symbols of such a record then cover its first ``max_length - 2`` word pieces only, and the
-symbols stored for it say so (``tokenization`` includes ``max_length``). ``max_length`` is
+symbols stored for it say so (``tokenization`` includes ``max_length``). The characters after
+them have no symbol, so no activation and no label: the first record an adapter truncates is
+reported (a ``TruncatedRecordWarning`` naming the characters its symbols cover), and
+``truncated_records`` counts those it has truncated. ``max_length`` is
 bounded by the tokenizer's ``model_max_length`` and by the positions the model has
 (``config.max_position_embeddings``, less RoBERTa's padding offset), so a text too long for the
 model is truncated and never fails a forward pass mid-scan.
@@ -32,13 +35,19 @@ otherwise (``pip install -e '.[examples]'``).
 from __future__ import annotations
 
 import hashlib
+import numbers
 import os
+import warnings
 
 import numpy as np
 import torch
 
 from ..errors import DeepBaseError
 from .adapters import Encoded, ModelAdapter
+
+
+class TruncatedRecordWarning(UserWarning):
+    """A record longer than the adapter's ``max_length`` word pieces: its symbols stop early."""
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -84,6 +93,9 @@ class WordPieceAdapter(ModelAdapter):
             limit, what = positions, "the model's position limit"
         else:
             what = "the tokenizer's limit"
+        whole = isinstance(max_length, numbers.Integral) or (isinstance(max_length, float) and max_length.is_integer())
+        if isinstance(max_length, bool) or not whole:    # '128' from JSON params, 8.7: never cut silently
+            raise DeepBaseError(f"max_length must be a whole number of word pieces, got {max_length!r}")
         if not 3 <= int(max_length) <= limit:
             raise DeepBaseError(f"max_length must be between 3 and {what} {limit}, got {max_length}")
         super().__init__(module, device)
@@ -91,6 +103,7 @@ class WordPieceAdapter(ModelAdapter):
         self.max_length = int(max_length)
         self.tokenization = f"hf:{name}:{tokenizer_fingerprint(tokenizer)}:max{self.max_length}:text"
         self._backend = self._own_backend()
+        self.truncated_records = 0        # records encode() has cut at max_length (see _report_truncated)
 
     @classmethod
     def from_pretrained(cls, path: str, name: str | None = None, max_length: int = 256, device=None):
@@ -160,7 +173,31 @@ class WordPieceAdapter(ModelAdapter):
             pieces = e.tokens
             tokens.append([pieces[i] for i in pos])
         inputs = {k: torch.from_numpy(columns[k]) for k in names}
+        self._report_truncated(texts, [bool(e.overflowing) for e in encs], starts, ends)
         return Encoded(inputs=inputs, starts=starts, ends=ends, tokens=tokens, index=index)
+
+    def _report_truncated(self, texts, truncated, starts, ends) -> None:
+        """Count the records of a batch cut at ``max_length`` and warn at the first this adapter
+        cuts (once: a corpus of long documents would otherwise warn per record), naming the
+        characters its symbols cover, so that a text longer than the model reads is never a silent
+        loss."""
+        cut = [b for b, t in enumerate(truncated) if t]
+        if not cut:
+            return
+        self.truncated_records = getattr(self, "truncated_records", 0) + len(cut)   # (an adapter pickled before)
+        if self.truncated_records > len(cut):
+            return
+        b = cut[0]
+        first, stop = (int(starts[b][0]), int(ends[b][-1])) if len(ends[b]) else (0, 0)
+        shown = repr(texts[b][:40]) + ("..." if len(texts[b]) > 40 else "")
+        warnings.warn(
+            f"{self.tokenization.split(':')[1]}: a record of {len(texts[b])} characters ({shown}) is "
+            f"longer than max_length={self.max_length} word pieces ([CLS] and [SEP] included): its symbols "
+            f"cover characters {first} to {stop} only, and the characters outside have no symbol, activation or "
+            f"label ({len(cut)} record(s) of this batch cut; this warning is given once per adapter, "
+            f"adapter.truncated_records counts them). "
+            f"Cut long texts into records: read_records(path, max_chars=...), add-dataset --max-chars",
+            TruncatedRecordWarning, stacklevel=3)
 
     def _encode_call(self, texts: list[str]) -> Encoded:
         """encode() through the tokenizer's __call__ (any fast tokenizer)."""
@@ -180,4 +217,6 @@ class WordPieceAdapter(ModelAdapter):
             ends.append(e)
             index.append(pos.astype(np.int64))
             tokens.append(self.tokenizer.convert_ids_to_tokens(ids[b, pos].tolist()))
+        encodings = getattr(enc, "encodings", None) or []
+        self._report_truncated(texts, [bool(getattr(e, "overflowing", None)) for e in encodings], starts, ends)
         return Encoded(inputs=dict(enc), starts=starts, ends=ends, tokens=tokens, index=index)

@@ -29,6 +29,7 @@ import functools
 import hashlib
 import importlib.metadata
 import os
+import sys
 
 from ..errors import HypothesisError
 from .core import Hypothesis, register
@@ -51,15 +52,20 @@ _NO_LABEL = {"SPACE", "_SP", ""}
 
 @functools.lru_cache(maxsize=4)
 def load_spacy(model: str = SPACY_MODEL):
-    """The spaCy pipeline with only what tagging needs (tok2vec, tagger, attribute_ruler)."""
+    """The spaCy pipeline with only what tagging needs (tok2vec, tagger, attribute_ruler), with no
+    limit on a text's length: spaCy refuses texts over ``nlp.max_length`` (1,000,000 characters,
+    E088) for the memory its parser and NER would take, which this pipeline leaves out, so a long
+    record (a source file read whole) is tagged like any other, in memory linear in its length."""
     try:
         import spacy
     except ImportError:
         raise HypothesisError(f"the POS hypotheses need spaCy: {SPACY_INSTALL}") from None
     try:
-        return spacy.load(model, exclude=["parser", "ner", "lemmatizer", "senter"])
+        nlp = spacy.load(model, exclude=["parser", "ner", "lemmatizer", "senter"])
     except OSError as exc:
         raise HypothesisError(f"spaCy model {model!r} is not installed ({exc}): {SPACY_INSTALL}") from None
+    nlp.max_length = sys.maxsize
+    return nlp
 
 
 def _skip_mask(text: str, skip) -> list[tuple[int, int]]:
