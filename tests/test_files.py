@@ -3,6 +3,7 @@ format read back record by record, sources that lead back to the row, empty text
 counted, bad input named."""
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -75,10 +76,32 @@ def test_folder_of_images_as_path_records(tmp_path):
     got = dbd.read_records(tmp_path, "paths", pattern="*.png")
     assert [r["source"] for r in got] == ["a.png", "b.png"]
     for r in got:
-        assert json.loads(r["text"]) == {"path": str((tmp_path / r["source"]).resolve())}
+        path = (tmp_path / r["source"]).resolve()
+        assert json.loads(r["text"]) == {"path": str(path),
+                                         "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
         np.testing.assert_array_equal(load_image(r["text"]), pixels[r["source"]])
     with pytest.raises(DeepBaseError, match="one record per file"):
         dbd.read_records(tmp_path, "paths", max_chars=100)
+
+
+def test_an_image_file_replaced_under_its_path_is_refused_not_scored_as_the_old_one(tmp_path):
+    """Stored activations and labels are keyed by a record's text: an image file replaced
+    under the same path was read as the new image while the store held the old one's rows, so
+    a scan mixed them silently. A path record carries its file's digest; the new file is refused
+    by name, and an old-style record (no digest) still loads."""
+    from PIL import Image
+    from deepbase_duck.corpora.images import load_image
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    (rec,) = dbd.read_records(tmp_path, "paths", pattern="*.png")
+    load_image(rec["text"])
+    new = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(new).save(tmp_path / "a.png")
+    with pytest.raises(DeepBaseError, match=r"a\.png' changed since its record was added.*replace=True"):
+        load_image(rec["text"])
+    np.testing.assert_array_equal(load_image(json.dumps({"path": json.loads(rec["text"])["path"]})), new)
+    (again,) = dbd.read_records(tmp_path, "paths", pattern="*.png")
+    np.testing.assert_array_equal(load_image(again["text"]), new)
 
 
 @pytest.mark.parametrize("make, kwargs, message", [

@@ -317,6 +317,11 @@ def test_a_corrupt_file_in_a_folder_stops_extraction_naming_it_and_keeps_the_res
     (folder / "im9.png").unlink()
     _write_images(folder, 5)                                   # im4.png, a real image, in its place
     os.replace(folder / "im4.png", folder / "im9.png")
+    # (its record holds the corrupt file's digest: the repaired file is another image, refused
+    # until the records are read again; replace=True keeps what the unchanged ones stored)
+    with pytest.raises(DeepBaseError, match=r"im9\.png' changed since its record was added"):
+        dbd.extract(con, "small", ["conv"], "imgs", batch_size=2)
+    dbd.add_dataset(con, "imgs", read_records(str(folder), format="paths", pattern="im[0-39].png"), replace=True)
     out = dbd.extract(con, "small", ["conv"], "imgs", batch_size=2)
     assert con.sql("SELECT count(DISTINCT record_id) FROM behavior_1").fetchall()[0][0] == 5
     assert [(r["extracted"], r["reused"]) for r in out] == [(1, 4)]    # resumed, not redone

@@ -13,7 +13,11 @@
   records of at most ``max_chars`` characters when given (at line ends, else at whitespace:
   ``cut_text``);
 - ``paths``: a folder, every file matching ``pattern`` one record whose text is the file's
-  descriptor ``{"path": "/absolute/path"}`` (images for an ImageAdapter, corpora/images.py).
+  descriptor ``{"path": "/absolute/path", "sha256": "<first 16 hex digits>"}`` (images for an
+  ImageAdapter, corpora/images.py). The digest of the file's bytes ties the record to the
+  image it was made from: stored activations and labels are keyed by the record's text, so a
+  file replaced under the same path would otherwise be scored with the old image's; loading it
+  checks the digest (``images.load_image``).
 
 The format follows the file's suffix unless given. Each record's source says where it came
 from (``file:line``, ``file:row``, or the file's path in the folder with the character offset of
@@ -82,7 +86,8 @@ def read_records(path, format: str | None = None, column: str = "text", source_c
     if fmt == "files":
         rows = ((name, _text(f)) for name, f in _folder(p, pattern))
     elif fmt == "paths":
-        rows = ((name, json.dumps({"path": str(f.resolve())})) for name, f in _folder(p, pattern))
+        from .images import path_record
+        rows = ((name, path_record(f)) for name, f in _folder(p, pattern))
     elif fmt == "lines":
         rows = ((f"{p.name}:{i}", line) for i, line in enumerate(_lines(_text(p)), 1))
     elif fmt == "jsonl":

@@ -9,7 +9,10 @@ same text always means the same image):
   ``"crop": [top, left, height, width]`` in pixels of the original;
 * a file: ``{"path": "/some/image.png"}``, or the bare path (read with Pillow, turned upright
   by its EXIF orientation as viewers show it; a missing or unreadable file is a DeepBaseError
-  naming it in full).
+  naming it in full). ``path_record(file)`` (the records of ``read_records(folder, 'paths')``)
+  adds ``"sha256"``, the first 16 hex digits of the file's digest: a record's stored activations
+  and labels are keyed by its text, so a file replaced under the same path would be scored with
+  the old image's; with the digest, loading a changed file is a DeepBaseError instead.
 
 ``load_image(text)`` returns (H, W, 3) uint8 RGB. Every source, and the arrays a custom loader
 of the ``ImageAdapter`` returns, is scaled by one rule (``unit_rgb``), whatever its type: uint8
@@ -176,7 +179,40 @@ def load_image(text: str) -> np.ndarray:
         raise DeepBaseError(f"no such image file {path!r} ("
                             + ("a folder" if os.path.isdir(path) else "moved or deleted since its record was added")
                             + ")")
-    return _read_file(str(path))
+    want = d.get("sha256")
+    if want is None:
+        return _read_file(str(path))
+    with open(path, "rb") as f:
+        data = f.read()
+    got = _digest(data)
+    if not isinstance(want, str) or got != want.lower():
+        raise DeepBaseError(f"image file {path!r} changed since its record was added (its sha256 starts {got}, the "
+                            f"record says {want!r}): what is stored for the record (activations, labels, scores) "
+                            f"describes the old image; read the folder's records again and add them with "
+                            f"add_dataset(..., replace=True) (CLI: add-dataset --replace): what is stored for the "
+                            f"unchanged images is kept, the changed ones are computed again")
+    import io
+    return _read_file(io.BytesIO(data), str(path))
+
+
+SHA256_DIGITS = 16          # of a path record's digest: 64 bits, collisions out of reach
+
+
+def _digest(data: bytes) -> str:
+    import hashlib
+    return hashlib.sha256(data).hexdigest()[:SHA256_DIGITS]
+
+
+def path_record(path) -> str:
+    """The text of an image file's record: ``{"path": absolute path, "sha256": digest}`` (see
+    the module docstring); a file that cannot be read is a DeepBaseError naming it."""
+    from pathlib import Path
+    p = Path(path).resolve()
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise DeepBaseError(f"image file {str(p)!r} cannot be read ({type(exc).__name__}: {exc})") from None
+    return json.dumps({"path": str(p), "sha256": _digest(data)})
 
 
 # Pillow modes of more than 8 bits per channel: Image.convert("RGB") clips their values to 0..255
@@ -193,20 +229,22 @@ def pil_rgb(im, where: str = "image") -> np.ndarray:
     return _rgb(np.asarray(im.convert("RGB")), where)
 
 
-def _read_file(path: str) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of an image file, upright (its EXIF orientation applied, as viewers
-    show it); any failure to read it is a DeepBaseError naming the file."""
+def _read_file(path, name: str | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of an image file (a path, or its bytes in a file object with its
+    ``name``), upright (its EXIF orientation applied, as viewers show it); any failure to read it
+    is a DeepBaseError naming the file."""
+    name = str(path) if name is None else name
     try:
         from PIL import Image, ImageOps
     except ImportError:
         raise DeepBaseError("image files need Pillow: pip install pillow") from None
     try:
         with Image.open(path) as im:
-            return pil_rgb(ImageOps.exif_transpose(im), f"image file {path!r}")
+            return pil_rgb(ImageOps.exif_transpose(im), f"image file {name!r}")
     except DeepBaseError:
         raise
     except Exception as exc:                    # UnidentifiedImageError, truncated data, a bomb...
-        raise DeepBaseError(f"image file {path!r} cannot be read as an image "
+        raise DeepBaseError(f"image file {name!r} cannot be read as an image "
                             f"({type(exc).__name__}: {exc})") from None
 
 
