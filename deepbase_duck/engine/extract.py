@@ -25,6 +25,7 @@ batch.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -422,8 +423,9 @@ def forward_batch(adapter, ret: Retain, model: str, layers, dataset: str, ids, t
     ``layers``: their activations per symbol, checked. Shared by the local loop above and the Ray
     workers (engine/ray_engine.py). ``symbols``: see forward_batches; the symbols are handed to it
     after the forward is launched, so that on CUDA this host work overlaps the device's."""
-    enc = adapter.encode(texts)
-    run_until_retained(adapter, enc, ret)
+    with naming_records(model, dataset, ids):
+        enc = adapter.encode(texts)
+        run_until_retained(adapter, enc, ret)
     if symbols is not None:
         symbols.add(ids, enc)
     batch = batch_from_outputs(adapter, ret.outputs, enc, model, layers, dataset, ids, symbol_counts, texts,
@@ -431,6 +433,24 @@ def forward_batch(adapter, ret: Retain, model: str, layers, dataset: str, ids, t
     if keep_encoding:
         batch.encoded = enc
     return batch
+
+
+@contextlib.contextmanager
+def naming_records(model: str, dataset: str, ids):
+    """An error of the model's encoder or forward pass inside the block (torch's "index out of
+    range in self" for a character beyond an embedding's vocabulary, a shape mismatch) keeps its
+    type and message, with a note naming the model, the dataset and the records of the batch
+    that raised it, which its own message never does."""
+    try:
+        yield
+    except Exception as exc:
+        shown = ", ".join(str(int(r)) for r in list(ids)[:8]) + (" ..." if len(ids) > 8 else "")
+        note = (f"deepbase_duck: raised by model {model!r} on the batch of {len(ids)} record(s) of dataset "
+                f"{dataset!r} with record_id {shown} (SELECT record_id, text FROM records WHERE dataset = "
+                f"'{dataset.replace(chr(39), chr(39) * 2)}' AND record_id IN ({shown.replace(' ...', '')}))")
+        if note not in (getattr(exc, "__notes__", None) or []):
+            exc.add_note(note)
+        raise
 
 
 def batch_from_outputs(adapter, outputs: dict, enc, model: str, layers, dataset: str, ids, symbol_counts,

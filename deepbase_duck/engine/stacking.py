@@ -31,7 +31,7 @@ import torch
 
 from ..errors import DeepBaseError
 from ..extraction.hooks import Retain, run_until_retained, user_hooks
-from .extract import batch_from_outputs
+from .extract import batch_from_outputs, naming_records
 
 
 def architecture_mismatch(adapters: dict) -> str | None:
@@ -254,6 +254,9 @@ class StackedForward:
             self.params = {k: v.detach() for k, v in self.params.items()}
             self.base = copy.deepcopy(first.module).to("meta")
             self.twin = copy.copy(first)                  # the first adapter's forward(), on stacked weights
+            check = getattr(first, "check_padding", None)
+            if check is not None:       # CharAdapter: whether the models (one architecture) see the padding;
+                check(self.layers)      # models run one after another are checked by their exits_early
 
     def __call__(self, enc) -> dict:
         if self.mode == "vmap":
@@ -302,8 +305,9 @@ def stacked_batches(session, stacked: StackedForward, layers, dataset: str, batc
     first = next(iter(stacked.adapters.values()))
     for ids in batches:
         texts = session.texts(dataset, ids)
-        enc = first.encode([texts[r] for r in ids])
-        outputs = stacked(enc)
+        with naming_records(",".join(stacked.adapters), dataset, ids):
+            enc = first.encode([texts[r] for r in ids])
+            outputs = stacked(enc)
         out = {name: batch_from_outputs(stacked.adapters[name], outputs[name], enc, name, layers, dataset, ids,
                                         symbol_counts, [texts[r] for r in ids], defer_check=defer_check)
                for name in stacked.adapters}

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import ActivationError, DeepBaseError
-from .hooks import mode_dependent
+from .hooks import SEQUENCE_FIRST, mode_dependent
 
 
 @dataclass
@@ -310,6 +310,15 @@ class ModelAdapter:
             raise ActivationError(
                 f"layer {layer!r} produced an output of shape {tuple(output.shape)}; the default adapter expects "
                 "(batch, sequence, width). Override symbol_activations() in the adapter for this layer.")
+        seq_first = getattr(output, SEQUENCE_FIRST, None)
+        if seq_first:
+            # (its shape may pass the check below: a batch whose longest record has as many
+            # symbols as the batch has records would be read with records and positions swapped)
+            raise ActivationError(
+                f"layer {layer!r} ({seq_first}) gives its output of shape {tuple(output.shape)} as (sequence, "
+                f"batch, width), where the default adapter reads (batch, sequence, width); build it with "
+                f"batch_first=True, retain a module after a transpose, or override symbol_activations() to read "
+                f"output.transpose(0, 1)")
         batch = len(encoded.index)
         longest = max((int(idx.max()) + 1 for idx in encoded.index if len(idx)), default=0)
         if output.shape[0] != batch or output.shape[1] < longest:
@@ -348,17 +357,104 @@ class CharAdapter(ModelAdapter):
         self.pad_id = pad_id
 
     def encode(self, texts: list[str]) -> Encoded:
+        return self._encode_ids(texts)
+
+    def _encode_ids(self, texts: list[str]) -> Encoded:
         longest = max((len(t) for t in texts), default=0)
         ids = torch.full((len(texts), max(longest, 1)), self.pad_id, dtype=torch.long)
         starts, ends, tokens = [], [], []
         for b, text in enumerate(texts):
             if text:
-                ids[b, : len(text)] = torch.as_tensor(self.encode_chars(text), dtype=torch.long)
+                ids[b, : len(text)] = self._char_ids(text)
             s = np.arange(len(text), dtype=np.int32)
             starts.append(s)
             ends.append(s + 1)
             tokens.append(list(text))
         return Encoded(inputs=ids, starts=starts, ends=ends, tokens=tokens)
+
+    def exits_early(self, layers) -> bool:
+        """ModelAdapter's, after ``check_padding`` (both once per set of layers, before a scan's
+        first forward pass)."""
+        self.check_padding(layers)
+        return super().exits_early(layers)
+
+    def check_padding(self, layers) -> None:
+        """Warn, once per set of layers, when right padding changes what ``layers`` give for a
+        record: the example record's activations alone and with ``len(example_text)`` pad ids
+        after it (as a longer record in its batch would add) must agree on its characters. A model
+        that reads ahead (a bidirectional RNN, non-causal attention or convolution) sees the
+        padding, so its activations, and every score from them, would change with ``batch_size``
+        and with which records share a batch, silently. Two small forward passes; skipped where
+        ``encode`` gives other inputs than one (batch, length) tensor of ids (an adapter of one's
+        own that passes lengths or a mask)."""
+        from .hooks import Retain
+        key = tuple(sorted(layers))
+        done = self.__dict__.setdefault("_padding_checks", set())
+        if key in done:
+            return
+        done.add(key)
+        if any(m.training and mode_dependent(m) for m in self.module.modules()):
+            return                  # (dropout or batch statistics change every pass: warned of as such)
+        leaks = []
+        try:
+            # (this class's own encoding, not a call of encode(): it encodes the records of a scan)
+            own = any("encode" in vars(c) for c in type(self).__mro__[:type(self).__mro__.index(CharAdapter)])
+            enc = None if not self.example_text else self.encode([self.example_text]) if own \
+                else self._encode_ids([self.example_text])
+            if enc is None or not isinstance(enc.inputs, torch.Tensor) or enc.inputs.dim() != 2:
+                return
+            pad = torch.full((1, max(1, enc.inputs.shape[1])), self.pad_id, dtype=enc.inputs.dtype)
+            padded = Encoded(torch.cat([enc.inputs, pad], 1), enc.starts, enc.ends, enc.tokens, enc.index)
+            with Retain(self.module, key) as ret:
+                self.forward(enc)
+                ret.settle()                  # (an output written into later in the pass: its copy)
+                alone = {n: self.symbol_activations(n, ret.outputs.get(n), enc)[0] for n in key}
+                ret.clear()
+                self.forward(padded)
+                ret.settle()
+                for n in key:
+                    a = alone[n].float()
+                    b = self.symbol_activations(n, ret.outputs.get(n), padded)[0].float()
+                    if a.shape != b.shape or not bool(torch.isfinite(a).all()):
+                        continue
+                    diff = float((a - b).abs().max()) if a.numel() else 0.0
+                    if diff > 1e-4 * (1.0 + float(a.abs().max())):
+                        leaks.append((n, diff))
+        except Exception:                     # (a layer this reader cannot cut, a failing model: the scan says so)
+            return
+        if leaks:
+            import warnings
+            shown = ", ".join(f"{n!r} (by up to {d:.3g})" for n, d in leaks[:5])
+            warnings.warn(
+                f"{type(self).__name__} ({self.tokenization}): the activations of layer(s) {shown} for a record "
+                f"change when it is right-padded, as a longer record in its batch does: the model reads ahead "
+                f"(bidirectional, non-causal attention or convolution) and sees the padding, so activations and "
+                f"scores depend on batch_size and on which records share a batch. Pass lengths or a padding mask "
+                f"in a ModelAdapter of your own (encode/forward), or scan with batch_size=1",
+                UserWarning, stacklevel=5)
+
+    def _char_ids(self, text: str) -> torch.Tensor:
+        """``encode_chars(text)`` as a tensor of integer ids, one per character: the symbol of
+        character i is position i of the sequence, so an encoder that drops, merges or adds
+        characters (or gives no integers) would shift every later symbol onto another
+        character's activations; it is refused, naming the text."""
+        raw = self.encode_chars(text)
+        try:
+            got = raw.detach().cpu() if isinstance(raw, torch.Tensor) else torch.as_tensor(np.asarray(raw))
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise DeepBaseError(f"{type(self).__name__}: encode_chars({text[:40]!r}) returned {type(raw).__name__}, "
+                                f"not a sequence of integer ids ({exc})") from None
+        if got.dim() != 1 or got.shape[0] != len(text):
+            raise DeepBaseError(
+                f"{type(self).__name__}: encode_chars({text[:40]!r}{'...' if len(text) > 40 else ''}) returned "
+                f"{'ids of shape ' + str(tuple(got.shape)) if got.dim() != 1 else str(got.shape[0]) + ' ids'} for a "
+                f"text of {len(text)} characters; a CharAdapter needs exactly one id per character (map characters "
+                f"outside the vocabulary to an unknown id rather than dropping them), or use a ModelAdapter of "
+                f"your own whose encode() gives each symbol's character span")
+        if got.dtype == torch.bool or got.is_floating_point() or got.is_complex():
+            raise DeepBaseError(f"{type(self).__name__}: encode_chars({text[:40]!r}) returned {got.dtype} values; "
+                                f"it must return integer ids")
+        return got.to(torch.long)
 
     def symbol_activations(self, layer: str, output: torch.Tensor, encoded: Encoded) -> list[torch.Tensor]:
         """As ModelAdapter's, refusing a channels-first output (nn.Conv1d's (batch, width,

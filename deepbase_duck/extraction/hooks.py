@@ -14,7 +14,10 @@ the padded batch-first tensor ``(batch, longest, width)`` in the batch's own ord
 holds zeros); of a transformers output its ``last_hidden_state``; anything else (None, an
 object) keeps None, which a scan reports as a layer with no tensor output. A module that runs
 more than once in one forward pass (weights shared across depths, a cell called in a Python
-loop) keeps its last call's output, and ``run_until_retained`` warns that it did.
+loop) keeps its last call's output, and ``run_until_retained`` warns that it did. A kept 3-D
+output of one of torch's sequence-first modules (an RNN or attention without ``batch_first=True``,
+not run on packed input) is marked (``SEQUENCE_FIRST``), so that the default reader refuses it
+even where its shape looks batch first.
 """
 from __future__ import annotations
 
@@ -63,6 +66,50 @@ def first_tensor(output):
             if t is not None:
                 return t
     return None
+
+
+SEQUENCE_FIRST = "_deepbase_sequence_first"     # the attribute Retain marks a sequence-first output with
+
+
+def sequence_first(module: torch.nn.Module) -> str | None:
+    """What makes ``module``'s 3-D outputs sequence first, (sequence, batch, width), or None: one
+    of torch's recurrent or attention modules built without ``batch_first=True`` (nn.RNN, nn.LSTM,
+    nn.GRU, nn.MultiheadAttention, nn.Transformer, an nn.TransformerEncoderLayer or
+    DecoderLayer, or an nn.TransformerEncoder or Decoder of such layers). Their output's shape
+    alone cannot say so when the longest record of a batch has as many symbols as the batch has
+    records: (L, B, width) then reads as (B, L, width)."""
+    nn = torch.nn
+    if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)):
+        inner = next(iter(module.layers), None)
+        return None if inner is None or sequence_first(inner) is None else \
+            f"an nn.{type(module).__name__} of layers without batch_first=True"
+    base = next((c for c in (nn.RNN, nn.LSTM, nn.GRU, nn.RNNBase, nn.MultiheadAttention, nn.Transformer,
+                             nn.TransformerEncoderLayer, nn.TransformerDecoderLayer) if isinstance(module, c)), None)
+    if base is None:
+        return None
+    if base in (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer):
+        first = getattr(getattr(module, "self_attn", None), "batch_first", True) is False
+    else:
+        first = getattr(module, "batch_first", True) is False
+    return f"{type(module).__name__}, a subclass of torch's {base.__name__}, without batch_first=True" \
+        if first and type(module) is not base else f"an nn.{base.__name__} without batch_first=True" if first else None
+
+
+def _packed(output) -> bool:
+    """Whether the tensor ``first_tensor`` reads from ``output`` came from a PackedSequence
+    (then padded batch first, whatever the module's own layout)."""
+    while isinstance(output, (tuple, list)) and not isinstance(output, torch.nn.utils.rnn.PackedSequence) and output:
+        output = output[0]
+    return isinstance(output, torch.nn.utils.rnn.PackedSequence)
+
+
+def _marked(t, mark):
+    """``t``, marked as a sequence-first output (``SEQUENCE_FIRST``) when ``mark`` says why. The
+    mark is on the tensor object: ModelAdapter's default reader refuses it, while an adapter's
+    own reader that transposes the output passes on a new, unmarked tensor."""
+    if mark:
+        setattr(t, SEQUENCE_FIRST, mark)
+    return t
 
 
 class StopForward(Exception):
@@ -200,15 +247,18 @@ class Retain:
         self._handles = []
 
     def _hook(self, name):
+        seq_first = sequence_first(self.modules[name])
+
         def hook(module, inputs, output):
             t = first_tensor(output)
             if t is not None and self.detach:
                 t = t.detach()
+            mark = seq_first if seq_first and t is not None and t.dim() == 3 and not _packed(output) else None
             if t is not None and name in self.copy:
                 t = t.clone()
             elif t is not None and name not in self.checked:
-                self._copies[name] = t.clone()
-            self.outputs[name] = t
+                self._copies[name] = _marked(t.clone(), mark)
+            self.outputs[name] = _marked(t, mark)
             self.calls[name] = self.calls.get(name, 0) + 1
             if self.armed and len(self.outputs) == len(self.modules):
                 raise StopForward
