@@ -6,6 +6,7 @@ id per character, a sequence-first GRU whose batch has as many records as charac
 unexplained (a model error that names no record)."""
 from __future__ import annotations
 
+import duckdb
 import numpy as np
 import pytest
 import torch
@@ -211,6 +212,10 @@ def test_model_error_keeps_its_type_and_names_the_records(con):
     with pytest.raises(IndexError) as info:
         dbd.inspect(con, "ord", ["proj"], ["in_string"], "txt", batch_size=1)
     assert any(f"record_id {bad} " in n for n in getattr(info.value, "__notes__", []))
+    # in SQL, where DuckDB shows only the exception's type and str(): the note is in the message
+    with pytest.raises(duckdb.Error, match=rf"IndexError: index out of range.*dataset 'txt' with record_id {bad} "):
+        con.sql("SELECT * FROM inspect('ord', ['proj'], ['in_string'], 'txt', batch_size := 1, "
+                "reuse := false)").fetchall()
 
 
 # -- a model that reads ahead sees CharAdapter's padding ------------------------------------------

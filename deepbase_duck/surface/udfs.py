@@ -114,9 +114,10 @@ def _udf(session: Session, fn):
             try:
                 for row in _rows(arrays):
                     out.append(fn(sub, *row))
-            except BaseException:              # an interruption too: last_error() must not show an older one
+            except BaseException as exc:       # an interruption too: last_error() must not show an older one
                 session.udf_tracebacks.append(traceback.format_exc())
                 del session.udf_tracebacks[:-20]
+                _notes_in_message(exc)
                 raise
             finally:
                 sub.con.close()
@@ -128,6 +129,16 @@ def _udf(session: Session, fn):
                     _RUNNING[ident] -= 1
         return out
     return wrapper
+
+
+def _notes_in_message(exc: BaseException) -> None:
+    """DuckDB shows a UDF's exception as its type and ``str()``, without the notes Python
+    tracebacks print: a note the engine added (the records of the batch a model failed on,
+    engine/extract.py ``naming_records``) goes into the message's one argument, where there is
+    one, so that a SQL user sees it too (``last_error()`` keeps the whole traceback)."""
+    notes = [n for n in (getattr(exc, "__notes__", None) or []) if n.startswith("deepbase_duck:")]
+    if notes and len(exc.args) == 1 and isinstance(exc.args[0], str) and notes[-1] not in exc.args[0]:
+        exc.args = (f"{exc.args[0]} ({notes[-1]})",)
 
 
 def _list(v):
