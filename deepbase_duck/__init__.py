@@ -9,44 +9,90 @@
 
 Every function here takes the connection returned by ``connect`` and mirrors one SQL entry
 point registered on it (see sql/90_surface.sql).
+
+Importing the package is light: torch, scipy, pyarrow and the engine load on the first use of
+what needs them (``connect``, or a name such as ``dbd.CharAdapter``; see ``_load``), so that
+``deepbase-duck --help`` and a mistyped command answer at once instead of after seconds of
+imports.
 """
 from __future__ import annotations
 
 import atexit
 import os
+import threading
 import weakref
 
-import duckdb
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# engine.memory.bound_onednn_cache's setting (ONEDNN_CACHE_CAPACITY), made here, before any
+# submodule can import torch, without importing the engine (and torch) itself
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 
-from .engine.memory import SCAN_MEMORY_LIMIT, bound_onednn_cache, memory_bytes  # noqa: E402
-bound_onednn_cache()                       # before torch builds its first oneDNN kernel
-
-from . import store  # noqa: E402
-from .catalog import Session, _SESSIONS, session_of  # noqa: E402
 from .errors import (ActivationError, DeepBaseError, EmptyDatasetError, HypothesisError,  # noqa: E402
                      UnknownNameError)
-from .extraction import CharAdapter, Encoded, ImageAdapter, ModelAdapter, Retain  # noqa: E402
-from .hypotheses import Hypothesis, get_hypothesis, hypothesis, register as register_hypothesis  # noqa: E402
-from .hypotheses.core import held_versions  # noqa: E402
-from .hypotheses import library as hypothesis_library  # noqa: E402,F401  (registers the built-ins)
-from .reports import report  # noqa: E402
-from .corpora.files import read_records  # noqa: E402
-from .hypotheses.grid import GridHypothesis  # noqa: E402
 
 __version__ = "0.1.0"
 
 _OPEN: "weakref.WeakSet" = weakref.WeakSet()
 
+# names of the package that need the heavy modules, and where they come from: bound by _load
+_LAZY = {
+    "SCAN_MEMORY_LIMIT": ("engine.memory", None), "bound_onednn_cache": ("engine.memory", None),
+    "memory_bytes": ("engine.memory", None), "store": ("store", ""),
+    "Session": ("catalog", None), "_SESSIONS": ("catalog", None), "session_of": ("catalog", None),
+    "CharAdapter": ("extraction", None), "Encoded": ("extraction", None), "ImageAdapter": ("extraction", None),
+    "ModelAdapter": ("extraction", None), "Retain": ("extraction", None),
+    "Hypothesis": ("hypotheses", None), "get_hypothesis": ("hypotheses", None), "hypothesis": ("hypotheses", None),
+    "register_hypothesis": ("hypotheses", "register"), "held_versions": ("hypotheses.core", None),
+    "hypothesis_library": ("hypotheses.library", ""), "report": ("reports", None),
+    "read_records": ("corpora.files", None), "GridHypothesis": ("hypotheses.grid", None),
+}
+_LOAD_LOCK = threading.RLock()
+_load_state = "no"                         # "no", "loading" (by the thread holding the lock), "done"
+
+
+def _load() -> None:
+    """Import the heavy part of the package (the engine and torch, the catalog, the built-in
+    hypotheses, reports) and bind the names of ``_LAZY``, once, in the order the package always
+    imported them. A name looked up on the package while this runs (a submodule's ``from ..
+    import store``) is not there yet: Python then imports the submodule itself."""
+    global _load_state
+    import importlib
+    with _LOAD_LOCK:
+        if _load_state != "no":            # done, or under way in this thread (a nested look-up)
+            return
+        _load_state = "loading"
+        try:
+            bound = {}
+            for name, (module, attr) in _LAZY.items():
+                mod = importlib.import_module(f".{module}", __name__)
+                bound[name] = mod if attr == "" else getattr(mod, attr or name)
+            globals().update(bound)
+            _load_state = "done"
+        finally:
+            if _load_state != "done":      # interrupted (Ctrl-C) or failed: the next use tries again
+                _load_state = "no"
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        _load()
+        if name in globals():
+            return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), *_LAZY})
+
 
 def connect(path: str | None = None, threads: int | None = None, progress: bool = True,
-            scan_memory_limit: str | None = SCAN_MEMORY_LIMIT):
+            scan_memory_limit: str | None = "128MB"):
     """Open (or create) the store at ``path`` (None: in memory) and return its DuckDB connection,
     with the catalog created, the macros of sql/ loaded and deepbase_duck's UDFs registered.
 
     ``scan_memory_limit``: DuckDB's memory limit while ``inspect``, ``extract`` or ``annotate``
-    writes to a file-backed store (default '128MB'; None leaves DuckDB's own limit), restored
+    writes to a file-backed store (default '128MB', engine.memory.SCAN_MEMORY_LIMIT, spelled out
+    here so that importing the package does not load the engine; None leaves DuckDB's own limit), restored
     after each; see engine/memory.py.
 
     Other threads: use ``dbd.cursor(con)``, one per thread (DuckDB 2.0 refuses concurrent calls
@@ -59,6 +105,8 @@ def connect(path: str | None = None, threads: int | None = None, progress: bool 
     a time per store (a second waits for the first); SQL over the stored tables runs
     concurrently. A store file is open once per process: connect again after ``close``.
     """
+    _load()
+    import duckdb
     from .engine.extract import refresh_views
     from .surface.udfs import register_udfs
 
@@ -99,6 +147,7 @@ def _open_session(path: str | None):
     process, or None (always None in memory: each such store is its own)."""
     if path in (None, ":memory:"):
         return None
+    import duckdb
     here = os.path.realpath(path)
     for s in list(_OPEN):
         if s.db_path in (None, ":memory:") or os.path.realpath(s.db_path) != here:
@@ -139,6 +188,7 @@ def cursor(con):
 
 def _session(con):
     """session_of(con), its refusal naming dbd.cursor for a plain cursor of a connection."""
+    _load()
     try:
         return session_of(con)
     except DeepBaseError as exc:
@@ -179,6 +229,7 @@ def drop_dataset(con, name: str) -> dict:
 
 def annotate(con, hypotheses, dataset: str, record_ids=None) -> list[dict]:
     """Compute and store labels of hypotheses (names or Hypothesis objects) for a dataset."""
+    from .hypotheses.core import held_versions
     from .hypotheses.store import annotate as _annotate
     with held_versions():                  # each hypothesis' version as it is now, once for the run
         return _annotate(_session(con), hypotheses, dataset, record_ids)
@@ -235,6 +286,7 @@ def inspect(con, model: str, layers, hypotheses, dataset: str, measures=("corr",
     by id; ``max_error``, ``keep_activations``, ...) and per-measure parameter dicts
     (``corr={"intervals": "symbols"}``); any other keyword is an error naming the closest one."""
     from .engine.inspect import inspect as _inspect
+    from .hypotheses.core import held_versions
     from .inspectors import MEASURES
     kwargs = _check_keywords("inspect", kwargs, _options(_inspect, 6), MEASURES,
                              named=("model", "layers", "hypotheses", "dataset", "measures"))

@@ -3,15 +3,20 @@
     deepbase-duck demo                          # the bundled char-LSTM on held-out stdlib code
     deepbase-duck register-model STORE NAME LOADER [--params JSON]
     deepbase-duck add-stdlib STORE NAME [--split heldout] [--chars N]
-    deepbase-duck add-dataset STORE NAME PATH [--format lines|jsonl|csv|tsv|parquet|files] [--column text]
+    deepbase-duck add-dataset STORE NAME PATH [--format lines|jsonl|csv|tsv|parquet|files|paths] [--column text]
     deepbase-duck annotate STORE DATASET HYPOTHESIS...
     deepbase-duck extract STORE MODEL DATASET LAYER... [--dtype float16]
     deepbase-duck inspect STORE MODEL DATASET --layers L... --hypotheses H... [--measures corr] [--params JSON]
     deepbase-duck report STORE [--out report.html] [--query N] [--model M] [--top K]
+    deepbase-duck export STORE OUT_DIR [--activations] [--text]
+    deepbase-duck shell [STORE [SCRIPT]] [-c SQL] [--create]
     deepbase-duck hypotheses                    # the hypotheses this installation can compute
     deepbase-duck --version
 
-Bad input exits with status 2 and one line naming the problem.
+Bad input exits with status 2 and one line naming the problem (a flag that acts only with
+another, given without it, included: --dtype without --keep-activations); Ctrl-C with status
+130 and one line, also while the libraries are still importing. ``--help`` imports none of
+them (the package's ``__init__`` loads torch and the engine on first use), so it answers at once.
 """
 from __future__ import annotations
 
@@ -45,11 +50,15 @@ EXAMPLES = {
 
 
 STORE_HELP = "the .duckdb store"
+# the measures of deepbase_duck.inspectors.MEASURES, named here for --measures' help: importing
+# the inspectors loads torch and scipy, seconds that `--help` should not wait for (a test keeps
+# the two lists equal)
+MEASURE_NAMES = ("ap", "corr", "f1", "iou", "mi", "pointbiserial", "precision", "probe", "probeless", "recall",
+                 "spearman")
 
 
 def _parser() -> argparse.ArgumentParser:
     from deepbase_duck import __version__
-    from deepbase_duck.inspectors import MEASURES
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     p = argparse.ArgumentParser(prog="deepbase-duck", description="Deep Neural Inspection inside DuckDB.",
@@ -98,10 +107,11 @@ def _parser() -> argparse.ArgumentParser:
     ad.add_argument("--format", default=None, choices=["lines", "jsonl", "csv", "tsv", "parquet", "files", "paths"],
                     help="default: by the suffix (.txt lines, .jsonl, .csv, .tsv, .parquet; a folder: files); "
                          "paths: a folder's files as image records")
-    ad.add_argument("--column", default="text", help="the text's column or key (jsonl, csv, tsv, parquet; "
-                                                     "default: %(default)s)")
-    ad.add_argument("--source-column", default=None, help="a column or key naming each record's source")
-    ad.add_argument("--glob", default="**/*", help="with a folder: the files to read (default: %(default)s)")
+    ad.add_argument("--column", default=None, help="the text's column or key (jsonl, csv, tsv, parquet; "
+                                                   "default: text)")
+    ad.add_argument("--source-column", default=None, help="a column or key naming each record's source "
+                                                          "(jsonl, csv, tsv, parquet)")
+    ad.add_argument("--glob", default=None, help="with a folder: the files to read (default: **/*)")
     ad.add_argument("--max-chars", type=int, default=None, help="cut longer texts at line ends into records "
                                                                 "of at most this many characters")
     ad.add_argument("--description", default="", help="stored with the dataset (default: 'from PATH')")
@@ -135,7 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--hypotheses", nargs="+", required=True, metavar="HYPOTHESIS",
                    help="hypothesis names (`deepbase-duck hypotheses` lists them); labels are computed when missing")
     i.add_argument("--measures", nargs="+", default=["corr"], metavar="MEASURE",
-                   help=f"one or more of: {', '.join(sorted(MEASURES))} (probe adds per-unit probe_weight and "
+                   help=f"one or more of: {', '.join(MEASURE_NAMES)} (probe adds per-unit probe_weight and "
                         f"layer-level probe_topk rows; default: corr)")
     i.add_argument("--max-records", type=int, default=None, metavar="N",
                    help="only the first N records by record id (not a sample: for a random sample use --max-error "
@@ -145,8 +155,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="records per forward pass (default: %(default)s)")
     i.add_argument("--keep-activations", action="store_true",
                    help="also store the activations (of type --dtype), for reports and later queries")
-    i.add_argument("--dtype", default="float32", choices=["float32", "float16"],
-                   help="with --keep-activations: the stored activations' type (default: %(default)s)")
+    i.add_argument("--dtype", default=None, choices=["float32", "float16"],
+                   help="with --keep-activations: the stored activations' type (default: float32)")
     i.add_argument("--params", default=None, metavar="JSON",
                    help="per-measure parameters as a JSON object, e.g. '{\"corr\": {\"intervals\": \"symbols\"}}' "
                         "(the SQL macro's params)")
@@ -174,9 +184,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--stable-windows", type=int, default=None, metavar="N",
                    help="with --top-k only: windows of records over which the top-k sets must stay the same "
                         "(default: 3)")
-    i.add_argument("--seed", type=int, default=0, metavar="N",
+    i.add_argument("--seed", type=int, default=None, metavar="N",
                    help="with --max-error, --top-k or --plateau-tol: the seed of the random record order of the "
-                        "progressive scan (default: %(default)s)")
+                        "progressive scan (default: 0)")
     i.add_argument("--no-reuse", action="store_true", help="scan again even if an identical query is stored")
     i.add_argument("--device", default=None,
                    help="where the inspectors run: cpu, cuda, cuda:N (default: CUDA where available)")
@@ -442,7 +452,9 @@ def cmd_add_dataset(args):
     import deepbase_duck as dbd
     from deepbase_duck.catalog import DatasetExistsError
     from deepbase_duck.errors import DeepBaseError
-    records = dbd.read_records(args.path, args.format, args.column, args.source_column, args.glob, args.max_chars)
+    records = dbd.read_records(args.path, args.format, args.column or "text", args.source_column,
+                               args.glob or "**/*", args.max_chars)
+    _check_read_flags(args, records.format)           # before the store is opened (or created)
     with _store(args, create=True) as con:
         before = con.sql("SELECT count(*) FROM records WHERE dataset = ?", params=[args.name]).fetchall()[0][0]
         try:
@@ -456,6 +468,19 @@ def cmd_add_dataset(args):
     print(f"{args.name}: {_n(n, 'record')} ({records.format}, {_n(sum(len(r['text']) for r in records), 'character')})"
           f"{skipped}{kept}")
     return 0
+
+
+def _check_read_flags(args, fmt: str) -> None:
+    """add-dataset's flags that the format ``fmt`` read from PATH has no use for (--column of a
+    text file, --glob of a file), refused by name instead of silently ignored."""
+    from deepbase_duck.errors import DeepBaseError
+    tables = ("jsonl", "csv", "tsv", "parquet")
+    for flag, value in (("--column", args.column), ("--source-column", args.source_column)):
+        if value is not None and fmt not in tables:
+            raise DeepBaseError(f"{flag} {value} names a column or key of a {', '.join(tables)} file; {args.path!r} is "
+                                f"read as {fmt!r}, which has none (--format picks another format)")
+    if args.glob is not None and fmt not in ("files", "paths"):
+        raise DeepBaseError(f"--glob {args.glob} picks the files of a folder; {args.path!r} is a file, read as {fmt!r}")
 
 
 def cmd_annotate(args):
@@ -478,22 +503,33 @@ def cmd_extract(args):
 def cmd_inspect(args):
     import shlex
     import deepbase_duck as dbd
-    from deepbase_duck.errors import DeepBaseError
+    from deepbase_duck.errors import DeepBaseError, check_int
     _check_top(args.top)
     if args.stable_windows is not None and args.top_k is None:
         raise DeepBaseError(f"--stable-windows {args.stable_windows} sets how long the --top-k rule waits for the "
                             f"top-k sets to settle; give --top-k K with it (or leave --stable-windows out)")
+    # flags that only act with another one: refused alone rather than silently ignored (the
+    # library takes their defaults and cannot tell them from a value given on purpose)
+    if args.seed is not None:
+        check_int("--seed", args.seed, 0)             # a bad value is named as such first
+    if args.seed is not None and args.max_error is None and args.top_k is None and args.plateau_tol is None:
+        raise DeepBaseError(f"--seed {args.seed} orders the records of a progressive scan; give --max-error, --top-k "
+                            f"or --plateau-tol with it (a full scan reads every record, in no seeded order; for "
+                            f"a seeded sample of records use the shell's sample_records macro)")
+    if args.dtype is not None and not args.keep_activations:
+        raise DeepBaseError(f"--dtype {args.dtype} is the type of the activations --keep-activations stores; give "
+                            f"--keep-activations with it (the scan itself always runs in float32)")
     measure_params = _measure_params(args.params)     # before the store is opened
     with _store(args) as con:
         model = _inspected_models(con, args.model)
         try:
             t = dbd.inspect(con, model, args.layers, args.hypotheses, args.dataset, args.measures,
                             limit=args.max_records, batch_size=args.batch_size,
-                            keep_activations=args.keep_activations, dtype=args.dtype,
+                            keep_activations=args.keep_activations, dtype=args.dtype or "float32",
                             permutations=args.permutations,
                             baseline=args.baseline, control=args.control, engine=args.engine,
                             ray_address=args.ray_address, max_error=args.max_error, top_k=args.top_k,
-                            seed=args.seed, stable_windows=args.stable_windows,
+                            seed=args.seed or 0, stable_windows=args.stable_windows,
                             plateau_tol=args.plateau_tol, min_support=args.min_support, reuse=not args.no_reuse,
                             device=args.device, **measure_params)
         except DeepBaseError as exc:                # the library's parameter names, as this command's flags
@@ -652,6 +688,17 @@ COMMANDS = {"demo": cmd_demo, "register-model": cmd_register, "add-stdlib": cmd_
 
 
 def main(argv=None) -> int:
+    """Run one command; returns its exit status. A Ctrl-C at any point ends it with one line and
+    status 130, also one that comes before the command starts, while torch and the other
+    libraries are still being imported (seconds), which used to print a long traceback."""
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        _print_error("deepbase-duck: interrupted")
+        return 130
+
+
+def _run(argv) -> int:
     args = _parser().parse_args(argv)
     args.quiet = getattr(args, "quiet", False)
     from deepbase_duck.errors import DeepBaseError
@@ -660,21 +707,29 @@ def main(argv=None) -> int:
         return COMMANDS[args.command](args)
     except DeepBaseError as exc:                 # the library's parameter names, as this command's flags
         message = cli_flags(str(exc), COMMAND_FLAGS[args.command]) if args.command in COMMAND_FLAGS else exc
-        print(f"deepbase-duck {args.command}: error: {message}", file=sys.stderr)
+        _print_error(f"deepbase-duck {args.command}: error: {message}")
         return 2
     except (duckdb.Error, FileExistsError) as exc:
-        print(f"deepbase-duck {args.command}: error: {exc}", file=sys.stderr)
+        _print_error(f"deepbase-duck {args.command}: error: {exc}")
         return 2
     except BrokenPipeError:                      # `deepbase-duck ... | head`
-        sys.stderr.close()
+        if sys.stderr is not None:
+            sys.stderr.close()
         return 0
     except OSError as exc:                       # a path that cannot be written or read: named by the OS
-        print(f"deepbase-duck {args.command}: error: {exc}", file=sys.stderr)
+        _print_error(f"deepbase-duck {args.command}: error: {exc}")
         return 2
     except KeyboardInterrupt:
-        print(f"deepbase-duck {args.command}: interrupted; stored work is kept and a re-run resumes",
-              file=sys.stderr)
+        _print_error(f"deepbase-duck {args.command}: interrupted; stored work is kept and a re-run resumes")
         return 130
+
+
+def _print_error(line: str) -> None:
+    """``line`` on stderr, or nowhere when there is no stderr (closed: ``2>&-``): print's
+    fallback for a missing stream is stdout, which would mix the error into the command's
+    output (a redirected listing, a report's path)."""
+    if sys.stderr is not None:
+        print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -37,8 +37,10 @@ HELP = __doc__.split("dot-commands:\n\n", 1)[1].split("\n\nModes:", 1)[0]
 
 class Shell:
     def __init__(self, con, out=None, err=None):
-        # the streams of the moment (not those of import time, which a caller may have replaced)
-        self.con, self.out, self.err = con, out or sys.stdout, err or sys.stderr
+        # the streams of the moment (not those of import time, which a caller may have replaced);
+        # a closed one (`>&-`, `2>&-`: None in Python) discards what it is given, as print does
+        self.con = con
+        self.out, self.err = out or sys.stdout or _Discard(), err or sys.stderr or _Discard()
         self.timer = False
         self.open = False            # a statement is under way: lines are buffered until it ends
 
@@ -196,6 +198,16 @@ class Shell:
                     readline.write_history_file(HISTORY)
                 except OSError:
                     pass
+
+
+class _Discard:
+    """A stream for one the process does not have (stdout or stderr closed): writes go nowhere."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
 
 
 @contextlib.contextmanager
