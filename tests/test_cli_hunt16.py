@@ -13,7 +13,7 @@ import pytest
 
 import deepbase_duck as dbd
 
-from conftest import TEXTS
+from test_cli_usability import store  # noqa: F401  (a file store: the planted model over TEXTS)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,16 +30,6 @@ def cli(capsys, *argv):
     return rc, out.out, out.err
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    db = str(tmp_path_factory.mktemp("hunt16") / "study.duckdb")
-    con = dbd.connect(db, progress=False)
-    try:
-        dbd.register_model(con, "planted", "ray_models:planted")
-        dbd.add_dataset(con, "snippets", TEXTS)
-    finally:
-        dbd.close(con)
-    return db
 
 
 # -- start-up ---------------------------------------------------------------------------------
