@@ -197,3 +197,26 @@ def test_demo_writes_into_a_folder_with_a_quote(tmp_path):
     assert f"scores as Parquet: {out}/" in r.stdout
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.parquet")) == [
         "model=charlstm/layer=lstm0/data_0.parquet", "model=charlstm/layer=lstm1/data_0.parquet"]
+
+
+def test_readme_own_model_section_runs_as_written(tmp_path, monkeypatch):
+    """'Your own model': mymodel.py as written, the session as written (in a folder holding
+    both), and the loader-spec route of its comment: the same model (checksum) by either."""
+    text = (ROOT / "README.md").read_text()
+    section = re.search(r"## Your own model\n(.*?)\n## ", text, re.S).group(1)
+    module, session = re.findall(r"```python\n(.*?)```", section, re.S)[:2]
+    assert module.startswith("# mymodel.py\n")
+    (tmp_path / "mymodel.py").write_text(module)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "mymodel", raising=False)
+    out = {}
+    exec(compile(session, "README", "exec"), out)
+    con = out["con"]
+    rows = con.sql("SELECT hypothesis, rank, layer FROM top_units(k := 2)").fetchall()
+    assert sorted((h, k) for h, k, _ in rows) == [(h, k) for h in ("in_comment", "in_string") for k in (1, 2)]
+    spec = re.search(r'# (dbd\.register_model\(con, "gru", "mymodel:load".*?\))', session).group(1)
+    exec(compile(spec.replace('"gru"', '"gru_by_spec"'), "README", "exec"), out)
+    checksums = dict(con.sql("SELECT name, checksum FROM models").fetchall())
+    assert checksums["gru_by_spec"] == checksums["gru"]
+    dbd.close(con)

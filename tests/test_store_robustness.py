@@ -217,6 +217,7 @@ sys.path.insert(0, {tests!r})
 import pyarrow.parquet as pq
 import deepbase_duck as dbd
 from conftest import TEXTS, planted_adapter
+import deepbase_duck.engine.extract  # (the package loads its engine on first use)
 ex = sys.modules["deepbase_duck.engine.extract"]
 db, point = sys.argv[1], sys.argv[2]
 con = dbd.connect(db, progress=False)
