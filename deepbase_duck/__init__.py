@@ -108,6 +108,7 @@ def connect(path: str | None = None, threads: int | None = None, progress: bool 
     _load()
     import duckdb
     from .engine.extract import refresh_views
+    from .hypotheses.store import register_stored_hypotheses
     from .surface.udfs import register_udfs
 
     if scan_memory_limit is not None:
@@ -134,6 +135,7 @@ def connect(path: str | None = None, threads: int | None = None, progress: bool 
                                 f"first") from None
         store.apply_sql(con, "python")
         refresh_views(session, clean=True)
+        register_stored_hypotheses(con)           # the store's regex hypotheses, for this process too
     except BaseException:
         _SESSIONS.pop(con, None)                  # nothing of the failed connection stays open
         session.close()
@@ -227,6 +229,18 @@ def drop_dataset(con, name: str) -> dict:
     return _session(con).drop_dataset(name)
 
 
+def define_hypothesis(con, name: str, pattern: str, kind: str = "binary", flags: str = "", description: str = "",
+                      replace: bool = False) -> dict:
+    """Define a hypothesis by a regular expression (Python ``re``) and store it in the store, so
+    that every process opening the store (the shell, another script) computes its labels; the
+    SQL macro ``define_hypothesis`` mirrors it (hypotheses/regex.py). ``kind``: 'binary' (the
+    matches' characters hold 1) or 'categorical' (the pattern's named groups are the
+    categories); ``flags``: letters of a, i, m, s, x. Another definition of a stored name needs
+    ``replace=True``. Returns the definition, with its version."""
+    from .hypotheses.store import define_hypothesis as _define
+    return _define(_session(con), name, pattern, kind, flags, description, replace)
+
+
 def annotate(con, hypotheses, dataset: str, record_ids=None) -> list[dict]:
     """Compute and store labels of hypotheses (names or Hypothesis objects) for a dataset."""
     from .hypotheses.core import held_versions
@@ -312,7 +326,8 @@ def export(con, out_dir: str, activations: bool = False, text: bool = False, ove
 
 
 __all__ = [
-    "connect", "cursor", "close", "register_model", "add_dataset", "drop_dataset", "read_records", "annotate", "extract", "inspect", "compare_layers", "export",
+    "connect", "cursor", "close", "register_model", "add_dataset", "drop_dataset", "read_records", "define_hypothesis",
+    "annotate", "extract", "inspect", "compare_layers", "export",
     "report",
     "Hypothesis", "hypothesis", "register_hypothesis", "get_hypothesis", "ModelAdapter", "CharAdapter",
     "Encoded", "Retain", "ImageAdapter", "GridHypothesis", "DeepBaseError", "UnknownNameError", "HypothesisError", "ActivationError",

@@ -10,7 +10,8 @@
     deepbase-duck report STORE [--out report.html] [--query N] [--model M] [--top K]
     deepbase-duck export STORE OUT_DIR [--activations] [--text]
     deepbase-duck shell [STORE [SCRIPT]] [-c SQL] [--create]
-    deepbase-duck hypotheses                    # the hypotheses this installation can compute
+    deepbase-duck hypotheses [STORE]            # the hypotheses this installation (and the store) can compute
+    deepbase-duck define-hypothesis STORE NAME PATTERN [--kind categorical] [--flags i] [--replace]
     deepbase-duck --version
 
 Bad input exits with status 2 and one line naming the problem (a flag that acts only with
@@ -41,7 +42,10 @@ EXAMPLES = {
     "extract": "deepbase-duck extract study.duckdb charlstm heldout lstm0 lstm1 --dtype float16",
     "inspect": "deepbase-duck inspect study.duckdb charlstm heldout --layers lstm0 lstm1 "
                "--hypotheses in_string in_comment --top 5",
-    "hypotheses": "deepbase-duck hypotheses",
+    "hypotheses": "deepbase-duck hypotheses study.duckdb",
+    "define-hypothesis": "deepbase-duck define-hypothesis study.duckdb has_digit '[0-9]+'\n"
+                         "  deepbase-duck define-hypothesis study.duckdb char_class '(?P<digit>[0-9])|(?P<upper>[A-Z])' "
+                         "--kind categorical",
     "export": "deepbase-duck export study.duckdb out/bi --activations",
     "shell": "deepbase-duck shell study.duckdb -c \"SELECT * FROM top_units(3);\"\n"
              "  deepbase-duck shell --create new.duckdb     # a new, empty store",
@@ -191,7 +195,23 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--device", default=None,
                    help="where the inspectors run: cpu, cuda, cuda:N (default: CUDA where available)")
 
-    add("hypotheses", "List the hypotheses this installation can compute.")
+    hy = add("hypotheses", "List the hypotheses this installation can compute (with a store: also those it defines).")
+    hy.add_argument("store", nargs="?", default=None,
+                    help="a .duckdb store whose regular-expression hypotheses (define-hypothesis) are listed too")
+
+    dh = add("define-hypothesis", "Define a hypothesis by a regular expression (Python re), stored in the store "
+                                  "so that every process opening it computes its labels.")
+    dh.add_argument("store", help=STORE_HELP)
+    dh.add_argument("name", help="the hypothesis' name (not one of a built-in)")
+    dh.add_argument("pattern", help="a Python re pattern; a pattern that can match the empty string is refused")
+    dh.add_argument("--kind", default="binary", choices=["binary", "categorical"],
+                    help="binary: the matches' characters hold 1; categorical: the pattern's named groups are the "
+                         "categories (default: %(default)s)")
+    dh.add_argument("--flags", default="", help="letters of a (ASCII), i (IGNORECASE), m (MULTILINE), s (DOTALL), "
+                                                "x (VERBOSE) (default: none)")
+    dh.add_argument("--description", default="", help="what the hypothesis stands for (default: none)")
+    dh.add_argument("--replace", action="store_true",
+                    help="redefine a hypothesis the store defines already (its labels are computed again)")
 
     sh = add("shell", "Interactive SQL shell on a store, with deepbase_duck's Python UDFs and macros live.")
     sh.add_argument("store", nargs="?", default=None,
@@ -565,6 +585,7 @@ CLI_SUBJECTS = {"seed": "--seed", "limit": "--max-records", "permutations": "--p
 # the same for the other commands whose flags are named otherwise than the library's parameters
 # (max_chars, which reads as --max-chars, is left as it is)
 COMMAND_FLAGS = {"add-stdlib": {"limit_chars": "--chars"},
+                 "define-hypothesis": {"replace := true (Python: replace=True)": "--replace"},
                  "extract": {"batch_size": "--batch-size"},
                  "report": {"top_units": "--top", "text_units": "--text-units", "records_per_unit": "--records",
                             "context_chars": "--context"}}
@@ -676,15 +697,31 @@ def cmd_shell(args):
 
 
 def cmd_hypotheses(args):
-    from deepbase_duck.hypotheses import registry
-    for h in sorted(registry().values(), key=lambda h: h.name):
-        print(f"{h.name:<18} {h.kind:<12} {h.description}")
+    from deepbase_duck.hypotheses import RegexHypothesis, registry
+    if args.store is None:
+        hyps = registry()
+    else:
+        with _store(args):                       # registers the store's regex hypotheses in this process
+            hyps = registry()
+    for h in sorted(hyps.values(), key=lambda h: h.name):
+        about = " ".join(filter(None, [h.description, f"({h.source})" if isinstance(h, RegexHypothesis) else ""]))
+        print(f"{h.name:<18} {h.kind:<12} {about}".rstrip())
+    return 0
+
+
+def cmd_define_hypothesis(args):
+    import deepbase_duck as dbd
+    with _store(args) as con:
+        d = dbd.define_hypothesis(con, args.name, args.pattern, args.kind, args.flags, args.description,
+                                  replace=args.replace)
+    cats = f", categories {', '.join(d['categories'])}" if d["categories"] else ""
+    print(f"{d['name']}: {d['kind']} hypothesis, version {d['version']}{cats}")
     return 0
 
 
 COMMANDS = {"demo": cmd_demo, "register-model": cmd_register, "add-stdlib": cmd_add_stdlib, "add-dataset": cmd_add_dataset,
             "annotate": cmd_annotate, "extract": cmd_extract, "inspect": cmd_inspect,
-            "hypotheses": cmd_hypotheses, "export": cmd_export, "shell": cmd_shell, "report": cmd_report}
+            "hypotheses": cmd_hypotheses, "define-hypothesis": cmd_define_hypothesis, "export": cmd_export, "shell": cmd_shell, "report": cmd_report}
 
 
 def main(argv=None) -> int:

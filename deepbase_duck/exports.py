@@ -47,7 +47,7 @@ import duckdb
 
 from . import store
 
-CATALOG = ["models", "layers", "datasets", "hypotheses", "queries", "behaviors", "similarities"]
+CATALOG = ["models", "layers", "datasets", "hypotheses", "hypothesis_definitions", "queries", "behaviors", "similarities"]
 TEXT_TABLES = ["records", "symbols", "labels", "labeled_records"]   # labeled_records: stratified_records
 
 

@@ -73,6 +73,20 @@ CREATE TABLE IF NOT EXISTS hypotheses (
     source      VARCHAR      -- the Python function that computes it
 );
 
+-- Hypotheses defined by a regular expression (define_hypothesis): stored with the store, so that
+-- every process opening it (a second script, `deepbase-duck shell`) computes their labels without
+-- any Python definition. version follows (kind, pattern, flags), as the labels do.
+CREATE TABLE IF NOT EXISTS hypothesis_definitions (
+    name        VARCHAR PRIMARY KEY,
+    kind        VARCHAR NOT NULL CHECK (kind IN ('binary', 'categorical')),
+    pattern     VARCHAR NOT NULL,   -- Python `re` syntax
+    flags       VARCHAR NOT NULL,   -- letters of a (ASCII), i, m, s, x; '' for none
+    categories  VARCHAR[],          -- categorical only: the pattern's named groups, in order
+    description VARCHAR,
+    version     VARCHAR NOT NULL,
+    defined_at  TIMESTAMP DEFAULT current_timestamp
+);
+
 -- Labels over character spans [start_char, end_char) of a record. Spans of one hypothesis never
 -- overlap within a record. Characters outside every span take the hypothesis' default:
 -- 0 for binary hypotheses, NULL (no label) otherwise. Categorical values are category codes.

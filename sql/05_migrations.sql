@@ -18,3 +18,6 @@ ALTER TABLE models ADD COLUMN IF NOT EXISTS identity INTEGER;
 -- (an UPDATE of records) is noticed and what was stored from the old text is computed again.
 -- Rows written before get it at their dataset's next use (deepbase_duck fills NULLs).
 ALTER TABLE records ADD COLUMN IF NOT EXISTS text_md5 VARCHAR;
+
+-- 0.5: hypotheses defined by a regular expression are stored in hypothesis_definitions, which
+-- 00_catalog.sql creates (IF NOT EXISTS) in a store written before, at its next open.

@@ -96,6 +96,19 @@ SELECT unnest(r, recursive := true) FROM (SELECT unnest(dbd_annotate(hypotheses,
 CREATE OR REPLACE TEMP MACRO register_model(name, loader, params := '{}') AS
 dbd_register_model(name, loader, params);
 
+-- define_hypothesis(name, pattern, kind := 'binary', flags := '', description := '', replace := false)
+-- A hypothesis defined by a Python `re` pattern, stored in the store (table hypothesis_definitions),
+-- so that every process opening it computes its labels: binary (the matches' characters hold 1),
+-- or categorical (the pattern's named groups are the categories; a match is labelled with the first
+-- of them that took part in it). flags: letters a (ASCII), i (IGNORECASE), m (MULTILINE), s (DOTALL),
+-- x (VERBOSE). A pattern that can match the empty string is refused. Defining a stored name again
+-- with another definition needs replace := true (its labels are then computed again); the name of
+-- a built-in or Python hypothesis is refused. Returns {name, kind, version, categories}.
+CREATE OR REPLACE TEMP MACRO define_hypothesis(name, pattern, kind := 'binary', flags := '', description := '',
+                                               replace := false) AS
+dbd_define_hypothesis(CAST(name AS VARCHAR), CAST(pattern AS VARCHAR), CAST(kind AS VARCHAR),
+                      CAST(flags AS VARCHAR), CAST(description AS VARCHAR), CAST(replace AS BOOLEAN));
+
 -- available_hypotheses(): the hypotheses this Python process can compute.
 CREATE OR REPLACE TEMP MACRO available_hypotheses() AS TABLE
 SELECT unnest(r, recursive := true) FROM (SELECT unnest(dbd_hypotheses(0)) AS r);

@@ -697,6 +697,20 @@ def registry() -> dict[str, Hypothesis]:
     return dict(_REGISTRY)
 
 
+_BUILTINS: dict[str, Hypothesis] = {}
+
+
+def mark_builtins() -> None:
+    """Note the hypotheses registered now as deepbase_duck's built-ins (hypotheses/__init__.py
+    calls it once its modules have registered theirs): ``is_builtin`` tells them from the user's."""
+    _BUILTINS.update(_REGISTRY)
+
+
+def is_builtin(h: Hypothesis) -> bool:
+    """Whether ``h`` is one of the built-in hypotheses registered by deepbase_duck itself."""
+    return _BUILTINS.get(h.name) is h
+
+
 def get_hypothesis(name: str) -> Hypothesis:
     if isinstance(name, Hypothesis):
         return name

@@ -11,7 +11,8 @@ import pyarrow as pa
 
 from .. import store
 from ..errors import HypothesisError, UnknownNameError
-from .core import Hypothesis, get_hypothesis, registry
+from .core import Hypothesis, is_builtin, register, registry
+from .regex import RegexHypothesis, regex_hypothesis
 from ..progress import progress_bar
 
 CHUNK = 256
@@ -27,16 +28,23 @@ def catalog_hypothesis(con, name: str) -> dict | None:
 
 def resolve(con, names) -> list[dict]:
     """Catalog descriptions of ``names`` (one name or Hypothesis, or a list of them): a registered
-    Python hypothesis wins; a name known only to the store (labels computed in another session)
-    is used with its stored labels."""
+    Python hypothesis wins; then a regular-expression hypothesis defined in this store (its
+    stored definition, whatever another store opened in this process defines under that name);
+    a name known only to the store (labels computed in another session) is used with its stored
+    labels."""
     if isinstance(names, (str, Hypothesis)):
         names = [names]
     out = []
     for name in names:
+        live = registry().get(name) if isinstance(name, str) else None
+        defined = stored_definition(con, name) if isinstance(name, str) and (
+            live is None or isinstance(live, RegexHypothesis)) else None
         if isinstance(name, Hypothesis):
             h = name
-        elif name in registry():
-            h = get_hypothesis(name)
+        elif defined is not None:
+            h = hypothesis_of_definition(defined)
+        elif live is not None:
+            h = live
         else:
             row = catalog_hypothesis(con, name)
             if row is None:
@@ -47,6 +55,117 @@ def resolve(con, names) -> list[dict]:
         out.append({"name": h.name, "kind": h.kind, "version": h.version,
                     "categories": list(h.categories) if h.categories else None, "live": h})
     return out
+
+
+# -- regular-expression hypotheses stored with the store (hypotheses/regex.py) ----------------
+_DEFINITION_COLUMNS = ("name", "kind", "pattern", "flags", "categories", "description", "version")
+
+
+def stored_definition(con, name: str) -> dict | None:
+    """The stored definition of the regular-expression hypothesis ``name``, or None."""
+    row = store.q_one(con, f"SELECT {', '.join(_DEFINITION_COLUMNS)} FROM hypothesis_definitions WHERE name = ?",
+                      [name])
+    return None if row is None else dict(zip(_DEFINITION_COLUMNS, row))
+
+
+def stored_definitions(con) -> list[dict]:
+    """Every stored definition, by name."""
+    rows = store.q_all(con, f"SELECT {', '.join(_DEFINITION_COLUMNS)} FROM hypothesis_definitions ORDER BY name")
+    return [dict(zip(_DEFINITION_COLUMNS, r)) for r in rows]
+
+
+_BUILT: dict[tuple, RegexHypothesis] = {}     # a definition's values -> its hypothesis, built once
+
+
+def hypothesis_of_definition(d: dict) -> RegexHypothesis:
+    """The RegexHypothesis of a stored definition (checked again: a row edited by hand, or a
+    pattern another Python's ``re`` reads otherwise, is refused by name)."""
+    key = (d["name"], d["kind"], d["pattern"], d["flags"], d["description"] or "")
+    h = _BUILT.get(key)
+    if h is None:
+        try:
+            h = regex_hypothesis(d["name"], d["pattern"], d["kind"], d["flags"], d["description"] or "")
+        except HypothesisError as exc:
+            raise HypothesisError(f"the stored definition of hypothesis {d['name']!r} (table "
+                                  f"hypothesis_definitions) cannot be used: {exc}") from None
+        _BUILT[key] = h
+    return h
+
+
+def register_stored_hypotheses(con) -> list[str]:
+    """Register in this process the regular-expression hypotheses stored in the store of ``con``
+    (``connect`` calls it), so that ``available_hypotheses()``, the CLI and every query take them
+    by name; returns their names. A name this process already holds for a built-in or Python
+    hypothesis keeps it (a warning says so); a stored definition that cannot be read is skipped
+    with a warning, so that the store still opens."""
+    import warnings
+    names = []
+    for d in stored_definitions(con):
+        held = registry().get(d["name"])
+        if held is not None and not isinstance(held, RegexHypothesis):
+            warnings.warn(f"hypothesis {d['name']!r} of this process ({held.source}) hides the regular-expression "
+                          f"hypothesis of that name stored in the store ({d['pattern']!r}): queries use the Python one",
+                          stacklevel=2)
+            continue
+        try:
+            register(hypothesis_of_definition(d))
+        except HypothesisError as exc:
+            warnings.warn(str(exc), stacklevel=2)
+            continue
+        names.append(d["name"])
+    return names
+
+
+def _not_null(value, what: str):
+    if value is None:
+        raise HypothesisError(f"define_hypothesis: {what} is NULL")
+    return value
+
+
+@store.one_writer
+def define_hypothesis(session, name, pattern, kind="binary", flags="", description="",
+                      replace=False) -> dict:
+    """Define (or, with ``replace``, redefine) the regular-expression hypothesis ``name``: store
+    its definition in the store and register it in this process. Refused: a name of a built-in
+    or Python hypothesis of this process, or of one whose labels the store holds from Python
+    code; another definition under a stored name without ``replace`` (the same one again is
+    accepted as it is). Returns the definition (its version follows kind, pattern and flags, so
+    an edited pattern recomputes the labels at their next use)."""
+    con = session.con
+    for value, what in ((name, "name"), (pattern, "pattern"), (kind, "kind"), (flags, "flags"),
+                        (replace, "replace")):
+        _not_null(value, what)
+    if not isinstance(replace, bool):
+        raise HypothesisError(f"define_hypothesis: replace must be true or false, got {replace!r}")
+    h = regex_hypothesis(name, pattern, kind, flags, description)
+    held = registry().get(h.name)
+    if held is not None and not isinstance(held, RegexHypothesis):
+        what = "a built-in hypothesis" if is_builtin(held) else f"a Python hypothesis of this process ({held.source})"
+        raise HypothesisError(f"define_hypothesis: the name {h.name!r} is {what}; give the new one another name")
+    with store.Transaction(con):
+        old = stored_definition(con, h.name)
+        if old is None:
+            row = catalog_hypothesis(con, h.name)
+            if row is not None and not replace:
+                raise HypothesisError(
+                    f"define_hypothesis: the store holds labels of a hypothesis named {h.name!r} computed by Python "
+                    f"code ({row['kind']}); give the new one another name, or replace := true (Python: "
+                    f"replace=True) to define {h.name!r} by this pattern instead")
+        elif [old[k] for k in ("kind", "pattern", "flags", "description")] != \
+                [h.kind, h.pattern, h.flags, h.description]:
+            if not replace:
+                raise HypothesisError(
+                    f"define_hypothesis: hypothesis {h.name!r} is already defined in this store as {old['kind']} "
+                    f"pattern {old['pattern']!r}" + (f" flags {old['flags']!r}" if old["flags"] else "") +
+                    "; give replace := true (Python: replace=True) to redefine it (its labels are then "
+                    "computed again), or another name")
+        con.execute("DELETE FROM hypothesis_definitions WHERE name = ?", [h.name])
+        con.execute("INSERT INTO hypothesis_definitions (name, kind, pattern, flags, categories, description, "
+                    "version) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [h.name, h.kind, h.pattern, h.flags, list(h.categories) if h.categories else None,
+                     h.description, h.version])
+    register(hypothesis_of_definition(stored_definition(con, h.name)))
+    return h.definition()
 
 
 #: Catalog rows of new versions waiting for their first stored labels: (name, version) -> the

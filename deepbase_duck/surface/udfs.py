@@ -32,6 +32,7 @@ ANNOTATE_STRUCT = "STRUCT(hypothesis VARCHAR, labeled BIGINT, reused BIGINT)[]"
 COMPARE_STRUCT = ("STRUCT(query_id INTEGER, dataset VARCHAR, model_a VARCHAR, layer_a VARCHAR, model_b VARCHAR, "
                   "layer_b VARCHAR, measure VARCHAR, score DOUBLE, n BIGINT)[]")
 HYP_STRUCT = "STRUCT(name VARCHAR, kind VARCHAR, description VARCHAR, version VARCHAR)[]"
+DEFINE_STRUCT = "STRUCT(name VARCHAR, kind VARCHAR, version VARCHAR, categories VARCHAR[])"
 
 
 def _cursor_session(session: Session) -> Session:
@@ -248,6 +249,11 @@ def register_udfs(session: Session) -> None:
         return [{"name": h.name, "kind": h.kind, "description": h.description, "version": h.version}
                 for h in sorted(registry().values(), key=lambda h: h.name)]
 
+    def do_define_hypothesis(sub, name, pattern, kind, flags, description, replace):
+        from ..hypotheses.store import define_hypothesis
+        d = define_hypothesis(sub, name, pattern, kind, flags, description, replace)
+        return {k: d[k] for k in ("name", "kind", "version", "categories")}
+
     def do_last_error(sub, _dummy):
         return session.udf_tracebacks[-1] if session.udf_tracebacks else None
 
@@ -282,6 +288,8 @@ def register_udfs(session: Session) -> None:
         ("dbd_annotate", do_annotate, ["VARCHAR[]", "VARCHAR"], ANNOTATE_STRUCT),
         ("dbd_register_model", do_register, ["VARCHAR", "VARCHAR", "VARCHAR"], "VARCHAR"),
         ("dbd_hypotheses", do_hypotheses, ["INTEGER"], HYP_STRUCT),
+        ("dbd_define_hypothesis", do_define_hypothesis, ["VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR",
+                                                         "BOOLEAN"], DEFINE_STRUCT),
         ("dbd_last_error", do_last_error, ["INTEGER"], "VARCHAR"),
         ("dbd_add_stdlib_dataset", do_add_stdlib, ["VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR"], "BIGINT"),
         ("dbd_add_ptb_dataset", do_add_ptb, ["VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR"], "BIGINT"),
