@@ -364,7 +364,8 @@ def cmd_demo(args) -> int:
               f"{_n(sum(len(r['text']) for r in records), 'character', ',')} of held-out stdlib code "
               f"from {_n(len({r['source'] for r in records}), 'file')}")
         scores = dbd.inspect(con, "charlstm", ["lstm0", "lstm1"], hyps, dataset,
-                             keep_activations=not args.no_keep, dtype="float16")
+                             keep_activations=not args.no_keep,
+                             dtype="float32" if args.no_keep else "float16")
         qid = scores.column("query_id")[0].as_py()
         print(f"\nTop units per hypothesis (score = Pearson r over every character; query {qid}).\n"
               f"95% CI: with the {_n(n, 'record')}, not the characters, as independent samples. sep: the\n"

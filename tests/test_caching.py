@@ -507,11 +507,14 @@ def test_another_tokenisation_of_the_same_weights_is_not_served_from_the_cache(p
 
 def test_the_stored_dtype_read_is_part_of_the_cache_key(planted):
     """Scores read from float16 activations are not served once float32 ones are stored (the
-    scan now reads those); the dtype asked for without keep_activations changes nothing."""
+    scan now reads those); the dtype asked for without keep_activations, which would change
+    nothing, is refused."""
     dbd.extract(planted, "planted", ["mix"], "snippets", dtype="float16")
     half = by_key(dbd.inspect(planted, "planted", ["mix"], ["digit"], "snippets"))
     assert last_query(planted)[1] == "stored"
-    dbd.inspect(planted, "planted", ["mix"], ["digit"], "snippets", dtype="float16")
+    with pytest.raises(dbd.DeepBaseError, match="dtype"):
+        dbd.inspect(planted, "planted", ["mix"], ["digit"], "snippets", dtype="float16")
+    dbd.inspect(planted, "planted", ["mix"], ["digit"], "snippets")
     assert last_query(planted)[1] == "cache"
     dbd.extract(planted, "planted", ["mix"], "snippets", dtype="float32")
     full = by_key(dbd.inspect(planted, "planted", ["mix"], ["digit"], "snippets"))

@@ -53,6 +53,13 @@ from .extract import (DTYPES, Batch, SymbolWriter, cleanup_orphans, done_records
 # a probe's R2 on constant test labels as sklearn's force_finite, float64 units far from 0 kept,
 # corr/spearman read a binary label's non-zero values as 1, pointbiserial from corr's state)
 SCORING_VERSION = 5
+# ... and, where a change touched some queries only, their own revision, in their fingerprint
+# alone (the others keep theirs, and the stored scores they are served): "probe" (1: elastic-net
+# and ridge heads fit about the labels' mean, a class without training rows takes no weight
+# mass), "progressive" (1: a binary hypothesis not met yet, a class no window has met, or a
+# hypothesis constant over the stored labels no longer decides where a scan stops; label
+# support counts a non-zero binary label as 1)
+SCORING_REVISIONS = {"probe": 1, "progressive": 1}
 PART_CACHE_BYTES = 1 << 30          # decoded stored parts a progressive scan keeps (StoredRows)
 
 RESULT_SCHEMA = pa.schema([
@@ -302,7 +309,7 @@ def mi_calibration_records(session, plan: Plan, tokenization: str, encoder) -> t
     ``calibration_rows`` rows (default 10_000),
     and their row count. ``encoder()`` gives what tokenises records not tokenised yet (their
     symbols are stored, as a scan would); it is not called when every record was."""
-    need = int(plan.measure_params.get("mi", {}).get("calibration_rows", 10_000))
+    need = int(effective_params("mi", plan.measure_params.get("mi", {}))["calibration_rows"])
     ids = np.unique(np.asarray(plan.record_ids, np.int64))
     off, mul = MI_CALIBRATION_HASH
     order = ids[np.lexsort((ids, ((ids + off) * mul) & 0xFFFFFFFF))]
@@ -330,6 +337,16 @@ def engine_sets_mi_bins(plan: Plan) -> bool:
     prm = plan.measure_params.get("mi", {})
     return (not plan.progressive and "mi" in plan.measures and prm.get("edges") is None
             and prm.get("calibration_records") is None)
+
+
+def self_calibrated_mi(plan: Plan) -> bool:
+    """Whether ``plan``'s mi states set their bins from the rows they meet first (neither the
+    query's ``edges`` nor the engine's calibration, engine_sets_mi_bins): the first
+    ``calibration_rows`` rows of a progressive scan's first window, or of the given
+    ``calibration_records`` met by a full scan. Those rows, and so the scores, depend on the
+    order of the records: on ``batch_size`` and, within a window, the model's ``window_split``."""
+    return ("mi" in plan.measures and plan.measure_params.get("mi", {}).get("edges") is None
+            and not engine_sets_mi_bins(plan))
 
 
 def mi_calibration(session, plan: Plan, behaviors: dict, covered, ran: list | None = None) -> dict:
@@ -384,7 +401,7 @@ def calibrated_edges(parts: dict, prm: dict, total: int, records: int) -> dict:
     """{layer: {"edges", "edges_rule"}}: the quantile bin edges of each layer's calibration rows
     (``parts``: {layer: list of (rows, width) tensors}), as mi's states take them."""
     from ..inspectors.mutual_information import quantile_edges
-    bins = int(prm.get("bins", 10))
+    bins = int(effective_params("mi", prm)["bins"])         # the states' own default when not given
     rule = f"quantile ({bins} bins) of the {total} rows of {records} calibration records"
     return {layer: {"edges": quantile_edges(torch.cat(x).to(torch.float64), bins).numpy(), "edges_rule": rule}
             for layer, x in parts.items()}
@@ -1372,11 +1389,27 @@ def with_q_values(scores: pa.Table) -> pa.Table:
 
 # -- caching with provenance -----------------------------------------------------------------------
 def query_fingerprint(session, plans: list, baseline: bool, baseline_seed: int, partial: bool = True) -> str:
+    """The fingerprint a query's scores are stored under: ``query_fingerprints``' first."""
+    return query_fingerprints(session, plans, baseline, baseline_seed, partial)[0]
+
+
+def query_fingerprints(session, plans: list, baseline: bool, baseline_seed: int,
+                       partial: bool = True) -> tuple[str, str]:
     """sha256 of everything a query's scores depend on: the models' checksums and tokenisations,
     the layers, each hypothesis' name and version, the dataset, the selected records and a hash
     of their text, the layers whose stored float16 activations it would read (float32 stored
-    activations equal the forward pass's), the measures with their parameters, and every option
-    that changes a score. Not the models' names: a cache hit is relabelled (cached_scores)."""
+    activations equal the forward pass's; with the records they cover where that is not all),
+    the measures with their parameters, every option that changes a score, and for a progressive
+    scan the hypotheses its stored labels show constant (``constant_label_columns``: known once
+    they are stored, and the scan then stops earlier). Not the models' names: a cache hit is
+    relabelled (cached_scores).
+
+    Two of them: with the layers, hypotheses and measures sorted (the order they are given in
+    changes no score) and each measure's parameters with their defaults (``effective_params``),
+    which a query's scores are stored under; and the key of earlier versions (the lists in the
+    order given, the parameters as given), which their stores hold (a cache hit matches either:
+    such stores keep their scores), the same as the first where a parameter is an array (that
+    key held only its first and last values)."""
     plan = plans[0]
     ids = [int(r) for r in np.unique(plan.record_ids)]
     text_hash = store.q_scalar(session.con, "SELECT md5(string_agg(md5(text), ',' ORDER BY record_id)) FROM records "
@@ -1394,11 +1427,53 @@ def query_fingerprint(session, plans: list, baseline: bool, baseline_seed: int, 
            "batch_size": plan.batch_size if plan.progressive else None, "float16_read": half,
            "baseline": bool(baseline), "baseline_seed": baseline_seed if baseline else None,
            "scoring": SCORING_VERSION}
+    revisions = {k: v for k, v in SCORING_REVISIONS.items()
+                 if (k == "probe" and "probe" in plan.measures) or (k == "progressive" and plan.progressive)}
+    if revisions:                             # only then, as below
+        key["revisions"] = revisions
     if plan.plateau_tol is not None:          # only then: the fingerprints of other queries stay as they were
         key["plateau_tol"] = plan.plateau_tol
     if plan.min_support:
         key["min_support"] = plan.min_support
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    if self_calibrated_mi(plan):              # mi's bins from the rows it meets first: their order counts
+        key["batch_size"] = plan.batch_size
+        if plan.progressive:
+            key["window_split"] = [store.q_scalar(session.con, "SELECT window_split FROM models WHERE name = ?",
+                                                  [p.model]) for p in plans]
+    if plan.constant_columns:                 # known from stored labels: a scan stops earlier than without
+        key["constant_columns"] = sorted(plan.constant_columns)
+    canonical = dict(key, layers=sorted(key["layers"]), hypotheses=sorted(key["hypotheses"]),
+                     measures=sorted(key["measures"]),
+                     measure_params={m: effective_params(m, plan.measure_params.get(m, {})) for m in plan.measures})
+    arrays = []
+
+    def whole(o):                             # an array's every value (str() elides all but 6 of 1000+)
+        if hasattr(o, "tolist"):
+            arrays.append(o)
+            return o.tolist()
+        return str(o)
+    first = hashlib.sha256(json.dumps(canonical, sort_keys=True, default=whole).encode()).hexdigest()
+    if arrays:                                # the earlier key read arrays elided: not looked up
+        return first, first
+    return first, hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def effective_params(measure: str, given: dict) -> dict:
+    """The parameters a state of ``measure`` runs with: the query's (``given``) over the defaults
+    of its constructor's named parameters, so that a default given explicitly is the same query
+    and a default changed by a later version another. (Only plain defaults, which JSON writes:
+    an object's text may hold its address, another in every process.)"""
+    out = {}
+    for name, prm in pyinspect.signature(measure_class(measure)).parameters.items():
+        if prm.default is prm.empty or name == "device":
+            continue
+        try:
+            json.dumps(prm.default)
+        except (TypeError, ValueError):
+            continue
+        out[name] = prm.default
+    out.update(given)
+    return out
 
 
 def stored_reads(session, plan: Plan, checksum, tokenization, partial: bool = True) -> tuple[dict, np.ndarray]:
@@ -1413,23 +1488,31 @@ def stored_reads(session, plan: Plan, checksum, tokenization, partial: bool = Tr
 
 
 def float16_layers(session, plan: Plan, mrow, partial: bool = True) -> list[str]:
-    """The layers whose stored float16 activations a scan of ``plan`` would read (stored_reads)."""
-    behaviors, _ = stored_reads(session, plan, mrow["checksum"], mrow["tokenization"], partial)
-    return sorted(layer for layer, b in behaviors.items() if b["dtype"] == "float16")
+    """The layers whose stored float16 activations a scan of ``plan`` would read (stored_reads).
+    Where those cover only some selected records (the model runs for the rest), each name is
+    followed by '@' and a hash of the records read: a later extraction that stores more of them
+    changes the scores, so it changes the fingerprint too."""
+    behaviors, covered = stored_reads(session, plan, mrow["checksum"], mrow["tokenization"], partial)
+    half = sorted(layer for layer, b in behaviors.items() if b["dtype"] == "float16")
+    if half and len(covered) < len(np.unique(plan.record_ids)):
+        read = hashlib.sha256(np.unique(np.asarray(covered, np.int64)).tobytes()).hexdigest()[:16]
+        half = [f"{layer}@{read}" for layer in half]
+    return half
 
 
 def cached_scores(session, plan: Plan, fingerprint: str, started: str, t0: float, model_label: str,
-                  models: list[str]) -> pa.Table | None:
-    """The scores of the latest stored query with this fingerprint, copied under a new query id
+                  models: list[str], as_given: str | None = None) -> pa.Table | None:
+    """The scores of the latest stored query with this fingerprint (or ``as_given``, the one
+    earlier versions stored: ``query_fingerprints``), copied under a new query id
     (a ``queries`` row with source 'cache' and params->'reused'->'scores_of_query'); None when
     there is none. The copies carry this query's model names (``models``, in the order of the
     fingerprint's checksums; an untrained twin '<model>~untrained' follows its model): the same
     weights registered under another name share the cache, never the name."""
     con = session.con
     row = store.q_one(con, "SELECT q.query_id, q.params, q.n_records, q.n_symbols FROM queries q "
-                           "WHERE json_extract_string(q.params, '$.fingerprint') = ? "
+                           "WHERE json_extract_string(q.params, '$.fingerprint') IN (?, ?) "
                            "AND EXISTS (SELECT 1 FROM scores s WHERE s.query_id = q.query_id) "
-                           "ORDER BY q.query_id DESC LIMIT 1", [fingerprint])
+                           "ORDER BY q.query_id DESC LIMIT 1", [fingerprint, as_given or fingerprint])
     if row is None:
         return None
     old, params, n_records, n_symbols = row
@@ -1556,6 +1639,26 @@ def stop_report(runs: list) -> dict:
     return out
 
 
+def check_companions(seed: int, dtype, keep_activations, max_error, top_k, plateau_tol, baseline=False,
+                     baseline_seed: int = 0) -> None:
+    """Refuse a setting that the rest of the query would ignore: a ``seed`` other than 0 orders
+    the records of a progressive scan only (``max_error``, ``top_k`` or ``plateau_tol``), a
+    ``dtype`` other than 'float32' is the type of the activations ``keep_activations`` stores,
+    and a ``baseline_seed`` other than 0 seeds the untrained copy of ``baseline=True``. The
+    defaults (0, 'float32', 0) pass alone: the SQL macro always gives them."""
+    if seed != 0 and max_error is None and top_k is None and plateau_tol is None:
+        raise DeepBaseError(f"seed={seed} orders the records of a progressive scan; give max_error, top_k or "
+                            f"plateau_tol with it (a full scan reads every record, in no seeded order; for a "
+                            f"seeded sample of records use the sample_records macro)")
+    if isinstance(dtype, str) and dtype in DTYPES and dtype != "float32" and not keep_activations:
+        raise DeepBaseError(f"dtype={dtype!r} is the type of the activations keep_activations stores; give "
+                            f"keep_activations=True with it (the scores of a scan do not depend on it; "
+                            f"extract() stores activations of a dtype without a query)")
+    if baseline_seed != 0 and not baseline:
+        raise DeepBaseError(f"baseline_seed={baseline_seed} seeds the untrained copy of the model that "
+                            f"baseline=True scores; give baseline=True with it")
+
+
 @store.one_writer                 # outermost: a query waiting for the lock is not capped yet
 @caps_store_memory
 def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), record_ids=None, limit=None,
@@ -1604,13 +1707,21 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
     stopped it. This rule is a heuristic, not a bound: the batch-means intervals are still
     reported for every score.
 
+    ``seed`` orders the records of a progressive scan only, ``dtype`` ('float32' or 'float16')
+    is the type of the activations stored with ``keep_activations=True``, and ``baseline_seed``
+    seeds the untrained copy of ``baseline=True``: a seed other than 0 without ``max_error``,
+    ``top_k`` or ``plateau_tol``, a dtype other than 'float32' without ``keep_activations``, or
+    a baseline_seed other than 0 without ``baseline``, would change nothing and is refused
+    (DeepBaseError). Their defaults alone are accepted (the SQL ``inspect`` macro always passes
+    ``seed := 0``, ``dtype := 'float32'`` and ``baseline_seed := 0``).
+
     Caching: stored activations are read instead of running the model (for the records they
     cover; the model runs only for the rest), stored labels are not recomputed, and a query equal
     to an earlier one (same model checksum, layers, hypothesis versions, records and their text,
-    measures and options: ``query_fingerprint``) returns that query's scores under a new query id
-    without scanning anything (``reuse=False`` recomputes). ``queries.params->'reused'`` says
-    what was reused: the cached query, activation records read vs computed, label pairs
-    (hypothesis, record) found vs computed.
+    measures and options, each list in any order: ``query_fingerprints``) returns that query's
+    scores under a new query id without scanning anything (``reuse=False`` recomputes).
+    ``queries.params->'reused'`` says what was reused: the cached query, activation records read
+    vs computed, label pairs (hypothesis, record) found vs computed.
 
     ``model`` may be a list of models of one architecture (checkpoints): they are scanned
     together (engine/stacking.py). A progressive scan of several models, or with ``baseline``,
@@ -1629,15 +1740,16 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
     batch_size = check_int("batch_size", batch_size, 1)
     seed = check_int("seed", seed, 0)
     baseline_seed = check_int("baseline_seed", baseline_seed, 0)
+    check_companions(seed, dtype, keep_activations, max_error, top_k, plateau_tol, baseline, baseline_seed)
     plans = [plan_inspect(session, m, layers, hypotheses, dataset, measures, record_ids, limit, batch_size,
                           keep_activations, dtype, device, control, permutations, permutation_rows, max_error, seed,
                           top_k, stable_windows, plateau_tol, min_support, **measure_params) for m in models]
     plan = plans[0]
     model_label = ", ".join(models)
-    fingerprint = query_fingerprint(session, plans, baseline, baseline_seed,
-                                    partial=getattr(engine, "mixes_stored", True))
+    fingerprint, as_given = query_fingerprints(session, plans, baseline, baseline_seed,
+                                               partial=getattr(engine, "mixes_stored", True))
     if reuse and store_scores and not keep_activations:      # keep_activations asks for a scan
-        hit = cached_scores(session, plan, fingerprint, started, t0, model_label, models)
+        hit = cached_scores(session, plan, fingerprint, started, t0, model_label, models, as_given)
         if hit is not None:
             return hit
     labels_missing = missing_records(session.con, plan.hypotheses, plan.dataset, np.unique(plan.record_ids))
