@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from . import store
 from .errors import ActivationError, DeepBaseError, EmptyDatasetError, UnknownNameError
-from .extraction.adapters import ModelAdapter, weights_checksum
+from .extraction.adapters import ModelAdapter, legacy_checksums
 from .extraction.hooks import Retain, user_hooks
 from .hypotheses.grid import grid_of
 
@@ -106,7 +106,7 @@ class Session:
             con.execute("DELETE FROM models WHERE name = ?", [name])
             con.execute(
                 "INSERT INTO models (name, loader, params, checksum, tokenization, architecture, n_params, "
-                "window_split, identity) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 2)",
+                "window_split, identity) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 3)",
                 [name, loader, json.dumps(params or {}), adapter.checksum, adapter.tokenization,
                  adapter.architecture, n_params, int(split)])
             if rows:
@@ -155,16 +155,20 @@ class Session:
 
     def _adopt_legacy_checksum(self, name: str, adapter: ModelAdapter, stored: str) -> bool:
         """A store written before model identities covered module classes and variants holds the
-        weights' checksum alone (``weights_checksum``). When ``stored`` is that of this adapter's
-        weights, the model row and the behaviors this model name stored move to the adapter's
-        checksum (their activations came from these weights under this name), and True is
-        returned; otherwise nothing changes (False)."""
-        if stored != weights_checksum(adapter.module):
+        weights' checksum alone (``weights_checksum``); one written before they covered the
+        submodules' settings holds ``model_checksum_v2``. When ``stored`` is one of these for this
+        adapter's model as it is now (``legacy_checksums``), the model row and the behaviors this
+        model name stored move to the adapter's checksum (their activations came from this model
+        under this name, and are read, not computed again), and True is returned; otherwise
+        nothing changes (False). (Scores cached by the earlier identity are keyed by a query
+        fingerprint over the old checksum: a query computes them again from those activations.)"""
+        if stored not in legacy_checksums(adapter.module, adapter.variant):
             return False
+        checksum = adapter.checksum
         with store.Transaction(self.con) as con:
-            con.execute("UPDATE models SET checksum = ?, identity = 2 WHERE name = ?", [adapter.checksum, name])
+            con.execute("UPDATE models SET checksum = ?, identity = 3 WHERE name = ?", [checksum, name])
             con.execute("UPDATE behaviors SET model_checksum = ? WHERE model_checksum = ? AND model = ?",
-                        [adapter.checksum, stored, name])
+                        [checksum, stored, name])
         return True
 
     def model_names(self) -> list[str]:
@@ -176,6 +180,9 @@ class Session:
         if row is None:
             raise UnknownNameError("model", name, self.model_names())
         live = self.adapters.get(name)
+        if (live is not None and row[3] is not None and row[3] < 3 and live.checksum != row[1]
+                and live.tokenization == row[2] and self._adopt_legacy_checksum(name, live, row[1])):
+            return self.model_row(name)      # a row of an earlier store (v2), the live model's own
         if live is not None and row[3] is not None and (live.checksum != row[1] or live.tokenization != row[2]):
             # the model object registered (or loaded) under this name was changed in place since
             # (its weights or submodules, or its encoder: a new ``tokenization``, as the adapter's
@@ -186,9 +193,10 @@ class Session:
             # width changes no name or class), only the row's keys and loader change
             self._follow_live(name, live)
             return self.model_row(name)
-        if row[3] is None and row[4] and name not in self.adapters:
-            # a row keyed by the weights alone (an earlier store): loading the model moves it and
-            # its behaviors to the current checksum before any query keys anything by it
+        if (row[3] is None or row[3] < 3) and row[4] and name not in self.adapters:
+            # a row keyed by an earlier identity (the weights alone, or v2 without the settings):
+            # loading the model moves it and its behaviors to the current checksum before any
+            # query keys anything by it
             try:
                 self.adapter(name)
             except Exception:      # it cannot load here: the store keeps its own (weights) keys,

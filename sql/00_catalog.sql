@@ -14,13 +14,13 @@ CREATE TABLE IF NOT EXISTS models (
     name          VARCHAR PRIMARY KEY,
     loader        VARCHAR,            -- 'package.module:function' that rebuilds the adapter, or NULL (live only)
     params        VARCHAR,            -- JSON keyword arguments for the loader
-    checksum      VARCHAR NOT NULL,   -- the model's identity: sha256 over its weights, module classes and variant
+    checksum      VARCHAR NOT NULL,   -- the model's identity: sha256 over its weights, module classes, plain settings and variant
     tokenization  VARCHAR NOT NULL,   -- id of the encoder's tokenisation (symbols depend on it)
     architecture  VARCHAR,            -- class name of the torch module
     n_params      BIGINT,
     registered_at TIMESTAMP DEFAULT current_timestamp,
     window_split  INTEGER,            -- forward batches per progressive-scan window (NULL: 1)
-    identity      INTEGER             -- 2: checksum as above; NULL: over the weights alone (stores before 0.3)
+    identity      INTEGER             -- 3: checksum as above; 2: without the settings; NULL: over the weights alone
 );
 
 CREATE TABLE IF NOT EXISTS layers (

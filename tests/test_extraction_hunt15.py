@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import deepbase_duck as dbd
 from deepbase_duck.errors import ActivationError, DeepBaseError, UnknownNameError
-from deepbase_duck.extraction.adapters import CharAdapter, model_checksum, weights_checksum
+from deepbase_duck.extraction.adapters import CharAdapter, model_checksum_v2, weights_checksum
 from deepbase_duck.extraction.hooks import ModelLock, Retain, run_until_retained
 from deepbase_duck.models.charlstm import VOCAB, encode_chars
 
@@ -246,7 +246,7 @@ def test_a_model_put_back_in_training_mode_is_not_served_the_eval_models_scores(
     of the train-mode scan. Now the training flag is part of the model's identity (and a scan in
     training mode warns); an eval model's checksum is what it was."""
     ad = char_adapter(WithDropout())
-    assert model_checksum(ad.module) == _old_checksum(ad.module)       # stored checksums stay valid
+    assert model_checksum_v2(ad.module) == _old_checksum(ad.module)    # stored (v2) checksums stay valid
     dbd.register_model(con, "m", ad)
     dbd.add_dataset(con, "d", TEXTS)
 
@@ -261,7 +261,7 @@ def test_a_model_put_back_in_training_mode_is_not_served_the_eval_models_scores(
     assert noisy != evaluated
     assert any("2 submodule(s) in training mode ((root), drop)" in str(w.message) and "dropout" in str(w.message)
                for w in seen), [str(w.message) for w in seen]
-    assert model_checksum(ad.module) != _old_checksum(ad.module)
+    assert model_checksum_v2(ad.module) != _old_checksum(ad.module)
     ad.module.eval()
     assert scores() == evaluated
 

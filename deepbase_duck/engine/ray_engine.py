@@ -74,7 +74,7 @@ import torch
 
 from .. import store
 from ..errors import DeepBaseError, EmptyDatasetError
-from ..extraction.adapters import Encoded, weights_checksum
+from ..extraction.adapters import Encoded, legacy_checksums
 from ..inspectors.base import measure_class
 from ..progress import progress_bar
 from .extract import (SymbolWriter, batches_with_texts, cleanup_orphans, commit_parts, drop_unstored_behaviors,
@@ -154,8 +154,9 @@ class BlockWorker:
         except Exception as exc:
             raise DeepBaseError(f"model {model!r}: the loader {loader!r} failed on the {where}: "
                                 f"{type(exc).__name__}: {exc}") from None
-        # a store written before identities covered module classes holds the weights' checksum
-        if adapter.checksum != checksum and weights_checksum(adapter.module) != checksum:
+        # a store written before identities covered module classes holds the weights' checksum,
+        # one written before they covered plain settings the v2 checksum (catalog adopts both)
+        if checksum != adapter.checksum and checksum not in legacy_checksums(adapter.module, adapter.variant):
             raise DeepBaseError(f"model {model!r}: the loader {loader!r} yields weights with checksum "
                                 f"{adapter.checksum[:12]}... on the {where}, not the registered "
                                 f"{checksum[:12]}...; the workers must load the same weights")

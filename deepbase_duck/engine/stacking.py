@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import torch
 
 from ..errors import DeepBaseError
 from ..extraction.hooks import Retain, run_until_retained, user_hooks
+from ..extraction.settings import BOOKKEEPING, PLAIN, UNSET, comparable, same, settings, show
 from .extract import batch_from_outputs, naming_records
 
 
@@ -46,73 +46,16 @@ def architecture_mismatch(adapters: dict) -> str | None:
     return None
 
 
-_PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
-_BOOKKEEPING = frozenset(vars(torch.nn.Module()))        # torch's own (hooks, _parameters, training, ...)
-_UNSET = object()
-
-
-def _comparable(v, weights: set) -> bool:
-    """Whether ``v`` is a value a setting can hold and be compared by (``_same``): a number,
-    string, dtype, device or None; a tensor or numpy array that is no parameter or buffer (those
-    are the weights, stacked); a tuple, list or dict of such. Anything else (a config object, a
-    function, a weakref, a list holding the weights, as nn.LSTM keeps them) is not compared."""
-    if isinstance(v, _PLAIN) or isinstance(v, np.ndarray):
-        return True
-    if isinstance(v, torch.Tensor):
-        return not isinstance(v, torch.nn.Parameter) and id(v) not in weights
-    if isinstance(v, (tuple, list)):
-        return all(_comparable(x, weights) for x in v)
-    if isinstance(v, dict):
-        return all(isinstance(k, _PLAIN) and _comparable(x, weights) for k, x in v.items())
-    return False
-
-
-def _same(a, b) -> bool:
-    """Equality of two settings (``_comparable`` values); tensors and arrays by dtype, shape,
-    device and every value (NaN equal to NaN)."""
-    if isinstance(a, (torch.Tensor, np.ndarray)) or isinstance(b, (torch.Tensor, np.ndarray)):
-        if type(a) is not type(b):
-            return False
-        if isinstance(a, np.ndarray):
-            return a.dtype == b.dtype and a.shape == b.shape and bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
-        if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device or a.layout != b.layout:
-            return False
-        a, b = a.detach(), b.detach()
-        if a.is_sparse:
-            a, b = a.to_dense(), b.to_dense()
-        return bool(((a == b) | (a != a) & (b != b)).all())
-    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict) or isinstance(b, dict):
-        return type(a) is type(b) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if a is _UNSET or b is _UNSET:
-        return a is b
-    try:
-        return bool(a == b)
-    except Exception:
-        return False
-
-
-def _show(v) -> str:
-    if isinstance(v, torch.Tensor):
-        return f"tensor of shape {tuple(v.shape)}, {v.dtype}"
-    if isinstance(v, np.ndarray):
-        return f"array of shape {v.shape}, {v.dtype}"
-    if v is _UNSET:
-        return "'<unset>'"
-    text = repr(v)
-    return text if len(text) <= 80 else text[:77] + "..."
+# a module's settings, and their comparison, are shared with the model's identity (model_checksum)
+_PLAIN, _BOOKKEEPING, _UNSET = PLAIN, BOOKKEEPING, UNSET
+_comparable, _same, _show = comparable, same, show
 
 
 def _settings(module, weights: set | None = None) -> dict:
-    """A module's settings: its attributes outside torch's bookkeeping and its weights, holding
-    numbers, strings, booleans, None, dtypes, devices, tensors or arrays (a mask or scale kept
-    as a plain attribute, not registered as a buffer), or tuples, lists and dicts of them
-    (``hidden_size``, ``p``, a flag, ``[3, 1]``). Parameters, buffers and submodules are not
-    settings (the fused pass stacks the weights; submodules are compared one by one)."""
-    if weights is None:
-        weights = {id(t) for t in module.parameters()} | {id(t) for t in module.buffers()}
-    return {k: v for k, v in vars(module).items() if k not in _BOOKKEEPING and _comparable(v, weights)}
+    """A module's settings (``extraction.settings.settings``: a flag, a size, a plain tensor
+    attribute). Parameters, buffers and submodules are not settings (the fused pass stacks the
+    weights; submodules are compared one by one)."""
+    return settings(module, weights)
 
 
 def _weights_of(module) -> dict:

@@ -24,6 +24,7 @@ import torch
 
 from ..errors import ActivationError, DeepBaseError
 from .hooks import SEQUENCE_FIRST, mode_dependent
+from .settings import find_volatile, identity_text, tensor_bytes
 
 
 @dataclass
@@ -92,25 +93,54 @@ def default_device(device=None) -> torch.device:
 def model_checksum(module: torch.nn.Module, variant: str = "") -> str:
     """The model's identity, the key of everything stored from it (activations, cached scores):
     sha256 over its weights (``weights_checksum``), the class of every submodule (by its dotted
-    path), the submodules in training mode whose computation may follow it (``hooks.mode_dependent``;
-    none for a model in eval mode, as ModelAdapter leaves it: dropout and BatchNorm's batch
-    statistics change what it computes, so the same weights put back in ``train()`` mode are
-    another model, never served the eval model's stored activations or scores, nor the reverse)
-    and the adapter's ``variant``. The classes matter because a
-    model's code is part of what it computes: the same weights in a subclass whose forward
-    ablates a unit are another model. What none of these show (a hook, a flag) is the
-    ``variant``'s to say."""
-    h = hashlib.sha256(b"deepbase-duck model v2\n")
+    path), every submodule's settings (``settings.identity_text``: the plain values it keeps
+    outside its weights, ``LeakyReLU.negative_slope``, ``LayerNorm.eps``, a custom module's
+    ``self.scale`` or list of units to ablate, small tensors and arrays by value; not what a
+    forward pass itself changes, as a call counter), the submodules in training mode whose
+    computation may follow it (``hooks.mode_dependent``; none for a model in eval mode, as
+    ModelAdapter leaves it: dropout and BatchNorm's batch statistics change what it computes, so
+    the same weights put back in ``train()`` mode are another model, never served the eval
+    model's stored activations or scores, nor the reverse) and the adapter's ``variant``. The
+    classes and settings matter because a model's code and configuration are part of what it
+    computes: the same weights in a subclass whose forward ablates a unit, or with another
+    slope, are another model. What none of these show (a hook, a setting kept in an object of
+    its own) is the ``variant``'s to say. Stores written before settings were covered hold
+    ``model_checksum_v2`` (see ``legacy_checksums``)."""
+    return _identity(module, variant, settings=True)
+
+
+def model_checksum_v2(module: torch.nn.Module, variant: str = "") -> str:
+    """The identity stores written before settings were covered hold ('deepbase-duck model v2':
+    weights, submodule classes, training mode, variant), computed as then."""
+    return _identity(module, variant, settings=False)
+
+
+def _identity(module: torch.nn.Module, variant: str, settings: bool) -> str:
+    """model_checksum (v3, ``settings``) or model_checksum_v2."""
+    h = hashlib.sha256(b"deepbase-duck model v3\n" if settings else b"deepbase-duck model v2\n")
     h.update(weights_checksum(module).encode())
     training = []
     for name, m in module.named_modules():
         h.update(f"\n{name}={type(m).__module__}.{type(m).__qualname__}".encode())
         if m.training and mode_dependent(m):
             training.append(name)
-    if training:                   # (absent in eval mode: the checksums of stores written before stay)
+    if settings:
+        text, tensors = identity_text(module)
+        h.update(b"\nsettings\n" + text.encode())
+        for t in tensors:
+            h.update(b"\n" + tensor_bytes(t))
+    if training:
         h.update(("\ntraining=" + "\n".join(training)).encode())
     h.update(f"\nvariant={variant}".encode())
     return h.hexdigest()
+
+
+def legacy_checksums(module: torch.nn.Module, variant: str = "") -> tuple[str, str]:
+    """The checksums earlier stores may hold for this model as it is now: its weights' alone
+    (stores before identities covered module classes) and ``model_checksum_v2`` (before they
+    covered settings). A row holding one of them is this model's, to adopt (Session's
+    ``_adopt_legacy_checksum``, on register_model and on loading the model)."""
+    return weights_checksum(module), model_checksum_v2(module, variant)
 
 
 _BLOCK = 1024        # state_fingerprint's position weights: a tensor is read as rows of this many values
@@ -142,6 +172,18 @@ def _positional_sum(flat: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def _probe(t: torch.Tensor, probes: dict) -> None:
+    """A few of ``t``'s values, its sum, norm and positional sum, appended to ``probes`` by device."""
+    if t.numel() and not (t.is_quantized or t.is_complex() or t.is_meta) and t.layout == torch.strided:
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // 7)
+        whole = torch.stack([flat.sum(dtype=torch.float64),
+                             torch.linalg.vector_norm(flat, dtype=torch.float64)]) \
+            if flat.is_floating_point() else flat.sum()[None].to(torch.float64)
+        probes.setdefault(t.device, []).append(torch.cat([flat[::step][:8].to(torch.float64), whole,
+                                                          _positional_sum(flat)[None]]))
+
+
 def state_fingerprint(module: torch.nn.Module, variant: str = "") -> tuple:
     """A cheap summary that changes when the module's identity may have: each parameter and
     buffer's object, storage, shape, dtype and PyTorch version counter (bumped by every in-place
@@ -149,25 +191,25 @@ def state_fingerprint(module: torch.nn.Module, variant: str = "") -> tuple:
     of its values, its sum, its norm and a sum weighted by position (for writes through
     ``.data``, which leave the counter alone: a unit's row zeroed changes the sums, two units
     swapped or permuted the weighted one; one read of every tensor), every submodule's class and
-    training flag, and the variant. Not a checksum: it only says when ``model_checksum`` must be computed again."""
+    training flag, its settings (``settings.identity_text``: one walk over their attributes; a
+    tensor among them as a weight is), and the variant. Not a checksum: it only says when
+    ``model_checksum`` must be computed again."""
     items, probes = [], {}
     try:
         for name, t in module.state_dict(keep_vars=True).items():
             items.append((name, id(t), t.data_ptr() if t.numel() else 0, t._version, t.dtype, tuple(t.shape)))
-            if t.numel() and not (t.is_quantized or t.is_complex() or t.is_meta) and t.layout == torch.strided:
-                flat = t.detach().reshape(-1)
-                step = max(1, flat.numel() // 7)
-                whole = torch.stack([flat.sum(dtype=torch.float64),
-                                     torch.linalg.vector_norm(flat, dtype=torch.float64)]) \
-                    if flat.is_floating_point() else flat.sum()[None].to(torch.float64)
-                probes.setdefault(t.device, []).append(torch.cat([flat[::step][:8].to(torch.float64), whole,
-                                                                  _positional_sum(flat)[None]]))
+            _probe(t, probes)
+        text, tensors = identity_text(module)
+        for t in tensors:
+            items.append((id(t), t.data_ptr() if t.numel() and t.layout == torch.strided else 0, t._version,
+                          t.dtype, tuple(t.shape), t.device))
+            _probe(t, probes)
         values = tuple(torch.cat(v).cpu().numpy().tobytes()
                        for _, v in sorted(probes.items(), key=lambda kv: str(kv[0])))
     except Exception:              # a tensor type without storage or version (a wrapper subclass):
         return (object(),)         # equal to no other fingerprint, so the checksum is always computed
     classes = tuple((n, type(m), m.training) for n, m in module.named_modules())
-    return tuple(items), values, classes, variant
+    return tuple(items), values, classes, text, variant
 
 
 def weights_checksum(module: torch.nn.Module) -> str:
@@ -246,11 +288,26 @@ class ModelAdapter:
         submodule swapped, another variant): a live model edited between two queries (a unit
         zeroed, a fine-tuning step) is then another model, never served the earlier one's stored
         activations or scores."""
+        if self.__dict__.get("_settled") is not self.module:
+            self._settle()
         fingerprint = state_fingerprint(self.module, self.variant)
         if self._checksum is None or fingerprint != self.__dict__.get("_fingerprint"):
             self._checksum = model_checksum(self.module, self.variant)
             self._fingerprint = fingerprint
         return self._checksum
+
+    def _settle(self) -> None:
+        """Find, once per module, the settings a forward pass changes (``settings.find_volatile``:
+        a call counter, a cache grown on first use), which the identity leaves out, by one forward
+        pass over the example (``example_encoding``) whose changes to them are undone. Without it,
+        a model counting its calls would be another model after every query, and its checksum at
+        registration (after the pass measuring its widths) would differ from the one its loader's
+        model has in another process. Skipped for a model with a submodule in training mode (its
+        pass could update buffers, such as BatchNorm's running statistics)."""
+        self._settled = self.module
+        if any(m.training for m in self.module.modules()):
+            return
+        find_volatile(self.module, lambda: self.forward(self.example_encoding()))
 
     @property
     def architecture(self) -> str:
