@@ -492,9 +492,17 @@ class Session:
             ids = every
         else:
             try:
-                ids = np.asarray(record_ids, np.int64).reshape(-1)
+                given = np.asarray(record_ids)
+                ids = given.astype(np.int64).reshape(-1)
             except (TypeError, ValueError) as exc:
                 raise DeepBaseError(f"record_ids must be a list of integer record ids, got {record_ids!r}") from exc
+            # (a cast would read 1.5 as record 1 and True as record 1: refused, not guessed)
+            if given.dtype.kind == "b" or (given.dtype.kind == "f" and not np.array_equal(given.reshape(-1), ids)) \
+                    or given.dtype.kind not in "biuf":
+                bad = next((v for v in given.reshape(-1).tolist()
+                            if isinstance(v, bool) or not float(v).is_integer()), given.reshape(-1)[:1].tolist())
+                raise DeepBaseError(f"record_ids must be a list of integer record ids, got {bad!r} "
+                                    f"({given.dtype} values)")
             unknown = np.setdiff1d(ids, every)
             if len(unknown):
                 raise DeepBaseError(f"record_ids: {len(unknown)} id(s) are not records of dataset {dataset!r}: "

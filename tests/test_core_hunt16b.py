@@ -229,3 +229,19 @@ def test_array_parameters_are_keyed_by_every_value(con):
     fresh, _ = run(b, reuse=False)
     assert source == "model" and second == fresh != first
     assert run(b.copy())[1] == "cache"
+
+
+@pytest.mark.parametrize("bad, shown", [([1.5], "1.5"), ([True], "True"), ([0, 2.5], "2.5"), (["1"], "'1'")])
+def test_record_ids_that_are_not_whole_numbers_are_refused_not_cast(bad, shown):
+    """record_ids went through a cast to int64: 1.5 read as record 1 and True as record 1, so a
+    query silently read a record nobody asked for. Whole numbers of any numeric type still pass."""
+    con = dbd.connect(None, progress=False)
+    try:
+        dbd.add_dataset(con, "d", ["a", "b", "c"])
+        session = dbd.session_of(con)
+        with pytest.raises(dbd.DeepBaseError, match=rf"record_ids must be .*got .*{shown}"):
+            session.select_records("d", bad)
+        assert session.select_records("d", [2.0, 0]).tolist() == [2, 0]
+        assert session.select_records("d", np.array([1, 1, 0], np.int32)).tolist() == [1, 0]
+    finally:
+        dbd.close(con)
