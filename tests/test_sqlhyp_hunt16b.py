@@ -256,3 +256,29 @@ def test_an_export_carries_the_stored_definitions(tmp_path):
         dbd.close(con)
     got = pl.read_parquet(tmp_path / "bi" / "hypothesis_definitions.parquet")
     assert got.select("name", "kind", "pattern").rows() == [("exp_digit", "binary", "[0-9]+")]
+
+
+def test_a_python_hypothesis_registered_over_a_stored_regex_is_warned_of():
+    """A Python hypothesis registered after connecting, under the name of a regex the store
+    defines, took its place in queries without a word: now a warning names both, once."""
+    import warnings
+    con = dbd.connect(None, progress=False)
+    try:
+        dbd.add_dataset(con, "d", ["a1 b22", "c333"])
+        con.sql("SELECT define_hypothesis('shadowed_digits', '[0-9]+')").fetchall()
+
+        @dbd.hypothesis("shadowed_digits", kind="binary")
+        def shadow(text):
+            return [(0, 1)]
+        with pytest.warns(UserWarning, match=r"'shadowed_digits'.*regular expression '\[0-9\]\+'.*Python one is used"):
+            dbd.annotate(con, ["shadowed_digits"], "d")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")                 # once per name
+            dbd.annotate(con, ["shadowed_digits"], "d")
+        spans = con.sql("SELECT record_id, start_char, end_char FROM labels WHERE hypothesis = 'shadowed_digits' "
+                        "ORDER BY record_id").fetchall()
+        assert spans == [(0, 0, 1), (1, 0, 1)]              # the Python one's labels
+    finally:
+        dbd.close(con)
+        from deepbase_duck.hypotheses.core import registry
+        registry().pop("shadowed_digits", None)

@@ -45,6 +45,7 @@ def resolve(con, names) -> list[dict]:
             h = hypothesis_of_definition(defined)
         elif live is not None:
             h = live
+            _warn_if_shadowing(con, name, live)
         else:
             row = catalog_hypothesis(con, name)
             if row is None:
@@ -55,6 +56,26 @@ def resolve(con, names) -> list[dict]:
         out.append({"name": h.name, "kind": h.kind, "version": h.version,
                     "categories": list(h.categories) if h.categories else None, "live": h})
     return out
+
+
+_SHADOWING_WARNED: set = set()
+
+
+def _warn_if_shadowing(con, name: str, live) -> None:
+    """Warn (once per name and process) when a Python hypothesis registered in this process
+    takes the place of a regular expression this store defines under the same name: the Python
+    one is used (resolve), which a user who defined the regex in SQL would not guess."""
+    if isinstance(live, RegexHypothesis) or name in _SHADOWING_WARNED:
+        return
+    defined = stored_definition(con, name)
+    if defined is None:
+        return
+    _SHADOWING_WARNED.add(name)
+    import warnings
+    warnings.warn(f"hypothesis {name!r}: this store defines it as the regular expression {defined['pattern']!r}, "
+                  f"and a Python hypothesis of that name is registered in this process; the Python one is used "
+                  f"(its labels are stored under its own version). Rename one of them to keep both",
+                  UserWarning, stacklevel=3)
 
 
 # -- regular-expression hypotheses stored with the store (hypotheses/regex.py) ----------------
