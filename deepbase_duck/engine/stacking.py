@@ -30,7 +30,7 @@ import torch
 
 from ..errors import DeepBaseError
 from ..extraction.hooks import Retain, run_until_retained, user_hooks
-from ..extraction.settings import BOOKKEEPING, PLAIN, UNSET, comparable, same, settings, show
+from ..extraction.settings import UNSET, same, settings, show as show_setting, weight_ids
 from .extract import batch_from_outputs, naming_records
 
 
@@ -46,18 +46,6 @@ def architecture_mismatch(adapters: dict) -> str | None:
     return None
 
 
-# a module's settings, and their comparison, are shared with the model's identity (model_checksum)
-_PLAIN, _BOOKKEEPING, _UNSET = PLAIN, BOOKKEEPING, UNSET
-_comparable, _same, _show = comparable, same, show
-
-
-def _settings(module, weights: set | None = None) -> dict:
-    """A module's settings (``extraction.settings.settings``: a flag, a size, a plain tensor
-    attribute). Parameters, buffers and submodules are not settings (the fused pass stacks the
-    weights; submodules are compared one by one)."""
-    return settings(module, weights)
-
-
 def _weights_of(module) -> dict:
     """name -> (shape, dtype) of every parameter and buffer the fused pass stacks (the names
     ``torch.func.stack_module_state`` uses: non-persistent buffers included, tied weights once)."""
@@ -69,7 +57,8 @@ def _same_structure(modules) -> str | None:
     """Why one fused pass cannot stand for these modules (None when it can). The fused pass runs
     the FIRST module's code and settings with every module's weights, so besides the classes and
     the names, shapes and dtypes of the parameters and buffers (non-persistent ones included),
-    every submodule's settings (``_settings``: a flag, a size, a plain tensor attribute) must
+    every submodule's settings (``extraction.settings``, shared with the model's identity: a
+    flag, a size, a plain tensor attribute; parameters and buffers are stacked) must
     match, and so must each submodule's training flag: two models that differ only in a flag, a
     size, a mask kept outside their weights or a submodule left in training mode would otherwise
     be computed as the first."""
@@ -89,20 +78,20 @@ def _same_structure(modules) -> str | None:
         theirs = list(m.named_modules())
         if [n for n, _ in theirs] != [n for n, _ in subs]:
             return "submodules differ"
-        wa = {id(t) for t in first.parameters()} | {id(t) for t in first.buffers()}
-        wb = {id(t) for t in m.parameters()} | {id(t) for t in m.buffers()}
+        wa, wb = weight_ids(first), weight_ids(m)
         for (name, a), (_, b) in zip(subs, theirs):
             if type(a) is not type(b):
                 return f"submodule {name or '(root)'!r} classes differ ({type(a).__name__} vs {type(b).__name__})"
             if a.training != b.training:
                 return (f"submodule {name or '(root)'!r} is in {'training' if a.training else 'eval'} mode in one "
                         f"model, {'training' if b.training else 'eval'} mode in another")
-            sa, sb = _settings(a, wa), _settings(b, wb)
+            sa, sb = settings(a, wa), settings(b, wb)
             for k in sorted(set(sa) | set(sb)):
-                va, vb = sa.get(k, _UNSET), sb.get(k, _UNSET)
-                if not _same(va, vb):
-                    how = (f"({_show(va)} vs {_show(vb)})" if _show(va) != _show(vb)
-                           else f"(two {_show(va).replace('tensor', 'tensors').replace('array', 'arrays')}, other values)")
+                va, vb = sa.get(k, UNSET), sb.get(k, UNSET)
+                if not same(va, vb):
+                    how = (f"({show_setting(va)} vs {show_setting(vb)})" if show_setting(va) != show_setting(vb)
+                           else f"(two {show_setting(va).replace('tensor', 'tensors').replace('array', 'arrays')}, "
+                                f"other values)")
                     return f"submodule {name or '(root)'!r} setting {k!r} differs {how}"
     return None
 
