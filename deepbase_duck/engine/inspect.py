@@ -447,6 +447,14 @@ def mi_calibration_stacked(session, plans: list, stacked, ran: list) -> dict:
     return {name: calibrated_edges(per_layer, prm, total, len(chosen)) for name, per_layer in parts.items()}
 
 
+def stored_halves(ids, stored: set) -> tuple[list[int], list[int]]:
+    """A seeded batch's (stored, not stored) records, each in the batch's order: a progressive
+    scan over partly stored activations reads the first and runs the model on the second, in
+    this order (``_mixed``; the Ray engine's blocks too), so that both engines read the same
+    records in the same windows as a scan over the model alone."""
+    return [r for r in ids if r in stored], [r for r in ids if r not in stored]
+
+
 def _mixed(halves: list, rows, computed, counts):
     """The batches of a progressive scan over records partly stored: per seeded batch, its
     (stored, not stored) records (``halves``), a Batch of the stored ones read from ``rows``
@@ -1046,8 +1054,7 @@ class LocalEngine:
             # scan reads the same records in the same windows as one over the model alone
             block_ids, w = remaining()
             stored_set = set(int(r) for r in covered)
-            halves = [([r for r in ids if r in stored_set], [r for r in ids if r not in stored_set])
-                      for ids in block_ids]
+            halves = [stored_halves(ids, stored_set) for ids in block_ids]
             per_batch = iter([bool(a) + bool(b) for a, b in halves])
             windows += [sum(next(per_batch) for _ in range(n)) for n in w]
             order += [r for a, b in halves for r in a + b]

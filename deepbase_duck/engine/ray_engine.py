@@ -93,6 +93,7 @@ from .inspect import (
     mi_calibration_records,
     new_samples,
     seeded_windows,
+    stored_halves,
     stored_part_blocks,
     stored_reads,
     uncalibrated,
@@ -650,11 +651,10 @@ class RayEngine:
                 blk = []
                 for ids in batches[lo:lo + w]:
                     if stored:                     # its stored records read, then the model's (_mixed)
-                        kept = [r for r in ids if r in stored]
+                        kept, ids = stored_halves(ids, stored)
                         if kept:
                             reads_of[(len(blocks), len(blk))] = _reads(where, kept)
                             blk.append(kept)
-                        ids = [r for r in ids if r not in stored]
                     if ids:
                         blk.append(ids)
                 blocks.append(blk)
