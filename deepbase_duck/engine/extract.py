@@ -435,6 +435,9 @@ def forward_batch(adapter, ret: Retain, model: str, layers, dataset: str, ids, t
     return batch
 
 
+NOTE_PREFIX = "deepbase_duck: "       # the notes the engine adds to an error (surface/udfs.py shows them in SQL)
+
+
 @contextlib.contextmanager
 def naming_records(model: str, dataset: str, ids):
     """An error of the model's encoder or forward pass inside the block (torch's "index out of
@@ -445,7 +448,7 @@ def naming_records(model: str, dataset: str, ids):
         yield
     except Exception as exc:
         shown = ", ".join(str(int(r)) for r in list(ids)[:8]) + (" ..." if len(ids) > 8 else "")
-        note = (f"deepbase_duck: raised by model {model!r} on the batch of {len(ids)} record(s) of dataset "
+        note = (f"{NOTE_PREFIX}raised by model {model!r} on the batch of {len(ids)} record(s) of dataset "
                 f"{dataset!r} with record_id {shown} (SELECT record_id, text FROM records WHERE dataset = "
                 f"'{dataset.replace(chr(39), chr(39) * 2)}' AND record_id IN ({shown.replace(' ...', '')}))")
         if note not in (getattr(exc, "__notes__", None) or []):

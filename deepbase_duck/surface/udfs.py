@@ -137,7 +137,8 @@ def _notes_in_message(exc: BaseException) -> None:
     tracebacks print: a note the engine added (the records of the batch a model failed on,
     engine/extract.py ``naming_records``) goes into the message's one argument, where there is
     one, so that a SQL user sees it too (``last_error()`` keeps the whole traceback)."""
-    notes = [n for n in (getattr(exc, "__notes__", None) or []) if n.startswith("deepbase_duck:")]
+    from ..engine.extract import NOTE_PREFIX
+    notes = [n for n in (getattr(exc, "__notes__", None) or []) if n.startswith(NOTE_PREFIX)]
     if notes and len(exc.args) == 1 and isinstance(exc.args[0], str) and notes[-1] not in exc.args[0]:
         exc.args = (f"{exc.args[0]} ({notes[-1]})",)
 
