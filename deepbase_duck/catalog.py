@@ -492,15 +492,13 @@ class Session:
             ids = every
         else:
             try:
-                given = np.asarray(record_ids)
-                ids = given.astype(np.int64).reshape(-1)
+                given = np.asarray(record_ids).reshape(-1)
+                ids = given.astype(np.int64)
             except (TypeError, ValueError) as exc:
                 raise DeepBaseError(f"record_ids must be a list of integer record ids, got {record_ids!r}") from exc
             # (a cast would read 1.5 as record 1 and True as record 1: refused, not guessed)
-            if given.dtype.kind == "b" or (given.dtype.kind == "f" and not np.array_equal(given.reshape(-1), ids)) \
-                    or given.dtype.kind not in "biuf":
-                bad = next((v for v in given.reshape(-1).tolist()
-                            if isinstance(v, bool) or not float(v).is_integer()), given.reshape(-1)[:1].tolist())
+            if given.dtype.kind not in "iuf" or not np.array_equal(given, ids):
+                bad = (given[given != ids] if given.dtype.kind == "f" else given)[:1].tolist()[0]
                 raise DeepBaseError(f"record_ids must be a list of integer record ids, got {bad!r} "
                                     f"({given.dtype} values)")
             unknown = np.setdiff1d(ids, every)
