@@ -134,24 +134,25 @@ def _line_of(prefix: bytes) -> int:
     return prefix.count(b"\n") + prefix.count(b"\r") - prefix.count(b"\r\n") + 1
 
 
-def cut_text(text: str, max_chars: int) -> list[tuple[int, str]]:
+def cut_text(text: str, max_chars: int, words: bool = True) -> list[tuple[int, str]]:
     """(offset, piece) of ``text`` cut into pieces of at most ``max_chars`` characters that
     concatenate back to it: after the last line end within the limit; in a line longer than the
     limit (a paragraph on one line), after its last whitespace within it, so that no word is split
-    (``stdlib.chunk_text`` would cut it anywhere: a record would end in 'lingu' and the next begin
-    with 'istics', each tokenised and labelled as a word of its own); a word longer than the limit
-    is cut where it must be, but never between a character and the combining marks, joiners or
-    variation selectors that follow it (an 'e' and its U+0301 accent stay in one record)."""
+    (a cut anywhere would end a record in 'lingu' and begin the next with 'istics', each tokenised
+    and labelled as a word of its own); a word longer than the limit is cut where it must be, but
+    never between a character and the combining marks, joiners or variation selectors that follow
+    it (an 'e' and its U+0301 accent stay in one record). ``words=False`` cuts a line longer than
+    the limit anywhere (``stdlib.chunk_text``: the records the bundled models were trained on)."""
     out, start, n = [], 0, len(text)
     while start < n:
         end = start + max_chars
         if end < n:
             cut = text.rfind("\n", start, end)
-            if cut < 0:
+            if cut < 0 and words:
                 cut = max(text.rfind(c, start, end) for c in (" ", "\t"))
             if cut >= 0:
                 end = cut + 1
-            else:
+            elif words:
                 while end > start + 1 and _joins_previous(text[end]):
                     end -= 1
                 if end == start + 1 and _joins_previous(text[end]):

@@ -95,22 +95,8 @@ def chunk_text(text: str, max_chars: int = 2000) -> list[tuple[int, str]]:
     """
     if max_chars < 1:
         raise ValueError(f"max_chars must be >= 1, got {max_chars!r}")
-    chunks: list[tuple[int, str]] = []
-    n = len(text)
-    start = 0
-    while start < n:
-        end = start + max_chars
-        if end >= n:
-            end = n
-        else:
-            # Last newline inside the window text[start:end]; cut just after it.
-            nl = text.rfind("\n", start, end)
-            if nl != -1:
-                end = nl + 1
-            # else: one line longer than max_chars -> hard split at `end`.
-        chunks.append((start, text[start:end]))
-        start = end
-    return chunks
+    from .files import cut_text
+    return cut_text(text, max_chars, words=False)
 
 
 def _split_files(split: str) -> list[str]:
