@@ -15,12 +15,18 @@ import numpy as np
 import pyarrow as pa
 
 from . import store
-from .errors import ActivationError, DeepBaseError, EmptyDatasetError, UnknownNameError
+from .errors import ActivationError, DeepBaseError, EmptyDatasetError, UnknownNameError, check_name
 from .extraction.adapters import ModelAdapter, legacy_checksums
 from .extraction.hooks import Retain, user_hooks
 from .hypotheses.grid import grid_of
 
 _SESSIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _earlier_key(name: str, checksum: str) -> str:
+    """The dbd_meta key of the checksums ``name`` had before it was adopted as ``checksum``
+    (the checksum first: it has no spaces, so the name after it is read back whole)."""
+    return f"earlier_checksums {checksum} {name}"
 
 
 class DatasetExistsError(DeepBaseError):
@@ -68,8 +74,7 @@ class Session:
         """Register ``adapter`` (or a loader spec 'pkg.module:function' called with ``params``)
         under ``name``; records its checksum, tokenisation and every named module with its width.
         """
-        if not isinstance(name, str) or not name.strip():
-            raise DeepBaseError(f"a model name must be a non-empty string, got {name!r}")
+        check_name("model", name, lambda n: store.q_one(self.con, "SELECT 1 FROM models WHERE name = ?", [n]))
         if params is not None and not isinstance(params, dict):
             raise DeepBaseError(f"register_model({name!r}): params must be a dict of the loader's keyword arguments "
                                 f"(e.g. {{'checkpoint': 'final'}}), got {type(params).__name__} {params!r}")
@@ -160,16 +165,31 @@ class Session:
         adapter's model as it is now (``legacy_checksums``), the model row and the behaviors this
         model name stored move to the adapter's checksum (their activations came from this model
         under this name, and are read, not computed again), and True is returned; otherwise
-        nothing changes (False). (Scores cached by the earlier identity are keyed by a query
-        fingerprint over the old checksum: a query computes them again from those activations.)"""
+        nothing changes (False). Scores cached by the earlier identity are keyed by a query
+        fingerprint over the old checksum, which no query computes any more: the old checksum is
+        recorded for this name and checksum (``earlier_checksums``), so that the same query
+        finds them (engine/inspect.py: ``earlier_fingerprints``)."""
         if stored not in legacy_checksums(adapter.module, adapter.variant):
             return False
         checksum = adapter.checksum
+        earlier = [c for c in self.earlier_checksums(name, checksum) if c != stored] + [stored]
         with store.Transaction(self.con) as con:
             con.execute("UPDATE models SET checksum = ?, identity = 3 WHERE name = ?", [checksum, name])
             con.execute("UPDATE behaviors SET model_checksum = ? WHERE model_checksum = ? AND model = ?",
                         [checksum, stored, name])
+            # dbd_meta, a key-value table every store holds: no new table for stores to migrate
+            con.execute("INSERT INTO dbd_meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                        [_earlier_key(name, checksum), json.dumps(earlier)])
         return True
+
+    def earlier_checksums(self, name: str, checksum: str) -> list[str]:
+        """The checksums the model ``name`` was stored under before it was adopted as ``checksum``
+        (``_adopt_legacy_checksum``), oldest first; [] for a model never adopted. Keyed by both:
+        a name registered since as another model (another checksum) has none, and another name
+        of the same weights none either (under its earlier identity it may have been a model the
+        old checksum could not tell from this one)."""
+        row = store.q_one(self.con, "SELECT value FROM dbd_meta WHERE key = ?", [_earlier_key(name, checksum)])
+        return json.loads(row[0]) if row else []
 
     def model_names(self) -> list[str]:
         return [r[0] for r in store.q_all(self.con, "SELECT name FROM models ORDER BY name")]
@@ -279,8 +299,7 @@ class Session:
         record's of its id (symbols, labels, and the activation parts holding it; a record id
         keeps its stored data only with the same text): editing a few records of a large dataset
         recomputes those (and the other records of their parts), not the whole dataset."""
-        if not isinstance(name, str) or not name.strip():
-            raise DeepBaseError(f"a dataset name must be a non-empty string, got {name!r}")
+        check_name("dataset", name, lambda n: store.q_one(self.con, "SELECT 1 FROM datasets WHERE name = ?", [n]))
         if isinstance(records, (str, bytes)):
             raise DeepBaseError(f"dataset {name!r}: records must be a list of texts (or dicts with 'text'), "
                                 f"got one {type(records).__name__}; for files use dbd.read_records(path)")

@@ -1,4 +1,5 @@
 """The exceptions deepbase_duck raises. Every message names the culprit."""
+import sys
 
 
 class DeepBaseError(Exception):
@@ -13,8 +14,7 @@ class UnknownNameError(DeepBaseError, KeyError):
         shown = ", ".join(map(str, valid[:40])) + (" ..." if len(valid) > 40 else "")
         plural = {"hypothesis": "hypotheses", "query id": "query ids",
                   "unit-level measure of this query": "unit-level measures of this query"}.get(what, what + "s")
-        import difflib
-        close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=5, cutoff=0.6)
+        close = _close_names(name, valid)
         # (the list shown stops at 40 names: the close ones are named first, wherever they sort)
         hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
         super().__init__(f"unknown {what} {name!r}; {hint}valid {plural}: {shown or '(none registered)'}")
@@ -22,6 +22,27 @@ class UnknownNameError(DeepBaseError, KeyError):
 
     def __str__(self):  # KeyError would quote the message
         return self.args[0]
+
+    def __reduce__(self):
+        """Pickled with its own arguments (a Ray worker's error comes back to the driver pickled:
+        rebuilt from the message alone, ``__init__`` would fail and the error be lost)."""
+        return type(self), (self.what, self.name, self.valid), self.__dict__
+
+
+def _close_names(name, valid, n: int = 5) -> list[str]:
+    """Up to ``n`` names of ``valid`` close to ``name``, the closest first, as they are spelt,
+    compared regardless of case and whitespace: 'PTB' or ' ptb ' is most likely 'ptb' (difflib
+    alone finds nothing alike in 'PTB' and 'ptb')."""
+    import difflib
+
+    def key(v) -> str:
+        return "".join(str(v).casefold().split())
+
+    spelt: dict[str, list[str]] = {}
+    for v in valid:
+        spelt.setdefault(key(v), []).append(str(v))
+    close = difflib.get_close_matches(key(name), list(spelt), n=n, cutoff=0.6)
+    return [v for k in close for v in spelt[k]][:n]
 
 
 class UnknownKeywordError(DeepBaseError, TypeError):
@@ -50,13 +71,38 @@ def counted(count, one: str, many: str | None = None, fmt: str = "") -> str:
     return f"{format(count, fmt)} {one if count == 1 else (many or one + 's')}"
 
 
+def check_name(what: str, name, stored=lambda name: False, error=DeepBaseError) -> str:
+    """``name`` when it can name a new ``what`` ('model', 'dataset'): a non-empty string with no
+    whitespace around it. ' ptb ' is refused, not stripped: stored as given it would never match
+    'ptb', and stripped it would make two spellings one name. ``stored(name)`` says whether the
+    store already holds the name (a store written before this check): such a name stays usable.
+    Refusals raise ``error``."""
+    if not isinstance(name, str) or not name.strip():
+        raise error(f"a {what} name must be a non-empty string, got {name!r}")
+    if name != name.strip() and not stored(name):
+        raise error(f"{what} name {name!r} has whitespace around it, which would be part of the name "
+                    f"({name.strip()!r} would not find it); give {name.strip()!r}")
+    return name
+
+
+def _shown(value, limit: int = 80) -> str:
+    """``value``'s repr for a message, cut to ``limit`` characters: a value refused for its size
+    (10**400) is not written out whole, and an int past Python's limit on digits converted to
+    text, whose repr raises ValueError, still gets its message."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"an integer of more than {sys.get_int_max_str_digits()} digits"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def check_int(name: str, value, minimum: int) -> int:
     """``value`` as an int when it is a whole number >= ``minimum`` (a bool, a float with a
     fraction or a string is refused, naming ``name``)."""
     import numbers
     ok = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
     if isinstance(value, bool) or not ok or value < minimum:
-        raise DeepBaseError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise DeepBaseError(f"{name} must be an integer >= {minimum}, got {_shown(value)}")
     return int(value)
 
 
@@ -73,11 +119,16 @@ def check_integer(name: str, value, minimum: int) -> int:
 def check_float(name: str, value, low: float = -float("inf"), high: float = float("inf"), *,
                 open_low: bool = False, open_high: bool = False) -> float:
     """``value`` as a float when it is a finite real number between ``low`` and ``high`` (each end
-    included unless ``open_low`` / ``open_high``); a bool, a string, None, NaN or an infinity is
-    refused with a BadParameterError naming ``name`` (e.g. 'corr: confidence') and the value."""
+    included unless ``open_low`` / ``open_high``); a bool, a string, None, NaN, an infinity or an
+    int beyond the floats is refused with a BadParameterError naming ``name`` (e.g. 'corr:
+    confidence') and the value."""
     import math
     import numbers
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    try:
+        ok = ok and math.isfinite(value)
+    except OverflowError:             # an int too large for a float (10**400): no float stands for it
+        ok = False
     if ok:
         ok = (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
     if not ok:
@@ -89,7 +140,7 @@ def check_float(name: str, value, low: float = -float("inf"), high: float = floa
             what = f"a finite number {'<' if open_high else '<='} {high:g}"
         else:
             what = "a finite number"
-        raise BadParameterError(f"{name} must be {what}, got {value!r}")
+        raise BadParameterError(f"{name} must be {what}, got {_shown(value)}")
     return float(value)
 
 

@@ -24,7 +24,9 @@ from (``file:line``, ``file:row``, or the file's path in the folder with the cha
 the chunk), or comes from ``source_column`` (where its value is null, or an empty CSV field: the
 line's or row's). Empty and missing texts are skipped and counted (``RecordsRead.skipped``), so
 a record's position in the dataset may differ from its row: its source keeps the way back.
-Unreadable input raises DeepBaseError naming the file and the place.
+Unreadable input raises DeepBaseError naming the file and the place; so does an argument the
+format has no use for (``column`` or ``source_column`` for lines, files or paths, ``pattern`` for
+a file), which would otherwise be ignored with no sign.
 
 Text files (lines, jsonl, files) are read as Python reads text: a leading byte-order mark is
 dropped and every line end, "\\r\\n" or a lone "\\r" (classic Mac OS), is "\\n". CSV and TSV
@@ -80,9 +82,12 @@ def read_records(path, format: str | None = None, column: str = "text", source_c
         if isinstance(max_chars, str):
             raise DeepBaseError(f"max_chars must be a positive number of characters, got {max_chars!r}")
         max_chars = check_int("max_chars", max_chars, 1)
-    if not isinstance(pattern, str) or not pattern or Path(pattern).is_absolute():
+    up = isinstance(pattern, str) and ".." in Path(pattern).parts       # '../x/*' would read another folder
+    if not isinstance(pattern, str) or not pattern or Path(pattern).is_absolute() or up:
         raise DeepBaseError(f"pattern must be a non-empty glob relative to the folder (like '**/*.txt'), "
-                            f"got {pattern!r}")
+                            f"got {pattern!r}" + (" ('..' leads out of the folder: read that folder instead)"
+                                                  if up else ""))
+    _refuse_unused(p, fmt, column, source_column, pattern)
     if fmt == "files":
         rows = ((name, _text(f)) for name, f in _folder(p, pattern))
     elif fmt == "paths":
@@ -109,6 +114,28 @@ def read_records(path, format: str | None = None, column: str = "text", source_c
     if not out:
         raise DeepBaseError(f"{str(p)!r} holds no non-empty text ({skipped} empty or missing)")
     return RecordsRead(out, skipped, fmt)
+
+
+_TABLES = ("jsonl", "csv", "tsv", "parquet")
+
+
+def _refuse_unused(p: Path, fmt: str, column, source_column, pattern: str) -> None:
+    """Refuse, naming it and the format, an argument that ``fmt`` has no use for: ``column`` or
+    ``source_column`` for a format without columns (lines, files, paths), ``pattern`` for a
+    file. Ignored, a ``column='body'`` meant for a CSV file would read a text file's lines with
+    no sign. The defaults (column 'text', pattern '**/*') are no request: they pass."""
+    if fmt not in _TABLES:
+        for arg, flag, value, default in (("column", "--column", column, "text"),
+                                          ("source_column", "--source-column", source_column, None)):
+            if value is not None and value != default:
+                raise DeepBaseError(f"{arg} {value!r} (add-dataset {flag} {value}) names a column or key of a "
+                                    f"{', '.join(_TABLES[:-1])} or {_TABLES[-1]} file; {str(p)!r} is read as {fmt!r}, which has none: "
+                                    f"leave {arg} out, or give the format the file is in")
+    elif not isinstance(column, str) or not column:
+        raise DeepBaseError(f"column must name the {fmt} file's text column or key, got {column!r}")
+    if fmt not in ("files", "paths") and pattern != "**/*":
+        raise DeepBaseError(f"pattern {pattern!r} (add-dataset --glob {pattern}) picks the files of a folder; "
+                            f"{str(p)!r} is a file, read as {fmt!r}: leave pattern out, or give the folder")
 
 
 def _text(p: Path) -> str:
@@ -141,8 +168,9 @@ def cut_text(text: str, max_chars: int, words: bool = True) -> list[tuple[int, s
     (a cut anywhere would end a record in 'lingu' and begin the next with 'istics', each tokenised
     and labelled as a word of its own); a word longer than the limit is cut where it must be, but
     never between a character and the combining marks, joiners or variation selectors that follow
-    it (an 'e' and its U+0301 accent stay in one record). ``words=False`` cuts a line longer than
-    the limit anywhere (``stdlib.chunk_text``: the records the bundled models were trained on)."""
+    it (an 'e' and its U+0301 accent stay in one record), nor after a zero-width joiner unless the
+    joined sequence is longer than the limit. ``words=False`` cuts a line longer than the limit
+    anywhere (``stdlib.chunk_text``: the records the bundled models were trained on)."""
     out, start, n = [], 0, len(text)
     while start < n:
         end = start + max_chars
@@ -153,15 +181,30 @@ def cut_text(text: str, max_chars: int, words: bool = True) -> list[tuple[int, s
             if cut >= 0:
                 end = cut + 1
             elif words:
-                while end > start + 1 and _joins_previous(text[end]):
-                    end -= 1
-                if end == start + 1 and _joins_previous(text[end]):
-                    end = start + max_chars          # all marks: nothing better than the hard cut
+                # the last place within the limit the character sequence allows, else the last
+                # not before a mark (a joined sequence longer than the limit: cut after a joiner),
+                # else the hard cut (all marks: nothing better)
+                for joined in (_joined, lambda text, i: _joins_previous(text[i])):
+                    end = start + max_chars
+                    while end > start + 1 and joined(text, end):
+                        end -= 1
+                    if not joined(text, end):
+                        break
+                else:
+                    end = start + max_chars
         else:
             end = n
         out.append((start, text[start:end]))
         start = end
     return out
+
+
+def _joined(text: str, i: int) -> bool:
+    """Whether ``text`` cannot be cut before ``text[i]``: it belongs to the character before it
+    (``_joins_previous``), or follows a zero-width joiner, which binds the characters on both of
+    its sides (the family emoji man, ZWJ, woman: cut after the joiner, one record would end in a
+    dangling joiner and the next begin with half of the emoji)."""
+    return _joins_previous(text[i]) or (i > 0 and text[i - 1] == "\u200d")
 
 
 def _joins_previous(c: str) -> bool:

@@ -1401,7 +1401,7 @@ def query_fingerprint(session, plans: list, baseline: bool, baseline_seed: int, 
 
 
 def query_fingerprints(session, plans: list, baseline: bool, baseline_seed: int,
-                       partial: bool = True) -> tuple[str, str]:
+                       partial: bool = True, checksums: list[str] | None = None) -> tuple[str, str]:
     """sha256 of everything a query's scores depend on: the models' checksums and tokenisations,
     the layers, each hypothesis' name and version, the dataset, the selected records and a hash
     of their text, the layers whose stored float16 activations it would read (float32 stored
@@ -1416,15 +1416,18 @@ def query_fingerprints(session, plans: list, baseline: bool, baseline_seed: int,
     which a query's scores are stored under; and the key of earlier versions (the lists in the
     order given, the parameters as given), which their stores hold (a cache hit matches either:
     such stores keep their scores), the same as the first where a parameter is an array (that
-    key held only its first and last values)."""
+    key held only its first and last values).
+
+    ``checksums`` (one per model) stand in for the models' own in the key, and nothing else:
+    the keys of this query under identities its models were adopted from (``earlier_fingerprints``)."""
     plan = plans[0]
     ids = [int(r) for r in np.unique(plan.record_ids)]
     text_hash = store.q_scalar(session.con, "SELECT md5(string_agg(md5(text), ',' ORDER BY record_id)) FROM records "
                                             "WHERE dataset = ? AND list_contains(?, record_id)", [plan.dataset, ids])
     rows = [session.model_row(p.model) for p in plans]
     half = [float16_layers(session, p, r, partial) for p, r in zip(plans, rows)]
-    key = {"checksums": [r["checksum"] for r in rows], "tokenizations": [r["tokenization"] for r in rows],
-           "layers": list(plan.layers),
+    key = {"checksums": list(checksums) if checksums is not None else [r["checksum"] for r in rows],
+           "tokenizations": [r["tokenization"] for r in rows], "layers": list(plan.layers),
            "hypotheses": [[h["name"], h["version"]] for h in plan.hypotheses], "dataset": plan.dataset,
            "records": hashlib.sha256(np.asarray(ids, np.int64).tobytes()).hexdigest(), "texts": text_hash,
            "measures": list(plan.measures), "measure_params": plan.measure_params, "control": plan.control,
@@ -1463,6 +1466,23 @@ def query_fingerprints(session, plans: list, baseline: bool, baseline_seed: int,
     if arrays:                                # the earlier key read arrays elided: not looked up
         return first, first
     return first, hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def earlier_fingerprints(session, plans: list, baseline: bool, baseline_seed: int, partial: bool = True) -> list[str]:
+    """The fingerprints (both of ``query_fingerprints``) this query had under the identities its
+    models were adopted from (a store written before identities covered module classes or
+    settings: catalog's ``_adopt_legacy_checksum`` records the old checksum of each model name it
+    adopts, ``earlier_checksums``), each model under its own or an earlier checksum, except all
+    under their own. Their scores were cached under these keys, which no query computes any
+    more; [] where no model of the query was adopted (nothing more is computed then)."""
+    rows = [session.model_row(p.model) for p in plans]
+    choices = [[r["checksum"], *session.earlier_checksums(r["name"], r["checksum"])] for r in rows]
+    if all(len(c) == 1 for c in choices):
+        return []
+    out = []
+    for checksums in itertools.islice(itertools.product(*choices), 1, None):    # the first: all their own
+        out.extend(query_fingerprints(session, plans, baseline, baseline_seed, partial, list(checksums)))
+    return list(dict.fromkeys(out))
 
 
 def effective_params(measure: str, given: dict) -> dict:
@@ -1508,22 +1528,37 @@ def float16_layers(session, plan: Plan, mrow, partial: bool = True) -> list[str]
 
 
 def cached_scores(session, plan: Plan, fingerprint: str, started: str, t0: float, model_label: str,
-                  models: list[str], as_given: str | None = None) -> pa.Table | None:
+                  models: list[str], as_given: str | None = None, earlier=()) -> pa.Table | None:
     """The scores of the latest stored query with this fingerprint (or ``as_given``, the one
     earlier versions stored: ``query_fingerprints``), copied under a new query id
-    (a ``queries`` row with source 'cache' and params->'reused'->'scores_of_query'); None when
-    there is none. The copies carry this query's model names (``models``, in the order of the
-    fingerprint's checksums; an untrained twin '<model>~untrained' follows its model): the same
-    weights registered under another name share the cache, never the name."""
+    (a ``queries`` row with source 'cache', params->'reused'->'scores_of_query' and this
+    fingerprint, which later queries then find); None when there is none. The copies carry this
+    query's model names (``models``, in the order of the fingerprint's checksums; an untrained
+    twin '<model>~untrained' follows its model): the same weights registered under another name
+    share the cache, never the name.
+
+    Failing those, the latest scan with one of ``earlier`` (``earlier_fingerprints``: this query
+    under identities its models were adopted from) of these very model names, in this order:
+    only the model adopted under a name was that name's model then (another name of the same
+    old checksum may have been a model that checksum could not tell apart), and a copy ('cache')
+    may hold another name's scores."""
     con = session.con
     row = store.q_one(con, "SELECT q.query_id, q.params, q.n_records, q.n_symbols FROM queries q "
                            "WHERE json_extract_string(q.params, '$.fingerprint') IN (?, ?) "
                            "AND EXISTS (SELECT 1 FROM scores s WHERE s.query_id = q.query_id) "
                            "ORDER BY q.query_id DESC LIMIT 1", [fingerprint, as_given or fingerprint])
+    if row is None and earlier:
+        scans = store.q_all(con, "SELECT q.query_id, q.params, q.n_records, q.n_symbols FROM queries q "
+                                 "WHERE list_contains(?::VARCHAR[], json_extract_string(q.params, '$.fingerprint')) "
+                                 "AND q.source <> 'cache' "
+                                 "AND EXISTS (SELECT 1 FROM scores s WHERE s.query_id = q.query_id) "
+                                 "ORDER BY q.query_id DESC", [list(earlier)])
+        row = next((r for r in scans if json.loads(r[1]).get("models") == list(models)), None)
     if row is None:
         return None
     old, params, n_records, n_symbols = row
     params = json.loads(params)
+    params["fingerprint"] = fingerprint
     rename = dict(zip(params.get("models") or [], models))
     rename.update({f"{a}~untrained": f"{b}~untrained" for a, b in list(rename.items())})
     params["models"] = list(models)
@@ -1756,7 +1791,9 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
     fingerprint, as_given = query_fingerprints(session, plans, baseline, baseline_seed,
                                                partial=getattr(engine, "mixes_stored", True))
     if reuse and store_scores and not keep_activations:      # keep_activations asks for a scan
-        hit = cached_scores(session, plan, fingerprint, started, t0, model_label, models, as_given)
+        earlier = earlier_fingerprints(session, plans, baseline, baseline_seed,
+                                       partial=getattr(engine, "mixes_stored", True))
+        hit = cached_scores(session, plan, fingerprint, started, t0, model_label, models, as_given, earlier)
         if hit is not None:
             return hit
     labels_missing = missing_records(session.con, plan.hypotheses, plan.dataset, np.unique(plan.record_ids))
