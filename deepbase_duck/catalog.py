@@ -17,7 +17,7 @@ import pyarrow as pa
 from . import store
 from .errors import ActivationError, DeepBaseError, EmptyDatasetError, UnknownNameError, check_name
 from .extraction.adapters import ModelAdapter, legacy_checksums
-from .extraction.hooks import Retain, user_hooks
+from .extraction.hooks import Retain, never_called, user_hooks
 from .hypotheses.grid import grid_of
 
 _SESSIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -274,10 +274,13 @@ class Session:
                 raise UnknownNameError("layer", layer, [k for k, w in valid.items() if w] or valid)
             if valid[layer] is None:      # a ModuleList, a module returning None or no tensor
                 inner = [k for k, w in valid.items() if w and k.startswith(f"{layer}.") and "." not in k[len(layer) + 1:]]
+                live = self.adapters.get(model)
+                why = never_called(live.module, layer) if live is not None else None
                 raise ActivationError(
-                    f"layer {layer!r} of model {model!r} gives no tensor output (a container such as a ModuleList "
-                    f"is never called itself, or the module returns None or no tensor), so it has no activations "
-                    f"to read; " + (f"its submodules with tensor outputs: {', '.join(inner[:10])}"
+                    f"layer {layer!r} of model {model!r} gives no tensor output ("
+                    + (f"it never runs in the forward pass: {why}" if why else
+                       "a container such as a ModuleList is never called itself, or the module returns None or "
+                       "no tensor") + "), so it has no activations to read; " + (f"its submodules with tensor outputs: {', '.join(inner[:10])}"
                                     f"{' ...' if len(inner) > 10 else ''}" if inner else
                                     "its layers with tensor outputs: " + ", ".join(k for k, w in valid.items() if w))
                     + " (if it does return a tensor in a dict or a PackedSequence, which stores made before "

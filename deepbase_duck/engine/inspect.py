@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .. import store
-from ..extraction.adapters import default_device
+from ..extraction.adapters import default_device, global_tf32
 from ..errors import DeepBaseError, EmptyDatasetError, check_int
 from ..hypotheses.grid import check_fit
 from ..hypotheses.store import annotate, missing_records, resolve
@@ -768,8 +768,7 @@ def device_report(session, models, device) -> dict:
     out = {"device": str(device), "model_devices": {m: str(a.device) for m, a in where.items()}}
     cuda = {m: a for m, a in where.items() if a.device.type == "cuda"}
     if cuda:
-        out["tf32"] = {m: bool(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
-                       if a.tf32 is None else bool(a.tf32) for m, a in cuda.items()}
+        out["tf32"] = {m: global_tf32() if a.tf32 is None else bool(a.tf32) for m, a in cuda.items()}
     return out
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import ActivationError, DeepBaseError
-from .hooks import SEQUENCE_FIRST, mode_dependent
+from .hooks import SEQUENCE_FIRST, mode_dependent, never_called
 from .settings import find_volatile, identity_text, tensor_bytes
 
 
@@ -58,16 +58,56 @@ def to_device(inputs, device):
 @contextlib.contextmanager
 def tf32_mode(allowed: bool | None):
     """torch's TF32 switches for CUDA matrix products and cuDNN set to ``allowed`` inside the
-    block and restored after; None leaves them as they are."""
+    block and restored after; None leaves them as they are. Through the switches the user set
+    them with: torch 2.9 added ``fp32_precision`` settings, and once they are set, reading the
+    older ``allow_tf32`` raises (a RuntimeError on "mix of the legacy and new APIs"), which
+    failed every forward pass of a model on CUDA."""
     if allowed is None:
         yield
         return
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    except RuntimeError:
+        with _fp32_precision("tf32" if allowed else "ieee"):
+            yield
+        return
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(allowed)
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def global_tf32() -> bool:
+    """Whether torch's global switches let CUDA matrix products or cuDNN round float32 to TF32,
+    read through the API they were set with: the older ``allow_tf32`` raises once the newer
+    ``fp32_precision`` settings were set (see tf32_mode). A newer setting of 'none' takes its
+    parent's (cuDNN's, then torch.backends' own)."""
+    try:
+        return bool(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:
+        b = torch.backends
+
+        def resolved(*chain):
+            return next((s.fp32_precision for s in chain if s.fp32_precision != "none"), "ieee")
+        return "tf32" in (resolved(b.cuda.matmul, b), resolved(b.cudnn.conv, b.cudnn, b),
+                          resolved(b.cudnn.rnn, b.cudnn, b))
+
+
+@contextlib.contextmanager
+def _fp32_precision(value: str):
+    """tf32_mode through torch's ``fp32_precision`` settings of CUDA matrix products, cuDNN
+    convolutions and cuDNN RNNs: set to ``value`` inside the block, each restored after."""
+    b = torch.backends
+    switches = [b.cuda.matmul, b.cudnn.conv, b.cudnn.rnn]
+    old = [s.fp32_precision for s in switches]
+    try:
+        for s in switches:
+            s.fp32_precision = value
+        yield
+    finally:
+        for s, v in zip(switches, old):
+            s.fp32_precision = v
 
 
 def default_device(device=None) -> torch.device:
@@ -176,6 +216,8 @@ def _probe(t: torch.Tensor, probes: dict) -> None:
     """A few of ``t``'s values, its sum, norm and positional sum, appended to ``probes`` by device."""
     if t.numel() and not (t.is_quantized or t.is_complex() or t.is_meta) and t.layout == torch.strided:
         flat = t.detach().reshape(-1)
+        if flat.is_floating_point() and flat.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            flat = flat.float()          # (float8 types have no float64 sum or norm)
         step = max(1, flat.numel() // 7)
         whole = torch.stack([flat.sum(dtype=torch.float64),
                              torch.linalg.vector_norm(flat, dtype=torch.float64)]) \
@@ -212,6 +254,16 @@ def state_fingerprint(module: torch.nn.Module, variant: str = "") -> tuple:
     return tuple(items), values, classes, text, variant
 
 
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    """A contiguous CPU tensor's memory, as numpy's ``tobytes`` gives it for the dtypes numpy has
+    (the bytes checksums were always taken over), read as bytes for every dtype, including those
+    numpy has not: bfloat16, the float8 types of FP8-quantised weights, complex32."""
+    try:
+        return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+    except (RuntimeError, TypeError):         # (a tensor type without a byte view: quantised)
+        return t.numpy().tobytes()
+
+
 def weights_checksum(module: torch.nn.Module) -> str:
     """sha256 over the state_dict: every tensor's name, dtype, shape and bytes, in name order
     (the model's whole identity in stores written before session 9: see Session.adapter)."""
@@ -222,10 +274,21 @@ def weights_checksum(module: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
-        if t.dtype == torch.bfloat16:
-            t = t.view(torch.int16)
-        h.update(t.numpy().tobytes())
+        h.update(_raw_bytes(t))
     return h.hexdigest()
+
+
+def no_output_message(module: torch.nn.Module, layer: str, advice: str) -> str:
+    """The error for a layer whose retained output is None: why, where its structure says so
+    (``hooks.never_called``: a container, an nn.MultiheadAttention's out_proj), else the causes
+    a reader cannot tell apart (a branch of the forward pass skipped it for this batch, or it
+    returned None or no tensor), then ``advice``."""
+    why = never_called(module, layer)
+    if why:
+        return f"layer {layer!r} gave no tensor output: it never runs in the forward pass: {why}"
+    return (f"layer {layer!r} gave no tensor output: it did not run in the forward pass of this batch (a branch "
+            f"of the model's forward skipped it, for these inputs), or returned None or a value holding no tensor "
+            f"(see deepbase_duck.extraction.hooks for what is read of tuples, dicts and PackedSequences); {advice}")
 
 
 class ModelAdapter:
@@ -358,11 +421,9 @@ class ModelAdapter:
 
     def symbol_activations(self, layer: str, output: torch.Tensor, encoded: Encoded) -> list[torch.Tensor]:
         if output is None:
-            raise ActivationError(
-                f"layer {layer!r} gave no tensor output: it did not run in the forward pass (a ModuleList or "
-                f"ModuleDict is never called itself), or returned None or a value holding no tensor (see "
-                f"deepbase_duck.extraction.hooks for what is read of tuples, dicts and PackedSequences); "
-                f"pick a module that returns (batch, sequence, width), or override symbol_activations()")
+            raise ActivationError(no_output_message(self.module, layer,
+                                                    "pick a module that returns (batch, sequence, width), or "
+                                                    "override symbol_activations()"))
         if output.dim() != 3:
             raise ActivationError(
                 f"layer {layer!r} produced an output of shape {tuple(output.shape)}; the default adapter expects "

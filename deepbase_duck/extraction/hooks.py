@@ -11,8 +11,12 @@ namedtuple its first tensor, depth first (``nn.LSTM``'s ``(output, (h, c))`` giv
 ``nn.MultiheadAttention``'s ``(attn_output, weights)`` gives ``attn_output``); of a dict its
 first tensor value, in the dict's order; of a ``PackedSequence`` (an RNN run on packed input)
 the padded batch-first tensor ``(batch, longest, width)`` in the batch's own order (padding
-holds zeros); of a transformers output its ``last_hidden_state``; anything else (None, an
-object) keeps None, which a scan reports as a layer with no tensor output. A module that runs
+holds zeros), and so of a nested tensor (the layers of an ``nn.TransformerEncoder`` run with a
+padding mask in eval mode, on torch's fast path); of a transformers output its
+``last_hidden_state``; anything else (None, an object) keeps None, which a scan reports as a
+layer with no tensor output. A module that is never called as a module (a container, an
+``nn.MultiheadAttention``'s ``out_proj``: ``never_called``) is refused by ``run_until_retained``
+at the first pass, naming the layer to ask for instead. A module that runs
 more than once in one forward pass (weights shared across depths, a cell called in a Python
 loop) keeps its last call's output, and ``run_until_retained`` warns that it did. A kept 3-D
 output of one of torch's sequence-first modules (an RNN or attention without ``batch_first=True``,
@@ -30,7 +34,7 @@ import weakref
 
 import torch
 
-from ..errors import UnknownNameError
+from ..errors import ActivationError, UnknownNameError
 
 
 def resolve_modules(model: torch.nn.Module, names) -> dict[str, torch.nn.Module]:
@@ -46,9 +50,12 @@ def resolve_modules(model: torch.nn.Module, names) -> dict[str, torch.nn.Module]
 def first_tensor(output):
     """The activation tensor of a module output (the module docstring says which): the tensor
     itself; the first tensor of a tuple, list or namedtuple, or of a dict's values; a
-    PackedSequence padded, batch first; a transformers output's ``last_hidden_state``; else None."""
+    PackedSequence or a nested tensor padded, batch first; a transformers output's
+    ``last_hidden_state``; else None."""
     if isinstance(output, torch.Tensor):
-        return output
+        # (a nested tensor: what layers inside an nn.TransformerEncoder give on its fast path, run
+        # with a padding mask in eval mode; no reader can take its shape, so padded with zeros)
+        return torch.nested.to_padded_tensor(output, 0.0) if output.is_nested else output
     if isinstance(output, torch.nn.utils.rnn.PackedSequence):
         # (a namedtuple, whose first field is the packed (sum of lengths, width) data: rows of
         # all records interleaved by time step, which no reader of (batch, sequence, width) could use)
@@ -96,11 +103,45 @@ def sequence_first(module: torch.nn.Module) -> str | None:
 
 
 def _packed(output) -> bool:
-    """Whether the tensor ``first_tensor`` reads from ``output`` came from a PackedSequence
-    (then padded batch first, whatever the module's own layout)."""
+    """Whether the tensor ``first_tensor`` reads from ``output`` came from a PackedSequence or a
+    nested tensor (then padded batch first, whatever the module's own layout)."""
     while isinstance(output, (tuple, list)) and not isinstance(output, torch.nn.utils.rnn.PackedSequence) and output:
         output = output[0]
-    return isinstance(output, torch.nn.utils.rnn.PackedSequence)
+    return isinstance(output, torch.nn.utils.rnn.PackedSequence) or (isinstance(output, torch.Tensor)
+                                                                     and output.is_nested)
+
+
+def never_called(model: torch.nn.Module, name: str) -> str | None:
+    """Why the module at ``name`` is never called as a module in a forward pass of ``model``, so
+    that a hook on it never fires and it has no output to retain, with the layer to ask for
+    instead; None where its structure does not say so (it may still be skipped by a branch of
+    the forward pass). Two cases: a module with no forward of its own (nn.ModuleList,
+    nn.ModuleDict: containers, only their members are called), and the ``out_proj`` of an
+    nn.MultiheadAttention, whose forward reads out_proj's weight and bias in
+    F.multi_head_attention_forward and never calls it (the attention module's own output is
+    out_proj's: the attention output after the output projection)."""
+    try:
+        module = model.get_submodule(name)
+    except (AttributeError, TypeError):
+        return None
+    if getattr(type(module), "forward", None) is torch.nn.Module.forward:
+        members = [f"{name}.{n}" for n, _ in module.named_children()][:3]
+        return (f"{type(module).__name__} has no forward of its own (a container: only its members are called, "
+                f"never the container itself); ask for one of its members"
+                + (f", e.g. {', '.join(map(repr, members))}" if members else ""))
+    parent_name, _, leaf = name.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_name) if parent_name else model
+    except (AttributeError, TypeError):
+        return None
+    if isinstance(parent, torch.nn.MultiheadAttention) and leaf == "out_proj" and parent.out_proj is module:
+        instead = (f"ask for the attention module {parent_name!r} instead" if parent_name else
+                   "wrap the attention in a module of your own and ask for that")
+        return (f"the forward of {type(parent).__name__} {parent_name or '(the model itself)'!r} uses out_proj's "
+                f"weight and bias directly (F.multi_head_attention_forward) and never calls out_proj as a module, "
+                f"so it has no output to retain; {instead}: its output (the first of its (attn_output, weights)) is "
+                f"the attention output after out_proj's projection")
+    return None
 
 
 def _marked(t, mark):
@@ -335,7 +376,10 @@ def run_until_retained(adapter, encoded, ret: Retain) -> None:
     Warns (once per Retain) when the model has submodules in training mode whose computation may
     depend on it (``mode_dependent``: dropout then makes the activations random, BatchNorm reads
     the batch's statistics) and when a named module ran more than once in the pass (its last
-    call's output is kept)."""
+    call's output is kept). A named module that did not run at all and never can (``never_called``:
+    a container, the out_proj of an nn.MultiheadAttention) is an ActivationError naming it and
+    the layer to ask for instead, at the first pass; one skipped by a branch of the forward pass
+    gives no output, which the adapter's reader reports."""
     exits = adapter.exits_early(list(ret.modules))     # (its first check runs a forward pass of its own)
     ret.clear()
     if ("training",) not in ret._warned:
@@ -355,6 +399,10 @@ def run_until_retained(adapter, encoded, ret: Retain) -> None:
     finally:
         ret.armed = False
     ret.settle()
+    for name in ret.modules:
+        why = None if name in ret.calls else never_called(ret.model, name)
+        if why:
+            raise ActivationError(f"layer {name!r} never ran in the forward pass: {why}")
     for name, n in ret.calls.items():
         if n > 1 and ("calls", name) not in ret._warned:
             ret._warned.add(("calls", name))

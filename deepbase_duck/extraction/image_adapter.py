@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 
 import numpy as np
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 
 from ..errors import ActivationError, BadParameterError, DeepBaseError, check_int
 from ..hypotheses.grid import DEFAULT_GRID, grid_tokenization
-from .adapters import Encoded, ModelAdapter
+from .adapters import Encoded, ModelAdapter, no_output_message
 
 
 @functools.lru_cache(maxsize=64)
@@ -167,9 +168,17 @@ class ImageAdapter(ModelAdapter):
     def _encoded(self, pixels: torch.Tensor) -> Encoded:
         """The model inputs of (batch, 3, size, size) RGB ``pixels`` in [0, 1], with the grid cells
         as each record's symbols."""
-        x = (pixels - self.mean) / self.std
+        x = ((pixels - self.mean) / self.std).to(self._input_dtype())
         cells = np.arange(self.n_cells, dtype=np.int32)
         return Encoded(inputs=x, starts=[cells] * len(x), ends=[cells + 1] * len(x), tokens=None)
+
+    def _input_dtype(self) -> torch.dtype:
+        """The floating dtype of the model's first floating parameter or buffer (float32 where it
+        has none): the pixels, normalised in float32, are given to the model in its own dtype, as
+        a model converted to bfloat16, float16 or float64 refuses float32 input. Read at each
+        encode, so a model converted after it was wrapped is followed."""
+        tensors = itertools.chain(self.module.parameters(), self.module.buffers())
+        return next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
 
     def _channels_first(self, layer: str) -> bool:
         """Whether ``layer`` is a module whose output is (batch, channels, height, width) by its
@@ -186,10 +195,8 @@ class ImageAdapter(ModelAdapter):
     def grid_maps(self, layer: str, output: torch.Tensor) -> torch.Tensor:
         """(batch, C, G, G): a layer's (batch, C, h, w) output resampled to the grid."""
         if output is None:
-            raise ActivationError(
-                f"layer {layer!r} gave no tensor output: it did not run in the forward pass (a ModuleList or "
-                f"ModuleDict is never called itself), or returned None or a value holding no tensor; an image "
-                f"adapter reads spatial maps (batch, channels, height, width): pick a convolutional layer")
+            raise ActivationError(no_output_message(self.module, layer, "an image adapter reads spatial maps "
+                                                    "(batch, channels, height, width): pick a convolutional layer"))
         if output.dim() != 4:
             raise ActivationError(
                 f"layer {layer!r} produced an output of shape {tuple(output.shape)}; an image adapter reads spatial "

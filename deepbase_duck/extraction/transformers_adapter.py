@@ -154,7 +154,11 @@ class WordPieceAdapter(ModelAdapter):
         overhead: on a GPU, where the forward pass is cheap, that overhead was a third of a
         MiniLM scan), else through __call__."""
         texts = list(texts)
-        if self._backend is None or not texts:
+        if not texts:          # (the tokenizer's __call__ fails on no texts: an IndexError)
+            names = list(getattr(self.tokenizer, "model_input_names", None) or ["input_ids", "attention_mask"])
+            return Encoded(inputs={k: torch.zeros((0, 0), dtype=torch.long) for k in names},
+                           starts=[], ends=[], tokens=[], index=[])
+        if self._backend is None:
             return self._encode_call(texts)
         backend, names = self._backend
         encs = backend.encode_batch(texts, add_special_tokens=True)
