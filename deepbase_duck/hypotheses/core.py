@@ -61,12 +61,18 @@ class Hypothesis:
             raise HypothesisError(
                 f"hypothesis {self.name!r}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
         if self.kind == "categorical":
+            if isinstance(self.categories, (str, bytes)):
+                # a string is no list of names: categories="NOUN" were the categories N, O, U, N
+                raise HypothesisError(f"hypothesis {self.name!r}: categories must be a list of category names, "
+                                      f"got the string {self.categories!r} (write [{self.categories!r}, ...])")
             if not self.categories:
                 raise HypothesisError(
                     f"categorical hypothesis {self.name!r} must declare its categories")
             self.categories = tuple(str(c) for c in self.categories)
             if len(set(self.categories)) != len(self.categories):
-                raise HypothesisError(f"hypothesis {self.name!r}: categories repeat")
+                twice = sorted({c for c in self.categories if self.categories.count(c) > 1})
+                raise HypothesisError(f"hypothesis {self.name!r}: categories repeat ({', '.join(map(repr, twice))}); "
+                                      "name each category once")
             self._code = {c: i for i, c in enumerate(self.categories)}
         elif self.categories:
             raise HypothesisError(f"hypothesis {self.name!r}: only categorical hypotheses take categories")
@@ -126,7 +132,8 @@ class Hypothesis:
         out = _as_numpy(out, where)
         if isinstance(out, np.ndarray):
             if out.ndim != 1:
-                raise HypothesisError(f"{where} returned an array of shape {out.shape}; expected ({n},)")
+                raise HypothesisError(f"{where} returned an array of shape {out.shape}; expected ({n},), one value "
+                                      "per character (spans go in a list of (start, end[, value]) tuples)")
             return self._from_per_char(out, n, where)
         try:
             it = iter(out)
@@ -183,7 +190,19 @@ class Hypothesis:
                 arr[i] = code
             return arr
         try:
-            arr = np.asarray(values, dtype=np.float64)
+            arr = np.asarray(values)
+            if arr.dtype.kind in "USO":
+                # text is no number, though numpy reads "1" or "0.5" as one: a function returning
+                # the characters it was given (list(text)) would pass on a text of digits
+                # (looked for in the values given: a list of numbers and text is all text to numpy)
+                given = arr.reshape(-1) if isinstance(values, np.ndarray) else values
+                i = next((i for i, v in enumerate(given) if isinstance(v, (str, bytes))), None)
+                if i is not None:
+                    raise HypothesisError(f"{where}: values are not numbers: {self.kind} value {str(given[i])!r} "
+                                          f"at {at(i)} is text; return numbers")
+            arr = arr.astype(np.float64, copy=False)
+        except HypothesisError:
+            raise
         except Exception as exc:            # TypeError, ValueError; a torch tensor's RuntimeError
             raise HypothesisError(f"{where}: values are not numbers ({exc})") from None
         if self.kind == "binary":
@@ -211,8 +230,11 @@ class Hypothesis:
                 s, e, v = item
             else:
                 raise HypothesisError(f"{where}: span {tuple(item)!r} is not (start, end) or (start, end, value)")
-            if not (isinstance(s, (int, np.integer)) and isinstance(e, (int, np.integer))):
+            if not (_is_index(s) and _is_index(e)):
                 raise HypothesisError(f"{where}: span bounds must be integers, got {(s, e)!r}")
+            if s > e:
+                raise HypothesisError(f"{where}: span ({s}, {e}) ends before it starts; spans are (start, end), "
+                                      "end exclusive")
             if not (0 <= s <= e <= n):
                 raise HypothesisError(f"{where}: span ({s}, {e}) is outside the text [0, {n})")
             if s == e:
@@ -256,6 +278,12 @@ def _as_numpy(out, where: str):
         raise HypothesisError(f"{where} returned a {type(out).__name__} that cannot be read as a numpy array "
                               f"({type(exc).__name__}: {exc})") from None
     return out
+
+
+def _is_index(v) -> bool:
+    """An integer span bound: a Python or numpy integer, not a bool (a bool is an int to
+    isinstance: ``(text.startswith("x"), 3)`` passed as the span (1, 3))."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 def _empty():
@@ -726,8 +754,9 @@ def hypothesis(name: str | None = None, kind: str = "binary", description: str =
     optional ``texts -> [labels, ...]`` giving the same labels for many texts at once (a tagger's
     batched call), used where a block of records is labelled together."""
     def wrap(fn):
+        cats = categories if categories is None or isinstance(categories, (str, bytes)) else tuple(categories)
         h = Hypothesis(name or fn.__name__, fn, kind, description or (fn.__doc__ or "").strip(),
-                       version, tuple(categories) if categories else None, batch=batch)
+                       version, cats or None, batch=batch)
         register(h)
         return fn
     return wrap

@@ -150,7 +150,9 @@ def spacy_tags(name: str, attribute: str = "pos_", model: str = SPACY_MODEL, ski
     if not isinstance(model, str) or not model:
         raise HypothesisError(f"spacy_tags {name!r}: model must name an installed spaCy pipeline or a "
                               f"pipeline folder, got {model!r}")
-    cats = tuple(categories or (UPOS_TAGS if attribute == "pos_" else PTB_TAGS))
+    # (a string is passed on as it is, for Hypothesis to refuse: its letters are no categories)
+    cats = categories if isinstance(categories, (str, bytes)) else \
+        tuple(categories or (UPOS_TAGS if attribute == "pos_" else PTB_TAGS))
     fn = functools.partial(_tag_spans, attribute=attribute, model=model, skip=skip)
     many = functools.partial(_tag_spans_many, attribute=attribute, model=model, skip=skip)
     # a new tagger invalidates stored labels

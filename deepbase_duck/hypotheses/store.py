@@ -53,9 +53,35 @@ def resolve(con, names) -> list[dict]:
                 raise UnknownNameError("hypothesis", name, set(registry()) | set(stored))
             out.append(dict(row, live=None))
             continue
-        out.append({"name": h.name, "kind": h.kind, "version": h.version,
+        version = h.version
+        _check_stored_meaning(con, h, version)
+        out.append({"name": h.name, "kind": h.kind, "version": version,
                     "categories": list(h.categories) if h.categories else None, "live": h})
     return out
+
+
+def _check_stored_meaning(con, h: Hypothesis, version: str) -> None:
+    """Refuse ``h`` where the store holds labels of its version computed as another kind or with
+    other categories. A version given by hand (``version="1"``) stays the same when the kind or
+    the categories are edited, and the stored values (a categorical label is the code of its
+    category, 0..K-1) were read with the new meaning: reordered categories swapped the labels, a
+    categorical hypothesis made binary read its codes as 0/1. (A version computed from the code
+    changes with both.)"""
+    row = catalog_hypothesis(con, h.name)
+    if row is None or row["version"] != version:
+        return
+    cats = list(h.categories) if h.categories else None
+    if row["kind"] == h.kind and (list(row["categories"]) if row["categories"] else None) == cats:
+        return
+    if store.q_one(con, "SELECT 1 FROM labeled_records WHERE hypothesis = ? AND version = ? LIMIT 1",
+                   [h.name, version]) is None:
+        return                               # nothing stored under the old meaning
+    was = row["kind"] + (f" with categories {list(row['categories'])}" if row["categories"] else "")
+    now = h.kind + (f" with categories {cats}" if cats else "")
+    raise HypothesisError(
+        f"hypothesis {h.name!r}: this store holds labels of its version {version!r} computed as {was}, and it "
+        f"is now {now} under the same version, so those labels would be read with the new meaning; give it "
+        f"a new version (version=...), or none, so that its version follows its code and settings")
 
 
 _SHADOWING_WARNED: set = set()
