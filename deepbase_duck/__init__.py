@@ -45,6 +45,7 @@ _LAZY = {
     "register_hypothesis": ("hypotheses", "register"), "held_versions": ("hypotheses.core", None),
     "hypothesis_library": ("hypotheses.library", ""), "report": ("reports", None),
     "read_records": ("corpora.files", None), "GridHypothesis": ("hypotheses.grid", None),
+    "drop_hypothesis": ("hypotheses.regex", None),
 }
 _LOAD_LOCK = threading.RLock()
 _load_state = "no"                         # "no", "loading" (by the thread holding the lock), "done"
@@ -86,7 +87,7 @@ def __dir__():
 
 
 def connect(path: str | None = None, threads: int | None = None, progress: bool = True,
-            scan_memory_limit: str | None = "128MB"):
+            scan_memory_limit: str | None = "128MB", read_only: bool = False):
     """Open (or create) the store at ``path`` (None: in memory) and return its DuckDB connection,
     with the catalog created, the macros of sql/ loaded and deepbase_duck's UDFs registered.
 
@@ -104,6 +105,13 @@ def connect(path: str | None = None, threads: int | None = None, progress: bool 
     (which read many tables in turn and may update the catalog) from several cursors run one at
     a time per store (a second waits for the first); SQL over the stored tables runs
     concurrently. A store file is open once per process: connect again after ``close``.
+
+    ``read_only=True``: open an existing store file without writing to it (DuckDB read-only:
+    several processes may read it at once, and a file made read-only opens): the SQL surface and
+    the Python API are there to read results (top_units, compare_scores, symbol_labels, reports,
+    exports), and every call that writes (inspect, annotate, extract, register_model,
+    add_dataset, define_hypothesis, ...) is refused before it starts, naming read-only. A store
+    an earlier deepbase_duck wrote must be opened writable once first (its catalog is updated).
     """
     _load()
     import duckdb
@@ -120,7 +128,9 @@ def connect(path: str | None = None, threads: int | None = None, progress: bool 
         raise DeepBaseError(f"the store {path} is already open in this process as connection {earlier.con!r} "
                             f"(from an earlier deepbase_duck.connect): use that connection, or "
                             f"dbd.close() it first")
-    con = store.open_database(path, threads)
+    if not isinstance(read_only, bool):
+        raise DeepBaseError(f"read_only must be True or False, got {read_only!r}")
+    con = store.open_database(path, threads, read_only=read_only)
     session = Session(con, path, store.activation_root(path), progress=progress)
     session.scan_memory_limit = scan_memory_limit
     _SESSIONS[con] = session
@@ -134,7 +144,10 @@ def connect(path: str | None = None, threads: int | None = None, progress: bool 
                                 f"earlier deepbase_duck.connect was not closed with dbd.close): close it "
                                 f"first") from None
         store.apply_sql(con, "python")
-        refresh_views(session, clean=True)
+        if read_only:
+            _temporary_views(session)
+        else:
+            refresh_views(session, clean=True)
         register_stored_hypotheses(con)           # the store's regex hypotheses, for this process too
     except BaseException:
         _SESSIONS.pop(con, None)                  # nothing of the failed connection stays open
@@ -142,6 +155,21 @@ def connect(path: str | None = None, threads: int | None = None, progress: bool 
         raise
     _OPEN.add(session)
     return con
+
+
+def _temporary_views(session) -> None:
+    """connect's ``refresh_views`` for a read-only store: the view of each behavior whose files are
+    there, over this store's folder (which may have moved with the store since the stored view
+    was made), as a TEMP view of the connection, which stands before the stored one; nothing is
+    settled or dropped (that writes)."""
+    from .engine.extract import view_sql
+    for directory, view, width in store.q_all(
+            session.con, "SELECT b.directory, b.view_name, b.width FROM behaviors b "
+                         "WHERE EXISTS (SELECT 1 FROM behavior_parts p WHERE p.behavior_id = b.behavior_id)"):
+        folder = session.act_root / directory
+        if folder.is_dir() and any(folder.glob("part-*.parquet")):
+            sql = view_sql(session, {"view_name": view, "directory": directory, "width": width})
+            session.con.execute(sql.replace("CREATE OR REPLACE VIEW", "CREATE OR REPLACE TEMP VIEW", 1))
 
 
 def _open_session(path: str | None):

@@ -7,17 +7,21 @@
     deepbase-duck annotate STORE DATASET HYPOTHESIS...
     deepbase-duck extract STORE MODEL DATASET LAYER... [--dtype float16]
     deepbase-duck inspect STORE MODEL DATASET --layers L... --hypotheses H... [--measures corr] [--params JSON]
-    deepbase-duck report STORE [--out report.html] [--query N] [--model M] [--top K]
-    deepbase-duck export STORE OUT_DIR [--activations] [--text]
-    deepbase-duck shell [STORE [SCRIPT]] [-c SQL] [--create]
-    deepbase-duck hypotheses [STORE]            # the hypotheses this installation (and the store) can compute
+    deepbase-duck report STORE [--out report.html] [--query N] [--model M] [--top K] [--read-only]
+    deepbase-duck export STORE OUT_DIR [--activations] [--text] [--read-only]
+    deepbase-duck shell [STORE [SCRIPT]] [-c SQL] [--create | --read-only]
+    deepbase-duck hypotheses [STORE] [--read-only]   # the hypotheses this installation (and the store) can compute
     deepbase-duck define-hypothesis STORE NAME PATTERN [--kind categorical] [--flags i] [--replace]
+    deepbase-duck drop-hypothesis STORE NAME
     deepbase-duck --version
 
 Bad input exits with status 2 and one line naming the problem (a flag that acts only with
 another, given without it, included: --dtype without --keep-activations); Ctrl-C with status
 130 and one line, also while the libraries are still importing. ``--help`` imports none of
 them (the package's ``__init__`` loads torch and the engine on first use), so it answers at once.
+The commands that only read a store (report, export, shell, hypotheses) take ``--read-only``: the
+store is opened without writing (``dbd.connect(path, read_only=True)``), so that a read-only file
+or a store other read-only processes hold opens.
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ EXAMPLES = {
     "define-hypothesis": "deepbase-duck define-hypothesis study.duckdb has_digit '[0-9]+'\n"
                          "  deepbase-duck define-hypothesis study.duckdb char_class '(?P<digit>[0-9])|(?P<upper>[A-Z])' "
                          "--kind categorical",
+    "drop-hypothesis": "deepbase-duck drop-hypothesis study.duckdb has_digit",
     "export": "deepbase-duck export study.duckdb out/bi --activations",
     "shell": "deepbase-duck shell study.duckdb -c \"SELECT * FROM top_units(3);\"\n"
              "  deepbase-duck shell --create new.duckdb     # a new, empty store",
@@ -54,6 +59,8 @@ EXAMPLES = {
 
 
 STORE_HELP = "the .duckdb store"
+READ_ONLY_HELP = ("open the store without writing to it (a read-only file, or one other read-only processes hold; "
+                  "what would write is refused)")
 # the measures of deepbase_duck.inspectors.MEASURES, named here for --measures' help: importing
 # the inspectors loads torch and scipy, seconds that `--help` should not wait for (a test keeps
 # the two lists equal)
@@ -198,6 +205,7 @@ def _parser() -> argparse.ArgumentParser:
     hy = add("hypotheses", "List the hypotheses this installation can compute (with a store: also those it defines).")
     hy.add_argument("store", nargs="?", default=None,
                     help="a .duckdb store whose regular-expression hypotheses (define-hypothesis) are listed too")
+    hy.add_argument("--read-only", action="store_true", help=READ_ONLY_HELP)
 
     dh = add("define-hypothesis", "Define a hypothesis by a regular expression (Python re), stored in the store "
                                   "so that every process opening it computes its labels.")
@@ -213,6 +221,11 @@ def _parser() -> argparse.ArgumentParser:
     dh.add_argument("--replace", action="store_true",
                     help="redefine a hypothesis the store defines already (its labels are computed again)")
 
+    dr = add("drop-hypothesis", "Drop a hypothesis that define-hypothesis stored: its definition, labels and "
+                                "catalog row (query results stay).")
+    dr.add_argument("store", help=STORE_HELP)
+    dr.add_argument("name", help="a hypothesis defined in the store (not a built-in or Python one)")
+
     sh = add("shell", "Interactive SQL shell on a store, with deepbase_duck's Python UDFs and macros live.")
     sh.add_argument("store", nargs="?", default=None,
                     help="the .duckdb store, which must exist unless --create is given (default: in memory)")
@@ -220,6 +233,7 @@ def _parser() -> argparse.ArgumentParser:
     sh.add_argument("-c", dest="sql", default=None, help="run these statements and exit")
     sh.add_argument("--create", action="store_true",
                     help="create the store when there is none at that path (a mistyped path is an error otherwise)")
+    sh.add_argument("--read-only", action="store_true", help=READ_ONLY_HELP)
 
     x = add("export", "Export scores, catalog and optionally activations as Parquet plus a DuckDB 1.5 file of views.")
     x.add_argument("store", help=STORE_HELP)
@@ -227,6 +241,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--activations", action="store_true", help="also export stored activations")
     x.add_argument("--text", action="store_true", help="also export records, symbols and labels")
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    x.add_argument("--read-only", action="store_true", help=READ_ONLY_HELP)
 
     rp = add("report", "Write a self-contained HTML report (figures embedded as PNG) of an inspection query.")
     rp.add_argument("store", help=STORE_HELP)
@@ -241,6 +256,7 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--records", type=int, default=3, help="top-activating records per unit (default: %(default)s)")
     rp.add_argument("--context", type=int, default=240,
                     help="characters shown either side of a record's peak (default: %(default)s)")
+    rp.add_argument("--read-only", action="store_true", help=READ_ONLY_HELP)
     return p
 
 
@@ -411,7 +427,7 @@ def _store(args, create: bool = False):
                             f"`deepbase-duck demo` writes deepbase_demo/demo.duckdb)")
     db, acts = Path(args.store), activation_root(args.store)
     created = [p for p in (db, Path(f"{db}.wal"), acts) if not p.exists()] if create else []
-    con = dbd.connect(args.store, progress=not args.quiet)
+    con = dbd.connect(args.store, progress=not args.quiet, read_only=getattr(args, "read_only", False))
     failed = False
     try:
         yield con
@@ -694,11 +710,14 @@ def cmd_report(args):
 
 def cmd_shell(args):
     from deepbase_duck.shell import main as shell_main
-    return shell_main(args.store, args.sql, args.script, args.quiet, create=args.create)
+    return shell_main(args.store, args.sql, args.script, args.quiet, create=args.create, read_only=args.read_only)
 
 
 def cmd_hypotheses(args):
     from deepbase_duck.hypotheses import RegexHypothesis, registry
+    if args.store is None and args.read_only:
+        from deepbase_duck.errors import DeepBaseError
+        raise DeepBaseError("--read-only acts on a store: give the STORE to open read-only, or leave out --read-only")
     if args.store is None:
         hyps = registry()
     else:
@@ -720,9 +739,20 @@ def cmd_define_hypothesis(args):
     return 0
 
 
+def cmd_drop_hypothesis(args):
+    import deepbase_duck as dbd
+    with _store(args) as con:
+        d = dbd.drop_hypothesis(con, args.name)
+    print(f"{d['name']}: dropped ({d['kind']} pattern {d['pattern']!r}"
+          + (f" flags {d['flags']!r}" if d["flags"] else "")
+          + f", version {d['version']}; labels of {_n(d['labeled_records'], 'record')} deleted)")
+    return 0
+
+
 COMMANDS = {"demo": cmd_demo, "register-model": cmd_register, "add-stdlib": cmd_add_stdlib, "add-dataset": cmd_add_dataset,
             "annotate": cmd_annotate, "extract": cmd_extract, "inspect": cmd_inspect,
-            "hypotheses": cmd_hypotheses, "define-hypothesis": cmd_define_hypothesis, "export": cmd_export, "shell": cmd_shell, "report": cmd_report}
+            "hypotheses": cmd_hypotheses, "define-hypothesis": cmd_define_hypothesis,
+            "drop-hypothesis": cmd_drop_hypothesis, "export": cmd_export, "shell": cmd_shell, "report": cmd_report}
 
 
 def main(argv=None) -> int:

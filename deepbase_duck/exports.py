@@ -27,9 +27,11 @@ beside ``out_dir``, names its destination in a file ``destination``; once the ne
 written it is renamed ``.<name>.replaced-export-*`` and deleted. A process killed in between
 (SIGKILL, power loss) leaves the earlier export there: the next export to ``out_dir`` puts it back
 when ``out_dir`` is missing or empty, and otherwise warns naming where it is; it never deletes it
-(``recover_earlier_exports``). An export runs under the store's writer lock (``store.one_writer``):
+(``recover_earlier_exports``). An export runs under the store's writer lock (``store.one_reader``):
 it reads many tables one after another and may update the catalog (``forget_missing_parts``), so
-a query on another cursor must not commit in between. What an export could not include (activations
+a query on another cursor must not commit in between. A store opened read-only exports too (the
+export is written elsewhere); only forgetting parts whose files are gone would write there,
+and fails by name. What an export could not include (activations
 asked for but none stored, or stored ones whose files were deleted by hand) is said in the
 returned dict's ``notes`` (a line of text), and no ``activations`` view is made then.
 """
@@ -278,7 +280,7 @@ def recover_earlier_exports(out: Path) -> Path | None:
     return restored
 
 
-@store.one_writer
+@store.one_reader                   # reads; a read-only store (dbd.connect(path, read_only=True)) exports too
 def export_store(session, out_dir: str, activations: bool = False, text: bool = False,
                  overwrite: bool = False) -> dict:
     """Write the export to ``out_dir``; returns {name: path} of what was written, and 'notes'

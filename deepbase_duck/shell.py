@@ -16,7 +16,9 @@ Modes: interactive (a terminal), ``-c 'SQL'`` (run and exit), a script file argu
 standard input. In the non-interactive modes the first error ends the shell with status 1, after
 the Python traceback of a failed deepbase_duck call (what ``SELECT last_error()`` shows at the
 prompt, which could not run after it). The store must exist (a path with none is refused,
-status 2) unless ``--create`` is given.
+status 2) unless ``--create`` is given. ``--read-only`` opens it without writing (a read-only file,
+or a store other read-only processes hold): results can be read, and what would write is
+refused by name.
 """
 from __future__ import annotations
 
@@ -317,19 +319,25 @@ def read_script(path: str) -> str:
         raise DeepBaseError(f"cannot read script {path!r}: {exc.strerror}") from None
 
 
-def main(store: str | None, command: str | None, script: str | None, quiet: bool, create: bool = False) -> int:
+def main(store: str | None, command: str | None, script: str | None, quiet: bool, create: bool = False,
+         read_only: bool = False) -> int:
     """Run the shell on the store at ``store`` (None or ':memory:': in memory). A path with no
     store is refused unless ``create`` (the command's --create), as the other commands that read
-    a store refuse it: a mistyped path must not become a new, empty store."""
+    a store refuse it: a mistyped path must not become a new, empty store. ``read_only`` (the
+    command's --read-only): the store is opened read-only (``dbd.connect(..., read_only=True)``),
+    so that a read-only file, or one another read-only process holds, opens; what would write
+    (inspect, define_hypothesis, INSERT ...) is refused by name."""
     import deepbase_duck as dbd
     from .errors import DeepBaseError
     if command is not None and script is not None:     # before the store is opened (or created)
         raise DeepBaseError(f"give either -c SQL or a script file ({script!r}), not both: -c would run and the "
                             f"script would not")
+    if read_only and (create or store in (None, ":memory:")):
+        raise DeepBaseError("--read-only opens an existing store file: give its path, without --create")
     if store not in (None, ":memory:") and not create and not Path(store).is_file():
         raise DeepBaseError(f"no store at {store!r}; --create makes a new one there "
                             f"(or leave out the path for a store in memory)")
-    con = dbd.connect(store, progress=not quiet)
+    con = dbd.connect(store, progress=not quiet, read_only=read_only)
     try:
         sh = Shell(con)
         if command is not None:

@@ -3,6 +3,12 @@
 This module opens connections, applies the schema and macros of ``sql/*.sql`` and offers the
 few query helpers that always finish their results (DuckDB 2.0 refuses a second query on a
 connection whose result is still open). It knows nothing of torch.
+
+A store opened read-only (``open_database(path, read_only=True)``, ``dbd.connect(path,
+read_only=True)``) is never written: its catalog is checked instead of created or migrated, the
+pure-SQL macros are made TEMP macros of the connection, and every call that writes
+(``one_writer``) is refused before it starts, so that nothing is left half done. Several
+processes may read a store at once that way; a file made read-only (chmod) opens only so.
 """
 from __future__ import annotations
 
@@ -50,6 +56,72 @@ def apply_sql(con: duckdb.DuckDBPyConnection, kind: str) -> None:
             raise RuntimeError(f"sql/{name} failed to apply: {exc}") from exc
 
 
+_MACRO = re.compile(r"\bCREATE\s+OR\s+REPLACE\s+MACRO\b", re.IGNORECASE)
+_WRITES = re.compile(r"\b(CREATE\s+(OR\s+REPLACE\s+)?(TABLE|VIEW|SEQUENCE|SCHEMA|INDEX|TYPE)"
+                     r"|ALTER|INSERT|UPDATE|DELETE)\b", re.IGNORECASE)
+
+
+def apply_sql_read_only(con: duckdb.DuckDBPyConnection) -> None:
+    """The pure-SQL macros of sql/ as TEMP macros of ``con``, a read-only connection: DuckDB
+    creates those in memory, and they stand before the (maybe older) ones stored in the file.
+    A file that creates or alters tables (the catalog, its migrations) is not applied: it
+    would write; ``check_catalog`` makes sure the store already has what it makes."""
+    for name, text in sql_files("pure"):
+        body = "\n".join(line.split("--", 1)[0] for line in text.splitlines())   # not the comments' words
+        if _WRITES.search(body):
+            continue
+        try:
+            con.execute(_MACRO.sub("CREATE OR REPLACE TEMP MACRO", text))
+        except duckdb.Error as exc:  # pragma: no cover - a broken shipped file
+            raise RuntimeError(f"sql/{name} failed to apply as TEMP macros: {exc}") from exc
+
+
+@functools.lru_cache(maxsize=1)
+def catalog_columns() -> frozenset:
+    """(table, column) of every table the sql/ files make, as a new store has them."""
+    scratch = duckdb.connect(":memory:")
+    try:
+        apply_sql(scratch, "pure")
+        return frozenset(scratch.sql("SELECT table_name, column_name FROM duckdb_columns() "
+                                     "WHERE database_name = current_database()").fetchall())
+    finally:
+        scratch.close()
+
+
+def check_catalog(con, path) -> None:
+    """Refuse a read-only store whose catalog is not this version's: not a deepbase_duck store at
+    all, or one an earlier version wrote, which opening it writable would bring up to date (the
+    migrations of sql/05_migrations.sql write)."""
+    have = set(con.sql("SELECT table_name, column_name FROM duckdb_columns() "
+                       "WHERE database_name = current_database()").fetchall())
+    if not any(t == "dbd_meta" for t, _ in have):
+        raise DeepBaseError(f"{path} is not a deepbase_duck store (it has no table dbd_meta); open a store "
+                            f"that deepbase_duck.connect made")
+    missing = sorted(catalog_columns() - have)
+    if missing:
+        shown = ", ".join(f"{t}.{c}" for t, c in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise DeepBaseError(f"the store {path} was written by an earlier deepbase_duck (its catalog lacks {shown}), "
+                            f"and bringing it up to date writes to it, which read_only forbids: open it once "
+                            f"without read_only (dbd.connect(path); CLI: without --read-only), then read-only")
+
+
+def is_read_only(con) -> bool:
+    """Whether ``con`` (a connection or a cursor of one) has its store open read-only."""
+    row = q_one(con, "SELECT readonly FROM duckdb_databases() WHERE database_name = current_database()")
+    return bool(row and row[0])
+
+
+class ReadOnlyStoreError(DeepBaseError):
+    """A call that writes to a store opened read-only."""
+
+
+def read_only_error(con, what: str) -> ReadOnlyStoreError:
+    path = q_scalar(con, "SELECT path FROM duckdb_databases() WHERE database_name = current_database()")
+    return ReadOnlyStoreError(
+        f"the store {path} is open read-only, and {what} writes to it; nothing was changed. Open it writable "
+        f"(dbd.connect(path) without read_only=True; CLI: without --read-only) to do that")
+
+
 def activation_root(db_path: str | None) -> Path:
     """The folder holding Parquet activation parts: '<store>.acts' beside a file store, the file
     itself where ``db_path`` is a symbolic link to it (a store opened through a link to it, or
@@ -64,28 +136,47 @@ def activation_root(db_path: str | None) -> Path:
     return Path(real)
 
 
-def open_database(path: str | None, threads: int | None = None) -> duckdb.DuckDBPyConnection:
+def open_database(path: str | None, threads: int | None = None, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     """A connection to the store at ``path`` (None: in memory) with the catalog applied.
 
     Files are written with storage_compatibility_version v1.5.0 so that the DuckDB 1.5 CLI (the
-    newest on PyPI) opens them.
+    newest on PyPI) opens them. ``read_only``: an existing store file, opened by DuckDB
+    read-only and left as it is (its catalog checked, not applied: ``check_catalog``).
     """
     config = {}
+    if read_only and path in (None, ":memory:"):
+        raise DeepBaseError("read_only=True opens an existing store file; give its path (a store in memory "
+                            "starts empty, with nothing to read)")
     if path not in (None, ":memory:"):
         config["storage_compatibility_version"] = "v1.5.0"
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if not read_only:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
     if threads:
         config["threads"] = int(threads)
     try:
-        con = duckdb.connect(path if path else ":memory:", config=config)
+        con = duckdb.connect(path if path else ":memory:", read_only=read_only, config=config)
     except duckdb.IOException as exc:
-        if "lock" not in str(exc).lower():
+        text = str(exc).lower()
+        if read_only and "does not exist" in text:
+            raise DeepBaseError(f"no store at {path}: read_only opens an existing store") from None
+        if "permission denied" in text and not read_only:
+            raise DeepBaseError(f"the store {path} cannot be opened for writing ({exc}): to read it, open it "
+                                f"read-only (dbd.connect(path, read_only=True); CLI: --read-only)") from None
+        if "lock" not in text:
             raise
         held = re.search(r"PID (\d+)", str(exc))
+        if read_only:
+            raise DeepBaseError(
+                f"the store {path} is open for writing in another process{f' (PID {held.group(1)})' if held else ''}, "
+                f"and DuckDB lets no other process read it meanwhile, read-only or not: close it there "
+                f"(dbd.close(con), or quit that shell) and try again, or read the Parquet of an export made "
+                f"before (deepbase-duck export)") from None
         raise DeepBaseError(
             f"the store {path} is open in another process{f' (PID {held.group(1)})' if held else ''}: DuckDB lets "
             f"one process write a file at a time; close it there (dbd.close(con), or quit that shell) and "
-            f"try again, or work on a copy or on its exported Parquet (deepbase-duck export)") from None
+            f"try again, or work on a copy or on its exported Parquet (deepbase-duck export); if every process "
+            f"that holds it only reads, open it read-only here too (dbd.connect(path, read_only=True); "
+            f"CLI: --read-only)") from None
     except duckdb.ConnectionException as exc:
         if "different configuration" not in str(exc):
             raise
@@ -93,6 +184,14 @@ def open_database(path: str | None, threads: int | None = None) -> duckdb.DuckDB
             f"the store {path} is already open in this process through another DuckDB connection (read-only, "
             f"or with other settings than deepbase_duck's): close that connection first, or open the store "
             f"with deepbase_duck.connect only") from None
+    if read_only:
+        try:
+            check_catalog(con, path)
+            apply_sql_read_only(con)
+        except BaseException:
+            con.close()
+            raise
+        return con
     apply_sql(con, "pure")
     con.execute(
         "INSERT INTO dbd_meta VALUES ('schema_version', ?) ON CONFLICT (key) DO NOTHING",
@@ -136,16 +235,45 @@ def insert_arrow(con, table: str, data: pa.Table, columns: list[str] | None = No
             pass
 
 
+#: Functions that hold the writer lock only to read the store in one consistent state, allowed
+#: on a read-only store (``one_reader``), by module and name: the report's is decorated
+#: ``one_writer`` in reports/build.py.
+READERS = {"deepbase_duck.reports.build._write_report"}
+
+
 def one_writer(fn):
     """Run ``fn(session, ...)`` holding the session's ``write_lock``: the queries and catalog
     changes of one store run one at a time, whichever cursor (``dbd.cursor``, another thread)
     they come from; two at once would compute and insert the same labels, symbols and query ids.
-    Plain SQL over the store's tables stays concurrent."""
+    Plain SQL over the store's tables stays concurrent. On a store opened read-only the call is
+    refused before it starts (ReadOnlyStoreError), so that a scan does not run to its end and
+    then fail to store its labels or scores."""
+    if f"{fn.__module__}.{fn.__qualname__}" in READERS:
+        return one_reader(fn)
+
+    @functools.wraps(fn)
+    def wrapper(session, *args, **kwargs):
+        with session.write_lock:
+            if is_read_only(session.con):
+                raise read_only_error(session.con, _call_name(fn))
+            return fn(session, *args, **kwargs)
+    return wrapper
+
+
+def one_reader(fn):
+    """``one_writer`` for a function that reads the store in one consistent state (an export, a
+    report) and so runs on a read-only store too; a write it may still make (activation files
+    deleted by hand taken out of the catalog) fails there by name (``Transaction``)."""
     @functools.wraps(fn)
     def wrapper(session, *args, **kwargs):
         with session.write_lock:
             return fn(session, *args, **kwargs)
     return wrapper
+
+
+def _call_name(fn) -> str:
+    """The name a user knows a writer by: 'inspect', 'register_model', ..."""
+    return fn.__name__.strip("_")
 
 
 class Transaction:
@@ -166,6 +294,8 @@ class Transaction:
                 self.con.execute("ROLLBACK")
             except duckdb.Error:
                 pass
+            if isinstance(exc, duckdb.Error) and "read-only mode" in str(exc):   # DuckDB's words
+                raise read_only_error(self.con, "this call") from exc
         return False
 
 

@@ -14,6 +14,13 @@ A pattern that can match the empty string (``a*``, ``\\b``, ``(?=x)``, ``x|``) i
 its empty matches label nothing, and the hypothesis would silently label only some of what it seems to.
 The version follows the definition (kind, pattern, flags), not the code that runs it: editing a
 definition (``replace``) recomputes its labels, and every process derives the same version.
+
+``drop_hypothesis`` (SQL ``drop_hypothesis(name)``, CLI ``drop-hypothesis``) deletes a definition
+with what the store holds only for it: its labels (every dataset, every version) and its catalog
+row. Query results (``queries``, ``scores``) stay, as ``drop_dataset`` keeps them: they are
+keyed by the hypothesis' version, so a name defined again by another pattern (another version)
+is never served them, nor the old labels; the same definition again gets the same version, and
+its labels and scores are the same.
 """
 from __future__ import annotations
 
@@ -21,7 +28,8 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from ..errors import HypothesisError
+from ..errors import HypothesisError, UnknownNameError
+from ..store import Transaction, one_writer, q_scalar      # (not `from .. import store`: that loads the engine)
 from .core import Hypothesis
 
 #: The flag letters a definition takes, as Python's inline flags (``(?i)``) spell them.
@@ -139,3 +147,67 @@ def regex_hypothesis(name, pattern, kind="binary", flags="", description="") -> 
     compiled, categories = compile_definition(name, pattern, kind, flags)
     return RegexHypothesis(name, _Matcher(compiled, categories), kind, description or "",
                            definition_version(kind, pattern, flags), categories, pattern=pattern, flags=flags)
+
+
+def drop_hypothesis(con, name: str) -> dict:
+    """Drop the regular-expression hypothesis ``name`` defined in the store of ``con`` (a
+    connection from ``dbd.connect``, a ``dbd.cursor``; or its Session): its definition, its
+    labels and its catalog row (see the module docstring), and its registration in this
+    process. Refused by name: a name the store does not define (a built-in, a Python hypothesis,
+    one known only by labels that Python code stored: those are not the store's to drop).
+    Returns the dropped definition and ``labeled_records``, the (dataset, record) labels dropped."""
+    from ..catalog import Session
+    if isinstance(con, Session):
+        session = con
+    else:
+        from .. import _session
+        session = _session(con)
+    return _drop_hypothesis(session, name)
+
+
+@one_writer
+def _drop_hypothesis(session, name) -> dict:
+    """drop_hypothesis's work, holding the store's writer lock."""
+    from . import core
+    from .store import _WAITING, catalog_hypothesis, stored_definition, stored_definitions
+    if not isinstance(name, str):
+        raise HypothesisError(f"drop_hypothesis: name must be the name of a hypothesis defined in this store, got "
+                              f"{'NULL' if name is None else repr(name)}")
+    con = session.con
+    held = core.registry().get(name)
+    python = held if held is not None and not isinstance(held, RegexHypothesis) else None
+    with Transaction(con):
+        d = stored_definition(con, name)
+        if d is None:
+            if python is not None and core.is_builtin(python):
+                raise HypothesisError(f"drop_hypothesis: {name!r} is a built-in hypothesis of deepbase_duck, which "
+                                      f"cannot be dropped; drop_hypothesis drops what define_hypothesis stored")
+            if python is not None:
+                raise HypothesisError(f"drop_hypothesis: {name!r} is a Python hypothesis of this process "
+                                      f"({python.source}), not one defined in this store by define_hypothesis: it "
+                                      f"lives in your code (remove it there); drop_hypothesis drops what "
+                                      f"define_hypothesis stored")
+            row = catalog_hypothesis(con, name)
+            if row is not None:
+                raise HypothesisError(f"drop_hypothesis: {name!r} is not defined in this store by define_hypothesis: "
+                                      f"the store holds only its labels, computed by Python code ({row['kind']}), "
+                                      f"which drop_hypothesis leaves (define_hypothesis({name!r}, pattern, replace "
+                                      f":= true) defines the name by a pattern instead)")
+            err = UnknownNameError("hypothesis", name, [x["name"] for x in stored_definitions(con)])
+            text = err.args[0].replace("valid hypotheses", "hypotheses defined in this store", 1)
+            err.args = (f"drop_hypothesis: {text.replace('(none registered)', '(none)')}",)
+            raise err
+        # a Python hypothesis of this process that shadows the definition keeps its own labels
+        keep = python.version if python is not None else None
+        n = q_scalar(con, "SELECT count(*) FROM labeled_records WHERE hypothesis = ? AND version IS DISTINCT FROM ?",
+                     [name, keep])
+        for table, column in (("labels", "hypothesis"), ("labeled_records", "hypothesis"), ("hypotheses", "name")):
+            con.execute(f"DELETE FROM {table} WHERE {column} = ? AND version IS DISTINCT FROM ?", [name, keep])
+        con.execute("DELETE FROM hypothesis_definitions WHERE name = ?", [name])
+    if isinstance(held, RegexHypothesis) and (held.kind, held.pattern, held.flags) == \
+            (d["kind"], d["pattern"], d["flags"]):
+        core._REGISTRY.pop(name, None)     # (core has no unregister) another store's other definition stays
+    for key in [k for k in _WAITING if k[0] == name and k[1] != keep]:
+        _WAITING.pop(key, None)
+    return {**{k: d[k] for k in ("name", "kind", "pattern", "flags", "version")},
+            "categories": list(d["categories"]) if d["categories"] else None, "labeled_records": int(n)}

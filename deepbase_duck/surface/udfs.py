@@ -33,6 +33,8 @@ COMPARE_STRUCT = ("STRUCT(query_id INTEGER, dataset VARCHAR, model_a VARCHAR, la
                   "layer_b VARCHAR, measure VARCHAR, score DOUBLE, n BIGINT)[]")
 HYP_STRUCT = "STRUCT(name VARCHAR, kind VARCHAR, description VARCHAR, version VARCHAR)[]"
 DEFINE_STRUCT = "STRUCT(name VARCHAR, kind VARCHAR, version VARCHAR, categories VARCHAR[])"
+DROP_STRUCT = ("STRUCT(name VARCHAR, kind VARCHAR, pattern VARCHAR, flags VARCHAR, version VARCHAR, "
+               "categories VARCHAR[], labeled_records BIGINT)")
 
 
 def _cursor_session(session: Session) -> Session:
@@ -255,6 +257,10 @@ def register_udfs(session: Session) -> None:
         d = define_hypothesis(sub, name, pattern, kind, flags, description, replace)
         return {k: d[k] for k in ("name", "kind", "version", "categories")}
 
+    def do_drop_hypothesis(sub, name):
+        from ..hypotheses.regex import drop_hypothesis
+        return drop_hypothesis(sub, name)
+
     def do_last_error(sub, _dummy):
         return session.udf_tracebacks[-1] if session.udf_tracebacks else None
 
@@ -291,6 +297,8 @@ def register_udfs(session: Session) -> None:
         ("dbd_hypotheses", do_hypotheses, ["INTEGER"], HYP_STRUCT),
         ("dbd_define_hypothesis", do_define_hypothesis, ["VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR",
                                                          "BOOLEAN"], DEFINE_STRUCT),
+        # under its own name, no macro (sql/90_surface.sql): drop_hypothesis(name) in SQL
+        ("drop_hypothesis", do_drop_hypothesis, ["VARCHAR"], DROP_STRUCT),
         ("dbd_last_error", do_last_error, ["INTEGER"], "VARCHAR"),
         ("dbd_add_stdlib_dataset", do_add_stdlib, ["VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR"], "BIGINT"),
         ("dbd_add_ptb_dataset", do_add_ptb, ["VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR"], "BIGINT"),
