@@ -209,6 +209,9 @@ def cursor(con):
     sub = parent.cursor_session()
     try:
         store.apply_sql(sub.con, "python")
+        if store.is_read_only(sub.con):       # TEMP macros and views are the connection's own: again here
+            store.apply_sql_read_only(sub.con)
+            _temporary_views(sub)
     except BaseException:
         sub.con.close()
         raise
@@ -299,8 +302,7 @@ def _check_keywords(call: str, kwargs: dict, options, measures=(), named=()) -> 
     ``limit`` (both given: an error), and a keyword that is neither one of ``options`` nor a
     measure name (a dict of that measure's parameters) is an UnknownKeywordError suggesting the
     closest name, instead of the engine's "parameters given for measure 'max_eror'"."""
-    import difflib
-    from .errors import UnknownKeywordError
+    from .errors import UnknownKeywordError, _close_names
     kwargs = dict(kwargs)
     if "max_records" in kwargs:
         if "limit" in kwargs:
@@ -311,7 +313,7 @@ def _check_keywords(call: str, kwargs: dict, options, measures=(), named=()) -> 
         if key in options or key in measures:
             continue
         settings = sorted({*options, "max_records"})
-        close = difflib.get_close_matches(key, [*named, *settings, *measures], n=1, cutoff=0.6)
+        close = _close_names(key, [*named, *settings, *measures], n=1)       # (regardless of case: Max_Error)
         if close:
             raise UnknownKeywordError(f"{call}: unknown keyword {key!r} (did you mean {close[0]}?)")
         shown = f"options: {', '.join(settings)}"
@@ -355,6 +357,7 @@ def export(con, out_dir: str, activations: bool = False, text: bool = False, ove
 
 __all__ = [
     "connect", "cursor", "close", "register_model", "add_dataset", "drop_dataset", "read_records", "define_hypothesis",
+    "drop_hypothesis",
     "annotate", "extract", "inspect", "compare_layers", "export",
     "report",
     "Hypothesis", "hypothesis", "register_hypothesis", "get_hypothesis", "ModelAdapter", "CharAdapter",

@@ -38,7 +38,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import HypothesisError, UnknownNameError
+from ..errors import HypothesisError, UnknownNameError, check_name
 
 KINDS = ("binary", "categorical", "continuous")
 
@@ -714,7 +714,12 @@ def _user_file(f: str) -> bool:
 _REGISTRY: dict[str, Hypothesis] = {}
 
 
-def register(h: Hypothesis, replace: bool = True) -> Hypothesis:
+def register(h: Hypothesis, replace: bool = True, stored_name: bool = False) -> Hypothesis:
+    """Register ``h`` under its name. A name with whitespace around it is refused (it would be
+    part of the name, and 'digit' would never find ' digit '), except ``stored_name``: a name a
+    store already holds (a definition stored before names were checked), which stays usable."""
+    if not stored_name:
+        check_name("hypothesis", h.name, error=HypothesisError)
     if not replace and h.name in _REGISTRY:
         raise HypothesisError(f"a hypothesis named {h.name!r} is already registered")
     _REGISTRY[h.name] = h

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from .. import store
-from ..errors import HypothesisError, UnknownNameError
+from ..errors import HypothesisError, UnknownNameError, check_name
 from .core import Hypothesis, is_builtin, register, registry
 from .regex import RegexHypothesis, regex_hypothesis
 from ..progress import progress_bar
@@ -155,7 +155,7 @@ def register_stored_hypotheses(con) -> list[str]:
                           stacklevel=2)
             continue
         try:
-            register(hypothesis_of_definition(d))
+            register(hypothesis_of_definition(d), stored_name=True)
         except HypothesisError as exc:
             warnings.warn(str(exc), stacklevel=2)
             continue
@@ -184,6 +184,8 @@ def define_hypothesis(session, name, pattern, kind="binary", flags="", descripti
         _not_null(value, what)
     if not isinstance(replace, bool):
         raise HypothesisError(f"define_hypothesis: replace must be true or false, got {replace!r}")
+    check_name("hypothesis", name, lambda n: stored_definition(con, n) is not None or
+               catalog_hypothesis(con, n) is not None, HypothesisError)
     h = regex_hypothesis(name, pattern, kind, flags, description)
     held = registry().get(h.name)
     if held is not None and not isinstance(held, RegexHypothesis):
@@ -211,7 +213,7 @@ def define_hypothesis(session, name, pattern, kind="binary", flags="", descripti
                     "version) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [h.name, h.kind, h.pattern, h.flags, list(h.categories) if h.categories else None,
                      h.description, h.version])
-    register(hypothesis_of_definition(stored_definition(con, h.name)))
+    register(hypothesis_of_definition(stored_definition(con, h.name)), stored_name=True)
     return h.definition()
 
 

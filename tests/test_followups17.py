@@ -1,0 +1,82 @@
+"""Follow-ups of session 17's changes: a read-only store's cursors have the current macros and
+activation views; hypothesis names with whitespace around them; keyword hints regardless of
+case."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import deepbase_duck as dbd
+from deepbase_duck.errors import HypothesisError, UnknownKeywordError
+from deepbase_duck.hypotheses import core
+
+from conftest import TEXTS, planted_adapter, planted_per_record
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def forget_names():
+    yield
+    for name in [n for n in core._REGISTRY if n.strip().startswith("fu_")]:
+        core._REGISTRY.pop(name)
+
+
+def test_a_cursor_of_a_read_only_store_reads_its_activations_and_current_macros(tmp_path):
+    """A read-only store's macros and activation views are TEMP objects of its connection, which
+    DuckDB keeps per connection: a dbd.cursor (another thread's) saw the file's stored ones, whose
+    activation views point at the folder the store was written beside. Moved, the store's
+    activations were unreadable from a cursor."""
+    db = tmp_path / "a" / "s.duckdb"
+    con = dbd.connect(str(db), progress=False)
+    dbd.register_model(con, "planted", planted_adapter())
+    dbd.add_dataset(con, "snippets", TEXTS)
+    dbd.inspect(con, "planted", ["planted"], ["digit"], "snippets", keep_activations=True)
+    dbd.close(con)
+    moved = tmp_path / "b"
+    (tmp_path / "a").rename(moved)
+    con = dbd.connect(str(moved / "s.duckdb"), progress=False, read_only=True)
+    try:
+        cur = dbd.cursor(con)
+        view = cur.sql("SELECT view_name FROM behaviors").fetchall()[0][0]
+        X, _, _ = planted_per_record(["digit"])
+        acts = cur.sql(f"SELECT act FROM {view} ORDER BY record_id, pos").fetchnumpy()["act"]
+        np.testing.assert_allclose(np.stack(acts), X, atol=1e-6)
+        temp = cur.sql("SELECT count(*) FROM duckdb_functions() WHERE function_name = 'symbol_labels' "
+                       "AND NOT internal AND database_name = 'temp'").fetchall()[0][0]
+        assert temp >= 1
+        dbd.close(cur)
+    finally:
+        dbd.close(con)
+
+
+def test_hypothesis_names_with_whitespace_around_them_are_refused(tmp_path):
+    with pytest.raises(HypothesisError, match=r"hypothesis name ' fu_a ' has whitespace around it.*give 'fu_a'"):
+        dbd.hypothesis(" fu_a ")(lambda t: [])
+    assert " fu_a " not in core.registry()
+    con = dbd.connect(str(tmp_path / "s.duckdb"), progress=False)
+    try:
+        with pytest.raises(HypothesisError, match=r"' fu_b ' has whitespace around it"):
+            dbd.define_hypothesis(con, " fu_b ", "[0-9]+")
+        assert con.sql("SELECT count(*) FROM hypothesis_definitions").fetchall() == [(0,)]
+        # a definition stored before names were checked still registers, and can be redefined
+        con.execute("INSERT INTO hypothesis_definitions (name, kind, pattern, flags, categories, description, "
+                    "version) VALUES (' fu_c ', 'binary', 'x', '', NULL, '', 'v0')")
+    finally:
+        dbd.close(con)
+    con = dbd.connect(str(tmp_path / "s.duckdb"), progress=False)
+    try:
+        assert " fu_c " in core.registry()
+        d = dbd.define_hypothesis(con, " fu_c ", "[0-9]+", replace=True)
+        assert d["name"] == " fu_c "
+    finally:
+        dbd.close(con)
+
+
+def test_keyword_hints_ignore_case(tmp_path):
+    con = dbd.connect(None, progress=False)
+    try:
+        with pytest.raises(UnknownKeywordError, match=r"unknown keyword 'MAX_ERROR' \(did you mean max_error\?\)"):
+            dbd.inspect(con, "m", ["l"], ["digit"], "d", MAX_ERROR=0.1)
+    finally:
+        dbd.close(con)
