@@ -157,3 +157,25 @@ class InspectorState:
         if type(other) is not type(self) or other.width != self.width or other.names != self.names:
             raise DeepBaseError(f"cannot combine {type(other).__name__} over {other.names} with "
                                 f"{type(self).__name__} over {self.names}")
+
+
+def check_batch(state: "InspectorState", acts, labels, record_ids=None):
+    """The batch's labels as (n, hypotheses), after refusing a batch whose shapes do not fit
+    ``state`` -- activations (n, width), labels (n, hypotheses) or (n, 1) (one column: the same
+    labels for every hypothesis, as broadcasting reads it), record ids (n,) -- with a
+    DeepBaseError naming the measure and the shapes, before any of the state changes (as the
+    probe checks its batches): a mismatch used to surface as a torch RuntimeError half-way
+    through an update, leaving part of the batch in the state, or to be taken silently
+    (record ids of the wrong length, labels of the wrong width)."""
+    W, H = state.width, len(state.names)
+    if acts.ndim != 2 or acts.shape[1] != W:
+        raise DeepBaseError(f"{state.measure}: activations of shape {tuple(acts.shape)}, expected (n, {W})")
+    n = acts.shape[0]
+    if labels.ndim != 2 or labels.shape[0] != n or labels.shape[1] not in (1, H):
+        raise DeepBaseError(f"{state.measure}: labels of shape {tuple(labels.shape)}, expected ({n}, {H}) "
+                            f"(one column per hypothesis: {', '.join(state.names)})")
+    if record_ids is not None:
+        k = int(torch.as_tensor(record_ids).numel())
+        if k != n:
+            raise DeepBaseError(f"{state.measure}: {k} record ids for {n} rows")
+    return labels.expand(n, H) if labels.shape[1] != H else labels

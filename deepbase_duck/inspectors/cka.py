@@ -11,8 +11,9 @@ Syy = Yc^T Yc, Sxy = Xc^T Yc, in float64 (the same information as X^T X, Y^T Y, 
 column sums, kept centred so that large activation means do not cancel catastrophically). A
 batch is reduced with three matrix products about its own means and merged with Chan et al.'s
 pairwise update S = Sa + Sb + (na nb / n) da db^T, which is exact up to float64 rounding in any
-batch order, so streamed, merged and one-shot results agree. Not a per-hypothesis measure, so
-not registered: it compares two groups.
+batch order, so streamed, merged and one-shot results agree (the means are kept as offsets from
+the first batch's, so they keep their digits however far the units are from 0). Not a
+per-hypothesis measure, so not registered: it compares two groups.
 
 Undefined (NaN, NULL in ``similarities``): fewer than 2 symbols, or a group whose units are all
 constant. A unit constant over the symbols (its least and largest value equal, kept per unit)
@@ -41,6 +42,11 @@ class LinearCKAState:
         self.device = torch.device(device)
         dev = self.device
         self.n = 0
+        # the means as offsets from references rx, ry (the first batch's means): merged as
+        # absolute values they were each rounded to float64's spacing at their size (1.5e-8 at
+        # 1e8), which put a streamed CKA of units 1e8 + 1e-3 N(0, 1) 4e-7 off (see _merge)
+        self.rx = torch.zeros(self.width_x, dtype=F64, device=dev)
+        self.ry = torch.zeros(self.width_y, dtype=F64, device=dev)
         self.mx = torch.zeros(self.width_x, dtype=F64, device=dev)
         self.my = torch.zeros(self.width_y, dtype=F64, device=dev)
         self.sxx = torch.zeros(self.width_x, self.width_x, dtype=F64, device=dev)
@@ -67,11 +73,19 @@ class LinearCKAState:
             return
         self.lo_x, self.hi_x = torch.minimum(self.lo_x, x.amin(0)), torch.maximum(self.hi_x, x.amax(0))
         self.lo_y, self.hi_y = torch.minimum(self.lo_y, y.amin(0)), torch.maximum(self.hi_y, y.amax(0))
-        mxb, myb = x.mean(0), y.mean(0)
-        xc, yc = x - mxb, y - myb
-        self._merge(nb, mxb, myb, xc.T @ xc, yc.T @ yc, xc.T @ yc)
+        rxb, ryb = x.mean(0), y.mean(0)
+        xc, yc = x - rxb, y - ryb
+        ex, ey = xc.mean(0), yc.mean(0)                 # the means about the rounded ones
+        self._merge(nb, rxb, ex, ryb, ey, xc.T @ xc - nb * torch.outer(ex, ex),
+                    yc.T @ yc - nb * torch.outer(ey, ey), xc.T @ yc - nb * torch.outer(ex, ey))
 
-    def _merge(self, nb, mxb, myb, sxxb, syyb, sxyb):
+    def _merge(self, nb, rxb, mxb, ryb, myb, sxxb, syyb, sxyb):
+        """Chan et al.'s update with another part's moments, its means ``mxb``, ``myb`` given as
+        offsets from its references ``rxb``, ``ryb``: the references' difference is exact or
+        nearly (values of the same units), so the means' difference keeps its digits."""
+        if self.n == 0:
+            self.rx, self.ry = rxb.clone(), ryb.clone()
+        mxb, myb = mxb + (rxb - self.rx), myb + (ryb - self.ry)
         na = self.n
         n = na + nb
         dx, dy = mxb - self.mx, myb - self.my
@@ -92,8 +106,8 @@ class LinearCKAState:
             self.hi_x = torch.maximum(self.hi_x, other.hi_x.to(d))
             self.lo_y = torch.minimum(self.lo_y, other.lo_y.to(d))
             self.hi_y = torch.maximum(self.hi_y, other.hi_y.to(d))
-            self._merge(other.n, other.mx.to(d), other.my.to(d), other.sxx.to(d), other.syy.to(d),
-                        other.sxy.to(d))
+            self._merge(other.n, other.rx.to(d), other.mx.to(d), other.ry.to(d), other.my.to(d),
+                        other.sxx.to(d), other.syy.to(d), other.sxy.to(d))
         return self
 
     def finalize(self) -> float:
@@ -133,6 +147,9 @@ def linear_cka(x, y) -> float:
     if x.shape[0] < 2:
         return math.nan
     with np.errstate(invalid="ignore", over="ignore"):
-        xc = np.where(np.ptp(x, 0) == 0, 0.0, x - x.mean(0))    # a constant column: exactly 0
-        yc = np.where(np.ptp(y, 0) == 0, 0.0, y - y.mean(0))
+        # centred twice: the second pass takes out what the rounded mean left (a unit
+        # 1e8 + 1e-3 N(0, 1): the rounding of its mean is 1e-5 of its spread, CKA 1e-9 off)
+        xc, yc = x - x.mean(0), y - y.mean(0)
+        xc = np.where(np.ptp(x, 0) == 0, 0.0, xc - xc.mean(0))   # a constant column: exactly 0
+        yc = np.where(np.ptp(y, 0) == 0, 0.0, yc - yc.mean(0))
         return _cka(xc.T @ xc, yc.T @ yc, xc.T @ yc)

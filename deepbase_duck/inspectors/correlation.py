@@ -4,7 +4,9 @@ State per (unit, hypothesis) pair: the count n, the means of the unit and of the
 centred sums of squares M2x, M2y and the co-moment C, over the symbols where the hypothesis has a
 label. A batch is reduced with three matrix products (units x hypotheses) in float64 and merged
 with Chan et al.'s pairwise update, which is exact up to float64 rounding whatever the batch
-order, so a streamed, a merged and a one-shot computation agree.
+order, so a streamed, a merged and a one-shot computation agree. The means are kept as offsets
+from references (a batch's means), so that they keep their digits however far the units or
+labels are from 0 (units 1e8 + 1e-3 N(0, 1): r within 1e-15 of exact arithmetic, streamed or not).
 
 finalize(): r = C / sqrt(M2x M2y). Intervals and p-values, ``intervals``:
 
@@ -48,11 +50,18 @@ import torch
 from scipy import stats
 
 from ..errors import check_float, check_intervals
-from .base import InspectorState, register_measure, scratch
+from .base import InspectorState, check_batch, register_measure, scratch
 
 F64 = torch.float64
 ROUNDING = float(np.finfo(np.float32).eps)    # relative spread below which a unit counts as constant
 EPS64 = float(np.finfo(np.float64).eps)
+
+
+def exact_in_float64(dtype: torch.dtype) -> bool:
+    """True for activations that float64 holds as they came: float64 itself and integers (and
+    bool), whose spread is data, not float32 rounding (the float32 rule of rounding_floor made
+    int64 activations 2^26 + 0..7 NULL: a spread below float32 resolution of 2^26)."""
+    return dtype == F64 or not (dtype.is_floating_point or dtype.is_complex)
 
 
 def rounding_floor(xmin: np.ndarray, xmax: np.ndarray, exact64: bool) -> np.ndarray:
@@ -61,7 +70,8 @@ def rounding_floor(xmin: np.ndarray, xmax: np.ndarray, exact64: bool) -> np.ndar
     elsewhere) leaves a variance of about eps64 times its squared range, and merging batch
     means about eps64 times its magnitude. Activations that came as float32 (or coarser): a
     spread below float32 resolution of the unit's magnitude, ROUNDING * max(|xmin|, |xmax|).
-    Every batch float64 (``exact64``): ROUNDING * (xmax - xmin) + 64 eps64 max(|xmin|, |xmax|),
+    Every batch float64 or integer (``exact64``, see exact_in_float64):
+    ROUNDING * (xmax - xmin) + 64 eps64 max(|xmin|, |xmax|),
     so that a float64 unit far from 0 (1e8 + N(0, 1)) keeps its score (the float32 rule made
     it NULL: its spread was below float32 resolution of 1e8, not below its own)."""
     magnitude = np.maximum(np.abs(xmax), np.abs(xmin))
@@ -85,6 +95,13 @@ class PearsonState(InspectorState):
         self.intervals = intervals
         H, W, dev = len(self.names), self.width, self.device
         self.n = torch.zeros(H, dtype=F64, device=dev)
+        # the means are kept as offsets from references rx (W,) and ry (H,), a batch's means:
+        # means merged as absolute values are each rounded to float64's spacing at their size
+        # (1.5e-8 at 1e8), which put a streamed r over units 1e8 + 1e-3 N(0, 1) 1e-6 off the
+        # one-shot's 1e-11 (see _merge)
+        self.rx = torch.zeros(W, dtype=F64, device=dev)
+        self.ry = torch.zeros(H, dtype=F64, device=dev)
+        self.rx_set = False                           # rx taken from a batch (else 0)
         self.mx = torch.zeros(W, H, dtype=F64, device=dev)
         self.my = torch.zeros(H, dtype=F64, device=dev)
         self.m2x = torch.zeros(W, H, dtype=F64, device=dev)
@@ -92,7 +109,7 @@ class PearsonState(InspectorState):
         self.c = torch.zeros(W, H, dtype=F64, device=dev)
         self.xmin = torch.full((W,), math.inf, dtype=F64, device=dev)
         self.xmax = torch.full((W,), -math.inf, dtype=F64, device=dev)
-        self.exact64 = True                           # every batch's activations came as float64
+        self.exact64 = True                           # every batch float64 or integer (exact_in_float64)
         # each label's least and largest value over its labelled symbols (a constant label: NULL)
         self.ymin = torch.full((H,), math.inf, dtype=F64, device=dev)
         self.ymax = torch.full((H,), -math.inf, dtype=F64, device=dev)
@@ -106,12 +123,15 @@ class PearsonState(InspectorState):
 
     # -- update: reduce a batch to its own moments, then merge ----------------------------
     def update(self, acts: torch.Tensor, labels: torch.Tensor, record_ids=None) -> None:
+        # shapes checked before any of the state changes (a torch RuntimeError half-way through
+        # the update used to leave the batch's bounds in the state)
+        labels = check_batch(self, acts, labels, record_ids)
         if acts.shape[0] == 0:
             return
         x = acts.to(self.device)
         y = self.read_labels(labels)
         mask = ~torch.isnan(y)
-        self.exact64 = self.exact64 and x.dtype == F64
+        self.exact64 = self.exact64 and exact_in_float64(x.dtype)
         self.ymin = torch.minimum(self.ymin, torch.where(mask, y, math.inf).amin(0))
         self.ymax = torch.maximum(self.ymax, torch.where(mask, y, -math.inf).amax(0))
         if self.clustered and record_ids is None:
@@ -131,12 +151,15 @@ class PearsonState(InspectorState):
         shift = xc.mean(0)
         xc.sub_(shift)                                           # centred on the batch mean
         H = y.shape[1]
-        if bool(mask.all()):                                     # every symbol labelled: the usual case
+        every = bool(mask.all())
+        if every:                                                # every symbol labelled: the usual case
             nb = torch.full((H,), float(x.shape[0]), dtype=F64, device=self.device)
             myb = y.mean(0)
             yc = y - myb
-            mxb = shift[:, None].expand(-1, H)                   # the sum of xc is 0 up to rounding
+            # the means about (shift, myb): what the rounded means left in the centred sums
+            ey = yc.sum(0) / x.shape[0]
             if runs is None:
+                ex = xc.sum(0) / x.shape[0]
                 cb = (yc.T @ xc).T                               # (H x n) @ (n x W): the fast orientation
                 m2xb = xc.square_().sum(0)[:, None].expand(-1, H)   # (xc is spent after this)
             else:                                                # the same sums, record by record
@@ -144,12 +167,14 @@ class PearsonState(InspectorState):
                 sxy = record_products(yc, xc, counts)            # (R, H, W)
                 cb = sxy.sum(0).T
                 sx = _segment_sum(xc, seg, R)                    # (R, W)
+                ex = sx.sum(0) / x.shape[0]                      # (from the records' sums: no pass over xc)
                 sxx = _segment_sum(xc.square_(), seg, R)
                 m2xb = sxx.sum(0)[:, None].expand(-1, H)
                 nr = torch.as_tensor(counts, dtype=F64, device=self.device)
                 self._cluster_sums(shift, myb, False, nr, sx, _segment_sum(yc, seg, R), sxx,
                                    _segment_sum(yc * yc, seg, R), sxy,
                                    torch.full((H,), float(R), dtype=F64, device=self.device))
+            mxb = ex[:, None].expand(-1, H)
         else:
             m = mask.to(F64)
             nb = m.sum(0)
@@ -169,11 +194,15 @@ class PearsonState(InspectorState):
                 nr = _segment_sum(m, seg, R)                                    # (R, H)
                 self._cluster_sums(shift, myb, True, nr, both[:, H:], _segment_sum(yc, seg, R), sxx_r,
                                    _segment_sum(yc * yc, seg, R), both[:, :H], (nr > 0).sum(0).to(F64))
-            mxb = sx / safe + shift[:, None]
+            mxb = sx / safe                                      # about shift
             m2xb = (sxx - sx * sx / safe).clamp(min=0)
-            cb = cb - sx * (yc.sum(0) / safe)                   # centre x on its masked mean
-        m2yb = (yc * yc).sum(0)
-        self._merge(nb, mxb, myb, m2xb, m2yb, cb)
+            ey = yc.sum(0) / safe
+            cb = cb - sx * ey                                    # centre x on its masked mean
+        if every:
+            m2xb = (m2xb - nb * ex[:, None] * ex[:, None]).clamp(min=0)
+            cb = cb - nb * ex[:, None] * ey
+        m2yb = ((yc * yc).sum(0) - nb * ey * ey).clamp(min=0)
+        self._merge(nb, shift, mxb, myb, ey, m2xb, m2yb, cb)
 
     def _cluster_sums(self, shift, myb, masked, n, sx, sy, sxx, syy, sxy, records) -> None:
         """Fold one batch's record totals into ``cm``: every product of two of each record's
@@ -227,7 +256,17 @@ class PearsonState(InspectorState):
         cm[5, ih] += xh
         cm[5, 5] += (sxy * sxy).sum(0).T
 
-    def _merge(self, nb, mxb, myb, m2xb, m2yb, cb):
+    def _merge(self, nb, rxb, mxb, ryb, myb, m2xb, m2yb, cb):
+        """Chan et al.'s pairwise update with another part's moments: its means ``mxb`` (W, H)
+        and ``myb`` (H,) as offsets from its references ``rxb`` (W,) and ``ryb`` (H,). The
+        references' difference is exact or nearly (two values of the same unit or label), so the
+        difference of the means keeps its digits whatever their offset from 0. A hypothesis
+        without a symbol so far takes the incoming reference."""
+        if not self.rx_set and bool((nb > 0).any()):
+            self.rx, self.rx_set = rxb.clone(), True
+        self.ry = torch.where((self.n == 0) & (nb > 0), ryb, self.ry)
+        mxb = mxb + (rxb - self.rx)[:, None]
+        myb = myb + (ryb - self.ry)
         na = self.n
         n = na + nb
         safe = n.clamp(min=1)
@@ -269,8 +308,8 @@ class PearsonState(InspectorState):
         self.ymin = torch.minimum(self.ymin, o.ymin.to(self.device))
         self.ymax = torch.maximum(self.ymax, o.ymax.to(self.device))
         self.exact64 = self.exact64 and o.exact64
-        self._merge(o.n.to(self.device), o.mx.to(self.device), o.my.to(self.device),
-                    o.m2x.to(self.device), o.m2y.to(self.device), o.c.to(self.device))
+        self._merge(o.n.to(self.device), o.rx.to(self.device), o.mx.to(self.device), o.ry.to(self.device),
+                    o.my.to(self.device), o.m2x.to(self.device), o.m2y.to(self.device), o.c.to(self.device))
         return self
 
     # -- results -------------------------------------------------------------------------
@@ -347,8 +386,8 @@ class PearsonState(InspectorState):
         sum_i z_i^2 = v' (sum_i t_i t_i') v comes from ``cm`` whatever the order of the records."""
         n = self.n.cpu().numpy()[None, :]
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):   # NaN units stay NaN
-            mux = self.mx.cpu().numpy() - self.ux.cpu().numpy()[:, None]
-            muy = (self.my - self.uy).cpu().numpy()[None, :]
+            mux = self.mx.cpu().numpy() + (self.rx - self.ux).cpu().numpy()[:, None]
+            muy = (self.my + (self.ry - self.uy)).cpu().numpy()[None, :]
             vx = self.m2x.cpu().numpy() / n
             vy = self.m2y.cpu().numpy()[None, :] / n
             a = 1.0 / np.sqrt(vx * vy)

@@ -110,9 +110,9 @@ import pyarrow as pa
 import torch
 from scipy import stats
 
-from .base import InspectorState, register_measure
+from .base import InspectorState, check_batch, register_measure
 from .spearman import (KEY_SENTINEL, SampledState, _unit_blocks, argsort_rows, row_keys, score_table,
-                       sort_rows, top_rows)
+                       sort_rows, store_dtype, top_rows)
 from ..errors import DeepBaseError, check_float, check_intervals, check_integer
 
 F64 = torch.float64
@@ -271,7 +271,7 @@ class DissectionState(InspectorState):
         self.size = s
 
     def _promote(self, dtype):
-        store = F64 if (dtype == F64 or self._vals.dtype == F64) else torch.float32
+        store = store_dtype(dtype, self._vals.dtype)
         if self._vals.dtype != store:
             self._vals = self._vals.to(store)
         return store
@@ -342,6 +342,7 @@ class DissectionState(InspectorState):
 
     # -- update / combine -------------------------------------------------------------------
     def update(self, acts, labels, record_ids=None) -> None:
+        labels = check_batch(self, acts, labels, record_ids)     # before any of the state changes
         n = acts.shape[0]
         if n == 0:
             return

@@ -56,7 +56,7 @@ import torch
 from scipy import stats
 
 from .base import InspectorState, register_measure
-from .correlation import PearsonState, fisher_interval, rounding_floor
+from .correlation import PearsonState, exact_in_float64, fisher_interval, rounding_floor
 from .spearman import check_batch, score_table
 from ..errors import HypothesisError, check_float, check_intervals
 
@@ -114,14 +114,14 @@ class ClassMomentsState(InspectorState):
         self.m2 = torch.zeros(W, C, dtype=F64, device=dev)
         self.xmin = torch.full((W,), math.inf, dtype=F64, device=dev)
         self.xmax = torch.full((W,), -math.inf, dtype=F64, device=dev)
-        self.exact64 = True                      # every batch's activations came as float64
+        self.exact64 = True                      # every batch float64 or integer (exact_in_float64)
 
     def update(self, acts, labels, record_ids=None) -> None:
         labels = check_batch(self, acts, labels, record_ids)
         n = acts.shape[0]
         if n == 0:
             return
-        self.exact64 = self.exact64 and acts.dtype == F64
+        self.exact64 = self.exact64 and exact_in_float64(acts.dtype)
         x = acts.to(self.device, F64)
         g = class_codes(labels.to(self.device), self.hypotheses, self.ks, self.offsets, self.measure)
         oh = torch.zeros(n, self.C, dtype=F64, device=self.device)
