@@ -170,3 +170,57 @@ def test_a_batch_of_the_wrong_shape_is_refused_before_the_state_changes(measure)
     both = measure_class(measure)(3, hyps, **params)
     both.update(torch.tensor(x), torch.tensor(np.c_[y[:, :1], y[:, :1]]), torch.arange(40))
     assert one.finalize().equals(both.finalize())
+
+
+def test_streamed_probeless_keeps_the_digits_of_units_far_from_zero():
+    """Units 1e8 + 1e-3 N(0, 1) with class means 1e-3 apart: the class means were merged as
+    absolute values, rounded at every merge to float64's spacing at 1e8 (1.5e-8), so a streamed
+    probeless score drifted up to 2e-4 from the one-shot one, its ANOVA p-value 1e-4 from
+    scipy's f_oneway, the class means several spacings from their float64 values. Now every
+    batching gives the class means rounded once, the score of the exact means and scipy's p."""
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    n = 300
+    k = rng.integers(0, 3, n).astype(float)
+    x = 1e8 + 1e-3 * (rng.normal(size=(n, 2)) + k[:, None] * [1.0, 0.0])
+    hyps = [{"name": "k", "kind": "categorical", "categories": ["a", "b", "c"]}]
+
+    def class_mean(w, c):                      # exact
+        v = [Fraction(float(a)) for a in x[k == c, w]]
+        return sum(v) / len(v)
+
+    exact = [[class_mean(w, c) for c in range(3)] for w in range(2)]
+    means = np.array([[float(m) for m in row] for row in exact])      # rounded once
+    # the score of the exact means (their differences, 1e-3, keep every digit: not those of the
+    # rounded means, each a spacing of 1e8 away)
+    score = [float(sum(abs(m[i] - m[j]) for i in range(3) for j in range(i + 1, 3))) for m in exact]
+    p_ref = [stats.f_oneway(*[x[k == c, w] for c in range(3)]).pvalue for w in range(2)]
+    for batch in (n, 50, 7):
+        t = _streamed("probeless", hyps, x, k[:, None], batch).finalize()
+        got = np.array(t.column("class_means").to_pylist())
+        np.testing.assert_array_equal(got, means, err_msg=f"batches of {batch}")
+        np.testing.assert_allclose(_column(t, "score"), score, rtol=1e-12, err_msg=f"batches of {batch}")
+        np.testing.assert_allclose(_column(t, "p_value"), p_ref, rtol=1e-9, err_msg=f"batches of {batch}")
+
+
+
+
+def test_pointbiserial_mean_diff_keeps_its_digits_far_from_zero():
+    """mean_diff was m1 - m0 of class means about 0, each rounded to float64's spacing at 1e8
+    (1.5e-8): for classes 1e-3 apart it was 1e-5 off (relative); now the difference of the
+    offsets, within 1e-12 of the exact difference of the exact class means."""
+    rng = np.random.default_rng(3)
+    n = 400
+    y = (rng.random(n) < 0.4).astype(float)
+    x = 1e8 + 1e-3 * (rng.normal(size=(n, 1)) + y[:, None])
+    hyps = [{"name": "b", "kind": "binary", "categories": None}]
+
+    def exact_mean(v):
+        f = [Fraction(float(a)) for a in v]
+        return sum(f) / len(f)
+    want = float(exact_mean(x[y == 1, 0]) - exact_mean(x[y == 0, 0]))
+    for batch in (n, 50, 7):
+        t = _streamed("pointbiserial", hyps, x, y[:, None], batch).finalize()
+        got = _column(t, "mean_diff")[0]
+        assert got == pytest.approx(want, rel=1e-12), batch

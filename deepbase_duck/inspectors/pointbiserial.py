@@ -110,6 +110,13 @@ class ClassMomentsState(InspectorState):
         self.ks, self.offsets, self.C = class_layout(self.hypotheses)
         W, C, dev = self.width, self.C, self.device
         self.cnt = torch.zeros(C, dtype=F64, device=dev)
+        # the class means as offsets from a reference per unit (a batch's mean): merged as
+        # absolute values they were rounded at every merge to float64's spacing at their size
+        # (1.5e-8 at 1e8), and for units 1e8 + 1e-3 N(0, 1) a streamed probeless score (a sum of
+        # their differences) drifted up to 2e-4 from the one-shot one, its ANOVA p-value 1e-4
+        # from scipy's; see _merge
+        self.rx = torch.zeros(W, dtype=F64, device=dev)
+        self.rx_set = False
         self.mean = torch.zeros(W, C, dtype=F64, device=dev)
         self.m2 = torch.zeros(W, C, dtype=F64, device=dev)
         self.xmin = torch.full((W,), math.inf, dtype=F64, device=dev)
@@ -134,13 +141,19 @@ class ClassMomentsState(InspectorState):
         xc = x - shift
         s = xc.T @ oh
         ss = (xc * xc).T @ oh
-        mb = s / safe + shift[:, None]
+        mb = s / safe                                          # about shift
         m2b = (ss - s * s / safe).clamp(min=0)
         self.xmin = torch.minimum(self.xmin, x.min(0).values)
         self.xmax = torch.maximum(self.xmax, x.max(0).values)
-        self._merge(nb, mb, m2b)
+        self._merge(nb, shift, mb, m2b)
 
-    def _merge(self, nb, mb, m2b):
+    def _merge(self, nb, rxb, mb, m2b):
+        """Chan et al.'s update with another part's class moments, its means ``mb`` (W, C) as
+        offsets from its reference ``rxb`` (W,): the references' difference is exact or nearly
+        (values of the same unit), so the means' differences keep their digits."""
+        if not self.rx_set and bool((nb > 0).any()):
+            self.rx, self.rx_set = rxb.clone(), True
+        mb = mb + (rxb - self.rx)[:, None]
         na = self.cnt
         n = na + nb
         safe = n.clamp(min=1)
@@ -154,10 +167,12 @@ class ClassMomentsState(InspectorState):
         self.xmin = torch.minimum(self.xmin, other.xmin.to(self.device))
         self.xmax = torch.maximum(self.xmax, other.xmax.to(self.device))
         self.exact64 = self.exact64 and other.exact64
-        self._merge(other.cnt.to(self.device), other.mean.to(self.device), other.m2.to(self.device))
+        self._merge(other.cnt.to(self.device), other.rx.to(self.device), other.mean.to(self.device),
+                    other.m2.to(self.device))
         return self
 
     def _arrays(self):
+        """(counts, class means as offsets from ``rx``, M2, constant units, rounding floors)."""
         return (self.cnt.cpu().numpy(), self.mean.cpu().numpy(), self.m2.cpu().numpy(),
                 (self.xmax <= self.xmin).cpu().numpy(),
                 rounding_floor(self.xmin.cpu().numpy(), self.xmax.cpu().numpy(), self.exact64))
@@ -208,23 +223,23 @@ class PointBiserialState(ClassMomentsState):
             m2t = m2[:, i0] + m2[:, i1] + d * d * (n0 * n1 / np.maximum(n, 1))
         bad = constant[:, None] | self._tiny(m2t, n, floor[:, None]) | (n0 == 0) | (n1 == 0)
         # the r of the Pearson state kept beside (the same r: corr's on the 0/1 labels), from its
-        # centred co-moment: the class means' difference d, held about 0, lost digits to a
-        # unit's offset (1e8 + 1e-3 N(0, 1) in float64: 2e-6 off scipy's, corr 2e-7)
+        # centred co-moment, so that pointbiserial's r is corr's to the last digit
         r = np.where(bad, np.nan, self.pearson.correlations())
-        m0 = np.where(n0 == 0, np.nan, m0)
-        m1 = np.where(n1 == 0, np.nan, m1)
-        return r, np.broadcast_to(n, r.shape), m0, m1
+        rx = self.rx.cpu().numpy()[:, None]
+        return (r, np.broadcast_to(n, r.shape), np.where(n0 == 0, np.nan, m0 + rx),
+                np.where(n1 == 0, np.nan, m1 + rx), np.where((n0 == 0) | (n1 == 0), np.nan, d))
 
     def max_error(self) -> float:
-        r, n, _, _ = self._compute()
+        r, n = self._compute()[:2]
         lo, hi = fisher_interval(r, n, self.confidence)
         half = ((hi - lo) / 2)[~np.isnan(lo)]
         return float(half.max()) if half.size else float("inf")
 
     def finalize(self) -> pa.Table:
-        r, n, m0, m1 = self._compute()
+        r, n, m0, m1, d = self._compute()
         f = pa.float64()
-        extra = {"mean_1": (m1, f), "mean_0": (m0, f), "mean_diff": (m1 - m0, f)}
+        # (the difference of the offsets from rx: m1 - m0 of the means about 0 lost their digits)
+        extra = {"mean_1": (m1, f), "mean_0": (m0, f), "mean_diff": (d, f)}
         lo, hi, p, records = self.pearson.intervals_of(r, n)
         if records is not None:
             extra["records"] = (records, pa.int64())
@@ -244,19 +259,20 @@ class ProbelessState(ClassMomentsState):
         p = np.full((W, H), np.nan)
         n_tot = np.zeros(H)
         means_out = []
+        rx = self.rx.cpu().numpy()[:, None]
         z_a = 1 - self.confidence
         for h in range(H):
             sl = slice(int(self.offsets[h]), int(self.offsets[h]) + self.ks[h])
             c, mu, q2 = cnt[sl], mean[:, sl], m2[:, sl]
             nonempty = c > 0
-            means_out.append(np.where(nonempty[None, :], mu, np.nan))
+            means_out.append(np.where(nonempty[None, :], mu + rx, np.nan))
             N = c.sum()
             n_tot[h] = N
             K = int(nonempty.sum())
             if K < 2:
                 continue
             c, mu, q2 = c[nonempty], mu[:, nonempty], q2[:, nonempty]
-            s = np.sort(mu, axis=1)
+            s = np.sort(mu, axis=1)         # (offsets from rx: their differences keep every digit)
             weights = 2 * np.arange(1, K + 1) - K - 1
             sc = s @ weights
             grand = (mu * c).sum(1, keepdims=True) / N
