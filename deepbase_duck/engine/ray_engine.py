@@ -47,16 +47,22 @@ Activations already stored for every requested layer and every selected record a
 they are, by the local engine (no model runs, so there is nothing to distribute), with
 ``keep_activations`` too (there is nothing to store, as locally). Where only some records are
 stored (a dataset grown since its extraction), the blocks mix them as the local engine does
-(``LocalEngine.run``): a worker reads the stored records' rows from their Parquet parts (so the
-store's activation folder must be a path the workers see; where the first worker asked does not
-see it, the model runs for every record and ``queries.params`` says so, 'ray_stored_unseen') and
-runs the model on the others, a full scan reading the stored records part by part and then the
-model's batches over the rest (mi's calibration records first), a progressive scan splitting each
-seeded batch into its stored and its computed records, so that both engines read the same records
-in the same windows. Otherwise, with ``keep_activations`` the workers
+(``LocalEngine.run``): a worker reads the stored records' rows from their Parquet parts and runs
+the model on the others. Every worker is asked whether it sees the stored parts (the store's
+activation folder must be a path the nodes see): the blocks that read them go only to those that
+do, the others run the model's blocks (``queries.params`` counts them,
+'ray_workers_not_seeing_stored'); where no worker sees them the model runs for every record
+('ray_stored_unseen'), and a scan left with no worker that sees them (they died, replacements
+landed elsewhere) fails saying so. A full scan reads the stored records part by part and then
+the model's batches over the rest (mi's calibration records first), a progressive scan splits
+each seeded batch into its stored and its computed records, so that both engines read the same
+records in the same windows. Otherwise, with ``keep_activations`` the workers
 write each batch's Parquet part into the behavior's folder under the store's activation folder,
 which must be a path every node sees (a shared file system); the driver commits a part to the
-catalog when it merges its block, so DuckDB reads them in place through the behavior's view.
+catalog when it merges its block, so DuckDB reads them in place through the behavior's view. The
+blocks that write parts, too, go only to the workers that see the folder (a file the driver puts
+there for the query tells them): a worker that does not would write its parts where the store
+never finds them; where none sees it the query fails before anything is written.
 """
 from __future__ import annotations
 
@@ -258,10 +264,11 @@ class _RemoteEncoder:
     """What ensure_symbols needs of an adapter (tokenization, encode), answered by a live worker
     of ``engine`` on its ``encode`` thread. A worker found dead here is treated as one lost with a
     block (``RayEngine._lost``: out of the pool, a replacement requested), and when none is live the
-    tokenising waits for a replacement to start."""
+    tokenising waits for a replacement to start. With ``actor``, that worker alone is asked (the
+    answer is None when it died: lost as above)."""
 
-    def __init__(self, engine, tokenization: str):
-        self.engine, self.tokenization = engine, tokenization
+    def __init__(self, engine, tokenization: str | None, actor=None):
+        self.engine, self.tokenization, self.actor = engine, tokenization, actor
 
     def encode(self, texts):
         return self.ask("encode", list(texts))
@@ -270,12 +277,14 @@ class _RemoteEncoder:
         """A live worker's answer to ``method(*args)``, on its ``encode`` thread."""
         engine, deaths = self.engine, 0
         while True:
-            for actor in list(engine._live):
+            for actor in list(engine._live) if self.actor is None else [self.actor]:
                 try:
                     return ray.get(getattr(actor, method).options(concurrency_group="encode").remote(*args))
                 except _DIED:
                     deaths += 1
                     engine._lost(actor)
+                    if self.actor is not None:
+                        return None
                     if deaths > engine.max_redispatch:
                         raise DeepBaseError(f"{'tokenising' if method == 'encode' else method} failed on "
                                             f"{deaths} Ray workers (each died); giving up") from None
@@ -349,7 +358,10 @@ class RayEngine:
     """Runs a plan on a Ray cluster (see the module docstring).
 
     address: None (RAY_ADDRESS, or else a new local Ray; an initialised ray is reused), 'auto'
-        (the cluster `ray start` runs on this machine) or 'host:port' / 'ray://host:port'.
+        (the cluster `ray start` runs on this machine), 'local' (a Ray of this process alone, as
+        Ray's own 'local': RAY_ADDRESS and running clusters ignored; the one this process started,
+        by an earlier query or ray.init(), is reused, a connection to a cluster is left for a new
+        one) or 'host:port' / 'ray://host:port'.
     num_workers: actors to start (default: as many as the cluster's free CPUs, or GPUs, allow).
     num_gpus: GPU share per actor (default 1 when the cluster has GPUs, else 0); fractional values
         put several actors on one GPU.
@@ -392,16 +404,23 @@ class RayEngine:
         self.ahead = None if ahead is None else int(ahead)
         self.stats: dict = {}
         self.stored_unseen = None                   # the activation folder, where the workers could not read it
+        self._files = None                          # the files of the store's folder its workers must see
+        self._probe = None                          # (a file the driver put there: keep_activations)
+        self._sees = {}                             # actor -> whether it reads them (RayEngine._ask_sees)
 
     # -- connecting and starting workers ----------------------------------------------------
     def connect(self) -> None:
+        """Connect this process to the cluster at ``address``, reusing the connection it holds when
+        that is the one asked for: a new connection releases the kept workers and restarts Ray, so
+        'local' reuses the Ray this process started (it restarted Ray, and lost the kept workers,
+        on every query)."""
         addr = self.address
         if ray.is_initialized():
             try:
                 current = ray.get_runtime_context().gcs_address
             except Exception:                    # client mode
                 current = None
-            if addr in (None, "auto") or _same_address(addr, current):
+            if addr in (None, "auto") or (addr == "local" and _started_here(current)) or _same_address(addr, current):
                 return
         if addr not in (None, "auto", "local"):
             _probe_address(addr, self.connect_timeout)     # before leaving a working connection
@@ -413,6 +432,8 @@ class RayEngine:
                      ignore_reinit_error=True, include_dashboard=False)
         except (ConnectionError, RuntimeError, TimeoutError) as exc:
             raise DeepBaseError(f"cannot connect to the Ray cluster at {addr!r}: {exc}") from None
+        if addr == "local":
+            _STARTED.add(ray.get_runtime_context().gcs_address)
 
     def _start(self, model, loader, params, checksum, plan, widths):
         """Live actors configured for ``plan``: the kept pool of this model when there is one, else
@@ -527,7 +548,15 @@ class RayEngine:
                 else self._start_failure
             return False
         self._live.append(actor)
+        if self._files:                         # (it may run on a node that does not see them)
+            self._ask_sees(actor)
         return True
+
+    def _ask_sees(self, actor) -> None:
+        """Ask ``actor`` whether it reads the stored parts the scan reads on its workers: the
+        blocks that read them go only to the workers that do (nodes may differ in whether they
+        mount the store's activation folder), the others run the model's blocks."""
+        self._sees[actor] = bool(_RemoteEncoder(self, None, actor).ask("sees", self._files))
 
     def _none_left(self, what: str) -> DeepBaseError:
         """The error of a scan left without a live worker: ``what``, and why the last replacement
@@ -580,6 +609,7 @@ class RayEngine:
         # (a replacement of a lost one, or a kept one not up yet); _extra: the replacements
         self._extra, self._live, self._starting = [], list(actors), dict(self._pending_start)
         self._start_failure = None
+        self._files, self._sees, self._probe = None, {}, None
         every = lambda: list(dict.fromkeys(actors + list(self._pending_start.values()) + self._extra))  # noqa: E731
         ok = False
         try:
@@ -587,6 +617,8 @@ class RayEngine:
             ok = True
         finally:
             global _POOL
+            if self._probe is not None:
+                self._probe.unlink(missing_ok=True)
             if ok and self.keep_workers and (self._live or self._starting):
                 # the pool keeps its size: a replacement still starting joins it (the next query
                 # takes it in once it is up)
@@ -604,6 +636,8 @@ class RayEngine:
                                  "ray_total_s": round(time.perf_counter() - t_start, 3)}
         if self.stored_unseen:          # stored activations the workers could not read: the model ran
             result["engine_info"]["ray_stored_unseen"] = self.stored_unseen
+        elif self._sees and not all(self._sees.values()):    # read by some workers, the others ran the model
+            result["engine_info"]["ray_workers_not_seeing_stored"] = sum(not v for v in self._sees.values())
         return result
 
     def _scan(self, session, plan: Plan, progress, actors, tokenization, checksum, widths, resume=None) -> dict:
@@ -617,17 +651,37 @@ class RayEngine:
             behaviors, covered = stored_reads(session, plan, checksum, tokenization)
             where = _stored_where(session, plan, behaviors, covered) if len(covered) else {}
             self.stored_unseen = None
-            if where and not encoder.ask("sees", sorted({next(iter(w.values())) for w in where.values()})):
-                # a cluster whose nodes do not see the store's activation folder: the model runs
-                # for every record, as it does where nothing is stored
-                self.stored_unseen = str(session.act_root)
-                behaviors, covered, where = {}, np.empty(0, np.int64), {}
-            missing = np.setdiff1d(np.unique(plan.record_ids), covered)
-            plan.source = "stored+model" if len(covered) else "model"
         else:
             behaviors, covered, missing = scan["behaviors"], scan["covered"], scan["missing"]
             where = _stored_where(session, plan, behaviors, covered) if len(covered) else {}
             self.stored_unseen = scan.get("stored_unseen")
+        if plan.keep_activations:
+            # the workers write the parts into the store's activation folder, and the driver lists
+            # them: a worker that does not see the folder would write them where the store never
+            # finds them (a file the driver puts there tells the workers that see it)
+            session.act_root.mkdir(parents=True, exist_ok=True)
+            self._probe = session.act_root / f".ray-sees-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
+            self._probe.touch()
+        if where or self._probe is not None:
+            # every worker is asked whether it sees the stored parts (a kept one still starting,
+            # or a replacement, when it joins: _join): nodes may differ in whether they mount the
+            # store's activation folder, and the blocks that read or write there go to those that do
+            self._files = sorted({f for w in where.values() for f in w.values()}
+                                 | ({str(self._probe)} if self._probe is not None else set()))
+            for a in list(self._live):
+                self._ask_sees(a)
+            if self._probe is not None and not any(self._sees.get(a) for a in self._live):
+                raise DeepBaseError(f"keep_activations: the Ray workers write the activations into the store's "
+                                    f"activation folder {session.act_root}, and no worker sees it: make it a path "
+                                    f"every node sees (a shared file system), or run without keep_activations")
+            if scan is None and not any(self._sees.get(a) for a in self._live):
+                # no worker sees the store's activation folder: the model runs for every record,
+                # as it does where nothing is stored (a resumed scan read them: it goes on so)
+                self.stored_unseen = str(session.act_root)
+                behaviors, covered, where, self._files = {}, np.empty(0, np.int64), {}, None
+        if scan is None:
+            missing = np.setdiff1d(np.unique(plan.record_ids), covered)
+            plan.source = "stored+model" if len(covered) else "model"
         if plan.control and scan is None:  # class frequencies read every selected record's symbols
             counts = ensure_symbols(session, encoder, plan.dataset, plan.record_ids)
             plan.control_freq = class_frequencies(session, plan, tokenization)
@@ -779,6 +833,20 @@ class RayEngine:
         # reaches the record; a scan that stops before it succeeds. No block past it is dispatched
         # (the scan either stops before it or fails there).
         failed_at = len(blocks)
+        # the blocks that read stored parts or write parts (keep_activations): only on workers that see them
+        reading = {i for i, _ in reads_of} | {i for i, per in enumerate(parts_of or []) if any(per)} \
+            if self._files else set()
+
+        def runnable(a, limit):
+            """The place in ``pending`` of the first block below ``limit`` that worker ``a`` can run
+            (a block reading stored activations: only where ``a`` sees them), or None."""
+            for k, i in enumerate(pending):
+                if i >= limit:
+                    return None
+                if i not in reading or self._sees.get(a):
+                    return k
+            return None
+
         stopped, rule, stop = False, None, scan["stop"] if scan is not None else StopRule(plan)
         bar.update(len(used))
         calibrating = uncalibrated(states)
@@ -790,9 +858,11 @@ class RayEngine:
                     while a in live and pending and load[a] < self.inflight:
                         limit = min(failed_at, next_merge + (1 if calibrating and not in_flight else
                                                              0 if calibrating else ahead))
-                        if pending[0] >= limit:
+                        k = runnable(a, limit)
+                        if k is None:
                             break
-                        i = pending.popleft()
+                        i = pending[k]
+                        del pending[k]
                         stats["dispatched"] = max(stats["dispatched"], i + 1)
                         load_i = payload(i)
                         if isinstance(load_i, _Held):
@@ -800,13 +870,19 @@ class RayEngine:
                             failed_at = min(failed_at, i)
                             continue
                         if a not in live:           # found dead while tokenising this block's records
-                            pending.appendleft(i)
+                            pending.insert(k, i)
                             break
                         ref = a.run_block.remote(load_i)
                         in_flight[ref] = (i, a, time.perf_counter())
                         load[a] += 1
                 if next_merge not in results:
                     if not in_flight and not starting:
+                        if live and pending and pending[0] in reading and not any(self._sees.get(a) for a in live):
+                            raise DeepBaseError(
+                                f"block {pending[0]} reads or writes activations under {session.act_root}, and no "
+                                f"live Ray worker sees that folder (those that did died; their replacements run "
+                                f"on nodes without it): make it a path every node sees (a shared file system), "
+                                f"or run the query again (where no worker sees it, the model runs for every record)")
                         if live and pending:        # a replacement joined while tokenising: use it
                             continue
                         raise self._none_left("every Ray worker died and no replacement could start")
@@ -964,6 +1040,23 @@ def _kill(actors) -> None:
             pass
     if actors:
         _KILLED_AT = time.time()
+
+
+_STARTED = set()     # the GCS addresses of the local Rays connect() started for ray_address='local'
+
+
+def _started_here(current: str | None) -> bool:
+    """Whether the Ray this process is connected to (GCS at ``current``) was started by this
+    process rather than joined: ray_address='local' reuses it. Ray says so only privately (the
+    driver's node is then the head): the Rays connect() started are recorded too."""
+    if current is not None and current in _STARTED:
+        return True
+    try:
+        from ray._private import worker
+        node = worker._global_node
+        return bool(node is not None and node.head)
+    except Exception:                            # (another Ray version, client mode)
+        return False
 
 
 def _cluster_id() -> str:
