@@ -161,6 +161,14 @@ dbd_define_hypothesis(dbd_text_arg('define_hypothesis: name', name),
                       dbd_text_arg('define_hypothesis: description', description),
                       dbd_bool_arg('define_hypothesis: replace', replace));
 
+-- drop_hypothesis(name): drops a hypothesis that define_hypothesis stored: its definition, its
+-- labels (every dataset, every version) and its catalog row; query results stay (they are keyed by
+-- the definition's version: the name defined again by another pattern is never served them).
+-- Built-in and Python hypotheses are refused by name. Returns the dropped definition with
+-- labeled_records, the (dataset, record) labels dropped.
+CREATE OR REPLACE TEMP MACRO drop_hypothesis(name) AS
+dbd_drop_hypothesis(dbd_text_arg('drop_hypothesis: name', name));
+
 -- available_hypotheses(): the hypotheses this Python process can compute.
 CREATE OR REPLACE TEMP MACRO available_hypotheses() AS TABLE
 SELECT unnest(r, recursive := true) FROM (SELECT unnest(dbd_hypotheses(0)) AS r);

@@ -80,3 +80,20 @@ def test_keyword_hints_ignore_case(tmp_path):
             dbd.inspect(con, "m", ["l"], ["digit"], "d", MAX_ERROR=0.1)
     finally:
         dbd.close(con)
+
+
+def test_sql_drop_hypothesis_is_a_macro_checking_its_argument(tmp_path):
+    """drop_hypothesis in SQL goes through the surface's argument checks as define_hypothesis
+    does (the UDF had been registered under the bare name: drop_hypothesis(3) bound 3 as text
+    and said 'unknown hypothesis '3'')."""
+    import duckdb
+    con = dbd.connect(str(tmp_path / "s.duckdb"), progress=False)
+    try:
+        con.sql("SELECT define_hypothesis('fu_rx', '[0-9]+')").fetchall()
+        with pytest.raises(duckdb.Error, match=r"drop_hypothesis: name must be .* got 3 of type INTEGER"):
+            con.sql("SELECT drop_hypothesis(3)").fetchall()
+        d = con.sql("SELECT drop_hypothesis('fu_rx')").fetchall()[0][0]
+        assert d["name"] == "fu_rx" and d["pattern"] == "[0-9]+"
+        assert con.sql("SELECT count(*) FROM hypothesis_definitions").fetchall() == [(0,)]
+    finally:
+        dbd.close(con)

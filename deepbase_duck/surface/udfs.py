@@ -297,8 +297,7 @@ def register_udfs(session: Session) -> None:
         ("dbd_hypotheses", do_hypotheses, ["INTEGER"], HYP_STRUCT),
         ("dbd_define_hypothesis", do_define_hypothesis, ["VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR",
                                                          "BOOLEAN"], DEFINE_STRUCT),
-        # under its own name, no macro (sql/90_surface.sql): drop_hypothesis(name) in SQL
-        ("drop_hypothesis", do_drop_hypothesis, ["VARCHAR"], DROP_STRUCT),
+        ("dbd_drop_hypothesis", do_drop_hypothesis, ["VARCHAR"], DROP_STRUCT),
         ("dbd_last_error", do_last_error, ["INTEGER"], "VARCHAR"),
         ("dbd_add_stdlib_dataset", do_add_stdlib, ["VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR"], "BIGINT"),
         ("dbd_add_ptb_dataset", do_add_ptb, ["VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR"], "BIGINT"),
