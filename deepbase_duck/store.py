@@ -235,12 +235,6 @@ def insert_arrow(con, table: str, data: pa.Table, columns: list[str] | None = No
             pass
 
 
-#: Functions that hold the writer lock only to read the store in one consistent state, allowed
-#: on a read-only store (``one_reader``), by module and name: the report's is decorated
-#: ``one_writer`` in reports/build.py.
-READERS = {"deepbase_duck.reports.build._write_report"}
-
-
 def one_writer(fn):
     """Run ``fn(session, ...)`` holding the session's ``write_lock``: the queries and catalog
     changes of one store run one at a time, whichever cursor (``dbd.cursor``, another thread)
@@ -248,9 +242,6 @@ def one_writer(fn):
     Plain SQL over the store's tables stays concurrent. On a store opened read-only the call is
     refused before it starts (ReadOnlyStoreError), so that a scan does not run to its end and
     then fail to store its labels or scores."""
-    if f"{fn.__module__}.{fn.__qualname__}" in READERS:
-        return one_reader(fn)
-
     @functools.wraps(fn)
     def wrapper(session, *args, **kwargs):
         with session.write_lock:

@@ -1,7 +1,7 @@
 """Assemble the report of one query: read the store (data.py), draw (figures.py), write one
 self-contained HTML file (html.py).
 
-The store is read holding its writer lock (``store.one_writer``), as inspect, extract and export
+The store is read holding its writer lock (``store.one_reader``), as inspect, extract and export
 run: reading it may write (activation files deleted by hand are taken out of the catalog,
 ``forget_missing_parts``; an image model loaded for the images section may bring its catalog row
 up to date), and the report reads the query, its scores and stored activations one after another,
@@ -73,6 +73,8 @@ def _summary(con, q: data.Query, pm: str | None, tops: list[dict], store_path: s
             ["hypotheses", ", ".join(q.scored_hypotheses)], ["measures", ", ".join(q.measures)],
             ["records / symbols", f"{q.n_records} / {q.n_symbols}"],
             ["read from", {"model": "forward passes of the model", "stored": "stored activations",
+                           "stored+model": "stored activations, and forward passes of the model for the records "
+                                           "not stored",
                            "cache": "the stored scores of an identical earlier query"}.get(q.source, q.source)],
             ["started", q.started_at], ["seconds", None if q.seconds is None else round(q.seconds, 2)]]
     scan = _scan(q)
@@ -149,8 +151,16 @@ def _hypotheses(con, q: data.Query, pm: str | None, tops: list[dict]) -> tuple[s
         if h in by_h:
             units = sorted(by_h[h], key=lambda u: (q.models.index(u["model"]), u["rank"]))
             png = figures.ranked_units(units, pm, h, q.models)
+            # ranked per model: with several models the bars are each model's best, not the best overall
+            per = defaultdict(int)
+            for u in units:
+                per[u["model"]] += 1
+            most = max(per.values())
+            best = (_n(len(units), "best unit") if len(per) == 1 else
+                    f"{_n(most, 'best unit')} of each of {len(per)} models" if min(per.values()) == most else
+                    f"best units (up to {most}) of each of {len(per)} models")
             figs.append(f"<figure>{H.img(png, f'top units of {h}')}<figcaption>{H.esc(h)}: the "
-                        f"{_n(len(units), 'best unit')} by |{H.esc(pm)}|, with their confidence interval</figcaption></figure>")
+                        f"{best} by |{H.esc(pm)}|, with their confidence interval</figcaption></figure>")
     return H.section("hypotheses", "Top units per hypothesis", _undefined(con, q, [pm], "ranked") +
                      f'<div class="grid">{"".join(figs)}</div>'), len(figs)
 
@@ -287,7 +297,7 @@ def write_report(con, path, query_id=None, model: str | None = None, dataset: st
                          context_chars, measure)
 
 
-@store.one_writer
+@store.one_reader                    # reads: a store opened read-only is reported too
 def _write_report(session, out: Path, query_id, model, dataset, top_units: int, text_units: int,
                   records_per_unit: int, context_chars: int, measure) -> dict:
     """write_report's work, its arguments checked, holding the store's writer lock."""
@@ -317,7 +327,8 @@ def _write_report(session, out: Path, query_id, model, dataset, top_units: int, 
         parts.append(H.section("images", "Top-activating images", images))
         sections.append("images")
     title = f"deepbase_duck report: {q.model} on {q.dataset} (query {q.query_id})"
-    n_hyps = len({h.split("=", 1)[0].split("~", 1)[0] for h in q.scored_hypotheses})   # not 'h=category', 'h~control'
+    # each query hypothesis once, not each 'h=category' or 'h~control' column of it
+    n_hyps = len({data.source_hypothesis(h, q.hypotheses) for h in q.scored_hypotheses})
     sub = (f"{_n(len(q.scored_layers), 'layer')} &times; {_n(n_hyps, 'hypothesis', 'hypotheses')}, measures "
            f"{H.esc(', '.join(q.measures))}; units ranked by |{H.esc(pm or '-')}|. Affinity is not causation: "
            "verify a unit by ablating it.")

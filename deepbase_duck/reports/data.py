@@ -63,10 +63,18 @@ def select_query(con, query_id: int | None = None, model: str | None = None, dat
             query_id = int(query_id)
         except (TypeError, ValueError):
             raise DeepBaseError(f"report: query id must be an integer, got {query_id!r}") from None
-    if model is not None and store.q_one(con, "SELECT 1 FROM models WHERE name = ?", [model]) is None:
-        raise UnknownNameError("model", model, _names(con, "SELECT name FROM models"))
-    if dataset is not None and store.q_one(con, "SELECT 1 FROM datasets WHERE name = ?", [dataset]) is None:
-        raise UnknownNameError("dataset", dataset, _names(con, "SELECT name FROM datasets"))
+    # a model or dataset named by a query with scores counts, whether the store holds it now or
+    # not: a query of a dataset dropped since is still reported (provenance says so), so the name
+    # that picks it is no unknown name
+    if model is not None:
+        known = _names(con, "SELECT name FROM models UNION SELECT DISTINCT model FROM scores ORDER BY 1")
+        if model not in known:
+            raise UnknownNameError("model", model, known)
+    if dataset is not None:
+        known = _names(con, "SELECT name FROM datasets UNION SELECT DISTINCT dataset FROM queries WHERE query_id IN "
+                            "(SELECT DISTINCT query_id FROM scores) ORDER BY 1")
+        if dataset not in known:
+            raise UnknownNameError("dataset", dataset, known)
     have = _names(con, "SELECT DISTINCT query_id FROM scores ORDER BY 1")
     if query_id is not None and query_id not in have:
         _no_scores(con, query_id, have)            # no such query, or one with no scores: say which
@@ -113,8 +121,25 @@ def select_query(con, query_id: int | None = None, model: str | None = None, dat
                              key=lambda x: (lorder.get(x, 10**6), x))
     horder = {name: i for i, name in enumerate(q.hypotheses)}
     q.scored_hypotheses = sorted(_names(con, f"SELECT DISTINCT hypothesis FROM scores WHERE query_id = {q.query_id}"),
-                                 key=lambda h: (horder.get(h.split("=", 1)[0], 10**6), h))
+                                 key=lambda h: (horder.get(source_hypothesis(h, q.hypotheses, controls=False), 10**6), h))
     return q
+
+
+def source_hypothesis(scored: str, names, controls: bool = True) -> str:
+    """The hypothesis of ``names`` (a query's) that the scored column ``scored`` comes from: itself,
+    or the categorical hypothesis of an expanded column ('name=category') or, with ``controls``,
+    of its control task ('name~control'). Matched whole first, then by the longest name it
+    extends, not by cutting at the first '=' or '~': a name may hold them itself ('depth>=2',
+    'x=1'), and cut there it was counted, ordered and underlined as another hypothesis. With no
+    name matching (an old query without its list), the part before the first '=' or '~'."""
+    names = [n for n in (names or []) if isinstance(n, str)]
+    if scored in names:
+        return scored
+    made = [n for n in names if scored.startswith(n + "=") or (controls and scored == n + "~control")]
+    if made:
+        return max(made, key=len)
+    cut = scored.split("=", 1)[0]
+    return cut.split("~", 1)[0] if controls else cut
 
 
 def _no_scores(con, query_id: int, have: list) -> None:
@@ -160,19 +185,22 @@ def primary_measure(q: Query, measure: str | None = None) -> str | None:
 
 def best_per_cell(con, q: Query, measure: str) -> list[tuple]:
     """(model, layer, hypothesis, best signed score, unit): the unit with the largest |score| of
-    each (model, layer, hypothesis) for ``measure``."""
+    each (model, layer, hypothesis) for ``measure``, of the finite scores (see top_units)."""
     return store.q_all(con, """
         SELECT model, layer, hypothesis, arg_max(score, abs(score)), arg_max(unit, abs(score))
-        FROM scores WHERE query_id = ? AND measure = ? AND unit IS NOT NULL AND score IS NOT NULL AND NOT isnan(score)
+        FROM scores WHERE query_id = ? AND measure = ? AND unit IS NOT NULL AND isfinite(score)
         GROUP BY ALL""", [q.query_id, measure])
 
 
 def top_units(con, q: Query, measure: str, k: int) -> list[dict]:
-    """The ``k`` units with the largest |score| per (model, hypothesis), best first."""
+    """The ``k`` units with the largest |score| per (model, hypothesis), best first. Only finite
+    scores rank: DuckDB sorts NaN above every number, and an infinite score (inserted by hand or
+    imported; no measure writes one) topped the ranking and then failed the report's bar chart
+    ("Axis limits cannot be NaN or Inf")."""
     rows = store.q_all(con, """
         SELECT model, hypothesis, layer, unit, score, ci_low, ci_high, q_value, n,
                row_number() OVER (PARTITION BY model, hypothesis ORDER BY abs(score) DESC, layer, unit) AS rank
-        FROM scores WHERE query_id = ? AND measure = ? AND unit IS NOT NULL AND score IS NOT NULL AND NOT isnan(score)
+        FROM scores WHERE query_id = ? AND measure = ? AND unit IS NOT NULL AND isfinite(score)
         QUALIFY rank <= ? ORDER BY model, hypothesis, rank""", [q.query_id, measure, int(k)])
     keys = ("model", "hypothesis", "layer", "unit", "score", "ci_low", "ci_high", "q_value", "n", "rank")
     return [dict(zip(keys, r)) for r in rows]
@@ -347,17 +375,27 @@ def record_activations(con, behavior: dict, dataset: str, record_id: int, unit: 
 def true_chars(con, hypothesis: str, dataset: str, record_id: int) -> list[tuple[int, int]]:
     """Character spans of a record where a binary hypothesis (or one category of an expanded
     categorical one, 'name=category') holds, from its current labels; [] when there are none."""
-    name, _, category = hypothesis.partition("=")
-    row = store.q_one(con, "SELECT kind, version, categories FROM hypotheses WHERE name = ?", [name])
-    if row is None:
-        return []
-    kind, version, cats = row
-    if kind == "binary" and not category:
-        cond, args = "value <> 0", []
-    elif kind == "categorical" and category and cats and category in cats:
-        cond, args = "value = ?", [float(list(cats).index(category))]
+    def stored(name):
+        return store.q_one(con, "SELECT kind, version, categories FROM hypotheses WHERE name = ?", [name])
+
+    # the whole name first: a binary hypothesis may hold '=' itself ('depth>=2', 'x=1'), and cut
+    # at its first '=' it was looked up as category '2' of a hypothesis 'depth>', so its record
+    # showed no underline (or another hypothesis' where one of that name existed)
+    name, row = hypothesis, stored(hypothesis)
+    if row is not None:
+        if row[0] != "binary":
+            return []
+        version, cond, args = row[1], "value <> 0", []
     else:
-        return []
+        # 'name=category' of a categorical hypothesis, where either part may hold '=' too
+        for i in (i for i, c in enumerate(hypothesis) if c == "="):
+            name, category = hypothesis[:i], hypothesis[i + 1:]
+            row = stored(name)
+            if row is not None and row[0] == "categorical" and row[2] and category in row[2]:
+                break
+        else:
+            return []
+        version, cond, args = row[1], "value = ?", [float(list(row[2]).index(category))]
     return [(int(s), int(e)) for s, e in store.q_all(
         con, f"SELECT start_char, end_char FROM labels WHERE hypothesis = ? AND version = ? AND dataset = ? "
              f"AND record_id = ? AND {cond} ORDER BY start_char", [name, version, dataset, record_id, *args])]

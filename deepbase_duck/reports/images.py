@@ -157,13 +157,14 @@ def top_images_png(con, model: str, layer: str, unit: int, dataset: str, path: s
     'iou'}. The title and the outline come from the unit's iou score in query ``query_id`` when
     given (none when that query scored no iou), else from the latest query that has one."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         raise DeepBaseError("top_images_png needs matplotlib: pip install -e '.[examples]' "
                             "(or pip install matplotlib)") from None
-    from .figures import plain           # names and descriptors drawn literally, never as mathtext
+    # a Figure on its own Agg canvas, as figures.py draws: pyplot with matplotlib.use("Agg")
+    # switched the caller's backend (a notebook's inline plots stopped showing) and kept the
+    # figure in pyplot's global list when drawing it failed
+    from .figures import _figure, plain  # names and descriptors drawn literally, never as mathtext
     if columns is not None:
         columns = check_int("columns", columns, 1)
     session = session_of(con)
@@ -182,7 +183,7 @@ def top_images_png(con, model: str, layer: str, unit: int, dataset: str, path: s
     lo, hi = float(maps.min()), float(maps.max())
     cols = columns or min(len(top), 4)
     rows = int(np.ceil(len(top) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows + 0.5), squeeze=False)
+    fig, axes = _figure((2.6 * cols, 2.8 * rows + 0.5), rows, cols)
     from ..corpora.images import describe
     for ax in axes.ravel():
         ax.axis("off")
@@ -203,6 +204,5 @@ def top_images_png(con, model: str, layer: str, unit: int, dataset: str, path: s
     fig.suptitle(plain(head), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return {"path": str(path), "images": top, "threshold": threshold,
             "concept": None if found is None else found["concept"], "iou": None if found is None else found["iou"]}
