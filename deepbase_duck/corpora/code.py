@@ -67,6 +67,8 @@ def sampled_code_records(chars: int, seed: int = 0, split: str = "heldout", max_
     reaches ``chars``."""
     import random
 
+    from .sqlgen import check_seed
+    seed = check_seed("sampled_code_records: seed", seed)
     records = code_records(split, max_chars)
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)

@@ -4,8 +4,9 @@ An image record's text is a stable descriptor, never the pixels (records stay sm
 same text always means the same image):
 
 * a generated scene: the JSON spec of :mod:`deepbase_duck.corpora.scenes` (``{"scene": ...}``);
-* a bundled photo: ``{"photo": "skimage:chelsea"}`` (any function of ``skimage.data`` that
-  returns an image, or ``sklearn:china.jpg`` / ``sklearn:flower.jpg``), optionally cropped with
+* a bundled photo: ``{"photo": "skimage:chelsea"}`` (any function of ``skimage.data`` without
+  parameters that returns an image: ``binary_blobs`` draws random pixels and is refused; or
+  ``sklearn:china.jpg`` / ``sklearn:flower.jpg``), optionally cropped with
   ``"crop": [top, left, height, width]`` in pixels of the original;
 * a file: ``{"path": "/some/image.png"}``, or the bare path (read with Pillow, turned upright
   by its EXIF orientation as viewers show it; a missing or unreadable file is a DeepBaseError
@@ -39,6 +40,8 @@ from . import scenes
 
 # functions of skimage.data that are no images (download_all would fetch the whole gallery)
 _SKIMAGE_NOT_IMAGES = ("download_all", "file_hash", "lbp_frontal_face_cascade_filename", "data_dir")
+# the photos of sklearn.datasets.load_sample_image
+_SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
 # scikit-image's bundled photographs (loaded offline); grey ones are repeated over RGB
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "hubble_deep_field",
                   "immunohistochemistry", "retina", "brick", "camera", "clock", "coins", "grass", "gravel",
@@ -119,6 +122,17 @@ def _rgb(img: np.ndarray, where: str = "image") -> np.ndarray:
     return np.rint(unit_rgb(img, where) * 255.0).astype(np.uint8)
 
 
+def _takes_arguments(fn) -> bool:
+    """Whether a function of ``skimage.data`` has parameters: its bundled images are loaders of
+    none (``chelsea()``); one with parameters makes images (``binary_blobs``, random unless seeded)
+    or is a helper."""
+    import inspect
+    try:
+        return bool(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):           # no signature to read: take it as a loader
+        return False
+
+
 @functools.lru_cache(maxsize=32)
 def _photo(source: str) -> np.ndarray:
     lib, _, name = source.partition(":")
@@ -129,7 +143,12 @@ def _photo(source: str) -> np.ndarray:
             raise DeepBaseError("photo records need scikit-image: pip install scikit-image pillow") from None
         fn = getattr(data, name, None)
         if not callable(fn) or name.startswith("_") or name in _SKIMAGE_NOT_IMAGES:
-            raise DeepBaseError(f"skimage.data has no image {name!r}")
+            raise DeepBaseError(f"skimage.data has no image {name!r}; bundled photos: {', '.join(SKIMAGE_PHOTOS)}")
+        if _takes_arguments(fn):
+            # binary_blobs draws new random pixels at every call: one record, another image in every process
+            raise DeepBaseError(f"skimage.data.{name} makes images from arguments (a generator, not a bundled image): "
+                                f"a record naming it would not mean one image; save its output to a file and add "
+                                f"that, or name a bundled photo: {', '.join(SKIMAGE_PHOTOS)}")
         try:
             img = fn()
         except Exception as exc:              # an image that needs pooch and a download, ...
@@ -143,7 +162,13 @@ def _photo(source: str) -> np.ndarray:
             from sklearn.datasets import load_sample_image
         except ImportError:
             raise DeepBaseError("sklearn photo records need scikit-learn: pip install scikit-learn pillow") from None
-        img = load_sample_image(name)
+        if name not in _SKLEARN_PHOTOS:       # else sklearn's own InvalidParameterError, no DeepBaseError
+            raise DeepBaseError(f"photo {source!r}: scikit-learn bundles only "
+                                f"{' and '.join(repr('sklearn:' + n) for n in _SKLEARN_PHOTOS)}")
+        try:
+            img = load_sample_image(name)
+        except ImportError:                   # Pillow, which reads the JPEG files
+            raise DeepBaseError("sklearn photo records need Pillow: pip install pillow") from None
     else:
         raise DeepBaseError(f"photo source {source!r} is not 'skimage:<name>' or 'sklearn:<file>'")
     out = _rgb(img, f"photo {source!r}")
@@ -161,7 +186,7 @@ def load_image(text: str) -> np.ndarray:
             raise DeepBaseError(f"image record {text[:80]!r}: 'photo' must be a string such as 'skimage:chelsea', "
                                 f"got {d['photo']!r}")
         img = _photo(d["photo"])
-        if d.get("crop"):
+        if d.get("crop") is not None:           # an empty crop ([], 0) is refused, not the whole photo
             crop = d["crop"]
             if not isinstance(crop, list) or len(crop) != 4 or not all(
                     isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() for v in crop):
@@ -251,6 +276,12 @@ def _read_file(path, name: str | None = None) -> np.ndarray:
 def photo_records(crops_per_photo: int = 4, seed: int = 0, names=SKIMAGE_PHOTOS) -> list[dict]:
     """Records of bundled photos: each whole photo, then ``crops_per_photo`` seeded square crops
     of it (side 35-80% of its short side)."""
+    from ..errors import check_int
+    crops_per_photo = check_int("photo_records: crops_per_photo", crops_per_photo, 0)   # -2 made none
+    seed = check_int("photo_records: seed", seed, 0)
+    if isinstance(names, str):              # 'chelsea' read as the photos 'c', 'h', ...
+        raise DeepBaseError(f"photo_records: names must be a list of photo names such as [{names!r}], "
+                            f"got the string {names!r}")
     rng = np.random.default_rng(seed)
     out = []
     for name in names:

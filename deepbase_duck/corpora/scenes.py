@@ -171,10 +171,12 @@ def render(spec: dict | str) -> Scene:
     try:
         if isinstance(spec, str):
             spec = json.loads(spec)
-        size = int(spec["size"])
-        if size < 1:
-            raise ValueError(f"size {size} is not a positive number of pixels")
-        return _render(spec, size)
+        size = spec["size"]
+        whole = isinstance(size, (int, float, np.integer, np.floating)) and not isinstance(size, bool)
+        if not whole or not float(size).is_integer() or size < 1:
+            # int() drew a size of 2.5 at 2 pixels, its objects placed for 2.5
+            raise ValueError(f"size {size!r} is not a whole positive number of pixels")
+        return _render(spec, int(size))
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         from ..errors import DeepBaseError
         name = spec.get("scene", "?") if isinstance(spec, dict) else str(spec)[:60]
@@ -203,5 +205,11 @@ def _render(spec: dict, size: int) -> Scene:
 
 @functools.lru_cache(maxsize=64)
 def render_cached(text: str) -> Scene:
-    """``render`` of a spec's JSON text, with the latest scenes kept (hypotheses re-read them)."""
-    return render(text)
+    """``render`` of a spec's JSON text, with the latest scenes kept (hypotheses re-read them).
+    Its arrays are read-only, as bundled photos are: they are shared by every later call, and a
+    caller that drew on the image (a loader of its own around ``load_image``) would otherwise
+    have changed the scene's pixels for every record read after it."""
+    scene = render(text)
+    for a in (scene.image, scene.colour_map, scene.shape_map, scene.texture_map):
+        a.setflags(write=False)
+    return scene

@@ -50,12 +50,27 @@ COMPARISONS = ["=", "<>", "<", ">", "<=", ">="]
 RESULT_NAMES = ["total", "n", "avg_price", "best", "cnt", "amount", "label", "x", "revenue", "top"]
 
 
+def check_seed(name: str, seed) -> int:
+    """``seed`` as an int >= 0, else a DeepBaseError naming ``name``. ``random.Random`` seeds with
+    the absolute value of an int (seed -1 draws what seed 1 draws, a "new" sample that is none) and
+    hashes a float or a string: only whole numbers >= 0 name a draw of their own."""
+    from ..errors import DeepBaseError, check_int
+    try:
+        return check_int(name, seed, 0)
+    except DeepBaseError:
+        negative = isinstance(seed, (int, float)) and not isinstance(seed, bool) and seed < 0
+        raise DeepBaseError(f"{name} must be a whole number >= 0, got {seed!r}"
+                            + (f" (random.Random draws seed {seed!r} as seed {-seed!r}: give a seed >= 0 that "
+                               f"no other sample uses)" if negative else "")) from None
+
+
 class SQLGenerator:
     """``SQLGenerator(seed).query()`` -> one SQL query string; ``queries(n)`` -> a list."""
 
     def __init__(self, seed: int = 0, max_depth: int = 2):
-        self.rng = random.Random(seed)
-        self.max_depth = int(max_depth)
+        self.rng = random.Random(check_seed("SQLGenerator: seed", seed))
+        from ..errors import check_int
+        self.max_depth = check_int("SQLGenerator: max_depth", max_depth, 0)
 
     # -- leaves ----------------------------------------------------------------------------
     def number(self) -> str:
@@ -260,6 +275,7 @@ def sql_records(n: int, seed: int = 1, max_depth: int = 2, exclude_training: boo
     queries the model never saw. ``offset`` is the query's index among the seed's draws."""
     from ..errors import check_int
     n = check_int("sql_records: n", n, 0)
+    seed = check_seed("sql_records: seed", seed)        # the source names the draw: 'seed=1', never 1.0
     gen = SQLGenerator(seed, max_depth)
     seen = training_queries() if exclude_training else frozenset()
     out, i = [], 0

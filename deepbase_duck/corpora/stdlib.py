@@ -15,8 +15,10 @@ probability 26/256 (about 10%). All other files are training files.
 from __future__ import annotations
 
 import hashlib
+import io
 import pathlib
 import sysconfig
+import tokenize
 
 __all__ = [
     "EXCLUDED_PREFIXES",
@@ -80,10 +82,20 @@ def is_heldout(relpath: str) -> bool:
 
 
 def read_source(relpath: str) -> str:
-    """Read a stdlib file as UTF-8 (undecodable bytes replaced), with "\\n" newlines (a "\\r\\n"
-    or a lone "\\r" line end read as one, as Python reads source)."""
+    """Read a stdlib file as Python reads source: in the encoding its coding cookie names (PEP 263:
+    ``# -*- coding: latin-1 -*-``), else UTF-8, a leading byte-order mark dropped, undecodable
+    bytes replaced, with "\\n" newlines (a "\\r\\n" or a lone "\\r" line end read as one).
+
+    Decoded as UTF-8 whatever the cookie said, a Latin-1 file's accented letters became
+    replacement characters, and a BOM became a character of the first record. A cookie Python
+    itself would refuse (an unknown or non-text codec) falls back to UTF-8."""
     data = (stdlib_root() / relpath).read_bytes()
-    return data.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+    try:
+        encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
+        text = data.decode(encoding, errors="replace")
+    except (SyntaxError, LookupError):     # unknown codec, or no UTF-8 in the first lines
+        text = data.decode("utf-8-sig", errors="replace")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def chunk_text(text: str, max_chars: int = 2000) -> list[tuple[int, str]]:
