@@ -97,3 +97,23 @@ def test_sql_drop_hypothesis_is_a_macro_checking_its_argument(tmp_path):
         assert con.sql("SELECT count(*) FROM hypothesis_definitions").fetchall() == [(0,)]
     finally:
         dbd.close(con)
+
+
+def test_an_image_record_may_carry_the_whole_sha256(tmp_path):
+    """A path record written by the user with the file's whole sha256 (64 digits, as sha256sum
+    prints it) was refused as 'changed': only the first 16 digits were compared, to all 64. A
+    prefix shorter than 16 digits, or another file's digest, is still refused."""
+    import hashlib
+    import json
+    from PIL import Image
+    from deepbase_duck.corpora.images import load_image
+    from deepbase_duck.errors import DeepBaseError
+    p = tmp_path / "a.png"
+    pixels = (np.arange(8 * 8 * 3) % 251).astype(np.uint8).reshape(8, 8, 3)
+    Image.fromarray(pixels).save(p)
+    full = hashlib.sha256(p.read_bytes()).hexdigest()
+    for digest in (full, full.upper(), full[:16], full[:40]):
+        np.testing.assert_array_equal(load_image(json.dumps({"path": str(p), "sha256": digest})), pixels)
+    for digest in (full[:8], hashlib.sha256(b"other").hexdigest(), 42):
+        with pytest.raises(DeepBaseError, match="changed since its record was added"):
+            load_image(json.dumps({"path": str(p), "sha256": digest}))

@@ -209,8 +209,11 @@ def load_image(text: str) -> np.ndarray:
         return _read_file(str(path))
     with open(path, "rb") as f:
         data = f.read()
-    got = _digest(data)
-    if not isinstance(want, str) or got != want.lower():
+    import hashlib
+    full = hashlib.sha256(data).hexdigest()
+    got = full[:SHA256_DIGITS]
+    # (a digest the user wrote may be the whole one, 64 digits, or any prefix of at least ours)
+    if not isinstance(want, str) or len(want) < SHA256_DIGITS or not full.startswith(want.lower()):
         raise DeepBaseError(f"image file {path!r} changed since its record was added (its sha256 starts {got}, the "
                             f"record says {want!r}): what is stored for the record (activations, labels, scores) "
                             f"describes the old image; read the folder's records again and add them with "
