@@ -31,7 +31,7 @@ import torch
 from .. import store
 from ..extraction.adapters import default_device, global_tf32
 from ..errors import DeepBaseError, EmptyDatasetError, check_int
-from ..hypotheses.grid import check_fit
+from ..hypotheses.grid import check_fit, grid_of
 from ..hypotheses.store import annotate, missing_records, resolve
 from ..inspectors.base import SCORE_SCHEMA, measure_class
 from ..progress import progress_bar
@@ -265,9 +265,10 @@ def constant_label_columns(session, plan: Plan) -> list[str]:
     whose labels are constant over every selected record, told by the stored labels of the
     hypothesis' current version when every selected record has them (``labeled_records``): a
     binary hypothesis without a non-zero span (a class the dataset never holds: every symbol 0
-    or unlabelled), another whose spans take at most one value. Their scores are undefined (or
-    0) for good, so they do not hold a progressive scan that waits for a class not met yet
-    (StopRule). A hypothesis with labels still to compute is left out: the scan cannot know yet."""
+    or unlabelled) or whose non-zero spans cover every character (no symbol 0), another whose
+    spans take at most one value. Their scores are undefined (or 0) for good, so they do not hold
+    a progressive scan that waits for a class not met yet (StopRule). A hypothesis with labels
+    still to compute is left out: the scan cannot know yet."""
     whole = [c for c in plan.label_columns if c.get("code") is None and not c.get("control_of")]
     if not whole:
         return []
@@ -287,12 +288,31 @@ def constant_label_columns(session, plan: Plan) -> list[str]:
              "WHERE dataset = ? AND list_contains(?, hypothesis || chr(0) || version) "
              "AND value IS NOT NULL AND NOT isnan(value) AND record_id IN (SELECT unnest(?::INTEGER[])) "
              "GROUP BY hypothesis", [plan.dataset, keys, ids])}
+    # a binary hypothesis whose non-zero spans cover every character of every selected record has
+    # no symbol of value 0 (a symbol takes its characters' majority value): as constant as one
+    # without a non-zero span ('is_ascii' over an ASCII corpus), and as unable to define a score.
+    # An image record's positions are its grid's cells, not its text's characters (hypotheses/grid.py)
+    grid = grid_of(session.model_row(plan.model)["tokenization"])
+    cells = None if grid is None else grid * grid
+    full = {h for (h,) in store.q_all(
+        con, "WITH covered AS (SELECT l.hypothesis, l.record_id, sum(greatest(least(l.end_char, "
+             "coalesce(?::BIGINT, length(r.text))) - greatest(l.start_char, 0), 0)) AS chars FROM labels l "
+             "JOIN records r ON r.dataset = l.dataset "
+             "AND r.record_id = l.record_id WHERE l.dataset = ? AND list_contains(?, l.hypothesis || chr(0) || "
+             "l.version) AND l.value <> 0 AND NOT isnan(l.value) AND l.record_id IN (SELECT unnest(?::INTEGER[])) "
+             "GROUP BY ALL) "
+             "SELECT h.name FROM (SELECT unnest(?::VARCHAR[]) AS name) h CROSS JOIN records r LEFT JOIN covered c "
+             "ON c.hypothesis = h.name AND c.record_id = r.record_id WHERE r.dataset = ? "
+             "AND r.record_id IN (SELECT unnest(?::INTEGER[])) GROUP BY h.name "
+             "HAVING bool_and(coalesce(c.chars, 0) >= coalesce(?::BIGINT, length(r.text)))",
+        [cells, plan.dataset, keys, ids, sorted({c["source"] for c in whole if c["kind"] == "binary"} & set(complete)),
+         plan.dataset, ids, cells])} if any(c["kind"] == "binary" for c in whole) else set()
     out = []
     for c in whole:
         if c["source"] not in complete:
             continue
         distinct, nonzero = seen.get(c["source"], (0, False))
-        if (not nonzero) if c["kind"] == "binary" else distinct <= 1:
+        if (not nonzero or c["source"] in full) if c["kind"] == "binary" else distinct <= 1:
             out.append(c["name"])
     return out
 
@@ -547,8 +567,10 @@ def read_part_block(ids: list[int], files: dict, counts: dict) -> Batch:
         rec = t.column("record_id").to_numpy().astype(np.int64)
         act = t.column("act").combine_chunks()
         x = act.values.to_numpy(zero_copy_only=False).reshape(-1, act.type.list_size)
-        if len(want) != len(np.unique(rec)):
-            keep = np.isin(rec, want)
+        # the part's other records' rows out (a record without symbols has no row, so a count of
+        # the part's records cannot tell whether it holds others)
+        keep = np.isin(rec, want)
+        if not keep.all():
             x = x[keep]
         acts[layer] = torch.from_numpy(np.array(x, dtype=np.float32))   # Arrow buffers are read-only
     n = np.asarray([counts[r] for r in ids])
@@ -673,7 +695,8 @@ class StoredRows:
             cut = np.flatnonzero(rec[1:] != rec[:-1]) + 1            # rows come in runs, one per record
             starts = np.concatenate([[0], cut])
             ends = np.concatenate([cut, [len(rec)]])
-            hit = ({int(rec[a]): (int(a), int(b)) for a, b in zip(starts, ends)}, x)
+            # (a part of records without symbols only, empty texts, has a group without rows)
+            hit = ({int(rec[a]): (int(a), int(b)) for a, b in zip(starts, ends)} if len(rec) else {}, x)
             self.bytes += x.nbytes
             while self.cache and self.bytes > PART_CACHE_BYTES:
                 _, old = self.cache.pop(next(iter(self.cache)))
@@ -692,10 +715,17 @@ class StoredRows:
         return out
 
     def batch(self, ids: list[int], counts: dict) -> Batch:
-        acts = {layer: torch.from_numpy(np.concatenate([p for r in ids for p in self.rows(where[r], r)])
-                                        .astype(np.float32, copy=False))
-                for layer, where in self.where.items()}
+        acts = {}
+        for layer, where in self.where.items():
+            parts = [p for r in ids for p in self.rows(where[r], r)]
+            if not parts:                   # records without symbols only (empty texts): no row, but the width
+                parts = [np.zeros((0, self.width(where[ids[0]])), np.float32)]
+            acts[layer] = torch.from_numpy(np.concatenate(parts).astype(np.float32, copy=False))
         return Batch(np.asarray(ids, np.int64), np.asarray([counts[r] for r in ids]), acts)
+
+    def width(self, f) -> int:
+        """The units of the layer stored in part ``f`` (its act column's list size)."""
+        return int(pq.ParquetFile(f).schema_arrow.field("act").type.list_size)
 
 
 def seeded_windows(session, plan: Plan) -> tuple[list[list[int]], list[int]]:
@@ -743,9 +773,13 @@ def class_frequencies(session, plan: Plan, tokenization: str) -> dict:
 
 
 class KeepActivations:
-    """Stores the activations an inspect run computes anyway (``keep_activations=True``)."""
+    """Stores the activations an inspect run computes anyway (``keep_activations=True``): those
+    of ``computed``, the records the model runs for. The records a scan reads from storage are
+    not stored again: they may have been read from another dtype's behavior (float16), whose
+    rounded values a float32 behavior would then hold as if the model had given them."""
 
-    def __init__(self, session, plan: Plan, checksum: str, tokenization: str, widths: dict, symbols=None):
+    def __init__(self, session, plan: Plan, checksum: str, tokenization: str, widths: dict, symbols=None,
+                 computed=None):
         self.session, self.symbols = session, symbols      # the scan's SymbolWriter: flushed before parts
         self.behaviors = {}
         for layer in plan.layers:
@@ -753,7 +787,8 @@ class KeepActivations:
                                        widths[layer])
             cleanup_orphans(session, b)
             self.behaviors[layer] = b
-        self.missing = {l: np.setdiff1d(plan.record_ids, done_records(session.con, b["behavior_id"]))
+        computed = plan.record_ids if computed is None else computed
+        self.missing = {l: np.setdiff1d(computed, done_records(session.con, b["behavior_id"]))
                         for l, b in self.behaviors.items()}
 
     def write(self, batch: Batch) -> None:
@@ -796,8 +831,9 @@ def update_states(states: dict, samples: dict, batch: Batch, y: torch.Tensor, ta
 
 def make_engine(engine=None, ray_address=None, **ray_options):
     """The engine of a query: None or 'local' (this process), 'ray' (a Ray cluster at
-    ``ray_address``: None starts or reuses a local Ray, 'auto' the running cluster, 'ray://host:port'
-    a remote one), or an engine object with ``run(session, plan, progress)``."""
+    ``ray_address``: None starts or reuses a local Ray, 'auto' the running cluster, 'local' a Ray of
+    this process alone (reused by the next query), 'host:port' or 'ray://host:port' a remote
+    one), or an engine object with ``run(session, plan, progress)``."""
     if engine is None or engine == "local":
         if ray_address is not None or ray_options:
             raise DeepBaseError("ray_address and Ray options need engine='ray'")
@@ -1107,7 +1143,7 @@ class LocalEngine:
             plan.control_freq = class_frequencies(session, plan, tokenization)
         labels = LabelStream(session, plan, tokenization, counts, order)
         # (after the labels' checks: a query they refuse leaves no behaviors row behind)
-        keep = (KeepActivations(session, plan, mrow["checksum"], tokenization, widths, symbols)
+        keep = (KeepActivations(session, plan, mrow["checksum"], tokenization, widths, symbols, computed=missing)
                 if plan.keep_activations and len(missing) else None)
         if scan is None:
             # (a progressive scan counts its labels: min_support, and the hypotheses not met yet)
@@ -1158,7 +1194,8 @@ class LocalEngine:
                 src.close()
             symbols.close(failed=failed)
             labels.close(failed=failed)
-            if failed and keep is not None:       # as a failed extract: no behavior row without a stored part
+            if keep is not None:                  # as a failed extract: no behavior row without a stored part
+                # (also after a success: a progressive scan may stop before it runs the model once)
                 drop_unstored_behaviors(session, keep.behaviors.values())
         used = sorted(set(used))
         n_symbols = int(sum(counts[r] for r in used))
