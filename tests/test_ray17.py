@@ -231,3 +231,35 @@ def test_a_scan_left_with_no_worker_that_sees_the_stored_activations_says_so(loc
     finally:
         th.join(180)
         dbd.close(c)
+
+
+# -- keep_activations stores what the model computed ------------------------------------------------
+def test_keep_activations_on_ray_does_not_store_float16_reads_as_float32(local_ray, tmp_path):
+    """As the local engine (tests/test_engine17.py): the workers read the float16-stored records
+    and wrote them into the float32 behavior too, rounded, where later float32 queries took them
+    as the model's own activations."""
+    texts = _texts(40)
+    c = dbd.connect(str(tmp_path / "s.duckdb"), progress=False)
+    ref = dbd.connect(None, progress=False)
+    try:
+        for con in (c, ref):
+            dbd.register_model(con, "planted", "ray_models:planted")
+            dbd.add_dataset(con, "many", texts)
+        ids = [r for (r,) in c.sql("SELECT record_id FROM records ORDER BY record_id").fetchall()]
+        dbd.extract(c, "planted", ["mix"], "many", dtype="float16", record_ids=ids[:10])
+        dbd.inspect(c, "planted", ["mix"], ["digit"], "many", keep_activations=True, engine="ray",
+                    measures=["corr"], batch_size=8)
+        assert _params(c)["engine"] == "ray"
+        view = c.sql("SELECT view_name FROM behaviors WHERE dtype = 'float32'").fetchall()[0][0]
+        rows = c.sql(f"SELECT record_id, pos, act FROM {view} ORDER BY record_id, pos").fetchall()
+        assert sorted({r for r, _, _ in rows}) == ids[10:]          # what the model ran for, only
+        (e,) = dbd.extract(ref, "planted", ["mix"], "many")
+        want = ref.sql(f"SELECT record_id, pos, act FROM {e['view']} WHERE record_id >= {ids[10]} "
+                       "ORDER BY record_id, pos").fetchall()
+        assert [(r, p) for r, p, _ in rows] == [(r, p) for r, p, _ in want]
+        import numpy as np
+        np.testing.assert_allclose(np.array([a for _, _, a in rows]), np.array([a for _, _, a in want]),
+                                   rtol=0, atol=1e-6)
+    finally:
+        dbd.close(c)
+        dbd.close(ref)

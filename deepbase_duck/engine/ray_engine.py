@@ -737,7 +737,9 @@ class RayEngine:
             # the views; a re-run block rewrites the same file); the driver commits and publishes it
             # when it merges the block, so the catalog never lists a part twice or one of an
             # unmerged block (engine/extract.py: the write protocol)
-            keep = KeepActivations(session, plan, checksum, tokenization, widths)
+            # (only the records the model runs for: those read from storage may come from another
+            # dtype's parts, float16, whose rounded values a float32 behavior would hold as the model's)
+            keep = KeepActivations(session, plan, checksum, tokenization, widths, computed=missing)
             base = {l: int(store.q_scalar(session.con, "SELECT coalesce(max(part), 0) + 1 FROM behavior_parts "
                                                        "WHERE behavior_id = ?", [b["behavior_id"]]))
                     for l, b in keep.behaviors.items()}
@@ -966,8 +968,9 @@ class RayEngine:
                     ray.wait(list(in_flight), num_returns=len(in_flight), timeout=60)
                 for b in keep.behaviors.values():
                     cleanup_orphans(session, b)
-                if sys.exc_info()[0] is not None:   # as a failed extract: no behavior row without a stored part
-                    drop_unstored_behaviors(session, keep.behaviors.values())
+                # as a failed extract: no behavior row without a stored part (also after a success: a
+                # progressive scan may stop before the model runs once)
+                drop_unstored_behaviors(session, keep.behaviors.values())
         used = sorted(set(used))
         n_symbols = int(sum(counts[r] for r in used))
         if n_symbols == 0:
