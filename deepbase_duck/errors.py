@@ -96,14 +96,20 @@ def _shown(value, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-def check_int(name: str, value, minimum: int) -> int:
-    """``value`` as an int when it is a whole number >= ``minimum`` (a bool, a float with a
-    fraction or a string is refused, naming ``name``)."""
+def check_int(name: str, value, minimum: int, maximum: int | None = None) -> int:
+    """``value`` as an int when it is a whole number >= ``minimum`` (and <= ``maximum``, where
+    given; a bool, a float with a fraction or a string is refused, naming ``name``)."""
     import numbers
     ok = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
     if isinstance(value, bool) or not ok or value < minimum:
         raise DeepBaseError(f"{name} must be an integer >= {minimum}, got {_shown(value)}")
+    if maximum is not None and value > maximum:
+        raise DeepBaseError(f"{name} must be an integer from {minimum} to {maximum}, got {_shown(value)}")
     return int(value)
+
+
+#: The largest seed: seeds reach SQL (seeded_order, the sampling macros) as BIGINT.
+MAX_SEED = 2 ** 63 - 1
 
 
 def check_integer(name: str, value, minimum: int) -> int:

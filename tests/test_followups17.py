@@ -117,3 +117,23 @@ def test_an_image_record_may_carry_the_whole_sha256(tmp_path):
     for digest in (full[:8], hashlib.sha256(b"other").hexdigest(), 42):
         with pytest.raises(DeepBaseError, match="changed since its record was added"):
             load_image(json.dumps({"path": str(p), "sha256": digest}))
+
+
+def test_seeds_beyond_bigint_are_refused_by_name_and_measures_named_twice_count_once(con_planted):
+    con = con_planted
+    for kw in ({"seed": 2 ** 63, "max_error": 0.5}, {"baseline_seed": 2 ** 64, "baseline": True}):
+        name = next(iter(kw))
+        with pytest.raises(dbd.DeepBaseError, match=rf"{name} must be an integer from 0 to 9223372036854775807"):
+            dbd.inspect(con, "planted", ["planted"], ["digit"], "snippets", **kw)
+    t = dbd.inspect(con, "planted", ["planted"], ["digit"], "snippets", measures=["corr", "corr"])
+    assert set(t.column("measure").to_pylist()) == {"corr"}
+    assert con.sql("SELECT measures FROM queries ORDER BY query_id DESC LIMIT 1").fetchall()[0][0] == ["corr"]
+
+
+@pytest.fixture
+def con_planted(tmp_path):
+    con = dbd.connect(str(tmp_path / "s.duckdb"), progress=False)
+    dbd.register_model(con, "planted", planted_adapter())
+    dbd.add_dataset(con, "snippets", TEXTS)
+    yield con
+    dbd.close(con)

@@ -30,7 +30,7 @@ import torch
 
 from .. import store
 from ..extraction.adapters import default_device, global_tf32
-from ..errors import DeepBaseError, EmptyDatasetError, check_int
+from ..errors import MAX_SEED, DeepBaseError, EmptyDatasetError, check_int
 from ..hypotheses.grid import check_fit, grid_of
 from ..hypotheses.store import annotate, missing_records, resolve
 from ..inspectors.base import SCORE_SCHEMA, measure_class
@@ -159,7 +159,7 @@ def plan_inspect(session, model, layers, hypotheses, dataset, measures=("corr",)
         hypotheses = [hypotheses]
     if isinstance(measures, str):
         measures = [measures]
-    measures = list(measures or ["corr"])
+    measures = list(dict.fromkeys(measures or ["corr"]))      # a measure named twice: once (as layers)
     for m in measures:
         measure_class(m)
     for m, value in measure_params.items():
@@ -1816,8 +1816,8 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
     if len(set(models)) != len(models):
         raise DeepBaseError(f"model names repeat in {models}")
     batch_size = check_int("batch_size", batch_size, 1)
-    seed = check_int("seed", seed, 0)
-    baseline_seed = check_int("baseline_seed", baseline_seed, 0)
+    seed = check_int("seed", seed, 0, MAX_SEED)                 # (as SQL's seeded_order takes it: a BIGINT)
+    baseline_seed = check_int("baseline_seed", baseline_seed, 0, MAX_SEED)
     check_companions(seed, dtype, keep_activations, max_error, top_k, plateau_tol, baseline, baseline_seed)
     plans = [plan_inspect(session, m, layers, hypotheses, dataset, measures, record_ids, limit, batch_size,
                           keep_activations, dtype, device, control, permutations, permutation_rows, max_error, seed,
