@@ -137,3 +137,38 @@ def con_planted(tmp_path):
     dbd.add_dataset(con, "snippets", TEXTS)
     yield con
     dbd.close(con)
+
+
+def test_an_image_report_with_no_records_per_unit_draws_no_images(tmp_path):
+    """records_per_unit=0 asks for no top records: the text section said 'No units selected',
+    but the images section still ranked the images by forward passes and drew one per unit."""
+    from deepbase_duck.corpora import scenes
+    from deepbase_duck.extraction.image_adapter import ImageAdapter
+    from deepbase_duck.hypotheses.grid import concept_hypotheses
+    from test_vision import G, PlantedConv
+    con = dbd.connect(str(tmp_path / "v.duckdb"), progress=False)
+    try:
+        dbd.register_model(con, "planted_conv", ImageAdapter(PlantedConv(), grid=G, name="planted", device="cpu"))
+        dbd.add_dataset(con, "scenes", scenes.scene_records(8, seed=100))
+        concept_hypotheses(["colour:red"], grid=G)
+        dbd.inspect(con, "planted_conv", ["units"], ["colour:red"], "scenes", measures=["iou"],
+                    iou={"quantile": 0.05})
+        res = dbd.report(con, str(tmp_path / "none.html"), top_units=2, records_per_unit=0)
+        doc = (tmp_path / "none.html").read_text()
+        assert "images" not in res["sections"] and '<section id="images">' not in doc
+        res = dbd.report(con, str(tmp_path / "two.html"), top_units=2, records_per_unit=2)
+        assert res["sections"][-1] == "images"
+    finally:
+        dbd.close(con)
+
+
+def test_a_hypothesis_whose_scores_are_all_nan_or_infinite_gets_the_note(con_planted, tmp_path):
+    """top_units ranks finite scores only; null_hypotheses counted non-NULL scores, so a
+    hypothesis whose every score is NaN or infinite (written by hand, imported) vanished from the
+    report without the note that says why."""
+    con = con_planted
+    dbd.inspect(con, "planted", ["planted"], ["digit", "in_string"], "snippets")
+    con.execute("UPDATE scores SET score = 'NaN'::DOUBLE WHERE hypothesis = 'in_string'")
+    from deepbase_duck.reports import data
+    q = data.select_query(con)
+    assert data.null_hypotheses(con, q, ["corr"]) == [("planted", "in_string")]

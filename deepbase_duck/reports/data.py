@@ -208,14 +208,15 @@ def top_units(con, q: Query, measure: str, k: int) -> list[dict]:
 
 def null_hypotheses(con, q: Query, measures: list[str]) -> list[tuple[str, str]]:
     """(model, hypothesis) pairs with unit scores of ``measures`` in the query, every one NULL
-    (undefined: a hypothesis that never holds on the records read): nothing of them can be ranked
-    or mapped, and the report says so rather than leave them out unsaid."""
+    (undefined: a hypothesis that never holds on the records read), or NaN or infinite (by hand:
+    top_units ranks finite scores only): nothing of them can be ranked or mapped, and the report
+    says so rather than leave them out unsaid."""
     hi = {h: i for i, h in enumerate(q.scored_hypotheses)}
     mi = {m: i for i, m in enumerate(q.models)}
     rows = store.q_all(con, """
         SELECT model, hypothesis FROM scores
         WHERE query_id = ? AND list_contains(?, measure) AND unit IS NOT NULL
-        GROUP BY ALL HAVING count(score) = 0""", [q.query_id, list(measures)])
+        GROUP BY ALL HAVING count(score) FILTER (WHERE isfinite(score)) = 0""", [q.query_id, list(measures)])
     return sorted(((m, h) for m, h in rows), key=lambda r: (mi.get(r[0], 10**6), hi.get(r[1], 10**6), r))
 
 

@@ -33,8 +33,8 @@ def top_images_section(con, query, units: list[dict], records_per_unit: int, pro
     needs no model. Each figure is titled and outlined with the unit's Network Dissection result
     in this query (``query.query_id``), not another's. Images that can no longer be read (a file
     deleted or moved since the query) get a note in place of that layer's figures."""
-    if not is_image_dataset(con, query.dataset):
-        return None
+    if not is_image_dataset(con, query.dataset) or records_per_unit == 0:
+        return None                          # (no records asked for: no images, and no forward passes to rank them)
     import os
     import tempfile
     from ..catalog import session_of
@@ -68,7 +68,7 @@ def top_images_section(con, query, units: list[dict], records_per_unit: int, pro
             path = os.path.join(tmp, f"unit{i}.png")
             try:
                 top_images_png(con, u["model"], u["layer"], int(u["unit"]), query.dataset, path,
-                               k=max(1, records_per_unit), query_id=query.query_id)
+                               k=records_per_unit, query_id=query.query_id)
             except DeepBaseError as exc:
                 # the images are read again to rank them: one deleted or moved since the query (or
                 # unreadable now) costs this section its figures, not the whole report
