@@ -172,3 +172,23 @@ def test_a_hypothesis_whose_scores_are_all_nan_or_infinite_gets_the_note(con_pla
     from deepbase_duck.reports import data
     q = data.select_query(con)
     assert data.null_hypotheses(con, q, ["corr"]) == [("planted", "in_string")]
+
+
+def test_the_padding_warning_waits_for_a_batch_that_holds_padding(tmp_path):
+    """A model that reads ahead was warned of at the first batch whatever the batch size, telling
+    a user who already scanned with batch_size=1 (no padding) to 'scan with batch_size=1'. The
+    check now waits for a batch that holds padding, and still comes with one."""
+    import warnings
+    from deepbase_duck.extraction.adapters import CharAdapter
+    from test_newuser_hunt16 import TEXTS as T, ReadsAhead, ascii_ids
+    con = dbd.connect(str(tmp_path / "p.duckdb"), progress=False)
+    try:
+        dbd.add_dataset(con, "txt", T)
+        dbd.register_model(con, "ahead", CharAdapter(ReadsAhead(), ascii_ids, "ascii128"))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*right-padded.*")
+            dbd.inspect(con, "ahead", ["encoder.layers.0"], ["digit"], "txt", batch_size=1)
+        with pytest.warns(UserWarning, match=r"'encoder.layers.0' \(by up to .*right-padded"):
+            dbd.inspect(con, "ahead", ["encoder.layers.0"], ["digit"], "txt", batch_size=4, reuse=False)
+    finally:
+        dbd.close(con)

@@ -192,6 +192,9 @@ class StackedForward:
 
     def __call__(self, enc) -> dict:
         if self.mode == "vmap":
+            warn = getattr(next(iter(self.adapters.values())), "warn_padding", None)
+            if warn is not None:        # (CharAdapter: checked in __init__, warned of at a padded batch)
+                warn(self.layers, enc)
             try:
                 return self._fused(enc)
             except Exception as exc:

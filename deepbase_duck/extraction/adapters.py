@@ -291,6 +291,17 @@ def no_output_message(module: torch.nn.Module, layer: str, advice: str) -> str:
             f"(see deepbase_duck.extraction.hooks for what is read of tuples, dicts and PackedSequences); {advice}")
 
 
+def _holds_padding(encoded: Encoded) -> bool:
+    """Whether a CharAdapter batch holds right padding after a record with symbols: one with fewer
+    symbols than the batch has positions (an empty record's symbols, none, are changed by
+    nothing); True where that cannot be told: inputs that are not one (batch, length) tensor."""
+    inputs = encoded.inputs
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2:
+        return True
+    lengths = [len(s) for s in encoded.starts if len(s)]
+    return bool(lengths) and min(lengths) < inputs.shape[1]
+
+
 class ModelAdapter:
     """Base adapter. Subclass and implement ``encode``; override the rest when needed.
 
@@ -496,15 +507,36 @@ class CharAdapter(ModelAdapter):
         self.check_padding(layers)
         return super().exits_early(layers)
 
+    def warn_padding(self, layers, encoded: Encoded) -> None:
+        """The warning of ``check_padding`` for ``layers``, once, at the first batch that holds
+        right padding (``_holds_padding``): a scan whose batches hold none (batch_size=1, records
+        of one length) gets none, where the warning would be a false alarm, as it told a user who
+        scanned with batch_size=1 to scan with batch_size=1."""
+        pending = self.__dict__.get("_padding_leaks")
+        key = tuple(sorted(layers))
+        if not pending or key not in pending or not _holds_padding(encoded):
+            return
+        leaks = pending.pop(key)
+        import warnings
+        shown = ", ".join(f"{n!r} (by up to {d:.3g})" for n, d in leaks[:5])
+        warnings.warn(
+            f"{type(self).__name__} ({self.tokenization}): the activations of layer(s) {shown} for a record "
+            f"change when it is right-padded, as a longer record in its batch does: the model reads ahead "
+            f"(bidirectional, non-causal attention or convolution) and sees the padding, so activations and "
+            f"scores depend on batch_size and on which records share a batch. Pass lengths or a padding mask "
+            f"in a ModelAdapter of your own (encode/forward), or scan with batch_size=1",
+            UserWarning, stacklevel=4)
+
     def check_padding(self, layers) -> None:
         """Warn, once per set of layers, when right padding changes what ``layers`` give for a
         record: the example record's activations alone and with ``len(example_text)`` pad ids
         after it (as a longer record in its batch would add) must agree on its characters. A model
         that reads ahead (a bidirectional RNN, non-causal attention or convolution) sees the
         padding, so its activations, and every score from them, would change with ``batch_size``
-        and with which records share a batch, silently. Two small forward passes; skipped where
-        ``encode`` gives other inputs than one (batch, length) tensor of ids (an adapter of one's
-        own that passes lengths or a mask)."""
+        and with which records share a batch, silently. Two small forward passes (before a scan's
+        first: here, not amid the scan's); skipped where ``encode`` gives other inputs than one
+        (batch, length) tensor of ids (an adapter of one's own that passes lengths or a mask).
+        The warning waits for a batch that holds padding (``warn_padding``)."""
         from .hooks import Retain
         key = tuple(sorted(layers))
         done = self.__dict__.setdefault("_padding_checks", set())
@@ -540,16 +572,8 @@ class CharAdapter(ModelAdapter):
                         leaks.append((n, diff))
         except Exception:                     # (a layer this reader cannot cut, a failing model: the scan says so)
             return
-        if leaks:
-            import warnings
-            shown = ", ".join(f"{n!r} (by up to {d:.3g})" for n, d in leaks[:5])
-            warnings.warn(
-                f"{type(self).__name__} ({self.tokenization}): the activations of layer(s) {shown} for a record "
-                f"change when it is right-padded, as a longer record in its batch does: the model reads ahead "
-                f"(bidirectional, non-causal attention or convolution) and sees the padding, so activations and "
-                f"scores depend on batch_size and on which records share a batch. Pass lengths or a padding mask "
-                f"in a ModelAdapter of your own (encode/forward), or scan with batch_size=1",
-                UserWarning, stacklevel=5)
+        if leaks:                             # warned of at the first batch that holds padding
+            self.__dict__.setdefault("_padding_leaks", {})[key] = leaks
 
     def _char_ids(self, text: str) -> torch.Tensor:
         """``encode_chars(text)`` as a tensor of integer ids, one per character: the symbol of

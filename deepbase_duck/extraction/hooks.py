@@ -381,6 +381,9 @@ def run_until_retained(adapter, encoded, ret: Retain) -> None:
     the layer to ask for instead, at the first pass; one skipped by a branch of the forward pass
     gives no output, which the adapter's reader reports."""
     exits = adapter.exits_early(list(ret.modules))     # (its first check runs a forward pass of its own)
+    warn = getattr(adapter, "warn_padding", None)
+    if warn is not None:                               # CharAdapter: a model that sees this batch's padding
+        warn(list(ret.modules), encoded)
     ret.clear()
     if ("training",) not in ret._warned:
         ret._warned.add(("training",))
