@@ -301,6 +301,11 @@ def unit_notes(con, query_id: int) -> list[str]:
     out = []
     if measures - {"probe_weight", "probe_class_weight"}:
         out.append("n: the symbols (characters or tokens) each unit was scored over")
+    models = {m for (m,) in con.execute("SELECT DISTINCT model FROM scores WHERE query_id = ?",
+                                        [int(query_id)]).fetchall()}
+    if len({m.removesuffix("~untrained") for m in models}) == 1 and any(m.endswith("~untrained") for m in models):
+        # the table marks the baseline's layers '~u' (see _layer_label), which nothing else explains
+        out.append("~u: the layer of the model's untrained (re-initialised) copy, the baseline (--baseline)")
     if measures & {"probe_weight", "probe_class_weight"}:
         out.append("[probe_weight]: the unit's share of its layer's probe weights, no interval;\n"
                    "  n: the probe's training symbols (its held-out accuracy is in the probe table below)")
@@ -392,7 +397,9 @@ def cmd_demo(args) -> int:
         con.sql(f"COPY (SELECT * FROM scores WHERE query_id = {qid}) TO {_lit(out_dir)} "
                 "(FORMAT parquet, PARTITION_BY (model, layer), OVERWRITE_OR_IGNORE)")
         con.execute("CHECKPOINT")
-        print(f"\nstore: {store_path}  (activations: {store_path}.acts)\nscores as Parquet: {out_dir}/"
+        # (--no-keep stores none: naming the folder then sent a user looking for what is not there)
+        acts = "activations not stored: --no-keep" if args.no_keep else f"activations: {store_path}.acts"
+        print(f"\nstore: {store_path}  ({acts})\nscores as Parquet: {out_dir}/"
               f"\nfinished in {time.time() - t0:.1f} s")
         print("\nNext: SELECT * FROM scores ... in that store, or `deepbase-duck inspect --help`. "
               "Affinity is not causation: verify a unit by ablating it.")
@@ -489,8 +496,11 @@ def cmd_add_dataset(args):
     import deepbase_duck as dbd
     from deepbase_duck.catalog import DatasetExistsError
     from deepbase_duck.errors import DeepBaseError
-    records = dbd.read_records(args.path, args.format, args.column or "text", args.source_column,
-                               args.glob or "**/*", args.max_chars)
+    try:
+        records = dbd.read_records(args.path, args.format, args.column or "text", args.source_column,
+                                   args.glob or "**/*", args.max_chars)
+    except DeepBaseError as exc:
+        raise DeepBaseError(_column_hint(str(exc), args)) from None
     _check_read_flags(args, records.format)           # before the store is opened (or created)
     with _store(args, create=True) as con:
         before = con.sql("SELECT count(*) FROM records WHERE dataset = ?", params=[args.name]).fetchall()[0][0]
@@ -505,6 +515,22 @@ def cmd_add_dataset(args):
     print(f"{args.name}: {_n(n, 'record')} ({records.format}, {_n(sum(len(r['text']) for r in records), 'character')})"
           f"{skipped}{kept}")
     return 0
+
+
+def _column_hint(message: str, args) -> str:
+    """A reader's message about a missing column or key, with the flag that names it: the text
+    is read from column 'text' unless --column says otherwise, which the message alone (the
+    library's 'column' parameter, or nothing at all for a table) did not tell a CLI user."""
+    import re
+    missing = re.search(r": no (column|key) '([^']*)'", message)
+    if missing is None:
+        return message
+    what, name = missing.groups()
+    message = message.removesuffix("; name the text's key with column")
+    if name == args.source_column:
+        return f"{message}; --source-column names the {what} holding each record's source"
+    given = "" if args.column is not None else f" (without --column the text is read from the {what} 'text')"
+    return f"{message}; --column names the {what} holding the text{given}"
 
 
 def _check_read_flags(args, fmt: str) -> None:
@@ -553,6 +579,9 @@ def cmd_inspect(args):
         raise DeepBaseError(f"--seed {args.seed} orders the records of a progressive scan; give --max-error, --top-k "
                             f"or --plateau-tol with it (a full scan reads every record, in no seeded order; for "
                             f"a seeded sample of records use the shell's sample_records macro)")
+    if args.max_records == 0:                     # the library's limit 0 selects nothing, refused as 'no records'
+        raise DeepBaseError("--max-records 0 selects no record to scan; give N >= 1 (the first N records by record "
+                            "id), or leave it out to scan every record")
     if args.dtype is not None and not args.keep_activations:
         raise DeepBaseError(f"--dtype {args.dtype} is the type of the activations --keep-activations stores; give "
                             f"--keep-activations with it (the scan itself always runs in float32)")
@@ -603,6 +632,7 @@ CLI_SUBJECTS = {"seed": "--seed", "limit": "--max-records", "permutations": "--p
 # (max_chars, which reads as --max-chars, is left as it is)
 COMMAND_FLAGS = {"add-stdlib": {"limit_chars": "--chars"},
                  "define-hypothesis": {"replace := true (Python: replace=True)": "--replace"},
+                 "export": {"overwrite=True (CLI: --overwrite)": "--overwrite"},
                  "extract": {"batch_size": "--batch-size"},
                  "report": {"top_units": "--top", "text_units": "--text-units", "records_per_unit": "--records",
                             "context_chars": "--context"}}
@@ -690,8 +720,10 @@ def scan_summary(params: dict) -> list[str]:
 def cmd_export(args):
     import deepbase_duck as dbd
     with _store(args) as con:
-        for name, path in dbd.export(con, args.out_dir, args.activations, args.text, args.overwrite).items():
-            print(f"{name:<14} {path}")
+        written = dbd.export(con, args.out_dir, args.activations, args.text, args.overwrite)
+    width = max([14] + [len(name) for name in written])      # hypothesis_definitions too: aligned
+    for name, path in written.items():
+        print(f"{name:<{width}} {path}")
     return 0
 
 
@@ -723,9 +755,10 @@ def cmd_hypotheses(args):
     else:
         with _store(args):                       # registers the store's regex hypotheses in this process
             hyps = registry()
+    width = max([18] + [len(h.name) for h in hyps.values()])         # a long defined name keeps the columns aligned
     for h in sorted(hyps.values(), key=lambda h: h.name):
         about = " ".join(filter(None, [h.description, f"({h.source})" if isinstance(h, RegexHypothesis) else ""]))
-        print(f"{h.name:<18} {h.kind:<12} {about}".rstrip())
+        print(f"{h.name:<{width}} {h.kind:<12} {about}".rstrip())
     return 0
 
 
@@ -773,11 +806,12 @@ def _run(argv) -> int:
     import duckdb
     try:
         return COMMANDS[args.command](args)
-    except DeepBaseError as exc:                 # the library's parameter names, as this command's flags
+    except (DeepBaseError, FileExistsError) as exc:   # the library's parameter names, as this command's flags
+        # (FileExistsError: export's non-empty folder, whose message names overwrite=True)
         message = cli_flags(str(exc), COMMAND_FLAGS[args.command]) if args.command in COMMAND_FLAGS else exc
         _print_error(f"deepbase-duck {args.command}: error: {message}")
         return 2
-    except (duckdb.Error, FileExistsError) as exc:
+    except duckdb.Error as exc:
         _print_error(f"deepbase-duck {args.command}: error: {exc}")
         return 2
     except BrokenPipeError:                      # `deepbase-duck ... | head`

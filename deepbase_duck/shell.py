@@ -5,7 +5,7 @@ store through ``deepbase_duck.connect()`` so every macro works, and offers what 
 users expect: readline history (~/.deepbase_duck_history), statements over several lines ending
 with ';', aligned table output, and dot-commands:
 
-    .tables            tables and views of the store
+    .tables [PATTERN]  tables and views of the store (those whose name matches a LIKE pattern)
     .schema [NAME]     CREATE statements (of one table or view, or all)
     .read FILE         run the statements of a SQL file
     .timer on|off      print each statement's wall time
@@ -13,12 +13,13 @@ with ';', aligned table output, and dot-commands:
     .quit / .exit      leave
 
 Modes: interactive (a terminal), ``-c 'SQL'`` (run and exit), a script file argument, or SQL on
-standard input. In the non-interactive modes the first error ends the shell with status 1, after
-the Python traceback of a failed deepbase_duck call (what ``SELECT last_error()`` shows at the
-prompt, which could not run after it). The store must exist (a path with none is refused,
-status 2) unless ``--create`` is given. ``--read-only`` opens it without writing (a read-only file,
-or a store other read-only processes hold): results can be read, and what would write is
-refused by name.
+standard input. Ctrl-C at the prompt drops the statement typed so far, as in the DuckDB CLI. In
+the non-interactive modes the first error ends the shell with status 1, after the Python
+traceback of a failed deepbase_duck call (what ``SELECT last_error()`` shows at the prompt, which
+could not run after it); output whose reader went away (``| head``) ends it quietly, status 0.
+The store must exist (a path with none is refused, status 2) unless ``--create`` is given.
+``--read-only`` opens it without writing (a read-only file, or a store other read-only processes
+hold): results can be read, and what would write is refused by name.
 """
 from __future__ import annotations
 
@@ -45,17 +46,22 @@ class Shell:
         self.out, self.err = out or sys.stdout or _Discard(), err or sys.stderr or _Discard()
         self.timer = False
         self.open = False            # a statement is under way: lines are buffered until it ends
+        self.reading = []            # (resolved path, name as given) of the script and .read files under way
+        self.nested = 0              # .read commands under way (the lines fed come from their files)
 
     # -- statements --------------------------------------------------------------------------
     def run_sql(self, sql: str) -> None:
-        t0 = time.perf_counter()
+        """Run the statements of ``sql``, printing each result (and, with .timer on, each
+        statement's own wall time, as the DuckDB CLI does: one total for 'SELECT 1; SELECT 2;'
+        would not say which of them was slow)."""
         with _ctrl_c_stops_udfs():
             for text in split_statements(sql)[0]:
+                t0 = time.perf_counter()
                 rel = self.con.sql(text)
                 if rel is not None:
                     self.out.write(_render(rel) + "\n")
-        if self.timer:
-            self.out.write(f"Run Time: {time.perf_counter() - t0:.3f} s\n")
+                if self.timer:
+                    self.out.write(f"Run Time: {time.perf_counter() - t0:.3f} s\n")
 
     def dot(self, line: str) -> bool:
         """Run a dot-command; False means quit. Its arguments are split as a POSIX shell splits
@@ -70,8 +76,12 @@ class Shell:
         if cmd == ".help":
             self.out.write(HELP + "\n")
         elif cmd == ".tables":
+            # an argument is a LIKE pattern, as in the DuckDB CLI (ignoring it listed every table)
+            if len(args) > 1:
+                raise ValueError(f".tables takes at most one LIKE pattern (e.g. .tables 'behavior%'), got {len(args)}")
             rows = self.con.sql("SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' "
-                                "ORDER BY table_name").fetchall()
+                                + ("AND table_name LIKE ? " if args else "") + "ORDER BY table_name",
+                                params=args or None).fetchall()
             self.out.write("  ".join(r[0] for r in rows) + "\n")
         elif cmd == ".schema":
             where = "AND table_name = ?" if args else ""
@@ -86,8 +96,23 @@ class Shell:
             if len(args) != 1:
                 raise ValueError(".read takes one file name" + (f", got {len(args)}: {args!r} (quote a name with "
                                                                  f"spaces: .read \"my script.sql\")" if args else ""))
-            if self.feed(read_script(args[0]).splitlines(), interactive=False):   # statements and dot-commands
-                raise ValueError(f".read {args[0]}: stopped at the error above")
+            # a file that reads itself, directly or through others, is refused by name: it used to
+            # recurse until Python's limit, then print hundreds of 'stopped at the error above'
+            path = Path(args[0]).resolve()
+            if path in [p for p, _ in self.reading]:
+                chain = " -> ".join([name for _, name in self.reading] + [args[0]])
+                raise ValueError(f".read {args[0]}: that file is being read already, so it would read itself "
+                                 f"without end ({chain}); remove the .read that loops")
+            text = read_script(args[0])
+            self.reading.append((path, args[0]))
+            self.nested += 1
+            try:
+                failed = self.feed(text.splitlines(), interactive=False)   # statements and dot-commands
+            finally:
+                self.reading.pop()
+                self.nested -= 1
+            if failed:
+                raise _ReadStopped(f".read {args[0]}: stopped at the error above")
         elif cmd == ".timer":
             if not args or args[0] not in ("on", "off"):
                 raise ValueError(".timer takes on or off")
@@ -103,12 +128,19 @@ class Shell:
         split_statements), as in the DuckDB CLI."""
         buf, self.open = [], False
         for line in lines:
+            if line is CANCEL:                   # Ctrl-C at the prompt: the unfinished statement is dropped
+                buf, self.open = [], False
+                continue
             if not buf and line.strip().startswith("."):
                 try:
                     if not self.dot(line.strip()):
                         return 0
+                except BrokenPipeError:         # the output's reader went away (`| head`): not the command's error
+                    raise
                 except Exception as exc:
-                    self.err.write(f"Error: {exc}\n")
+                    # a nested .read that stopped says so once, at the outermost .read
+                    if not (isinstance(exc, _ReadStopped) and self.nested):
+                        self.err.write(f"Error: {exc}\n")
                     if not interactive:
                         return 1
                 continue
@@ -124,6 +156,8 @@ class Shell:
                 before = self._last_traceback()
                 try:
                     self.run_sql(text)
+                except BrokenPipeError:         # `deepbase-duck shell ... | head`: the caller ends quietly
+                    raise
                 except Exception as exc:
                     self.error(exc, before, interactive)
                     if not interactive:
@@ -137,6 +171,8 @@ class Shell:
             before = self._last_traceback()
             try:
                 self.run_sql("\n".join(buf))
+            except BrokenPipeError:
+                raise
             except Exception as exc:
                 self.error(exc, before, interactive=False)
                 return 1
@@ -186,8 +222,10 @@ class Shell:
                 except EOFError:
                     self.out.write("\n")
                     return
-                except KeyboardInterrupt:
+                except KeyboardInterrupt:         # as in the DuckDB CLI: the lines typed so far are dropped
                     self.out.write("^C\n")
+                    prompt = "D "
+                    yield CANCEL
                     continue
                 yield line
                 prompt = "· " if self.open else "D "
@@ -200,6 +238,14 @@ class Shell:
                     readline.write_history_file(HISTORY)
                 except OSError:
                     pass
+
+
+CANCEL = object()   # fed as a line: drop the statement typed so far (Ctrl-C at the prompt)
+
+
+class _ReadStopped(ValueError):
+    """A .read whose file stopped at an error, which is printed above it. A .read inside a read
+    file that stops is not reported at each level: only the outermost .read says it stopped."""
 
 
 class _Discard:
@@ -343,7 +389,9 @@ def main(store: str | None, command: str | None, script: str | None, quiet: bool
         if command is not None:
             return sh.feed(command.splitlines(), interactive=False)
         if script is not None:
-            return sh.feed(read_script(script).splitlines(), interactive=False)
+            text = read_script(script)
+            sh.reading.append((Path(script).resolve(), script))     # a .read of itself is a loop
+            return sh.feed(text.splitlines(), interactive=False)
         if sys.stdin.isatty():
             return sh.interactive()
         return sh.feed(sys.stdin.read().splitlines(), interactive=False)
