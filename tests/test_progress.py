@@ -44,3 +44,43 @@ def test_no_bars_without_progress(monkeypatch, capfd):
         assert capfd.readouterr().err == ""
     finally:
         dbd.close(con)
+
+
+def test_the_scan_bar_counts_records_in_whole_numbers(monkeypatch):
+    """The scan's bar was updated by a float (records x layers held / layers), so tqdm showed
+    '14.0/24 [' where it means 14 of 24 records. Every update is recorded here (tqdm's own
+    display is throttled): whole numbers, adding up to the records scanned."""
+    import deepbase_duck.engine.inspect  # noqa: F401  (the module, not the package's function)
+    import sys
+    engine = sys.modules["deepbase_duck.engine.inspect"]
+    made = []
+
+    class Recorder:
+        def __init__(self, total, desc, *a, **k):
+            self.total, self.desc, self.steps = total, desc, []
+            made.append(self)
+
+        def update(self, n=1):
+            self.steps.append(n)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def close(self):
+            pass
+
+        def __getattr__(self, name):          # set_postfix_str, refresh, ...
+            return lambda *a, **k: None
+
+    monkeypatch.setattr(engine, "progress_bar", Recorder)
+    con = store(progress=True)
+    try:
+        dbd.inspect(con, "planted", ["planted", "mix"], ["digit"], "snippets", batch_size=2)
+    finally:
+        dbd.close(con)
+    (scan,) = [b for b in made if b.desc.startswith("inspect planted")]
+    assert scan.steps and all(isinstance(n, int) for n in scan.steps), scan.steps
+    assert sum(scan.steps) == scan.total

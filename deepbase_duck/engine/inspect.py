@@ -1162,6 +1162,7 @@ class LocalEngine:
         # progressive scans feed a per-window state, finalised at the window's end (its scores
         # give the batch-means error bound) and then merged into the total
         feeding = {k: window_state(states[k], make, k) for k in states} if progressive else states
+        progressed, shown = 0.0, 0
         try:
             for i, batch in enumerate(source, 1):
                 # symbols and labels first: on CUDA the batch's forward pass is still running meanwhile
@@ -1175,7 +1176,10 @@ class LocalEngine:
                 update_states(feeding, samples, batch, y, take)
                 if support is not None:
                     support.add(y, batch.record_ids, batch.n_symbols)
-                bar.update(len(batch.record_ids) * len(batch.acts) / len(plan.layers))
+                # (a batch may hold some of the layers: records counted in whole numbers, '16/89' not '16.0/89')
+                progressed += len(batch.record_ids) * len(batch.acts) / len(plan.layers)
+                bar.update(int(progressed) - shown)
+                shown = int(progressed)
                 used.extend(int(r) for r in batch.record_ids)
                 if progressive and i in checkpoints:
                     for k, st in feeding.items():
