@@ -15,7 +15,9 @@
 
 The .duckdb file holds only views (each Parquet file named by its absolute path, no glob, so
 the folder's name may hold [ ] or *; columns in the store's order and of its types: partition
-values as VARCHAR, act as FLOAT[width] where the exported layers share one width) and the
+values as VARCHAR, taken from the folder names when the export is written, not by DuckDB's hive
+reader, which in DuckDB 1.5 reads a model named 'NULL' as NULL; act as FLOAT[width] where the
+exported layers share one width) and the
 pure-SQL macros over them (top_units, compare_scores; with ``text=True`` also symbol_labels and
 sampling), so any DuckDB 1.5+ client (the CLI, duckdb-engine / SQLAlchemy, ADBC) reads it, and
 tools that read Parquet use the files directly (pyarrow.dataset, polars, Spark...). Nothing in it needs
@@ -44,6 +46,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
+from urllib.parse import unquote
 
 import duckdb
 
@@ -121,18 +124,43 @@ def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _str_lit(value: str) -> str:
+    """A string as a SQL string literal (quotes doubled), taken as it is (not as a path)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _partition_values(f: Path, keys: tuple) -> tuple[str, ...]:
+    """The hive partition values of a Parquet file written under ``<key>=<value>/`` folders, one
+    per key: its folder names, percent-decoded as DuckDB's writer encoded them (a model 'a b'
+    is in ``model=a%20b``)."""
+    folders = [f.parents[len(keys) - 1 - i].name for i in range(len(keys))]
+    for key, folder in zip(keys, folders):
+        if not folder.startswith(key + "="):
+            raise ValueError(f"{f} is not in a {key}=<value> folder")   # written by _write: never
+    return tuple(unquote(folder.split("=", 1)[1]) for folder in folders)
+
+
 def _files_view(name: str, files: list[Path], columns: list[tuple[str, str]], hive: tuple = ()) -> str:
     """A view over Parquet ``files`` named one by one (no glob: the folder's own name may hold
     [ ] or *, see _file_lit) giving ``columns`` [(name, type)] in that order and of those
-    types; the ``hive`` partition keys are read as VARCHAR (a model named '007' stays '007',
-    not 7), and a list comes back as the store's fixed-size array."""
+    types, a list coming back as the store's fixed-size array. The ``hive`` partition keys are
+    not read by DuckDB's hive reader but written into the view as text, one scan per partition
+    folder (_partition_values): DuckDB 1.5 (the CLI) reads a folder ``model=NULL`` (or ``null``) as
+    SQL NULL, so a model named 'NULL' lost its name and merged with one named 'null' there, and a
+    model named '007' must stay '007', not 7."""
     cols = ", ".join(f"CAST({_ident(c)} AS {t}) AS {_ident(c)}" for c, t in columns)
-    hive_opts = ""
-    if hive:
-        keys = ", ".join(f"{_lit(c)}: VARCHAR" for c in hive)
-        hive_opts = f", hive_partitioning = true, hive_types = {{{keys}}}"
-    return (f"CREATE OR REPLACE VIEW {name} AS SELECT {cols} "
-            f"FROM read_parquet([{', '.join(_file_lit(f) for f in files)}]{hive_opts})")
+    if not hive:
+        return (f"CREATE OR REPLACE VIEW {name} AS SELECT {cols} "
+                f"FROM read_parquet([{', '.join(_file_lit(f) for f in files)}])")
+    partitions: dict[tuple, list[Path]] = {}
+    for f in files:
+        partitions.setdefault(_partition_values(f, hive), []).append(f)
+    scans = []
+    for values, group in sorted(partitions.items()):
+        keyed = ", ".join(f"{_str_lit(v)} AS {_ident(k)}" for k, v in zip(hive, values))
+        scans.append(f"SELECT {keyed}, * FROM read_parquet([{', '.join(_file_lit(f) for f in group)}], "
+                     f"hive_partitioning = false)")
+    return f"CREATE OR REPLACE VIEW {name} AS SELECT {cols} FROM ({' UNION ALL BY NAME '.join(scans)})"
 
 
 HIVE_KEYS = ("model", "layer", "dataset")    # the partition columns of scores and activations

@@ -1,5 +1,18 @@
 -- Reading results: pure-SQL views of the scores table (they run in the DuckDB CLI too).
 
+-- arg_nested(v): whether v is a list, array, struct, map or union. Such a value is never a name or
+-- a number: the macros below refuse it by name, where comparing its text with names would report
+-- measure_name := ['corr'] as an unknown measure '[corr]'.
+CREATE OR REPLACE MACRO arg_nested(v) AS
+regexp_matches(typeof(v), '\]$|^(STRUCT|MAP|UNION)\(');
+
+-- arg_literal(v): v written as in SQL, for error messages: a list or struct through its JSON with
+-- SQL's quotes (['corr'], where CAST(v AS VARCHAR) gives [corr], which reads as a bracketed name).
+CREATE OR REPLACE MACRO arg_literal(v) AS
+CASE WHEN v IS NULL THEN 'NULL'
+     WHEN arg_nested(v) THEN replace(replace(CAST(to_json(v) AS VARCHAR), '''', ''''''), '"', '''')
+     ELSE CAST(v AS VARCHAR) END;
+
 -- top_units(k := 5, qid := NULL, measure_name := 'corr', by_layer := false): the k units with the
 -- largest |score| per (model, hypothesis) of one query, unit-level scores only, with the unit's
 -- layer width from the catalog. One row per (model, hypothesis, rank). qid NULL: the latest query
@@ -17,12 +30,14 @@
 -- an error naming k, whatever the scores table holds (not an empty result that reads as
 -- "nothing was scored"); a BOOLEAN k too. So are a by_layer other than true or false (NULL
 -- included), a qid that is not NULL or a number ('x', true: not a conversion error, nor query 1),
--- a qid with no scores (no such query, or one that wrote none: the error lists the queries that
--- have scores) and a measure_name with no unit scores in the query ranked (a typo such as 'cor',
--- or 'corr' when the latest query scored only 'iou': the error lists the query's measures;
--- measure_name is compared as text, so 5 is the unknown '5'). A NaN score, as a NULL one, is never
--- ranked (it would sort above every number). The guard raises its error in its WHERE clause: an error() only in a
--- column is pruned when a query reads none of the guard's columns.
+-- a qid that is not a whole number (1.5 is no query id: not "no such query"), a qid with no
+-- scores (no such query, or one that wrote none: the error lists the queries that have scores)
+-- and a measure_name with no unit scores in the query ranked (a typo such as 'cor', or 'corr'
+-- when the latest query scored only 'iou': the error lists the query's measures; measure_name is
+-- compared as text, so 5 is the unknown '5', but a list such as ['corr'] is refused as no name).
+-- A NaN score, as a NULL one, is never ranked (it would sort above every number). The guard
+-- raises its error in its WHERE clause: an error() only in a column is pruned when a query reads
+-- none of the guard's columns.
 CREATE OR REPLACE MACRO top_units(k := 5, qid := NULL, measure_name := 'corr', by_layer := false) AS TABLE
 WITH picked AS (
     SELECT s.model, s.hypothesis, s.layer, s.unit, s.score, s.ci_low, s.ci_high, s.q_value, s.n, s.measure,
@@ -70,13 +85,16 @@ FROM (SELECT r.model, r.hypothesis, r.rank, r.layer, r.unit, r.score, r.ci_low, 
                                           AND TRY_CAST(k AS DOUBLE) >= 1
                                           AND TRY_CAST(k AS DOUBLE) = floor(TRY_CAST(k AS DOUBLE)), false)
                         THEN 'top_units: k must be a whole number >= 1 (the units per hypothesis), got '
-                             || coalesce(CAST(k AS VARCHAR), 'NULL')
+                             || arg_literal(k) || CASE WHEN arg_nested(k) THEN ' of type ' || typeof(k) ELSE '' END
                         WHEN by_layer IS NULL OR typeof(by_layer) NOT IN ('BOOLEAN', 'VARCHAR')
                              OR TRY_CAST(by_layer AS BOOLEAN) IS NULL
-                        THEN 'top_units: by_layer must be true or false, got ' || coalesce(CAST(by_layer AS VARCHAR), 'NULL')
-                        WHEN qid IS NOT NULL AND (typeof(qid) = 'BOOLEAN' OR TRY_CAST(qid AS DOUBLE) IS NULL)
+                        THEN 'top_units: by_layer must be true or false, got ' || arg_literal(by_layer)
+                             || CASE WHEN arg_nested(by_layer) THEN ' of type ' || typeof(by_layer) ELSE '' END
+                        WHEN qid IS NOT NULL AND (typeof(qid) = 'BOOLEAN' OR TRY_CAST(qid AS DOUBLE) IS NULL
+                                                  OR NOT isfinite(TRY_CAST(qid AS DOUBLE))
+                                                  OR TRY_CAST(qid AS DOUBLE) <> floor(TRY_CAST(qid AS DOUBLE)))
                         THEN 'top_units: qid must be a query id (a whole number) or NULL (the latest query with scores), got '
-                             || CAST(qid AS VARCHAR)
+                             || arg_literal(qid) || CASE WHEN arg_nested(qid) THEN ' of type ' || typeof(qid) ELSE '' END
                         WHEN qid IS NOT NULL AND NOT EXISTS (SELECT 1 FROM scores WHERE query_id = TRY_CAST(qid AS DOUBLE))
                         THEN 'top_units: qid ' || CAST(qid AS VARCHAR) || ' has no scores ('
                              || CASE WHEN EXISTS (SELECT 1 FROM queries WHERE query_id = TRY_CAST(qid AS DOUBLE))
@@ -87,6 +105,9 @@ FROM (SELECT r.model, r.hypothesis, r.rank, r.layer, r.unit, r.score, r.ci_low, 
                                                       ELSE CAST(min(i) AS VARCHAR) || ' to ' || CAST(max(i) AS VARCHAR)
                                                            || ' (' || CAST(count(*) AS VARCHAR) || ' queries)' END
                                           FROM (SELECT DISTINCT query_id AS i FROM scores)), 'none, nothing is scored')
+                        WHEN arg_nested(measure_name)
+                        THEN 'top_units: measure_name must name one measure (text), or be NULL (every measure), got '
+                             || arg_literal(measure_name) || ' of type ' || typeof(measure_name)
                         WHEN measure_name IS NOT NULL AND q IS NOT NULL
                              AND NOT EXISTS (SELECT 1 FROM scores WHERE query_id = q
                                                                     AND measure = CAST(measure_name AS VARCHAR)
@@ -123,11 +144,13 @@ ORDER BY model, measure, hypothesis, part, rank;
 --                           seeded order whose first records it read.
 -- (The queries table keeps counts, not record ids: two record_ids lists of one size and one
 -- symbol count cannot be told apart.) Per model and record set the score is the latest non-NULL
--- one (highest query_id; NULL when all are NULL). A unit gets one row per dataset: from the record
--- set both models were scored on most recently (the largest min(latest query of a, latest query
--- of b)); a unit whose two models were never scored over the same records of a dataset gets no
--- row for it, however many queries scored each on part of it. Two models scored in one query
--- (baseline := true, checkpoints inspected together) share one queries row and are paired: a
+-- one (highest query_id; NULL when all are NULL). A NaN score counts as NULL, as in top_units: a
+-- NaN delta would sort above every number, and a later NaN would hide an earlier score. A unit
+-- gets one row per dataset: from the record set both models were scored on most recently (the
+-- largest min(latest query of a, latest query of b)); a unit whose two models were never scored
+-- over the same records of a dataset gets no row for it, however many queries scored each on
+-- part of it. Two models scored in one query (baseline := true, checkpoints inspected together)
+-- share one queries row and are paired: a
 -- progressive query stops them at one window, so they read the same records (where an engine
 -- could not, queries.params->'per_model' lists each model's records_used).
 -- ds := NULL compares on every dataset (one row per dataset); ds := 'code' on that dataset only.
@@ -137,7 +160,8 @@ ORDER BY model, measure, hypothesis, part, rank;
 -- among the measures of either model's unit scores (the error lists that model's), and a ds that
 -- is no dataset of the store (neither in `datasets` nor scored by a query); model_a, model_b, ds and
 -- measure_name are compared as text (an INTEGER 5 is '5', named in the error, not a conversion
--- error about a column). Two models that have
+-- error about a column), and a list, struct or map for any of them is refused as no name
+-- (['planted'] is not the unknown model '[planted]'). Two models that have
 -- unit scores of the measure but share no record set of a dataset still give no row for it.
 CREATE OR REPLACE MACRO compare_scores(model_a, model_b, measure_name := 'corr', ds := NULL) AS TABLE
 WITH record_sets AS (   -- per query: its dataset and what identifies the records it read
@@ -151,7 +175,8 @@ WITH record_sets AS (   -- per query: its dataset and what identifies the record
 ), latest AS (          -- per model, record set and unit: the latest non-NULL score
     SELECT s.model, r.dataset, r.n_records, r.n_symbols, r.n_selected, r.order_seed,
            s.layer, s.unit, s.hypothesis, s.measure,
-           arg_max(s.score, s.query_id) AS score, max(s.query_id) AS last_query
+           arg_max(CASE WHEN NOT isnan(s.score) THEN s.score END, s.query_id) AS score,   -- NaN: NULL
+           max(s.query_id) AS last_query
     FROM scores AS s
     JOIN record_sets AS r ON r.query_id = s.query_id
     WHERE (measure_name IS NULL OR s.measure = CAST(measure_name AS VARCHAR)) AND s.unit IS NOT NULL
@@ -169,7 +194,18 @@ WITH record_sets AS (   -- per query: its dataset and what identifies the record
                                ORDER BY least(a.last_query, b.last_query) DESC,
                                         greatest(a.last_query, b.last_query) DESC) = 1
 ), checks AS (          -- msg NULL when the arguments are good, else the error (the first that applies)
-    SELECT CASE WHEN model_a IS NULL OR model_b IS NULL OR NOT has_a OR NOT has_b
+    SELECT CASE WHEN arg_nested(model_a) OR arg_nested(model_b) OR arg_nested(measure_name) OR arg_nested(ds)
+                THEN 'compare_scores: '
+                     || CASE WHEN arg_nested(model_a) THEN 'model_a must name a model (text), got '
+                                  || arg_literal(model_a) || ' of type ' || typeof(model_a)
+                             WHEN arg_nested(model_b) THEN 'model_b must name a model (text), got '
+                                  || arg_literal(model_b) || ' of type ' || typeof(model_b)
+                             WHEN arg_nested(measure_name)
+                             THEN 'measure_name must name one measure (text), or be NULL (every measure), got '
+                                  || arg_literal(measure_name) || ' of type ' || typeof(measure_name)
+                             ELSE 'ds must name one dataset (text), or be NULL (every dataset), got '
+                                  || arg_literal(ds) || ' of type ' || typeof(ds) END
+                WHEN model_a IS NULL OR model_b IS NULL OR NOT has_a OR NOT has_b
                 THEN 'compare_scores: '
                      || CASE WHEN model_a IS NULL THEN 'model_a must name a model with unit scores, got NULL'
                              WHEN model_b IS NULL THEN 'model_b must name a model with unit scores, got NULL'
