@@ -245,10 +245,16 @@ def run_forward(records, batch_size: int) -> dict:
     return {"seconds": time.perf_counter() - t0, "symbols": symbols}
 
 
+def layer_list(text: str) -> list[str]:
+    """``--layers`` as module paths; spaces after the commas dropped (the engine refuses a layer
+    name with whitespace around it)."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def child(a) -> dict:
     limit_threads(a.threads)
     records = records_for(a.sentences, a.split, a.sample_seed)
-    layers = a.layers.split(",")
+    layers = layer_list(a.layers)
     if a.child == "forward":
         r = run_forward(records, a.batch_size)
     elif a.child == "baseline":
@@ -294,7 +300,7 @@ def main():
                               small_kinds=("full", "fullcorr", "baseline"))
     f, b = arrays["full"], arrays["baseline"]
     bl, n = res["baseline"], res["full"]
-    layers = a.layers.split(",")
+    layers = layer_list(a.layers)
     corr_only = bl["seconds"] - bl["t_probe"]
     print(f"\ndeepbase_duck vs a standard Python implementation: all-MiniLM-L6-v2, layers {', '.join(layers)} "
           f"({len(layers)} x {WIDTH} units), spaCy UPOS ({len(upos_classes())} classes), {n['records']} PTB "

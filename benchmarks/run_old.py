@@ -18,6 +18,9 @@ import sys
 
 
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
+        print(__doc__)                   # asked for: the usage, and a clean exit
+        return
     if len(sys.argv) < 3:
         sys.exit(__doc__)
     root, script = os.path.abspath(sys.argv[1]), sys.argv[2]

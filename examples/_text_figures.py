@@ -1,5 +1,6 @@
 """Helpers shared by the text studies in examples/ (figures with matplotlib, and ``start``: the
-options, threads and output folder every main() begins with); not part of the library.
+options, threads and output folder every main() begins with; ``seed``, the type of their ``--seed``);
+not part of the library.
 
 ``char_panel`` draws a text with every character's background coloured by a value, the picture
 Karpathy, Johnson & Fei-Fei (2015) used to show what one LSTM cell tracks.
@@ -19,6 +20,20 @@ def parser(doc: str):
     import argparse
     return argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def seed(text: str) -> int:
+    """``--seed``'s type: a whole number >= 0, refused by the option's name before any work starts
+    (the corpora's samplers refuse a negative seed, with a traceback naming their own argument)."""
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {value} (the samples are "
+                                         "drawn from seeds >= 0: give one, e.g. --seed 0)")
+    return value
 
 
 def start(ap, argv, out: str):

@@ -34,13 +34,13 @@ from deepbase_duck.models.charlstm import CHECKPOINTS
 from deepbase_duck.models.charlstm import config as charlstm_config
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _text_figures import parser, start, plt, print_table, save  # noqa: E402
+from _text_figures import parser, seed, start, plt, print_table, save  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = parser(__doc__)
     ap.add_argument("--chars", type=int, default=100_000, help="characters of held-out code to sample")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the record sample")
+    ap.add_argument("--seed", type=seed, default=0, help="seed of the record sample")
     a, out, t0 = start(ap, argv, "deepbase_results/across_training")
 
     con = dbd.connect(None, progress=False)

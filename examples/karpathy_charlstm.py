@@ -34,7 +34,7 @@ from deepbase_duck.hypotheses import get_hypothesis
 from deepbase_duck.hypotheses.library import CODE_HYPOTHESES
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _text_figures import parser, start, char_panel, plt, print_table, save  # noqa: E402
+from _text_figures import parser, seed, start, char_panel, plt, print_table, save  # noqa: E402
 
 FIGURE_HYPOTHESES = ["in_string", "in_comment", "bracket_depth", "indent_level"]
 
@@ -67,7 +67,7 @@ def pick_snippet(records: list[dict], lines: int = 14) -> str:
 def main(argv=None) -> int:
     ap = parser(__doc__)
     ap.add_argument("--chars", type=int, default=200_000, help="characters of held-out code to sample")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the record sample")
+    ap.add_argument("--seed", type=seed, default=0, help="seed of the record sample")
     a, out, t0 = start(ap, argv, "deepbase_results/karpathy_charlstm")
 
     con = dbd.connect(None, progress=False)

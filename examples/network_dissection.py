@@ -68,7 +68,9 @@ def main(argv=None) -> int:
                     help="skip the untrained (re-initialised) copy of MobileNetV2 on the scenes")
     args = ap.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    layers = args.layers.split(",")
+    layers = [x.strip() for x in args.layers.split(",") if x.strip()]   # "features.3, features.17" too
+    if not layers:
+        ap.error("--layers names no layer: give comma-separated module paths, e.g. features.3,features.17")
     G = args.grid
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
                                       params := '{{"grid": {G}}}')""").fetchall()
     # 2. the data: scenes with exact concept masks; bundled photos with colour-named pixels
     dbd.add_dataset(con, "scenes", scenes.scene_records(args.scenes, seed=0), "generated scenes (exact masks)")
-    photos = photo_records(args.crops, seed=0)
+    photos = [] if args.quick else photo_records(args.crops, seed=0)
     if not args.quick:
         dbd.add_dataset(con, "photos", photos, "scikit-image bundled photos and seeded crops")
     concepts = list(scenes.CONCEPTS)
@@ -217,8 +219,9 @@ def main(argv=None) -> int:
                    len(photos), seconds, t_scenes, t_photos, n_units, n_det, n_det_untrained)
     baseline_note = ("untrained copy not run: --no-baseline" if n_det_untrained is None
                      else f"{n_det_untrained} of the untrained copy's")
+    photos_note = "photos not run: --quick" if args.quick else f"photos {t_photos:.0f} s"
     print(f"\n{n_det} of {n_units} units are detectors ({baseline_note}); wrote {out / 'network_dissection.png'}, "
-          f"{out / 'network_dissection.md'}; total {seconds:.0f} s (scenes query {t_scenes:.0f} s, photos {t_photos:.0f} s)")
+          f"{out / 'network_dissection.md'}; total {seconds:.0f} s (scenes query {t_scenes:.0f} s, {photos_note})")
     dbd.close(con)
     return 0
 
@@ -226,15 +229,22 @@ def main(argv=None) -> int:
 def write_markdown(path, args, G, layers, per_layer, best, photo_rows, drawn, n_photos, seconds, t_scenes, t_photos,
                    n_units, n_det, n_det_untrained):
     colour_first = [r for r in per_layer if r[3]]
+    # the command as run: every option that changed what was scored, so that it reproduces the numbers
+    command = (f"python examples/network_dissection.py --scenes {args.scenes} "
+               + ("--quick" if args.quick else f"--crops {args.crops}") + f" --grid {G}"
+               + ("" if layers == LAYERS else f" --layers {','.join(layers)}")
+               + (" --no-baseline" if args.no_baseline else "") + f" --top {args.top} --out {args.out}")
+    photos = ("no photo records (`--quick`)" if args.quick else
+              f"{n_photos} photo records ({len(SKIMAGE_PHOTOS)} scikit-image photos, each whole and in "
+              f"{args.crops} seeded crops)")
     lines = [
         "# Network Dissection of MobileNetV2 with deepbase_duck",
         "",
-        f"Run: `python examples/network_dissection.py --scenes {args.scenes} --crops {args.crops} --grid {G}` "
-        f"({seconds:.0f} s in all on this machine, {torch.get_num_threads()} torch threads; scenes query "
-        f"{t_scenes:.0f} s, photos query {t_photos:.0f} s).",
-        f"Sampled: {args.scenes} generated scenes (seeds 0..{args.scenes - 1}) and {n_photos} photo records "
-        f"({len(SKIMAGE_PHOTOS)} scikit-image photos, each whole and in {args.crops} seeded crops); "
-        f"{len(layers)} layers, {n_units} units, {len(scenes.CONCEPTS)} concepts on scenes, 11 colours on photos; "
+        f"Run: `{command}` ({seconds:.0f} s in all on this machine, {torch.get_num_threads()} torch threads; "
+        f"scenes query {t_scenes:.0f} s" + ("" if args.quick else f", photos query {t_photos:.0f} s") + ").",
+        f"Sampled: {args.scenes} generated scenes (seeds 0..{args.scenes - 1}) and {photos}; "
+        f"{len(layers)} layers, {n_units} units, {len(scenes.CONCEPTS)} concepts on scenes"
+        + ("" if args.quick else ", 11 colours on photos") + "; "
         f"activations read on a {G}x{G} grid (smaller maps upsampled bilinearly, larger ones area-averaged); threshold: top {QUANTILE} quantile per unit over "
         f"all cells of all images; detector: best-concept IoU > {DETECTOR_IOU}.",
         "",

@@ -35,7 +35,7 @@ from deepbase_duck.hypotheses.sql import SQL_HYPOTHESIS_NAMES
 from deepbase_duck.models.sqllstm import config as sqllstm_config
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _text_figures import parser, start, char_panel, plt, print_table, save  # noqa: E402
+from _text_figures import parser, seed, start, char_panel, plt, print_table, save  # noqa: E402
 
 FIGURE_HYPOTHESES = ["sql_select_list", "sql_from", "sql_column", "sql_string"]
 
@@ -65,7 +65,7 @@ def figure_query(queries: list[str]) -> str:
 def main(argv=None) -> int:
     ap = parser(__doc__)
     ap.add_argument("--queries", type=int, default=2000, help="held-out queries to inspect")
-    ap.add_argument("--seed", type=int, default=7, help="generator seed of the inspected queries")
+    ap.add_argument("--seed", type=seed, default=7, help="generator seed of the inspected queries")
     ap.add_argument("--probe-rows", type=int, default=40_000,
                     help="rows per split the probes train / test on (a seeded sample of the characters)")
     a, out, t0 = start(ap, argv, "deepbase_results/sql_grammar_units")

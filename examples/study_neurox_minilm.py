@@ -44,11 +44,15 @@ MIN_TAG_SYMBOLS = 20          # top-neuron table: tags with at least this many w
 
 
 def parse_args(argv=None):
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from _text_figures import seed                   # --seed: a whole number >= 0, refused by name
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sentences", type=int, default=300, help="PTB sentences sampled")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="PTB split")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sentence sample")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the sentence sample")
     p.add_argument("--layers", default=",".join(ALL_LAYERS),
                    help="comma-separated module paths (embeddings and encoder.layer.0-5)")
     p.add_argument("--out", default="deepbase_results/neurox_minilm",
@@ -240,7 +244,9 @@ def write_markdown(path: Path, rows, tag_rows, best, info) -> None:
         f"| POS is linearly decodable, best in lower/middle layers | Belinkov et al. 2017 (NMT encoders): "
         f"POS accuracy high, best at a lower layer, above the word-embedding layer and the top layer | "
         f"best layer {best['layer']}: {pct(best['accuracy'])}% (majority class {pct(best['majority'])}%); "
-        f"embeddings {pct(trained.get('embeddings', {}).get('accuracy'))}%, top layer {last['layer']} "
+        + (f"embeddings {pct(trained['embeddings']['accuracy'])}%" if trained.get("embeddings", {}).get("accuracy")
+           is not None else "embeddings not probed (not in --layers)")
+        + f", top layer {last['layer']} "
         f"{pct(last['accuracy'])}% |",
         f"| trained representations beat the architecture alone | untrained/random-init baselines score "
         f"well below trained ones | untrained copy, {best['layer']}: "
