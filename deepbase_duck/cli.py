@@ -624,7 +624,8 @@ def cmd_inspect(args):
 CLI_FLAGS = {"top_k": "--top-k", "max_error": "--max-error", "min_support": "--min-support",
              "stable_windows": "--stable-windows", "batch_size": "--batch-size", "plateau_tol": "--plateau-tol",
              "max_records": "--max-records", "keep_activations": "--keep-activations",
-             "control=True": "--control", "ray_address": "--ray-address", "engine='ray'": "--engine ray"}
+             "control=True": "--control", "ray_address": "--ray-address", "engine='ray'": "--engine ray",
+             "needs the 'probe' measure": "needs the 'probe' measure (--measures probe)"}
 # plain words that name a parameter only as a message's subject ('seed must be ...')
 CLI_SUBJECTS = {"seed": "--seed", "limit": "--max-records", "permutations": "--permutations", "dtype": "--dtype",
                 "device": "--device"}

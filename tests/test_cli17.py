@@ -224,3 +224,9 @@ def test_inspect_max_records_zero_names_the_flag(store, capsys):
     """It said 'no records selected from dataset ...', which named no flag."""
     rc, out, err = cli(capsys, "inspect", store, *INSPECT, "--hypotheses", "digit", "--max-records", "0")
     assert rc == 2 and "--max-records 0 selects no record" in err and "leave it out" in err, err
+
+
+def test_inspect_control_without_the_probe_says_which_flag_adds_it(store, capsys):
+    """'--control needs the 'probe' measure' named no flag that adds it."""
+    rc, out, err = cli(capsys, "inspect", store, *INSPECT, "--hypotheses", "digit", "--control")
+    assert rc == 2 and "--control needs the 'probe' measure (--measures probe)" in err, err
