@@ -209,8 +209,7 @@ def load_image(text: str) -> np.ndarray:
         return _read_file(str(path))
     with open(path, "rb") as f:
         data = f.read()
-    import hashlib
-    full = hashlib.sha256(data).hexdigest()
+    full = _sha256(data)
     got = full[:SHA256_DIGITS]
     # (a digest the user wrote may be the whole one, 64 digits, or any prefix of at least ours)
     if not isinstance(want, str) or len(want) < SHA256_DIGITS or not full.startswith(want.lower()):
@@ -226,9 +225,15 @@ def load_image(text: str) -> np.ndarray:
 SHA256_DIGITS = 16          # of a path record's digest: 64 bits, collisions out of reach
 
 
-def _digest(data: bytes) -> str:
+def _sha256(data: bytes) -> str:
+    """The whole sha256 of ``data``, 64 hex digits (a record may carry all of them)."""
     import hashlib
-    return hashlib.sha256(data).hexdigest()[:SHA256_DIGITS]
+    return hashlib.sha256(data).hexdigest()
+
+
+def _digest(data: bytes) -> str:
+    """The digest a path record carries: the first SHA256_DIGITS of ``_sha256``."""
+    return _sha256(data)[:SHA256_DIGITS]
 
 
 def path_record(path) -> str:

@@ -92,9 +92,9 @@ import pyarrow as pa
 import torch
 from scipy import stats
 
-from .base import InspectorState, register_measure
+from .base import InspectorState, check_batch, register_measure
 from .pointbiserial import class_codes, class_layout
-from .spearman import check_batch, score_table, sort_rows
+from .spearman import score_table, sort_rows
 from ..errors import BadParameterError, DeepBaseError, check_float, check_intervals, check_integer
 
 F64 = torch.float64

@@ -55,9 +55,9 @@ import pyarrow as pa
 import torch
 from scipy import stats
 
-from .base import InspectorState, register_measure
+from .base import InspectorState, check_batch, register_measure
 from .correlation import PearsonState, exact_in_float64, fisher_interval, rounding_floor
-from .spearman import check_batch, score_table
+from .spearman import score_table
 from ..errors import HypothesisError, check_float, check_intervals
 
 F64 = torch.float64

@@ -14,7 +14,7 @@ import math
 import os
 import shlex
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from .. import __version__, store
@@ -152,9 +152,7 @@ def _hypotheses(con, q: data.Query, pm: str | None, tops: list[dict]) -> tuple[s
             units = sorted(by_h[h], key=lambda u: (q.models.index(u["model"]), u["rank"]))
             png = figures.ranked_units(units, pm, h, q.models)
             # ranked per model: with several models the bars are each model's best, not the best overall
-            per = defaultdict(int)
-            for u in units:
-                per[u["model"]] += 1
+            per = Counter(u["model"] for u in units)
             most = max(per.values())
             best = (_n(len(units), "best unit") if len(per) == 1 else
                     f"{_n(most, 'best unit')} of each of {len(per)} models" if min(per.values()) == most else
