@@ -14,11 +14,12 @@ from deepbase_duck.errors import ActivationError
 from deepbase_duck.extraction.adapters import CharAdapter, Encoded
 from deepbase_duck.extraction.hooks import Retain, run_until_retained
 from deepbase_duck.extraction.image_adapter import ImageAdapter
-from deepbase_duck.models.charlstm import VOCAB, encode_chars
+
+# (Branchy: a layer skipped by a branch of the forward pass, not by structure)
+from test_extraction_hunt15 import V, Branchy, char_adapter  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-V = len(VOCAB)
 TEXTS = ["x = 1\n", "def f(a): return 'a'\n", "s = 'hi'  # c\n"]
 
 
@@ -36,8 +37,6 @@ class Attn(torch.nn.Module):
         return self.blocks[0](x)
 
 
-def char_adapter(module, cls=CharAdapter):
-    return cls(module, encode_chars, "chars-test", device="cpu")
 
 
 def test_mha_out_proj_is_refused_at_the_first_pass_naming_the_attention_module():
@@ -83,19 +82,6 @@ def test_a_container_is_refused_naming_its_members():
     with Retain(ad.module, ["blocks"]) as ret:
         with pytest.raises(ActivationError, match=r"'blocks' never ran .*ModuleList .*'blocks\.0'"):
             run_until_retained(ad, enc, ret)
-
-
-class Branchy(torch.nn.Module):
-    """``late`` runs only for inputs longer than 20 characters: skipped by a branch, not by structure."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = torch.nn.Embedding(V, 4)
-        self.late = torch.nn.Linear(4, 4)
-
-    def forward(self, ids):
-        x = self.embed(ids)
-        return self.late(x) if ids.shape[1] > 20 else x
 
 
 def test_a_layer_skipped_by_a_branch_is_told_from_one_that_never_runs():
