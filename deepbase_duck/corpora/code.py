@@ -33,8 +33,8 @@ def _boundaries(text: str) -> list[int]:
 def statement_chunks(text: str, max_chars: int = 2000) -> list[tuple[int, str]]:
     """(offset, chunk) pieces of ``text`` cut at logical-line starts; they concatenate back to
     ``text``."""
-    if max_chars < 1:
-        raise ValueError(f"max_chars must be >= 1, got {max_chars!r}")
+    from ..errors import check_integer
+    max_chars = check_integer("statement_chunks: max_chars", max_chars, 1)
     bounds = _boundaries(text) + [len(text)]
     chunks, start = [], 0
     i = 1
@@ -64,12 +64,20 @@ def code_records(split: str = "heldout", max_chars: int = 2000, limit_chars: int
 def sampled_code_records(chars: int, seed: int = 0, split: str = "heldout", max_chars: int = 2000) -> list[dict]:
     """A seeded random sample of whole ``code_records`` (no record cut), about ``chars`` characters
     in all: records are drawn in the order of ``random.Random(seed).shuffle`` until the total
-    reaches ``chars``."""
+    reaches ``chars``. ``chars`` beyond the split's characters is refused: every seed would give
+    the whole split, replicates that are none, with fewer characters than asked."""
     import random
 
+    from ..errors import DeepBaseError, check_int
     from .sqlgen import check_seed
+    chars = check_int("sampled_code_records: chars", chars, 1)
     seed = check_seed("sampled_code_records: seed", seed)
     records = code_records(split, max_chars)
+    available = sum(len(r["text"]) for r in records)
+    if chars > available:
+        raise DeepBaseError(f"sampled_code_records: chars {chars:,} is more than the {split} split holds "
+                            f"({available:,} characters in {len(records):,} records): ask for fewer, or take "
+                            f"the whole split with code_records({split!r})")
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     out, total = [], 0

@@ -170,7 +170,14 @@ def cut_text(text: str, max_chars: int, words: bool = True) -> list[tuple[int, s
     never between a character and the combining marks, joiners or variation selectors that follow
     it (an 'e' and its U+0301 accent stay in one record), nor after a zero-width joiner unless the
     joined sequence is longer than the limit. ``words=False`` cuts a line longer than the limit
-    anywhere (``stdlib.chunk_text``: the records the bundled models were trained on)."""
+    anywhere (``stdlib.chunk_text``: the records the bundled models were trained on).
+
+    Nothing is dropped, whitespace included: a piece may hold only whitespace (the line end after
+    a line that fills the limit, a run of blank lines or spaces longer than it, the indentation
+    before a word too long for the rest of the limit). ``max_chars`` below 1 is refused (0 cut
+    empty pieces for ever)."""
+    from ..errors import check_integer
+    max_chars = check_integer("cut_text: max_chars", max_chars, 1)
     out, start, n = [], 0, len(text)
     while start < n:
         end = start + max_chars

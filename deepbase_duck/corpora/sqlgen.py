@@ -250,13 +250,18 @@ class SQLGenerator:
             q += f" LIMIT {self.rng.choice([1, 5, 10, 20, 50, 100])}"
         return q
 
-    def queries(self, n: int) -> list[str]:
-        return [self.query() for _ in range(int(n))]
+    def queries(self, n: int, name: str = "SQLGenerator.queries") -> list[str]:
+        """The next ``n`` queries (a whole number >= 0: int() drew 2 for 2.5 and none for -3)."""
+        from ..errors import check_int
+        return [self.query() for _ in range(check_int(f"{name}: n", n, 0))]
 
 
 def sql_queries(n: int, seed: int = 0, max_depth: int = 2) -> list[str]:
-    """``n`` queries from the grammar, seeded."""
-    return SQLGenerator(seed, max_depth).queries(n)
+    """``n`` queries from the grammar, seeded (a bad argument is named as this function's)."""
+    from ..errors import check_int
+    seed = check_seed("sql_queries: seed", seed)
+    max_depth = check_int("sql_queries: max_depth", max_depth, 0)
+    return SQLGenerator(seed, max_depth).queries(n, "sql_queries")
 
 
 @functools.lru_cache(maxsize=1)
@@ -276,6 +281,7 @@ def sql_records(n: int, seed: int = 1, max_depth: int = 2, exclude_training: boo
     from ..errors import check_int
     n = check_int("sql_records: n", n, 0)
     seed = check_seed("sql_records: seed", seed)        # the source names the draw: 'seed=1', never 1.0
+    max_depth = check_int("sql_records: max_depth", max_depth, 0)
     gen = SQLGenerator(seed, max_depth)
     seen = training_queries() if exclude_training else frozenset()
     out, i = [], 0

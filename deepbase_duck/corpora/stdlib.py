@@ -1,7 +1,13 @@
 """Python standard-library source as a text corpus.
 
 The corpus is the set of non-test ``.py`` files of the running interpreter's
-standard library (``sysconfig.get_paths()["stdlib"]``).
+standard library (``sysconfig.get_paths()["stdlib"]``), less the files its build or
+installation wrote for this machine: ``_sysconfigdata_*.py`` (the build's configuration: its
+paths and compiler flags), ``config-<version>-<platform>/python-config.py`` (a script naming the
+install prefix) and the site hooks ``sitecustomize.py`` / ``usercustomize.py`` that a
+distribution (Debian, Ubuntu) or a user adds. Their text and even their names differ between machines running the same
+Python version (``config-3.12-x86_64-linux-gnu/python-config.py`` falls in the held-out split),
+so records cached by their text would differ too.
 
 Train / held-out split
 ----------------------
@@ -41,6 +47,12 @@ EXCLUDED_PREFIXES = (
     "__pycache__",
     "ensurepip",
     "turtledemo",
+    "dist-packages",  # Debian's site-packages
+    # written by the build or the installation for this machine (see the module docstring)
+    "_sysconfigdata",
+    "config-",
+    "sitecustomize",
+    "usercustomize",
 )
 
 #: A file is held out when the first byte of sha256(relpath) is below this.
@@ -105,15 +117,16 @@ def chunk_text(text: str, max_chars: int = 2000) -> list[tuple[int, str]]:
     line longer than ``max_chars`` is split hard. Returns a list of
     ``(char_offset_in_text, chunk)``; ``"".join(c for _, c in result) == text``.
     """
-    if max_chars < 1:
-        raise ValueError(f"max_chars must be >= 1, got {max_chars!r}")
+    from ..errors import check_integer
+    max_chars = check_integer("chunk_text: max_chars", max_chars, 1)
     from .files import cut_text
     return cut_text(text, max_chars, words=False)
 
 
 def _split_files(split: str) -> list[str]:
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if split not in SPLITS:             # a DeepBaseError as every refusal, and a ValueError as before
+        from ..errors import BadParameterError
+        raise BadParameterError(f"unknown standard-library split {split!r}; valid splits: {', '.join(SPLITS)}")
     want_heldout = split == "heldout"
     return [f for f in stdlib_files() if is_heldout(f) == want_heldout]
 
