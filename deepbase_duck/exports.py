@@ -13,11 +13,13 @@
                                                    exported under each name)
       study.duckdb                                 DuckDB 1.5-readable: one view per file set above
 
-The .duckdb file holds only views (each Parquet file named by its absolute path, no glob, so
-the folder's name may hold [ ] or *; columns in the store's order and of its types: partition
-values as VARCHAR, taken from the folder names when the export is written, not by DuckDB's hive
-reader, which in DuckDB 1.5 reads a model named 'NULL' as NULL; act as FLOAT[width] where the
-exported layers share one width) and the
+The partitioned files also hold their partition columns (model, layer, dataset), so a reader of
+one file keeps them. The .duckdb file holds only views (each Parquet file named one by one, no
+glob, so the folder's name may hold [ ] or *, under the macro ``export_root()``: the folder the
+export was written to, or, for a copied or moved export, the one ``SET VARIABLE deepbase_export
+= '<folder>'`` names; columns in the store's order and of its types: partition values as
+VARCHAR, read from the files, not by DuckDB's hive reader, which in DuckDB 1.5 reads a model
+named 'NULL' as NULL; act as FLOAT[width] where the exported layers share one width) and the
 pure-SQL macros over them (top_units, compare_scores; with ``text=True`` also symbol_labels and
 sampling), so any DuckDB 1.5+ client (the CLI, duckdb-engine / SQLAlchemy, ADBC) reads it, and
 tools that read Parquet use the files directly (pyarrow.dataset, polars, Spark...). Nothing in it needs
@@ -46,7 +48,6 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from urllib.parse import unquote
 
 import duckdb
 
@@ -112,13 +113,6 @@ def _export_entry(p: Path) -> bool:
     return layout(p, 0)
 
 
-def _file_lit(path) -> str:
-    """A file's path as a SQL string literal that DuckDB's readers take literally: they glob every
-    path, and a glob such as 'out[1]/x' would match 'out1/x' instead; each [ * ? is written as a
-    one-character class ([[], [*], [?]), which matches only itself."""
-    return _lit(re.sub(r"([\[*?])", r"[\1]", Path(path).as_posix()))
-
-
 def _ident(name: str) -> str:
     """A column name as a SQL identifier (double quotes doubled)."""
     return '"' + name.replace('"', '""') + '"'
@@ -129,38 +123,49 @@ def _str_lit(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def _partition_values(f: Path, keys: tuple) -> tuple[str, ...]:
-    """The hive partition values of a Parquet file written under ``<key>=<value>/`` folders, one
-    per key: its folder names, percent-decoded as DuckDB's writer encoded them (a model 'a b'
-    is in ``model=a%20b``)."""
-    folders = [f.parents[len(keys) - 1 - i].name for i in range(len(keys))]
-    for key, folder in zip(keys, folders):
-        if not folder.startswith(key + "="):
-            raise ValueError(f"{f} is not in a {key}=<value> folder")   # written by _write: never
-    return tuple(unquote(folder.split("=", 1)[1]) for folder in folders)
+ROOT_VARIABLE = "deepbase_export"   # SET VARIABLE deepbase_export = '<folder>': where a moved export is now
+# DuckDB's readers glob every path, and a glob such as 'out[1]/x' would match 'out1/x' instead:
+# each [ * ? of a path is written as a one-character class ([[], [*], [?]), which matches only itself
+GLOB_CHARS = r"([\[*?])"
 
 
-def _files_view(name: str, files: list[Path], columns: list[tuple[str, str]], hive: tuple = ()) -> str:
-    """A view over Parquet ``files`` named one by one (no glob: the folder's own name may hold
-    [ ] or *, see _file_lit) giving ``columns`` [(name, type)] in that order and of those
-    types, a list coming back as the store's fixed-size array. The ``hive`` partition keys are
-    not read by DuckDB's hive reader but written into the view as text, one scan per partition
-    folder (_partition_values): DuckDB 1.5 (the CLI) reads a folder ``model=NULL`` (or ``null``) as
-    SQL NULL, so a model named 'NULL' lost its name and merged with one named 'null' there, and a
-    model named '007' must stay '007', not 7."""
+def _root_macro(out: Path) -> str:
+    """The macro ``export_root()`` the views name their files under: the folder the export was
+    written to, or the one ``SET VARIABLE deepbase_export = '<folder>'`` names (absolute, or
+    relative to the reader's working directory), so that a copied or moved export folder reads
+    after that one line. DuckDB keeps no setting in the file and resolves a relative path in a
+    view against the reader's working directory, not the file's folder: the views cannot find
+    a moved folder by themselves. [ * ? in either folder are escaped (GLOB_CHARS)."""
+    written = re.sub(GLOB_CHARS, r"[\1]", out.as_posix())
+    return (f"CREATE OR REPLACE MACRO export_root() AS rtrim(coalesce(regexp_replace(getvariable("
+            f"{_str_lit(ROOT_VARIABLE)}), {_str_lit(GLOB_CHARS)}, '[\\1]', 'g'), {_str_lit(written)}), '/')")
+
+
+def _rel_lit(out: Path, f: Path) -> str:
+    """A file of the export as a SQL expression: ``export_root()`` and the file's path inside
+    the folder, [ * ? escaped."""
+    inside = re.sub(GLOB_CHARS, r"[\1]", "/" + f.relative_to(out).as_posix())
+    return f"(export_root() || {_str_lit(inside)})"
+
+
+def _files_view(out: Path, name: str, files: list[Path], columns: list[tuple[str, str]]) -> str:
+    """A view over Parquet ``files`` named one by one under ``export_root()`` (no glob: the
+    folder's own name may hold [ ] or *, see GLOB_CHARS) giving ``columns`` [(name, type)] in
+    that order and of those types, a list coming back as the store's fixed-size array. The hive
+    partition columns are read from the files, which hold them (``WRITE_PARTITION_COLUMNS``),
+    not by DuckDB's hive reader: DuckDB 1.5 (the CLI) reads a folder ``model=NULL`` (or
+    ``null``) as SQL NULL, so a model named 'NULL' lost its name and merged with one named
+    'null' there, and a model named '007' must stay '007', not 7."""
     cols = ", ".join(f"CAST({_ident(c)} AS {t}) AS {_ident(c)}" for c, t in columns)
-    if not hive:
-        return (f"CREATE OR REPLACE VIEW {name} AS SELECT {cols} "
-                f"FROM read_parquet([{', '.join(_file_lit(f) for f in files)}])")
-    partitions: dict[tuple, list[Path]] = {}
-    for f in files:
-        partitions.setdefault(_partition_values(f, hive), []).append(f)
-    scans = []
-    for values, group in sorted(partitions.items()):
-        keyed = ", ".join(f"{_str_lit(v)} AS {_ident(k)}" for k, v in zip(hive, values))
-        scans.append(f"SELECT {keyed}, * FROM read_parquet([{', '.join(_file_lit(f) for f in group)}], "
-                     f"hive_partitioning = false)")
-    return f"CREATE OR REPLACE VIEW {name} AS SELECT {cols} FROM ({' UNION ALL BY NAME '.join(scans)})"
+    return (f"CREATE OR REPLACE VIEW {name} AS SELECT {cols} "
+            f"FROM read_parquet([{', '.join(_rel_lit(out, f) for f in files)}], hive_partitioning = false)")
+
+
+def _view_comment(name: str) -> str:
+    """What a BI tool shows beside a view: where it reads, and how to re-point a moved export."""
+    return (f"COMMENT ON VIEW {name} IS " + _str_lit(
+        f"Reads the Parquet files under export_root(), the folder this export was written to. After copying "
+        f"or moving that folder, run first: SET VARIABLE {ROOT_VARIABLE} = '<its new path>'"))
 
 
 HIVE_KEYS = ("model", "layer", "dataset")    # the partition columns of scores and activations
@@ -418,9 +423,10 @@ def _write(session, out: Path, activations: bool, text: bool) -> dict:
     n_scores = store.q_scalar(con, "SELECT count(*) FROM scores")
     if n_scores:
         with _partition_names(con, "scores"):
-            con.execute(f"COPY scores TO {_lit(scores_dir)} (FORMAT parquet, PARTITION_BY (model, layer))")
+            con.execute(f"COPY scores TO {_lit(scores_dir)} (FORMAT parquet, PARTITION_BY (model, layer), "
+                        "WRITE_PARTITION_COLUMNS true)")     # in the files too: see _files_view
         written["scores"] = f"{scores_dir.as_posix()}/**/*.parquet"
-        views.append(("scores", sorted(scores_dir.rglob("*.parquet")), score_cols, ("model", "layer")))
+        views.append(("scores", sorted(scores_dir.rglob("*.parquet")), score_cols))
     else:       # no partitions to write: one empty file in scores/ keeps the schema (model and layer
         # in it, as no folder name holds them), so that readers of scores/ read an empty table
         scores_dir.mkdir()
@@ -444,7 +450,7 @@ def _write(session, out: Path, activations: bool, text: bool) -> dict:
             with _partition_names(con, "activations", (model, layer, dataset)):
                 con.execute(f"COPY (SELECT ? AS model, ? AS layer, ? AS dataset, record_id, pos, act FROM {view}) "
                             f"TO {_lit(act_dir)} (FORMAT parquet, PARTITION_BY (model, layer, dataset), "
-                            "APPEND)", [model, layer, dataset])
+                            "WRITE_PARTITION_COLUMNS true, APPEND)", [model, layer, dataset])
             act_types.add(store.q_scalar(con, f"SELECT column_type FROM (DESCRIBE {view}) WHERE column_name = 'act'"))
         if rows:
             written["activations"] = f"{act_dir.as_posix()}/**/*.parquet"
@@ -452,7 +458,7 @@ def _write(session, out: Path, activations: bool, text: bool) -> dict:
             # width, else FLOAT[] (one column cannot hold arrays of several sizes)
             act = act_types.pop() if len(act_types) == 1 else "FLOAT[]"
             cols = [(c, "VARCHAR") for c in HIVE_KEYS] + [("record_id", "INTEGER"), ("pos", "INTEGER"), ("act", act)]
-            views.append(("activations", sorted(act_dir.rglob("*.parquet")), cols, HIVE_KEYS))
+            views.append(("activations", sorted(act_dir.rglob("*.parquet")), cols))
         else:
             notes.append("no activations were exported: none of the registered models' current weights has "
                          "stored activations (store them with extract, or inspect with keep_activations=True), "
@@ -460,8 +466,10 @@ def _write(session, out: Path, activations: bool, text: bool) -> dict:
     db = out / "study.duckdb"
     side = duckdb.connect(str(db), config={"storage_compatibility_version": "v1.5.0"})
     try:
+        side.execute(_root_macro(out))
         for view in views:
-            side.execute(_files_view(*view))
+            side.execute(_files_view(out, *view))
+            side.execute(_view_comment(view[0]))
         # the macros over what was exported: results always; alignment and sampling with the text
         wanted = ("10_", "20_", "30_") if text else ("30_",)
         for name, text_sql in store.sql_files("pure"):
