@@ -18,7 +18,6 @@ from . import store
 from .errors import ActivationError, DeepBaseError, EmptyDatasetError, UnknownNameError, check_name
 from .extraction.adapters import ModelAdapter, legacy_checksums
 from .extraction.hooks import Retain, never_called, user_hooks
-from .hypotheses.grid import grid_of
 
 _SESSIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -31,6 +30,26 @@ def _earlier_key(name: str, checksum: str) -> str:
 
 class DatasetExistsError(DeepBaseError):
     """A dataset of that name holds other records (``add_dataset`` without ``replace``)."""
+
+
+class ModelChangedError(DeepBaseError):
+    """A registered model's loader now yields another model than the one registered (its weights
+    file was overwritten, say): what is stored from the registered one is not this model's."""
+
+
+def _check_json_params(name: str, params: dict) -> None:
+    """Refuse loader params that the models row cannot keep: they are stored as JSON to call the
+    loader again in another session (``adapter``), so a value JSON cannot write (a Path, a torch
+    device) failed only at the INSERT, as a bare TypeError naming neither the model nor the key."""
+    for key, value in params.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as exc:
+            raise DeepBaseError(
+                f"register_model({name!r}): params[{key!r}] is {type(value).__name__} {value!r}, which the store "
+                f"cannot keep ({exc}): params are stored as JSON, to call the loader again when the model is "
+                f"loaded in another session; give JSON values (strings, numbers, booleans, null, lists, dicts), "
+                f"e.g. str(path) for a path") from None
 
 
 
@@ -65,7 +84,7 @@ class Session:
         self.udf_tracebacks: list[str] = []
         self.scan_memory_limit: str | None = None   # connect() sets it (engine/memory.py)
         self.write_lock = threading.RLock()          # shared with cursor sessions: see one_writer
-        self.tokenization_checked: set[str] = set()   # models whose row's tokenisation was checked (model_row)
+        self.loader_checked: set[str] = set()   # models whose loader was checked against their row (model_row)
 
     # -- models ----------------------------------------------------------------------------
     @store.one_writer
@@ -78,6 +97,7 @@ class Session:
         if params is not None and not isinstance(params, dict):
             raise DeepBaseError(f"register_model({name!r}): params must be a dict of the loader's keyword arguments "
                                 f"(e.g. {{'checkpoint': 'final'}}), got {type(params).__name__} {params!r}")
+        _check_json_params(name, params or {})
         loader = None
         if isinstance(adapter, str):
             loader = adapter
@@ -97,7 +117,10 @@ class Session:
             if self._adopt_legacy_checksum(name, adapter, existing[0]):
                 existing = (adapter.checksum,)
             elif not replace:
-                raise DeepBaseError(f"a different model is already registered as {name!r}")
+                raise DeepBaseError(f"a different model is already registered as {name!r} (checksum "
+                                    f"{existing[0][:12]}..., this one {adapter.checksum[:12]}...); pass replace=True "
+                                    f"to register this one under the name (what was stored from the other stays, "
+                                    f"under its checksum), or register it under another name")
         split = getattr(adapter, "window_split", 1)
         if isinstance(split, bool) or not isinstance(split, (int, np.integer)) or split < 1:
             raise DeepBaseError(f"register_model({name!r}): the adapter's window_split must be a positive "
@@ -137,9 +160,11 @@ class Session:
                 "register it again in this session (or register it with a loader spec)")
         adapter = load_adapter(loader, json.loads(params or "{}"), name)
         if adapter.checksum != checksum and not self._adopt_legacy_checksum(name, adapter, checksum):
-            raise DeepBaseError(
+            raise ModelChangedError(
                 f"model {name!r}: the loader {loader!r} now yields weights with checksum "
-                f"{adapter.checksum[:12]}..., not the registered {checksum[:12]}...; register it again")
+                f"{adapter.checksum[:12]}..., not the registered {checksum[:12]}... (with params {params or '{}'}: "
+                f"its weights file, classes or settings changed since); register it again (register_model with "
+                f"this loader) to inspect the model as it is now: what the registered one stored is not reused")
         if adapter.tokenization != tokenization:
             self._follow_tokenization(name, adapter, tokenization)
         self.adapters[name] = adapter
@@ -168,19 +193,49 @@ class Session:
         nothing changes (False). Scores cached by the earlier identity are keyed by a query
         fingerprint over the old checksum, which no query computes any more: the old checksum is
         recorded for this name and checksum (``earlier_checksums``), so that the same query
-        finds them (engine/inspect.py: ``earlier_fingerprints``)."""
+        finds them (engine/inspect.py: ``earlier_fingerprints``); not where another model under
+        the old checksum stored activations, which this name's scans may have read (a warning
+        says so: ``_shared_earlier_identity``)."""
         if stored not in legacy_checksums(adapter.module, adapter.variant):
             return False
         checksum = adapter.checksum
         earlier = [c for c in self.earlier_checksums(name, checksum) if c != stored] + [stored]
+        shared = self._shared_earlier_identity(name, checksum, stored)
         with store.Transaction(self.con) as con:
             con.execute("UPDATE models SET checksum = ?, identity = 3 WHERE name = ?", [checksum, name])
             con.execute("UPDATE behaviors SET model_checksum = ? WHERE model_checksum = ? AND model = ?",
                         [checksum, stored, name])
             # dbd_meta, a key-value table every store holds: no new table for stores to migrate
-            con.execute("INSERT INTO dbd_meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                        [_earlier_key(name, checksum), json.dumps(earlier)])
+            if not shared:
+                con.execute("INSERT INTO dbd_meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                            [_earlier_key(name, checksum), json.dumps(earlier)])
+        if shared:
+            warnings.warn(f"model {name!r}: the scores this store cached for it under its earlier identity are not "
+                          f"reused: model {shared!r}, another model under that identity, stored activations then, "
+                          f"which scans of {name!r} may have read as its own; its queries are computed again",
+                          stacklevel=4)
         return True
+
+    def _shared_earlier_identity(self, name: str, checksum: str, stored: str) -> str | None:
+        """Another model name whose activations were stored under the earlier checksum ``stored``
+        that ``name`` is being adopted from (as ``checksum``), or None. The earlier identity could
+        not tell such models apart (two settings of one class under v2): a scan of ``name`` then
+        read the other's stored activations as its own (they were keyed by the checksum alone),
+        so its scores are not this model's and are not to be served again (``earlier_checksums``
+        is not recorded). Its rows still under ``stored``, or already adopted from ``stored`` to
+        another checksum than ``checksum`` (the same model under another name is no other model)."""
+        row = store.q_one(self.con, "SELECT model FROM behaviors WHERE model_checksum = ? AND model <> ? "
+                                    "ORDER BY model LIMIT 1", [stored, name])
+        if row is not None:
+            return row[0]
+        for key, value in store.q_all(self.con, "SELECT key, value FROM dbd_meta WHERE key LIKE 'earlier_checksums %' "
+                                                "ORDER BY key"):
+            _, other_checksum, other = key.split(" ", 2)
+            if other != name and other_checksum != checksum and stored in json.loads(value) and store.q_one(
+                    self.con, "SELECT 1 FROM behaviors WHERE model = ? AND model_checksum = ? LIMIT 1",
+                    [other, other_checksum]) is not None:
+                return other
+        return None
 
     def earlier_checksums(self, name: str, checksum: str) -> list[str]:
         """The checksums the model ``name`` was stored under before it was adopted as ``checksum``
@@ -219,18 +274,25 @@ class Session:
             # query keys anything by it
             try:
                 self.adapter(name)
+            except ModelChangedError:       # it loads, as another model: refused (see below)
+                raise
             except Exception:      # it cannot load here: the store keeps its own (weights) keys,
                 pass               # which still serve stored activations; a scan that runs the model fails then
             else:
                 return self.model_row(name)
-        if (row[4] and name not in self.adapters and name not in self.tokenization_checked
-                and grid_of(row[2]) is not None):
-            # an image model's tokenisation names its grid rule, which an earlier version's row
-            # may hold: loaded once per session before any query keys by it (a query reading stored
-            # activations only would not load it), the row follows the adapter's (adapter())
-            self.tokenization_checked.add(name)
+        if row[4] and name not in self.adapters and name not in self.loader_checked:
+            # loaded once per session before any query keys by the row (a query reading stored
+            # activations or scores only would not load it): a loader that now yields other
+            # weights (a checkpoint file overwritten since) is refused here, as when the model
+            # runs, not served what the registered weights stored; and an image model's
+            # tokenisation names its grid rule, which an earlier version's row may hold: the
+            # row follows the adapter's (adapter())
+            self.loader_checked.add(name)
             try:
                 self.adapter(name)
+            except ModelChangedError:
+                self.loader_checked.discard(name)       # refused again by the next query
+                raise
             except Exception:      # as above: a scan that runs the model fails with the reason
                 pass
             else:
@@ -295,8 +357,8 @@ class Session:
         record ids are 0..n-1 in the given order. Returns the number of records.
 
         Where the dataset exists (a non-empty ``description`` given replaces its description in
-        every case): the same texts change nothing (sources are updated); the same
-        texts followed by more appends the new records, keeping everything stored from the others
+        every case; none given keeps it, ``replace`` too): the same texts change nothing (sources
+        are updated); the same texts followed by more appends the new records, keeping everything stored from the others
         (symbols, labels, activations); other texts are refused unless ``replace``, which stores
         the new records and drops what was stored from each old record whose text is not the new
         record's of its id (symbols, labels, and the activation parts holding it; a record id
@@ -362,6 +424,9 @@ class Session:
                 con.execute("INSERT INTO datasets (name, description) VALUES (?, ?)", [name, description])
             elif first == 0:               # replace: a record id keeps its stored data only with its text
                 gone = [i for i, o in enumerate(old) if i >= len(texts) or texts[i] != o[0]]
+                # (no description given keeps the stored one, as for the same or appended records)
+                description = description or store.q_scalar(con, "SELECT description FROM datasets WHERE name = ?",
+                                                            [name])
                 if len(gone) < len(old):
                     part_files, dropped = self._forget_records(con, name, gone)
                     con.execute("DELETE FROM records WHERE dataset = ?", [name])
