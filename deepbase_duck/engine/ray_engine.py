@@ -294,19 +294,83 @@ class _RemoteEncoder:
                 raise engine._none_left("no live Ray worker could tokenise the records (every worker died)")
 
 
-def _probe_address(address: str, timeout: float) -> None:
+def _probe_address(address: str, timeout: float, source: str | None = None) -> None:
     """Fail fast (and clearly) when nothing listens at a 'host:port' or 'ray://host:port'
-    address; ray.init itself retries for a minute or more."""
+    address; ray.init itself retries for a minute or more. ``source``: where the address came
+    from, when the user did not name it (``_environment_address``)."""
     hostport = address.split("://", 1)[1] if "://" in address else address
     host, _, port = hostport.rpartition(":")
+    named = f"Ray address {address!r}" + (f" ({_SOURCES[source][0]})" if source else "")
     if not host or not port.isdigit():
-        raise DeepBaseError(f"Ray address {address!r} is not of the form 'host:port', 'ray://host:port' or 'auto'")
+        raise DeepBaseError(f"{named} is not of the form 'host:port', 'ray://host:port' or 'auto'")
     try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as exc:
+        if source:
+            what, fix = _SOURCES[source]
+            raise DeepBaseError(f"the Ray cluster at {address!r} ({what}) is unreachable ({exc}): {fix}, or pass "
+                                f"ray_address explicitly ('local' for a Ray of this process alone)") from None
         raise DeepBaseError(f"Ray cluster at {address!r} is unreachable ({exc}); start one with "
                             f"`ray start --head` and pass its address, or leave ray_address unset "
                             f"for a local Ray") from None
+
+
+_SOURCES = {          # where ray_address None or 'auto' found the address: (what names it, what to do)
+    "RAY_ADDRESS": ("named by the RAY_ADDRESS environment variable", "start it, or correct or unset RAY_ADDRESS"),
+    "ray start": ("the cluster the last `ray start` on this machine recorded",
+                  "start it again (`ray start --head`), or, where it is gone for good, forget it with `ray stop`"),
+}
+
+
+def _environment_address() -> tuple[str | None, str | None]:
+    """The cluster that ray_address None or 'auto' names by Ray's own rules, and where that name
+    comes from: RAY_ADDRESS, else the cluster the last `ray start` on this machine recorded
+    (Ray's ray_current_cluster file). (None, None) where neither names one: None then starts a
+    local Ray, 'auto' takes any Ray running on this machine (Ray's legacy rule)."""
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    if env and env != "auto":
+        return (None, None) if env == "local" else (env, "RAY_ADDRESS")
+    try:
+        from ray._private.utils import read_ray_address
+        recorded = read_ray_address()
+    except Exception:                            # (another Ray version)
+        recorded = None
+    if recorded:
+        return recorded, "ray start"
+    return None, None
+
+
+def _connection() -> tuple[str | None, str | None]:
+    """(GCS address, Ray client server 'host:port') of the live connection this process holds;
+    the client server is None unless connected through Ray client (ray://), and both are None
+    for a Ray client connection whose server no longer answers (it dropped: connect() makes a
+    new one)."""
+    client = None
+    try:
+        from ray.util.client import ray as ray_client
+        if ray_client.is_connected():
+            worker = ray_client.get_context().client_worker
+            if not worker.ping_server(timeout=5):
+                return None, None
+            client = worker._conn_str
+    except Exception:                            # (no Ray client support, another Ray version)
+        client = None
+    try:
+        current = ray.get_runtime_context().gcs_address
+    except Exception:
+        current = None
+    return current, client
+
+
+def _drop_stale_client() -> None:
+    """Forget a Ray client connection that dropped: Ray refuses a new ray.init('ray://...') while
+    the dead one is still held ('ray client is already connected')."""
+    try:
+        from ray.util.client import ray as ray_client
+        if ray_client.get_context().client_worker is not None and not ray_client.is_connected():
+            ray_client.disconnect()
+    except Exception:
+        pass
 
 
 _DIED = ()  # filled below when ray is importable: errors after which a block is dispatched again
@@ -358,7 +422,9 @@ class RayEngine:
     """Runs a plan on a Ray cluster (see the module docstring).
 
     address: None (RAY_ADDRESS, or else a new local Ray; an initialised ray is reused), 'auto'
-        (the cluster `ray start` runs on this machine), 'local' (a Ray of this process alone, as
+        (the cluster RAY_ADDRESS names, else the one the last `ray start` on this machine recorded,
+        else any running on it: Ray's rules; a connection to another Ray, e.g. one 'local'
+        started, is left for it), 'local' (a Ray of this process alone, as
         Ray's own 'local': RAY_ADDRESS and running clusters ignored; the one this process started,
         by an earlier query or ray.init(), is reused, a connection to a cluster is left for a new
         one) or 'host:port' / 'ray://host:port'.
@@ -413,25 +479,36 @@ class RayEngine:
         """Connect this process to the cluster at ``address``, reusing the connection it holds when
         that is the one asked for: a new connection releases the kept workers and restarts Ray, so
         'local' reuses the Ray this process started (it restarted Ray, and lost the kept workers,
-        on every query)."""
+        on every query). The connection held is the one asked for when the address names the same
+        host (by what it resolves to: this machine by any of its names) and port (``_same_address``):
+        a Ray this process started, asked for by another name, was shut down and then connected to
+        (a hang). A Ray client connection that dropped is made again."""
         addr = self.address
-        if ray.is_initialized():
-            try:
-                current = ray.get_runtime_context().gcs_address
-            except Exception:                    # client mode
-                current = None
-            if addr in (None, "auto") or (addr == "local" and _started_here(current)) or _same_address(addr, current):
-                return
-        if addr not in (None, "auto", "local"):
-            _probe_address(addr, self.connect_timeout)     # before leaving a working connection
-        if ray.is_initialized():
-            release_workers()                    # the kept workers of the cluster left behind
+        # 'auto' and None name a cluster through RAY_ADDRESS or the last `ray start` (Ray's rules):
+        # 'auto' is reconnected to it from another Ray (e.g. one 'local' started), None reuses any
+        target, source = (None, None) if addr == "local" else \
+            (addr, None) if addr not in (None, "auto") else _environment_address()
+        live = ray.is_initialized()
+        if live:
+            current, client = _connection()
+            if current is not None or client is not None:      # (else a Ray client connection that dropped)
+                if addr is None or (addr == "local" and _started_here(current)) \
+                        or (addr == "auto" and target is None) \
+                        or (target is not None and _same_address(target, current, client)):
+                    return
+        if target is not None:
+            _probe_address(target, self.connect_timeout, source)   # before leaving a working connection
+        release_workers()                        # the kept workers of the connection left behind
+        if live:
             ray.shutdown()
+        _drop_stale_client()
         try:
             ray.init(address=addr, logging_level="WARNING", log_to_driver=False,
                      ignore_reinit_error=True, include_dashboard=False)
-        except (ConnectionError, RuntimeError, TimeoutError) as exc:
-            raise DeepBaseError(f"cannot connect to the Ray cluster at {addr!r}: {exc}") from None
+        except Exception as exc:                 # (Ray raises ConnectionError, ValueError, bare Exception)
+            named = f"{target!r} ({_SOURCES[source][0]})" if source else repr(target if target is not None else addr)
+            raise DeepBaseError(f"cannot connect to the Ray cluster at {named}: {type(exc).__name__}: {exc}") \
+                from None
         if addr == "local":
             _STARTED.add(ray.get_runtime_context().gcs_address)
 
@@ -1063,10 +1140,14 @@ def _started_here(current: str | None) -> bool:
 
 
 def _cluster_id() -> str:
+    """The cluster and this process's connection to it (its job): a pool kept on a connection that
+    was shut down (ray.shutdown() and ray.init() again, a Ray client that reconnected) is not
+    reused, since Ray killed its actors with the job that started them."""
+    ctx = ray.get_runtime_context()
     try:
-        return ray.get_runtime_context().gcs_address
+        return f"{ctx.gcs_address} job {ctx.get_job_id()}"
     except Exception:
-        return str(ray.get_runtime_context().get_job_id())
+        return str(ctx.get_job_id())
 
 
 def _pickled(obj) -> bytes:
@@ -1074,9 +1155,50 @@ def _pickled(obj) -> bytes:
     return pickle.dumps(obj, protocol=5)
 
 
-def _same_address(wanted: str, current: str | None) -> bool:
-    if current is None:
+def _same_address(wanted: str, current: str | None, client: str | None = None) -> bool:
+    """Whether ``wanted`` ('host:port' of a GCS, or 'ray://host:port' of a Ray client server)
+    names the connection this process holds: its GCS at ``current`` and, through Ray client, the
+    client server ``client`` (a 'ray://' address names a client server, never a GCS, and a GCS
+    address a native connection, the client's server aside). Hosts are compared by what they
+    resolve to, every name of this machine (localhost, 127.0.0.1, its host name, its own IPs)
+    being one host: 'localhost:6379' is not another machine's port 6379."""
+    have = client if wanted.startswith("ray://") else current
+    if have is None:
         return False
-    w = wanted.split("://", 1)[-1]
-    return w == current or w.rsplit(":", 1)[-1] == current.rsplit(":", 1)[-1] and w.split(":")[0] in (
-        "127.0.0.1", "localhost", current.split(":")[0])
+    w_host, _, w_port = wanted.split("://", 1)[-1].rpartition(":")
+    h_host, _, h_port = have.split("://", 1)[-1].rpartition(":")
+    if not (w_port.isdigit() and h_port.isdigit()) or int(w_port) != int(h_port):
+        return False
+    return _same_host(w_host.strip("[]"), h_host.strip("[]"))
+
+
+def _same_host(a: str, b: str) -> bool:
+    if a.lower() == b.lower():
+        return True
+    ka, kb = _host_key(a), _host_key(b)
+    return bool(ka & kb)
+
+
+def _host_key(host: str) -> set:
+    """The addresses ``host`` resolves to, or {'this machine'} where it is this machine."""
+    try:
+        ips = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:                              # (not resolvable: only its own spelling matches)
+        return {host.lower()}
+    return {"this machine"} if any(_this_machine(ip) for ip in ips) else ips
+
+
+def _this_machine(ip: str) -> bool:
+    """Whether ``ip`` is an address of this machine: a loopback one, or one it can bind."""
+    import ipaddress
+    try:
+        if ipaddress.ip_address(ip.split("%", 1)[0]).is_loopback:
+            return True
+    except ValueError:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((ip, 0))
+        return True
+    except OSError:
+        return False
