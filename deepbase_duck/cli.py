@@ -264,27 +264,34 @@ def top_units_table(con, query_id: int, k: int) -> str:
     """The top ``k`` units per (model, hypothesis, measure) of a query as text, from the SQL macro
     top_units; 'sep' marks a unit whose interval lies above every outsider's (see the macro). A
     query of several models (checkpoints) gets a model column; a single model's untrained copy
-    (baseline) is marked by '~u' after the layer."""
+    (baseline) is marked by '~u' after the layer. A query with --permutations gets a 'perm p'
+    column: each score's permutation-test p-value (in the scores' detail, which the table did not
+    show, so the flag's result never reached the terminal)."""
     rows = con.sql(f"""
         SELECT hypothesis || CASE WHEN measure <> 'corr' THEN ' [' || measure || ']' ELSE '' END, model,
-               layer, unit, score, ci_low, ci_high, n, separated
-        FROM top_units(k := {int(k)}, qid := {int(query_id)}, measure_name := NULL)
+               layer, unit, score, ci_low, ci_high, n, separated,
+               (SELECT max(TRY_CAST(s.detail->>'perm_p_value' AS DOUBLE)) FROM scores s
+                WHERE s.query_id = {int(query_id)} AND s.model = t.model AND s.layer = t.layer
+                  AND s.unit = t.unit AND s.hypothesis = t.hypothesis AND s.measure = t.measure)
+        FROM top_units(k := {int(k)}, qid := {int(query_id)}, measure_name := NULL) t
         ORDER BY 1, model, rank""").fetchall()
     several = len({m.removesuffix("~untrained") for _, m, *_ in rows}) > 1
+    perm = any(r[-1] is not None for r in rows)
     mw = max([5] + [len(m) for _, m, *_ in rows]) if several else 0
     # every column as wide as its longest entry ('bracket_depth [probe_weight]' included): aligned
     hw = max([18] + [len(h) for h, *_ in rows])
     lw = max([8] + [len(_layer_label(layer, model, several)) for _, model, layer, *_ in rows])
     head = (f"{'hypothesis':<{hw}} " + (f"{'model':<{mw}} " if several else "") +
-            f"{'layer':<{lw}} {'unit':>5} {'score':>8}  {'95% CI':<17} {'n':>8}  sep")
+            f"{'layer':<{lw}} {'unit':>5} {'score':>8}  {'95% CI':<17} {'n':>8}  sep" + ("   perm p" if perm else ""))
     lines = [head, "-" * len(head)]
     last = None
-    for h, model, layer, unit, score, lo, hi, n, sep in rows:
+    for h, model, layer, unit, score, lo, hi, n, sep, p in rows:
         ci = f"[{lo:6.3f}, {hi:6.3f}]" if lo is not None and hi is not None else " " * 16
         mark = {True: "yes", False: "no"}.get(sep, "")
-        lines.append(f"{(h if h != last else ''):<{hw}} " + (f"{model:<{mw}} " if several else "") +
-                     f"{_layer_label(layer, model, several):<{lw}} {unit:>5} {score:>8.3f}  {ci} {n:>8}  "
-                     f"{mark}".rstrip())
+        shown = (f"  {'-' if p is None else format(p, '.3g'):>7}" if perm else "")
+        lines.append((f"{(h if h != last else ''):<{hw}} " + (f"{model:<{mw}} " if several else "") +
+                      f"{_layer_label(layer, model, several):<{lw}} {unit:>5} {score:>8.3f}  {ci} {n:>8}  "
+                      f"{mark:<3}{shown}").rstrip())
         last = h
     return "\n".join(lines)
 
@@ -500,7 +507,7 @@ def cmd_add_dataset(args):
         records = dbd.read_records(args.path, args.format, args.column or "text", args.source_column,
                                    args.glob or "**/*", args.max_chars)
     except DeepBaseError as exc:
-        raise DeepBaseError(_column_hint(str(exc), args)) from None
+        raise DeepBaseError(_column_hint(_read_flags_named(str(exc), args), args)) from None
     _check_read_flags(args, records.format)           # before the store is opened (or created)
     with _store(args, create=True) as con:
         before = con.sql("SELECT count(*) FROM records WHERE dataset = ?", params=[args.name]).fetchall()[0][0]
@@ -515,6 +522,19 @@ def cmd_add_dataset(args):
     print(f"{args.name}: {_n(n, 'record')} ({records.format}, {_n(sum(len(r['text']) for r in records), 'character')})"
           f"{skipped}{kept}")
     return 0
+
+
+def _read_flags_named(message: str, args) -> str:
+    """read_records' refusals as add-dataset's: an argument its format has no use for named by
+    its flag alone ("column 'body' (add-dataset --column body) ... leave column out" said
+    both, and then told a CLI user to leave out a parameter), and the format to give as --format."""
+    for arg, flag, value in (("column", "--column", args.column), ("source_column", "--source-column",
+                                                                   args.source_column), ("pattern", "--glob", args.glob)):
+        if value is not None and f"(add-dataset {flag} {value})" in message:
+            message = message.replace(f"{arg} {value!r} (add-dataset {flag} {value})", f"{flag} {value}", 1)
+            message = message.replace(f"leave {arg} out", f"leave {flag} out")
+    return (message.replace("give the format the file is in", "give --format, the format the file is in")
+            .replace("cannot tell the format from the suffix", "cannot tell the format (--format) from the suffix"))
 
 
 def _column_hint(message: str, args) -> str:
@@ -629,14 +649,27 @@ CLI_FLAGS = {"top_k": "--top-k", "max_error": "--max-error", "min_support": "--m
 # plain words that name a parameter only as a message's subject ('seed must be ...')
 CLI_SUBJECTS = {"seed": "--seed", "limit": "--max-records", "permutations": "--permutations", "dtype": "--dtype",
                 "device": "--device"}
-# the same for the other commands whose flags are named otherwise than the library's parameters
-# (max_chars, which reads as --max-chars, is left as it is)
-COMMAND_FLAGS = {"add-stdlib": {"limit_chars": "--chars"},
-                 "define-hypothesis": {"replace := true (Python: replace=True)": "--replace"},
+# the same for the other commands whose flags are named otherwise than the library's parameters,
+# and the library calls that are commands here (define_hypothesis: define-hypothesis)
+COMMAND_FLAGS = {"add-stdlib": {"limit_chars": "--chars", "max_chars": "--max-chars"},
+                 "add-dataset": {"max_chars": "--max-chars"},
+                 "define-hypothesis": {"replace := true (Python: replace=True)": "--replace", "flags:": "--flags:",
+                                       "define_hypothesis": "define-hypothesis"},
+                 "drop-hypothesis": {"drop_hypothesis": "drop-hypothesis", "define_hypothesis": "define-hypothesis"},
                  "export": {"overwrite=True (CLI: --overwrite)": "--overwrite"},
                  "extract": {"batch_size": "--batch-size"},
                  "report": {"top_units": "--top", "text_units": "--text-units", "records_per_unit": "--records",
                             "context_chars": "--context"}}
+
+
+def command_message(command: str, message: str) -> str:
+    """A library message as ``command`` shows it: its parameters and calls spelled as the
+    command's flags (COMMAND_FLAGS), and drop-hypothesis' hint to redefine a name by a pattern
+    (SQL's define_hypothesis('name', pattern, replace := true)) as the command line that does it."""
+    import re
+    message = re.sub(r"define_hypothesis\(('(?:[^'\\]|\\.)*'), pattern, replace := true\)",
+                     r"define-hypothesis STORE \1 PATTERN --replace", message)
+    return cli_flags(message, COMMAND_FLAGS[command]) if command in COMMAND_FLAGS else message
 
 
 def cli_flags(message: str, flags: dict | None = None, subjects: dict | None = None) -> str:
@@ -724,6 +757,8 @@ def cmd_export(args):
         written = dbd.export(con, args.out_dir, args.activations, args.text, args.overwrite)
     width = max([14] + [len(name) for name in written])      # hypothesis_definitions too: aligned
     for name, path in written.items():
+        if name == "notes":                      # the library's call, as the command that does it
+            path = cli_flags(path, {"inspect with keep_activations=True": "inspect --keep-activations"})
         print(f"{name:<{width}} {path}")
     return 0
 
@@ -731,6 +766,7 @@ def cmd_export(args):
 def cmd_report(args):
     import deepbase_duck as dbd
     with _store(args) as con:
+        _check_query_choice(con, args)
         r = dbd.report(con, args.out, query_id=args.query, model=args.model, dataset=args.dataset,
                        top_units=args.top, text_units=args.text_units, records_per_unit=args.records,
                        context_chars=args.context, measure=args.measure)
@@ -739,6 +775,27 @@ def cmd_report(args):
     if r["missing_activations"]:
         print(f"activations not stored for {', '.join(r['missing_activations'])}: the report says how to store them")
     return 0
+
+
+def _check_query_choice(con, args) -> None:
+    """report's --query with --model or --dataset: the query must be one of that model over that
+    dataset. The library picks a query by its id alone, so the report of another model's query
+    came out as asked for, --model and --dataset silently ignored. (An id with no query is left
+    to the report, which names the queries there are.)"""
+    from deepbase_duck.errors import DeepBaseError
+    if args.query is None or (args.model is None and args.dataset is None):
+        return
+    rows = con.sql("SELECT dataset, (SELECT list(DISTINCT model ORDER BY model) FROM scores WHERE query_id = $q) "
+                   "FROM queries WHERE query_id = $q", params={"q": args.query}).fetchall()
+    if not rows or not rows[0][1]:               # no such query, or no scores: the report says which
+        return
+    dataset, models = rows[0]
+    for flag, given, held, what in (("--model", args.model, models, "of model"),
+                                    ("--dataset", args.dataset, [dataset], "over dataset")):
+        if given is not None and given not in held:
+            raise DeepBaseError(f"--query {args.query} is a query {what} {' and '.join(map(repr, held))}, not "
+                                f"{flag} {given!r}; give --query alone for that query, or leave --query out for "
+                                f"the latest query of {flag} {given!r}")
 
 
 def cmd_shell(args):
@@ -809,8 +866,7 @@ def _run(argv) -> int:
         return COMMANDS[args.command](args)
     except (DeepBaseError, FileExistsError) as exc:   # the library's parameter names, as this command's flags
         # (FileExistsError: export's non-empty folder, whose message names overwrite=True)
-        message = cli_flags(str(exc), COMMAND_FLAGS[args.command]) if args.command in COMMAND_FLAGS else exc
-        _print_error(f"deepbase-duck {args.command}: error: {message}")
+        _print_error(f"deepbase-duck {args.command}: error: {command_message(args.command, str(exc))}")
         return 2
     except duckdb.Error as exc:
         _print_error(f"deepbase-duck {args.command}: error: {exc}")

@@ -14,7 +14,8 @@ with ';', aligned table output, and dot-commands:
 
 Modes: interactive (a terminal), ``-c 'SQL'`` (run and exit), a script file argument, or SQL on
 standard input. Ctrl-C at the prompt drops the statement typed so far, as in the DuckDB CLI. In
-the non-interactive modes the first error ends the shell with status 1, after the Python
+the non-interactive modes the first error ends the shell with status 1, its line naming the
+failed statement and where it starts ('Error: line 3 of q.sql (SELECT ...): ...'), after the Python
 traceback of a failed deepbase_duck call (what ``SELECT last_error()`` shows at the prompt, which
 could not run after it); output whose reader went away (``| head``) ends it quietly, status 0.
 The store must exist (a path with none is refused, status 2) unless ``--create`` is given.
@@ -48,6 +49,7 @@ class Shell:
         self.open = False            # a statement is under way: lines are buffered until it ends
         self.reading = []            # (resolved path, name as given) of the script and .read files under way
         self.nested = 0              # .read commands under way (the lines fed come from their files)
+        self.running = None          # (line offset, text) of the statement of run_sql under way
 
     # -- statements --------------------------------------------------------------------------
     def run_sql(self, sql: str) -> None:
@@ -55,7 +57,11 @@ class Shell:
         statement's own wall time, as the DuckDB CLI does: one total for 'SELECT 1; SELECT 2;'
         would not say which of them was slow)."""
         with _ctrl_c_stops_udfs():
+            end = 0
             for text in split_statements(sql)[0]:
+                at = sql.find(text, end)         # only white space lies between `end` and the statement
+                end = at + len(text)
+                self.running = (sql.count("\n", 0, at), text)
                 t0 = time.perf_counter()
                 rel = self.con.sql(text)
                 if rel is not None:
@@ -107,7 +113,7 @@ class Shell:
             self.reading.append((path, args[0]))
             self.nested += 1
             try:
-                failed = self.feed(text.splitlines(), interactive=False)   # statements and dot-commands
+                failed = self.feed(text.splitlines(), interactive=False, source=args[0])   # statements and dot-commands
             finally:
                 self.reading.pop()
                 self.nested -= 1
@@ -122,12 +128,15 @@ class Shell:
         return True
 
     # -- loops -------------------------------------------------------------------------------
-    def feed(self, lines, interactive: bool) -> int:
+    def feed(self, lines, interactive: bool, source: str | None = None) -> int:
         """Run statements from an iterable of lines; returns the exit status. Lines are buffered
         until a ';' ends a statement and nothing but white space and comments follows it (see
-        split_statements), as in the DuckDB CLI."""
-        buf, self.open = [], False
-        for line in lines:
+        split_statements), as in the DuckDB CLI. ``source`` names where the lines come from (a
+        script file, -c, standard input) in the error of a statement that fails outside the prompt,
+        with the statement and its line: a script's error used to be the bare message, which did
+        not say which of its statements failed."""
+        buf, self.open, first = [], False, 1
+        for number, line in enumerate(lines, 1):
             if line is CANCEL:                   # Ctrl-C at the prompt: the unfinished statement is dropped
                 buf, self.open = [], False
                 continue
@@ -143,7 +152,13 @@ class Shell:
                         self.err.write(f"Error: {exc}\n")
                     if not interactive:
                         return 1
+                except KeyboardInterrupt:       # Ctrl-C in a .read file's statement: the prompt stays
+                    if not interactive:
+                        raise
+                    self.err.write("Error: interrupted\n")
                 continue
+            if not buf:
+                first = number                   # the line the buffered statement starts on
             buf.append(line)
             if self.open and ";" not in line and "*/" not in line:
                 continue                         # such a line cannot end what is under way: no rescan
@@ -153,13 +168,15 @@ class Shell:
                 continue
             buf = []                             # ended, or nothing but comments so far
             if statements:
-                before = self._last_traceback()
+                before, self.running = self._last_traceback(), None
                 try:
                     self.run_sql(text)
                 except BrokenPipeError:         # `deepbase-duck shell ... | head`: the caller ends quietly
                     raise
                 except Exception as exc:
-                    self.error(exc, before, interactive)
+                    if not interactive and self._interrupted(exc, before):
+                        raise KeyboardInterrupt from None
+                    self.error(exc, before, interactive, self._where(first, source))
                     if not interactive:
                         return 1
                 except KeyboardInterrupt:       # a Ctrl-C that came while Python (not DuckDB) ran
@@ -168,15 +185,45 @@ class Shell:
                     self.err.write("Error: interrupted\n")
         self.open = False
         if buf:
-            before = self._last_traceback()
+            before, self.running = self._last_traceback(), None
             try:
                 self.run_sql("\n".join(buf))
             except BrokenPipeError:
                 raise
             except Exception as exc:
-                self.error(exc, before, interactive=False)
+                if self._interrupted(exc, before):
+                    raise KeyboardInterrupt from None
+                self.error(exc, before, interactive=False, where=self._where(first, source))
                 return 1
         return 0
+
+    def _interrupted(self, exc: Exception, before) -> bool:
+        """Whether a statement failed because Ctrl-C stopped it: DuckDB's 'Query interrupted', or a
+        deepbase_duck UDF that Ctrl-C stopped (_ctrl_c_stops_udfs). Outside the prompt the shell
+        then ends as the other commands do on Ctrl-C (status 130, one line): it reported an
+        'Error: ... Query interrupted' and status 1, which a calling script took for a failed
+        statement."""
+        import duckdb
+        if isinstance(exc, duckdb.InterruptException):
+            return True
+        tb = self._last_traceback()
+        return tb is not None and tb is not before and tb.rstrip().endswith("KeyboardInterrupt")
+
+    def _where(self, first: int, source: str | None) -> str:
+        """The statement of run_sql that failed and its line, for an error outside the prompt:
+        'line 3 of q.sql (SELECT * FROM scores WHERE ...)'. The statement's leading comment lines
+        are not shown (its line is that of its code); a long one is cut."""
+        if self.running is None:
+            return f"line {first}" + (f" of {source}" if source else "")
+        offset, text = self.running
+        lines = text.split("\n")
+        while len(lines) > 1 and (not lines[0].strip() or lines[0].lstrip().startswith("--")):
+            lines.pop(0)
+            offset += 1
+        shown = " ".join(" ".join(lines).split())
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        return f"line {first + offset}" + (f" of {source}" if source else "") + f" ({shown})"
 
     def _last_traceback(self):
         """The newest traceback a deepbase_duck UDF of this connection kept (what last_error()
@@ -188,12 +235,13 @@ class Shell:
             return None
         return kept[-1] if kept else None
 
-    def error(self, exc: Exception, before, interactive: bool) -> None:
-        """Report a failed statement: its message on one line and, when a deepbase_duck UDF failed
-        in it, that UDF's Python traceback: in full in the non-interactive modes, which end here
-        (so `SELECT last_error()` can never run after it), or as a pointer to last_error() at the
-        prompt."""
-        self.err.write(f"Error: {_one_line(exc)}\n")
+    def error(self, exc: Exception, before, interactive: bool, where: str | None = None) -> None:
+        """Report a failed statement: its message on one line (outside the prompt, after
+        ``where``: the statement and its line) and, when a deepbase_duck UDF failed in it, that
+        UDF's Python traceback: in full in the non-interactive modes, which end here (so `SELECT
+        last_error()` can never run after it), or as a pointer to last_error() at the prompt."""
+        at = f"{where}: " if where and not interactive else ""
+        self.err.write(f"Error: {at}{_one_line(exc)}\n")
         tb = self._last_traceback()
         if tb is None or tb is before or tb.rstrip().endswith("KeyboardInterrupt"):   # Ctrl-C: no bug to show
             return
@@ -352,6 +400,18 @@ def split_statements(text: str) -> tuple[list[str], bool]:
     return statements, code
 
 
+_SQL_START = re.compile(r"\s*(SELECT|FROM|WITH|INSERT|CREATE|PRAGMA|DESCRIBE|SHOW|COPY|UPDATE|DELETE|DROP|EXPLAIN|"
+                        r"SUMMARIZE|CALL|ATTACH|SET|ALTER|VALUES|TABLE)\s", re.IGNORECASE)
+
+
+def _reads_as_sql(text: str) -> bool:
+    """Whether a STORE or SCRIPT argument is SQL: a statement's first keyword and a space (a name
+    ending as a store or script file does, 'show results.duckdb', is a file's)."""
+    if text.lower().rstrip().endswith((".duckdb", ".db", ".sql", ".ddb")):
+        return False
+    return bool(_SQL_START.match(text + " "))
+
+
 def read_script(path: str) -> str:
     """The text of a SQL script file, or one DeepBaseError naming what is wrong with it."""
     from .errors import DeepBaseError
@@ -380,6 +440,13 @@ def main(store: str | None, command: str | None, script: str | None, quiet: bool
                             f"script would not")
     if read_only and (create or store in (None, ":memory:")):
         raise DeepBaseError("--read-only opens an existing store file: give its path, without --create")
+    for path, what in ((store, "store"), (script, "script file")):
+        if path is not None and _reads_as_sql(path) and not Path(path).exists():
+            # as `duckdb STORE 'SELECT ...'` takes it: here that is -c, and --create would have
+            # made a store named after the SQL
+            raise DeepBaseError(f"no {what} {path!r}: that reads as SQL, which the shell runs when given with -c: "
+                                f"deepbase-duck shell {'STORE' if what == 'script file' else '[STORE]'} "
+                                f"-c {shlex.quote(path)}")
     if store not in (None, ":memory:") and not create and not Path(store).is_file():
         raise DeepBaseError(f"no store at {store!r}; --create makes a new one there "
                             f"(or leave out the path for a store in memory)")
@@ -387,13 +454,13 @@ def main(store: str | None, command: str | None, script: str | None, quiet: bool
     try:
         sh = Shell(con)
         if command is not None:
-            return sh.feed(command.splitlines(), interactive=False)
+            return sh.feed(command.splitlines(), interactive=False, source="-c")
         if script is not None:
             text = read_script(script)
             sh.reading.append((Path(script).resolve(), script))     # a .read of itself is a loop
-            return sh.feed(text.splitlines(), interactive=False)
+            return sh.feed(text.splitlines(), interactive=False, source=script)
         if sys.stdin.isatty():
             return sh.interactive()
-        return sh.feed(sys.stdin.read().splitlines(), interactive=False)
+        return sh.feed(sys.stdin.read().splitlines(), interactive=False, source="standard input")
     finally:
         dbd.close(con)

@@ -122,7 +122,7 @@ def test_cli_add_stdlib_and_sql_give_the_same_records(tmp_path, capsys):
     assert main(["--quiet", "add-stdlib", db, "cli", "--chars", "3000", "--max-chars", "300"]) == 0
     assert main(["--quiet", "add-stdlib", db, "zero", "--chars", "3000", "--max-chars", "0"]) == 2
     err = capsys.readouterr().err
-    assert "max_chars must be an integer >= 1, got 0" in err and err.strip().count("\n") == 0
+    assert "--max-chars must be an integer >= 1, got 0" in err and err.strip().count("\n") == 0
     con = dbd.connect(db, progress=False)
     try:
         assert con.sql("SELECT add_stdlib_dataset('sql', limit_chars := 3000, max_chars := 300)").fetchall()[0][0] > 1
