@@ -24,20 +24,10 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 import deepbase_duck.engine.ray_engine as RE  # noqa: E402
 from test_ray_failures import TESTS, _texts  # noqa: E402
+from test_ray17 import no_ray  # noqa: E402,F401  (the fixture: no Ray before or after a test)
 
 pytestmark = pytest.mark.ray
 FAR = "198.51.100.7"          # TEST-NET-2 (RFC 5737): never an address of this machine
-
-
-@pytest.fixture
-def no_ray():
-    """No Ray connected before the test, none left after it."""
-    RE.release_workers()
-    if ray.is_initialized():
-        ray.shutdown()
-    yield
-    RE.release_workers()
-    ray.shutdown()
 
 
 @pytest.fixture
