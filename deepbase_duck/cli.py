@@ -656,7 +656,8 @@ COMMAND_FLAGS = {"add-stdlib": {"limit_chars": "--chars", "max_chars": "--max-ch
                  "define-hypothesis": {"replace := true (Python: replace=True)": "--replace", "flags:": "--flags:",
                                        "define_hypothesis": "define-hypothesis"},
                  "drop-hypothesis": {"drop_hypothesis": "drop-hypothesis", "define_hypothesis": "define-hypothesis"},
-                 "export": {"overwrite=True (CLI: --overwrite)": "--overwrite"},
+                 "export": {"overwrite=True (CLI: --overwrite)": "--overwrite",
+                            "inspect with keep_activations=True": "inspect --keep-activations"},
                  "extract": {"batch_size": "--batch-size"},
                  "report": {"top_units": "--top", "text_units": "--text-units", "records_per_unit": "--records",
                             "context_chars": "--context"}}
@@ -757,8 +758,8 @@ def cmd_export(args):
         written = dbd.export(con, args.out_dir, args.activations, args.text, args.overwrite)
     width = max([14] + [len(name) for name in written])      # hypothesis_definitions too: aligned
     for name, path in written.items():
-        if name == "notes":                      # the library's call, as the command that does it
-            path = cli_flags(path, {"inspect with keep_activations=True": "inspect --keep-activations"})
+        if name == "notes":                      # the library's calls, as the commands that make them
+            path = command_message("export", path)
         print(f"{name:<{width}} {path}")
     return 0
 

@@ -9,6 +9,7 @@ import torch
 
 import deepbase_duck as dbd
 from deepbase_duck.extraction.adapters import CharAdapter
+from deepbase_duck.hypotheses.core import get_hypothesis
 from deepbase_duck.models.charlstm import encode_chars, VOCAB
 
 DIGIT_IDS = torch.tensor([c.isdigit() for c in VOCAB], dtype=torch.float32)
@@ -131,4 +132,22 @@ def per_char_labels(h, text) -> np.ndarray:
     out = np.zeros(len(text)) if h.kind == "binary" else np.full(len(text), np.nan)
     for a, b, x in zip(s, e, v):
         out[a:b] = x
+    return out
+
+
+def numpy_corr(layer_output, texts, hypothesis: str = "digit") -> dict:
+    """{(layer, unit): Pearson r by numpy (None for a constant unit)} of ``layer_output(ids)``
+    ({layer: (1, symbols, width)}) against the hypothesis' per-character labels, one record at a time."""
+    acts, y = {}, []
+    for text in texts:
+        with torch.no_grad():
+            for name, a in layer_output(torch.tensor([encode_chars(text)])).items():
+                acts.setdefault(name, []).append(a[0].numpy())
+        y.append(per_char_labels(get_hypothesis(hypothesis), text))
+    y = np.concatenate(y)
+    out = {}
+    for name, parts in acts.items():
+        x = np.concatenate(parts).astype(np.float64)
+        for u in range(x.shape[1]):
+            out[(name, u)] = None if np.ptp(x[:, u]) < 1e-9 else float(np.corrcoef(x[:, u], y)[0, 1])
     return out

@@ -18,15 +18,13 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import deepbase_duck as dbd
-from conftest import TEXTS, per_char_labels, planted_adapter
+from conftest import TEXTS, numpy_corr, planted_adapter
 from deepbase_duck.extraction import adapters
 from deepbase_duck.extraction.adapters import CharAdapter, model_checksum_v2, weights_checksum
-from deepbase_duck.hypotheses.core import get_hypothesis
 from deepbase_duck.models.charlstm import VOCAB, encode_chars
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -82,21 +80,8 @@ def written_by_earlier_code(monkeypatch, era: str, path: str, work) -> None:
 
 def corr_reference(module, layer_output, hypothesis: str = "digit") -> dict:
     """{(layer, unit): Pearson r (numpy) or None for a constant unit} of ``layer_output(module,
-    ids)`` (name -> (symbols, width) array per record) over TEXTS, one record at a time."""
-    acts, y = {}, []
-    for text in TEXTS:
-        ids = torch.tensor([encode_chars(text)])
-        with torch.no_grad():
-            for name, a in layer_output(module, ids).items():
-                acts.setdefault(name, []).append(a[0].numpy())
-        y.append(per_char_labels(get_hypothesis(hypothesis), text))
-    y = np.concatenate(y)
-    out = {}
-    for name, parts in acts.items():
-        x = np.concatenate(parts).astype(np.float64)
-        for u in range(x.shape[1]):
-            out[(name, u)] = None if np.ptp(x[:, u]) < 1e-9 else float(np.corrcoef(x[:, u], y)[0, 1])
-    return out
+    ids)`` over TEXTS (conftest.numpy_corr)."""
+    return numpy_corr(lambda ids: layer_output(module, ids), TEXTS, hypothesis)
 
 
 def assert_scores(table, model: str, want: dict) -> None:

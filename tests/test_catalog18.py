@@ -13,15 +13,13 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import deepbase_duck as dbd
-from conftest import TEXTS, per_char_labels, planted_adapter
+from conftest import TEXTS, numpy_corr, planted_adapter
 from deepbase_duck.extraction import adapters
 from deepbase_duck.extraction.adapters import model_checksum_v2
-from deepbase_duck.hypotheses.core import get_hypothesis
 from deepbase_duck.models.charlstm import encode_chars, load_charlstm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,24 +35,6 @@ def last_query(con) -> tuple[int, str, dict]:
 def unit_scores(table, model: str) -> dict:
     """{(layer, unit): score} of ``model``'s rows."""
     return {(r["layer"], r["unit"]): r["score"] for r in table.to_pylist() if r["model"] == model}
-
-
-def numpy_corr(layer_output, texts, hypothesis: str = "digit") -> dict:
-    """{(layer, unit): Pearson r by numpy (None for a constant unit)} of ``layer_output(ids)``
-    ({layer: (1, symbols, width)}) against the hypothesis' per-character labels, one record at a time."""
-    acts, y = {}, []
-    for text in texts:
-        with torch.no_grad():
-            for name, a in layer_output(torch.tensor([encode_chars(text)])).items():
-                acts.setdefault(name, []).append(a[0].numpy())
-        y.append(per_char_labels(get_hypothesis(hypothesis), text))
-    y = np.concatenate(y)
-    out = {}
-    for name, parts in acts.items():
-        x = np.concatenate(parts).astype(np.float64)
-        for u in range(x.shape[1]):
-            out[(name, u)] = None if np.ptp(x[:, u]) < 1e-9 else float(np.corrcoef(x[:, u], y)[0, 1])
-    return out
 
 
 def assert_close(got: dict, want: dict, tol: float = 1e-5) -> None:
@@ -101,6 +81,26 @@ def test_a_weight_changed_in_place_scans_again_and_the_same_weights_registered_a
     assert again.module.calls == calls and third == first
 
 
+FILE_QUERY = dict(layers=["mix"], hypotheses=["digit"], dataset="d")
+
+
+def scanned_from_file(tmp_path, state) -> tuple[Path, str, dict, int]:
+    """A first session: the planted model's ``state`` saved to a weights file, registered by the
+    loader that reads it (tests/ray_models.py: from_file), scanned by FILE_QUERY. Returns (the
+    weights file, the store's path, its scores, its query id)."""
+    sys.path.insert(0, str(TESTS))
+    weights, path = tmp_path / "w.pt", str(tmp_path / "s.duckdb")
+    torch.save(state, weights)
+    con = dbd.connect(path, progress=False)
+    try:
+        dbd.register_model(con, "f", "ray_models:from_file", {"path": str(weights)})
+        dbd.add_dataset(con, "d", TEXTS)
+        scores = unit_scores(dbd.inspect(con, "f", **FILE_QUERY), "f")
+        return weights, path, scores, last_query(con)[0]
+    finally:
+        dbd.close(con)
+
+
 def test_a_checkpoint_file_overwritten_since_registration_is_refused_not_served(tmp_path):
     """A model registered by a loader that reads a weights file; the file is overwritten with
     one weight changed. In the next session the same query was served the registered weights'
@@ -108,18 +108,9 @@ def test_a_checkpoint_file_overwritten_since_registration_is_refused_not_served(
     run the model was refused. Now the first query of the session loads the model and refuses
     it, naming the model and saying to register it again; registered again, it scans, and its
     scores are the new weights' (numpy)."""
-    sys.path.insert(0, str(TESTS))                                # tests/ray_models.py: from_file
-    weights, path = tmp_path / "w.pt", str(tmp_path / "s.duckdb")
     state = planted_adapter().module.state_dict()
-    torch.save(state, weights)
-    query = dict(layers=["mix"], hypotheses=["digit"], dataset="d")
-    con = dbd.connect(path, progress=False)
-    try:
-        dbd.register_model(con, "f", "ray_models:from_file", {"path": str(weights)})
-        dbd.add_dataset(con, "d", TEXTS)
-        old = unit_scores(dbd.inspect(con, "f", **query), "f")
-    finally:
-        dbd.close(con)
+    weights, path, old, _ = scanned_from_file(tmp_path, state)
+    query = FILE_QUERY
     state["mix.0.weight"][0, 0] += 0.5
     torch.save(state, weights)
     changed = planted_adapter()
@@ -147,18 +138,8 @@ def test_a_checkpoint_file_overwritten_since_registration_is_refused_not_served(
 def test_an_unchanged_checkpoint_file_is_served_its_stored_scores_in_the_next_session(tmp_path):
     """The check above costs one load per session and refuses nothing else: the same file in the
     next session is served the stored scores (the model loaded, never run)."""
-    sys.path.insert(0, str(TESTS))
-    weights, path = tmp_path / "w.pt", str(tmp_path / "s.duckdb")
-    torch.save(planted_adapter().module.state_dict(), weights)
-    query = dict(layers=["mix"], hypotheses=["digit"], dataset="d")
-    con = dbd.connect(path, progress=False)
-    try:
-        dbd.register_model(con, "f", "ray_models:from_file", {"path": str(weights)})
-        dbd.add_dataset(con, "d", TEXTS)
-        old = unit_scores(dbd.inspect(con, "f", **query), "f")
-        qid, _, _ = last_query(con)
-    finally:
-        dbd.close(con)
+    _, path, old, qid = scanned_from_file(tmp_path, planted_adapter().module.state_dict())
+    query = FILE_QUERY
     con = dbd.connect(path, progress=False)
     try:
         again = unit_scores(dbd.inspect(con, "f", **query), "f")
