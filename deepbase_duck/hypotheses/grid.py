@@ -108,6 +108,8 @@ class GridHypothesis(Hypothesis):
         if isinstance(c, bool) or not isinstance(c, numbers.Real) or not 0 < float(c) <= 1:
             raise HypothesisError(f"hypothesis {self.name!r}: coverage must be a number in (0, 1], got {c!r}")
         self.grid = int(g)
+        # one text per coverage in version_settings: 1 and 1.0 (or a numpy float) label alike
+        self.coverage = float(c)
         super().__post_init__()
 
     def version_settings(self) -> str:

@@ -169,7 +169,7 @@ def drop_hypothesis(con, name: str) -> dict:
 def _drop_hypothesis(session, name) -> dict:
     """drop_hypothesis's work, holding the store's writer lock."""
     from . import core
-    from .store import _WAITING, catalog_hypothesis, stored_definition, stored_definitions
+    from .store import _WAITING, _settings_key, catalog_hypothesis, stored_definition, stored_definitions
     if not isinstance(name, str):
         raise HypothesisError(f"drop_hypothesis: name must be the name of a hypothesis defined in this store, got "
                               f"{'NULL' if name is None else repr(name)}")
@@ -204,6 +204,8 @@ def _drop_hypothesis(session, name) -> dict:
         for table, column in (("labels", "hypothesis"), ("labeled_records", "hypothesis"), ("hypotheses", "name")):
             con.execute(f"DELETE FROM {table} WHERE {column} = ? AND version IS DISTINCT FROM ?", [name, keep])
         con.execute("DELETE FROM hypothesis_definitions WHERE name = ?", [name])
+        if keep is None:                     # the settings recorded with its catalog row (store.stored_settings)
+            con.execute("DELETE FROM dbd_meta WHERE key = ?", [_settings_key(name)])
     if isinstance(held, RegexHypothesis) and (held.kind, held.pattern, held.flags) == \
             (d["kind"], d["pattern"], d["flags"]):
         core._REGISTRY.pop(name, None)     # (core has no unregister) another store's other definition stays

@@ -61,27 +61,66 @@ def resolve(con, names) -> list[dict]:
 
 
 def _check_stored_meaning(con, h: Hypothesis, version: str) -> None:
-    """Refuse ``h`` where the store holds labels of its version computed as another kind or with
-    other categories. A version given by hand (``version="1"``) stays the same when the kind or
-    the categories are edited, and the stored values (a categorical label is the code of its
-    category, 0..K-1) were read with the new meaning: reordered categories swapped the labels, a
-    categorical hypothesis made binary read its codes as 0/1. (A version computed from the code
-    changes with both.)"""
+    """Refuse ``h`` where the store holds labels of its version computed as another kind, with
+    other categories or with other settings (``version_settings``: an image grid's size and
+    coverage). A version given by hand (``version="1"``) stays the same when these are edited,
+    and the stored values (a categorical label is the code of its category, 0..K-1; a grid
+    hypothesis' label is a cell's index) were read with the new meaning: reordered categories
+    swapped the labels, a categorical hypothesis made binary read its codes as 0/1, the cells of
+    a 2x2 grid were read as the first cells of a 4x4 one. (A version computed from the code
+    changes with all of them.) Settings are known for labels stored since they were recorded
+    (``stored_settings``); those of older stores are not checked."""
     row = catalog_hypothesis(con, h.name)
     if row is None or row["version"] != version:
         return
     cats = list(h.categories) if h.categories else None
-    if row["kind"] == h.kind and (list(row["categories"]) if row["categories"] else None) == cats:
+    settings, known = h.version_settings(), stored_settings(con, h.name, version)
+    if row["kind"] == h.kind and (list(row["categories"]) if row["categories"] else None) == cats and \
+            (known is None or known == settings):
         return
-    if store.q_one(con, "SELECT 1 FROM labeled_records WHERE hypothesis = ? AND version = ? LIMIT 1",
-                   [h.name, version]) is None:
+    if not _labels_stored(con, h.name, version):
         return                               # nothing stored under the old meaning
     was = row["kind"] + (f" with categories {list(row['categories'])}" if row["categories"] else "")
     now = h.kind + (f" with categories {cats}" if cats else "")
+    if was == now:                           # the settings differ
+        was, now = f"with settings {_settings_text(known)}", f"has settings {_settings_text(settings)}"
+    else:
+        now = "is now " + now
+        was = "as " + was
     raise HypothesisError(
-        f"hypothesis {h.name!r}: this store holds labels of its version {version!r} computed as {was}, and it "
-        f"is now {now} under the same version, so those labels would be read with the new meaning; give it "
+        f"hypothesis {h.name!r}: this store holds labels of its version {version!r} computed {was}, and it "
+        f"{now} under the same version, so those labels would be read with the new meaning; give it "
         f"a new version (version=...), or none, so that its version follows its code and settings")
+
+
+def _settings_text(settings: str) -> str:
+    return repr(settings) if settings else "none"
+
+
+def _labels_stored(con, name: str, version: str) -> bool:
+    return store.q_one(con, "SELECT 1 FROM labeled_records WHERE hypothesis = ? AND version = ? LIMIT 1",
+                       [name, version]) is not None
+
+
+def _settings_key(name: str) -> str:
+    """The dbd_meta key of the settings a hypothesis' catalog version was computed with (dbd_meta,
+    a key-value table every store holds: no new column for stores written before to migrate)."""
+    return f"hypothesis_settings {name}"
+
+
+def stored_settings(con, name: str, version: str) -> str | None:
+    """The ``version_settings`` that the labels of hypothesis ``name`` at ``version`` are computed
+    with, as the store recorded them with its catalog row; None where unknown (a store written
+    before they were recorded, or a record of another version)."""
+    import json
+    row = store.q_one(con, "SELECT value FROM dbd_meta WHERE key = ?", [_settings_key(name)])
+    if row is None:
+        return None
+    try:
+        got = json.loads(row[0])
+        return got["settings"] if got.get("version") == version and isinstance(got.get("settings"), str) else None
+    except (ValueError, TypeError, AttributeError, KeyError):
+        return None                          # a row edited by hand: unknown
 
 
 _SHADOWING_WARNED: set = set()
@@ -223,27 +262,41 @@ _WAITING: dict[tuple[str, str], list] = {}
 
 
 def _catalog_row(h: Hypothesis, version: str) -> list:
-    return [h.name, h.kind, h.description, version, list(h.categories) if h.categories else None, h.source]
+    """The catalog row's values of ``h`` at ``version``, and last the settings its labels are
+    computed with (recorded in dbd_meta: ``stored_settings``)."""
+    return [h.name, h.kind, h.description, version, list(h.categories) if h.categories else None, h.source,
+            h.version_settings()]
 
 
-def _write_catalog_row(con, values: list) -> None:
+def _write_catalog_row(con, values: list, settings: bool = True) -> None:
+    """Write the catalog row of ``values`` (``_catalog_row``) and, with ``settings``, record its
+    settings for its version."""
+    import json
     con.execute("DELETE FROM hypotheses WHERE name = ?", [values[0]])
     con.execute("INSERT INTO hypotheses (name, kind, description, version, categories, source) "
-                "VALUES (?, ?, ?, ?, ?, ?)", values)
+                "VALUES (?, ?, ?, ?, ?, ?)", values[:6])
+    if settings:
+        con.execute("INSERT INTO dbd_meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    [_settings_key(values[0]), json.dumps({"version": values[3], "settings": values[6]})])
 
 
 def upsert_catalog(con, h: Hypothesis, version: str | None = None) -> None:
     """Bring the catalog row of ``h`` to ``version`` (default: its current one), kind,
     categories and description now (a description edited alone changes no version: the labels
-    stay). (``labels_to_compute`` does so only where no labels of the row's version are
-    stored; else the row changes with the first labels of the new version, see there.)"""
+    stay), and record its settings. (``labels_to_compute`` does so only where no labels of the
+    row's version are stored; else the row changes with the first labels of the new version, see
+    there.) Settings not recorded (a store written before they were) while labels of this
+    version are stored stay unknown: the labels may have been computed with others."""
     values = _catalog_row(h, h.version if version is None else version)
     row = catalog_hypothesis(con, h.name)
-    if row and [row["version"], row["kind"], row["categories"], row["description"]] == \
-            [values[3], values[1], values[4], values[2]]:
+    same = bool(row) and [row["version"], row["kind"], row["categories"], row["description"]] == \
+        [values[3], values[1], values[4], values[2]]
+    known = stored_settings(con, h.name, values[3])
+    record = known != values[6] and (known is not None or not _labels_stored(con, h.name, values[3]))
+    if same and not record:
         return
     with store.Transaction(con):
-        _write_catalog_row(con, values)
+        _write_catalog_row(con, values, settings=record)
 
 
 def missing_records(con, hyps: list[dict], dataset: str, record_ids: np.ndarray) -> dict[str, np.ndarray]:
