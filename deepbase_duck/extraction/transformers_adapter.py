@@ -19,7 +19,11 @@ reported (a ``TruncatedRecordWarning`` naming the characters its symbols cover),
 ``truncated_records`` counts those it has truncated. ``max_length`` is
 bounded by the tokenizer's ``model_max_length`` and by the positions the model has
 (``config.max_position_embeddings``, less RoBERTa's padding offset), so a text too long for the
-model is truncated and never fails a forward pass mid-scan.
+model is truncated and never fails a forward pass mid-scan. A tokenizer set to
+``truncation_side="left"`` keeps a long record's last word pieces instead (the tokenization then
+says ``:left``). Batches are padded on the right whatever the tokenizer's ``padding_side``: left
+padding moved a short record's word pieces to later positions, where a model of absolute
+positions read other activations for it than alone.
 
 A record's text is read as text: a special token's spelling inside it (``"[SEP]"``,
 ``"[CLS]"``, ``"[PAD]"``, ``"[MASK]"``) is tokenised like any other characters
@@ -35,6 +39,7 @@ otherwise (``pip install -e '.[examples]'``).
 from __future__ import annotations
 
 import hashlib
+import json
 import numbers
 import os
 import warnings
@@ -52,12 +57,19 @@ class TruncatedRecordWarning(UserWarning):
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 prefix of the tokenizer's full serialised state (vocabulary, normaliser,
-    pre-tokeniser, post-processor): two tokenizers with the same fingerprint cut text alike."""
+    pre-tokeniser, post-processor; not the truncation and padding a call leaves set on it): two
+    tokenizers with the same fingerprint cut text alike."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise DeepBaseError(f"tokenizer {type(tokenizer).__name__} is not a fast (Rust-backed) tokenizer; "
                             "WordPieceAdapter needs character offsets (return_offsets_mapping)")
-    return hashlib.sha256(backend.to_str().encode()).hexdigest()[:12]
+    state = json.loads(backend.to_str())
+    # (not its truncation and padding: transformers sets them on the backend at every __call__,
+    # so they held the max_length and padding of whatever call came last, and one tokenizer got
+    # another fingerprint, so another tokenization, after a call of its own)
+    state.pop("truncation", None)
+    state.pop("padding", None)
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _position_limit(module) -> int | None:
@@ -101,7 +113,13 @@ class WordPieceAdapter(ModelAdapter):
         super().__init__(module, device)
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
-        self.tokenization = f"hf:{name}:{tokenizer_fingerprint(tokenizer)}:max{self.max_length}:text"
+        # the side long texts are cut from, fixed here: a tokenizer set to truncation_side="left"
+        # keeps a long record's last word pieces, other symbols than the first ones (named in the
+        # tokenization, so that the symbols stored by the one are not reused by the other)
+        side = getattr(tokenizer, "truncation_side", "right")
+        self.truncation_side = "left" if side == "left" else "right"
+        self.tokenization = (f"hf:{name}:{tokenizer_fingerprint(tokenizer)}:max{self.max_length}"
+                             f"{':left' if self.truncation_side == 'left' else ''}:text")
         self._backend = self._own_backend()
         self.truncated_records = 0        # records encode() has cut at max_length (see _report_truncated)
 
@@ -139,9 +157,11 @@ class WordPieceAdapter(ModelAdapter):
             from tokenizers import Tokenizer
             backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
             backend.encode_special_tokens = True     # a special token's spelling in a text is text
-            backend.enable_truncation(self.max_length, strategy="longest_first",
-                                      direction=getattr(tok, "truncation_side", "right"))
-            backend.enable_padding(direction=getattr(tok, "padding_side", "right"), pad_id=tok.pad_token_id,
+            backend.enable_truncation(self.max_length, strategy="longest_first", direction=self.truncation_side)
+            # right, whatever the tokenizer's padding_side: left padding moved a short record's word
+            # pieces to later positions, so a model of absolute positions (BERT) read them
+            # elsewhere, and its activations changed with its batch mates
+            backend.enable_padding(direction="right", pad_id=tok.pad_token_id,
                                    pad_type_id=getattr(tok, "pad_token_type_id", 0) or 0, pad_token=tok.pad_token)
         except Exception:            # a tokenizers version without these settings: the general path
             return None
@@ -205,9 +225,19 @@ class WordPieceAdapter(ModelAdapter):
 
     def _encode_call(self, texts: list[str]) -> Encoded:
         """encode() through the tokenizer's __call__ (any fast tokenizer)."""
+        side = getattr(self.tokenizer, "truncation_side", "right")
+        made = getattr(self, "truncation_side", "right")       # (an adapter pickled before: right)
+        if (side == "left") != (made == "left"):
+            # (__call__ takes no truncation side of its own: it reads the tokenizer's)
+            raise DeepBaseError(f"{type(self).__name__} ({self.tokenization}): the tokenizer's truncation_side is "
+                                f"now {side!r}, not {made!r} as when the adapter was made; set it "
+                                f"back, or make a new adapter (its tokenization names the side)")
+        # right padding (see the module docstring), asked for only where the tokenizer pads on the
+        # left: transformers before 4.45 takes no padding_side argument
+        right = {} if getattr(self.tokenizer, "padding_side", "right") == "right" else {"padding_side": "right"}
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
                              return_offsets_mapping=True, return_special_tokens_mask=True,
-                             split_special_tokens=True, return_tensors="pt")
+                             split_special_tokens=True, return_tensors="pt", **right)
         offsets = enc.pop("offset_mapping").numpy()
         special = enc.pop("special_tokens_mask").numpy().astype(bool)
         mask = enc["attention_mask"].numpy().astype(bool)
