@@ -67,15 +67,17 @@ mean of 0.10000000000000002, and r2_score gives -5.8 for predictions of exactly 
 Extra columns: metric, macro_f1, majority, n_train, n_test.
 ``probe_weight`` rows (one per unit): NeuroX-style weight mass -- for each class, |w| of each
 unit normalised over the units; the unit's score is its mass averaged over the classes with
-training rows (a ridge head has one "class"), so the scores sum to 1; ``rank`` 1 is the
-heaviest unit. A class seen only in the test split (possible with ``min_per_class=0``) keeps its
-softmax column, so its test rows count as errors, but its weights are the optimiser's residue
-about 0, not evidence: it is left out of the average (it took 1/C of the mass and reordered the
-units by noise).
+training rows and some weight (a ridge head has one "class"), so the scores sum to 1; ``rank``
+1 is the heaviest unit. A class seen only in the test split (possible with ``min_per_class=0``)
+keeps its softmax column, so its test rows count as errors, but its weights are the optimiser's
+residue about 0, not evidence: it is left out of the average (it took 1/C of the mass and
+reordered the units by noise), and so is a class whose weights are all 0 (with ``l1``, one
+class' column often is: averaged in, it took 1/C off every score). A probe without any weight
+(every unit constant, or ``l1`` zeroed them all) has score and rank NULL on every unit.
 ``probe_class_weight`` rows (one per unit and class of a categorical head with 3+ classes,
 hypothesis ``'<name>=<class>'``): the unit's weight mass for that class alone, ranked within the
-class (NeuroX's top neurons per tag; score and rank NULL for a class without training rows);
-control heads get none.
+class (NeuroX's top neurons per tag; score and rank NULL for a class without training rows or
+without weight); control heads get none.
 ``probe_topk`` rows (unit NULL, column ``k``): the held-out score of the group's probes re-trained
 (same penalties, warm-started from the full probe restricted to the units, so k = width
 reproduces it) on each hypothesis' top-k units; the re-fit multiplies only the union of the
@@ -98,6 +100,10 @@ are refused at finalize), a continuous one's finite (an infinite label is refuse
 One class: a classification hypothesis whose labels hold a single class (a binary one all 0 or
 all 1 included), or none, is refused with an error saying so, and so is one with fewer than two
 classes among its training rows (possible with ``min_per_class=0``); no probe is trained on it.
+The error says what to do; for a control task (``control_of``) it names the task as the control
+of its hypothesis, whose class draws per word type can leave a rare class on few symbols or none.
+Where the train sample holds max_rows of more train rows seen, a rare class' refusal says so and
+points at max_rows: more records cannot add to the sample.
 A continuous hypothesis with no labelled training row (NaN everywhere, say) trains no probe: its
 ``probe`` score is NULL and so are the score and rank of its ``probe_weight`` rows
 (not weights of 0 ranked 1..width).
@@ -315,6 +321,7 @@ class ProbeState(InspectorState):
         self._c2 = torch.as_tensor(rng.integers(1, _HASH_P, ncols), dtype=torch.int64, device=self.device)
         self._buf = {"train": [], "test": []}
         self._pending = {"train": 0, "test": 0}
+        self._seen = {"train": 0, "test": 0}      # rows of each split seen, sampled or not
         self._auto_id = 0
         self._fitted = None
         # units whose activations were all finite (as float32, the sample's type) so far
@@ -364,6 +371,7 @@ class ProbeState(InspectorState):
                 continue
             self._buf[split].append((keys[idx], acts32[idx], lab[idx]))
             self._pending[split] += int(idx.numel())
+            self._seen[split] += int(idx.numel())
             if self._pending[split] > 2 * self.max_rows:
                 self._compact(split)
         self._fitted = None
@@ -400,6 +408,7 @@ class ProbeState(InspectorState):
             for k, a, l in other._buf[split]:
                 self._buf[split].append((k.to(self.device), a.to(self.device), l.to(self.device)))
                 self._pending[split] += int(k.numel())
+            self._seen[split] += other._seen[split]
             if self._pending[split] > 2 * self.max_rows:
                 self._compact(split)
         self.finite &= other.finite.to(self.device)
@@ -451,27 +460,51 @@ class ProbeState(InspectorState):
             # the classes that occur in the labels (binary ones too: all 0 or all 1 is one class)
             present = sorted(int(c) for c in torch.unique(both).cpu().tolist())
             counts = torch.bincount(head["ytr"].to(torch.int64), minlength=ncat).cpu().numpy()
+            # a control task (inspect's control=True) is no hypothesis the user named, and its
+            # classes are drawn per word type: the refusals say so and give the ways on that work
+            real = self.control_of.get(name)
+            if real is not None:
+                who = f"control task {name!r} of hypothesis {real!r}"
+                why = (f" (its labels are drawn per word type, one class per type from {real!r}'s class "
+                       "frequencies, so a rare class falls on the symbols of few types or of none)")
+                way = "select more records (more word types), or run without control=True"
+            else:
+                who, why = f"hypothesis {name!r}", ""
+                way = (f"select records where another class of it occurs too, or leave {name!r} out of the "
+                       "probe query (a layer's probe trains all its hypotheses together)")
             if not present:
-                raise DeepBaseError(f"probe: hypothesis {name!r} has no labelled rows; a probe needs "
-                                    "two classes")
+                if real is None:
+                    way = f"select records where it has labels, or leave {name!r} out of the probe query"
+                raise DeepBaseError(f"probe: {who} has no labelled rows; a probe needs two classes: {way}")
             if len(present) < 2:
-                raise DeepBaseError(f"probe: hypothesis {name!r} has a single class "
-                                    f"{catnames[present[0]]!r} in its labels; a probe needs two")
+                raise DeepBaseError(f"probe: {who} has a single class {catnames[present[0]]!r} in its labels; "
+                                    f"a probe needs two{why}: {way}")
+            seen = self._seen["train"]
+            if seen > self.max_rows:
+                # the sample keeps max_rows of the rows seen: more records do not add to it
+                way = (f"raise max_rows (the train sample keeps max_rows={self.max_rows} of the {seen} train "
+                       f"rows seen; inspect(..., probe={{'max_rows': {seen}}}) keeps them all)")
             for c in present:
                 if counts[c] < self.min_per_class:
+                    fix = (way if seen > self.max_rows
+                           else "select more records, run without control=True" if real is not None
+                           else "select more records, leave the class out of the hypothesis")
                     raise DeepBaseError(
-                        f"probe: hypothesis {name!r}: class {catnames[c]!r} (code {c}) has "
+                        f"probe: {who}: class {catnames[c]!r} (code {c}) has "
                         f"{int(counts[c])} training examples, fewer than min_per_class="
-                        f"{self.min_per_class}: select more records, leave the class out of the hypothesis, "
+                        f"{self.min_per_class}{why}: {fix}, "
                         f"or lower min_per_class (inspect(..., probe={{'min_per_class': 0}}) trains on what "
                         f"there is)")
             trained = [c for c in present if counts[c] > 0]
             if len(trained) < 2:         # min_per_class=0 lets a class miss the train split
                 what = f"a single class {catnames[trained[0]]!r}" if trained else "no labelled rows"
                 raise DeepBaseError(
-                    f"probe: hypothesis {name!r} has {what} in its training rows (classes "
+                    f"probe: {who} has {what} in its training rows (classes "
                     f"{', '.join(repr(catnames[c]) for c in present)} occur in its labels); a probe "
-                    "needs two classes to train on")
+                    "needs two classes to train on: " + (way if seen > self.max_rows else
+                                                         "select more records (the split into train and "
+                                                         "test is by record)")
+                    + (", or run without control=True" if real is not None else ""))
             classes = torch.as_tensor(present, dtype=torch.int64, device=self.device)
             head.update(type="softmax", classes=classes,
                         ttr=torch.searchsorted(classes, head["ytr"].to(torch.int64)),
@@ -940,23 +973,29 @@ class ProbeState(InspectorState):
     @staticmethod
     def weight_mass(W: torch.Tensor, trained: torch.Tensor | None = None):
         """NeuroX-style weight mass of a (units, classes) weight matrix: (per-class mass
-        (units, classes), each column summing to 1 (0 for an all-zero column), global mass (units,)
-        = the per-class masses averaged over the classes).
+        (units, classes), each column summing to 1, global mass (units,) = the per-class masses
+        averaged over the classes that have mass).
 
-        ``trained`` (classes,) bool: the classes with training rows. A softmax head has a column
-        for every class in its labels, test rows included, but a class without training rows
-        has no evidence behind its weights: they are only the optimiser's residue around 0
-        (1e-12), which normalised to a unit mass of 1 would take 1/C of every unit's global mass
-        and reorder the units by noise. Its column is NaN (no mass; its per-class rows NULL) and
-        the global mass averages the trained classes only."""
+        A class has no mass (its column NaN, its per-class rows NULL, left out of the average)
+        when its weights are all 0 or ``trained`` (classes,) bool says it had no training rows.
+        A softmax head has a column for every class in its labels, test rows included, but a
+        class without training rows has no evidence behind its weights: they are only the
+        optimiser's residue around 0 (1e-12), which normalised to a unit mass of 1 would take
+        1/C of every unit's global mass and reorder the units by noise. An all-zero column (with
+        l1 the penalty fixes the softmax's redundant direction, often as one class' column of
+        0) gave every unit a mass of 0 for that class: averaged in, it took 1/C off every score
+        (a unit carrying the whole probe scored 2/3) and ranked the units by index for that
+        class. With no class of mass (all weights 0: every unit constant, or l1 zeroed them)
+        the global mass is NaN: there is nothing to rank."""
         A = W.abs().to(F64)
-        tot = A.sum(0, keepdim=True)
-        per_class = torch.where(tot > 0, A / tot.clamp(min=1e-300), torch.zeros_like(A))
-        if trained is None or bool(trained.all()):
-            return per_class, per_class.mean(1)
-        trained = trained.to(per_class.device)
-        per_class = torch.where(trained[None, :], per_class, math.nan)
-        return per_class, per_class[:, trained].mean(1)
+        tot = A.sum(0)
+        has = tot > 0
+        if trained is not None:
+            has &= trained.to(has.device)
+        per_class = torch.where(has[None, :], A / tot.clamp(min=1e-300)[None, :], math.nan)
+        if not bool(has.any()):
+            return per_class, torch.full((A.shape[0],), math.nan, dtype=F64, device=A.device)
+        return per_class, per_class[:, has].mean(1)
 
     def fit(self) -> dict:
         """Train (once; cached until the next update/combine) and return the fitted model:
@@ -969,7 +1008,9 @@ class ProbeState(InspectorState):
         masses = [self.weight_mass(f["W"], h["prior"] > 0 if h["type"] == "softmax" else None)
                   for h, f in zip(heads, fits)]
         bad = ~self.finite.cpu()         # non-finite units last (weight 0, rank NULL)
-        orders = [torch.sort(torch.where(bad, math.inf, -g.cpu()), stable=True).indices for _, g in masses]
+        # a probe without weight (mass NaN) ranks its units by index for the top-k re-fits, as before
+        orders = [torch.sort(torch.where(bad, math.inf, -g.cpu().nan_to_num(0.0)), stable=True).indices
+                  for _, g in masses]
         topk = {}
         ks = sorted({min(k, self.width) for k in self.topk})
         for k in ks:
@@ -1071,7 +1112,7 @@ class ProbeState(InspectorState):
             gv = g.cpu().numpy()
             trained = r["n_train"] > 0          # no labelled training row: no weights to rank
             for u in range(self.width):
-                ok = bool(finite[u]) and trained
+                ok = bool(finite[u]) and trained and not math.isnan(gv[u])    # NaN: no weight at all
                 row(u, h["name"], "probe_weight", float(gv[u]) if ok else None, r["n_train"],
                     ntr=r["n_train"], nte=r["n_test"], rank=int(rank[u]) if ok else None, metric=r["metric"])
         for h, r, (per_class, _) in zip(m["heads"], m["results"], m["masses"]):
