@@ -405,8 +405,10 @@ class DissectionState(InspectorState):
     def combine(self, other: "DissectionState") -> "DissectionState":
         self._check_combine(other)
         if (other.quantile, other.m, other.seed) != (self.quantile, self.m, self.seed):
-            raise DeepBaseError(f"{self.measure}: cannot combine states with different quantile, "
-                                f"max_rows or seed")
+            diff = ", ".join(f"{k} {getattr(self, k)} and {getattr(other, k)}" for k in ("quantile", "max_rows", "seed")
+                             if getattr(self, k) != getattr(other, k))
+            raise DeepBaseError(f"{self.measure}: cannot combine states of {diff}: their thresholds and "
+                                "row samples differ; give every state the same quantile, max_rows and seed")
         dev = self.device
         self.rows_level += other.rows_level.to(dev)
         self.lab_level += other.lab_level.to(dev)

@@ -32,7 +32,8 @@ agrees with a one-shot run.
 Merging rules: a calibrated and an uncalibrated state -> the buffered rows are counted with the
 calibrated edges (exact); two uncalibrated states -> buffers concatenated (self's rows first)
 and calibrated when long enough (this equals the one-shot result when self's rows precede
-other's in the stream); two states calibrated on *different* edges (e.g. parallel workers that
+other's in the stream; refused unless both were given the same ``calibration_records``, or
+none); two states calibrated on *different* edges (e.g. parallel workers that
 each saw more than ``calibration_rows`` rows) -> other's counts are redistributed onto self's
 bins in proportion to the overlap of the bins, taking the mass uniform inside each of other's
 bins (its outer bins bounded by the unit's observed min / max): an approximation, flagged in
@@ -182,6 +183,25 @@ def jackknife_var(est: np.ndarray, present: np.ndarray) -> np.ndarray:
         return (k - 1) / k * (dev * dev).sum(0)
 
 
+def _same_edges(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal edges, a NaN equal to a NaN: a unit with a NaN or infinite activation among the
+    calibration rows has NaN edges (and scores NULL), and torch.equal's NaN != NaN made every merge
+    of states sharing those edges (empty_like()) an "approximate merge" of all their rows."""
+    return a.shape == b.shape and bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
+
+
+def _same_records(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """The same calibration_records (both None, or the same sorted ids)."""
+    if a is None or b is None:
+        return a is None and b is None
+    return torch.equal(a.cpu(), b.cpu())
+
+
+def _some(ids: torch.Tensor, k: int = 5) -> str:
+    v = ids[:k].tolist()
+    return ", ".join(map(str, v)) + (", ..." if ids.numel() > k else "")
+
+
 @register_measure
 class MutualInformationState(InspectorState):
     measure = "mi"
@@ -228,11 +248,23 @@ class MutualInformationState(InspectorState):
         if edges is not None:
             e = torch.as_tensor(np.asarray(edges, dtype=np.float64), device=self.device)
             if e.shape != (W, self.bins - 1):
-                raise DeepBaseError(f"mi: edges must have shape ({W}, {self.bins - 1}), got {tuple(e.shape)}")
+                # say what would fit: edges for another number of bins (bins= left at its
+                # default 10), or one row of edges meant for every unit
+                if e.ndim == 2 and e.shape[0] == W and e.shape[1] >= 1:
+                    hint = f"; these are edges of {e.shape[1] + 1} bins: pass bins={e.shape[1] + 1} with them"
+                elif e.ndim == 1:
+                    hint = ("; one row of edges for every unit: np.tile(edges, (width, 1))"
+                            + (f" and bins={e.shape[0] + 1}" if e.shape[0] + 1 != self.bins else ""))
+                else:
+                    hint = ""
+                raise DeepBaseError(f"mi: edges must have shape (width, bins - 1) = ({W}, {self.bins - 1}) "
+                                    f"for bins={self.bins}, got {tuple(e.shape)}{hint}")
             if not bool(torch.isfinite(e).all()):
                 raise BadParameterError("mi: edges must be finite numbers (a NaN or inf edge found)")
             if bool((e[:, 1:] < e[:, :-1]).any()):
-                raise DeepBaseError("mi: the edges of each unit must be non-decreasing")
+                u = int(torch.nonzero((e[:, 1:] < e[:, :-1]).any(1))[0])
+                raise DeepBaseError(f"mi: the edges of each unit must be non-decreasing; unit {u} has "
+                                    f"{e[u].tolist()} (sort each row of edges)")
             self._set_edges(e, edges_rule or f"fixed edges ({self.bins} bins)")
 
     # -- calibration and counting ----------------------------------------------------------
@@ -318,6 +350,11 @@ class MutualInformationState(InspectorState):
             raise DeepBaseError(f"{self.measure}: calibration_records needs the record ids of every batch")
         x = acts.to(self.device, F64)
         y = labels.to(self.device, F64)
+        # a categorical code out of range refused here, before the state changes: the counts read
+        # the codes only when the bins are set, so a bad batch was buffered, and the error came at
+        # the later batch that calibrated, leaving the bins set, the buffer uncounted and every
+        # score's n 0 (with fixed edges, refused after the rows were taken into rows / min / max)
+        class_codes(y, self.hypotheses, self.ks, self.offsets, self.measure)
         if self.clustered and record_ids is None:
             self.clustered = False                     # symbol intervals from here on
         grp = record_groups(record_ids.to(self.device), self.G) if self.clustered else None
@@ -359,6 +396,18 @@ class MutualInformationState(InspectorState):
             raise DeepBaseError(f"mi: cannot combine a state with intervals={other.intervals!r}, "
                                 f"jackknife_groups={other.jackknife_groups} into one with "
                                 f"intervals={self.intervals!r}, jackknife_groups={self.jackknife_groups}")
+        if self.edges is None and other.edges is None and not _same_records(self.calibration_records,
+                                                                            other.calibration_records):
+            # both still buffering: the merged buffer is calibrated on one set of records, and the
+            # other state's rows are marked against its own (a state without calibration_records
+            # has no marks: finalize failed on a torch RuntimeError; two different sets calibrated
+            # on rows of both, a set neither state asked for)
+            def show(r):
+                return "none" if r is None else f"{r.numel()} records ({_some(r)})"
+            raise DeepBaseError(f"mi: cannot combine two states not yet calibrated on different "
+                                f"calibration_records (this state: {show(self.calibration_records)}; the "
+                                f"other: {show(other.calibration_records)}); give every state the same "
+                                "calibration_records, or share calibrated edges (empty_like() or edges=)")
         self.clustered = self.clustered and other.clustered
         self.finite &= other.finite.to(self.device)
         self.xmin = torch.minimum(self.xmin, other.xmin.to(self.device))
@@ -382,7 +431,7 @@ class MutualInformationState(InspectorState):
             self.buffer, self.buffered, self.calibration_seen = [], 0, 0
         elif other.edges is None:
             pass
-        elif torch.equal(other.edges.to(self.device), self.edges):
+        elif _same_edges(other.edges.to(self.device), self.edges):
             self.counts += other.counts.to(self.device)
             self.approx_rows += other.approx_rows
         else:

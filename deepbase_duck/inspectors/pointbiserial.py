@@ -128,9 +128,11 @@ class ClassMomentsState(InspectorState):
         n = acts.shape[0]
         if n == 0:
             return
-        self.exact64 = self.exact64 and exact_in_float64(acts.dtype)
         x = acts.to(self.device, F64)
         g = class_codes(labels.to(self.device), self.hypotheses, self.ks, self.offsets, self.measure)
+        # (after the codes are checked: a refused float32 batch set the float32 rounding rule for
+        # good, and a float64 unit far from 0 scored NULL)
+        self.exact64 = self.exact64 and exact_in_float64(acts.dtype)
         oh = torch.zeros(n, self.C, dtype=F64, device=self.device)
         rows = torch.arange(n, device=self.device)[:, None].expand_as(g)
         ok = g >= 0

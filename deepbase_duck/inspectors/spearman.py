@@ -387,6 +387,12 @@ class SampledState(InspectorState):
         self._check_combine(other)
         if other.seed != self.seed:
             raise DeepBaseError(f"{self.measure}: cannot combine states of seeds {other.seed} and {self.seed}")
+        # checked here, before the counts change: the sample's merge refused it after self.n and
+        # self.rows had taken other's rows (a caller going on after the error had n doubled)
+        if other.sample.max_rows != self.sample.max_rows:
+            raise DeepBaseError(f"{self.measure}: cannot combine states of max_rows {other.sample.max_rows} and "
+                                f"{self.sample.max_rows} (their row samples differ); give every state the same "
+                                "max_rows")
         self.n += other.n.to(self.device)
         self.rows += other.rows
         self.finite &= other.finite.to(self.device)
