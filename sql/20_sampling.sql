@@ -39,12 +39,23 @@
 -- error, not seed 2), and every argument is checked whatever the dataset holds, so an unknown or
 -- empty dataset gives the same errors (these come first; then an unknown dataset's).
 
+-- whole_nonneg(v): whether v is a whole number >= 0 (of any numeric type, 2.0 included, or text
+-- holding one, '3'), of any size; false for a BOOLEAN (which Python's inspect refuses as a seed),
+-- NULL for v NULL. A DECIMAL or text is checked exactly too: its DOUBLE holds no fraction beyond
+-- 2^52, so seed := 4503599627370496.5 passed the DOUBLE test alone and was taken as seed
+-- 4503599627370497 (CAST rounds), where every fraction is refused. (Not a FLOAT or DOUBLE:
+-- DuckDB's DOUBLE to DECIMAL cast is inexact for large values, 1e19 giving a fraction.)
+CREATE OR REPLACE MACRO whole_nonneg(v) AS
+typeof(v) <> 'BOOLEAN' AND isfinite(TRY_CAST(v AS DOUBLE)) AND TRY_CAST(v AS DOUBLE) >= 0
+AND TRY_CAST(v AS DOUBLE) = floor(TRY_CAST(v AS DOUBLE))
+AND (NOT (typeof(v) = 'VARCHAR' OR typeof(v) LIKE 'DECIMAL%')
+     OR coalesce(TRY_CAST(v AS DECIMAL(38, 18)) = floor(TRY_CAST(v AS DECIMAL(38, 18))), true));
+
 -- nonneg_int(v): v as a BIGINT when it is a whole number from 0 to 9223372036854775807 (of any
--- numeric type, 2.0 included, or text holding one, '3'); NULL otherwise (a BOOLEAN too, which
--- Python's inspect refuses as a seed), and for v NULL.
+-- numeric type, 2.0 included, or text holding one, '3'; whole_nonneg); NULL otherwise (a BOOLEAN
+-- too, which Python's inspect refuses as a seed), and for v NULL.
 CREATE OR REPLACE MACRO nonneg_int(v) AS
-CASE WHEN typeof(v) <> 'BOOLEAN' AND isfinite(TRY_CAST(v AS DOUBLE)) AND TRY_CAST(v AS DOUBLE) >= 0
-          AND TRY_CAST(v AS DOUBLE) = floor(TRY_CAST(v AS DOUBLE))
+CASE WHEN whole_nonneg(v)
      THEN coalesce(TRY_CAST(v AS BIGINT), TRY_CAST(TRY_CAST(v AS DOUBLE) AS BIGINT)) END;
 
 -- nonneg_int_error(what, v): NULL when v is NULL or a good nonneg_int; else the message the
@@ -52,9 +63,7 @@ CASE WHEN typeof(v) <> 'BOOLEAN' AND isfinite(TRY_CAST(v AS DOUBLE)) AND TRY_CAS
 CREATE OR REPLACE MACRO nonneg_int_error(what, v) AS
 CASE WHEN v IS NOT NULL AND nonneg_int(v) IS NULL
      THEN what || ' must be a non-negative integer or NULL, got ' || CAST(v AS VARCHAR)
-          || CASE WHEN typeof(v) <> 'BOOLEAN' AND isfinite(TRY_CAST(v AS DOUBLE)) AND TRY_CAST(v AS DOUBLE) >= 0
-                       AND TRY_CAST(v AS DOUBLE) = floor(TRY_CAST(v AS DOUBLE))
-                  THEN ' (larger than 9223372036854775807, the largest BIGINT)' ELSE '' END END;
+          || CASE WHEN whole_nonneg(v) THEN ' (larger than 9223372036854775807, the largest BIGINT)' ELSE '' END END;
 
 -- unit_fraction(v): v as a DOUBLE when it is a number from 0 to 1 (of any numeric type, or text
 -- holding one, '0.5'); NULL otherwise: NaN, a BOOLEAN (true is no fraction), text that is no

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import threading
 import traceback
+from decimal import Decimal, InvalidOperation
 
 import pyarrow as pa
 
@@ -152,8 +154,9 @@ def _list(v):
 
 
 def _default(v, default):
-    """A SQL argument: NULL gives ``default``; any other value (0 included) is passed on, for
-    the library to check."""
+    """A SQL argument: NULL gives ``default``; any other value (0 and '' included) is passed on,
+    for the library to check. (``v or default`` took engine := '' and dtype := '' for 'local' and
+    'float32', which Python's inspect refuses by name.)"""
     return default if v is None else v
 
 
@@ -167,7 +170,13 @@ def _models(model: str):
 def _number(name: str, text: str | None):
     """A whole-number SQL argument, which the macro passes as text so that nothing is rounded on
     the way (CAST(2.5 AS BIGINT) is 3): an int when it is a whole number (2.0 too), else the
-    fraction as a float, for the library's own check to refuse by name as in Python."""
+    fraction as a float, for the library's own check to refuse by name as in Python.
+
+    Read exactly (Decimal), not through a float: a float holds no fraction beyond 2^52 and no odd
+    integer beyond 2^53, so seed := 9007199254740993.0 ran as seed 9007199254740992 and seed :=
+    4503599627370496.5 as seed 4503599627370496, each a scan order other than the one the
+    sampling macros give that seed (they refuse the fraction). A fraction that no float keeps is
+    refused here, naming it as given."""
     if text is None:
         return None
     try:
@@ -175,10 +184,16 @@ def _number(name: str, text: str | None):
     except ValueError:
         pass
     try:
-        value = float(text)
-    except ValueError:
+        value, exact = float(text), Decimal(text.strip())
+    except (ValueError, InvalidOperation):
         raise DeepBaseError(f"{name} must be a number, got {text!r}") from None
-    return int(value) if value.is_integer() else value
+    if not math.isfinite(value):    # NaN, infinity (or beyond a float): for the library to refuse
+        return value
+    if exact == exact.to_integral_value():
+        return int(exact)
+    if value.is_integer():          # a fraction the float lost: the library would take it as whole
+        raise DeepBaseError(f"{name} must be a whole number, got {text}")
+    return value
 
 
 def _exists(fn: str, name: str, appends: str) -> str:
@@ -221,11 +236,11 @@ def register_udfs(session: Session) -> None:
                         _list(measures) or ["corr"], limit=n["max_records"],
                         batch_size=_default(n["batch_size"], 16), keep_activations=bool(keep), progress=sub.progress,
                         baseline=bool(baseline), control=bool(control), permutations=n["permutations"] or 0,
-                        max_error=max_error, seed=_default(n["seed"], 0), engine=engine or "local",
+                        max_error=max_error, seed=_default(n["seed"], 0), engine=_default(engine, "local"),
                         ray_address=ray_address, top_k=n["top_k"], reuse=reuse is not False,
                         plateau_tol=plateau_tol, min_support=n["min_support"] or 0, device=device or None,
                         stable_windows=n["stable_windows"],
-                        baseline_seed=_default(n["baseline_seed"], 0), dtype=dtype or "float32", **measure_params)
+                        baseline_seed=_default(n["baseline_seed"], 0), dtype=_default(dtype, "float32"), **measure_params)
         return t.to_pylist()
 
     def do_compare(sub, groups, dataset, max_records, batch_size, device=None):
@@ -236,7 +251,7 @@ def register_udfs(session: Session) -> None:
                               device=device or None, progress=sub.progress).to_pylist()
 
     def do_extract(sub, model, layers, dataset, dtype, batch_size):
-        return extract(sub, model, _list(layers), dataset, dtype or "float32", None,
+        return extract(sub, model, _list(layers), dataset, _default(dtype, "float32"), None,
                        _default(_number("extract_activations: batch_size", batch_size), 16), progress=sub.progress)
 
     def do_annotate(sub, hypotheses, dataset):
