@@ -163,8 +163,8 @@ def refresh_views(session, clean: bool = False) -> None:
     kill before its extraction's first commit) taken out of the catalog, as a failed extraction
     takes it out (``drop_unstored_behaviors``): it holds nothing to resume from."""
     empty = []
-    for bid, directory, view, width, files in store.q_all(
-            session.con, "SELECT b.behavior_id, b.directory, b.view_name, b.width, "
+    for bid, directory, view, width, model, layer, dataset, files in store.q_all(
+            session.con, "SELECT b.behavior_id, b.directory, b.view_name, b.width, b.model, b.layer, b.dataset, "
                          "list(p.file) FILTER (WHERE p.file IS NOT NULL) FROM behaviors b "
                          "LEFT JOIN behavior_parts p USING (behavior_id) GROUP BY ALL"):
         folder = session.act_root / directory
@@ -175,6 +175,8 @@ def refresh_views(session, clean: bool = False) -> None:
                 warnings.warn(f"{folder}: the part files could not be brought in line with the catalog ({exc}); "
                               f"until they are, view {view} may lack committed rows, or read a file the "
                               f"catalog does not list", stacklevel=3)
+            if files and folder.is_dir():
+                check_part_files(folder, files, view, f"model {model!r}, layer {layer!r} on dataset {dataset!r}")
         if files and folder.is_dir() and any(folder.glob("part-*.parquet")):
             session.con.execute(view_sql(session, {"view_name": view, "directory": directory, "width": width}))
         else:     # no file to read (its folder deleted or moved by hand): a view kept in the store would fail
@@ -182,6 +184,45 @@ def refresh_views(session, clean: bool = False) -> None:
         if clean and not files:
             empty.append({"behavior_id": bid, "view_name": view, "directory": directory})
     drop_unstored_behaviors(session, empty)
+
+
+def check_part_files(folder, files, view: str, what: str) -> None:
+    """At the store's opening, before ``view`` is made over ``folder``: warn where committed part
+    ``files`` are missing (deleted or moved by hand), since the view would read fewer records than
+    the catalog lists; delete, with the same warning, a part that is not a whole Parquet file (a
+    copy of the store cut short by a full disk, a machine crash before the file reached the disk),
+    which would make every read of the view fail. Either way its records are computed again at
+    the next extraction or scan of the layer (``forget_missing_parts``). One small read per part
+    (its last four bytes)."""
+    missing, damaged = [], []
+    for name in files:
+        try:
+            with open(folder / name, "rb") as f:
+                whole = f.seek(0, os.SEEK_END) >= 12 and f.seek(-4, os.SEEK_END) and f.read(4) == b"PAR1"
+        except FileNotFoundError:
+            missing.append(name)
+            continue
+        except OSError:
+            continue                   # unreadable here (permissions): DuckDB's own error names it on read
+        if not whole:
+            try:
+                os.unlink(folder / name)
+            except OSError:
+                continue
+            damaged.append(name)
+    if not missing and not damaged:
+        return
+    shown = lambda names: ", ".join(sorted(names)[:3]) + (" ..." if len(names) > 3 else "")  # noqa: E731
+    said = []
+    if missing:
+        said.append(f"missing (deleted or moved?): {len(missing)}, {shown(missing)}")
+    if damaged:
+        said.append(f"not whole Parquet files (cut short: a copy that ran out of disk, a crash), deleted: "
+                    f"{len(damaged)}, {shown(damaged)}")
+    lacks = "has no file left to read" if len(missing) + len(damaged) == len(files) else "lacks their records"
+    warnings.warn(f"stored activations of {what}: of the {len(files)} part files in {folder}, {'; '.join(said)}. "
+                  f"View {view} {lacks} until the next extract or inspect of that layer computes them again",
+                  stacklevel=4)
 
 
 def find_behavior(con, checksum, layer, dataset, tokenization, dtype) -> dict | None:
@@ -508,15 +549,23 @@ def write_part(session, b: dict, batch: Batch, x: torch.Tensor, rows_mask: np.nd
     part = int(store.q_scalar(session.con, "SELECT coalesce(max(part), 0) + 1 FROM behavior_parts WHERE behavior_id = ?",
                               [b["behavior_id"]]))
     name = f"part-{part:06d}.parquet"
-    return name, part, write_part_file(folder, name, b["dtype"], batch, x, rows_mask)
+    what = f"model {b.get('model')!r} layer {b.get('layer')!r} on dataset {b.get('dataset')!r}"
+    return name, part, write_part_file(folder, name, b["dtype"], batch, x, rows_mask, what=what)
 
 
-def write_part_file(folder, name: str, dtype: str, batch: Batch, x: torch.Tensor, rows_mask: np.ndarray | None) -> int:
+def write_part_file(folder, name: str, dtype: str, batch: Batch, x: torch.Tensor, rows_mask: np.ndarray | None,
+                    what: str | None = None) -> int:
     """Write (record_id, pos, act) rows of ``batch`` as part ``name`` of ``folder``, staged: under
     a temporary name of this process, then renamed to the part's staged name (a rewrite of the
     same part replaces it whole), which the views do not read until ``commit_parts`` publishes
     it; return the rows written. Used by write_part and by Ray workers (engine/ray_engine.py),
-    which write to a shared folder for the driver to commit."""
+    which write to a shared folder for the driver to commit. ``what``: the activations' model,
+    layer and dataset in words, for an error (else the folder's name).
+
+    float16: the values are converted as torch converts them (``x.to(torch.float16)``): float64
+    through float32, so that a float16 behavior holds its float32 behavior's values rounded, and
+    a value that rounds to float16's largest (65504) is stored as such; one that would become
+    inf is refused."""
     from pathlib import Path
     np_dtype, pa_dtype = DTYPES[dtype]
     rec = np.repeat(batch.record_ids.astype(np.int32), batch.n_symbols)
@@ -525,15 +574,20 @@ def write_part_file(folder, name: str, dtype: str, batch: Batch, x: torch.Tensor
     if t.dtype not in (torch.float32, torch.float16, torch.float64):
         t = t.float()                                  # bfloat16 and the like: numpy has no such type
     values = t.numpy()
-    if dtype == "float16" and values.size and values.dtype != np.float16:
-        top = float(np.abs(values).max())
-        if top > float(np.finfo(np.float16).max):      # the cast would store inf
-            raise ActivationError(f"activations of {Path(folder).name} reach {top:.4g}, beyond float16's "
-                                  f"largest value (65504): store them as float32 (dtype='float32'); "
-                                  f"nothing of this batch was stored")
-    values = values.astype(np_dtype, copy=False)
     if rows_mask is not None:
         rec, pos, values = rec[rows_mask], pos[rows_mask], values[rows_mask]
+    if dtype == "float16" and values.dtype != np.float16:
+        # numpy rounds float64 to float16 in one step, torch through float32 (the two differ by one
+        # unit in the last place at about one value in 30,000): torch's, as the float32 behavior
+        source = values
+        with np.errstate(over="ignore"):
+            values = source.astype(np.float32, copy=False).astype(np.float16)
+        if values.size and not np.isfinite(values).all():      # finite before (check_finite): overflow
+            top = float(np.abs(source).max())
+            raise ActivationError(f"activations of {what or Path(folder).name} reach {top:.9g}, beyond float16's "
+                                  f"largest value (65504), which dtype='float16' would store as inf: store "
+                                  f"them as float32 (dtype='float32'); nothing of this batch was stored")
+    values = values.astype(np_dtype, copy=False)
     width = values.shape[1]
     act = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), pa_dtype), width)
     table = pa.table({"record_id": pa.array(rec), "pos": pa.array(pos), "act": act})

@@ -147,7 +147,23 @@ def capped_store_memory(session):
             # or a cursor's BEGIN): DuckDB refuses; its own checkpoint comes later, uncapped
             pass
     finally:
+        _restore_after_scan(con, old)
+
+
+def _restore_after_scan(con, old: str) -> None:
+    """``restore_memory_limit``, also where ``con``'s own transaction is aborted (the scan failed
+    inside the caller's BEGIN): DuckDB then refuses every statement on ``con`` until a ROLLBACK,
+    which is the caller's to issue, so the limit, a setting of the whole database, is set back
+    through a cursor of its own instead of staying at the scan's cap (and the refusal is not
+    raised over the scan's own error)."""
+    try:
         restore_memory_limit(con, old)
+    except duckdb.TransactionException:
+        cur = con.cursor()
+        try:
+            restore_memory_limit(cur, old)
+        finally:
+            cur.close()
 
 
 def _memory_limit(con) -> str:
