@@ -116,6 +116,18 @@ def connect(path: str | None = None, threads: int | None = None, progress: bool 
     _load()
     import duckdb
     from .engine.extract import refresh_views
+    from .errors import check_int
+
+    if path == "":
+        # DuckDB opened '' in memory, and the activations went to '<current folder>.acts', beside
+        # it, where they stayed after close, for the next connect('') to find
+        raise DeepBaseError("connect: path is ''; give the path of a store file, or None for a store in memory")
+    if threads is not None:
+        # (0 was DuckDB's default, every core, and 2.5 two threads; -1 DuckDB's syntax error)
+        try:
+            threads = check_int("connect: threads", threads, 1)
+        except DeepBaseError as exc:
+            raise DeepBaseError(f"{exc} (or None: DuckDB's default, one per core)") from None
     from .hypotheses.store import register_stored_hypotheses
     from .surface.udfs import register_udfs
 
@@ -257,6 +269,7 @@ def add_dataset(con, name: str, records, description: str = "", replace: bool = 
 def drop_dataset(con, name: str) -> dict:
     """Delete a dataset and all that was stored from its records (symbols, labels, activations
     with their views and files); query results (queries, scores) stay. Returns what was dropped."""
+    _check_names("drop_dataset", "name", name, "dataset", many=False)
     return _session(con).drop_dataset(name)
 
 
@@ -272,10 +285,44 @@ def define_hypothesis(con, name: str, pattern: str, kind: str = "binary", flags:
     return _define(_session(con), name, pattern, kind, flags, description, replace)
 
 
+def _check_names(call: str, what: str, value, one: str, objects: tuple = (), many: bool = True):
+    """``value`` with a None, an empty name or a value that is no name refused by ``call``, naming
+    it and, in a list, its place: the engine read them as names and answered "unknown hypothesis
+    None" (SQL's NULL in a list arrives as None), as if the store lacked a hypothesis of that
+    name. With ``many`` only the items of a list or tuple are checked (what else is given, None
+    or a set, the engine answers for); else ``value`` itself, one name. ``objects``: the types
+    taken besides strings (Hypothesis objects)."""
+    def bad(x, where):
+        if x is None:
+            return f"{where} is None (NULL)"
+        if isinstance(x, objects):
+            return None
+        if not isinstance(x, str):
+            return f"{where} is {type(x).__name__} {x!r}, not a {one} name (a string)"
+        if not x.strip():
+            return f"{where} is the empty name {x!r}"
+        return None
+    if not many:
+        why = bad(value, what)
+        if why:
+            raise DeepBaseError(f"{call}: {why}; give a {one} name")
+    elif isinstance(value, (list, tuple)):
+        for i, x in enumerate(value):
+            why = bad(x, f"{what}[{i}]")
+            if why:
+                raise DeepBaseError(f"{call}: {why}; give a {one} name there or leave it out of the list "
+                                    f"({what}={value!r})")
+    return value
+
+
 def annotate(con, hypotheses, dataset: str, record_ids=None) -> list[dict]:
     """Compute and store labels of hypotheses (names or Hypothesis objects) for a dataset."""
-    from .hypotheses.core import held_versions
+    from .hypotheses.core import Hypothesis, held_versions
     from .hypotheses.store import annotate as _annotate
+    if hypotheses is None:                 # (else: 'NoneType' object is not iterable)
+        raise DeepBaseError("annotate: hypotheses is None (NULL); give a hypothesis name or a list of them")
+    _check_names("annotate", "hypotheses", hypotheses, "hypothesis", (Hypothesis,))
+    _check_names("annotate", "dataset", dataset, "dataset", many=False)
     with held_versions():                  # each hypothesis' version as it is now, once for the run
         return _annotate(_session(con), hypotheses, dataset, record_ids)
 
@@ -285,6 +332,9 @@ def extract(con, model: str, layers, dataset: str, dtype: str = "float32", recor
     """Store the activations of layers of a registered model over a dataset (cached, resumable).
     ``pipeline``: forward passes one batch ahead in a thread (None: where the model runs on CUDA)."""
     from .engine.extract import extract as _extract
+    _check_names("extract", "model", model, "model", many=False)
+    _check_names("extract", "layers", layers, "layer")
+    _check_names("extract", "dataset", dataset, "dataset", many=False)
     return _extract(_session(con), model, layers, dataset, dtype, record_ids, batch_size, pipeline=pipeline)
 
 
@@ -330,10 +380,16 @@ def inspect(con, model: str, layers, hypotheses, dataset: str, measures=("corr",
     by id; ``max_error``, ``keep_activations``, ...) and per-measure parameter dicts
     (``corr={"intervals": "symbols"}``); any other keyword is an error naming the closest one."""
     from .engine.inspect import inspect as _inspect
-    from .hypotheses.core import held_versions
+    from .hypotheses.core import Hypothesis, held_versions
     from .inspectors import MEASURES
     kwargs = _check_keywords("inspect", kwargs, _options(_inspect, 6), MEASURES,
                              named=("model", "layers", "hypotheses", "dataset", "measures"))
+    _check_names("inspect", "model", model, "model")               # (a list of checkpoints)
+    _check_names("inspect", "layers", layers, "layer")
+    _check_names("inspect", "hypotheses", hypotheses, "hypothesis", (Hypothesis,))
+    _check_names("inspect", "dataset", dataset, "dataset", many=False)
+    if measures is not None:                                        # None: the default, corr
+        _check_names("inspect", "measures", measures, "measure")
     with held_versions():                  # each hypothesis' version as it is now, once for the query
         return _inspect(_session(con), model, layers, hypotheses, dataset, measures, **kwargs)
 
@@ -352,6 +408,9 @@ def export(con, out_dir: str, activations: bool = False, text: bool = False, ove
     """Export scores (hive-partitioned by model and layer), the catalog and optionally the
     activations as Parquet, plus a DuckDB 1.5-readable ``study.duckdb`` of views over them."""
     from .exports import export_store
+    if out_dir is None or (isinstance(out_dir, str) and not out_dir.strip()):
+        # (None failed in pathlib with a TypeError; '' was the current folder)
+        raise DeepBaseError(f"export: out_dir is {out_dir!r}; give the path of a folder to export to")
     return export_store(_session(con), out_dir, activations, text, overwrite)
 
 

@@ -1447,13 +1447,15 @@ def query_fingerprint(session, plans: list, baseline: bool, baseline_seed: int, 
 def query_fingerprints(session, plans: list, baseline: bool, baseline_seed: int,
                        partial: bool = True, checksums: list[str] | None = None) -> tuple[str, str]:
     """sha256 of everything a query's scores depend on: the models' checksums and tokenisations,
-    the layers, each hypothesis' name and version, the dataset, the selected records and a hash
-    of their text, the layers whose stored float16 activations it would read (float32 stored
-    activations equal the forward pass's; with the records they cover where that is not all),
-    the measures with their parameters, every option that changes a score, and for a progressive
-    scan the hypotheses its stored labels show constant (``constant_label_columns``: known once
-    they are stored, and the scan then stops earlier). Not the models' names: a cache hit is
-    relabelled (cached_scores).
+    the layers, each hypothesis' name and version (not its kind, categories or settings, which a
+    version given by hand keeps over an edit: ``cached_scores`` serves a query only where they
+    are those of now, ``same_meaning``; stores' keys stay as they were), the dataset, the
+    selected records and a hash of their text, the layers whose stored float16 activations it
+    would read (float32 stored activations equal the forward pass's; with the records they cover
+    where that is not all), the measures with their parameters, every option that changes a
+    score, and for a progressive scan the hypotheses its stored labels show constant
+    (``constant_label_columns``: known once they are stored, and the scan then stops earlier).
+    Not the models' names: a cache hit is relabelled (cached_scores).
 
     Two of them: with the layers, hypotheses and measures sorted (the order they are given in
     changes no score) and each measure's parameters with their defaults (``effective_params``),
@@ -1571,6 +1573,54 @@ def float16_layers(session, plan: Plan, mrow, partial: bool = True) -> list[str]
     return half
 
 
+def hypothesis_meanings(session, plan: Plan) -> dict:
+    """{name: {"kind", "categories", "settings"}} of the query's hypotheses: what their labels mean
+    besides their version, recorded in ``queries.params`` (``hypothesis_meanings``). A version
+    given by hand (``version="1"``) stays the same when these are edited, and once the labels of
+    that version are gone (another version labelled since) the store computes them again with the
+    new meaning (hypotheses/store.py ``_check_stored_meaning`` refuses a change only while labels
+    of the old one are stored): the fingerprint, keyed by name and version, stays the same, and
+    the cache must not serve the old meaning's scores (``same_meaning``). Settings
+    (``version_settings``, an image grid's size and coverage) of a hypothesis known only to the
+    store are its recorded ones, None where unknown."""
+    from ..hypotheses.store import stored_settings
+    out = {}
+    for h in plan.hypotheses:
+        live = h.get("live")
+        settings = live.version_settings() if live is not None else stored_settings(session.con, h["name"],
+                                                                                     h["version"])
+        out[h["name"]] = {"kind": h["kind"], "categories": list(h["categories"]) if h["categories"] else None,
+                          "settings": settings}
+    return out
+
+
+def same_meaning(rows: list, meanings: dict):
+    """The first of ``rows`` (stored queries, latest first: query_id, params, ...) whose hypotheses
+    had ``meanings`` (``hypothesis_meanings``; a setting unknown on either side is not compared),
+    or None. A query stored before the meanings were recorded is taken as of this meaning (its
+    store's cache stays valid), unless a later query of the same fingerprint recorded another:
+    the meaning changed since, and which one it had is not known."""
+    changed = False
+    for row in rows:
+        recorded = json.loads(row[1]).get("hypothesis_meanings")
+        if not isinstance(recorded, dict):
+            if not changed:
+                return row
+            continue
+        if all(_meaning_matches(recorded.get(name), m) for name, m in meanings.items()):
+            return row
+        changed = True
+    return None
+
+
+def _meaning_matches(was, now: dict) -> bool:
+    if not isinstance(was, dict):
+        return False
+    if was.get("kind") != now["kind"] or (was.get("categories") or None) != now["categories"]:
+        return False
+    return was.get("settings") is None or now["settings"] is None or was.get("settings") == now["settings"]
+
+
 def cached_scores(session, plan: Plan, fingerprint: str, started: str, t0: float, model_label: str,
                   models: list[str], as_given: str | None = None, earlier=()) -> pa.Table | None:
     """The scores of the latest stored query with this fingerprint (or ``as_given``, the one
@@ -1585,19 +1635,23 @@ def cached_scores(session, plan: Plan, fingerprint: str, started: str, t0: float
     under identities its models were adopted from) of these very model names, in this order:
     only the model adopted under a name was that name's model then (another name of the same
     old checksum may have been a model that checksum could not tell apart), and a copy ('cache')
-    may hold another name's scores."""
+    may hold another name's scores.
+
+    Either way, only a query whose hypotheses meant what they mean now (``same_meaning``)."""
     con = session.con
-    row = store.q_one(con, "SELECT q.query_id, q.params, q.n_records, q.n_symbols FROM queries q "
-                           "WHERE json_extract_string(q.params, '$.fingerprint') IN (?, ?) "
-                           "AND EXISTS (SELECT 1 FROM scores s WHERE s.query_id = q.query_id) "
-                           "ORDER BY q.query_id DESC LIMIT 1", [fingerprint, as_given or fingerprint])
+    meanings = hypothesis_meanings(session, plan)
+    rows = store.q_all(con, "SELECT q.query_id, q.params, q.n_records, q.n_symbols FROM queries q "
+                            "WHERE json_extract_string(q.params, '$.fingerprint') IN (?, ?) "
+                            "AND EXISTS (SELECT 1 FROM scores s WHERE s.query_id = q.query_id) "
+                            "ORDER BY q.query_id DESC", [fingerprint, as_given or fingerprint])
+    row = same_meaning(rows, meanings)
     if row is None and earlier:
         scans = store.q_all(con, "SELECT q.query_id, q.params, q.n_records, q.n_symbols FROM queries q "
                                  "WHERE list_contains(?::VARCHAR[], json_extract_string(q.params, '$.fingerprint')) "
                                  "AND q.source <> 'cache' "
                                  "AND EXISTS (SELECT 1 FROM scores s WHERE s.query_id = q.query_id) "
                                  "ORDER BY q.query_id DESC", [list(earlier)])
-        row = next((r for r in scans if json.loads(r[1]).get("models") == list(models)), None)
+        row = same_meaning([r for r in scans if json.loads(r[1]).get("models") == list(models)], meanings)
     if row is None:
         return None
     old, params, n_records, n_symbols = row
@@ -1940,7 +1994,8 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
               "plateau_checks": stopping["plateau_checks"] if plan.plateau_tol else None,
               "min_support": plan.min_support or None, "rare": stopping["rare"],
               "constant_columns": plan.constant_columns or None,
-              "fingerprint": fingerprint, "reused": reuse_report(plan, runs, labels_missing),
+              "fingerprint": fingerprint, "hypothesis_meanings": hypothesis_meanings(session, plan),
+              "reused": reuse_report(plan, runs, labels_missing),
               **session.query_provenance(models, plan.dataset),     # what a report checks (reports/data.py)
               **engine_report(runs, engine),
               **device_report(session, models, plan.device)}
