@@ -9,7 +9,7 @@
     deepbase-duck inspect STORE MODEL DATASET --layers L... --hypotheses H... [--measures corr] [--params JSON]
     deepbase-duck report STORE [--out report.html] [--query N] [--model M] [--top K] [--read-only]
     deepbase-duck export STORE OUT_DIR [--activations] [--text] [--read-only]
-    deepbase-duck shell [STORE [SCRIPT]] [-c SQL] [--create | --read-only]
+    deepbase-duck shell [STORE [SCRIPT]] [-c SQL] [--create | --read-only] [--traceback]
     deepbase-duck hypotheses [STORE] [--read-only]   # the hypotheses this installation (and the store) can compute
     deepbase-duck define-hypothesis STORE NAME PATTERN [--kind categorical] [--flags i] [--replace]
     deepbase-duck drop-hypothesis STORE NAME
@@ -234,6 +234,10 @@ def _parser() -> argparse.ArgumentParser:
     sh.add_argument("--create", action="store_true",
                     help="create the store when there is none at that path (a mistyped path is an error otherwise)")
     sh.add_argument("--read-only", action="store_true", help=READ_ONLY_HELP)
+    sh.add_argument("--traceback", action="store_true",
+                    help="in a script or with -c: follow the error of a deepbase_duck call refused for its input "
+                         "by its Python traceback too (by default that error is one line; a call that failed "
+                         "otherwise, a bug, always shows its traceback)")
 
     x = add("export", "Export scores, catalog and optionally activations as Parquet plus a DuckDB 1.5 file of views.")
     x.add_argument("store", help=STORE_HELP)
@@ -619,7 +623,7 @@ def cmd_inspect(args):
                             plateau_tol=args.plateau_tol, min_support=args.min_support, reuse=not args.no_reuse,
                             device=args.device, **measure_params)
         except DeepBaseError as exc:                # the library's parameter names, as this command's flags
-            message = cli_flags(str(exc))
+            message = cli_flags(without_own_name("inspect", str(exc)))
             if message == str(exc):
                 raise
             raise DeepBaseError(message) from None
@@ -652,7 +656,7 @@ CLI_SUBJECTS = {"seed": "--seed", "limit": "--max-records", "permutations": "--p
 # the same for the other commands whose flags are named otherwise than the library's parameters,
 # and the library calls that are commands here (define_hypothesis: define-hypothesis)
 COMMAND_FLAGS = {"add-stdlib": {"limit_chars": "--chars", "max_chars": "--max-chars"},
-                 "add-dataset": {"max_chars": "--max-chars"},
+                 "add-dataset": {"max_chars": "--max-chars", "read_records: pattern": "--glob"},
                  "define-hypothesis": {"replace := true (Python: replace=True)": "--replace", "flags:": "--flags:",
                                        "define_hypothesis": "define-hypothesis"},
                  "drop-hypothesis": {"drop_hypothesis": "drop-hypothesis", "define_hypothesis": "define-hypothesis"},
@@ -671,6 +675,22 @@ def command_message(command: str, message: str) -> str:
     message = re.sub(r"define_hypothesis\(('(?:[^'\\]|\\.)*'), pattern, replace := true\)",
                      r"define-hypothesis STORE \1 PATTERN --replace", message)
     return cli_flags(message, COMMAND_FLAGS[command]) if command in COMMAND_FLAGS else message
+
+
+# the library functions each command runs, whose name may start the library's messages
+# ('report: --top must be ...'), beside the command's own name
+COMMAND_CALLS = {"add-stdlib": ("code_records", "stdlib_records"), "add-dataset": ("read_records",)}
+
+
+def without_own_name(command: str, message: str) -> str:
+    """``message`` without a leading 'report: ' (or the name of the library function the command
+    runs): the library names the function called, as Python and SQL callers need, but the error
+    line names the command already ('deepbase-duck report: error: report: --top ...' said it
+    twice)."""
+    for name in (command, command.replace("-", "_"), *COMMAND_CALLS.get(command, ())):
+        if message.startswith(name + ": "):
+            return message[len(name) + 2:]
+    return message
 
 
 def cli_flags(message: str, flags: dict | None = None, subjects: dict | None = None) -> str:
@@ -801,7 +821,8 @@ def _check_query_choice(con, args) -> None:
 
 def cmd_shell(args):
     from deepbase_duck.shell import main as shell_main
-    return shell_main(args.store, args.sql, args.script, args.quiet, create=args.create, read_only=args.read_only)
+    return shell_main(args.store, args.sql, args.script, args.quiet, create=args.create, read_only=args.read_only,
+                      traceback=args.traceback)
 
 
 def cmd_hypotheses(args):
@@ -867,7 +888,8 @@ def _run(argv) -> int:
         return COMMANDS[args.command](args)
     except (DeepBaseError, FileExistsError) as exc:   # the library's parameter names, as this command's flags
         # (FileExistsError: export's non-empty folder, whose message names overwrite=True)
-        _print_error(f"deepbase-duck {args.command}: error: {command_message(args.command, str(exc))}")
+        message = without_own_name(args.command, command_message(args.command, str(exc)))
+        _print_error(f"deepbase-duck {args.command}: error: {message}")
         return 2
     except duckdb.Error as exc:
         _print_error(f"deepbase-duck {args.command}: error: {exc}")

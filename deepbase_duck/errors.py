@@ -29,6 +29,21 @@ class UnknownNameError(DeepBaseError, KeyError):
         return type(self), (self.what, self.name, self.valid), self.__dict__
 
 
+def refused_for_input(exc: BaseException) -> bool:
+    """Whether ``exc`` is a refusal of a call's input: it and every exception it was raised from
+    or while handling (``__cause__``, ``__context__``) are DeepBaseErrors. A DeepBaseError raised
+    from another exception (a hypothesis function that raised, a loader that failed) is not: that
+    cause's traceback is where its bug is. (The shell shows a refusal as one line, anything else
+    with its traceback.)"""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if not isinstance(exc, DeepBaseError):
+            return False
+        exc = exc.__cause__ if exc.__cause__ is not None else (None if exc.__suppress_context__ else exc.__context__)
+    return True
+
+
 def _close_names(name, valid, n: int = 5) -> list[str]:
     """Up to ``n`` names of ``valid`` close to ``name``, the closest first, as they are spelt,
     compared regardless of case and whitespace: 'PTB' or ' ptb ' is most likely 'ptb' (difflib

@@ -15,9 +15,12 @@ with ';', aligned table output, and dot-commands:
 Modes: interactive (a terminal), ``-c 'SQL'`` (run and exit), a script file argument, or SQL on
 standard input. Ctrl-C at the prompt drops the statement typed so far, as in the DuckDB CLI. In
 the non-interactive modes the first error ends the shell with status 1, its line naming the
-failed statement and where it starts ('Error: line 3 of q.sql (SELECT ...): ...'), after the Python
-traceback of a failed deepbase_duck call (what ``SELECT last_error()`` shows at the prompt, which
-could not run after it); output whose reader went away (``| head``) ends it quietly, status 0.
+failed statement and where it starts ('Error: line 3 of q.sql (SELECT ...): ...'). A deepbase_duck
+call refused for its input (a DeepBaseError: an unknown layer, a bad argument) is that line alone;
+one that failed otherwise (a bug, in deepbase_duck or in a model's or hypothesis' own code) is
+followed by its Python traceback (what ``SELECT last_error()`` shows at the prompt, which could not
+run after it), as is every failed call with ``--traceback``. Output whose reader went away
+(``| head``) ends it quietly, status 0.
 The store must exist (a path with none is refused, status 2) unless ``--create`` is given.
 ``--read-only`` opens it without writing (a read-only file, or a store other read-only processes
 hold): results can be read, and what would write is refused by name.
@@ -40,10 +43,11 @@ HELP = __doc__.split("dot-commands:\n\n", 1)[1].split("\n\nModes:", 1)[0]
 
 
 class Shell:
-    def __init__(self, con, out=None, err=None):
+    def __init__(self, con, out=None, err=None, tracebacks: bool = False):
         # the streams of the moment (not those of import time, which a caller may have replaced);
         # a closed one (`>&-`, `2>&-`: None in Python) discards what it is given, as print does
-        self.con = con
+        # tracebacks (--traceback): outside the prompt, the traceback of a refused call too
+        self.con, self.tracebacks = con, tracebacks
         self.out, self.err = out or sys.stdout or _Discard(), err or sys.stderr or _Discard()
         self.timer = False
         self.open = False            # a statement is under way: lines are buffered until it ends
@@ -239,11 +243,16 @@ class Shell:
         """Report a failed statement: its message on one line (outside the prompt, after
         ``where``: the statement and its line) and, when a deepbase_duck UDF failed in it, that
         UDF's Python traceback: in full in the non-interactive modes, which end here (so `SELECT
-        last_error()` can never run after it), or as a pointer to last_error() at the prompt."""
+        last_error()` can never run after it), or as a pointer to last_error() at the prompt.
+        A call refused for its input (only DeepBaseErrors in the traceback, see _input_error)
+        is the one line alone outside the prompt (unless --traceback): its message says what
+        is wrong, and a page of the library's frames after it read as a crash."""
         at = f"{where}: " if where and not interactive else ""
         self.err.write(f"Error: {at}{_one_line(exc)}\n")
         tb = self._last_traceback()
         if tb is None or tb is before or tb.rstrip().endswith("KeyboardInterrupt"):   # Ctrl-C: no bug to show
+            return
+        if not interactive and not self.tracebacks and _input_error(tb):
             return
         if interactive:
             self.err.write("(SELECT last_error(); shows the Python traceback of the failed deepbase_duck call)\n")
@@ -337,6 +346,12 @@ def _render(rel) -> str:
     return str(rel)
 
 
+def _input_error(tb) -> bool:
+    """Whether a kept UDF traceback is that of a call refused for its input (only DeepBaseErrors
+    in its chain: errors.refused_for_input, read from the live exception when it was kept)."""
+    return bool(getattr(tb, "input_error", False))
+
+
 def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
 
@@ -426,13 +441,14 @@ def read_script(path: str) -> str:
 
 
 def main(store: str | None, command: str | None, script: str | None, quiet: bool, create: bool = False,
-         read_only: bool = False) -> int:
+         read_only: bool = False, traceback: bool = False) -> int:
     """Run the shell on the store at ``store`` (None or ':memory:': in memory). A path with no
     store is refused unless ``create`` (the command's --create), as the other commands that read
     a store refuse it: a mistyped path must not become a new, empty store. ``read_only`` (the
     command's --read-only): the store is opened read-only (``dbd.connect(..., read_only=True)``),
     so that a read-only file, or one another read-only process holds, opens; what would write
-    (inspect, define_hypothesis, INSERT ...) is refused by name."""
+    (inspect, define_hypothesis, INSERT ...) is refused by name. ``traceback`` (--traceback): a
+    script's refused deepbase_duck call is followed by its Python traceback too."""
     import deepbase_duck as dbd
     from .errors import DeepBaseError
     if command is not None and script is not None:     # before the store is opened (or created)
@@ -452,7 +468,7 @@ def main(store: str | None, command: str | None, script: str | None, quiet: bool
                             f"(or leave out the path for a store in memory)")
     con = dbd.connect(store, progress=not quiet, read_only=read_only)
     try:
-        sh = Shell(con)
+        sh = Shell(con, tracebacks=traceback)
         if command is not None:
             return sh.feed(command.splitlines(), interactive=False, source="-c")
         if script is not None:

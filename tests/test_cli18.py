@@ -46,7 +46,8 @@ dbd.close(con)
     rc, out, err = cli(capsys, "drop-hypothesis", db, "cli18_python_h")
     assert rc == 2 and "(define-hypothesis STORE 'cli18_python_h' PATTERN --replace defines the name" in err, err
     rc, out, err = cli(capsys, "define-hypothesis", db, "digit", "x")
-    assert rc == 2 and "define-hypothesis: the name 'digit' is a built-in" in err, err
+    # (the command named once, round 19: 'define-hypothesis: error: define-hypothesis: the name ...')
+    assert rc == 2 and "define-hypothesis: error: the name 'digit' is a built-in" in err, err
     for rc, out, err in (cli(capsys, "drop-hypothesis", db, "cli18_python_h"), cli(capsys, "drop-hypothesis", db, "digit"),
                          cli(capsys, "define-hypothesis", db, "digit", "x")):
         assert "_hypothesis" not in err and "replace :=" not in err and err.count("\n") == 1, err

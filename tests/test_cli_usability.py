@@ -264,6 +264,10 @@ def test_report_of_a_compare_layers_query_says_what_it_is(store, capsys, tmp_pat
 # -- 7. the shell's batch errors -----------------------------------------------------------------
 
 def test_shell_batch_mode_prints_the_udf_traceback(planted):
+    """A call refused for its input (unknown layer 'nope': a DeepBaseError) is one line outside the
+    prompt since round 19: the traceback that followed it, a page of the library's own frames,
+    read as a crash for what is a typo. It is shown with --traceback (tracebacks=True), and
+    always for a call that failed otherwise (test_cli19)."""
     from deepbase_duck.shell import Shell
     out, err = io.StringIO(), io.StringIO()
     sh = Shell(planted, out, err)
@@ -272,7 +276,12 @@ def test_shell_batch_mode_prints_the_udf_traceback(planted):
     assert rc == 1
     text = err.getvalue()
     assert text.startswith("Error: ") and "unknown layer 'nope'" in text.splitlines()[0]
-    assert "Traceback (most recent call last):" in text and "check_layers" in text
+    assert text.count("\n") == 1 and "Traceback" not in text, text
+    err.truncate(0), err.seek(0)
+    rc = Shell(planted, out, err, tracebacks=True).feed(
+        ["SELECT * FROM inspect('planted', ['nope'], ['digit'], 'snippets');"], interactive=False)
+    text = err.getvalue()
+    assert rc == 1 and "Traceback (most recent call last):" in text and "check_layers" in text
     assert text.rstrip().endswith(planted.sql("SELECT last_error()").fetchall()[0][0].rstrip().splitlines()[-1])
     # an error of plain SQL stays one line; an older UDF traceback is not shown again
     err.truncate(0), err.seek(0)

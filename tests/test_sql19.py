@@ -164,3 +164,24 @@ def test_empty_text_arguments_are_refused_as_in_python(store, sql, error):
     assert "''" in str(exc.value)
     assert con.sql("SELECT count(*) FROM inspect('planted', ['planted'], ['digit'], 'snippets', engine := NULL, "
                    "dtype := NULL)").fetchall()[0][0] > 0
+
+
+@pytest.mark.parametrize("sql,want", [
+    ("SELECT * FROM annotate(['digit', NULL], 'snippets')", r"annotate: hypotheses\[2\] is NULL"),
+    ("SELECT * FROM inspect('planted', ['planted', NULL], ['digit'], 'snippets')", r"inspect: layers\[2\] is NULL"),
+    ("SELECT * FROM inspect('planted', ['planted'], [NULL, 'digit'], 'snippets')",
+     r"inspect: hypotheses\[1\] is NULL"),
+    ("SELECT * FROM inspect('planted', ['planted'], ['digit'], 'snippets', measures := ['corr', ''])",
+     r"inspect: measures\[2\] is ''"),
+    ("SELECT * FROM extract_activations('planted', ['planted', NULL], 'snippets')",
+     r"extract_activations: layers\[2\] is NULL"),
+])
+def test_a_null_in_a_sql_list_is_named_with_its_place(planted, sql, want):
+    """A NULL in a SQL list reached the engine as None and was answered "unknown hypothesis None",
+    as if the store lacked a hypothesis of that name; it is now named with its place, counted from
+    1 as SQL lists are, and nothing is stored."""
+    con = planted
+    before = con.sql("SELECT (SELECT count(*) FROM queries), (SELECT count(*) FROM labeled_records)").fetchall()
+    with pytest.raises(duckdb.Error, match=want):
+        con.sql(sql).fetchall()
+    assert con.sql("SELECT (SELECT count(*) FROM queries), (SELECT count(*) FROM labeled_records)").fetchall() == before

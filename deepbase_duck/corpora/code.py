@@ -58,7 +58,7 @@ def statement_chunks(text: str, max_chars: int = 2000) -> list[tuple[int, str]]:
 
 def code_records(split: str = "heldout", max_chars: int = 2000, limit_chars: int | None = None) -> list[dict]:
     """Like ``stdlib_records`` but cut with ``statement_chunks``."""
-    return stdlib_records(split, max_chars, limit_chars, chunker=statement_chunks)
+    return stdlib_records(split, max_chars, limit_chars, chunker=statement_chunks, caller="code_records")
 
 
 def sampled_code_records(chars: int, seed: int = 0, split: str = "heldout", max_chars: int = 2000) -> list[dict]:
@@ -72,6 +72,7 @@ def sampled_code_records(chars: int, seed: int = 0, split: str = "heldout", max_
     from .sqlgen import check_seed
     chars = check_int("sampled_code_records: chars", chars, 1)
     seed = check_seed("sampled_code_records: seed", seed)
+    max_chars = check_int("sampled_code_records: max_chars", max_chars, 1)    # named as the call it is
     records = code_records(split, max_chars)
     available = sum(len(r["text"]) for r in records)
     if chars > available:

@@ -76,15 +76,15 @@ def read_records(path, format: str | None = None, column: str = "text", source_c
     if fmt in folders and not p.is_dir():
         raise DeepBaseError(f"{str(p)!r} is a file: the format {fmt!r} reads a folder")
     if max_chars is not None and fmt == "paths":
-        raise DeepBaseError("max_chars cuts texts; the format 'paths' makes one record per file")
+        raise DeepBaseError("read_records: max_chars cuts texts; the format 'paths' makes one record per file")
     if max_chars is not None:
         from ..errors import check_int
         if isinstance(max_chars, str):
-            raise DeepBaseError(f"max_chars must be a positive number of characters, got {max_chars!r}")
-        max_chars = check_int("max_chars", max_chars, 1)
+            raise DeepBaseError(f"read_records: max_chars must be a positive number of characters, got {max_chars!r}")
+        max_chars = check_int("read_records: max_chars", max_chars, 1)
     up = isinstance(pattern, str) and ".." in Path(pattern).parts       # '../x/*' would read another folder
     if not isinstance(pattern, str) or not pattern or Path(pattern).is_absolute() or up:
-        raise DeepBaseError(f"pattern must be a non-empty glob relative to the folder (like '**/*.txt'), "
+        raise DeepBaseError(f"read_records: pattern must be a non-empty glob relative to the folder (like '**/*.txt'), "
                             f"got {pattern!r}" + (" ('..' leads out of the folder: read that folder instead)"
                                                   if up else ""))
     _refuse_unused(p, fmt, column, source_column, pattern)
@@ -132,7 +132,7 @@ def _refuse_unused(p: Path, fmt: str, column, source_column, pattern: str) -> No
                                     f"{', '.join(_TABLES[:-1])} or {_TABLES[-1]} file; {str(p)!r} is read as {fmt!r}, which has none: "
                                     f"leave {arg} out, or give the format the file is in")
     elif not isinstance(column, str) or not column:
-        raise DeepBaseError(f"column must name the {fmt} file's text column or key, got {column!r}")
+        raise DeepBaseError(f"read_records: column must name the {fmt} file's text column or key, got {column!r}")
     if fmt not in ("files", "paths") and pattern != "**/*":
         raise DeepBaseError(f"pattern {pattern!r} (add-dataset --glob {pattern}) picks the files of a folder; "
                             f"{str(p)!r} is a file, read as {fmt!r}: leave pattern out, or give the folder")

@@ -7,8 +7,8 @@ contractions split as in the treebank ("was n't"). It carries no tags: POS label
 spaCy (silver labels, see ``hypotheses/spacy_pos.py``), and spaCy tags this unusual text less
 well than newswire with case and punctuation.
 
-A sample is ``n`` sentences drawn without replacement by ``numpy.random.default_rng(seed)``,
-kept in corpus order; each record's ``source`` is ``ptb:<split>:<line>`` (0-based line among the
+A sample is ``n`` sentences drawn without replacement by ``numpy.random.default_rng(seed)``
+(``n`` beyond the split's size is refused), kept in corpus order; each record's ``source`` is ``ptb:<split>:<line>`` (0-based line among the
 non-empty sentences).
 """
 from __future__ import annotations
@@ -38,11 +38,16 @@ def ptb_sentences(split: str = "test") -> list[str]:
 
 def ptb_records(split: str = "test", n: int | None = None, seed: int = 0) -> list[dict]:
     """Records {'text', 'source'} of ``n`` sentences sampled from ``split`` (all when ``n`` is
-    None or at least the split's size)."""
+    None). ``n`` beyond the split's sentences is refused, as sampled_code_records refuses more
+    characters than its split holds: it returned the whole split for every seed, replicates that
+    are none, with fewer sentences than asked and no sign of it."""
     from ..errors import check_int
     n = None if n is None else check_int("ptb_records: n", n, 1)
     seed = check_int("ptb_records: seed", seed, 0)
     sents = ptb_sentences(split)
+    if n is not None and n > len(sents):
+        raise DeepBaseError(f"ptb_records: n {n:,} is more than the {split} split holds ({len(sents):,} sentences): "
+                            f"ask for at most {len(sents):,}, or leave n out for the whole split")
     idx = np.arange(len(sents))
     if n is not None and n < len(sents):
         idx = np.sort(np.random.default_rng(seed).choice(len(sents), size=int(n), replace=False))

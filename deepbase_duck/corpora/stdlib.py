@@ -136,17 +136,21 @@ def stdlib_records(
     max_chars: int = 2000,
     limit_chars: int | None = None,
     chunker=None,
+    *,
+    caller: str = "stdlib_records",
 ) -> list[dict]:
     """Chunked records ``{"source", "offset", "text"}`` of one split.
 
     Files are visited in sorted order and each is cut with ``chunker(text, max_chars)``
     (default :func:`chunk_text`).
     When ``limit_chars`` is given, records are emitted (whole chunks only) until
-    their total length reaches ``limit_chars``.
+    their total length reaches ``limit_chars``. ``caller``: the function named in a refusal of
+    ``max_chars`` or ``limit_chars`` (code_records passes its own name: a bare 'max_chars must
+    be ...' did not say which call was wrong).
     """
     from ..errors import check_int
-    max_chars = check_int("max_chars", max_chars, 1)
-    limit_chars = None if limit_chars is None else check_int("limit_chars", limit_chars, 1)
+    max_chars = check_int(f"{caller}: max_chars", max_chars, 1)
+    limit_chars = None if limit_chars is None else check_int(f"{caller}: limit_chars", limit_chars, 1)
     files = _split_files(split)
     records: list[dict] = []
     total = 0

@@ -12,6 +12,7 @@ our messages name the culprit, and the full traceback of the last failed call is
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -22,7 +23,7 @@ from decimal import Decimal, InvalidOperation
 import pyarrow as pa
 
 from ..catalog import DatasetExistsError, Session, loader_params
-from ..errors import DeepBaseError
+from ..errors import DeepBaseError, refused_for_input
 from ..inspectors.base import MEASURES
 
 RESULT_STRUCT = ("STRUCT(query_id INTEGER, model VARCHAR, layer VARCHAR, unit INTEGER, hypothesis VARCHAR, "
@@ -106,6 +107,12 @@ def stop_udfs_on_ctrl_c() -> bool:
     return True
 
 
+class KeptTraceback(str):
+    """A kept UDF traceback's text (what last_error() shows), with ``input_error``: whether the
+    call was refused for its input (errors.refused_for_input)."""
+    input_error = False
+
+
 def _udf(session: Session, fn):
     """Run ``fn(sub_session, *row)`` for each input row; keep tracebacks; re-raise plainly."""
     @functools.wraps(fn)
@@ -120,7 +127,9 @@ def _udf(session: Session, fn):
                 for row in _rows(arrays):
                     out.append(fn(sub, *row))
             except BaseException as exc:       # an interruption too: last_error() must not show an older one
-                session.udf_tracebacks.append(traceback.format_exc())
+                kept = KeptTraceback(traceback.format_exc())
+                kept.input_error = refused_for_input(exc)      # (the shell shows a refusal as one line)
+                session.udf_tracebacks.append(kept)
                 del session.udf_tracebacks[:-20]
                 _notes_in_message(exc)
                 raise
@@ -147,10 +156,19 @@ def _notes_in_message(exc: BaseException) -> None:
         exc.args = (f"{exc.args[0]} ({notes[-1]})",)
 
 
-def _list(v):
+def _list(v, call: str | None = None, what: str = ""):
+    """A SQL list argument as a Python list (one text as a list of one). With ``call``: a NULL or
+    empty item is refused naming its place, counted from 1 as SQL does (the engine read NULL as a
+    name: "unknown hypothesis None")."""
     if v is None:
         return None
-    return [v] if isinstance(v, str) else list(v)
+    out = [v] if isinstance(v, str) else list(v)
+    if call is not None:
+        for i, x in enumerate(out, 1):
+            if x is None or (isinstance(x, str) and not x.strip()):
+                raise DeepBaseError(f"{call}: {what}[{i}] is {'NULL' if x is None else repr(x)}; give a name there "
+                                    f"or leave it out of the list")
+    return out
 
 
 def _default(v, default):
@@ -196,6 +214,22 @@ def _number(name: str, text: str | None):
     return value
 
 
+@contextlib.contextmanager
+def _as_called(sql_name: str, *library_names: str):
+    """A refusal of the library function a SQL function runs names the SQL function, which the
+    user called ('add_ptb_dataset: n ...', not 'ptb_records: n ...' or a bare 'unknown split')."""
+    try:
+        yield
+    except DeepBaseError as exc:
+        text = str(exc)
+        if text.startswith(sql_name + ": "):
+            raise
+        for lib in library_names:
+            if text.startswith(lib + ": "):
+                text = text[len(lib) + 2:]
+        raise type(exc)(f"{sql_name}: {text}") from None
+
+
 def _exists(fn: str, name: str, appends: str) -> str:
     """The error of a SQL dataset builder whose dataset name holds other records: the library's
     message says replace=True, which these functions do not take."""
@@ -232,8 +266,9 @@ def register_udfs(session: Session) -> None:
               ("seed", seed), ("top_k", top_k), ("min_support", min_support), ("stable_windows", stable_windows),
               ("baseline_seed", baseline_seed)]}
         with held_versions():              # each hypothesis' version as it is now, once for the query
-            t = inspect(sub, _models(model), _list(layers), _list(hypotheses), dataset,
-                        _list(measures) or ["corr"], limit=n["max_records"],
+            t = inspect(sub, _models(model), _list(layers, "inspect", "layers"),
+                        _list(hypotheses, "inspect", "hypotheses"), dataset,
+                        _list(measures, "inspect", "measures") or ["corr"], limit=n["max_records"],
                         batch_size=_default(n["batch_size"], 16), keep_activations=bool(keep), progress=sub.progress,
                         baseline=bool(baseline), control=bool(control), permutations=n["permutations"] or 0,
                         max_error=max_error, seed=_default(n["seed"], 0), engine=_default(engine, "local"),
@@ -251,12 +286,12 @@ def register_udfs(session: Session) -> None:
                               device=device or None, progress=sub.progress).to_pylist()
 
     def do_extract(sub, model, layers, dataset, dtype, batch_size):
-        return extract(sub, model, _list(layers), dataset, _default(dtype, "float32"), None,
+        return extract(sub, model, _list(layers, "extract_activations", "layers"), dataset, _default(dtype, "float32"), None,
                        _default(_number("extract_activations: batch_size", batch_size), 16), progress=sub.progress)
 
     def do_annotate(sub, hypotheses, dataset):
         with held_versions():
-            return annotate(sub, _list(hypotheses), dataset, progress=sub.progress)
+            return annotate(sub, _list(hypotheses, "annotate", "hypotheses"), dataset, progress=sub.progress)
 
     def do_register(sub, name, loader, params):
         info = sub.register_model(name, loader, loader_params(params, f"register_model({name!r}): params"))
@@ -281,20 +316,24 @@ def register_udfs(session: Session) -> None:
 
     def do_add_stdlib(sub, name, split, limit_chars, max_chars):
         from ..corpora.code import code_records          # as the CLI's add-stdlib and the demo
-        recs = code_records(split or "heldout", max_chars=_default(_number("max_chars", max_chars), 2000),
-                            limit_chars=_number("limit_chars", limit_chars))
+        split = _default(split, "heldout")               # (only NULL: split := '' is refused by name)
+        with _as_called("add_stdlib_dataset", "code_records", "stdlib_records"):
+            recs = code_records(split, max_chars=_default(_number("add_stdlib_dataset: max_chars", max_chars), 2000),
+                                limit_chars=_number("add_stdlib_dataset: limit_chars", limit_chars))
         try:
-            return sub.add_dataset(name, recs, f"Python standard library, {split or 'heldout'} split")
+            return sub.add_dataset(name, recs, f"Python standard library, {split} split")
         except DatasetExistsError:      # the library says replace=True, which the SQL function has not
             raise DatasetExistsError(_exists("add_stdlib_dataset", name, " (it appends only to records it stored with "
                                              "the same split and max_chars, for a larger limit_chars)")) from None
 
     def do_add_ptb(sub, name, split, n, seed):
         from ..corpora.ptb import ptb_records
-        n, seed = _number("n", n), _default(_number("seed", seed), 0)
-        recs = ptb_records(split or "test", n, seed)
+        n, seed = _number("add_ptb_dataset: n", n), _default(_number("add_ptb_dataset: seed", seed), 0)
+        split = _default(split, "test")
+        with _as_called("add_ptb_dataset", "ptb_records"):
+            recs = ptb_records(split, n, seed)
         try:
-            return sub.add_dataset(name, recs, f"Penn Treebank (Mikolov LM text), {split or 'test'} split, "
+            return sub.add_dataset(name, recs, f"Penn Treebank (Mikolov LM text), {split} split, "
                                                f"{len(recs)} sentences, seed {seed or 0}")
         except DatasetExistsError:
             raise DatasetExistsError(_exists("add_ptb_dataset", name, "")) from None
