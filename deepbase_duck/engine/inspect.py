@@ -1439,6 +1439,16 @@ def with_q_values(scores: pa.Table) -> pa.Table:
 
 
 # -- caching with provenance -----------------------------------------------------------------------
+def control_draw(plan) -> str | None:
+    """The fingerprint's mark of a control query whose probe seed is not 0: its control tasks are
+    drawn with that seed (engine/labels.py label_matrix), where they were drawn with seed 0 whatever
+    the probe's seed before, so a query stored then holds the seed-0 draw under the key the query
+    has without the mark. None (no mark: the key of before) otherwise."""
+    if plan.control and int((plan.measure_params or {}).get("probe", {}).get("seed", 0)) != 0:
+        return "probe_seed"
+    return None
+
+
 def query_fingerprint(session, plans: list, baseline: bool, baseline_seed: int, partial: bool = True) -> str:
     """The fingerprint a query's scores are stored under: ``query_fingerprints``' first."""
     return query_fingerprints(session, plans, baseline, baseline_seed, partial)[0]
@@ -1491,6 +1501,8 @@ def query_fingerprints(session, plans: list, baseline: bool, baseline_seed: int,
         key["plateau_tol"] = plan.plateau_tol
     if plan.min_support:
         key["min_support"] = plan.min_support
+    if control_draw(plan):
+        key["control_draw"] = control_draw(plan)
     if self_calibrated_mi(plan):              # mi's bins from the rows it meets first: their order counts
         key["batch_size"] = plan.batch_size
         if plan.progressive:

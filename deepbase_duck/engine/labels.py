@@ -175,7 +175,12 @@ def block_symbols(session, dataset: str, tokenization: str, ids: np.ndarray, n_s
 def label_matrix(session, plan, tokenization: str, ids: np.ndarray, n_symbols: np.ndarray,
                  values: dict) -> np.ndarray:
     """The plan's label columns from each hypothesis' per-symbol values: a hypothesis' values as
-    they are, one indicator column per category (``code``), control tasks (``control_of``)."""
+    they are, one indicator column per category (``code``), control tasks (``control_of``).
+
+    A control task's draw (which class each word type holds) is seeded by the probe's ``seed``
+    (``inspect(..., control=True, probe={"seed": s})``, default 0), the seed of its split and
+    sample: selectivity's spread is judged over several control draws, and a seed that changed
+    the split but always drew the same control task would show only part of it."""
     n = int(n_symbols.sum())
     y = np.full((n, len(plan.label_columns)), np.nan)
     for j, c in enumerate(plan.label_columns):
@@ -189,11 +194,12 @@ def label_matrix(session, plan, tokenization: str, ids: np.ndarray, n_symbols: n
         srow, sym = block_symbols(session, plan.dataset, tokenization, ids, n_symbols, "token")
         types = np.array(sym.column(0).to_pylist(), dtype=object)
         types[types == None] = ""  # noqa: E711  (a symbol without token text is one type)
+        seed = int((plan.measure_params or {}).get("probe", {}).get("seed", 0))   # (checked by the probe)
         for j, c in controls:
             real = y[:, [i for i, x in enumerate(plan.label_columns) if x["name"] == c["control_of"]][0]]
             freq = plan.control_freq[c["control_of"]]
             lab = np.full(n, np.nan)
-            lab[srow] = control_labels(types, len(freq), freq, seed=0)
+            lab[srow] = control_labels(types, len(freq), freq, seed=seed)
             y[:, j] = np.where(np.isnan(real), np.nan, lab)     # the same symbols as the real task
     return y
 

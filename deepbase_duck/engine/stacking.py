@@ -15,7 +15,8 @@ on the same encoded batch (mode ``"sequential"``): torch's per-model fallback lo
 operator is turned off inside the fused call, so the first fused call fails and switches the
 scan to that mode, and the reason is kept. The fused pass runs the first model's code and settings with every model's weights, so
 models whose submodules differ in a setting outside their weights (a flag, a size, a tensor or
-list kept as a plain attribute, the training flag), models with a submodule in training mode,
+list kept as a plain attribute, the training flag) or in another attribute (a function such as
+``self.act = torch.relu``, a config object: ``_other_attribute_differs``), models with a submodule in training mode,
 that carry forward hooks, or whose adapters name different variants run sequentially too
 (``_same_structure``, ``_training``, ``_outside_weights`` name the reason), as do models whose
 fused pass fails in any way (an adapter reaching into ``self.module``'s submodules). Either way the scores equal the
@@ -25,12 +26,16 @@ them), and the query records which mode ran.
 from __future__ import annotations
 
 import copy
+import functools
+import types
+import weakref
 
 import torch
 
 from ..errors import DeepBaseError
 from ..extraction.hooks import Retain, run_until_retained, user_hooks
-from ..extraction.settings import UNSET, same, settings, show as show_setting, weight_ids
+from ..extraction.settings import (BOOKKEEPING, LIBRARY, UNSET, comparable, same, settings, show as show_setting,
+                                   weight_ids)
 from .extract import batch_from_outputs, naming_records
 
 
@@ -79,6 +84,7 @@ def _same_structure(modules) -> str | None:
         if [n for n, _ in theirs] != [n for n, _ in subs]:
             return "submodules differ"
         wa, wb = weight_ids(first), weight_ids(m)
+        paths = ({id(x): n for n, x in subs}, {id(x): n for n, x in theirs})
         for (name, a), (_, b) in zip(subs, theirs):
             if type(a) is not type(b):
                 return f"submodule {name or '(root)'!r} classes differ ({type(a).__name__} vs {type(b).__name__})"
@@ -93,7 +99,89 @@ def _same_structure(modules) -> str | None:
                            else f"(two {show_setting(va).replace('tensor', 'tensors').replace('array', 'arrays')}, "
                                 f"other values)")
                     return f"submodule {name or '(root)'!r} setting {k!r} differs {how}"
+            k = _other_attribute_differs(a, b, wa, wb, paths)
+            if k is not None:
+                ka, kb = _kind(vars(a).get(k, UNSET)), _kind(vars(b).get(k, UNSET))
+                how = f"{ka} vs {kb}" if ka != kb else f"two {ka.removeprefix('a ')} objects, other values"
+                return f"submodule {name or '(root)'!r} attribute {k!r} differs ({how}): its forward may read it"
     return None
+
+
+# kept on configuration objects (transformers' PretrainedConfig) about where and by what the weights
+# were saved, not about what the model computes: two checkpoints of one run differ in them
+_SAVED_FROM = frozenset({"_commit_hash", "transformers_version"})
+
+
+def _other_attribute_differs(a, b, wa: set, wb: set, paths: tuple) -> str | None:
+    """The first attribute of submodules ``a`` and ``b`` that is no setting (``settings`` leaves
+    out functions and objects such as a config) and differs (None: none). The fused pass runs
+    the first model's attributes with every model's weights, so an activation kept as a plain
+    function (``self.act = torch.relu`` in one checkpoint, ``torch.tanh`` in another) or a
+    config object whose values the forward reads would score every model as the first."""
+    va_, vb_ = vars(a), vars(b)
+    for k in sorted(set(va_) | set(vb_), key=str):
+        if k in BOOKKEEPING:
+            continue
+        x, y = va_.get(k, UNSET), vb_.get(k, UNSET)
+        if comparable(x, wa) and comparable(y, wb):
+            continue                                  # a setting: compared by the caller
+        try:
+            alike = _alike(x, y, wa, wb, paths, 0)
+        except Exception:                             # (an object that cannot be compared: not alike)
+            alike = False
+        if not alike:
+            return k
+    return None
+
+
+def _alike(x, y, wa: set, wb: set, paths: tuple, depth: int) -> bool:
+    """Whether two values of the same attribute of two models stand for the same computation:
+    the weights they hold (stacked, compared on their own) aside. Functions by their code and
+    what they close over, methods by their function and their module's place in its model,
+    other objects by their class and attributes; what cannot be told alike is not (the models
+    then run one after another: the same scores, only slower)."""
+    if x is y:
+        return True
+    if x is UNSET or y is UNSET or type(x) is not type(y) or depth > 6:
+        return False
+    if isinstance(x, torch.Tensor):
+        return (id(x) in wa) == (id(y) in wb) and (id(x) in wa or same(x, y))
+    if isinstance(x, torch.nn.Module):            # one of the models' own submodules, at the same place
+        px, py = paths[0].get(id(x)), paths[1].get(id(y))
+        return px is not None and px == py
+    if comparable(x, wa) and comparable(y, wb):
+        return same(x, y)
+    if isinstance(x, (tuple, list)):
+        return len(x) == len(y) and all(_alike(p, q, wa, wb, paths, depth + 1) for p, q in zip(x, y))
+    if isinstance(x, dict):
+        return x.keys() == y.keys() and all(_alike(x[k], y[k], wa, wb, paths, depth + 1) for k in x)
+    if isinstance(x, types.MethodType):
+        return x.__func__ is y.__func__ and _alike(x.__self__, y.__self__, wa, wb, paths, depth + 1)
+    if isinstance(x, types.FunctionType):         # (a lambda made per model: the same code)
+        cells = lambda f: [c.cell_contents for c in f.__closure__ or ()]   # noqa: E731
+        return (x.__code__ is y.__code__ and _alike(x.__defaults__, y.__defaults__, wa, wb, paths, depth + 1)
+                and _alike(cells(x), cells(y), wa, wb, paths, depth + 1))
+    if isinstance(x, functools.partial):
+        return (_alike(x.func, y.func, wa, wb, paths, depth + 1) and _alike(x.args, y.args, wa, wb, paths, depth + 1)
+                and _alike(x.keywords, y.keywords, wa, wb, paths, depth + 1))
+    if isinstance(x, weakref.ref):
+        return _alike(x(), y(), wa, wb, paths, depth + 1)
+    if hasattr(x, "__dict__") and not callable(x) or isinstance(x, types.SimpleNamespace):
+        dx, dy = vars(x), vars(y)
+        keys = (set(dx) | set(dy)) - LIBRARY - _SAVED_FROM
+        return all(_alike(dx.get(k, UNSET), dy.get(k, UNSET), wa, wb, paths, depth + 1) for k in keys)
+    try:
+        return bool(x == y)
+    except Exception:
+        return False
+
+
+def _kind(v) -> str:
+    """A short description of an attribute's value for the reason a fused pass was not run."""
+    if v is UNSET:
+        return "absent"
+    name = getattr(v, "__name__", None)
+    return name if callable(v) and isinstance(name, str) else f"a {type(v).__name__}"
 
 
 def _training(adapters: dict) -> str | None:
