@@ -136,7 +136,9 @@ def model_checksum(module: torch.nn.Module, variant: str = "") -> str:
     path), every submodule's settings (``settings.identity_text``: the plain values it keeps
     outside its weights, ``LeakyReLU.negative_slope``, ``LayerNorm.eps``, a custom module's
     ``self.scale`` or list of units to ablate, small tensors and arrays by value; not what a
-    forward pass itself changes, as a call counter), the submodules in training mode whose
+    forward pass itself changes, as a call counter; and the functions it keeps as attributes,
+    ``self.act = torch.tanh``, a lambda, a partial or a bound method, by what they name and their
+    code: ``settings.function_text``), the submodules in training mode whose
     computation may follow it (``hooks.mode_dependent``; none for a model in eval mode, as
     ModelAdapter leaves it: dropout and BatchNorm's batch statistics change what it computes, so
     the same weights put back in ``train()`` mode are another model, never served the eval
@@ -144,8 +146,9 @@ def model_checksum(module: torch.nn.Module, variant: str = "") -> str:
     classes and settings matter because a model's code and configuration are part of what it
     computes: the same weights in a subclass whose forward ablates a unit, or with another
     slope, are another model. What none of these show (a hook, a setting kept in an object of
-    its own) is the ``variant``'s to say. Stores written before settings were covered hold
-    ``model_checksum_v2`` (see ``legacy_checksums``)."""
+    its own: a config object, which holds machine-dependent fields) is the ``variant``'s to say.
+    Stores written before settings were covered hold ``model_checksum_v2``, and those written
+    before functions were covered ``model_checksum_v3_no_functions`` (see ``legacy_checksums``)."""
     return _identity(module, variant, settings=True)
 
 
@@ -155,17 +158,28 @@ def model_checksum_v2(module: torch.nn.Module, variant: str = "") -> str:
     return _identity(module, variant, settings=False)
 
 
-def _identity(module: torch.nn.Module, variant: str, settings: bool) -> str:
-    """model_checksum (v3, ``settings``) or model_checksum_v2."""
+def model_checksum_v3_no_functions(module: torch.nn.Module, variant: str = "") -> str:
+    """The identity stores written before function attributes were covered hold: v3 without
+    their lines (``identity_text(functions=False)``). For a model without such attributes it is
+    ``model_checksum`` itself; for one with them (``torch.tanh`` or ``torch.relu`` kept as
+    ``self.act``) it is the checksum two such models shared then."""
+    return _identity(module, variant, settings=True, functions=False)
+
+
+def _identity(module: torch.nn.Module, variant: str, settings: bool, functions: bool = True,
+              weights: str | None = None) -> str:
+    """model_checksum (v3, ``settings``; the function attributes' lines with ``functions``: for
+    a model without them the same text, so the same checksum, as before they were covered) or
+    model_checksum_v2; ``weights``: ``weights_checksum(module)`` if already computed."""
     h = hashlib.sha256(b"deepbase-duck model v3\n" if settings else b"deepbase-duck model v2\n")
-    h.update(weights_checksum(module).encode())
+    h.update((weights or weights_checksum(module)).encode())
     training = []
     for name, m in module.named_modules():
         h.update(f"\n{name}={type(m).__module__}.{type(m).__qualname__}".encode())
         if m.training and mode_dependent(m):
             training.append(name)
     if settings:
-        text, tensors = identity_text(module)
+        text, tensors = identity_text(module, functions=functions)
         h.update(b"\nsettings\n" + text.encode())
         for t in tensors:
             h.update(b"\n" + tensor_bytes(t))
@@ -175,12 +189,17 @@ def _identity(module: torch.nn.Module, variant: str, settings: bool) -> str:
     return h.hexdigest()
 
 
-def legacy_checksums(module: torch.nn.Module, variant: str = "") -> tuple[str, str]:
+def legacy_checksums(module: torch.nn.Module, variant: str = "") -> tuple[str, ...]:
     """The checksums earlier stores may hold for this model as it is now: its weights' alone
-    (stores before identities covered module classes) and ``model_checksum_v2`` (before they
-    covered settings). A row holding one of them is this model's, to adopt (Session's
-    ``_adopt_legacy_checksum``, on register_model and on loading the model)."""
-    return weights_checksum(module), model_checksum_v2(module, variant)
+    (stores before identities covered module classes), ``model_checksum_v2`` (before they
+    covered settings) and ``model_checksum_v3_no_functions`` (before they covered function
+    attributes). A row holding one of them is this model's, to adopt (Session's
+    ``_adopt_legacy_checksum``, on register_model and on loading the model); where another model
+    shared that identity in the store, its cached scores are not reused
+    (``_shared_earlier_identity``)."""
+    weights = weights_checksum(module)          # (read once: every tensor of the model)
+    return (weights, _identity(module, variant, settings=False, weights=weights),
+            _identity(module, variant, settings=True, functions=False, weights=weights))
 
 
 _BLOCK = 1024        # state_fingerprint's position weights: a tensor is read as rows of this many values

@@ -11,16 +11,23 @@ What is not a setting: torch's own bookkeeping (hooks, the ``_parameters`` dict,
 flag, which the identity covers by its own rule), the weights themselves, submodules (walked one
 by one), values of other kinds (a config object, a function, a weakref: not comparable across
 processes), and the bookkeeping that transformers keeps on its modules (``name_or_path`` is where
-the weights were read from on this machine, not what they compute). The identity also leaves
-out what a forward pass itself changes (``volatile``: a call counter, a lazily grown cache),
-which is the module's state, not its configuration; and a device (``self.device``) only counts
-as present: the same model on another machine is the same model, as its weights, hashed on the
-CPU, are.
+the weights were read from on this machine, not what they compute). The identity alone also
+covers a submodule's functions (``self.act = torch.tanh``, a lambda, a functools.partial, a
+bound method: ``function_text``), by what they name and their code, not by value: the same
+weights with ``torch.relu`` instead compute another thing. Config objects (a SimpleNamespace, a
+dataclass, transformers' PretrainedConfig) stay out of it: they hold machine-dependent fields
+(paths, device maps, kernel choices), and what they change is the adapter's ``variant``'s to say.
+The identity also leaves out what a forward pass itself changes (``volatile``: a call counter,
+a lazily grown cache), which is the module's state, not its configuration; and a device
+(``self.device``) only counts as present: the same model on another machine is the same model,
+as its weights, hashed on the CPU, are.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
+import types
 import weakref
 
 import numpy as np
@@ -35,6 +42,10 @@ LIBRARY = frozenset({"name_or_path", "_name_or_path", "_is_hf_initialized", "_tp
                      "_keep_in_fp32_modules_strict"})
 BOOKKEEPING = frozenset(vars(torch.nn.Module())) | LIBRARY   # torch's own (hooks, _parameters, training, ...)
 UNSET = object()
+# attributes accelerate sets on a module it places on devices (device_map loading: a forward
+# wrapped in a partial, the original kept as _old_forward, the hook): which modules get them
+# follows the machine's devices, not what the model computes
+HOOKED = frozenset({"forward", "_old_forward", "_hf_hook"})
 
 
 def comparable(v, weights: set) -> bool:
@@ -148,15 +159,20 @@ def _encode(v, tensors: list) -> str:
     return f"<{type(v).__qualname__}>"              # (not reached: comparable() says which values come here)
 
 
-def identity_text(module: torch.nn.Module) -> tuple[str, list]:
+def identity_text(module: torch.nn.Module, functions: bool = True) -> tuple[str, list]:
     """Every submodule's settings (``settings``, less those a forward pass changes) as one text,
     submodules in ``named_modules`` order and each one's settings by name (not by the order they
     were set in), and the tensors it refers to
     (``tensor#i``), for ``model_checksum`` (which hashes their values) and ``state_fingerprint``
-    (which summarises them). One walk over the submodules' attributes: no tensor is read."""
-    lines, tensors, weights = [], [], None
+    (which summarises them). One walk over the submodules' attributes: no tensor is read.
+    With ``functions``, an attribute holding a function (``function_text``) adds its line too;
+    a model without one has the text it had before functions were covered, and so its checksum;
+    ``functions=False`` gives that earlier text for any model (``legacy_checksums``)."""
+    lines, tensors, weights, places = [], [], None, {}
     for name, m in module.named_modules():
         skip, attrs = _VOLATILE.get(m, ()), vars(m)
+        if "_hf_hook" in attrs:
+            skip = frozenset(skip) | HOOKED      # (accelerate's device placement: not the model's)
         for k in sorted(attrs, key=str):
             if k in BOOKKEEPING or k in skip:
                 continue
@@ -168,7 +184,127 @@ def identity_text(module: torch.nn.Module) -> tuple[str, list]:
                 weights = weight_ids(module)
             if comparable(v, weights or ()):
                 lines.append(f"{name}:{k}={_encode(v, tensors)}")
+            elif functions and _function_like(v):
+                if not places:
+                    places.update((id(sub), n) for n, sub in module.named_modules())
+                if weights is None:
+                    weights = weight_ids(module)
+                text = function_text(v, tensors, weights, places)
+                if text is not None:
+                    lines.append(f"{name}:{k}={text}")
     return "\n".join(lines), tensors
+
+
+_BUILTINS = (types.BuiltinFunctionType, types.MethodDescriptorType, types.WrapperDescriptorType,
+             types.MethodWrapperType, types.ClassMethodDescriptorType)
+_OPS = tuple(c for c in (getattr(getattr(torch, "_ops", None), n, None) for n in ("OpOverloadPacket", "OpOverload"))
+             if isinstance(c, type))
+
+
+def _function_like(v) -> bool:
+    """Whether ``v`` is, or is a tuple, list or dict holding, a function ``function_text`` covers
+    (a cheap test before the encoding)."""
+    if isinstance(v, (types.FunctionType, types.MethodType, functools.partial, type) + _BUILTINS + _OPS):
+        return True
+    if isinstance(v, (tuple, list)):
+        return any(_function_like(x) for x in v)
+    if isinstance(v, dict):
+        return any(_function_like(x) for x in v.values())
+    return False
+
+
+def function_text(v, tensors: list, weights, places: dict, depth: int = 0) -> str | None:
+    """A function kept as an attribute as text that is the same for the same function in any
+    process, or None for a value that is no function (nor a tuple, list or dict of functions and
+    settings): a Python function of a module's top level by its module and qualname (as a class
+    is: another Python's bytecode for it is the same function), a lambda or a function defined
+    in another one (``<locals>``) also by a digest of its code (constants and names included,
+    line numbers not), each with its defaults and closure (``_part_text``), so that two lambdas
+    made per model with the same code are one function and lambdas of other code differ;
+    a builtin or torch op by its module and name; a class by its module and qualname; a
+    functools.partial by its function, arguments and keywords; a bound method by its function
+    and what it is bound to (a module of this model by its place in ``named_modules``, from
+    ``places``: {id(submodule): name}). What a function reads from its module's globals is not
+    covered (as a class's code is not): that is the ``variant``'s to say."""
+    if depth > 6:
+        return "<deep>"
+    if isinstance(v, types.FunctionType):
+        cells = []
+        for c in v.__closure__ or ():
+            try:
+                cells.append(_part_text(c.cell_contents, tensors, weights, places, depth))
+            except ValueError:                                  # (an empty cell)
+                cells.append("<empty>")
+        parts = [_part_text(v.__defaults__, tensors, weights, places, depth),
+                 _part_text(v.__kwdefaults__, tensors, weights, places, depth), f"[{','.join(cells)}]"]
+        if "<" not in v.__qualname__:
+            # a function of a module's top level (torch.nn.functional.gelu, a user's def act(x)):
+            # by its name, as a class is, so that an upgrade of Python or of its library (another
+            # bytecode for the same function) keeps the identity, and the stored data with it
+            return f"function:{v.__module__}.{v.__qualname__}:{':'.join(parts)}"
+        return f"function:{v.__module__}.{v.__qualname__}:{_code_digest(v.__code__)}:{':'.join(parts)}"
+    if isinstance(v, types.MethodType):
+        func = function_text(v.__func__, tensors, weights, places, depth + 1)
+        return f"method:{func}@{_part_text(v.__self__, tensors, weights, places, depth)}"
+    if isinstance(v, functools.partial):
+        func = function_text(v.func, tensors, weights, places, depth + 1)
+        return (f"partial:{func if func is not None else _part_text(v.func, tensors, weights, places, depth)}"
+                f":{_part_text(v.args, tensors, weights, places, depth)}"
+                f":{_part_text(v.keywords, tensors, weights, places, depth)}")
+    if isinstance(v, _BUILTINS):
+        owner = getattr(v, "__self__", None)
+        if owner is None or isinstance(owner, types.ModuleType):        # torch.tanh, math.sin
+            cls = getattr(v, "__objclass__", None)                        # torch.Tensor.relu
+            where = f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else v.__module__
+            return f"builtin:{where}.{v.__name__}"
+        if isinstance(owner, type):                                       # dict.fromkeys
+            return f"builtin:{owner.__module__}.{owner.__qualname__}.{v.__name__}"
+        cls = type(owner)                                                 # a tensor's bound method
+        return (f"builtin:{cls.__module__}.{cls.__qualname__}.{v.__name__}"
+                f"@{_part_text(owner, tensors, weights, places, depth)}")
+    if _OPS and isinstance(v, _OPS):
+        return f"op:{v}"
+    if isinstance(v, type):
+        return f"class:{v.__module__}.{v.__qualname__}"
+    if isinstance(v, (tuple, list, dict)) and _function_like(v):
+        return _part_text(v, tensors, weights, places, depth)
+    return None
+
+
+def _part_text(v, tensors: list, weights, places: dict, depth: int) -> str:
+    """A value a function holds (a default, a closure cell, a partial's argument, what a method
+    is bound to): a setting by value (``_encode``), a function by ``function_text``, a tuple,
+    list or dict of these item by item, a module of this model by its place, anything else (a
+    config object, a parameter) by its type only."""
+    if comparable(v, weights):
+        return _encode(v, tensors)
+    if isinstance(v, torch.nn.Module) and id(v) in places:
+        return f"module@{places[id(v)]}"
+    if isinstance(v, (tuple, list)) and depth <= 6:
+        return f"{type(v).__name__}[{','.join(_part_text(x, tensors, weights, places, depth + 1) for x in v)}]"
+    if isinstance(v, dict) and depth <= 6 and all(isinstance(k, PLAIN) for k in v):
+        items = sorted(((_encode(k, tensors), x) for k, x in v.items()), key=lambda kx: kx[0])  # (not by value)
+        return f"dict{{{','.join(f'{k}:{_part_text(x, tensors, weights, places, depth + 1)}' for k, x in items)}}}"
+    text = function_text(v, tensors, weights, places, depth + 1) if _function_like(v) else None
+    return text if text is not None else f"<{type(v).__module__}.{type(v).__qualname__}>"
+
+
+def _code_digest(code: types.CodeType) -> str:
+    """sha256 of what a code object computes: its bytecode, names, argument counts, flags and
+    constants (nested code objects by their digest, sets sorted); not its file or line numbers,
+    so that a lambda moved down a file is the same function."""
+    def const(c):
+        if isinstance(c, types.CodeType):
+            return f"code:{_code_digest(c)}"
+        if isinstance(c, tuple):
+            return f"({','.join(const(x) for x in c)})"
+        if isinstance(c, frozenset):
+            return f"frozenset{{{','.join(sorted(const(x) for x in c))}}}"
+        return f"{type(c).__name__}:{c!r}"
+    head = (code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount, code.co_flags, code.co_names,
+            code.co_varnames, code.co_freevars, code.co_cellvars)
+    text = f"{head!r}\n{code.co_code.hex()}\n{','.join(const(c) for c in code.co_consts)}"
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _holds_tensor(v) -> bool:
@@ -197,12 +333,23 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
 
 
 def _snapshot(module: torch.nn.Module) -> dict:
-    """{(submodule, name): (text, value)} of every setting, tensors by their bytes."""
+    """{(submodule, name): (text, value)} of every setting and function attribute (as the
+    identity writes it: ``function_text``), tensors by their bytes."""
     weights, out = weight_ids(module), {}
+    places = {id(sub): n for n, sub in module.named_modules()}
     for m in module.modules():
-        for k, v in settings(m, weights).items():
+        for k, v in vars(m).items():
+            if k in BOOKKEEPING:
+                continue
             tensors = []
-            text = _encode(v, tensors)
+            if comparable(v, weights):
+                text = _encode(v, tensors)
+            elif _function_like(v):
+                text = function_text(v, tensors, weights, places)
+                if text is None:
+                    continue
+            else:
+                continue
             out[(m, k)] = (text + "".join(tensor_bytes(t).hex() for t in tensors), v)
     return out
 
@@ -212,10 +359,12 @@ def find_volatile(module: torch.nn.Module, run) -> None:
     state (a call counter, a cache grown on first use), not its configuration, and would change
     the model's identity at every query. They are recorded (``_VOLATILE``) and left out of it, and
     their values from before the pass are put back, so that this pass changes nothing the model
-    keeps. A pass that fails still counts what it changed; one that cannot run changes nothing."""
+    keeps. A pass that fails still counts what it changed; one that cannot run changes nothing.
+    A function the pass stores (the partial or lambda it last used) is state too; functions are
+    put back as they were, not copied (a bound method's copy would copy its module)."""
     before = _snapshot(module)
-    saved = {key: copy.deepcopy(v) if not isinstance(v, (bool, int, float, str, bytes, type(None))) else v
-             for key, (_, v) in before.items()}
+    saved = {key: v if isinstance(v, (bool, int, float, str, bytes, type(None))) or _function_like(v)
+             else copy.deepcopy(v) for key, (_, v) in before.items()}
     try:
         run()
     except Exception:             # (the scan itself reports a failing model)
