@@ -39,8 +39,12 @@ PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.d
 LIBRARY = frozenset({"name_or_path", "_name_or_path", "_is_hf_initialized", "_tp_plan", "_ep_plan", "_pp_plan",
                      "_fsdp_plan", "_tp_size", "_device_mesh", "all_tied_weights_keys", "_weight_conversions",
                      "_use_kernels", "kernel_config", "gradient_checkpointing", "_keep_in_fp32_modules",
-                     "_keep_in_fp32_modules_strict"})
+                     "_keep_in_fp32_modules_strict", "_skip_keys_device_placement"})
 BOOKKEEPING = frozenset(vars(torch.nn.Module())) | LIBRARY   # torch's own (hooks, _parameters, training, ...)
+# the bookkeeping of identities before session 19: _skip_keys_device_placement (accelerate's
+# placement hint, set{} in transformers 5.23, {'cache'} in 5.24) was read as a setting, so an
+# upgrade of transformers changed MiniLM's identity; legacy_checksums computes the earlier one
+EARLIER_BOOKKEEPING = BOOKKEEPING - {"_skip_keys_device_placement"}
 UNSET = object()
 # attributes accelerate sets on a module it places on devices (device_map loading: a forward
 # wrapped in a partial, the original kept as _old_forward, the hook): which modules get them
@@ -166,15 +170,18 @@ def identity_text(module: torch.nn.Module, functions: bool = True) -> tuple[str,
     (``tensor#i``), for ``model_checksum`` (which hashes their values) and ``state_fingerprint``
     (which summarises them). One walk over the submodules' attributes: no tensor is read.
     With ``functions``, an attribute holding a function (``function_text``) adds its line too;
-    a model without one has the text it had before functions were covered, and so its checksum;
-    ``functions=False`` gives that earlier text for any model (``legacy_checksums``)."""
+    a model without one (nor transformers' ``_skip_keys_device_placement``, left out since) has
+    the text it had before functions were covered, and so its checksum; ``functions=False`` gives
+    that earlier text for any model (``legacy_checksums``): no function lines, and
+    ``EARLIER_BOOKKEEPING``."""
     lines, tensors, weights, places = [], [], None, {}
+    bookkeeping = BOOKKEEPING if functions else EARLIER_BOOKKEEPING
     for name, m in module.named_modules():
         skip, attrs = _VOLATILE.get(m, ()), vars(m)
         if "_hf_hook" in attrs:
             skip = frozenset(skip) | HOOKED      # (accelerate's device placement: not the model's)
         for k in sorted(attrs, key=str):
-            if k in BOOKKEEPING or k in skip:
+            if k in bookkeeping or k in skip:
                 continue
             v = attrs[k]
             if isinstance(v, (bool, int, float, str, type(None))):      # the common case, first
