@@ -687,10 +687,8 @@ def without_own_name(command: str, message: str) -> str:
     runs): the library names the function called, as Python and SQL callers need, but the error
     line names the command already ('deepbase-duck report: error: report: --top ...' said it
     twice)."""
-    for name in (command, command.replace("-", "_"), *COMMAND_CALLS.get(command, ())):
-        if message.startswith(name + ": "):
-            return message[len(name) + 2:]
-    return message
+    from deepbase_duck.errors import without_caller
+    return without_caller(message, (command, command.replace("-", "_"), *COMMAND_CALLS.get(command, ())))
 
 
 def cli_flags(message: str, flags: dict | None = None, subjects: dict | None = None) -> str:

@@ -44,6 +44,16 @@ def refused_for_input(exc: BaseException) -> bool:
     return True
 
 
+def without_caller(message: str, names) -> str:
+    """``message`` without a leading 'name: ' of one of ``names`` (the first that starts it): the
+    library names the function called, which the CLI's error line (naming its command) and a SQL
+    function (naming itself) put otherwise."""
+    for name in names:
+        if message.startswith(name + ": "):
+            return message[len(name) + 2:]
+    return message
+
+
 def _close_names(name, valid, n: int = 5) -> list[str]:
     """Up to ``n`` names of ``valid`` close to ``name``, the closest first, as they are spelt,
     compared regardless of case and whitespace: 'PTB' or ' ptb ' is most likely 'ptb' (difflib

@@ -1501,8 +1501,8 @@ def query_fingerprints(session, plans: list, baseline: bool, baseline_seed: int,
         key["plateau_tol"] = plan.plateau_tol
     if plan.min_support:
         key["min_support"] = plan.min_support
-    if control_draw(plan):
-        key["control_draw"] = control_draw(plan)
+    if (draw := control_draw(plan)) is not None:
+        key["control_draw"] = draw
     if self_calibrated_mi(plan):              # mi's bins from the rows it meets first: their order counts
         key["batch_size"] = plan.batch_size
         if plan.progressive:
@@ -1634,7 +1634,7 @@ def _meaning_matches(was, now: dict) -> bool:
 
 
 def cached_scores(session, plan: Plan, fingerprint: str, started: str, t0: float, model_label: str,
-                  models: list[str], as_given: str | None = None, earlier=()) -> pa.Table | None:
+                  models: list[str], meanings: dict, as_given: str | None = None, earlier=()) -> pa.Table | None:
     """The scores of the latest stored query with this fingerprint (or ``as_given``, the one
     earlier versions stored: ``query_fingerprints``), copied under a new query id
     (a ``queries`` row with source 'cache', params->'reused'->'scores_of_query' and this
@@ -1649,9 +1649,9 @@ def cached_scores(session, plan: Plan, fingerprint: str, started: str, t0: float
     old checksum may have been a model that checksum could not tell apart), and a copy ('cache')
     may hold another name's scores.
 
-    Either way, only a query whose hypotheses meant what they mean now (``same_meaning``)."""
+    Either way, only a query whose hypotheses meant what they mean now (``meanings``:
+    ``hypothesis_meanings``, ``same_meaning``)."""
     con = session.con
-    meanings = hypothesis_meanings(session, plan)
     rows = store.q_all(con, "SELECT q.query_id, q.params, q.n_records, q.n_symbols FROM queries q "
                             "WHERE json_extract_string(q.params, '$.fingerprint') IN (?, ?) "
                             "AND EXISTS (SELECT 1 FROM scores s WHERE s.query_id = q.query_id) "
@@ -1906,10 +1906,12 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
     model_label = ", ".join(models)
     fingerprint, as_given = query_fingerprints(session, plans, baseline, baseline_seed,
                                                partial=getattr(engine, "mixes_stored", True))
+    meanings = hypothesis_meanings(session, plan)            # (the cache's check, then the query's params)
     if reuse and store_scores and not keep_activations:      # keep_activations asks for a scan
         earlier = earlier_fingerprints(session, plans, baseline, baseline_seed,
                                        partial=getattr(engine, "mixes_stored", True))
-        hit = cached_scores(session, plan, fingerprint, started, t0, model_label, models, as_given, earlier)
+        hit = cached_scores(session, plan, fingerprint, started, t0, model_label, models, meanings, as_given,
+                            earlier)
         if hit is not None:
             return hit
     labels_missing = missing_records(session.con, plan.hypotheses, plan.dataset, np.unique(plan.record_ids))
@@ -2006,7 +2008,7 @@ def inspect(session, model, layers, hypotheses, dataset, measures=("corr",), rec
               "plateau_checks": stopping["plateau_checks"] if plan.plateau_tol else None,
               "min_support": plan.min_support or None, "rare": stopping["rare"],
               "constant_columns": plan.constant_columns or None,
-              "fingerprint": fingerprint, "hypothesis_meanings": hypothesis_meanings(session, plan),
+              "fingerprint": fingerprint, "hypothesis_meanings": meanings,
               "reused": reuse_report(plan, runs, labels_missing),
               **session.query_provenance(models, plan.dataset),     # what a report checks (reports/data.py)
               **engine_report(runs, engine),

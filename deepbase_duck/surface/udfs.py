@@ -23,7 +23,7 @@ from decimal import Decimal, InvalidOperation
 import pyarrow as pa
 
 from ..catalog import DatasetExistsError, Session, loader_params
-from ..errors import DeepBaseError, refused_for_input
+from ..errors import DeepBaseError, refused_for_input, without_caller
 from ..inspectors.base import MEASURES
 
 RESULT_STRUCT = ("STRUCT(query_id INTEGER, model VARCHAR, layer VARCHAR, unit INTEGER, hypothesis VARCHAR, "
@@ -221,13 +221,9 @@ def _as_called(sql_name: str, *library_names: str):
     try:
         yield
     except DeepBaseError as exc:
-        text = str(exc)
-        if text.startswith(sql_name + ": "):
+        if str(exc).startswith(sql_name + ": "):
             raise
-        for lib in library_names:
-            if text.startswith(lib + ": "):
-                text = text[len(lib) + 2:]
-        raise type(exc)(f"{sql_name}: {text}") from None
+        raise type(exc)(f"{sql_name}: {without_caller(str(exc), library_names)}") from None
 
 
 def _exists(fn: str, name: str, appends: str) -> str:
